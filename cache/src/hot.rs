@@ -1,0 +1,69 @@
+//! The memory tier: recently served pieces, bounded in bytes.
+
+use bytes::Bytes;
+use lru::LruCache;
+use shoal_protocol::{Hash, PieceIndex};
+
+#[derive(Debug)]
+pub(crate) struct HotPieces {
+    pieces: LruCache<(Hash, PieceIndex), Bytes>,
+    used: usize,
+    capacity: usize,
+}
+
+impl HotPieces {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self { pieces: LruCache::unbounded(), used: 0, capacity }
+    }
+
+    pub(crate) fn get(&mut self, hash: Hash, piece: PieceIndex) -> Option<Bytes> {
+        self.pieces.get(&(hash, piece)).cloned()
+    }
+
+    pub(crate) fn insert(&mut self, hash: Hash, piece: PieceIndex, bytes: Bytes) {
+        if bytes.len() > self.capacity {
+            return;
+        }
+        if let Some(old) = self.pieces.put((hash, piece), bytes.clone()) {
+            self.used -= old.len();
+        }
+        self.used += bytes.len();
+        while self.used > self.capacity {
+            let Some((_, old)) = self.pieces.pop_lru() else { break };
+            self.used -= old.len();
+        }
+    }
+
+    pub(crate) fn forget_blob(&mut self, hash: Hash) {
+        let keys: Vec<_> = self.pieces.iter().filter(|((h, _), _)| *h == hash).map(|(k, _)| *k).collect();
+        for k in keys {
+            if let Some(old) = self.pieces.pop(&k) {
+                self.used -= old.len();
+            }
+        }
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stays_within_its_bound() {
+        let mut hot = HotPieces::new(10);
+        let h = Hash::of(b"x");
+        hot.insert(h, 0, Bytes::from_static(b"123456"));
+        hot.insert(h, 1, Bytes::from_static(b"123456"));
+        assert!(hot.used() <= 10);
+        assert!(hot.get(h, 0).is_none(), "the older piece left");
+        assert!(hot.get(h, 1).is_some());
+        hot.insert(h, 2, Bytes::from(vec![0; 11]));
+        assert!(hot.get(h, 2).is_none(), "a piece larger than the tier is not kept");
+        hot.forget_blob(h);
+        assert_eq!(hot.used(), 0);
+    }
+}

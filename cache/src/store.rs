@@ -1,0 +1,1074 @@
+//! The piece store on disk.
+//!
+//! ```text
+//! <root>/blobs/<hash>/data       the blob's bytes (sparse while partial)
+//! <root>/blobs/<hash>/outboard   the bao-tree post-order outboard (hash pairs of 16 KiB groups)
+//! <root>/blobs/<hash>/meta       size, pinned flag, bitmap of durable verified pieces (postcard)
+//! <root>/tmp/                    imports in progress and directories being deleted
+//! ```
+//!
+//! Invariants:
+//! - Only bytes that passed BLAKE3 verification are written to `data` (the decoder writes a chunk
+//!   group after checking it), and only verified bytes are served (the encoder re-checks them).
+//! - `meta` is replaced atomically (temp file, fsync, rename, fsync directory), and names a piece
+//!   only after `data` and `outboard` were fsynced with that piece in them. A crash loses at most
+//!   the pieces verified since the last flush; it never leaves an unverified piece marked verified.
+//! - A blob directory appears under `blobs/` by rename, complete (imports) or with a meta that
+//!   describes it (network fetches); it leaves by rename into `tmp/` before it is deleted.
+//! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's full footprint (data +
+//!   outboard) from the moment it is begun; pinned blobs are the user's own and are not counted.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_protocol::verify::{self, DecodeError, EncodeError};
+use shoal_protocol::{Geometry, Hash, PieceIndex, PieceSet};
+use tracing::{debug, info, warn};
+
+use crate::hot::HotPieces;
+use crate::lru::ByteLru;
+
+/// How a [`Store`] is sized.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The most bytes of unpinned (cached) blobs kept on disk, data and outboards together.
+    /// The default is 10 GiB.
+    pub cache_bytes: u64,
+    /// The most bytes of hot pieces kept in memory. The default is 64 MiB.
+    pub hot_bytes: usize,
+    /// Verified bytes written to a blob before they are made durable and marked in its meta.
+    /// Larger batches mean fewer fsyncs and more re-fetching after a crash. The default is 32 MiB.
+    pub flush_bytes: u64,
+    /// Whether writes are made durable (fsync) before they are marked in a blob's meta. Turn it
+    /// off only for stores that may be lost whole (tests, simulations). The default is `true`.
+    pub durable: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { cache_bytes: 10 << 30, hot_bytes: 64 << 20, flush_bytes: 32 << 20, durable: true }
+    }
+}
+
+/// What went wrong in the store. Failures of the local disk, never of a peer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An operating-system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The blob is not in the store.
+    #[error("blob {hash} is not in the store")]
+    NotFound {
+        /// The blob.
+        hash: Hash,
+    },
+    /// An unpinned blob larger than the whole cache.
+    #[error("blob {hash} needs {bytes} bytes, more than the {capacity}-byte cache; raise --cache-size")]
+    TooLarge {
+        /// The blob.
+        hash: Hash,
+        /// Its footprint on disk.
+        bytes: u64,
+        /// The cache bound.
+        capacity: u64,
+    },
+    /// A blob larger than Shoal handles at all.
+    #[error(transparent)]
+    BlobTooLarge(#[from] shoal_protocol::piece::TooLarge),
+    /// A size that disagrees with the size already known for the blob.
+    #[error("blob {hash} has {known} bytes, not {claimed}")]
+    SizeMismatch {
+        /// The blob.
+        hash: Hash,
+        /// The size the store holds.
+        known: u64,
+        /// The size given.
+        claimed: u64,
+    },
+    /// The operation needs the whole blob.
+    #[error("blob {hash} is incomplete: {have} of {total} pieces are verified")]
+    Incomplete {
+        /// The blob.
+        hash: Hash,
+        /// Verified pieces.
+        have: u32,
+        /// All pieces.
+        total: u32,
+    },
+    /// Bytes on disk no longer match their hash (bit rot, or someone edited the files). The bad
+    /// pieces were unmarked and will be fetched again.
+    #[error("stored bytes of {hash} failed verification in piece {piece}; the piece was dropped")]
+    Corrupt {
+        /// The blob.
+        hash: Hash,
+        /// The first bad piece.
+        piece: PieceIndex,
+    },
+    /// A file being imported changed size while it was read.
+    #[error("{path} changed while it was being imported; try again")]
+    ChangedDuringImport {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_owned(), source }
+}
+
+/// The result of an import.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// The blob's content id.
+    pub hash: Hash,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Blobs the cache evicted to make room: withdraw their provider records.
+    pub evicted: Vec<Hash>,
+}
+
+/// The result of [`Store::begin`].
+#[derive(Debug, Clone)]
+pub struct Begun {
+    /// Pieces already verified (a resumed fetch skips them).
+    pub have: PieceSet,
+    /// Blobs the cache evicted to make room: withdraw their provider records.
+    pub evicted: Vec<Hash>,
+}
+
+/// The result of [`Store::write_pieces`].
+#[derive(Debug)]
+pub struct Written {
+    /// Pieces of the response that verified and are now in the store.
+    pub verified: PieceSet,
+    /// Why the response stopped early: [`DecodeError::is_peer_fault`] tells whether the sender
+    /// is to blame.
+    pub error: Option<DecodeError>,
+}
+
+/// A blob as the store holds it.
+#[derive(Debug, Clone)]
+pub struct BlobInfo {
+    /// The content id.
+    pub hash: Hash,
+    /// The size in bytes.
+    pub size: u64,
+    /// Verified pieces (durable or about to be).
+    pub pieces: PieceSet,
+    /// Whether the user pinned it (never evicted).
+    pub pinned: bool,
+}
+
+impl BlobInfo {
+    /// Whether every piece is verified.
+    pub fn is_complete(&self) -> bool {
+        self.pieces.is_complete()
+    }
+}
+
+/// Bytes in use, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Blobs held.
+    pub blobs: usize,
+    /// Bytes of unpinned blobs (bounded by `cache_capacity`).
+    pub cache_bytes: u64,
+    /// The cache bound.
+    pub cache_capacity: u64,
+    /// Bytes of pinned blobs.
+    pub pinned_bytes: u64,
+    /// Bytes in the hot-piece memory tier.
+    pub hot_bytes: usize,
+    /// Blobs evicted since the store opened.
+    pub evictions: u64,
+}
+
+/// The on-disk piece store. Cheap to clone; all clones share one store. Methods block on disk
+/// I/O: call them from a blocking thread in async code.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    config: StoreConfig,
+    state: Mutex<State>,
+    hot: Mutex<HotPieces>,
+    tmp_counter: AtomicU64,
+    evictions: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    blobs: HashMap<Hash, Arc<Blob>>,
+    lru: ByteLru,
+    pinned_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Blob {
+    hash: Hash,
+    geometry: Geometry,
+    dir: PathBuf,
+    data: File,
+    outboard: File,
+    status: Mutex<Status>,
+    /// Serialises meta rewrites of this blob.
+    commit: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Status {
+    verified: PieceSet,
+    durable: PieceSet,
+    pinned: bool,
+    unflushed_bytes: u64,
+}
+
+impl Blob {
+    fn footprint(&self) -> u64 {
+        footprint(self.geometry)
+    }
+
+    fn info(&self) -> BlobInfo {
+        let st = lock(&self.status);
+        BlobInfo { hash: self.hash, size: self.geometry.size(), pieces: st.verified.clone(), pinned: st.pinned }
+    }
+}
+
+fn footprint(g: Geometry) -> u64 {
+    g.size() + g.outboard_size()
+}
+
+const META_FORMAT: u8 = 1;
+
+/// The persistent record of a blob. Replaced atomically.
+#[derive(Debug, Serialize, Deserialize)]
+struct Meta {
+    format: u8,
+    size: u64,
+    pinned: bool,
+    bitmap: Vec<u8>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a store lock is a bug; the state it guards is updated in single steps,
+    // so carrying on with it is sound.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A file read and written at offsets through a shared reference.
+#[derive(Debug, Clone, Copy)]
+struct FileAt<'a>(&'a File);
+
+impl bao_tree_io::ReadAt for FileAt<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        FileExt::read_at(self.0, buf, pos)
+    }
+}
+
+impl bao_tree_io::WriteAt for FileAt<'_> {
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
+        FileExt::write_at(self.0, buf, pos)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Verified pieces held in memory, read at blob offsets.
+struct PiecesAt<'a> {
+    geometry: Geometry,
+    pieces: &'a HashMap<PieceIndex, Bytes>,
+}
+
+impl bao_tree_io::ReadAt for PiecesAt<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let piece = self.geometry.piece_of(pos);
+        let Some(bytes) = self.pieces.get(&piece) else {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "piece not loaded"));
+        };
+        let start = (pos - self.geometry.piece_bytes(piece).start) as usize;
+        let n = buf.len().min(bytes.len().saturating_sub(start));
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        Ok(n)
+    }
+}
+
+mod bao_tree_io {
+    pub(super) use shoal_protocol::verify::{ReadAt, WriteAt};
+}
+
+impl Store {
+    /// Opens (or creates) the store at `root`. Recovers from a crash: half-finished imports and
+    /// deletions are removed, and partial blobs keep exactly the pieces their meta names.
+    pub fn open(root: impl Into<PathBuf>, config: StoreConfig) -> Result<Self> {
+        let root = root.into();
+        let blobs_dir = root.join("blobs");
+        let tmp_dir = root.join("tmp");
+        fs::create_dir_all(&blobs_dir).map_err(io_err("create", &blobs_dir))?;
+        if tmp_dir.exists() {
+            fs::remove_dir_all(&tmp_dir).map_err(io_err("clear", &tmp_dir))?;
+        }
+        fs::create_dir_all(&tmp_dir).map_err(io_err("create", &tmp_dir))?;
+
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State { blobs: HashMap::new(), lru: ByteLru::new(config.cache_bytes), pinned_bytes: 0 }),
+            hot: Mutex::new(HotPieces::new(config.hot_bytes)),
+            root,
+            config,
+            tmp_counter: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+        });
+        let store = Self { inner };
+
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&blobs_dir).map_err(io_err("list", &blobs_dir))? {
+            let entry = entry.map_err(io_err("list", &blobs_dir))?;
+            let dir = entry.path();
+            match load_blob(&dir) {
+                Ok(Some(blob)) => {
+                    let mtime =
+                        fs::metadata(dir.join("meta")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                    found.push((mtime, blob));
+                }
+                Ok(None) => {
+                    debug!(dir = %dir.display(), "dropping a blob directory with no usable meta");
+                    store.discard_dir(&dir)?;
+                }
+                Err(e) => {
+                    warn!(dir = %dir.display(), error = %e, "dropping an unreadable blob directory");
+                    store.discard_dir(&dir)?;
+                }
+            }
+        }
+        // Oldest first, so the most recently written end up most recently used.
+        found.sort_by_key(|(mtime, _)| *mtime);
+        let mut st = lock(&store.inner.state);
+        for (_, blob) in found {
+            let blob = Arc::new(blob);
+            if lock(&blob.status).pinned {
+                st.pinned_bytes += blob.footprint();
+            } else {
+                match st.lru.admit(blob.hash, blob.footprint()) {
+                    Ok(evicted) => {
+                        for hash in evicted {
+                            if let Some(old) = st.blobs.remove(&hash) {
+                                info!(blob = %hash, "evicted at open: the cache bound shrank");
+                                store.discard_dir(&old.dir)?;
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        info!(blob = %blob.hash, "dropped at open: larger than the cache bound");
+                        store.discard_dir(&blob.dir)?;
+                        continue;
+                    }
+                }
+            }
+            st.blobs.insert(blob.hash, blob);
+        }
+        drop(st);
+        Ok(store)
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Imports the file at `path` in one pass: its bytes are copied into the store while the
+    /// hash and outboard are computed, never held in memory. `pin` keeps it from eviction.
+    pub fn import_file(&self, path: &Path, pin: bool) -> Result<Imported> {
+        let file = File::open(path).map_err(io_err("open", path))?;
+        let size = file.metadata().map_err(io_err("stat", path))?.len();
+        let geometry = Geometry::new(size)?;
+        let staged = self.stage(geometry, &file, path)?;
+        let after = file.metadata().map_err(io_err("stat", path))?.len();
+        if after != size {
+            self.discard_dir(&staged.dir)?;
+            return Err(StoreError::ChangedDuringImport { path: path.to_owned() });
+        }
+        self.install(staged, pin)
+    }
+
+    /// Imports a stream of unknown length. The stream is read once and spooled to the store's
+    /// disk; the hash and outboard are then computed from the spooled copy (page cache).
+    pub fn import_reader(&self, mut reader: impl Read, pin: bool) -> Result<Imported> {
+        let dir = self.tmp_path("import");
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        let data_path = dir.join("data");
+        let spooled = (|| {
+            let mut data = File::create(&data_path).map_err(io_err("create", &data_path))?;
+            let size = io::copy(&mut reader, &mut data).map_err(io_err("spool into", &data_path))?;
+            Geometry::new(size).map_err(StoreError::from)
+        })();
+        let geometry = match spooled {
+            Ok(g) => g,
+            Err(e) => {
+                self.discard_dir(&dir)?;
+                return Err(e);
+            }
+        };
+        let data = File::open(&data_path).map_err(io_err("open", &data_path))?;
+        let staged = self.stage_outboard(dir, geometry, BufReader::with_capacity(1 << 20, data))?;
+        self.install(staged, pin)
+    }
+
+    /// Copies `source` into a new temporary directory while the hash and outboard are computed:
+    /// one thread reads and writes the bytes, the calling thread hashes them, so the copy costs
+    /// little beyond the hashing. Memory is bounded by a few 1 MiB buffers in flight.
+    fn stage(&self, geometry: Geometry, mut source: impl Read + Send, origin: &Path) -> Result<Staged> {
+        const BUF: usize = 1 << 20;
+        const IN_FLIGHT: usize = 4;
+        let dir = self.tmp_path("import");
+        fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        let data_path = dir.join("data");
+        let result = (|| {
+            let mut data = File::create(&data_path).map_err(io_err("create", &data_path))?;
+            let (to_hash, chunks) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+            // Buffers come back from the hasher, so the copier never faults in fresh pages.
+            let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+            let staged = std::thread::scope(|scope| {
+                let copier = scope.spawn(move || -> io::Result<u64> {
+                    let mut total = 0u64;
+                    let mut allocated = 0;
+                    loop {
+                        let mut buf = match recycled.try_recv() {
+                            Ok(buf) => buf,
+                            Err(_) if allocated <= IN_FLIGHT => {
+                                allocated += 1;
+                                Vec::new()
+                            }
+                            Err(_) => match recycled.recv() {
+                                Ok(buf) => buf,
+                                // The hasher stopped (it read all `size` bytes, or failed).
+                                Err(_) => return Ok(total),
+                            },
+                        };
+                        buf.resize(BUF, 0);
+                        let n = read_full(&mut source, &mut buf)?;
+                        if n == 0 {
+                            return Ok(total);
+                        }
+                        buf.truncate(n);
+                        data.write_all(&buf)?;
+                        total += n as u64;
+                        if to_hash.send(buf).is_err() {
+                            return Ok(total);
+                        }
+                    }
+                });
+                let reader = ChunkReader { chunks, recycle, current: Vec::new(), pos: 0 };
+                let staged = self.stage_outboard(dir.clone(), geometry, reader);
+                let copied = copier.join().unwrap_or_else(|_| Err(io::Error::other("import copier panicked")));
+                (staged, copied)
+            });
+            let (staged, copied) = staged;
+            let copied = copied.map_err(io_err("copy into", &data_path))?;
+            let staged = staged.map_err(|e| match e {
+                StoreError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
+                    StoreError::ChangedDuringImport { path: origin.to_owned() }
+                }
+                e => e,
+            })?;
+            if copied != geometry.size() {
+                return Err(StoreError::ChangedDuringImport { path: origin.to_owned() });
+            }
+            if self.inner.config.durable {
+                File::open(&data_path).and_then(|f| f.sync_data()).map_err(io_err("sync", &data_path))?;
+            }
+            Ok(staged)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    /// Computes the outboard of `data` into `dir/outboard` and writes the blob's meta.
+    fn stage_outboard(&self, dir: PathBuf, geometry: Geometry, data: impl Read) -> Result<Staged> {
+        let ob_path = dir.join("outboard");
+        let ob = File::create(&ob_path).map_err(io_err("create", &ob_path))?;
+        let mut ob = BufWriter::with_capacity(256 << 10, ob);
+        let hash = verify::outboard(data, geometry.size(), &mut ob).map_err(io_err("read", &dir))?;
+        let ob = ob.into_inner().map_err(|e| io_err("write", &ob_path)(e.into_error()))?;
+        if self.inner.config.durable {
+            ob.sync_data().map_err(io_err("sync", &ob_path))?;
+        }
+        Ok(Staged { dir, hash, geometry })
+    }
+
+    /// Moves a staged, complete blob into `blobs/`.
+    fn install(&self, staged: Staged, pin: bool) -> Result<Imported> {
+        let Staged { dir, hash, geometry } = staged;
+        let full = PieceSet::full(geometry.piece_count());
+        write_meta(
+            &dir,
+            &Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() },
+            self.inner.config.durable,
+        )?;
+
+        let mut st = lock(&self.inner.state);
+        if let Some(existing) = st.blobs.get(&hash).cloned() {
+            if existing.info().is_complete() {
+                drop(st);
+                self.discard_dir(&dir)?;
+                let evicted = if pin { self.pin(hash)? } else { Vec::new() };
+                if !pin {
+                    lock(&self.inner.state).lru.touch(&hash);
+                }
+                return Ok(Imported { hash, size: geometry.size(), evicted });
+            }
+            // A partial copy: the complete one replaces it.
+            st.blobs.remove(&hash);
+            if st.lru.remove(&hash).is_none() && lock(&existing.status).pinned {
+                st.pinned_bytes -= existing.footprint();
+            }
+            self.discard_dir(&existing.dir)?;
+        }
+        let evicted = if pin {
+            st.pinned_bytes += footprint(geometry);
+            Vec::new()
+        } else {
+            match st.lru.admit(hash, footprint(geometry)) {
+                Ok(evicted) => evicted,
+                Err(o) => {
+                    drop(st);
+                    self.discard_dir(&dir)?;
+                    return Err(StoreError::TooLarge { hash, bytes: o.bytes, capacity: o.capacity });
+                }
+            }
+        };
+        let final_dir = self.blob_dir(hash);
+        fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+        sync_dir(&self.inner.root.join("blobs"))?;
+        let blob = match load_blob(&final_dir)? {
+            Some(b) => b,
+            None => return Err(StoreError::NotFound { hash }),
+        };
+        st.blobs.insert(hash, Arc::new(blob));
+        let evicted = self.remove_evicted(&mut st, evicted)?;
+        Ok(Imported { hash, size: geometry.size(), evicted })
+    }
+
+    /// Prepares to receive pieces of `hash`, a blob of `size` bytes, from the network. The blob's
+    /// full footprint is reserved in the cache now, so the bound holds whatever arrives. Returns
+    /// the pieces already verified (a resumed fetch) and the blobs evicted to make room.
+    pub fn begin(&self, hash: Hash, size: u64) -> Result<Begun> {
+        let geometry = Geometry::new(size)?;
+        let mut st = lock(&self.inner.state);
+        if let Some(blob) = st.blobs.get(&hash).cloned() {
+            if blob.geometry.size() != size {
+                return Err(StoreError::SizeMismatch { hash, known: blob.geometry.size(), claimed: size });
+            }
+            st.lru.touch(&hash);
+            return Ok(Begun { have: blob.info().pieces, evicted: Vec::new() });
+        }
+        let evicted = st.lru.admit(hash, footprint(geometry)).map_err(|o| StoreError::TooLarge {
+            hash,
+            bytes: o.bytes,
+            capacity: o.capacity,
+        })?;
+        let evicted = self.remove_evicted(&mut st, evicted)?;
+        let created = (|| {
+            let dir = self.tmp_path("partial");
+            fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+            let data = dir.join("data");
+            File::create(&data).and_then(|f| f.set_len(size)).map_err(io_err("create", &data))?;
+            let ob = dir.join("outboard");
+            File::create(&ob).and_then(|f| f.set_len(geometry.outboard_size())).map_err(io_err("create", &ob))?;
+            let empty = PieceSet::empty(geometry.piece_count());
+            write_meta(
+                &dir,
+                &Meta { format: META_FORMAT, size, pinned: false, bitmap: empty.to_bitmap() },
+                self.inner.config.durable,
+            )?;
+            let final_dir = self.blob_dir(hash);
+            fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+            sync_dir(&self.inner.root.join("blobs"))?;
+            load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
+        })();
+        match created {
+            Ok(blob) => {
+                st.blobs.insert(hash, Arc::new(blob));
+                Ok(Begun { have: PieceSet::empty(geometry.piece_count()), evicted })
+            }
+            Err(e) => {
+                st.lru.remove(&hash);
+                Err(e)
+            }
+        }
+    }
+
+    /// Verifies the encoded `pieces` read from `encoded` (a peer's response) and stores the
+    /// chunk groups that pass. Bytes that fail are never written. Pieces become durable, and are
+    /// marked in the blob's meta, at the next flush (every `flush_bytes`, or [`Store::flush`]).
+    pub fn write_pieces(&self, hash: Hash, pieces: &PieceSet, encoded: impl Read) -> Result<Written> {
+        let blob = self.blob(hash)?;
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        let decoded = verify::decode_pieces(encoded, pieces, FileAt(&blob.data), outboard);
+        let flush = {
+            let mut st = lock(&blob.status);
+            for p in decoded.verified.iter() {
+                if st.verified.insert(p) {
+                    st.unflushed_bytes += blob.geometry.piece_len(p);
+                }
+            }
+            st.unflushed_bytes >= self.inner.config.flush_bytes || st.verified.is_complete()
+        };
+        lock(&self.inner.state).lru.touch(&hash);
+        if flush {
+            self.commit(&blob)?;
+        }
+        Ok(Written { verified: decoded.verified, error: decoded.error })
+    }
+
+    /// Makes every verified piece of `hash` durable and marks it in the blob's meta.
+    pub fn flush(&self, hash: Hash) -> Result<()> {
+        let blob = self.blob(hash)?;
+        self.commit(&blob)
+    }
+
+    /// Flushes every blob (at shutdown).
+    pub fn flush_all(&self) -> Result<()> {
+        let blobs: Vec<_> = lock(&self.inner.state).blobs.values().cloned().collect();
+        for blob in blobs {
+            self.commit(&blob)?;
+        }
+        Ok(())
+    }
+
+    fn commit(&self, blob: &Blob) -> Result<()> {
+        let _serial = lock(&blob.commit);
+        let (snapshot, pinned) = {
+            let st = lock(&blob.status);
+            (st.verified.clone(), st.pinned)
+        };
+        if self.inner.config.durable {
+            let data_path = blob.dir.join("data");
+            blob.data.sync_data().map_err(io_err("sync", &data_path))?;
+            blob.outboard.sync_data().map_err(io_err("sync", &blob.dir))?;
+        }
+        let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
+        write_meta(&blob.dir, &meta, self.inner.config.durable)?;
+        let mut st = lock(&blob.status);
+        // Pieces found corrupt meanwhile stay unmarked in memory; the next commit drops them.
+        st.durable = snapshot.intersection(&st.verified);
+        st.unflushed_bytes = 0;
+        Ok(())
+    }
+
+    /// The verified pieces of `hash` and its size, if the store holds any of it.
+    pub fn info(&self, hash: Hash) -> Option<BlobInfo> {
+        lock(&self.inner.state).blobs.get(&hash).map(|b| b.info())
+    }
+
+    /// Every blob held.
+    pub fn list(&self) -> Vec<BlobInfo> {
+        lock(&self.inner.state).blobs.values().map(|b| b.info()).collect()
+    }
+
+    /// Encodes the requested pieces of `hash` that the store holds, with their proofs, ready to
+    /// send. Every chunk group is checked against the hash first; pieces whose bytes no longer
+    /// verify are dropped from the store and left out of the answer. Returns the pieces encoded
+    /// (possibly none) and the encoding.
+    pub fn encode_pieces(&self, hash: Hash, wanted: &PieceSet) -> Result<(PieceSet, Vec<u8>)> {
+        let blob = self.blob(hash)?;
+        lock(&self.inner.state).lru.touch(&hash);
+        let mut serve = wanted.intersection(&lock(&blob.status).verified);
+        loop {
+            if serve.is_empty() {
+                return Ok((serve, Vec::new()));
+            }
+            let loaded = self.load_pieces(&blob, &serve)?;
+            let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
+            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+            let mut out = Vec::with_capacity(verify::encoded_len(blob.geometry, &serve) as usize);
+            match verify::encode_pieces(data, outboard, &serve, &mut out) {
+                Ok(()) => {
+                    let mut hot = lock(&self.inner.hot);
+                    for (piece, bytes) in loaded {
+                        hot.insert(hash, piece, bytes);
+                    }
+                    return Ok((serve, out));
+                }
+                Err(e) => {
+                    let bad = self.bad_pieces(&blob, &serve, &e);
+                    if bad.is_empty() {
+                        return Err(StoreError::Io { op: "encode", path: blob.dir.clone(), source: encode_io(e) });
+                    }
+                    warn!(blob = %hash, pieces = ?bad, "stored bytes failed verification; dropping them");
+                    self.unmark(&blob, &bad)?;
+                    serve = serve.difference(&bad);
+                }
+            }
+        }
+    }
+
+    /// Reads pieces from the memory tier or the data file.
+    fn load_pieces(&self, blob: &Blob, pieces: &PieceSet) -> Result<HashMap<PieceIndex, Bytes>> {
+        let mut out = HashMap::with_capacity(pieces.count() as usize);
+        for p in pieces.iter() {
+            if let Some(b) = lock(&self.inner.hot).get(blob.hash, p) {
+                out.insert(p, b);
+                continue;
+            }
+            let range = blob.geometry.piece_bytes(p);
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            blob.data.read_exact_at(&mut buf, range.start).map_err(io_err("read", &blob.dir))?;
+            out.insert(p, Bytes::from(buf));
+        }
+        Ok(out)
+    }
+
+    /// The pieces an encode error points at.
+    fn bad_pieces(&self, blob: &Blob, serving: &PieceSet, e: &EncodeError) -> PieceSet {
+        let g = blob.geometry;
+        let mut bad = PieceSet::empty(g.piece_count());
+        match e {
+            EncodeError::LeafHashMismatch(chunk) => {
+                bad.insert(g.piece_of(chunk.to_bytes()));
+            }
+            EncodeError::ParentHashMismatch(node) => {
+                // A bad hash pair condemns every piece below it.
+                let r = node.chunk_range();
+                let (start, end) = (r.start.to_bytes(), r.end.to_bytes().min(g.size()));
+                for p in serving.iter() {
+                    let pr = g.piece_bytes(p);
+                    if pr.start < end.max(start + 1) && pr.end.max(pr.start + 1) > start {
+                        bad.insert(p);
+                    }
+                }
+            }
+            _ => {}
+        }
+        bad
+    }
+
+    /// Drops pieces that no longer verify, in memory and in the meta.
+    fn unmark(&self, blob: &Blob, bad: &PieceSet) -> Result<()> {
+        {
+            let mut st = lock(&blob.status);
+            for p in bad.iter() {
+                st.verified.remove(p);
+            }
+        }
+        let mut hot = lock(&self.inner.hot);
+        hot.forget_blob(blob.hash);
+        drop(hot);
+        self.commit(blob)
+    }
+
+    /// Checks every verified piece of `hash` against its hash, dropping any that fail. Returns
+    /// the pieces dropped.
+    pub fn check(&self, hash: Hash) -> Result<PieceSet> {
+        let blob = self.blob(hash)?;
+        let verified = lock(&blob.status).verified.clone();
+        let mut bad = PieceSet::empty(blob.geometry.piece_count());
+        for p in verified.iter() {
+            let one = PieceSet::single(blob.geometry.piece_count(), p);
+            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+            if verify::encode_pieces(FileAt(&blob.data), outboard, &one, io::sink()).is_err() {
+                bad.insert(p);
+            }
+        }
+        if !bad.is_empty() {
+            self.unmark(&blob, &bad)?;
+        }
+        Ok(bad)
+    }
+
+    /// Copies the complete blob `hash` to `dest`, verifying every byte on the way: `dest` appears
+    /// (by rename) only if the copy's BLAKE3 hash equals `hash`. Returns the size.
+    pub fn export(&self, hash: Hash, dest: &Path) -> Result<u64> {
+        let blob = self.blob(hash)?;
+        let info = blob.info();
+        if !info.is_complete() {
+            return Err(StoreError::Incomplete { hash, have: info.pieces.count(), total: blob.geometry.piece_count() });
+        }
+        let partial = partial_path(dest);
+        let copied = (|| {
+            let mut out =
+                BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io_err("create", &partial))?);
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            while offset < blob.geometry.size() {
+                let n = (blob.geometry.size() - offset).min(buf.len() as u64) as usize;
+                blob.data.read_exact_at(&mut buf[..n], offset).map_err(io_err("read", &blob.dir))?;
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err("write", &partial))?;
+                offset += n as u64;
+            }
+            let out = out.into_inner().map_err(|e| io_err("write", &partial)(e.into_error()))?;
+            out.sync_all().map_err(io_err("sync", &partial))?;
+            Ok(Hash::from(hasher.finalize()))
+        })();
+        match copied {
+            Ok(h) if h == hash => {
+                fs::rename(&partial, dest).map_err(io_err("rename into place", dest))?;
+                Ok(blob.geometry.size())
+            }
+            Ok(_) => {
+                let _ = fs::remove_file(&partial);
+                let bad = self.check(hash)?;
+                Err(StoreError::Corrupt { hash, piece: bad.iter().next().unwrap_or(0) })
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&partial);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps `hash` out of eviction. Returns nothing evicted (pinning only frees cache room).
+    pub fn pin(&self, hash: Hash) -> Result<Vec<Hash>> {
+        self.set_pinned(hash, true)
+    }
+
+    /// Returns `hash` to the cache's eviction order; reports what that evicted (possibly `hash`
+    /// itself, if it is larger than the cache).
+    pub fn unpin(&self, hash: Hash) -> Result<Vec<Hash>> {
+        self.set_pinned(hash, false)
+    }
+
+    fn set_pinned(&self, hash: Hash, pinned: bool) -> Result<Vec<Hash>> {
+        let blob = self.blob(hash)?;
+        let mut st = lock(&self.inner.state);
+        let was = std::mem::replace(&mut lock(&blob.status).pinned, pinned);
+        if was == pinned {
+            return Ok(Vec::new());
+        }
+        let evicted = if pinned {
+            st.lru.remove(&hash);
+            st.pinned_bytes += blob.footprint();
+            Vec::new()
+        } else {
+            st.pinned_bytes -= blob.footprint();
+            match st.lru.admit(hash, blob.footprint()) {
+                Ok(evicted) => evicted,
+                Err(_) => vec![hash],
+            }
+        };
+        let evicted = self.remove_evicted(&mut st, evicted)?;
+        drop(st);
+        if !evicted.contains(&hash) {
+            self.commit(&blob)?;
+        }
+        Ok(evicted)
+    }
+
+    /// Removes `hash` from the store.
+    pub fn delete(&self, hash: Hash) -> Result<()> {
+        let mut st = lock(&self.inner.state);
+        let blob = st.blobs.remove(&hash).ok_or(StoreError::NotFound { hash })?;
+        if st.lru.remove(&hash).is_none() {
+            st.pinned_bytes -= blob.footprint();
+        }
+        drop(st);
+        lock(&self.inner.hot).forget_blob(hash);
+        self.discard_dir(&blob.dir)
+    }
+
+    /// Changes the cache bound; reports what was evicted.
+    pub fn set_cache_bytes(&self, bytes: u64) -> Result<Vec<Hash>> {
+        let mut st = lock(&self.inner.state);
+        let evicted = st.lru.set_capacity(bytes);
+        self.remove_evicted(&mut st, evicted)
+    }
+
+    /// Bytes in use.
+    pub fn stats(&self) -> StoreStats {
+        let st = lock(&self.inner.state);
+        StoreStats {
+            blobs: st.blobs.len(),
+            cache_bytes: st.lru.used(),
+            cache_capacity: st.lru.capacity(),
+            pinned_bytes: st.pinned_bytes,
+            hot_bytes: lock(&self.inner.hot).used(),
+            evictions: self.inner.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    fn blob(&self, hash: Hash) -> Result<Arc<Blob>> {
+        lock(&self.inner.state).blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })
+    }
+
+    fn remove_evicted(&self, st: &mut State, evicted: Vec<Hash>) -> Result<Vec<Hash>> {
+        for hash in &evicted {
+            st.lru.remove(hash);
+            if let Some(blob) = st.blobs.remove(hash) {
+                debug!(blob = %hash, "evicted");
+                self.inner.evictions.fetch_add(1, Ordering::Relaxed);
+                lock(&self.inner.hot).forget_blob(*hash);
+                self.discard_dir(&blob.dir)?;
+            }
+        }
+        Ok(evicted)
+    }
+
+    fn blob_dir(&self, hash: Hash) -> PathBuf {
+        self.inner.root.join("blobs").join(hash.to_hex())
+    }
+
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.inner.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+    }
+
+    /// Moves a directory out of `blobs/` atomically, then deletes it.
+    fn discard_dir(&self, dir: &Path) -> Result<()> {
+        let trash = self.tmp_path("trash");
+        match fs::rename(dir, &trash) {
+            Ok(()) => fs::remove_dir_all(&trash).map_err(io_err("delete", &trash)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("move aside", dir)(e)),
+        }
+    }
+}
+
+struct Staged {
+    dir: PathBuf,
+    hash: Hash,
+    geometry: Geometry,
+}
+
+/// Reads the chunks the import's copier hands over, in order, and hands each buffer back.
+struct ChunkReader {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    recycle: std::sync::mpsc::SyncSender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            match self.chunks.recv() {
+                Ok(chunk) => {
+                    let done = std::mem::replace(&mut self.current, chunk);
+                    self.pos = 0;
+                    if done.capacity() > 0 {
+                        // The copier may have finished; then the buffer is simply dropped.
+                        let _ = self.recycle.try_send(done);
+                    }
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Fills `buf` unless the source ends first; returns the bytes read.
+fn read_full(source: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match source.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+fn encode_io(e: EncodeError) -> io::Error {
+    match e {
+        EncodeError::Io(e) => e,
+        e => io::Error::other(e.to_string()),
+    }
+}
+
+fn partial_path(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".shoal-partial");
+    dest.with_file_name(name)
+}
+
+/// Reads a blob directory; `None` if it has no usable meta.
+fn load_blob(dir: &Path) -> Result<Option<Blob>> {
+    let Some(hash) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<Hash>().ok()) else {
+        return Ok(None);
+    };
+    let meta_path = dir.join("meta");
+    let bytes = match fs::read(&meta_path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("read", &meta_path)(e)),
+    };
+    let Ok(meta) = postcard::from_bytes::<Meta>(&bytes) else { return Ok(None) };
+    let Ok(geometry) = Geometry::new(meta.size) else { return Ok(None) };
+    if meta.format != META_FORMAT {
+        return Ok(None);
+    }
+    let open = |name: &str| {
+        let p = dir.join(name);
+        OpenOptions::new().read(true).write(true).open(&p).map_err(io_err("open", &p))
+    };
+    let data = open("data")?;
+    let outboard = open("outboard")?;
+    let data_len = data.metadata().map_err(io_err("stat", dir))?.len();
+    let ob_len = outboard.metadata().map_err(io_err("stat", dir))?.len();
+    if data_len != meta.size || ob_len != geometry.outboard_size() {
+        return Ok(None);
+    }
+    let verified = PieceSet::from_bitmap(geometry.piece_count(), &meta.bitmap);
+    Ok(Some(Blob {
+        hash,
+        geometry,
+        dir: dir.to_owned(),
+        data,
+        outboard,
+        status: Mutex::new(Status { durable: verified.clone(), verified, pinned: meta.pinned, unflushed_bytes: 0 }),
+        commit: Mutex::new(()),
+    }))
+}
+
+/// Replaces `dir/meta` atomically and durably.
+fn write_meta(dir: &Path, meta: &Meta, durable: bool) -> Result<()> {
+    let tmp = dir.join("meta.tmp");
+    let path = dir.join("meta");
+    let bytes = postcard::to_stdvec(meta).map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(&bytes).map_err(io_err("write", &tmp))?;
+    if durable {
+        f.sync_all().map_err(io_err("sync", &tmp))?;
+    }
+    fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
+}

@@ -1,0 +1,247 @@
+//! The store as its users (the node, the CLI) rely on it.
+
+mod common;
+
+use std::fs;
+
+use common::{Source, bytes};
+use proptest::prelude::*;
+use shoal_cache::{Store, StoreConfig, StoreError};
+use shoal_protocol::piece::CHUNK_GROUP_SIZE;
+use shoal_protocol::verify::DecodeError;
+use shoal_protocol::{Hash, PIECE_SIZE, PieceSet};
+
+const MIB: u64 = 1 << 20;
+
+const SIZES: &[u64] = &[
+    0,
+    1,
+    CHUNK_GROUP_SIZE - 1,
+    CHUNK_GROUP_SIZE,
+    CHUNK_GROUP_SIZE + 1,
+    PIECE_SIZE - 1,
+    PIECE_SIZE,
+    PIECE_SIZE + 1,
+    5 * MIB + 3,
+];
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, StoreConfig { cache_bytes: 256 * MIB, ..Default::default() }).expect("open store")
+}
+
+#[test]
+fn imported_files_hash_like_b3sum_and_export_intact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    for (i, &size) in SIZES.iter().enumerate() {
+        let data = bytes(i as u64, size as usize);
+        let path = tmp.path().join(format!("in-{size}"));
+        fs::write(&path, &data).expect("write input");
+        let imported = store.import_file(&path, true).expect("import");
+        assert_eq!(imported.hash, Hash::of(&data), "size {size}");
+        assert_eq!(imported.size, size);
+        let info = store.info(imported.hash).expect("held");
+        assert!(info.is_complete() && info.pinned);
+
+        let out = tmp.path().join(format!("out-{size}"));
+        assert_eq!(store.export(imported.hash, &out).expect("export"), size);
+        assert_eq!(fs::read(&out).expect("read output"), data, "size {size}");
+
+        // The same bytes as a stream of unknown length give the same id.
+        let again = store.import_reader(&data[..], false).expect("import stream");
+        assert_eq!(again.hash, imported.hash);
+    }
+}
+
+#[test]
+fn pieces_from_the_network_are_served_back_with_proofs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    for (i, &size) in SIZES.iter().enumerate() {
+        let src = Source::new(bytes(100 + i as u64, size as usize));
+        let n = src.geometry.piece_count();
+        let begun = store.begin(src.hash, size).expect("begin");
+        assert!(begun.have.is_empty());
+        for p in (0..n).rev() {
+            let w = store.write_pieces(src.hash, &src.piece(p), &src.encode(&src.piece(p))[..]).expect("write");
+            assert!(w.error.is_none(), "size {size} piece {p}: {:?}", w.error);
+            assert_eq!(w.verified, src.piece(p));
+        }
+        assert!(store.info(src.hash).expect("held").is_complete());
+        // What the store serves is exactly what the original provider would send.
+        let all = PieceSet::full(n);
+        let (served, encoded) = store.encode_pieces(src.hash, &all).expect("encode");
+        assert_eq!(served, all);
+        assert_eq!(encoded, src.encode(&all), "size {size}");
+    }
+}
+
+#[test]
+fn a_flipped_bit_in_any_piece_is_rejected_and_never_stored() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let src = Source::new(bytes(7, (3 * PIECE_SIZE + 1000) as usize));
+    store.begin(src.hash, src.data.len() as u64).expect("begin");
+    for p in 0..src.geometry.piece_count() {
+        let good = src.encode(&src.piece(p));
+        for pos in [0, 63, 64, 100, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[pos] ^= 0x01;
+            let w = store.write_pieces(src.hash, &src.piece(p), &bad[..]).expect("local write works");
+            assert!(w.verified.is_empty(), "piece {p} flip at {pos} accepted");
+            assert!(matches!(w.error, Some(DecodeError::Corrupt { .. })), "{:?}", w.error);
+            assert!(w.error.as_ref().is_some_and(DecodeError::is_peer_fault));
+            assert!(!store.info(src.hash).expect("held").pieces.contains(p));
+        }
+    }
+    store.flush(src.hash).expect("flush");
+    // Whatever reached the data file passed verification: genuine bytes or untouched zeros.
+    let on_disk = fs::read(tmp.path().join("blobs").join(src.hash.to_hex()).join("data")).expect("read data");
+    for (i, (&d, &o)) in on_disk.iter().zip(&src.data).enumerate() {
+        assert!(d == 0 || d == o, "byte {i} on disk was never verified");
+    }
+    // Nothing is served from a blob with no verified piece.
+    let (served, encoded) = store.encode_pieces(src.hash, &PieceSet::full(4)).expect("encode");
+    assert!(served.is_empty() && encoded.is_empty());
+}
+
+#[test]
+fn a_partial_blob_survives_a_restart_with_its_verified_pieces() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(bytes(9, (6 * PIECE_SIZE) as usize));
+    {
+        let store = open(tmp.path());
+        store.begin(src.hash, src.data.len() as u64).expect("begin");
+        for p in [4, 1, 2] {
+            store.write_pieces(src.hash, &src.piece(p), &src.encode(&src.piece(p))[..]).expect("write");
+        }
+        store.flush(src.hash).expect("flush");
+    }
+    let store = open(tmp.path());
+    let begun = store.begin(src.hash, src.data.len() as u64).expect("resume");
+    assert_eq!(begun.have.iter().collect::<Vec<_>>(), vec![1, 2, 4]);
+    assert!(matches!(store.begin(src.hash, 5), Err(StoreError::SizeMismatch { .. })));
+    for p in [0, 3, 5] {
+        store.write_pieces(src.hash, &src.piece(p), &src.encode(&src.piece(p))[..]).expect("write");
+    }
+    let out = tmp.path().join("out");
+    store.export(src.hash, &out).expect("export");
+    assert_eq!(fs::read(out).expect("read"), src.data);
+}
+
+#[test]
+fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bound = 3 * MIB;
+    let store = Store::open(tmp.path(), StoreConfig { cache_bytes: bound, ..Default::default() }).expect("open");
+    let pinned_path = tmp.path().join("mine");
+    fs::write(&pinned_path, bytes(1, (2 * MIB) as usize)).expect("write");
+    let mine = store.import_file(&pinned_path, true).expect("import pinned").hash;
+
+    let mut held: Vec<Hash> = Vec::new();
+    for seed in 0..10u64 {
+        let src = Source::new(bytes(1000 + seed, MIB as usize));
+        let begun = store.begin(src.hash, MIB).expect("begin");
+        for e in &begun.evicted {
+            assert!(held.contains(e), "reported an eviction of a blob never cached");
+            assert_ne!(*e, mine, "a pinned blob was evicted");
+            assert!(store.info(*e).is_none(), "an evicted blob is still held");
+        }
+        held.retain(|h| !begun.evicted.contains(h));
+        held.push(src.hash);
+        let all = PieceSet::full(src.geometry.piece_count());
+        store.write_pieces(src.hash, &all, &src.encode(&all)[..]).expect("write");
+        let stats = store.stats();
+        assert!(stats.cache_bytes <= bound, "{stats:?}");
+        assert!(store.info(mine).is_some());
+    }
+    assert_eq!(held.len(), 2, "1 MiB blobs plus outboards: two fit in 3 MiB");
+    assert!(store.stats().evictions >= 8);
+    // A blob larger than the cache is refused without evicting anything.
+    let big = Source::new(bytes(5, (4 * MIB) as usize));
+    assert!(matches!(store.begin(big.hash, 4 * MIB), Err(StoreError::TooLarge { .. })));
+    assert_eq!(store.list().len(), 3);
+    // Unpinning moves the user's blob into the cache, which evicts what no longer fits.
+    let evicted = store.unpin(mine).expect("unpin");
+    assert!(!evicted.is_empty());
+    assert!(store.stats().cache_bytes <= bound);
+}
+
+#[test]
+fn corrupted_bytes_on_disk_are_never_served_or_exported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let data = bytes(3, (4 * PIECE_SIZE) as usize);
+    let input = tmp.path().join("in");
+    fs::write(&input, &data).expect("write");
+    let hash = store.import_file(&input, true).expect("import").hash;
+    // Rot one byte of piece 2 behind the store's back.
+    let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
+    let mut on_disk = fs::read(&data_path).expect("read");
+    on_disk[(2 * PIECE_SIZE + 77) as usize] ^= 0x40;
+    fs::write(&data_path, &on_disk).expect("rot");
+
+    let out = tmp.path().join("out");
+    assert!(matches!(store.export(hash, &out), Err(StoreError::Corrupt { piece: 2, .. })));
+    assert!(!out.exists(), "nothing is written to the user's file");
+    assert!(!store.info(hash).expect("held").pieces.contains(2), "the bad piece was dropped");
+
+    let (served, _) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
+    assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 1, 3]);
+}
+
+#[test]
+fn serving_a_rotten_piece_drops_it_and_serves_the_rest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let data = bytes(4, (4 * PIECE_SIZE) as usize);
+    let input = tmp.path().join("in");
+    fs::write(&input, &data).expect("write");
+    let hash = store.import_file(&input, false).expect("import").hash;
+    let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
+    let mut on_disk = fs::read(&data_path).expect("read");
+    on_disk[(PIECE_SIZE + 5) as usize] ^= 1;
+    fs::write(&data_path, &on_disk).expect("rot");
+    let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
+    assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 2, 3]);
+    let src = Source::new(data);
+    assert_eq!(encoded, src.encode(&served), "the rest is served intact");
+    // The drop is durable: after a restart the piece is still missing.
+    drop(store);
+    let store = open(&tmp.path().join("store"));
+    assert!(!store.info(hash).expect("held").pieces.contains(1));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Pieces arriving in any order, in any grouping, reassemble to the same hash.
+    #[test]
+    fn any_arrival_order_reassembles_the_blob(
+        size in 0u64..(3 * MIB),
+        seed in any::<u64>(),
+        order_seed in any::<u64>(),
+    ) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = open(tmp.path());
+        let src = Source::new(bytes(seed, size as usize));
+        let n = src.geometry.piece_count();
+        let mut order: Vec<u32> = (0..n).collect();
+        let mut x = order_seed | 1;
+        for i in (1..order.len()).rev() {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            order.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        store.begin(src.hash, size).expect("begin");
+        for batch in order.chunks(1 + (x % 3) as usize) {
+            let mut want = PieceSet::empty(n);
+            batch.iter().for_each(|p| { want.insert(*p); });
+            let w = store.write_pieces(src.hash, &want, &src.encode(&want)[..]).expect("write");
+            prop_assert!(w.error.is_none());
+            prop_assert_eq!(w.verified, want);
+        }
+        let out = tmp.path().join("out");
+        store.export(src.hash, &out).expect("export");
+        prop_assert_eq!(Hash::of(&fs::read(&out).expect("read")), src.hash);
+    }
+}

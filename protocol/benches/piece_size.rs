@@ -1,0 +1,72 @@
+//! How the piece size trades per-request cost against granularity: a 64 MiB blob served and
+//! verified piece by piece (one encode with proofs and one verified decode per piece), at piece
+//! sizes from 16 KiB to 4 MiB, measured side by side. Also prints the proof overhead per size.
+//!
+//! `cargo bench -p shoal-protocol --bench piece_size`
+
+use std::time::Duration;
+
+use bao_tree::io::outboard::PostOrderOutboard;
+use bao_tree::io::sync::{decode_ranges, encode_ranges_validated};
+use bao_tree::{ChunkNum, ChunkRanges};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use shoal_protocol::piece::BLOCK_SIZE;
+use shoal_protocol::{Geometry, verify};
+
+const BLOB: u64 = 64 << 20;
+
+fn piece_sizes(c: &mut Criterion) {
+    let mut data = vec![0u8; BLOB as usize];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    let mut ob = Vec::new();
+    let hash = verify::outboard(&data[..], BLOB, &mut ob).expect("outboard");
+    let geometry = Geometry::new(BLOB).expect("size");
+    let tree = geometry.tree();
+    assert_eq!(tree.block_size(), BLOCK_SIZE);
+
+    let mut group = c.benchmark_group("serve_and_verify_64MiB");
+    group.throughput(Throughput::Bytes(BLOB));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(5));
+    for piece_kib in [16u64, 64, 256, 1024, 4096] {
+        let chunks = piece_kib; // 1 KiB BLAKE3 chunks per piece
+        let pieces = BLOB / (piece_kib * 1024);
+        let mut wire = Vec::new();
+        let mut encoded_total = 0u64;
+        for p in 0..pieces {
+            wire.clear();
+            let ranges = ChunkRanges::from(ChunkNum(p * chunks)..ChunkNum((p + 1) * chunks));
+            let src = PostOrderOutboard { root: hash.as_blake3(), tree, data: &ob[..] };
+            encode_ranges_validated(&data[..], &src, &ranges, &mut wire).expect("encode");
+            encoded_total += wire.len() as u64;
+        }
+        eprintln!(
+            "piece {piece_kib:>5} KiB: {pieces:>5} requests, proof overhead {:.3}%",
+            100.0 * (encoded_total - BLOB) as f64 / BLOB as f64
+        );
+        group.bench_with_input(BenchmarkId::from_parameter(format!("{piece_kib}KiB")), &piece_kib, |b, _| {
+            let mut target = vec![0u8; BLOB as usize];
+            let mut rebuilt = vec![0u8; ob.len()];
+            b.iter(|| {
+                for p in 0..pieces {
+                    wire.clear();
+                    let ranges = ChunkRanges::from(ChunkNum(p * chunks)..ChunkNum((p + 1) * chunks));
+                    let src = PostOrderOutboard { root: hash.as_blake3(), tree, data: &ob[..] };
+                    encode_ranges_validated(&data[..], &src, &ranges, &mut wire).expect("encode");
+                    let dst = PostOrderOutboard { root: hash.as_blake3(), tree, data: &mut rebuilt[..] };
+                    decode_ranges(&wire[..], &ranges, &mut target[..], dst).expect("decode");
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, piece_sizes);
+criterion_main!(benches);

@@ -1,0 +1,17 @@
+//! Shoal's protocol: how content is named and verified, what peers say to each other, and the
+//! decisions of a fetch. No I/O, no clock, no unseeded randomness: callers pass readers, writers,
+//! `now` and seeds, so the node, the simulator and the tests run the same logic.
+//!
+//! # Layout
+//! - [`id`]: [`Hash`], the BLAKE3 content id, printed as `b3sum` prints it.
+//! - [`piece`]: piece geometry ([`Geometry`], [`PIECE_SIZE`]) and [`PieceSet`].
+//! - [`verify`]: outboards and verified piece encoding and decoding, on `bao-tree`.
+//! - [`wire`]: the `/shoal/transfer/1` messages, framing and bounds.
+
+pub mod id;
+pub mod piece;
+pub mod verify;
+pub mod wire;
+
+pub use id::{Hash, ParseHashError};
+pub use piece::{Geometry, PIECE_SIZE, PieceIndex, PieceSet};

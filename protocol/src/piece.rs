@@ -1,0 +1,343 @@
+//! Piece geometry: how a blob is cut into the fixed-size ranges that peers advertise, request and
+//! cache, and sets of piece indices.
+//!
+//! Two sizes matter. The *chunk group* (16 KiB) is the verification unit: the outboard stores one
+//! hash pair per group, so any group can be checked on its own. The *piece* ([`PIECE_SIZE`]) is the
+//! scheduling unit: have-maps, requests and the verified bitmap in the store count pieces.
+
+use std::ops::Range;
+
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use serde::{Deserialize, Serialize};
+
+/// log2 of the number of 1 KiB BLAKE3 chunks in a chunk group: 2^4 KiB = 16 KiB.
+pub const CHUNK_GROUP_LOG: u8 = 4;
+
+/// The verification unit, as `bao-tree` knows it.
+pub const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(CHUNK_GROUP_LOG);
+
+/// The size of a chunk group in bytes.
+pub const CHUNK_GROUP_SIZE: u64 = 1024 << CHUNK_GROUP_LOG;
+
+/// The scheduling unit in bytes: 256 KiB, sixteen chunk groups.
+///
+/// Chosen with `cargo bench -p shoal-protocol --bench piece_size`: serving and verifying a blob
+/// piece by piece reaches its plateau at 256 KiB (smaller pieces pay the per-request proof and
+/// setup more often), while larger pieces make the tail of a multi-source fetch coarser and
+/// have-maps less useful for partial holders. At 256 KiB a 1 GiB blob has 4,096 pieces, a have-map
+/// bitmap of 512 bytes, and one piece in flight is a small fraction of a loopback BDP.
+pub const PIECE_SIZE: u64 = 256 * 1024;
+
+/// log2 of the number of BLAKE3 chunks in a piece.
+const PIECE_CHUNK_LOG: u32 = (PIECE_SIZE / 1024).trailing_zeros();
+
+/// The largest blob Shoal handles: 2^42 bytes (4 TiB), 2^24 pieces. Keeps piece indices in `u32`
+/// and every have-map bounded.
+pub const MAX_BLOB_SIZE: u64 = 1 << 42;
+
+/// The index of a piece within its blob.
+pub type PieceIndex = u32;
+
+/// The shape of one blob: its size and how it is cut into pieces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    size: u64,
+}
+
+/// A blob size above [`MAX_BLOB_SIZE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("blob of {size} bytes is larger than the {MAX_BLOB_SIZE}-byte limit")]
+pub struct TooLarge {
+    /// The size that was refused.
+    pub size: u64,
+}
+
+impl Geometry {
+    /// The geometry of a blob of `size` bytes.
+    pub fn new(size: u64) -> Result<Self, TooLarge> {
+        if size > MAX_BLOB_SIZE {
+            return Err(TooLarge { size });
+        }
+        Ok(Self { size })
+    }
+
+    /// The blob's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The number of pieces. An empty blob has one (empty) piece, so that it can be requested and
+    /// verified like any other.
+    pub fn piece_count(&self) -> u32 {
+        // MAX_BLOB_SIZE / PIECE_SIZE fits in u32, checked in `new`.
+        self.size.div_ceil(PIECE_SIZE).max(1) as u32
+    }
+
+    /// The index of the last piece; it carries the proof of the blob's size.
+    pub fn last_piece(&self) -> PieceIndex {
+        self.piece_count() - 1
+    }
+
+    /// The byte range of piece `index`, clipped to the blob. Empty past the end.
+    pub fn piece_bytes(&self, index: PieceIndex) -> Range<u64> {
+        let start = (u64::from(index) * PIECE_SIZE).min(self.size);
+        let end = (start + PIECE_SIZE).min(self.size);
+        start..end
+    }
+
+    /// The length of piece `index` in bytes.
+    pub fn piece_len(&self, index: PieceIndex) -> u64 {
+        let r = self.piece_bytes(index);
+        r.end - r.start
+    }
+
+    /// The piece that holds byte `offset`.
+    pub fn piece_of(&self, offset: u64) -> PieceIndex {
+        (offset.min(self.size.saturating_sub(1)) / PIECE_SIZE) as u32
+    }
+
+    /// The `bao-tree` tree of this blob at Shoal's chunk-group size.
+    pub fn tree(&self) -> BaoTree {
+        BaoTree::new(self.size, BLOCK_SIZE)
+    }
+
+    /// The BLAKE3 chunk ranges that cover `pieces`, for encoding and decoding with `bao-tree`.
+    pub fn chunk_ranges(&self, pieces: &PieceSet) -> ChunkRanges {
+        let mut out = ChunkRanges::empty();
+        for r in pieces.ranges() {
+            let start = ChunkNum(u64::from(r.start) << PIECE_CHUNK_LOG);
+            if r.end >= self.piece_count() {
+                // The last piece: an open range also asks for the last chunk when the blob is
+                // empty or ends exactly on a piece boundary, which is what proves the size.
+                out |= ChunkRanges::from(start..);
+            } else {
+                out |= ChunkRanges::from(start..ChunkNum(u64::from(r.end) << PIECE_CHUNK_LOG));
+            }
+        }
+        out
+    }
+
+    /// The size of a `bao-tree` post-order outboard for this blob, in bytes.
+    pub fn outboard_size(&self) -> u64 {
+        self.tree().outboard_size()
+    }
+}
+
+/// A set of piece indices below a known piece count: which pieces a store holds, a peer advertises,
+/// or a request asks for.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct PieceSet {
+    len: u32,
+    words: Vec<u64>,
+}
+
+impl std::fmt::Debug for PieceSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.ranges()).finish()
+    }
+}
+
+impl PieceSet {
+    /// An empty set for a blob of `piece_count` pieces.
+    pub fn empty(piece_count: u32) -> Self {
+        Self { len: piece_count, words: vec![0; piece_count.div_ceil(64) as usize] }
+    }
+
+    /// The set of every piece of a blob of `piece_count` pieces.
+    pub fn full(piece_count: u32) -> Self {
+        let mut s = Self::empty(piece_count);
+        s.insert_range(0..piece_count);
+        s
+    }
+
+    /// A set holding only `index`.
+    pub fn single(piece_count: u32, index: PieceIndex) -> Self {
+        let mut s = Self::empty(piece_count);
+        s.insert(index);
+        s
+    }
+
+    /// The number of pieces in the blob this set is about (not the number in the set).
+    pub fn piece_count(&self) -> u32 {
+        self.len
+    }
+
+    /// Adds `index`; returns whether it was new. Indices past the piece count are ignored.
+    pub fn insert(&mut self, index: PieceIndex) -> bool {
+        if index >= self.len {
+            return false;
+        }
+        let (w, b) = ((index / 64) as usize, index % 64);
+        let new = self.words[w] & (1 << b) == 0;
+        self.words[w] |= 1 << b;
+        new
+    }
+
+    /// Adds every index in `range` below the piece count.
+    pub fn insert_range(&mut self, range: Range<PieceIndex>) {
+        for i in range.start..range.end.min(self.len) {
+            self.insert(i);
+        }
+    }
+
+    /// Removes `index`; returns whether it was present.
+    pub fn remove(&mut self, index: PieceIndex) -> bool {
+        let had = self.contains(index);
+        if had {
+            self.words[(index / 64) as usize] &= !(1 << (index % 64));
+        }
+        had
+    }
+
+    /// Whether `index` is in the set.
+    pub fn contains(&self, index: PieceIndex) -> bool {
+        index < self.len && self.words[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    /// The number of pieces in the set.
+    pub fn count(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+
+    /// Whether the set holds no piece.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|w| *w == 0)
+    }
+
+    /// Whether the set holds every piece of the blob.
+    pub fn is_complete(&self) -> bool {
+        self.count() == self.len
+    }
+
+    /// The indices in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = PieceIndex> + '_ {
+        self.words.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut bits = bits;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(w as u32 * 64 + b)
+            })
+        })
+    }
+
+    /// The set as maximal runs of consecutive indices, ascending.
+    pub fn ranges(&self) -> impl Iterator<Item = Range<PieceIndex>> + '_ {
+        let mut it = self.iter().peekable();
+        std::iter::from_fn(move || {
+            let start = it.next()?;
+            let mut end = start + 1;
+            while it.peek() == Some(&end) {
+                it.next();
+                end += 1;
+            }
+            Some(start..end)
+        })
+    }
+
+    /// The pieces in both sets.
+    pub fn intersection(&self, other: &PieceSet) -> PieceSet {
+        let words =
+            self.words.iter().zip(other.words.iter().chain(std::iter::repeat(&0))).map(|(a, b)| a & b).collect();
+        Self { len: self.len, words }
+    }
+
+    /// The pieces in `self` but not in `other`.
+    pub fn difference(&self, other: &PieceSet) -> PieceSet {
+        let words =
+            self.words.iter().zip(other.words.iter().chain(std::iter::repeat(&0))).map(|(a, b)| a & !b).collect();
+        Self { len: self.len, words }
+    }
+
+    /// Adds every piece of `other`.
+    pub fn union_with(&mut self, other: &PieceSet) {
+        for i in other.iter() {
+            self.insert(i);
+        }
+    }
+
+    /// The bitmap as little-endian bytes, one bit per piece, for the store's persistent map.
+    pub fn to_bitmap(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len.div_ceil(8) as usize);
+        out
+    }
+
+    /// Reads a bitmap written by [`PieceSet::to_bitmap`]. Bits past `piece_count` are ignored;
+    /// a short bitmap leaves the missing pieces out.
+    pub fn from_bitmap(piece_count: u32, bitmap: &[u8]) -> Self {
+        let mut s = Self::empty(piece_count);
+        for (i, byte) in bitmap.iter().enumerate().take(piece_count.div_ceil(8) as usize) {
+            for b in 0..8 {
+                if byte & (1 << b) != 0 {
+                    s.insert(i as u32 * 8 + b);
+                }
+            }
+        }
+        s
+    }
+}
+
+/// A [`PieceSet`] as it travels: the piece count and the runs of consecutive indices.
+///
+/// Runs keep a complete blob's have-map at one entry whatever its size; the number of runs on the
+/// wire is bounded by [`crate::wire::MAX_RUNS`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PieceRuns {
+    pub(crate) piece_count: u32,
+    pub(crate) runs: Vec<(u32, u32)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_at_the_boundaries() {
+        let cases: &[(u64, u32, u64)] = &[
+            // (size, pieces, length of the last piece)
+            (0, 1, 0),
+            (1, 1, 1),
+            (16 * 1024 - 1, 1, 16 * 1024 - 1),
+            (16 * 1024, 1, 16 * 1024),
+            (16 * 1024 + 1, 1, 16 * 1024 + 1),
+            (PIECE_SIZE - 1, 1, PIECE_SIZE - 1),
+            (PIECE_SIZE, 1, PIECE_SIZE),
+            (PIECE_SIZE + 1, 2, 1),
+            (5 * 1024 * 1024 + 7, 21, 7),
+        ];
+        for &(size, pieces, last_len) in cases {
+            let g = Geometry::new(size).expect("small");
+            assert_eq!(g.piece_count(), pieces, "size {size}");
+            assert_eq!(g.piece_len(g.last_piece()), last_len, "size {size}");
+            let total: u64 = (0..pieces).map(|i| g.piece_len(i)).sum();
+            assert_eq!(total, size, "pieces cover the blob exactly, size {size}");
+        }
+        assert_eq!(Geometry::new(MAX_BLOB_SIZE + 1), Err(TooLarge { size: MAX_BLOB_SIZE + 1 }));
+        assert_eq!(Geometry::new(MAX_BLOB_SIZE).expect("max").piece_count(), 1 << 24);
+    }
+
+    #[test]
+    fn piece_set_operations() {
+        let mut s = PieceSet::empty(130);
+        assert!(s.is_empty());
+        assert!(s.insert(0));
+        assert!(!s.insert(0));
+        s.insert_range(63..66);
+        s.insert(129);
+        assert!(!s.insert(130), "past the piece count");
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 63, 64, 65, 129]);
+        assert_eq!(s.ranges().collect::<Vec<_>>(), vec![0..1, 63..66, 129..130]);
+        assert_eq!(s.count(), 5);
+        assert!(s.remove(64));
+        assert!(!s.contains(64));
+        let back = PieceSet::from_bitmap(130, &s.to_bitmap());
+        assert_eq!(back, s);
+        assert!(PieceSet::full(130).is_complete());
+        assert_eq!(PieceSet::full(130).difference(&s).count(), 126);
+        assert_eq!(PieceSet::full(130).intersection(&s), s);
+    }
+}

@@ -1,0 +1,470 @@
+//! The transfer protocol's messages (`/shoal/transfer/1`).
+//!
+//! One request per stream. The requester writes one framed [`Request`]; the server answers with one
+//! framed [`Response`]. A [`Response::Data`] header is followed by the pieces it names, encoded with
+//! their proofs ([`crate::verify::encode_pieces`]); the requester knows their exact length
+//! ([`crate::verify::encoded_len`]). A frame is a 4-byte little-endian length and a postcard body.
+//!
+//! Every decoder is bounded: a frame longer than its limit is refused before it is read, a piece
+//! set may not claim more pieces than the largest blob has, nor more runs than [`MAX_RUNS`].
+//! Enum variants are never renumbered; new ones go at the end, and a node that meets a variant it
+//! does not know answers [`Response::BadRequest`] naming it.
+
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Hash;
+use crate::piece::{MAX_BLOB_SIZE, PIECE_SIZE, PieceRuns, PieceSet};
+
+/// The libp2p protocol id of the transfer protocol. The trailing number is the wire version.
+pub const PROTOCOL: &str = "/shoal/transfer/1";
+
+/// The longest request frame body a server reads.
+pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+
+/// The longest response header frame body a requester reads (the have-map dominates).
+pub const MAX_RESPONSE_LEN: usize = 256 * 1024;
+
+/// The most runs of consecutive pieces a [`PieceSet`] may carry on the wire. A fragmented holder
+/// advertises its first `MAX_RUNS` runs ([`PieceSet::first_runs`]).
+pub const MAX_RUNS: usize = 4096;
+
+/// The most pieces one `Get` may ask for (16 MiB at 256 KiB pieces).
+pub const MAX_PIECES_PER_GET: u32 = 64;
+
+/// The most bytes of a [`Response::BadRequest`] reason.
+pub const MAX_REASON_LEN: usize = 512;
+
+const MAX_PIECE_COUNT: u32 = (MAX_BLOB_SIZE / PIECE_SIZE) as u32;
+
+/// A 128-bit id that ties one download's spans together across nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TraceId(pub [u8; 16]);
+
+impl std::fmt::Display for TraceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// What a requester asks of a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Which pieces of `hash` do you hold? Answered with [`Response::Have`].
+    Have {
+        /// The blob.
+        hash: Hash,
+        /// The requester's trace, recorded in the server's spans.
+        trace: Option<TraceId>,
+    },
+    /// Send me these pieces of `hash`, with proofs. Answered with [`Response::Data`] and the
+    /// encoded pieces the server holds among them.
+    Get {
+        /// The blob.
+        hash: Hash,
+        /// The pieces wanted; at most [`MAX_PIECES_PER_GET`].
+        pieces: PieceSet,
+        /// The requester's trace, recorded in the server's spans.
+        trace: Option<TraceId>,
+    },
+}
+
+/// What a server answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The pieces held, and the blob's size as the server claims it. The size is proven only when
+    /// the last piece verifies, so a requester fetches that piece first.
+    Have {
+        /// The blob's size in bytes.
+        size: u64,
+        /// The pieces held.
+        pieces: PieceSet,
+    },
+    /// The named pieces follow, encoded with their proofs: the requested ones the server holds.
+    Data {
+        /// The pieces that follow.
+        pieces: PieceSet,
+    },
+    /// The server holds no verified piece of the blob.
+    NotFound,
+    /// The server is at its upload bound; ask again after `retry_after_ms` milliseconds.
+    Busy {
+        /// How long to wait before asking this server again.
+        retry_after_ms: u32,
+    },
+    /// The server does not serve this peer (a private swarm's allow-list).
+    Denied,
+    /// The request could not be understood: malformed, too large, or from a newer protocol.
+    BadRequest {
+        /// What was wrong, for the requester's logs (at most [`MAX_REASON_LEN`] bytes).
+        reason: String,
+    },
+}
+
+const REQUEST_VARIANTS: u8 = 2;
+const RESPONSE_VARIANTS: u8 = 6;
+
+/// Why bytes from a peer are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The frame's length prefix exceeds the limit for its kind.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLong {
+        /// The announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The message kind is not one this version knows: the peer speaks a newer protocol.
+    #[error("unknown message kind {tag} on {PROTOCOL}: the peer runs a newer Shoal")]
+    UnknownMessage {
+        /// The unknown variant index.
+        tag: u8,
+    },
+    /// The bytes do not decode as a message, or break a bound.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+}
+
+/// Encodes a message as a frame: 4-byte little-endian length, then the postcard body.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    // Serializing into a Vec cannot fail for these types.
+    let body = postcard::to_extend(msg, Vec::new()).unwrap_or_default();
+    out[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Reads a frame's length prefix and checks it against `max`.
+pub fn frame_len(prefix: [u8; 4], max: usize) -> Result<usize, WireError> {
+    let len = u32::from_le_bytes(prefix) as usize;
+    if len > max {
+        return Err(WireError::TooLong { len, max });
+    }
+    Ok(len)
+}
+
+/// Decodes a request frame body.
+pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
+    if body.len() > MAX_REQUEST_LEN {
+        return Err(WireError::TooLong { len: body.len(), max: MAX_REQUEST_LEN });
+    }
+    let req: Request = decode(body, REQUEST_VARIANTS)?;
+    if let Request::Get { pieces, .. } = &req
+        && pieces.count() > MAX_PIECES_PER_GET
+    {
+        return Err(WireError::Malformed(format!(
+            "get asks for {} pieces, more than {MAX_PIECES_PER_GET}",
+            pieces.count()
+        )));
+    }
+    Ok(req)
+}
+
+/// Decodes a response header frame body.
+pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
+    if body.len() > MAX_RESPONSE_LEN {
+        return Err(WireError::TooLong { len: body.len(), max: MAX_RESPONSE_LEN });
+    }
+    let resp: Response = decode(body, RESPONSE_VARIANTS)?;
+    match &resp {
+        Response::Have { size, pieces } => {
+            let count = crate::Geometry::new(*size).map_err(|e| WireError::Malformed(e.to_string()))?.piece_count();
+            if pieces.piece_count() != count {
+                return Err(WireError::Malformed(format!(
+                    "have-map counts {} pieces for a {size}-byte blob of {count}",
+                    pieces.piece_count()
+                )));
+            }
+        }
+        Response::BadRequest { reason } if reason.len() > MAX_REASON_LEN => {
+            return Err(WireError::Malformed("reason too long".into()));
+        }
+        _ => {}
+    }
+    Ok(resp)
+}
+
+/// Reads one frame body of at most `max` bytes from a blocking reader (tests, tools, fuzzing; the
+/// node reads frames asynchronously with [`frame_len`]).
+pub fn read_frame(mut r: impl Read, max: usize) -> Result<Vec<u8>, WireError> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).map_err(|_| WireError::Truncated)?;
+    let len = frame_len(prefix, max)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|_| WireError::Truncated)?;
+    Ok(body)
+}
+
+fn decode<'a, T: Deserialize<'a>>(body: &'a [u8], variants: u8) -> Result<T, WireError> {
+    // Variant indices are postcard varints; every index we use fits in the first byte.
+    match body.first() {
+        None => return Err(WireError::Truncated),
+        Some(&tag) if tag >= variants => return Err(WireError::UnknownMessage { tag }),
+        Some(_) => {}
+    }
+    let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+impl PieceSet {
+    /// The set cut to its first `max_runs` runs of consecutive pieces: what a fragmented holder
+    /// advertises so that its have-map stays within [`MAX_RUNS`].
+    pub fn first_runs(&self, max_runs: usize) -> PieceSet {
+        let mut out = PieceSet::empty(self.piece_count());
+        for r in self.ranges().take(max_runs) {
+            out.insert_range(r);
+        }
+        out
+    }
+}
+
+impl Serialize for PieceSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let runs = self.ranges().take(MAX_RUNS).map(|r| (r.start, r.end - r.start)).collect();
+        PieceRuns { piece_count: self.piece_count(), runs }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PieceSet {
+    /// Runs are `(start, length)`, ascending, non-empty, non-adjacent and within the piece count.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let PieceRuns { piece_count, runs } = PieceRuns::deserialize(d)?;
+        if piece_count == 0 || piece_count > MAX_PIECE_COUNT {
+            return Err(D::Error::custom(format!("piece count {piece_count} out of range")));
+        }
+        if runs.len() > MAX_RUNS {
+            return Err(D::Error::custom(format!("{} runs, more than {MAX_RUNS}", runs.len())));
+        }
+        let mut set = PieceSet::empty(piece_count);
+        let mut next_free = 0u64;
+        for (start, len) in runs {
+            let end = u64::from(start) + u64::from(len);
+            if len == 0 || u64::from(start) < next_free || end > u64::from(piece_count) {
+                return Err(D::Error::custom("piece runs must be ascending, disjoint and in range"));
+            }
+            set.insert_range(start..end as u32);
+            next_free = end + 1;
+        }
+        Ok(set)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash() -> Hash {
+        Hash::from([0xab; 32])
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        hex::encode(bytes)
+    }
+
+    const HASH_HEX: &str = "abababababababababababababababababababababababababababababababab";
+
+    #[test]
+    fn golden_have_request() {
+        let frame = encode_frame(&Request::Have { hash: hash(), trace: None });
+        let want = [
+            "22000000", // frame length 34, u32 LE
+            "00",       // Request::Have
+            HASH_HEX,   // hash, 32 raw bytes
+            "00",       // trace: None
+        ]
+        .concat();
+        assert_eq!(hex(&frame), want);
+    }
+
+    #[test]
+    fn golden_get_request() {
+        let mut pieces = PieceSet::empty(300);
+        pieces.insert_range(0..2);
+        pieces.insert(299);
+        let frame = encode_frame(&Request::Get { hash: hash(), pieces, trace: Some(TraceId([0x11; 16])) });
+        let want = [
+            "3a000000",                         // frame length 58
+            "01",                               // Request::Get
+            HASH_HEX,                           // hash
+            "ac02",                             // piece count 300, varint
+            "02",                               // two runs
+            "0002",                             // run: start 0, length 2
+            "ab0201",                           // run: start 299, length 1
+            "01",                               // trace: Some
+            "11111111111111111111111111111111", // trace id
+        ]
+        .concat();
+        assert_eq!(hex(&frame), want);
+    }
+
+    #[test]
+    fn golden_responses() {
+        let cases: Vec<(Response, String)> = vec![
+            (
+                Response::Have { size: 262_145, pieces: PieceSet::full(2) },
+                [
+                    "08000000", // frame length 8
+                    "00",       // Response::Have
+                    "818010",   // size 262145, varint
+                    "02",       // piece count 2
+                    "01",       // one run
+                    "0002",     // start 0, length 2
+                ]
+                .concat(),
+            ),
+            (
+                Response::Data { pieces: PieceSet::single(2, 1) },
+                [
+                    "05000000", // frame length 5
+                    "01",       // Response::Data
+                    "02",       // piece count 2
+                    "01",       // one run
+                    "0101",     // start 1, length 1
+                ]
+                .concat(),
+            ),
+            (Response::NotFound, ["01000000", "02" /* NotFound */].concat()),
+            (
+                Response::Busy { retry_after_ms: 250 },
+                [
+                    "03000000", // frame length 3
+                    "03",       // Response::Busy
+                    "fa01",     // 250 ms, varint
+                ]
+                .concat(),
+            ),
+            (Response::Denied, ["01000000", "04" /* Denied */].concat()),
+            (
+                Response::BadRequest { reason: "no".into() },
+                [
+                    "04000000", // frame length 4
+                    "05",       // Response::BadRequest
+                    "02",       // string length 2
+                    "6e6f",     // "no"
+                ]
+                .concat(),
+            ),
+        ];
+        for (msg, want) in cases {
+            assert_eq!(hex(&encode_frame(&msg)), want, "{msg:?}");
+            let body = read_frame(&encode_frame(&msg)[..], MAX_RESPONSE_LEN).expect("frame");
+            assert_eq!(decode_response(&body).expect("decodes"), msg);
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_are_named_not_misread() {
+        assert_eq!(decode_request(&[7, 1, 2]), Err(WireError::UnknownMessage { tag: 7 }));
+        assert_eq!(decode_response(&[6]), Err(WireError::UnknownMessage { tag: 6 }));
+        assert!(decode_request(&[]).is_err());
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        assert_eq!(
+            frame_len((1u32 << 31).to_le_bytes(), MAX_REQUEST_LEN).unwrap_err(),
+            WireError::TooLong { len: 1 << 31, max: MAX_REQUEST_LEN }
+        );
+        let too_many = Request::Get { hash: hash(), pieces: PieceSet::full(MAX_PIECES_PER_GET + 1), trace: None };
+        let body = &encode_frame(&too_many)[4..];
+        assert!(matches!(decode_request(body), Err(WireError::Malformed(_))));
+        // A have-map whose piece count disagrees with the size is refused.
+        let lie = Response::Have { size: 10, pieces: PieceSet::full(3) };
+        assert!(decode_response(&encode_frame(&lie)[4..]).is_err());
+        // A piece count that would make us allocate gigabytes is refused.
+        let mut body = vec![0u8]; // Response::Have
+        body.extend(postcard::to_stdvec(&(1u64 << 40)).expect("ser"));
+        body.extend(postcard::to_stdvec(&PieceRuns { piece_count: u32::MAX, runs: vec![] }).expect("ser"));
+        assert!(decode_response(&body).is_err());
+        // Overlapping runs are refused.
+        let mut body = vec![1u8]; // Response::Data
+        body.extend(postcard::to_stdvec(&PieceRuns { piece_count: 9, runs: vec![(0, 3), (2, 1)] }).expect("ser"));
+        assert!(decode_response(&body).is_err());
+    }
+
+    mod props {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn piece_set() -> impl Strategy<Value = PieceSet> {
+            (1u32..5000).prop_flat_map(|n| {
+                proptest::collection::vec(0..n, 0..64).prop_map(move |ix| {
+                    let mut s = PieceSet::empty(n);
+                    for i in ix {
+                        s.insert(i);
+                    }
+                    s
+                })
+            })
+        }
+
+        fn trace() -> impl Strategy<Value = Option<TraceId>> {
+            proptest::option::of(any::<[u8; 16]>().prop_map(TraceId))
+        }
+
+        fn request() -> impl Strategy<Value = Request> {
+            prop_oneof![
+                (any::<[u8; 32]>(), trace()).prop_map(|(h, trace)| Request::Have { hash: h.into(), trace }),
+                (any::<[u8; 32]>(), piece_set(), trace()).prop_map(|(h, pieces, trace)| Request::Get {
+                    hash: h.into(),
+                    pieces,
+                    trace
+                }),
+            ]
+        }
+
+        fn response() -> impl Strategy<Value = Response> {
+            prop_oneof![
+                (0u64..(1 << 34)).prop_flat_map(|size| {
+                    let n = crate::Geometry::new(size).expect("in range").piece_count();
+                    proptest::collection::vec(0..n, 0..64).prop_map(move |ix| {
+                        let mut pieces = PieceSet::empty(n);
+                        ix.into_iter().for_each(|i| {
+                            pieces.insert(i);
+                        });
+                        Response::Have { size, pieces }
+                    })
+                }),
+                piece_set().prop_map(|pieces| Response::Data { pieces }),
+                Just(Response::NotFound),
+                any::<u32>().prop_map(|retry_after_ms| Response::Busy { retry_after_ms }),
+                Just(Response::Denied),
+                "[a-z ]{0,100}".prop_map(|reason| Response::BadRequest { reason }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn requests_round_trip(req in request()) {
+                let frame = encode_frame(&req);
+                let body = read_frame(&frame[..], MAX_REQUEST_LEN).expect("frame");
+                prop_assert_eq!(decode_request(&body).expect("decodes"), req);
+            }
+
+            #[test]
+            fn responses_round_trip(resp in response()) {
+                let frame = encode_frame(&resp);
+                let body = read_frame(&frame[..], MAX_RESPONSE_LEN).expect("frame");
+                prop_assert_eq!(decode_response(&body).expect("decodes"), resp);
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let _ = decode_request(&bytes);
+                let _ = decode_response(&bytes);
+            }
+        }
+    }
+}

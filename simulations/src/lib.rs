@@ -1,0 +1,1 @@
+//! Scale experiments: many real Shoal nodes in one process over an emulated network.
