@@ -728,6 +728,36 @@ impl Store {
         }
     }
 
+    /// The bytes of one verified piece, checked against the hash as they are read. A piece that
+    /// fails is dropped from the store and reported as [`StoreError::Corrupt`].
+    pub fn read_piece(&self, hash: Hash, piece: PieceIndex) -> Result<Bytes> {
+        let blob = self.blob(hash)?;
+        let (have, total) = {
+            let st = lock(&blob.status);
+            (st.verified.contains(piece), st.verified.count())
+        };
+        if !have {
+            return Err(StoreError::Incomplete { hash, have: total, total: blob.geometry.piece_count() });
+        }
+        let one = PieceSet::single(blob.geometry.piece_count(), piece);
+        let loaded = self.load_pieces(&blob, &one)?;
+        let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        match verify::encode_pieces(data, outboard, &one, io::sink()) {
+            Ok(()) => {
+                let bytes = loaded.get(&piece).cloned().unwrap_or_default();
+                lock(&self.inner.hot).insert(hash, piece, bytes.clone());
+                Ok(bytes)
+            }
+            Err(EncodeError::Io(e)) => Err(StoreError::Io { op: "read", path: blob.dir.clone(), source: e }),
+            Err(_) => {
+                warn!(blob = %hash, piece, "stored bytes failed verification; dropping the piece");
+                self.unmark(&blob, &one)?;
+                Err(StoreError::Corrupt { hash, piece })
+            }
+        }
+    }
+
     /// Reads pieces from the memory tier or the data file.
     fn load_pieces(&self, blob: &Blob, pieces: &PieceSet) -> Result<HashMap<PieceIndex, Bytes>> {
         let mut out = HashMap::with_capacity(pieces.count() as usize);

@@ -1,7 +1,25 @@
 //! A Shoal node: the one program every peer runs.
 //!
-//! The node owns the libp2p swarm (Kademlia discovery, the `/shoal/transfer/1` protocol over QUIC),
-//! the piece store from `shoal-cache`, and the local HTTP API that the `shoal` command talks to.
+//! # Layout
+//! - [`config`]: [`NodeConfig`] and its defaults.
+//! - `identity`: the persistent ed25519 key.
+//! - `swarm`: the libp2p swarm (Kademlia, identify, ping, streams) and the task that owns it.
+//! - `transfer`: `/shoal/transfer/1`, serving and requesting pieces.
+//! - `fetch`: drives `shoal_protocol::fetch` with real peers.
+//! - [`api`]: the local HTTP API the `shoal` command talks to.
+//! - [`node`]: [`Node`] and its cloneable [`NodeHandle`].
 
+pub mod api;
+pub mod config;
+mod fetch;
+mod identity;
+pub mod node;
+mod swarm;
+mod transfer;
+
+pub use config::NodeConfig;
+pub use fetch::{FetchError, FetchProgress};
+pub use node::{Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
+pub use swarm::{DhtInfo, PeerInfo};

@@ -1,13 +1,449 @@
-//! The `shoal` command.
+//! The `shoal` command: runs a node, and talks to a running one through its local HTTP API.
 
-use clap::Parser;
+use std::io::{IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
-/// Shoal: a peer-to-peer content delivery network. Blobs are named by their BLAKE3 hash (as
-/// `b3sum` prints it) and verified piece by piece.
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use shoal_node::api::{AddRequest, Added, FetchLine};
+use shoal_node::protocol::Hash;
+use shoal_node::{FetchProgress, Node, NodeConfig};
+
+/// Shoal: a peer-to-peer content delivery network. Blobs are named by their BLAKE3 hash (the
+/// string `b3sum` prints) and verified piece by piece.
 #[derive(Debug, Parser)]
-#[command(name = "shoal", version)]
-struct Cli {}
+#[command(name = "shoal", version, propagate_version = true)]
+struct Cli {
+    /// The node's data directory [default: shoal under your data directory, e.g. ~/.local/share/shoal]
+    #[arg(long, global = true, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a node until interrupted.
+    Node(NodeArgs),
+    /// Publish a file: import it into the running node, pin it and announce it. Prints its hash.
+    Add {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Fetch a blob by hash, verified, into a file.
+    Get {
+        /// The blob's BLAKE3 hash (64 hex digits, as b3sum prints it).
+        hash: String,
+        /// Where to write it ("-" for standard output) [default: the hash, in the current directory]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// With no node running, join the swarm through these peers (each ending in /p2p/<peer id>).
+        #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
+        bootstrap: Vec<Multiaddr>,
+    },
+    /// List the providers of a blob found through the DHT.
+    Providers {
+        /// The blob's hash.
+        hash: String,
+    },
+    /// List the connected peers.
+    Peers,
+    /// Show the node's state.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
+    /// Listen on this multiaddr (repeatable) [default: /ip4/0.0.0.0/udp/4737/quic-v1]
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// Join the swarm through this peer (repeatable; each ends in /p2p/<peer id>).
+    #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
+    bootstrap: Vec<Multiaddr>,
+    /// The most bytes of other people's content to cache, e.g. 10G, 512M [default: 10G]
+    #[arg(long, value_parser = parse_size)]
+    cache_size: Option<u64>,
+    /// Where the local HTTP API listens [default: 127.0.0.1:4738]
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Announce this address as reachable (repeatable) [default: the listen addresses]
+    #[arg(long)]
+    external: Vec<Multiaddr>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].trim().to_ascii_uppercase();
+            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown unit in {s:?}: use a number of bytes, or K, M, G, T")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size: use e.g. 10G, 512M or 1048576"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Cmd::Node(_)));
+    let data_dir = cli.data_dir.clone().unwrap_or_else(NodeConfig::default_data_dir);
+    let result = match cli.command {
+        Cmd::Node(args) => run_node(data_dir, args),
+        Cmd::Add { path } => add(&data_dir, &path),
+        Cmd::Get { hash, output, bootstrap } => get(&data_dir, &hash, output, bootstrap),
+        Cmd::Providers { hash } => providers(&data_dir, &hash),
+        Cmd::Peers => peers(&data_dir),
+        Cmd::Status { json } => status(&data_dir, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(node: bool) {
+    let default = if node { "info,libp2p=warn" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
+    let mut config = NodeConfig::new(data_dir);
+    if !args.listen.is_empty() {
+        config.listen = args.listen;
+    }
+    config.bootstrap = args.bootstrap;
+    if let Some(c) = args.cache_size {
+        config.cache_bytes = c;
+    }
+    if let Some(api) = args.api {
+        config.api = Some(api);
+    }
+    config.external = args.external;
+    runtime()?.block_on(async move {
+        let node = Node::start(config.clone()).await?;
+        let handle = node.handle();
+        let addrs = tokio::time::timeout(Duration::from_secs(10), handle.wait_listening())
+            .await
+            .map_err(|_| anyhow!("the node did not start listening within 10 s"))??;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "peer id: {}", handle.peer_id())?;
+        for a in &addrs {
+            writeln!(out, "listening: {a}")?;
+        }
+        if let Ok(api) = std::fs::read_to_string(config.data_dir.join("api")) {
+            writeln!(out, "api: http://{api}")?;
+        }
+        writeln!(out, "data: {}", config.data_dir.display())?;
+        out.flush()?;
+        drop(out);
+        shutdown_signal().await;
+        eprintln!("stopping: finishing uploads and flushing the store");
+        node.shutdown().await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// The running node's API address: `SHOAL_API`, else `<data-dir>/api`.
+fn api_addr(data_dir: &Path) -> Option<String> {
+    if let Ok(a) = std::env::var("SHOAL_API") {
+        return Some(a.trim().trim_start_matches("http://").trim_end_matches('/').to_string());
+    }
+    std::fs::read_to_string(data_dir.join("api")).ok().map(|s| s.trim().to_string())
+}
+
+fn require_api(data_dir: &Path) -> anyhow::Result<String> {
+    api_addr(data_dir).ok_or_else(|| {
+        anyhow!("no running node found (no {}/api); start one with `shoal node`, or set SHOAL_API", data_dir.display())
+    })
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// Reads an API answer: the JSON body on success, the node's error message otherwise.
+fn answer<T: serde::de::DeserializeOwned>(
+    resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    api: &str,
+) -> anyhow::Result<T> {
+    let mut resp = resp.map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+    if !resp.status().is_success() {
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        let msg = body.get("error").and_then(|e| e.as_str()).unwrap_or("no details").to_string();
+        bail!("{msg}");
+    }
+    Ok(resp.body_mut().read_json()?)
+}
+
+fn parse_hash(s: &str) -> anyhow::Result<Hash> {
+    s.parse().map_err(|e| anyhow!("{s:?} is not a content id: {e}"))
+}
+
+fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
+    let api = require_api(data_dir)?;
+    let path = std::fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if path.is_dir() {
+        bail!("{} is a directory; add files one at a time", path.display());
+    }
+    let added: Added =
+        answer(agent().post(format!("http://{api}/v1/blobs")).send_json(&AddRequest { path: path.clone() }), &api)?;
+    println!("{}  {}", added.hash, path.display());
+    Ok(())
+}
+
+fn get(data_dir: &Path, hash: &str, output: Option<PathBuf>, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {
+    let hash = parse_hash(hash)?;
+    let output = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
+    match api_addr(data_dir) {
+        Some(api) => get_via_api(&api, hash, &output),
+        None => get_with_own_node(hash, &output, bootstrap),
+    }
+}
+
+fn show_progress(p: &FetchProgress) {
+    let mut err = std::io::stderr();
+    if !err.is_terminal() {
+        return;
+    }
+    let line = match p.total_bytes {
+        Some(t) if t > 0 => format!(
+            "\r{:>5.1}%  {} / {} MiB from {} peers   ",
+            100.0 * p.verified_bytes as f64 / t as f64,
+            p.verified_bytes >> 20,
+            t >> 20,
+            p.peers
+        ),
+        _ => "\rlooking for providers…   ".to_string(),
+    };
+    let _ = err.write_all(line.as_bytes());
+    let _ = err.flush();
+}
+
+fn get_via_api(api: &str, hash: Hash, output: &Path) -> anyhow::Result<()> {
+    let agent = agent();
+    let mut resp = agent
+        .post(format!("http://{api}/v1/fetch/{hash}"))
+        .send_empty()
+        .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+    if !resp.status().is_success() {
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("fetch refused"));
+    }
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let mut last = None;
+    for line in std::io::BufRead::lines(reader) {
+        let line: FetchLine = serde_json::from_str(&line?)?;
+        show_progress(&line.progress);
+        last = Some(line);
+    }
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let progress = match last {
+        Some(FetchLine { error: Some(e), .. }) => bail!("{e}"),
+        Some(FetchLine { progress, .. }) if progress.done => progress,
+        _ => bail!("the node stopped answering during the fetch"),
+    };
+    let resp = agent.get(format!("http://{api}/v1/blobs/{hash}")).call()?;
+    if !resp.status().is_success() {
+        bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
+    }
+    write_verified(hash, resp.into_body().into_reader(), output)?;
+    eprintln!(
+        "verified {hash}: {} bytes ({} already held, {} received from peers)",
+        progress.verified_bytes, progress.resumed_bytes, progress.fetched_bytes
+    );
+    Ok(())
+}
+
+/// Writes `source` to `output` only if its BLAKE3 hash is `hash`: into a temporary file beside it,
+/// renamed into place after the check. Standard output ("-") gets only bytes the node verified.
+fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
+    if output == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        std::io::copy(&mut source, &mut out)?;
+        return Ok(());
+    }
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".shoal-partial");
+    let partial = output.with_file_name(name);
+    let result = (|| {
+        let mut file = std::io::BufWriter::new(
+            std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
+        );
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = source.read(&mut buf).context("the download was interrupted")?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n])?;
+        }
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let got = Hash::from(hasher.finalize());
+        if got != hash {
+            bail!("the bytes received hash to {got}, not {hash}; nothing was written");
+        }
+        std::fs::rename(&partial, output)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {
+    if bootstrap.is_empty() {
+        bail!(
+            "no running node found, and no --bootstrap peer to join the swarm through; start `shoal node` or pass --bootstrap"
+        );
+    }
+    let dir = tempfile_dir()?;
+    let mut config = NodeConfig::new(&dir);
+    config.listen = vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?];
+    config.bootstrap = bootstrap;
+    config.api = None;
+    config.durable = false;
+    let output = output.to_owned();
+    let result = runtime()?.block_on(async move {
+        let node = Node::start(config).await?;
+        let handle = node.handle();
+        let (ptx, mut prx) = tokio::sync::watch::channel(FetchProgress::default());
+        let fetch = handle.fetch(hash, Some(ptx));
+        tokio::pin!(fetch);
+        let result = loop {
+            tokio::select! {
+                r = &mut fetch => break r,
+                Ok(()) = prx.changed() => show_progress(&prx.borrow_and_update().clone()),
+            }
+        };
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+        let outcome = match result {
+            Ok(_) => {
+                let store = handle.store().clone();
+                let out = output.clone();
+                if out == Path::new("-") {
+                    let mut stdout = std::io::stdout().lock();
+                    let info = store.info(hash).ok_or_else(|| anyhow!("blob vanished"))?;
+                    for p in 0..info.pieces.piece_count() {
+                        stdout.write_all(&store.read_piece(hash, p)?)?;
+                    }
+                    Ok(())
+                } else {
+                    tokio::task::spawn_blocking(move || store.export(hash, &out)).await?.map(|_| ()).map_err(Into::into)
+                }
+            }
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        node.shutdown().await?;
+        outcome
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("shoal-get-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
+    let hash = parse_hash(hash)?;
+    let api = require_api(data_dir)?;
+    let v: serde_json::Value = answer(agent().get(format!("http://{api}/v1/providers/{hash}")).call(), &api)?;
+    let list = v.get("providers").and_then(|p| p.as_array()).cloned().unwrap_or_default();
+    if list.is_empty() {
+        bail!("no providers of {hash} found");
+    }
+    for p in list {
+        println!("{}", p.as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn peers(data_dir: &Path) -> anyhow::Result<()> {
+    let api = require_api(data_dir)?;
+    let v: Vec<shoal_node::PeerInfo> = answer(agent().get(format!("http://{api}/v1/peers")).call(), &api)?;
+    for p in v {
+        match p.rtt_ms {
+            Some(rtt) => println!("{}  rtt {rtt:.2} ms", p.peer_id),
+            None => println!("{}", p.peer_id),
+        }
+    }
+    Ok(())
+}
+
+fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let api = require_api(data_dir)?;
+    let v: serde_json::Value = answer(agent().get(format!("http://{api}/v1/status")).call(), &api)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let g = |k: &str| v.get(k).cloned().unwrap_or_default();
+    println!("peer id:   {}", g("peer_id").as_str().unwrap_or_default());
+    for a in g("listen_addrs").as_array().cloned().unwrap_or_default() {
+        println!("listening: {}", a.as_str().unwrap_or_default());
+    }
+    println!("peers:     {}", g("peers"));
+    println!("blobs:     {}", g("blobs"));
+    println!(
+        "cache:     {} / {} MiB (pinned {} MiB)",
+        g("cache_bytes").as_u64().unwrap_or(0) >> 20,
+        g("cache_capacity").as_u64().unwrap_or(0) >> 20,
+        g("pinned_bytes").as_u64().unwrap_or(0) >> 20
+    );
+    println!("uploads:   {}", g("uploads"));
+    Ok(())
 }

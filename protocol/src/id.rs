@@ -95,7 +95,9 @@ pub enum ParseHashError {
         len: usize,
     },
     /// A character was not a hex digit.
-    #[error("content id has {character:?} at position {position}: only hex digits 0-9 and a-f are allowed")]
+    #[error(
+        "content id has {character:?} at position {position}: expected {HASH_HEX_LEN} hex digits (0-9, a-f), as b3sum prints them"
+    )]
     NotHex {
         /// The offending character.
         character: char,

@@ -1,0 +1,216 @@
+//! The local HTTP API: what the `shoal` command talks to.
+//!
+//! | route | what it does |
+//! |---|---|
+//! | `POST /v1/blobs` `{"path": P}` | imports the file at `P` (on the node's machine), pins and announces it |
+//! | `POST /v1/fetch/{hash}` | fetches a blob from the swarm; streams progress as JSON lines |
+//! | `GET /v1/blobs/{hash}` | the bytes of a blob held whole, each piece re-verified as it is read |
+//! | `GET /v1/providers/{hash}` | providers found through the DHT |
+//! | `GET /v1/peers` | connected peers |
+//! | `GET /v1/status` | the node's state |
+//!
+//! Errors are JSON `{"error": "..."}` with a status code that says whose fault it was.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_cache::StoreError;
+use shoal_protocol::{Hash, PieceIndex};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, info_span};
+
+use crate::fetch::{FetchError, FetchProgress};
+use crate::node::{NodeError, NodeHandle};
+
+/// The body of `POST /v1/blobs`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddRequest {
+    /// A path on the node's machine.
+    pub path: std::path::PathBuf,
+}
+
+/// What `POST /v1/blobs` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Added {
+    /// The content id.
+    pub hash: String,
+    /// The size in bytes.
+    pub size: u64,
+}
+
+/// One line of `POST /v1/fetch/{hash}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FetchLine {
+    /// Progress so far.
+    #[serde(flatten)]
+    pub progress: FetchProgress,
+    /// Set on the last line if the fetch failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        let status = match &e {
+            NodeError::Store(StoreError::NotFound { .. }) | NodeError::Fetch(FetchError::NotFound { .. }) => {
+                StatusCode::NOT_FOUND
+            }
+            NodeError::Store(StoreError::Io { .. } | StoreError::ChangedDuringImport { .. }) => StatusCode::BAD_REQUEST,
+            NodeError::Store(StoreError::TooLarge { .. } | StoreError::BlobTooLarge(_)) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            NodeError::Fetch(_) => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+fn parse_hash(s: &str) -> Result<Hash, ApiError> {
+    s.parse().map_err(|e: shoal_protocol::ParseHashError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// Binds the API on `addr`, writes the bound address to `<data-dir>/api`, and serves until aborted.
+pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the API on {addr}: {e}; pick another with --api"))?;
+    let bound = listener.local_addr()?;
+    let api_file = node.config().data_dir.join("api");
+    let tmp = api_file.with_extension("tmp");
+    std::fs::write(&tmp, bound.to_string())?;
+    std::fs::rename(&tmp, &api_file)?;
+    tracing::info!(api = %bound, "HTTP API listening");
+    let app = axum::Router::new()
+        .route("/v1/blobs", post(add))
+        .route("/v1/blobs/{hash}", get(read_blob))
+        .route("/v1/fetch/{hash}", post(fetch))
+        .route("/v1/providers/{hash}", get(providers))
+        .route("/v1/peers", get(peers))
+        .route("/v1/status", get(status))
+        .with_state(node);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    }))
+}
+
+async fn add(State(node): State<NodeHandle>, Json(req): Json<AddRequest>) -> Result<Json<Added>, ApiError> {
+    let imported = node.add_path(&req.path).await?;
+    Ok(Json(Added { hash: imported.hash.to_string(), size: imported.size }))
+}
+
+async fn fetch(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    let (ptx, mut prx) = watch::channel(FetchProgress::default());
+    let (lines, body) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(
+        async move {
+            let fetch = node.fetch(hash, Some(ptx));
+            tokio::pin!(fetch);
+            let line = |p: FetchProgress, error: Option<String>| {
+                let mut s = serde_json::to_string(&FetchLine { progress: p, error }).unwrap_or_default();
+                s.push('\n');
+                Ok(Bytes::from(s))
+            };
+            let result = loop {
+                tokio::select! {
+                    r = &mut fetch => break r,
+                    changed = prx.changed() => {
+                        if changed.is_err() {
+                            continue;
+                        }
+                        let p = prx.borrow_and_update().clone();
+                        if !p.done && lines.send(line(p, None)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let last = match result {
+                Ok(info) => line(
+                    FetchProgress {
+                        verified_bytes: info.size,
+                        total_bytes: Some(info.size),
+                        done: true,
+                        ..prx.borrow().clone()
+                    },
+                    None,
+                ),
+                Err(e) => line(FetchProgress { done: true, ..prx.borrow().clone() }, Some(e.to_string())),
+            };
+            let _ = lines.send(last).await;
+        }
+        .instrument(info_span!("api_fetch")),
+    );
+    let stream = futures::stream::unfold(body, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+async fn read_blob(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    let store = node.store().clone();
+    let info =
+        store.info(hash).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("blob {hash} is not held here")))?;
+    if !info.is_complete() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("blob {hash} is not held whole here; fetch it first")));
+    }
+    let count = info.pieces.piece_count();
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        for piece in 0..count as PieceIndex {
+            let s = store.clone();
+            let read = tokio::task::spawn_blocking(move || s.read_piece(hash, piece)).await;
+            let item = match read {
+                Ok(Ok(bytes)) => Ok(bytes),
+                // A piece that fails verification aborts the body: it is never sent as complete.
+                Ok(Err(e)) => Err(std::io::Error::other(e)),
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, info.size.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn providers(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    let found = node.providers(hash).await?;
+    let found: Vec<String> = found.iter().map(|p| p.to_string()).collect();
+    Ok(Json(serde_json::json!({ "hash": hash.to_string(), "providers": found })).into_response())
+}
+
+async fn peers(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    Ok(Json(node.peers().await?).into_response())
+}
+
+async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    Ok(Json(node.status().await?).into_response())
+}

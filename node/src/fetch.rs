@@ -1,0 +1,366 @@
+//! Drives the sans-IO fetch state machine (`shoal_protocol::fetch`) with real peers: DHT lookups,
+//! have-maps and piece requests run as tasks, and their outcomes are fed back as inputs.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use shoal_cache::BlobInfo;
+use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
+use shoal_protocol::wire::TraceId;
+use shoal_protocol::{Geometry, Hash, PieceSet};
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::node::{NodeError, NodeHandle};
+use crate::swarm::Command;
+use crate::transfer::{self, Got, PeerFault};
+
+/// How a fetch is going.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FetchProgress {
+    /// Bytes verified and stored.
+    pub verified_bytes: u64,
+    /// The blob's size, once a peer told it.
+    pub total_bytes: Option<u64>,
+    /// Peers we are fetching from.
+    pub peers: usize,
+    /// Bytes already verified in the store when the fetch began (a resumed fetch).
+    pub resumed_bytes: u64,
+    /// Bytes received from peers so far, proofs and end-game duplicates included.
+    pub fetched_bytes: u64,
+    /// Whether the fetch ended (see the result for how).
+    pub done: bool,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// No provider answered within the lookup deadline.
+    #[error("no provider of {hash} found within {secs} s; check the hash, or that a node holding it is online")]
+    NotFound {
+        /// The blob.
+        hash: Hash,
+        /// The deadline.
+        secs: u64,
+    },
+    /// Providers were found but the fetch could not finish.
+    #[error("fetching {hash} failed: {reason}")]
+    Failed {
+        /// The blob.
+        hash: Hash,
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Event {
+    Providers(Vec<PeerId>),
+    ProvidersDone,
+    Have(PeerId, Result<(u64, PieceSet, Duration), PeerFault>),
+    Got(PeerId, RequestId, Got, Duration),
+}
+
+fn failure(f: PeerFault) -> PeerFailure {
+    match f {
+        PeerFault::NotFound => PeerFailure::NotFound,
+        PeerFault::Busy(retry_after) => PeerFailure::Busy { retry_after },
+        PeerFault::Denied => PeerFailure::Denied,
+        PeerFault::Corrupt => PeerFailure::Corrupt,
+        PeerFault::Truncated => PeerFailure::Truncated,
+        PeerFault::Timeout => PeerFailure::Timeout,
+        PeerFault::Io => PeerFailure::Io,
+        PeerFault::Protocol => PeerFailure::Protocol,
+    }
+}
+
+pub(crate) async fn fetch(
+    node: &NodeHandle,
+    hash: Hash,
+    progress: Option<watch::Sender<FetchProgress>>,
+) -> Result<BlobInfo, NodeError> {
+    let store = node.store().clone();
+    if let Some(info) = store.info(hash)
+        && info.is_complete()
+    {
+        if let Some(p) = progress {
+            let _ = p.send(FetchProgress {
+                verified_bytes: info.size,
+                total_bytes: Some(info.size),
+                resumed_bytes: info.size,
+                done: true,
+                ..Default::default()
+            });
+        }
+        return Ok(info);
+    }
+    // One fetch per blob: later callers follow the first one's progress.
+    let (own_tx, own_rx) = watch::channel(FetchProgress::default());
+    let existing = {
+        let mut fetches = node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner());
+        match fetches.get(&hash) {
+            Some(rx) => Some(rx.clone()),
+            None => {
+                fetches.insert(hash, own_rx);
+                None
+            }
+        }
+    };
+    if let Some(mut rx) = existing {
+        loop {
+            let p = rx.borrow_and_update().clone();
+            if let Some(tx) = &progress {
+                let _ = tx.send(p.clone());
+            }
+            if p.done || rx.changed().await.is_err() {
+                break;
+            }
+        }
+        return match store.info(hash) {
+            Some(info) if info.is_complete() => Ok(info),
+            _ => Err(FetchError::Failed { hash, reason: "a concurrent fetch of it failed".into() }.into()),
+        };
+    }
+    let trace = TraceId(rand::random());
+    let span = info_span!("fetch", blob = %hash.short(), trace = %trace);
+    let result = run(node, hash, trace, &own_tx, progress.as_ref()).instrument(span).await;
+    node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+    own_tx.send_modify(|p| p.done = true);
+    if let Some(p) = progress {
+        p.send_modify(|p| p.done = true);
+    }
+    result
+}
+
+async fn run(
+    node: &NodeHandle,
+    hash: Hash,
+    trace: TraceId,
+    shared: &watch::Sender<FetchProgress>,
+    progress: Option<&watch::Sender<FetchProgress>>,
+) -> Result<BlobInfo, NodeError> {
+    let store = node.store().clone();
+    let lookup_timeout = node.config().lookup_timeout;
+    let started = Instant::now();
+    let mut machine: Fetch<PeerId> = Fetch::new(hash, FetchConfig::default(), rand::random(), started);
+    let (events, mut rx) = mpsc::channel::<Event>(256);
+    let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();
+    let mut resumed_bytes = 0u64;
+    let mut fetched_bytes = 0u64;
+    let mut geometry: Option<Geometry> = None;
+    let mut announced = false;
+    let mut last_progress = (started, 0u64);
+    let mut lookup: Option<AbortHandle> = None;
+
+    let result = loop {
+        let now = Instant::now();
+        let mut outcome = None;
+        while let Some(action) = machine.poll_action(now) {
+            match action {
+                Action::FindProviders => {
+                    if let Some(old) = lookup.take() {
+                        old.abort();
+                    }
+                    let (tx, mut found) = mpsc::channel(64);
+                    let commands = node.inner.commands.clone();
+                    let events = events.clone();
+                    lookup = Some(
+                        tokio::spawn(async move {
+                            if commands.send(Command::FindProviders { hash, found: tx }).await.is_err() {
+                                return;
+                            }
+                            while let Some(p) = found.recv().await {
+                                if events.send(Event::Providers(vec![p])).await.is_err() {
+                                    return;
+                                }
+                            }
+                            let _ = events.send(Event::ProvidersDone).await;
+                        })
+                        .abort_handle(),
+                    );
+                }
+                Action::AskHave { peer } => {
+                    let control = node.inner.control.clone();
+                    let events = events.clone();
+                    tokio::spawn(
+                        async move {
+                            let r = transfer::ask_have(control, peer, hash, trace).await;
+                            let _ = events.send(Event::Have(peer, r)).await;
+                        }
+                        .in_current_span(),
+                    );
+                }
+                Action::Begin { size } => {
+                    let g = match Geometry::new(size) {
+                        Ok(g) => g,
+                        Err(e) => {
+                            outcome = Some(Err(FetchError::Failed { hash, reason: e.to_string() }.into()));
+                            break;
+                        }
+                    };
+                    let s = store.clone();
+                    let begun = tokio::task::spawn_blocking(move || s.begin(hash, size))
+                        .await
+                        .map_err(|_| NodeError::Stopped)?;
+                    match begun {
+                        Ok(begun) => {
+                            geometry = Some(g);
+                            node.withdraw(&begun.evicted).await;
+                            if !begun.have.is_empty() {
+                                resumed_bytes = begun.have.iter().map(|p| g.piece_len(p)).sum();
+                                info!(pieces = begun.have.count(), "resuming: these pieces are already verified");
+                                if !announced {
+                                    node.provide(hash).await;
+                                    announced = true;
+                                }
+                            }
+                            machine.handle_local(&begun.have, Instant::now());
+                        }
+                        Err(e) => {
+                            outcome = Some(Err(NodeError::Store(e)));
+                            break;
+                        }
+                    }
+                }
+                Action::SizeRejected { size } => {
+                    debug!(size, "a peer's claimed size failed verification");
+                    geometry = None;
+                    let s = store.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if s.info(hash).is_some_and(|i| i.pieces.is_empty()) {
+                            let _ = s.delete(hash);
+                        }
+                    })
+                    .await;
+                }
+                Action::Request { peer, id, pieces } => {
+                    let Some(g) = geometry else {
+                        warn!("fetch logic asked for pieces before the size was known");
+                        continue;
+                    };
+                    let control = node.inner.control.clone();
+                    let store = store.clone();
+                    let events = events.clone();
+                    let asked = pieces.clone();
+                    let task = tokio::spawn(
+                        async move {
+                            let t0 = Instant::now();
+                            let got = transfer::get_pieces(control, store, peer, hash, g, pieces, trace).await;
+                            let _ = events.send(Event::Got(peer, id, got, t0.elapsed())).await;
+                        }
+                        .in_current_span(),
+                    );
+                    requests.insert(id, (task.abort_handle(), asked));
+                }
+                Action::Cancel { id, .. } => {
+                    if let Some((task, _)) = requests.remove(&id) {
+                        task.abort();
+                    }
+                }
+                Action::Penalise { peer, failure } => {
+                    warn!(%peer, ?failure, "peer misbehaved; dropped for this blob and penalised");
+                    node.penalise(peer);
+                }
+                Action::Complete => {
+                    let s = store.clone();
+                    tokio::task::spawn_blocking(move || s.flush(hash)).await.map_err(|_| NodeError::Stopped)??;
+                    if !announced {
+                        node.provide(hash).await;
+                    }
+                    info!(elapsed_ms = started.elapsed().as_millis() as u64, "fetch complete");
+                    match store.info(hash) {
+                        Some(info) if info.is_complete() => outcome = Some(Ok(info)),
+                        _ => {
+                            outcome =
+                                Some(Err(FetchError::Failed { hash, reason: "evicted as it completed".into() }.into()))
+                        }
+                    }
+                    break;
+                }
+                Action::Failed(e) => {
+                    outcome = Some(Err(FetchError::Failed { hash, reason: e.to_string() }.into()));
+                    break;
+                }
+            }
+        }
+        if let Some(outcome) = outcome {
+            break outcome;
+        }
+
+        let p = machine.progress();
+        let snapshot = FetchProgress {
+            verified_bytes: p.verified_bytes,
+            total_bytes: machine.size(),
+            peers: p.peers_active,
+            resumed_bytes,
+            fetched_bytes,
+            done: false,
+        };
+        if snapshot.verified_bytes > 0 && !announced {
+            // We hold verified pieces: serve them on at once.
+            node.provide(hash).await;
+            announced = true;
+        }
+        if snapshot.verified_bytes > last_progress.1 {
+            last_progress = (now, snapshot.verified_bytes);
+        } else if now.duration_since(last_progress.0) > lookup_timeout {
+            break if machine.size().is_none() {
+                Err(FetchError::NotFound { hash, secs: lookup_timeout.as_secs() }.into())
+            } else {
+                Err(FetchError::Failed { hash, reason: format!("no progress for {} s", lookup_timeout.as_secs()) }
+                    .into())
+            };
+        }
+        shared.send_if_modified(|old| replace_if_changed(old, &snapshot));
+        if let Some(tx) = progress {
+            tx.send_if_modified(|old| replace_if_changed(old, &snapshot));
+        }
+
+        let wake = machine.poll_timeout().map(tokio::time::Instant::from_std);
+        let stall = tokio::time::Instant::from_std(last_progress.0 + lookup_timeout);
+        let wake = wake.map_or(stall, |w| w.min(stall));
+        tokio::select! {
+            event = rx.recv() => {
+                let Some(event) = event else { break Err(NodeError::Stopped) };
+                let now = Instant::now();
+                match event {
+                    Event::Providers(peers) => machine.handle_providers(peers, now),
+                    Event::ProvidersDone => machine.handle_providers_done(now),
+                    Event::Have(peer, Ok((size, pieces, rtt))) => machine.handle_have(peer, size, pieces, rtt, now),
+                    Event::Have(peer, Err(f)) => machine.handle_have_failed(peer, failure(f), now),
+                    Event::Got(peer, id, got, elapsed) => {
+                        fetched_bytes += got.bytes;
+                        if let Some((_, asked)) = requests.remove(&id)
+                            && ((got.fault.is_none() && got.verified.count() < asked.count())
+                                || got.fault == Some(PeerFault::NotFound))
+                        {
+                            // It advertised pieces it could not serve: a stale have-map, or a store
+                            // that found rot in them. Not malice, but it cost us a round trip.
+                            debug!(%peer, "peer served fewer pieces than it advertised");
+                            node.penalise(peer);
+                        }
+                        machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, got.fault.map(failure), now);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
+        }
+    };
+    for (_, (task, _)) in requests {
+        task.abort();
+    }
+    if let Some(l) = lookup {
+        l.abort();
+    }
+    result
+}
+
+fn replace_if_changed(old: &mut FetchProgress, new: &FetchProgress) -> bool {
+    if old == new {
+        return false;
+    }
+    *old = new.clone();
+    true
+}

@@ -1,0 +1,314 @@
+//! [`Node`]: a running Shoal node, and [`NodeHandle`], the cloneable way to command it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::{Multiaddr, PeerId};
+use shoal_cache::{BlobInfo, Imported, Store, StoreConfig, StoreError, StoreStats};
+use shoal_protocol::Hash;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::NodeConfig;
+use crate::fetch::{self, FetchError, FetchProgress};
+use crate::swarm::{self, Command, DhtInfo, EventLoop, PeerInfo};
+use crate::transfer::{self, Uploads};
+
+/// What went wrong in a node operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A fetch failed.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// A node's state, as `shoal status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Our peer id.
+    pub peer_id: String,
+    /// Our listen addresses, with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub peers: usize,
+    /// The DHT as seen from here.
+    pub dht: DhtInfo,
+    /// Blobs held.
+    pub blobs: usize,
+    /// Bytes of cached (unpinned) blobs, and the bound.
+    pub cache_bytes: u64,
+    /// The cache bound.
+    pub cache_capacity: u64,
+    /// Bytes of pinned blobs.
+    pub pinned_bytes: u64,
+    /// Uploads in progress.
+    pub uploads: usize,
+    /// Blobs evicted since start.
+    pub evictions: u64,
+    /// Peers that misbehaved or failed us, with how often (worst first, at most 32).
+    pub penalties: Vec<(String, u32)>,
+}
+
+/// A running node. Dropping it stops nothing; call [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    handle: NodeHandle,
+    swarm_task: JoinHandle<()>,
+    stop_swarm: oneshot::Sender<()>,
+    api_task: Option<JoinHandle<()>>,
+}
+
+/// A cloneable handle to a running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    pub(crate) inner: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) peer_id: PeerId,
+    pub(crate) store: Store,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) control: libp2p_stream::Control,
+    pub(crate) uploads: Arc<Uploads>,
+    pub(crate) config: NodeConfig,
+    /// Fetches in progress, so concurrent requests for one blob share one fetch.
+    pub(crate) fetches: Mutex<HashMap<Hash, watch::Receiver<FetchProgress>>>,
+    /// Misbehaviour seen per peer; higher is worse. Bounded by the peers we talk to.
+    pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("peer_id", &self.peer_id).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts a node over QUIC.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        Self::start_with_transport(config, None).await
+    }
+
+    /// Starts a node over the given transport (the simulator's emulated network), or QUIC if `None`.
+    pub async fn start_with_transport(
+        config: NodeConfig,
+        transport: Option<Boxed<(PeerId, StreamMuxerBox)>>,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
+        let key = crate::identity::load_or_create(&config.data_dir.join("identity"))?;
+        let peer_id = key.public().to_peer_id();
+        let store_config =
+            StoreConfig { cache_bytes: config.cache_bytes, durable: config.durable, ..Default::default() };
+        let store_dir = config.data_dir.join("store");
+        let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_config)).await??;
+
+        let mut swarm = swarm::build_swarm(key, &config, transport)?;
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control.accept(transfer::PROTOCOL)?;
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        }
+        for addr in &config.external {
+            swarm.add_external_address(addr.clone());
+        }
+        let (commands, command_rx) = mpsc::channel(1024);
+        let mut event_loop = EventLoop::new(swarm, command_rx, config.external.is_empty());
+        for addr in &config.bootstrap {
+            event_loop.add_bootstrap(addr)?;
+        }
+        let _ = event_loop.swarm_mut();
+        let (stop_swarm, stop_rx) = oneshot::channel();
+        let swarm_task = tokio::spawn(event_loop.run(stop_rx));
+
+        let uploads = Arc::new(Uploads::new(config.max_uploads, config.max_uploads_per_peer));
+        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone()));
+
+        let handle = NodeHandle {
+            inner: Arc::new(Shared {
+                peer_id,
+                store: store.clone(),
+                commands,
+                control,
+                uploads,
+                config: config.clone(),
+                fetches: Mutex::new(HashMap::new()),
+                penalties: Mutex::new(HashMap::new()),
+            }),
+        };
+        // Announce what we already hold.
+        for info in store.list() {
+            if !info.pieces.is_empty() {
+                handle.provide(info.hash).await;
+            }
+        }
+        let api_task = match config.api {
+            Some(addr) => Some(crate::api::spawn(handle.clone(), addr).await?),
+            None => None,
+        };
+        info!(peer_id = %peer_id, "node started");
+        Ok(Self { handle, swarm_task, stop_swarm, api_task })
+    }
+
+    /// A handle to command the node.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the node: the API and the swarm stop, and the store is flushed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        if let Some(api) = self.api_task {
+            api.abort();
+        }
+        let _ = self.stop_swarm.send(());
+        let _ = self.swarm_task.await;
+        let store = self.handle.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_all()).await??;
+        let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join("api"));
+        Ok(())
+    }
+}
+
+impl NodeHandle {
+    /// Our peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    pub(crate) async fn command(&self, c: Command) -> Result<(), NodeError> {
+        self.inner.commands.send(c).await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Our listen addresses, each ending in `/p2p/<peer id>`. Empty until the listeners are up.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::ListenAddrs(tx)).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Waits until the node listens on at least one address, and returns them.
+    pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        loop {
+            let addrs = self.listen_addrs().await?;
+            if !addrs.is_empty() {
+                return Ok(addrs);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Connected peers.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Peers(tx)).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Imports a file, pins it and announces it.
+    pub async fn add_path(&self, path: &Path) -> Result<Imported, NodeError> {
+        let store = self.inner.store.clone();
+        let path = path.to_owned();
+        let imported = tokio::task::spawn_blocking(move || store.import_file(&path, true))
+            .await
+            .map_err(|_| NodeError::Stopped)??;
+        self.withdraw(&imported.evicted).await;
+        self.provide(imported.hash).await;
+        Ok(imported)
+    }
+
+    pub(crate) async fn provide(&self, hash: Hash) {
+        let _ = self.command(Command::Provide(hash)).await;
+    }
+
+    pub(crate) async fn withdraw(&self, evicted: &[Hash]) {
+        for h in evicted {
+            let _ = self.command(Command::Unprovide(*h)).await;
+        }
+    }
+
+    /// Finds providers of `hash` through the DHT, for at most the lookup timeout.
+    pub async fn providers(&self, hash: Hash) -> Result<Vec<PeerId>, NodeError> {
+        let (tx, mut rx) = mpsc::channel(64);
+        self.command(Command::FindProviders { hash, found: tx }).await?;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.inner.config.lookup_timeout;
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Fetches `hash` from the swarm (or returns at once if held whole), verified piece by piece.
+    /// `progress` follows the fetch. Concurrent calls for one blob share one fetch.
+    pub async fn fetch(
+        &self,
+        hash: Hash,
+        progress: Option<watch::Sender<FetchProgress>>,
+    ) -> Result<BlobInfo, NodeError> {
+        fetch::fetch(self, hash, progress).await
+    }
+
+    /// Records that `peer` misbehaved.
+    pub(crate) fn penalise(&self, peer: PeerId) {
+        let mut p = self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= 65_536 && !p.contains_key(&peer) {
+            return;
+        }
+        *p.entry(peer).or_insert(0) += 1;
+    }
+
+    /// How often `peer` misbehaved.
+    pub fn penalty(&self, peer: &PeerId) -> u32 {
+        self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied().unwrap_or(0)
+    }
+
+    /// The node's state.
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let addrs = self.listen_addrs().await?;
+        let peers = self.peers().await?.len();
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::DhtInfo(tx)).await?;
+        let dht = rx.await.map_err(|_| NodeError::Stopped)?;
+        let StoreStats { blobs, cache_bytes, cache_capacity, pinned_bytes, evictions, .. } = self.inner.store.stats();
+        Ok(Status {
+            peer_id: self.inner.peer_id.to_string(),
+            listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
+            peers,
+            dht,
+            blobs,
+            cache_bytes,
+            cache_capacity,
+            pinned_bytes,
+            uploads: self.inner.uploads.active(),
+            evictions,
+            penalties: {
+                let p = self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner());
+                let mut v: Vec<(String, u32)> = p.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+                v.sort_by_key(|e| std::cmp::Reverse(e.1));
+                v.truncate(32);
+                v
+            },
+        })
+    }
+}

@@ -1,0 +1,405 @@
+//! The libp2p swarm and the one task that owns it.
+//!
+//! Everything that needs the swarm sends a [`Command`] over a bounded channel; answers come back on
+//! `oneshot` or bounded `mpsc` channels. The loop never blocks on a requester: a full answer
+//! channel drops the answer, a closed one ends the query.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, ping};
+use shoal_protocol::Hash;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, trace, warn};
+
+use crate::config::NodeConfig;
+
+/// The Kademlia protocol id: Shoal's own DHT, apart from IPFS's.
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1");
+
+/// Provider records a node keeps, its own and others'. Sized for a CDN node's catalogue.
+pub(crate) const MAX_PROVIDED_KEYS: usize = 200_000;
+
+/// Provider records kept per blob.
+pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 64;
+
+/// `start_providing` queries in flight at once; the rest wait in the provide queue.
+const MAX_PROVIDE_QUERIES: usize = 32;
+
+/// Blobs waiting to be announced. Past this, the oldest are announced at the next re-provide.
+const MAX_PROVIDE_QUEUE: usize = 100_000;
+
+/// How often every held blob is announced again (provider records live 48 hours).
+const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+
+/// The behaviours of a Shoal node, on one connection per peer.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    pub(crate) stream: libp2p_stream::Behaviour,
+    limits: connection_limits::Behaviour,
+}
+
+/// What the rest of the node asks of the swarm.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Announce that we hold pieces of this blob.
+    Provide(Hash),
+    /// Stop announcing it (evicted or deleted).
+    Unprovide(Hash),
+    /// Find providers; each reachable one is sent once, with a live connection. The channel
+    /// closes when the lookup ends.
+    FindProviders { hash: Hash, found: mpsc::Sender<PeerId> },
+    /// The connected peers.
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    /// Our listen addresses, with `/p2p/<peer id>`.
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    /// DHT statistics.
+    DhtInfo(oneshot::Sender<DhtInfo>),
+}
+
+/// A connected peer.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PeerInfo {
+    /// Its id.
+    pub peer_id: String,
+    /// The address of our connection to it.
+    pub address: String,
+    /// The last ping round-trip time in milliseconds.
+    pub rtt_ms: Option<f64>,
+}
+
+/// What the DHT looks like from here.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DhtInfo {
+    /// Peers in the routing table.
+    pub routing_table_peers: usize,
+    /// Blobs we announce.
+    pub provided: usize,
+    /// Blobs waiting to be announced.
+    pub provide_queue: usize,
+}
+
+pub(crate) fn build_swarm(
+    key: Keypair,
+    config: &NodeConfig,
+    transport: Option<Boxed<(PeerId, StreamMuxerBox)>>,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    let behaviour = |key: &Keypair| {
+        let peer_id = key.public().to_peer_id();
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config
+            .set_query_timeout(config.lookup_timeout)
+            .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)))
+            // Re-providing is batched by the node itself (see `REPROVIDE_INTERVAL`).
+            .set_provider_publication_interval(None)
+            .set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
+        let store = MemoryStore::with_config(
+            peer_id,
+            MemoryStoreConfig {
+                max_provided_keys: MAX_PROVIDED_KEYS,
+                max_providers_per_key: MAX_PROVIDERS_PER_KEY,
+                ..Default::default()
+            },
+        );
+        let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+        // Every Shoal node serves the DHT: we do not wait for an external address to be confirmed.
+        kad.set_mode(Some(kad::Mode::Server));
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.max_connections))
+            .with_max_pending_incoming(Some(64))
+            .with_max_established_per_peer(Some(2));
+        Behaviour {
+            kad,
+            identify: identify::Behaviour::new(
+                identify::Config::new("/shoal/1".into(), key.public())
+                    .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION"))),
+            ),
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+            stream: libp2p_stream::Behaviour::new(),
+            limits: connection_limits::Behaviour::new(limits),
+        }
+    };
+    let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
+    let swarm = match transport {
+        Some(t) => {
+            builder.with_other_transport(|_| t)?.with_behaviour(behaviour)?.with_swarm_config(swarm_config).build()
+        }
+        None => builder
+            .with_quic_config(|mut c| {
+                c.max_idle_timeout = 30_000;
+                c.keep_alive_interval = Duration::from_secs(10);
+                c
+            })
+            .with_behaviour(behaviour)?
+            .with_swarm_config(swarm_config)
+            .build(),
+    };
+    Ok(swarm)
+}
+
+struct Lookup {
+    hash: Hash,
+    found: mpsc::Sender<PeerId>,
+    seen: HashSet<PeerId>,
+    started: Instant,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    lookups: HashMap<QueryId, Lookup>,
+    /// Providers being dialled, and the lookups waiting for them.
+    dialling: HashMap<PeerId, Vec<mpsc::Sender<PeerId>>>,
+    provided: HashSet<Hash>,
+    provide_queue: VecDeque<Hash>,
+    providing: HashSet<QueryId>,
+    rtts: HashMap<PeerId, Duration>,
+    listen_addrs: Vec<Multiaddr>,
+    announce_listen_addrs: bool,
+}
+
+impl EventLoop {
+    pub(crate) fn new(swarm: Swarm<Behaviour>, commands: mpsc::Receiver<Command>, announce: bool) -> Self {
+        Self {
+            swarm,
+            commands,
+            lookups: HashMap::new(),
+            dialling: HashMap::new(),
+            provided: HashSet::new(),
+            provide_queue: VecDeque::new(),
+            providing: HashSet::new(),
+            rtts: HashMap::new(),
+            listen_addrs: Vec::new(),
+            announce_listen_addrs: announce,
+        }
+    }
+
+    pub(crate) fn swarm_mut(&mut self) -> &mut Swarm<Behaviour> {
+        &mut self.swarm
+    }
+
+    /// Adds a bootstrap peer (its multiaddr ends in `/p2p/<peer id>`) and dials it.
+    pub(crate) fn add_bootstrap(&mut self, addr: &Multiaddr) -> anyhow::Result<()> {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            anyhow::bail!("bootstrap address {addr} must end in /p2p/<peer id>");
+        };
+        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+        self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build())?;
+        Ok(())
+    }
+
+    pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
+        let mut reprovide = tokio::time::interval(REPROVIDE_INTERVAL);
+        reprovide.tick().await;
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => break,
+                },
+                _ = reprovide.tick() => {
+                    let all: Vec<Hash> = self.provided.iter().copied().collect();
+                    for h in all {
+                        self.enqueue_provide(h);
+                    }
+                }
+                _ = &mut shutdown => break,
+            }
+            self.drive_provides();
+        }
+        debug!("swarm loop stopped");
+    }
+
+    fn enqueue_provide(&mut self, hash: Hash) {
+        if self.provide_queue.len() >= MAX_PROVIDE_QUEUE {
+            // The oldest waits for the next re-provide round; `provided` still lists it.
+            self.provide_queue.pop_front();
+        }
+        self.provide_queue.push_back(hash);
+    }
+
+    fn drive_provides(&mut self) {
+        while self.providing.len() < MAX_PROVIDE_QUERIES {
+            let Some(hash) = self.provide_queue.pop_front() else { break };
+            if !self.provided.contains(&hash) {
+                continue;
+            }
+            match self.swarm.behaviour_mut().kad.start_providing(RecordKey::new(hash.as_bytes())) {
+                Ok(id) => {
+                    self.providing.insert(id);
+                }
+                Err(e) => warn!(blob = %hash, error = ?e, "cannot announce blob"),
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Provide(hash) => {
+                if self.provided.insert(hash) {
+                    self.enqueue_provide(hash);
+                }
+            }
+            Command::Unprovide(hash) => {
+                if self.provided.remove(&hash) {
+                    self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
+                }
+            }
+            Command::FindProviders { hash, found } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(hash.as_bytes()));
+                self.lookups.insert(id, Lookup { hash, found, seen: HashSet::new(), started: Instant::now() });
+            }
+            Command::Peers(reply) => {
+                let peers = self.connected_peers();
+                let _ = reply.send(peers);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.full_listen_addrs());
+            }
+            Command::DhtInfo(reply) => {
+                let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+                let _ = reply.send(DhtInfo {
+                    routing_table_peers,
+                    provided: self.provided.len(),
+                    provide_queue: self.provide_queue.len(),
+                });
+            }
+        }
+    }
+
+    fn connected_peers(&self) -> Vec<PeerInfo> {
+        self.swarm
+            .connected_peers()
+            .map(|p| PeerInfo {
+                peer_id: p.to_string(),
+                address: String::new(),
+                rtt_ms: self.rtts.get(p).map(|d| d.as_secs_f64() * 1000.0),
+            })
+            .collect()
+    }
+
+    fn full_listen_addrs(&self) -> Vec<Multiaddr> {
+        let me = *self.swarm.local_peer_id();
+        self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(me))).collect()
+    }
+
+    /// Hands a provider to a lookup once we hold a connection to it.
+    fn offer_provider(&mut self, peer: PeerId, found: &mpsc::Sender<PeerId>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = found.try_send(peer);
+            return;
+        }
+        let waiting = self.dialling.entry(peer).or_default();
+        let first = waiting.is_empty();
+        waiting.push(found.clone());
+        if first {
+            // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt.
+            let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "cannot dial provider");
+                self.dialling.remove(&peer);
+            }
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let me = *self.swarm.local_peer_id();
+                info!(address = %address.clone().with(Protocol::P2p(me)), "listening");
+                if self.announce_listen_addrs {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                if let Some(waiting) = self.dialling.remove(&peer_id) {
+                    for found in waiting {
+                        let _ = found.try_send(peer_id);
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                debug!(%peer, %error, "dial failed");
+                self.dialling.remove(&peer);
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.rtts.remove(&peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocols.contains(&KAD_PROTOCOL) =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
+                self.rtts.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed { id, result, step, stats } = event else { return };
+        match result {
+            QueryResult::GetProviders(result) => {
+                let me = *self.swarm.local_peer_id();
+                let mut finish = false;
+                if let Some(lookup) = self.lookups.get_mut(&id) {
+                    if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        let new: Vec<PeerId> =
+                            providers.into_iter().filter(|p| *p != me && lookup.seen.insert(*p)).collect();
+                        let found = lookup.found.clone();
+                        for p in new {
+                            self.offer_provider(p, &found);
+                        }
+                    }
+                    finish = self.lookups.get(&id).is_some_and(|l| l.found.is_closed());
+                }
+                if step.last || finish {
+                    if let Some(lookup) = self.lookups.remove(&id) {
+                        debug!(
+                            blob = %lookup.hash.short(),
+                            providers = lookup.seen.len(),
+                            requests = stats.num_requests(),
+                            elapsed_ms = lookup.started.elapsed().as_millis() as u64,
+                            "provider lookup finished"
+                        );
+                    }
+                    if !step.last
+                        && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                    {
+                        q.finish();
+                    }
+                }
+            }
+            QueryResult::StartProviding(result) => {
+                self.providing.remove(&id);
+                if let Err(e) = result {
+                    debug!(error = ?e, "announcing a blob timed out");
+                }
+            }
+            QueryResult::Bootstrap(Ok(ok)) if ok.num_remaining == 0 => {
+                debug!(peers = self.swarm.connected_peers().count(), "bootstrap finished");
+            }
+            _ => {}
+        }
+    }
+}

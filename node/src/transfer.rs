@@ -1,0 +1,323 @@
+//! The `/shoal/transfer/1` protocol on libp2p streams: serving pieces, and asking for them.
+//!
+//! One request per stream. Serving is bounded: a node-wide semaphore and a per-peer count cap
+//! concurrent uploads; past either a peer gets `Busy { retry_after_ms }` at once, never a queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+use futures::{AsyncRead, AsyncWrite, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use shoal_cache::Store;
+use shoal_protocol::verify::{self, DecodeError};
+use shoal_protocol::wire::{self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MAX_RUNS, Request, Response, TraceId, WireError};
+use shoal_protocol::{Geometry, Hash, PieceSet};
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info_span, warn};
+
+/// The transfer protocol id.
+pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
+
+/// How long a peer may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a busy peer is asked to wait.
+const BUSY_RETRY: Duration = Duration::from_millis(250);
+
+/// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
+const MIN_RATE: u64 = 64 * 1024;
+
+/// Bounds on concurrent uploads.
+#[derive(Debug)]
+pub(crate) struct Uploads {
+    total: Arc<Semaphore>,
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+    max_per_peer: usize,
+}
+
+/// An upload slot; released when dropped.
+struct UploadSlot<'a> {
+    uploads: &'a Uploads,
+    peer: PeerId,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for UploadSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.uploads.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl Uploads {
+    pub(crate) fn new(max_total: usize, max_per_peer: usize) -> Self {
+        Self { total: Arc::new(Semaphore::new(max_total)), per_peer: Mutex::new(HashMap::new()), max_per_peer }
+    }
+
+    fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
+        let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(peer).or_insert(0);
+        if *n >= self.max_per_peer {
+            return None;
+        }
+        let permit = self.total.clone().try_acquire_owned().ok()?;
+        *n += 1;
+        Some(UploadSlot { uploads: self, peer, _permit: permit })
+    }
+
+    /// Uploads in progress.
+    pub(crate) fn active(&self) -> usize {
+        self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+    }
+}
+
+/// Accepts transfer streams until the node stops. Each stream is handled in its own task so a
+/// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
+pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: Store, uploads: Arc<Uploads>) {
+    while let Some((peer, stream)) = incoming.next().await {
+        let store = store.clone();
+        let uploads = uploads.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_one(peer, stream, &store, &uploads).await {
+                debug!(%peer, error = %e, "transfer request ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_one(peer: PeerId, mut stream: Stream, store: &Store, uploads: &Uploads) -> std::io::Result<()> {
+    let Some(_slot) = uploads.try_acquire(peer) else {
+        let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32 };
+        return send_and_close(&mut stream, &wire::encode_frame(&busy), &[]).await;
+    };
+    let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => return refuse(&mut stream, &e).await,
+        Err(_) => return Ok(()),
+    };
+    let request = match wire::decode_request(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(&mut stream, &e).await,
+    };
+    match request {
+        Request::Have { hash, trace } => {
+            let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
+            let response = match store.info(hash) {
+                Some(info) if !info.pieces.is_empty() => {
+                    Response::Have { size: info.size, pieces: info.pieces.first_runs(MAX_RUNS) }
+                }
+                _ => Response::NotFound,
+            };
+            send_and_close(&mut stream, &wire::encode_frame(&response), &[]).instrument(span).await
+        }
+        Request::Get { hash, pieces, trace } => {
+            let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
+            async {
+                let started = Instant::now();
+                let store = store.clone();
+                let encoded = tokio::task::spawn_blocking(move || store.encode_pieces(hash, &pieces))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let (served, bytes) = match encoded {
+                    Ok((served, bytes)) if !served.is_empty() => (served, bytes),
+                    Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot read pieces to serve");
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
+                    }
+                };
+                let header = wire::encode_frame(&Response::Data { pieces: served });
+                let result = send_and_close(&mut stream, &header, &bytes).await;
+                debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
+                result
+            }
+            .instrument(span)
+            .await
+        }
+    }
+}
+
+fn display_trace(trace: Option<TraceId>) -> String {
+    trace.map(|t| t.to_string()).unwrap_or_default()
+}
+
+async fn refuse(stream: &mut Stream, e: &WireError) -> std::io::Result<()> {
+    let mut reason = e.to_string();
+    reason.truncate(wire::MAX_REASON_LEN);
+    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), &[]).await
+}
+
+async fn send_and_close(stream: &mut (impl AsyncWrite + Unpin), header: &[u8], body: &[u8]) -> std::io::Result<()> {
+    stream.write_all(header).await?;
+    stream.write_all(body).await?;
+    stream.flush().await?;
+    stream.close().await
+}
+
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result<Vec<u8>, WireError> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await.map_err(|_| WireError::Truncated)?;
+    let len = wire::frame_len(prefix, max)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.map_err(|_| WireError::Truncated)?;
+    Ok(body)
+}
+
+/// Why a request to a peer did not give what was asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerFault {
+    /// The peer holds none of it.
+    NotFound,
+    /// The peer is at its upload bound.
+    Busy(Duration),
+    /// The peer does not serve us.
+    Denied,
+    /// The peer sent bytes that failed verification.
+    Corrupt,
+    /// The peer's answer ended early.
+    Truncated,
+    /// The peer took too long.
+    Timeout,
+    /// The stream or connection failed.
+    Io,
+    /// The peer sent something the protocol does not allow.
+    Protocol,
+}
+
+async fn open(control: &mut libp2p_stream::Control, peer: PeerId) -> Result<Stream, PeerFault> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Err(PeerFault::Protocol),
+        Ok(Err(_)) => Err(PeerFault::Io),
+        Err(_) => Err(PeerFault::Timeout),
+    }
+}
+
+async fn exchange(stream: &mut Stream, request: &Request) -> Result<Response, PeerFault> {
+    stream.write_all(&wire::encode_frame(request)).await.map_err(|_| PeerFault::Io)?;
+    stream.flush().await.map_err(|_| PeerFault::Io)?;
+    let body = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(stream, MAX_RESPONSE_LEN))
+        .await
+        .map_err(|_| PeerFault::Timeout)?
+        .map_err(|e| if e == WireError::Truncated { PeerFault::Io } else { PeerFault::Protocol })?;
+    let response = wire::decode_response(&body).map_err(|_| PeerFault::Protocol)?;
+    match response {
+        Response::NotFound => Err(PeerFault::NotFound),
+        Response::Busy { retry_after_ms } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
+        Response::Denied => Err(PeerFault::Denied),
+        Response::BadRequest { reason } => {
+            warn!(%reason, "peer refused our request");
+            Err(PeerFault::Protocol)
+        }
+        other => Ok(other),
+    }
+}
+
+/// Asks `peer` which pieces of `hash` it holds. Returns its claimed size, its pieces and the
+/// round-trip time of the exchange.
+pub(crate) async fn ask_have(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    hash: Hash,
+    trace: TraceId,
+) -> Result<(u64, PieceSet, Duration), PeerFault> {
+    let mut stream = open(&mut control, peer).await?;
+    let started = Instant::now();
+    let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace) }).await?;
+    let rtt = started.elapsed();
+    let _ = stream.close().await;
+    match response {
+        Response::Have { size, pieces } => Ok((size, pieces, rtt)),
+        _ => Err(PeerFault::Protocol),
+    }
+}
+
+/// The outcome of a `Get`.
+#[derive(Debug)]
+pub(crate) struct Got {
+    pub(crate) verified: PieceSet,
+    pub(crate) bytes: u64,
+    pub(crate) fault: Option<PeerFault>,
+}
+
+/// Asks `peer` for `pieces` of `hash` (a blob of `geometry`), verifies what arrives and stores
+/// every chunk group that passes.
+pub(crate) async fn get_pieces(
+    mut control: libp2p_stream::Control,
+    store: Store,
+    peer: PeerId,
+    hash: Hash,
+    geometry: Geometry,
+    pieces: PieceSet,
+    trace: TraceId,
+) -> Got {
+    let none = PieceSet::empty(geometry.piece_count());
+    let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault) };
+    let mut stream = match open(&mut control, peer).await {
+        Ok(s) => s,
+        Err(f) => return fail(f),
+    };
+    let sent = match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }).await {
+        Ok(Response::Data { pieces: sent }) => sent,
+        Ok(_) => return fail(PeerFault::Protocol),
+        Err(f) => return fail(f),
+    };
+    if sent.piece_count() != geometry.piece_count() || !sent.difference(&pieces).is_empty() || sent.is_empty() {
+        return fail(PeerFault::Protocol);
+    }
+    // The exact length is known; never read more than that.
+    let len = verify::encoded_len(geometry, &sent);
+    let deadline = REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
+    let mut buf = vec![0u8; len as usize];
+    let read = tokio::time::timeout(deadline, read_up_to(&mut stream, &mut buf)).await;
+    let filled = match read {
+        Ok(Ok(n)) => n,
+        Ok(Err(_)) => 0,
+        Err(_) => return fail(PeerFault::Timeout),
+    };
+    let _ = stream.close().await;
+    buf.truncate(filled);
+    let bytes = filled as u64;
+    let written =
+        tokio::task::spawn_blocking(move || store.write_pieces(hash, &sent, &buf[..])).await.map_err(|_| PeerFault::Io);
+    match written {
+        Ok(Ok(w)) => {
+            let fault = match w.error {
+                None => None,
+                Some(DecodeError::Corrupt { .. }) => Some(PeerFault::Corrupt),
+                Some(DecodeError::Truncated { .. }) => Some(PeerFault::Truncated),
+                Some(e) => {
+                    warn!(blob = %hash, error = %e, "storing verified pieces failed");
+                    Some(PeerFault::Io)
+                }
+            };
+            Got { verified: w.verified, bytes, fault }
+        }
+        Ok(Err(e)) => {
+            warn!(blob = %hash, error = %e, "storing verified pieces failed");
+            fail(PeerFault::Io)
+        }
+        Err(f) => fail(f),
+    }
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+async fn read_up_to(stream: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match stream.read(&mut buf[filled..]).await? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,323 @@
+//! Real `shoal node` processes on loopback QUIC, driven through the `shoal` command as a user
+//! would. Every process is killed when its guard drops; every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+/// A running `shoal node`, killed on drop.
+struct NodeProc {
+    child: Child,
+    dir: PathBuf,
+    peer_id: String,
+    addr: String,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NodeProc {
+    fn start(dir: &Path, bootstrap: Option<&NodeProc>) -> NodeProc {
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["node", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+            .env("SHOAL_DATA_DIR", dir)
+            .env_remove("SHOAL_API")
+            .env_remove("SHOAL_BOOTSTRAP")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", &b.addr]);
+        }
+        let mut child = cmd.spawn().expect("spawn shoal node");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut peer_id = None;
+        let mut addr = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while peer_id.is_none() || addr.is_none() || !dir.join("api").exists() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "node did not start within 20 s");
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(p) = line.strip_prefix("peer id: ") {
+                        peer_id = Some(p.to_string());
+                    } else if let Some(a) = line.strip_prefix("listening: ") {
+                        addr.get_or_insert(a.to_string());
+                    }
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let (peer_id, addr) = (peer_id.expect("peer id"), addr.expect("address"));
+        assert!(addr.ends_with(&format!("/p2p/{peer_id}")), "the printed address names the peer: {addr}");
+        NodeProc { child, dir: dir.to_owned(), peer_id, addr }
+    }
+
+    /// Runs `shoal ARGS` against this node; returns stdout, or panics with stderr.
+    fn cli(&self, args: &[&str]) -> String {
+        let out = self.try_cli(args);
+        assert!(out.0, "shoal {args:?} failed: {}", out.2);
+        out.1
+    }
+
+    fn try_cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_DATA_DIR", &self.dir)
+            .env_remove("SHOAL_API")
+            .output()
+            .expect("run shoal");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut data = Vec::with_capacity(len + 8);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(path, data).expect("write input");
+}
+
+fn b3sum(path: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path).expect("open")).expect("read");
+    h.finalize().to_hex().to_string()
+}
+
+/// Polls `f` until it is true or `secs` pass.
+fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    false
+}
+
+#[test]
+fn five_nodes_fetch_through_the_dht_and_the_fetcher_serves_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let n3 = NodeProc::start(&tmp.path().join("n3"), Some(&n2));
+    let n4 = NodeProc::start(&tmp.path().join("n4"), Some(&n3));
+    // The fetcher's only bootstrap peer (n4) never holds the blob.
+    let n5 = NodeProc::start(&tmp.path().join("n5"), Some(&n4));
+
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 64 << 20, 42);
+    let added = n1.cli(&["add", input.to_str().expect("utf-8")]);
+    let hash = added.split_whitespace().next().expect("hash first").to_string();
+    assert_eq!(hash, b3sum(&input), "`shoal add` prints the b3sum hash first");
+
+    // n1 announces the blob; give the DHT a moment, bounded.
+    assert!(
+        eventually(30, || n3.try_cli(&["providers", &hash]).1.contains(&n1.peer_id)),
+        "n1 never showed up as a provider"
+    );
+    let out = tmp.path().join("out.bin");
+    let got = n5.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+    assert!(got.0, "get failed: {}", got.2);
+    assert_eq!(b3sum(&out), hash, "the fetched file's b3sum equals the hash");
+
+    // Whoever fetched it serves it on: n5 is now listed as a provider.
+    assert!(
+        eventually(30, || n2.try_cli(&["providers", &hash]).1.contains(&n5.peer_id)),
+        "the fetcher was never listed as a provider"
+    );
+    drop((n1, n2, n3, n4, n5));
+}
+
+#[test]
+fn cli_errors_say_what_went_wrong() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let (ok, _, err) = n1.try_cli(&["get", "not-a-hash"]);
+    assert!(!ok);
+    assert!(err.contains("64 hex digits"), "{err}");
+    let (ok, _, err) = n1.try_cli(&["add", "/nonexistent/file"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/file"), "{err}");
+    // Without a node, `status` says how to start one.
+    let out = Command::new(SHOAL)
+        .args(["status"])
+        .env("SHOAL_DATA_DIR", tmp.path().join("none"))
+        .env_remove("SHOAL_API")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shoal node"));
+}
+
+/// Reads `(already held, received from peers)` from `shoal get`'s closing line.
+fn get_summary(stderr: &str) -> (u64, u64) {
+    let line = stderr.lines().find(|l| l.starts_with("verified ")).expect("summary line");
+    let num = |after: &str| -> u64 {
+        let i = line.find(after).expect("field") + after.len();
+        line[i..].trim_start().split(|c: char| !c.is_ascii_digit()).next().expect("digits").parse().expect("number")
+    };
+    (num("("), num("held,"))
+}
+
+fn add_and_wait(provider: &NodeProc, observer: &NodeProc, input: &Path) -> String {
+    let added = provider.cli(&["add", input.to_str().expect("utf-8")]);
+    let hash = added.split_whitespace().next().expect("hash").to_string();
+    assert!(
+        eventually(30, || observer.try_cli(&["providers", &hash]).1.contains(&provider.peer_id)),
+        "provider never announced"
+    );
+    hash
+}
+
+#[test]
+fn a_provider_killed_mid_transfer_does_not_stop_the_fetch() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let n3 = NodeProc::start(&tmp.path().join("n3"), Some(&n2));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 96 << 20, 7);
+    let hash = add_and_wait(&n1, &n3, &input);
+    // n2 becomes a second full provider.
+    n2.cli(&["get", &hash, "-o", tmp.path().join("n2.bin").to_str().expect("utf-8")]);
+    assert!(eventually(30, || n3.try_cli(&["providers", &hash]).1.contains(&n2.peer_id)));
+
+    // n3 fetches; n1 dies as soon as n3 has begun.
+    let out = tmp.path().join("out.bin");
+    let mut get = Command::new(SHOAL)
+        .args(["get", &hash, "-o", out.to_str().expect("utf-8")])
+        .env("SHOAL_DATA_DIR", &n3.dir)
+        .env_remove("SHOAL_API")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn get");
+    let meta = n3.dir.join("store/blobs").join(&hash).join("meta");
+    assert!(eventually(30, || meta.exists()), "the fetch never began");
+    drop(n1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = get.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = get.kill();
+            panic!("the fetch did not finish within 120 s after a provider died");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut get.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    assert!(status.success(), "get failed: {stderr}");
+    assert_eq!(b3sum(&out), hash);
+}
+
+#[test]
+fn a_fetcher_killed_mid_fetch_resumes_without_refetching() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2dir = tmp.path().join("n2");
+    let n2 = NodeProc::start(&n2dir, Some(&n1));
+    let input = tmp.path().join("input.bin");
+    let size = 512u64 << 20;
+    random_file(&input, size as usize, 9);
+    let hash = add_and_wait(&n1, &n2, &input);
+
+    let mut get = Command::new(SHOAL)
+        .args(["get", &hash, "-o", tmp.path().join("first.bin").to_str().expect("utf-8")])
+        .env("SHOAL_DATA_DIR", &n2dir)
+        .env_remove("SHOAL_API")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn get");
+    // Kill the fetching node once its store has made a batch of pieces durable (the meta changes
+    // from the empty map it was created with).
+    let meta = n2dir.join("store/blobs").join(&hash).join("meta");
+    assert!(eventually(30, || meta.exists()), "the fetch never began");
+    let initial = std::fs::read(&meta).expect("meta");
+    assert!(eventually(60, || std::fs::read(&meta).is_ok_and(|m| m != initial)), "no piece became durable within 60 s");
+    let mut n2 = n2;
+    n2.child.kill().expect("SIGKILL the fetcher");
+    n2.child.wait().expect("reap");
+    let _ = get.kill();
+    let _ = get.wait();
+    drop(n2);
+
+    let n2 = NodeProc::start(&n2dir, Some(&n1));
+    let out = tmp.path().join("out.bin");
+    let (ok, _, stderr) = n2.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+    assert!(ok, "resumed get failed: {stderr}");
+    assert_eq!(b3sum(&out), hash);
+    let (held, received) = get_summary(&stderr);
+    assert!(held > 0, "nothing was kept across the crash: {stderr}");
+    assert!(held < size, "the first fetch should not have finished: {stderr}");
+    // Verified pieces were not fetched again: what came from peers covers only the rest, plus
+    // proofs and at most a few end-game duplicates.
+    assert!(received <= size - held + (size - held) / 50 + (8 << 20), "re-fetched verified pieces: {stderr}");
+}
+
+#[test]
+fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let n3dir = tmp.path().join("n3");
+    let n3 = NodeProc::start(&n3dir, Some(&n1));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 32 << 20, 11);
+    let hash = add_and_wait(&n1, &n2, &input);
+    for n in [&n2, &n3] {
+        n.cli(&["get", &hash, "-o", tmp.path().join(format!("{}.bin", n.peer_id)).to_str().expect("utf-8")]);
+    }
+    // Rot one byte in every piece of n3's copy while it is down.
+    let n3_peer = n3.peer_id.clone();
+    drop(n3);
+    let data = n3dir.join("store/blobs").join(&hash).join("data");
+    let mut bytes = std::fs::read(&data).expect("n3's data");
+    for offset in (1000..bytes.len()).step_by(256 << 10) {
+        bytes[offset] ^= 0x5a;
+    }
+    std::fs::write(&data, bytes).expect("corrupt");
+    let n3 = NodeProc::start(&n3dir, Some(&n1));
+    assert_eq!(n3.peer_id, n3_peer, "the identity persists across restarts");
+
+    let n4 = NodeProc::start(&tmp.path().join("n4"), Some(&n3));
+    assert!(eventually(30, || n4.try_cli(&["providers", &hash]).1.contains(&n3.peer_id)));
+    let out = tmp.path().join("out.bin");
+    let (ok, _, stderr) = n4.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+    assert!(ok, "get failed: {stderr}");
+    assert_eq!(b3sum(&out), hash, "the fetch is correct despite the rotten provider");
+    let status: serde_json::Value = serde_json::from_str(&n4.cli(&["status", "--json"])).expect("status is JSON");
+    let penalised: Vec<String> = status["penalties"]
+        .as_array()
+        .expect("penalties")
+        .iter()
+        .filter_map(|p| p[0].as_str().map(String::from))
+        .collect();
+    assert!(penalised.contains(&n3.peer_id), "the rotten provider was not penalised: {status}");
+    assert!(!penalised.contains(&n1.peer_id) && !penalised.contains(&n2.peer_id), "{status}");
+}

@@ -1,0 +1,2617 @@
+//! The decisions of a multi-source fetch: which peers to ask, which pieces to request from whom,
+//! when to retry, whom to drop and whom to penalise.
+//!
+//! [`Fetch`] is a state machine that does no I/O. The node (over libp2p) and the simulator (over an
+//! emulated network) tell it what happened through `handle_*` methods and carry out what it
+//! decides, read from [`Fetch::poll_action`]. Time is always an argument and randomness comes from a
+//! seed, so a fetch replays exactly and is tested without a runtime.
+//!
+//! # Driving a fetch
+//!
+//! ```text
+//! let mut fetch = Fetch::new(hash, config, seed, now);
+//! loop {
+//!     while let Some(action) = fetch.poll_action(now) { carry it out }
+//!     wait for an input or until fetch.poll_timeout();
+//!     an input: call the matching handle_*;  the timeout: call fetch.handle_timeout(now)
+//! }
+//! ```
+//!
+//! A fetch asks the DHT for providers ([`Action::FindProviders`]) and up to
+//! [`FetchConfig::max_peers`] of them for their have-maps ([`Action::AskHave`]). The size comes
+//! from the first have-map that holds its blob's last piece (later, from the size most such peers
+//! claim). The node opens it in its store ([`Action::Begin`]) and answers with the pieces it
+//! already holds ([`Fetch::handle_local`]);
+//! requests wait for that answer, so a resumed fetch never asks for a piece it has. A claimed size
+//! is proven only when the last piece verifies, so that piece is requested alone first. After it,
+//! pieces go out rarest first to the peers expected to deliver soonest, at most
+//! [`FetchConfig::max_requests_per_peer`] requests per peer at a time. When every missing piece is in
+//! flight, idle peers duplicate the oldest requests (end-game) and the losers are cancelled.
+//!
+//! # Peer failures
+//!
+//! | [`PeerFailure`]              | answering a have request     | answering a get request                          |
+//! |------------------------------|------------------------------|--------------------------------------------------|
+//! | `NotFound`                   | dropped                      | pieces leave its have-map, which is asked again¹ |
+//! | `Denied`                     | dropped                      | dropped                                          |
+//! | `Busy { retry_after }`       | asked again after the wait   | no requests until after the wait                 |
+//! | `Timeout`, `Io`, `Truncated` | asked again after a back-off | no requests until after a back-off               |
+//! | `Corrupt`, `Protocol`        | dropped and penalised        | dropped and penalised                            |
+//!
+//! ¹ A peer whose have-map ends up empty is dropped.
+//!
+//! Back-offs start at [`FetchConfig::retry_base`] and double with each consecutive failure; after
+//! [`FetchConfig::max_peer_failures`] in a row the peer is dropped. Failures that arrive while the
+//! peer is still backing off from the last one count once: a dropped connection fails every request
+//! in flight at the same moment, and that is one incident, not four. Pieces of a failed request go
+//! back to the pool at once. A dropped peer is not asked again by this fetch; a penalty
+//! ([`Action::Penalise`]) also lowers its standing with the node.
+//!
+//! `Truncated` is treated as a broken connection, not as misbehaviour: decoding stops at the last
+//! whole chunk group, so no unverified byte is kept, and a stream cut short is what honest peers
+//! produce when they restart or lose a connection. Dropping a peer on its first cut would lose the
+//! only provider of a rare blob to a blip; a peer that keeps cutting is dropped all the same.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::Hash;
+use crate::piece::{Geometry, PIECE_SIZE, PieceIndex, PieceSet};
+use crate::wire::MAX_PIECES_PER_GET;
+
+/// The longest back-off after a peer's failures: long enough to ride out a restart, short enough
+/// that a fetch with few providers does not sit idle.
+pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The longest pause between two DHT lookups for providers.
+pub const MAX_PROVIDERS_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The longest a `Busy` answer keeps a peer idle, whatever `retry_after` it names: a server's wish,
+/// not a command.
+pub const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
+
+/// The shortest a `Busy` answer keeps a peer idle, so that a peer answering `Busy` with no delay
+/// cannot make the fetch spin.
+pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(10);
+
+/// Provider candidates remembered per [`FetchConfig::max_peers`]: what the DHT returns beyond this
+/// is ignored until the queue drains.
+pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
+
+/// Dropped peers remembered per [`FetchConfig::max_peers`], so that the DHT returning them again
+/// does not make the fetch ask them again. Past this the oldest are forgotten (and may be asked
+/// once more).
+pub const DROPPED_PER_PEER_SLOT: usize = 16;
+
+/// The weight of a new sample in a peer's throughput estimate.
+const THROUGHPUT_WEIGHT: f64 = 0.25;
+
+/// Elapsed times below this are rounded up, so that a sample never divides by zero.
+const MIN_ELAPSED: Duration = Duration::from_micros(100);
+
+/// The shortest timeouts and DHT back-off accepted, so that a zero in a configuration cannot make
+/// the fetch spin without time passing.
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
+/// How a [`Fetch`] paces itself. Every bound caps memory or the load put on peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchConfig {
+    /// The most pieces one request asks for. Contiguous pieces share a round trip and part of their
+    /// proof; fewer make the tail of a fetch finer. Capped at [`MAX_PIECES_PER_GET`].
+    /// The default is 4 (1 MiB).
+    pub pieces_per_request: u32,
+    /// The most requests in flight to one peer: enough to keep a fast link busy across a round
+    /// trip without piling the whole blob on one peer. The default is 4.
+    pub max_requests_per_peer: usize,
+    /// How long a request may run before it is cancelled and counted as the peer's failure.
+    /// The default is 10 s.
+    pub request_timeout: Duration,
+    /// How long a have request may run before it is counted as the peer's failure.
+    /// The default is 5 s.
+    pub have_timeout: Duration,
+    /// Consecutive failures (timeouts, I/O errors, truncated responses) after which a peer is
+    /// dropped for this fetch. The default is 3.
+    pub max_peer_failures: u32,
+    /// The back-off after a peer's first failure; it doubles with each consecutive failure, up to
+    /// [`MAX_RETRY_BACKOFF`]. The default is 200 ms.
+    pub retry_base: Duration,
+    /// In end-game, the most concurrent requests for one piece, the first included; 1 turns
+    /// end-game off. The default is 2.
+    pub endgame_copies: usize,
+    /// The most peers asked for have-maps (and served from) at once. The default is 32.
+    pub max_peers: usize,
+    /// The pause before the second DHT lookup; it doubles with each lookup, up to
+    /// [`MAX_PROVIDERS_BACKOFF`], and starts again from here when every known peer is gone.
+    /// The default is 1 s.
+    pub providers_backoff: Duration,
+    /// How long before a partial holder that has nothing this fetch still needs is asked again for
+    /// its have-map: in a flash crowd the peers fetching the same blob gain pieces every second.
+    /// The default is 1 s.
+    pub have_refresh: Duration,
+    /// How long after [`Fetch::new`] the fetch gives up; `None` never gives up and keeps asking the
+    /// DHT with back-off. The default is `None`.
+    pub deadline: Option<Duration>,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            pieces_per_request: 4,
+            max_requests_per_peer: 4,
+            request_timeout: Duration::from_secs(10),
+            have_timeout: Duration::from_secs(5),
+            max_peer_failures: 3,
+            retry_base: Duration::from_millis(200),
+            endgame_copies: 2,
+            max_peers: 32,
+            providers_backoff: Duration::from_secs(1),
+            have_refresh: Duration::from_secs(1),
+            deadline: None,
+        }
+    }
+}
+
+impl FetchConfig {
+    /// The configuration with every value brought into the range the machine relies on, so that
+    /// no setting can make it panic, spin or overflow a counter.
+    fn sanitized(mut self) -> Self {
+        self.pieces_per_request = self.pieces_per_request.clamp(1, MAX_PIECES_PER_GET);
+        self.max_requests_per_peer = self.max_requests_per_peer.max(1);
+        self.request_timeout = self.request_timeout.max(MIN_TIMER);
+        self.have_timeout = self.have_timeout.max(MIN_TIMER);
+        self.max_peer_failures = self.max_peer_failures.max(1);
+        self.retry_base = self.retry_base.min(MAX_RETRY_BACKOFF);
+        self.endgame_copies = self.endgame_copies.clamp(1, usize::from(u8::MAX));
+        // Availability is counted in u16 per piece.
+        self.max_peers = self.max_peers.clamp(1, usize::from(u16::MAX));
+        self.providers_backoff = self.providers_backoff.clamp(MIN_TIMER, MAX_PROVIDERS_BACKOFF);
+        self.have_refresh = self.have_refresh.max(MIN_TIMER);
+        self
+    }
+}
+
+/// The id of one request, so that its answer can be matched to it. Ids are never reused within a
+/// fetch, so a late answer to a cancelled request cannot be taken for a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+/// How a request to a peer went wrong, as the node saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PeerFailure {
+    /// The peer holds none of what was asked (`Response::NotFound`).
+    #[error("the peer does not hold what was asked")]
+    NotFound,
+    /// The peer is at its upload bound (`Response::Busy`).
+    #[error("the peer is busy; it asks to retry after {retry_after:?}")]
+    Busy {
+        /// How long the peer asked us to wait.
+        retry_after: Duration,
+    },
+    /// The peer does not serve us (`Response::Denied`).
+    #[error("the peer refuses to serve us")]
+    Denied,
+    /// The peer sent bytes that failed BLAKE3 verification.
+    #[error("the peer sent bytes that failed verification")]
+    Corrupt,
+    /// The response ended before every piece it announced arrived.
+    #[error("the response ended early")]
+    Truncated,
+    /// The request took too long (the node's own timer; the fetch also keeps one).
+    #[error("the request timed out")]
+    Timeout,
+    /// The connection or stream failed.
+    #[error("the connection or stream to the peer failed")]
+    Io,
+    /// The peer sent a malformed or unexpected message.
+    #[error("the peer sent a malformed or unexpected message")]
+    Protocol,
+}
+
+/// Why a fetch gave up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The DHT never named a provider.
+    #[error(
+        "no provider of {hash} was found within {deadline:?}: check the id, and that a node holding it is online \
+         and reachable"
+    )]
+    NoProviders {
+        /// The blob.
+        hash: Hash,
+        /// The deadline that passed.
+        deadline: Duration,
+    },
+    /// Providers were found, but none of them could serve a single piece: each was missing the
+    /// blob, refused, kept failing or misbehaved.
+    #[error(
+        "none of the {tried} providers of {hash} could serve it within {deadline:?}: they did not hold it, \
+         refused us, kept failing or sent bad data"
+    )]
+    ProvidersFailed {
+        /// The blob.
+        hash: Hash,
+        /// How many providers were asked.
+        tried: usize,
+        /// The deadline that passed.
+        deadline: Duration,
+    },
+    /// The deadline passed while the fetch was under way.
+    #[error(
+        "fetch of {hash} gave up after {deadline:?} with {verified_pieces} of {} pieces verified: the providers \
+         found were too slow or stopped answering",
+        .total_pieces.map_or_else(|| "?".to_string(), |n| n.to_string())
+    )]
+    DeadlineExceeded {
+        /// The blob.
+        hash: Hash,
+        /// The deadline that passed.
+        deadline: Duration,
+        /// Pieces verified by then.
+        verified_pieces: u32,
+        /// The blob's piece count, if a size was known.
+        total_pieces: Option<u32>,
+    },
+}
+
+/// What the node should do next, from [`Fetch::poll_action`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<P> {
+    /// Look up providers in the DHT, then report them with [`Fetch::handle_providers`] and
+    /// [`Fetch::handle_providers_done`]. Never emitted while a lookup is under way.
+    FindProviders,
+    /// Send `Request::Have` to `peer`; answer with [`Fetch::handle_have`] or
+    /// [`Fetch::handle_have_failed`]. Never emitted while a have request to that peer is under way.
+    AskHave {
+        /// The peer to ask.
+        peer: P,
+    },
+    /// A size was claimed by a peer that can prove it: open the blob in the store with this size
+    /// (`store.begin(hash, size)`), then call [`Fetch::handle_local`] with the pieces it already
+    /// holds (an empty set if none). No request is made until then.
+    Begin {
+        /// The claimed size in bytes.
+        size: u64,
+    },
+    /// The claimed size was abandoned before it was proven: its last piece failed verification and
+    /// no other live peer claims that size, or every peer that could prove it is gone while others
+    /// claim another size. Delete the partial entry; a [`Action::Begin`] with another claim may
+    /// follow.
+    SizeRejected {
+        /// The abandoned size.
+        size: u64,
+    },
+    /// Send `Request::Get` for `pieces` to `peer`; answer with [`Fetch::handle_response`]. Never more
+    /// than [`FetchConfig::pieces_per_request`] pieces, never a piece the peer does not advertise,
+    /// never a piece already verified.
+    Request {
+        /// The peer to ask.
+        peer: P,
+        /// The id to answer with.
+        id: RequestId,
+        /// The pieces wanted.
+        pieces: PieceSet,
+    },
+    /// Drop the stream of request `id`: its pieces arrived from elsewhere, it timed out, or its peer
+    /// was dropped. No answer is expected; a late one is ignored.
+    Cancel {
+        /// The peer the request went to.
+        peer: P,
+        /// The request.
+        id: RequestId,
+    },
+    /// `peer` misbehaved (sent bytes that failed verification, lied about the blob's size, sent a
+    /// malformed have-map): lower its standing with the node. At most once per peer and fetch.
+    Penalise {
+        /// The peer.
+        peer: P,
+        /// What it did.
+        failure: PeerFailure,
+    },
+    /// Every piece is verified. Emitted once; only [`Action::Cancel`]s queued before it may precede
+    /// it, and nothing follows it.
+    Complete,
+    /// The fetch gave up. Emitted once, after a [`Action::Cancel`] for every request in flight;
+    /// nothing follows it.
+    Failed(FetchError),
+}
+
+/// How far a fetch has come, for progress bars and status pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Pieces verified, from peers or already in the store.
+    pub verified_pieces: u32,
+    /// Bytes in the verified pieces.
+    pub verified_bytes: u64,
+    /// The blob's piece count, once a size is claimed.
+    pub total_pieces: Option<u32>,
+    /// The blob's size, once claimed.
+    pub total_bytes: Option<u64>,
+    /// Whether the size is proven (its last piece verified).
+    pub size_proven: bool,
+    /// Peers with a have-map for the current size, not dropped.
+    pub peers_active: usize,
+    /// Requests in flight.
+    pub requests_in_flight: usize,
+}
+
+/// What the fetch knows about one peer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerStats {
+    /// Bytes the peer sent in answers to our requests.
+    pub bytes_received: u64,
+    /// Pieces the peer sent that verified first (before any other peer's copy).
+    pub pieces_verified: u32,
+    /// Estimated bytes per second per request (a moving average), once measured.
+    pub throughput: Option<f64>,
+    /// The round trip of its last have request, as the node measured it.
+    pub rtt: Option<Duration>,
+    /// Failures so far (timeouts, I/O errors, truncated responses).
+    pub failures: u32,
+    /// Whether the fetch penalised it.
+    pub penalised: bool,
+    /// Whether the fetch dropped it.
+    pub dropped: bool,
+    /// Requests in flight to it.
+    pub requests_in_flight: usize,
+}
+
+/// A small seeded generator (SplitMix64): the fetch's only source of randomness, so that a seed
+/// replays a fetch exactly.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    fn below(&mut self, n: u32) -> u32 {
+        (((self.next_u64() >> 32) * u64::from(n)) >> 32) as u32
+    }
+}
+
+/// What a peer advertised in its last have-map.
+#[derive(Debug)]
+struct Advert {
+    /// The size it claims.
+    size: u64,
+    /// The pieces it holds, counted for that size.
+    pieces: PieceSet,
+    /// The order in which claims arrived: among equally supported sizes the earliest wins.
+    seq: u64,
+}
+
+impl Advert {
+    /// Whether the advert holds its own last piece, so that its size claim can be proven.
+    fn can_prove(&self) -> bool {
+        self.pieces.piece_count().checked_sub(1).is_some_and(|last| self.pieces.contains(last))
+    }
+}
+
+#[derive(Debug)]
+struct Peer {
+    /// Breaks ties between equally ranked peers without favouring low ids.
+    salt: u64,
+    advert: Option<Advert>,
+    /// A have request is under way.
+    asking: bool,
+    have_timeout_at: Option<Instant>,
+    /// When to ask for the have-map again (after a failure, `Busy`, or a stale advertisement).
+    have_retry_at: Option<Instant>,
+    last_have_at: Option<Instant>,
+    rtt: Option<Duration>,
+    throughput: Option<f64>,
+    bytes_received: u64,
+    pieces_verified: u32,
+    failures: u32,
+    consecutive_failures: u32,
+    /// The back-off of the last counted failure: failures before it ends are the same incident
+    /// (a dropped connection fails every request in flight at once) and count once.
+    incident_until: Option<Instant>,
+    /// No new request before this.
+    backoff_until: Option<Instant>,
+    in_flight: usize,
+    penalised: bool,
+    dropped: bool,
+}
+
+impl Peer {
+    fn new(salt: u64) -> Self {
+        Self {
+            salt,
+            advert: None,
+            asking: false,
+            have_timeout_at: None,
+            have_retry_at: None,
+            last_have_at: None,
+            rtt: None,
+            throughput: None,
+            bytes_received: 0,
+            pieces_verified: 0,
+            failures: 0,
+            consecutive_failures: 0,
+            incident_until: None,
+            backoff_until: None,
+            in_flight: 0,
+            penalised: false,
+            dropped: false,
+        }
+    }
+
+    /// Whether the peer claims `size`.
+    fn claims(&self, size: u64) -> bool {
+        self.advert.as_ref().is_some_and(|a| a.size == size)
+    }
+
+    /// Seconds the peer is expected to take for one more request, given what it has in flight: the
+    /// ranking key. Measured throughput when there is one; otherwise the have round trip, an
+    /// optimistic prior that gets new nearby peers tried early. Failures make a peer look slower.
+    fn expected_secs(&self, request_bytes: f64) -> f64 {
+        let per_request = match (self.throughput, self.rtt) {
+            (Some(t), _) if t > 0.0 => request_bytes / t,
+            (_, Some(rtt)) => rtt.max(MIN_ELAPSED).as_secs_f64(),
+            _ => 1.0,
+        };
+        (self.in_flight + 1) as f64 * per_request * f64::from(1 + self.consecutive_failures.min(16))
+    }
+
+    fn record_transfer(&mut self, bytes: u64, elapsed: Duration) {
+        self.bytes_received = self.bytes_received.saturating_add(bytes);
+        if bytes == 0 {
+            return;
+        }
+        let sample = bytes as f64 / elapsed.max(MIN_ELAPSED).as_secs_f64();
+        self.throughput = Some(match self.throughput {
+            Some(old) => old + THROUGHPUT_WEIGHT * (sample - old),
+            None => sample,
+        });
+    }
+
+    fn stats(&self) -> PeerStats {
+        PeerStats {
+            bytes_received: self.bytes_received,
+            pieces_verified: self.pieces_verified,
+            throughput: self.throughput,
+            rtt: self.rtt,
+            failures: self.failures,
+            penalised: self.penalised,
+            dropped: self.dropped,
+            requests_in_flight: self.in_flight,
+        }
+    }
+}
+
+/// Everything tied to one claimed size; a rejected claim is dropped whole.
+#[derive(Debug)]
+struct Claim {
+    geometry: Geometry,
+    /// The last piece verified, so the size is the blob's.
+    proven: bool,
+    /// The node answered [`Action::Begin`] with [`Fetch::handle_local`].
+    local_known: bool,
+    verified: PieceSet,
+    verified_bytes: u64,
+    /// Pieces neither verified nor in flight.
+    wanted: PieceSet,
+    /// Requests in flight per piece.
+    copies: Vec<u8>,
+    /// Live peers advertising each piece under this size: the rarity that orders requests.
+    availability: Vec<u16>,
+    /// Where the seeded order of pieces starts: among equally rare pieces, the first from here
+    /// wins, so different fetches of one blob start in different places while each request stays
+    /// a contiguous run.
+    offset: PieceIndex,
+}
+
+impl Claim {
+    fn new(geometry: Geometry, offset: PieceIndex) -> Self {
+        let n = geometry.piece_count();
+        Self {
+            geometry,
+            proven: false,
+            local_known: false,
+            verified: PieceSet::empty(n),
+            verified_bytes: 0,
+            wanted: PieceSet::full(n),
+            copies: vec![0; n as usize],
+            availability: vec![0; n as usize],
+            offset,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        self.geometry.size()
+    }
+
+    fn piece_count(&self) -> u32 {
+        self.geometry.piece_count()
+    }
+
+    fn last(&self) -> PieceIndex {
+        self.geometry.last_piece()
+    }
+
+    fn add_advert(&mut self, pieces: &PieceSet) {
+        for i in pieces.iter() {
+            if let Some(a) = self.availability.get_mut(i as usize) {
+                *a = a.saturating_add(1);
+            }
+        }
+    }
+
+    fn remove_advert(&mut self, pieces: &PieceSet) {
+        for i in pieces.iter() {
+            if let Some(a) = self.availability.get_mut(i as usize) {
+                *a = a.saturating_sub(1);
+            }
+        }
+    }
+
+    fn availability(&self, i: PieceIndex) -> u16 {
+        self.availability.get(i as usize).copied().unwrap_or(0)
+    }
+
+    fn copies(&self, i: PieceIndex) -> u8 {
+        self.copies.get(i as usize).copied().unwrap_or(0)
+    }
+
+    /// Marks piece `i` verified; returns whether it was new.
+    fn verify(&mut self, i: PieceIndex) -> bool {
+        if !self.verified.insert(i) {
+            return false;
+        }
+        self.wanted.remove(i);
+        self.verified_bytes += self.geometry.piece_len(i);
+        true
+    }
+
+    fn send(&mut self, pieces: &PieceSet) {
+        for i in pieces.iter() {
+            if let Some(c) = self.copies.get_mut(i as usize) {
+                *c = c.saturating_add(1);
+            }
+            self.wanted.remove(i);
+        }
+    }
+
+    /// A request for `pieces` ended: pieces nobody else is fetching and not verified are wanted
+    /// again.
+    fn release(&mut self, pieces: &PieceSet) {
+        for i in pieces.iter() {
+            if let Some(c) = self.copies.get_mut(i as usize) {
+                *c = c.saturating_sub(1);
+                if *c == 0 && !self.verified.contains(i) {
+                    self.wanted.insert(i);
+                }
+            }
+        }
+    }
+
+    /// The wanted pieces a request may ask for now: before the size is proven, only the last.
+    fn requestable(&self) -> PieceSet {
+        if self.proven {
+            self.wanted.clone()
+        } else if self.wanted.contains(self.last()) {
+            PieceSet::single(self.piece_count(), self.last())
+        } else {
+            PieceSet::empty(self.piece_count())
+        }
+    }
+}
+
+#[derive(Debug)]
+struct InFlight<P> {
+    peer: P,
+    pieces: PieceSet,
+    timeout_at: Option<Instant>,
+}
+
+/// Where an answer came from, for the failures that are handled differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Have,
+    Get,
+}
+
+/// One multi-source fetch of one blob. See the [module documentation](crate::fetch).
+#[derive(Debug)]
+pub struct Fetch<P> {
+    hash: Hash,
+    config: FetchConfig,
+    rng: SplitMix64,
+    deadline_at: Option<Instant>,
+    claim: Option<Claim>,
+    /// Every peer asked, live or dropped; live ones are at most `max_peers`.
+    peers: BTreeMap<P, Peer>,
+    live_peers: usize,
+    /// Providers named by the DHT, not asked yet.
+    candidates: VecDeque<P>,
+    /// Dropped peers, oldest first, to bound how many are remembered.
+    dropped: VecDeque<P>,
+    /// Requests in flight; ids grow with time, so this is oldest first.
+    requests: BTreeMap<RequestId, InFlight<P>>,
+    next_request_id: u64,
+    next_claim_seq: u64,
+    /// Decisions made while handling inputs, waiting for `poll_action`. Bounded: at most one
+    /// `Cancel` per request in flight, one `Penalise` per peer, and one each of the rest.
+    actions: VecDeque<Action<P>>,
+    searching: bool,
+    next_search_at: Instant,
+    search_backoff: Duration,
+    providers_found: usize,
+    peers_asked: usize,
+    finished: bool,
+}
+
+impl<P> Fetch<P>
+where
+    P: Copy + Eq + std::hash::Hash + Ord + std::fmt::Debug,
+{
+    /// A fetch of `hash`, starting at `now`. `seed` decides every tie the fetch breaks at random;
+    /// the same seed and inputs give the same actions.
+    pub fn new(hash: Hash, config: FetchConfig, seed: u64, now: Instant) -> Self {
+        let config = config.sanitized();
+        Self {
+            hash,
+            deadline_at: config.deadline.and_then(|d| now.checked_add(d)),
+            search_backoff: config.providers_backoff,
+            config,
+            rng: SplitMix64(seed),
+            claim: None,
+            peers: BTreeMap::new(),
+            live_peers: 0,
+            candidates: VecDeque::new(),
+            dropped: VecDeque::new(),
+            requests: BTreeMap::new(),
+            next_request_id: 0,
+            next_claim_seq: 0,
+            actions: VecDeque::new(),
+            searching: false,
+            next_search_at: now,
+            providers_found: 0,
+            peers_asked: 0,
+            finished: false,
+        }
+    }
+
+    /// The blob being fetched.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// The configuration in force (after out-of-range values were brought into range).
+    pub fn config(&self) -> &FetchConfig {
+        &self.config
+    }
+
+    /// Provider candidates from the DHT (may repeat, may be empty). Peers already known, dropped
+    /// or beyond the candidate bound are ignored.
+    pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, _now: Instant) {
+        if self.finished {
+            return;
+        }
+        let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
+        for peer in peers {
+            if self.candidates.len() >= max {
+                break;
+            }
+            if self.peers.contains_key(&peer) || self.candidates.contains(&peer) {
+                continue;
+            }
+            self.candidates.push_back(peer);
+            self.providers_found += 1;
+        }
+    }
+
+    /// The DHT lookup finished. The next one waits for the back-off, which doubles each time.
+    pub fn handle_providers_done(&mut self, now: Instant) {
+        if self.finished || !self.searching {
+            return;
+        }
+        self.searching = false;
+        self.next_search_at = at_least(now, self.search_backoff);
+        self.search_backoff = self.search_backoff.saturating_mul(2).min(MAX_PROVIDERS_BACKOFF);
+    }
+
+    /// The answer to [`Action::AskHave`]: the pieces `peer` holds and the size it claims, with the
+    /// round trip the node measured. Answers from peers never asked, or dropped, are ignored.
+    pub fn handle_have(&mut self, peer: P, size: u64, pieces: PieceSet, rtt: Duration, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        rec.asking = false;
+        rec.have_timeout_at = None;
+        rec.have_retry_at = None;
+        rec.last_have_at = Some(now);
+        rec.rtt = Some(rtt);
+        rec.consecutive_failures = 0;
+        rec.incident_until = None;
+        let consistent = Geometry::new(size).is_ok_and(|g| g.piece_count() == pieces.piece_count());
+        if !consistent {
+            self.drop_peer(peer, Some(PeerFailure::Protocol), now);
+            return;
+        }
+        if pieces.is_empty() {
+            // It holds nothing: as good as NotFound.
+            self.drop_peer(peer, None, now);
+            return;
+        }
+        if self.claim.as_ref().is_some_and(|c| c.proven && c.size() != size) {
+            // The last piece proved another size: this claim is false.
+            self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
+            return;
+        }
+        let seq = self.next_claim_seq;
+        self.next_claim_seq += 1;
+        let new = Advert { size, pieces, seq };
+        let old = rec.advert.replace(new);
+        if let (Some(claim), Some(new)) = (self.claim.as_mut(), rec.advert.as_ref()) {
+            if let Some(old) = old.filter(|o| o.size == claim.size()) {
+                claim.remove_advert(&old.pieces);
+            }
+            if new.size == claim.size() {
+                claim.add_advert(&new.pieces);
+            }
+        }
+    }
+
+    /// The have request to `peer` failed. See the [module documentation](crate::fetch) for what each
+    /// failure does. Ignored unless a have request to that peer is under way.
+    pub fn handle_have_failed(&mut self, peer: P, failure: PeerFailure, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && r.asking) else { return };
+        rec.asking = false;
+        rec.have_timeout_at = None;
+        self.peer_failed(peer, failure, Asked::Have, now);
+    }
+
+    /// The pieces the store already holds verified, in answer to [`Action::Begin`]: they are never
+    /// requested. A set counted for another piece count is ignored (the store holds nothing
+    /// usable), but still releases the requests waiting for this answer.
+    pub fn handle_local(&mut self, have: &PieceSet, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let Some(claim) = self.claim.as_mut() else { return };
+        claim.local_known = true;
+        if have.piece_count() != claim.piece_count() {
+            return;
+        }
+        self.accept_verified(have, None, now);
+        self.after_verification();
+    }
+
+    /// The outcome of request `id` to `peer`: the pieces that verified and were stored (possibly
+    /// fewer than asked, when the server holds fewer), the bytes received, how long it took, and
+    /// why it ended early if it did. Answers to unknown, cancelled or timed-out requests are
+    /// ignored.
+    #[allow(clippy::too_many_arguments, reason = "the node reports one request's whole outcome in one call")]
+    pub fn handle_response(
+        &mut self,
+        peer: P,
+        id: RequestId,
+        verified: &PieceSet,
+        bytes: u64,
+        elapsed: Duration,
+        failure: Option<PeerFailure>,
+        now: Instant,
+    ) {
+        if self.finished || self.requests.get(&id).is_none_or(|r| r.peer != peer) {
+            return;
+        }
+        let Some(request) = self.take_request(id) else { return };
+        if let Some(rec) = self.peers.get_mut(&peer) {
+            rec.record_transfer(bytes, elapsed);
+        }
+        let Some(claim) = self.claim.as_ref() else { return };
+        // Only pieces asked for count: the accounting of copies stays exact.
+        let got = if verified.piece_count() == claim.piece_count() {
+            verified.intersection(&request.pieces)
+        } else {
+            PieceSet::empty(claim.piece_count())
+        };
+        let last = claim.last();
+        let last_failed = !claim.proven && request.pieces.contains(last) && !got.contains(last);
+        let size = claim.size();
+        self.accept_verified(&got, Some(peer), now);
+        if let Some(claim) = self.claim.as_mut() {
+            claim.release(&request.pieces);
+        }
+        let not_served = request.pieces.difference(&got);
+        match failure {
+            None => {
+                if let Some(rec) = self.peers.get_mut(&peer) {
+                    rec.consecutive_failures = 0;
+                    rec.incident_until = None;
+                }
+                if !not_served.is_empty() {
+                    // It answered with fewer pieces than it advertised: its have-map was stale.
+                    self.unadvertise(peer, &not_served, now);
+                }
+            }
+            Some(PeerFailure::NotFound) => {
+                self.unadvertise(peer, &not_served, now);
+                if let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.asking) {
+                    // Our picture of this peer is stale: ask what it holds now.
+                    rec.have_retry_at = Some(now);
+                }
+            }
+            Some(PeerFailure::Corrupt) => {
+                self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
+                if last_failed && self.claim.as_ref().is_some_and(|c| !c.proven) && self.provers(size) == 0 {
+                    self.reject_size();
+                }
+            }
+            Some(other) => self.peer_failed(peer, other, Asked::Get, now),
+        }
+        self.after_verification();
+    }
+
+    /// The next thing the node should do, or `None` when there is nothing to do until an input
+    /// arrives or [`Fetch::poll_timeout`] passes. Call until `None` after every input.
+    pub fn poll_action(&mut self, now: Instant) -> Option<Action<P>> {
+        if let Some(action) = self.actions.pop_front() {
+            return Some(action);
+        }
+        if self.finished {
+            return None;
+        }
+        if self.deadline_at.is_some_and(|d| now >= d) {
+            self.fail();
+            return self.actions.pop_front();
+        }
+        self.expire_backoffs(now);
+        if let Some(action) = self.decide(now) {
+            return Some(action);
+        }
+        self.actions.pop_front()
+    }
+
+    /// When [`Fetch::handle_timeout`] should be called next, or `None` when no timer runs (the
+    /// fetch is finished, or waits for an input). After `handle_timeout(now)` and draining
+    /// [`Fetch::poll_action`] at `now`, this is later than `now`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let mut next = self.deadline_at;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        for request in self.requests.values() {
+            consider(request.timeout_at);
+        }
+        for rec in self.peers.values().filter(|r| !r.dropped) {
+            consider(rec.have_timeout_at);
+            consider(rec.have_retry_at);
+            consider(rec.backoff_until);
+            consider(self.refresh_due(rec));
+        }
+        if self.search_wanted() {
+            consider(Some(self.next_search_at));
+        }
+        next
+    }
+
+    /// Time passed: requests and have requests past their timeout fail (each timed-out request
+    /// is cancelled), back-offs end, and the deadline is checked.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        if self.deadline_at.is_some_and(|d| now >= d) {
+            self.fail();
+            return;
+        }
+        let expired: Vec<RequestId> =
+            self.requests.iter().filter(|(_, r)| r.timeout_at.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
+        for id in expired {
+            // An earlier timeout in this loop may have dropped the peer and cancelled this one.
+            let Some(request) = self.take_request(id) else { continue };
+            if let Some(claim) = self.claim.as_mut() {
+                claim.release(&request.pieces);
+            }
+            self.actions.push_back(Action::Cancel { peer: request.peer, id });
+            self.peer_failed(request.peer, PeerFailure::Timeout, Asked::Get, now);
+        }
+        let silent: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, r)| !r.dropped && r.asking && r.have_timeout_at.is_some_and(|t| t <= now))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in silent {
+            if let Some(rec) = self.peers.get_mut(&peer) {
+                rec.asking = false;
+                rec.have_timeout_at = None;
+            }
+            self.peer_failed(peer, PeerFailure::Timeout, Asked::Have, now);
+        }
+        self.expire_backoffs(now);
+    }
+
+    /// How far the fetch has come.
+    pub fn progress(&self) -> Progress {
+        let claim = self.claim.as_ref();
+        let peers_active = self
+            .peers
+            .values()
+            .filter(|r| !r.dropped && r.advert.as_ref().is_some_and(|a| claim.is_none_or(|c| c.size() == a.size)))
+            .count();
+        Progress {
+            verified_pieces: claim.map_or(0, |c| c.verified.count()),
+            verified_bytes: claim.map_or(0, |c| c.verified_bytes),
+            total_pieces: claim.map(Claim::piece_count),
+            total_bytes: claim.map(Claim::size),
+            size_proven: claim.is_some_and(|c| c.proven),
+            peers_active,
+            requests_in_flight: self.requests.len(),
+        }
+    }
+
+    /// The blob's size: proven, or claimed by the peers the fetch is working with.
+    pub fn size(&self) -> Option<u64> {
+        self.claim.as_ref().map(Claim::size)
+    }
+
+    /// Whether the size is proven: the last piece verified under it.
+    pub fn is_size_proven(&self) -> bool {
+        self.claim.as_ref().is_some_and(|c| c.proven)
+    }
+
+    /// The verified pieces, once a size is claimed.
+    pub fn verified(&self) -> Option<&PieceSet> {
+        self.claim.as_ref().map(|c| &c.verified)
+    }
+
+    /// Whether [`Action::Complete`] or [`Action::Failed`] was decided.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// What the fetch knows about each peer it asked, dropped ones included (the most recently
+    /// dropped, see [`DROPPED_PER_PEER_SLOT`]).
+    pub fn peer_stats(&self) -> impl Iterator<Item = (P, PeerStats)> + '_ {
+        self.peers.iter().map(|(p, r)| (*p, r.stats()))
+    }
+
+    // ---- decisions ----
+
+    fn decide(&mut self, now: Instant) -> Option<Action<P>> {
+        if self.search_wanted() && now >= self.next_search_at {
+            self.searching = true;
+            return Some(Action::FindProviders);
+        }
+        if let Some(peer) = self.next_have_ask(now) {
+            return Some(Action::AskHave { peer });
+        }
+        self.settle_size();
+        if let Some(action) = self.actions.pop_front() {
+            return Some(action);
+        }
+        self.next_request(now)
+    }
+
+    /// Whether to look up providers again (once the back-off allows): fewer live peers than the
+    /// fetch may use and none waiting to be asked. In a flash crowd new providers appear while
+    /// the fetch runs; the doubling back-off keeps the lookups rare.
+    fn search_wanted(&self) -> bool {
+        !self.finished && !self.searching && self.candidates.is_empty() && self.live_peers < self.config.max_peers
+    }
+
+    /// The next peer to ask for its have-map: retries and refreshes of known peers first, then a
+    /// new candidate if a slot is free.
+    fn next_have_ask(&mut self, now: Instant) -> Option<P> {
+        let due = self
+            .peers
+            .iter()
+            .filter(|(_, r)| !r.dropped && !r.asking)
+            .find(|(_, r)| r.have_retry_at.is_some_and(|t| t <= now) || self.refresh_due(r).is_some_and(|t| t <= now))
+            .map(|(p, _)| *p);
+        if let Some(peer) = due {
+            self.start_ask(peer, now);
+            return Some(peer);
+        }
+        if self.live_peers >= self.config.max_peers {
+            return None;
+        }
+        let peer = self.candidates.pop_front()?;
+        let salt = self.rng.next_u64();
+        self.peers.insert(peer, Peer::new(salt));
+        self.live_peers += 1;
+        self.peers_asked += 1;
+        self.start_ask(peer, now);
+        Some(peer)
+    }
+
+    fn start_ask(&mut self, peer: P, now: Instant) {
+        let timeout = self.config.have_timeout;
+        if let Some(rec) = self.peers.get_mut(&peer) {
+            rec.asking = true;
+            rec.have_retry_at = None;
+            rec.have_timeout_at = now.checked_add(timeout);
+        }
+    }
+
+    /// When a partial holder that has nothing the fetch still needs should be asked again for its
+    /// have-map, if it should.
+    fn refresh_due(&self, rec: &Peer) -> Option<Instant> {
+        if self.finished || rec.dropped || rec.asking || rec.have_retry_at.is_some() || rec.in_flight > 0 {
+            return None;
+        }
+        let claim = self.claim.as_ref()?;
+        let advert = rec.advert.as_ref().filter(|a| a.size == claim.size())?;
+        if advert.pieces.is_complete() {
+            return None;
+        }
+        let useful = if claim.proven {
+            !advert.pieces.difference(&claim.verified).is_empty()
+        } else {
+            advert.pieces.contains(claim.last())
+        };
+        if useful {
+            return None;
+        }
+        rec.last_have_at?.checked_add(self.config.have_refresh)
+    }
+
+    /// Live peers whose have-map holds the last piece of the `size` they claim.
+    fn provers(&self, size: u64) -> usize {
+        self.peers
+            .values()
+            .filter(|r| !r.dropped && r.advert.as_ref().is_some_and(|a| a.size == size && a.can_prove()))
+            .count()
+    }
+
+    /// The size to work with: the one most live peers that can prove it claim; among equals, the
+    /// one claimed first.
+    fn best_claim(&self) -> Option<u64> {
+        let mut votes: BTreeMap<u64, (usize, u64)> = BTreeMap::new();
+        for advert in self.peers.values().filter(|r| !r.dropped).filter_map(|r| r.advert.as_ref()) {
+            if advert.can_prove() {
+                let vote = votes.entry(advert.size).or_insert((0, u64::MAX));
+                vote.0 += 1;
+                vote.1 = vote.1.min(advert.seq);
+            }
+        }
+        votes.into_iter().max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1))).map(|(size, _)| size)
+    }
+
+    /// Claims a size when there is none, and abandons an unproven claim nobody can prove any more
+    /// when another can be.
+    fn settle_size(&mut self) {
+        if let Some(claim) = &self.claim {
+            if claim.proven || self.provers(claim.size()) > 0 {
+                return;
+            }
+            match self.best_claim() {
+                Some(other) if other != claim.size() => self.reject_size(),
+                _ => return,
+            }
+        }
+        let Some(size) = self.best_claim() else { return };
+        let Ok(geometry) = Geometry::new(size) else { return };
+        let offset = self.rng.below(geometry.piece_count());
+        let mut claim = Claim::new(geometry, offset);
+        for advert in self.peers.values().filter(|r| !r.dropped).filter_map(|r| r.advert.as_ref()) {
+            if advert.size == size {
+                claim.add_advert(&advert.pieces);
+            }
+        }
+        self.claim = Some(claim);
+        self.actions.push_back(Action::Begin { size });
+    }
+
+    /// Abandons the unproven claim: its requests are cancelled and the node deletes the entry.
+    fn reject_size(&mut self) {
+        let Some(claim) = self.claim.take() else { return };
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(request) = self.take_request(id) {
+                self.actions.push_back(Action::Cancel { peer: request.peer, id });
+            }
+        }
+        self.actions.push_back(Action::SizeRejected { size: claim.size() });
+    }
+
+    fn next_request(&mut self, now: Instant) -> Option<Action<P>> {
+        if !self.claim.as_ref().is_some_and(|c| c.local_known) {
+            return None;
+        }
+        let ranked = self.ranked(now);
+        for &peer in &ranked {
+            if let Some(pieces) = self.pick_new(peer) {
+                return Some(self.send(peer, pieces, now));
+            }
+        }
+        if self.in_endgame() {
+            for &peer in &ranked {
+                if self.peers.get(&peer).is_some_and(|r| r.in_flight == 0)
+                    && let Some(pieces) = self.pick_duplicates(peer)
+                {
+                    return Some(self.send(peer, pieces, now));
+                }
+            }
+        }
+        None
+    }
+
+    /// Peers that may take a request now, the one expected to deliver soonest first.
+    fn ranked(&self, now: Instant) -> Vec<P> {
+        let Some(claim) = &self.claim else { return Vec::new() };
+        let request_bytes = (u64::from(self.config.pieces_per_request) * PIECE_SIZE) as f64;
+        let mut ready: Vec<(f64, u64, P)> = self
+            .peers
+            .iter()
+            .filter(|(_, r)| {
+                !r.dropped
+                    && r.claims(claim.size())
+                    && r.in_flight < self.config.max_requests_per_peer
+                    && r.backoff_until.is_none_or(|t| t <= now)
+            })
+            .map(|(p, r)| (r.expected_secs(request_bytes), r.salt, *p))
+            .collect();
+        ready.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        ready.into_iter().map(|(_, _, p)| p).collect()
+    }
+
+    /// New pieces for `peer`: the rarest piece it advertises that nobody is fetching (the first
+    /// from the seeded offset among equals), grown into a contiguous run of at most
+    /// `pieces_per_request`. Linear in the piece count (a few microseconds for a 1 GiB blob).
+    fn pick_new(&self, peer: P) -> Option<PieceSet> {
+        let claim = self.claim.as_ref()?;
+        let advert = self.peers.get(&peer)?.advert.as_ref().filter(|a| a.size == claim.size())?;
+        let candidates = claim.requestable().intersection(&advert.pieces);
+        let n = claim.piece_count();
+        let order = |i: PieceIndex| (u64::from(i) + u64::from(n) - u64::from(claim.offset)) % u64::from(n);
+        let best = candidates.iter().min_by_key(|&i| (claim.availability(i), order(i)))?;
+        let mut pieces = PieceSet::single(n, best);
+        let mut count = 1;
+        let mut next = best + 1;
+        while count < self.config.pieces_per_request && next < n && candidates.contains(next) {
+            pieces.insert(next);
+            next += 1;
+            count += 1;
+        }
+        let mut prev = best;
+        while count < self.config.pieces_per_request && prev > 0 && candidates.contains(prev - 1) {
+            prev -= 1;
+            pieces.insert(prev);
+            count += 1;
+        }
+        Some(pieces)
+    }
+
+    /// End-game: no piece that anybody advertises is left unrequested, so idle peers may duplicate
+    /// requests in flight. Not before the size is proven: duplicating the proof would cost every
+    /// fetch an extra piece, and a peer that stalls it is timed out like any other.
+    fn in_endgame(&self) -> bool {
+        let Some(claim) = self.claim.as_ref().filter(|c| c.proven) else { return false };
+        self.config.endgame_copies > 1 && !claim.wanted.iter().any(|i| claim.availability(i) > 0)
+    }
+
+    /// Duplicates for an idle `peer`: pieces of the oldest requests in flight elsewhere that it
+    /// advertises and that have fewer than `endgame_copies` requests.
+    fn pick_duplicates(&self, peer: P) -> Option<PieceSet> {
+        let claim = self.claim.as_ref()?;
+        let advert = self.peers.get(&peer)?.advert.as_ref().filter(|a| a.size == claim.size())?;
+        let mut pieces = PieceSet::empty(claim.piece_count());
+        let mut count = 0;
+        for request in self.requests.values().filter(|r| r.peer != peer) {
+            for i in request.pieces.iter() {
+                if count < self.config.pieces_per_request
+                    && advert.pieces.contains(i)
+                    && !claim.verified.contains(i)
+                    && usize::from(claim.copies(i)) < self.config.endgame_copies
+                    && pieces.insert(i)
+                {
+                    count += 1;
+                }
+            }
+        }
+        (count > 0).then_some(pieces)
+    }
+
+    fn send(&mut self, peer: P, pieces: PieceSet, now: Instant) -> Action<P> {
+        let id = RequestId(self.next_request_id);
+        self.next_request_id += 1;
+        if let Some(claim) = self.claim.as_mut() {
+            claim.send(&pieces);
+        }
+        if let Some(rec) = self.peers.get_mut(&peer) {
+            rec.in_flight += 1;
+        }
+        let timeout_at = now.checked_add(self.config.request_timeout);
+        self.requests.insert(id, InFlight { peer, pieces: pieces.clone(), timeout_at });
+        Action::Request { peer, id, pieces }
+    }
+
+    // ---- bookkeeping ----
+
+    /// Removes request `id` from the books of its peer; the caller settles its pieces.
+    fn take_request(&mut self, id: RequestId) -> Option<InFlight<P>> {
+        let request = self.requests.remove(&id)?;
+        if let Some(rec) = self.peers.get_mut(&request.peer) {
+            rec.in_flight = rec.in_flight.saturating_sub(1);
+        }
+        Some(request)
+    }
+
+    /// Records verified pieces (from `from`, or from the store); proves the size when the last
+    /// piece is among them.
+    fn accept_verified(&mut self, pieces: &PieceSet, from: Option<P>, now: Instant) {
+        let Some(claim) = self.claim.as_mut() else { return };
+        let mut new = 0;
+        for i in pieces.iter() {
+            if claim.verify(i) {
+                new += 1;
+            }
+        }
+        if let Some(rec) = from.and_then(|p| self.peers.get_mut(&p)) {
+            rec.pieces_verified += new;
+        }
+        if !claim.proven && claim.verified.contains(claim.last()) {
+            claim.proven = true;
+            let size = claim.size();
+            let liars: Vec<P> = self
+                .peers
+                .iter()
+                .filter(|(_, r)| !r.dropped && r.advert.as_ref().is_some_and(|a| a.size != size))
+                .map(|(p, _)| *p)
+                .collect();
+            for peer in liars {
+                self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
+            }
+        }
+    }
+
+    /// Cancels requests whose every piece is now verified, and completes the fetch when nothing is
+    /// missing.
+    fn after_verification(&mut self) {
+        let Some(claim) = &self.claim else { return };
+        let redundant: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.pieces.iter().all(|i| claim.verified.contains(i)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in redundant {
+            if let Some(request) = self.take_request(id) {
+                if let Some(claim) = self.claim.as_mut() {
+                    claim.release(&request.pieces);
+                }
+                self.actions.push_back(Action::Cancel { peer: request.peer, id });
+            }
+        }
+        if self.claim.as_ref().is_some_and(|c| c.verified.is_complete()) {
+            self.finished = true;
+            self.actions.push_back(Action::Complete);
+        }
+    }
+
+    /// `peer` does not hold `pieces` after all: they leave its have-map, and a peer that
+    /// advertises nothing any more is dropped.
+    fn unadvertise(&mut self, peer: P, pieces: &PieceSet, now: Instant) {
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        let Some(advert) = rec.advert.as_mut() else { return };
+        let mut removed = PieceSet::empty(advert.pieces.piece_count());
+        for i in pieces.iter() {
+            if advert.pieces.remove(i) {
+                removed.insert(i);
+            }
+        }
+        if let Some(claim) = self.claim.as_mut().filter(|c| c.size() == advert.size) {
+            claim.remove_advert(&removed);
+        }
+        if advert.pieces.is_empty() {
+            self.drop_peer(peer, None, now);
+        }
+    }
+
+    /// Applies a failure of a request to `peer` (see the module documentation).
+    fn peer_failed(&mut self, peer: P, failure: PeerFailure, asked: Asked, now: Instant) {
+        let retry_base = self.config.retry_base;
+        let max_failures = self.config.max_peer_failures;
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        let wait = match failure {
+            PeerFailure::NotFound | PeerFailure::Denied => {
+                self.drop_peer(peer, None, now);
+                return;
+            }
+            PeerFailure::Corrupt | PeerFailure::Protocol => {
+                self.drop_peer(peer, Some(failure), now);
+                return;
+            }
+            PeerFailure::Busy { retry_after } => retry_after.clamp(MIN_BUSY_WAIT, MAX_BUSY_WAIT),
+            PeerFailure::Timeout | PeerFailure::Io | PeerFailure::Truncated => {
+                if rec.incident_until.is_none_or(|t| now >= t) {
+                    rec.failures = rec.failures.saturating_add(1);
+                    rec.consecutive_failures = rec.consecutive_failures.saturating_add(1);
+                    if rec.consecutive_failures >= max_failures {
+                        self.drop_peer(peer, None, now);
+                        return;
+                    }
+                    let doublings = (rec.consecutive_failures - 1).min(16);
+                    let wait = retry_base.saturating_mul(1 << doublings).min(MAX_RETRY_BACKOFF);
+                    rec.incident_until = Some(at_least(now, wait));
+                }
+                rec.incident_until.map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+            }
+        };
+        let until = at_least(now, wait);
+        match asked {
+            Asked::Have => rec.have_retry_at = Some(until),
+            Asked::Get => rec.backoff_until = Some(rec.backoff_until.map_or(until, |t| t.max(until))),
+        }
+    }
+
+    /// Drops `peer` for this fetch, penalising it if `penalty` says so: its requests are cancelled
+    /// and their pieces go back to the pool.
+    fn drop_peer(&mut self, peer: P, penalty: Option<PeerFailure>, now: Instant) {
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        rec.dropped = true;
+        rec.asking = false;
+        rec.have_timeout_at = None;
+        rec.have_retry_at = None;
+        rec.backoff_until = None;
+        let advert = rec.advert.take();
+        if let Some(failure) = penalty {
+            rec.penalised = true;
+            self.actions.push_back(Action::Penalise { peer, failure });
+        }
+        self.live_peers = self.live_peers.saturating_sub(1);
+        if let (Some(claim), Some(advert)) = (self.claim.as_mut(), advert)
+            && advert.size == claim.size()
+        {
+            claim.remove_advert(&advert.pieces);
+        }
+        let ids: Vec<RequestId> = self.requests.iter().filter(|(_, r)| r.peer == peer).map(|(id, _)| *id).collect();
+        for id in ids {
+            if let Some(request) = self.take_request(id) {
+                if let Some(claim) = self.claim.as_mut() {
+                    claim.release(&request.pieces);
+                }
+                self.actions.push_back(Action::Cancel { peer, id });
+            }
+        }
+        self.dropped.push_back(peer);
+        let max_dropped = self.config.max_peers.saturating_mul(DROPPED_PER_PEER_SLOT);
+        while self.dropped.len() > max_dropped {
+            if let Some(old) = self.dropped.pop_front() {
+                self.peers.remove(&old);
+            }
+        }
+        if self.live_peers == 0 && self.candidates.is_empty() {
+            // Everyone is gone: look for providers again now, then back off from the start.
+            self.search_backoff = self.config.providers_backoff;
+            self.next_search_at = self.next_search_at.min(now);
+        }
+    }
+
+    fn expire_backoffs(&mut self, now: Instant) {
+        for rec in self.peers.values_mut() {
+            if rec.backoff_until.is_some_and(|t| t <= now) {
+                rec.backoff_until = None;
+            }
+        }
+    }
+
+    /// Gives up: cancels what is in flight and says why.
+    fn fail(&mut self) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(request) = self.take_request(id) {
+                self.actions.push_back(Action::Cancel { peer: request.peer, id });
+            }
+        }
+        let deadline = self.config.deadline.unwrap_or_default();
+        let verified_pieces = self.claim.as_ref().map_or(0, |c| c.verified.count());
+        let serving = self.peers.values().any(|r| !r.dropped && r.advert.is_some());
+        let error = if self.providers_found == 0 {
+            FetchError::NoProviders { hash: self.hash, deadline }
+        } else if verified_pieces == 0 && !serving {
+            FetchError::ProvidersFailed { hash: self.hash, tried: self.peers_asked, deadline }
+        } else {
+            FetchError::DeadlineExceeded {
+                hash: self.hash,
+                deadline,
+                verified_pieces,
+                total_pieces: self.claim.as_ref().map(Claim::piece_count),
+            }
+        };
+        self.actions.push_back(Action::Failed(error));
+        self.finished = true;
+    }
+}
+
+/// `now + wait`, or `now` in the (unreachable in practice) case that the sum overflows: the waits
+/// this is used for are capped, so this never postpones forever.
+fn at_least(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    use Action::{AskHave, Begin, Cancel, Complete, Failed, FindProviders, Penalise, SizeRejected};
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A blob of `pieces` pieces whose last piece is short.
+    fn size_of(pieces: u32) -> u64 {
+        u64::from(pieces - 1) * PIECE_SIZE + 1000
+    }
+
+    fn set(n: u32, ix: impl IntoIterator<Item = u32>) -> PieceSet {
+        let mut s = PieceSet::empty(n);
+        for i in ix {
+            s.insert(i);
+        }
+        s
+    }
+
+    fn requests(actions: &[Action<u32>]) -> Vec<(u32, RequestId, PieceSet)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Request { peer, id, pieces } => Some((*peer, *id, pieces.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stats(fetch: &Fetch<u32>, peer: u32) -> PeerStats {
+        fetch.peer_stats().find(|(p, _)| *p == peer).map(|(_, s)| s).expect("the peer is known")
+    }
+
+    /// One fetch driven by hand: a fake clock, and the node's side of the contract.
+    struct Driver {
+        fetch: Fetch<u32>,
+        now: Instant,
+        size: u64,
+        /// DHT lookups [`Driver::drain`] answered itself (with nobody new).
+        lookups: usize,
+    }
+
+    impl Driver {
+        fn new(size: u64, config: FetchConfig) -> Self {
+            Self::with_seed(size, config, 42)
+        }
+
+        fn with_seed(size: u64, config: FetchConfig, seed: u64) -> Self {
+            // The tests' only clock read: an origin. Every later time is an offset from it.
+            let now = Instant::now();
+            Self { fetch: Fetch::new(Hash::from([7; 32]), config, seed, now), now, size, lookups: 0 }
+        }
+
+        fn n(&self) -> u32 {
+            Geometry::new(self.size).expect("small").piece_count()
+        }
+
+        fn full(&self) -> PieceSet {
+            PieceSet::full(self.n())
+        }
+
+        /// Every action until `poll_action` runs dry.
+        fn drain_all(&mut self) -> Vec<Action<u32>> {
+            let mut out = Vec::new();
+            while let Some(action) = self.fetch.poll_action(self.now) {
+                out.push(action);
+                assert!(out.len() < 10_000, "poll_action never ran dry");
+            }
+            out
+        }
+
+        /// [`Driver::drain_all`], but DHT lookups (made while fewer than `max_peers` peers are
+        /// live) are answered at once with nobody new, counted in `lookups` and left out.
+        fn drain(&mut self) -> Vec<Action<u32>> {
+            let mut out = Vec::new();
+            loop {
+                let actions = self.drain_all();
+                if actions.is_empty() {
+                    return out;
+                }
+                for action in actions {
+                    if action == FindProviders {
+                        self.lookups += 1;
+                        self.fetch.handle_providers_done(self.now);
+                    } else {
+                        out.push(action);
+                    }
+                }
+            }
+        }
+
+        fn advance(&mut self, by: Duration) -> Vec<Action<u32>> {
+            self.now += by;
+            self.fetch.handle_timeout(self.now);
+            self.drain()
+        }
+
+        /// Answers the first lookup with `peers`; returns the actions that follow.
+        fn discover(&mut self, peers: &[u32]) -> Vec<Action<u32>> {
+            assert_eq!(self.drain_all(), vec![FindProviders]);
+            self.fetch.handle_providers(peers.iter().copied(), self.now);
+            self.fetch.handle_providers_done(self.now);
+            self.drain()
+        }
+
+        fn have(&mut self, peer: u32, pieces: PieceSet) {
+            self.have_rtt(peer, pieces, ms(20));
+        }
+
+        fn have_rtt(&mut self, peer: u32, pieces: PieceSet, rtt: Duration) {
+            self.fetch.handle_have(peer, self.size, pieces, rtt, self.now);
+        }
+
+        fn local(&mut self, pieces: &PieceSet) -> Vec<Action<u32>> {
+            self.fetch.handle_local(pieces, self.now);
+            self.drain()
+        }
+
+        /// `peer` answers request `id` with every piece of `pieces` verified.
+        fn ok(&mut self, peer: u32, id: RequestId, pieces: &PieceSet) -> Vec<Action<u32>> {
+            let bytes = u64::from(pieces.count()) * PIECE_SIZE;
+            self.fetch.handle_response(peer, id, pieces, bytes, ms(50), None, self.now);
+            self.drain()
+        }
+
+        fn fail(&mut self, peer: u32, id: RequestId, failure: PeerFailure) -> Vec<Action<u32>> {
+            let none = PieceSet::empty(self.n());
+            self.fetch.handle_response(peer, id, &none, 0, ms(50), Some(failure), self.now);
+            self.drain()
+        }
+
+        /// Answers every request, at once and successfully, until none is left; returns every
+        /// action seen, `actions` included.
+        fn serve_all(&mut self, actions: Vec<Action<u32>>) -> Vec<Action<u32>> {
+            let mut seen = actions.clone();
+            let mut queue: VecDeque<_> = requests(&actions).into();
+            while let Some((peer, id, pieces)) = queue.pop_front() {
+                let next = self.ok(peer, id, &pieces);
+                queue.extend(requests(&next));
+                seen.extend(next);
+            }
+            seen
+        }
+    }
+
+    /// A fetch of `size` bytes from `peers` (id and advertised pieces), past `Begin` and an empty
+    /// store; returns the actions that followed (the request for the last piece).
+    fn started(size: u64, config: FetchConfig, peers: &[(u32, PieceSet)]) -> (Driver, Vec<Action<u32>>) {
+        let mut d = Driver::new(size, config);
+        let ids: Vec<u32> = peers.iter().map(|(p, _)| *p).collect();
+        d.discover(&ids);
+        for (peer, pieces) in peers {
+            d.have(*peer, pieces.clone());
+        }
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        let actions = d.local(&PieceSet::empty(d.n()));
+        (d, actions)
+    }
+
+    /// [`started`], then the last piece answered: the size is proven. Returns the actions that
+    /// followed.
+    fn proven(size: u64, config: FetchConfig, peers: &[(u32, PieceSet)]) -> (Driver, Vec<Action<u32>>) {
+        let (mut d, actions) = started(size, config, peers);
+        let reqs = requests(&actions);
+        assert_eq!(reqs.len(), 1, "{actions:?}");
+        let (peer, id, pieces) = reqs[0].clone();
+        let after = d.ok(peer, id, &pieces);
+        assert!(d.fetch.is_size_proven());
+        (d, after)
+    }
+
+    // ---- 1. size ----
+
+    #[test]
+    fn the_size_comes_from_the_first_have_and_only_the_last_piece_is_asked_until_proven() {
+        let size = size_of(10);
+        let mut d = Driver::new(size, FetchConfig::default());
+        assert_eq!(d.discover(&[1, 2]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        assert_eq!(d.fetch.size(), Some(size));
+        d.have(2, d.full());
+        assert_eq!(d.drain(), vec![], "no second Begin, and no request before the store answers");
+        let actions = d.local(&PieceSet::empty(10));
+        let reqs = requests(&actions);
+        assert_eq!(reqs.len(), 1, "{actions:?}");
+        assert_eq!(reqs[0].2, PieceSet::single(10, 9), "the last piece, alone");
+        assert!(!d.fetch.is_size_proven());
+        assert_eq!(d.drain(), vec![], "nothing else until the size is proven, not even a duplicate");
+        let after = d.ok(reqs[0].0, reqs[0].1, &reqs[0].2);
+        assert!(d.fetch.is_size_proven());
+        let reqs = requests(&after);
+        let mut asked = PieceSet::empty(10);
+        for (_, _, pieces) in &reqs {
+            assert!(!pieces.contains(9) && pieces.count() <= 4, "{pieces:?}");
+            asked.union_with(pieces);
+        }
+        assert_eq!(asked, set(10, 0..9), "everything else at once, in parallel: {after:?}");
+        assert!(reqs.iter().any(|r| r.0 == 1) && reqs.iter().any(|r| r.0 == 2), "{after:?}");
+        let all = d.serve_all(after);
+        assert_eq!(all.iter().filter(|a| matches!(a, Begin { .. })).count(), 0, "Begin once");
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn a_have_contradicting_the_proven_size_is_penalised_and_dropped() {
+        let size = size_of(6);
+        // Peer 3 claims a size before the proof: it waits, and is penalised when the proof comes.
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 3]);
+        d.have(1, d.full());
+        d.fetch.handle_have(3, size + PIECE_SIZE, PieceSet::full(7), ms(1), d.now);
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        let reqs = requests(&d.local(&PieceSet::empty(6)));
+        assert_eq!(reqs[0].0, 1, "only a peer claiming the size in force is asked");
+        let after = d.ok(reqs[0].0, reqs[0].1, &reqs[0].2);
+        assert_eq!(after[0], Penalise { peer: 3, failure: PeerFailure::Corrupt }, "{after:?}");
+        assert!(stats(&d.fetch, 3).dropped && stats(&d.fetch, 3).penalised);
+        // Peer 4 claims another size after the proof.
+        d.fetch.handle_providers([4], d.now);
+        let asks = d.drain();
+        assert!(asks.contains(&AskHave { peer: 4 }), "{asks:?}");
+        d.fetch.handle_have(4, size - 1, PieceSet::full(6), ms(1), d.now);
+        assert_eq!(d.drain(), vec![Penalise { peer: 4, failure: PeerFailure::Corrupt }]);
+        let all = d.serve_all(after);
+        assert!(requests(&all).iter().all(|(p, _, _)| *p == 1));
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn a_corrupt_last_piece_rejects_the_claim_and_the_next_claim_is_begun() {
+        let size = size_of(5);
+        let lie = size + 3 * PIECE_SIZE;
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 2]);
+        d.fetch.handle_have(1, lie, PieceSet::full(8), ms(1), d.now);
+        assert_eq!(d.drain(), vec![Begin { size: lie }]);
+        let reqs = requests(&d.local(&PieceSet::empty(8)));
+        assert_eq!((reqs[0].0, reqs[0].2.clone()), (1, PieceSet::single(8, 7)));
+        d.have(2, d.full());
+        assert_eq!(d.drain(), vec![], "an unproven claim stands while its claimant can prove it");
+        let none = PieceSet::empty(8);
+        d.fetch.handle_response(1, reqs[0].1, &none, 1000, ms(5), Some(PeerFailure::Corrupt), d.now);
+        assert_eq!(
+            d.drain(),
+            vec![Penalise { peer: 1, failure: PeerFailure::Corrupt }, SizeRejected { size: lie }, Begin { size }]
+        );
+        assert!(!d.fetch.is_size_proven());
+        let reqs = requests(&d.local(&PieceSet::empty(5)));
+        assert_eq!((reqs[0].0, reqs[0].2.clone()), (2, PieceSet::single(5, 4)));
+        let proof = d.ok(reqs[0].0, reqs[0].1, &reqs[0].2);
+        assert_eq!(d.serve_all(proof).last(), Some(&Complete));
+    }
+
+    #[test]
+    fn a_corrupt_last_piece_from_one_of_several_claimants_keeps_the_size() {
+        let size = size_of(5);
+        let (mut d, actions) = started(size, FetchConfig::default(), &[(1, PieceSet::full(5)), (2, PieceSet::full(5))]);
+        let (bad, id, _) = requests(&actions)[0].clone();
+        let after = d.fail(bad, id, PeerFailure::Corrupt);
+        assert_eq!(after[0], Penalise { peer: bad, failure: PeerFailure::Corrupt });
+        assert!(!after.iter().any(|a| matches!(a, SizeRejected { .. } | Begin { .. })), "{after:?}");
+        let reqs = requests(&after);
+        assert_eq!(reqs.len(), 1);
+        assert_ne!(reqs[0].0, bad);
+        assert_eq!(reqs[0].2, PieceSet::single(5, 4));
+    }
+
+    #[test]
+    fn a_claim_nobody_can_prove_any_more_is_abandoned_for_another() {
+        let size = size_of(3);
+        let lie = size_of(4);
+        let config = FetchConfig { request_timeout: Duration::from_secs(1), ..FetchConfig::default() };
+        let mut d = Driver::new(size, config);
+        d.discover(&[1, 2]);
+        d.fetch.handle_have(1, lie, PieceSet::full(4), ms(1), d.now);
+        d.have(2, d.full());
+        assert_eq!(d.drain(), vec![Begin { size: lie }], "the first claim wins a tie");
+        let mut actions = d.local(&PieceSet::empty(4));
+        // Peer 1 never answers: three timeouts drop it, and the claim nobody can prove goes with it.
+        for round in 0..3 {
+            let reqs = requests(&actions);
+            assert_eq!(reqs.len(), 1, "round {round}: {actions:?}");
+            assert_eq!(reqs[0].0, 1);
+            actions = d.advance(Duration::from_secs(1));
+            assert_eq!(actions[0], Cancel { peer: 1, id: reqs[0].1 });
+            if round < 2 {
+                assert!(requests(&actions).is_empty(), "backing off");
+                actions = d.advance(MAX_RETRY_BACKOFF);
+            }
+        }
+        assert_eq!(actions[1..], [SizeRejected { size: lie }, Begin { size }], "{actions:?}");
+        assert!(!stats(&d.fetch, 1).penalised, "silence is not a lie");
+        let reqs = requests(&d.local(&PieceSet::empty(3)));
+        assert_eq!((reqs[0].0, reqs[0].2.clone()), (2, PieceSet::single(3, 2)));
+    }
+
+    #[test]
+    fn an_empty_blob_is_one_empty_piece() {
+        let (mut d, actions) = started(0, FetchConfig::default(), &[(1, PieceSet::full(1))]);
+        let reqs = requests(&actions);
+        assert_eq!(reqs, vec![(1, RequestId(0), PieceSet::single(1, 0))]);
+        let after = d.ok(1, RequestId(0), &PieceSet::single(1, 0));
+        assert_eq!(after, vec![Complete]);
+        let p = d.fetch.progress();
+        assert_eq!((p.verified_pieces, p.verified_bytes, p.total_pieces, p.total_bytes), (1, 0, Some(1), Some(0)));
+    }
+
+    // ---- 2. have-maps ----
+
+    #[test]
+    fn at_most_max_peers_are_asked_and_dropped_ones_are_replaced_without_penalty() {
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(4), config);
+        assert_eq!(d.discover(&[1, 2, 3, 4, 2, 1]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        d.fetch.handle_have_failed(1, PeerFailure::NotFound, d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 3 }]);
+        d.fetch.handle_have_failed(2, PeerFailure::Denied, d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 4 }]);
+        for peer in [1, 2] {
+            let s = stats(&d.fetch, peer);
+            assert!(s.dropped && !s.penalised, "peer {peer}: {s:?}");
+        }
+        // A dropped peer named again by the DHT is not asked again.
+        d.fetch.handle_providers([1, 2], d.now);
+        assert_eq!(d.drain(), vec![]);
+    }
+
+    #[test]
+    fn a_partial_holder_is_asked_only_for_what_it_advertises() {
+        let n = 24;
+        let partial = set(n, (0..5).chain(10..12).chain([n - 1]));
+        let config = FetchConfig { endgame_copies: 3, ..FetchConfig::default() };
+        let (mut d, actions) = started(size_of(n), config, &[(1, partial.clone()), (2, PieceSet::full(n))]);
+        let all = d.serve_all(actions);
+        let reqs = requests(&all);
+        assert!(reqs.iter().any(|(p, _, _)| *p == 1), "the partial holder serves too");
+        for (peer, _, pieces) in reqs {
+            if peer == 1 {
+                assert!(pieces.difference(&partial).is_empty(), "{pieces:?} not all advertised");
+            }
+        }
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn busy_on_have_asks_again_after_the_given_delay() {
+        let mut d = Driver::new(size_of(4), FetchConfig::default());
+        d.discover(&[1]);
+        d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: ms(2000) }, d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.advance(ms(1999)), vec![]);
+        assert_eq!(d.advance(ms(1)), vec![AskHave { peer: 1 }]);
+        assert_eq!(stats(&d.fetch, 1).failures, 0, "busy is not a failure");
+    }
+
+    #[test]
+    fn a_have_timeout_counts_as_a_failure_and_is_asked_again() {
+        let config = FetchConfig::default();
+        let mut d = Driver::new(size_of(4), config.clone());
+        d.discover(&[1]);
+        assert_eq!(d.advance(config.have_timeout - ms(1)), vec![]);
+        assert_eq!(stats(&d.fetch, 1).failures, 0);
+        assert_eq!(d.advance(ms(1)), vec![]);
+        assert_eq!(stats(&d.fetch, 1).failures, 1);
+        assert_eq!(d.advance(config.retry_base), vec![AskHave { peer: 1 }]);
+        // A late answer to the first ask is still welcome.
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![Begin { size: size_of(4) }]);
+        // Three silences in a row drop a peer, without a penalty.
+        let mut d = Driver::new(size_of(4), config.clone());
+        d.discover(&[1]);
+        d.advance(config.have_timeout);
+        d.advance(config.retry_base);
+        d.advance(config.have_timeout);
+        d.advance(config.retry_base * 2);
+        d.now += config.have_timeout;
+        d.fetch.handle_timeout(d.now);
+        let s = stats(&d.fetch, 1);
+        assert!(s.dropped && !s.penalised && s.failures == 3, "{s:?}");
+        assert_eq!(d.drain_all(), vec![FindProviders], "nobody left: ask the DHT again at once");
+    }
+
+    #[test]
+    fn a_partial_holder_with_nothing_new_is_asked_again_for_its_have_map() {
+        let n = 8;
+        let config = FetchConfig::default();
+        let (mut d, actions) = started(size_of(n), config.clone(), &[(1, set(n, [n - 1]))]);
+        let (_, id, pieces) = requests(&actions)[0].clone();
+        assert_eq!(d.ok(1, id, &pieces), vec![], "it has nothing more");
+        assert_eq!(d.fetch.poll_timeout(), Some(d.now + config.have_refresh));
+        assert_eq!(d.advance(config.have_refresh), vec![AskHave { peer: 1 }]);
+        d.have(1, set(n, [0, 1, n - 1]));
+        let reqs = requests(&d.drain());
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].2, set(n, [0, 1]));
+    }
+
+    // ---- 3. ranking ----
+
+    #[test]
+    fn the_nearest_peer_goes_first_then_the_fastest() {
+        let n = 40;
+        let mut d = Driver::new(size_of(n), FetchConfig::default());
+        d.discover(&[1, 2, 3]);
+        for (peer, rtt) in [(1, 50), (2, 10), (3, 30)] {
+            d.have_rtt(peer, PieceSet::full(n), ms(rtt));
+        }
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        assert_eq!(reqs[0].0, 2, "no throughput measured yet: the shortest round trip first");
+        // Peer 2 turns out slow: 256 KiB in 10 s.
+        let (peer, id, pieces) = reqs[0].clone();
+        d.fetch.handle_response(peer, id, &pieces, PIECE_SIZE, Duration::from_secs(10), None, d.now);
+        let reqs = requests(&d.drain());
+        let order: Vec<u32> = reqs.iter().map(|(p, _, _)| *p).collect();
+        assert_eq!(order[..2], [3, 1], "measured slowness outweighs a short round trip: {order:?}");
+        assert!(order.contains(&2), "the slow peer still works in parallel");
+    }
+
+    #[test]
+    fn the_rarest_pieces_go_first() {
+        let n = 8;
+        let config = FetchConfig { pieces_per_request: 1, ..FetchConfig::default() };
+        let common = set(n, [0, 1, 2, 4, 5, 7]);
+        let mut d = Driver::new(size_of(n), config);
+        d.discover(&[1, 2, 3]);
+        d.have_rtt(1, PieceSet::full(n), ms(1));
+        d.have_rtt(2, common.clone(), ms(50));
+        d.have_rtt(3, common, ms(50));
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        let (peer, id, pieces) = reqs[0].clone();
+        assert_eq!(peer, 1);
+        let reqs = requests(&d.ok(peer, id, &pieces));
+        let from_1: Vec<u32> = reqs.iter().filter(|(p, _, _)| *p == 1).flat_map(|(_, _, s)| s.iter()).collect();
+        assert!(from_1.len() >= 2, "{reqs:?}");
+        let mut first_two = from_1[..2].to_vec();
+        first_two.sort_unstable();
+        assert_eq!(first_two, [3, 6], "pieces only peer 1 holds go first: {from_1:?}");
+    }
+
+    #[test]
+    fn requests_are_contiguous_runs_starting_where_the_seed_says() {
+        let n = 64;
+        let mut starts = BTreeSet::new();
+        for seed in 0..8 {
+            let mut d = Driver::with_seed(size_of(n), FetchConfig::default(), seed);
+            d.discover(&[1]);
+            d.have(1, PieceSet::full(n));
+            d.drain();
+            let (_, id, pieces) = requests(&d.local(&PieceSet::empty(n)))[0].clone();
+            let proof = d.ok(1, id, &pieces);
+            let all = d.serve_all(proof);
+            let reqs = requests(&all);
+            for (_, _, pieces) in &reqs {
+                assert_eq!(pieces.ranges().count(), 1, "{pieces:?} is not one run");
+                assert!(pieces.count() <= 4);
+            }
+            starts.insert(reqs[0].2.iter().next());
+        }
+        assert!(starts.len() > 4, "different seeds start in different places: {starts:?}");
+    }
+
+    #[test]
+    fn the_same_seed_and_inputs_give_the_same_actions() {
+        let run = |seed| {
+            let n = 50;
+            let mut d = Driver::with_seed(size_of(n), FetchConfig::default(), seed);
+            d.discover(&[1, 2, 3, 4]);
+            for peer in 1..5 {
+                d.have(peer, PieceSet::full(n));
+            }
+            d.drain();
+            let first = d.local(&PieceSet::empty(n));
+            d.serve_all(first)
+        };
+        assert_eq!(run(9), run(9));
+        assert_ne!(run(9), run(10));
+    }
+
+    // ---- 4. parallel ----
+
+    #[test]
+    fn several_peers_in_parallel_at_most_max_requests_each() {
+        let n = 64;
+        let peers: Vec<(u32, PieceSet)> = (1..4).map(|p| (p, PieceSet::full(n))).collect();
+        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &peers);
+        let reqs = requests(&after);
+        assert_eq!(reqs.len(), 12, "{after:?}");
+        for peer in 1..4 {
+            assert_eq!(reqs.iter().filter(|(p, _, _)| *p == peer).count(), 4, "peer {peer}");
+            assert_eq!(stats(&d.fetch, peer).requests_in_flight, 4);
+        }
+        assert_eq!(d.drain(), vec![], "every peer is at its bound");
+        assert_eq!(d.fetch.progress().requests_in_flight, 12);
+        // One answer frees one slot, which is filled at once.
+        let (peer, id, pieces) = reqs[0].clone();
+        let next = requests(&d.ok(peer, id, &pieces));
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].0, peer);
+    }
+
+    // ---- 5. end-game ----
+
+    #[test]
+    fn end_game_duplicates_the_tail_and_cancels_the_loser() {
+        let n = 9;
+        let config = FetchConfig { max_requests_per_peer: 1, ..FetchConfig::default() };
+        let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        assert_eq!(reqs.len(), 2, "{after:?}");
+        let (fast, mut fast_id, mut fast_pieces) = reqs[0].clone();
+        let (slow, slow_id, slow_pieces) = reqs[1].clone();
+        // The fast peer answers everything; once every missing piece is in flight it duplicates
+        // the slow peer's request.
+        let dup = loop {
+            let next = requests(&d.ok(fast, fast_id, &fast_pieces));
+            assert_eq!(next.len(), 1, "the fast peer stays busy");
+            let (peer, id, pieces) = next[0].clone();
+            assert_eq!(peer, fast);
+            if !pieces.intersection(&slow_pieces).is_empty() {
+                break (id, pieces);
+            }
+            (fast_id, fast_pieces) = (id, pieces);
+        };
+        assert_eq!(dup.1, slow_pieces, "the duplicate covers the slow request");
+        let verified = d.fetch.verified().expect("begun").clone();
+        assert_eq!(verified.count() + slow_pieces.count(), n, "end-game only once nothing else is missing");
+        assert_eq!(d.drain(), vec![], "at most endgame_copies requests per piece");
+        // The duplicate wins: the original is cancelled, then the fetch completes.
+        assert_eq!(d.ok(fast, dup.0, &dup.1), vec![Cancel { peer: slow, id: slow_id }, Complete]);
+        // The loser's late answer is ignored.
+        d.ok(slow, slow_id, &slow_pieces);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.fetch.poll_timeout(), None);
+    }
+
+    // ---- 6. failures ----
+
+    #[test]
+    fn corrupt_data_drops_and_penalises_the_peer_and_keeps_what_verified() {
+        let n = 20;
+        let (mut d, after) =
+            proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        let (bad, id, pieces) = reqs.iter().find(|(_, _, p)| p.count() > 1).cloned().expect("a multi-piece request");
+        let first = pieces.iter().next().expect("not empty");
+        let good = PieceSet::single(n, first);
+        d.fetch.handle_response(bad, id, &good, PIECE_SIZE + 10, ms(30), Some(PeerFailure::Corrupt), d.now);
+        let actions = d.drain();
+        assert_eq!(actions[0], Penalise { peer: bad, failure: PeerFailure::Corrupt });
+        let cancelled: Vec<RequestId> =
+            actions.iter().filter_map(|a| if let Cancel { id, .. } = a { Some(*id) } else { None }).collect();
+        let others: Vec<RequestId> =
+            reqs.iter().filter(|(p, i, _)| *p == bad && *i != id).map(|(_, i, _)| *i).collect();
+        assert_eq!(cancelled, others, "its other requests are cancelled");
+        assert!(d.fetch.verified().expect("begun").contains(first), "what verified before the bad bytes is kept");
+        let mut pending: Vec<Action<u32>> =
+            after.into_iter().filter(|a| matches!(a, Action::Request { peer, .. } if *peer != bad)).collect();
+        pending.extend(actions);
+        let all = d.serve_all(pending);
+        assert!(requests(&all).iter().all(|(p, _, _)| *p != bad));
+        assert_eq!(all.last(), Some(&Complete));
+        assert!(stats(&d.fetch, bad).dropped);
+    }
+
+    #[test]
+    fn transient_failures_back_off_and_drop_after_max_failures_without_penalty() {
+        let n = 40;
+        let config = FetchConfig::default();
+        let (mut d, after) = proven(size_of(n), config.clone(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let from =
+            |actions: &[Action<u32>], peer| requests(actions).into_iter().filter(|r| r.0 == peer).collect::<Vec<_>>();
+        let mut mine = from(&after, 1);
+        let mut wait = config.retry_base;
+        for (round, failure) in [PeerFailure::Io, PeerFailure::Truncated, PeerFailure::Timeout].into_iter().enumerate()
+        {
+            let (_, id, pieces) = mine.pop().expect("a request to peer 1");
+            let actions = d.fail(1, id, failure);
+            let s = stats(&d.fetch, 1);
+            assert_eq!(s.failures, round as u32 + 1);
+            assert!(!actions.iter().any(|a| matches!(a, Penalise { .. })), "{failure:?}");
+            if round == 2 {
+                assert!(s.dropped, "dropped after {} failures", config.max_peer_failures);
+                break;
+            }
+            // Its pieces go back to the pool, and to peer 2 when it has a free slot.
+            assert!(from(&actions, 1).is_empty(), "peer 1 backs off");
+            let (_, id2, p2) = from(&after, 2)[round].clone();
+            let refill = d.ok(2, id2, &p2);
+            assert!(from(&refill, 2).iter().any(|(_, _, p)| p.intersection(&pieces) == pieces), "{refill:?}");
+            assert_eq!(d.advance(wait - ms(1)), vec![]);
+            let resumed = d.advance(ms(1));
+            assert!(!from(&resumed, 1).is_empty(), "back-off over after {wait:?}");
+            wait *= 2;
+            mine.extend(from(&resumed, 1));
+        }
+    }
+
+    #[test]
+    fn a_success_resets_the_count_of_failures_in_a_row() {
+        let n = 40;
+        let config = FetchConfig { max_peer_failures: 2, ..FetchConfig::default() };
+        let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        d.fail(1, reqs[0].1, PeerFailure::Io);
+        d.ok(1, reqs[1].1, &reqs[1].2);
+        d.fail(1, reqs[2].1, PeerFailure::Io);
+        let s = stats(&d.fetch, 1);
+        assert!(!s.dropped && s.failures == 2, "{s:?}");
+    }
+
+    #[test]
+    fn busy_backs_off_for_the_given_delay_without_counting_a_failure() {
+        let n = 20;
+        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        let actions = d.fail(1, reqs[0].1, PeerFailure::Busy { retry_after: ms(500) });
+        assert_eq!(actions, vec![]);
+        assert_eq!(stats(&d.fetch, 1).failures, 0);
+        for (_, id, pieces) in &reqs[1..] {
+            assert!(requests(&d.ok(1, *id, pieces)).is_empty(), "no new request while busy");
+        }
+        assert_eq!(d.advance(ms(499)), vec![]);
+        assert!(!requests(&d.advance(ms(1))).is_empty());
+    }
+
+    #[test]
+    fn not_found_on_a_get_prunes_the_have_map_and_asks_it_again() {
+        let n = 12;
+        let config = FetchConfig { max_requests_per_peer: 1, ..FetchConfig::default() };
+        let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
+        let (_, id, stale) = requests(&after)[0].clone();
+        let actions = d.fail(1, id, PeerFailure::NotFound);
+        assert!(actions.contains(&AskHave { peer: 1 }), "{actions:?}");
+        for (_, _, pieces) in requests(&actions) {
+            assert!(pieces.intersection(&stale).is_empty(), "stale pieces asked again: {pieces:?}");
+        }
+        assert!(!stats(&d.fetch, 1).dropped);
+        // A peer that ends up advertising nothing is dropped, without a penalty.
+        let mut d = Driver::new(size_of(n), FetchConfig::default());
+        d.discover(&[1, 2]);
+        d.have_rtt(1, set(n, [n - 1]), ms(1));
+        d.have_rtt(2, PieceSet::full(n), ms(50));
+        d.drain();
+        let (peer, id, _) = requests(&d.local(&PieceSet::empty(n)))[0].clone();
+        assert_eq!(peer, 1, "the nearest peer proves the size");
+        let after = d.fail(1, id, PeerFailure::NotFound);
+        let s = stats(&d.fetch, 1);
+        assert!(s.dropped && !s.penalised, "{s:?}");
+        assert_eq!(requests(&after)[0].0, 2);
+    }
+
+    #[test]
+    fn a_request_timeout_cancels_it_and_counts_one_failure_per_incident() {
+        let n = 40;
+        let config = FetchConfig::default();
+        let (mut d, after) = proven(size_of(n), config.clone(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let start = d.now;
+        let reqs = requests(&after);
+        let silent: Vec<(u32, RequestId, PieceSet)> = reqs.iter().filter(|r| r.0 == 1).cloned().collect();
+        assert_eq!(silent.len(), 4);
+        // Peer 2 answers half-way through; its next requests time out later.
+        d.now += config.request_timeout / 2;
+        for (_, id, pieces) in reqs.iter().filter(|r| r.0 == 2) {
+            d.ok(2, *id, pieces);
+        }
+        assert_eq!(d.advance(config.request_timeout / 2 - ms(1)), vec![], "nothing times out early");
+        let actions = d.advance(ms(1));
+        assert_eq!(d.now - start, config.request_timeout);
+        let cancels: Vec<Action<u32>> = silent.iter().map(|(peer, id, _)| Cancel { peer: *peer, id: *id }).collect();
+        assert_eq!(actions[..4], cancels, "each timed-out request is cancelled");
+        let s = stats(&d.fetch, 1);
+        assert_eq!((s.failures, s.dropped, s.requests_in_flight), (1, false, 0), "four timeouts, one incident");
+        // Their pieces go back to the pool at once: to peer 2's free slots now, to peer 1 after
+        // its back-off.
+        let mut again = requests(&actions[4..]);
+        assert!(again.iter().all(|r| r.0 == 2), "{actions:?}");
+        again.extend(requests(&d.advance(config.retry_base)));
+        let mut lost = PieceSet::empty(n);
+        silent.iter().for_each(|(_, _, p)| lost.union_with(p));
+        let mut reasked = PieceSet::empty(n);
+        again.iter().for_each(|(_, _, p)| reasked.union_with(p));
+        assert!(lost.difference(&reasked).is_empty(), "{again:?}");
+        assert!(again.iter().any(|r| r.0 == 1), "peer 1 serves again after its back-off: {again:?}");
+    }
+
+    // ---- 7. resume ----
+
+    #[test]
+    fn requests_wait_for_the_store_and_never_ask_for_local_pieces() {
+        let n = 16;
+        let size = size_of(n);
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 2]);
+        d.have(1, PieceSet::full(n));
+        d.have(2, PieceSet::full(n));
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        assert_eq!(d.drain(), vec![], "nothing is requested before the store answers");
+        let local = set(n, (0..6).chain([9, n - 1]));
+        let actions = d.local(&local);
+        assert!(d.fetch.is_size_proven(), "the store holds the last piece");
+        let all = d.serve_all(actions);
+        for (_, _, pieces) in requests(&all) {
+            assert!(pieces.intersection(&local).is_empty(), "{pieces:?} is already local");
+        }
+        assert_eq!(all.last(), Some(&Complete));
+        // A store that holds everything completes without a request.
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1]);
+        d.have(1, PieceSet::full(n));
+        d.drain();
+        assert_eq!(d.local(&PieceSet::full(n)), vec![Complete]);
+    }
+
+    // ---- 8. providers and the deadline ----
+
+    #[test]
+    fn providers_are_asked_again_with_a_doubling_back_off_and_never_fail_without_a_deadline() {
+        let mut d = Driver::new(size_of(4), FetchConfig::default());
+        let start = d.now;
+        assert_eq!(d.drain_all(), vec![FindProviders]);
+        d.fetch.handle_providers([], d.now);
+        d.fetch.handle_providers_done(d.now);
+        let mut gaps = Vec::new();
+        let mut last = d.now;
+        while d.now < start + Duration::from_secs(3600) {
+            let at = d.fetch.poll_timeout().expect("a lookup is always scheduled");
+            assert!(at > d.now);
+            d.now = at;
+            d.fetch.handle_timeout(d.now);
+            let actions = d.drain_all();
+            assert_eq!(actions, vec![FindProviders], "exactly one lookup at a time");
+            gaps.push((d.now - last).as_secs());
+            last = d.now;
+            d.fetch.handle_providers_done(d.now);
+        }
+        assert_eq!(gaps[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert!(!d.fetch.is_finished());
+    }
+
+    #[test]
+    fn it_fails_only_when_the_deadline_passes_and_says_why() {
+        let deadline = Duration::from_secs(60);
+        let config = FetchConfig { deadline: Some(deadline), ..FetchConfig::default() };
+        // Nobody found.
+        let mut d = Driver::new(size_of(4), config.clone());
+        d.drain();
+        d.fetch.handle_providers_done(d.now);
+        let mut failed = Vec::new();
+        while d.fetch.poll_timeout().is_some() {
+            let at = d.fetch.poll_timeout().expect("checked");
+            let actions = d.advance(at - d.now);
+            failed.extend(actions.into_iter().filter(|a| matches!(a, Failed(_))));
+            if !failed.is_empty() {
+                break;
+            }
+            d.fetch.handle_providers_done(d.now);
+        }
+        let hash = Hash::from([7; 32]);
+        assert_eq!(failed, vec![Failed(FetchError::NoProviders { hash, deadline })]);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.fetch.poll_timeout(), None);
+        // Found, but every one refused.
+        let mut d = Driver::new(size_of(4), config.clone());
+        d.discover(&[1, 2]);
+        d.fetch.handle_have_failed(1, PeerFailure::Denied, d.now);
+        d.fetch.handle_have_failed(2, PeerFailure::NotFound, d.now);
+        d.drain();
+        let actions = d.advance(deadline);
+        assert_eq!(actions, vec![Failed(FetchError::ProvidersFailed { hash, tried: 2, deadline })]);
+        // Under way: requests in flight are cancelled first.
+        let config = FetchConfig { request_timeout: Duration::from_secs(100), ..config };
+        let (mut d, after) = proven(size_of(40), config, &[(1, PieceSet::full(40))]);
+        let actions = d.advance(deadline);
+        assert_eq!(actions.len(), requests(&after).len() + 1);
+        assert!(actions[..actions.len() - 1].iter().all(|a| matches!(a, Cancel { peer: 1, .. })));
+        let Some(Failed(err)) = actions.last() else { panic!("{actions:?}") };
+        assert_eq!(*err, FetchError::DeadlineExceeded { hash, deadline, verified_pieces: 1, total_pieces: Some(40) });
+        assert!(err.to_string().contains("1 of 40 pieces"), "{err}");
+    }
+
+    // ---- 9. completion ----
+
+    #[test]
+    fn complete_is_emitted_once_and_then_nothing_happens() {
+        let n = 4;
+        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n))]);
+        let all = d.serve_all(after);
+        assert_eq!(all.iter().filter(|a| **a == Complete).count(), 1);
+        assert_eq!(d.drain(), vec![]);
+        d.fetch.handle_providers([5, 6], d.now);
+        d.fetch.handle_have(1, size_of(n), PieceSet::full(n), ms(1), d.now);
+        d.fetch.handle_timeout(d.now + Duration::from_secs(100));
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.fetch.poll_timeout(), None);
+        assert!(d.fetch.is_finished());
+        assert_eq!(d.fetch.progress().verified_bytes, size_of(n));
+    }
+
+    // ---- 10. bounds and hostile input ----
+
+    #[test]
+    fn late_duplicate_and_unknown_answers_are_ignored() {
+        let n = 20;
+        let (mut d, after) =
+            proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        let before = d.fetch.progress();
+        let all = PieceSet::full(n);
+        // Unknown id, wrong peer, wrong piece count.
+        d.fetch.handle_response(1, RequestId(999), &all, 1, ms(1), None, d.now);
+        let (peer, id, pieces) = reqs[0].clone();
+        d.fetch.handle_response(peer + 10, id, &all, 1, ms(1), None, d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.fetch.progress(), before);
+        d.ok(peer, id, &pieces);
+        let mid = d.fetch.progress();
+        // The same answer again, and an answer for a request never made to this peer.
+        d.ok(peer, id, &pieces);
+        d.fetch.handle_response(peer, id, &all, 1, ms(1), Some(PeerFailure::Corrupt), d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.fetch.progress(), mid);
+        // Have answers and failures from peers never asked.
+        d.fetch.handle_have(77, size_of(n), PieceSet::full(n), ms(1), d.now);
+        d.fetch.handle_have_failed(78, PeerFailure::Corrupt, d.now);
+        d.fetch.handle_have_failed(1, PeerFailure::Corrupt, d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert!(d.fetch.peer_stats().all(|(p, _)| p == 1 || p == 2));
+    }
+
+    #[test]
+    fn malformed_have_maps_are_a_protocol_failure() {
+        let size = size_of(4);
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 2, 3, 4]);
+        d.fetch.handle_have(1, size, PieceSet::full(9), ms(1), d.now);
+        d.fetch.handle_have(2, u64::MAX, PieceSet::full(4), ms(1), d.now);
+        d.fetch.handle_have(3, size, PieceSet::empty(4), ms(1), d.now);
+        d.fetch.handle_have(4, size, PieceSet::default(), ms(1), d.now);
+        assert_eq!(
+            d.drain()[..3],
+            [
+                Penalise { peer: 1, failure: PeerFailure::Protocol },
+                Penalise { peer: 2, failure: PeerFailure::Protocol },
+                Penalise { peer: 4, failure: PeerFailure::Protocol },
+            ]
+        );
+        let s = stats(&d.fetch, 3);
+        assert!(s.dropped && !s.penalised, "an empty have-map is NotFound, not a lie");
+        assert_eq!(d.fetch.size(), None);
+        // handle_local with the wrong piece count is ignored but lets requests go.
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1]);
+        d.have(1, PieceSet::full(4));
+        d.drain();
+        assert_eq!(requests(&d.local(&PieceSet::full(3))).len(), 1);
+        assert_eq!(d.fetch.progress().verified_pieces, 0);
+    }
+
+    #[test]
+    fn candidates_are_bounded_and_deduplicated() {
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(4), config);
+        let named: Vec<u32> = (0..100).chain(0..100).collect();
+        let mut asked = Vec::new();
+        let mut actions = d.discover(&named);
+        while let Some(AskHave { peer }) = actions.first().cloned() {
+            asked.push(peer);
+            actions.remove(0);
+            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
+            actions.extend(d.drain_all());
+        }
+        assert_eq!(asked, (0..8).collect::<Vec<_>>(), "4 x max_peers candidates remembered");
+        assert_eq!(actions, vec![FindProviders], "then the DHT is asked again");
+    }
+
+    #[test]
+    fn hostile_configuration_values_are_brought_into_range() {
+        let config = FetchConfig {
+            pieces_per_request: 0,
+            max_requests_per_peer: 0,
+            request_timeout: Duration::MAX,
+            have_timeout: Duration::ZERO,
+            max_peer_failures: 0,
+            retry_base: Duration::MAX,
+            endgame_copies: 0,
+            max_peers: 0,
+            providers_backoff: Duration::ZERO,
+            have_refresh: Duration::MAX,
+            deadline: Some(Duration::MAX),
+        };
+        let (mut d, actions) = started(size_of(3), config, &[(1, PieceSet::full(3))]);
+        let all = d.serve_all(actions);
+        assert!(requests(&all).iter().all(|(_, _, p)| p.count() == 1));
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
+    // ---- a swarm with honest, faulty and hostile peers ----
+
+    mod swarm {
+        use std::collections::BTreeSet;
+
+        use proptest::prelude::*;
+
+        use super::super::*;
+        use super::set;
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Kind {
+            /// Serves every request.
+            Honest,
+            /// Fails 30% of requests with an I/O error.
+            Flaky,
+            /// Answers 30% of requests and have requests with `Busy`.
+            Busy,
+            /// Sends bytes that fail verification.
+            Corrupt,
+            /// Answers have requests, never a get.
+            Silent,
+            /// Claims a larger size and fails to prove it.
+            SizeLiar,
+        }
+
+        impl Kind {
+            fn honest(self) -> bool {
+                matches!(self, Kind::Honest | Kind::Flaky | Kind::Busy)
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        struct SimPeer {
+            kind: Kind,
+            latency: Duration,
+            bytes_per_sec: u64,
+            /// A partial holder advertises pieces below this, and the last.
+            holds_below: Option<u32>,
+        }
+
+        #[derive(Debug)]
+        enum Event {
+            Providers,
+            Have(u32),
+            Response { id: RequestId, failure: Option<PeerFailure> },
+        }
+
+        /// Runs one fetch against `peers` (peer 0 is an honest full holder) and checks its
+        /// invariants; returns a trace of every action, for replay checks.
+        pub(super) fn run(size: u64, extra: &[(u8, u64, u64, Option<u32>)], seed: u64) -> Vec<String> {
+            let n = Geometry::new(size).expect("small").piece_count();
+            let mut peers = vec![SimPeer {
+                kind: Kind::Honest,
+                latency: Duration::from_millis(80),
+                bytes_per_sec: 2_000_000,
+                holds_below: None,
+            }];
+            let kinds = [Kind::Honest, Kind::Flaky, Kind::Busy, Kind::Corrupt, Kind::Silent, Kind::SizeLiar];
+            for &(kind, latency_ms, mbps, holds_below) in extra {
+                peers.push(SimPeer {
+                    kind: kinds[usize::from(kind) % kinds.len()],
+                    latency: Duration::from_millis(latency_ms),
+                    bytes_per_sec: mbps * 1_000_000,
+                    holds_below,
+                });
+            }
+            let lie = size + 2 * PIECE_SIZE;
+            let config = FetchConfig {
+                max_peers: 4,
+                request_timeout: Duration::from_secs(2),
+                have_timeout: Duration::from_secs(1),
+                ..FetchConfig::default()
+            };
+            let start = Instant::now();
+            let mut now = start;
+            let mut fetch: Fetch<u32> = Fetch::new(Hash::from([1; 32]), config.clone(), seed, now);
+            let mut dice = SplitMix64(seed ^ 0x5eed);
+            let mut events: BTreeMap<(Instant, u64), Event> = BTreeMap::new();
+            let mut seq = 0u64;
+            let mut schedule = |events: &mut BTreeMap<(Instant, u64), Event>, at: Instant, e: Event| {
+                events.insert((at, seq), e);
+                seq += 1;
+            };
+            let mut sent: BTreeMap<RequestId, (u32, PieceSet, Instant)> = BTreeMap::new();
+            let mut cancelled: BTreeMap<RequestId, (u32, PieceSet, Instant)> = BTreeMap::new();
+            let mut adverts: BTreeMap<u32, (u64, PieceSet)> = BTreeMap::new();
+            let mut store: Option<(u64, PieceSet)> = None;
+            let mut sources: BTreeMap<PieceIndex, u32> = BTreeMap::new();
+            let mut penalised = BTreeSet::new();
+            let mut must_penalise = BTreeSet::new();
+            let mut trace = Vec::new();
+            for _step in 0..200_000 {
+                while let Some(action) = fetch.poll_action(now) {
+                    trace.push(format!("{:?} {action:?}", now - start));
+                    match action {
+                        Action::FindProviders => {
+                            schedule(&mut events, now + Duration::from_millis(30), Event::Providers)
+                        }
+                        Action::AskHave { peer } => {
+                            let sim = &peers[peer as usize];
+                            schedule(&mut events, now + sim.latency * 2, Event::Have(peer));
+                        }
+                        Action::Begin { size } => {
+                            let store_n = Geometry::new(size).expect("claimed").piece_count();
+                            store = Some((size, PieceSet::empty(store_n)));
+                            fetch.handle_local(&PieceSet::empty(store_n), now);
+                        }
+                        Action::SizeRejected { size: rejected } => {
+                            assert_eq!(store.as_ref().map(|s| s.0), Some(rejected));
+                            store = None;
+                        }
+                        Action::Request { peer, id, pieces } => {
+                            let (claimed, advert) = adverts.get(&peer).expect("asked only after its have-map");
+                            assert_eq!(fetch.size(), Some(*claimed), "only peers claiming the size in force");
+                            assert!(!pieces.is_empty() && pieces.count() <= config.pieces_per_request);
+                            assert!(pieces.difference(advert).is_empty(), "{peer} never advertised {pieces:?}");
+                            let verified = fetch.verified().expect("begun");
+                            assert!(pieces.intersection(verified).is_empty(), "{pieces:?} is verified");
+                            if !fetch.is_size_proven() {
+                                assert_eq!(pieces, PieceSet::single(advert.piece_count(), advert.piece_count() - 1));
+                            }
+                            let busy = sent.values().filter(|(p, _, _)| *p == peer).count();
+                            assert!(busy < config.max_requests_per_peer, "peer {peer} over its bound");
+                            let sim = &peers[peer as usize];
+                            let bytes = u64::from(pieces.count()) * PIECE_SIZE;
+                            let transfer = Duration::from_secs_f64(bytes as f64 / sim.bytes_per_sec as f64);
+                            let roll = dice.below(10);
+                            let outcome = match sim.kind {
+                                Kind::Honest => Some(None),
+                                Kind::Flaky if roll < 3 => Some(Some(PeerFailure::Io)),
+                                Kind::Busy if roll < 3 => Some(Some(PeerFailure::Busy { retry_after: ms(50) })),
+                                Kind::Flaky | Kind::Busy => Some(None),
+                                Kind::Corrupt | Kind::SizeLiar => Some(Some(PeerFailure::Corrupt)),
+                                Kind::Silent => None,
+                            };
+                            if let Some(failure) = outcome {
+                                let at = now + sim.latency * 2 + transfer;
+                                schedule(&mut events, at, Event::Response { id, failure });
+                            }
+                            sent.insert(id, (peer, pieces, now));
+                        }
+                        Action::Cancel { peer, id } => {
+                            let request = sent.remove(&id).expect("cancels name live requests");
+                            assert_eq!(request.0, peer);
+                            cancelled.insert(id, request);
+                        }
+                        Action::Penalise { peer, .. } => {
+                            assert!(!peers[peer as usize].kind.honest(), "honest peer {peer} penalised");
+                            assert!(penalised.insert(peer), "peer {peer} penalised twice");
+                        }
+                        Action::Complete => {
+                            let (size_done, stored) = store.expect("begun");
+                            assert_eq!(size_done, size);
+                            assert!(stored.is_complete() && fetch.verified().is_some_and(PieceSet::is_complete));
+                            assert!(fetch.is_size_proven());
+                            assert_eq!(sources.len() as u32, n);
+                            assert!(sources.values().all(|p| peers[*p as usize].kind.honest()));
+                            assert!(must_penalise.is_subset(&penalised), "{must_penalise:?} vs {penalised:?}");
+                            assert_eq!(fetch.poll_action(now), None);
+                            return trace;
+                        }
+                        Action::Failed(e) => panic!("fetch failed: {e}"),
+                    }
+                }
+                let timeout = fetch.poll_timeout();
+                if let Some(t) = timeout {
+                    assert!(t > now, "poll_timeout in the past: a busy loop");
+                }
+                let next_event = events.keys().next().map(|k| k.0);
+                let next = match (timeout, next_event) {
+                    (Some(t), Some(e)) => t.min(e),
+                    (t, e) => t.or(e).expect("something to wait for"),
+                };
+                now = next;
+                if next_event != Some(next) {
+                    fetch.handle_timeout(now);
+                    continue;
+                }
+                let Some((_, event)) = events.pop_first() else { continue };
+                match event {
+                    Event::Providers => {
+                        let mut named: Vec<u32> = (0..peers.len() as u32).collect();
+                        let turn = dice.below(named.len() as u32) as usize;
+                        named.rotate_left(turn);
+                        named.push(0);
+                        fetch.handle_providers(named, now);
+                        fetch.handle_providers_done(now);
+                    }
+                    Event::Have(peer) => {
+                        let sim = &peers[peer as usize];
+                        if sim.kind == Kind::Busy && dice.below(10) < 3 {
+                            fetch.handle_have_failed(peer, PeerFailure::Busy { retry_after: ms(100) }, now);
+                            continue;
+                        }
+                        let (claimed, advert) = if sim.kind == Kind::SizeLiar {
+                            (lie, PieceSet::full(Geometry::new(lie).expect("small").piece_count()))
+                        } else if let Some(k) = sim.holds_below {
+                            (size, set(n, (0..k.min(n)).chain([n - 1])))
+                        } else {
+                            (size, PieceSet::full(n))
+                        };
+                        if sim.kind == Kind::SizeLiar {
+                            must_penalise.insert(peer);
+                        }
+                        adverts.insert(peer, (claimed, advert.clone()));
+                        fetch.handle_have(peer, claimed, advert, sim.latency * 2, now);
+                    }
+                    Event::Response { id, failure } => {
+                        if let Some((peer, pieces, at)) = cancelled.remove(&id) {
+                            // The node dropped the stream; an answer that slips through anyway
+                            // must be ignored.
+                            fetch.handle_response(peer, id, &pieces, 1, now - at, failure, now);
+                            continue;
+                        }
+                        let Some((peer, pieces, at)) = sent.remove(&id) else { continue };
+                        let verified = if failure.is_none() {
+                            let (_, stored) = store.as_mut().expect("requests only after Begin");
+                            stored.union_with(&pieces);
+                            for i in pieces.iter() {
+                                sources.entry(i).or_insert(peer);
+                            }
+                            pieces.clone()
+                        } else {
+                            if failure == Some(PeerFailure::Corrupt) {
+                                must_penalise.insert(peer);
+                            }
+                            PieceSet::empty(pieces.piece_count())
+                        };
+                        let bytes = u64::from(verified.count()) * PIECE_SIZE;
+                        fetch.handle_response(peer, id, &verified, bytes, now - at, failure, now);
+                    }
+                }
+            }
+            panic!("no completion after 200,000 steps");
+        }
+
+        fn ms(n: u64) -> Duration {
+            Duration::from_millis(n)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn random_swarms_complete_with_verified_pieces_from_honest_peers_only(
+                pieces in 1u32..40,
+                short in 0u64..PIECE_SIZE,
+                seed in any::<u64>(),
+                extra in proptest::collection::vec(
+                    (0u8..6, 1u64..200, 1u64..50, proptest::option::of(0u32..40)),
+                    0..8,
+                ),
+            ) {
+                let size = (u64::from(pieces) * PIECE_SIZE).saturating_sub(short);
+                run(size, &extra, seed);
+            }
+        }
+
+        #[test]
+        fn a_swarm_replays_exactly_from_its_seed() {
+            let extra =
+                [(0, 10, 5, None), (3, 5, 20, None), (4, 1, 50, Some(3)), (5, 2, 10, None), (1, 40, 2, Some(9))];
+            for seed in 0..4 {
+                assert_eq!(run(13 * PIECE_SIZE + 5, &extra, seed), run(13 * PIECE_SIZE + 5, &extra, seed));
+            }
+        }
+    }
+}
