@@ -19,7 +19,8 @@ mod transfer;
 
 pub use config::NodeConfig;
 pub use fetch::{FetchError, FetchProgress};
+pub use libp2p;
 pub use node::{Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
-pub use swarm::{DhtInfo, PeerInfo};
+pub use swarm::{DhtInfo, PeerInfo, TransportFactory};

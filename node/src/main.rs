@@ -122,10 +122,15 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(node: bool) {
-    let default = if node { "info,libp2p=warn" } else { "warn" };
+    // A lone node's "no known peers" from Kademlia's bootstrap is expected, not a warning.
+    let default = if node { "info,libp2p_kad=error" } else { "warn,libp2p_kad=error" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -151,19 +156,20 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         let addrs = tokio::time::timeout(Duration::from_secs(10), handle.wait_listening())
             .await
             .map_err(|_| anyhow!("the node did not start listening within 10 s"))??;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "peer id: {}", handle.peer_id())?;
+        // Best effort: a node keeps running when whoever started it stops reading its output.
+        let mut banner = format!("peer id: {}\n", handle.peer_id());
         for a in &addrs {
-            writeln!(out, "listening: {a}")?;
+            banner.push_str(&format!("listening: {a}\n"));
         }
         if let Ok(api) = std::fs::read_to_string(config.data_dir.join("api")) {
-            writeln!(out, "api: http://{api}")?;
+            banner.push_str(&format!("api: http://{api}\n"));
         }
-        writeln!(out, "data: {}", config.data_dir.display())?;
-        out.flush()?;
+        banner.push_str(&format!("data: {}\n", config.data_dir.display()));
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
         drop(out);
         shutdown_signal().await;
-        eprintln!("stopping: finishing uploads and flushing the store");
+        let _ = writeln!(std::io::stderr(), "stopping: finishing uploads and flushing the store");
         node.shutdown().await
     })
 }

@@ -4,8 +4,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use libp2p::core::muxing::StreamMuxerBox;
-use libp2p::core::transport::Boxed;
 use libp2p::{Multiaddr, PeerId};
 use shoal_cache::{BlobInfo, Imported, Store, StoreConfig, StoreError, StoreStats};
 use shoal_protocol::Hash;
@@ -15,7 +13,7 @@ use tracing::info;
 
 use crate::config::NodeConfig;
 use crate::fetch::{self, FetchError, FetchProgress};
-use crate::swarm::{self, Command, DhtInfo, EventLoop, PeerInfo};
+use crate::swarm::{self, Command, DhtInfo, EventLoop, PeerInfo, TransportFactory};
 use crate::transfer::{self, Uploads};
 
 /// What went wrong in a node operation.
@@ -100,11 +98,9 @@ impl Node {
         Self::start_with_transport(config, None).await
     }
 
-    /// Starts a node over the given transport (the simulator's emulated network), or QUIC if `None`.
-    pub async fn start_with_transport(
-        config: NodeConfig,
-        transport: Option<Boxed<(PeerId, StreamMuxerBox)>>,
-    ) -> anyhow::Result<Self> {
+    /// Starts a node over the transport `transport` builds from the node's identity (the
+    /// simulator's emulated network), or over QUIC if `None`.
+    pub async fn start_with_transport(config: NodeConfig, transport: Option<TransportFactory>) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let key = crate::identity::load_or_create(&config.data_dir.join("identity"))?;

@@ -91,10 +91,14 @@ pub struct DhtInfo {
     pub provide_queue: usize,
 }
 
+/// Builds a node's transport from its identity: how the simulator puts a node on its emulated
+/// network instead of QUIC.
+pub type TransportFactory = Box<dyn FnOnce(&Keypair) -> Boxed<(PeerId, StreamMuxerBox)> + Send>;
+
 pub(crate) fn build_swarm(
     key: Keypair,
     config: &NodeConfig,
-    transport: Option<Boxed<(PeerId, StreamMuxerBox)>>,
+    transport: Option<TransportFactory>,
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let behaviour = |key: &Keypair| {
         let peer_id = key.public().to_peer_id();
@@ -134,8 +138,8 @@ pub(crate) fn build_swarm(
     let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match transport {
-        Some(t) => {
-            builder.with_other_transport(|_| t)?.with_behaviour(behaviour)?.with_swarm_config(swarm_config).build()
+        Some(make) => {
+            builder.with_other_transport(make)?.with_behaviour(behaviour)?.with_swarm_config(swarm_config).build()
         }
         None => builder
             .with_quic_config(|mut c| {

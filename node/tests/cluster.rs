@@ -25,6 +25,7 @@ impl Drop for NodeProc {
 
 impl NodeProc {
     fn start(dir: &Path, bootstrap: Option<&NodeProc>) -> NodeProc {
+        std::fs::create_dir_all(dir).expect("data dir");
         let mut cmd = Command::new(SHOAL);
         cmd.args(["node", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
             .env("SHOAL_DATA_DIR", dir)
@@ -32,7 +33,7 @@ impl NodeProc {
             .env_remove("SHOAL_BOOTSTRAP")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stderr(log_file(dir));
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", &b.addr]);
         }
@@ -40,10 +41,9 @@ impl NodeProc {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // Drain stdout for the node's whole life, even after the start-up lines were read.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let mut peer_id = None;
@@ -71,7 +71,8 @@ impl NodeProc {
     /// Runs `shoal ARGS` against this node; returns stdout, or panics with stderr.
     fn cli(&self, args: &[&str]) -> String {
         let out = self.try_cli(args);
-        assert!(out.0, "shoal {args:?} failed: {}", out.2);
+        let log = std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default();
+        assert!(out.0, "shoal {args:?} failed: {}\nnode log:\n{log}", out.2);
         out.1
     }
 
@@ -84,6 +85,12 @@ impl NodeProc {
             .expect("run shoal");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
+}
+
+/// The node's stderr goes to `<dir>/node.log`, shown when a test fails.
+fn log_file(dir: &Path) -> Stdio {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("node.log")).expect("log file");
+    Stdio::from(f)
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) {
@@ -320,4 +327,34 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
         .collect();
     assert!(penalised.contains(&n3.peer_id), "the rotten provider was not penalised: {status}");
     assert!(!penalised.contains(&n1.peer_id) && !penalised.contains(&n2.peer_id), "{status}");
+}
+
+#[test]
+fn get_without_a_running_node_starts_a_short_lived_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 5 << 20, 3);
+    let hash = add_and_wait(&n1, &n2, &input);
+    let out = tmp.path().join("out.bin");
+    let run = |bootstrap: Option<&str>| {
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["get", &hash, "-o", out.to_str().expect("utf-8")])
+            .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
+            .env_remove("SHOAL_API")
+            .env_remove("SHOAL_BOOTSTRAP");
+        if let Some(b) = bootstrap {
+            cmd.args(["--bootstrap", b]);
+        }
+        cmd.output().expect("run get")
+    };
+    let without = run(None);
+    assert!(!without.status.success());
+    assert!(String::from_utf8_lossy(&without.stderr).contains("--bootstrap"), "the error says what to do");
+    assert!(!out.exists());
+    // Its only bootstrap peer is n2, which never held the blob.
+    let with = run(Some(&n2.addr));
+    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    assert_eq!(b3sum(&out), hash);
 }

@@ -104,8 +104,8 @@ impl DecodeError {
 
 /// Reads `pieces` of the blob `outboard` describes from `encoded`, verifies every chunk group
 /// against the root hash, and writes only verified bytes to `data` and verified hash pairs to
-/// `outboard`. Stops at the first bad or missing group; pieces completed before it are reported
-/// as verified.
+/// `outboard`; a piece's bytes are written once all of them verified. Stops at the first bad or
+/// missing group; pieces completed before it are reported as verified.
 pub fn decode_pieces<O>(encoded: impl Read, pieces: &PieceSet, mut data: impl WriteAt, mut outboard: O) -> Decoded
 where
     O: Outboard + OutboardMut,
@@ -116,6 +116,7 @@ where
     // Bytes verified so far in each requested piece; a piece is done when all its bytes are.
     let mut done_in_piece = 0u64;
     let mut current: Option<PieceIndex> = None;
+    let mut held: Vec<u8> = Vec::with_capacity(crate::PIECE_SIZE as usize);
     let iter = DecodeResponseIter::new(outboard.root(), outboard.tree(), encoded, &ranges);
     for item in iter {
         let item = match item {
@@ -137,12 +138,17 @@ where
                 if current != Some(piece) {
                     current = Some(piece);
                     done_in_piece = 0;
+                    held.clear();
                 }
-                if let Err(e) = data.write_all_at(offset, &bytes) {
-                    return Decoded { verified, error: Some(DecodeError::Store(e)) };
-                }
+                // Verified groups are gathered and written once per piece: one write of 256 KiB
+                // instead of sixteen of 16 KiB.
+                held.extend_from_slice(&bytes);
                 done_in_piece += bytes.len() as u64;
                 if done_in_piece == geometry.piece_len(piece) {
+                    if let Err(e) = data.write_all_at(geometry.piece_bytes(piece).start, &held) {
+                        return Decoded { verified, error: Some(DecodeError::Store(e)) };
+                    }
+                    held.clear();
                     verified.insert(piece);
                 }
             }

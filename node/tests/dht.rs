@@ -1,0 +1,95 @@
+//! Many real nodes in one process over libp2p's in-memory transport: the DHT finds every
+//! provider, every time, and a fetch through it works. Bounded in time; every node is shut down.
+
+use std::time::Duration;
+
+use shoal_node::libp2p::core::transport::{MemoryTransport, upgrade::Version};
+use shoal_node::libp2p::{Multiaddr, Transport, noise, yamux};
+use shoal_node::{Node, NodeConfig};
+
+const NODES: usize = 30;
+
+fn memory_config(dir: std::path::PathBuf, bootstrap: Vec<Multiaddr>) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec!["/memory/0".parse().expect("multiaddr")];
+    c.bootstrap = bootstrap;
+    c.api = None;
+    c.durable = false;
+    c.lookup_timeout = Duration::from_secs(10);
+    c
+}
+
+async fn start(config: NodeConfig) -> Node {
+    Node::start_with_transport(
+        config,
+        Some(Box::new(|key: &shoal_node::libp2p::identity::Keypair| {
+            MemoryTransport::default()
+                .upgrade(Version::V1)
+                .authenticate(noise::Config::new(key).expect("noise"))
+                .multiplex(yamux::Config::default())
+                .boxed()
+        })),
+    )
+    .await
+    .expect("node starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_provider_lookup_succeeds_while_the_provider_lives() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..NODES {
+        // Each node joins through two earlier ones, not a single special node.
+        let bootstrap = if i == 0 { vec![] } else { vec![addrs[0].clone(), addrs[i / 2].clone()] };
+        let mut bootstrap = bootstrap;
+        bootstrap.dedup();
+        let node = start(memory_config(tmp.path().join(i.to_string()), bootstrap)).await;
+        let listen = tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
+            .await
+            .expect("listening in time")
+            .expect("listening");
+        addrs.push(listen[0].clone());
+        nodes.push(node);
+    }
+    // Let the routing tables fill (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for n in &nodes {
+        while n.handle().status().await.expect("status").dht.routing_table_peers < 5 {
+            assert!(tokio::time::Instant::now() < deadline, "routing tables did not fill within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let provider = nodes[7].handle();
+    let file = tmp.path().join("blob");
+    std::fs::write(&file, vec![7u8; 3 << 20]).expect("write");
+    let hash = provider.add_path(&file).await.expect("add").hash;
+
+    // Every other node finds the provider.
+    let mut found = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        if i == 7 {
+            continue;
+        }
+        let mut ok = false;
+        // The announcement itself takes a moment to spread: allow a few lookups, bounded.
+        for _ in 0..5 {
+            if n.handle().providers(hash).await.expect("lookup").contains(&provider.peer_id()) {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(ok, "node {i} did not find the provider");
+        found += 1;
+    }
+    assert_eq!(found, NODES - 1);
+
+    let info = nodes[23].handle().fetch(hash, None).await.expect("fetch over the memory transport");
+    assert!(info.is_complete());
+
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
