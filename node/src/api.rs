@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /v1/blobs` `{"path": P}` | imports the file at `P` (on the node's machine), pins and announces it |
 //! | `POST /v1/fetch/{hash}` | fetches a blob from the swarm; streams progress as JSON lines |
-//! | `GET /v1/blobs/{hash}` | the bytes of a blob held whole, each piece re-verified as it is read |
+//! | `GET\|HEAD /v1/blobs/{hash}` | the blob over HTTP (see [`crate::gateway`]): fetched if needed, streamed as verified |
 //! | `GET /v1/providers/{hash}` | providers found through the DHT |
 //! | `GET /v1/peers` | connected peers |
 //! | `GET /v1/status` | the node's state |
@@ -22,7 +22,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_cache::StoreError;
-use shoal_protocol::{Hash, PieceIndex};
+use shoal_protocol::Hash;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info_span};
 
@@ -98,7 +98,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
     tracing::info!(api = %bound, "HTTP API listening");
     let app = axum::Router::new()
         .route("/v1/blobs", post(add))
-        .route("/v1/blobs/{hash}", get(read_blob))
+        .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
         .route("/v1/fetch/{hash}", post(fetch))
         .route("/v1/providers/{hash}", get(providers))
         .route("/v1/peers", get(peers))
@@ -163,41 +163,31 @@ async fn fetch(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Resu
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
-async fn read_blob(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
-    let hash = parse_hash(&hash)?;
-    let store = node.store().clone();
-    let info =
-        store.info(hash).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("blob {hash} is not held here")))?;
-    if !info.is_complete() {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("blob {hash} is not held whole here; fetch it first")));
-    }
-    let count = info.pieces.piece_count();
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        for piece in 0..count as PieceIndex {
-            let s = store.clone();
-            let read = tokio::task::spawn_blocking(move || s.read_piece(hash, piece)).await;
-            let item = match read {
-                Ok(Ok(bytes)) => Ok(bytes),
-                // A piece that fails verification aborts the body: it is never sent as complete.
-                Ok(Err(e)) => Err(std::io::Error::other(e)),
-                Err(e) => Err(std::io::Error::other(e)),
-            };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
-            }
+async fn gateway_blob(
+    State(node): State<NodeHandle>,
+    method: axum::http::Method,
+    Path(hash): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    crate::gateway::serve(node, method, &hash, &headers).await
+}
+
+/// Binds the read-only public gateway (`GET|HEAD /{hash}`) on `addr`.
+pub(crate) async fn spawn_gateway(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the gateway on {addr}: {e}; pick another with --gateway"))?;
+    let bound = listener.local_addr()?;
+    let file = node.config().data_dir.join("gateway");
+    std::fs::write(file.with_extension("tmp"), bound.to_string())?;
+    std::fs::rename(file.with_extension("tmp"), &file)?;
+    tracing::info!(gateway = %bound, "HTTP gateway listening");
+    let app = axum::Router::new().route("/{hash}", get(gateway_blob).head(gateway_blob)).with_state(node);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP gateway stopped");
         }
-    });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, info.size.to_string()),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    }))
 }
 
 async fn providers(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

@@ -25,6 +25,9 @@ pub struct NodeConfig {
     pub cache_bytes: u64,
     /// Where the local HTTP API listens; `None` runs no API. The default is 127.0.0.1:4738.
     pub api: Option<SocketAddr>,
+    /// Where the read-only HTTP gateway (`GET|HEAD /{hash}`) listens, if anywhere; it may be
+    /// public. The default is none.
+    pub gateway: Option<SocketAddr>,
     /// Concurrent uploads served by the whole node; past it peers get `Busy`. The default is 64.
     pub max_uploads: usize,
     /// Concurrent uploads served to one peer. The default is 8.
@@ -52,6 +55,7 @@ impl NodeConfig {
             bootstrap: Vec::new(),
             cache_bytes: 10 << 30,
             api: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT))),
+            gateway: None,
             max_uploads: 64,
             max_uploads_per_peer: 8,
             max_connections: 256,

@@ -7,11 +7,13 @@
 //! - `transfer`: `/shoal/transfer/1`, serving and requesting pieces.
 //! - `fetch`: drives `shoal_protocol::fetch` with real peers.
 //! - [`api`]: the local HTTP API the `shoal` command talks to.
+//! - `gateway`: blobs over HTTP (`Range`, `ETag`, streaming while fetching).
 //! - [`node`]: [`Node`] and its cloneable [`NodeHandle`].
 
 pub mod api;
 pub mod config;
 mod fetch;
+mod gateway;
 mod identity;
 pub mod node;
 mod swarm;

@@ -74,6 +74,9 @@ struct NodeArgs {
     /// Where the local HTTP API listens [default: 127.0.0.1:4738]
     #[arg(long)]
     api: Option<SocketAddr>,
+    /// Serve blobs read-only over HTTP at this address, as GET /<hash> (may be public) [default: off]
+    #[arg(long)]
+    gateway: Option<SocketAddr>,
     /// Announce this address as reachable (repeatable) [default: the listen addresses]
     #[arg(long)]
     external: Vec<Multiaddr>,
@@ -150,6 +153,7 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         config.api = Some(api);
     }
     config.external = args.external;
+    config.gateway = args.gateway;
     runtime()?.block_on(async move {
         let node = Node::start(config.clone()).await?;
         let handle = node.handle();

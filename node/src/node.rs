@@ -65,6 +65,7 @@ pub struct Node {
     swarm_task: JoinHandle<()>,
     stop_swarm: oneshot::Sender<()>,
     api_task: Option<JoinHandle<()>>,
+    gateway_task: Option<JoinHandle<()>>,
 }
 
 /// A cloneable handle to a running node.
@@ -153,8 +154,12 @@ impl Node {
             Some(addr) => Some(crate::api::spawn(handle.clone(), addr).await?),
             None => None,
         };
+        let gateway_task = match config.gateway {
+            Some(addr) => Some(crate::api::spawn_gateway(handle.clone(), addr).await?),
+            None => None,
+        };
         info!(peer_id = %peer_id, "node started");
-        Ok(Self { handle, swarm_task, stop_swarm, api_task })
+        Ok(Self { handle, swarm_task, stop_swarm, api_task, gateway_task })
     }
 
     /// A handle to command the node.
@@ -164,8 +169,8 @@ impl Node {
 
     /// Stops the node: the API and the swarm stop, and the store is flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        if let Some(api) = self.api_task {
-            api.abort();
+        for task in [self.api_task, self.gateway_task].into_iter().flatten() {
+            task.abort();
         }
         let _ = self.stop_swarm.send(());
         let _ = self.swarm_task.await;

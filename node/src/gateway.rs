@@ -1,0 +1,246 @@
+//! Serving blobs over HTTP to browsers and curl: `GET|HEAD` with `Range`, `ETag` = the hash,
+//! `If-None-Match`, immutable caching, and bytes that stream out as soon as they are verified, even
+//! while the fetch from peers is still running.
+//!
+//! A body is never presented as complete when a piece fails verification: the stream ends with an
+//! error, which aborts the HTTP connection before `Content-Length` bytes were sent.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use shoal_protocol::{Geometry, Hash};
+use tokio::sync::mpsc;
+
+use crate::node::NodeHandle;
+
+/// How often a streaming response checks for newly verified pieces.
+const PIECE_POLL: Duration = Duration::from_millis(20);
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", msg.into())).into_response()
+}
+
+/// Parses a single `bytes=` range against `size`: `Ok(None)` for no range header, `Err(())` for an
+/// unsatisfiable or unsupported one.
+pub(crate) fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = value else { return Ok(None) };
+    let v = v.to_str().map_err(|_| ())?.trim();
+    let spec = v.strip_prefix("bytes=").ok_or(())?;
+    if spec.contains(',') {
+        return Err(()); // one range only
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().map_err(|_| ())?;
+        if n == 0 {
+            return Err(());
+        }
+        (size.saturating_sub(n), size.checked_sub(1).ok_or(())?)
+    } else {
+        let start: u64 = a.parse().map_err(|_| ())?;
+        let end = if b.is_empty() { size.saturating_sub(1) } else { b.parse::<u64>().map_err(|_| ())?.min(size - 1) };
+        (start, end)
+    };
+    if size == 0 || start > end || start >= size {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+/// A content type from the first bytes of a blob.
+pub(crate) fn sniff(head: &[u8]) -> &'static str {
+    const MAGIC: &[(&[u8], &str)] = &[
+        (b"\x89PNG\r\n\x1a\n", "image/png"),
+        (b"\xff\xd8\xff", "image/jpeg"),
+        (b"GIF87a", "image/gif"),
+        (b"GIF89a", "image/gif"),
+        (b"%PDF-", "application/pdf"),
+        (b"PK\x03\x04", "application/zip"),
+        (b"\x1f\x8b", "application/gzip"),
+        (b"RIFF", "application/octet-stream"),
+        (b"<!DOCTYPE html", "text/html; charset=utf-8"),
+        (b"<html", "text/html; charset=utf-8"),
+        (b"{", "application/json"),
+    ];
+    for (magic, ty) in MAGIC {
+        if head.starts_with(magic) {
+            return ty;
+        }
+    }
+    if head.len() >= 12 && &head[4..8] == b"ftyp" {
+        return "video/mp4";
+    }
+    if !head.is_empty() && std::str::from_utf8(head).is_ok_and(|s| !s.contains('\0')) {
+        return "text/plain; charset=utf-8";
+    }
+    "application/octet-stream"
+}
+
+/// Answers `GET` or `HEAD` for `hash_str`.
+pub(crate) async fn serve(node: NodeHandle, method: Method, hash_str: &str, headers: &HeaderMap) -> Response {
+    let hash: Hash = match hash_str.parse() {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("{hash_str:?} is not a content id: {e}")),
+    };
+    let etag = format!("\"{hash}\"");
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
+        && inm.split(',').any(|t| t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
+    let store = node.store().clone();
+    let fetching = if store.info(hash).is_some_and(|i| i.is_complete()) {
+        None
+    } else {
+        let n = node.clone();
+        Some(tokio::spawn(async move { n.fetch(hash, None).await }))
+    };
+    let deadline = tokio::time::Instant::now() + node.config().lookup_timeout;
+    let size = loop {
+        if let Some(info) = store.info(hash) {
+            break info.size;
+        }
+        if let Some(f) = &fetching
+            && f.is_finished()
+        {
+            return error(StatusCode::NOT_FOUND, format!("blob {hash} could not be found in the swarm"));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"));
+        }
+        tokio::time::sleep(PIECE_POLL).await;
+    };
+    let Ok(geometry) = Geometry::new(size) else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "blob too large");
+    };
+    let range = match parse_range(headers.get(header::RANGE), size) {
+        Ok(r) => r,
+        Err(()) => {
+            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))])
+                .into_response();
+        }
+    };
+    let (start, end_inclusive) = range.unwrap_or((0, size.saturating_sub(1)));
+    let len = if size == 0 { 0 } else { end_inclusive - start + 1 };
+
+    // The content type comes from the first piece, once it is verified.
+    let content_type = if size == 0 {
+        "application/octet-stream"
+    } else {
+        match wait_piece(&node, hash, 0, &fetching).await {
+            Ok(first) => sniff(&first[..first.len().min(512)]),
+            Err(resp) => return *resp,
+        }
+    };
+    let mut out = Response::builder()
+        .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
+        .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, len.to_string());
+    if range.is_some() {
+        out = out.header(header::CONTENT_RANGE, format!("bytes {start}-{end_inclusive}/{size}"));
+    }
+    if method == Method::HEAD || len == 0 {
+        return out.body(Body::empty()).unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let first = geometry.piece_of(start);
+        let last = geometry.piece_of(end_inclusive);
+        for piece in first..=last {
+            let item = match wait_piece(&node, hash, piece, &fetching).await {
+                Ok(bytes) => {
+                    let pr = geometry.piece_bytes(piece);
+                    let from = start.max(pr.start) - pr.start;
+                    let to = (end_inclusive + 1).min(pr.end) - pr.start;
+                    Ok(bytes.slice(from as usize..to as usize))
+                }
+                Err(_) => Err(std::io::Error::other("piece could not be verified; aborting the body")),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    out.body(Body::from_stream(stream)).unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// Waits until `piece` is verified in the store (the fetch may still be running), then reads it,
+/// re-verified. Fails if the fetch ends without it or the read fails verification.
+async fn wait_piece(
+    node: &NodeHandle,
+    hash: Hash,
+    piece: u32,
+    fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+) -> Result<Bytes, Box<Response>> {
+    let store = node.store().clone();
+    let stall = node.config().lookup_timeout;
+    let mut last_change = tokio::time::Instant::now();
+    let mut last_count = 0;
+    loop {
+        match store.info(hash) {
+            Some(info) if info.pieces.contains(piece) => {
+                let s = store.clone();
+                return match tokio::task::spawn_blocking(move || s.read_piece(hash, piece)).await {
+                    Ok(Ok(bytes)) => Ok(bytes),
+                    _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
+                };
+            }
+            Some(info) if info.pieces.count() != last_count => {
+                last_count = info.pieces.count();
+                last_change = tokio::time::Instant::now();
+            }
+            _ => {}
+        }
+        let fetch_over = fetching.as_ref().is_none_or(|f| f.is_finished());
+        if (fetch_over && store.info(hash).is_none_or(|i| !i.pieces.contains(piece))) || last_change.elapsed() > stall {
+            return Err(Box::new(error(
+                StatusCode::BAD_GATEWAY,
+                format!("the fetch of {hash} stopped before piece {piece}"),
+            )));
+        }
+        tokio::time::sleep(PIECE_POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).expect("header")
+    }
+
+    #[test]
+    fn ranges_at_the_edges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some(&hv("bytes=0-0")), 10), Ok(Some((0, 0))));
+        assert_eq!(parse_range(Some(&hv("bytes=0-")), 10), Ok(Some((0, 9))));
+        assert_eq!(parse_range(Some(&hv("bytes=9-")), 10), Ok(Some((9, 9))));
+        assert_eq!(parse_range(Some(&hv("bytes=5-100")), 10), Ok(Some((5, 9))));
+        assert_eq!(parse_range(Some(&hv("bytes=-3")), 10), Ok(Some((7, 9))));
+        assert_eq!(parse_range(Some(&hv("bytes=-30")), 10), Ok(Some((0, 9))));
+        assert_eq!(parse_range(Some(&hv("bytes=10-")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=5-4")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=-0")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=0-1,3-4")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("items=0-1")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=0-")), 0), Err(()));
+    }
+
+    #[test]
+    fn sniffs_common_types() {
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), "image/png");
+        assert_eq!(sniff(b"hello"), "text/plain; charset=utf-8");
+        assert_eq!(sniff(&[0, 1, 2, 0xff]), "application/octet-stream");
+    }
+}

@@ -1,0 +1,113 @@
+//! The HTTP gateway against real nodes with a real HTTP client.
+
+use std::time::Duration;
+
+use shoal_node::{Node, NodeConfig};
+
+fn config(dir: std::path::PathBuf) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+    c.api = Some("127.0.0.1:0".parse().expect("addr"));
+    c.gateway = Some("127.0.0.1:0".parse().expect("addr"));
+    c.durable = false;
+    c.lookup_timeout = Duration::from_secs(3);
+    c
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+fn bytes(len: usize) -> Vec<u8> {
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let mut gc = config(tmp.path().join("g"));
+    gc.bootstrap = vec![p_addr];
+    let gw = Node::start(gc).await.expect("gateway node");
+
+    let data = bytes(3 * (256 << 10) + 1234);
+    let file = tmp.path().join("blob");
+    std::fs::write(&file, &data).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
+    let api_addr = std::fs::read_to_string(tmp.path().join("g/api")).expect("api address file");
+
+    let size = data.len();
+    let expect = data.clone();
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let url = format!("http://{gw_addr}/{hash}");
+        // Not held by the gateway node yet: it fetches and streams as pieces verify.
+        let mut r = a.get(&url).call().expect("GET");
+        assert_eq!(r.status(), 200);
+        let h = r.headers().clone();
+        assert_eq!(h["etag"], format!("\"{hash}\"").as_str());
+        assert_eq!(h["cache-control"], "public, max-age=31536000, immutable");
+        assert_eq!(h["content-length"], size.to_string().as_str());
+        assert_eq!(h["accept-ranges"], "bytes");
+        let body = r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
+        assert_eq!(body, expect, "the bytes are the blob's");
+
+        // HEAD: the same headers, no body.
+        let r = a.head(&url).call().expect("HEAD");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], size.to_string().as_str());
+
+        // Range edges.
+        for (range, start, end) in [
+            ("bytes=0-0", 0, 0),
+            ("bytes=-1", size - 1, size - 1),
+            ("bytes=262143-262144", 262_143, 262_144),
+            ("bytes=100-", 100, size - 1),
+            ("bytes=5-99999999", 5, size - 1),
+        ] {
+            let mut r = a.get(&url).header("Range", range).call().expect("range GET");
+            assert_eq!(r.status(), 206, "{range}");
+            assert_eq!(r.headers()["content-range"], format!("bytes {start}-{end}/{size}").as_str(), "{range}");
+            let body = r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
+            assert_eq!(body, &expect[start..=end], "{range}");
+        }
+        for bad in [format!("bytes={size}-"), "bytes=9-3".to_string(), "bytes=0-1,4-5".to_string()] {
+            let r = a.get(&url).header("Range", &bad).call().expect("bad range GET");
+            assert_eq!(r.status(), 416, "{bad}");
+            assert_eq!(r.headers()["content-range"], format!("bytes */{size}").as_str());
+        }
+
+        // If-None-Match with the hash: 304.
+        let r = a.get(&url).header("If-None-Match", format!("\"{hash}\"")).call().expect("conditional GET");
+        assert_eq!(r.status(), 304);
+
+        // A malformed hash: 400 with a message; an unknown one: 404 within the lookup deadline.
+        let mut r = a.get(format!("http://{gw_addr}/xyz")).call().expect("bad hash");
+        assert_eq!(r.status(), 400);
+        assert!(r.body_mut().read_to_string().expect("text").contains("64 hex digits"));
+        let unknown = "0".repeat(64);
+        let r = a.get(format!("http://{gw_addr}/{unknown}")).call().expect("unknown hash");
+        assert_eq!(r.status(), 404);
+
+        // The API serves the same under /v1/blobs/.
+        let mut r = a.get(format!("http://{api_addr}/v1/blobs/{hash}")).call().expect("api GET");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body"), expect);
+    })
+    .await
+    .expect("client");
+
+    gw.shutdown().await.expect("shutdown");
+    provider.shutdown().await.expect("shutdown");
+}
