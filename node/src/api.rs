@@ -9,7 +9,12 @@
 //! | `GET /v1/peers` | connected peers |
 //! | `GET /v1/status` | the node's state |
 //!
-//! Errors are JSON `{"error": "..."}` with a status code that says whose fault it was.
+//! | `POST\|DELETE /v1/pins/{hash}` | pins or unpins a blob held here |
+//! | `DELETE /v1/blobs/{hash}` | removes a blob from the store and withdraws it |
+//!
+//! Mutating routes (add, pin, unpin, delete) need `Authorization: Bearer <token>`; the node writes the
+//! token to `<data-dir>/api-token` (owner-only), where the `shoal` command reads it. Errors are JSON
+//! `{"error": "..."}` with a status code that says whose fault it was.
 
 use std::net::SocketAddr;
 
@@ -86,6 +91,54 @@ fn parse_hash(s: &str) -> Result<Hash, ApiError> {
 }
 
 /// Binds the API on `addr`, writes the bound address to `<data-dir>/api`, and serves until aborted.
+/// The name of the file in the data directory that holds the API token.
+pub const TOKEN_FILE: &str = "api-token";
+
+/// Creates the API token in the data directory, readable by the owner only, or reads the one there.
+fn load_or_create_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = dir.join(TOKEN_FILE);
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && t.trim().len() >= 32
+    {
+        return Ok(t.trim().to_string());
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(&tmp)?, token.as_bytes())?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(token)
+}
+
+/// Mutating routes need `Authorization: Bearer <token>`, the token in `<data-dir>/api-token`.
+async fn require_token(
+    State(token): State<std::sync::Arc<String>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    // Compare in constant time: the token is a secret.
+    let ok = given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if !ok {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            format!("this route needs the node's token: send 'Authorization: Bearer <token>' with the token in <data-dir>/{TOKEN_FILE}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -96,8 +149,14 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
     std::fs::write(&tmp, bound.to_string())?;
     std::fs::rename(&tmp, &api_file)?;
     tracing::info!(api = %bound, "HTTP API listening");
-    let app = axum::Router::new()
+    let token = std::sync::Arc::new(load_or_create_token(&node.config().data_dir)?);
+    let mutating = axum::Router::new()
         .route("/v1/blobs", post(add))
+        .route("/v1/blobs/{hash}", axum::routing::delete(delete_blob))
+        .route("/v1/pins/{hash}", post(pin).delete(unpin))
+        .route_layer(axum::middleware::from_fn_with_state(token, require_token));
+    let app = axum::Router::new()
+        .merge(mutating)
         .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
         .route("/v1/fetch/{hash}", post(fetch))
         .route("/v1/providers/{hash}", get(providers))
@@ -114,6 +173,24 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
 async fn add(State(node): State<NodeHandle>, Json(req): Json<AddRequest>) -> Result<Json<Added>, ApiError> {
     let imported = node.add_path(&req.path).await?;
     Ok(Json(Added { hash: imported.hash.to_string(), size: imported.size }))
+}
+
+async fn pin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    node.pin(hash).await?;
+    Ok(Json(serde_json::json!({ "pinned": hash.to_string() })).into_response())
+}
+
+async fn unpin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    node.unpin(hash).await?;
+    Ok(Json(serde_json::json!({ "unpinned": hash.to_string() })).into_response())
+}
+
+async fn delete_blob(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
+    let hash = parse_hash(&hash)?;
+    node.delete(hash).await?;
+    Ok(Json(serde_json::json!({ "deleted": hash.to_string() })).into_response())
 }
 
 async fn fetch(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

@@ -212,6 +212,20 @@ fn require_api(data_dir: &Path) -> anyhow::Result<String> {
     })
 }
 
+/// The running node's API token: `SHOAL_API_TOKEN`, else `<data-dir>/api-token`.
+fn token(data_dir: &Path) -> anyhow::Result<String> {
+    if let Ok(t) = std::env::var("SHOAL_API_TOKEN") {
+        return Ok(t.trim().to_string());
+    }
+    let path = data_dir.join(shoal_node::api::TOKEN_FILE);
+    std::fs::read_to_string(&path).map(|t| t.trim().to_string()).with_context(|| {
+        format!(
+            "cannot read the node's API token at {} (set SHOAL_API_TOKEN, or run as the node's user)",
+            path.display()
+        )
+    })
+}
+
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
@@ -240,8 +254,14 @@ fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
     if path.is_dir() {
         bail!("{} is a directory; add files one at a time", path.display());
     }
-    let added: Added =
-        answer(agent().post(format!("http://{api}/v1/blobs")).send_json(&AddRequest { path: path.clone() }), &api)?;
+    let token = token(data_dir)?;
+    let added: Added = answer(
+        agent()
+            .post(format!("http://{api}/v1/blobs"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(&AddRequest { path: path.clone() }),
+        &api,
+    )?;
     println!("{}  {}", added.hash, path.display());
     Ok(())
 }

@@ -238,6 +238,31 @@ impl NodeHandle {
         Ok(imported)
     }
 
+    /// Pins a blob held here: it is never evicted.
+    pub async fn pin(&self, hash: Hash) -> Result<(), NodeError> {
+        let store = self.inner.store.clone();
+        let evicted = tokio::task::spawn_blocking(move || store.pin(hash)).await.map_err(|_| NodeError::Stopped)??;
+        self.withdraw(&evicted).await;
+        Ok(())
+    }
+
+    /// Unpins a blob: it joins the cache and may be evicted (evictions are withdrawn).
+    pub async fn unpin(&self, hash: Hash) -> Result<(), NodeError> {
+        let store = self.inner.store.clone();
+        let evicted =
+            tokio::task::spawn_blocking(move || store.unpin(hash)).await.map_err(|_| NodeError::Stopped)??;
+        self.withdraw(&evicted).await;
+        Ok(())
+    }
+
+    /// Removes a blob from the store and stops announcing it.
+    pub async fn delete(&self, hash: Hash) -> Result<(), NodeError> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.delete(hash)).await.map_err(|_| NodeError::Stopped)??;
+        self.withdraw(&[hash]).await;
+        Ok(())
+    }
+
     pub(crate) async fn provide(&self, hash: Hash) {
         let _ = self.command(Command::Provide(hash)).await;
     }

@@ -111,3 +111,52 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
     gw.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_routes_need_the_token_from_the_data_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(config(tmp.path().join("n"))).await.expect("node");
+    let api = std::fs::read_to_string(tmp.path().join("n/api")).expect("api file");
+    let token = std::fs::read_to_string(tmp.path().join("n/api-token")).expect("token file");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("n/api-token")).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the token is readable by its owner only");
+    }
+    let file = tmp.path().join("f");
+    std::fs::write(&file, b"hello").expect("write");
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let body = serde_json::json!({ "path": file });
+        let r = a.post(format!("http://{api}/v1/blobs")).send_json(&body).expect("POST");
+        assert_eq!(r.status(), 401, "no token");
+        let r = a
+            .post(format!("http://{api}/v1/blobs"))
+            .header("Authorization", "Bearer nope")
+            .send_json(&body)
+            .expect("POST");
+        assert_eq!(r.status(), 401, "wrong token");
+        let mut r = a
+            .post(format!("http://{api}/v1/blobs"))
+            .header("Authorization", format!("Bearer {token}"))
+            .send_json(&body)
+            .expect("POST");
+        assert_eq!(r.status(), 200);
+        let added: serde_json::Value = r.body_mut().read_json().expect("json");
+        let hash = added["hash"].as_str().expect("hash").to_string();
+        assert_eq!(hash, blake3::hash(b"hello").to_hex().as_str());
+        // Reading needs no token; deleting does.
+        assert_eq!(a.get(format!("http://{api}/v1/blobs/{hash}")).call().expect("GET").status(), 200);
+        assert_eq!(a.delete(format!("http://{api}/v1/blobs/{hash}")).call().expect("DELETE").status(), 401);
+        let r = a
+            .delete(format!("http://{api}/v1/blobs/{hash}"))
+            .header("Authorization", format!("Bearer {token}"))
+            .call()
+            .expect("DELETE");
+        assert_eq!(r.status(), 200);
+    })
+    .await
+    .expect("client");
+    node.shutdown().await.expect("shutdown");
+}
