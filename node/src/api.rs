@@ -162,6 +162,8 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/providers/{hash}", get(providers))
         .route("/v1/peers", get(peers))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(node.clone(), record))
         .with_state(node);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -272,6 +274,38 @@ async fn providers(State(node): State<NodeHandle>, Path(hash): Path<String>) -> 
     let found = node.providers(hash).await?;
     let found: Vec<String> = found.iter().map(|p| p.to_string()).collect();
     Ok(Json(serde_json::json!({ "hash": hash.to_string(), "providers": found })).into_response())
+}
+
+/// Counts every API request by method, route pattern and status, with its duration.
+async fn record(State(node): State<NodeHandle>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    let labels = crate::metrics::RouteLabels { method, route, status: resp.status().as_u16() };
+    let m = &node.inner.metrics;
+    m.api_requests.get_or_create(&labels).inc();
+    m.api_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Prometheus metrics in the text exposition format.
+async fn metrics(State(node): State<NodeHandle>) -> Response {
+    let m = &node.inner.metrics;
+    let s = node.store().stats();
+    m.cache_bytes.set(s.cache_bytes as i64);
+    m.cache_capacity.set(s.cache_capacity as i64);
+    m.pinned_bytes.set(s.pinned_bytes as i64);
+    m.blobs.set(s.blobs as i64);
+    m.evictions.set(s.evictions as i64);
+    m.uploads.set(node.inner.uploads.active() as i64);
+    if let Ok(peers) = node.peers().await {
+        m.peers.set(peers.len() as i64);
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()).into_response()
 }
 
 async fn peers(State(node): State<NodeHandle>) -> Result<Response, ApiError> {

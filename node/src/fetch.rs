@@ -126,6 +126,8 @@ pub(crate) async fn fetch(
     let trace = TraceId(rand::random());
     let span = info_span!("fetch", blob = %hash.short(), trace = %trace);
     let result = run(node, hash, trace, &own_tx, progress.as_ref()).instrument(span).await;
+    let outcome = if result.is_ok() { "ok" } else { "failed" };
+    node.inner.metrics.fetches.get_or_create(&crate::metrics::TransferLabels { kind: "blob", outcome }).inc();
     node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
     own_tx.send_modify(|p| p.done = true);
     if let Some(p) = progress {
@@ -328,10 +330,18 @@ async fn run(
                 match event {
                     Event::Providers(peers) => machine.handle_providers(peers, now),
                     Event::ProvidersDone => machine.handle_providers_done(now),
-                    Event::Have(peer, Ok((size, pieces, rtt))) => machine.handle_have(peer, size, pieces, rtt, now),
-                    Event::Have(peer, Err(f)) => machine.handle_have_failed(peer, failure(f), now),
+                    Event::Have(peer, Ok((size, pieces, rtt))) => {
+                        node.inner.metrics.requested("have", "ok", rtt);
+                        machine.handle_have(peer, size, pieces, rtt, now)
+                    }
+                    Event::Have(peer, Err(f)) => {
+                        node.inner.metrics.requested("have", f.label(), Duration::ZERO);
+                        machine.handle_have_failed(peer, failure(f), now)
+                    }
                     Event::Got(peer, id, got, elapsed) => {
                         fetched_bytes += got.bytes;
+                        node.inner.metrics.bytes_fetched.inc_by(got.bytes);
+                        node.inner.metrics.requested("get", got.fault.map_or("ok", PeerFault::label), elapsed);
                         if let Some((_, asked)) = requests.remove(&id)
                             && ((got.fault.is_none() && got.verified.count() < asked.count())
                                 || got.fault == Some(PeerFault::NotFound))

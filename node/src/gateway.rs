@@ -95,8 +95,10 @@ pub(crate) async fn serve(node: NodeHandle, method: Method, hash_str: &str, head
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let store = node.store().clone();
     let fetching = if store.info(hash).is_some_and(|i| i.is_complete()) {
+        node.inner.metrics.cache_hits.inc();
         None
     } else {
+        node.inner.metrics.cache_misses.inc();
         let n = node.clone();
         Some(tokio::spawn(async move { n.fetch(hash, None).await }))
     };

@@ -15,6 +15,7 @@ pub mod config;
 mod fetch;
 mod gateway;
 mod identity;
+mod metrics;
 pub mod node;
 mod swarm;
 mod transfer;

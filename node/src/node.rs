@@ -85,6 +85,7 @@ pub(crate) struct Shared {
     pub(crate) fetches: Mutex<HashMap<Hash, watch::Receiver<FetchProgress>>>,
     /// Misbehaviour seen per peer; higher is worse. Bounded by the peers we talk to.
     pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -121,7 +122,8 @@ impl Node {
             swarm.add_external_address(addr.clone());
         }
         let (commands, command_rx) = mpsc::channel(1024);
-        let mut event_loop = EventLoop::new(swarm, command_rx, config.external.is_empty());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let mut event_loop = EventLoop::new(swarm, command_rx, config.external.is_empty(), metrics.clone());
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;
         }
@@ -130,7 +132,7 @@ impl Node {
         let swarm_task = tokio::spawn(event_loop.run(stop_rx));
 
         let uploads = Arc::new(Uploads::new(config.max_uploads, config.max_uploads_per_peer));
-        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone()));
+        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone(), metrics.clone()));
 
         let handle = NodeHandle {
             inner: Arc::new(Shared {
@@ -142,6 +144,7 @@ impl Node {
                 config: config.clone(),
                 fetches: Mutex::new(HashMap::new()),
                 penalties: Mutex::new(HashMap::new()),
+                metrics,
             }),
         };
         // Announce what we already hold.

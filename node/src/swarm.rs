@@ -173,10 +173,16 @@ pub(crate) struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     listen_addrs: Vec<Multiaddr>,
     announce_listen_addrs: bool,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl EventLoop {
-    pub(crate) fn new(swarm: Swarm<Behaviour>, commands: mpsc::Receiver<Command>, announce: bool) -> Self {
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        announce: bool,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             swarm,
             commands,
@@ -188,6 +194,7 @@ impl EventLoop {
             rtts: HashMap::new(),
             listen_addrs: Vec::new(),
             announce_listen_addrs: announce,
+            metrics,
         }
     }
 
@@ -379,6 +386,8 @@ impl EventLoop {
                 }
                 if step.last || finish {
                     if let Some(lookup) = self.lookups.remove(&id) {
+                        self.metrics.lookup_duration.observe(lookup.started.elapsed().as_secs_f64());
+                        self.metrics.providers_found.observe(lookup.seen.len() as f64);
                         debug!(
                             blob = %lookup.hash.short(),
                             providers = lookup.seen.len(),

@@ -80,31 +80,54 @@ impl Uploads {
 
 /// Accepts transfer streams until the node stops. Each stream is handled in its own task so a
 /// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
-pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, store: Store, uploads: Arc<Uploads>) {
+pub(crate) async fn serve(
+    mut incoming: libp2p_stream::IncomingStreams,
+    store: Store,
+    uploads: Arc<Uploads>,
+    metrics: Arc<crate::metrics::Metrics>,
+) {
     while let Some((peer, stream)) = incoming.next().await {
         let store = store.clone();
         let uploads = uploads.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(peer, stream, &store, &uploads).await {
+            if let Err(e) = serve_one(peer, stream, &store, &uploads, &metrics).await {
                 debug!(%peer, error = %e, "transfer request ended with an error");
             }
         });
     }
 }
 
-async fn serve_one(peer: PeerId, mut stream: Stream, store: &Store, uploads: &Uploads) -> std::io::Result<()> {
+async fn serve_one(
+    peer: PeerId,
+    mut stream: Stream,
+    store: &Store,
+    uploads: &Uploads,
+    metrics: &crate::metrics::Metrics,
+) -> std::io::Result<()> {
+    let started = Instant::now();
     let Some(_slot) = uploads.try_acquire(peer) else {
+        metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32 };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), &[]).await;
     };
     let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
         Ok(Ok(body)) => body,
-        Ok(Err(e)) => return refuse(&mut stream, &e).await,
-        Err(_) => return Ok(()),
+        Ok(Err(e)) => {
+            metrics.served("any", "bad_request", started.elapsed());
+            return refuse(&mut stream, &e).await;
+        }
+        Err(_) => {
+            metrics.served("any", "timeout", started.elapsed());
+            return Ok(());
+        }
     };
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
-        Err(e) => return refuse(&mut stream, &e).await,
+        Err(e) => {
+            metrics.served("any", "bad_request", started.elapsed());
+            return refuse(&mut stream, &e).await;
+        }
     };
     match request {
         Request::Have { hash, trace } => {
@@ -115,12 +138,14 @@ async fn serve_one(peer: PeerId, mut stream: Stream, store: &Store, uploads: &Up
                 }
                 _ => Response::NotFound,
             };
-            send_and_close(&mut stream, &wire::encode_frame(&response), &[]).instrument(span).await
+            let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
+            let r = send_and_close(&mut stream, &wire::encode_frame(&response), &[]).instrument(span).await;
+            metrics.served("have", outcome, started.elapsed());
+            r
         }
         Request::Get { hash, pieces, trace } => {
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
             async {
-                let started = Instant::now();
                 let store = store.clone();
                 let encoded = tokio::task::spawn_blocking(move || store.encode_pieces(hash, &pieces))
                     .await
@@ -128,15 +153,21 @@ async fn serve_one(peer: PeerId, mut stream: Stream, store: &Store, uploads: &Up
                 let (served, bytes) = match encoded {
                     Ok((served, bytes)) if !served.is_empty() => (served, bytes),
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
+                        metrics.served("get", "not_found", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
                     }
                     Err(e) => {
                         warn!(error = %e, "cannot read pieces to serve");
+                        metrics.served("get", "io", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
                     }
                 };
                 let header = wire::encode_frame(&Response::Data { pieces: served });
                 let result = send_and_close(&mut stream, &header, &bytes).await;
+                if result.is_ok() {
+                    metrics.bytes_served.inc_by(bytes.len() as u64);
+                }
+                metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
                 result
             }
@@ -170,6 +201,22 @@ async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await.map_err(|_| WireError::Truncated)?;
     Ok(body)
+}
+
+impl PeerFault {
+    /// The metrics label for this failure.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::NotFound => "not_found",
+            Self::Busy(_) => "busy",
+            Self::Denied => "denied",
+            Self::Corrupt => "corrupt",
+            Self::Truncated => "truncated",
+            Self::Timeout => "timeout",
+            Self::Io => "io",
+            Self::Protocol => "protocol",
+        }
+    }
 }
 
 /// Why a request to a peer did not give what was asked.

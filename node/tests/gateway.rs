@@ -104,12 +104,46 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
         let mut r = a.get(format!("http://{api_addr}/v1/blobs/{hash}")).call().expect("api GET");
         assert_eq!(r.status(), 200);
         assert_eq!(r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body"), expect);
+
+        // Metrics parse as Prometheus text and moved with the traffic.
+        let metrics = scrape(&a, &api_addr);
+        assert!(metrics["shoal_fetched_bytes_total"] >= size as f64, "bytes fetched from peers counted");
+        assert!(metrics[r#"shoal_api_requests_total{method="GET",route="/v1/blobs/{hash}",status="200"}"#] >= 1.0);
+        assert!(metrics["shoal_cache_misses_total"] >= 1.0 && metrics["shoal_cache_hits_total"] >= 1.0);
+        assert!(metrics["shoal_dht_lookup_duration_seconds_count"] >= 1.0);
+        assert!(metrics[r#"shoal_fetches_total{kind="blob",outcome="ok"}"#] >= 1.0);
+        let before = metrics["shoal_cache_hits_total"];
+        a.get(&url).call().expect("GET").body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
+        assert_eq!(scrape(&a, &api_addr)["shoal_cache_hits_total"], before + 1.0, "counters move with traffic");
     })
     .await
     .expect("client");
 
+    let p_api = std::fs::read_to_string(tmp.path().join("p/api")).expect("api file");
+    let served = tokio::task::spawn_blocking(move || scrape(&agent(), &p_api)["shoal_served_bytes_total"])
+        .await
+        .expect("scrape");
+    assert!(served >= size as f64, "the provider counted the bytes it served");
     gw.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");
+}
+
+/// Fetches `/metrics` and parses every sample line (`name{labels} value`), checking the format.
+fn scrape(a: &ureq::Agent, api: &str) -> std::collections::HashMap<String, f64> {
+    let mut r = a.get(format!("http://{api}/metrics")).call().expect("metrics");
+    assert_eq!(r.status(), 200);
+    let text = r.body_mut().read_to_string().expect("text");
+    assert!(text.trim_end().ends_with("# EOF"), "OpenMetrics text ends with # EOF");
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (name, value) = line.rsplit_once(' ').expect("sample line has a value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(name.starts_with("shoal_"), "{line}");
+        out.insert(name.to_string(), value);
+    }
+    // Missing series read as zero.
+    let _ = out.entry("shoal_cache_hits_total".into()).or_insert(0.0);
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

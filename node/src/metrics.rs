@@ -1,0 +1,146 @@
+//! Prometheus metrics, RED-style: rate, errors and duration per API route and per transfer
+//! request kind, plus bytes served and fetched, the cache, the DHT and the peers.
+//!
+//! Names start with `shoal_`. Label values come from a small fixed set (routes are the router's
+//! patterns, not raw paths), so the number of series is bounded.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an HTTP API request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    pub(crate) method: String,
+    pub(crate) route: String,
+    pub(crate) status: u16,
+}
+
+/// Labels of a transfer request, served or made.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TransferLabels {
+    /// `have` or `get`.
+    pub(crate) kind: &'static str,
+    /// `ok`, or the failure: `not_found`, `busy`, `denied`, `corrupt`, `truncated`, `timeout`,
+    /// `io`, `protocol`, `bad_request`.
+    pub(crate) outcome: &'static str,
+}
+
+/// Labels that name a transfer kind only (durations).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    pub(crate) kind: &'static str,
+}
+
+fn seconds() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the node exports.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) api_requests: Family<RouteLabels, Counter>,
+    pub(crate) api_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub(crate) served: Family<TransferLabels, Counter>,
+    pub(crate) served_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub(crate) requested: Family<TransferLabels, Counter>,
+    pub(crate) requested_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    pub(crate) bytes_served: Counter,
+    pub(crate) bytes_fetched: Counter,
+    pub(crate) cache_hits: Counter,
+    pub(crate) cache_misses: Counter,
+    pub(crate) cache_bytes: Gauge,
+    pub(crate) cache_capacity: Gauge,
+    pub(crate) pinned_bytes: Gauge,
+    pub(crate) blobs: Gauge,
+    pub(crate) evictions: Gauge,
+    pub(crate) uploads: Gauge,
+    pub(crate) peers: Gauge,
+    pub(crate) lookup_duration: Histogram,
+    pub(crate) providers_found: Histogram,
+    pub(crate) fetches: Family<TransferLabels, Counter>,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("shoal");
+        let m = Self {
+            api_requests: Family::default(),
+            api_duration: Family::new_with_constructor(seconds as fn() -> Histogram),
+            served: Family::default(),
+            served_duration: Family::new_with_constructor(seconds as fn() -> Histogram),
+            requested: Family::default(),
+            requested_duration: Family::new_with_constructor(seconds as fn() -> Histogram),
+            bytes_served: Counter::default(),
+            bytes_fetched: Counter::default(),
+            cache_hits: Counter::default(),
+            cache_misses: Counter::default(),
+            cache_bytes: Gauge::default(),
+            cache_capacity: Gauge::default(),
+            pinned_bytes: Gauge::default(),
+            blobs: Gauge::default(),
+            evictions: Gauge::default(),
+            uploads: Gauge::default(),
+            peers: Gauge::default(),
+            lookup_duration: seconds(),
+            providers_found: Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            fetches: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("api_requests", "HTTP API requests by route and status", m.api_requests.clone());
+        registry.register("api_request_duration_seconds", "HTTP API request duration", m.api_duration.clone());
+        registry.register("transfer_served_requests", "Transfer requests served to peers", m.served.clone());
+        registry.register(
+            "transfer_served_duration_seconds",
+            "Time to serve a transfer request",
+            m.served_duration.clone(),
+        );
+        registry.register("transfer_requests", "Transfer requests made to peers", m.requested.clone());
+        registry.register(
+            "transfer_request_duration_seconds",
+            "Time for a transfer request to a peer",
+            m.requested_duration.clone(),
+        );
+        registry.register("served_bytes", "Bytes served to peers (pieces with proofs)", m.bytes_served.clone());
+        registry.register("fetched_bytes", "Bytes received from peers (pieces with proofs)", m.bytes_fetched.clone());
+        registry.register("cache_hits", "HTTP reads of blobs held whole", m.cache_hits.clone());
+        registry.register("cache_misses", "HTTP reads of blobs that had to be fetched", m.cache_misses.clone());
+        registry.register("cache_bytes", "Bytes of cached (unpinned) blobs", m.cache_bytes.clone());
+        registry.register("cache_capacity_bytes", "The cache bound", m.cache_capacity.clone());
+        registry.register("pinned_bytes", "Bytes of pinned blobs", m.pinned_bytes.clone());
+        registry.register("blobs", "Blobs held, whole or partial", m.blobs.clone());
+        registry.register("cache_evictions", "Blobs evicted since start", m.evictions.clone());
+        registry.register("uploads", "Uploads in progress", m.uploads.clone());
+        registry.register("connected_peers", "Connected peers", m.peers.clone());
+        registry.register("dht_lookup_duration_seconds", "Provider lookup duration", m.lookup_duration.clone());
+        registry.register("dht_providers_found", "Providers found per lookup", m.providers_found.clone());
+        registry.register("fetches", "Blob fetches by outcome", m.fetches.clone());
+        Self { registry, ..m }
+    }
+
+    /// Counts a request made to a peer.
+    pub(crate) fn requested(&self, kind: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.requested.get_or_create(&TransferLabels { kind, outcome }).inc();
+        self.requested_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a request served to a peer.
+    pub(crate) fn served(&self, kind: &'static str, outcome: &'static str, elapsed: Duration) {
+        self.served.get_or_create(&TransferLabels { kind, outcome }).inc();
+        self.served_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    /// The text exposition.
+    pub(crate) fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
