@@ -32,6 +32,13 @@ pub struct NodeConfig {
     pub max_uploads: usize,
     /// Concurrent uploads served to one peer. The default is 8.
     pub max_uploads_per_peer: usize,
+    /// Node-wide upload cap in bytes per second (everything served to peers). The default is none.
+    pub upload_rate: Option<u64>,
+    /// Node-wide download cap in bytes per second (everything fetched from peers). The default is none.
+    pub download_rate: Option<u64>,
+    /// If set, only these peers may fetch from this node (a private swarm); others get `Denied`.
+    /// The default is everyone.
+    pub allow_peers: Option<Vec<libp2p::PeerId>>,
     /// Established connections, in and out. The default is 256.
     pub max_connections: u32,
     /// Addresses to announce as reachable. Kademlia serves others only once a node has a
@@ -58,6 +65,9 @@ impl NodeConfig {
             gateway: None,
             max_uploads: 64,
             max_uploads_per_peer: 8,
+            upload_rate: None,
+            download_rate: None,
+            allow_peers: None,
             max_connections: 256,
             external: Vec::new(),
             lookup_timeout: Duration::from_secs(30),

@@ -246,10 +246,17 @@ async fn run(
                     let store = store.clone();
                     let events = events.clone();
                     let asked = pieces.clone();
+                    let rate = node.inner.download_rate.clone();
                     let task = tokio::spawn(
                         async move {
                             let t0 = Instant::now();
-                            let got = transfer::get_pieces(control, store, peer, hash, g, pieces, trace).await;
+                            let got = transfer::get_pieces(
+                                control,
+                                store,
+                                rate,
+                                transfer::PieceRequest { peer, hash, geometry: g, pieces, trace },
+                            )
+                            .await;
                             let _ = events.send(Event::Got(peer, id, got, t0.elapsed())).await;
                         }
                         .in_current_span(),

@@ -15,6 +15,7 @@ pub mod config;
 mod fetch;
 mod gateway;
 mod identity;
+mod limits;
 mod metrics;
 pub mod node;
 mod swarm;

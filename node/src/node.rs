@@ -86,6 +86,7 @@ pub(crate) struct Shared {
     /// Misbehaviour seen per peer; higher is worse. Bounded by the peers we talk to.
     pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) download_rate: Option<Arc<crate::limits::RateLimit>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -131,7 +132,13 @@ impl Node {
         let (stop_swarm, stop_rx) = oneshot::channel();
         let swarm_task = tokio::spawn(event_loop.run(stop_rx));
 
-        let uploads = Arc::new(Uploads::new(config.max_uploads, config.max_uploads_per_peer));
+        let uploads = Arc::new(Uploads::new(
+            config.max_uploads,
+            config.max_uploads_per_peer,
+            config.upload_rate,
+            config.allow_peers.clone(),
+        ));
+        let download_rate = crate::limits::RateLimit::new(config.download_rate).map(Arc::new);
         tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone(), metrics.clone()));
 
         let handle = NodeHandle {
@@ -145,6 +152,7 @@ impl Node {
                 fetches: Mutex::new(HashMap::new()),
                 penalties: Mutex::new(HashMap::new()),
                 metrics,
+                download_rate,
             }),
         };
         // Announce what we already hold.

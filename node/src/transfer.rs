@@ -17,6 +17,8 @@ use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::limits::{CHUNK, RateLimit};
+
 /// The transfer protocol id.
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 
@@ -29,12 +31,14 @@ const BUSY_RETRY: Duration = Duration::from_millis(250);
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
 
-/// Bounds on concurrent uploads.
+/// Bounds on concurrent uploads, the upload rate cap and who may fetch.
 #[derive(Debug)]
 pub(crate) struct Uploads {
     total: Arc<Semaphore>,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     max_per_peer: usize,
+    rate: Option<RateLimit>,
+    allow: Option<std::collections::HashSet<PeerId>>,
 }
 
 /// An upload slot; released when dropped.
@@ -57,8 +61,19 @@ impl Drop for UploadSlot<'_> {
 }
 
 impl Uploads {
-    pub(crate) fn new(max_total: usize, max_per_peer: usize) -> Self {
-        Self { total: Arc::new(Semaphore::new(max_total)), per_peer: Mutex::new(HashMap::new()), max_per_peer }
+    pub(crate) fn new(
+        max_total: usize,
+        max_per_peer: usize,
+        upload_rate: Option<u64>,
+        allow: Option<Vec<PeerId>>,
+    ) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(max_total)),
+            per_peer: Mutex::new(HashMap::new()),
+            max_per_peer,
+            rate: RateLimit::new(upload_rate),
+            allow: allow.map(|a| a.into_iter().collect()),
+        }
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
@@ -106,10 +121,14 @@ async fn serve_one(
     metrics: &crate::metrics::Metrics,
 ) -> std::io::Result<()> {
     let started = Instant::now();
+    if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
+        metrics.served("any", "denied", started.elapsed());
+        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), &[], None, None).await;
+    }
     let Some(_slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32 };
-        return send_and_close(&mut stream, &wire::encode_frame(&busy), &[]).await;
+        return send_and_close(&mut stream, &wire::encode_frame(&busy), &[], None, None).await;
     };
     let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
         Ok(Ok(body)) => body,
@@ -139,7 +158,7 @@ async fn serve_one(
                 _ => Response::NotFound,
             };
             let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
-            let r = send_and_close(&mut stream, &wire::encode_frame(&response), &[]).instrument(span).await;
+            let r = send_and_close(&mut stream, &wire::encode_frame(&response), &[], None, None).instrument(span).await;
             metrics.served("have", outcome, started.elapsed());
             r
         }
@@ -154,19 +173,18 @@ async fn serve_one(
                     Ok((served, bytes)) if !served.is_empty() => (served, bytes),
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
                         metrics.served("get", "not_found", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
+                            .await;
                     }
                     Err(e) => {
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[]).await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
+                            .await;
                     }
                 };
                 let header = wire::encode_frame(&Response::Data { pieces: served });
-                let result = send_and_close(&mut stream, &header, &bytes).await;
-                if result.is_ok() {
-                    metrics.bytes_served.inc_by(bytes.len() as u64);
-                }
+                let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
                 result
@@ -184,12 +202,28 @@ fn display_trace(trace: Option<TraceId>) -> String {
 async fn refuse(stream: &mut Stream, e: &WireError) -> std::io::Result<()> {
     let mut reason = e.to_string();
     reason.truncate(wire::MAX_REASON_LEN);
-    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), &[]).await
+    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), &[], None, None).await
 }
 
-async fn send_and_close(stream: &mut (impl AsyncWrite + Unpin), header: &[u8], body: &[u8]) -> std::io::Result<()> {
+/// Writes a response; the body in chunks, each taken from the upload cap first and counted as
+/// served once written.
+async fn send_and_close(
+    stream: &mut (impl AsyncWrite + Unpin),
+    header: &[u8],
+    body: &[u8],
+    rate: Option<&RateLimit>,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> std::io::Result<()> {
     stream.write_all(header).await?;
-    stream.write_all(body).await?;
+    for chunk in body.chunks(CHUNK) {
+        if let Some(r) = rate {
+            r.take(chunk.len()).await;
+        }
+        stream.write_all(chunk).await?;
+        if let Some(m) = metrics {
+            m.bytes_served.inc_by(chunk.len() as u64);
+        }
+    }
     stream.flush().await?;
     stream.close().await
 }
@@ -296,17 +330,25 @@ pub(crate) struct Got {
     pub(crate) fault: Option<PeerFault>,
 }
 
-/// Asks `peer` for `pieces` of `hash` (a blob of `geometry`), verifies what arrives and stores
-/// every chunk group that passes.
+/// One `Get`: which pieces of which blob, from whom, under which trace.
+#[derive(Debug)]
+pub(crate) struct PieceRequest {
+    pub(crate) peer: PeerId,
+    pub(crate) hash: Hash,
+    pub(crate) geometry: Geometry,
+    pub(crate) pieces: PieceSet,
+    pub(crate) trace: TraceId,
+}
+
+/// Sends `request`, verifies what arrives and stores every chunk group that passes; reads are
+/// taken from the download cap, if any.
 pub(crate) async fn get_pieces(
     mut control: libp2p_stream::Control,
     store: Store,
-    peer: PeerId,
-    hash: Hash,
-    geometry: Geometry,
-    pieces: PieceSet,
-    trace: TraceId,
+    rate: Option<Arc<RateLimit>>,
+    request: PieceRequest,
 ) -> Got {
+    let PieceRequest { peer, hash, geometry, pieces, trace } = request;
     let none = PieceSet::empty(geometry.piece_count());
     let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault) };
     let mut stream = match open(&mut control, peer).await {
@@ -325,7 +367,7 @@ pub(crate) async fn get_pieces(
     let len = verify::encoded_len(geometry, &sent);
     let deadline = REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
     let mut buf = vec![0u8; len as usize];
-    let read = tokio::time::timeout(deadline, read_up_to(&mut stream, &mut buf)).await;
+    let read = tokio::time::timeout(deadline, read_up_to(&mut stream, &mut buf, rate.as_deref())).await;
     let filled = match read {
         Ok(Ok(n)) => n,
         Ok(Err(_)) => 0,
@@ -358,10 +400,18 @@ pub(crate) async fn get_pieces(
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.
-async fn read_up_to(stream: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
+async fn read_up_to(
+    stream: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+    rate: Option<&RateLimit>,
+) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
-        match stream.read(&mut buf[filled..]).await? {
+        let want = (buf.len() - filled).min(CHUNK);
+        if let Some(r) = rate {
+            r.take(want).await;
+        }
+        match stream.read(&mut buf[filled..filled + want]).await? {
             0 => break,
             n => filled += n,
         }
