@@ -81,3 +81,203 @@ impl NodeConfig {
         dirs::data_dir().map(|d| d.join("shoal")).unwrap_or_else(|| PathBuf::from("shoal-data"))
     }
 }
+
+/// The node's configuration file (`<data-dir>/config.toml`, or `--config FILE`): every flag of
+/// `shoal node`, all optional. Precedence: defaults, then this file, then `SHOAL_*` environment
+/// variables, then flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// Multiaddrs to listen on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<Vec<String>>,
+    /// Peers to join through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<Vec<String>>,
+    /// Cache bound: bytes, or a size such as "10G".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_size: Option<Size>,
+    /// API address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api: Option<SocketAddr>,
+    /// Gateway address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SocketAddr>,
+    /// Addresses announced as reachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<Vec<String>>,
+    /// Node-wide upload cap, bytes per second or a size such as "10M".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_rate: Option<Size>,
+    /// Node-wide download cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_rate: Option<Size>,
+    /// Concurrent uploads for the whole node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_uploads: Option<usize>,
+    /// Concurrent uploads per peer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_uploads_per_peer: Option<usize>,
+    /// Established connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Peers allowed to fetch (a private swarm).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_peers: Option<Vec<String>>,
+    /// Seconds a provider lookup may take.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lookup_timeout_secs: Option<u64>,
+}
+
+/// A byte count written as a number or with a unit: `1048576`, `"512M"`, `"10G"`, `"1.5GiB"` is not
+/// accepted (whole numbers only).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Plain bytes.
+    Bytes(u64),
+    /// A number with a unit K, M, G or T (powers of 1024).
+    Text(String),
+}
+
+impl Size {
+    /// The number of bytes.
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(s) => parse_size(s),
+        }
+    }
+}
+
+/// Parses `1048576`, `512M`, `10G`, `10GiB`, `4 K` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].trim().to_ascii_uppercase();
+            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown unit in {s:?}: use a number of bytes, or K, M, G, T")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size: use e.g. 10G, 512M or 1048576"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_addrs(field: &str, v: &[String]) -> Result<Vec<Multiaddr>, String> {
+    v.iter().map(|a| a.parse().map_err(|e| format!("{field}: {a:?} is not a multiaddr ({e})"))).collect()
+}
+
+impl NodeConfig {
+    /// Applies the values a configuration file sets; says which value is wrong, if one is.
+    pub fn apply_file(&mut self, f: &FileConfig) -> Result<(), String> {
+        if let Some(v) = &f.listen {
+            self.listen = parse_addrs("listen", v)?;
+        }
+        if let Some(v) = &f.bootstrap {
+            self.bootstrap = parse_addrs("bootstrap", v)?;
+        }
+        if let Some(v) = &f.external {
+            self.external = parse_addrs("external", v)?;
+        }
+        if let Some(v) = &f.cache_size {
+            self.cache_bytes = v.bytes().map_err(|e| format!("cache-size: {e}"))?;
+        }
+        if let Some(v) = f.api {
+            self.api = Some(v);
+        }
+        if let Some(v) = f.gateway {
+            self.gateway = Some(v);
+        }
+        if let Some(v) = &f.upload_rate {
+            self.upload_rate = Some(v.bytes().map_err(|e| format!("upload-rate: {e}"))?);
+        }
+        if let Some(v) = &f.download_rate {
+            self.download_rate = Some(v.bytes().map_err(|e| format!("download-rate: {e}"))?);
+        }
+        if let Some(v) = f.max_uploads {
+            self.max_uploads = v.max(1);
+        }
+        if let Some(v) = f.max_uploads_per_peer {
+            self.max_uploads_per_peer = v.max(1);
+        }
+        if let Some(v) = f.max_connections {
+            self.max_connections = v.max(1);
+        }
+        if let Some(v) = &f.allow_peers {
+            let peers = v
+                .iter()
+                .map(|p| p.parse().map_err(|e| format!("allow-peers: {p:?} is not a peer id ({e})")))
+                .collect::<Result<Vec<libp2p::PeerId>, String>>()?;
+            self.allow_peers = Some(peers);
+        }
+        if let Some(v) = f.lookup_timeout_secs {
+            self.lookup_timeout = Duration::from_secs(v.max(1));
+        }
+        Ok(())
+    }
+
+    /// The configuration as a file would say it, every value filled in (`shoal config show`).
+    pub fn to_file(&self) -> FileConfig {
+        let addrs = |v: &[Multiaddr]| Some(v.iter().map(|a| a.to_string()).collect());
+        FileConfig {
+            listen: addrs(&self.listen),
+            bootstrap: addrs(&self.bootstrap),
+            cache_size: Some(Size::Bytes(self.cache_bytes)),
+            api: self.api,
+            gateway: self.gateway,
+            external: addrs(&self.external),
+            upload_rate: self.upload_rate.map(Size::Bytes),
+            download_rate: self.download_rate.map(Size::Bytes),
+            max_uploads: Some(self.max_uploads),
+            max_uploads_per_peer: Some(self.max_uploads_per_peer),
+            max_connections: Some(self.max_connections),
+            allow_peers: self.allow_peers.as_ref().map(|v| v.iter().map(|p| p.to_string()).collect()),
+            lookup_timeout_secs: Some(self.lookup_timeout.as_secs()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_sets_what_it_names_and_errors_name_the_field() {
+        let f: FileConfig = toml::from_str(
+            r#"
+            listen = ["/ip4/127.0.0.1/udp/5000/quic-v1"]
+            cache-size = "2G"
+            upload-rate = 1048576
+            max-uploads = 8
+            "#,
+        )
+        .expect("parses");
+        let mut c = NodeConfig::new("/tmp/x");
+        c.apply_file(&f).expect("valid");
+        assert_eq!(c.cache_bytes, 2 << 30);
+        assert_eq!(c.upload_rate, Some(1 << 20));
+        assert_eq!(c.max_uploads, 8);
+        assert_eq!(c.listen[0].to_string(), "/ip4/127.0.0.1/udp/5000/quic-v1");
+        // What `config show` prints reads back to the same configuration.
+        let shown = toml::to_string(&c.to_file()).expect("serializes");
+        let mut again = NodeConfig::new("/tmp/x");
+        again.apply_file(&toml::from_str(&shown).expect("reparses")).expect("valid");
+        assert_eq!(again.to_file(), c.to_file());
+
+        let bad: FileConfig = toml::from_str(r#"cache-size = "10 parsecs""#).expect("parses as text");
+        assert!(NodeConfig::new("/x").apply_file(&bad).unwrap_err().contains("cache-size"));
+        assert!(toml::from_str::<FileConfig>("cache-sise = 1").is_err(), "unknown keys are refused");
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert!(parse_size("-1").is_err());
+    }
+}

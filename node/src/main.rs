@@ -52,6 +52,9 @@ enum Cmd {
     },
     /// List the connected peers.
     Peers,
+    /// The node's configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Show the node's state.
     Status {
         /// Print JSON.
@@ -62,50 +65,119 @@ enum Cmd {
 
 #[derive(Debug, clap::Args)]
 struct NodeArgs {
+    /// Read settings from this TOML file [default: <data-dir>/config.toml, if it exists]
+    #[arg(long, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
     /// Listen on this multiaddr (repeatable) [default: /ip4/0.0.0.0/udp/4737/quic-v1]
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Join the swarm through this peer (repeatable; each ends in /p2p/<peer id>).
     #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
     bootstrap: Vec<Multiaddr>,
     /// The most bytes of other people's content to cache, e.g. 10G, 512M [default: 10G]
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, env = "SHOAL_CACHE_SIZE", value_parser = parse_size)]
     cache_size: Option<u64>,
     /// Where the local HTTP API listens [default: 127.0.0.1:4738]
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_API_ADDR")]
     api: Option<SocketAddr>,
     /// Serve blobs read-only over HTTP at this address, as GET /<hash> (may be public) [default: off]
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_GATEWAY")]
     gateway: Option<SocketAddr>,
     /// Announce this address as reachable (repeatable) [default: the listen addresses]
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
+    /// Cap on everything uploaded to peers, bytes per second, e.g. 10M [default: none]
+    #[arg(long, env = "SHOAL_UPLOAD_RATE", value_parser = parse_size)]
+    upload_rate: Option<u64>,
+    /// Cap on everything downloaded from peers, bytes per second [default: none]
+    #[arg(long, env = "SHOAL_DOWNLOAD_RATE", value_parser = parse_size)]
+    download_rate: Option<u64>,
+    /// Concurrent uploads for the whole node [default: 64]
+    #[arg(long, env = "SHOAL_MAX_UPLOADS")]
+    max_uploads: Option<usize>,
+    /// Established connections [default: 256]
+    #[arg(long, env = "SHOAL_MAX_CONNECTIONS")]
+    max_connections: Option<u32>,
+    /// Only these peers may fetch from this node (repeatable): a private swarm [default: everyone]
+    #[arg(long, env = "SHOAL_ALLOW_PEER", value_delimiter = ',')]
+    allow_peer: Vec<libp2p::PeerId>,
+    /// Log format: text or json (logs go to standard error; filter with RUST_LOG)
+    #[arg(long, env = "SHOAL_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print the effective node configuration (defaults, file, environment, flags) as TOML.
+    Show(NodeArgs),
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let unit = s[i..].trim().to_ascii_uppercase();
-            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("unknown unit in {s:?}: use a number of bytes, or K, M, G, T")),
-            };
-            (&s[..i], mult)
-        }
+    shoal_node::config::parse_size(s)
+}
+
+/// The node configuration: defaults, then the file, then environment and flags (clap reads both).
+fn effective_config(data_dir: PathBuf, args: &NodeArgs) -> anyhow::Result<NodeConfig> {
+    let mut config = NodeConfig::new(&data_dir);
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (data_dir.join("config.toml"), false),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size: use e.g. 10G, 512M or 1048576"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let file: shoal_node::config::FileConfig =
+                toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            config.apply_file(&file).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
+        Err(e) => bail!("cannot read the config file {}: {e}", path.display()),
+    }
+    if !args.listen.is_empty() {
+        config.listen = args.listen.clone();
+    }
+    if !args.bootstrap.is_empty() {
+        config.bootstrap = args.bootstrap.clone();
+    }
+    if !args.external.is_empty() {
+        config.external = args.external.clone();
+    }
+    if let Some(v) = args.cache_size {
+        config.cache_bytes = v;
+    }
+    if let Some(v) = args.api {
+        config.api = Some(v);
+    }
+    if let Some(v) = args.gateway {
+        config.gateway = Some(v);
+    }
+    if let Some(v) = args.upload_rate {
+        config.upload_rate = Some(v);
+    }
+    if let Some(v) = args.download_rate {
+        config.download_rate = Some(v);
+    }
+    if let Some(v) = args.max_uploads {
+        config.max_uploads = v.max(1);
+    }
+    if let Some(v) = args.max_connections {
+        config.max_connections = v.max(1);
+    }
+    if !args.allow_peer.is_empty() {
+        config.allow_peers = Some(args.allow_peer.clone());
+    }
+    Ok(config)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Cmd::Node(_)));
+    let json_logs = matches!(&cli.command, Cmd::Node(a) if a.log_format == LogFormat::Json);
+    init_tracing(matches!(cli.command, Cmd::Node(_)), json_logs);
     let data_dir = cli.data_dir.clone().unwrap_or_else(NodeConfig::default_data_dir);
     let result = match cli.command {
         Cmd::Node(args) => run_node(data_dir, args),
@@ -114,6 +186,10 @@ fn main() -> ExitCode {
         Cmd::Providers { hash } => providers(&data_dir, &hash),
         Cmd::Peers => peers(&data_dir),
         Cmd::Status { json } => status(&data_dir, json),
+        Cmd::Config(ConfigCmd::Show(args)) => effective_config(data_dir, &args).and_then(|c| {
+            print!("{}", toml::to_string(&c.to_file())?);
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -124,16 +200,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(node: bool) {
+fn init_tracing(node: bool, json: bool) {
     // A lone node's "no known peers" from Kademlia's bootstrap is expected, not a warning.
     let default = if node { "info,libp2p_kad=error" } else { "warn,libp2p_kad=error" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        fmt.json().with_current_span(true).with_span_list(true).init();
+    } else {
+        fmt.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -141,19 +218,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
-    let mut config = NodeConfig::new(data_dir);
-    if !args.listen.is_empty() {
-        config.listen = args.listen;
-    }
-    config.bootstrap = args.bootstrap;
-    if let Some(c) = args.cache_size {
-        config.cache_bytes = c;
-    }
-    if let Some(api) = args.api {
-        config.api = Some(api);
-    }
-    config.external = args.external;
-    config.gateway = args.gateway;
+    let config = effective_config(data_dir, &args)?;
     runtime()?.block_on(async move {
         let node = Node::start(config.clone()).await?;
         let handle = node.handle();

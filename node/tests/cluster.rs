@@ -358,3 +358,43 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
     assert_eq!(b3sum(&out), hash);
 }
+
+#[test]
+fn config_show_merges_file_environment_and_flags_in_that_order() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("config.toml"), "cache-size = \"2G\"\nmax-uploads = 16\nupload-rate = \"5M\"\n")
+        .expect("write config");
+    let out = Command::new(SHOAL)
+        .args(["config", "show", "--max-uploads", "4"])
+        .env("SHOAL_DATA_DIR", tmp.path())
+        .env("SHOAL_CACHE_SIZE", "3G")
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains(&format!("cache-size = {}", 3u64 << 30)), "environment beats the file:\n{shown}");
+    assert!(shown.contains("max-uploads = 4"), "flags beat the file:\n{shown}");
+    assert!(shown.contains(&format!("upload-rate = {}", 5u64 << 20)), "the file beats the defaults:\n{shown}");
+    std::fs::write(tmp.path().join("config.toml"), "cache-sise = 1\n").expect("write config");
+    let out = Command::new(SHOAL).args(["config", "show"]).env("SHOAL_DATA_DIR", tmp.path()).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cache-sise"), "the bad key is named");
+}
+
+#[test]
+fn sigterm_stops_a_node_cleanly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut n = NodeProc::start(&tmp.path().join("n"), None);
+    let status = Command::new("kill").args(["-TERM", &n.child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = n.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the node did not stop within 15 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "a SIGTERM stop is a clean exit: {exit:?}");
+    assert!(!n.dir.join("api").exists(), "the API address file is removed on a clean stop");
+}
