@@ -1,0 +1,283 @@
+//! Scenario files: what to run, on which network, with which seed.
+//!
+//! ```toml
+//! name = "flash-crowd"
+//! seed = 1
+//!
+//! [network]
+//! regions = ["eu", "us"]
+//! latency_ms = [[5, 40], [40, 5]]   # one-way, row = from, column = to
+//! uplink_mib_s = 2.0
+//! downlink_mib_s = 8.0
+//!
+//! [nodes]
+//! count = 50
+//!
+//! [experiment]
+//! kind = "flash-crowd"
+//! blob_mib = 16.0
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::net::{LinkCaps, NetworkConfig};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// What is wrong with a scenario file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid scenario.
+    #[error("{path} is not a valid scenario: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// The scenario parsed but does not make sense.
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+}
+
+/// A scenario: a network, a population of nodes and one experiment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// A name for the results.
+    pub name: String,
+    /// The seed; `--seed` overrides it.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// The emulated network.
+    pub network: NetworkSpec,
+    /// The nodes.
+    #[serde(default)]
+    pub nodes: NodesSpec,
+    /// What to measure.
+    pub experiment: Experiment,
+}
+
+/// The emulated network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// Region names; nodes are placed in them uniformly at random (seeded).
+    pub regions: Vec<String>,
+    /// One-way latency in milliseconds from region `i` (row) to region `j` (column).
+    pub latency_ms: Vec<Vec<f64>>,
+    /// Every node's uplink cap in MiB/s; absent is unlimited.
+    #[serde(default)]
+    pub uplink_mib_s: Option<f64>,
+    /// Every node's downlink cap in MiB/s; absent is unlimited.
+    #[serde(default)]
+    pub downlink_mib_s: Option<f64>,
+    /// Wall time per unit of emulated time (scales latency and bandwidth together).
+    #[serde(default = "one")]
+    pub time_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The node population and how it joins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesSpec {
+    /// How many nodes (the flash crowd's size, seeder included).
+    pub count: usize,
+    /// Each node's cache bound in MiB.
+    pub cache_mib: u64,
+    /// Each node's connection bound.
+    pub max_connections: u32,
+    /// How many random earlier nodes each node joins through.
+    pub bootstrap_peers: usize,
+    /// Milliseconds between two nodes' joins.
+    pub join_stagger_ms: u64,
+    /// How long the DHT may take to settle after the last join, in seconds.
+    pub settle_s: f64,
+    /// The node's lookup timeout in seconds.
+    pub lookup_timeout_s: f64,
+}
+
+impl Default for NodesSpec {
+    fn default() -> Self {
+        Self {
+            count: 10,
+            cache_mib: 256,
+            max_connections: 64,
+            bootstrap_peers: 3,
+            join_stagger_ms: 20,
+            settle_s: 10.0,
+            lookup_timeout_s: 30.0,
+        }
+    }
+}
+
+/// The experiment to run once the nodes are up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Experiment {
+    /// Every node but the seeder fetches one blob at once.
+    FlashCrowd {
+        /// The blob's size in MiB.
+        blob_mib: f64,
+        /// The index of the node that holds the blob.
+        #[serde(default)]
+        seeder: usize,
+        /// The seeder's uplink in MiB/s, if not the network's.
+        #[serde(default)]
+        seeder_uplink_mib_s: Option<f64>,
+        /// How long all fetches may take, in seconds of wall time.
+        #[serde(default = "default_timeout")]
+        timeout_s: f64,
+    },
+    /// At each network size, a sample of nodes looks up the providers of one blob.
+    LookupScaling {
+        /// The network sizes, each run on a fresh network.
+        counts: Vec<usize>,
+        /// How many nodes look up, per size.
+        #[serde(default = "default_lookups")]
+        lookups: usize,
+    },
+}
+
+fn default_timeout() -> f64 {
+    600.0
+}
+
+fn default_lookups() -> usize {
+    50
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
+        let s: Scenario = toml::from_str(&text)
+            .map_err(|e| ScenarioError::Parse { path: path.display().to_string(), source: Box::new(e) })?;
+        s.check()?;
+        Ok(s)
+    }
+
+    /// Checks what serde cannot.
+    pub fn check(&self) -> Result<(), ScenarioError> {
+        let invalid = |m: String| Err(ScenarioError::Invalid(m));
+        let r = self.network.regions.len();
+        if r == 0 {
+            return invalid("network.regions is empty".into());
+        }
+        if self.network.latency_ms.len() != r || self.network.latency_ms.iter().any(|row| row.len() != r) {
+            return invalid(format!("network.latency_ms must be {r} × {r}"));
+        }
+        if self.network.latency_ms.iter().flatten().any(|l| !(l.is_finite() && *l >= 0.0)) {
+            return invalid("latencies must be non-negative".into());
+        }
+        let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
+        if !positive(self.network.uplink_mib_s) || !positive(self.network.downlink_mib_s) {
+            return invalid("caps must be positive".into());
+        }
+        match &self.experiment {
+            Experiment::FlashCrowd { blob_mib, seeder, seeder_uplink_mib_s, .. } => {
+                if self.nodes.count < 2 {
+                    return invalid("a flash crowd needs at least 2 nodes".into());
+                }
+                if *seeder >= self.nodes.count {
+                    return invalid(format!("seeder {seeder} is not one of the {} nodes", self.nodes.count));
+                }
+                if !(blob_mib.is_finite() && *blob_mib > 0.0 && positive(*seeder_uplink_mib_s)) {
+                    return invalid("blob_mib and seeder_uplink_mib_s must be positive".into());
+                }
+            }
+            Experiment::LookupScaling { counts, lookups } => {
+                if counts.is_empty() || counts.iter().any(|c| *c < 2) || *lookups == 0 {
+                    return invalid("lookup-scaling needs counts of at least 2 nodes and some lookups".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the scenario at `count` nodes instead (`--nodes`).
+    pub fn with_node_count(mut self, count: usize) -> Self {
+        self.nodes.count = count;
+        if let Experiment::LookupScaling { counts, .. } = &mut self.experiment {
+            *counts = vec![count];
+        }
+        self
+    }
+
+    /// The network's shape.
+    pub fn network_config(&self) -> NetworkConfig {
+        NetworkConfig {
+            regions: self.network.regions.clone(),
+            latency: self
+                .network
+                .latency_ms
+                .iter()
+                .map(|row| row.iter().map(|ms| Duration::from_secs_f64(ms / 1000.0)).collect())
+                .collect(),
+            time_scale: self.network.time_scale,
+        }
+    }
+
+    /// The caps of node `index` in bytes per second.
+    pub fn caps(&self, index: usize) -> LinkCaps {
+        let bytes = |mib: Option<f64>| mib.map(|m| (m * MIB) as u64);
+        let mut uplink = self.network.uplink_mib_s;
+        if let Experiment::FlashCrowd { seeder, seeder_uplink_mib_s: Some(s), .. } = &self.experiment
+            && *seeder == index
+        {
+            uplink = Some(*s);
+        }
+        LinkCaps { uplink: bytes(uplink), downlink: bytes(self.network.downlink_mib_s) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("scenarios dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2);
+    }
+
+    #[test]
+    fn a_bad_matrix_is_refused() {
+        let text = r#"
+            name = "x"
+            [network]
+            regions = ["a", "b"]
+            latency_ms = [[1, 2]]
+            [experiment]
+            kind = "flash-crowd"
+            blob_mib = 1.0
+        "#;
+        let s: Scenario = toml::from_str(text).expect("parses");
+        assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
+    }
+}

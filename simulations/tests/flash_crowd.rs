@@ -1,0 +1,79 @@
+//! A small seeded flash crowd on the emulated network: every fetch completes, every fetched blob
+//! is complete (every byte verified) in its fetcher's store, and nothing beats the fluid bound —
+//! a completion below it would mean the emulator lets bytes through faster than its caps.
+
+use std::time::Duration;
+
+use shoal_simulations::run::{ExperimentResult, RunOptions, run};
+use shoal_simulations::scenario::{Experiment, NetworkSpec, NodesSpec, Scenario};
+
+/// Timer granularity only: a frame's pacing sleep may wake a millisecond early in wall time.
+const TOLERANCE: f64 = 0.05;
+
+const SEED: u64 = 0x5_0a1;
+
+fn scenario() -> Scenario {
+    Scenario {
+        name: "flash-crowd-test".into(),
+        seed: Some(SEED),
+        network: NetworkSpec {
+            regions: vec!["eu".into(), "us".into()],
+            latency_ms: vec![vec![5.0, 40.0], vec![40.0, 5.0]],
+            uplink_mib_s: Some(1.0),
+            downlink_mib_s: Some(4.0),
+            time_scale: 1.0,
+        },
+        nodes: NodesSpec {
+            count: 11,
+            cache_mib: 16,
+            max_connections: 32,
+            bootstrap_peers: 3,
+            join_stagger_ms: 10,
+            settle_s: 5.0,
+            lookup_timeout_s: 10.0,
+        },
+        experiment: Experiment::FlashCrowd {
+            blob_mib: 2.0,
+            seeder: 0,
+            seeder_uplink_mib_s: Some(2.0),
+            timeout_s: 45.0,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
+    let s = scenario();
+    s.check().expect("valid scenario");
+    eprintln!("flash crowd seed {SEED}");
+    let summary = tokio::time::timeout(Duration::from_secs(90), run(&s, &RunOptions::default()))
+        .await
+        .expect("the run ends in time")
+        .expect("the run works");
+    let ExperimentResult::FlashCrowd(r) = summary.result else { panic!("not a flash crowd") };
+    eprintln!(
+        "T_min {:.2} s; min {:.2} p50 {:.2} max {:.2} s; origin egress {:.2} copies; wall {:.1} s",
+        r.t_min_s, r.min_s, r.p50_s, r.max_s, r.origin_egress_copies, summary.wall_s
+    );
+    for c in &r.completions {
+        assert!(c.ok, "{} failed: {:?}", c.node, c.error);
+        assert!(c.complete, "{} does not hold the blob complete", c.node);
+        assert!(
+            c.seconds >= c.bound_s * (1.0 - TOLERANCE),
+            "{} finished in {:.3} s, below its bound {:.3} s",
+            c.node,
+            c.seconds,
+            c.bound_s
+        );
+    }
+    assert_eq!(r.succeeded, r.fetchers);
+    assert_eq!(r.complete_in_store, r.fetchers);
+    assert!(
+        r.max_s >= r.t_min_s * (1.0 - TOLERANCE),
+        "the last fetch ({:.3} s) beat T_min ({:.3} s)",
+        r.max_s,
+        r.t_min_s
+    );
+    // The seeder sent at least one copy; the crowd cannot be served with less.
+    assert!(r.origin_egress_copies >= 1.0);
+}
