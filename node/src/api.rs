@@ -80,6 +80,7 @@ impl From<NodeError> for ApiError {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             NodeError::Fetch(_) => StatusCode::BAD_GATEWAY,
+            NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -158,6 +159,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
     let app = axum::Router::new()
         .merge(mutating)
         .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
+        .route("/v1/blobs/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
         .route("/v1/fetch/{hash}", post(fetch))
         .route("/v1/providers/{hash}", get(providers))
         .route("/v1/peers", get(peers))
@@ -248,7 +250,16 @@ async fn gateway_blob(
     Path(hash): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    crate::gateway::serve(node, method, &hash, &headers).await
+    crate::gateway::serve(node, method, &hash, None, &headers).await
+}
+
+async fn gateway_entry(
+    State(node): State<NodeHandle>,
+    method: axum::http::Method,
+    Path((hash, path)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    crate::gateway::serve(node, method, &hash, Some(&path), &headers).await
 }
 
 /// Binds the read-only public gateway (`GET|HEAD /{hash}`) on `addr`.
@@ -261,7 +272,10 @@ pub(crate) async fn spawn_gateway(node: NodeHandle, addr: SocketAddr) -> anyhow:
     std::fs::write(file.with_extension("tmp"), bound.to_string())?;
     std::fs::rename(file.with_extension("tmp"), &file)?;
     tracing::info!(gateway = %bound, "HTTP gateway listening");
-    let app = axum::Router::new().route("/{hash}", get(gateway_blob).head(gateway_blob)).with_state(node);
+    let app = axum::Router::new()
+        .route("/{hash}", get(gateway_blob).head(gateway_blob))
+        .route("/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
+        .with_state(node);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP gateway stopped");

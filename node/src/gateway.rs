@@ -80,11 +80,138 @@ pub(crate) fn sniff(head: &[u8]) -> &'static str {
     "application/octet-stream"
 }
 
-/// Answers `GET` or `HEAD` for `hash_str`.
-pub(crate) async fn serve(node: NodeHandle, method: Method, hash_str: &str, headers: &HeaderMap) -> Response {
+/// A content type from a file name's extension (collection entries).
+fn by_extension(path: &str) -> Option<&'static str> {
+    let ext = path.rsplit_once('.')?.1.to_ascii_lowercase();
+    Some(match ext.as_str() {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "json" => "application/json",
+        "txt" | "md" => "text/plain; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "svg" => "image/svg+xml",
+        "webp" => "image/webp",
+        "ico" => "image/x-icon",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mp3" => "audio/mpeg",
+        "wasm" => "application/wasm",
+        "pdf" => "application/pdf",
+        "zip" => "application/zip",
+        "gz" => "application/gzip",
+        _ => return None,
+    })
+}
+
+/// Starts fetching `hash` unless it is held whole; counts the cache hit or miss.
+fn ensure_fetching(
+    node: &NodeHandle,
+    hash: Hash,
+) -> Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>> {
+    if node.store().info(hash).is_some_and(|i| i.is_complete()) {
+        node.inner.metrics.cache_hits.inc();
+        None
+    } else {
+        node.inner.metrics.cache_misses.inc();
+        let n = node.clone();
+        Some(tokio::spawn(async move { n.fetch(hash, None).await }))
+    }
+}
+
+/// The whole of a small blob (a collection), each piece verified.
+async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Response>> {
+    let fetching = ensure_fetching(node, hash);
+    if let Some(f) = fetching {
+        match f.await {
+            Ok(Ok(_)) => {}
+            _ => return Err(Box::new(error(StatusCode::NOT_FOUND, format!("collection {hash} could not be fetched")))),
+        }
+    }
+    let info = node.store().info(hash).ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, "collection gone")))?;
+    if info.size > shoal_protocol::collection::MAX_ENCODED as u64 {
+        return Err(Box::new(error(StatusCode::BAD_GATEWAY, "collection too large")));
+    }
+    let mut out = Vec::with_capacity(info.size as usize);
+    for piece in 0..info.pieces.piece_count() {
+        out.extend_from_slice(&wait_piece(node, hash, piece, &None).await?);
+    }
+    Ok(out)
+}
+
+fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &HeaderMap) -> Response {
+    let wants_json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("json"));
+    let etag = format!("\"{hash}\"");
+    if wants_json {
+        let entries: Vec<_> = c
+            .entries()
+            .iter()
+            .map(|e| serde_json::json!({ "path": e.path, "hash": e.hash.to_string(), "size": e.size }))
+            .collect();
+        let body = serde_json::json!({ "collection": hash.to_string(), "entries": entries }).to_string();
+        return ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], body).into_response();
+    }
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{hash}</title></head><body>\n<h1>Collection {}</h1>\n<ul>\n",
+        hash.short()
+    );
+    for e in c.entries() {
+        // Relative links work under both /<hash> and /v1/blobs/<hash>.
+        let href: String = e.path.split('/').map(percent_encode).collect::<Vec<_>>().join("/");
+        html.push_str(&format!("<li><a href=\"{hash}/{}\">{}</a> {} bytes</li>\n", esc(&href), esc(&e.path), e.size));
+    }
+    html.push_str("</ul></body></html>\n");
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()), (header::ETAG, etag)], html).into_response()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Answers `GET` or `HEAD` for `hash_str`, or for the entry at `path` of that collection.
+pub(crate) async fn serve(
+    node: NodeHandle,
+    method: Method,
+    hash_str: &str,
+    path: Option<&str>,
+    headers: &HeaderMap,
+) -> Response {
     let hash: Hash = match hash_str.parse() {
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{hash_str:?} is not a content id: {e}")),
+    };
+    let mut type_from_entry = None;
+    let hash = match path {
+        None => hash,
+        Some(p) => {
+            let bytes = match read_whole(&node, hash).await {
+                Ok(b) => b,
+                Err(resp) => return *resp,
+            };
+            let collection = match shoal_protocol::collection::Collection::decode(&bytes) {
+                Ok(c) => c,
+                Err(e) => return error(StatusCode::NOT_FOUND, format!("{hash} is not a collection: {e}")),
+            };
+            let p = p.trim_end_matches('/');
+            match collection.get(p) {
+                Some(entry) => {
+                    type_from_entry = by_extension(p);
+                    entry.hash
+                }
+                None => return error(StatusCode::NOT_FOUND, format!("collection {hash} has no entry {p:?}")),
+            }
+        }
     };
     let etag = format!("\"{hash}\"");
     if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
@@ -94,14 +221,7 @@ pub(crate) async fn serve(node: NodeHandle, method: Method, hash_str: &str, head
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let store = node.store().clone();
-    let fetching = if store.info(hash).is_some_and(|i| i.is_complete()) {
-        node.inner.metrics.cache_hits.inc();
-        None
-    } else {
-        node.inner.metrics.cache_misses.inc();
-        let n = node.clone();
-        Some(tokio::spawn(async move { n.fetch(hash, None).await }))
-    };
+    let fetching = ensure_fetching(&node, hash);
     let deadline = tokio::time::Instant::now() + node.config().lookup_timeout;
     let size = loop {
         if let Some(info) = store.info(hash) {
@@ -130,12 +250,24 @@ pub(crate) async fn serve(node: NodeHandle, method: Method, hash_str: &str, head
     let (start, end_inclusive) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end_inclusive - start + 1 };
 
-    // The content type comes from the first piece, once it is verified.
+    // The content type comes from the collection entry, or from the first piece once verified.
     let content_type = if size == 0 {
         "application/octet-stream"
     } else {
         match wait_piece(&node, hash, 0, &fetching).await {
-            Ok(first) => sniff(&first[..first.len().min(512)]),
+            Ok(first) => {
+                if path.is_none() && shoal_protocol::collection::Collection::is_collection(&first) {
+                    let bytes = match read_whole(&node, hash).await {
+                        Ok(b) => b,
+                        Err(resp) => return *resp,
+                    };
+                    return match shoal_protocol::collection::Collection::decode(&bytes) {
+                        Ok(c) => listing(hash, &c, headers),
+                        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
+                    };
+                }
+                type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(512)]))
+            }
             Err(resp) => return *resp,
         }
     };

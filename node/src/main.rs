@@ -29,7 +29,8 @@ struct Cli {
 enum Cmd {
     /// Run a node until interrupted.
     Node(NodeArgs),
-    /// Publish a file: import it into the running node, pin it and announce it. Prints its hash.
+    /// Publish a file or a directory (as a collection): import it into the running node, pin it
+    /// and announce it. Prints its hash.
     Add {
         /// The file.
         path: PathBuf,
@@ -316,9 +317,6 @@ fn parse_hash(s: &str) -> anyhow::Result<Hash> {
 fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
     let path = std::fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if path.is_dir() {
-        bail!("{} is a directory; add files one at a time", path.display());
-    }
     let token = token(data_dir)?;
     let added: Added = answer(
         agent()

@@ -29,6 +29,9 @@ pub enum NodeError {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     Stopped,
+    /// The request itself is wrong (a path, a collection); the message says how.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A node's state, as `shoal status` shows it.
@@ -178,8 +181,15 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Stops the node: the API and the swarm stop, and the store is flushed.
+    /// Stops the node: new uploads are refused and running ones get up to 10 s to finish, then
+    /// the API and the swarm stop and the store is flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        let uploads = self.handle.inner.uploads.clone();
+        uploads.close();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while uploads.active() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         for task in [self.api_task, self.gateway_task].into_iter().flatten() {
             task.abort();
         }
@@ -237,8 +247,13 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
-    /// Imports a file, pins it and announces it.
+    /// Imports a file, pins it and announces it. A directory becomes a collection: every file in
+    /// it (recursively; symbolic links are skipped) is imported, pinned and announced, and so is the
+    /// collection blob that lists them, whose hash is returned.
     pub async fn add_path(&self, path: &Path) -> Result<Imported, NodeError> {
+        if path.is_dir() {
+            return self.add_dir(path).await;
+        }
         let store = self.inner.store.clone();
         let path = path.to_owned();
         let imported = tokio::task::spawn_blocking(move || store.import_file(&path, true))
@@ -272,6 +287,39 @@ impl NodeHandle {
         tokio::task::spawn_blocking(move || store.delete(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&[hash]).await;
         Ok(())
+    }
+
+    async fn add_dir(&self, dir: &Path) -> Result<Imported, NodeError> {
+        use shoal_protocol::collection::{Collection, Entry, MAX_ENTRIES};
+        let store = self.inner.store.clone();
+        let dir = dir.to_owned();
+        let (imported, files) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
+            let mut files = Vec::new();
+            collect_files(&dir, &dir, &mut files)?;
+            if files.len() > MAX_ENTRIES {
+                return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", dir.display())));
+            }
+            let mut entries = Vec::with_capacity(files.len());
+            let mut evicted = Vec::new();
+            for (rel, full) in files {
+                let imp = store.import_file(&full, true)?;
+                evicted.extend(imp.evicted);
+                entries.push(Entry { path: rel, hash: imp.hash, size: imp.size });
+            }
+            let collection = Collection::new(entries).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            let mut imported = store.import_reader(&collection.encode()[..], true)?;
+            imported.evicted.extend(evicted);
+            let files: Vec<Hash> = collection.entries().iter().map(|e| e.hash).collect();
+            Ok((imported, files))
+        })
+        .await
+        .map_err(|_| NodeError::Stopped)??;
+        self.withdraw(&imported.evicted).await;
+        for h in files {
+            self.provide(h).await;
+        }
+        self.provide(imported.hash).await;
+        Ok(imported)
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
@@ -348,4 +396,29 @@ impl NodeHandle {
             },
         })
     }
+}
+
+/// Lists the regular files under `dir` as (`/`-separated path relative to `root`, full path),
+/// sorted. Symbolic links are skipped, so a collection never reaches outside its directory.
+fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::PathBuf)>) -> Result<(), NodeError> {
+    let invalid = |e: std::io::Error| NodeError::Invalid(format!("cannot read {}: {e}", dir.display()));
+    let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let kind = e.file_type().map_err(invalid)?;
+        let path = e.path();
+        if kind.is_dir() {
+            collect_files(root, &path, out)?;
+        } else if kind.is_file() {
+            let rel = path.strip_prefix(root).map_err(|_| NodeError::Invalid("path outside the directory".into()))?;
+            let rel = rel
+                .components()
+                .map(|c| c.as_os_str().to_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| NodeError::Invalid(format!("{} is not valid UTF-8", path.display())))?
+                .join("/");
+            out.push((rel, path));
+        }
+    }
+    Ok(())
 }

@@ -39,6 +39,8 @@ pub(crate) struct Uploads {
     max_per_peer: usize,
     rate: Option<RateLimit>,
     allow: Option<std::collections::HashSet<PeerId>>,
+    /// Set at shutdown: new uploads get `Busy`, running ones finish.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// An upload slot; released when dropped.
@@ -73,10 +75,19 @@ impl Uploads {
             max_per_peer,
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
+    /// Refuses new uploads from now on; running ones go on.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
+        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(peer).or_insert(0);
         if *n >= self.max_per_peer {

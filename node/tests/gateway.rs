@@ -194,3 +194,52 @@ async fn mutating_routes_need_the_token_from_the_data_dir() {
     .expect("client");
     node.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_is_served_as_a_listing_and_by_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let mut gc = config(tmp.path().join("g"));
+    gc.bootstrap = vec![p_addr];
+    let gw = Node::start(gc).await.expect("gateway node");
+
+    let site = tmp.path().join("site");
+    std::fs::create_dir_all(site.join("sub dir")).expect("mkdir");
+    std::fs::write(site.join("index.html"), b"<!DOCTYPE html><p>hi</p>").expect("write");
+    std::fs::write(site.join("sub dir/a.txt"), bytes(300_000)).expect("write");
+    let collection = provider.handle().add_path(&site).await.expect("add dir").hash;
+    let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
+    let a_txt = bytes(300_000);
+
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let mut r =
+            a.get(format!("http://{gw_addr}/{collection}")).header("Accept", "application/json").call().expect("GET");
+        assert_eq!(r.status(), 200);
+        let listing: serde_json::Value = r.body_mut().read_json().expect("json listing");
+        let paths: Vec<&str> =
+            listing["entries"].as_array().expect("entries").iter().filter_map(|e| e["path"].as_str()).collect();
+        assert_eq!(paths, ["index.html", "sub dir/a.txt"]);
+
+        let mut r = a.get(format!("http://{gw_addr}/{collection}")).call().expect("GET");
+        assert!(r.headers()["content-type"].to_str().expect("ascii").starts_with("text/html"));
+        let html = r.body_mut().read_to_string().expect("html");
+        assert!(html.contains(&format!("href=\"{collection}/sub%20dir/a.txt\"")), "{html}");
+
+        let mut r = a.get(format!("http://{gw_addr}/{collection}/sub%20dir/a.txt")).call().expect("GET entry");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+        assert_eq!(r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body"), a_txt);
+        let r = a.get(format!("http://{gw_addr}/{collection}/index.html")).call().expect("GET entry");
+        assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+
+        assert_eq!(a.get(format!("http://{gw_addr}/{collection}/nope")).call().expect("GET").status(), 404);
+        let file_hash = blake3::hash(b"<!DOCTYPE html><p>hi</p>").to_hex().to_string();
+        assert_eq!(a.get(format!("http://{gw_addr}/{file_hash}/x")).call().expect("GET").status(), 404);
+    })
+    .await
+    .expect("client");
+    gw.shutdown().await.expect("shutdown");
+    provider.shutdown().await.expect("shutdown");
+}

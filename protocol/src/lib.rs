@@ -3,6 +3,7 @@
 //! `now` and seeds, so the node, the simulator and the tests run the same logic.
 //!
 //! # Layout
+//! - [`collection`]: a directory as a blob of `(path, hash, size)` entries.
 //! - [`id`]: [`Hash`], the BLAKE3 content id, printed as `b3sum` prints it.
 //! - [`piece`]: piece geometry ([`Geometry`], [`PIECE_SIZE`]) and [`PieceSet`].
 //! - [`verify`]: outboards and verified piece encoding and decoding, on `bao-tree`.
@@ -10,6 +11,7 @@
 //! - [`fetch`]: the decisions of a multi-source fetch ([`fetch::Fetch`]): which piece from which
 //!   peer, retries, end-game and penalties, as a state machine driven by `handle_*` and `poll_*`.
 
+pub mod collection;
 pub mod fetch;
 pub mod id;
 pub mod piece;

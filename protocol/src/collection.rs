@@ -1,0 +1,205 @@
+//! Collections: a directory as a blob that lists `(path, hash, size)` entries.
+//!
+//! Encoding: the 16 bytes `shoal-collection`, a format byte (1), then the postcard encoding of the
+//! entries, sorted by path. Paths are relative, `/`-separated, and never contain `.`, `..` or empty
+//! components, so a collection can never name a file outside the directory it describes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Hash;
+
+/// The bytes every collection starts with.
+pub const MAGIC: &[u8; 16] = b"shoal-collection";
+
+const FORMAT: u8 = 1;
+
+/// The most entries a collection may hold.
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+/// The longest path, in bytes.
+pub const MAX_PATH: usize = 4096;
+
+/// The largest encoded collection a decoder accepts.
+pub const MAX_ENCODED: usize = 256 << 20;
+
+/// One file of a collection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The path inside the collection, `/`-separated.
+    pub path: String,
+    /// The file's content id.
+    pub hash: Hash,
+    /// The file's size in bytes.
+    pub size: u64,
+}
+
+/// A directory: entries sorted by path, paths unique.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Collection {
+    entries: Vec<Entry>,
+}
+
+/// Why entries or bytes are not a collection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectionError {
+    /// The bytes do not start with [`MAGIC`] and a known format.
+    #[error("not a Shoal collection")]
+    NotACollection,
+    /// A path that could escape the directory or is malformed.
+    #[error("invalid path {path:?} in collection: {reason}")]
+    BadPath {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Two entries with one path.
+    #[error("path {0:?} appears twice in the collection")]
+    Duplicate(String),
+    /// Over a bound.
+    #[error("collection too large: {0}")]
+    TooLarge(String),
+    /// The entries do not decode.
+    #[error("malformed collection: {0}")]
+    Malformed(String),
+}
+
+/// Checks that `path` is a relative `/`-separated path with no `.`, `..` or empty components.
+pub fn check_path(path: &str) -> Result<(), CollectionError> {
+    let bad = |reason| Err(CollectionError::BadPath { path: path.to_string(), reason });
+    if path.is_empty() {
+        return bad("empty");
+    }
+    if path.len() > MAX_PATH {
+        return bad("longer than 4096 bytes");
+    }
+    if path.contains('\0') || path.contains('\\') {
+        return bad("contains NUL or a backslash");
+    }
+    for c in path.split('/') {
+        match c {
+            "" => return bad("absolute, or has an empty component"),
+            "." | ".." => return bad("has a . or .. component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Collection {
+    /// A collection of `entries` (in any order); checks every path and refuses duplicates.
+    pub fn new(mut entries: Vec<Entry>) -> Result<Self, CollectionError> {
+        if entries.len() > MAX_ENTRIES {
+            return Err(CollectionError::TooLarge(format!("{} entries, more than {MAX_ENTRIES}", entries.len())));
+        }
+        for e in &entries {
+            check_path(&e.path)?;
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
+            return Err(CollectionError::Duplicate(w[0].path.clone()));
+        }
+        Ok(Self { entries })
+    }
+
+    /// The entries, sorted by path.
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// The entry at `path`.
+    pub fn get(&self, path: &str) -> Option<&Entry> {
+        self.entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok().map(|i| &self.entries[i])
+    }
+
+    /// The total size of the files.
+    pub fn total_size(&self) -> u64 {
+        self.entries.iter().map(|e| e.size).sum()
+    }
+
+    /// The collection's bytes (what is stored and hashed as a blob).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.push(FORMAT);
+        postcard::to_extend(&self.entries, out).unwrap_or_default()
+    }
+
+    /// Whether a blob starting with `prefix` is a collection.
+    pub fn is_collection(prefix: &[u8]) -> bool {
+        prefix.len() > MAGIC.len() && prefix.starts_with(MAGIC) && prefix[MAGIC.len()] == FORMAT
+    }
+
+    /// Reads a collection, checking every bound and path.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CollectionError> {
+        if !Self::is_collection(bytes) {
+            return Err(CollectionError::NotACollection);
+        }
+        if bytes.len() > MAX_ENCODED {
+            return Err(CollectionError::TooLarge(format!("{} bytes", bytes.len())));
+        }
+        let body = &bytes[MAGIC.len() + 1..];
+        // Each entry takes at least 34 bytes (path length, hash, size), so the count a peer claims
+        // cannot make us allocate more than the bytes it sent justify.
+        let (entries, rest): (Vec<Entry>, _) =
+            postcard::take_from_bytes(body).map_err(|e| CollectionError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CollectionError::Malformed(format!("{} trailing bytes", rest.len())));
+        }
+        let c = Self::new(entries)?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, i: u8) -> Entry {
+        Entry { path: path.into(), hash: Hash::from([i; 32]), size: u64::from(i) * 1000 }
+    }
+
+    #[test]
+    fn round_trips_sorted() {
+        let c = Collection::new(vec![entry("b/x.txt", 2), entry("a.html", 1)]).expect("valid");
+        assert_eq!(c.entries()[0].path, "a.html");
+        let bytes = c.encode();
+        assert!(Collection::is_collection(&bytes));
+        assert_eq!(Collection::decode(&bytes).expect("decodes"), c);
+        assert_eq!(c.get("b/x.txt").map(|e| e.size), Some(2000));
+        assert!(c.get("b").is_none());
+        assert_eq!(c.total_size(), 3000);
+    }
+
+    #[test]
+    fn golden_bytes() {
+        let c = Collection::new(vec![entry("a", 0xab)]).expect("valid");
+        let hex = hex::encode(c.encode());
+        let want = [
+            "73686f616c2d636f6c6c656374696f6e", // "shoal-collection"
+            "01",                               // format 1
+            "01",                               // one entry
+            "0161",                             // path "a"
+            &"ab".repeat(32),                   // hash
+            "f8b70a",                           // size 171000, varint
+        ]
+        .concat();
+        assert_eq!(hex, want);
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a\0b"] {
+            assert!(Collection::new(vec![entry(bad, 1)]).is_err(), "{bad:?} accepted");
+        }
+        assert!(matches!(Collection::new(vec![entry("a", 1), entry("a", 2)]), Err(CollectionError::Duplicate(_))));
+        assert_eq!(Collection::decode(b"hello"), Err(CollectionError::NotACollection));
+        let mut bytes = Collection::new(vec![entry("a", 1)]).expect("valid").encode();
+        bytes.push(0);
+        assert!(Collection::decode(&bytes).is_err(), "trailing bytes");
+        // A claimed huge entry count with no bytes behind it fails cleanly.
+        let mut lie = MAGIC.to_vec();
+        lie.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(Collection::decode(&lie).is_err());
+    }
+}
