@@ -28,6 +28,12 @@
 //! [`FetchConfig::max_requests_per_peer`] requests per peer at a time. When every missing piece is in
 //! flight, idle peers duplicate the oldest requests (end-game) and the losers are cancelled.
 //!
+//! A partial holder with nothing the fetch can request is asked for its have-map again after
+//! [`FetchConfig::have_refresh`], unless every slot is taken and a candidate waits: then it is
+//! parked at the back of the candidate queue and the candidate takes its slot, so that peers with
+//! nothing to give cannot keep the providers of the missing pieces from ever being asked. While
+//! such peers hold slots, the DHT is asked for more providers as if the slots were free.
+//!
 //! # Peer failures
 //!
 //! | [`PeerFailure`]              | answering a have request     | answering a get request                          |
@@ -74,8 +80,9 @@ pub const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
 /// cannot make the fetch spin.
 pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(10);
 
-/// Provider candidates remembered per [`FetchConfig::max_peers`]: what the DHT returns beyond this
-/// is ignored until the queue drains.
+/// Provider candidates remembered per [`FetchConfig::max_peers`], parked peers included: what the
+/// DHT returns beyond this is ignored until the queue drains (a parked peer is forgotten to make
+/// room for a new name).
 pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
 
 /// Dropped peers remembered per [`FetchConfig::max_peers`], so that the DHT returning them again
@@ -126,6 +133,7 @@ pub struct FetchConfig {
     pub providers_backoff: Duration,
     /// How long before a partial holder that has nothing this fetch still needs is asked again for
     /// its have-map: in a flash crowd the peers fetching the same blob gain pieces every second.
+    /// If every slot is taken and a candidate waits, it gives its slot to the candidate instead.
     /// The default is 1 s.
     pub have_refresh: Duration,
     /// How long after [`Fetch::new`] the fetch gives up; `None` never gives up and keeps asking the
@@ -417,6 +425,9 @@ struct Peer {
     /// No new request before this.
     backoff_until: Option<Instant>,
     in_flight: usize,
+    /// It gave its slot to a waiting candidate while it held nothing the fetch needed: its advert
+    /// is set aside, it is back in the candidate queue and is asked again when its turn comes.
+    parked: bool,
     penalised: bool,
     dropped: bool,
 }
@@ -439,6 +450,7 @@ impl Peer {
             incident_until: None,
             backoff_until: None,
             in_flight: 0,
+            parked: false,
             penalised: false,
             dropped: false,
         }
@@ -691,20 +703,30 @@ where
     }
 
     /// Provider candidates from the DHT (may repeat, may be empty). Peers already known, dropped
-    /// or beyond the candidate bound are ignored.
+    /// or beyond the candidate bound are ignored. New names wait ahead of parked peers (see
+    /// [`Fetch::next_have_ask`]), and a full queue forgets a parked peer to make room for one.
     pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, _now: Instant) {
         if self.finished {
             return;
         }
         let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
         for peer in peers {
-            if self.candidates.len() >= max {
-                break;
-            }
             if self.peers.contains_key(&peer) || self.candidates.contains(&peer) {
                 continue;
             }
-            self.candidates.push_back(peer);
+            if self.candidates.len() >= max {
+                // The queue is new names, then parked peers: forget the peer parked last, if any.
+                match self.candidates.back() {
+                    Some(last) if self.is_parked(last) => {
+                        if let Some(last) = self.candidates.pop_back() {
+                            self.peers.remove(&last);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            let at = self.candidates.iter().position(|p| self.is_parked(p)).unwrap_or(self.candidates.len());
+            self.candidates.insert(at, peer);
             self.providers_found += 1;
         }
     }
@@ -725,7 +747,7 @@ where
         if self.finished {
             return;
         }
-        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         rec.asking = false;
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
@@ -1003,36 +1025,85 @@ where
         self.next_request(now)
     }
 
-    /// Whether to look up providers again (once the back-off allows): fewer live peers than the
-    /// fetch may use and none waiting to be asked. In a flash crowd new providers appear while
-    /// the fetch runs; the doubling back-off keeps the lookups rare.
+    /// Whether to look up providers again (once the back-off allows): no new name waiting to be
+    /// asked (parked peers do not count), and a free slot or one held by a peer with nothing the
+    /// fetch needs (see [`Fetch::next_have_ask`]). In a flash crowd new providers appear while the
+    /// fetch runs; the doubling back-off keeps the lookups rare.
     fn search_wanted(&self) -> bool {
-        !self.finished && !self.searching && self.candidates.is_empty() && self.live_peers < self.config.max_peers
+        !self.finished
+            && !self.searching
+            && self.candidates.front().is_none_or(|p| self.is_parked(p))
+            && (self.live_peers < self.config.max_peers || self.peers.values().any(|r| self.stale(r)))
+    }
+
+    /// Whether `peer` is parked: in the candidate queue again after holding a slot.
+    fn is_parked(&self, peer: &P) -> bool {
+        self.peers.get(peer).is_some_and(|r| r.parked)
     }
 
     /// The next peer to ask for its have-map: retries and refreshes of known peers first, then a
-    /// new candidate if a slot is free.
+    /// candidate if a slot is free.
+    ///
+    /// A peer whose refresh is due while every slot is taken and a candidate waits gives its slot
+    /// to the candidate instead of being asked again (it is parked at the back of the queue).
+    /// Otherwise peers holding only what is verified could hold every slot forever while the
+    /// providers that hold the rest are never asked. Parking replaces a refresh, so it costs no
+    /// more have requests than refreshing does.
     fn next_have_ask(&mut self, now: Instant) -> Option<P> {
-        let due = self
-            .peers
-            .iter()
-            .filter(|(_, r)| !r.dropped && !r.asking)
-            .find(|(_, r)| r.have_retry_at.is_some_and(|t| t <= now) || self.refresh_due(r).is_some_and(|t| t <= now))
-            .map(|(p, _)| *p);
-        if let Some(peer) = due {
-            self.start_ask(peer, now);
-            return Some(peer);
+        let due = self.peers.iter().filter(|(_, r)| !r.dropped && !r.parked && !r.asking).find_map(|(p, r)| {
+            if r.have_retry_at.is_some_and(|t| t <= now) {
+                Some((*p, false))
+            } else {
+                self.refresh_due(r).is_some_and(|t| t <= now).then_some((*p, true))
+            }
+        });
+        match due {
+            Some((peer, true)) if self.live_peers >= self.config.max_peers && !self.candidates.is_empty() => {
+                self.park(peer);
+            }
+            Some((peer, _)) => {
+                self.start_ask(peer, now);
+                return Some(peer);
+            }
+            None => {}
         }
         if self.live_peers >= self.config.max_peers {
             return None;
         }
-        let peer = self.candidates.pop_front()?;
-        let salt = self.rng.next_u64();
-        self.peers.insert(peer, Peer::new(salt));
-        self.live_peers += 1;
-        self.peers_asked += 1;
-        self.start_ask(peer, now);
-        Some(peer)
+        loop {
+            let peer = self.candidates.pop_front()?;
+            match self.peers.get_mut(&peer) {
+                // A parked peer's turn came round again.
+                Some(rec) if rec.parked => rec.parked = false,
+                Some(_) => continue,
+                None => {
+                    let salt = self.rng.next_u64();
+                    self.peers.insert(peer, Peer::new(salt));
+                    self.peers_asked += 1;
+                }
+            }
+            self.live_peers += 1;
+            self.start_ask(peer, now);
+            return Some(peer);
+        }
+    }
+
+    /// Frees the slot of `peer`, which has nothing the fetch needs: its advert stops counting and
+    /// it goes to the back of the candidate queue (keeping its statistics).
+    fn park(&mut self, peer: P) {
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
+        rec.parked = true;
+        rec.asking = false;
+        rec.have_timeout_at = None;
+        rec.have_retry_at = None;
+        let advert = rec.advert.take();
+        self.live_peers = self.live_peers.saturating_sub(1);
+        if let (Some(claim), Some(advert)) = (self.claim.as_mut(), advert)
+            && advert.size == claim.size()
+        {
+            claim.remove_advert(&advert.pieces);
+        }
+        self.candidates.push_back(peer);
     }
 
     fn start_ask(&mut self, peer: P, now: Instant) {
@@ -1044,23 +1115,30 @@ where
         }
     }
 
-    /// When a partial holder that has nothing the fetch still needs should be asked again for its
-    /// have-map, if it should.
-    fn refresh_due(&self, rec: &Peer) -> Option<Instant> {
-        if self.finished || rec.dropped || rec.asking || rec.have_retry_at.is_some() || rec.in_flight > 0 {
-            return None;
+    /// Whether `rec` is a live, idle partial holder of the claimed size that has nothing the fetch
+    /// can request now: it holds a slot without helping.
+    fn stale(&self, rec: &Peer) -> bool {
+        if self.finished || rec.dropped || rec.parked || rec.asking || rec.have_retry_at.is_some() || rec.in_flight > 0
+        {
+            return false;
         }
-        let claim = self.claim.as_ref()?;
-        let advert = rec.advert.as_ref().filter(|a| a.size == claim.size())?;
+        let Some(claim) = self.claim.as_ref() else { return false };
+        let Some(advert) = rec.advert.as_ref().filter(|a| a.size == claim.size()) else { return false };
         if advert.pieces.is_complete() {
-            return None;
+            return false;
         }
         let useful = if claim.proven {
             !advert.pieces.difference(&claim.verified).is_empty()
         } else {
             advert.pieces.contains(claim.last())
         };
-        if useful {
+        !useful
+    }
+
+    /// When a partial holder that has nothing the fetch still needs should be asked again for its
+    /// have-map (or give its slot to a waiting candidate), if it should.
+    fn refresh_due(&self, rec: &Peer) -> Option<Instant> {
+        if !self.stale(rec) {
             return None;
         }
         rec.last_have_at?.checked_add(self.config.have_refresh)
@@ -1323,7 +1401,7 @@ where
     fn peer_failed(&mut self, peer: P, failure: PeerFailure, asked: Asked, now: Instant) {
         let retry_base = self.config.retry_base;
         let max_failures = self.config.max_peer_failures;
-        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         let wait = match failure {
             PeerFailure::NotFound | PeerFailure::Denied => {
                 self.drop_peer(peer, None, now);
@@ -1360,7 +1438,9 @@ where
     /// and their pieces go back to the pool.
     fn drop_peer(&mut self, peer: P, penalty: Option<PeerFailure>, now: Instant) {
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
+        let was_live = !rec.parked;
         rec.dropped = true;
+        rec.parked = false;
         rec.asking = false;
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
@@ -1370,7 +1450,9 @@ where
             rec.penalised = true;
             self.actions.push_back(Action::Penalise { peer, failure });
         }
-        self.live_peers = self.live_peers.saturating_sub(1);
+        if was_live {
+            self.live_peers = self.live_peers.saturating_sub(1);
+        }
         if let (Some(claim), Some(advert)) = (self.claim.as_mut(), advert)
             && advert.size == claim.size()
         {
@@ -1843,6 +1925,67 @@ mod tests {
         let reqs = requests(&d.drain());
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].2, set(n, [0, 1]));
+    }
+
+    #[test]
+    fn partial_holders_with_nothing_new_give_their_slots_to_waiting_candidates() {
+        // The swarm regression: every slot held by peers that hold only the last piece, and the one
+        // full holder waiting in the candidate queue. Refreshing the partial holders forever would
+        // never ask it, and the fetch would never complete.
+        let n = 8;
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config.clone());
+        assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        d.have(1, set(n, [n - 1]));
+        d.have(2, set(n, [n - 1]));
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        let (peer, id, pieces) = reqs[0].clone();
+        assert_eq!(d.ok(peer, id, &pieces), vec![], "nobody holds anything else");
+        assert!(d.fetch.is_size_proven());
+        assert_eq!(d.fetch.poll_timeout(), Some(d.now + config.have_refresh), "a timer runs");
+        let asks = d.advance(config.have_refresh);
+        assert!(asks.contains(&AskHave { peer: 3 }), "the waiting candidate gets a slot: {asks:?}");
+        assert_eq!(asks.len(), 2, "one have request per refresh due, no more: {asks:?}");
+        assert_eq!(d.fetch.progress().peers_active, 0, "the stale adverts were set aside");
+        assert_eq!(d.fetch.peer_stats().filter(|(_, s)| !s.dropped).count(), 3, "nobody is dropped");
+        d.have(3, d.full());
+        let actions = d.drain();
+        let all = d.serve_all(actions);
+        assert!(requests(&all).iter().all(|(p, _, _)| *p == 3), "{all:?}");
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn with_every_slot_held_by_peers_with_nothing_new_the_dht_is_asked_again() {
+        // Three peers holding only the last piece for two slots: they take turns, and only parked
+        // peers wait in the queue, which must not stop the lookups for someone useful.
+        let n = 8;
+        let only_last = set(n, [n - 1]);
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config.clone());
+        d.discover(&[1, 2, 3]);
+        d.have(1, only_last.clone());
+        d.have(2, only_last.clone());
+        d.drain();
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        let (peer, id, pieces) = reqs[0].clone();
+        d.ok(peer, id, &pieces);
+        d.now += config.have_refresh;
+        d.fetch.handle_timeout(d.now);
+        let actions = d.drain_all();
+        assert_eq!(actions, vec![AskHave { peer: 3 }, FindProviders, AskHave { peer: 1 }], "peer 2 parked");
+        d.have(3, only_last.clone());
+        d.have(1, only_last.clone());
+        d.fetch.handle_providers([4, 2], d.now);
+        d.fetch.handle_providers_done(d.now);
+        assert_eq!(d.drain_all(), vec![]);
+        let asks = d.advance(config.have_refresh);
+        assert_eq!(asks[0], AskHave { peer: 4 }, "a new name goes before a parked peer: {asks:?}");
+        d.have(4, d.full());
+        let actions = d.drain();
+        let all = d.serve_all(actions);
+        assert_eq!(all.last(), Some(&Complete));
     }
 
     // ---- 3. ranking ----
@@ -2438,6 +2581,7 @@ mod tests {
             let mut penalised = BTreeSet::new();
             let mut must_penalise = BTreeSet::new();
             let mut trace = Vec::new();
+            let mut timed_out_at: Option<Instant> = None;
             for _step in 0..200_000 {
                 while let Some(action) = fetch.poll_action(now) {
                     trace.push(format!("{:?} {action:?}", now - start));
@@ -2512,8 +2656,15 @@ mod tests {
                     }
                 }
                 let timeout = fetch.poll_timeout();
-                if let Some(t) = timeout {
-                    assert!(t > now, "poll_timeout in the past: a busy loop");
+                if let Some(t) = timeout
+                    && t <= now
+                {
+                    // An event was handled at the very instant a timer fell due, so the timer
+                    // still waits for its `handle_timeout`; after that it must lie ahead.
+                    assert!(timed_out_at != Some(now), "poll_timeout in the past: a busy loop");
+                    timed_out_at = Some(now);
+                    fetch.handle_timeout(now);
+                    continue;
                 }
                 let next_event = events.keys().next().map(|k| k.0);
                 let next = match (timeout, next_event) {
@@ -2522,6 +2673,7 @@ mod tests {
                 };
                 now = next;
                 if next_event != Some(next) {
+                    timed_out_at = Some(now);
                     fetch.handle_timeout(now);
                     continue;
                 }
