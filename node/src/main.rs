@@ -510,8 +510,8 @@ fn peers(data_dir: &Path) -> anyhow::Result<()> {
     let v: Vec<shoal_node::PeerInfo> = answer(agent().get(format!("http://{api}/v1/peers")).call(), &api)?;
     for p in v {
         match p.rtt_ms {
-            Some(rtt) => println!("{}  rtt {rtt:.2} ms", p.peer_id),
-            None => println!("{}", p.peer_id),
+            Some(rtt) => println!("{}  {}  rtt {rtt:.2} ms", p.peer_id, p.address),
+            None => println!("{}  {}", p.peer_id, p.address),
         }
     }
     Ok(())

@@ -131,7 +131,6 @@ impl Node {
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;
         }
-        let _ = event_loop.swarm_mut();
         let (stop_swarm, stop_rx) = oneshot::channel();
         let swarm_task = tokio::spawn(event_loop.run(stop_rx));
 

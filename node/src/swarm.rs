@@ -171,6 +171,8 @@ pub(crate) struct EventLoop {
     provide_queue: VecDeque<Hash>,
     providing: HashSet<QueryId>,
     rtts: HashMap<PeerId, Duration>,
+    /// The remote address of our connection to each connected peer.
+    remote_addrs: HashMap<PeerId, Multiaddr>,
     listen_addrs: Vec<Multiaddr>,
     announce_listen_addrs: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -192,14 +194,11 @@ impl EventLoop {
             provide_queue: VecDeque::new(),
             providing: HashSet::new(),
             rtts: HashMap::new(),
+            remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
             announce_listen_addrs: announce,
             metrics,
         }
-    }
-
-    pub(crate) fn swarm_mut(&mut self) -> &mut Swarm<Behaviour> {
-        &mut self.swarm
     }
 
     /// Adds a bootstrap peer (its multiaddr ends in `/p2p/<peer id>`) and dials it.
@@ -297,7 +296,7 @@ impl EventLoop {
             .connected_peers()
             .map(|p| PeerInfo {
                 peer_id: p.to_string(),
-                address: String::new(),
+                address: self.remote_addrs.get(p).map(|a| a.to_string()).unwrap_or_default(),
                 rtt_ms: self.rtts.get(p).map(|d| d.as_secs_f64() * 1000.0),
             })
             .collect()
@@ -339,6 +338,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
+                self.remote_addrs.insert(peer_id, endpoint.get_remote_address().clone());
                 if let Some(waiting) = self.dialling.remove(&peer_id) {
                     for found in waiting {
                         let _ = found.try_send(peer_id);
@@ -351,6 +351,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
+                self.remote_addrs.remove(&peer_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
                 if info.protocols.contains(&KAD_PROTOCOL) =>

@@ -31,14 +31,19 @@ fn bytes(len: usize) -> Vec<u8> {
     v
 }
 
+/// A provider node (data in `dir/p`) and a gateway node (`dir/g`) that joins through it.
+async fn provider_and_gateway(dir: &std::path::Path) -> (Node, Node) {
+    let provider = Node::start(config(dir.join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let mut gc = config(dir.join("g"));
+    gc.bootstrap = vec![p_addr];
+    (provider, Node::start(gc).await.expect("gateway node"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
-    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let mut gc = config(tmp.path().join("g"));
-    gc.bootstrap = vec![p_addr];
-    let gw = Node::start(gc).await.expect("gateway node");
+    let (provider, gw) = provider_and_gateway(tmp.path()).await;
 
     let data = bytes(3 * (256 << 10) + 1234);
     let file = tmp.path().join("blob");
@@ -198,11 +203,7 @@ async fn mutating_routes_need_the_token_from_the_data_dir() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_is_served_as_a_listing_and_by_path() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
-    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let mut gc = config(tmp.path().join("g"));
-    gc.bootstrap = vec![p_addr];
-    let gw = Node::start(gc).await.expect("gateway node");
+    let (provider, gw) = provider_and_gateway(tmp.path()).await;
 
     let site = tmp.path().join("site");
     std::fs::create_dir_all(site.join("sub dir")).expect("mkdir");
