@@ -49,6 +49,8 @@ pub struct NodeConfig {
     pub lookup_timeout: Duration,
     /// Whether the store fsyncs before marking pieces verified. The default is `true`.
     pub durable: bool,
+    /// Bytes of recently served pieces kept in memory. The default is 64 MiB.
+    pub hot_bytes: usize,
 }
 
 impl NodeConfig {
@@ -72,6 +74,7 @@ impl NodeConfig {
             external: Vec::new(),
             lookup_timeout: Duration::from_secs(30),
             durable: true,
+            hot_bytes: shoal_cache::StoreConfig::default().hot_bytes,
         }
     }
 

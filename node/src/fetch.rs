@@ -170,7 +170,7 @@ async fn run(
                     let events = events.clone();
                     lookup = Some(
                         tokio::spawn(async move {
-                            if commands.send(Command::FindProviders { hash, found: tx }).await.is_err() {
+                            if commands.send(Command::FindProviders { hash, found: tx, stats: None }).await.is_err() {
                                 return;
                             }
                             while let Some(p) = found.recv().await {
@@ -184,6 +184,7 @@ async fn run(
                     );
                 }
                 Action::AskHave { peer } => {
+                    node.inner.activity.touch(peer);
                     let control = node.inner.control.clone();
                     let events = events.clone();
                     tokio::spawn(
@@ -242,6 +243,7 @@ async fn run(
                         warn!("fetch logic asked for pieces before the size was known");
                         continue;
                     };
+                    node.inner.activity.touch(peer);
                     let control = node.inner.control.clone();
                     let store = store.clone();
                     let events = events.clone();

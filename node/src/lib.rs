@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod config;
+mod connmgr;
 mod fetch;
 mod gateway;
 mod identity;
@@ -27,4 +28,4 @@ pub use libp2p;
 pub use node::{Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
-pub use swarm::{DhtInfo, PeerInfo, TransportFactory};
+pub use swarm::{DhtInfo, DhtSnapshot, LookupStats, PeerInfo, TransportFactory};

@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::config::NodeConfig;
 use crate::fetch::{self, FetchError, FetchProgress};
-use crate::swarm::{self, Command, DhtInfo, EventLoop, PeerInfo, TransportFactory};
+use crate::swarm::{self, Command, DhtInfo, DhtSnapshot, EventLoop, LookupStats, PeerInfo, TransportFactory};
 use crate::transfer::{self, Uploads};
 
 /// What went wrong in a node operation.
@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) download_rate: Option<Arc<crate::limits::RateLimit>>,
+    /// When each peer last moved content with us, so the connection trimming spares it.
+    pub(crate) activity: Arc<crate::connmgr::PeerActivity>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -111,8 +113,12 @@ impl Node {
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let key = crate::identity::load_or_create(&config.data_dir.join("identity"))?;
         let peer_id = key.public().to_peer_id();
-        let store_config =
-            StoreConfig { cache_bytes: config.cache_bytes, durable: config.durable, ..Default::default() };
+        let store_config = StoreConfig {
+            cache_bytes: config.cache_bytes,
+            hot_bytes: config.hot_bytes,
+            durable: config.durable,
+            ..Default::default()
+        };
         let store_dir = config.data_dir.join("store");
         let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_config)).await??;
 
@@ -127,7 +133,15 @@ impl Node {
         }
         let (commands, command_rx) = mpsc::channel(1024);
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        let mut event_loop = EventLoop::new(swarm, command_rx, config.external.is_empty(), metrics.clone());
+        let activity = Arc::new(crate::connmgr::PeerActivity::default());
+        let mut event_loop = EventLoop::new(
+            swarm,
+            command_rx,
+            config.external.is_empty(),
+            metrics.clone(),
+            activity.clone(),
+            config.max_connections as usize,
+        );
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;
         }
@@ -141,7 +155,7 @@ impl Node {
             config.allow_peers.clone(),
         ));
         let download_rate = crate::limits::RateLimit::new(config.download_rate).map(Arc::new);
-        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone(), metrics.clone()));
+        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone(), metrics.clone(), activity.clone()));
 
         let handle = NodeHandle {
             inner: Arc::new(Shared {
@@ -155,6 +169,7 @@ impl Node {
                 penalties: Mutex::new(HashMap::new()),
                 metrics,
                 download_rate,
+                activity,
             }),
         };
         // Announce what we already hold.
@@ -198,6 +213,19 @@ impl Node {
         tokio::task::spawn_blocking(move || store.flush_all()).await??;
         let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join("api"));
         Ok(())
+    }
+}
+
+impl Node {
+    /// Stops the node at once, as a killed process stops: no draining, no flush. The store is
+    /// left as a crash leaves it and recovers on the next start. For experiments that emulate
+    /// crashes in one process; fetches running on this node fail.
+    pub fn crash(self) {
+        self.handle.inner.uploads.close();
+        for task in [self.api_task, self.gateway_task].into_iter().flatten() {
+            task.abort();
+        }
+        self.swarm_task.abort();
     }
 }
 
@@ -333,14 +361,30 @@ impl NodeHandle {
 
     /// Finds providers of `hash` through the DHT, for at most the lookup timeout.
     pub async fn providers(&self, hash: Hash) -> Result<Vec<PeerId>, NodeError> {
+        Ok(self.lookup(hash).await?.0)
+    }
+
+    /// Like [`NodeHandle::providers`], with what the lookup cost (`None` if it outlived the
+    /// lookup timeout).
+    pub async fn lookup(&self, hash: Hash) -> Result<(Vec<PeerId>, Option<LookupStats>), NodeError> {
         let (tx, mut rx) = mpsc::channel(64);
-        self.command(Command::FindProviders { hash, found: tx }).await?;
+        let (stats_tx, stats_rx) = oneshot::channel();
+        self.command(Command::FindProviders { hash, found: tx, stats: Some(stats_tx) }).await?;
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + self.inner.config.lookup_timeout;
         while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             out.push(p);
         }
-        Ok(out)
+        let stats = tokio::time::timeout_at(deadline, stats_rx).await.ok().and_then(Result::ok);
+        Ok((out, stats))
+    }
+
+    /// Our routing table and whether we hold a provider record for `hash`: what an experiment
+    /// needs to replay a lookup over the live DHT.
+    pub async fn dht_snapshot(&self, hash: Hash) -> Result<DhtSnapshot, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::DhtSnapshot { hash, reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
     }
 
     /// Fetches `hash` from the swarm (or returns at once if held whole), verified piece by piece.

@@ -15,7 +15,7 @@ use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, ping};
 use shoal_protocol::Hash;
 use tokio::sync::{mpsc, oneshot};
@@ -59,8 +59,10 @@ pub(crate) enum Command {
     /// Stop announcing it (evicted or deleted).
     Unprovide(Hash),
     /// Find providers; each reachable one is sent once, with a live connection. The channel
-    /// closes when the lookup ends.
-    FindProviders { hash: Hash, found: mpsc::Sender<PeerId> },
+    /// closes when the lookup ends, and then `stats` gets the lookup's figures.
+    FindProviders { hash: Hash, found: mpsc::Sender<PeerId>, stats: Option<oneshot::Sender<LookupStats>> },
+    /// Our routing table, and whether we hold a provider record for a blob.
+    DhtSnapshot { hash: Hash, reply: oneshot::Sender<DhtSnapshot> },
     /// The connected peers.
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     /// Our listen addresses, with `/p2p/<peer id>`.
@@ -89,6 +91,32 @@ pub struct DhtInfo {
     pub provided: usize,
     /// Blobs waiting to be announced.
     pub provide_queue: usize,
+    /// Announcements (Kademlia queries) in flight.
+    pub announcing: usize,
+}
+
+/// What one provider lookup cost.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LookupStats {
+    /// Kademlia requests sent.
+    pub requests: u32,
+    /// Requests that were answered.
+    pub answered: u32,
+    /// From the start until the first provider record arrived, if one did.
+    pub first_provider: Option<Duration>,
+    /// From the start until the query ended.
+    pub duration: Duration,
+    /// Distinct providers named (reachable or not).
+    pub providers: usize,
+}
+
+/// A node's view of the DHT, for experiments that replay lookups over real routing tables.
+#[derive(Debug, Clone, Default)]
+pub struct DhtSnapshot {
+    /// Every peer in our routing table.
+    pub routing_table: Vec<PeerId>,
+    /// Whether we store a provider record for the blob asked about.
+    pub holds_provider_record: bool,
 }
 
 /// Builds a node's transport from its identity: how the simulator puts a node on its emulated
@@ -121,7 +149,7 @@ pub(crate) fn build_swarm(
         // Every Shoal node serves the DHT: we do not wait for an external address to be confirmed.
         kad.set_mode(Some(kad::Mode::Server));
         let limits = connection_limits::ConnectionLimits::default()
-            .with_max_established(Some(config.max_connections))
+            .with_max_established(Some(crate::connmgr::hard_cap(config.max_connections)))
             .with_max_pending_incoming(Some(64))
             .with_max_established_per_peer(Some(2));
         Behaviour {
@@ -159,6 +187,8 @@ struct Lookup {
     found: mpsc::Sender<PeerId>,
     seen: HashSet<PeerId>,
     started: Instant,
+    first_provider: Option<Duration>,
+    stats: Option<oneshot::Sender<LookupStats>>,
 }
 
 pub(crate) struct EventLoop {
@@ -176,6 +206,15 @@ pub(crate) struct EventLoop {
     listen_addrs: Vec<Multiaddr>,
     announce_listen_addrs: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    activity: std::sync::Arc<crate::connmgr::PeerActivity>,
+    /// The connections we trim back to; the hard cap is a little higher.
+    target_connections: usize,
+    /// Since when each connected peer has been connected.
+    connected_since: HashMap<PeerId, Instant>,
+    /// Providers whose dial our connection cap refused, waiting for a connection to close, with
+    /// how often that happened.
+    awaiting_room: VecDeque<PeerId>,
+    room_retries: HashMap<PeerId, u8>,
 }
 
 impl EventLoop {
@@ -184,6 +223,8 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         announce: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
+        activity: std::sync::Arc<crate::connmgr::PeerActivity>,
+        target_connections: usize,
     ) -> Self {
         Self {
             swarm,
@@ -198,6 +239,11 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             announce_listen_addrs: announce,
             metrics,
+            activity,
+            target_connections,
+            connected_since: HashMap::new(),
+            awaiting_room: VecDeque::new(),
+            room_retries: HashMap::new(),
         }
     }
 
@@ -214,6 +260,8 @@ impl EventLoop {
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let mut reprovide = tokio::time::interval(REPROVIDE_INTERVAL);
         reprovide.tick().await;
+        let mut trim = tokio::time::interval(crate::connmgr::GRACE / 2);
+        trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -227,6 +275,7 @@ impl EventLoop {
                         self.enqueue_provide(h);
                     }
                 }
+                _ = trim.tick() => self.trim_connections(),
                 _ = &mut shutdown => break,
             }
             self.drive_provides();
@@ -269,9 +318,19 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
                 }
             }
-            Command::FindProviders { hash, found } => {
+            Command::FindProviders { hash, found, stats } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(hash.as_bytes()));
-                self.lookups.insert(id, Lookup { hash, found, seen: HashSet::new(), started: Instant::now() });
+                let lookup =
+                    Lookup { hash, found, seen: HashSet::new(), started: Instant::now(), first_provider: None, stats };
+                self.lookups.insert(id, lookup);
+            }
+            Command::DhtSnapshot { hash, reply } => {
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                let routing_table =
+                    kad.kbuckets().flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>()).collect();
+                let key = RecordKey::new(hash.as_bytes());
+                let holds_provider_record = !kad::store::RecordStore::providers(kad.store_mut(), &key).is_empty();
+                let _ = reply.send(DhtSnapshot { routing_table, holds_provider_record });
             }
             Command::Peers(reply) => {
                 let peers = self.connected_peers();
@@ -286,6 +345,7 @@ impl EventLoop {
                     routing_table_peers,
                     provided: self.provided.len(),
                     provide_queue: self.provide_queue.len(),
+                    announcing: self.providing.len(),
                 });
             }
         }
@@ -307,6 +367,29 @@ impl EventLoop {
         self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(me))).collect()
     }
 
+    /// Closes the least useful connections once there are more than the target (see
+    /// [`crate::connmgr`]); providers being dialled for a lookup are kept.
+    fn trim_connections(&mut self) {
+        self.trim_to(self.target_connections, crate::connmgr::GRACE);
+    }
+
+    fn trim_to(&mut self, target: usize, grace: Duration) {
+        if self.connected_since.len() <= target {
+            return;
+        }
+        let connected: Vec<(PeerId, Instant)> = self
+            .connected_since
+            .iter()
+            .filter(|(p, _)| !self.dialling.contains_key(p))
+            .map(|(p, t)| (*p, *t))
+            .collect();
+        let target = target.saturating_sub(self.connected_since.len() - connected.len());
+        for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace) {
+            trace!(%peer, "trimming an idle connection");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     /// Hands a provider to a lookup once we hold a connection to it.
     fn offer_provider(&mut self, peer: PeerId, found: &mpsc::Sender<PeerId>) {
         if self.swarm.is_connected(&peer) {
@@ -319,9 +402,15 @@ impl EventLoop {
         if first {
             // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt.
             let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
-            if let Err(e) = self.swarm.dial(opts) {
-                debug!(%peer, error = %e, "cannot dial provider");
-                self.dialling.remove(&peer);
+            match self.swarm.dial(opts) {
+                Ok(()) => {}
+                // Someone (Kademlia itself, often) is dialling it already: its connection, or its
+                // failure, reaches the waiting lookups all the same.
+                Err(DialError::DialPeerConditionFalse(_)) => {}
+                Err(e) => {
+                    debug!(%peer, error = %e, "cannot dial provider");
+                    self.dialling.remove(&peer);
+                }
             }
         }
     }
@@ -339,6 +428,9 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 self.remote_addrs.insert(peer_id, endpoint.get_remote_address().clone());
+                self.connected_since.entry(peer_id).or_insert_with(Instant::now);
+                self.trim_connections();
+                self.room_retries.remove(&peer_id);
                 if let Some(waiting) = self.dialling.remove(&peer_id) {
                     for found in waiting {
                         let _ = found.try_send(peer_id);
@@ -346,12 +438,40 @@ impl EventLoop {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
-                debug!(%peer, %error, "dial failed");
-                self.dialling.remove(&peer);
+                if matches!(error, DialError::Denied { .. }) && self.dialling.contains_key(&peer) {
+                    // Our own cap: close the least useful connection, then dial again.
+                    let retries = self.room_retries.entry(peer).or_insert(0);
+                    *retries += 1;
+                    if *retries <= 3 {
+                        self.awaiting_room.push_back(peer);
+                        self.trim_to(self.connected_since.len().saturating_sub(1), Duration::ZERO);
+                        return;
+                    }
+                }
+                self.room_retries.remove(&peer);
+                if self.dialling.remove(&peer).is_some() {
+                    debug!(%peer, %error, "cannot reach a provider");
+                } else {
+                    trace!(%peer, %error, "dial failed");
+                }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
+                self.connected_since.remove(&peer_id);
+                while let Some(peer) = self.awaiting_room.pop_front() {
+                    if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
+                        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+                        if let Err(e) = self.swarm.dial(opts)
+                            && !matches!(e, DialError::DialPeerConditionFalse(_))
+                        {
+                            debug!(%peer, error = %e, "cannot dial provider");
+                            self.dialling.remove(&peer);
+                        }
+                        break;
+                    }
+                    self.room_retries.remove(&peer);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
                 if info.protocols.contains(&KAD_PROTOCOL) =>
@@ -376,6 +496,9 @@ impl EventLoop {
                 let mut finish = false;
                 if let Some(lookup) = self.lookups.get_mut(&id) {
                     if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = result {
+                        if lookup.first_provider.is_none() && providers.iter().any(|p| *p != me) {
+                            lookup.first_provider = Some(lookup.started.elapsed());
+                        }
                         let new: Vec<PeerId> =
                             providers.into_iter().filter(|p| *p != me && lookup.seen.insert(*p)).collect();
                         let found = lookup.found.clone();
@@ -396,6 +519,15 @@ impl EventLoop {
                             elapsed_ms = lookup.started.elapsed().as_millis() as u64,
                             "provider lookup finished"
                         );
+                        if let Some(reply) = lookup.stats {
+                            let _ = reply.send(LookupStats {
+                                requests: stats.num_requests(),
+                                answered: stats.num_successes(),
+                                first_provider: lookup.first_provider,
+                                duration: lookup.started.elapsed(),
+                                providers: lookup.seen.len(),
+                            });
+                        }
                     }
                     if !step.last
                         && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)

@@ -111,8 +111,10 @@ pub(crate) async fn serve(
     store: Store,
     uploads: Arc<Uploads>,
     metrics: Arc<crate::metrics::Metrics>,
+    activity: Arc<crate::connmgr::PeerActivity>,
 ) {
     while let Some((peer, stream)) = incoming.next().await {
+        activity.touch(peer);
         let store = store.clone();
         let uploads = uploads.clone();
         let metrics = metrics.clone();

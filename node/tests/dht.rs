@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use shoal_node::libp2p::core::transport::{MemoryTransport, upgrade::Version};
-use shoal_node::libp2p::{Multiaddr, Transport, noise, yamux};
+use shoal_node::libp2p::{Multiaddr, Transport, plaintext, yamux};
 use shoal_node::{Node, NodeConfig};
 
 const NODES: usize = 30;
@@ -25,7 +25,7 @@ async fn start(config: NodeConfig) -> Node {
         Some(Box::new(|key: &shoal_node::libp2p::identity::Keypair| {
             MemoryTransport::default()
                 .upgrade(Version::V1)
-                .authenticate(noise::Config::new(key).expect("noise"))
+                .authenticate(plaintext::Config::new(key))
                 .multiplex(yamux::Config::default())
                 .boxed()
         })),

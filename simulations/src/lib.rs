@@ -1,13 +1,21 @@
 //! Scale experiments: many real Shoal nodes in one process over an emulated network.
 //!
 //! # Layout
+//! - [`hops`]: lookup hops, replayed over the live routing tables.
 //! - [`net`]: the emulated network, a libp2p transport with latency, caps and partitions.
 //! - [`scenario`]: scenario files (TOML).
-//! - [`run`]: starts the nodes, runs an experiment, writes the results.
+//! - [`run`]: starts the nodes, runs an experiment, writes the results; the flash crowd and lookup
+//!   scaling live there, [`zipf`], [`churn`] and [`regions`] beside it.
+//! - [`plot`]: charts in PNG and SVG.
 
+pub mod churn;
+pub mod hops;
 pub mod net;
+pub mod plot;
+pub mod regions;
 pub mod run;
 pub mod scenario;
+pub mod zipf;
 
 pub use net::{LinkCaps, Network, NetworkConfig, NodeId};
 pub use scenario::Scenario;

@@ -65,8 +65,73 @@ async fn main() -> anyhow::Result<()> {
         ExperimentResult::LookupScaling { sizes } => {
             for l in sizes {
                 eprintln!(
-                    "lookups at N={}: {}/{} found the provider, p50 {:.3} p90 {:.3} max {:.3} s",
-                    l.nodes, l.found, l.lookups, l.p50_s, l.p90_s, l.max_s
+                    "lookups at N={}: {}/{} found the provider ({} nodes hold the record); hops p50 {} p90 {} max {}; \
+                     first provider p50 {:.3} p90 {:.3} s; whole query p50 {:.3} p90 {:.3} s, {} requests",
+                    l.nodes,
+                    l.found,
+                    l.lookups,
+                    l.record_holders,
+                    l.hops_p50,
+                    l.hops_p90,
+                    l.hops_max,
+                    l.first_provider_p50_s,
+                    l.first_provider_p90_s,
+                    l.p50_s,
+                    l.p90_s,
+                    l.requests_p50
+                );
+            }
+        }
+        ExperimentResult::ZipfCatalogue(r) => eprintln!(
+            "zipf catalogue: {} requests ({} ok) over {} blobs; hit ratio {:.1}%; TTFB p50 {:.3} p99 {:.3} s \
+             (misses: p50 {:.3} p99 {:.3} s); origin offload {:.1}%, origin egress {:.2} catalogues",
+            r.requests,
+            r.succeeded,
+            r.blobs,
+            r.hit_ratio * 100.0,
+            r.ttfb_p50_s,
+            r.ttfb_p99_s,
+            r.ttfb_miss_p50_s,
+            r.ttfb_miss_p99_s,
+            r.origin_offload * 100.0,
+            r.origin_egress_catalogues
+        ),
+        ExperimentResult::Churn(r) => eprintln!(
+            "churn: {:.0}% churned ({} crashed, {} of them restarted; {} left; {} joined); \
+             {}/{} fetches succeeded ({:.1}%); completion p50 {:.2} p90 {:.2} max {:.2} s; \
+             longest stall p50 {:.2} p99 {:.2} s; restart to done p50 {:.2} max {:.2} s",
+            r.churned_share * 100.0,
+            r.crashed,
+            r.restarted,
+            r.left,
+            r.joined,
+            r.succeeded,
+            r.eligible,
+            r.success_rate * 100.0,
+            r.p50_s,
+            r.p90_s,
+            r.max_s,
+            r.stall_p50_s,
+            r.stall_p99_s,
+            r.restart_to_done_p50_s,
+            r.restart_to_done_max_s
+        ),
+        ExperimentResult::Regions(r) => {
+            eprintln!(
+                "regions: {}/{} fetched; {:.1}% of bytes from the receiver's own region (random picks: {:.1}%)",
+                r.succeeded,
+                r.fetchers,
+                r.own_region_share * 100.0,
+                r.random_pick_share * 100.0
+            );
+            for g in &r.regions {
+                eprintln!(
+                    "  {}: {} nodes, {:.1}% own-region bytes, completion p50 {:.2} p90 {:.2} s",
+                    g.name,
+                    g.nodes,
+                    g.own_share * 100.0,
+                    g.p50_s,
+                    g.p90_s
                 );
             }
         }

@@ -5,8 +5,13 @@
 //! frames of at most [`MAX_FRAME`] bytes; each frame waits for the writer's uplink, carries the
 //! instant it reaches the peer (`left uplink + one-way latency`), and at the reader waits for that
 //! instant and then for the reader's downlink. The caps are token buckets of depth zero: bytes
-//! leave at the cap and never in a burst, so no transfer can beat the fluid bound. Noise and yamux
-//! run on top of the link, as they would over TCP.
+//! leave at the cap and never in a burst, so no transfer can beat the fluid bound. Yamux runs on
+//! top of the link, as it would over TCP. Peers authenticate with libp2p's plaintext handshake
+//! (they exchange and check public keys) instead of noise: encryption would protect nothing inside
+//! one process, and at a thousand nodes its key exchanges were a fifth of the CPU.
+//!
+//! Nodes can go down ([`Network::set_down`]): their links are reset and dials to them fail, as
+//! when a process crashes; they come back up with [`Network::set_up`].
 //!
 //! The dialer sends its [`NodeId`] as the first bytes of a connection (a preamble no real network
 //! has) so the listener knows the link's latency and regions.
@@ -32,7 +37,7 @@ use shoal_node::libp2p::core::transport::{
 };
 use shoal_node::libp2p::identity::Keypair;
 use shoal_node::libp2p::multiaddr::Protocol;
-use shoal_node::libp2p::{Multiaddr, PeerId, Transport, noise, yamux};
+use shoal_node::libp2p::{Multiaddr, PeerId, Transport, plaintext, yamux};
 
 /// The largest frame a link sends at once: the unit of pacing.
 pub const MAX_FRAME: usize = 16 * 1024;
@@ -127,6 +132,8 @@ struct NodeSlot {
     sent: AtomicU64,
     /// Bytes delivered to this node.
     received: AtomicU64,
+    /// Whether the node is down (crashed, or left): its links are reset.
+    down: AtomicBool,
 }
 
 /// The emulated network every simulated node's transport belongs to.
@@ -138,6 +145,8 @@ pub struct Network {
     latency_ns: Vec<AtomicU64>,
     /// Whether traffic between two regions is cut, `regions × regions`, symmetric.
     partitioned: Vec<AtomicBool>,
+    /// Bytes delivered from region `i` to region `j`, `regions × regions`, row-major.
+    region_bytes: Vec<AtomicU64>,
     nodes: RwLock<Vec<Arc<NodeSlot>>>,
     ports: RwLock<HashMap<u64, NodeId>>,
 }
@@ -173,6 +182,7 @@ impl Network {
             regions: config.regions,
             latency_ns,
             partitioned: (0..r * r).map(|_| AtomicBool::new(false)).collect(),
+            region_bytes: (0..r * r).map(|_| AtomicU64::new(0)).collect(),
             nodes: RwLock::new(Vec::new()),
             ports: RwLock::new(HashMap::new()),
         }))
@@ -202,6 +212,7 @@ impl Network {
             downlink: Bucket::new(wall(caps.downlink)),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         }));
         Ok(id)
     }
@@ -218,6 +229,31 @@ impl Network {
     /// Bytes `node` has sent and received so far (noise and yamux overhead included).
     pub fn traffic(&self, node: NodeId) -> (u64, u64) {
         self.slot(node).map_or((0, 0), |s| (s.sent.load(Ordering::Relaxed), s.received.load(Ordering::Relaxed)))
+    }
+
+    /// Bytes delivered so far from region `from` to region `to`.
+    pub fn region_traffic(&self, from: usize, to: usize) -> u64 {
+        let r = self.regions.len();
+        if from < r && to < r { self.region_bytes[from * r + to].load(Ordering::Relaxed) } else { 0 }
+    }
+
+    /// Takes `node` off the network, as a crash would: its links are reset at their next frame
+    /// and nobody can dial it until [`Network::set_up`].
+    pub fn set_down(&self, node: NodeId) {
+        if let Some(s) = self.slot(node) {
+            s.down.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Puts `node` back on the network.
+    pub fn set_up(&self, node: NodeId) {
+        if let Some(s) = self.slot(node) {
+            s.down.store(false, Ordering::Relaxed);
+        }
+    }
+
+    fn is_down(&self, node: NodeId) -> bool {
+        self.slot(node).is_none_or(|s| s.down.load(Ordering::Relaxed))
     }
 
     /// Cuts traffic between regions `a` and `b` (both ways; `a == b` cuts a region from itself):
@@ -263,14 +299,9 @@ impl Network {
     /// The transport of `node`: the emulated link, then noise and yamux. Call it from the node's
     /// [`shoal_node::TransportFactory`].
     pub fn transport(self: &Arc<Self>, node: NodeId, key: &Keypair) -> Boxed<(PeerId, StreamMuxerBox)> {
-        let noise = match noise::Config::new(key) {
-            Ok(n) => n,
-            // Only fails for a key type noise cannot sign with; nodes use ed25519.
-            Err(e) => panic!("noise cannot use this identity: {e}"),
-        };
         EmulatedTransport { net: self.clone(), me: node, inner: MemoryTransport::default(), listeners: HashMap::new() }
             .upgrade(Version::V1)
-            .authenticate(noise)
+            .authenticate(plaintext::Config::new(key))
             .multiplex(yamux::Config::default())
             .boxed()
     }
@@ -338,6 +369,9 @@ impl Transport for EmulatedTransport {
         };
         if net.is_partitioned(a, b) {
             return Err(TransportError::Other(unreachable(format!("{me} and {peer} are partitioned"))));
+        }
+        if net.is_down(me) || net.is_down(peer) {
+            return Err(TransportError::Other(unreachable(format!("{peer} is down"))));
         }
         let dial = self.inner.dial(addr, opts).map_err(|e| e.map(unreachable))?;
         Ok(async move {
@@ -410,6 +444,7 @@ pub struct Link {
     net: Arc<Network>,
     me: Arc<NodeSlot>,
     peer: NodeId,
+    peer_slot: Arc<NodeSlot>,
     /// One-way latency from us to the peer, and whether our regions can talk, are read per frame.
     regions: (usize, usize),
     io: Channel<Vec<u8>>,
@@ -433,15 +468,17 @@ impl fmt::Debug for Link {
 
 impl Link {
     fn new(net: Arc<Network>, me: NodeId, peer: NodeId, io: Channel<Vec<u8>>) -> io::Result<Self> {
-        let (Some(slot), Some(peer_region)) = (net.slot(me), net.region_of(peer)) else {
+        let (Some(slot), Some(peer_slot)) = (net.slot(me), net.slot(peer)) else {
             return Err(unreachable(format!("unknown node {peer}")));
         };
+        let peer_region = peer_slot.region;
         let now = tokio::time::Instant::now();
         Ok(Self {
             regions: (slot.region, peer_region),
             me: slot,
             net,
             peer,
+            peer_slot,
             io,
             pending: None,
             write_gate: Box::pin(tokio::time::sleep_until(now)),
@@ -456,6 +493,9 @@ impl Link {
     fn check_partition(&self) -> io::Result<()> {
         if self.net.is_partitioned(self.regions.0, self.regions.1) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "partitioned"));
+        }
+        if self.me.down.load(Ordering::Relaxed) || self.peer_slot.down.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
         }
         Ok(())
     }
@@ -571,6 +611,9 @@ impl AsyncRead for Link {
                 ReadState::Downlink => {
                     ready!(this.read_gate.as_mut().poll(cx));
                     this.me.received.fetch_add(this.payload.len() as u64, Ordering::Relaxed);
+                    let r = this.net.regions.len();
+                    this.net.region_bytes[this.regions.1 * r + this.regions.0]
+                        .fetch_add(this.payload.len() as u64, Ordering::Relaxed);
                     this.state = ReadState::Deliver { pos: 0 };
                 }
                 ReadState::Deliver { pos } => {
@@ -676,8 +719,16 @@ mod tests {
         assert_eq!(net.traffic(a).0, 1 << 20);
         assert_eq!(net.traffic(b).1, 1 << 20);
 
+        assert_eq!(net.region_traffic(0, 1), 1 << 20);
+        assert_eq!(net.region_traffic(1, 0), 0);
+
         net.partition(0, 1);
         assert!(out.write_all(b"x").await.is_err());
         net.repair(0, 1);
+        net.set_down(b);
+        assert!(out.write_all(b"x").await.is_err(), "a link to a node that went down is reset");
+        assert!(net.is_down(b));
+        net.set_up(b);
+        assert!(!net.is_down(b));
     }
 }

@@ -59,6 +59,12 @@ pub enum ExperimentResult {
         /// Per size.
         sizes: Vec<LookupResult>,
     },
+    /// See [`crate::zipf::ZipfResult`].
+    ZipfCatalogue(crate::zipf::ZipfResult),
+    /// See [`crate::churn::ChurnResult`].
+    Churn(crate::churn::ChurnResult),
+    /// See [`crate::regions::RegionsResult`].
+    Regions(crate::regions::RegionsResult),
 }
 
 /// A flash crowd's figures. Times in emulated seconds from the moment every fetch started.
@@ -91,6 +97,22 @@ pub struct FlashCrowdResult {
     /// Per fetcher.
     #[serde(skip)]
     pub completions: Vec<Completion>,
+    /// Once per emulated second.
+    #[serde(skip)]
+    pub series: Vec<CrowdSample>,
+}
+
+/// A flash crowd's state at one instant.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrowdSample {
+    /// Emulated seconds since the fetches started.
+    pub t_s: f64,
+    /// Fetches done.
+    pub completed: usize,
+    /// Bytes the seeder has sent since the start.
+    pub origin_bytes: u64,
+    /// Bytes the fetchers have received since the start.
+    pub received_bytes: u64,
 }
 
 /// One fetch in a flash crowd.
@@ -121,35 +143,70 @@ pub struct LookupResult {
     pub nodes: usize,
     /// Lookups made.
     pub lookups: usize,
-    /// Lookups that found the provider.
+    /// Lookups that found the provider (and connected to it).
     pub found: usize,
+    /// Nodes storing the provider record after the announcement.
+    pub record_holders: usize,
     /// Lookup latency (the whole Kademlia query, until `providers` returned), emulated seconds.
     pub p50_s: f64,
     /// 90th percentile.
     pub p90_s: f64,
     /// Slowest.
     pub max_s: f64,
-    /// Per lookup: (node, found, seconds).
+    /// Time until the first provider record arrived, median (what a fetch waits for).
+    pub first_provider_p50_s: f64,
+    /// 90th percentile.
+    pub first_provider_p90_s: f64,
+    /// Hops to the first node holding the record, replayed over the live routing tables (see
+    /// [`crate::hops`]), median.
+    pub hops_p50: f64,
+    /// 90th percentile.
+    pub hops_p90: f64,
+    /// Most.
+    pub hops_max: f64,
+    /// Kademlia requests per lookup, median (libp2p runs the query to the k closest nodes).
+    pub requests_p50: f64,
+    /// Per lookup.
     #[serde(skip)]
-    pub samples: Vec<(NodeId, bool, f64)>,
+    pub samples: Vec<LookupSample>,
+}
+
+/// One provider lookup.
+#[derive(Debug, Clone, Serialize)]
+pub struct LookupSample {
+    /// The node that looked up.
+    pub node: NodeId,
+    /// Its peer id.
+    #[serde(skip)]
+    pub peer: shoal_node::libp2p::PeerId,
+    /// Whether it found the provider.
+    pub found: bool,
+    /// Emulated seconds for the whole lookup.
+    pub seconds: f64,
+    /// Emulated seconds until the first provider record arrived.
+    pub first_provider_s: Option<f64>,
+    /// Kademlia requests sent.
+    pub requests: Option<u32>,
+    /// Replayed hops to a record holder.
+    pub hops: Option<u32>,
 }
 
 /// Counters the progress line shows.
 #[derive(Debug, Default)]
-struct Progress {
+pub(crate) struct Progress {
     phase: Mutex<String>,
     done: AtomicUsize,
     total: AtomicUsize,
 }
 
 impl Progress {
-    fn set(&self, phase: &str, total: usize) {
+    pub(crate) fn set(&self, phase: &str, total: usize) {
         *self.phase.lock().unwrap_or_else(|e| e.into_inner()) = phase.to_owned();
         self.done.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
     }
 
-    fn tick(&self) {
+    pub(crate) fn tick(&self) {
         self.done.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -173,15 +230,27 @@ pub fn proc_status_mib(field: &str) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// A set of running nodes on one emulated network.
-struct Cluster {
-    net: Arc<Network>,
-    nodes: Vec<(NodeId, Node)>,
-    _dir: tempfile::TempDir,
+/// A set of nodes on one emulated network; nodes can crash, leave, restart and join.
+pub(crate) struct Cluster {
+    pub(crate) net: Arc<Network>,
+    pub(crate) nodes: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+/// One node of a [`Cluster`], running or not.
+pub(crate) struct Member {
+    pub(crate) id: NodeId,
+    /// `None` while the node is down (crashed or left).
+    node: Option<Node>,
+    /// A handle to the node's current incarnation.
+    handle: NodeHandle,
+    config: NodeConfig,
 }
 
 impl Cluster {
-    async fn start(
+    /// Starts `count` nodes, staggered, each joining through random earlier ones, and waits (up
+    /// to the settle time) until their routing tables fill.
+    pub(crate) async fn start(
         scenario: &Scenario,
         count: usize,
         rng: &mut ChaCha8Rng,
@@ -190,31 +259,11 @@ impl Cluster {
     ) -> anyhow::Result<Self> {
         let net = Network::new(scenario.network_config())?;
         let dir = tempfile::Builder::new().prefix("shoal-netsim-").tempdir_in(work)?;
+        let mut cluster = Self { net, nodes: Vec::with_capacity(count), dir };
         let spec = &scenario.nodes;
-        let mut nodes: Vec<(NodeId, Node)> = Vec::with_capacity(count);
-        let mut addrs: Vec<shoal_node::libp2p::Multiaddr> = Vec::with_capacity(count);
         progress.set("joining", count);
-        for i in 0..count {
-            let region = rng.random_range(0..net.regions().len());
-            let id = net.add_node(region, scenario.caps(i))?;
-            let mut config = NodeConfig::new(dir.path().join(i.to_string()));
-            config.listen = vec!["/memory/0".parse()?];
-            config.api = None;
-            config.durable = false;
-            config.cache_bytes = spec.cache_mib << 20;
-            config.max_connections = spec.max_connections;
-            config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
-            let k = spec.bootstrap_peers.min(i);
-            config.bootstrap = rand::seq::index::sample(rng, i, k).into_iter().map(|j| addrs[j].clone()).collect();
-            let transport_net = net.clone();
-            let node = Node::start_with_transport(config, Some(Box::new(move |key| transport_net.transport(id, key))))
-                .await
-                .with_context(|| format!("starting node {i}"))?;
-            let listen = tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
-                .await
-                .context("a node did not listen within 10 s")??;
-            addrs.push(listen.into_iter().next().context("no listen address")?);
-            nodes.push((id, node));
+        for _ in 0..count {
+            cluster.join(scenario, rng).await?;
             progress.tick();
             if spec.join_stagger_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(spec.join_stagger_ms)).await;
@@ -224,8 +273,8 @@ impl Cluster {
         progress.set("settling", count);
         let want = spec.bootstrap_peers.min(count - 1).max(1);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(spec.settle_s);
-        for (_, n) in &nodes {
-            while n.handle().status().await?.dht.routing_table_peers < want {
+        for m in &cluster.nodes {
+            while m.handle.status().await?.dht.routing_table_peers < want {
                 if tokio::time::Instant::now() >= deadline {
                     break;
                 }
@@ -233,20 +282,106 @@ impl Cluster {
             }
             progress.tick();
         }
-        Ok(Self { net, nodes, _dir: dir })
+        Ok(cluster)
     }
 
-    fn handle(&self, i: usize) -> NodeHandle {
-        self.nodes[i].1.handle()
+    /// The directory nodes keep their data in; experiments may put files there.
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
-    fn region_name(&self, id: NodeId) -> String {
+    /// Starts one more node in a random region, bootstrapped through random running nodes.
+    /// Returns its index.
+    pub(crate) async fn join(&mut self, scenario: &Scenario, rng: &mut ChaCha8Rng) -> anyhow::Result<usize> {
+        let i = self.nodes.len();
+        let spec = &scenario.nodes;
+        let region = rng.random_range(0..self.net.regions().len());
+        let id = self.net.add_node(region, scenario.caps(i))?;
+        let mut config = NodeConfig::new(self.dir.path().join(i.to_string()));
+        config.listen = vec!["/memory/0".parse()?];
+        config.api = None;
+        config.durable = false;
+        config.cache_bytes = spec.cache_mib << 20;
+        config.hot_bytes = (spec.hot_mib << 20) as usize;
+        config.max_connections = spec.max_connections;
+        config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
+        let (node, handle) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
+        self.nodes.push(Member { id, node: Some(node), handle, config });
+        Ok(i)
+    }
+
+    async fn boot(
+        &self,
+        id: NodeId,
+        mut config: NodeConfig,
+        bootstrap: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<(Node, NodeHandle)> {
+        let up: Vec<&Member> = self.nodes.iter().filter(|m| m.node.is_some() && m.id != id).collect();
+        let mut picked = Vec::new();
+        for j in rand::seq::index::sample(rng, up.len(), bootstrap.min(up.len())) {
+            if let Some(addr) = up[j].handle.listen_addrs().await?.into_iter().next() {
+                picked.push(addr);
+            }
+        }
+        config.bootstrap = picked;
+        let net = self.net.clone();
+        let node = Node::start_with_transport(config, Some(Box::new(move |key| net.transport(id, key))))
+            .await
+            .with_context(|| format!("starting node {id}"))?;
+        tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
+            .await
+            .context("a node did not listen within 10 s")??;
+        let handle = node.handle();
+        Ok((node, handle))
+    }
+
+    /// Whether node `i` is running.
+    pub(crate) fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].node.is_some()
+    }
+
+    /// Crashes node `i`: its links reset at once, nothing is drained or flushed.
+    pub(crate) fn crash(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].node.take() {
+            self.net.set_down(self.nodes[i].id);
+            node.crash();
+        }
+    }
+
+    /// Node `i` leaves: it drains its uploads and stops cleanly.
+    pub(crate) async fn leave(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].node.take() {
+            let _ = node.shutdown().await;
+            self.net.set_down(self.nodes[i].id);
+        }
+    }
+
+    /// Restarts node `i` on its data directory (same identity, same store), bootstrapped
+    /// through random running nodes.
+    pub(crate) async fn restart(&mut self, i: usize, scenario: &Scenario, rng: &mut ChaCha8Rng) -> anyhow::Result<()> {
+        if self.nodes[i].node.is_some() {
+            return Ok(());
+        }
+        let id = self.nodes[i].id;
+        self.net.set_up(id);
+        let (node, handle) = self.boot(id, self.nodes[i].config.clone(), scenario.nodes.bootstrap_peers, rng).await?;
+        self.nodes[i].node = Some(node);
+        self.nodes[i].handle = handle;
+        Ok(())
+    }
+
+    pub(crate) fn handle(&self, i: usize) -> NodeHandle {
+        self.nodes[i].handle.clone()
+    }
+
+    pub(crate) fn region_name(&self, id: NodeId) -> String {
         self.net.region_of(id).map(|r| self.net.regions()[r].clone()).unwrap_or_default()
     }
 
-    async fn shutdown(self, progress: &Progress) {
+    pub(crate) async fn shutdown(self, progress: &Progress) {
         progress.set("stopping", self.nodes.len());
-        let stops = futures::stream::iter(self.nodes.into_iter().map(|(_, n)| n.shutdown()))
+        let stops = futures::stream::iter(self.nodes.into_iter().filter_map(|m| m.node).map(|n| n.shutdown()))
             .buffer_unordered(16)
             .for_each(|_| async { progress.tick() });
         stops.await;
@@ -254,7 +389,7 @@ impl Cluster {
 }
 
 /// Writes a blob of `size` seeded random bytes into `dir` and adds it to `node`.
-async fn seed_blob(node: &NodeHandle, dir: &Path, size: u64, rng: &mut ChaCha8Rng) -> anyhow::Result<Hash> {
+pub(crate) async fn seed_blob(node: &NodeHandle, dir: &Path, size: u64, rng: &mut ChaCha8Rng) -> anyhow::Result<Hash> {
     let mut data = vec![0u8; size as usize];
     rng.fill_bytes(&mut data);
     let path = dir.join("blob");
@@ -265,7 +400,7 @@ async fn seed_blob(node: &NodeHandle, dir: &Path, size: u64, rng: &mut ChaCha8Rn
     Ok(hash)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -307,14 +442,23 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Su
             }
             ExperimentResult::LookupScaling { sizes }
         }
+        Experiment::ZipfCatalogue { .. } => {
+            ExperimentResult::ZipfCatalogue(crate::zipf::run(scenario, &mut rng, &work, &progress).await?)
+        }
+        Experiment::Churn { .. } => {
+            ExperimentResult::Churn(crate::churn::run(scenario, &mut rng, &work, &progress).await?)
+        }
+        Experiment::Regions { .. } => {
+            ExperimentResult::Regions(crate::regions::run(scenario, &mut rng, &work, &progress).await?)
+        }
     };
     if let Some(t) = ticker {
         t.abort();
         eprintln!("\r{}", progress.line(started));
     }
     let node_count = match &scenario.experiment {
-        Experiment::FlashCrowd { .. } => scenario.nodes.count,
         Experiment::LookupScaling { counts, .. } => counts.iter().copied().max().unwrap_or(0),
+        _ => scenario.nodes.count,
     };
     let summary = Summary {
         scenario: scenario.name.clone(),
@@ -351,15 +495,65 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                 ));
             }
             std::fs::write(out.join("completions.csv"), csv)?;
+            let mut csv = String::from("t_s,completed,origin_egress_bytes,received_bytes\n");
+            for p in &r.series {
+                csv.push_str(&format!("{:.2},{},{},{}\n", p.t_s, p.completed, p.origin_bytes, p.received_bytes));
+            }
+            std::fs::write(out.join("timeseries.csv"), csv)?;
+            let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
+            crate::plot::cdf(
+                &out.join("completion-cdf"),
+                &format!("Flash crowd: {} fetchers, {:.0} MiB blob", r.fetchers, r.blob_bytes as f64 / 1048576.0),
+                "completion time (s)",
+                &times,
+                &[crate::plot::Marker { x: r.t_min_s, label: format!("T_min = {:.1} s (fluid bound)", r.t_min_s) }],
+            )?;
         }
+        ExperimentResult::ZipfCatalogue(r) => crate::zipf::write(out, r)?,
+        ExperimentResult::Churn(r) => crate::churn::write(out, r)?,
+        ExperimentResult::Regions(r) => crate::regions::write(out, r)?,
         ExperimentResult::LookupScaling { sizes } => {
-            csv.push_str("nodes,node,found,seconds\n");
+            csv.push_str("nodes,node,found,seconds,first_provider_s,requests,hops\n");
+            let opt = |v: Option<String>| v.unwrap_or_default();
             for s in sizes {
-                for (node, found, secs) in &s.samples {
-                    csv.push_str(&format!("{},{},{},{:.4}\n", s.nodes, node.0, found, secs));
+                for l in &s.samples {
+                    csv.push_str(&format!(
+                        "{},{},{},{:.4},{},{},{}\n",
+                        s.nodes,
+                        l.node.0,
+                        l.found,
+                        l.seconds,
+                        opt(l.first_provider_s.map(|v| format!("{v:.4}"))),
+                        opt(l.requests.map(|v| v.to_string())),
+                        opt(l.hops.map(|v| v.to_string())),
+                    ));
                 }
             }
             std::fs::write(out.join("lookups.csv"), csv)?;
+            let line = |name: &str, f: &dyn Fn(&LookupResult) -> f64| crate::plot::Series {
+                name: name.into(),
+                points: sizes.iter().map(|s| (s.nodes as f64, f(s))).collect(),
+            };
+            crate::plot::lines(
+                &out.join("lookup-hops"),
+                "Provider lookups: hops against network size",
+                "nodes (log scale)",
+                "hops to a provider record",
+                &[
+                    line("hops p50", &|s| s.hops_p50),
+                    line("hops p90", &|s| s.hops_p90),
+                    line("log2(N) / 4", &|s| (s.nodes as f64).log2() / 4.0),
+                ],
+                true,
+            )?;
+            crate::plot::lines(
+                &out.join("lookup-latency"),
+                "Provider lookups: time to the first provider record",
+                "nodes (log scale)",
+                "seconds",
+                &[line("p50", &|s| s.first_provider_p50_s), line("p90", &|s| s.first_provider_p90_s)],
+                true,
+            )?;
         }
     }
     Ok(())
@@ -378,7 +572,7 @@ async fn flash_crowd(
     let scale = scenario.network.time_scale;
     let cluster = Cluster::start(scenario, count, rng, work, progress).await?;
     let size = (blob_mib * 1024.0 * 1024.0) as u64;
-    let hash = seed_blob(&cluster.handle(seeder), cluster._dir.path(), size, rng).await?;
+    let hash = seed_blob(&cluster.handle(seeder), cluster.dir(), size, rng).await?;
 
     // The fluid bound, from the scenario's caps (emulated bytes per second).
     let f = size as f64;
@@ -389,11 +583,13 @@ async fn flash_crowd(
     let sum_u: f64 = fetchers.iter().map(|&i| rate(scenario.caps(i).uplink)).sum();
     let t_min = (f / u_s).max(f / d_min).max(fetchers.len() as f64 * f / (u_s + sum_u));
 
-    let seeder_id = cluster.nodes[seeder].0;
+    let seeder_id = cluster.nodes[seeder].id;
     let seeder_sent_before = cluster.net.traffic(seeder_id).0;
-    let received_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].0).1).sum();
+    let received_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
 
     progress.set("fetching", fetchers.len());
+    let finished = AtomicUsize::new(0);
+    let finished = &finished;
     let t0 = Instant::now();
     let deadline = Duration::from_secs_f64(timeout_s);
     let tasks: Vec<_> = fetchers
@@ -413,21 +609,40 @@ async fn flash_crowd(
                 let fetch = tokio::time::timeout(deadline, handle.fetch(hash, Some(tx)));
                 let (result, first) = futures::join!(async { (fetch.await, t0.elapsed()) }, first_byte);
                 progress.tick();
+                finished.fetch_add(1, Ordering::Relaxed);
                 (i, result, first)
             }
         })
         .collect();
-    let outcomes = futures::future::join_all(tasks).await;
+    let sampler = async {
+        let mut series = Vec::new();
+        loop {
+            let done = finished.load(Ordering::Relaxed);
+            let received: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
+            series.push(CrowdSample {
+                t_s: t0.elapsed().as_secs_f64() / scale,
+                completed: done,
+                origin_bytes: cluster.net.traffic(seeder_id).0 - seeder_sent_before,
+                received_bytes: received - received_before,
+            });
+            if done == fetchers.len() {
+                return series;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(scale)).await;
+        }
+    };
+    let (outcomes, series) = futures::join!(futures::future::join_all(tasks), sampler);
 
     let mut completions = Vec::with_capacity(outcomes.len());
     for (i, (result, took), first) in outcomes {
-        let (id, node) = &cluster.nodes[i];
+        let id = &cluster.nodes[i].id;
+        let node = cluster.handle(i);
         let error = match result {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("timed out after {timeout_s} s")),
         };
-        let complete = node.handle().store().info(hash).is_some_and(|b| b.is_complete() && b.size == size);
+        let complete = node.store().info(hash).is_some_and(|b| b.is_complete() && b.size == size);
         completions.push(Completion {
             node: *id,
             region: cluster.region_name(*id),
@@ -441,7 +656,7 @@ async fn flash_crowd(
     }
     let seeder_sent = cluster.net.traffic(seeder_id).0 - seeder_sent_before;
     let received: u64 =
-        fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].0).1).sum::<u64>() - received_before;
+        fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum::<u64>() - received_before;
     cluster.shutdown(progress).await;
 
     let mut times: Vec<f64> = completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
@@ -461,6 +676,7 @@ async fn flash_crowd(
         origin_egress_copies: seeder_sent as f64 / f,
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
         completions,
+        series,
     })
 }
 
@@ -475,39 +691,92 @@ async fn lookup_scaling(
     let scale = scenario.network.time_scale;
     let cluster = Cluster::start(scenario, count, rng, work, progress).await?;
     let provider = rng.random_range(0..count);
-    let hash = seed_blob(&cluster.handle(provider), cluster._dir.path(), 4096, rng).await?;
+    let hash = seed_blob(&cluster.handle(provider), cluster.dir(), 4096, rng).await?;
     let provider_id = cluster.handle(provider).peer_id();
-    // Let the announcement spread (it is itself a Kademlia query).
-    tokio::time::sleep(Duration::from_secs_f64(2.0 * scale)).await;
+    // Wait for the announcement (itself a Kademlia query) to end.
+    progress.set("announcing", 1);
+    let deadline = Instant::now() + Duration::from_secs_f64(60.0 * scale);
+    loop {
+        let dht = cluster.handle(provider).status().await?.dht;
+        if (dht.provide_queue == 0 && dht.announcing == 0) || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    progress.tick();
 
     let others: Vec<usize> = (0..count).filter(|&i| i != provider).collect();
     let picked: Vec<usize> =
         rand::seq::index::sample(rng, others.len(), lookups.min(others.len())).into_iter().map(|j| others[j]).collect();
     progress.set(&format!("lookups at N={count}"), picked.len());
-    let mut samples: Vec<(NodeId, bool, f64)> = futures::stream::iter(picked.into_iter().map(|i| {
+    let mut samples: Vec<LookupSample> = futures::stream::iter(picked.into_iter().map(|i| {
         let handle = cluster.handle(i);
-        let id = cluster.nodes[i].0;
+        let id = cluster.nodes[i].id;
         async move {
             let t = Instant::now();
-            let found = handle.providers(hash).await.map(|p| p.contains(&provider_id)).unwrap_or(false);
+            let (found, stats) = match handle.lookup(hash).await {
+                Ok((peers, stats)) => (peers.contains(&provider_id), stats),
+                Err(_) => (false, None),
+            };
             progress.tick();
-            (id, found, t.elapsed().as_secs_f64() / scale)
+            LookupSample {
+                node: id,
+                peer: handle.peer_id(),
+                found,
+                seconds: t.elapsed().as_secs_f64() / scale,
+                first_provider_s: stats.as_ref().and_then(|s| s.first_provider).map(|d| d.as_secs_f64() / scale),
+                requests: stats.map(|s| s.requests),
+                hops: None,
+            }
         }
     }))
     .buffer_unordered(8)
     .collect()
     .await;
+
+    // Replay each lookup over the routing tables as they are now.
+    progress.set("snapshotting routing tables", count);
+    let mut view = crate::hops::DhtView::default();
+    for m in &cluster.nodes {
+        let h = m.handle.clone();
+        let snapshot = h.dht_snapshot(hash).await?;
+        if snapshot.holds_provider_record {
+            view.holders.insert(h.peer_id());
+        }
+        view.tables.insert(h.peer_id(), snapshot.routing_table);
+        progress.tick();
+    }
+    let key = shoal_node::libp2p::kad::RecordKey::new(hash.as_bytes());
+    for s in &mut samples {
+        s.hops = view.hops(s.peer, &key);
+    }
+    let record_holders = view.holders.len();
     cluster.shutdown(progress).await;
-    samples.sort_by_key(|s| s.0);
-    let mut times: Vec<f64> = samples.iter().map(|s| s.2).collect();
-    times.sort_by(f64::total_cmp);
+
+    samples.sort_by_key(|s| s.node);
+    let sorted = |f: &dyn Fn(&LookupSample) -> Option<f64>| {
+        let mut v: Vec<f64> = samples.iter().filter_map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let times = sorted(&|s| Some(s.seconds));
+    let firsts = sorted(&|s| s.first_provider_s);
+    let hops = sorted(&|s| s.hops.map(f64::from));
+    let requests = sorted(&|s| s.requests.map(f64::from));
     Ok(LookupResult {
         nodes: count,
         lookups: samples.len(),
-        found: samples.iter().filter(|s| s.1).count(),
+        found: samples.iter().filter(|s| s.found).count(),
+        record_holders,
         p50_s: percentile(&times, 0.5),
         p90_s: percentile(&times, 0.9),
         max_s: times.last().copied().unwrap_or(f64::NAN),
+        first_provider_p50_s: percentile(&firsts, 0.5),
+        first_provider_p90_s: percentile(&firsts, 0.9),
+        hops_p50: percentile(&hops, 0.5),
+        hops_p90: percentile(&hops, 0.9),
+        hops_max: hops.last().copied().unwrap_or(f64::NAN),
+        requests_p50: percentile(&requests, 0.5),
         samples,
     })
 }

@@ -101,6 +101,8 @@ pub struct NodesSpec {
     pub count: usize,
     /// Each node's cache bound in MiB.
     pub cache_mib: u64,
+    /// Each node's memory tier of hot pieces in MiB.
+    pub hot_mib: u64,
     /// Each node's connection bound.
     pub max_connections: u32,
     /// How many random earlier nodes each node joins through.
@@ -118,6 +120,7 @@ impl Default for NodesSpec {
         Self {
             count: 10,
             cache_mib: 256,
+            hot_mib: 4,
             max_connections: 64,
             bootstrap_peers: 3,
             join_stagger_ms: 20,
@@ -153,6 +156,82 @@ pub enum Experiment {
         #[serde(default = "default_lookups")]
         lookups: usize,
     },
+    /// A catalogue on a few origins, requested over time with Zipf popularity.
+    ZipfCatalogue {
+        /// Blobs in the catalogue.
+        blobs: usize,
+        /// Each blob's size in MiB.
+        blob_mib: f64,
+        /// Origin nodes (the first ones), each holding the whole catalogue.
+        #[serde(default = "one_usize")]
+        origins: usize,
+        /// The Zipf exponent (1.0 is classic web popularity).
+        #[serde(default = "one")]
+        zipf_s: f64,
+        /// How long nodes keep requesting, in emulated seconds.
+        duration_s: f64,
+        /// Each node's mean request rate (Poisson arrivals).
+        requests_per_node_per_min: f64,
+        /// The time series' interval, in emulated seconds.
+        #[serde(default = "default_sample")]
+        sample_s: f64,
+    },
+    /// Every node fetches one blob while a share of them crash, leave, restart or join.
+    Churn {
+        /// The blob's size in MiB.
+        blob_mib: f64,
+        /// Nodes (the first ones) that hold the blob and never churn.
+        #[serde(default = "one_usize")]
+        providers: usize,
+        /// Share of the other nodes that crash or leave during the fetches.
+        churn_fraction: f64,
+        /// Churn events happen at uniform times in this many emulated seconds from the start.
+        churn_window_s: f64,
+        /// Of the churned nodes, the share that crash (the rest leave cleanly).
+        #[serde(default = "half")]
+        crash_share: f64,
+        /// Of the crashed nodes, the share that restart (and resume their fetch).
+        #[serde(default = "half")]
+        restart_share: f64,
+        /// How long a crashed node stays down before restarting, in emulated seconds.
+        #[serde(default = "default_downtime")]
+        downtime_s: f64,
+        /// New nodes joining during the window, as a share of the fetchers.
+        #[serde(default)]
+        join_fraction: f64,
+        /// How long all fetches may take, in seconds of wall time.
+        #[serde(default = "default_timeout")]
+        timeout_s: f64,
+    },
+    /// One seeder, fetchers in every region arriving over a window.
+    Regions {
+        /// The blob's size in MiB.
+        blob_mib: f64,
+        /// The index of the node that holds the blob.
+        #[serde(default)]
+        seeder: usize,
+        /// Fetchers start at uniform times in this many emulated seconds.
+        arrival_window_s: f64,
+        /// How long one fetch may take, in emulated seconds.
+        #[serde(default = "default_timeout")]
+        timeout_s: f64,
+    },
+}
+
+fn one_usize() -> usize {
+    1
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn default_sample() -> f64 {
+    5.0
+}
+
+fn default_downtime() -> f64 {
+    5.0
 }
 
 fn default_timeout() -> f64 {
@@ -206,6 +285,64 @@ impl Scenario {
             Experiment::LookupScaling { counts, lookups } => {
                 if counts.is_empty() || counts.iter().any(|c| *c < 2) || *lookups == 0 {
                     return invalid("lookup-scaling needs counts of at least 2 nodes and some lookups".into());
+                }
+            }
+            Experiment::ZipfCatalogue {
+                blobs,
+                blob_mib,
+                origins,
+                zipf_s,
+                duration_s,
+                requests_per_node_per_min,
+                sample_s,
+            } => {
+                if *blobs == 0 || *origins == 0 || *origins >= self.nodes.count {
+                    return invalid("zipf-catalogue needs blobs, and origins fewer than the nodes".into());
+                }
+                let pos = |v: f64| v.is_finite() && v > 0.0;
+                if !(pos(*blob_mib) && pos(*duration_s) && pos(*requests_per_node_per_min) && pos(*sample_s)) {
+                    return invalid(
+                        "blob_mib, duration_s, requests_per_node_per_min, sample_s must be positive".into(),
+                    );
+                }
+                if !(zipf_s.is_finite() && *zipf_s >= 0.0) {
+                    return invalid("zipf_s must be non-negative".into());
+                }
+            }
+            Experiment::Churn {
+                blob_mib,
+                providers,
+                churn_fraction,
+                churn_window_s,
+                crash_share,
+                restart_share,
+                downtime_s,
+                join_fraction,
+                ..
+            } => {
+                if *providers == 0 || *providers >= self.nodes.count {
+                    return invalid("churn needs at least one provider and fewer providers than nodes".into());
+                }
+                let share = |v: f64| (0.0..=1.0).contains(&v);
+                if !(share(*churn_fraction) && share(*crash_share) && share(*restart_share)) {
+                    return invalid("churn_fraction, crash_share and restart_share are shares in 0..=1".into());
+                }
+                let nonneg = |v: f64| v.is_finite() && v >= 0.0;
+                let positive = blob_mib.is_finite() && *blob_mib > 0.0;
+                if !(positive && nonneg(*churn_window_s) && nonneg(*downtime_s) && nonneg(*join_fraction)) {
+                    return invalid("blob_mib must be positive; windows, downtime, join_fraction non-negative".into());
+                }
+            }
+            Experiment::Regions { blob_mib, seeder, arrival_window_s, .. } => {
+                if self.nodes.count < 2 || *seeder >= self.nodes.count {
+                    return invalid("regions needs at least 2 nodes and a seeder among them".into());
+                }
+                if !(blob_mib.is_finite()
+                    && *blob_mib > 0.0
+                    && arrival_window_s.is_finite()
+                    && *arrival_window_s >= 0.0)
+                {
+                    return invalid("blob_mib must be positive and arrival_window_s non-negative".into());
                 }
             }
         }

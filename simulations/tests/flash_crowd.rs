@@ -26,6 +26,7 @@ fn scenario() -> Scenario {
         nodes: NodesSpec {
             count: 11,
             cache_mib: 16,
+            hot_mib: 4,
             max_connections: 32,
             bootstrap_peers: 3,
             join_stagger_ms: 10,

@@ -1,0 +1,124 @@
+//! Keeping connections within the node's bound without starving transfers.
+//!
+//! Kademlia queries touch many peers (a provider lookup asks up to the k = 20 closest and every
+//! peer on the way), and each such peer holds a connection until it idles out. With a hard cap
+//! alone, a node busy with lookups would refuse the one connection that matters: to the provider
+//! it just found, or from a fetcher. So, like a connection manager with watermarks, the node lets
+//! connections rise a little past its target (the hard cap is the target plus a margin) and trims
+//! back to the target, closing first the peers it has not moved content with for longest. Peers
+//! in a transfer, and connections younger than a grace period, are kept.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+
+/// A new connection is not trimmed for this long: long enough for the request it was opened for
+/// (a Kademlia query's round trip, a first transfer request), short enough that a burst of
+/// lookups cannot pin the node at its hard cap.
+pub(crate) const GRACE: Duration = Duration::from_secs(2);
+
+/// A peer we moved content with this recently is kept.
+pub(crate) const RECENT: Duration = Duration::from_secs(30);
+
+/// Peers remembered at most; past it, entries older than [`RECENT`] are forgotten.
+const MAX_TRACKED: usize = 8192;
+
+/// The hard cap for a target of `target` connections: room for the trimming to catch up.
+pub(crate) fn hard_cap(target: u32) -> u32 {
+    target.saturating_add((target / 4).max(8))
+}
+
+/// When each peer last moved content with us (a transfer request, in or out).
+#[derive(Debug, Default)]
+pub(crate) struct PeerActivity {
+    last: Mutex<HashMap<PeerId, Instant>>,
+}
+
+impl PeerActivity {
+    /// Records a transfer with `peer` now.
+    pub(crate) fn touch(&self, peer: PeerId) {
+        let now = Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.len() >= MAX_TRACKED && !last.contains_key(&peer) {
+            last.retain(|_, t| now.duration_since(*t) < RECENT);
+            if last.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        last.insert(peer, now);
+    }
+
+    /// When `peer` last moved content with us.
+    pub(crate) fn last(&self, peer: &PeerId) -> Option<Instant> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied()
+    }
+}
+
+/// Which of `connected` (peer, connected since) to close to get back to `target`: none while
+/// within it; otherwise the least recently useful, never one in its grace period or recently
+/// active.
+pub(crate) fn to_trim(
+    connected: &[(PeerId, Instant)],
+    target: usize,
+    activity: &PeerActivity,
+    now: Instant,
+    grace: Duration,
+) -> Vec<PeerId> {
+    if connected.len() <= target {
+        return Vec::new();
+    }
+    let excess = connected.len() - target;
+    let mut candidates: Vec<(Option<Instant>, PeerId)> = connected
+        .iter()
+        .filter(|(_, since)| now.duration_since(*since) >= grace)
+        .map(|(peer, _)| (activity.last(peer), *peer))
+        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= RECENT))
+        .collect();
+    // Never used first (None sorts first), then the longest unused.
+    candidates.sort();
+    candidates.into_iter().take(excess).map(|(_, p)| p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_the_target_nothing_is_trimmed() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(3600);
+        let peers: Vec<(PeerId, Instant)> = (0..4).map(|_| (PeerId::random(), old)).collect();
+        assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE).is_empty());
+    }
+
+    #[test]
+    fn idle_peers_go_first_and_busy_or_new_ones_stay() {
+        let activity = PeerActivity::default();
+        let now = Instant::now() + Duration::from_secs(3600);
+        let old = now - Duration::from_secs(600);
+        let (never, busy, young, stale) = (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        activity.touch(busy);
+        activity.last.lock().unwrap().insert(busy, now);
+        activity.last.lock().unwrap().insert(stale, now - Duration::from_secs(120));
+        let connected = [(never, old), (busy, old), (young, now), (stale, old)];
+        // Two over a target of 2: the never-used peer, then the stale one.
+        assert_eq!(to_trim(&connected, 2, &activity, now, GRACE), vec![never, stale]);
+        // Three over: still only those two; the busy and the young are kept even past the target.
+        assert_eq!(to_trim(&connected, 1, &activity, now, GRACE), vec![never, stale]);
+        // Making room for a provider at once: the young connection may go too.
+        let mut all = to_trim(&connected, 1, &activity, now, Duration::ZERO);
+        all.sort();
+        let mut want = vec![never, stale, young];
+        want.sort();
+        assert_eq!(all, want);
+    }
+
+    #[test]
+    fn the_hard_cap_leaves_room() {
+        assert_eq!(hard_cap(256), 320);
+        assert_eq!(hard_cap(16), 24);
+        assert_eq!(hard_cap(u32::MAX), u32::MAX);
+    }
+}

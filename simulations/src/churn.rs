@@ -1,0 +1,368 @@
+//! `churn`: every node but a few providers fetches one blob while a share of them crash or leave
+//! (and some crashed ones restart, and new nodes join). Measures the success rate over the nodes
+//! still there at the end, and how long fetches took to recover.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::{Rng, RngCore};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use shoal_node::protocol::Hash;
+use shoal_node::{FetchProgress, NodeHandle};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::run::{Cluster, Progress, percentile};
+use crate::scenario::{Experiment, Scenario};
+
+/// A churn run's figures. Times in emulated seconds since the fetches started.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChurnResult {
+    /// The blob's size in bytes.
+    pub blob_bytes: u64,
+    /// Providers (they never churn).
+    pub providers: usize,
+    /// Nodes that crashed.
+    pub crashed: usize,
+    /// Of which restarted (and fetched again, resuming).
+    pub restarted: usize,
+    /// Nodes that left cleanly.
+    pub left: usize,
+    /// Nodes that joined during the churn (and fetched).
+    pub joined: usize,
+    /// Share of all nodes (providers excepted) that crashed or left.
+    pub churned_share: f64,
+    /// Fetchers still there at the end (never churned, restarted, or joined): each must succeed.
+    pub eligible: usize,
+    /// Of which completed.
+    pub succeeded: usize,
+    /// `succeeded / eligible`.
+    pub success_rate: f64,
+    /// Completion time of eligible fetches, median.
+    pub p50_s: f64,
+    /// 90th percentile.
+    pub p90_s: f64,
+    /// Last.
+    pub max_s: f64,
+    /// The longest a fetch went without a new verified byte, median over eligible fetches.
+    pub stall_p50_s: f64,
+    /// 99th percentile: how long recovering from a lost source took, at worst.
+    pub stall_p99_s: f64,
+    /// From a restart to the completed blob, median over restarted nodes.
+    pub restart_to_done_p50_s: f64,
+    /// Longest.
+    pub restart_to_done_max_s: f64,
+    /// Per fetcher.
+    #[serde(skip)]
+    pub fetchers: Vec<Fetcher>,
+    /// Once per second: (t, nodes up, fetches completed).
+    #[serde(skip)]
+    pub series: Vec<(f64, usize, usize)>,
+}
+
+/// One fetching node's story.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Fetcher {
+    /// Index in the cluster.
+    pub node: usize,
+    /// What happened to it: "stayed", "crashed", "restarted", "left" or "joined".
+    pub fate: String,
+    /// Whether it is expected to finish (it is there at the end).
+    pub eligible: bool,
+    /// Completed (in any incarnation).
+    pub ok: bool,
+    /// When it completed.
+    pub done_s: Option<f64>,
+    /// When it restarted, if it did.
+    pub restarted_s: Option<f64>,
+    /// The longest gap between verified bytes.
+    pub stall_s: f64,
+    /// The last error, if any.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    Crash(usize),
+    Leave(usize),
+    Restart(usize),
+    Join,
+}
+
+/// Runs one fetch on `handle`, recording its progress into `fetchers[slot]`.
+fn spawn_fetch(
+    handle: NodeHandle,
+    hash: Hash,
+    slot: usize,
+    fetchers: Arc<Mutex<Vec<Fetcher>>>,
+    t0: Instant,
+    scale: f64,
+    deadline: Instant,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let (tx, mut rx) = watch::channel(FetchProgress::default());
+        let watch_stalls = async move {
+            let mut last = Instant::now();
+            let mut longest = Duration::ZERO;
+            let mut bytes = 0;
+            while rx.changed().await.is_ok() {
+                let p = rx.borrow_and_update().verified_bytes;
+                if p > bytes {
+                    bytes = p;
+                    longest = longest.max(last.elapsed());
+                    last = Instant::now();
+                }
+            }
+            longest.max(last.elapsed())
+        };
+        let fetch = tokio::time::timeout_at(deadline.into(), handle.fetch(hash, Some(tx)));
+        let (result, stall) = futures::join!(fetch, watch_stalls);
+        let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
+        let f = &mut f[slot];
+        f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
+        match result {
+            Ok(Ok(_)) => {
+                f.ok = true;
+                f.done_s = Some(t0.elapsed().as_secs_f64() / scale);
+                f.error = None;
+            }
+            Ok(Err(e)) => f.error = Some(e.to_string()),
+            Err(_) => f.error = Some("timed out".into()),
+        }
+    })
+}
+
+pub(crate) async fn run(
+    scenario: &Scenario,
+    rng: &mut ChaCha8Rng,
+    work: &Path,
+    progress: &Progress,
+) -> anyhow::Result<ChurnResult> {
+    let Experiment::Churn {
+        blob_mib,
+        providers,
+        churn_fraction,
+        churn_window_s,
+        crash_share,
+        restart_share,
+        downtime_s,
+        join_fraction,
+        timeout_s,
+    } = scenario.experiment.clone()
+    else {
+        anyhow::bail!("not a churn experiment");
+    };
+    let count = scenario.nodes.count;
+    let scale = scenario.network.time_scale;
+    let mut cluster = Cluster::start(scenario, count, rng, work, progress).await?;
+    let size = (blob_mib * 1024.0 * 1024.0) as u64;
+
+    // The same blob on every provider.
+    let mut data = vec![0u8; size as usize];
+    rng.fill_bytes(&mut data);
+    let path = cluster.dir().join("blob");
+    std::fs::write(&path, &data)?;
+    drop(data);
+    let mut hash = None;
+    for p in 0..providers {
+        hash = Some(cluster.handle(p).add_path(&path).await?.hash);
+    }
+    std::fs::remove_file(&path)?;
+    let hash = hash.ok_or_else(|| anyhow::anyhow!("no providers"))?;
+
+    // The churn schedule, seeded: who crashes or leaves, when, who restarts, when nodes join.
+    let candidates: Vec<usize> = (providers..count).collect();
+    let churners = ((candidates.len() as f64) * churn_fraction).round() as usize;
+    let mut shuffled = candidates.clone();
+    shuffled.shuffle(rng);
+    let mut schedule: Vec<(f64, Event)> = Vec::new();
+    for &i in shuffled.iter().take(churners) {
+        let at = rng.random_range(0.0..churn_window_s.max(f64::MIN_POSITIVE));
+        if rng.random_bool(crash_share.clamp(0.0, 1.0)) {
+            schedule.push((at, Event::Crash(i)));
+            if rng.random_bool(restart_share.clamp(0.0, 1.0)) {
+                schedule.push((at + downtime_s, Event::Restart(i)));
+            }
+        } else {
+            schedule.push((at, Event::Leave(i)));
+        }
+    }
+    let joins = ((candidates.len() as f64) * join_fraction).round() as usize;
+    for _ in 0..joins {
+        schedule.push((rng.random_range(0.0..churn_window_s.max(f64::MIN_POSITIVE)), Event::Join));
+    }
+    schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
+
+    let fetchers: Arc<Mutex<Vec<Fetcher>>> = Arc::new(Mutex::new(
+        candidates
+            .iter()
+            .map(|&i| Fetcher { node: i, fate: "stayed".into(), eligible: true, ..Default::default() })
+            .collect(),
+    ));
+    let slot_of = |node: usize| node - providers;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(timeout_s * scale);
+    let mut running: Vec<Option<JoinHandle<()>>> = candidates
+        .iter()
+        .map(|&i| Some(spawn_fetch(cluster.handle(i), hash, slot_of(i), fetchers.clone(), t0, scale, deadline)))
+        .collect();
+
+    progress.set("churning", schedule.len());
+    let mut series = Vec::new();
+    let completed =
+        |f: &Arc<Mutex<Vec<Fetcher>>>| f.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|f| f.ok).count();
+    let mut next_sample = 0.0;
+    let mut events = schedule.into_iter().peekable();
+    loop {
+        let now_s = t0.elapsed().as_secs_f64() / scale;
+        if now_s >= next_sample {
+            let up = (0..cluster.nodes.len()).filter(|&i| cluster.is_up(i)).count();
+            series.push((now_s, up, completed(&fetchers)));
+            next_sample += 1.0;
+        }
+        let all_done = running.iter().flatten().all(JoinHandle::is_finished);
+        if events.peek().is_none() && all_done {
+            break;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        if let Some(&(at, event)) = events.peek()
+            && now_s >= at
+        {
+            events.next();
+            progress.tick();
+            match event {
+                Event::Crash(i) => {
+                    if let Some(t) = running[slot_of(i)].take() {
+                        t.abort();
+                    }
+                    cluster.crash(i);
+                    let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
+                    f[slot_of(i)].fate = "crashed".into();
+                    f[slot_of(i)].eligible = f[slot_of(i)].ok;
+                }
+                Event::Leave(i) => {
+                    if let Some(t) = running[slot_of(i)].take() {
+                        t.abort();
+                    }
+                    cluster.leave(i).await;
+                    let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
+                    f[slot_of(i)].fate = "left".into();
+                    f[slot_of(i)].eligible = f[slot_of(i)].ok;
+                }
+                Event::Restart(i) => {
+                    cluster.restart(i, scenario, rng).await?;
+                    {
+                        let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
+                        let f = &mut f[slot_of(i)];
+                        f.fate = "restarted".into();
+                        f.eligible = true;
+                        f.restarted_s = Some(t0.elapsed().as_secs_f64() / scale);
+                    }
+                    let h = cluster.handle(i);
+                    running[slot_of(i)] = Some(spawn_fetch(h, hash, slot_of(i), fetchers.clone(), t0, scale, deadline));
+                }
+                Event::Join => {
+                    let i = cluster.join(scenario, rng).await?;
+                    fetchers.lock().unwrap_or_else(|e| e.into_inner()).push(Fetcher {
+                        node: i,
+                        fate: "joined".into(),
+                        eligible: true,
+                        ..Default::default()
+                    });
+                    debug_assert_eq!(slot_of(i), running.len());
+                    let h = cluster.handle(i);
+                    running.push(Some(spawn_fetch(h, hash, slot_of(i), fetchers.clone(), t0, scale, deadline)));
+                }
+            }
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in running.into_iter().flatten() {
+        let _ = t.await;
+    }
+    let up = (0..cluster.nodes.len()).filter(|&i| cluster.is_up(i)).count();
+    series.push((t0.elapsed().as_secs_f64() / scale, up, completed(&fetchers)));
+    cluster.shutdown(progress).await;
+
+    let fetchers = std::mem::take(&mut *fetchers.lock().unwrap_or_else(|e| e.into_inner()));
+    let eligible: Vec<&Fetcher> = fetchers.iter().filter(|f| f.eligible).collect();
+    let sorted = |v: Vec<f64>| {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let done = sorted(eligible.iter().filter_map(|f| f.done_s).collect());
+    let stalls = sorted(eligible.iter().map(|f| f.stall_s).collect());
+    let recover = sorted(fetchers.iter().filter_map(|f| Some(f.done_s? - f.restarted_s?)).collect());
+    let count_fate = |fate: &str| fetchers.iter().filter(|f| f.fate == fate).count();
+    let restarted = count_fate("restarted");
+    let crashed = count_fate("crashed") + restarted;
+    let left = count_fate("left");
+    let succeeded = eligible.iter().filter(|f| f.ok).count();
+    Ok(ChurnResult {
+        blob_bytes: size,
+        providers,
+        crashed,
+        restarted,
+        left,
+        joined: count_fate("joined"),
+        churned_share: (crashed + left) as f64 / candidates.len().max(1) as f64,
+        eligible: eligible.len(),
+        succeeded,
+        success_rate: succeeded as f64 / eligible.len().max(1) as f64,
+        p50_s: percentile(&done, 0.5),
+        p90_s: percentile(&done, 0.9),
+        max_s: done.last().copied().unwrap_or(f64::NAN),
+        stall_p50_s: percentile(&stalls, 0.5),
+        stall_p99_s: percentile(&stalls, 0.99),
+        restart_to_done_p50_s: percentile(&recover, 0.5),
+        restart_to_done_max_s: recover.last().copied().unwrap_or(f64::NAN),
+        fetchers,
+        series,
+    })
+}
+
+/// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.
+pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
+    let mut csv = String::from("node,fate,eligible,ok,done_s,restarted_s,stall_s,error\n");
+    let opt = |v: Option<f64>| v.map(|t| format!("{t:.4}")).unwrap_or_default();
+    for f in &r.fetchers {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{:.4},{}\n",
+            f.node,
+            f.fate,
+            f.eligible,
+            f.ok,
+            opt(f.done_s),
+            opt(f.restarted_s),
+            f.stall_s,
+            f.error.as_deref().unwrap_or("").replace([',', '\n'], ";")
+        ));
+    }
+    std::fs::write(out.join("fetchers.csv"), csv)?;
+    let mut csv = String::from("t_s,nodes_up,completed\n");
+    for (t, up, done) in &r.series {
+        csv.push_str(&format!("{t:.2},{up},{done}\n"));
+    }
+    std::fs::write(out.join("timeseries.csv"), csv)?;
+    let up: Vec<(f64, f64)> = r.series.iter().map(|(t, u, _)| (*t, *u as f64)).collect();
+    let done: Vec<(f64, f64)> = r.series.iter().map(|(t, _, d)| (*t, *d as f64)).collect();
+    crate::plot::lines(
+        &out.join("churn"),
+        "Churn: nodes up and fetches completed",
+        "time (s)",
+        "nodes",
+        &[
+            crate::plot::Series { name: "nodes up".into(), points: up },
+            crate::plot::Series { name: "fetches completed".into(), points: done },
+        ],
+        false,
+    )?;
+    Ok(())
+}
