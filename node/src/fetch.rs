@@ -146,7 +146,10 @@ async fn run(
     let store = node.store().clone();
     let lookup_timeout = node.config().lookup_timeout;
     let started = Instant::now();
-    let mut machine: Fetch<PeerId> = Fetch::new(hash, FetchConfig::default(), rand::random(), started);
+    // A request's own reader cuts off a peer that stalls or falls below the least rate, and keeps
+    // what verified (see `transfer::get_pieces`); the machine's timeout is only the backstop.
+    let config = FetchConfig { request_timeout: Duration::from_secs(120), ..FetchConfig::default() };
+    let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();
     let mut resumed_bytes = 0u64;

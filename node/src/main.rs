@@ -221,6 +221,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
     let config = effective_config(data_dir, &args)?;
     runtime()?.block_on(async move {
+        // Before anything can take a while: a SIGTERM that comes early still stops us cleanly.
+        let stop = shutdown_signal();
         let node = Node::start(config.clone()).await?;
         let handle = node.handle();
         let addrs = tokio::time::timeout(Duration::from_secs(10), handle.wait_listening())
@@ -238,30 +240,37 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
         drop(out);
-        shutdown_signal().await;
+        stop.await;
         let _ = writeln!(std::io::stderr(), "stopping: finishing uploads and flushing the store");
         node.shutdown().await
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGINT and SIGTERM handlers now; the future resolves at the first signal.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let int = signal(SignalKind::interrupt());
+        let term = signal(SignalKind::terminate());
+        async move {
+            match (int, term) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async move {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The running node's API address: `SHOAL_API`, else `<data-dir>/api`.

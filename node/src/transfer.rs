@@ -376,25 +376,24 @@ pub(crate) async fn get_pieces(
     if sent.piece_count() != geometry.piece_count() || !sent.difference(&pieces).is_empty() || sent.is_empty() {
         return fail(PeerFault::Protocol);
     }
-    // The exact length is known; never read more than that.
+    // The exact length is known; never read more than that. A peer that falls below the least
+    // rate, or goes silent, is cut off, and what it did send is still verified and kept.
     let len = verify::encoded_len(geometry, &sent);
-    let deadline = REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
     let mut buf = vec![0u8; len as usize];
-    let read = tokio::time::timeout(deadline, read_up_to(&mut stream, &mut buf, rate.as_deref())).await;
-    let filled = match read {
-        Ok(Ok(n)) => n,
-        Ok(Err(_)) => 0,
-        Err(_) => return fail(PeerFault::Timeout),
-    };
+    let (filled, cut) = read_up_to(&mut stream, &mut buf, rate.as_deref(), deadline).await;
     let _ = stream.close().await;
     buf.truncate(filled);
     let bytes = filled as u64;
+    let cut = cut.then_some(PeerFault::Timeout);
     let written =
         tokio::task::spawn_blocking(move || store.write_pieces(hash, &sent, &buf[..])).await.map_err(|_| PeerFault::Io);
     match written {
         Ok(Ok(w)) => {
             let fault = match w.error {
-                None => None,
+                None => cut,
+                // Cut off by us: the tail is missing because we stopped reading.
+                Some(DecodeError::Truncated { .. }) if cut.is_some() => cut,
                 Some(DecodeError::Corrupt { .. }) => Some(PeerFault::Corrupt),
                 Some(DecodeError::Truncated { .. }) => Some(PeerFault::Truncated),
                 Some(e) => {
@@ -412,22 +411,26 @@ pub(crate) async fn get_pieces(
     }
 }
 
-/// Reads until `buf` is full or the stream ends; returns the bytes read.
+/// Reads until `buf` is full, the stream ends or fails, `deadline` passes or the peer is silent
+/// for [`REQUEST_TIMEOUT`]. Returns the bytes read and whether we cut the peer off.
 async fn read_up_to(
     stream: &mut (impl AsyncRead + Unpin),
     buf: &mut [u8],
     rate: Option<&RateLimit>,
-) -> std::io::Result<usize> {
+    deadline: tokio::time::Instant,
+) -> (usize, bool) {
     let mut filled = 0;
     while filled < buf.len() {
         let want = (buf.len() - filled).min(CHUNK);
         if let Some(r) = rate {
             r.take(want).await;
         }
-        match stream.read(&mut buf[filled..filled + want]).await? {
-            0 => break,
-            n => filled += n,
+        let until = deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+        match tokio::time::timeout_at(until, stream.read(&mut buf[filled..filled + want])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => filled += n,
+            Err(_) => return (filled, true),
         }
     }
-    Ok(filled)
+    (filled, false)
 }
