@@ -29,6 +29,9 @@ pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/
 /// Provider records a node keeps, its own and others'. Sized for a CDN node's catalogue.
 pub(crate) const MAX_PROVIDED_KEYS: usize = 200_000;
 
+/// Entries per k-bucket (Kademlia's k; libp2p's default).
+const K_VALUE: usize = 20;
+
 /// Provider records kept per blob.
 pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 64;
 
@@ -136,7 +139,10 @@ pub(crate) fn build_swarm(
             .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)))
             // Re-providing is batched by the node itself (see `REPROVIDE_INTERVAL`).
             .set_provider_publication_interval(None)
-            .set_periodic_bootstrap_interval(Some(Duration::from_secs(300)));
+            .set_periodic_bootstrap_interval(Some(Duration::from_secs(300)))
+            // The node inserts peers itself, only where a bucket has room (see
+            // `EventLoop::learn_addresses`).
+            .set_kbucket_inserts(kad::BucketInserts::Manual);
         let store = MemoryStore::with_config(
             peer_id,
             MemoryStoreConfig {
@@ -367,6 +373,25 @@ impl EventLoop {
         self.listen_addrs.iter().map(|a| a.clone().with(Protocol::P2p(me))).collect()
     }
 
+    /// Adds a DHT server's addresses to the routing table if it is there already or its bucket has
+    /// room. Kademlia's own rule for a full bucket is to dial its least recently seen entry to see
+    /// whether it still lives; with connections trimmed to a bound, "not connected" no longer means
+    /// "maybe gone", and those liveness dials fed the trimming in a loop (at 150 nodes, 2,000
+    /// connections a second among idle nodes). A full bucket keeps the peers it has, which is
+    /// also Kademlia's preference for long-lived peers; entries that stop answering are removed
+    /// when dials to them fail.
+    fn learn_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let room = kad.kbucket(peer).is_none_or(|bucket| {
+            bucket.num_entries() < K_VALUE || bucket.iter().any(|e| e.node.key.preimage() == &peer)
+        });
+        if room {
+            for addr in addrs {
+                kad.add_address(&peer, addr);
+            }
+        }
+    }
+
     /// Closes the least useful connections once there are more than the target (see
     /// [`crate::connmgr`]); providers being dialled for a lookup are kept.
     fn trim_connections(&mut self) {
@@ -476,9 +501,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
                 if info.protocols.contains(&KAD_PROTOCOL) =>
             {
-                for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
+                self.learn_addresses(peer_id, info.listen_addrs);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
                 self.rtts.insert(peer, rtt);

@@ -256,6 +256,11 @@ impl Network {
         self.slot(node).is_none_or(|s| s.down.load(Ordering::Relaxed))
     }
 
+    /// Bytes all nodes have sent so far.
+    pub fn total_sent(&self) -> u64 {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).iter().map(|s| s.sent.load(Ordering::Relaxed)).sum()
+    }
+
     /// Cuts traffic between regions `a` and `b` (both ways; `a == b` cuts a region from itself):
     /// dials fail and open connections between them are reset.
     pub fn partition(&self, a: usize, b: usize) {

@@ -197,6 +197,8 @@ pub(crate) struct Progress {
     phase: Mutex<String>,
     done: AtomicUsize,
     total: AtomicUsize,
+    /// The network being measured, and its byte count at the last line.
+    net: Mutex<Option<(Arc<Network>, u64, Instant)>>,
 }
 
 impl Progress {
@@ -213,8 +215,15 @@ impl Progress {
     fn line(&self, started: Instant) -> String {
         let phase = self.phase.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let rss = proc_status_mib("VmRSS:").map_or(String::from("?"), |m| format!("{m:.0}"));
+        let mut traffic = String::new();
+        if let Some((net, last, at)) = &mut *self.net.lock().unwrap_or_else(|e| e.into_inner()) {
+            let now = net.total_sent();
+            let rate = (now - *last) as f64 / at.elapsed().as_secs_f64().max(1e-3) / 1e6;
+            traffic = format!("  net {rate:.1} MB/s");
+            (*last, *at) = (now, Instant::now());
+        }
         format!(
-            "[{:>7.1} s] {phase} {}/{}  rss {rss} MiB",
+            "[{:>7.1} s] {phase} {}/{}  rss {rss} MiB{traffic}",
             started.elapsed().as_secs_f64(),
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed)
@@ -259,6 +268,7 @@ impl Cluster {
     ) -> anyhow::Result<Self> {
         let net = Network::new(scenario.network_config())?;
         let dir = tempfile::Builder::new().prefix("shoal-netsim-").tempdir_in(work)?;
+        *progress.net.lock().unwrap_or_else(|e| e.into_inner()) = Some((net.clone(), net.total_sent(), Instant::now()));
         let mut cluster = Self { net, nodes: Vec::with_capacity(count), dir };
         let spec = &scenario.nodes;
         progress.set("joining", count);
