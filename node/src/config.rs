@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub durable: bool,
     /// Bytes of recently served pieces kept in memory. The default is 64 MiB.
     pub hot_bytes: usize,
+    /// How often the DHT routing table is refreshed (a Kademlia bootstrap: a lookup of our own id
+    /// and of a random id in each bucket). The default is 5 minutes.
+    pub dht_refresh: Duration,
 }
 
 impl NodeConfig {
@@ -75,6 +78,7 @@ impl NodeConfig {
             lookup_timeout: Duration::from_secs(30),
             durable: true,
             hot_bytes: shoal_cache::StoreConfig::default().hot_bytes,
+            dht_refresh: Duration::from_secs(300),
         }
     }
 

@@ -29,6 +29,19 @@ pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/
 /// Provider records a node keeps, its own and others'. Sized for a CDN node's catalogue.
 pub(crate) const MAX_PROVIDED_KEYS: usize = 200_000;
 
+fn query_kind(r: &QueryResult) -> &'static str {
+    match r {
+        QueryResult::Bootstrap(_) => "bootstrap",
+        QueryResult::GetClosestPeers(_) => "closest",
+        QueryResult::GetProviders(_) => "providers",
+        QueryResult::StartProviding(_) => "provide",
+        QueryResult::RepublishProvider(_) => "republish-provider",
+        QueryResult::GetRecord(_) => "get-record",
+        QueryResult::PutRecord(_) => "put-record",
+        QueryResult::RepublishRecord(_) => "republish-record",
+    }
+}
+
 /// Entries per k-bucket (Kademlia's k; libp2p's default).
 const K_VALUE: usize = 20;
 
@@ -139,7 +152,7 @@ pub(crate) fn build_swarm(
             .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)))
             // Re-providing is batched by the node itself (see `REPROVIDE_INTERVAL`).
             .set_provider_publication_interval(None)
-            .set_periodic_bootstrap_interval(Some(Duration::from_secs(300)))
+            .set_periodic_bootstrap_interval(Some(config.dht_refresh))
             // The node inserts peers itself, only where a bucket has room (see
             // `EventLoop::learn_addresses`).
             .set_kbucket_inserts(kad::BucketInserts::Manual);
@@ -512,7 +525,17 @@ impl EventLoop {
     }
 
     fn on_kad_event(&mut self, event: kad::Event) {
-        let kad::Event::OutboundQueryProgressed { id, result, step, stats } = event else { return };
+        let (id, result, step, stats) = match event {
+            kad::Event::OutboundQueryProgressed { id, result, step, stats } => (id, result, step, stats),
+            // A peer we dialled serves the DHT: it may enter the routing table (the address is
+            // the one we dialled, so it is reachable).
+            kad::Event::RoutablePeer { peer, address } => {
+                self.learn_addresses(peer, vec![address]);
+                return;
+            }
+            _ => return,
+        };
+        trace!(kind = query_kind(&result), requests = stats.num_requests(), last = step.last, "kad query progressed");
         match result {
             QueryResult::GetProviders(result) => {
                 let me = *self.swarm.local_peer_id();

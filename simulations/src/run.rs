@@ -315,6 +315,7 @@ impl Cluster {
         config.hot_bytes = (spec.hot_mib << 20) as usize;
         config.max_connections = spec.max_connections;
         config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
+        config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         let (node, handle) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
         self.nodes.push(Member { id, node: Some(node), handle, config });
         Ok(i)

@@ -113,6 +113,10 @@ pub struct NodesSpec {
     pub settle_s: f64,
     /// The node's lookup timeout in seconds.
     pub lookup_timeout_s: f64,
+    /// How often each node refreshes its routing table, in seconds. Every refresh is a burst of
+    /// Kademlia lookups; at a thousand nodes the default five minutes is a refresh every 0.3 s
+    /// somewhere, so runs shorter than an hour may set it longer.
+    pub dht_refresh_s: f64,
 }
 
 impl Default for NodesSpec {
@@ -126,6 +130,7 @@ impl Default for NodesSpec {
             join_stagger_ms: 20,
             settle_s: 10.0,
             lookup_timeout_s: 30.0,
+            dht_refresh_s: 300.0,
         }
     }
 }

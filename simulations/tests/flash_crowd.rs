@@ -32,6 +32,7 @@ fn scenario() -> Scenario {
             join_stagger_ms: 10,
             settle_s: 5.0,
             lookup_timeout_s: 10.0,
+            dht_refresh_s: 300.0,
         },
         experiment: Experiment::FlashCrowd {
             blob_mib: 2.0,
