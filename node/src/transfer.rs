@@ -380,11 +380,10 @@ pub(crate) async fn get_pieces(
     // rate, or goes silent, is cut off, and what it did send is still verified and kept.
     let len = verify::encoded_len(geometry, &sent);
     let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
-    let mut buf = vec![0u8; len as usize];
-    let (filled, cut) = read_up_to(&mut stream, &mut buf, rate.as_deref(), deadline).await;
+    let mut buf = Vec::new();
+    let cut = read_up_to(&mut stream, &mut buf, len as usize, rate.as_deref(), deadline).await;
     let _ = stream.close().await;
-    buf.truncate(filled);
-    let bytes = filled as u64;
+    let bytes = buf.len() as u64;
     let cut = cut.then_some(PeerFault::Timeout);
     let written =
         tokio::task::spawn_blocking(move || store.write_pieces(hash, &sent, &buf[..])).await.map_err(|_| PeerFault::Io);
@@ -411,26 +410,28 @@ pub(crate) async fn get_pieces(
     }
 }
 
-/// Reads until `buf` is full, the stream ends or fails, `deadline` passes or the peer is silent
-/// for [`REQUEST_TIMEOUT`]. Returns the bytes read and whether we cut the peer off.
+/// Appends to `buf` until it holds `len` bytes, the stream ends or fails, `deadline` passes or
+/// the peer is silent for [`REQUEST_TIMEOUT`]. Returns whether we cut the peer off. The buffer
+/// grows with what arrives, so a slow request does not hold its whole length in memory.
 async fn read_up_to(
     stream: &mut (impl AsyncRead + Unpin),
-    buf: &mut [u8],
+    buf: &mut Vec<u8>,
+    len: usize,
     rate: Option<&RateLimit>,
     deadline: tokio::time::Instant,
-) -> (usize, bool) {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let want = (buf.len() - filled).min(CHUNK);
+) -> bool {
+    let mut chunk = vec![0u8; CHUNK.min(len)];
+    while buf.len() < len {
+        let want = (len - buf.len()).min(CHUNK);
         if let Some(r) = rate {
             r.take(want).await;
         }
         let until = deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
-        match tokio::time::timeout_at(until, stream.read(&mut buf[filled..filled + want])).await {
+        match tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await {
             Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => filled += n,
-            Err(_) => return (filled, true),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => return true,
         }
     }
-    (filled, false)
+    false
 }

@@ -7,6 +7,7 @@
 //! - [`run`]: starts the nodes, runs an experiment, writes the results; the flash crowd and lookup
 //!   scaling live there, [`zipf`], [`churn`] and [`regions`] beside it.
 //! - [`plot`]: charts in PNG and SVG.
+//! - [`validate`]: one small flash crowd in the emulator and as real processes, side by side.
 
 pub mod churn;
 pub mod hops;
@@ -15,6 +16,7 @@ pub mod plot;
 pub mod regions;
 pub mod run;
 pub mod scenario;
+pub mod validate;
 pub mod zipf;
 
 pub use net::{LinkCaps, Network, NetworkConfig, NodeId};

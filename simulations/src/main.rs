@@ -30,6 +30,21 @@ enum Command {
         #[arg(long)]
         nodes: Option<usize>,
     },
+    /// Runs a small flash crowd in the emulator and as real `shoal node` processes over loopback
+    /// QUIC, and prints both.
+    Validate {
+        /// A flash-crowd scenario, e.g. simulations/scenarios/validation.toml.
+        scenario: PathBuf,
+        /// The `shoal` binary (e.g. target/release/shoal).
+        #[arg(long)]
+        shoal: PathBuf,
+        /// Overrides the scenario's seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Where to write validation.json.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -38,7 +53,10 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run { scenario, out, seed, nodes } = Cli::parse().command;
+    let (scenario, out, seed, nodes) = match Cli::parse().command {
+        Command::Run { scenario, out, seed, nodes } => (scenario, out, seed, nodes),
+        Command::Validate { scenario, shoal, seed, out } => return validate(&scenario, &shoal, seed, out).await,
+    };
     let mut s = Scenario::load(&scenario)?;
     if let Some(n) = nodes {
         s = s.with_node_count(n);
@@ -136,14 +154,46 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let mib = |m: Option<f64>| m.map_or("?".into(), |m| format!("{m:.0}"));
     eprintln!(
-        "wall {:.1} s, peak RSS {} MiB, seed {}",
+        "wall {:.1} s, peak RSS {} MiB ({} MiB after the nodes stopped), seed {}",
         summary.wall_s,
-        summary.peak_rss_mib.map_or("?".into(), |m| format!("{m:.0}")),
+        mib(summary.peak_rss_mib),
+        mib(summary.end_rss_mib),
         summary.seed
     );
     if let Some(out) = out {
         eprintln!("results in {}", out.display());
+    }
+    Ok(())
+}
+
+async fn validate(
+    scenario: &std::path::Path,
+    shoal: &std::path::Path,
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let s = Scenario::load(scenario)?;
+    let seed = seed.or(s.seed).unwrap_or_else(rand::random);
+    eprintln!("validation: {} with seed {seed}, in the emulator and as real processes", s.name);
+    let work = out.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&work)?;
+    let v = shoal_simulations::validate::validate(&s, shoal, seed, &work).await?;
+    eprintln!("{} nodes, {:.1} MiB blob, T_min {:.2} s", v.nodes, v.blob_bytes as f64 / 1048576.0, v.t_min_s);
+    for (name, side) in [("netsim", &v.netsim), ("real  ", &v.real)] {
+        eprintln!(
+            "{name}: {}/{} fetched, p50 {:.2} s, max {:.2} s ({:.2}x T_min), origin egress {:.2} copies",
+            side.succeeded,
+            v.nodes - 1,
+            side.p50_s,
+            side.max_s,
+            side.max_over_t_min,
+            side.origin_egress_copies
+        );
+    }
+    if let Some(out) = out {
+        std::fs::write(out.join("validation.json"), serde_json::to_string_pretty(&v)? + "\n")?;
     }
     Ok(())
 }

@@ -42,6 +42,8 @@ pub struct Summary {
     pub wall_s: f64,
     /// Peak resident memory of the process in MiB (VmHWM).
     pub peak_rss_mib: Option<f64>,
+    /// Resident memory once every node has stopped, in MiB (VmRSS): how much the allocator kept.
+    pub end_rss_mib: Option<f64>,
     /// Wall time per unit of emulated time. Every other time here is emulated.
     pub time_scale: f64,
     /// The experiment's figures.
@@ -477,6 +479,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Su
         node_count,
         wall_s: started.elapsed().as_secs_f64(),
         peak_rss_mib: proc_status_mib("VmHWM:"),
+        end_rss_mib: proc_status_mib("VmRSS:"),
         time_scale: scenario.network.time_scale,
         result,
     };
