@@ -148,7 +148,15 @@ async fn run(
     let started = Instant::now();
     // A request's own reader cuts off a peer that stalls or falls below the least rate, and keeps
     // what verified (see `transfer::get_pieces`); the machine's timeout is only the backstop.
-    let config = FetchConfig { request_timeout: Duration::from_secs(120), ..FetchConfig::default() };
+    // Lookups at least every 4 s while the fetch wants peers: in a flash crowd the other fetchers
+    // announce themselves within seconds, and finding them is what lets them trade pieces
+    // instead of all waiting on the seeder.
+    let config = FetchConfig {
+        request_timeout: Duration::from_secs(120),
+        providers_backoff_max: Duration::from_secs(4),
+        request_target: Some(Duration::from_secs(2)),
+        ..FetchConfig::default()
+    };
     let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();

@@ -128,14 +128,24 @@ pub struct FetchConfig {
     /// The most peers asked for have-maps (and served from) at once. The default is 32.
     pub max_peers: usize,
     /// The pause before the second DHT lookup; it doubles with each lookup, up to
-    /// [`MAX_PROVIDERS_BACKOFF`], and starts again from here when every known peer is gone.
-    /// The default is 1 s.
+    /// [`FetchConfig::providers_backoff_max`], and starts again from here when every known peer
+    /// is gone. The default is 1 s.
     pub providers_backoff: Duration,
+    /// The longest pause between two lookups, at most [`MAX_PROVIDERS_BACKOFF`]. In a flash crowd
+    /// the peers fetching the same blob announce themselves as they get their first pieces; a
+    /// short cap finds them while they still have pieces to trade. The default is 30 s.
+    pub providers_backoff_max: Duration,
     /// How long before a partial holder that has nothing this fetch still needs is asked again for
     /// its have-map: in a flash crowd the peers fetching the same blob gain pieces every second.
     /// If every slot is taken and a candidate waits, it gives its slot to the candidate instead.
     /// The default is 1 s.
     pub have_refresh: Duration,
+    /// If set, new requests are sized to take about this long at the peer's measured throughput:
+    /// fewer than `pieces_per_request` pieces to a slow peer, and one piece to a peer not yet
+    /// measured. A seeder shared by a crowd then hands out verified pieces (which the fetchers
+    /// announce and trade) in seconds rather than after a whole request. The default is `None`
+    /// (always `pieces_per_request`).
+    pub request_target: Option<Duration>,
     /// How long after [`Fetch::new`] the fetch gives up; `None` never gives up and keeps asking the
     /// DHT with back-off. The default is `None`.
     pub deadline: Option<Duration>,
@@ -153,6 +163,8 @@ impl Default for FetchConfig {
             endgame_copies: 2,
             max_peers: 32,
             providers_backoff: Duration::from_secs(1),
+            providers_backoff_max: MAX_PROVIDERS_BACKOFF,
+            request_target: None,
             have_refresh: Duration::from_secs(1),
             deadline: None,
         }
@@ -172,7 +184,8 @@ impl FetchConfig {
         self.endgame_copies = self.endgame_copies.clamp(1, usize::from(u8::MAX));
         // Availability is counted in u16 per piece.
         self.max_peers = self.max_peers.clamp(1, usize::from(u16::MAX));
-        self.providers_backoff = self.providers_backoff.clamp(MIN_TIMER, MAX_PROVIDERS_BACKOFF);
+        self.providers_backoff_max = self.providers_backoff_max.clamp(MIN_TIMER, MAX_PROVIDERS_BACKOFF);
+        self.providers_backoff = self.providers_backoff.clamp(MIN_TIMER, self.providers_backoff_max);
         self.have_refresh = self.have_refresh.max(MIN_TIMER);
         self
     }
@@ -738,7 +751,7 @@ where
         }
         self.searching = false;
         self.next_search_at = at_least(now, self.search_backoff);
-        self.search_backoff = self.search_backoff.saturating_mul(2).min(MAX_PROVIDERS_BACKOFF);
+        self.search_backoff = self.search_backoff.saturating_mul(2).min(self.config.providers_backoff_max);
     }
 
     /// The answer to [`Action::AskHave`]: the pieces `peer` holds and the size it claims, with the
@@ -1254,21 +1267,35 @@ where
         let n = claim.piece_count();
         let order = |i: PieceIndex| (u64::from(i) + u64::from(n) - u64::from(claim.offset)) % u64::from(n);
         let best = candidates.iter().min_by_key(|&i| (claim.availability(i), order(i)))?;
+        let limit = self.piece_limit(peer);
         let mut pieces = PieceSet::single(n, best);
         let mut count = 1;
         let mut next = best + 1;
-        while count < self.config.pieces_per_request && next < n && candidates.contains(next) {
+        while count < limit && next < n && candidates.contains(next) {
             pieces.insert(next);
             next += 1;
             count += 1;
         }
         let mut prev = best;
-        while count < self.config.pieces_per_request && prev > 0 && candidates.contains(prev - 1) {
+        while count < limit && prev > 0 && candidates.contains(prev - 1) {
             prev -= 1;
             pieces.insert(prev);
             count += 1;
         }
         Some(pieces)
+    }
+
+    /// The most pieces a new request to `peer` asks for (see [`FetchConfig::request_target`]).
+    fn piece_limit(&self, peer: P) -> u32 {
+        let most = self.config.pieces_per_request;
+        let Some(target) = self.config.request_target else { return most };
+        match self.peers.get(&peer).and_then(|r| r.throughput) {
+            Some(t) if t > 0.0 => {
+                let fits = (t * target.as_secs_f64() / PIECE_SIZE as f64).floor();
+                (fits.min(f64::from(most)) as u32).max(1)
+            }
+            _ => 1,
+        }
     }
 
     /// End-game: no piece that anybody advertises is left unrequested, so idle peers may duplicate
@@ -2055,6 +2082,29 @@ mod tests {
     }
 
     #[test]
+    fn with_a_request_target_requests_fit_the_peers_measured_throughput() {
+        let n = 64;
+        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config);
+        d.discover(&[1]);
+        d.have(1, PieceSet::full(n));
+        d.drain();
+        // The size proof comes slowly: 256 KiB in 4 s, so 2 s fits half a piece, and every
+        // request is one piece.
+        let (peer, id, proof) = requests(&d.local(&PieceSet::empty(n)))[0].clone();
+        d.fetch.handle_response(peer, id, &proof, PIECE_SIZE, Duration::from_secs(4), None, d.now);
+        let first = requests(&d.drain());
+        assert!(!first.is_empty() && first.iter().all(|(_, _, p)| p.count() == 1), "slow: {first:?}");
+        let next = Vec::new();
+        // Fast now: full-size requests again.
+        for (peer, id, pieces) in first[1..].iter().chain(&next) {
+            d.fetch.handle_response(*peer, *id, pieces, PIECE_SIZE, Duration::from_millis(10), None, d.now);
+        }
+        let fast = requests(&d.drain());
+        assert!(fast.iter().any(|(_, _, p)| p.count() == 4), "{fast:?}");
+    }
+
+    #[test]
     fn the_same_seed_and_inputs_give_the_same_actions() {
         let run = |seed| {
             let n = 50;
@@ -2310,7 +2360,14 @@ mod tests {
 
     #[test]
     fn providers_are_asked_again_with_a_doubling_back_off_and_never_fail_without_a_deadline() {
-        let mut d = Driver::new(size_of(4), FetchConfig::default());
+        assert_eq!(lookup_gaps(FetchConfig::default())[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
+        let capped = FetchConfig { providers_backoff_max: Duration::from_secs(4), ..FetchConfig::default() };
+        assert_eq!(lookup_gaps(capped)[..6], [1, 2, 4, 4, 4, 4], "the cap holds");
+    }
+
+    /// Seconds between lookups over an hour in which the DHT names nobody.
+    fn lookup_gaps(config: FetchConfig) -> Vec<u64> {
+        let mut d = Driver::new(size_of(4), config);
         let start = d.now;
         assert_eq!(d.drain_all(), vec![FindProviders]);
         d.fetch.handle_providers([], d.now);
@@ -2328,8 +2385,8 @@ mod tests {
             last = d.now;
             d.fetch.handle_providers_done(d.now);
         }
-        assert_eq!(gaps[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
         assert!(!d.fetch.is_finished());
+        gaps
     }
 
     #[test]
@@ -2480,6 +2537,8 @@ mod tests {
             endgame_copies: 0,
             max_peers: 0,
             providers_backoff: Duration::ZERO,
+            providers_backoff_max: Duration::ZERO,
+            request_target: Some(Duration::ZERO),
             have_refresh: Duration::MAX,
             deadline: Some(Duration::MAX),
         };
