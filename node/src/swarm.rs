@@ -482,7 +482,11 @@ impl EventLoop {
                     *retries += 1;
                     if *retries <= 3 {
                         self.awaiting_room.push_back(peer);
-                        self.trim_to(self.connected_since.len().saturating_sub(1), Duration::ZERO);
+                        // Back under the target, not just one below the cap: Kademlia's own dials
+                        // would take a single freed slot before the provider's redial.
+                        let below =
+                            self.target_connections.saturating_sub(1).min(self.connected_since.len().saturating_sub(1));
+                        self.trim_to(below, Duration::ZERO);
                         return;
                     }
                 }
