@@ -438,17 +438,22 @@ impl EventLoop {
         let first = waiting.is_empty();
         waiting.push(found.clone());
         if first {
-            // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt.
-            let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
-            match self.swarm.dial(opts) {
-                Ok(()) => {}
-                // Someone (Kademlia itself, often) is dialling it already: its connection, or its
-                // failure, reaches the waiting lookups all the same.
-                Err(DialError::DialPeerConditionFalse(_)) => {}
-                Err(e) => {
-                    debug!(%peer, error = %e, "cannot dial provider");
-                    self.dialling.remove(&peer);
-                }
+            self.dial_provider(peer);
+        }
+    }
+
+    /// Dials a provider lookups wait for; if the dial cannot start, they stop waiting.
+    fn dial_provider(&mut self, peer: PeerId) {
+        // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt.
+        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        match self.swarm.dial(opts) {
+            Ok(()) => {}
+            // Someone (Kademlia itself, often) is dialling it already: its connection, or its
+            // failure, reaches the waiting lookups all the same.
+            Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => {
+                debug!(%peer, error = %e, "cannot dial provider");
+                self.dialling.remove(&peer);
             }
         }
     }
@@ -503,13 +508,7 @@ impl EventLoop {
                 self.connected_since.remove(&peer_id);
                 while let Some(peer) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
-                        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
-                        if let Err(e) = self.swarm.dial(opts)
-                            && !matches!(e, DialError::DialPeerConditionFalse(_))
-                        {
-                            debug!(%peer, error = %e, "cannot dial provider");
-                            self.dialling.remove(&peer);
-                        }
+                        self.dial_provider(peer);
                         break;
                     }
                     self.room_retries.remove(&peer);

@@ -413,6 +413,19 @@ pub(crate) async fn seed_blob(node: &NodeHandle, dir: &Path, size: u64, rng: &mu
     Ok(hash)
 }
 
+/// Waits (up to 60 emulated seconds) until `node` has no announcement queued or in flight: each
+/// is a Kademlia query, and a lookup before it ends may miss the record.
+pub(crate) async fn wait_announced(node: &NodeHandle, scale: f64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs_f64(60.0 * scale);
+    loop {
+        let dht = node.status().await?.dht;
+        if (dht.provide_queue == 0 && dht.announcing == 0) || Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -707,16 +720,8 @@ async fn lookup_scaling(
     let provider = rng.random_range(0..count);
     let hash = seed_blob(&cluster.handle(provider), cluster.dir(), 4096, rng).await?;
     let provider_id = cluster.handle(provider).peer_id();
-    // Wait for the announcement (itself a Kademlia query) to end.
     progress.set("announcing", 1);
-    let deadline = Instant::now() + Duration::from_secs_f64(60.0 * scale);
-    loop {
-        let dht = cluster.handle(provider).status().await?.dht;
-        if (dht.provide_queue == 0 && dht.announcing == 0) || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_announced(&cluster.handle(provider), scale).await?;
     progress.tick();
 
     let others: Vec<usize> = (0..count).filter(|&i| i != provider).collect();

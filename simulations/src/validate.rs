@@ -89,7 +89,8 @@ pub async fn validate(scenario: &Scenario, shoal: &Path, seed: u64, work: &Path)
     let shoal = shoal.to_owned();
     let work = work.to_owned();
     let s2 = s.clone();
-    let real = tokio::task::spawn_blocking(move || real_crowd(&s2, &shoal, seed, &work, size)).await??;
+    let t_min = sim.t_min_s;
+    let real = tokio::task::spawn_blocking(move || real_crowd(&s2, &shoal, seed, &work, size, t_min)).await??;
     Ok(Validation { nodes: s.nodes.count, blob_bytes: size, t_min_s: sim.t_min_s, netsim, real })
 }
 
@@ -178,7 +179,8 @@ fn served_bytes(dir: &Path) -> anyhow::Result<f64> {
         .context("no shoal_served_bytes_total in /metrics")
 }
 
-fn real_crowd(s: &Scenario, shoal: &Path, seed: u64, work: &Path, size: u64) -> anyhow::Result<Side> {
+/// The real processes' crowd; `t_min` is the fluid bound of the same scenario.
+fn real_crowd(s: &Scenario, shoal: &Path, seed: u64, work: &Path, size: u64, t_min: f64) -> anyhow::Result<Side> {
     let dir = tempfile::Builder::new().prefix("shoal-validate-").tempdir_in(work)?;
     let n = s.nodes.count;
     let seeder_caps = s.caps(0);
@@ -220,14 +222,6 @@ fn real_crowd(s: &Scenario, shoal: &Path, seed: u64, work: &Path, size: u64) -> 
     drop(nodes);
     drop(seeder);
     times.sort_by(f64::total_cmp);
-    let t_min = {
-        let f = size as f64;
-        let rate = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
-        let u_s = rate(s.caps(0).uplink);
-        let d_min = (1..n).map(|i| rate(s.caps(i).downlink)).fold(f64::INFINITY, f64::min);
-        let sum_u: f64 = (1..n).map(|i| rate(s.caps(i).uplink)).sum();
-        (f / u_s).max(f / d_min).max((n - 1) as f64 * f / (u_s + sum_u))
-    };
     let max_s = times.last().copied().unwrap_or(f64::NAN);
     Ok(Side {
         succeeded: times.len(),

@@ -13,7 +13,7 @@ use shoal_node::FetchProgress;
 use shoal_node::protocol::Hash;
 use tokio::sync::watch;
 
-use crate::run::{Cluster, Progress, percentile};
+use crate::run::{Cluster, Progress, percentile, wait_announced};
 use crate::scenario::{Experiment, Scenario};
 
 /// A Zipf catalogue's figures. Times in emulated seconds.
@@ -138,14 +138,7 @@ pub(crate) async fn run(
     std::fs::remove_file(&path)?;
     // Let the announcements finish.
     for o in 0..origins {
-        let deadline = Instant::now() + Duration::from_secs_f64(60.0 * scale);
-        loop {
-            let dht = cluster.handle(o).status().await?.dht;
-            if (dht.provide_queue == 0 && dht.announcing == 0) || Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_announced(&cluster.handle(o), scale).await?;
     }
 
     let cdf = zipf_cdf(blobs, zipf_s);
