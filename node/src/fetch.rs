@@ -1,13 +1,13 @@
 //! Drives the sans-IO fetch state machine (`shoal_protocol::fetch`) with real peers: DHT lookups,
 //! have-maps and piece requests run as tasks, and their outcomes are fed back as inputs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use shoal_cache::BlobInfo;
 use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
-use shoal_protocol::wire::TraceId;
+use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -59,7 +59,7 @@ pub enum FetchError {
 enum Event {
     Providers(Vec<PeerId>),
     ProvidersDone,
-    Have(PeerId, Result<(u64, PieceSet, Duration), PeerFault>),
+    Have(PeerId, Result<transfer::Held, PeerFault>),
     Got(PeerId, RequestId, Got, Duration),
 }
 
@@ -166,6 +166,10 @@ async fn run(
     let mut announced = false;
     let mut last_progress = (started, 0u64);
     let mut lookup: Option<AbortHandle> = None;
+    // Holders other peers named (peer exchange): connected through the swarm, then candidates
+    // like the providers a lookup finds.
+    let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(64);
+    let mut hinted: HashSet<PeerId> = HashSet::new();
 
     let result = loop {
         let now = Instant::now();
@@ -350,9 +354,10 @@ async fn run(
                 match event {
                     Event::Providers(peers) => machine.handle_providers(peers, now),
                     Event::ProvidersDone => machine.handle_providers_done(now),
-                    Event::Have(peer, Ok((size, pieces, rtt))) => {
-                        node.inner.metrics.requested("have", "ok", rtt);
-                        machine.handle_have(peer, size, pieces, rtt, now)
+                    Event::Have(peer, Ok(held)) => {
+                        node.inner.metrics.requested("have", "ok", held.rtt);
+                        reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        machine.handle_have(peer, held.size, held.pieces, held.rtt, now)
                     }
                     Event::Have(peer, Err(f)) => {
                         node.inner.metrics.requested("have", f.label(), Duration::ZERO);
@@ -362,19 +367,36 @@ async fn run(
                         fetched_bytes += got.bytes;
                         node.inner.metrics.bytes_fetched.inc_by(got.bytes);
                         node.inner.metrics.requested("get", got.fault.map_or("ok", PeerFault::label), elapsed);
-                        if let Some((_, asked)) = requests.remove(&id)
-                            && ((got.fault.is_none() && got.verified.count() < asked.count())
-                                || got.fault == Some(PeerFault::NotFound))
-                        {
-                            // It advertised pieces it could not serve: a stale have-map, or a store
-                            // that found rot in them. Not malice, but it cost us a round trip.
+                        let unserved = requests.remove(&id).map(|(_, asked)| asked.difference(&got.verified));
+                        // Pieces it advertised but neither sent nor holds any more: a stale
+                        // have-map, or a store that found rot in them. Not malice, but it cost us
+                        // a round trip. Pieces it still holds it left to the holders it named.
+                        let lost = match (&unserved, &got.have) {
+                            (Some(u), Some(have)) if have.piece_count() == u.piece_count() => u.difference(have),
+                            (Some(u), _) => u.clone(),
+                            (None, _) => PieceSet::empty(0),
+                        };
+                        if (got.fault.is_none() && !lost.is_empty()) || got.fault == Some(PeerFault::NotFound) {
                             debug!(%peer, "peer served fewer pieces than it advertised");
                             node.penalise(peer);
                         }
+                        if !got.verified.is_empty() {
+                            node.inner.crowds.source(hash, peer, now);
+                        }
+                        reach(node, &got.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, got.fault.map(failure), now);
+                        if let Some(have) = got.have {
+                            // Not the pieces it just left to others: they are asked elsewhere.
+                            let have = match &unserved {
+                                Some(u) if u.piece_count() == have.piece_count() => have.difference(u),
+                                _ => have,
+                            };
+                            machine.handle_advert(peer, have, now);
+                        }
                     }
                 }
             }
+            Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
         }
     };
@@ -385,6 +407,26 @@ async fn run(
         l.abort();
     }
     result
+}
+
+/// The most hinted peers one fetch remembers; past it, hints are ignored (the DHT still finds
+/// providers).
+const MAX_HINTED: usize = 1024;
+
+/// Has the swarm connect to the holders a peer named that this fetch has not heard of; each
+/// becomes a candidate once connected. Malformed hints are skipped.
+async fn reach(node: &NodeHandle, hints: &[PeerHint], hinted: &mut HashSet<PeerId>, found: &mpsc::Sender<PeerId>) {
+    for hint in hints {
+        let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
+        if peer == node.inner.peer_id || hinted.len() >= MAX_HINTED || !hinted.insert(peer) {
+            continue;
+        }
+        let addrs = hint.addrs.iter().filter_map(|a| libp2p::Multiaddr::try_from(a.clone()).ok()).collect();
+        let command = Command::Reach { peer, addrs, found: found.clone() };
+        if node.inner.commands.send(command).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn replace_if_changed(old: &mut FetchProgress, new: &FetchProgress) -> bool {

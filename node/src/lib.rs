@@ -6,6 +6,7 @@
 //! - `swarm`: the libp2p swarm (Kademlia, identify, ping, streams) and the task that owns it.
 //! - `transfer`: `/shoal/transfer/1`, serving and requesting pieces.
 //! - `fetch`: drives `shoal_protocol::fetch` with real peers.
+//! - `crowd`: who else holds a blob (peer exchange) and spreading a crowd's load.
 //! - [`api`]: the local HTTP API the `shoal` command talks to.
 //! - `gateway`: blobs over HTTP (`Range`, `ETag`, streaming while fetching).
 //! - [`node`]: [`Node`] and its cloneable [`NodeHandle`].
@@ -13,6 +14,7 @@
 pub mod api;
 pub mod config;
 mod connmgr;
+mod crowd;
 mod fetch;
 mod gateway;
 mod identity;

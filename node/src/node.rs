@@ -92,6 +92,8 @@ pub(crate) struct Shared {
     pub(crate) download_rate: Option<Arc<crate::limits::RateLimit>>,
     /// When each peer last moved content with us, so the connection trimming spares it.
     pub(crate) activity: Arc<crate::connmgr::PeerActivity>,
+    /// Who else holds the blobs we move (peer exchange, spreading a crowd's load).
+    pub(crate) crowds: Arc<crate::crowd::Crowds>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -134,12 +136,14 @@ impl Node {
         let (commands, command_rx) = mpsc::channel(1024);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let activity = Arc::new(crate::connmgr::PeerActivity::default());
+        let crowds = Arc::new(crate::crowd::Crowds::default());
         let mut event_loop = EventLoop::new(
             swarm,
             command_rx,
             config.external.is_empty(),
             metrics.clone(),
             activity.clone(),
+            crowds.clone(),
             config.max_connections as usize,
         );
         for addr in &config.bootstrap {
@@ -155,7 +159,16 @@ impl Node {
             config.allow_peers.clone(),
         ));
         let download_rate = crate::limits::RateLimit::new(config.download_rate).map(Arc::new);
-        tokio::spawn(transfer::serve(incoming, store.clone(), uploads.clone(), metrics.clone(), activity.clone()));
+        tokio::spawn(transfer::serve(
+            incoming,
+            transfer::Server {
+                store: store.clone(),
+                uploads: uploads.clone(),
+                crowds: crowds.clone(),
+                metrics: metrics.clone(),
+                activity: activity.clone(),
+            },
+        ));
 
         let handle = NodeHandle {
             inner: Arc::new(Shared {
@@ -170,6 +183,7 @@ impl Node {
                 metrics,
                 download_rate,
                 activity,
+                crowds,
             }),
         };
         // Announce what we already hold.
@@ -404,6 +418,11 @@ impl NodeHandle {
             return;
         }
         *p.entry(peer).or_insert(0) += 1;
+    }
+
+    /// The node's metrics in the Prometheus text format (what `GET /metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.inner.metrics.encode()
     }
 
     /// How often `peer` misbehaved.

@@ -85,6 +85,9 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
+    /// Connect to a peer another peer named as a holder of a blob, at the addresses it gave;
+    /// `found` gets the peer once connected.
+    Reach { peer: PeerId, addrs: Vec<Multiaddr>, found: mpsc::Sender<PeerId> },
 }
 
 /// A connected peer.
@@ -226,6 +229,9 @@ pub(crate) struct EventLoop {
     announce_listen_addrs: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     activity: std::sync::Arc<crate::connmgr::PeerActivity>,
+    crowds: std::sync::Arc<crate::crowd::Crowds>,
+    /// Addresses other peers gave for peers being dialled (see [`Command::Reach`]).
+    hinted_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// The connections we trim back to; the hard cap is a little higher.
     target_connections: usize,
     /// Since when each connected peer has been connected.
@@ -243,6 +249,7 @@ impl EventLoop {
         announce: bool,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         activity: std::sync::Arc<crate::connmgr::PeerActivity>,
+        crowds: std::sync::Arc<crate::crowd::Crowds>,
         target_connections: usize,
     ) -> Self {
         Self {
@@ -259,6 +266,8 @@ impl EventLoop {
             announce_listen_addrs: announce,
             metrics,
             activity,
+            crowds,
+            hinted_addrs: HashMap::new(),
             target_connections,
             connected_since: HashMap::new(),
             awaiting_room: VecDeque::new(),
@@ -367,6 +376,15 @@ impl EventLoop {
                     announcing: self.providing.len(),
                 });
             }
+            Command::Reach { peer, addrs, found } => {
+                if peer == *self.swarm.local_peer_id() {
+                    return;
+                }
+                if !self.swarm.is_connected(&peer) && !addrs.is_empty() {
+                    self.hinted_addrs.insert(peer, addrs);
+                }
+                self.offer_provider(peer, &found);
+            }
         }
     }
 
@@ -444,8 +462,14 @@ impl EventLoop {
 
     /// Dials a provider lookups wait for; if the dial cannot start, they stop waiting.
     fn dial_provider(&mut self, peer: PeerId) {
-        // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt.
-        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
+        // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt. A peer
+        // named by another holder is dialled at the addresses it gave as well.
+        let addrs = self.hinted_addrs.get(&peer).cloned().unwrap_or_default();
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
         match self.swarm.dial(opts) {
             Ok(()) => {}
             // Someone (Kademlia itself, often) is dialling it already: its connection, or its
@@ -454,6 +478,7 @@ impl EventLoop {
             Err(e) => {
                 debug!(%peer, error = %e, "cannot dial provider");
                 self.dialling.remove(&peer);
+                self.hinted_addrs.remove(&peer);
             }
         }
     }
@@ -474,6 +499,7 @@ impl EventLoop {
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 self.trim_connections();
                 self.room_retries.remove(&peer_id);
+                self.hinted_addrs.remove(&peer_id);
                 if let Some(waiting) = self.dialling.remove(&peer_id) {
                     for found in waiting {
                         let _ = found.try_send(peer_id);
@@ -496,6 +522,7 @@ impl EventLoop {
                     }
                 }
                 self.room_retries.remove(&peer);
+                self.hinted_addrs.remove(&peer);
                 if self.dialling.remove(&peer).is_some() {
                     debug!(%peer, %error, "cannot reach a provider");
                 } else {
@@ -505,6 +532,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
+                self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
                 while let Some(peer) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
@@ -514,10 +542,11 @@ impl EventLoop {
                     self.room_retries.remove(&peer);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
-                if info.protocols.contains(&KAD_PROTOCOL) =>
-            {
-                self.learn_addresses(peer_id, info.listen_addrs);
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                self.crowds.connected(peer_id, info.listen_addrs.clone());
+                if info.protocols.contains(&KAD_PROTOCOL) {
+                    self.learn_addresses(peer_id, info.listen_addrs);
+                }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
                 self.rtts.insert(peer, rtt);

@@ -12,11 +12,14 @@ use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_cache::Store;
 use shoal_protocol::verify::{self, DecodeError};
-use shoal_protocol::wire::{self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MAX_RUNS, Request, Response, TraceId, WireError};
+use shoal_protocol::wire::{
+    self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MAX_RUNS, PeerHint, Request, Response, TraceId, WireError,
+};
 use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::crowd::Crowds;
 use crate::limits::{CHUNK, RateLimit};
 
 /// The transfer protocol id.
@@ -28,13 +31,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a busy peer is asked to wait.
 const BUSY_RETRY: Duration = Duration::from_millis(250);
 
+/// How long a peer is asked to wait when every piece it asked for is left to other holders (see
+/// [`crate::crowd`]): it meanwhile asks them.
+const SPREAD_RETRY: Duration = Duration::from_secs(1);
+
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
+
+/// Under an upload cap, the share of it each concurrent piece upload gets at least: so that, like
+/// BitTorrent's few unchoked peers, a capped node finishes pieces one after another (each one a
+/// piece its requester can pass on at once) rather than trickling out many pieces in parallel
+/// that all complete at the end.
+const UPLOAD_SLOT_RATE: u64 = 1024 * 1024;
 
 /// Bounds on concurrent uploads, the upload rate cap and who may fetch.
 #[derive(Debug)]
 pub(crate) struct Uploads {
     total: Arc<Semaphore>,
+    /// Concurrent piece uploads (`Get`s) under an upload cap: one per [`UPLOAD_SLOT_RATE`] of
+    /// it, at least 2; with no cap, only `total` bounds them.
+    data: Option<(Arc<Semaphore>, usize)>,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
@@ -69,8 +85,13 @@ impl Uploads {
         upload_rate: Option<u64>,
         allow: Option<Vec<PeerId>>,
     ) -> Self {
+        let data = upload_rate.filter(|r| *r > 0).map(|r| {
+            let slots = usize::try_from(r / UPLOAD_SLOT_RATE).unwrap_or(usize::MAX).clamp(2, max_total.max(2));
+            (Arc::new(Semaphore::new(slots)), slots)
+        });
         Self {
             total: Arc::new(Semaphore::new(max_total)),
+            data,
             per_peer: Mutex::new(HashMap::new()),
             max_per_peer,
             rate: RateLimit::new(upload_rate),
@@ -98,41 +119,54 @@ impl Uploads {
         Some(UploadSlot { uploads: self, peer, _permit: permit })
     }
 
+    /// A piece-upload slot, or `None` when every one is taken; with no upload cap, always one.
+    fn try_acquire_data(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        match &self.data {
+            None => Some(None),
+            Some((slots, _)) => slots.clone().try_acquire_owned().ok().map(Some),
+        }
+    }
+
+    /// Whether piece uploads other than the caller's are under way.
+    fn contended(&self) -> bool {
+        match &self.data {
+            Some((slots, n)) => slots.available_permits() + 1 < *n,
+            None => self.active() > 1,
+        }
+    }
+
     /// Uploads in progress.
     pub(crate) fn active(&self) -> usize {
         self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
     }
 }
 
+/// What serving needs: the store, the upload bounds, who holds what, and the metrics.
+#[derive(Clone)]
+pub(crate) struct Server {
+    pub(crate) store: Store,
+    pub(crate) uploads: Arc<Uploads>,
+    pub(crate) crowds: Arc<Crowds>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) activity: Arc<crate::connmgr::PeerActivity>,
+}
+
 /// Accepts transfer streams until the node stops. Each stream is handled in its own task so a
 /// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
-pub(crate) async fn serve(
-    mut incoming: libp2p_stream::IncomingStreams,
-    store: Store,
-    uploads: Arc<Uploads>,
-    metrics: Arc<crate::metrics::Metrics>,
-    activity: Arc<crate::connmgr::PeerActivity>,
-) {
+pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, server: Server) {
     while let Some((peer, stream)) = incoming.next().await {
-        activity.touch(peer);
-        let store = store.clone();
-        let uploads = uploads.clone();
-        let metrics = metrics.clone();
+        server.activity.touch(peer);
+        let server = server.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(peer, stream, &store, &uploads, &metrics).await {
+            if let Err(e) = serve_one(peer, stream, &server).await {
                 debug!(%peer, error = %e, "transfer request ended with an error");
             }
         });
     }
 }
 
-async fn serve_one(
-    peer: PeerId,
-    mut stream: Stream,
-    store: &Store,
-    uploads: &Uploads,
-    metrics: &crate::metrics::Metrics,
-) -> std::io::Result<()> {
+async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
+    let Server { store, uploads, crowds, metrics, .. } = server;
     let started = Instant::now();
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
@@ -140,7 +174,7 @@ async fn serve_one(
     }
     let Some(_slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
-        let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32 };
+        let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32, peers: Vec::new() };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), &[], None, None).await;
     };
     let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
@@ -165,9 +199,11 @@ async fn serve_one(
         Request::Have { hash, trace } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
             let response = match store.info(hash) {
-                Some(info) if !info.pieces.is_empty() => {
-                    Response::Have { size: info.size, pieces: info.pieces.first_runs(MAX_RUNS) }
-                }
+                Some(info) if !info.pieces.is_empty() => Response::Have {
+                    size: info.size,
+                    pieces: info.pieces.first_runs(MAX_RUNS),
+                    peers: crowds.hints(hash, peer, Instant::now()),
+                },
                 _ => Response::NotFound,
             };
             let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
@@ -178,8 +214,34 @@ async fn serve_one(
         Request::Get { hash, pieces, trace } => {
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
             async {
-                let store = store.clone();
-                let encoded = tokio::task::spawn_blocking(move || store.encode_pieces(hash, &pieces))
+                let info = store.info(hash);
+                let held = info.as_ref().map(|info| info.pieces.intersection(&pieces)).filter(|h| !h.is_empty());
+                // Only a publisher (a node that pinned the blob) spreads: the peers trading a
+                // crowd's pieces serve every piece they hold to whoever asks.
+                let spreads = info.as_ref().is_some_and(|i| i.pinned);
+                let Some(held) = held else {
+                    metrics.served("get", "not_found", started.elapsed());
+                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
+                        .await;
+                };
+                // Past the bound, or asked only for pieces left to other holders: come back later,
+                // and meanwhile ask the holders named.
+                let busy = |retry: Duration| {
+                    let peers = crowds.hints(hash, peer, Instant::now());
+                    wire::encode_frame(&Response::Busy { retry_after_ms: retry.as_millis() as u32, peers })
+                };
+                let Some(_data_slot) = uploads.try_acquire_data() else {
+                    metrics.served("get", "busy", started.elapsed());
+                    return send_and_close(&mut stream, &busy(BUSY_RETRY), &[], None, None).await;
+                };
+                let spreading = spreads && uploads.contended();
+                let pieces = crowds.offer(hash, peer, &held, spreading, Instant::now());
+                if pieces.is_empty() {
+                    metrics.served("get", "spread", started.elapsed());
+                    return send_and_close(&mut stream, &busy(SPREAD_RETRY), &[], None, None).await;
+                }
+                let reader = store.clone();
+                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &pieces))
                     .await
                     .map_err(std::io::Error::other)?;
                 let (served, bytes) = match encoded {
@@ -196,8 +258,18 @@ async fn serve_one(
                             .await;
                     }
                 };
-                let header = wire::encode_frame(&Response::Data { pieces: served });
+                let now = Instant::now();
+                let peers = crowds.hints(hash, peer, now);
+                // What we hold now, after the encoding dropped any piece that failed its check.
+                let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
+                // Recorded as it starts: a concurrent request for the same pieces is left to this
+                // peer, the collision super-seeding avoids.
+                crowds.serving(hash, peer, &served, now);
+                let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
                 let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
+                if result.is_ok() {
+                    crowds.delivered(hash, peer, Instant::now());
+                }
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
                 result
@@ -306,7 +378,6 @@ async fn exchange(stream: &mut Stream, request: &Request) -> Result<Response, Pe
     let response = wire::decode_response(&body).map_err(|_| PeerFault::Protocol)?;
     match response {
         Response::NotFound => Err(PeerFault::NotFound),
-        Response::Busy { retry_after_ms } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
         Response::Denied => Err(PeerFault::Denied),
         Response::BadRequest { reason } => {
             warn!(%reason, "peer refused our request");
@@ -316,21 +387,31 @@ async fn exchange(stream: &mut Stream, request: &Request) -> Result<Response, Pe
     }
 }
 
-/// Asks `peer` which pieces of `hash` it holds. Returns its claimed size, its pieces and the
-/// round-trip time of the exchange.
+/// A peer's answer to `Have`.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) size: u64,
+    pub(crate) pieces: PieceSet,
+    pub(crate) rtt: Duration,
+    pub(crate) hints: Vec<PeerHint>,
+}
+
+/// Asks `peer` which pieces of `hash` it holds: its claimed size, its pieces, the round-trip time
+/// of the exchange and the other holders it names.
 pub(crate) async fn ask_have(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     hash: Hash,
     trace: TraceId,
-) -> Result<(u64, PieceSet, Duration), PeerFault> {
+) -> Result<Held, PeerFault> {
     let mut stream = open(&mut control, peer).await?;
     let started = Instant::now();
     let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace) }).await?;
     let rtt = started.elapsed();
     let _ = stream.close().await;
     match response {
-        Response::Have { size, pieces } => Ok((size, pieces, rtt)),
+        Response::Have { size, pieces, peers } => Ok(Held { size, pieces, rtt, hints: peers }),
+        Response::Busy { retry_after_ms, .. } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
         _ => Err(PeerFault::Protocol),
     }
 }
@@ -341,6 +422,10 @@ pub(crate) struct Got {
     pub(crate) verified: PieceSet,
     pub(crate) bytes: u64,
     pub(crate) fault: Option<PeerFault>,
+    /// Other holders the peer named.
+    pub(crate) hints: Vec<PeerHint>,
+    /// The pieces the peer offers us now, if it said.
+    pub(crate) have: Option<PieceSet>,
 }
 
 /// One `Get`: which pieces of which blob, from whom, under which trace.
@@ -363,16 +448,21 @@ pub(crate) async fn get_pieces(
 ) -> Got {
     let PieceRequest { peer, hash, geometry, pieces, trace } = request;
     let none = PieceSet::empty(geometry.piece_count());
-    let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault) };
+    let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault), hints: Vec::new(), have: None };
     let mut stream = match open(&mut control, peer).await {
         Ok(s) => s,
         Err(f) => return fail(f),
     };
-    let sent = match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }).await {
-        Ok(Response::Data { pieces: sent }) => sent,
-        Ok(_) => return fail(PeerFault::Protocol),
-        Err(f) => return fail(f),
-    };
+    let (sent, hints, have) =
+        match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }).await {
+            Ok(Response::Data { pieces: sent, peers, have }) => (sent, peers, have),
+            Ok(Response::Busy { retry_after_ms, peers }) => {
+                let wait = Duration::from_millis(u64::from(retry_after_ms));
+                return Got { verified: none, bytes: 0, fault: Some(PeerFault::Busy(wait)), hints: peers, have: None };
+            }
+            Ok(_) => return fail(PeerFault::Protocol),
+            Err(f) => return fail(f),
+        };
     if sent.piece_count() != geometry.piece_count() || !sent.difference(&pieces).is_empty() || sent.is_empty() {
         return fail(PeerFault::Protocol);
     }
@@ -400,7 +490,7 @@ pub(crate) async fn get_pieces(
                     Some(PeerFault::Io)
                 }
             };
-            Got { verified: w.verified, bytes, fault }
+            Got { verified: w.verified, bytes, fault, hints, have }
         }
         Ok(Err(e)) => {
             warn!(blob = %hash, error = %e, "storing verified pieces failed");

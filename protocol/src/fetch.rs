@@ -797,6 +797,29 @@ where
         }
     }
 
+    /// A fresh have-map `peer` sent along with an answer to a request: it replaces the peer's
+    /// advert as a have answer would, without counting as one. Ignored unless the peer is live,
+    /// already advertised, and the map counts the pieces of the size it claimed.
+    pub fn handle_advert(&mut self, peer: P, pieces: PieceSet, now: Instant) {
+        if self.finished {
+            return;
+        }
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
+        let Some(advert) = rec.advert.as_mut().filter(|a| a.pieces.piece_count() == pieces.piece_count()) else {
+            return;
+        };
+        if pieces.is_empty() {
+            self.drop_peer(peer, None, now);
+            return;
+        }
+        let old = std::mem::replace(&mut advert.pieces, pieces);
+        rec.last_have_at = Some(now);
+        if let Some(claim) = self.claim.as_mut().filter(|c| c.size() == advert.size) {
+            claim.remove_advert(&old);
+            claim.add_advert(&advert.pieces);
+        }
+    }
+
     /// The have request to `peer` failed. See the [module documentation](crate::fetch) for what each
     /// failure does. Ignored unless a have request to that peer is under way.
     pub fn handle_have_failed(&mut self, peer: P, failure: PeerFailure, now: Instant) {
@@ -1298,12 +1321,14 @@ where
         }
     }
 
-    /// End-game: no piece that anybody advertises is left unrequested, so idle peers may duplicate
-    /// requests in flight. Not before the size is proven: duplicating the proof would cost every
-    /// fetch an extra piece, and a peer that stalls it is timed out like any other.
+    /// End-game: every missing piece is in flight, so idle peers may duplicate requests in flight.
+    /// Not while some missing piece is not asked for, even if no peer we know advertises it: in a
+    /// crowd the peers that will have it appear within seconds, and duplicating meanwhile would
+    /// spend their uploads twice. Not before the size is proven: duplicating the proof would cost
+    /// every fetch an extra piece, and a peer that stalls it is timed out like any other.
     fn in_endgame(&self) -> bool {
         let Some(claim) = self.claim.as_ref().filter(|c| c.proven) else { return false };
-        self.config.endgame_copies > 1 && !claim.wanted.iter().any(|i| claim.availability(i) > 0)
+        self.config.endgame_copies > 1 && claim.wanted.is_empty()
     }
 
     /// Duplicates for an idle `peer`: pieces of the oldest requests in flight elsewhere that it
@@ -1952,6 +1977,25 @@ mod tests {
         let reqs = requests(&d.drain());
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].2, set(n, [0, 1]));
+    }
+
+    #[test]
+    fn a_have_map_sent_with_an_answer_updates_the_peer_without_asking() {
+        let n = 8;
+        let (mut d, actions) = started(size_of(n), FetchConfig::default(), &[(1, set(n, [n - 1]))]);
+        let (_, id, pieces) = requests(&actions)[0].clone();
+        d.fetch.handle_response(1, id, &pieces, PIECE_SIZE, ms(50), None, d.now);
+        // It gained pieces 2 and 3 meanwhile and says so with its answer: they are asked at once.
+        d.fetch.handle_advert(1, set(n, [2, 3, n - 1]), d.now);
+        let reqs = requests(&d.drain());
+        assert_eq!(reqs.len(), 1);
+        assert_eq!(reqs[0].2, set(n, [2, 3]));
+        // A map counted for another piece count is ignored; an empty one drops the peer.
+        d.fetch.handle_advert(1, PieceSet::full(n + 1), d.now);
+        assert!(!stats(&d.fetch, 1).dropped);
+        d.fetch.handle_advert(1, PieceSet::empty(n), d.now);
+        let s = stats(&d.fetch, 1);
+        assert!(s.dropped && !s.penalised, "{s:?}");
     }
 
     #[test]

@@ -70,6 +70,18 @@ pub enum Request {
     },
 }
 
+/// Another peer that holds pieces of the blob, as the server knows it (it served that peer
+/// pieces, or was served by it): how the peers fetching one blob find each other without asking
+/// the DHT (peer exchange).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHint {
+    /// The peer's id as libp2p encodes it: at most [`MAX_HINT_ID_LEN`] bytes.
+    pub id: Vec<u8>,
+    /// Addresses it listens on, as multiaddr bytes: at most [`MAX_HINT_ADDRS`], each at most
+    /// [`MAX_HINT_ADDR_LEN`] bytes.
+    pub addrs: Vec<Vec<u8>>,
+}
+
 /// What a server answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
@@ -78,13 +90,26 @@ pub enum Response {
     Have {
         /// The blob's size in bytes.
         size: u64,
-        /// The pieces held.
+        /// The pieces it offers this requester: those it holds, less any it asks the requester
+        /// to take from the peers in `peers` instead (see [`Response::Data`]).
         pieces: PieceSet,
+        /// Other peers holding pieces of the blob: at most [`MAX_HINTS`].
+        peers: Vec<PeerHint>,
     },
-    /// The named pieces follow, encoded with their proofs: the requested ones the server holds.
+    /// The named pieces follow, encoded with their proofs: the requested ones the server holds
+    /// and serves this requester. A server may serve fewer than it holds: a piece it already
+    /// served to a peer that is still online is left to that peer while uploads are contended
+    /// (see `peers`), which spreads a crowd's load across the crowd.
     Data {
         /// The pieces that follow.
         pieces: PieceSet,
+        /// Other peers holding pieces of the blob: at most [`MAX_HINTS`].
+        peers: Vec<PeerHint>,
+        /// The pieces the server holds now, as in [`Response::Have`]: a fresh have-map with every
+        /// answer, so a requester learns of the pieces its sources gained without asking. A
+        /// requested piece in it that was not sent was left to other holders; one not in it is
+        /// one the server no longer holds.
+        have: Option<PieceSet>,
     },
     /// The server holds no verified piece of the blob.
     NotFound,
@@ -92,6 +117,8 @@ pub enum Response {
     Busy {
         /// How long to wait before asking this server again.
         retry_after_ms: u32,
+        /// Other peers holding pieces of the blob, to ask meanwhile: at most [`MAX_HINTS`].
+        peers: Vec<PeerHint>,
     },
     /// The server does not serve this peer (a private swarm's allow-list).
     Denied,
@@ -101,6 +128,18 @@ pub enum Response {
         reason: String,
     },
 }
+
+/// The most peer hints in one response.
+pub const MAX_HINTS: usize = 8;
+
+/// The most addresses in one peer hint.
+pub const MAX_HINT_ADDRS: usize = 4;
+
+/// The longest peer id in a hint, in bytes.
+pub const MAX_HINT_ID_LEN: usize = 64;
+
+/// The longest address in a hint, in bytes.
+pub const MAX_HINT_ADDR_LEN: usize = 128;
 
 const REQUEST_VARIANTS: u8 = 2;
 const RESPONSE_VARIANTS: u8 = 6;
@@ -174,7 +213,13 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
     }
     let resp: Response = decode(body, RESPONSE_VARIANTS)?;
     match &resp {
-        Response::Have { size, pieces } => {
+        Response::Have { peers, .. } | Response::Data { peers, .. } | Response::Busy { peers, .. } => {
+            check_hints(peers)?
+        }
+        _ => {}
+    }
+    match &resp {
+        Response::Have { size, pieces, .. } => {
             let count = crate::Geometry::new(*size).map_err(|e| WireError::Malformed(e.to_string()))?.piece_count();
             if pieces.piece_count() != count {
                 return Err(WireError::Malformed(format!(
@@ -183,12 +228,30 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
                 )));
             }
         }
+        Response::Data { pieces, have: Some(have), .. } if have.piece_count() != pieces.piece_count() => {
+            return Err(WireError::Malformed("the have-map and the pieces sent count different pieces".into()));
+        }
         Response::BadRequest { reason } if reason.len() > MAX_REASON_LEN => {
             return Err(WireError::Malformed("reason too long".into()));
         }
         _ => {}
     }
     Ok(resp)
+}
+
+fn check_hints(peers: &[PeerHint]) -> Result<(), WireError> {
+    if peers.len() > MAX_HINTS {
+        return Err(WireError::Malformed(format!("{} peer hints, more than {MAX_HINTS}", peers.len())));
+    }
+    for hint in peers {
+        if hint.id.len() > MAX_HINT_ID_LEN
+            || hint.addrs.len() > MAX_HINT_ADDRS
+            || hint.addrs.iter().any(|a| a.len() > MAX_HINT_ADDR_LEN)
+        {
+            return Err(WireError::Malformed("a peer hint breaks its bounds".into()));
+        }
+    }
+    Ok(())
 }
 
 /// Reads one frame body of at most `max` bytes from a blocking reader (tests, tools, fuzzing; the
@@ -312,35 +375,51 @@ mod tests {
     fn golden_responses() {
         let cases: Vec<(Response, String)> = vec![
             (
-                Response::Have { size: 262_145, pieces: PieceSet::full(2) },
+                Response::Have { size: 262_145, pieces: PieceSet::full(2), peers: vec![] },
                 [
-                    "08000000", // frame length 8
+                    "09000000", // frame length 9
                     "00",       // Response::Have
                     "818010",   // size 262145, varint
                     "02",       // piece count 2
                     "01",       // one run
                     "0002",     // start 0, length 2
+                    "00",       // no peer hints
                 ]
                 .concat(),
             ),
             (
-                Response::Data { pieces: PieceSet::single(2, 1) },
+                Response::Data {
+                    pieces: PieceSet::single(2, 1),
+                    peers: vec![PeerHint { id: vec![0xaa, 0xbb], addrs: vec![vec![0x04, 0x7f, 0, 0, 1]] }],
+                    have: Some(PieceSet::full(2)),
+                },
                 [
-                    "05000000", // frame length 5
-                    "01",       // Response::Data
-                    "02",       // piece count 2
-                    "01",       // one run
-                    "0101",     // start 1, length 1
+                    "15000000",   // frame length 21
+                    "01",         // Response::Data
+                    "02",         // piece count 2
+                    "01",         // one run
+                    "0101",       // start 1, length 1
+                    "01",         // one peer hint
+                    "02",         // id length 2
+                    "aabb",       // id
+                    "01",         // one address
+                    "05",         // address length 5
+                    "047f000001", // /ip4/127.0.0.1
+                    "01",         // a have-map follows
+                    "02",         // piece count 2
+                    "01",         // one run
+                    "0002",       // start 0, length 2
                 ]
                 .concat(),
             ),
             (Response::NotFound, ["01000000", "02" /* NotFound */].concat()),
             (
-                Response::Busy { retry_after_ms: 250 },
+                Response::Busy { retry_after_ms: 250, peers: vec![] },
                 [
-                    "03000000", // frame length 3
+                    "04000000", // frame length 4
                     "03",       // Response::Busy
                     "fa01",     // 250 ms, varint
+                    "00",       // no peer hints
                 ]
                 .concat(),
             ),
@@ -380,13 +459,26 @@ mod tests {
         let body = &encode_frame(&too_many)[4..];
         assert!(matches!(decode_request(body), Err(WireError::Malformed(_))));
         // A have-map whose piece count disagrees with the size is refused.
-        let lie = Response::Have { size: 10, pieces: PieceSet::full(3) };
+        let lie = Response::Have { size: 10, pieces: PieceSet::full(3), peers: vec![] };
         assert!(decode_response(&encode_frame(&lie)[4..]).is_err());
         // A piece count that would make us allocate gigabytes is refused.
         let mut body = vec![0u8]; // Response::Have
         body.extend(postcard::to_stdvec(&(1u64 << 40)).expect("ser"));
         body.extend(postcard::to_stdvec(&PieceRuns { piece_count: u32::MAX, runs: vec![] }).expect("ser"));
         assert!(decode_response(&body).is_err());
+        // Too many hints, or a hint too large, are refused.
+        let hint = PeerHint { id: vec![1; 38], addrs: vec![vec![2; 20]] };
+        let crowd =
+            Response::Data { pieces: PieceSet::single(2, 1), peers: vec![hint.clone(); MAX_HINTS + 1], have: None };
+        assert!(decode_response(&encode_frame(&crowd)[4..]).is_err());
+        let fat = PeerHint { id: vec![1; 38], addrs: vec![vec![2; MAX_HINT_ADDR_LEN + 1]] };
+        let fat = Response::Have { size: 10, pieces: PieceSet::full(1), peers: vec![fat] };
+        assert!(decode_response(&encode_frame(&fat)[4..]).is_err());
+        let fine = Response::Data { pieces: PieceSet::single(2, 1), peers: vec![hint; MAX_HINTS], have: None };
+        assert!(decode_response(&encode_frame(&fine)[4..]).is_ok());
+        // A have-map for another blob geometry is refused.
+        let other = Response::Data { pieces: PieceSet::single(2, 1), peers: vec![], have: Some(PieceSet::full(3)) };
+        assert!(decode_response(&encode_frame(&other)[4..]).is_err());
         // Overlapping runs are refused.
         let mut body = vec![1u8]; // Response::Data
         body.extend(postcard::to_stdvec(&PieceRuns { piece_count: 9, runs: vec![(0, 3), (2, 1)] }).expect("ser"));
@@ -425,21 +517,36 @@ mod tests {
             ]
         }
 
+        fn hints() -> impl Strategy<Value = Vec<PeerHint>> {
+            let hint = (
+                proptest::collection::vec(any::<u8>(), 0..=MAX_HINT_ID_LEN),
+                proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>(), 0..=MAX_HINT_ADDR_LEN),
+                    0..=MAX_HINT_ADDRS,
+                ),
+            )
+                .prop_map(|(id, addrs)| PeerHint { id, addrs });
+            proptest::collection::vec(hint, 0..=MAX_HINTS)
+        }
+
         fn response() -> impl Strategy<Value = Response> {
             prop_oneof![
-                (0u64..(1 << 34)).prop_flat_map(|size| {
+                (0u64..(1 << 34), hints()).prop_flat_map(|(size, peers)| {
                     let n = crate::Geometry::new(size).expect("in range").piece_count();
                     proptest::collection::vec(0..n, 0..64).prop_map(move |ix| {
                         let mut pieces = PieceSet::empty(n);
                         ix.into_iter().for_each(|i| {
                             pieces.insert(i);
                         });
-                        Response::Have { size, pieces }
+                        Response::Have { size, pieces, peers: peers.clone() }
                     })
                 }),
-                piece_set().prop_map(|pieces| Response::Data { pieces }),
+                (piece_set(), hints(), any::<bool>()).prop_map(|(pieces, peers, with_have)| {
+                    let have = with_have.then(|| PieceSet::full(pieces.piece_count()));
+                    Response::Data { pieces, peers, have }
+                }),
                 Just(Response::NotFound),
-                any::<u32>().prop_map(|retry_after_ms| Response::Busy { retry_after_ms }),
+                (any::<u32>(), hints()).prop_map(|(retry_after_ms, peers)| Response::Busy { retry_after_ms, peers }),
                 Just(Response::Denied),
                 "[a-z ]{0,100}".prop_map(|reason| Response::BadRequest { reason }),
             ]

@@ -318,6 +318,10 @@ impl Cluster {
         config.max_connections = spec.max_connections;
         config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
+        // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
+        // concurrent uploads.
+        let scale = scenario.network.time_scale;
+        config.upload_rate = scenario.caps(i).uplink.map(|b| (b as f64 / scale) as u64);
         let (node, handle) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
         self.nodes.push(Member { id, node: Some(node), handle, config });
         Ok(i)

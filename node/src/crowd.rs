@@ -1,0 +1,317 @@
+//! Who else holds a blob, and how a node spreads a crowd's load across the crowd.
+//!
+//! When many peers fetch one blob at once, two things decide how fast the crowd finishes: how
+//! soon the fetchers find each other, and whether the scarce upload (the first provider's) goes
+//! to pieces nobody has yet. For both, a node remembers per blob the peers it moved pieces with:
+//!
+//! - **Peer exchange.** Every `Have` and `Data` answer names up to [`MAX_HINTS`] other peers that
+//!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
+//!   so fetchers meet each other within a round trip of their first request instead of waiting
+//!   for their announcements to reach the DHT and for their next lookup.
+//! - **Spreading.** While uploads are contended, a node serves first the pieces no online peer has
+//!   from it: a piece it already served to a peer that is still connected is left to that peer,
+//!   who is named in the hints. This is how a seeder sends each piece about once and lets the
+//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal).
+//!   So that a requester who cannot reach the other holders is never starved, a piece is held
+//!   back from one requester for at most [`PATIENCE`]; when uploads are idle, nothing is held
+//!   back.
+//!
+//! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob, and
+//! [`MAX_WITHHELD`] pieces held back per peer.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use lru::LruCache;
+use shoal_protocol::wire::{MAX_HINT_ADDR_LEN, MAX_HINT_ADDRS, MAX_HINTS, PeerHint};
+use shoal_protocol::{Hash, PieceSet};
+
+/// Blobs remembered at most; the least recently used is forgotten.
+const MAX_BLOBS: usize = 256;
+
+/// Peers remembered per blob; the one seen longest ago is replaced.
+const MAX_CONTACTS: usize = 64;
+
+/// Pieces held back from one peer at most; past it, that peer is served what it asks.
+const MAX_WITHHELD: usize = 256;
+
+/// The longest a piece is held back from one requester. Long enough for the crowd to pass the
+/// piece on (a few transfers), short enough that a requester who cannot reach the other holders
+/// loses little.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
+
+/// A peer that moved pieces with us longer ago than this is neither hinted nor relied on.
+const FRESH: Duration = Duration::from_secs(30);
+
+/// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
+#[derive(Debug)]
+pub(crate) struct Crowds {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// Listen addresses of connected peers (from identify); a peer leaves at disconnection, so
+    /// presence here also means "online".
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    blobs: LruCache<Hash, Vec<Contact>>,
+}
+
+#[derive(Debug)]
+struct Contact {
+    peer: PeerId,
+    /// The last transfer of this blob with the peer, either way.
+    seen: Instant,
+    /// It holds pieces of the blob: it served us some, or we served it some.
+    holds: bool,
+    /// Pieces we served it, verified on its side before it keeps them.
+    served: Option<PieceSet>,
+    /// Pieces held back from it, each with when it was first held back.
+    withheld: Vec<(u32, Instant)>,
+}
+
+impl Default for Crowds {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                addrs: HashMap::new(),
+                blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
+            }),
+        }
+    }
+}
+
+impl Crowds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `peer` is connected and listens on `addrs` (as identify reported them).
+    pub(crate) fn connected(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let addrs: Vec<Multiaddr> =
+            addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).take(MAX_HINT_ADDRS).collect();
+        if !addrs.is_empty() {
+            self.lock().addrs.insert(peer, addrs);
+        }
+    }
+
+    /// `peer`'s last connection closed.
+    pub(crate) fn disconnected(&self, peer: &PeerId) {
+        self.lock().addrs.remove(peer);
+    }
+
+    /// `peer` served us pieces of `hash`.
+    pub(crate) fn source(&self, hash: Hash, peer: PeerId, now: Instant) {
+        let mut inner = self.lock();
+        contact(&mut inner, hash, peer, now).holds = true;
+    }
+
+    /// We are sending `pieces` of `hash` to `peer`: while that peer stays online they are left
+    /// to it (see [`Crowds::offer`]). It is named to others only once the pieces are sent
+    /// ([`Crowds::delivered`]).
+    pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
+        let mut inner = self.lock();
+        let c = contact(&mut inner, hash, peer, now);
+        match &mut c.served {
+            Some(s) if s.piece_count() == pieces.piece_count() => s.union_with(pieces),
+            s => *s = Some(pieces.clone()),
+        }
+        c.withheld.retain(|(i, _)| !pieces.contains(*i));
+    }
+
+    /// We sent `peer` pieces of `hash`: it holds them (once it verified them), so others may
+    /// fetch from it.
+    pub(crate) fn delivered(&self, hash: Hash, peer: PeerId, now: Instant) {
+        let mut inner = self.lock();
+        contact(&mut inner, hash, peer, now).holds = true;
+    }
+
+    /// Of `asked`, the pieces to serve `peer` now. While `contended`, a piece we served to another
+    /// peer that is still online is held back, unless it has been held back from `peer` for
+    /// [`PATIENCE`] already.
+    pub(crate) fn offer(&self, hash: Hash, peer: PeerId, asked: &PieceSet, contended: bool, now: Instant) -> PieceSet {
+        if !contended {
+            return asked.clone();
+        }
+        let mut inner = self.lock();
+        let mut elsewhere = PieceSet::empty(asked.piece_count());
+        if let Some(contacts) = inner.blobs.peek(&hash) {
+            for c in contacts {
+                if c.peer != peer
+                    && inner.addrs.contains_key(&c.peer)
+                    && now.saturating_duration_since(c.seen) < FRESH
+                    && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
+                {
+                    elsewhere.union_with(&served.intersection(asked));
+                }
+            }
+        }
+        if elsewhere.is_empty() {
+            return asked.clone();
+        }
+        hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, now)
+    }
+
+    /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, the
+    /// most recently seen first.
+    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, now: Instant) -> Vec<PeerHint> {
+        let mut inner = self.lock();
+        let Inner { addrs, blobs } = &mut *inner;
+        let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
+        let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
+            .iter()
+            .filter(|c| c.holds && c.peer != peer && now.saturating_duration_since(c.seen) < FRESH)
+            .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
+            .collect();
+        known.sort_by_key(|c| std::cmp::Reverse(c.0.seen));
+        known
+            .into_iter()
+            .take(MAX_HINTS)
+            .map(|(c, a)| PeerHint { id: c.peer.to_bytes(), addrs: a.iter().map(|a| a.to_vec()).collect() })
+            .collect()
+    }
+}
+
+/// The record of `peer` for `hash`, made if there is none (replacing a requester that holds
+/// nothing, or else the holder seen longest ago, when the blob has [`MAX_CONTACTS`]).
+fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Contact {
+    let contacts = inner.blobs.get_or_insert_mut(hash, Vec::new);
+    let ix = match contacts.iter().position(|c| c.peer == peer) {
+        Some(ix) => ix,
+        None => {
+            let fresh = Contact { peer, seen: now, holds: false, served: None, withheld: Vec::new() };
+            if contacts.len() < MAX_CONTACTS {
+                contacts.push(fresh);
+                contacts.len() - 1
+            } else {
+                // Requesters that hold nothing go first, then the holders seen longest ago.
+                let oldest = contacts
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, c)| (c.holds || c.served.is_some(), c.seen))
+                    .map_or(0, |(ix, _)| ix);
+                contacts[oldest] = fresh;
+                oldest
+            }
+        }
+    };
+    let c = &mut contacts[ix];
+    c.seen = now;
+    c
+}
+
+/// `asked` less the pieces of `elsewhere` still within their patience for `c`; pieces held back
+/// for the first time start their patience now.
+fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, now: Instant) -> PieceSet {
+    let mut offer = asked.clone();
+    for i in elsewhere.iter() {
+        let since = match c.withheld.iter().find(|(p, _)| *p == i) {
+            Some((_, t)) => *t,
+            None if c.withheld.len() < MAX_WITHHELD => {
+                c.withheld.push((i, now));
+                now
+            }
+            None => continue,
+        };
+        if now.saturating_duration_since(since) < PATIENCE {
+            offer.remove(i);
+        }
+    }
+    offer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: u32, ix: &[u32]) -> PieceSet {
+        let mut s = PieceSet::empty(n);
+        for &i in ix {
+            s.insert(i);
+        }
+        s
+    }
+
+    fn addr(port: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/udp/{port}/quic-v1").parse().expect("addr")
+    }
+
+    #[test]
+    fn a_piece_served_to_an_online_peer_is_left_to_it_while_uploads_are_contended() {
+        let crowds = Crowds::default();
+        let hash = Hash::from([7u8; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        crowds.serving(hash, a, &set(8, &[0, 1]), t0);
+        crowds.delivered(hash, a, t0);
+        let asked = set(8, &[1, 2]);
+        // Idle uploads: everything is served.
+        assert_eq!(crowds.offer(hash, b, &asked, false, t0), asked);
+        // Contended: piece 1 is left to `a`, who is named in the hints.
+        assert_eq!(crowds.offer(hash, b, &asked, true, t0), set(8, &[2]));
+        let hints = crowds.hints(hash, b, t0);
+        assert_eq!(hints.len(), 1);
+        assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
+        assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
+        // A peer is never sent to itself, nor hinted to itself.
+        assert_eq!(crowds.offer(hash, a, &asked, true, t0), asked);
+        assert!(crowds.hints(hash, a, t0).is_empty());
+        // After the patience, `b` gets the piece from us after all.
+        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + PATIENCE), asked);
+    }
+
+    #[test]
+    fn an_offline_or_stale_holder_is_not_relied_on() {
+        let crowds = Crowds::default();
+        let hash = Hash::from([7u8; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        crowds.serving(hash, a, &set(4, &[0]), t0);
+        let asked = set(4, &[0]);
+        crowds.disconnected(&a);
+        assert_eq!(crowds.offer(hash, b, &asked, true, t0), asked);
+        assert!(crowds.hints(hash, b, t0).is_empty());
+        crowds.connected(a, vec![addr(1)]);
+        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + FRESH), asked);
+    }
+
+    #[test]
+    fn everything_is_bounded() {
+        let crowds = Crowds::default();
+        let t0 = Instant::now();
+        let hash = Hash::from([1u8; 32]);
+        for _ in 0..MAX_CONTACTS * 2 {
+            let p = PeerId::random();
+            crowds.connected(p, vec![addr(1); 10]);
+            crowds.serving(hash, p, &set(4096, &[0]), t0);
+            crowds.delivered(hash, p, t0);
+        }
+        assert_eq!(crowds.lock().blobs.get(&hash).map(Vec::len), Some(MAX_CONTACTS));
+        assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_HINT_ADDRS));
+        assert_eq!(crowds.hints(hash, PeerId::random(), t0).len(), MAX_HINTS);
+        // A peer held back from more pieces than the bound is served the rest.
+        let holder = PeerId::random();
+        crowds.connected(holder, vec![addr(2)]);
+        let t1 = t0 + Duration::from_millis(1);
+        crowds.serving(hash, holder, &PieceSet::full(4096), t1);
+        let asker = PeerId::random();
+        let mut served = 0;
+        for start in (0..4096).step_by(64) {
+            let mut asked = PieceSet::empty(4096);
+            asked.insert_range(start..start + 64);
+            served += crowds.offer(hash, asker, &asked, true, t1).count();
+        }
+        assert_eq!(served, 4096 - MAX_WITHHELD as u32);
+        for i in 0..MAX_BLOBS + 10 {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            crowds.source(Hash::from(id), holder, t0);
+        }
+        assert_eq!(crowds.lock().blobs.len(), MAX_BLOBS);
+    }
+}
