@@ -728,6 +728,30 @@ impl Store {
         }
     }
 
+    /// A proof of the blob's size (see `shoal_protocol::verify::encode_size_proof`), or `None`
+    /// when the last piece is not held verified. A last piece whose bytes no longer verify is
+    /// dropped from the store, as when serving it.
+    pub fn size_proof(&self, hash: Hash) -> Result<Option<Vec<u8>>> {
+        let blob = self.blob(hash)?;
+        let last = PieceSet::single(blob.geometry.piece_count(), blob.geometry.last_piece());
+        if !lock(&blob.status).verified.contains(blob.geometry.last_piece()) {
+            return Ok(None);
+        }
+        let loaded = self.load_pieces(&blob, &last)?;
+        let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        let mut proof = Vec::new();
+        match verify::encode_size_proof(data, outboard, &mut proof) {
+            Ok(()) => Ok(Some(proof)),
+            Err(EncodeError::Io(e)) => Err(StoreError::Io { op: "read", path: blob.dir.clone(), source: e }),
+            Err(_) => {
+                warn!(blob = %hash, "stored bytes of the last piece failed verification; dropping it");
+                self.unmark(&blob, &last)?;
+                Ok(None)
+            }
+        }
+    }
+
     /// The bytes of one verified piece, checked against the hash as they are read. A piece that
     /// fails is dropped from the store and reported as [`StoreError::Corrupt`].
     pub fn read_piece(&self, hash: Hash, piece: PieceIndex) -> Result<Bytes> {

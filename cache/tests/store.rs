@@ -212,6 +212,37 @@ fn serving_a_rotten_piece_drops_it_and_serves_the_rest() {
     assert!(!store.info(hash).expect("held").pieces.contains(1));
 }
 
+#[test]
+fn a_holder_of_the_last_piece_proves_the_size_and_a_rotten_one_does_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    for (i, &size) in SIZES.iter().enumerate() {
+        let src = Source::new(bytes(200 + i as u64, size as usize));
+        let n = src.geometry.piece_count();
+        store.begin(src.hash, size).expect("begin");
+        if n > 1 {
+            let first = src.piece(0);
+            store.write_pieces(src.hash, &first, &src.encode(&first)[..]).expect("write");
+            assert_eq!(store.size_proof(src.hash).expect("read"), None, "size {size}: no last piece, no proof");
+        }
+        let last = src.piece(n - 1);
+        store.write_pieces(src.hash, &last, &src.encode(&last)[..]).expect("write");
+        let proof = store.size_proof(src.hash).expect("read").expect("a proof");
+        assert!(shoal_protocol::verify::check_size_proof(src.hash, size, &proof), "size {size}");
+    }
+    // A last piece rotten on disk proves nothing and is dropped.
+    let data = bytes(9, (3 * PIECE_SIZE + 100) as usize);
+    let input = tmp.path().join("in");
+    fs::write(&input, &data).expect("write");
+    let hash = store.import_file(&input, false).expect("import").hash;
+    let data_path = tmp.path().join("blobs").join(hash.to_hex()).join("data");
+    let mut on_disk = fs::read(&data_path).expect("read");
+    on_disk[(3 * PIECE_SIZE + 50) as usize] ^= 1;
+    fs::write(&data_path, &on_disk).expect("rot");
+    assert_eq!(store.size_proof(hash).expect("read"), None);
+    assert!(!store.info(hash).expect("held").pieces.contains(3), "the rotten last piece was dropped");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 

@@ -199,12 +199,14 @@ async fn run(
                     );
                 }
                 Action::AskHave { peer } => {
+                    debug!(%peer, "asking for the have-map");
                     node.inner.activity.touch(peer);
                     let control = node.inner.control.clone();
                     let events = events.clone();
+                    let prove_size = !machine.is_size_proven();
                     tokio::spawn(
                         async move {
-                            let r = transfer::ask_have(control, peer, hash, trace).await;
+                            let r = transfer::ask_have(control, peer, hash, trace, prove_size).await;
                             let _ = events.send(Event::Have(peer, r)).await;
                         }
                         .in_current_span(),
@@ -357,9 +359,13 @@ async fn run(
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);
                         reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        if held.size_proven {
+                            machine.handle_size_proof(held.size, now);
+                        }
                         machine.handle_have(peer, held.size, held.pieces, held.rtt, now)
                     }
                     Event::Have(peer, Err(f)) => {
+                        debug!(%peer, fault = f.label(), "have request failed");
                         node.inner.metrics.requested("have", f.label(), Duration::ZERO);
                         machine.handle_have_failed(peer, failure(f), now)
                     }

@@ -196,13 +196,27 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
     };
     match request {
-        Request::Have { hash, trace } => {
+        Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
+            let size_proof = if prove_size {
+                let reader = store.clone();
+                match tokio::task::spawn_blocking(move || reader.size_proof(hash)).await {
+                    Ok(Ok(proof)) => proof,
+                    Ok(Err(shoal_cache::StoreError::NotFound { .. })) | Err(_) => None,
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "cannot read a size proof to serve");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             let response = match store.info(hash) {
                 Some(info) if !info.pieces.is_empty() => Response::Have {
                     size: info.size,
                     pieces: info.pieces.first_runs(MAX_RUNS),
                     peers: crowds.hints(hash, peer, Instant::now()),
+                    size_proof,
                 },
                 _ => Response::NotFound,
             };
@@ -394,23 +408,34 @@ pub(crate) struct Held {
     pub(crate) pieces: PieceSet,
     pub(crate) rtt: Duration,
     pub(crate) hints: Vec<PeerHint>,
+    /// Whether the answer came with a proof of `size` that checked out against the hash.
+    pub(crate) size_proven: bool,
 }
 
 /// Asks `peer` which pieces of `hash` it holds: its claimed size, its pieces, the round-trip time
-/// of the exchange and the other holders it names.
+/// of the exchange and the other holders it names; with `prove_size`, also a proof of the size,
+/// checked here. A proof that fails the check is the peer's fault ([`PeerFault::Corrupt`]).
 pub(crate) async fn ask_have(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     hash: Hash,
     trace: TraceId,
+    prove_size: bool,
 ) -> Result<Held, PeerFault> {
     let mut stream = open(&mut control, peer).await?;
     let started = Instant::now();
-    let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace) }).await?;
+    let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }).await?;
     let rtt = started.elapsed();
     let _ = stream.close().await;
     match response {
-        Response::Have { size, pieces, peers } => Ok(Held { size, pieces, rtt, hints: peers }),
+        Response::Have { size, pieces, peers, size_proof } => {
+            let size_proven = match size_proof {
+                Some(proof) if verify::check_size_proof(hash, size, &proof) => true,
+                Some(_) => return Err(PeerFault::Corrupt),
+                None => false,
+            };
+            Ok(Held { size, pieces, rtt, hints: peers, size_proven })
+        }
         Response::Busy { retry_after_ms, .. } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
         _ => Err(PeerFault::Protocol),
     }

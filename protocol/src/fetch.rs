@@ -652,6 +652,8 @@ pub struct Fetch<P> {
     rng: SplitMix64,
     deadline_at: Option<Instant>,
     claim: Option<Claim>,
+    /// The size a peer's size proof proved (see [`Fetch::handle_size_proof`]).
+    proven_size: Option<u64>,
     /// Every peer asked, live or dropped; live ones are at most `max_peers`.
     peers: BTreeMap<P, Peer>,
     live_peers: usize,
@@ -689,6 +691,7 @@ where
             config,
             rng: SplitMix64(seed),
             claim: None,
+            proven_size: None,
             peers: BTreeMap::new(),
             live_peers: 0,
             candidates: VecDeque::new(),
@@ -778,8 +781,10 @@ where
             self.drop_peer(peer, None, now);
             return;
         }
-        if self.claim.as_ref().is_some_and(|c| c.proven && c.size() != size) {
-            // The last piece proved another size: this claim is false.
+        if self.claim.as_ref().is_some_and(|c| c.proven && c.size() != size)
+            || self.proven_size.is_some_and(|s| s != size)
+        {
+            // The last piece, or a size proof, proved another size: this claim is false.
             self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
             return;
         }
@@ -817,6 +822,26 @@ where
         if let Some(claim) = self.claim.as_mut().filter(|c| c.size() == advert.size) {
             claim.remove_advert(&old);
             claim.add_advert(&advert.pieces);
+        }
+    }
+
+    /// `size` is the blob's size, proven by a size proof that came with a have answer and that the
+    /// node checked against the hash (`verify::check_size_proof`). The claim takes it as proven,
+    /// so pieces go out rarest first at once instead of the last piece alone first: in a crowd,
+    /// nobody waits for the one piece everybody needs first. An unproven claim of another size is
+    /// abandoned, and peers claiming another size are dropped and penalised.
+    pub fn handle_size_proof(&mut self, size: u64, now: Instant) {
+        if self.finished || self.claim.as_ref().is_some_and(|c| c.proven) || Geometry::new(size).is_err() {
+            return;
+        }
+        self.proven_size = Some(size);
+        match self.claim.as_mut() {
+            Some(claim) if claim.size() == size => {
+                claim.proven = true;
+                self.drop_liars(now);
+            }
+            Some(_) => self.reject_size(),
+            None => {}
         }
     }
 
@@ -1054,7 +1079,7 @@ where
         if let Some(peer) = self.next_have_ask(now) {
             return Some(Action::AskHave { peer });
         }
-        self.settle_size();
+        self.settle_size(now);
         if let Some(action) = self.actions.pop_front() {
             return Some(action);
         }
@@ -1158,7 +1183,12 @@ where
         {
             return false;
         }
-        let Some(claim) = self.claim.as_ref() else { return false };
+        let Some(claim) = self.claim.as_ref() else {
+            // No size yet: a partial holder that cannot prove the one it claims does not help to
+            // settle one (in a crowd, where sizes come from proofs, most holders lack the last
+            // piece; holding every slot, they would keep the ones who have it from being asked).
+            return rec.advert.as_ref().is_some_and(|a| !a.can_prove());
+        };
         let Some(advert) = rec.advert.as_ref().filter(|a| a.size == claim.size()) else { return false };
         if advert.pieces.is_complete() {
             return false;
@@ -1202,9 +1232,9 @@ where
         votes.into_iter().max_by(|a, b| a.1.0.cmp(&b.1.0).then(b.1.1.cmp(&a.1.1))).map(|(size, _)| size)
     }
 
-    /// Claims a size when there is none, and abandons an unproven claim nobody can prove any more
-    /// when another can be.
-    fn settle_size(&mut self) {
+    /// Claims a size when there is none (the proven one, if a size proof came), and abandons an
+    /// unproven claim nobody can prove any more when another can be.
+    fn settle_size(&mut self, now: Instant) {
         if let Some(claim) = &self.claim {
             if claim.proven || self.provers(claim.size()) > 0 {
                 return;
@@ -1214,7 +1244,7 @@ where
                 _ => return,
             }
         }
-        let Some(size) = self.best_claim() else { return };
+        let Some(size) = self.proven_size.or_else(|| self.best_claim()) else { return };
         let Ok(geometry) = Geometry::new(size) else { return };
         let offset = self.rng.below(geometry.piece_count());
         let mut claim = Claim::new(geometry, offset);
@@ -1223,8 +1253,12 @@ where
                 claim.add_advert(&advert.pieces);
             }
         }
+        claim.proven = self.proven_size == Some(size);
         self.claim = Some(claim);
         self.actions.push_back(Action::Begin { size });
+        if self.proven_size == Some(size) {
+            self.drop_liars(now);
+        }
     }
 
     /// Abandons the unproven claim: its requests are cancelled and the node deletes the entry.
@@ -1393,16 +1427,21 @@ where
         }
         if !claim.proven && claim.verified.contains(claim.last()) {
             claim.proven = true;
-            let size = claim.size();
-            let liars: Vec<P> = self
-                .peers
-                .iter()
-                .filter(|(_, r)| !r.dropped && r.advert.as_ref().is_some_and(|a| a.size != size))
-                .map(|(p, _)| *p)
-                .collect();
-            for peer in liars {
-                self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
-            }
+            self.drop_liars(now);
+        }
+    }
+
+    /// The size is proven: peers that claimed another one are dropped and penalised.
+    fn drop_liars(&mut self, now: Instant) {
+        let Some(size) = self.claim.as_ref().map(Claim::size) else { return };
+        let liars: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, r)| !r.dropped && r.advert.as_ref().is_some_and(|a| a.size != size))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in liars {
+            self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
         }
     }
 
@@ -1783,6 +1822,71 @@ mod tests {
         let all = d.serve_all(after);
         assert_eq!(all.iter().filter(|a| matches!(a, Begin { .. })).count(), 0, "Begin once");
         assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn with_a_size_proof_pieces_go_out_rarest_first_at_once() {
+        let size = size_of(10);
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 2]);
+        // Peer 2 claims a size one piece longer; peer 1's have answer came with a proof.
+        d.fetch.handle_have(2, size_of(11), PieceSet::full(11), ms(5), d.now);
+        d.fetch.handle_size_proof(size, d.now);
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![Begin { size }, Penalise { peer: 2, failure: PeerFailure::Corrupt }]);
+        assert!(d.fetch.is_size_proven());
+        let actions = d.local(&PieceSet::empty(10));
+        let reqs = requests(&actions);
+        let mut asked = PieceSet::empty(10);
+        for (peer, _, pieces) in &reqs {
+            assert_eq!(*peer, 1);
+            asked.union_with(pieces);
+        }
+        assert_eq!(asked, d.full(), "every piece at once, not the last piece alone: {reqs:?}");
+        assert_eq!(d.serve_all(actions).last(), Some(&Complete));
+    }
+
+    #[test]
+    fn holders_that_cannot_prove_a_size_give_their_slots_to_one_that_can() {
+        let n = 8;
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config.clone());
+        assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        // Neither holds the last piece (nor sent a size proof): no size can be claimed yet.
+        d.have(1, set(n, [0]));
+        d.have(2, set(n, [1]));
+        assert_eq!(d.drain(), vec![]);
+        // They give their slots up in turn, and the peer with the last piece is asked.
+        let mut asked = Vec::new();
+        for _ in 0..4 {
+            asked.extend(d.advance(config.have_refresh));
+            if asked.contains(&AskHave { peer: 3 }) {
+                break;
+            }
+        }
+        assert!(asked.contains(&AskHave { peer: 3 }), "{asked:?}");
+        d.have(3, d.full());
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+    }
+
+    #[test]
+    fn a_size_proof_abandons_an_unproven_claim_of_another_size() {
+        let size = size_of(6);
+        let mut d = Driver::new(size, FetchConfig::default());
+        d.discover(&[1, 2]);
+        d.fetch.handle_have(2, size_of(7), PieceSet::full(7), ms(1), d.now);
+        assert_eq!(d.drain(), vec![Begin { size: size_of(7) }]);
+        d.local(&PieceSet::empty(7));
+        d.fetch.handle_size_proof(size, d.now);
+        let actions = d.drain();
+        assert!(actions.contains(&SizeRejected { size: size_of(7) }), "{actions:?}");
+        assert!(actions.contains(&Penalise { peer: 2, failure: PeerFailure::Corrupt }), "{actions:?}");
+        assert!(actions.contains(&Begin { size }), "the proven size is claimed at once: {actions:?}");
+        assert!(d.fetch.is_size_proven());
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![]);
+        let actions = d.local(&PieceSet::empty(6));
+        assert_eq!(d.serve_all(actions).last(), Some(&Complete));
     }
 
     #[test]

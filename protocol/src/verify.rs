@@ -65,6 +65,41 @@ pub fn encoded_len(geometry: Geometry, pieces: &PieceSet) -> u64 {
     len
 }
 
+/// The chunks whose proof proves a blob's size: from its last chunk on (an open range, so that
+/// an empty blob, or one ending on a chunk boundary, is covered too). Encoded with a block size
+/// of one chunk group, that is the last chunk group and the hash pairs from the root down to it.
+fn size_ranges(geometry: Geometry) -> bao_tree::ChunkRanges {
+    let last_chunk = geometry.size().saturating_sub(1) / 1024;
+    bao_tree::ChunkRanges::from(bao_tree::ChunkNum(last_chunk)..)
+}
+
+/// Writes a proof of the blob's size to `out`: its last chunk group with the hash pairs from the
+/// root down to it (at most 16 KiB and 64 bytes per level), checked against the outboard first.
+/// BLAKE3 hashes each chunk with its position and the root with a flag, so the last group
+/// verifying under a size proves that size: a fetcher that checks it (see [`check_size_proof`])
+/// may request any piece at once instead of the last piece first.
+pub fn encode_size_proof(data: impl ReadAt, outboard: impl Outboard, out: impl Write) -> Result<(), EncodeError> {
+    let geometry = geometry_of(&outboard);
+    bao_tree::io::sync::encode_ranges_validated(data, outboard, &size_ranges(geometry), out)
+}
+
+/// Whether `proof` (from [`encode_size_proof`]) proves that the blob `hash` is `size` bytes long.
+/// Never panics, whatever the bytes.
+pub fn check_size_proof(hash: Hash, size: u64, proof: &[u8]) -> bool {
+    let Ok(geometry) = Geometry::new(size) else { return false };
+    let ranges = size_ranges(geometry);
+    let mut reader = proof;
+    let mut end = 0u64;
+    for item in DecodeResponseIter::new(hash.as_blake3(), geometry.tree(), &mut reader, &ranges) {
+        match item {
+            Ok(BaoContentItem::Leaf(Leaf { offset, data })) => end = offset + data.len() as u64,
+            Ok(BaoContentItem::Parent(_)) => {}
+            Err(_) => return false,
+        }
+    }
+    reader.is_empty() && end == size
+}
+
 /// What [`decode_pieces`] stored before it stopped.
 #[derive(Debug)]
 pub struct Decoded {
@@ -246,6 +281,36 @@ mod tests {
             assert_eq!(target, data, "size {size}");
             assert_eq!(rebuilt.data, ob, "the outboard is rebuilt from proofs, size {size}");
         }
+    }
+
+    #[test]
+    fn a_size_proof_proves_the_size_and_nothing_else() {
+        for &size in SIZES {
+            let data = bytes(size as usize);
+            let (hash, ob) = outboard_of(&data);
+            let g = Geometry::new(size).expect("small");
+            let mut proof = Vec::new();
+            encode_size_proof(&data[..], post_order_outboard(hash, g, &ob[..]), &mut proof).expect("encode");
+            assert!(proof.len() as u64 <= CHUNK_GROUP_SIZE + 64 * 64, "size {size}: {} bytes", proof.len());
+            assert!(check_size_proof(hash, size, &proof), "size {size}");
+            // Another size, another blob, a flipped bit or a cut proof: refused.
+            for other in [size + 1, size.saturating_sub(1), size + 1024, size * 2 + 7] {
+                assert!(other == size || !check_size_proof(hash, other, &proof), "size {size} as {other}");
+            }
+            assert!(!check_size_proof(Hash::of(b"another blob"), size, &proof), "size {size}");
+            for pos in (0..proof.len()).step_by(131) {
+                let mut bad = proof.clone();
+                bad[pos] ^= 0x01;
+                assert!(!check_size_proof(hash, size, &bad), "size {size}, bit flipped at {pos}");
+            }
+            if !proof.is_empty() {
+                assert!(!check_size_proof(hash, size, &proof[..proof.len() - 1]), "size {size}, cut");
+                let mut long = proof.clone();
+                long.push(0);
+                assert!(!check_size_proof(hash, size, &long), "size {size}, trailing byte");
+            }
+        }
+        assert!(!check_size_proof(Hash::of(b"x"), u64::MAX, &[]));
     }
 
     #[test]

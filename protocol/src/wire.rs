@@ -57,6 +57,8 @@ pub enum Request {
         hash: Hash,
         /// The requester's trace, recorded in the server's spans.
         trace: Option<TraceId>,
+        /// Send a proof of the blob's size with the answer, if you hold its last piece.
+        prove_size: bool,
     },
     /// Send me these pieces of `hash`, with proofs. Answered with [`Response::Data`] and the
     /// encoded pieces the server holds among them.
@@ -95,6 +97,11 @@ pub enum Response {
         pieces: PieceSet,
         /// Other peers holding pieces of the blob: at most [`MAX_HINTS`].
         peers: Vec<PeerHint>,
+        /// If asked for and the server holds the last piece: the blob's last chunk group with the
+        /// hash pairs from the root down to it (`verify::encode_size_proof`), at most
+        /// [`MAX_SIZE_PROOF_LEN`] bytes. It proves `size`, so the requester need not fetch the last
+        /// piece before any other.
+        size_proof: Option<Vec<u8>>,
     },
     /// The named pieces follow, encoded with their proofs: the requested ones the server holds
     /// and serves this requester. A server may serve fewer than it holds: a piece it already
@@ -128,6 +135,9 @@ pub enum Response {
         reason: String,
     },
 }
+
+/// The longest size proof: a chunk group and a hash pair per tree level, with room to spare.
+pub const MAX_SIZE_PROOF_LEN: usize = 24 * 1024;
 
 /// The most peer hints in one response.
 pub const MAX_HINTS: usize = 8;
@@ -217,6 +227,11 @@ pub fn decode_response(body: &[u8]) -> Result<Response, WireError> {
             check_hints(peers)?
         }
         _ => {}
+    }
+    if let Response::Have { size_proof: Some(proof), .. } = &resp
+        && proof.len() > MAX_SIZE_PROOF_LEN
+    {
+        return Err(WireError::Malformed(format!("size proof of {} bytes", proof.len())));
     }
     match &resp {
         Response::Have { size, pieces, .. } => {
@@ -339,12 +354,13 @@ mod tests {
 
     #[test]
     fn golden_have_request() {
-        let frame = encode_frame(&Request::Have { hash: hash(), trace: None });
+        let frame = encode_frame(&Request::Have { hash: hash(), trace: None, prove_size: true });
         let want = [
-            "22000000", // frame length 34, u32 LE
+            "23000000", // frame length 35, u32 LE
             "00",       // Request::Have
             HASH_HEX,   // hash, 32 raw bytes
             "00",       // trace: None
+            "01",       // prove_size: true
         ]
         .concat();
         assert_eq!(hex(&frame), want);
@@ -375,15 +391,23 @@ mod tests {
     fn golden_responses() {
         let cases: Vec<(Response, String)> = vec![
             (
-                Response::Have { size: 262_145, pieces: PieceSet::full(2), peers: vec![] },
+                Response::Have {
+                    size: 262_145,
+                    pieces: PieceSet::full(2),
+                    peers: vec![],
+                    size_proof: Some(vec![0xcd, 0xef]),
+                },
                 [
-                    "09000000", // frame length 9
+                    "0d000000", // frame length 13
                     "00",       // Response::Have
                     "818010",   // size 262145, varint
                     "02",       // piece count 2
                     "01",       // one run
                     "0002",     // start 0, length 2
                     "00",       // no peer hints
+                    "01",       // a size proof follows
+                    "02",       // proof length 2
+                    "cdef",     // proof
                 ]
                 .concat(),
             ),
@@ -459,7 +483,7 @@ mod tests {
         let body = &encode_frame(&too_many)[4..];
         assert!(matches!(decode_request(body), Err(WireError::Malformed(_))));
         // A have-map whose piece count disagrees with the size is refused.
-        let lie = Response::Have { size: 10, pieces: PieceSet::full(3), peers: vec![] };
+        let lie = Response::Have { size: 10, pieces: PieceSet::full(3), peers: vec![], size_proof: None };
         assert!(decode_response(&encode_frame(&lie)[4..]).is_err());
         // A piece count that would make us allocate gigabytes is refused.
         let mut body = vec![0u8]; // Response::Have
@@ -472,8 +496,11 @@ mod tests {
             Response::Data { pieces: PieceSet::single(2, 1), peers: vec![hint.clone(); MAX_HINTS + 1], have: None };
         assert!(decode_response(&encode_frame(&crowd)[4..]).is_err());
         let fat = PeerHint { id: vec![1; 38], addrs: vec![vec![2; MAX_HINT_ADDR_LEN + 1]] };
-        let fat = Response::Have { size: 10, pieces: PieceSet::full(1), peers: vec![fat] };
+        let fat = Response::Have { size: 10, pieces: PieceSet::full(1), peers: vec![fat], size_proof: None };
         assert!(decode_response(&encode_frame(&fat)[4..]).is_err());
+        let proof = Some(vec![0; MAX_SIZE_PROOF_LEN + 1]);
+        let long = Response::Have { size: 10, pieces: PieceSet::full(1), peers: vec![], size_proof: proof };
+        assert!(decode_response(&encode_frame(&long)[4..]).is_err());
         let fine = Response::Data { pieces: PieceSet::single(2, 1), peers: vec![hint; MAX_HINTS], have: None };
         assert!(decode_response(&encode_frame(&fine)[4..]).is_ok());
         // A have-map for another blob geometry is refused.
@@ -508,7 +535,11 @@ mod tests {
 
         fn request() -> impl Strategy<Value = Request> {
             prop_oneof![
-                (any::<[u8; 32]>(), trace()).prop_map(|(h, trace)| Request::Have { hash: h.into(), trace }),
+                (any::<[u8; 32]>(), trace(), any::<bool>()).prop_map(|(h, trace, prove_size)| Request::Have {
+                    hash: h.into(),
+                    trace,
+                    prove_size
+                }),
                 (any::<[u8; 32]>(), piece_set(), trace()).prop_map(|(h, pieces, trace)| Request::Get {
                     hash: h.into(),
                     pieces,
@@ -531,16 +562,17 @@ mod tests {
 
         fn response() -> impl Strategy<Value = Response> {
             prop_oneof![
-                (0u64..(1 << 34), hints()).prop_flat_map(|(size, peers)| {
-                    let n = crate::Geometry::new(size).expect("in range").piece_count();
-                    proptest::collection::vec(0..n, 0..64).prop_map(move |ix| {
-                        let mut pieces = PieceSet::empty(n);
-                        ix.into_iter().for_each(|i| {
-                            pieces.insert(i);
-                        });
-                        Response::Have { size, pieces, peers: peers.clone() }
-                    })
-                }),
+                (0u64..(1 << 34), hints(), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)))
+                    .prop_flat_map(|(size, peers, size_proof)| {
+                        let n = crate::Geometry::new(size).expect("in range").piece_count();
+                        proptest::collection::vec(0..n, 0..64).prop_map(move |ix| {
+                            let mut pieces = PieceSet::empty(n);
+                            ix.into_iter().for_each(|i| {
+                                pieces.insert(i);
+                            });
+                            Response::Have { size, pieces, peers: peers.clone(), size_proof: size_proof.clone() }
+                        })
+                    }),
                 (piece_set(), hints(), any::<bool>()).prop_map(|(pieces, peers, with_have)| {
                     let have = with_have.then(|| PieceSet::full(pieces.piece_count()));
                     Response::Data { pieces, peers, have }
