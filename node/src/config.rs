@@ -54,6 +54,11 @@ pub struct NodeConfig {
     /// How often the DHT routing table is refreshed (a Kademlia bootstrap: a lookup of our own id
     /// and of a random id in each bucket). The default is 5 minutes.
     pub dht_refresh: Duration,
+    /// Whether a DHT bootstrap, after looking up our own id, also looks up a random id in each
+    /// bucket farther out (Kademlia's bucket refresh). That is a few hundred requests at a
+    /// thousand nodes, mostly on new connections; without it the far buckets fill from the peers
+    /// the node meets (its bootstrap peers, and everyone who contacts it). The default is `true`.
+    pub refresh_buckets: bool,
 }
 
 impl NodeConfig {
@@ -79,6 +84,7 @@ impl NodeConfig {
             durable: true,
             hot_bytes: shoal_cache::StoreConfig::default().hot_bytes,
             dht_refresh: Duration::from_secs(300),
+            refresh_buckets: true,
         }
     }
 

@@ -137,15 +137,8 @@ impl Node {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let activity = Arc::new(crate::connmgr::PeerActivity::default());
         let crowds = Arc::new(crate::crowd::Crowds::default());
-        let mut event_loop = EventLoop::new(
-            swarm,
-            command_rx,
-            config.external.is_empty(),
-            metrics.clone(),
-            activity.clone(),
-            crowds.clone(),
-            config.max_connections as usize,
-        );
+        let mut event_loop =
+            EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;
         }

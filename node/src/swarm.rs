@@ -234,6 +234,8 @@ pub(crate) struct EventLoop {
     hinted_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// The connections we trim back to; the hard cap is a little higher.
     target_connections: usize,
+    /// See [`crate::NodeConfig::refresh_buckets`].
+    refresh_buckets: bool,
     /// Since when each connected peer has been connected.
     connected_since: HashMap<PeerId, Instant>,
     /// Providers whose dial our connection cap refused, waiting for a connection to close, with
@@ -246,11 +248,10 @@ impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
-        announce: bool,
+        config: &NodeConfig,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         activity: std::sync::Arc<crate::connmgr::PeerActivity>,
         crowds: std::sync::Arc<crate::crowd::Crowds>,
-        target_connections: usize,
     ) -> Self {
         Self {
             swarm,
@@ -263,12 +264,14 @@ impl EventLoop {
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
-            announce_listen_addrs: announce,
+            // With no external address configured, our listen addresses are what we announce.
+            announce_listen_addrs: config.external.is_empty(),
             metrics,
             activity,
             crowds,
             hinted_addrs: HashMap::new(),
-            target_connections,
+            target_connections: config.max_connections as usize,
+            refresh_buckets: config.refresh_buckets,
             connected_since: HashMap::new(),
             awaiting_room: VecDeque::new(),
             room_retries: HashMap::new(),
@@ -622,6 +625,13 @@ impl EventLoop {
             }
             QueryResult::Bootstrap(Ok(ok)) if ok.num_remaining == 0 => {
                 debug!(peers = self.swarm.connected_peers().count(), "bootstrap finished");
+            }
+            QueryResult::Bootstrap(Ok(_)) if !self.refresh_buckets => {
+                // Kademlia goes on to the next bucket's lookup under the same query id; ending
+                // each one before it sends a request keeps only the lookup of our own id.
+                if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    q.finish();
+                }
             }
             _ => {}
         }

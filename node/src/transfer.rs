@@ -155,7 +155,6 @@ pub(crate) struct Server {
 /// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
 pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, server: Server) {
     while let Some((peer, stream)) = incoming.next().await {
-        server.activity.touch(peer);
         let server = server.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(peer, stream, &server).await {
@@ -166,7 +165,7 @@ pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, server: 
 }
 
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
-    let Server { store, uploads, crowds, metrics, .. } = server;
+    let Server { store, uploads, crowds, metrics, activity } = server;
     let started = Instant::now();
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
@@ -279,6 +278,9 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // Recorded as it starts: a concurrent request for the same pieces is left to this
                 // peer, the collision super-seeding avoids.
                 crowds.serving(hash, peer, &served, now);
+                // Only moving content keeps a connection from being trimmed: a peer we keep
+                // answering `Busy` must not hold a slot a new requester needs.
+                activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
                 let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
                 if result.is_ok() {

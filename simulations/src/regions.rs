@@ -9,7 +9,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use crate::run::{Cluster, Progress, percentile, seed_blob};
+use crate::run::{Cluster, Progress, percentile, seed_blob, wait_announced};
 use crate::scenario::{Experiment, Scenario};
 
 /// A regions run's figures. Times in emulated seconds from each fetcher's own start.
@@ -61,6 +61,9 @@ pub(crate) async fn run(
     let cluster = Cluster::start(scenario, count, rng, work, progress).await?;
     let size = (blob_mib * 1024.0 * 1024.0) as u64;
     let hash = seed_blob(&cluster.handle(seeder), cluster.dir(), size, rng).await?;
+    progress.set("announcing", 1);
+    wait_announced(&cluster.handle(seeder), scale).await?;
+    progress.tick();
     let r = cluster.net.regions().len();
     let matrix = |c: &Cluster| -> Vec<u64> {
         (0..r).flat_map(|from| (0..r).map(move |to| (from, to))).map(|(f, t)| c.net.region_traffic(f, t)).collect()

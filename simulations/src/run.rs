@@ -318,6 +318,7 @@ impl Cluster {
         config.max_connections = spec.max_connections;
         config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
+        config.refresh_buckets = spec.refresh_buckets;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
         // concurrent uploads.
         let scale = scenario.network.time_scale;
@@ -396,6 +397,16 @@ impl Cluster {
         self.net.region_of(id).map(|r| self.net.regions()[r].clone()).unwrap_or_default()
     }
 
+    /// Writes each running node's metrics (Prometheus text, as `GET /metrics` serves them) to
+    /// `dir/node-<index>.prom`: how each node's requests went, for digging into a result.
+    pub(crate) fn save_metrics(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for (i, m) in self.nodes.iter().enumerate().filter(|(_, m)| m.node.is_some()) {
+            std::fs::write(dir.join(format!("node-{i}.prom")), m.handle.metrics_text())?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn shutdown(self, progress: &Progress) {
         progress.set("stopping", self.nodes.len());
         let stops = futures::stream::iter(self.nodes.into_iter().filter_map(|m| m.node).map(|n| n.shutdown()))
@@ -463,7 +474,8 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Su
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let result = match &scenario.experiment {
         Experiment::FlashCrowd { .. } => {
-            ExperimentResult::FlashCrowd(flash_crowd(scenario, &mut rng, &work, &progress).await?)
+            let metrics = options.out.as_ref().map(|o| o.join("metrics"));
+            ExperimentResult::FlashCrowd(flash_crowd(scenario, &mut rng, &work, metrics.as_deref(), &progress).await?)
         }
         Experiment::LookupScaling { counts, lookups } => {
             let mut sizes = Vec::new();
@@ -594,6 +606,7 @@ async fn flash_crowd(
     scenario: &Scenario,
     rng: &mut ChaCha8Rng,
     work: &Path,
+    metrics: Option<&Path>,
     progress: &Progress,
 ) -> anyhow::Result<FlashCrowdResult> {
     let Experiment::FlashCrowd { blob_mib, seeder, timeout_s, .. } = scenario.experiment else {
@@ -604,6 +617,10 @@ async fn flash_crowd(
     let cluster = Cluster::start(scenario, count, rng, work, progress).await?;
     let size = (blob_mib * 1024.0 * 1024.0) as u64;
     let hash = seed_blob(&cluster.handle(seeder), cluster.dir(), size, rng).await?;
+    // The crowd hears of the blob once it is published: announced in the DHT.
+    progress.set("announcing", 1);
+    wait_announced(&cluster.handle(seeder), scale).await?;
+    progress.tick();
 
     // The fluid bound, from the scenario's caps (emulated bytes per second).
     let f = size as f64;
@@ -684,6 +701,9 @@ async fn flash_crowd(
             bound_s: (f / u_s).max(f / rate(scenario.caps(i).downlink)),
             error,
         });
+    }
+    if let Some(dir) = metrics {
+        cluster.save_metrics(dir)?;
     }
     let seeder_sent = cluster.net.traffic(seeder_id).0 - seeder_sent_before;
     let received: u64 =

@@ -117,6 +117,9 @@ pub struct NodesSpec {
     /// Kademlia lookups; at a thousand nodes the default five minutes is a refresh every 0.3 s
     /// somewhere, so runs shorter than an hour may set it longer.
     pub dht_refresh_s: f64,
+    /// Whether a DHT bootstrap refreshes every bucket (see `NodeConfig::refresh_buckets`). At a
+    /// thousand nodes joining, the refresh is most of the CPU.
+    pub refresh_buckets: bool,
 }
 
 impl Default for NodesSpec {
@@ -131,6 +134,7 @@ impl Default for NodesSpec {
             settle_s: 10.0,
             lookup_timeout_s: 30.0,
             dht_refresh_s: 300.0,
+            refresh_buckets: true,
         }
     }
 }

@@ -28,6 +28,7 @@ fn nodes(count: usize) -> NodesSpec {
         settle_s: 5.0,
         lookup_timeout_s: 10.0,
         dht_refresh_s: 300.0,
+        refresh_buckets: true,
     }
 }
 
