@@ -129,9 +129,17 @@ pub(crate) async fn fetch(
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     node.inner.metrics.fetches.get_or_create(&crate::metrics::TransferLabels { kind: "blob", outcome }).inc();
     node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
-    own_tx.send_modify(|p| p.done = true);
+    // The last report: a blob that arrived in one response was never reported in part.
+    let finish = |p: &mut FetchProgress| {
+        if let Ok(info) = &result {
+            p.verified_bytes = info.size;
+            p.total_bytes = Some(info.size);
+        }
+        p.done = true;
+    };
+    own_tx.send_modify(finish);
     if let Some(p) = progress {
-        p.send_modify(|p| p.done = true);
+        p.send_modify(finish);
     }
     result
 }

@@ -107,6 +107,8 @@ async fn a_zipf_catalogue_is_served_and_cached() {
     assert!(r.requests >= 20, "9 nodes at 30 a minute for 15 s make about 67 requests");
     assert_eq!(r.succeeded, r.requests, "every request is answered");
     assert!(r.hit_ratio > 0.0 && r.hit_ratio < 1.0, "repeats hit, first requests cannot");
+    // Every answered request saw its first byte, even a blob that arrived in one response.
+    assert!(r.samples.iter().all(|q| q.ttfb_s.is_some_and(f64::is_finite)), "a request without a first byte");
     let hits = r.samples.iter().filter(|q| q.hit).count();
     assert_eq!(r.series.iter().map(|b| b.hits).sum::<usize>(), hits);
     assert_eq!(r.series.iter().map(|b| b.requests).sum::<usize>(), r.requests);
