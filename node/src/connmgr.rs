@@ -9,7 +9,7 @@
 //! in a transfer, and connections younger than a grace period, are kept.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -30,13 +30,48 @@ pub(crate) fn hard_cap(target: u32) -> u32 {
     target.saturating_add((target / 4).max(8))
 }
 
-/// When each peer last moved content with us (a transfer request, in or out).
+/// When each peer last moved content with us (a transfer request, in or out), and which peers
+/// have a request under way right now.
 #[derive(Debug, Default)]
 pub(crate) struct PeerActivity {
     last: Mutex<HashMap<PeerId, Instant>>,
+    /// Requests under way per peer, either way; a peer leaves the map when its count drops to 0,
+    /// so the map is bounded by the requests in flight.
+    in_flight: Mutex<HashMap<PeerId, usize>>,
+}
+
+/// A request to or from a peer under way: its connection is not trimmed until this is dropped.
+pub(crate) struct InFlight {
+    activity: Arc<PeerActivity>,
+    peer: PeerId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self.activity.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl PeerActivity {
+    /// Marks a request with `peer` under way until the guard is dropped. Trimming never closes a
+    /// connection in the middle of a request: the work done so far would be lost on both sides,
+    /// and the requester would count a failure.
+    pub(crate) fn request(self: &Arc<Self>, peer: PeerId) -> InFlight {
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_insert(0) += 1;
+        InFlight { activity: self.clone(), peer }
+    }
+
+    /// Whether a request with `peer` is under way.
+    pub(crate) fn is_busy(&self, peer: &PeerId) -> bool {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).contains_key(peer)
+    }
+
     /// Records a transfer with `peer` now.
     pub(crate) fn touch(&self, peer: PeerId) {
         let now = Instant::now();
@@ -72,7 +107,7 @@ pub(crate) fn to_trim(
     let excess = connected.len() - target;
     let mut candidates: Vec<(Option<Instant>, PeerId)> = connected
         .iter()
-        .filter(|(_, since)| now.duration_since(*since) >= grace)
+        .filter(|(peer, since)| now.duration_since(*since) >= grace && !activity.is_busy(peer))
         .map(|(peer, _)| (activity.last(peer), *peer))
         .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= RECENT))
         .collect();
@@ -113,6 +148,27 @@ mod tests {
         let mut want = vec![never, stale, young];
         want.sort();
         assert_eq!(all, want);
+    }
+
+    #[test]
+    fn a_peer_with_a_request_under_way_is_not_trimmed() {
+        let activity = Arc::new(PeerActivity::default());
+        let now = Instant::now() + Duration::from_secs(3600);
+        let old = now - Duration::from_secs(600);
+        let (asking, idle) = (PeerId::random(), PeerId::random());
+        let connected = [(asking, old), (idle, old)];
+        let guard = activity.request(asking);
+        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle]);
+        let second = activity.request(asking);
+        drop(guard);
+        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle], "one request still runs");
+        drop(second);
+        let mut both = to_trim(&connected, 0, &activity, now, Duration::ZERO);
+        both.sort();
+        let mut want = vec![asking, idle];
+        want.sort();
+        assert_eq!(both, want);
+        assert!(activity.in_flight.lock().unwrap().is_empty(), "finished requests leave no trace");
     }
 
     #[test]

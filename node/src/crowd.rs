@@ -58,6 +58,9 @@ struct Inner {
     /// presence here also means "online".
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     blobs: LruCache<Hash, Vec<Contact>>,
+    /// Size proofs we checked, with the size each proves: passed on to others who ask, so the
+    /// proof spreads with the pieces instead of every fetcher needing a holder of the last piece.
+    proofs: LruCache<Hash, (u64, std::sync::Arc<[u8]>)>,
 }
 
 #[derive(Debug)]
@@ -79,6 +82,7 @@ impl Default for Crowds {
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
+                proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
             }),
         }
     }
@@ -101,6 +105,16 @@ impl Crowds {
     /// `peer`'s last connection closed.
     pub(crate) fn disconnected(&self, peer: &PeerId) {
         self.lock().addrs.remove(peer);
+    }
+
+    /// Remembers a size proof of `hash` that checked out for `size`.
+    pub(crate) fn remember_proof(&self, hash: Hash, size: u64, proof: Vec<u8>) {
+        self.lock().proofs.put(hash, (size, proof.into()));
+    }
+
+    /// A checked size proof of `hash` for `size`, if we have one.
+    pub(crate) fn proof(&self, hash: Hash, size: u64) -> Option<std::sync::Arc<[u8]>> {
+        self.lock().proofs.get(&hash).filter(|(s, _)| *s == size).map(|(_, p)| p.clone())
     }
 
     /// `peer` served us pieces of `hash`.
@@ -159,7 +173,7 @@ impl Crowds {
     /// most recently seen first.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
-        let Inner { addrs, blobs } = &mut *inner;
+        let Inner { addrs, blobs, .. } = &mut *inner;
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
@@ -313,5 +327,18 @@ mod tests {
             crowds.source(Hash::from(id), holder, t0);
         }
         assert_eq!(crowds.lock().blobs.len(), MAX_BLOBS);
+        for i in 0..MAX_BLOBS + 10 {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            crowds.remember_proof(Hash::from(id), 5, vec![1, 2, 3]);
+        }
+        assert_eq!(crowds.lock().proofs.len(), MAX_BLOBS);
+        let last = {
+            let mut id = [0u8; 32];
+            id[..8].copy_from_slice(&((MAX_BLOBS + 9) as u64).to_le_bytes());
+            Hash::from(id)
+        };
+        assert_eq!(crowds.proof(last, 5).as_deref(), Some(&[1u8, 2, 3][..]));
+        assert!(crowds.proof(last, 6).is_none(), "a proof is only for the size it proves");
     }
 }

@@ -212,8 +212,10 @@ async fn run(
                     let control = node.inner.control.clone();
                     let events = events.clone();
                     let prove_size = !machine.is_size_proven();
+                    let activity = node.inner.activity.clone();
                     tokio::spawn(
                         async move {
+                            let _in_flight = activity.request(peer);
                             let r = transfer::ask_have(control, peer, hash, trace, prove_size).await;
                             let _ = events.send(Event::Have(peer, r)).await;
                         }
@@ -274,8 +276,10 @@ async fn run(
                     let events = events.clone();
                     let asked = pieces.clone();
                     let rate = node.inner.download_rate.clone();
+                    let activity = node.inner.activity.clone();
                     let task = tokio::spawn(
                         async move {
+                            let _in_flight = activity.request(peer);
                             let t0 = Instant::now();
                             let got = transfer::get_pieces(
                                 control,
@@ -367,7 +371,8 @@ async fn run(
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);
                         reach(node, &held.hints, &mut hinted, &hinted_tx).await;
-                        if held.size_proven {
+                        if let Some(proof) = held.size_proof {
+                            node.inner.crowds.remember_proof(hash, held.size, proof);
                             machine.handle_size_proof(held.size, now);
                         }
                         machine.handle_have(peer, held.size, held.pieces, held.rtt, now)

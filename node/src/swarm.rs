@@ -17,6 +17,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, ping};
+use rand::seq::SliceRandom;
 use shoal_protocol::Hash;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
@@ -44,6 +45,9 @@ fn query_kind(r: &QueryResult) -> &'static str {
 
 /// Entries per k-bucket (Kademlia's k; libp2p's default).
 const K_VALUE: usize = 20;
+
+/// Peers whose listen addresses identify remembers for later dials.
+const IDENTIFY_CACHE: usize = 1024;
 
 /// Provider records kept per blob.
 pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 64;
@@ -178,7 +182,12 @@ pub(crate) fn build_swarm(
             kad,
             identify: identify::Behaviour::new(
                 identify::Config::new("/shoal/1".into(), key.public())
-                    .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION"))),
+                    .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION")))
+                    // Identify remembers the listen addresses of the peers it met, and a dial to
+                    // a peer that is not connected any more (a provider whose connection was
+                    // trimmed, asked again) gets them from here. The default 100 is fewer than
+                    // the peers one crowd fetch talks to; 1,024 cost about 100 KiB.
+                    .with_cache_size(IDENTIFY_CACHE),
             ),
             ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
             stream: libp2p_stream::Behaviour::new(),
@@ -204,10 +213,19 @@ pub(crate) fn build_swarm(
     Ok(swarm)
 }
 
+/// The most providers one lookup dials (those already connected are handed over besides). A
+/// popular blob's record names up to 64 providers, the same ones for every fetcher: dialling them
+/// all, a crowd of fetchers would pile onto the first few holders' connection slots. A random
+/// share per lookup spreads the crowd; the holders it reaches name others (peer exchange), and the
+/// next lookup draws again.
+const MAX_LOOKUP_DIALS: usize = 12;
+
 struct Lookup {
     hash: Hash,
     found: mpsc::Sender<PeerId>,
     seen: HashSet<PeerId>,
+    /// Providers this lookup may still dial.
+    dials_left: usize,
     started: Instant,
     first_provider: Option<Duration>,
     stats: Option<oneshot::Sender<LookupStats>>,
@@ -351,8 +369,15 @@ impl EventLoop {
             }
             Command::FindProviders { hash, found, stats } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(hash.as_bytes()));
-                let lookup =
-                    Lookup { hash, found, seen: HashSet::new(), started: Instant::now(), first_provider: None, stats };
+                let lookup = Lookup {
+                    hash,
+                    found,
+                    seen: HashSet::new(),
+                    dials_left: MAX_LOOKUP_DIALS,
+                    started: Instant::now(),
+                    first_provider: None,
+                    stats,
+                };
                 self.lookups.insert(id, lookup);
             }
             Command::DhtSnapshot { hash, reply } => {
@@ -580,10 +605,20 @@ impl EventLoop {
                         if lookup.first_provider.is_none() && providers.iter().any(|p| *p != me) {
                             lookup.first_provider = Some(lookup.started.elapsed());
                         }
-                        let new: Vec<PeerId> =
+                        let mut new: Vec<PeerId> =
                             providers.into_iter().filter(|p| *p != me && lookup.seen.insert(*p)).collect();
-                        let found = lookup.found.clone();
+                        new.shuffle(&mut rand::rng());
+                        let mut dial = Vec::new();
                         for p in new {
+                            if self.swarm.is_connected(&p) {
+                                let _ = lookup.found.try_send(p);
+                            } else if lookup.dials_left > 0 {
+                                lookup.dials_left -= 1;
+                                dial.push(p);
+                            }
+                        }
+                        let found = lookup.found.clone();
+                        for p in dial {
                             self.offer_provider(p, &found);
                         }
                     }

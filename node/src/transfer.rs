@@ -166,6 +166,7 @@ pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, server: 
 
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
     let Server { store, uploads, crowds, metrics, activity } = server;
+    let _in_flight = activity.request(peer);
     let started = Instant::now();
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
@@ -215,7 +216,9 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     size: info.size,
                     pieces: info.pieces.first_runs(MAX_RUNS),
                     peers: crowds.hints(hash, peer, Instant::now()),
-                    size_proof,
+                    // Without the last piece, the proof we were given, if any: it proves itself.
+                    size_proof: size_proof
+                        .or_else(|| prove_size.then(|| crowds.proof(hash, info.size)).flatten().map(|p| p.to_vec())),
                 },
                 _ => Response::NotFound,
             };
@@ -379,7 +382,10 @@ async fn open(control: &mut libp2p_stream::Control, peer: PeerId) -> Result<Stre
     match tokio::time::timeout(REQUEST_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Err(PeerFault::Protocol),
-        Ok(Err(_)) => Err(PeerFault::Io),
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "cannot open a transfer stream");
+            Err(PeerFault::Io)
+        }
         Err(_) => Err(PeerFault::Timeout),
     }
 }
@@ -410,8 +416,8 @@ pub(crate) struct Held {
     pub(crate) pieces: PieceSet,
     pub(crate) rtt: Duration,
     pub(crate) hints: Vec<PeerHint>,
-    /// Whether the answer came with a proof of `size` that checked out against the hash.
-    pub(crate) size_proven: bool,
+    /// A proof of `size` that came with the answer and checked out against the hash.
+    pub(crate) size_proof: Option<Vec<u8>>,
 }
 
 /// Asks `peer` which pieces of `hash` it holds: its claimed size, its pieces, the round-trip time
@@ -431,12 +437,12 @@ pub(crate) async fn ask_have(
     let _ = stream.close().await;
     match response {
         Response::Have { size, pieces, peers, size_proof } => {
-            let size_proven = match size_proof {
-                Some(proof) if verify::check_size_proof(hash, size, &proof) => true,
+            let size_proof = match size_proof {
+                Some(proof) if verify::check_size_proof(hash, size, &proof) => Some(proof),
                 Some(_) => return Err(PeerFault::Corrupt),
-                None => false,
+                None => None,
             };
-            Ok(Held { size, pieces, rtt, hints: peers, size_proven })
+            Ok(Held { size, pieces, rtt, hints: peers, size_proof })
         }
         Response::Busy { retry_after_ms, .. } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
         _ => Err(PeerFault::Protocol),
