@@ -249,6 +249,13 @@ mod tests {
         s
     }
 
+    /// A distinct blob id per index.
+    fn nth_hash(i: usize) -> Hash {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        Hash::from(id)
+    }
+
     fn addr(port: u16) -> Multiaddr {
         format!("/ip4/127.0.0.1/udp/{port}/quic-v1").parse().expect("addr")
     }
@@ -322,22 +329,14 @@ mod tests {
         }
         assert_eq!(served, 4096 - MAX_WITHHELD as u32);
         for i in 0..MAX_BLOBS + 10 {
-            let mut id = [0u8; 32];
-            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            crowds.source(Hash::from(id), holder, t0);
+            crowds.source(nth_hash(i), holder, t0);
         }
         assert_eq!(crowds.lock().blobs.len(), MAX_BLOBS);
         for i in 0..MAX_BLOBS + 10 {
-            let mut id = [0u8; 32];
-            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            crowds.remember_proof(Hash::from(id), 5, vec![1, 2, 3]);
+            crowds.remember_proof(nth_hash(i), 5, vec![1, 2, 3]);
         }
         assert_eq!(crowds.lock().proofs.len(), MAX_BLOBS);
-        let last = {
-            let mut id = [0u8; 32];
-            id[..8].copy_from_slice(&((MAX_BLOBS + 9) as u64).to_le_bytes());
-            Hash::from(id)
-        };
+        let last = nth_hash(MAX_BLOBS + 9);
         assert_eq!(crowds.proof(last, 5).as_deref(), Some(&[1u8, 2, 3][..]));
         assert!(crowds.proof(last, 6).is_none(), "a proof is only for the size it proves");
     }

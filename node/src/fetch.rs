@@ -390,12 +390,11 @@ async fn run(
                         // Pieces it advertised but neither sent nor holds any more: a stale
                         // have-map, or a store that found rot in them. Not malice, but it cost us
                         // a round trip. Pieces it still holds it left to the holders it named.
-                        let lost = match (&unserved, &got.have) {
-                            (Some(u), Some(have)) if have.piece_count() == u.piece_count() => u.difference(have),
-                            (Some(u), _) => u.clone(),
-                            (None, _) => PieceSet::empty(0),
-                        };
-                        if (got.fault.is_none() && !lost.is_empty()) || got.fault == Some(PeerFault::NotFound) {
+                        let lost = unserved.as_ref().is_some_and(|u| match &got.have {
+                            Some(have) if have.piece_count() == u.piece_count() => !u.difference(have).is_empty(),
+                            _ => !u.is_empty(),
+                        });
+                        if (got.fault.is_none() && lost) || got.fault == Some(PeerFault::NotFound) {
                             debug!(%peer, "peer served fewer pieces than it advertised");
                             node.penalise(peer);
                         }

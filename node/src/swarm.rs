@@ -608,17 +608,15 @@ impl EventLoop {
                         let mut new: Vec<PeerId> =
                             providers.into_iter().filter(|p| *p != me && lookup.seen.insert(*p)).collect();
                         new.shuffle(&mut rand::rng());
-                        let mut dial = Vec::new();
-                        for p in new {
-                            if self.swarm.is_connected(&p) {
-                                let _ = lookup.found.try_send(p);
-                            } else if lookup.dials_left > 0 {
-                                lookup.dials_left -= 1;
-                                dial.push(p);
-                            }
-                        }
+                        // Connected providers cost nothing; the others count against the budget.
+                        new.retain(|p| {
+                            let connected = self.swarm.is_connected(p);
+                            let dial = !connected && lookup.dials_left > 0;
+                            lookup.dials_left -= usize::from(dial);
+                            connected || dial
+                        });
                         let found = lookup.found.clone();
-                        for p in dial {
+                        for p in new {
                             self.offer_provider(p, &found);
                         }
                     }

@@ -198,27 +198,15 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     match request {
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
-            let size_proof = if prove_size {
-                let reader = store.clone();
-                match tokio::task::spawn_blocking(move || reader.size_proof(hash)).await {
-                    Ok(Ok(proof)) => proof,
-                    Ok(Err(shoal_cache::StoreError::NotFound { .. })) | Err(_) => None,
-                    Ok(Err(e)) => {
-                        warn!(error = %e, "cannot read a size proof to serve");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
             let response = match store.info(hash) {
                 Some(info) if !info.pieces.is_empty() => Response::Have {
                     size: info.size,
                     pieces: info.pieces.first_runs(MAX_RUNS),
                     peers: crowds.hints(hash, peer, Instant::now()),
-                    // Without the last piece, the proof we were given, if any: it proves itself.
-                    size_proof: size_proof
-                        .or_else(|| prove_size.then(|| crowds.proof(hash, info.size)).flatten().map(|p| p.to_vec())),
+                    size_proof: match prove_size {
+                        true => size_proof(store, crowds, hash, info.size).await,
+                        false => None,
+                    },
                 },
                 _ => Response::NotFound,
             };
@@ -295,6 +283,27 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             }
             .instrument(span)
             .await
+        }
+    }
+}
+
+/// A proof of the size of `hash` for a have answer: one we checked or made before (it proves
+/// itself, so one given to us serves as well as our own), else one made from the last piece if
+/// we hold it, kept for the next asker: a crowd asks the same node many times.
+async fn size_proof(store: &Store, crowds: &Crowds, hash: Hash, size: u64) -> Option<Vec<u8>> {
+    if let Some(proof) = crowds.proof(hash, size) {
+        return Some(proof.to_vec());
+    }
+    let reader = store.clone();
+    match tokio::task::spawn_blocking(move || reader.size_proof(hash)).await {
+        Ok(Ok(Some(proof))) => {
+            crowds.remember_proof(hash, size, proof.clone());
+            Some(proof)
+        }
+        Ok(Ok(None)) | Ok(Err(shoal_cache::StoreError::NotFound { .. })) | Err(_) => None,
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot read a size proof to serve");
+            None
         }
     }
 }
