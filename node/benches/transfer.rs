@@ -5,6 +5,9 @@
 //! - `quinn_chacha20` / `quinn_aes128gcm`: plain quinn 0.11, one bidirectional stream on an open
 //!   connection, the server writing the same bytes from memory and the client reading them to a sink.
 //!   libp2p-tls offers ChaCha20-Poly1305 first, so that is what a Shoal connection negotiates.
+//!   These use rustls's ring provider; `quinn_aws_lc_chacha20` / `quinn_aws_lc_aes128gcm` use
+//!   aws-lc-rs, the provider libp2p-tls builds its configs with, so that the first of them runs
+//!   the very cipher code a Shoal connection runs.
 //!
 //! Criterion measures wall time; the CPU time of the whole process (both sides, user + system)
 //! per GiB moved is printed to stderr for each variant.
@@ -22,7 +25,8 @@ use bytes::Bytes;
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::SupportedCipherSuite;
-use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_CHACHA20_POLY1305_SHA256};
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::{aws_lc_rs, ring};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use shoal_node::{Node, NodeConfig};
 use tokio::runtime::Runtime;
@@ -184,11 +188,16 @@ fn transfer(c: &mut Criterion) {
     });
     drop(dir);
 
-    // --- plain quinn, one cipher suite at a time ---
-    for (name, suite) in
-        [("quinn_chacha20", TLS13_CHACHA20_POLY1305_SHA256), ("quinn_aes128gcm", TLS13_AES_128_GCM_SHA256)]
-    {
-        let (server, client, connection) = rt.block_on(quinn_pair(suite, data.clone())).expect("quinn setup");
+    // --- plain quinn, one cipher suite and crypto provider at a time ---
+    let variants: [(&str, Provider, SupportedCipherSuite); 4] = [
+        ("quinn_chacha20", ring::default_provider, ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256),
+        ("quinn_aes128gcm", ring::default_provider, ring::cipher_suite::TLS13_AES_128_GCM_SHA256),
+        ("quinn_aws_lc_chacha20", aws_lc_rs::default_provider, aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256),
+        ("quinn_aws_lc_aes128gcm", aws_lc_rs::default_provider, aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256),
+    ];
+    for (name, provider, suite) in variants {
+        let (server, client, connection) =
+            rt.block_on(quinn_pair(provider(), suite, data.clone())).expect("quinn setup");
         let tally = CpuTally::default();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
@@ -213,6 +222,9 @@ fn transfer(c: &mut Criterion) {
     group.finish();
 }
 
+/// Makes one of rustls's crypto providers.
+type Provider = fn() -> CryptoProvider;
+
 /// Transport settings as libp2p-quic 0.14 sets them (`Config::new`: `max_stream_data` 10 MB,
 /// `max_connection_data` 15 MB), so that flow control is the same in every variant; the rest
 /// (send window, congestion control, MTU discovery) is quinn's default on both paths.
@@ -223,9 +235,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// A quinn server and a client on 127.0.0.1, both restricted to `suite` (TLS 1.3, ring), with one
-/// connection established. The server answers every bidirectional stream with all of `data`.
+/// A quinn server and a client on 127.0.0.1, both restricted to `suite` (TLS 1.3) from
+/// `provider`, with one connection established. The server answers every bidirectional stream
+/// with all of `data`.
 async fn quinn_pair(
+    mut provider: CryptoProvider,
     suite: SupportedCipherSuite,
     data: Bytes,
 ) -> anyhow::Result<(quinn::Endpoint, quinn::Endpoint, quinn::Connection)> {
@@ -233,13 +247,17 @@ async fn quinn_pair(
     let cert: CertificateDer<'static> = certified.cert.der().clone();
     let key = PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der());
 
-    let mut provider = rustls::crypto::ring::default_provider();
+    // QUIC's Initial packets are always protected with AES-128-GCM, whatever the negotiated suite;
+    // the restricted provider may not hold it, so it is taken before the restriction.
+    let aes = provider
+        .cipher_suites
+        .iter()
+        .find(|s| s.suite() == rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        .copied()
+        .expect("the provider offers AES-128-GCM");
+    let initial = || aes.tls13().and_then(|s| s.quic_suite()).expect("AES-128-GCM has a QUIC suite");
     provider.cipher_suites = vec![suite];
     let provider = Arc::new(provider);
-    // QUIC's Initial packets are always protected with AES-128-GCM, whatever the negotiated suite;
-    // the provider above may not hold it, so it is named explicitly.
-    let initial =
-        || TLS13_AES_128_GCM_SHA256.tls13().and_then(|s| s.quic_suite()).expect("AES-128-GCM has a QUIC suite");
 
     let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
