@@ -630,20 +630,47 @@ impl Store {
         let blob = self.blob(hash)?;
         let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
         let decoded = verify::decode_pieces(encoded, pieces, FileAt(&blob.data), outboard);
+        self.mark_verified(&blob, &decoded.verified)?;
+        Ok(Written { verified: decoded.verified, error: decoded.error })
+    }
+
+    /// Stores pieces a [`verify::PieceDecoder`] verified as they arrived, with their proofs, and
+    /// returns them. Durable and marked in the meta at the next flush, as with
+    /// [`Store::write_pieces`].
+    pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<PieceSet> {
+        let blob = self.blob(hash)?;
+        let mut stored = PieceSet::empty(blob.geometry.piece_count());
+        for piece in pieces {
+            // Verified against this hash, so against this blob's size too; a decoder made for
+            // another size could not have verified anything, but the store does not rely on it.
+            if piece.bytes() != blob.geometry.piece_bytes(piece.piece()) {
+                warn!(blob = %hash, piece = piece.piece(), "a verified piece does not fit the blob; not stored");
+                continue;
+            }
+            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+            piece.write_to(FileAt(&blob.data), outboard).map_err(io_err("write", &blob.dir))?;
+            stored.insert(piece.piece());
+        }
+        self.mark_verified(&blob, &stored)?;
+        Ok(stored)
+    }
+
+    /// Marks pieces just written and verified, and commits them once enough are unflushed.
+    fn mark_verified(&self, blob: &Blob, pieces: &PieceSet) -> Result<()> {
         let flush = {
             let mut st = lock(&blob.status);
-            for p in decoded.verified.iter() {
+            for p in pieces.iter() {
                 if st.verified.insert(p) {
                     st.unflushed_bytes += blob.geometry.piece_len(p);
                 }
             }
             st.unflushed_bytes >= self.inner.config.flush_bytes || st.verified.is_complete()
         };
-        lock(&self.inner.state).lru.touch(&hash);
+        lock(&self.inner.state).lru.touch(&blob.hash);
         if flush {
-            self.commit(&blob)?;
+            self.commit(blob)?;
         }
-        Ok(Written { verified: decoded.verified, error: decoded.error })
+        Ok(())
     }
 
     /// Makes every verified piece of `hash` durable and marks it in the blob's meta.

@@ -11,7 +11,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{AsyncRead, AsyncWrite, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_cache::Store;
-use shoal_protocol::verify::{self, DecodeError};
+use shoal_protocol::verify;
 use shoal_protocol::wire::{
     self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MAX_RUNS, PeerHint, Request, Response, TraceId, WireError,
 };
@@ -510,60 +510,71 @@ pub(crate) async fn get_pieces(
     }
     // The exact length is known; never read more than that. A peer that falls below the least
     // rate, or goes silent, is cut off, and what it did send is still verified and kept.
-    let len = verify::encoded_len(geometry, &sent);
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(len / MIN_RATE);
-    let mut buf = Vec::new();
-    let cut = read_up_to(&mut stream, &mut buf, len as usize, rate.as_deref(), deadline).await;
+    let mut decoder = verify::PieceDecoder::new(hash, geometry, &sent);
+    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(decoder.remaining() / MIN_RATE);
+    let (verified, bytes, fault) = receive(&mut stream, &mut decoder, &store, hash, rate.as_deref(), deadline).await;
     let _ = stream.close().await;
-    let bytes = buf.len() as u64;
-    let cut = cut.then_some(PeerFault::Timeout);
-    let written =
-        tokio::task::spawn_blocking(move || store.write_pieces(hash, &sent, &buf[..])).await.map_err(|_| PeerFault::Io);
-    match written {
-        Ok(Ok(w)) => {
-            let fault = match w.error {
-                None => cut,
-                // Cut off by us: the tail is missing because we stopped reading.
-                Some(DecodeError::Truncated { .. }) if cut.is_some() => cut,
-                Some(DecodeError::Corrupt { .. }) => Some(PeerFault::Corrupt),
-                Some(DecodeError::Truncated { .. }) => Some(PeerFault::Truncated),
-                Some(e) => {
-                    warn!(blob = %hash, error = %e, "storing verified pieces failed");
-                    Some(PeerFault::Io)
-                }
-            };
-            Got { verified: w.verified, bytes, fault, hints, have }
-        }
-        Ok(Err(e)) => {
-            warn!(blob = %hash, error = %e, "storing verified pieces failed");
-            fail(PeerFault::Io)
-        }
-        Err(f) => fail(f),
-    }
+    Got { verified, bytes, fault, hints, have }
 }
 
-/// Appends to `buf` until it holds `len` bytes, the stream ends or fails, `deadline` passes or
-/// the peer is silent for [`REQUEST_TIMEOUT`]. Returns whether we cut the peer off. The buffer
-/// grows with what arrives, so a slow request does not hold its whole length in memory.
-async fn read_up_to(
+/// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
+/// `deadline` passes or the peer is silent for [`REQUEST_TIMEOUT`], storing each piece as soon as
+/// it verified while the next one arrives. Returns the pieces stored, the bytes read, and why the
+/// response fell short, if it did.
+async fn receive(
     stream: &mut (impl AsyncRead + Unpin),
-    buf: &mut Vec<u8>,
-    len: usize,
+    decoder: &mut verify::PieceDecoder,
+    store: &Store,
+    hash: Hash,
     rate: Option<&RateLimit>,
     deadline: tokio::time::Instant,
-) -> bool {
-    let mut chunk = vec![0u8; CHUNK.min(len)];
-    while buf.len() < len {
-        let want = (len - buf.len()).min(CHUNK);
-        if let Some(r) = rate {
-            r.take(want).await;
+) -> (PieceSet, u64, Option<PeerFault>) {
+    let mut stored = PieceSet::empty(decoder.verified().piece_count());
+    let mut chunk = vec![0u8; (decoder.remaining() as usize).min(CHUNK)];
+    let mut bytes = 0u64;
+    let mut fault = None;
+    // One store write at a time, so that at most one piece waits for the disk.
+    let mut writing: Option<tokio::task::JoinHandle<Result<PieceSet, shoal_cache::StoreError>>> = None;
+    loop {
+        let want = (decoder.remaining() as usize).min(CHUNK);
+        if want > 0 && fault.is_none() {
+            if let Some(r) = rate {
+                r.take(want).await;
+            }
+            let until = deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+            match tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await {
+                Ok(Ok(0)) | Ok(Err(_)) => fault = Some(PeerFault::Truncated),
+                Ok(Ok(n)) => {
+                    bytes += n as u64;
+                    if decoder.push(&chunk[..n]).is_err() {
+                        fault = Some(PeerFault::Corrupt);
+                    }
+                }
+                // Cut off by us: the tail is missing because we stopped reading.
+                Err(_) => fault = Some(PeerFault::Timeout),
+            }
         }
-        let until = deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
-        match tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-            Err(_) => return true,
+        let ready = decoder.take_ready();
+        let done = ready.is_empty() && (fault.is_some() || decoder.remaining() == 0);
+        if (!ready.is_empty() || done)
+            && let Some(write) = writing.take()
+        {
+            match write.await {
+                Ok(Ok(pieces)) => stored.union_with(&pieces),
+                Ok(Err(e)) => {
+                    warn!(blob = %hash, error = %e, "storing verified pieces failed");
+                    return (stored, bytes, Some(PeerFault::Io));
+                }
+                Err(_) => return (stored, bytes, Some(PeerFault::Io)),
+            }
+        }
+        if done {
+            break;
+        }
+        if !ready.is_empty() {
+            let store = store.clone();
+            writing = Some(tokio::task::spawn_blocking(move || store.store_pieces(hash, &ready)));
         }
     }
-    false
+    (stored, bytes, fault)
 }

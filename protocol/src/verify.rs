@@ -137,74 +137,346 @@ impl DecodeError {
     }
 }
 
+/// A piece whose every byte verified against the root hash, with the hash pairs that arrived
+/// with it. Only [`PieceDecoder`] makes one, so a store that writes only these writes only
+/// verified bytes.
+#[derive(Debug)]
+pub struct VerifiedPiece {
+    piece: PieceIndex,
+    offset: u64,
+    data: Vec<u8>,
+    parents: Vec<Parent>,
+}
+
+impl VerifiedPiece {
+    /// Which piece this is.
+    pub fn piece(&self) -> PieceIndex {
+        self.piece
+    }
+
+    /// Where its bytes lie in the blob.
+    pub fn bytes(&self) -> std::ops::Range<u64> {
+        self.offset..self.offset + self.data.len() as u64
+    }
+
+    /// Its bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Writes the bytes at the piece's offset in `data` and the hash pairs that came with it
+    /// into `outboard`.
+    pub fn write_to(&self, mut data: impl WriteAt, mut outboard: impl OutboardMut) -> io::Result<()> {
+        for Parent { node, pair } in &self.parents {
+            outboard.save(*node, pair)?;
+        }
+        data.write_all_at(self.offset, &self.data)
+    }
+}
+
+/// Verifies an encoded response (from [`encode_pieces`]) as its bytes arrive, in slices of any
+/// length: each chunk group is checked against the root hash as soon as all of it is in, and each
+/// piece is handed out (see [`PieceDecoder::take_ready`]) as soon as all of its groups verified.
+/// A reader therefore never holds more than one piece and one chunk group of a response, and
+/// stores each piece while the next one is still on the wire.
+///
+/// The first failure stops the decoder for good; pieces handed out before it stay verified.
+pub struct PieceDecoder {
+    geometry: Geometry,
+    requested: PieceSet,
+    walk: Walk,
+    /// The item whose bytes are awaited, and how many bytes it takes.
+    next: Option<(BaoChunk, usize)>,
+    /// The bytes of `next` received so far, when they arrived split.
+    partial: Vec<u8>,
+    /// The piece being assembled: its verified groups and the hash pairs on the way to them.
+    piece: Option<PieceIndex>,
+    held: Vec<u8>,
+    parents: Vec<Parent>,
+    ready: Vec<VerifiedPiece>,
+    verified: PieceSet,
+    remaining: u64,
+    failed: bool,
+}
+
+impl std::fmt::Debug for PieceDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceDecoder")
+            .field("size", &self.geometry.size())
+            .field("verified", &self.verified.count())
+            .field("remaining", &self.remaining)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+type BaoChunk = bao_tree::iter::BaoChunk;
+
+impl PieceDecoder {
+    /// A decoder for the encoding of `pieces` of the blob `hash`, `geometry.size()` bytes long.
+    pub fn new(hash: Hash, geometry: Geometry, pieces: &PieceSet) -> Self {
+        let mut decoder = Self {
+            geometry,
+            requested: pieces.clone(),
+            walk: Walk::new(hash, geometry, pieces),
+            next: None,
+            partial: Vec::new(),
+            piece: None,
+            held: Vec::new(),
+            parents: Vec::new(),
+            ready: Vec::new(),
+            verified: PieceSet::empty(geometry.piece_count()),
+            remaining: encoded_len(geometry, pieces),
+            failed: false,
+        };
+        decoder.advance();
+        // An empty blob's only piece has no bytes: its (empty) leaf, if any, was checked above.
+        if geometry.size() == 0 && pieces.contains(0) && !decoder.failed && decoder.verified.insert(0) {
+            decoder.ready.push(VerifiedPiece { piece: 0, offset: 0, data: Vec::new(), parents: Vec::new() });
+        }
+        decoder
+    }
+
+    /// Encoded bytes still expected; 0 once everything arrived (or after a failure).
+    pub fn remaining(&self) -> u64 {
+        if self.failed { 0 } else { self.remaining }
+    }
+
+    /// The pieces handed out so far.
+    pub fn verified(&self) -> &PieceSet {
+        &self.verified
+    }
+
+    /// Takes the pieces that completed since the last call.
+    pub fn take_ready(&mut self) -> Vec<VerifiedPiece> {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// Feeds the next bytes of the response. Bytes past the expected end are ignored. On an error
+    /// the decoder stops: later calls return the same kind of error and change nothing.
+    pub fn push(&mut self, mut bytes: &[u8]) -> Result<(), DecodeError> {
+        while let Some((item, len)) = self.next {
+            if self.failed {
+                break;
+            }
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            let take = (len - self.partial.len()).min(bytes.len());
+            // An item that arrived whole is checked where it lies; one split across pushes is
+            // gathered in `partial` first (moved out for the check, its allocation kept).
+            let mut gathered = Vec::new();
+            let body = if self.partial.is_empty() && take == len {
+                let (body, rest) = bytes.split_at(take);
+                bytes = rest;
+                body
+            } else {
+                self.partial.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                if self.partial.len() < len {
+                    return Ok(());
+                }
+                gathered = std::mem::take(&mut self.partial);
+                &gathered[..]
+            };
+            let outcome = self.check(item, body);
+            gathered.clear();
+            self.partial = gathered;
+            self.remaining -= len as u64;
+            if let Err(e) = outcome {
+                self.failed = true;
+                return Err(e);
+            }
+            self.advance();
+        }
+        match self.failed {
+            true => Err(DecodeError::Corrupt { piece: self.first_missing() }),
+            false => Ok(()),
+        }
+    }
+
+    /// Ends the response: `Ok` if every requested piece verified, else why not.
+    pub fn finish(&self) -> Result<(), DecodeError> {
+        if self.failed {
+            return Err(DecodeError::Corrupt { piece: self.first_missing() });
+        }
+        match self.next {
+            Some(_) => Err(DecodeError::Truncated { piece: self.first_missing() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves to the next item, checking at once those that take no bytes.
+    fn advance(&mut self) {
+        loop {
+            self.next = self.walk.items.next().map(|item| {
+                let len = match &item {
+                    BaoChunk::Parent { .. } => 64,
+                    BaoChunk::Leaf { size, .. } => *size,
+                };
+                (item, len)
+            });
+            match self.next {
+                Some((item, 0)) => {
+                    if self.check(item, &[]).is_err() {
+                        self.failed = true;
+                        return;
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Checks one item against the hash on top of the stack.
+    fn check(&mut self, item: BaoChunk, body: &[u8]) -> Result<(), DecodeError> {
+        match item {
+            BaoChunk::Parent { is_root, left, right, node, .. } => {
+                let mut l = [0u8; 32];
+                let mut r = [0u8; 32];
+                l.copy_from_slice(&body[..32]);
+                r.copy_from_slice(&body[32..64]);
+                let pair = (blake3::Hash::from(l), blake3::Hash::from(r));
+                if !self.walk.parent(&pair, is_root, left, right) {
+                    return Err(DecodeError::Corrupt { piece: self.first_missing() });
+                }
+                self.parents.push(Parent { node, pair });
+                Ok(())
+            }
+            BaoChunk::Leaf { is_root, start_chunk, .. } => {
+                let offset = start_chunk.to_bytes();
+                let piece = self.geometry.piece_of(offset);
+                if !self.walk.leaf(start_chunk.0, body, is_root) {
+                    return Err(DecodeError::Corrupt { piece });
+                }
+                if self.piece != Some(piece) {
+                    self.piece = Some(piece);
+                    self.held.clear();
+                    self.held.reserve_exact(self.geometry.piece_len(piece) as usize);
+                }
+                self.held.extend_from_slice(body);
+                if self.held.len() as u64 == self.geometry.piece_len(piece) {
+                    self.verified.insert(piece);
+                    self.ready.push(VerifiedPiece {
+                        piece,
+                        offset: self.geometry.piece_bytes(piece).start,
+                        data: std::mem::take(&mut self.held),
+                        parents: std::mem::take(&mut self.parents),
+                    });
+                    self.piece = None;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The first requested piece not yet verified: where a failure is blamed when the bytes do
+    /// not name a piece (a proof precedes the data it proves).
+    fn first_missing(&self) -> PieceIndex {
+        self.requested.iter().find(|p| !self.verified.contains(*p)).unwrap_or(0)
+    }
+}
+
+/// The walk an encoding takes through the tree, in pre-order: the items of the requested ranges
+/// and the hashes they must match, the next on top of the stack (the root first, then the
+/// children of each parent that matched).
+struct Walk {
+    items: bao_tree::iter::ResponseIter,
+    stack: Vec<blake3::Hash>,
+}
+
+impl Walk {
+    fn new(hash: Hash, geometry: Geometry, pieces: &PieceSet) -> Self {
+        let ranges = geometry.chunk_ranges(pieces);
+        // Past the end of the blob nothing is sent (as `encoded_len` counts): the same ranges,
+        // cut there.
+        let ranges = bao_tree::ChunkRanges::new_unchecked(
+            bao_tree::io::sync::truncate_ranges(&ranges, geometry.size()).boundaries().iter().copied().collect(),
+        );
+        Self { items: bao_tree::iter::ResponseIter::new(geometry.tree(), ranges), stack: vec![hash.as_blake3()] }
+    }
+
+    /// Whether a parent's hash pair matches; if so its children are next.
+    fn parent(&mut self, pair: &(blake3::Hash, blake3::Hash), is_root: bool, left: bool, right: bool) -> bool {
+        if self.stack.pop() != Some(parent_cv(&pair.0, &pair.1, is_root)) {
+            return false;
+        }
+        if right {
+            self.stack.push(pair.1);
+        }
+        if left {
+            self.stack.push(pair.0);
+        }
+        true
+    }
+
+    /// Whether a leaf's bytes match.
+    fn leaf(&mut self, start_chunk: u64, data: &[u8], is_root: bool) -> bool {
+        self.stack.pop() == Some(subtree_hash(start_chunk, data, is_root))
+    }
+}
+
+/// BLAKE3's chaining value of the subtree of `data` starting at chunk `start_chunk`, or the root
+/// hash when the subtree is the whole blob.
+fn subtree_hash(start_chunk: u64, data: &[u8], is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::HasherExt;
+    if is_root {
+        return blake3::hash(data);
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(start_chunk * 1024);
+    hasher.update(data);
+    blake3::Hash::from(hasher.finalize_non_root())
+}
+
+/// BLAKE3's chaining value of a parent from its children's, or the root hash.
+fn parent_cv(left: &blake3::Hash, right: &blake3::Hash, is_root: bool) -> blake3::Hash {
+    use blake3::hazmat::{Mode, merge_subtrees_non_root, merge_subtrees_root};
+    let (l, r) = (left.as_bytes(), right.as_bytes());
+    match is_root {
+        true => merge_subtrees_root(l, r, Mode::Hash),
+        false => blake3::Hash::from(merge_subtrees_non_root(l, r, Mode::Hash)),
+    }
+}
+
 /// Reads `pieces` of the blob `outboard` describes from `encoded`, verifies every chunk group
 /// against the root hash, and writes only verified bytes to `data` and verified hash pairs to
 /// `outboard`; a piece's bytes are written once all of them verified. Stops at the first bad or
-/// missing group; pieces completed before it are reported as verified.
-pub fn decode_pieces<O>(encoded: impl Read, pieces: &PieceSet, mut data: impl WriteAt, mut outboard: O) -> Decoded
+/// missing group; pieces completed before it are reported as verified. Never reads past the
+/// encoding's end.
+pub fn decode_pieces<O>(mut encoded: impl Read, pieces: &PieceSet, mut data: impl WriteAt, mut outboard: O) -> Decoded
 where
     O: Outboard + OutboardMut,
 {
     let geometry = geometry_of(&outboard);
-    let ranges = geometry.chunk_ranges(pieces);
+    let mut decoder = PieceDecoder::new(outboard.root().into(), geometry, pieces);
     let mut verified = PieceSet::empty(geometry.piece_count());
-    // Bytes verified so far in each requested piece; a piece is done when all its bytes are.
-    let mut done_in_piece = 0u64;
-    let mut current: Option<PieceIndex> = None;
-    let mut held: Vec<u8> = Vec::with_capacity(crate::PIECE_SIZE as usize);
-    let iter = DecodeResponseIter::new(outboard.root(), outboard.tree(), encoded, &ranges);
-    for item in iter {
-        let item = match item {
-            Ok(item) => item,
-            Err(e) => {
-                // A bad proof belongs to the first piece not yet complete: proofs precede their data.
-                let piece = pieces.iter().find(|p| !verified.contains(*p)).unwrap_or(0);
-                return Decoded { verified, error: Some(classify(e, piece, geometry)) };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut store = |ready: Vec<VerifiedPiece>| {
+            for piece in ready {
+                piece.write_to(&mut data, &mut outboard).map_err(DecodeError::Store)?;
+                verified.insert(piece.piece());
             }
+            Ok(())
         };
-        match item {
-            BaoContentItem::Parent(Parent { node, pair }) => {
-                if let Err(e) = outboard.save(node, &pair) {
-                    return Decoded { verified, error: Some(DecodeError::Store(e)) };
-                }
-            }
-            BaoContentItem::Leaf(Leaf { offset, data: bytes }) => {
-                let piece = geometry.piece_of(offset);
-                if current != Some(piece) {
-                    current = Some(piece);
-                    done_in_piece = 0;
-                    held.clear();
-                }
-                // Verified groups are gathered and written once per piece: one write of 256 KiB
-                // instead of sixteen of 16 KiB.
-                held.extend_from_slice(&bytes);
-                done_in_piece += bytes.len() as u64;
-                if done_in_piece == geometry.piece_len(piece) {
-                    if let Err(e) = data.write_all_at(geometry.piece_bytes(piece).start, &held) {
-                        return Decoded { verified, error: Some(DecodeError::Store(e)) };
-                    }
-                    held.clear();
-                    verified.insert(piece);
-                }
-            }
+        let want = decoder.remaining().min(buf.len() as u64) as usize;
+        let pushed = match want {
+            0 => decoder.finish(),
+            _ => match encoded.read(&mut buf[..want]) {
+                Ok(0) => decoder.finish(),
+                Ok(n) => decoder.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => decoder.finish(),
+                Err(e) => Err(DecodeError::Store(e)),
+            },
+        };
+        let stored = store(decoder.take_ready());
+        match (pushed, stored) {
+            (_, Err(e)) | (Err(e), _) => return Decoded { verified, error: Some(e) },
+            (Ok(()), Ok(())) if want == 0 => return Decoded { verified, error: None },
+            (Ok(()), Ok(())) => {}
         }
-    }
-    // An empty blob's only piece has no bytes: reaching the end verified its (empty) leaf.
-    if geometry.size() == 0 && pieces.contains(0) {
-        verified.insert(0);
-    }
-    Decoded { verified, error: None }
-}
-
-fn classify(e: bao_tree::io::DecodeError, piece: PieceIndex, geometry: Geometry) -> DecodeError {
-    use bao_tree::io::DecodeError as E;
-    match e {
-        E::ParentHashMismatch(_) => DecodeError::Corrupt { piece },
-        E::LeafHashMismatch(chunk) => DecodeError::Corrupt { piece: geometry.piece_of(chunk.to_bytes()) },
-        E::ParentNotFound(_) => DecodeError::Truncated { piece },
-        E::LeafNotFound(chunk) => DecodeError::Truncated { piece: geometry.piece_of(chunk.to_bytes()) },
-        E::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof => DecodeError::Truncated { piece },
-        E::Io(e) => DecodeError::Store(e),
     }
 }
 
@@ -353,6 +625,76 @@ mod tests {
         let d = decode_pieces(&wire[..], &all, &mut target[..], post_order_outboard(hash, g, vec![0u8; ob.len()]));
         assert!(matches!(d.error, Some(DecodeError::Truncated { piece: 2 })), "{:?}", d.error);
         assert_eq!(d.verified.iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+
+    #[test]
+    fn the_decoder_takes_any_slicing_and_hands_each_piece_out_as_soon_as_it_verified() {
+        let size = 3 * PIECE_SIZE + 5 * CHUNK_GROUP_SIZE + 77;
+        let data = bytes(size as usize);
+        let (hash, ob) = outboard_of(&data);
+        let g = Geometry::new(size).expect("small");
+        let want = PieceSet::full(g.piece_count());
+        let mut wire = Vec::new();
+        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &want, &mut wire).expect("encode");
+        for step in [1, 63, 64, 65, 1000, 16 * 1024, 16 * 1024 + 1, 100_000, wire.len()] {
+            let mut decoder = PieceDecoder::new(hash, g, &want);
+            assert_eq!(decoder.remaining(), wire.len() as u64);
+            let mut target = vec![0u8; size as usize];
+            let mut rebuilt = post_order_outboard(hash, g, vec![0u8; ob.len()]);
+            let mut fed = 0;
+            for slice in wire.chunks(step) {
+                decoder.push(slice).expect("genuine bytes");
+                fed += slice.len();
+                for piece in decoder.take_ready() {
+                    // Out with the push that brought its last byte (the encoding of pieces 0 to
+                    // p is a prefix of the encoding of all of them).
+                    let mut upto = PieceSet::empty(g.piece_count());
+                    upto.insert_range(0..piece.piece() + 1);
+                    let prefix = encoded_len(g, &upto) as usize;
+                    assert!(fed - slice.len() < prefix && prefix <= fed, "step {step}: piece {}", piece.piece());
+                    let bytes = g.piece_bytes(piece.piece());
+                    assert_eq!(piece.data(), &data[bytes.start as usize..bytes.end as usize]);
+                    piece.write_to(&mut target[..], &mut rebuilt).expect("in memory");
+                }
+            }
+            assert_eq!(decoder.remaining(), 0, "step {step}");
+            decoder.finish().expect("complete");
+            assert_eq!(decoder.verified(), &want, "step {step}");
+            assert_eq!(target, data, "step {step}");
+            assert_eq!(rebuilt.data, ob, "step {step}");
+            // Bytes past the end change nothing.
+            decoder.push(b"trailing").expect("ignored");
+            assert!(decoder.take_ready().is_empty());
+        }
+    }
+
+    #[test]
+    fn after_a_bad_group_the_decoder_hands_out_nothing_more() {
+        let size = 3 * PIECE_SIZE;
+        let data = bytes(size as usize);
+        let (hash, ob) = outboard_of(&data);
+        let g = Geometry::new(size).expect("small");
+        let all = PieceSet::full(3);
+        let mut wire = Vec::new();
+        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &all, &mut wire).expect("encode");
+        // A bit flipped in the middle of piece 1's data.
+        let pos = wire.len() / 2;
+        wire[pos] ^= 0x04;
+        let mut decoder = PieceDecoder::new(hash, g, &all);
+        let mut out = Vec::new();
+        let mut error = None;
+        for slice in wire.chunks(4096) {
+            if let Err(e) = decoder.push(slice) {
+                error.get_or_insert(e.to_string());
+            }
+            out.extend(decoder.take_ready().into_iter().map(|p| p.piece()));
+        }
+        assert_eq!(error.as_deref(), Some("piece 1 failed BLAKE3 verification"));
+        assert_eq!(out, vec![0]);
+        assert_eq!(decoder.remaining(), 0, "a failed decoder expects nothing more");
+        assert!(matches!(decoder.finish(), Err(DecodeError::Corrupt { piece: 1 })));
+        let truncated = PieceDecoder::new(hash, g, &all);
+        assert!(matches!(truncated.finish(), Err(DecodeError::Truncated { piece: 0 })));
     }
 
     #[test]
