@@ -179,6 +179,12 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     };
     let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
         Ok(Ok(body)) => body,
+        // The requester closed the stream before its request was whole: it gave up on it (a
+        // fetch that finished, or a request made redundant), not a malformed request.
+        Ok(Err(WireError::Truncated)) => {
+            metrics.served("any", "cancelled", started.elapsed());
+            return Ok(());
+        }
         Ok(Err(e)) => {
             metrics.served("any", "bad_request", started.elapsed());
             return refuse(&mut stream, &e).await;

@@ -1,0 +1,126 @@
+//! A peer that speaks the transfer protocol badly: garbage, an oversized frame, a request cut off
+//! halfway, a request for pieces that do not exist. The node answers each as the protocol says,
+//! counts it, and goes on serving everyone else.
+
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder};
+use shoal_node::{Node, NodeConfig};
+use shoal_protocol::wire::{self, Request, Response};
+use shoal_protocol::{Geometry, PieceSet};
+
+const TRANSFER: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
+
+fn config(dir: std::path::PathBuf) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+    c.api = None;
+    c.durable = false;
+    c
+}
+
+/// A bare libp2p peer with only the stream behaviour, connected to `addr`; its swarm runs in a
+/// task. Returns the control to open streams with.
+async fn raw_peer(addr: Multiaddr) -> (libp2p_stream::Control, tokio::task::JoinHandle<()>) {
+    let mut swarm = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let control = swarm.behaviour().new_control();
+    swarm.dial(addr).expect("dial");
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut connected = Some(connected_tx);
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await
+                && let Some(tx) = connected.take()
+            {
+                let _ = tx.send(());
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), connected_rx).await.expect("connected in time").expect("swarm");
+    (control, task)
+}
+
+/// Writes `bytes` on a new transfer stream, closes our side, and reads the whole answer.
+async fn exchange(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = control.open_stream(peer, TRANSFER).await.expect("stream");
+    stream.write_all(bytes).await.expect("write");
+    stream.close().await.expect("close");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    answer
+}
+
+fn response(answer: &[u8]) -> Response {
+    let len = wire::frame_len(answer[..4].try_into().expect("prefix"), wire::MAX_RESPONSE_LEN).expect("frame");
+    assert_eq!(answer.len(), 4 + len, "a refusal is one frame and nothing after it");
+    wire::decode_response(&answer[4..]).expect("a valid response")
+}
+
+fn served(metrics: &str, outcome: &str) -> f64 {
+    let prefix = format!("shoal_transfer_served_requests_total{{kind=\"any\",outcome=\"{outcome}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("number")).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let file = tmp.path().join("f");
+    let data: Vec<u8> = (0..3 * 256 * 1024 + 99).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    std::fs::write(&file, &data).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    let peer = provider.handle().peer_id();
+    let (mut control, swarm) = raw_peer(addr.clone()).await;
+
+    // Garbage in a well-formed frame, and a length prefix past the bound: `BadRequest`.
+    let garbage: Vec<u8> = (0..200u32).map(|i| (i * 37 % 251) as u8).collect();
+    let mut framed = (garbage.len() as u32).to_be_bytes().to_vec();
+    framed.extend_from_slice(&garbage);
+    assert!(matches!(response(&exchange(&mut control, peer, &framed).await), Response::BadRequest { .. }));
+    let oversized = (wire::MAX_REQUEST_LEN as u32 + 1).to_be_bytes();
+    assert!(matches!(response(&exchange(&mut control, peer, &oversized).await), Response::BadRequest { .. }));
+
+    // A request cut off halfway (the requester gave up): no answer, counted as cancelled.
+    let have = wire::encode_frame(&Request::Have { hash, trace: None, prove_size: false });
+    assert!(exchange(&mut control, peer, &have[..have.len() / 2]).await.is_empty());
+
+    // Pieces that do not exist (a set sized for another blob): nothing to serve, no panic.
+    let bigger = Geometry::new(64 << 20).expect("size").piece_count();
+    let mut beyond = PieceSet::empty(bigger);
+    beyond.insert_range(10..20);
+    let get = wire::encode_frame(&Request::Get { hash, pieces: beyond, trace: None });
+    assert!(matches!(response(&exchange(&mut control, peer, &get).await), Response::NotFound));
+
+    let metrics = provider.handle().metrics_text();
+    assert_eq!(served(&metrics, "bad_request"), 2.0, "{metrics}");
+    assert_eq!(served(&metrics, "cancelled"), 1.0, "{metrics}");
+
+    // And the node still serves a real fetch, verified end to end.
+    let mut fc = config(tmp.path().join("f-node"));
+    fc.bootstrap = vec![addr];
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    let got = tokio::time::timeout(Duration::from_secs(60), fetcher.handle().fetch(hash, None))
+        .await
+        .expect("fetched in time")
+        .expect("fetch");
+    assert!(got.is_complete());
+    let out = tmp.path().join("out");
+    fetcher.handle().store().export(hash, &out).expect("export");
+    assert!(std::fs::read(&out).expect("read") == data, "the fetched bytes are the published ones");
+
+    swarm.abort();
+    fetcher.shutdown().await.expect("shutdown");
+    provider.shutdown().await.expect("shutdown");
+}
