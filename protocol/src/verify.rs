@@ -510,6 +510,18 @@ mod tests {
         (hash, ob)
     }
 
+    /// A blob of `size` test bytes: its bytes, hash, outboard, geometry, and the encoding of all
+    /// of its pieces.
+    fn encoded_blob(size: u64) -> (Vec<u8>, Hash, Vec<u8>, Geometry, Vec<u8>) {
+        let data = bytes(size as usize);
+        let (hash, ob) = outboard_of(&data);
+        let g = Geometry::new(size).expect("small");
+        let mut wire = Vec::new();
+        let all = PieceSet::full(g.piece_count());
+        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &all, &mut wire).expect("encode");
+        (data, hash, ob, g, wire)
+    }
+
     const SIZES: &[u64] = &[
         0,
         1,
@@ -588,12 +600,8 @@ mod tests {
     #[test]
     fn a_flipped_bit_anywhere_is_rejected_and_not_written() {
         let size = 2 * PIECE_SIZE + 3 * CHUNK_GROUP_SIZE + 11;
-        let data = bytes(size as usize);
-        let (hash, ob) = outboard_of(&data);
-        let g = Geometry::new(size).expect("small");
+        let (data, hash, ob, g, wire) = encoded_blob(size);
         let all = PieceSet::full(g.piece_count());
-        let mut wire = Vec::new();
-        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &all, &mut wire).expect("encode");
         // Flip one bit in each 997-byte stride: proofs and data alike.
         for pos in (0..wire.len()).step_by(997) {
             let mut bad = wire.clone();
@@ -614,12 +622,8 @@ mod tests {
     #[test]
     fn a_truncated_response_is_reported_as_such() {
         let size = 3 * PIECE_SIZE;
-        let data = bytes(size as usize);
-        let (hash, ob) = outboard_of(&data);
-        let g = Geometry::new(size).expect("small");
+        let (_, hash, ob, g, mut wire) = encoded_blob(size);
         let all = PieceSet::full(3);
-        let mut wire = Vec::new();
-        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &all, &mut wire).expect("encode");
         wire.truncate(wire.len() - 100);
         let mut target = vec![0u8; size as usize];
         let d = decode_pieces(&wire[..], &all, &mut target[..], post_order_outboard(hash, g, vec![0u8; ob.len()]));
@@ -630,12 +634,8 @@ mod tests {
     #[test]
     fn the_decoder_takes_any_slicing_and_hands_each_piece_out_as_soon_as_it_verified() {
         let size = 3 * PIECE_SIZE + 5 * CHUNK_GROUP_SIZE + 77;
-        let data = bytes(size as usize);
-        let (hash, ob) = outboard_of(&data);
-        let g = Geometry::new(size).expect("small");
+        let (data, hash, ob, g, wire) = encoded_blob(size);
         let want = PieceSet::full(g.piece_count());
-        let mut wire = Vec::new();
-        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &want, &mut wire).expect("encode");
         for step in [1, 63, 64, 65, 1000, 16 * 1024, 16 * 1024 + 1, 100_000, wire.len()] {
             let mut decoder = PieceDecoder::new(hash, g, &want);
             assert_eq!(decoder.remaining(), wire.len() as u64);
@@ -670,13 +670,8 @@ mod tests {
 
     #[test]
     fn after_a_bad_group_the_decoder_hands_out_nothing_more() {
-        let size = 3 * PIECE_SIZE;
-        let data = bytes(size as usize);
-        let (hash, ob) = outboard_of(&data);
-        let g = Geometry::new(size).expect("small");
+        let (_, hash, _, g, mut wire) = encoded_blob(3 * PIECE_SIZE);
         let all = PieceSet::full(3);
-        let mut wire = Vec::new();
-        encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &all, &mut wire).expect("encode");
         // A bit flipped in the middle of piece 1's data.
         let pos = wire.len() / 2;
         wire[pos] ^= 0x04;
