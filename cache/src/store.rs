@@ -640,6 +640,7 @@ impl Store {
     pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<PieceSet> {
         let blob = self.blob(hash)?;
         let mut stored = PieceSet::empty(blob.geometry.piece_count());
+        let mut outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
         for piece in pieces {
             // Verified against this hash, so against this blob's size too; a decoder made for
             // another size could not have verified anything, but the store does not rely on it.
@@ -647,8 +648,7 @@ impl Store {
                 warn!(blob = %hash, piece = piece.piece(), "a verified piece does not fit the blob; not stored");
                 continue;
             }
-            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
-            piece.write_to(FileAt(&blob.data), outboard).map_err(io_err("write", &blob.dir))?;
+            piece.write_to(FileAt(&blob.data), &mut outboard).map_err(io_err("write", &blob.dir))?;
             stored.insert(piece.piece());
         }
         self.mark_verified(&blob, &stored)?;
