@@ -37,6 +37,16 @@ pub(crate) struct KindLabels {
     pub(crate) kind: &'static str,
 }
 
+/// Labels of a connection event.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ConnectionLabels {
+    /// `in` (the peer dialled) or `out` (we dialled).
+    pub(crate) direction: &'static str,
+    /// `opened`, `closed`, or `failed` (a dial or an incoming connection that never opened,
+    /// refusals at the connection cap among them).
+    pub(crate) event: &'static str,
+}
+
 fn seconds() -> Histogram {
     // 0.5 ms … ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -63,6 +73,8 @@ pub(crate) struct Metrics {
     pub(crate) evictions: Gauge,
     pub(crate) uploads: Gauge,
     pub(crate) peers: Gauge,
+    pub(crate) connections: Family<ConnectionLabels, Counter>,
+    pub(crate) streams_dropped: Counter,
     pub(crate) lookup_duration: Histogram,
     pub(crate) providers_found: Histogram,
     pub(crate) fetches: Family<TransferLabels, Counter>,
@@ -89,6 +101,8 @@ impl Metrics {
             evictions: Gauge::default(),
             uploads: Gauge::default(),
             peers: Gauge::default(),
+            connections: Family::default(),
+            streams_dropped: Counter::default(),
             lookup_duration: seconds(),
             providers_found: Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             fetches: Family::default(),
@@ -119,6 +133,12 @@ impl Metrics {
         registry.register("cache_evictions", "Blobs evicted since start", m.evictions.clone());
         registry.register("uploads", "Uploads in progress", m.uploads.clone());
         registry.register("connected_peers", "Connected peers", m.peers.clone());
+        registry.register("connections", "Connections opened, closed and failed", m.connections.clone());
+        registry.register(
+            "transfer_streams_dropped",
+            "Inbound transfer streams reset because the accept queue was full",
+            m.streams_dropped.clone(),
+        );
         registry.register("dht_lookup_duration_seconds", "Provider lookup duration", m.lookup_duration.clone());
         registry.register("dht_providers_found", "Providers found per lookup", m.providers_found.clone());
         registry.register("fetches", "Blob fetches by outcome", m.fetches.clone());
@@ -135,6 +155,11 @@ impl Metrics {
     pub(crate) fn served(&self, kind: &'static str, outcome: &'static str, elapsed: Duration) {
         self.served.get_or_create(&TransferLabels { kind, outcome }).inc();
         self.served_duration.get_or_create(&KindLabels { kind }).observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a connection event.
+    pub(crate) fn connection(&self, direction: &'static str, event: &'static str) {
+        self.connections.get_or_create(&ConnectionLabels { direction, event }).inc();
     }
 
     /// The text exposition.

@@ -81,7 +81,7 @@ pub(crate) struct Shared {
     pub(crate) peer_id: PeerId,
     pub(crate) store: Store,
     pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) control: libp2p_stream::Control,
+    pub(crate) control: crate::streams::Control,
     pub(crate) uploads: Arc<Uploads>,
     pub(crate) config: NodeConfig,
     /// Fetches in progress, so concurrent requests for one blob share one fetch.
@@ -124,9 +124,8 @@ impl Node {
         let store_dir = config.data_dir.join("store");
         let store = tokio::task::spawn_blocking(move || Store::open(store_dir, store_config)).await??;
 
-        let mut swarm = swarm::build_swarm(key, &config, transport)?;
-        let mut control = swarm.behaviour().stream.new_control();
-        let incoming = control.accept(transfer::PROTOCOL)?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         for addr in &config.listen {
             swarm.listen_on(addr.clone()).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         }
@@ -134,7 +133,6 @@ impl Node {
             swarm.add_external_address(addr.clone());
         }
         let (commands, command_rx) = mpsc::channel(1024);
-        let metrics = Arc::new(crate::metrics::Metrics::new());
         let activity = Arc::new(crate::connmgr::PeerActivity::default());
         let crowds = Arc::new(crate::crowd::Crowds::default());
         let mut event_loop =

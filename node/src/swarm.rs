@@ -67,7 +67,7 @@ pub(crate) struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    pub(crate) stream: libp2p_stream::Behaviour,
+    pub(crate) stream: crate::streams::Behaviour,
     limits: connection_limits::Behaviour,
 }
 
@@ -146,12 +146,16 @@ pub struct DhtSnapshot {
 /// network instead of QUIC.
 pub type TransportFactory = Box<dyn FnOnce(&Keypair) -> Boxed<(PeerId, StreamMuxerBox)> + Send>;
 
+/// The swarm, with the handle that opens transfer streams and the queue of inbound ones.
 pub(crate) fn build_swarm(
     key: Keypair,
     config: &NodeConfig,
     transport: Option<TransportFactory>,
-) -> anyhow::Result<Swarm<Behaviour>> {
-    let behaviour = |key: &Keypair| {
+    metrics: &crate::metrics::Metrics,
+) -> anyhow::Result<(Swarm<Behaviour>, crate::streams::Control, crate::streams::Incoming)> {
+    let (stream, control, incoming) =
+        crate::streams::Behaviour::new(crate::transfer::PROTOCOL, metrics.streams_dropped.clone());
+    let behaviour = move |key: &Keypair| {
         let peer_id = key.public().to_peer_id();
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
@@ -190,7 +194,7 @@ pub(crate) fn build_swarm(
                     .with_cache_size(IDENTIFY_CACHE),
             ),
             ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
-            stream: libp2p_stream::Behaviour::new(),
+            stream,
             limits: connection_limits::Behaviour::new(limits),
         }
     };
@@ -210,7 +214,7 @@ pub(crate) fn build_swarm(
             .with_swarm_config(swarm_config)
             .build(),
     };
-    Ok(swarm)
+    Ok((swarm, control, incoming))
 }
 
 /// The most providers one lookup dials (those already connected are handed over besides). A
@@ -512,6 +516,16 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        let direction = |e: &libp2p::core::ConnectedPoint| if e.is_dialer() { "out" } else { "in" };
+        match &event {
+            SwarmEvent::ConnectionEstablished { endpoint, .. } => {
+                self.metrics.connection(direction(endpoint), "opened")
+            }
+            SwarmEvent::ConnectionClosed { endpoint, .. } => self.metrics.connection(direction(endpoint), "closed"),
+            SwarmEvent::OutgoingConnectionError { .. } => self.metrics.connection("out", "failed"),
+            SwarmEvent::IncomingConnectionError { .. } => self.metrics.connection("in", "failed"),
+            _ => {}
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let me = *self.swarm.local_peer_id();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
-use futures::{AsyncRead, AsyncWrite, StreamExt};
+use futures::{AsyncRead, AsyncWrite};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_cache::Store;
 use shoal_protocol::verify;
@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::crowd::Crowds;
 use crate::limits::{CHUNK, RateLimit};
+use crate::streams::{Control, Incoming, OpenError};
 
 /// The transfer protocol id.
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
@@ -153,8 +154,8 @@ pub(crate) struct Server {
 
 /// Accepts transfer streams until the node stops. Each stream is handled in its own task so a
 /// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
-pub(crate) async fn serve(mut incoming: libp2p_stream::IncomingStreams, server: Server) {
-    while let Some((peer, stream)) = incoming.next().await {
+pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
+    while let Some((peer, stream)) = incoming.recv().await {
         let server = server.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(peer, stream, &server).await {
@@ -393,10 +394,10 @@ pub(crate) enum PeerFault {
     Protocol,
 }
 
-async fn open(control: &mut libp2p_stream::Control, peer: PeerId) -> Result<Stream, PeerFault> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
+async fn open(control: &Control, peer: PeerId) -> Result<Stream, PeerFault> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, control.open(peer)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Err(PeerFault::Protocol),
+        Ok(Err(OpenError::Unsupported)) => Err(PeerFault::Protocol),
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "cannot open a transfer stream");
             Err(PeerFault::Io)
@@ -439,13 +440,13 @@ pub(crate) struct Held {
 /// of the exchange and the other holders it names; with `prove_size`, also a proof of the size,
 /// checked here. A proof that fails the check is the peer's fault ([`PeerFault::Corrupt`]).
 pub(crate) async fn ask_have(
-    mut control: libp2p_stream::Control,
+    control: Control,
     peer: PeerId,
     hash: Hash,
     trace: TraceId,
     prove_size: bool,
 ) -> Result<Held, PeerFault> {
-    let mut stream = open(&mut control, peer).await?;
+    let mut stream = open(&control, peer).await?;
     let started = Instant::now();
     let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }).await?;
     let rtt = started.elapsed();
@@ -489,7 +490,7 @@ pub(crate) struct PieceRequest {
 /// Sends `request`, verifies what arrives and stores every chunk group that passes; reads are
 /// taken from the download cap, if any.
 pub(crate) async fn get_pieces(
-    mut control: libp2p_stream::Control,
+    control: Control,
     store: Store,
     rate: Option<Arc<RateLimit>>,
     request: PieceRequest,
@@ -497,7 +498,7 @@ pub(crate) async fn get_pieces(
     let PieceRequest { peer, hash, geometry, pieces, trace } = request;
     let none = PieceSet::empty(geometry.piece_count());
     let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault), hints: Vec::new(), have: None };
-    let mut stream = match open(&mut control, peer).await {
+    let mut stream = match open(&control, peer).await {
         Ok(s) => s,
         Err(f) => return fail(f),
     };

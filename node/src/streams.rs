@@ -1,0 +1,393 @@
+//! Raw libp2p streams of one protocol (the transfer protocol): opened on request, accepted into a
+//! bounded queue.
+//!
+//! libp2p-stream does the same job but hands each inbound stream over through a channel that
+//! holds one stream: a second stream negotiated before the accepting task took the first is
+//! dropped, and the requester sees its stream reset. A node that serves a crowd receives streams
+//! in bursts from many connections at once, and on a loaded machine the accepting task runs
+//! milliseconds after it is woken; in a 100-node emulated crowd one inbound stream in five was
+//! lost that way, each counted by its requester as a failure of a healthy peer. Here the queue
+//! holds [`INBOUND_QUEUE`] streams, and a stream that finds it full is counted before it is
+//! dropped.
+//!
+//! Opening a stream to a peer we are not connected to dials it first, as libp2p-stream does.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::upgrade::ReadyUpgrade;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
+    NotifyHandler, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, oneshot};
+
+/// Inbound streams waiting for the accepting task, per node. A stream costs a few hundred bytes
+/// while it waits; past this the node is overloaded and new streams are reset.
+pub(crate) const INBOUND_QUEUE: usize = 1024;
+
+/// Open requests waiting for the swarm, per node; past it `open` waits for room.
+const OPEN_QUEUE: usize = 1024;
+
+/// Open requests waiting for a dial to one peer; past it new ones fail at once.
+const MAX_WAITING_PER_PEER: usize = 256;
+
+/// Why a stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpenError {
+    /// The peer does not speak the protocol.
+    #[error("the peer does not support the protocol")]
+    Unsupported,
+    /// No connection to the peer could be made, or it closed before the stream was negotiated.
+    #[error("cannot reach the peer: {0}")]
+    Unreachable(String),
+    /// The node is stopping.
+    #[error("the node is stopping")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<Stream, OpenError>>;
+
+/// Opens streams to peers; cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct Control {
+    requests: mpsc::Sender<(PeerId, Reply)>,
+}
+
+impl Control {
+    /// A negotiated stream to `peer`, dialling it if we are not connected.
+    pub(crate) async fn open(&self, peer: PeerId) -> Result<Stream, OpenError> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.send((peer, tx)).await.map_err(|_| OpenError::Stopped)?;
+        rx.await.unwrap_or_else(|_| Err(OpenError::Unreachable("the connection closed".into())))
+    }
+}
+
+/// Streams peers opened to us, in the order they were negotiated.
+pub(crate) type Incoming = mpsc::Receiver<(PeerId, Stream)>;
+
+/// The behaviour; see the module documentation.
+pub(crate) struct Behaviour {
+    protocol: StreamProtocol,
+    inbound: mpsc::Sender<(PeerId, Stream)>,
+    dropped: Counter,
+    requests: mpsc::Receiver<(PeerId, Reply)>,
+    connections: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// Requests waiting for a connection to their peer.
+    waiting: HashMap<PeerId, Vec<Reply>>,
+    events: VecDeque<ToSwarm<Infallible, Reply>>,
+}
+
+impl Behaviour {
+    /// The behaviour for `protocol`, the handle that opens streams, and the queue of inbound
+    /// streams. `dropped` counts inbound streams reset because the queue was full.
+    pub(crate) fn new(protocol: StreamProtocol, dropped: Counter) -> (Self, Control, Incoming) {
+        let (inbound, incoming) = mpsc::channel(INBOUND_QUEUE);
+        let (requests_tx, requests) = mpsc::channel(OPEN_QUEUE);
+        let behaviour = Self {
+            protocol,
+            inbound,
+            dropped,
+            requests,
+            connections: HashMap::new(),
+            waiting: HashMap::new(),
+            events: VecDeque::new(),
+        };
+        (behaviour, Control { requests: requests_tx }, incoming)
+    }
+
+    fn handler(&self, peer: PeerId) -> Handler {
+        Handler {
+            peer,
+            protocol: self.protocol.clone(),
+            inbound: self.inbound.clone(),
+            dropped: self.dropped.clone(),
+            to_open: VecDeque::new(),
+        }
+    }
+
+    fn open(&mut self, peer: PeerId, reply: Reply) {
+        if reply.is_closed() {
+            return;
+        }
+        if let Some(connection) = self.connections.get(&peer).and_then(|c| c.iter().next()) {
+            self.events.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(*connection),
+                event: reply,
+            });
+            return;
+        }
+        let waiting = self.waiting.entry(peer).or_default();
+        waiting.retain(|r| !r.is_closed());
+        if waiting.len() >= MAX_WAITING_PER_PEER {
+            let _ = reply.send(Err(OpenError::Unreachable("too many streams wait for this peer".into())));
+            return;
+        }
+        let first = waiting.is_empty();
+        waiting.push(reply);
+        if first {
+            self.events.push_back(ToSwarm::Dial { opts: DialOpts::peer_id(peer).build() });
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = Handler;
+    type ToSwarm = Infallible;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(self.handler(peer))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(e) => {
+                self.connections.entry(e.peer_id).or_default().insert(e.connection_id);
+                for reply in self.waiting.remove(&e.peer_id).unwrap_or_default() {
+                    if !reply.is_closed() {
+                        self.events.push_back(ToSwarm::NotifyHandler {
+                            peer_id: e.peer_id,
+                            handler: NotifyHandler::One(e.connection_id),
+                            event: reply,
+                        });
+                    }
+                }
+            }
+            FromSwarm::ConnectionClosed(e) => {
+                if let Some(set) = self.connections.get_mut(&e.peer_id) {
+                    set.remove(&e.connection_id);
+                    if set.is_empty() {
+                        self.connections.remove(&e.peer_id);
+                    }
+                }
+            }
+            FromSwarm::DialFailure(e) => {
+                // A dial that did not start because another one to the peer is under way is not
+                // a failure: that dial's connection, or its failure, answers the waiting requests.
+                if matches!(e.error, libp2p::swarm::DialError::DialPeerConditionFalse(_)) {
+                    return;
+                }
+                let Some(peer) = e.peer_id else { return };
+                if self.connections.contains_key(&peer) {
+                    return;
+                }
+                for reply in self.waiting.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(OpenError::Unreachable(e.error.to_string())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        match event {}
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        while let Poll::Ready(Some((peer, reply))) = self.requests.poll_recv(cx) {
+            self.open(peer, reply);
+        }
+        match self.events.pop_front() {
+            Some(event) => Poll::Ready(event),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// One connection's side of the behaviour.
+pub(crate) struct Handler {
+    peer: PeerId,
+    protocol: StreamProtocol,
+    inbound: mpsc::Sender<(PeerId, Stream)>,
+    dropped: Counter,
+    /// Open requests not yet handed to the connection.
+    to_open: VecDeque<Reply>,
+}
+
+impl ConnectionHandler for Handler {
+    type FromBehaviour = Reply;
+    type ToBehaviour = Infallible;
+    type InboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
+    type InboundOpenInfo = ();
+    type OutboundOpenInfo = Reply;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, ()> {
+        SubstreamProtocol::new(ReadyUpgrade::new(self.protocol.clone()), ())
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, Reply, Infallible>> {
+        while let Some(reply) = self.to_open.pop_front() {
+            if reply.is_closed() {
+                continue;
+            }
+            return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
+                protocol: SubstreamProtocol::new(ReadyUpgrade::new(self.protocol.clone()), reply),
+            });
+        }
+        Poll::Pending
+    }
+
+    fn on_behaviour_event(&mut self, reply: Reply) {
+        self.to_open.push_back(reply);
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<Self::InboundProtocol, Self::OutboundProtocol, (), Reply>,
+    ) {
+        match event {
+            ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) => {
+                // Full (or the node is stopping): the stream is dropped, which resets it.
+                let queued = self.inbound.try_send((self.peer, stream));
+                self.dropped.inc_by(u64::from(queued.is_err()));
+            }
+            ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: reply }) => {
+                let _ = reply.send(Ok(stream));
+            }
+            ConnectionEvent::DialUpgradeError(DialUpgradeError { info: reply, error }) => {
+                let error = match error {
+                    StreamUpgradeError::NegotiationFailed => OpenError::Unsupported,
+                    StreamUpgradeError::Timeout => OpenError::Unreachable("stream negotiation timed out".into()),
+                    StreamUpgradeError::Io(e) => OpenError::Unreachable(e.to_string()),
+                    StreamUpgradeError::Apply(never) => match never {},
+                };
+                let _ = reply.send(Err(error));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+    use libp2p::core::transport::{MemoryTransport, Transport, upgrade::Version};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Swarm, SwarmBuilder, plaintext, yamux};
+
+    use super::*;
+
+    const PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/test/1");
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// A node speaking `protocol` over libp2p's in-memory transport.
+    fn node(protocol: StreamProtocol) -> (Swarm<Behaviour>, Control, Incoming, Counter) {
+        let dropped = Counter::default();
+        let (behaviour, control, incoming) = Behaviour::new(protocol, dropped.clone());
+        let swarm = SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| {
+                MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(plaintext::Config::new(key))
+                    .multiplex(yamux::Config::default())
+                    .boxed()
+            })
+            .expect("transport")
+            .with_behaviour(|_| behaviour)
+            .expect("behaviour")
+            .build();
+        (swarm, control, incoming, dropped)
+    }
+
+    /// A client of a listening `server`, both driven in the background.
+    async fn connect(server: Swarm<Behaviour>, protocol: StreamProtocol) -> (PeerId, Control) {
+        let server_id = *server.local_peer_id();
+        let addr = listening(server).await;
+        let (mut client, control, _, _) = node(protocol);
+        client.dial(addr).expect("dial");
+        tokio::time::timeout(LIMIT, async {
+            while !matches!(client.select_next_some().await, SwarmEvent::ConnectionEstablished { .. }) {}
+        })
+        .await
+        .expect("connected in time");
+        tokio::spawn(async move { while client.next().await.is_some() {} });
+        (server_id, control)
+    }
+
+    /// Starts a listening node and drives it in the background; returns its address.
+    async fn listening(mut swarm: Swarm<Behaviour>) -> Multiaddr {
+        swarm.listen_on("/memory/0".parse().expect("address")).expect("listen");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        tokio::spawn(async move { while swarm.next().await.is_some() {} });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_streams_waits_for_the_accepting_task() {
+        let (server, _, mut incoming, dropped) = node(PROTOCOL);
+        let (server_id, control) = connect(server, PROTOCOL).await;
+
+        // A hundred streams at once, each sending its number; nobody accepts until all are open.
+        let opened = futures::future::join_all((0..100u8).map(|i| {
+            let control = control.clone();
+            async move {
+                let mut stream = control.open(server_id).await.expect("stream opens");
+                stream.write_all(&[i]).await.expect("write");
+                stream.flush().await.expect("flush");
+                stream
+            }
+        }));
+        let streams = tokio::time::timeout(LIMIT, opened).await.expect("streams open in time");
+        let mut seen = Vec::new();
+        for _ in 0..streams.len() {
+            let (peer, mut stream) =
+                tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
+            assert_ne!(peer, server_id);
+            let mut byte = [0u8];
+            stream.read_exact(&mut byte).await.expect("its byte");
+            seen.push(byte[0]);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<u8>>(), "every stream of the burst arrived");
+        assert_eq!(dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn opening_to_an_unreachable_peer_fails() {
+        let (mut swarm, control, _, _) = node(PROTOCOL);
+        tokio::spawn(async move { while swarm.next().await.is_some() {} });
+        let open = tokio::time::timeout(LIMIT, control.open(PeerId::random())).await.expect("an answer in time");
+        assert!(matches!(open, Err(OpenError::Unreachable(_))), "{open:?}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_protocol_is_unsupported() {
+        let (server, _, _incoming, _) = node(PROTOCOL);
+        let (server_id, control) = connect(server, StreamProtocol::new("/shoal/other/1")).await;
+        let open = tokio::time::timeout(LIMIT, control.open(server_id)).await.expect("an answer in time");
+        assert!(matches!(open, Err(OpenError::Unsupported)), "{open:?}");
+    }
+}
