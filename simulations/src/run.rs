@@ -316,7 +316,8 @@ impl Cluster {
         config.cache_bytes = spec.cache_mib << 20;
         config.hot_bytes = (spec.hot_mib << 20) as usize;
         config.max_connections = spec.max_connections;
-        config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
+        // The timeout is emulated time, as the latencies and rates are.
+        config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s * scenario.network.time_scale);
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         config.refresh_buckets = spec.refresh_buckets;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its

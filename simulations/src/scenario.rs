@@ -111,7 +111,7 @@ pub struct NodesSpec {
     pub join_stagger_ms: u64,
     /// How long the DHT may take to settle after the last join, in seconds.
     pub settle_s: f64,
-    /// The node's lookup timeout in seconds.
+    /// The node's lookup timeout in seconds of emulated time (stretched by the time scale).
     pub lookup_timeout_s: f64,
     /// How often each node refreshes its routing table, in seconds. Every refresh is a burst of
     /// Kademlia lookups; at a thousand nodes the default five minutes is a refresh every 0.3 s
