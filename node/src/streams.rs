@@ -39,6 +39,10 @@ const OPEN_QUEUE: usize = 1024;
 /// Open requests waiting for a dial to one peer; past it new ones fail at once.
 const MAX_WAITING_PER_PEER: usize = 256;
 
+/// Peers with requests waiting for a dial; past it, requests their callers gave up on are
+/// forgotten.
+const MAX_WAITING_PEERS: usize = 1024;
+
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum OpenError {
@@ -124,6 +128,12 @@ impl Behaviour {
                 event: reply,
             });
             return;
+        }
+        if self.waiting.len() >= MAX_WAITING_PEERS {
+            self.waiting.retain(|_, replies| {
+                replies.retain(|r| !r.is_closed());
+                !replies.is_empty()
+            });
         }
         let waiting = self.waiting.entry(peer).or_default();
         waiting.retain(|r| !r.is_closed());
