@@ -67,7 +67,7 @@ pub(crate) struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
-    pub(crate) stream: crate::streams::Behaviour,
+    stream: crate::streams::Behaviour,
     limits: connection_limits::Behaviour,
 }
 
