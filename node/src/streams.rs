@@ -10,10 +10,13 @@
 //! holds [`INBOUND_QUEUE`] streams, and a stream that finds it full is counted before it is
 //! dropped.
 //!
-//! Opening a stream to a peer we are not connected to dials it first, as libp2p-stream does.
+//! Opening a stream to a peer we are not connected to dials it first, as libp2p-stream does. The
+//! addresses other peers named for a peer (given to `Swarm::add_peer_address`) are remembered for
+//! up to [`REMEMBERED_PEERS`] peers and offered to that dial.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
+use std::num::NonZeroUsize;
 use std::task::{Context, Poll};
 
 use libp2p::core::transport::PortUse;
@@ -23,7 +26,8 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
-    NotifyHandler, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
+    NotifyHandler, PeerAddresses, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent,
+    ToSwarm,
 };
 use libp2p::{PeerId, Stream, StreamProtocol};
 use prometheus_client::metrics::counter::Counter;
@@ -42,6 +46,9 @@ const MAX_WAITING_PER_PEER: usize = 256;
 /// Peers with requests waiting for a dial; past it, requests their callers gave up on are
 /// forgotten.
 const MAX_WAITING_PEERS: usize = 1024;
+
+/// Peers whose named addresses are remembered; the least recently named is forgotten.
+const REMEMBERED_PEERS: NonZeroUsize = NonZeroUsize::new(1024).expect("not zero");
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,8 @@ pub(crate) struct Behaviour {
     connections: HashMap<PeerId, HashSet<ConnectionId>>,
     /// Requests waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<Reply>>,
+    /// Addresses other peers named for peers.
+    addresses: PeerAddresses,
     events: VecDeque<ToSwarm<Infallible, Reply>>,
 }
 
@@ -102,6 +111,7 @@ impl Behaviour {
             requests,
             connections: HashMap::new(),
             waiting: HashMap::new(),
+            addresses: PeerAddresses::new(REMEMBERED_PEERS),
             events: VecDeque::new(),
         };
         (behaviour, Control { requests: requests_tx }, incoming)
@@ -153,6 +163,16 @@ impl NetworkBehaviour for Behaviour {
     type ConnectionHandler = Handler;
     type ToSwarm = Infallible;
 
+    fn handle_pending_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        Ok(peer.map(|p| self.addresses.get(&p).collect()).unwrap_or_default())
+    }
+
     fn handle_established_inbound_connection(
         &mut self,
         _: ConnectionId,
@@ -175,6 +195,7 @@ impl NetworkBehaviour for Behaviour {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
+        self.addresses.on_swarm_event(&event);
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 self.connections.entry(e.peer_id).or_default().insert(e.connection_id);
@@ -383,6 +404,27 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, (0..100).collect::<Vec<u8>>(), "every stream of the burst arrived");
         assert_eq!(dropped.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_is_dialled_at_the_addresses_others_named() {
+        let (server, _, mut incoming, _) = node(PROTOCOL);
+        let server_id = *server.local_peer_id();
+        let addr = listening(server).await;
+        let (mut client, control, _, _) = node(PROTOCOL);
+        // Not connected, and no other behaviour knows the server: only the named address.
+        client.add_peer_address(server_id, addr);
+        tokio::spawn(async move { while client.next().await.is_some() {} });
+        let mut stream = tokio::time::timeout(LIMIT, control.open(server_id))
+            .await
+            .expect("in time")
+            .expect("dialled at the named address");
+        stream.write_all(b"x").await.expect("write");
+        stream.flush().await.expect("flush");
+        let (_, mut accepted) = tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
+        let mut byte = [0u8];
+        accepted.read_exact(&mut byte).await.expect("its byte");
+        assert_eq!(&byte, b"x");
     }
 
     #[tokio::test]

@@ -89,8 +89,8 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
-    /// Connect to a peer another peer named as a holder of a blob, at the addresses it gave;
-    /// `found` gets the peer once connected.
+    /// A peer another peer named as a holder of a blob, at the addresses it gave: remembered for
+    /// when a stream to it is opened, and handed to `found` at once.
     Reach { peer: PeerId, addrs: Vec<Multiaddr>, found: mpsc::Sender<PeerId> },
 }
 
@@ -252,8 +252,6 @@ pub(crate) struct EventLoop {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     activity: std::sync::Arc<crate::connmgr::PeerActivity>,
     crowds: std::sync::Arc<crate::crowd::Crowds>,
-    /// Addresses other peers gave for peers being dialled (see [`Command::Reach`]).
-    hinted_addrs: HashMap<PeerId, Vec<Multiaddr>>,
     /// The connections we trim back to; the hard cap is a little higher.
     target_connections: usize,
     /// See [`crate::NodeConfig::refresh_buckets`].
@@ -291,7 +289,6 @@ impl EventLoop {
             metrics,
             activity,
             crowds,
-            hinted_addrs: HashMap::new(),
             target_connections: config.max_connections as usize,
             refresh_buckets: config.refresh_buckets,
             connected_since: HashMap::new(),
@@ -412,10 +409,13 @@ impl EventLoop {
                 if peer == *self.swarm.local_peer_id() {
                     return;
                 }
-                if !self.swarm.is_connected(&peer) && !addrs.is_empty() {
-                    self.hinted_addrs.insert(peer, addrs);
+                // Not dialled now: a crowd names hundreds of holders, and connecting to each on
+                // sight churned connections faster than transfers used them. The fetch asks the
+                // peer when it has a slot for it; the stream's dial finds these addresses.
+                for addr in addrs {
+                    self.swarm.add_peer_address(peer, addr);
                 }
-                self.offer_provider(peer, &found);
+                let _ = found.try_send(peer);
             }
         }
     }
@@ -494,14 +494,9 @@ impl EventLoop {
 
     /// Dials a provider lookups wait for; if the dial cannot start, they stop waiting.
     fn dial_provider(&mut self, peer: PeerId) {
-        // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt. A peer
-        // named by another holder is dialled at the addresses it gave as well.
-        let addrs = self.hinted_addrs.get(&peer).cloned().unwrap_or_default();
-        let opts = DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .extend_addresses_through_behaviour()
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
+        // Dial while the lookup runs: Kademlia hands the dialer the addresses it learnt, and the
+        // stream behaviour those another holder named (see `Command::Reach`).
+        let opts = DialOpts::peer_id(peer).condition(PeerCondition::DisconnectedAndNotDialing).build();
         match self.swarm.dial(opts) {
             Ok(()) => {}
             // Someone (Kademlia itself, often) is dialling it already: its connection, or its
@@ -510,7 +505,6 @@ impl EventLoop {
             Err(e) => {
                 debug!(%peer, error = %e, "cannot dial provider");
                 self.dialling.remove(&peer);
-                self.hinted_addrs.remove(&peer);
             }
         }
     }
@@ -541,7 +535,6 @@ impl EventLoop {
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 self.trim_connections();
                 self.room_retries.remove(&peer_id);
-                self.hinted_addrs.remove(&peer_id);
                 if let Some(waiting) = self.dialling.remove(&peer_id) {
                     for found in waiting {
                         let _ = found.try_send(peer_id);
@@ -564,7 +557,6 @@ impl EventLoop {
                     }
                 }
                 self.room_retries.remove(&peer);
-                self.hinted_addrs.remove(&peer);
                 if self.dialling.remove(&peer).is_some() {
                     debug!(%peer, %error, "cannot reach a provider");
                 } else {
