@@ -174,8 +174,8 @@ async fn run(
     let mut announced = false;
     let mut last_progress = (started, 0u64);
     let mut lookup: Option<AbortHandle> = None;
-    // Holders other peers named (peer exchange): connected through the swarm, then candidates
-    // like the providers a lookup finds.
+    // Holders other peers named (peer exchange): candidates like the providers a lookup finds,
+    // once the swarm has recorded the addresses they were named with.
     let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(64);
     let mut hinted: HashSet<PeerId> = HashSet::new();
 
@@ -431,8 +431,9 @@ async fn run(
 /// providers).
 const MAX_HINTED: usize = 1024;
 
-/// Has the swarm connect to the holders a peer named that this fetch has not heard of; each
-/// becomes a candidate once connected. Malformed hints are skipped.
+/// Gives the swarm the holders a peer named that this fetch has not heard of, with their
+/// addresses; each comes back on `found` as a candidate once its addresses are recorded, so that
+/// the dial its first stream makes finds them. Malformed hints are skipped.
 async fn reach(node: &NodeHandle, hints: &[PeerHint], hinted: &mut HashSet<PeerId>, found: &mpsc::Sender<PeerId>) {
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };

@@ -127,16 +127,23 @@ impl Behaviour {
         }
     }
 
+    /// Has `connection` to `peer` open a stream for `reply`, unless its caller gave up.
+    fn open_on(&mut self, peer: PeerId, connection: ConnectionId, reply: Reply) {
+        if !reply.is_closed() {
+            self.events.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(connection),
+                event: reply,
+            });
+        }
+    }
+
     fn open(&mut self, peer: PeerId, reply: Reply) {
         if reply.is_closed() {
             return;
         }
-        if let Some(connection) = self.connections.get(&peer).and_then(|c| c.iter().next()) {
-            self.events.push_back(ToSwarm::NotifyHandler {
-                peer_id: peer,
-                handler: NotifyHandler::One(*connection),
-                event: reply,
-            });
+        if let Some(connection) = self.connections.get(&peer).and_then(|c| c.iter().next()).copied() {
+            self.open_on(peer, connection, reply);
             return;
         }
         if self.waiting.len() >= MAX_WAITING_PEERS {
@@ -200,13 +207,7 @@ impl NetworkBehaviour for Behaviour {
             FromSwarm::ConnectionEstablished(e) => {
                 self.connections.entry(e.peer_id).or_default().insert(e.connection_id);
                 for reply in self.waiting.remove(&e.peer_id).unwrap_or_default() {
-                    if !reply.is_closed() {
-                        self.events.push_back(ToSwarm::NotifyHandler {
-                            peer_id: e.peer_id,
-                            handler: NotifyHandler::One(e.connection_id),
-                            event: reply,
-                        });
-                    }
+                    self.open_on(e.peer_id, e.connection_id, reply);
                 }
             }
             FromSwarm::ConnectionClosed(e) => {

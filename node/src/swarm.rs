@@ -89,8 +89,10 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
-    /// A peer another peer named as a holder of a blob, at the addresses it gave: remembered for
-    /// when a stream to it is opened, and handed to `found` at once.
+    /// A peer another peer named as a holder of a blob, at the addresses it gave: the addresses
+    /// are recorded for when a stream to it is opened, then the peer is handed to `found`. (The
+    /// round trip orders the two: a stream opened before the addresses were recorded would dial
+    /// without them.)
     Reach { peer: PeerId, addrs: Vec<Multiaddr>, found: mpsc::Sender<PeerId> },
 }
 

@@ -153,7 +153,8 @@ pub(crate) struct Server {
 }
 
 /// Accepts transfer streams until the node stops. Each stream is handled in its own task so a
-/// slow peer never holds up the accept loop (libp2p-stream drops streams it cannot hand over).
+/// slow peer never holds up the accept loop (streams past the accept queue are reset; see
+/// [`crate::streams`]).
 pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
     while let Some((peer, stream)) = incoming.recv().await {
         let server = server.clone();
