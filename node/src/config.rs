@@ -59,6 +59,12 @@ pub struct NodeConfig {
     /// thousand nodes, mostly on new connections; without it the far buckets fill from the peers
     /// the node meets (its bootstrap peers, and everyone who contacts it). The default is `true`.
     pub refresh_buckets: bool,
+    /// How long a node that published a blob holds back, from one requester, a piece it already
+    /// sent to another peer that is still online, so that the crowd passes it on and the
+    /// publisher sends each piece about once (see the node's crowd module). A requester that
+    /// cannot reach the other holders waits at most this long; zero turns holding back off. The
+    /// default is 10 s.
+    pub spread_patience: Duration,
 }
 
 impl NodeConfig {
@@ -85,6 +91,7 @@ impl NodeConfig {
             hot_bytes: shoal_cache::StoreConfig::default().hot_bytes,
             dht_refresh: Duration::from_secs(300),
             refresh_buckets: true,
+            spread_patience: crate::crowd::PATIENCE,
         }
     }
 
@@ -140,6 +147,9 @@ pub struct FileConfig {
     /// Seconds a provider lookup may take.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lookup_timeout_secs: Option<u64>,
+    /// Seconds a publisher holds back a piece that another online peer can pass on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread_patience_secs: Option<u64>,
 }
 
 /// A byte count written as a number or with a unit: `1048576`, `"512M"`, `"10G"`, `"1.5GiB"` is not
@@ -235,6 +245,9 @@ impl NodeConfig {
         if let Some(v) = f.lookup_timeout_secs {
             self.lookup_timeout = Duration::from_secs(v.max(1));
         }
+        if let Some(v) = f.spread_patience_secs {
+            self.spread_patience = Duration::from_secs(v);
+        }
         Ok(())
     }
 
@@ -255,6 +268,7 @@ impl NodeConfig {
             max_connections: Some(self.max_connections),
             allow_peers: self.allow_peers.as_ref().map(|v| v.iter().map(|p| p.to_string()).collect()),
             lookup_timeout_secs: Some(self.lookup_timeout.as_secs()),
+            spread_patience_secs: Some(self.spread_patience.as_secs()),
         }
     }
 }
@@ -271,6 +285,7 @@ mod tests {
             cache-size = "2G"
             upload-rate = 1048576
             max-uploads = 8
+            spread-patience-secs = 3
             "#,
         )
         .expect("parses");
@@ -279,6 +294,7 @@ mod tests {
         assert_eq!(c.cache_bytes, 2 << 30);
         assert_eq!(c.upload_rate, Some(1 << 20));
         assert_eq!(c.max_uploads, 8);
+        assert_eq!(c.spread_patience, Duration::from_secs(3));
         assert_eq!(c.listen[0].to_string(), "/ip4/127.0.0.1/udp/5000/quic-v1");
         // What `config show` prints reads back to the same configuration.
         let shown = toml::to_string(&c.to_file()).expect("serializes");

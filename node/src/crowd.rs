@@ -8,13 +8,15 @@
 //!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
 //!   for their announcements to reach the DHT and for their next lookup.
-//! - **Spreading.** While uploads are contended, a node serves first the pieces no online peer has
-//!   from it: a piece it already served to a peer that is still connected is left to that peer,
-//!   who is named in the hints. This is how a seeder sends each piece about once and lets the
-//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal).
-//!   So that a requester who cannot reach the other holders is never starved, a piece is held
-//!   back from one requester for at most [`PATIENCE`]; when uploads are idle, nothing is held
-//!   back.
+//! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no online
+//!   peer has from it: a piece it already sent to a peer that is still connected is left to that
+//!   peer, who is named in the hints. This is how a seeder sends each piece about once and lets the
+//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal). It
+//!   holds back even while its uplink has room: the fetcher's rarest-first order already sends it
+//!   to the seeder for pieces nobody else has, so what is held back is a piece the requester can
+//!   get elsewhere, and each copy the seeder sends twice is egress its owner pays for. So that a
+//!   requester who cannot reach the other holders is never starved, a piece is held back from one
+//!   requester for at most the node's patience ([`PATIENCE`] unless configured).
 //!
 //! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob, and
 //! [`MAX_WITHHELD`] pieces held back per peer.
@@ -38,10 +40,13 @@ const MAX_CONTACTS: usize = 64;
 /// Pieces held back from one peer at most; past it, that peer is served what it asks.
 const MAX_WITHHELD: usize = 256;
 
-/// The longest a piece is held back from one requester. Long enough for the crowd to pass the
-/// piece on (a few transfers), short enough that a requester who cannot reach the other holders
-/// loses little.
-pub(crate) const PATIENCE: Duration = Duration::from_secs(5);
+/// The longest a piece is held back from one requester, unless configured otherwise
+/// ([`crate::NodeConfig::spread_patience`]). Long enough for a crowd to pass every piece on while
+/// the first copies go out (a 16 MiB crowd over 2 MiB/s uplinks takes about 12 s), short enough
+/// that a requester who cannot reach the other holders waits once, briefly. Measured with
+/// `flash-crowd.toml`: at 2.5 s the seeder sent 2.1 copies of the blob, at 5 s 1.3-1.5, at 10 s
+/// 1.16-1.18 (each piece once; the rest is answers and the DHT).
+pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 
 /// A peer that moved pieces with us longer ago than this is neither hinted nor relied on.
 const FRESH: Duration = Duration::from_secs(30);
@@ -50,6 +55,8 @@ const FRESH: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub(crate) struct Crowds {
     inner: Mutex<Inner>,
+    /// How long a piece is held back from one requester.
+    patience: Duration,
 }
 
 #[derive(Debug)]
@@ -78,7 +85,15 @@ struct Contact {
 
 impl Default for Crowds {
     fn default() -> Self {
+        Self::new(PATIENCE)
+    }
+}
+
+impl Crowds {
+    /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
+    pub(crate) fn new(patience: Duration) -> Self {
         Self {
+            patience,
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
@@ -86,9 +101,7 @@ impl Default for Crowds {
             }),
         }
     }
-}
 
-impl Crowds {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -143,11 +156,11 @@ impl Crowds {
         contact(&mut inner, hash, peer, now).holds = true;
     }
 
-    /// Of `asked`, the pieces to serve `peer` now. While `contended`, a piece we served to another
-    /// peer that is still online is held back, unless it has been held back from `peer` for
-    /// [`PATIENCE`] already.
-    pub(crate) fn offer(&self, hash: Hash, peer: PeerId, asked: &PieceSet, contended: bool, now: Instant) -> PieceSet {
-        if !contended {
+    /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
+    /// we served to another peer that is still online is held back, unless it has been held back
+    /// from `peer` for our patience already.
+    pub(crate) fn offer(&self, hash: Hash, peer: PeerId, asked: &PieceSet, spread: bool, now: Instant) -> PieceSet {
+        if !spread {
             return asked.clone();
         }
         let mut inner = self.lock();
@@ -166,7 +179,7 @@ impl Crowds {
         if elsewhere.is_empty() {
             return asked.clone();
         }
-        hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, now)
+        hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now)
     }
 
     /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, the
@@ -217,9 +230,9 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     c
 }
 
-/// `asked` less the pieces of `elsewhere` still within their patience for `c`; pieces held back
-/// for the first time start their patience now.
-fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, now: Instant) -> PieceSet {
+/// `asked` less the pieces of `elsewhere` still within `patience` for `c`; pieces held back for
+/// the first time start their patience now.
+fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, patience: Duration, now: Instant) -> PieceSet {
     let mut offer = asked.clone();
     for i in elsewhere.iter() {
         let since = match c.withheld.iter().find(|(p, _)| *p == i) {
@@ -230,7 +243,7 @@ fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, now: Insta
             }
             None => continue,
         };
-        if now.saturating_duration_since(since) < PATIENCE {
+        if now.saturating_duration_since(since) < patience {
             offer.remove(i);
         }
     }
@@ -261,8 +274,8 @@ mod tests {
     }
 
     #[test]
-    fn a_piece_served_to_an_online_peer_is_left_to_it_while_uploads_are_contended() {
-        let crowds = Crowds::default();
+    fn a_publisher_leaves_a_piece_it_served_to_an_online_peer_to_that_peer() {
+        let crowds = Crowds::new(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -270,9 +283,9 @@ mod tests {
         crowds.serving(hash, a, &set(8, &[0, 1]), t0);
         crowds.delivered(hash, a, t0);
         let asked = set(8, &[1, 2]);
-        // Idle uploads: everything is served.
+        // A node that did not publish the blob serves everything it holds.
         assert_eq!(crowds.offer(hash, b, &asked, false, t0), asked);
-        // Contended: piece 1 is left to `a`, who is named in the hints.
+        // A publisher leaves piece 1 to `a`, who is named in the hints.
         assert_eq!(crowds.offer(hash, b, &asked, true, t0), set(8, &[2]));
         let hints = crowds.hints(hash, b, t0);
         assert_eq!(hints.len(), 1);
@@ -281,8 +294,10 @@ mod tests {
         // A peer is never sent to itself, nor hinted to itself.
         assert_eq!(crowds.offer(hash, a, &asked, true, t0), asked);
         assert!(crowds.hints(hash, a, t0).is_empty());
-        // After the patience, `b` gets the piece from us after all.
-        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + PATIENCE), asked);
+        // Until its patience runs out; then `b` gets the piece from us after all.
+        let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
+        assert_eq!(crowds.offer(hash, b, &asked, true, almost), set(8, &[2]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + Duration::from_secs(3)), asked);
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl Node {
         }
         let (commands, command_rx) = mpsc::channel(1024);
         let activity = Arc::new(crate::connmgr::PeerActivity::default());
-        let crowds = Arc::new(crate::crowd::Crowds::default());
+        let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience));
         let mut event_loop =
             EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
         for addr in &config.bootstrap {

@@ -1,7 +1,11 @@
 //! The `/shoal/transfer/1` protocol on libp2p streams: serving pieces, and asking for them.
 //!
 //! One request per stream. Serving is bounded: a node-wide semaphore and a per-peer count cap
-//! concurrent uploads; past either a peer gets `Busy { retry_after_ms }` at once, never a queue.
+//! concurrent uploads; past either a peer gets `Busy { retry_after_ms }` at once. Under an upload
+//! cap, a `Get` that finds every piece-upload slot taken waits in a short line (at most
+//! [`WAITING_PER_SLOT`] per slot, for at most [`MAX_SLOT_WAIT`]) instead of being sent away: the
+//! uplink then goes from one upload straight to the next instead of idling until some refused
+//! requester comes back, and a crowd stops paying a round trip per refusal.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,12 +33,21 @@ pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 /// How long a peer may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a busy peer is asked to wait.
+/// How long a busy peer is asked to wait at least; with an upload cap, a peer turned away from a
+/// full line is asked to wait about one upload's time (see [`Uploads::busy_retry`]).
 const BUSY_RETRY: Duration = Duration::from_millis(250);
 
 /// How long a peer is asked to wait when every piece it asked for is left to other holders (see
 /// [`crate::crowd`]): it meanwhile asks them.
 const SPREAD_RETRY: Duration = Duration::from_secs(1);
+
+/// Requests that may wait for a piece-upload slot, per slot; past it a requester gets `Busy`.
+const WAITING_PER_SLOT: usize = 2;
+
+/// The longest a request waits for a piece-upload slot before it is answered `Busy`: well inside
+/// the requester's own timeout, and short enough that a requester stuck behind slow uploads soon
+/// asks someone else.
+const MAX_SLOT_WAIT: Duration = Duration::from_secs(2);
 
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
@@ -52,6 +65,10 @@ pub(crate) struct Uploads {
     /// Concurrent piece uploads (`Get`s) under an upload cap: one per [`UPLOAD_SLOT_RATE`] of
     /// it, at least 2; with no cap, only `total` bounds them.
     data: Option<(Arc<Semaphore>, usize)>,
+    /// Requests waiting for a piece-upload slot.
+    waiting: std::sync::atomic::AtomicUsize,
+    /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
+    upload_micros: std::sync::atomic::AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
@@ -93,6 +110,8 @@ impl Uploads {
         Self {
             total: Arc::new(Semaphore::new(max_total)),
             data,
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            upload_micros: std::sync::atomic::AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
             max_per_peer,
             rate: RateLimit::new(upload_rate),
@@ -120,20 +139,56 @@ impl Uploads {
         Some(UploadSlot { uploads: self, peer, _permit: permit })
     }
 
-    /// A piece-upload slot, or `None` when every one is taken; with no upload cap, always one.
-    fn try_acquire_data(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-        match &self.data {
-            None => Some(None),
-            Some((slots, _)) => slots.clone().try_acquire_owned().ok().map(Some),
+    /// A piece-upload slot, waiting in line for one if every slot is taken and the line has room;
+    /// `None` when the line is full or the wait passed [`MAX_SLOT_WAIT`]. With no upload cap,
+    /// always a slot at once.
+    async fn acquire_data(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+        use std::sync::atomic::Ordering;
+        let Some((slots, n)) = &self.data else { return Some(None) };
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Some(Some(permit));
+        }
+        /// Leaves the line when dropped, however the wait ends.
+        struct InLine<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for InLine<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let ahead = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _in_line = InLine(&self.waiting);
+        if ahead >= n.saturating_mul(WAITING_PER_SLOT) {
+            return None;
+        }
+        // Tokio's semaphore is fair: waiters get slots in the order they asked.
+        match tokio::time::timeout(MAX_SLOT_WAIT, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Some(Some(permit)),
+            Ok(Err(_)) | Err(_) => None,
         }
     }
 
-    /// Whether piece uploads other than the caller's are under way.
-    fn contended(&self) -> bool {
-        match &self.data {
-            Some((slots, n)) => slots.available_permits() + 1 < *n,
-            None => self.active() > 1,
-        }
+    /// A piece upload held its slot for `took`.
+    fn record_upload(&self, took: Duration) {
+        use std::sync::atomic::Ordering;
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        // Racing updates may lose a sample; the average only steers a hint.
+        let old = self.upload_micros.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 4 + sample / 4 };
+        self.upload_micros.store(new, Ordering::Relaxed);
+    }
+
+    /// How long a requester turned away from a full line should wait before asking again: about
+    /// one upload's time, in which half of a full line gets its slots, so that it comes back when
+    /// there is room instead of polling. Within [`BUSY_RETRY`] and [`MAX_SLOT_WAIT`].
+    fn busy_retry(&self) -> Duration {
+        let micros = self.upload_micros.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_micros(micros).clamp(BUSY_RETRY, MAX_SLOT_WAIT)
+    }
+
+    /// Requests waiting for a piece-upload slot now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Uploads in progress.
@@ -242,12 +297,21 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     let peers = crowds.hints(hash, peer, Instant::now());
                     wire::encode_frame(&Response::Busy { retry_after_ms: retry.as_millis() as u32, peers })
                 };
-                let Some(_data_slot) = uploads.try_acquire_data() else {
-                    metrics.served("get", "busy", started.elapsed());
-                    return send_and_close(&mut stream, &busy(BUSY_RETRY), &[], None, None).await;
+                // Pieces left to other holders are answered at once, before waiting in line, and
+                // checked again once a slot is ours: another requester may have been sent them
+                // while we waited.
+                let spread = |held: &PieceSet| crowds.offer(hash, peer, held, spreads, Instant::now());
+                let offered = spread(&held);
+                let (pieces, data_slot) = match offered.is_empty() {
+                    true => (offered, None),
+                    false => {
+                        let Some(slot) = uploads.acquire_data().await else {
+                            metrics.served("get", "busy", started.elapsed());
+                            return send_and_close(&mut stream, &busy(uploads.busy_retry()), &[], None, None).await;
+                        };
+                        (spread(&offered), Some((slot, Instant::now())))
+                    }
                 };
-                let spreading = spreads && uploads.contended();
-                let pieces = crowds.offer(hash, peer, &held, spreading, Instant::now());
                 if pieces.is_empty() {
                     metrics.served("get", "spread", started.elapsed());
                     return send_and_close(&mut stream, &busy(SPREAD_RETRY), &[], None, None).await;
@@ -284,6 +348,9 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
                 if result.is_ok() {
                     crowds.delivered(hash, peer, Instant::now());
+                    if let Some((_, since)) = &data_slot {
+                        uploads.record_upload(since.elapsed());
+                    }
                 }
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
@@ -585,4 +652,78 @@ async fn receive(
         }
     }
     (stored, bytes, fault)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].
+    fn two_slots() -> Uploads {
+        Uploads::new(64, 8, Some(2 * UPLOAD_SLOT_RATE), None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_node_keeps_a_short_line_and_serves_it_in_order() {
+        let uploads = Arc::new(two_slots());
+        let first = uploads.acquire_data().await.flatten().expect("a free slot");
+        let _second = uploads.acquire_data().await.flatten().expect("a free slot");
+        // Every slot is taken: four requests may wait, in the order they came.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for i in 0..4 {
+            let (uploads, tx) = (uploads.clone(), tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let slot = uploads.acquire_data().await.flatten();
+                let _ = tx.send((i, slot.is_some()));
+                slot
+            }));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(uploads.waiting(), 4);
+        // The fifth finds the line full and is answered at once.
+        assert!(uploads.acquire_data().await.is_none());
+        assert_eq!(uploads.waiting(), 4, "a refused request leaves no trace in the line");
+        // A finished upload hands its slot to the first in line.
+        drop(first);
+        assert_eq!(rx.recv().await, Some((0, true)));
+        assert_eq!(uploads.waiting(), 3);
+        // The rest wait no longer than the bound, then leave the line.
+        tokio::time::sleep(MAX_SLOT_WAIT + Duration::from_millis(1)).await;
+        for _ in 1..4 {
+            assert!(matches!(rx.recv().await, Some((_, false))));
+        }
+        assert_eq!(uploads.waiting(), 0);
+        for w in waiters {
+            let _ = w.await;
+        }
+    }
+
+    #[test]
+    fn a_full_line_asks_for_about_one_uploads_time() {
+        let uploads = two_slots();
+        assert_eq!(uploads.busy_retry(), BUSY_RETRY, "nothing timed yet");
+        uploads.record_upload(Duration::from_millis(800));
+        assert_eq!(uploads.busy_retry(), Duration::from_millis(800));
+        // A moving average: one slow upload moves it a quarter of the way.
+        uploads.record_upload(Duration::from_millis(1600));
+        assert_eq!(uploads.busy_retry(), Duration::from_millis(1000));
+        for _ in 0..50 {
+            uploads.record_upload(Duration::from_secs(30));
+        }
+        assert_eq!(uploads.busy_retry(), MAX_SLOT_WAIT);
+        for _ in 0..50 {
+            uploads.record_upload(Duration::from_millis(1));
+        }
+        assert_eq!(uploads.busy_retry(), BUSY_RETRY);
+    }
+
+    #[tokio::test]
+    async fn without_an_upload_cap_nobody_waits() {
+        let uploads = Uploads::new(64, 8, None, None);
+        for _ in 0..100 {
+            assert!(matches!(uploads.acquire_data().await, Some(None)));
+        }
+        assert_eq!(uploads.waiting(), 0);
+    }
 }

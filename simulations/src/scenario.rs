@@ -120,6 +120,10 @@ pub struct NodesSpec {
     /// Whether a DHT bootstrap refreshes every bucket (see `NodeConfig::refresh_buckets`). At a
     /// thousand nodes joining, the refresh is most of the CPU.
     pub refresh_buckets: bool,
+    /// How long a node that published a blob holds a piece back from one requester while another
+    /// online peer it sent the piece to can pass it on (`NodeConfig::spread_patience`), in seconds
+    /// of emulated time; 0 turns holding back off.
+    pub spread_patience_s: f64,
 }
 
 impl Default for NodesSpec {
@@ -135,6 +139,7 @@ impl Default for NodesSpec {
             lookup_timeout_s: 30.0,
             dht_refresh_s: 300.0,
             refresh_buckets: true,
+            spread_patience_s: 10.0,
         }
     }
 }
@@ -278,6 +283,13 @@ impl Scenario {
         let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
         if !positive(self.network.uplink_mib_s) || !positive(self.network.downlink_mib_s) {
             return invalid("caps must be positive".into());
+        }
+        let n = &self.nodes;
+        let durations = [n.settle_s, n.lookup_timeout_s, n.dht_refresh_s, n.spread_patience_s];
+        if durations.iter().any(|d| !(d.is_finite() && *d >= 0.0)) {
+            return invalid(
+                "nodes.settle_s, lookup_timeout_s, dht_refresh_s and spread_patience_s must be non-negative".into(),
+            );
         }
         match &self.experiment {
             Experiment::FlashCrowd { blob_mib, seeder, seeder_uplink_mib_s, .. } => {
@@ -425,5 +437,27 @@ mod tests {
         "#;
         let s: Scenario = toml::from_str(text).expect("parses");
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_negative_duration_is_refused_not_a_panic() {
+        let text = r#"
+            name = "x"
+            [network]
+            regions = ["a"]
+            latency_ms = [[1]]
+            [nodes]
+            spread_patience_s = -1.0
+            [experiment]
+            kind = "flash-crowd"
+            blob_mib = 1.0
+        "#;
+        let mut s: Scenario = toml::from_str(text).expect("parses");
+        assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
+        s.nodes.spread_patience_s = 0.0;
+        s.nodes.settle_s = f64::NAN;
+        assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
+        s.nodes.settle_s = 1.0;
+        s.check().expect("valid");
     }
 }

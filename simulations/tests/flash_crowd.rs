@@ -35,6 +35,9 @@ fn scenario() -> Scenario {
             dht_refresh_s: 300.0,
             // Joining with the lookup of the node's own id only: the crowd still finds its providers.
             refresh_buckets: false,
+            // Longer than the crowd takes even on a loaded machine, so that the seeder's egress
+            // measures spreading, not how long the machine took.
+            spread_patience_s: 60.0,
         },
         experiment: Experiment::FlashCrowd {
             blob_mib: 2.0,
@@ -78,6 +81,12 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         r.max_s,
         r.t_min_s
     );
-    // The seeder sent at least one copy; the crowd cannot be served with less.
-    assert!(r.origin_egress_copies >= 1.0);
+    // The seeder sent at least one copy; the crowd cannot be served with less. It sends each
+    // piece once and the crowd passes it on: what it sends beyond one copy is answers and DHT
+    // traffic (1.05-1.18 copies measured; 1.8-2.6 when it held pieces back only while busy).
+    assert!(
+        (1.0..1.5).contains(&r.origin_egress_copies),
+        "the seeder sent {:.2} copies of the blob",
+        r.origin_egress_copies
+    );
 }
