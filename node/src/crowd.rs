@@ -11,12 +11,14 @@
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no online
 //!   peer has from it: a piece it already sent to a peer that is still connected is left to that
 //!   peer, who is named in the hints. This is how a seeder sends each piece about once and lets the
-//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal). It
-//!   holds back even while its uplink has room: the fetcher's rarest-first order already sends it
-//!   to the seeder for pieces nobody else has, so what is held back is a piece the requester can
-//!   get elsewhere, and each copy the seeder sends twice is egress its owner pays for. So that a
-//!   requester who cannot reach the other holders is never starved, a piece is held back from one
-//!   requester for at most the node's patience ([`PATIENCE`] unless configured).
+//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal). In
+//!   a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has room: the
+//!   fetcher's rarest-first order already sends it the requests for pieces nobody else has, so
+//!   what is held back is a piece the requester can get elsewhere, and each copy sent twice is
+//!   egress its owner pays for. In a smaller crowd its uplink is a large share of the crowd's, so
+//!   it holds back only while its other uploads are busy. So that a requester who cannot reach the
+//!   other holders is never starved, a piece is held back from one requester for at most the
+//!   node's patience ([`PATIENCE`] unless configured).
 //!
 //! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob, and
 //! [`MAX_WITHHELD`] pieces held back per peer.
@@ -47,6 +49,11 @@ const MAX_WITHHELD: usize = 256;
 /// `flash-crowd.toml`: at 2.5 s the seeder sent 2.1 copies of the blob, at 5 s 1.3-1.5, at 10 s
 /// 1.16-1.18 (each piece once; the rest is answers and the DHT).
 pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Below this many peers moving a blob with us, a publisher holds pieces back only while its
+/// other piece uploads are busy: in a small crowd its uplink is a large share of all the crowd
+/// has, and leaving it idle slows everyone more than the egress it saves is worth.
+const SMALL_CROWD: usize = 16;
 
 /// A peer that moved pieces with us longer ago than this is neither hinted nor relied on.
 const FRESH: Duration = Duration::from_secs(30);
@@ -158,14 +165,25 @@ impl Crowds {
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another peer that is still online is held back, unless it has been held back
-    /// from `peer` for our patience already.
-    pub(crate) fn offer(&self, hash: Hash, peer: PeerId, asked: &PieceSet, spread: bool, now: Instant) -> PieceSet {
+    /// from `peer` for our patience already, or our uploads are otherwise `idle` and the blob's
+    /// crowd is smaller than [`SMALL_CROWD`].
+    pub(crate) fn offer(
+        &self,
+        hash: Hash,
+        peer: PeerId,
+        asked: &PieceSet,
+        spread: bool,
+        idle: bool,
+        now: Instant,
+    ) -> PieceSet {
         if !spread {
             return asked.clone();
         }
         let mut inner = self.lock();
         let mut elsewhere = PieceSet::empty(asked.piece_count());
+        let mut crowd = 0;
         if let Some(contacts) = inner.blobs.peek(&hash) {
+            crowd = contacts.iter().filter(|c| now.saturating_duration_since(c.seen) < FRESH).count();
             for c in contacts {
                 if c.peer != peer
                     && inner.addrs.contains_key(&c.peer)
@@ -176,7 +194,7 @@ impl Crowds {
                 }
             }
         }
-        if elsewhere.is_empty() {
+        if elsewhere.is_empty() || (idle && crowd < SMALL_CROWD) {
             return asked.clone();
         }
         hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now)
@@ -284,20 +302,43 @@ mod tests {
         crowds.delivered(hash, a, t0);
         let asked = set(8, &[1, 2]);
         // A node that did not publish the blob serves everything it holds.
-        assert_eq!(crowds.offer(hash, b, &asked, false, t0), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, false, false, t0), asked);
         // A publisher leaves piece 1 to `a`, who is named in the hints.
-        assert_eq!(crowds.offer(hash, b, &asked, true, t0), set(8, &[2]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), set(8, &[2]));
         let hints = crowds.hints(hash, b, t0);
         assert_eq!(hints.len(), 1);
         assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
         assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
         // A peer is never sent to itself, nor hinted to itself.
-        assert_eq!(crowds.offer(hash, a, &asked, true, t0), asked);
+        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0), asked);
         assert!(crowds.hints(hash, a, t0).is_empty());
         // Until its patience runs out; then `b` gets the piece from us after all.
         let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
-        assert_eq!(crowds.offer(hash, b, &asked, true, almost), set(8, &[2]));
-        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + Duration::from_secs(3)), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, almost), set(8, &[2]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + Duration::from_secs(3)), asked);
+    }
+
+    #[test]
+    fn an_idle_publisher_holds_back_only_in_a_large_crowd() {
+        let crowds = Crowds::new(Duration::from_secs(10));
+        let hash = Hash::from([7u8; 32]);
+        let t0 = Instant::now();
+        let asker = PeerId::random();
+        let asked = set(8, &[0]);
+        // Piece 0 went to each of a small crowd of holders, all online.
+        for _ in 0..SMALL_CROWD - 2 {
+            let p = PeerId::random();
+            crowds.connected(p, vec![addr(1)]);
+            crowds.serving(hash, p, &asked, t0);
+        }
+        // With nothing else to upload, the publisher serves it again; while busy, it does not.
+        assert_eq!(crowds.offer(hash, asker, &asked, true, true, t0), asked);
+        assert!(crowds.offer(hash, asker, &asked, true, false, t0).is_empty());
+        // The crowd grows: now it holds back even while idle.
+        let p = PeerId::random();
+        crowds.connected(p, vec![addr(1)]);
+        crowds.serving(hash, p, &asked, t0);
+        assert!(crowds.offer(hash, PeerId::random(), &asked, true, true, t0).is_empty());
     }
 
     #[test]
@@ -310,10 +351,10 @@ mod tests {
         crowds.serving(hash, a, &set(4, &[0]), t0);
         let asked = set(4, &[0]);
         crowds.disconnected(&a);
-        assert_eq!(crowds.offer(hash, b, &asked, true, t0), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), asked);
         assert!(crowds.hints(hash, b, t0).is_empty());
         crowds.connected(a, vec![addr(1)]);
-        assert_eq!(crowds.offer(hash, b, &asked, true, t0 + FRESH), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + FRESH), asked);
     }
 
     #[test]
@@ -340,7 +381,7 @@ mod tests {
         for start in (0..4096).step_by(64) {
             let mut asked = PieceSet::empty(4096);
             asked.insert_range(start..start + 64);
-            served += crowds.offer(hash, asker, &asked, true, t1).count();
+            served += crowds.offer(hash, asker, &asked, true, false, t1).count();
         }
         assert_eq!(served, 4096 - MAX_WITHHELD as u32);
         for i in 0..MAX_BLOBS + 10 {

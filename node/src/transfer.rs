@@ -191,6 +191,17 @@ impl Uploads {
         self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether no piece upload but the caller's (`holding` one slot) runs and nobody waits.
+    fn idle(&self, holding: bool) -> bool {
+        match &self.data {
+            Some((slots, n)) => {
+                slots.available_permits() + usize::from(holding) >= *n
+                    && self.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0
+            }
+            None => self.active() <= 1,
+        }
+    }
+
     /// Uploads in progress.
     pub(crate) fn active(&self) -> usize {
         self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
@@ -300,8 +311,10 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // Pieces left to other holders are answered at once, before waiting in line, and
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
-                let spread = |held: &PieceSet| crowds.offer(hash, peer, held, spreads, Instant::now());
-                let offered = spread(&held);
+                let spread = |held: &PieceSet, holding: bool| {
+                    crowds.offer(hash, peer, held, spreads, uploads.idle(holding), Instant::now())
+                };
+                let offered = spread(&held, false);
                 let (pieces, data_slot) = match offered.is_empty() {
                     true => (offered, None),
                     false => {
@@ -309,7 +322,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(&mut stream, &busy(uploads.busy_retry()), &[], None, None).await;
                         };
-                        (spread(&offered), Some((slot, Instant::now())))
+                        (spread(&offered, true), Some((slot, Instant::now())))
                     }
                 };
                 if pieces.is_empty() {
@@ -716,6 +729,19 @@ mod tests {
             uploads.record_upload(Duration::from_millis(1));
         }
         assert_eq!(uploads.busy_retry(), BUSY_RETRY);
+    }
+
+    #[tokio::test]
+    async fn idle_means_no_other_upload_and_nobody_waiting() {
+        let uploads = two_slots();
+        assert!(uploads.idle(false));
+        let ours = uploads.acquire_data().await.flatten().expect("a free slot");
+        assert!(uploads.idle(true), "only the caller's upload runs");
+        assert!(!uploads.idle(false));
+        let other = uploads.acquire_data().await.flatten().expect("a free slot");
+        assert!(!uploads.idle(true));
+        drop((ours, other));
+        assert!(uploads.idle(false));
     }
 
     #[tokio::test]

@@ -24,7 +24,7 @@ fn scenario() -> Scenario {
             time_scale: 1.0,
         },
         nodes: NodesSpec {
-            count: 11,
+            count: 20,
             cache_mib: 16,
             hot_mib: 4,
             max_connections: 32,
@@ -81,9 +81,10 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         r.max_s,
         r.t_min_s
     );
-    // The seeder sent at least one copy; the crowd cannot be served with less. It sends each
-    // piece once and the crowd passes it on: what it sends beyond one copy is answers and DHT
-    // traffic (1.05-1.18 copies measured; 1.8-2.6 when it held pieces back only while busy).
+    // The seeder sent at least one copy; the crowd cannot be served with less. The crowd (19
+    // fetchers) is past the node's small-crowd size, so the seeder sends each piece once and the
+    // crowd passes it on: what it sends beyond one copy is answers and DHT traffic (1.14 copies
+    // measured; 1.8-2.6 when the seeder held pieces back only while busy).
     assert!(
         (1.0..1.5).contains(&r.origin_egress_copies),
         "the seeder sent {:.2} copies of the blob",
