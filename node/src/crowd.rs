@@ -56,6 +56,8 @@ pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 const SMALL_CROWD: usize = 16;
 
 /// A peer that moved pieces with us longer ago than this is neither hinted nor relied on.
+/// At least; a node with a longer patience remembers its peers for three patiences, so that a
+/// piece is not sent again to a crowd still passing it on.
 const FRESH: Duration = Duration::from_secs(30);
 
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
@@ -64,6 +66,8 @@ pub(crate) struct Crowds {
     inner: Mutex<Inner>,
     /// How long a piece is held back from one requester.
     patience: Duration,
+    /// How long a peer that moved pieces with us is hinted and relied on.
+    fresh: Duration,
 }
 
 #[derive(Debug)]
@@ -101,6 +105,7 @@ impl Crowds {
     pub(crate) fn new(patience: Duration) -> Self {
         Self {
             patience,
+            fresh: FRESH.max(patience.saturating_mul(3)),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
@@ -183,11 +188,11 @@ impl Crowds {
         let mut elsewhere = PieceSet::empty(asked.piece_count());
         let mut crowd = 0;
         if let Some(contacts) = inner.blobs.peek(&hash) {
-            crowd = contacts.iter().filter(|c| now.saturating_duration_since(c.seen) < FRESH).count();
+            crowd = contacts.iter().filter(|c| now.saturating_duration_since(c.seen) < self.fresh).count();
             for c in contacts {
                 if c.peer != peer
                     && inner.addrs.contains_key(&c.peer)
-                    && now.saturating_duration_since(c.seen) < FRESH
+                    && now.saturating_duration_since(c.seen) < self.fresh
                     && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
                 {
                     elsewhere.union_with(&served.intersection(asked));
@@ -208,7 +213,7 @@ impl Crowds {
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
-            .filter(|c| c.holds && c.peer != peer && now.saturating_duration_since(c.seen) < FRESH)
+            .filter(|c| c.holds && c.peer != peer && now.saturating_duration_since(c.seen) < self.fresh)
             .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
         known.sort_by_key(|c| std::cmp::Reverse(c.0.seen));
