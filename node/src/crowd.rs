@@ -55,9 +55,9 @@ pub(crate) const PATIENCE: Duration = Duration::from_secs(10);
 /// has, and leaving it idle slows everyone more than the egress it saves is worth.
 const SMALL_CROWD: usize = 16;
 
-/// A peer that moved pieces with us longer ago than this is neither hinted nor relied on.
-/// At least; a node with a longer patience remembers its peers for three patiences, so that a
-/// piece is not sent again to a crowd still passing it on.
+/// A peer that moved pieces with us longer ago than this, or than three patiences if that is
+/// longer, is neither hinted nor relied on: a node with a long patience remembers its peers as
+/// long, so that it does not send a piece again to a crowd still passing it on.
 const FRESH: Duration = Duration::from_secs(30);
 
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
