@@ -63,7 +63,7 @@ pub struct NodeConfig {
     /// sent to another peer that is still online, so that the crowd passes it on and the
     /// publisher sends each piece about once (see the node's crowd module). A requester that
     /// cannot reach the other holders waits at most this long; zero turns holding back off. The
-    /// default is 10 s.
+    /// default is 30 s.
     pub spread_patience: Duration,
 }
 

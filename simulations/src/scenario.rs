@@ -139,7 +139,7 @@ impl Default for NodesSpec {
             lookup_timeout_s: 30.0,
             dht_refresh_s: 300.0,
             refresh_buckets: true,
-            spread_patience_s: 10.0,
+            spread_patience_s: 30.0,
         }
     }
 }
