@@ -94,12 +94,6 @@ struct Contact {
     withheld: Vec<(u32, Instant)>,
 }
 
-impl Default for Crowds {
-    fn default() -> Self {
-        Self::new(PATIENCE)
-    }
-}
-
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
     pub(crate) fn new(patience: Duration) -> Self {
@@ -367,7 +361,7 @@ mod tests {
 
     #[test]
     fn everything_is_bounded() {
-        let crowds = Crowds::default();
+        let crowds = Crowds::new(PATIENCE);
         let t0 = Instant::now();
         let hash = Hash::from([1u8; 32]);
         for _ in 0..MAX_CONTACTS * 2 {

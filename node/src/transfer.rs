@@ -8,6 +8,7 @@
 //! requester comes back, and a crowd stops paying a round trip per refusal.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -66,15 +67,15 @@ pub(crate) struct Uploads {
     /// it, at least 2; with no cap, only `total` bounds them.
     data: Option<(Arc<Semaphore>, usize)>,
     /// Requests waiting for a piece-upload slot.
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
-    upload_micros: std::sync::atomic::AtomicU64,
+    upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
     allow: Option<std::collections::HashSet<PeerId>>,
     /// Set at shutdown: new uploads get `Busy`, running ones finish.
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
 }
 
 /// An upload slot; released when dropped.
@@ -110,23 +111,23 @@ impl Uploads {
         Self {
             total: Arc::new(Semaphore::new(max_total)),
             data,
-            waiting: std::sync::atomic::AtomicUsize::new(0),
-            upload_micros: std::sync::atomic::AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
             max_per_peer,
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         }
     }
 
     /// Refuses new uploads from now on; running ones go on.
     pub(crate) fn close(&self) {
-        self.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
-        if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.closing.load(Ordering::Relaxed) {
             return None;
         }
         let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
@@ -143,13 +144,12 @@ impl Uploads {
     /// `None` when the line is full or the wait passed [`MAX_SLOT_WAIT`]. With no upload cap,
     /// always a slot at once.
     async fn acquire_data(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-        use std::sync::atomic::Ordering;
         let Some((slots, n)) = &self.data else { return Some(None) };
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Some(Some(permit));
         }
         /// Leaves the line when dropped, however the wait ends.
-        struct InLine<'a>(&'a std::sync::atomic::AtomicUsize);
+        struct InLine<'a>(&'a AtomicUsize);
         impl Drop for InLine<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::Relaxed);
@@ -169,7 +169,6 @@ impl Uploads {
 
     /// A piece upload held its slot for `took`.
     fn record_upload(&self, took: Duration) {
-        use std::sync::atomic::Ordering;
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
         // Racing updates may lose a sample; the average only steers a hint.
         let old = self.upload_micros.load(Ordering::Relaxed);
@@ -181,22 +180,21 @@ impl Uploads {
     /// one upload's time, in which half of a full line gets its slots, so that it comes back when
     /// there is room instead of polling. Within [`BUSY_RETRY`] and [`MAX_SLOT_WAIT`].
     fn busy_retry(&self) -> Duration {
-        let micros = self.upload_micros.load(std::sync::atomic::Ordering::Relaxed);
+        let micros = self.upload_micros.load(Ordering::Relaxed);
         Duration::from_micros(micros).clamp(BUSY_RETRY, MAX_SLOT_WAIT)
     }
 
     /// Requests waiting for a piece-upload slot now.
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Whether no piece upload but the caller's (`holding` one slot) runs and nobody waits.
     fn idle(&self, holding: bool) -> bool {
         match &self.data {
             Some((slots, n)) => {
-                slots.available_permits() + usize::from(holding) >= *n
-                    && self.waiting.load(std::sync::atomic::Ordering::Relaxed) == 0
+                slots.available_permits() + usize::from(holding) >= *n && self.waiting.load(Ordering::Relaxed) == 0
             }
             None => self.active() <= 1,
         }

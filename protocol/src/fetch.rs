@@ -964,7 +964,7 @@ where
             self.fail();
             return self.actions.pop_front();
         }
-        self.expire_backoffs(now);
+        self.expire_timers(now);
         if let Some(action) = self.decide(now) {
             return Some(action);
         }
@@ -1038,7 +1038,7 @@ where
             }
             self.peer_failed(peer, PeerFailure::Timeout, Asked::Have, now);
         }
-        self.expire_backoffs(now);
+        self.expire_timers(now);
     }
 
     /// How far the fetch has come.
@@ -1611,7 +1611,7 @@ where
     }
 
     /// Lifts the back-offs that ended, and marks late the requests past due.
-    fn expire_backoffs(&mut self, now: Instant) {
+    fn expire_timers(&mut self, now: Instant) {
         for rec in self.peers.values_mut() {
             if rec.backoff_until.is_some_and(|t| t <= now) {
                 rec.backoff_until = None;
