@@ -123,12 +123,13 @@ pub(crate) async fn fetch(
             _ => Err(FetchError::Failed { hash, reason: "a concurrent fetch of it failed".into() }.into()),
         };
     }
+    let registered = Registered { node, hash };
     let trace = TraceId(rand::random());
     let span = info_span!("fetch", blob = %hash.short(), trace = %trace);
     let result = run(node, hash, trace, &own_tx, progress.as_ref()).instrument(span).await;
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     node.inner.metrics.fetches.get_or_create(&crate::metrics::TransferLabels { kind: "blob", outcome }).inc();
-    node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+    drop(registered);
     // The last report: a blob that arrived in one response was never reported in part.
     let finish = |p: &mut FetchProgress| {
         if let Ok(info) = &result {
@@ -142,6 +143,20 @@ pub(crate) async fn fetch(
         p.send_modify(finish);
     }
     result
+}
+
+/// A running fetch's entry in the node's registry, removed however the fetch ends. A caller that
+/// gives up (an interrupted `shoal get`) drops the fetch's future: an entry left behind would have
+/// every later fetch of the blob follow one that no longer runs, and fail.
+struct Registered<'a> {
+    node: &'a NodeHandle,
+    hash: Hash,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
+    }
 }
 
 async fn run(

@@ -1,0 +1,48 @@
+//! Fetching as a caller sees it: a fetch its caller gave up on can be started again.
+
+use std::time::Duration;
+
+use shoal_node::{Node, NodeConfig};
+
+fn config(dir: std::path::PathBuf) -> NodeConfig {
+    let mut c = NodeConfig::new(dir);
+    c.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+    c.api = Some("127.0.0.1:0".parse().expect("addr"));
+    c.durable = false;
+    c.lookup_timeout = Duration::from_secs(10);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let file = tmp.path().join("f");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&file, &data).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+
+    // 512 KiB/s: the 2 MB blob takes about 4 s, so the first attempt is cut off part way.
+    let mut fc = config(tmp.path().join("fetcher"));
+    fc.bootstrap = vec![p_addr];
+    fc.download_rate = Some(512 << 10);
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    let h = fetcher.handle();
+    // An interrupted `shoal get`: the caller stops waiting and drops the fetch.
+    let first = tokio::time::timeout(Duration::from_millis(1500), h.fetch(hash, None)).await;
+    assert!(first.is_err(), "the first attempt was meant to be cut off, but it finished");
+
+    let again = tokio::time::timeout(Duration::from_secs(30), h.fetch(hash, None))
+        .await
+        .expect("the second attempt finishes in time")
+        .expect("the second attempt succeeds");
+    assert!(again.is_complete());
+    let out = tmp.path().join("out");
+    h.store().export(hash, &out).expect("export");
+    assert_eq!(std::fs::read(&out).expect("read"), data);
+
+    for n in [fetcher, provider] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
