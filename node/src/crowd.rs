@@ -20,8 +20,13 @@
 //!   other holders is never starved, a piece is held back from one requester for at most the
 //!   node's patience ([`PATIENCE`] unless configured).
 //!
-//! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob, and
-//! [`MAX_WITHHELD`] pieces held back per peer.
+//! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
+//!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
+//!   carries pieces both ways, as between BitTorrent peers, so a crowd needs fewer connections
+//!   than it would if every fetcher picked its sources apart from who picked it.
+//!
+//! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob,
+//! [`MAX_WITHHELD`] pieces held back per peer, and [`NEARBY_QUEUE`] names waiting per fetch.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -32,6 +37,7 @@ use libp2p::{Multiaddr, PeerId};
 use lru::LruCache;
 use shoal_protocol::wire::{MAX_HINT_ADDR_LEN, MAX_HINT_ADDRS, MAX_HINTS, PeerHint};
 use shoal_protocol::{Hash, PieceSet};
+use tokio::sync::mpsc;
 
 /// Blobs remembered at most; the least recently used is forgotten.
 const MAX_BLOBS: usize = 256;
@@ -60,6 +66,9 @@ const SMALL_CROWD: usize = 16;
 /// long, so that it does not send a piece again to a crowd still passing it on.
 const FRESH: Duration = Duration::from_secs(30);
 
+/// Peers named to a running fetch that it has not taken yet; past it, names are dropped.
+const NEARBY_QUEUE: usize = 64;
+
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
 #[derive(Debug)]
 pub(crate) struct Crowds {
@@ -79,6 +88,9 @@ struct Inner {
     /// Size proofs we checked, with the size each proves: passed on to others who ask, so the
     /// proof spreads with the pieces instead of every fetcher needing a holder of the last piece.
     proofs: LruCache<Hash, (u64, std::sync::Arc<[u8]>)>,
+    /// The fetches running here, each with where to name the peers it can ask without dialling.
+    /// An entry lives as long as its fetch ([`Crowds::fetch_started`], [`Crowds::fetch_ended`]).
+    fetching: HashMap<Hash, mpsc::Sender<PeerId>>,
 }
 
 #[derive(Debug)]
@@ -104,6 +116,7 @@ impl Crowds {
                 addrs: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
+                fetching: HashMap::new(),
             }),
         }
     }
@@ -156,10 +169,33 @@ impl Crowds {
     }
 
     /// We sent `peer` pieces of `hash`: it holds them (once it verified them), so others may
-    /// fetch from it.
+    /// fetch from it, and so may we, if we are fetching the blob too: the fetch is told of it as
+    /// a peer it can ask over the connection we just used.
     pub(crate) fn delivered(&self, hash: Hash, peer: PeerId, now: Instant) {
         let mut inner = self.lock();
         contact(&mut inner, hash, peer, now).holds = true;
+        if let Some(fetch) = inner.fetching.get(&hash) {
+            // A full channel drops the name: the fetch is behind, and the peer will be named again.
+            let _ = fetch.try_send(peer);
+        }
+    }
+
+    /// A fetch of `hash` starts here: it receives the peers [`Crowds::delivered`] names. The
+    /// channel holds [`NEARBY_QUEUE`] names.
+    pub(crate) fn fetch_started(&self, hash: Hash) -> mpsc::Receiver<PeerId> {
+        let (tx, rx) = mpsc::channel(NEARBY_QUEUE);
+        self.lock().fetching.insert(hash, tx);
+        rx
+    }
+
+    /// The fetch of `hash` ended.
+    pub(crate) fn fetch_ended(&self, hash: &Hash) {
+        self.lock().fetching.remove(hash);
+    }
+
+    /// Whether we hold a connection to `peer`.
+    pub(crate) fn is_connected(&self, peer: &PeerId) -> bool {
+        self.lock().addrs.contains_key(peer)
     }
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
@@ -288,6 +324,28 @@ mod tests {
 
     fn addr(port: u16) -> Multiaddr {
         format!("/ip4/127.0.0.1/udp/{port}/quic-v1").parse().expect("addr")
+    }
+
+    #[test]
+    fn a_running_fetch_hears_of_the_peers_we_serve_its_blob() {
+        let crowds = Crowds::new(PATIENCE);
+        let (fetched, other) = (nth_hash(1), nth_hash(2));
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let now = Instant::now();
+        crowds.delivered(fetched, a, now);
+        let mut nearby = crowds.fetch_started(fetched);
+        assert!(nearby.try_recv().is_err(), "only deliveries made while the fetch runs are named");
+        crowds.delivered(other, a, now);
+        crowds.delivered(fetched, b, now);
+        assert_eq!(nearby.try_recv().ok(), Some(b));
+        assert!(nearby.try_recv().is_err(), "not the peers served another blob");
+        for _ in 0..NEARBY_QUEUE + 10 {
+            crowds.delivered(fetched, a, now);
+        }
+        assert_eq!(std::iter::from_fn(|| nearby.try_recv().ok()).count(), NEARBY_QUEUE, "the queue is bounded");
+        crowds.fetch_ended(&fetched);
+        crowds.delivered(fetched, b, now);
+        assert!(nearby.try_recv().is_err(), "an ended fetch hears nothing");
     }
 
     #[test]

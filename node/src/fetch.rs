@@ -124,9 +124,10 @@ pub(crate) async fn fetch(
         };
     }
     let registered = Registered { node, hash };
+    let nearby = node.inner.crowds.fetch_started(hash);
     let trace = TraceId(rand::random());
     let span = info_span!("fetch", blob = %hash.short(), trace = %trace);
-    let result = run(node, hash, trace, &own_tx, progress.as_ref()).instrument(span).await;
+    let result = run(node, hash, trace, nearby, &own_tx, progress.as_ref()).instrument(span).await;
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     node.inner.metrics.fetches.get_or_create(&crate::metrics::TransferLabels { kind: "blob", outcome }).inc();
     drop(registered);
@@ -145,9 +146,9 @@ pub(crate) async fn fetch(
     result
 }
 
-/// A running fetch's entry in the node's registry, removed however the fetch ends. A caller that
-/// gives up (an interrupted `shoal get`) drops the fetch's future: an entry left behind would have
-/// every later fetch of the blob follow one that no longer runs, and fail.
+/// A running fetch's entries in the node's registries, removed however the fetch ends. A caller
+/// that gives up (an interrupted `shoal get`) drops the fetch's future: an entry left behind
+/// would have every later fetch of the blob follow one that no longer runs, and fail.
 struct Registered<'a> {
     node: &'a NodeHandle,
     hash: Hash,
@@ -156,6 +157,7 @@ struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
+        self.node.inner.crowds.fetch_ended(&self.hash);
     }
 }
 
@@ -163,6 +165,7 @@ async fn run(
     node: &NodeHandle,
     hash: Hash,
     trace: TraceId,
+    mut nearby: mpsc::Receiver<PeerId>,
     shared: &watch::Sender<FetchProgress>,
     progress: Option<&watch::Sender<FetchProgress>>,
 ) -> Result<BlobInfo, NodeError> {
@@ -385,7 +388,8 @@ async fn run(
                     Event::ProvidersDone => machine.handle_providers_done(now),
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);
-                        reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        let near = reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        machine.handle_nearby(near, now);
                         if let Some(proof) = held.size_proof {
                             node.inner.crowds.remember_proof(hash, held.size, proof);
                             machine.handle_size_proof(held.size, now);
@@ -416,7 +420,8 @@ async fn run(
                         if !got.verified.is_empty() {
                             node.inner.crowds.source(hash, peer, now);
                         }
-                        reach(node, &got.hints, &mut hinted, &hinted_tx).await;
+                        let near = reach(node, &got.hints, &mut hinted, &hinted_tx).await;
+                        machine.handle_nearby(near, now);
                         machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, got.fault.map(failure), now);
                         if let Some(have) = got.have {
                             // Not the pieces it just left to others: they are asked elsewhere.
@@ -430,6 +435,7 @@ async fn run(
                 }
             }
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
+            Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
         }
     };
@@ -448,19 +454,31 @@ const MAX_HINTED: usize = 1024;
 
 /// Gives the swarm the holders a peer named that this fetch has not heard of, with their
 /// addresses; each comes back on `found` as a candidate once its addresses are recorded, so that
-/// the dial its first stream makes finds them. Malformed hints are skipped.
-async fn reach(node: &NodeHandle, hints: &[PeerHint], hinted: &mut HashSet<PeerId>, found: &mpsc::Sender<PeerId>) {
+/// the dial its first stream makes finds them. Returns those we are connected to already, which
+/// need no dial (the fetch asks them first). Malformed hints are skipped.
+async fn reach(
+    node: &NodeHandle,
+    hints: &[PeerHint],
+    hinted: &mut HashSet<PeerId>,
+    found: &mpsc::Sender<PeerId>,
+) -> Vec<PeerId> {
+    let mut near = Vec::new();
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
         if peer == node.inner.peer_id || hinted.len() >= MAX_HINTED || !hinted.insert(peer) {
             continue;
         }
+        if node.inner.crowds.is_connected(&peer) {
+            near.push(peer);
+            continue;
+        }
         let addrs = hint.addrs.iter().filter_map(|a| libp2p::Multiaddr::try_from(a.clone()).ok()).collect();
         let command = Command::Reach { peer, addrs, found: found.clone() };
         if node.inner.commands.send(command).await.is_err() {
-            return;
+            break;
         }
     }
+    near
 }
 
 fn replace_if_changed(old: &mut FetchProgress, new: &FetchProgress) -> bool {

@@ -671,6 +671,9 @@ pub struct Fetch<P> {
     live_peers: usize,
     /// Providers named by the DHT, not asked yet.
     candidates: VecDeque<P>,
+    /// Providers the node reaches without dialling, most recently named first: asked before any
+    /// candidate (see [`Fetch::handle_nearby`]). At most `max_peers`.
+    nearby: VecDeque<P>,
     /// Dropped peers, oldest first, to bound how many are remembered.
     dropped: VecDeque<P>,
     /// Requests in flight; ids grow with time, so this is oldest first.
@@ -707,6 +710,7 @@ where
             peers: BTreeMap::new(),
             live_peers: 0,
             candidates: VecDeque::new(),
+            nearby: VecDeque::new(),
             dropped: VecDeque::new(),
             requests: BTreeMap::new(),
             next_request_id: 0,
@@ -739,7 +743,7 @@ where
         }
         let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
         for peer in peers {
-            if self.peers.contains_key(&peer) || self.candidates.contains(&peer) {
+            if self.peers.contains_key(&peer) || self.candidates.contains(&peer) || self.nearby.contains(&peer) {
                 continue;
             }
             if self.candidates.len() >= max {
@@ -756,6 +760,36 @@ where
             let at = self.candidates.iter().position(|p| self.is_parked(p)).unwrap_or(self.candidates.len());
             self.candidates.insert(at, peer);
             self.providers_found += 1;
+        }
+    }
+
+    /// Providers the node can ask without dialling: it holds a connection to them (it just sent
+    /// them pieces of this blob, or a hint named a peer it is connected to). They are asked
+    /// before any other candidate, the most recently named first, and a parked peer among them
+    /// gets its turn back at once. Live and dropped peers are ignored; past `max_peers` waiting,
+    /// the longest-waiting is forgotten.
+    ///
+    /// A connection serves both ways, so a fetcher that trades with the peers already trading
+    /// with it needs fewer connections than one that picks its sources apart from who picked
+    /// it: in a crowd larger than the node's connection bound, each peer picked apart is a dial,
+    /// and a connection trimmed elsewhere.
+    pub fn handle_nearby(&mut self, peers: impl IntoIterator<Item = P>, _now: Instant) {
+        if self.finished {
+            return;
+        }
+        for peer in peers {
+            if self.peers.get(&peer).is_some_and(|r| !r.parked) {
+                continue;
+            }
+            if let Some(at) = self.nearby.iter().position(|p| *p == peer) {
+                self.nearby.remove(at);
+            } else if !self.peers.contains_key(&peer) && !self.candidates.contains(&peer) {
+                self.providers_found += 1;
+            }
+            if self.nearby.len() >= self.config.max_peers {
+                self.nearby.pop_back();
+            }
+            self.nearby.push_front(peer);
         }
     }
 
@@ -1110,6 +1144,7 @@ where
     fn search_wanted(&self) -> bool {
         !self.finished
             && !self.searching
+            && self.nearby.is_empty()
             && self.candidates.front().is_none_or(|p| self.is_parked(p))
             && (self.live_peers < self.config.max_peers || self.peers.values().any(|r| self.stale(r)))
     }
@@ -1120,7 +1155,7 @@ where
     }
 
     /// The next peer to ask for its have-map: retries and refreshes of known peers first, then a
-    /// candidate if a slot is free.
+    /// candidate if a slot is free (nearby ones first, see [`Fetch::handle_nearby`]).
     ///
     /// A peer whose refresh is due while every slot is taken and a candidate waits gives its slot
     /// to the candidate instead of being asked again (it is parked at the back of the queue).
@@ -1136,7 +1171,10 @@ where
             }
         });
         match due {
-            Some((peer, true)) if self.live_peers >= self.config.max_peers && !self.candidates.is_empty() => {
+            Some((peer, true))
+                if self.live_peers >= self.config.max_peers
+                    && !(self.candidates.is_empty() && self.nearby.is_empty()) =>
+            {
                 self.park(peer);
             }
             Some((peer, _)) => {
@@ -1149,7 +1187,16 @@ where
             return None;
         }
         loop {
-            let peer = self.candidates.pop_front()?;
+            let peer = match self.nearby.pop_front() {
+                Some(peer) => {
+                    // Its turn in the candidate queue, if it had one, is taken now.
+                    if let Some(at) = self.candidates.iter().position(|p| *p == peer) {
+                        self.candidates.remove(at);
+                    }
+                    peer
+                }
+                None => self.candidates.pop_front()?,
+            };
             match self.peers.get_mut(&peer) {
                 // A parked peer's turn came round again.
                 Some(rec) if rec.parked => rec.parked = false,
@@ -1591,7 +1638,7 @@ where
                 self.peers.remove(&old);
             }
         }
-        if self.live_peers == 0 && self.candidates.is_empty() {
+        if self.live_peers == 0 && self.candidates.is_empty() && self.nearby.is_empty() {
             // Everyone is gone: look for providers again now, then back off from the start.
             self.search_backoff = self.config.providers_backoff;
             self.next_search_at = self.next_search_at.min(now);
@@ -2739,6 +2786,57 @@ mod tests {
     }
 
     #[test]
+    fn nearby_peers_are_asked_before_other_candidates() {
+        // Peers 1 and 2 hold only the last piece and fill both slots; the DHT named 3 and 4. Then
+        // peer 5 asks us for the blob, and parked peer 2 too: connected peers cost no dial.
+        let n = 8;
+        let only_last = set(n, [n - 1]);
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config.clone());
+        assert_eq!(d.discover(&[1, 2, 3, 4]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        d.have(1, only_last.clone());
+        d.have(2, only_last.clone());
+        d.drain();
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        let (peer, id, pieces) = reqs[0].clone();
+        d.ok(peer, id, &pieces);
+        d.fetch.handle_nearby([5], d.now);
+        d.fetch.handle_nearby([1], d.now);
+        assert_eq!(d.drain_all(), vec![], "a live peer named nearby changes nothing; no slot is free yet");
+        let asks = d.advance(config.have_refresh);
+        assert_eq!(asks, vec![AskHave { peer: 5 }, AskHave { peer: 3 }], "the nearby peer first");
+        d.have(5, only_last.clone());
+        d.have(3, only_last.clone());
+        // Peers 1 and 2 are parked behind 4. Named nearby, 2 goes first, and only once.
+        d.fetch.handle_nearby([2, 2], d.now);
+        let asks = d.advance(config.have_refresh);
+        assert_eq!(asks, vec![AskHave { peer: 2 }, AskHave { peer: 4 }], "{asks:?}");
+        d.have(2, only_last.clone());
+        d.have(4, d.full());
+        let all = d.drain();
+        let all = d.serve_all(all);
+        assert_eq!(all.last(), Some(&Complete));
+        assert_eq!(d.fetch.peer_stats().filter(|(_, s)| !s.dropped).count(), 5, "nobody is dropped");
+    }
+
+    #[test]
+    fn nearby_peers_are_bounded() {
+        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(4), config);
+        d.fetch.handle_nearby(0..100, d.now);
+        let mut asked = Vec::new();
+        let mut actions = d.drain_all();
+        while let Some(AskHave { peer }) = actions.first().cloned() {
+            asked.push(peer);
+            actions.remove(0);
+            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
+            actions.extend(d.drain_all());
+        }
+        assert_eq!(asked, vec![99, 98], "max_peers remembered, the most recently named first");
+        assert_eq!(actions, vec![FindProviders], "then the DHT is asked");
+    }
+
+    #[test]
     fn candidates_are_bounded_and_deduplicated() {
         let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
         let mut d = Driver::new(size_of(4), config);
@@ -3018,6 +3116,11 @@ mod tests {
                         };
                         let bytes = u64::from(verified.count()) * PIECE_SIZE;
                         fetch.handle_response(peer, id, &verified, bytes, now - at, failure, now);
+                        // Now and then a peer is named nearby, as a node names the peers it
+                        // serves: any peer, live, parked, dropped or not yet asked.
+                        if dice.below(4) == 0 {
+                            fetch.handle_nearby([dice.below(peers.len() as u32)], now);
+                        }
                     }
                 }
             }
