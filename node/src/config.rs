@@ -65,6 +65,12 @@ pub struct NodeConfig {
     /// cannot reach the other holders waits at most this long; zero turns holding back off. The
     /// default is 30 s.
     pub spread_patience: Duration,
+    /// How much slower than real time the network runs: 1 on a real network. An emulator that
+    /// stretches latency and bandwidth by a factor (netsim's time scale) sets it, and a fetch
+    /// stretches its own timers to match (have-map refreshes, DHT back-off, retry back-off,
+    /// request sizing), so that it asks as often per emulated second as a node on a real network
+    /// does per second. Not a configuration-file key.
+    pub time_scale: f64,
 }
 
 impl NodeConfig {
@@ -92,6 +98,7 @@ impl NodeConfig {
             dht_refresh: Duration::from_secs(300),
             refresh_buckets: true,
             spread_patience: crate::crowd::PATIENCE,
+            time_scale: 1.0,
         }
     }
 

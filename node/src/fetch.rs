@@ -182,7 +182,8 @@ async fn run(
         providers_backoff_max: Duration::from_secs(4),
         request_target: Some(Duration::from_secs(2)),
         ..FetchConfig::default()
-    };
+    }
+    .stretched(node.config().time_scale);
     let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();

@@ -181,6 +181,26 @@ impl Default for FetchConfig {
 }
 
 impl FetchConfig {
+    /// This configuration with every duration multiplied by `factor`: for an emulator that
+    /// stretches latency and bandwidth by `factor` (netsim's time scale), so that a fetch asks
+    /// as often per emulated second as it would per real second. A factor that is not a positive
+    /// finite number leaves the configuration as it is.
+    pub fn stretched(mut self, factor: f64) -> Self {
+        if !(factor.is_finite() && factor > 0.0) {
+            return self;
+        }
+        let stretch = |d: Duration| Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX);
+        self.request_timeout = stretch(self.request_timeout);
+        self.have_timeout = stretch(self.have_timeout);
+        self.retry_base = stretch(self.retry_base);
+        self.providers_backoff = stretch(self.providers_backoff);
+        self.providers_backoff_max = stretch(self.providers_backoff_max);
+        self.have_refresh = stretch(self.have_refresh);
+        self.request_target = self.request_target.map(stretch);
+        self.deadline = self.deadline.map(stretch);
+        self
+    }
+
     /// The configuration with every value brought into the range the machine relies on, so that
     /// no setting can make it panic, spin or overflow a counter.
     fn sanitized(mut self) -> Self {
@@ -2851,6 +2871,24 @@ mod tests {
         }
         assert_eq!(asked, (0..8).collect::<Vec<_>>(), "4 x max_peers candidates remembered");
         assert_eq!(actions, vec![FindProviders], "then the DHT is asked again");
+    }
+
+    #[test]
+    fn a_stretched_configuration_scales_every_timer() {
+        let base = FetchConfig { request_target: Some(ms(2000)), deadline: Some(ms(30_000)), ..FetchConfig::default() };
+        let x4 = base.clone().stretched(4.0);
+        assert_eq!(x4.have_refresh, base.have_refresh * 4);
+        assert_eq!(x4.retry_base, base.retry_base * 4);
+        assert_eq!(x4.providers_backoff, base.providers_backoff * 4);
+        assert_eq!(x4.request_timeout, base.request_timeout * 4);
+        assert_eq!(x4.have_timeout, base.have_timeout * 4);
+        assert_eq!(x4.request_target, Some(ms(8000)));
+        assert_eq!(x4.deadline, Some(ms(120_000)));
+        assert_eq!((x4.max_peers, x4.pieces_per_request), (base.max_peers, base.pieces_per_request), "counts stay");
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(base.clone().stretched(bad), base, "factor {bad}");
+        }
+        assert_eq!(base.clone().stretched(1e300).have_refresh, Duration::MAX, "saturates");
     }
 
     #[test]

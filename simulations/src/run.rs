@@ -319,6 +319,7 @@ impl Cluster {
         // The timeout is emulated time, as the latencies and rates are.
         config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s * scenario.network.time_scale);
         config.spread_patience = Duration::from_secs_f64(spec.spread_patience_s * scenario.network.time_scale);
+        config.time_scale = scenario.network.time_scale;
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         config.refresh_buckets = spec.refresh_buckets;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
