@@ -2242,21 +2242,28 @@ mod tests {
         assert_eq!(all.last(), Some(&Complete));
     }
 
-    #[test]
-    fn with_every_slot_held_by_peers_with_nothing_new_the_dht_is_asked_again() {
-        // Three peers holding only the last piece for two slots: they take turns, and only parked
-        // peers wait in the queue, which must not stop the lookups for someone useful.
+    /// A fetch of 8 pieces with two slots, the DHT naming `named`: peers 1 and 2 take the slots,
+    /// hold only the last piece, and serve it; after that they have nothing new.
+    fn slots_held_by_holders_of_the_last_piece(named: &[u32]) -> (Driver, FetchConfig, PieceSet) {
         let n = 8;
         let only_last = set(n, [n - 1]);
         let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
         let mut d = Driver::new(size_of(n), config.clone());
-        d.discover(&[1, 2, 3]);
+        assert_eq!(d.discover(named), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, only_last.clone());
         d.have(2, only_last.clone());
         d.drain();
         let reqs = requests(&d.local(&PieceSet::empty(n)));
         let (peer, id, pieces) = reqs[0].clone();
         d.ok(peer, id, &pieces);
+        (d, config, only_last)
+    }
+
+    #[test]
+    fn with_every_slot_held_by_peers_with_nothing_new_the_dht_is_asked_again() {
+        // Three peers holding only the last piece for two slots: they take turns, and only parked
+        // peers wait in the queue, which must not stop the lookups for someone useful.
+        let (mut d, config, only_last) = slots_held_by_holders_of_the_last_piece(&[1, 2, 3]);
         d.now += config.have_refresh;
         d.fetch.handle_timeout(d.now);
         let actions = d.drain_all();
@@ -2807,19 +2814,9 @@ mod tests {
 
     #[test]
     fn nearby_peers_are_asked_before_other_candidates() {
-        // Peers 1 and 2 hold only the last piece and fill both slots; the DHT named 3 and 4. Then
-        // peer 5 asks us for the blob, and parked peer 2 too: connected peers cost no dial.
-        let n = 8;
-        let only_last = set(n, [n - 1]);
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
-        let mut d = Driver::new(size_of(n), config.clone());
-        assert_eq!(d.discover(&[1, 2, 3, 4]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
-        d.have(1, only_last.clone());
-        d.have(2, only_last.clone());
-        d.drain();
-        let reqs = requests(&d.local(&PieceSet::empty(n)));
-        let (peer, id, pieces) = reqs[0].clone();
-        d.ok(peer, id, &pieces);
+        // Peers 1 and 2 fill both slots with nothing new; the DHT also named 3 and 4. Then the
+        // node names peer 5 (it just sent 5 pieces of the blob), and later parked peer 2 too.
+        let (mut d, config, only_last) = slots_held_by_holders_of_the_last_piece(&[1, 2, 3, 4]);
         d.fetch.handle_nearby([5], d.now);
         d.fetch.handle_nearby([1], d.now);
         assert_eq!(d.drain_all(), vec![], "a live peer named nearby changes nothing; no slot is free yet");
