@@ -193,7 +193,7 @@ impl Crowds {
         self.lock().fetching.remove(hash);
     }
 
-    /// Whether we hold a connection to `peer`.
+    /// Whether we hold a connection to `peer` (one identify has reported on).
     pub(crate) fn is_connected(&self, peer: &PeerId) -> bool {
         self.lock().addrs.contains_key(peer)
     }

@@ -156,8 +156,10 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
+        // The crowd's entry first: a fetch of the blob that starts once the registry entry is
+        // gone must not lose its own crowd entry to this one's removal.
         self.node.inner.crowds.fetch_ended(&self.hash);
+        self.node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
     }
 }
 
