@@ -198,6 +198,11 @@ impl Crowds {
         self.lock().addrs.contains_key(peer)
     }
 
+    /// Whether `c` moved the blob with us recently enough to be hinted and relied on.
+    fn is_fresh(&self, c: &Contact, now: Instant) -> bool {
+        now.saturating_duration_since(c.seen) < self.fresh
+    }
+
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another peer that is still online is held back, unless it has been held back
     /// from `peer` for our patience already, or our uploads are otherwise `idle` and the blob's
@@ -218,11 +223,11 @@ impl Crowds {
         let mut elsewhere = PieceSet::empty(asked.piece_count());
         let mut crowd = 0;
         if let Some(contacts) = inner.blobs.peek(&hash) {
-            crowd = contacts.iter().filter(|c| now.saturating_duration_since(c.seen) < self.fresh).count();
+            crowd = contacts.iter().filter(|c| self.is_fresh(c, now)).count();
             for c in contacts {
                 if c.peer != peer
                     && inner.addrs.contains_key(&c.peer)
-                    && now.saturating_duration_since(c.seen) < self.fresh
+                    && self.is_fresh(c, now)
                     && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
                 {
                     elsewhere.union_with(&served.intersection(asked));
@@ -243,7 +248,7 @@ impl Crowds {
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
-            .filter(|c| c.holds && c.peer != peer && now.saturating_duration_since(c.seen) < self.fresh)
+            .filter(|c| c.holds && c.peer != peer && self.is_fresh(c, now))
             .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
         known.sort_by_key(|c| std::cmp::Reverse(c.0.seen));
