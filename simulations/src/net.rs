@@ -5,10 +5,18 @@
 //! frames of at most [`MAX_FRAME`] bytes; each frame waits for the writer's uplink, carries the
 //! instant it reaches the peer (`left uplink + one-way latency`), and at the reader waits for that
 //! instant and then for the reader's downlink. The caps are token buckets of depth zero: bytes
-//! leave at the cap and never in a burst, so no transfer can beat the fluid bound. Yamux runs on
-//! top of the link, as it would over TCP. Peers authenticate with libp2p's plaintext handshake
-//! (they exchange and check public keys) instead of noise: encryption would protect nothing inside
-//! one process, and at a thousand nodes its key exchanges were a fifth of the CPU.
+//! leave at the cap and never in a burst, so no transfer can beat the fluid bound.
+//!
+//! A link's schedule is kept in the instants its bytes were ready, not in the instants its tasks
+//! happened to run: a frame takes the downlink from its arrival on, and a writer held back by its
+//! uplink sends its next frame from the instant the uplink was free. Tasks wake late (tokio's
+//! timers tick in milliseconds, and a busy emulator runs them later still); a schedule that
+//! restarted from the wake-up lost that lateness from every frame, and the links moved a fraction
+//! of their caps, less the busier the emulator was.
+//!
+//! Yamux runs on top of the link, as it would over TCP. Peers authenticate with libp2p's plaintext
+//! handshake (they exchange and check public keys) instead of noise: encryption would protect
+//! nothing inside one process, and at a thousand nodes its key exchanges were a fifth of the CPU.
 //!
 //! Nodes can go down ([`Network::set_down`]): their links are reset and dials to them fail, as
 //! when a process crashes; they come back up with [`Network::set_up`].
@@ -113,11 +121,13 @@ impl Bucket {
         Self { rate, next_free: Mutex::new(Instant::now()) }
     }
 
-    /// Reserves `n` bytes; returns the instant the last of them has passed.
-    fn reserve(&self, n: usize, now: Instant) -> Instant {
-        let Some(rate) = self.rate else { return now };
+    /// Reserves `n` bytes that are ready to pass from `ready` on; returns the instant the last of
+    /// them has passed. `ready` may lie in the past (a frame that arrived while its reader's task
+    /// waited to run): the bytes then take the link from `ready` on, or from when it was free.
+    fn reserve(&self, n: usize, ready: Instant) -> Instant {
+        let Some(rate) = self.rate else { return ready };
         let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
-        let end = (*next).max(now) + Duration::from_secs_f64(n as f64 / rate);
+        let end = (*next).max(ready) + Duration::from_secs_f64(n as f64 / rate);
         *next = end;
         end
     }
@@ -436,9 +446,13 @@ enum ReadState {
         filled: usize,
     },
     /// Waiting for the frame's arrival instant.
-    InFlight,
-    /// Waiting for our downlink.
-    Downlink,
+    InFlight {
+        arrives: Instant,
+    },
+    /// Waiting for our downlink, which has passed the frame at `done`.
+    Downlink {
+        done: Instant,
+    },
     Deliver {
         pos: usize,
     },
@@ -457,7 +471,9 @@ pub struct Link {
     /// A frame accepted from the caller but not yet handed to the channel.
     pending: Option<Vec<u8>>,
     write_gate: Pin<Box<tokio::time::Sleep>>,
-    write_gated: bool,
+    /// Until when the caller may not send (its last frame is still leaving our uplink), and
+    /// whether it tried to: if it did, its next frame was ready when the gate opened.
+    write_gated: Option<(Instant, bool)>,
     // Read side.
     state: ReadState,
     header: [u8; HEADER],
@@ -487,7 +503,7 @@ impl Link {
             io,
             pending: None,
             write_gate: Box::pin(tokio::time::sleep_until(now)),
-            write_gated: false,
+            write_gated: None,
             state: ReadState::Header { filled: 0 },
             header: [0; HEADER],
             payload: Vec::new(),
@@ -524,16 +540,26 @@ impl AsyncWrite for Link {
         let this = &mut *self;
         this.check_partition()?;
         ready!(this.poll_pending(cx))?;
-        if this.write_gated {
-            ready!(this.write_gate.as_mut().poll(cx));
-            this.write_gated = false;
+        let mut now = Instant::now();
+        let mut ready_at = now;
+        if let Some((until, held)) = this.write_gated {
+            if now < until {
+                if this.write_gate.as_mut().poll(cx).is_pending() {
+                    this.write_gated = Some((until, true));
+                    return Poll::Pending;
+                }
+                now = Instant::now();
+            }
+            if held {
+                ready_at = until.min(now);
+            }
+            this.write_gated = None;
         }
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         let n = buf.len().min(MAX_FRAME);
-        let now = Instant::now();
-        let left = this.me.uplink.reserve(n, now);
+        let left = this.me.uplink.reserve(n, ready_at);
         let arrives = left + this.net.latency(this.regions.0, this.regions.1);
         let at = arrives.saturating_duration_since(this.net.epoch).as_nanos() as u64;
         let mut frame = Vec::with_capacity(HEADER + n);
@@ -545,7 +571,7 @@ impl AsyncWrite for Link {
         if left > now {
             // The caller may not send more until these bytes have left our uplink.
             gate(&mut this.write_gate, left);
-            this.write_gated = true;
+            this.write_gated = Some((left, false));
         }
         // The frame is ours now; if the channel is full it goes out on the next poll.
         if let Poll::Ready(Err(e)) = this.poll_pending(cx) {
@@ -603,18 +629,22 @@ impl AsyncRead for Link {
                     at.copy_from_slice(&this.header[..8]);
                     let arrives = this.net.epoch + Duration::from_nanos(u64::from_le_bytes(at));
                     gate(&mut this.read_gate, arrives);
-                    this.state = ReadState::InFlight;
+                    this.state = ReadState::InFlight { arrives };
                 }
-                ReadState::InFlight => {
-                    ready!(this.read_gate.as_mut().poll(cx));
+                ReadState::InFlight { arrives } => {
+                    if Instant::now() < arrives {
+                        ready!(this.read_gate.as_mut().poll(cx));
+                    }
                     this.check_partition()?;
-                    let now = Instant::now();
-                    let done = this.me.downlink.reserve(this.payload.len(), now);
+                    // From its arrival on, however late this task runs.
+                    let done = this.me.downlink.reserve(this.payload.len(), arrives);
                     gate(&mut this.read_gate, done);
-                    this.state = ReadState::Downlink;
+                    this.state = ReadState::Downlink { done };
                 }
-                ReadState::Downlink => {
-                    ready!(this.read_gate.as_mut().poll(cx));
+                ReadState::Downlink { done } => {
+                    if Instant::now() < done {
+                        ready!(this.read_gate.as_mut().poll(cx));
+                    }
                     this.me.received.fetch_add(this.payload.len() as u64, Ordering::Relaxed);
                     let r = this.net.regions.len();
                     this.net.region_bytes[this.regions.1 * r + this.regions.0]
@@ -666,6 +696,48 @@ mod tests {
     }
 
     #[test]
+    fn bytes_ready_in_the_past_keep_their_place() {
+        let b = Bucket::new(Some(1000.0));
+        let ready = Instant::now();
+        // The link has been idle since before the bytes were ready, and it is later now.
+        *b.next_free.lock().expect("bucket") = ready.checked_sub(Duration::from_secs(1)).unwrap_or(ready);
+        std::thread::sleep(Duration::from_millis(20));
+        // They pass from when they were ready, not from now.
+        assert_eq!(b.reserve(500, ready), ready + Duration::from_millis(500));
+        // Ready as early, but the link was busy with those until then.
+        assert_eq!(b.reserve(500, ready), ready + Duration::from_secs(1));
+    }
+
+    /// A reader that comes late finds the frames that arrived meanwhile already through its
+    /// downlink: the link's schedule does not restart from when the reader's task ran.
+    #[tokio::test]
+    async fn a_late_reader_loses_no_downlink_time() {
+        let net = net(50, 1.0);
+        let caps = LinkCaps { uplink: Some(1 << 20), downlink: Some(4 << 20) };
+        let (mut out, mut inc, _, b) = linked(&net, caps).await;
+        let data = vec![7u8; 64 << 10];
+        out.write_all(&data).await.expect("write");
+        out.flush().await.expect("flush");
+        let written = Instant::now();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut got = vec![0u8; data.len()];
+        inc.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, data);
+        // Every frame was reserved on the uplink by the time the write returned, so the last one
+        // left within one frame's time (16 KiB at 1 MiB/s) of it, arrived 50 ms later and passed
+        // the downlink in 4 ms more. Had the downlink started when the reader ran, 600 ms later,
+        // it would be busy until past then.
+        let slot = net.slot(b).expect("node b");
+        let downlink_free = *slot.downlink.next_free.lock().expect("bucket");
+        let bound = Duration::from_millis(16 + 50 + 4 + 1);
+        assert!(
+            downlink_free <= written + bound,
+            "downlink busy until {:?} after the write",
+            downlink_free.saturating_duration_since(written)
+        );
+    }
+
+    #[test]
     fn bad_shapes_are_refused() {
         let bad = NetworkConfig { regions: vec!["a".into()], latency: vec![], time_scale: 1.0 };
         assert!(matches!(Network::new(bad), Err(NetError::LatencyMatrix { regions: 1 })));
@@ -673,11 +745,9 @@ mod tests {
         assert!(matches!(Network::new(bad), Err(NetError::NoRegions)));
     }
 
-    /// A raw link (no noise, no yamux): bytes arrive intact, after the latency, at the cap.
-    #[tokio::test]
-    async fn a_link_delays_and_paces() {
-        let net = net(50, 1.0);
-        let caps = LinkCaps { uplink: Some(1 << 20), downlink: Some(4 << 20) };
+    /// Two nodes with `caps`, in regions 0 and 1, and a link from the first to the second: the
+    /// dialer's end, the listener's end, and their ids.
+    async fn linked(net: &Arc<Network>, caps: LinkCaps) -> (Link, Link, NodeId, NodeId) {
         let a = net.add_node(0, caps).expect("a");
         let b = net.add_node(1, caps).expect("b");
         let mut listener =
@@ -701,8 +771,17 @@ mod tests {
             }
         };
         let (out, inc) = futures::join!(dial, accept);
-        let (mut out, mut inc) = (out.expect("dialled"), inc.expect("accepted"));
+        let (out, inc) = (out.expect("dialled"), inc.expect("accepted"));
         assert_eq!(inc.peer, a);
+        (out, inc, a, b)
+    }
+
+    /// A raw link (no noise, no yamux): bytes arrive intact, after the latency, at the cap.
+    #[tokio::test]
+    async fn a_link_delays_and_paces() {
+        let net = net(50, 1.0);
+        let caps = LinkCaps { uplink: Some(1 << 20), downlink: Some(4 << 20) };
+        let (mut out, mut inc, a, b) = linked(&net, caps).await;
 
         let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
         let start = Instant::now();
