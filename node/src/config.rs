@@ -12,6 +12,10 @@ pub const DEFAULT_QUIC_PORT: u16 = 4737;
 /// The TCP port of the local HTTP API unless told otherwise.
 pub const DEFAULT_API_PORT: u16 = 4738;
 
+/// The most `fetch-peers` accepted: a fetch holds every asked peer's have-map, and no crowd needs
+/// more sources than this at once.
+pub const MAX_FETCH_PEERS: usize = 1024;
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -65,6 +69,13 @@ pub struct NodeConfig {
     /// cannot reach the other holders waits at most this long; zero turns holding back off. The
     /// default is 30 s.
     pub spread_patience: Duration,
+    /// The most peers one fetch asks for have-maps and takes pieces from at once. More peers
+    /// find more sources, and nearer ones among them; but a node's connections carry its own
+    /// sources, the fetchers that chose it and the DHT, and in a crowd larger than its connection
+    /// bound a fetch that asks more peers than a share of it makes the node trim peers still
+    /// trading with it, who dial again. The default is 32; a node with few connections in a
+    /// large crowd does better with about a third of `max_connections`.
+    pub fetch_peers: usize,
     /// How much slower than real time the network runs: 1 on a real network. An emulator that
     /// stretches latency and bandwidth by a factor (netsim's time scale) sets it, and a fetch
     /// stretches its own timers to match (have-map refreshes, DHT back-off, retry back-off,
@@ -98,6 +109,7 @@ impl NodeConfig {
             dht_refresh: Duration::from_secs(300),
             refresh_buckets: true,
             spread_patience: crate::crowd::PATIENCE,
+            fetch_peers: shoal_protocol::fetch::FetchConfig::default().max_peers,
             time_scale: 1.0,
         }
     }
@@ -157,6 +169,9 @@ pub struct FileConfig {
     /// Seconds a publisher holds back a piece that another online peer can pass on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spread_patience_secs: Option<u64>,
+    /// Peers one fetch asks at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fetch_peers: Option<usize>,
 }
 
 /// A byte count written as a number or with a unit: `1048576`, `"512M"`, `"10G"`, `"1.5GiB"` is not
@@ -255,6 +270,12 @@ impl NodeConfig {
         if let Some(v) = f.spread_patience_secs {
             self.spread_patience = Duration::from_secs(v);
         }
+        if let Some(v) = f.fetch_peers {
+            if v == 0 || v > MAX_FETCH_PEERS {
+                return Err(format!("fetch-peers: {v} is not between 1 and {MAX_FETCH_PEERS}"));
+            }
+            self.fetch_peers = v;
+        }
         Ok(())
     }
 
@@ -276,6 +297,7 @@ impl NodeConfig {
             allow_peers: self.allow_peers.as_ref().map(|v| v.iter().map(|p| p.to_string()).collect()),
             lookup_timeout_secs: Some(self.lookup_timeout.as_secs()),
             spread_patience_secs: Some(self.spread_patience.as_secs()),
+            fetch_peers: Some(self.fetch_peers),
         }
     }
 }
@@ -293,6 +315,7 @@ mod tests {
             upload-rate = 1048576
             max-uploads = 8
             spread-patience-secs = 3
+            fetch-peers = 12
             "#,
         )
         .expect("parses");
@@ -302,6 +325,7 @@ mod tests {
         assert_eq!(c.upload_rate, Some(1 << 20));
         assert_eq!(c.max_uploads, 8);
         assert_eq!(c.spread_patience, Duration::from_secs(3));
+        assert_eq!(c.fetch_peers, 12);
         assert_eq!(c.listen[0].to_string(), "/ip4/127.0.0.1/udp/5000/quic-v1");
         // What `config show` prints reads back to the same configuration.
         let shown = toml::to_string(&c.to_file()).expect("serializes");
@@ -311,6 +335,8 @@ mod tests {
 
         let bad: FileConfig = toml::from_str(r#"cache-size = "10 parsecs""#).expect("parses as text");
         assert!(NodeConfig::new("/x").apply_file(&bad).unwrap_err().contains("cache-size"));
+        let bad: FileConfig = toml::from_str("fetch-peers = 0").expect("parses");
+        assert!(NodeConfig::new("/x").apply_file(&bad).unwrap_err().contains("fetch-peers"));
         assert!(toml::from_str::<FileConfig>("cache-sise = 1").is_err(), "unknown keys are refused");
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));

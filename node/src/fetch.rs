@@ -183,6 +183,7 @@ async fn run(
         request_timeout: Duration::from_secs(120),
         providers_backoff_max: Duration::from_secs(4),
         request_target: Some(Duration::from_secs(2)),
+        max_peers: node.config().fetch_peers,
         ..FetchConfig::default()
     }
     .stretched(node.config().time_scale);

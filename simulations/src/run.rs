@@ -322,6 +322,7 @@ impl Cluster {
         config.time_scale = scenario.network.time_scale;
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         config.refresh_buckets = spec.refresh_buckets;
+        config.fetch_peers = spec.fetch_peers;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
         // concurrent uploads.
         let scale = scenario.network.time_scale;

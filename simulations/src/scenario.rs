@@ -124,6 +124,8 @@ pub struct NodesSpec {
     /// online peer it sent the piece to can pass it on (`NodeConfig::spread_patience`), in seconds
     /// of emulated time; 0 turns holding back off.
     pub spread_patience_s: f64,
+    /// The most peers one fetch asks at once (`NodeConfig::fetch_peers`).
+    pub fetch_peers: usize,
 }
 
 impl Default for NodesSpec {
@@ -140,6 +142,7 @@ impl Default for NodesSpec {
             dht_refresh_s: 300.0,
             refresh_buckets: true,
             spread_patience_s: 30.0,
+            fetch_peers: shoal_node::NodeConfig::new("").fetch_peers,
         }
     }
 }
@@ -290,6 +293,9 @@ impl Scenario {
             return invalid(
                 "nodes.settle_s, lookup_timeout_s, dht_refresh_s and spread_patience_s must be non-negative".into(),
             );
+        }
+        if !(1..=shoal_node::config::MAX_FETCH_PEERS).contains(&n.fetch_peers) {
+            return invalid(format!("nodes.fetch_peers must be between 1 and {}", shoal_node::config::MAX_FETCH_PEERS));
         }
         match &self.experiment {
             Experiment::FlashCrowd { blob_mib, seeder, seeder_uplink_mib_s, .. } => {
@@ -459,5 +465,7 @@ mod tests {
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
         s.nodes.settle_s = 1.0;
         s.check().expect("valid");
+        s.nodes.fetch_peers = 0;
+        assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "a fetch asks at least one peer");
     }
 }

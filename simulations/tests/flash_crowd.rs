@@ -38,6 +38,7 @@ fn scenario() -> Scenario {
             // Longer than the crowd takes even on a loaded machine, so that the seeder's egress
             // measures spreading, not how long the machine took.
             spread_patience_s: 60.0,
+            ..NodesSpec::default()
         },
         experiment: Experiment::FlashCrowd {
             blob_mib: 2.0,

@@ -30,6 +30,7 @@ fn nodes(count: usize) -> NodesSpec {
         dht_refresh_s: 300.0,
         refresh_buckets: true,
         spread_patience_s: 30.0,
+        ..NodesSpec::default()
     }
 }
 
