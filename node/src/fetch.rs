@@ -187,6 +187,9 @@ async fn run(
         ..FetchConfig::default()
     }
     .stretched(node.config().time_scale);
+    // Given up when no piece verified and no holder of what we lack answered for the lookup
+    // timeout (already in the network's time).
+    let config = FetchConfig { stall_timeout: Some(lookup_timeout), ..config };
     let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();
@@ -194,7 +197,6 @@ async fn run(
     let mut fetched_bytes = 0u64;
     let mut geometry: Option<Geometry> = None;
     let mut announced = false;
-    let mut last_progress = (started, 0u64);
     let mut lookup: Option<AbortHandle> = None;
     // Holders other peers named (peer exchange): candidates like the providers a lookup finds,
     // once the swarm has recorded the addresses they were named with.
@@ -342,7 +344,16 @@ async fn run(
                     break;
                 }
                 Action::Failed(e) => {
-                    outcome = Some(Err(FetchError::Failed { hash, reason: e.to_string() }.into()));
+                    let secs = lookup_timeout.as_secs();
+                    outcome = Some(Err(match e {
+                        shoal_protocol::fetch::FetchError::Stalled { .. } if machine.size().is_none() => {
+                            FetchError::NotFound { hash, secs }.into()
+                        }
+                        shoal_protocol::fetch::FetchError::Stalled { .. } => {
+                            FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into()
+                        }
+                        e => FetchError::Failed { hash, reason: e.to_string() }.into(),
+                    }));
                     break;
                 }
             }
@@ -365,24 +376,15 @@ async fn run(
             node.provide(hash).await;
             announced = true;
         }
-        if snapshot.verified_bytes > last_progress.1 {
-            last_progress = (now, snapshot.verified_bytes);
-        } else if now.duration_since(last_progress.0) > lookup_timeout {
-            break if machine.size().is_none() {
-                Err(FetchError::NotFound { hash, secs: lookup_timeout.as_secs() }.into())
-            } else {
-                Err(FetchError::Failed { hash, reason: format!("no progress for {} s", lookup_timeout.as_secs()) }
-                    .into())
-            };
-        }
         shared.send_if_modified(|old| replace_if_changed(old, &snapshot));
         if let Some(tx) = progress {
             tx.send_if_modified(|old| replace_if_changed(old, &snapshot));
         }
 
-        let wake = machine.poll_timeout().map(tokio::time::Instant::from_std);
-        let stall = tokio::time::Instant::from_std(last_progress.0 + lookup_timeout);
-        let wake = wake.map_or(stall, |w| w.min(stall));
+        // The machine always has a timer running: its stall timeout.
+        let wake = machine
+            .poll_timeout()
+            .map_or_else(|| tokio::time::Instant::now() + lookup_timeout, tokio::time::Instant::from_std);
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break Err(NodeError::Stopped) };

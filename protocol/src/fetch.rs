@@ -61,6 +61,15 @@
 //! whole chunk group, so no unverified byte is kept, and a stream cut short is what honest peers
 //! produce when they restart or lose a connection. Dropping a peer on its first cut would lose the
 //! only provider of a rare blob to a blip; a peer that keeps cutting is dropped all the same.
+//!
+//! # Giving up
+//!
+//! A fetch fails at its [`FetchConfig::deadline`], if it has one, and once it has stalled for
+//! [`FetchConfig::stall_timeout`]: no piece verified, and no answer from a peer holding pieces it
+//! lacks (a have-map naming one, or `Busy` to a piece request). A `Busy` answer means the holder
+//! has what we want and a line of others wanting it: in a crowd larger than its sources' uploads,
+//! a fetch waits its turn for longer than any one stall, and giving up then would fail a fetch
+//! that was about to be served.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -158,6 +167,12 @@ pub struct FetchConfig {
     /// How long after [`Fetch::new`] the fetch gives up; `None` never gives up and keeps asking the
     /// DHT with back-off. The default is `None`.
     pub deadline: Option<Duration>,
+    /// How long the fetch may go without a verified piece while no peer holding pieces it lacks
+    /// answers (a have-map naming one, or `Busy` to a piece request) before it gives up with
+    /// [`FetchError::Stalled`]. A fetch waiting its turn at busy holders, as in a crowd larger
+    /// than its sources' uploads, is not stalled. `None` waits as long as `deadline` allows. The
+    /// default is `None`.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for FetchConfig {
@@ -176,6 +191,7 @@ impl Default for FetchConfig {
             request_target: None,
             have_refresh: Duration::from_secs(1),
             deadline: None,
+            stall_timeout: None,
         }
     }
 }
@@ -198,6 +214,7 @@ impl FetchConfig {
         self.have_refresh = stretch(self.have_refresh);
         self.request_target = self.request_target.map(stretch);
         self.deadline = self.deadline.map(stretch);
+        self.stall_timeout = self.stall_timeout.map(stretch);
         self
     }
 
@@ -216,6 +233,7 @@ impl FetchConfig {
         self.providers_backoff_max = self.providers_backoff_max.clamp(MIN_TIMER, MAX_PROVIDERS_BACKOFF);
         self.providers_backoff = self.providers_backoff.clamp(MIN_TIMER, self.providers_backoff_max);
         self.have_refresh = self.have_refresh.max(MIN_TIMER);
+        self.stall_timeout = self.stall_timeout.map(|t| t.max(MIN_TIMER));
         self
     }
 }
@@ -297,6 +315,23 @@ pub enum FetchError {
         hash: Hash,
         /// The deadline that passed.
         deadline: Duration,
+        /// Pieces verified by then.
+        verified_pieces: u32,
+        /// The blob's piece count, if a size was known.
+        total_pieces: Option<u32>,
+    },
+    /// No piece verified, and no peer holding pieces the fetch lacks answered, for
+    /// [`FetchConfig::stall_timeout`].
+    #[error(
+        "fetch of {hash} made no progress for {after:?}, with {verified_pieces} of {} pieces verified: no peer \
+         holding the rest answered",
+        .total_pieces.map_or_else(|| "?".to_string(), |n| n.to_string())
+    )]
+    Stalled {
+        /// The blob.
+        hash: Hash,
+        /// The stall timeout that passed.
+        after: Duration,
         /// Pieces verified by then.
         verified_pieces: u32,
         /// The blob's piece count, if a size was known.
@@ -683,6 +718,9 @@ pub struct Fetch<P> {
     config: FetchConfig,
     rng: SplitMix64,
     deadline_at: Option<Instant>,
+    /// The last verified piece, or answer from a peer holding pieces we lack (see
+    /// [`FetchConfig::stall_timeout`]).
+    last_sign: Instant,
     claim: Option<Claim>,
     /// The size a peer's size proof proved (see [`Fetch::handle_size_proof`]).
     proven_size: Option<u64>,
@@ -722,6 +760,7 @@ where
         Self {
             hash,
             deadline_at: config.deadline.and_then(|d| now.checked_add(d)),
+            last_sign: now,
             search_backoff: config.providers_backoff,
             config,
             rng: SplitMix64(seed),
@@ -854,6 +893,13 @@ where
             self.drop_peer(peer, Some(PeerFailure::Corrupt), now);
             return;
         }
+        let lacked = match self.claim.as_ref() {
+            Some(c) if c.piece_count() == pieces.piece_count() => !pieces.difference(&c.verified).is_empty(),
+            _ => true,
+        };
+        if lacked {
+            self.last_sign = now;
+        }
         let seq = self.next_claim_seq;
         self.next_claim_seq += 1;
         let new = Advert { size, pieces, seq };
@@ -976,6 +1022,10 @@ where
             claim.release(&request.pieces);
         }
         let not_served = request.pieces.difference(&got);
+        if !got.is_empty() || matches!(failure, Some(PeerFailure::Busy { .. })) {
+            // Progress, or a holder of what we asked for telling us to wait our turn.
+            self.last_sign = now;
+        }
         match failure {
             None => {
                 if let Some(rec) = self.peers.get_mut(&peer) {
@@ -1014,8 +1064,7 @@ where
         if self.finished {
             return None;
         }
-        if self.deadline_at.is_some_and(|d| now >= d) {
-            self.fail();
+        if self.give_up_due(now) {
             return self.actions.pop_front();
         }
         self.expire_timers(now);
@@ -1033,6 +1082,9 @@ where
             return None;
         }
         let mut next = self.deadline_at;
+        if let Some(stall) = self.stall_at() {
+            next = Some(next.map_or(stall, |n| n.min(stall)));
+        }
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
@@ -1064,8 +1116,7 @@ where
         if self.finished {
             return;
         }
-        if self.deadline_at.is_some_and(|d| now >= d) {
-            self.fail();
+        if self.give_up_due(now) {
             return;
         }
         let expired: Vec<RequestId> =
@@ -1692,7 +1743,22 @@ where
     }
 
     /// Gives up: cancels what is in flight and says why.
-    fn fail(&mut self) {
+    /// When the fetch stalls if nothing happens first (see [`FetchConfig::stall_timeout`]).
+    fn stall_at(&self) -> Option<Instant> {
+        self.config.stall_timeout.map(|t| at_least(self.last_sign, t))
+    }
+
+    /// Gives up if the deadline passed or the fetch stalled; returns whether it did.
+    fn give_up_due(&mut self, now: Instant) -> bool {
+        let stalled = self.stall_at().is_some_and(|t| now >= t);
+        if !stalled && self.deadline_at.is_none_or(|d| now < d) {
+            return false;
+        }
+        self.fail(stalled);
+        true
+    }
+
+    fn fail(&mut self, stalled: bool) {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
             if let Some(request) = self.take_request(id) {
@@ -1702,7 +1768,14 @@ where
         let deadline = self.config.deadline.unwrap_or_default();
         let verified_pieces = self.claim.as_ref().map_or(0, |c| c.verified.count());
         let serving = self.peers.values().any(|r| !r.dropped && r.advert.is_some());
-        let error = if self.providers_found == 0 {
+        let error = if stalled {
+            FetchError::Stalled {
+                hash: self.hash,
+                after: self.config.stall_timeout.unwrap_or_default(),
+                verified_pieces,
+                total_pieces: self.claim.as_ref().map(Claim::piece_count),
+            }
+        } else if self.providers_found == 0 {
             FetchError::NoProviders { hash: self.hash, deadline }
         } else if verified_pieces == 0 && !serving {
             FetchError::ProvidersFailed { hash: self.hash, tried: self.peers_asked, deadline }
@@ -2734,6 +2807,53 @@ mod tests {
         assert!(err.to_string().contains("1 of 40 pieces"), "{err}");
     }
 
+    #[test]
+    fn a_fetch_nobody_with_what_it_lacks_answers_stalls() {
+        let n = 8;
+        let after = Duration::from_secs(5);
+        let config = FetchConfig { stall_timeout: Some(after), ..FetchConfig::default() };
+        let hash = Hash::from([7; 32]);
+        // Nobody at all: it stalls knowing nothing.
+        let mut d = Driver::new(size_of(n), config.clone());
+        assert_eq!(d.advance(after - ms(1)), vec![]);
+        let stalled = FetchError::Stalled { hash, after, verified_pieces: 0, total_pieces: None };
+        assert_eq!(d.advance(ms(1)), vec![Failed(stalled)]);
+        assert_eq!(d.fetch.poll_timeout(), None);
+        // A holder's have-map, 4 s in, gives it another 5 s; its requests then go unanswered.
+        let mut d = Driver::new(size_of(n), config);
+        d.discover(&[1]);
+        assert_eq!(d.advance(Duration::from_secs(4)), vec![]);
+        d.have(1, PieceSet::full(n));
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        assert_eq!(requests(&d.local(&PieceSet::empty(n))).len(), 1);
+        assert_eq!(d.advance(after - ms(1)), vec![]);
+        let actions = d.advance(ms(1));
+        assert!(matches!(actions.first(), Some(Cancel { peer: 1, .. })), "{actions:?}");
+        let stalled = FetchError::Stalled { hash, after, verified_pieces: 0, total_pieces: Some(n) };
+        assert_eq!(actions.last(), Some(&Failed(stalled)));
+    }
+
+    #[test]
+    fn a_fetch_waiting_its_turn_at_busy_holders_does_not_stall() {
+        let n = 8;
+        let config = FetchConfig {
+            stall_timeout: Some(Duration::from_secs(5)),
+            max_requests_per_peer: 1,
+            ..FetchConfig::default()
+        };
+        let (mut d, mut actions) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
+        // For 25 s the only holder keeps each request 2 s and then answers `Busy`.
+        for _ in 0..10 {
+            let (peer, id, _) = requests(&actions)[0].clone();
+            assert_eq!(d.advance(Duration::from_secs(2)), vec![]);
+            assert_eq!(d.fail(peer, id, PeerFailure::Busy { retry_after: ms(500) }), vec![]);
+            actions = d.advance(ms(500));
+            assert!(!actions.iter().any(|a| matches!(a, Failed(_))), "{actions:?}");
+        }
+        let all = d.serve_all(actions);
+        assert_eq!(all.last(), Some(&Complete));
+    }
+
     // ---- 9. completion ----
 
     #[test]
@@ -2872,7 +2992,12 @@ mod tests {
 
     #[test]
     fn a_stretched_configuration_scales_every_timer() {
-        let base = FetchConfig { request_target: Some(ms(2000)), deadline: Some(ms(30_000)), ..FetchConfig::default() };
+        let base = FetchConfig {
+            request_target: Some(ms(2000)),
+            deadline: Some(ms(30_000)),
+            stall_timeout: Some(ms(5000)),
+            ..FetchConfig::default()
+        };
         let x4 = base.clone().stretched(4.0);
         assert_eq!(x4.have_refresh, base.have_refresh * 4);
         assert_eq!(x4.retry_base, base.retry_base * 4);
@@ -2881,6 +3006,7 @@ mod tests {
         assert_eq!(x4.have_timeout, base.have_timeout * 4);
         assert_eq!(x4.request_target, Some(ms(8000)));
         assert_eq!(x4.deadline, Some(ms(120_000)));
+        assert_eq!(x4.stall_timeout, Some(ms(20_000)));
         assert_eq!((x4.max_peers, x4.pieces_per_request), (base.max_peers, base.pieces_per_request), "counts stay");
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(base.clone().stretched(bad), base, "factor {bad}");
@@ -2904,6 +3030,7 @@ mod tests {
             request_target: Some(Duration::ZERO),
             have_refresh: Duration::MAX,
             deadline: Some(Duration::MAX),
+            stall_timeout: Some(Duration::ZERO),
         };
         let (mut d, actions) = started(size_of(3), config, &[(1, PieceSet::full(3))]);
         let all = d.serve_all(actions);
