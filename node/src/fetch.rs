@@ -346,12 +346,10 @@ async fn run(
                 Action::Failed(e) => {
                     let secs = lookup_timeout.as_secs();
                     outcome = Some(Err(match e {
-                        shoal_protocol::fetch::FetchError::Stalled { .. } if machine.size().is_none() => {
-                            FetchError::NotFound { hash, secs }.into()
-                        }
-                        shoal_protocol::fetch::FetchError::Stalled { .. } => {
-                            FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into()
-                        }
+                        shoal_protocol::fetch::FetchError::Stalled { .. } => match machine.size() {
+                            None => FetchError::NotFound { hash, secs }.into(),
+                            Some(_) => FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into(),
+                        },
                         e => FetchError::Failed { hash, reason: e.to_string() }.into(),
                     }));
                     break;

@@ -1082,14 +1082,12 @@ where
             return None;
         }
         let mut next = self.deadline_at;
-        if let Some(stall) = self.stall_at() {
-            next = Some(next.map_or(stall, |n| n.min(stall)));
-        }
         let mut consider = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = Some(next.map_or(t, |n| n.min(t)));
             }
         };
+        consider(self.stall_at());
         let endgame = self.in_endgame();
         for request in self.requests.values() {
             consider(request.timeout_at);
