@@ -47,6 +47,13 @@ pub(crate) struct ConnectionLabels {
     pub(crate) event: &'static str,
 }
 
+/// Labels of a DHT request this node answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DhtLabels {
+    /// `find_node`, `get_providers`, `add_provider`, `get_record` or `put_record`.
+    pub(crate) request: &'static str,
+}
+
 fn seconds() -> Histogram {
     // 0.5 ms … ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -74,7 +81,10 @@ pub(crate) struct Metrics {
     pub(crate) uploads: Gauge,
     pub(crate) peers: Gauge,
     pub(crate) connections: Family<ConnectionLabels, Counter>,
+    pub(crate) connections_trimmed: Counter,
     pub(crate) streams_dropped: Counter,
+    pub(crate) dht_served: Family<DhtLabels, Counter>,
+    pub(crate) announcements_deferred: Counter,
     pub(crate) lookup_duration: Histogram,
     pub(crate) providers_found: Histogram,
     pub(crate) fetches: Family<TransferLabels, Counter>,
@@ -102,7 +112,10 @@ impl Metrics {
             uploads: Gauge::default(),
             peers: Gauge::default(),
             connections: Family::default(),
+            connections_trimmed: Counter::default(),
             streams_dropped: Counter::default(),
+            dht_served: Family::default(),
+            announcements_deferred: Counter::default(),
             lookup_duration: seconds(),
             providers_found: Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
             fetches: Family::default(),
@@ -134,6 +147,17 @@ impl Metrics {
         registry.register("uploads", "Uploads in progress", m.uploads.clone());
         registry.register("connected_peers", "Connected peers", m.peers.clone());
         registry.register("connections", "Connections opened, closed and failed", m.connections.clone());
+        registry.register(
+            "connections_trimmed",
+            "Idle connections closed to get back to the connection target",
+            m.connections_trimmed.clone(),
+        );
+        registry.register("dht_served_requests", "DHT requests answered, by kind", m.dht_served.clone());
+        registry.register(
+            "dht_announcements_deferred",
+            "Announcements of crowded blobs spread over the next minutes",
+            m.announcements_deferred.clone(),
+        );
         registry.register(
             "transfer_streams_dropped",
             "Inbound transfer streams reset because the accept queue was full",

@@ -61,6 +61,29 @@ const MAX_PROVIDE_QUEUE: usize = 100_000;
 /// How often every held blob is announced again (provider records live 48 hours).
 const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 
+/// A blob whose provider lookup found this many providers is crowded: its record names more
+/// holders than one lookup dials, and peer exchange reaches the rest.
+const CROWDED: usize = MAX_LOOKUP_DIALS;
+
+/// How long a lookup's finding that a blob is crowded holds.
+const CROWDED_FOR: Duration = Duration::from_secs(10 * 60);
+
+/// Blobs remembered as crowded at most; the least recently found is forgotten.
+const MAX_CROWDED: usize = 1024;
+
+/// A crowded blob's announcement waits a random time up to this. Every fetcher of a crowd
+/// announcing at once sent a thousand announcements to the same k nodes in a few seconds, the
+/// nodes every fetcher's lookup must reach too; spread over this window they are a few a second.
+const ANNOUNCE_SPREAD: Duration = Duration::from_secs(10 * 60);
+
+/// `d` times the node's time scale (see [`NodeConfig::time_scale`]).
+fn stretch(d: Duration, time_scale: f64) -> Duration {
+    if !(time_scale.is_finite() && time_scale > 0.0) {
+        return d;
+    }
+    Duration::try_from_secs_f64(d.as_secs_f64() * time_scale).unwrap_or(Duration::MAX)
+}
+
 /// The behaviours of a Shoal node, on one connection per peer.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -246,6 +269,13 @@ pub(crate) struct EventLoop {
     provided: HashSet<Hash>,
     provide_queue: VecDeque<Hash>,
     providing: HashSet<QueryId>,
+    /// Blobs a recent lookup found crowded (see [`CROWDED`]), and when.
+    crowded: lru::LruCache<Hash, Instant>,
+    /// Announcements of crowded blobs waiting for their time; bounded by `provided`.
+    deferred: Vec<(Instant, Hash)>,
+    /// [`CROWDED_FOR`] and [`ANNOUNCE_SPREAD`], stretched by the node's time scale.
+    crowded_for: Duration,
+    announce_spread: Duration,
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
@@ -260,6 +290,8 @@ pub(crate) struct EventLoop {
     refresh_buckets: bool,
     /// Since when each connected peer has been connected.
     connected_since: HashMap<PeerId, Instant>,
+    /// Peers whose connections we are closing; a subset of `connected_since`.
+    closing: HashSet<PeerId>,
     /// Providers whose dial our connection cap refused, waiting for a connection to close, with
     /// how often that happened.
     awaiting_room: VecDeque<PeerId>,
@@ -283,6 +315,10 @@ impl EventLoop {
             provided: HashSet::new(),
             provide_queue: VecDeque::new(),
             providing: HashSet::new(),
+            crowded: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_CROWDED).expect("nonzero")),
+            deferred: Vec::new(),
+            crowded_for: stretch(CROWDED_FOR, config.time_scale),
+            announce_spread: stretch(ANNOUNCE_SPREAD, config.time_scale),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
@@ -294,6 +330,7 @@ impl EventLoop {
             target_connections: config.max_connections as usize,
             refresh_buckets: config.refresh_buckets,
             connected_since: HashMap::new(),
+            closing: HashSet::new(),
             awaiting_room: VecDeque::new(),
             room_retries: HashMap::new(),
         }
@@ -327,7 +364,10 @@ impl EventLoop {
                         self.enqueue_provide(h);
                     }
                 }
-                _ = trim.tick() => self.trim_connections(),
+                _ = trim.tick() => {
+                    self.trim_connections();
+                    self.release_deferred();
+                }
                 _ = &mut shutdown => break,
             }
             self.drive_provides();
@@ -358,15 +398,50 @@ impl EventLoop {
         }
     }
 
+    /// Announces at once, unless a recent lookup found the blob crowded: then at a random time
+    /// within [`ANNOUNCE_SPREAD`]. A crowd's fetchers serve each other meanwhile, found through
+    /// the record's first providers and peer exchange.
+    fn provide(&mut self, hash: Hash) {
+        let now = Instant::now();
+        let crowded = self.crowded.get(&hash).is_some_and(|at| now.duration_since(*at) < self.crowded_for);
+        if crowded {
+            let wait = self.announce_spread.mul_f64(rand::random::<f64>());
+            self.deferred.push((now + wait, hash));
+            self.metrics.announcements_deferred.inc();
+        } else {
+            self.enqueue_provide(hash);
+        }
+    }
+
+    /// Queues the deferred announcements whose time has come.
+    fn release_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        self.deferred.retain(|(at, hash)| {
+            let ready = *at <= now;
+            if ready {
+                due.push(*hash);
+            }
+            !ready
+        });
+        for hash in due {
+            self.enqueue_provide(hash);
+        }
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Provide(hash) => {
                 if self.provided.insert(hash) {
-                    self.enqueue_provide(hash);
+                    self.provide(hash);
                 }
             }
             Command::Unprovide(hash) => {
                 if self.provided.remove(&hash) {
+                    self.deferred.retain(|(_, h)| *h != hash);
                     self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
                 }
             }
@@ -464,19 +539,25 @@ impl EventLoop {
     }
 
     fn trim_to(&mut self, target: usize, grace: Duration) {
-        if self.connected_since.len() <= target {
+        // Connections already closing are gone for this count: closing one takes a round trip or
+        // more, and picking it again would leave the excess in place.
+        let open = self.connected_since.len().saturating_sub(self.closing.len());
+        if open <= target {
             return;
         }
         let connected: Vec<(PeerId, Instant)> = self
             .connected_since
             .iter()
-            .filter(|(p, _)| !self.dialling.contains_key(p))
+            .filter(|(p, _)| !self.dialling.contains_key(p) && !self.closing.contains(p))
             .map(|(p, t)| (*p, *t))
             .collect();
-        let target = target.saturating_sub(self.connected_since.len() - connected.len());
+        let target = target.saturating_sub(open.saturating_sub(connected.len()));
         for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace) {
             trace!(%peer, "trimming an idle connection");
-            let _ = self.swarm.disconnect_peer_id(peer);
+            if self.swarm.disconnect_peer_id(peer).is_ok() {
+                self.metrics.connections_trimmed.inc();
+                self.closing.insert(peer);
+            }
         }
     }
 
@@ -535,6 +616,8 @@ impl EventLoop {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 self.remote_addrs.insert(peer_id, endpoint.get_remote_address().clone());
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
+                // A new connection to a peer we were closing: it stays until trimmed on its own.
+                self.closing.remove(&peer_id);
                 self.trim_connections();
                 self.room_retries.remove(&peer_id);
                 if let Some(waiting) = self.dialling.remove(&peer_id) {
@@ -570,6 +653,7 @@ impl EventLoop {
                 self.remote_addrs.remove(&peer_id);
                 self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
+                self.closing.remove(&peer_id);
                 while let Some(peer) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
                         self.dial_provider(peer);
@@ -601,6 +685,17 @@ impl EventLoop {
                 self.learn_addresses(peer, vec![address]);
                 return;
             }
+            kad::Event::InboundRequest { request } => {
+                let request = match request {
+                    kad::InboundRequest::FindNode { .. } => "find_node",
+                    kad::InboundRequest::GetProvider { .. } => "get_providers",
+                    kad::InboundRequest::AddProvider { .. } => "add_provider",
+                    kad::InboundRequest::GetRecord { .. } => "get_record",
+                    kad::InboundRequest::PutRecord { .. } => "put_record",
+                };
+                self.metrics.dht_served.get_or_create(&crate::metrics::DhtLabels { request }).inc();
+                return;
+            }
             _ => return,
         };
         trace!(kind = query_kind(&result), requests = stats.num_requests(), last = step.last, "kad query progressed");
@@ -624,11 +719,19 @@ impl EventLoop {
                             connected || dial
                         });
                         let found = lookup.found.clone();
+                        let (hash, seen) = (lookup.hash, lookup.seen.len());
+                        if seen >= CROWDED {
+                            self.crowded.put(hash, Instant::now());
+                        }
                         for p in new {
                             self.offer_provider(p, &found);
                         }
                     }
-                    finish = self.lookups.get(&id).is_some_and(|l| l.found.is_closed());
+                    // Done once the fetch stopped listening, or once the lookup may dial no
+                    // more providers: further answers could name only peers it would not ask,
+                    // and each costs a request (often a connection) to the busiest nodes of the
+                    // DHT, the few closest to a popular blob's key.
+                    finish = self.lookups.get(&id).is_some_and(|l| l.found.is_closed() || l.dials_left == 0);
                 }
                 if step.last || finish {
                     if let Some(lookup) = self.lookups.remove(&id) {
