@@ -69,6 +69,9 @@ const FRESH: Duration = Duration::from_secs(30);
 /// Peers named to a running fetch that it has not taken yet; past it, names are dropped.
 const NEARBY_QUEUE: usize = 64;
 
+/// Peers remembered whose connections we closed ourselves; past it, only fresh ones are kept.
+const MAX_PARTED: usize = 4096;
+
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
 #[derive(Debug)]
 pub(crate) struct Crowds {
@@ -84,6 +87,10 @@ struct Inner {
     /// Listen addresses of connected peers (from identify); a peer leaves at disconnection, so
     /// presence here also means "online".
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Peers whose connections we closed ourselves to stay within our connection bound, with
+    /// when: they did not go away, so the pieces we served them are still theirs to pass on.
+    /// At most [`MAX_PARTED`].
+    parted: HashMap<PeerId, Instant>,
     blobs: LruCache<Hash, Vec<Contact>>,
     /// Size proofs we checked, with the size each proves: passed on to others who ask, so the
     /// proof spreads with the pieces instead of every fetcher needing a holder of the last piece.
@@ -114,6 +121,7 @@ impl Crowds {
             fresh: FRESH.max(patience.saturating_mul(3)),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
+                parted: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 fetching: HashMap::new(),
@@ -129,14 +137,33 @@ impl Crowds {
     pub(crate) fn connected(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let addrs: Vec<Multiaddr> =
             addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).take(MAX_HINT_ADDRS).collect();
+        let mut inner = self.lock();
+        inner.parted.remove(&peer);
         if !addrs.is_empty() {
-            self.lock().addrs.insert(peer, addrs);
+            inner.addrs.insert(peer, addrs);
         }
     }
 
-    /// `peer`'s last connection closed.
-    pub(crate) fn disconnected(&self, peer: &PeerId) {
-        self.lock().addrs.remove(peer);
+    /// `peer`'s last connection closed: `trimmed` if we closed it ourselves to stay within our
+    /// connection bound. A trimmed peer is still relied on for the pieces we served it while it
+    /// is fresh: in a crowd larger than a publisher's connections, forgetting it sent those pieces
+    /// again to the next requester (the seeder of a 1,000-node crowd sent 2.6 copies of the blob).
+    /// A peer whose connection broke, or that closed it, may be gone, and is not.
+    pub(crate) fn disconnected(&self, peer: &PeerId, trimmed: bool, now: Instant) {
+        let mut inner = self.lock();
+        inner.addrs.remove(peer);
+        if !trimmed {
+            inner.parted.remove(peer);
+            return;
+        }
+        if inner.parted.len() >= MAX_PARTED {
+            let fresh = self.fresh;
+            inner.parted.retain(|_, at| now.saturating_duration_since(*at) < fresh);
+            if inner.parted.len() >= MAX_PARTED {
+                return;
+            }
+        }
+        inner.parted.insert(*peer, now);
     }
 
     /// Remembers a size proof of `hash` that checked out for `size`.
@@ -225,8 +252,10 @@ impl Crowds {
         if let Some(contacts) = inner.blobs.peek(&hash) {
             crowd = contacts.iter().filter(|c| self.is_fresh(c, now)).count();
             for c in contacts {
+                let online = inner.addrs.contains_key(&c.peer)
+                    || inner.parted.get(&c.peer).is_some_and(|at| now.saturating_duration_since(*at) < self.fresh);
                 if c.peer != peer
-                    && inner.addrs.contains_key(&c.peer)
+                    && online
                     && self.is_fresh(c, now)
                     && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
                 {
@@ -413,12 +442,36 @@ mod tests {
         crowds.connected(a, vec![addr(1)]);
         crowds.serving(hash, a, &set(4, &[0]), t0);
         let asked = set(4, &[0]);
-        crowds.disconnected(&a);
+        crowds.disconnected(&a, false, t0);
         assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), asked);
         assert!(crowds.hints(hash, b, t0).is_empty());
         crowds.connected(a, vec![addr(1)]);
         let minute = Duration::from_secs(60);
         assert!(crowds.offer(hash, b, &asked, true, false, t0 + minute - Duration::from_millis(1)).is_empty());
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + minute), asked);
+    }
+
+    #[test]
+    fn a_holder_we_trimmed_is_still_relied_on() {
+        let crowds = Crowds::new(Duration::from_secs(20));
+        let hash = Hash::from([8u8; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        crowds.serving(hash, a, &set(4, &[0]), t0);
+        let asked = set(4, &[0, 1]);
+        // We closed the connection to stay within our bound: `a` still holds piece 0.
+        crowds.disconnected(&a, true, t0);
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), set(4, &[1]));
+        // Not named to others, though: we hold no connection, so no fresh addresses, to it.
+        assert!(crowds.hints(hash, b, t0).is_empty());
+        // A minute (three patiences) later it is stale like any holder.
+        let minute = Duration::from_secs(60);
+        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + minute), asked);
+        // Reconnected, and then broken off: it may be gone, and is not relied on.
+        crowds.connected(a, vec![addr(1)]);
+        crowds.serving(hash, a, &set(4, &[0]), t0 + minute);
+        crowds.disconnected(&a, false, t0 + minute);
         assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + minute), asked);
     }
 
@@ -449,6 +502,14 @@ mod tests {
             served += crowds.offer(hash, asker, &asked, true, false, t1).count();
         }
         assert_eq!(served, 4096 - MAX_WITHHELD as u32);
+        // Trimmed peers are remembered up to a bound, the stale ones forgotten first.
+        for _ in 0..MAX_PARTED + 10 {
+            crowds.disconnected(&PeerId::random(), true, t0);
+        }
+        assert_eq!(crowds.lock().parted.len(), MAX_PARTED);
+        let later = t0 + crowds.fresh;
+        crowds.disconnected(&PeerId::random(), true, later);
+        assert_eq!(crowds.lock().parted.len(), 1);
         for i in 0..MAX_BLOBS + 10 {
             crowds.source(nth_hash(i), holder, t0);
         }

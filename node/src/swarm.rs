@@ -651,9 +651,9 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
-                self.crowds.disconnected(&peer_id);
+                let trimmed = self.closing.remove(&peer_id);
+                self.crowds.disconnected(&peer_id, trimmed, Instant::now());
                 self.connected_since.remove(&peer_id);
-                self.closing.remove(&peer_id);
                 while let Some(peer) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
                         self.dial_provider(peer);
