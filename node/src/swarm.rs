@@ -76,14 +76,6 @@ const MAX_CROWDED: usize = 1024;
 /// nodes every fetcher's lookup must reach too; spread over this window they are a few a second.
 const ANNOUNCE_SPREAD: Duration = Duration::from_secs(10 * 60);
 
-/// `d` times the node's time scale (see [`NodeConfig::time_scale`]).
-fn stretch(d: Duration, time_scale: f64) -> Duration {
-    if !(time_scale.is_finite() && time_scale > 0.0) {
-        return d;
-    }
-    Duration::try_from_secs_f64(d.as_secs_f64() * time_scale).unwrap_or(Duration::MAX)
-}
-
 /// The behaviours of a Shoal node, on one connection per peer.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -317,8 +309,8 @@ impl EventLoop {
             providing: HashSet::new(),
             crowded: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_CROWDED).expect("nonzero")),
             deferred: Vec::new(),
-            crowded_for: stretch(CROWDED_FOR, config.time_scale),
-            announce_spread: stretch(ANNOUNCE_SPREAD, config.time_scale),
+            crowded_for: shoal_protocol::fetch::stretch(CROWDED_FOR, config.time_scale),
+            announce_spread: shoal_protocol::fetch::stretch(ANNOUNCE_SPREAD, config.time_scale),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),

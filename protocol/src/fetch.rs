@@ -196,16 +196,22 @@ impl Default for FetchConfig {
     }
 }
 
+/// `d` times `factor`, an emulator's time scale (see [`FetchConfig::stretched`]); `d` itself if
+/// `factor` is not a positive finite number, and [`Duration::MAX`] past it.
+pub fn stretch(d: Duration, factor: f64) -> Duration {
+    if !(factor.is_finite() && factor > 0.0) {
+        return d;
+    }
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX)
+}
+
 impl FetchConfig {
     /// This configuration with every duration multiplied by `factor`: for an emulator that
     /// stretches latency and bandwidth by `factor` (netsim's time scale), so that a fetch asks
     /// as often per emulated second as it would per real second. A factor that is not a positive
     /// finite number leaves the configuration as it is.
     pub fn stretched(mut self, factor: f64) -> Self {
-        if !(factor.is_finite() && factor > 0.0) {
-            return self;
-        }
-        let stretch = |d: Duration| Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(Duration::MAX);
+        let stretch = |d: Duration| stretch(d, factor);
         self.request_timeout = stretch(self.request_timeout);
         self.have_timeout = stretch(self.have_timeout);
         self.retry_base = stretch(self.retry_base);
