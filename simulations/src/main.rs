@@ -63,7 +63,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let (scenario, out, seed, nodes) = match Cli::parse().command {
         Command::Run { scenario, out, seed, nodes } => (scenario, out, seed, nodes),
-        Command::Validate { scenario, shoal, seed, out } => return validate(&scenario, &shoal, seed, out).await,
+        Command::Validate { scenario, shoal, seed, out } => {
+            return unless_interrupted(validate(&scenario, &shoal, seed, out)).await;
+        }
     };
     let mut s = Scenario::load(&scenario)?;
     if let Some(n) = nodes {
@@ -72,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let seed = seed.or(s.seed).unwrap_or_else(rand::random);
     eprintln!("netsim: {} with seed {seed} (repeat with --seed {seed})", s.name);
-    let summary = run(&s, &RunOptions { out: out.clone(), seed: Some(seed), progress: true }).await?;
+    let summary =
+        unless_interrupted(run(&s, &RunOptions { out: out.clone(), seed: Some(seed), progress: true })).await?;
     match &summary.result {
         ExperimentResult::FlashCrowd(r) => eprintln!(
             "flash crowd: {}/{} fetched, T_min {:.2} s, min {:.2} p50 {:.2} p90 {:.2} max {:.2} s ({:.2}× T_min), \
@@ -174,6 +177,48 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("results in {}", out.display());
     }
     Ok(())
+}
+
+/// Runs `work` to its end, or until the first SIGINT or SIGTERM. Interrupted, the work is dropped,
+/// which stops its nodes and node processes and removes their stores (a 1,000-node crowd holds
+/// about 4 GB of them under `--out`), and the process exits with status 130; a second signal
+/// exits at once, leaving the rest.
+async fn unless_interrupted<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let mut work = Box::pin(work);
+    let mut signals = Signals::new()?;
+    tokio::select! {
+        result = &mut work => return result,
+        _ = signals.next() => {}
+    }
+    eprintln!("\ninterrupted: stopping the nodes and removing their stores (interrupt again to quit at once)");
+    // The work is dropped on this thread; the second signal is awaited on a worker thread.
+    tokio::spawn(async move {
+        signals.next().await;
+        eprintln!("interrupted again: quitting; the nodes' stores may be left under the output directory");
+        std::process::exit(130);
+    });
+    drop(work);
+    std::process::exit(130);
+}
+
+/// SIGINT and SIGTERM, handled from creation on (they no longer end the process by themselves).
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self { interrupt: signal(SignalKind::interrupt())?, terminate: signal(SignalKind::terminate())? })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }
 
 async fn validate(

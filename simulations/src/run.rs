@@ -411,12 +411,26 @@ impl Cluster {
         Ok(())
     }
 
-    pub(crate) async fn shutdown(self, progress: &Progress) {
+    pub(crate) async fn shutdown(mut self, progress: &Progress) {
         progress.set("stopping", self.nodes.len());
-        let stops = futures::stream::iter(self.nodes.into_iter().filter_map(|m| m.node).map(|n| n.shutdown()))
+        let nodes = std::mem::take(&mut self.nodes);
+        let stops = futures::stream::iter(nodes.into_iter().filter_map(|m| m.node).map(|n| n.shutdown()))
             .buffer_unordered(16)
             .for_each(|_| async { progress.tick() });
         stops.await;
+    }
+}
+
+/// A cluster dropped before its `shutdown` (a run that failed, or was interrupted) stops its nodes
+/// at once, before its directory is removed: a node left running could write into the tree while
+/// it is being removed, and leave part of it behind.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.nodes {
+            if let Some(node) = m.node.take() {
+                node.crash();
+            }
+        }
     }
 }
 
