@@ -77,14 +77,24 @@ pub struct NodeConfig {
     /// large crowd does better with about a third of `max_connections`.
     pub fetch_peers: usize,
     /// How much slower than real time the network runs: 1 on a real network. An emulator that
-    /// stretches latency and bandwidth by a factor (netsim's time scale) sets it, and a fetch
-    /// stretches its own timers to match (have-map refreshes, DHT back-off, retry back-off,
-    /// request sizing), so that it asks as often per emulated second as a node on a real network
-    /// does per second. Not a configuration-file key.
+    /// stretches latency and bandwidth by a factor (netsim's time scale) sets it, and the node
+    /// stretches every timer it sets by the same factor, so that it behaves per emulated second
+    /// as a node on a real network does per second: the durations in this configuration
+    /// (`lookup_timeout`, `spread_patience`) are network time, and so are the node's own timers
+    /// (a fetch's have-map refreshes, back-offs and request sizing; Kademlia's request timeout;
+    /// ping; idle connections; the connection manager's windows; the transfer protocol's
+    /// timeouts, waits and least rate). `dht_refresh` is not stretched: it is wall-clock upkeep.
+    /// Not a configuration-file key.
     pub time_scale: f64,
 }
 
 impl NodeConfig {
+    /// `d`, a duration of network time, in the node's own (wall-clock) time: stretched by
+    /// [`time_scale`](Self::time_scale).
+    pub(crate) fn stretch(&self, d: Duration) -> Duration {
+        shoal_protocol::fetch::stretch(d, self.time_scale)
+    }
+
     /// The defaults for a node whose data lives in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {

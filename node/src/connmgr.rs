@@ -19,7 +19,8 @@ use libp2p::PeerId;
 /// lookups cannot pin the node at its hard cap.
 pub(crate) const GRACE: Duration = Duration::from_secs(2);
 
-/// A peer we moved content with this recently is kept.
+/// A peer we moved content with this recently is kept. Both windows are stretched by the node's
+/// time scale (see [`crate::NodeConfig::time_scale`]).
 pub(crate) const RECENT: Duration = Duration::from_secs(30);
 
 /// Peers remembered at most; past it, entries older than [`RECENT`] are forgotten.
@@ -93,13 +94,14 @@ impl PeerActivity {
 
 /// Which of `connected` (peer, connected since) to close to get back to `target`: none while
 /// within it; otherwise the least recently useful, never one in its grace period or recently
-/// active.
+/// active (within `recent`).
 pub(crate) fn to_trim(
     connected: &[(PeerId, Instant)],
     target: usize,
     activity: &PeerActivity,
     now: Instant,
     grace: Duration,
+    recent: Duration,
 ) -> Vec<PeerId> {
     if connected.len() <= target {
         return Vec::new();
@@ -109,7 +111,7 @@ pub(crate) fn to_trim(
         .iter()
         .filter(|(peer, since)| now.duration_since(*since) >= grace && !activity.is_busy(peer))
         .map(|(peer, _)| (activity.last(peer), *peer))
-        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= RECENT))
+        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= recent))
         .collect();
     // Never used first (None sorts first), then the longest unused.
     candidates.sort();
@@ -125,7 +127,7 @@ mod tests {
         let now = Instant::now();
         let old = now - Duration::from_secs(3600);
         let peers: Vec<(PeerId, Instant)> = (0..4).map(|_| (PeerId::random(), old)).collect();
-        assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE).is_empty());
+        assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE, RECENT).is_empty());
     }
 
     #[test]
@@ -139,11 +141,11 @@ mod tests {
         activity.last.lock().unwrap().insert(stale, now - Duration::from_secs(120));
         let connected = [(never, old), (busy, old), (young, now), (stale, old)];
         // Two over a target of 2: the never-used peer, then the stale one.
-        assert_eq!(to_trim(&connected, 2, &activity, now, GRACE), vec![never, stale]);
+        assert_eq!(to_trim(&connected, 2, &activity, now, GRACE, RECENT), vec![never, stale]);
         // Three over: still only those two; the busy and the young are kept even past the target.
-        assert_eq!(to_trim(&connected, 1, &activity, now, GRACE), vec![never, stale]);
+        assert_eq!(to_trim(&connected, 1, &activity, now, GRACE, RECENT), vec![never, stale]);
         // Making room for a provider at once: the young connection may go too.
-        let mut all = to_trim(&connected, 1, &activity, now, Duration::ZERO);
+        let mut all = to_trim(&connected, 1, &activity, now, Duration::ZERO, RECENT);
         all.sort();
         let mut want = vec![never, stale, young];
         want.sort();
@@ -158,12 +160,16 @@ mod tests {
         let (asking, idle) = (PeerId::random(), PeerId::random());
         let connected = [(asking, old), (idle, old)];
         let guard = activity.request(asking);
-        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle]);
+        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT), vec![idle]);
         let second = activity.request(asking);
         drop(guard);
-        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle], "one request still runs");
+        assert_eq!(
+            to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT),
+            vec![idle],
+            "one request still runs"
+        );
         drop(second);
-        let mut both = to_trim(&connected, 0, &activity, now, Duration::ZERO);
+        let mut both = to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT);
         both.sort();
         let mut want = vec![asking, idle];
         want.sort();

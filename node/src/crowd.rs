@@ -114,11 +114,13 @@ struct Contact {
 }
 
 impl Crowds {
-    /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
-    pub(crate) fn new(patience: Duration) -> Self {
+    /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`
+    /// (the node's own time). [`FRESH`] is stretched by `time_scale` (see
+    /// [`crate::NodeConfig::time_scale`]).
+    pub(crate) fn new(patience: Duration, time_scale: f64) -> Self {
         Self {
             patience,
-            fresh: FRESH.max(patience.saturating_mul(3)),
+            fresh: shoal_protocol::fetch::stretch(FRESH, time_scale).max(patience.saturating_mul(3)),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 parted: HashMap::new(),
@@ -362,7 +364,7 @@ mod tests {
 
     #[test]
     fn a_running_fetch_hears_of_the_peers_we_serve_its_blob() {
-        let crowds = Crowds::new(PATIENCE);
+        let crowds = Crowds::new(PATIENCE, 1.0);
         let (fetched, other) = (nth_hash(1), nth_hash(2));
         let (a, b) = (PeerId::random(), PeerId::random());
         let now = Instant::now();
@@ -384,7 +386,7 @@ mod tests {
 
     #[test]
     fn a_publisher_leaves_a_piece_it_served_to_an_online_peer_to_that_peer() {
-        let crowds = Crowds::new(Duration::from_secs(3));
+        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -411,7 +413,7 @@ mod tests {
 
     #[test]
     fn an_idle_publisher_holds_back_only_in_a_large_crowd() {
-        let crowds = Crowds::new(Duration::from_secs(10));
+        let crowds = Crowds::new(Duration::from_secs(10), 1.0);
         let hash = Hash::from([7u8; 32]);
         let t0 = Instant::now();
         let asker = PeerId::random();
@@ -435,7 +437,7 @@ mod tests {
     #[test]
     fn an_offline_or_stale_holder_is_not_relied_on() {
         // Fresh for three patiences: a minute.
-        let crowds = Crowds::new(Duration::from_secs(20));
+        let crowds = Crowds::new(Duration::from_secs(20), 1.0);
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -453,7 +455,7 @@ mod tests {
 
     #[test]
     fn a_holder_we_trimmed_is_still_relied_on() {
-        let crowds = Crowds::new(Duration::from_secs(20));
+        let crowds = Crowds::new(Duration::from_secs(20), 1.0);
         let hash = Hash::from([8u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -477,7 +479,7 @@ mod tests {
 
     #[test]
     fn everything_is_bounded() {
-        let crowds = Crowds::new(PATIENCE);
+        let crowds = Crowds::new(PATIENCE, 1.0);
         let t0 = Instant::now();
         let hash = Hash::from([1u8; 32]);
         for _ in 0..MAX_CONTACTS * 2 {

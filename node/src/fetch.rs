@@ -172,7 +172,9 @@ async fn run(
     progress: Option<&watch::Sender<FetchProgress>>,
 ) -> Result<BlobInfo, NodeError> {
     let store = node.store().clone();
+    // In network time for the messages; the node's timers run on its stretched form.
     let lookup_timeout = node.config().lookup_timeout;
+    let stall_timeout = node.config().stretch(lookup_timeout);
     let started = Instant::now();
     // A request's own reader cuts off a peer that stalls or falls below the least rate, and keeps
     // what verified (see `transfer::get_pieces`); the machine's timeout is only the backstop.
@@ -188,9 +190,10 @@ async fn run(
     }
     .stretched(node.config().time_scale);
     // Given up when no piece verified and no holder of what we lack answered for the lookup
-    // timeout (already in the network's time).
-    let config = FetchConfig { stall_timeout: Some(lookup_timeout), ..config };
+    // timeout.
+    let config = FetchConfig { stall_timeout: Some(stall_timeout), ..config };
     let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
+    let timing = node.inner.uploads.timing;
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();
     let mut resumed_bytes = 0u64;
@@ -240,7 +243,7 @@ async fn run(
                     tokio::spawn(
                         async move {
                             let _in_flight = activity.request(peer);
-                            let r = transfer::ask_have(control, peer, hash, trace, prove_size).await;
+                            let r = transfer::ask_have(control, peer, hash, trace, prove_size, timing).await;
                             let _ = events.send(Event::Have(peer, r)).await;
                         }
                         .in_current_span(),
@@ -310,6 +313,7 @@ async fn run(
                                 store,
                                 rate,
                                 transfer::PieceRequest { peer, hash, geometry: g, pieces, trace },
+                                timing,
                             )
                             .await;
                             let _ = events.send(Event::Got(peer, id, got, t0.elapsed())).await;
@@ -382,7 +386,7 @@ async fn run(
         // The machine always has a timer running: its stall timeout.
         let wake = machine
             .poll_timeout()
-            .map_or_else(|| tokio::time::Instant::now() + lookup_timeout, tokio::time::Instant::from_std);
+            .map_or_else(|| tokio::time::Instant::now() + stall_timeout, tokio::time::Instant::from_std);
         tokio::select! {
             event = rx.recv() => {
                 let Some(event) = event else { break Err(NodeError::Stopped) };

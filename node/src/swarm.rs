@@ -176,7 +176,8 @@ pub(crate) fn build_swarm(
         let peer_id = key.public().to_peer_id();
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
-            .set_query_timeout(config.lookup_timeout)
+            .set_query_timeout(config.stretch(config.lookup_timeout))
+            .set_substreams_timeout(config.stretch(KAD_REQUEST_TIMEOUT))
             .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)))
             // Re-providing is batched by the node itself (see `REPROVIDE_INTERVAL`).
             .set_provider_publication_interval(None)
@@ -210,12 +211,17 @@ pub(crate) fn build_swarm(
                     // the peers one crowd fetch talks to; 1,024 cost about 100 KiB.
                     .with_cache_size(IDENTIFY_CACHE),
             ),
-            ping: ping::Behaviour::new(ping::Config::new().with_interval(Duration::from_secs(15))),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(config.stretch(PING_INTERVAL))
+                    .with_timeout(config.stretch(PING_TIMEOUT)),
+            ),
             stream,
             limits: connection_limits::Behaviour::new(limits),
         }
     };
-    let swarm_config = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let idle = config.stretch(IDLE_CONNECTION_TIMEOUT);
+    let swarm_config = move |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle);
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match transport {
         Some(make) => {
@@ -233,6 +239,17 @@ pub(crate) fn build_swarm(
     };
     Ok((swarm, control, incoming))
 }
+
+/// How long a Kademlia request may take (libp2p's default), stretched by the time scale like every
+/// timer of the node's (see [`NodeConfig::time_scale`]).
+const KAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a connection is pinged, and how long a ping may take (libp2p's default timeout).
+const PING_INTERVAL: Duration = Duration::from_secs(15);
+const PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A connection with no stream open for this long is closed.
+const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most providers one lookup dials (those already connected are handed over besides). A
 /// popular blob's record names up to 64 providers, the same ones for every fetcher: dialling them
@@ -268,6 +285,9 @@ pub(crate) struct EventLoop {
     /// [`CROWDED_FOR`] and [`ANNOUNCE_SPREAD`], stretched by the node's time scale.
     crowded_for: Duration,
     announce_spread: Duration,
+    /// [`crate::connmgr::GRACE`] and [`crate::connmgr::RECENT`], stretched by the time scale.
+    grace: Duration,
+    recent: Duration,
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
@@ -311,6 +331,8 @@ impl EventLoop {
             deferred: Vec::new(),
             crowded_for: shoal_protocol::fetch::stretch(CROWDED_FOR, config.time_scale),
             announce_spread: shoal_protocol::fetch::stretch(ANNOUNCE_SPREAD, config.time_scale),
+            grace: config.stretch(crate::connmgr::GRACE),
+            recent: config.stretch(crate::connmgr::RECENT),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
@@ -341,7 +363,7 @@ impl EventLoop {
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let mut reprovide = tokio::time::interval(REPROVIDE_INTERVAL);
         reprovide.tick().await;
-        let mut trim = tokio::time::interval(crate::connmgr::GRACE / 2);
+        let mut trim = tokio::time::interval(self.grace / 2);
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -527,7 +549,7 @@ impl EventLoop {
     /// Closes the least useful connections once there are more than the target (see
     /// [`crate::connmgr`]); providers being dialled for a lookup are kept.
     fn trim_connections(&mut self) {
-        self.trim_to(self.target_connections, crate::connmgr::GRACE);
+        self.trim_to(self.target_connections, self.grace);
     }
 
     fn trim_to(&mut self, target: usize, grace: Duration) {
@@ -544,7 +566,7 @@ impl EventLoop {
             .map(|(p, t)| (*p, *t))
             .collect();
         let target = target.saturating_sub(open.saturating_sub(connected.len()));
-        for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace) {
+        for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace, self.recent) {
             trace!(%peer, "trimming an idle connection");
             if self.swarm.disconnect_peer_id(peer).is_ok() {
                 self.metrics.connections_trimmed.inc();

@@ -59,6 +59,32 @@ const MIN_RATE: u64 = 64 * 1024;
 /// that all complete at the end.
 const UPLOAD_SLOT_RATE: u64 = 1024 * 1024;
 
+/// The protocol's timers and least rate in the node's own time: the constants above, stretched by
+/// the node's time scale (see [`crate::NodeConfig::time_scale`]), both ways: what a server waits
+/// for and asks its requesters to wait, and what a requester waits for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    request_timeout: Duration,
+    busy_retry: Duration,
+    spread_retry: Duration,
+    max_slot_wait: Duration,
+    /// Bytes per second of the node's time.
+    min_rate: u64,
+}
+
+impl Timing {
+    pub(crate) fn new(time_scale: f64) -> Self {
+        let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
+        Self {
+            request_timeout: stretch(REQUEST_TIMEOUT),
+            busy_retry: stretch(BUSY_RETRY),
+            spread_retry: stretch(SPREAD_RETRY),
+            max_slot_wait: stretch(MAX_SLOT_WAIT),
+            min_rate: ((MIN_RATE as f64 / stretch(Duration::from_secs(1)).as_secs_f64()) as u64).max(1),
+        }
+    }
+}
+
 /// Bounds on concurrent uploads, the upload rate cap and who may fetch.
 #[derive(Debug)]
 pub(crate) struct Uploads {
@@ -76,6 +102,7 @@ pub(crate) struct Uploads {
     allow: Option<std::collections::HashSet<PeerId>>,
     /// Set at shutdown: new uploads get `Busy`, running ones finish.
     closing: AtomicBool,
+    pub(crate) timing: Timing,
 }
 
 /// An upload slot; released when dropped.
@@ -103,6 +130,7 @@ impl Uploads {
         max_per_peer: usize,
         upload_rate: Option<u64>,
         allow: Option<Vec<PeerId>>,
+        timing: Timing,
     ) -> Self {
         let data = upload_rate.filter(|r| *r > 0).map(|r| {
             let slots = usize::try_from(r / UPLOAD_SLOT_RATE).unwrap_or(usize::MAX).clamp(2, max_total.max(2));
@@ -118,6 +146,7 @@ impl Uploads {
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
             closing: AtomicBool::new(false),
+            timing,
         }
     }
 
@@ -161,7 +190,7 @@ impl Uploads {
             return None;
         }
         // Tokio's semaphore is fair: waiters get slots in the order they asked.
-        match tokio::time::timeout(MAX_SLOT_WAIT, slots.clone().acquire_owned()).await {
+        match tokio::time::timeout(self.timing.max_slot_wait, slots.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Some(Some(permit)),
             Ok(Err(_)) | Err(_) => None,
         }
@@ -181,7 +210,7 @@ impl Uploads {
     /// there is room instead of polling. Within [`BUSY_RETRY`] and [`MAX_SLOT_WAIT`].
     fn busy_retry(&self) -> Duration {
         let micros = self.upload_micros.load(Ordering::Relaxed);
-        Duration::from_micros(micros).clamp(BUSY_RETRY, MAX_SLOT_WAIT)
+        Duration::from_micros(micros).clamp(self.timing.busy_retry, self.timing.max_slot_wait)
     }
 
     /// Requests waiting for a piece-upload slot now.
@@ -240,26 +269,27 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     }
     let Some(_slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
-        let busy = Response::Busy { retry_after_ms: BUSY_RETRY.as_millis() as u32, peers: Vec::new() };
+        let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), &[], None, None).await;
     };
-    let body = match tokio::time::timeout(REQUEST_TIMEOUT, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
-        Ok(Ok(body)) => body,
-        // The requester closed the stream before its request was whole: it gave up on it (a
-        // fetch that finished, or a request made redundant), not a malformed request.
-        Ok(Err(WireError::Truncated)) => {
-            metrics.served("any", "cancelled", started.elapsed());
-            return Ok(());
-        }
-        Ok(Err(e)) => {
-            metrics.served("any", "bad_request", started.elapsed());
-            return refuse(&mut stream, &e).await;
-        }
-        Err(_) => {
-            metrics.served("any", "timeout", started.elapsed());
-            return Ok(());
-        }
-    };
+    let body =
+        match tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
+            Ok(Ok(body)) => body,
+            // The requester closed the stream before its request was whole: it gave up on it (a
+            // fetch that finished, or a request made redundant), not a malformed request.
+            Ok(Err(WireError::Truncated)) => {
+                metrics.served("any", "cancelled", started.elapsed());
+                return Ok(());
+            }
+            Ok(Err(e)) => {
+                metrics.served("any", "bad_request", started.elapsed());
+                return refuse(&mut stream, &e).await;
+            }
+            Err(_) => {
+                metrics.served("any", "timeout", started.elapsed());
+                return Ok(());
+            }
+        };
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -325,7 +355,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 };
                 if pieces.is_empty() {
                     metrics.served("get", "spread", started.elapsed());
-                    return send_and_close(&mut stream, &busy(SPREAD_RETRY), &[], None, None).await;
+                    return send_and_close(&mut stream, &busy(uploads.timing.spread_retry), &[], None, None).await;
                 }
                 let reader = store.clone();
                 let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &pieces))
@@ -473,8 +503,8 @@ pub(crate) enum PeerFault {
     Protocol,
 }
 
-async fn open(control: &Control, peer: PeerId) -> Result<Stream, PeerFault> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, control.open(peer)).await {
+async fn open(control: &Control, peer: PeerId, timing: Timing) -> Result<Stream, PeerFault> {
+    match tokio::time::timeout(timing.request_timeout, control.open(peer)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(OpenError::Unsupported)) => Err(PeerFault::Protocol),
         Ok(Err(e)) => {
@@ -485,10 +515,10 @@ async fn open(control: &Control, peer: PeerId) -> Result<Stream, PeerFault> {
     }
 }
 
-async fn exchange(stream: &mut Stream, request: &Request) -> Result<Response, PeerFault> {
+async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Result<Response, PeerFault> {
     stream.write_all(&wire::encode_frame(request)).await.map_err(|_| PeerFault::Io)?;
     stream.flush().await.map_err(|_| PeerFault::Io)?;
-    let body = tokio::time::timeout(REQUEST_TIMEOUT, read_frame(stream, MAX_RESPONSE_LEN))
+    let body = tokio::time::timeout(timing.request_timeout, read_frame(stream, MAX_RESPONSE_LEN))
         .await
         .map_err(|_| PeerFault::Timeout)?
         .map_err(|e| if e == WireError::Truncated { PeerFault::Io } else { PeerFault::Protocol })?;
@@ -524,10 +554,11 @@ pub(crate) async fn ask_have(
     hash: Hash,
     trace: TraceId,
     prove_size: bool,
+    timing: Timing,
 ) -> Result<Held, PeerFault> {
-    let mut stream = open(&control, peer).await?;
+    let mut stream = open(&control, peer, timing).await?;
     let started = Instant::now();
-    let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }).await?;
+    let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }, timing).await?;
     let rtt = started.elapsed();
     let _ = stream.close().await;
     match response {
@@ -573,16 +604,17 @@ pub(crate) async fn get_pieces(
     store: Store,
     rate: Option<Arc<RateLimit>>,
     request: PieceRequest,
+    timing: Timing,
 ) -> Got {
     let PieceRequest { peer, hash, geometry, pieces, trace } = request;
     let none = PieceSet::empty(geometry.piece_count());
     let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault), hints: Vec::new(), have: None };
-    let mut stream = match open(&control, peer).await {
+    let mut stream = match open(&control, peer, timing).await {
         Ok(s) => s,
         Err(f) => return fail(f),
     };
     let (sent, hints, have) =
-        match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }).await {
+        match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }, timing).await {
             Ok(Response::Data { pieces: sent, peers, have }) => (sent, peers, have),
             Ok(Response::Busy { retry_after_ms, peers }) => {
                 let wait = Duration::from_millis(u64::from(retry_after_ms));
@@ -597,14 +629,17 @@ pub(crate) async fn get_pieces(
     // The exact length is known; never read more than that. A peer that falls below the least
     // rate, or goes silent, is cut off, and what it did send is still verified and kept.
     let mut decoder = verify::PieceDecoder::new(hash, geometry, &sent);
-    let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(decoder.remaining() / MIN_RATE);
-    let (verified, bytes, fault) = receive(&mut stream, &mut decoder, &store, hash, rate.as_deref(), deadline).await;
+    let deadline = tokio::time::Instant::now()
+        + timing.request_timeout
+        + Duration::from_secs_f64(decoder.remaining() as f64 / timing.min_rate as f64);
+    let (verified, bytes, fault) =
+        receive(&mut stream, &mut decoder, &store, hash, rate.as_deref(), deadline, timing.request_timeout).await;
     let _ = stream.close().await;
     Got { verified, bytes, fault, hints, have }
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
-/// `deadline` passes or the peer is silent for [`REQUEST_TIMEOUT`], storing each piece as soon as
+/// `deadline` passes or the peer is silent for `silence` (the request timeout), storing each piece as soon as
 /// it verified while the next one arrives. Returns the pieces stored, the bytes read, and why the
 /// response fell short, if it did.
 async fn receive(
@@ -614,6 +649,7 @@ async fn receive(
     hash: Hash,
     rate: Option<&RateLimit>,
     deadline: tokio::time::Instant,
+    silence: Duration,
 ) -> (PieceSet, u64, Option<PeerFault>) {
     let mut stored = PieceSet::empty(decoder.verified().piece_count());
     let mut chunk = vec![0u8; (decoder.remaining() as usize).min(CHUNK)];
@@ -627,7 +663,7 @@ async fn receive(
             if let Some(r) = rate {
                 r.take(want).await;
             }
-            let until = deadline.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+            let until = deadline.min(tokio::time::Instant::now() + silence);
             match tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await {
                 Ok(Ok(0)) | Ok(Err(_)) => fault = Some(PeerFault::Truncated),
                 Ok(Ok(n)) => {
@@ -671,7 +707,7 @@ mod tests {
 
     /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].
     fn two_slots() -> Uploads {
-        Uploads::new(64, 8, Some(2 * UPLOAD_SLOT_RATE), None)
+        Uploads::new(64, 8, Some(2 * UPLOAD_SLOT_RATE), None, Timing::new(1.0))
     }
 
     #[tokio::test(start_paused = true)]
@@ -710,6 +746,27 @@ mod tests {
         }
     }
 
+    /// Under an emulator running 4x slower than real time, the protocol waits 4x as long, asks
+    /// busy requesters to wait 4x as long, and a transfer may fall to a quarter of the least rate
+    /// before it is abandoned: the same per emulated second as on a real network.
+    #[test]
+    fn a_time_scale_stretches_every_wait_and_the_least_rate() {
+        let (real, slow) = (Timing::new(1.0), Timing::new(4.0));
+        assert_eq!(real.request_timeout, REQUEST_TIMEOUT);
+        assert_eq!(real.min_rate, MIN_RATE);
+        assert_eq!(slow.request_timeout, REQUEST_TIMEOUT * 4);
+        assert_eq!(slow.busy_retry, BUSY_RETRY * 4);
+        assert_eq!(slow.spread_retry, SPREAD_RETRY * 4);
+        assert_eq!(slow.max_slot_wait, MAX_SLOT_WAIT * 4);
+        assert_eq!(slow.min_rate, MIN_RATE / 4);
+        // A nonsensical scale leaves the timers as they are; a huge one never divides to zero.
+        assert_eq!(Timing::new(f64::NAN).request_timeout, REQUEST_TIMEOUT);
+        assert_eq!(Timing::new(1e300).min_rate, 1);
+
+        let uploads = Uploads::new(64, 8, Some(2 * UPLOAD_SLOT_RATE), None, slow);
+        assert_eq!(uploads.busy_retry(), BUSY_RETRY * 4, "the hint to busy requesters is stretched too");
+    }
+
     #[test]
     fn a_full_line_asks_for_about_one_uploads_time() {
         let uploads = two_slots();
@@ -744,7 +801,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_an_upload_cap_nobody_waits() {
-        let uploads = Uploads::new(64, 8, None, None);
+        let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
         for _ in 0..100 {
             assert!(matches!(uploads.acquire_data().await, Some(None)));
         }

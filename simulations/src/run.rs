@@ -316,9 +316,10 @@ impl Cluster {
         config.cache_bytes = spec.cache_mib << 20;
         config.hot_bytes = (spec.hot_mib << 20) as usize;
         config.max_connections = spec.max_connections;
-        // The timeout is emulated time, as the latencies and rates are.
-        config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s * scenario.network.time_scale);
-        config.spread_patience = Duration::from_secs_f64(spec.spread_patience_s * scenario.network.time_scale);
+        // Emulated time, as the latencies and rates are: the node stretches these, and every
+        // timer of its own, by the time scale.
+        config.lookup_timeout = Duration::from_secs_f64(spec.lookup_timeout_s);
+        config.spread_patience = Duration::from_secs_f64(spec.spread_patience_s);
         config.time_scale = scenario.network.time_scale;
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         config.refresh_buckets = spec.refresh_buckets;
