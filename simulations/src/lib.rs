@@ -8,8 +8,10 @@
 //!   scaling live there, [`zipf`], [`churn`] and [`regions`] beside it.
 //! - [`plot`]: charts in PNG and SVG.
 //! - [`validate`]: one small flash crowd in the emulator and as real processes, side by side.
+//! - [`cleanup`]: the stores and processes an interrupted run leaves, removed and stopped.
 
 pub mod churn;
+pub mod cleanup;
 pub mod hops;
 pub mod net;
 pub mod plot;

@@ -1,6 +1,7 @@
 //! `shoal-netsim`: runs scale experiments on real Shoal nodes over an emulated network.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use shoal_simulations::Scenario;
@@ -55,17 +56,46 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long an interrupted run waits for its blocking tasks (store writes), and then for its
+/// directories to go.
+const SHUTDOWN_PATIENCE: Duration = Duration::from_secs(10);
+
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .with_writer(std::io::stderr)
         .init();
-    let (scenario, out, seed, nodes) = match Cli::parse().command {
-        Command::Run { scenario, out, seed, nodes } => (scenario, out, seed, nodes),
-        Command::Validate { scenario, shoal, seed, out } => {
-            return unless_interrupted(validate(&scenario, &shoal, seed, out)).await;
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if let Some(result) = runtime.block_on(until_interrupted(command(cli))) {
+        return result;
+    }
+    // Interrupted. Every task of the run is dropped and its blocking ones get a few seconds, so
+    // that nothing writes into the nodes' stores any more; then they are removed and the node
+    // processes of a validation stopped (a 1,000-node crowd's stores are about 4 GB).
+    runtime.shutdown_timeout(SHUTDOWN_PATIENCE);
+    for dir in shoal_simulations::cleanup::interrupted(SHUTDOWN_PATIENCE) {
+        eprintln!("could not remove {}", dir.display());
+    }
+    std::process::exit(130);
+}
+
+/// `work`'s result, or `None` at the first SIGINT or SIGTERM, the work then dropped.
+async fn until_interrupted<T>(work: impl Future<Output = T>) -> Option<T> {
+    let Ok(mut signals) = Signals::new() else { return Some(work.await) };
+    tokio::select! {
+        result = work => Some(result),
+        _ = signals.next() => {
+            eprintln!("\ninterrupted: stopping the nodes and removing their stores");
+            None
         }
+    }
+}
+
+async fn command(cli: Cli) -> anyhow::Result<()> {
+    let (scenario, out, seed, nodes) = match cli.command {
+        Command::Run { scenario, out, seed, nodes } => (scenario, out, seed, nodes),
+        Command::Validate { scenario, shoal, seed, out } => return validate(&scenario, &shoal, seed, out).await,
     };
     let mut s = Scenario::load(&scenario)?;
     if let Some(n) = nodes {
@@ -74,8 +104,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let seed = seed.or(s.seed).unwrap_or_else(rand::random);
     eprintln!("netsim: {} with seed {seed} (repeat with --seed {seed})", s.name);
-    let summary =
-        unless_interrupted(run(&s, &RunOptions { out: out.clone(), seed: Some(seed), progress: true })).await?;
+    let summary = run(&s, &RunOptions { out: out.clone(), seed: Some(seed), progress: true }).await?;
     match &summary.result {
         ExperimentResult::FlashCrowd(r) => eprintln!(
             "flash crowd: {}/{} fetched, T_min {:.2} s, min {:.2} p50 {:.2} p90 {:.2} max {:.2} s ({:.2}× T_min), \
@@ -177,28 +206,6 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("results in {}", out.display());
     }
     Ok(())
-}
-
-/// Runs `work` to its end, or until the first SIGINT or SIGTERM. Interrupted, the work is dropped,
-/// which stops its nodes and node processes and removes their stores (a 1,000-node crowd holds
-/// about 4 GB of them under `--out`), and the process exits with status 130; a second signal
-/// exits at once, leaving the rest.
-async fn unless_interrupted<T>(work: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    let mut work = Box::pin(work);
-    let mut signals = Signals::new()?;
-    tokio::select! {
-        result = &mut work => return result,
-        _ = signals.next() => {}
-    }
-    eprintln!("\ninterrupted: stopping the nodes and removing their stores (interrupt again to quit at once)");
-    // The work is dropped on this thread; the second signal is awaited on a worker thread.
-    tokio::spawn(async move {
-        signals.next().await;
-        eprintln!("interrupted again: quitting; the nodes' stores may be left under the output directory");
-        std::process::exit(130);
-    });
-    drop(work);
-    std::process::exit(130);
 }
 
 /// SIGINT and SIGTERM, handled from creation on (they no longer end the process by themselves).

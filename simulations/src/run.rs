@@ -246,6 +246,7 @@ pub(crate) struct Cluster {
     pub(crate) net: Arc<Network>,
     pub(crate) nodes: Vec<Member>,
     dir: tempfile::TempDir,
+    _registered: crate::cleanup::Dir,
 }
 
 /// One node of a [`Cluster`], running or not.
@@ -271,7 +272,8 @@ impl Cluster {
         let net = Network::new(scenario.network_config())?;
         let dir = tempfile::Builder::new().prefix("shoal-netsim-").tempdir_in(work)?;
         *progress.net.lock().unwrap_or_else(|e| e.into_inner()) = Some((net.clone(), net.total_sent(), Instant::now()));
-        let mut cluster = Self { net, nodes: Vec::with_capacity(count), dir };
+        let _registered = crate::cleanup::Dir::register(dir.path());
+        let mut cluster = Self { net, nodes: Vec::with_capacity(count), dir, _registered };
         let spec = &scenario.nodes;
         progress.set("joining", count);
         for _ in 0..count {
@@ -423,8 +425,9 @@ impl Cluster {
 }
 
 /// A cluster dropped before its `shutdown` (a run that failed, or was interrupted) stops its nodes
-/// at once, before its directory is removed: a node left running could write into the tree while
-/// it is being removed, and leave part of it behind.
+/// at once, before its directory is removed. Their tasks still end at their next poll and blocking
+/// store writes run to their end, so an interrupted run also shuts its runtime down and removes
+/// the directory again afterwards (see [`crate::cleanup`]).
 impl Drop for Cluster {
     fn drop(&mut self) {
         for m in &mut self.nodes {

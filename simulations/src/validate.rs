@@ -12,7 +12,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -94,18 +94,11 @@ pub async fn validate(scenario: &Scenario, shoal: &Path, seed: u64, work: &Path)
     Ok(Validation { nodes: s.nodes.count, blob_bytes: size, t_min_s: sim.t_min_s, netsim, real })
 }
 
-/// A running `shoal node`, killed when dropped.
+/// A running `shoal node`, killed when dropped (or when the run is interrupted).
 struct Proc {
-    child: Child,
+    _process: crate::cleanup::Process,
     dir: PathBuf,
     addr: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn start(
@@ -141,7 +134,8 @@ fn start(
             let _ = tx.send(line);
         }
     });
-    let mut proc = Proc { child, dir: dir.to_owned(), addr: String::new() };
+    let mut proc =
+        Proc { _process: crate::cleanup::Process::register(child), dir: dir.to_owned(), addr: String::new() };
     let deadline = Instant::now() + Duration::from_secs(20);
     while proc.addr.is_empty() || !dir.join("api").exists() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -182,6 +176,7 @@ fn served_bytes(dir: &Path) -> anyhow::Result<f64> {
 /// The real processes' crowd; `t_min` is the fluid bound of the same scenario.
 fn real_crowd(s: &Scenario, shoal: &Path, seed: u64, work: &Path, size: u64, t_min: f64) -> anyhow::Result<Side> {
     let dir = tempfile::Builder::new().prefix("shoal-validate-").tempdir_in(work)?;
+    let _registered = crate::cleanup::Dir::register(dir.path());
     let n = s.nodes.count;
     let seeder_caps = s.caps(0);
     let seeder = start(shoal, &dir.path().join("0"), seeder_caps.uplink, seeder_caps.downlink, None)?;

@@ -1,5 +1,6 @@
-//! `shoal-netsim` interrupted mid-run: it stops its nodes, removes their stores from the output
-//! directory (a 1,000-node crowd leaves gigabytes there) and exits with status 130.
+//! `shoal-netsim` interrupted in the middle of a flash crowd, while its fetchers write pieces: it
+//! stops its nodes, removes their stores from the output directory (a 1,000-node crowd leaves
+//! gigabytes there) and exits with status 130.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,6 +17,13 @@ fn stores(out: &Path) -> Vec<std::path::PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Whether a fetcher of the run in `dir` has begun storing the blob.
+fn fetching(dir: &Path) -> bool {
+    (1..12).any(|i| {
+        std::fs::read_dir(dir.join(i.to_string()).join("store").join("blobs")).is_ok_and(|mut e| e.next().is_some())
+    })
 }
 
 #[allow(unsafe_code)]
@@ -38,14 +46,13 @@ fn interrupted_run_leaves_no_store(sig: libc::c_int) {
         .expect("start shoal-netsim");
     let mut child = Killed(child);
 
-    // Interrupt once nodes have written their stores.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Interrupt mid-crowd: once fetchers (every node but the seeder, node 0) write pieces.
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let written = stores(out.path()).iter().any(|d| d.join("1").join("store").exists());
-        if written {
+        if stores(out.path()).iter().any(|d| fetching(d)) {
             break;
         }
-        assert!(Instant::now() < deadline, "no node store appeared within 60 s");
+        assert!(Instant::now() < deadline, "no fetcher wrote into its store within 120 s");
         assert!(child.0.try_wait().expect("wait").is_none(), "shoal-netsim ended before it was interrupted");
         std::thread::sleep(Duration::from_millis(50));
     }
