@@ -83,8 +83,11 @@ pub struct NodeConfig {
     /// (`lookup_timeout`, `spread_patience`) are network time, and so are the node's own timers
     /// (a fetch's have-map refreshes, back-offs and request sizing; Kademlia's request timeout;
     /// ping; idle connections; the connection manager's windows; the transfer protocol's
-    /// timeouts, waits and least rate). `dht_refresh` is not stretched: it is wall-clock upkeep.
-    /// Not a configuration-file key.
+    /// timeouts, waits, least rate and upload slots; the drain at shutdown). Rates
+    /// (`upload_rate`, `download_rate`) are in the node's own time. Upkeep of minutes or hours
+    /// (`dht_refresh`, re-announcing, record TTLs) and the fetch's fixed ceilings (seconds to a
+    /// minute) are not stretched. Not a configuration-file key; netsim keeps it between 0.01 and
+    /// 1,000.
     pub time_scale: f64,
 }
 

@@ -21,7 +21,7 @@ pub(crate) const GRACE: Duration = Duration::from_secs(2);
 
 /// A peer we moved content with this recently is kept. Both windows are stretched by the node's
 /// time scale (see [`crate::NodeConfig::time_scale`]).
-pub(crate) const RECENT: Duration = Duration::from_secs(30);
+pub(crate) const RECENT: Duration = Duration::from_secs(10);
 
 /// Peers remembered at most; past it, entries older than [`RECENT`] are forgotten.
 const MAX_TRACKED: usize = 8192;
@@ -33,12 +33,20 @@ pub(crate) fn hard_cap(target: u32) -> u32 {
 
 /// When each peer last moved content with us (a transfer request, in or out), and which peers
 /// have a request under way right now.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PeerActivity {
     last: Mutex<HashMap<PeerId, Instant>>,
     /// Requests under way per peer, either way; a peer leaves the map when its count drops to 0,
     /// so the map is bounded by the requests in flight.
     in_flight: Mutex<HashMap<PeerId, usize>>,
+    /// A peer active this recently is kept ([`RECENT`] in the node's own time).
+    recent: Duration,
+}
+
+impl Default for PeerActivity {
+    fn default() -> Self {
+        Self::new(RECENT)
+    }
 }
 
 /// A request to or from a peer under way: its connection is not trimmed until this is dropped.
@@ -60,6 +68,11 @@ impl Drop for InFlight {
 }
 
 impl PeerActivity {
+    /// No activity yet; a peer active within `recent` is kept.
+    pub(crate) fn new(recent: Duration) -> Self {
+        Self { last: Mutex::default(), in_flight: Mutex::default(), recent }
+    }
+
     /// Marks a request with `peer` under way until the guard is dropped. Trimming never closes a
     /// connection in the middle of a request: the work done so far would be lost on both sides,
     /// and the requester would count a failure.
@@ -78,7 +91,7 @@ impl PeerActivity {
         let now = Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         if last.len() >= MAX_TRACKED && !last.contains_key(&peer) {
-            last.retain(|_, t| now.duration_since(*t) < RECENT);
+            last.retain(|_, t| now.duration_since(*t) < self.recent);
             if last.len() >= MAX_TRACKED {
                 return;
             }
@@ -94,14 +107,13 @@ impl PeerActivity {
 
 /// Which of `connected` (peer, connected since) to close to get back to `target`: none while
 /// within it; otherwise the least recently useful, never one in its grace period or recently
-/// active (within `recent`).
+/// active.
 pub(crate) fn to_trim(
     connected: &[(PeerId, Instant)],
     target: usize,
     activity: &PeerActivity,
     now: Instant,
     grace: Duration,
-    recent: Duration,
 ) -> Vec<PeerId> {
     if connected.len() <= target {
         return Vec::new();
@@ -111,7 +123,7 @@ pub(crate) fn to_trim(
         .iter()
         .filter(|(peer, since)| now.duration_since(*since) >= grace && !activity.is_busy(peer))
         .map(|(peer, _)| (activity.last(peer), *peer))
-        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= recent))
+        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= activity.recent))
         .collect();
     // Never used first (None sorts first), then the longest unused.
     candidates.sort();
@@ -127,7 +139,7 @@ mod tests {
         let now = Instant::now();
         let old = now - Duration::from_secs(3600);
         let peers: Vec<(PeerId, Instant)> = (0..4).map(|_| (PeerId::random(), old)).collect();
-        assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE, RECENT).is_empty());
+        assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE).is_empty());
     }
 
     #[test]
@@ -141,11 +153,11 @@ mod tests {
         activity.last.lock().unwrap().insert(stale, now - Duration::from_secs(120));
         let connected = [(never, old), (busy, old), (young, now), (stale, old)];
         // Two over a target of 2: the never-used peer, then the stale one.
-        assert_eq!(to_trim(&connected, 2, &activity, now, GRACE, RECENT), vec![never, stale]);
+        assert_eq!(to_trim(&connected, 2, &activity, now, GRACE), vec![never, stale]);
         // Three over: still only those two; the busy and the young are kept even past the target.
-        assert_eq!(to_trim(&connected, 1, &activity, now, GRACE, RECENT), vec![never, stale]);
+        assert_eq!(to_trim(&connected, 1, &activity, now, GRACE), vec![never, stale]);
         // Making room for a provider at once: the young connection may go too.
-        let mut all = to_trim(&connected, 1, &activity, now, Duration::ZERO, RECENT);
+        let mut all = to_trim(&connected, 1, &activity, now, Duration::ZERO);
         all.sort();
         let mut want = vec![never, stale, young];
         want.sort();
@@ -160,16 +172,12 @@ mod tests {
         let (asking, idle) = (PeerId::random(), PeerId::random());
         let connected = [(asking, old), (idle, old)];
         let guard = activity.request(asking);
-        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT), vec![idle]);
+        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle]);
         let second = activity.request(asking);
         drop(guard);
-        assert_eq!(
-            to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT),
-            vec![idle],
-            "one request still runs"
-        );
+        assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle], "one request still runs");
         drop(second);
-        let mut both = to_trim(&connected, 0, &activity, now, Duration::ZERO, RECENT);
+        let mut both = to_trim(&connected, 0, &activity, now, Duration::ZERO);
         both.sort();
         let mut want = vec![asking, idle];
         want.sort();

@@ -133,7 +133,7 @@ impl Node {
             swarm.add_external_address(addr.clone());
         }
         let (commands, command_rx) = mpsc::channel(1024);
-        let activity = Arc::new(crate::connmgr::PeerActivity::default());
+        let activity = Arc::new(crate::connmgr::PeerActivity::new(config.stretch(crate::connmgr::RECENT)));
         let crowds = Arc::new(crate::crowd::Crowds::new(config.stretch(config.spread_patience), config.time_scale));
         let mut event_loop =
             EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
@@ -201,12 +201,13 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Stops the node: new uploads are refused and running ones get up to 10 s to finish, then
-    /// the API and the swarm stop and the store is flushed.
+    /// Stops the node: new uploads are refused and running ones get up to 10 s (stretched by the
+    /// time scale) to finish, then the API and the swarm stop and the store is flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let uploads = self.handle.inner.uploads.clone();
         uploads.close();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline =
+            tokio::time::Instant::now() + self.handle.inner.config.stretch(std::time::Duration::from_secs(10));
         while uploads.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

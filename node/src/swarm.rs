@@ -285,9 +285,8 @@ pub(crate) struct EventLoop {
     /// [`CROWDED_FOR`] and [`ANNOUNCE_SPREAD`], stretched by the node's time scale.
     crowded_for: Duration,
     announce_spread: Duration,
-    /// [`crate::connmgr::GRACE`] and [`crate::connmgr::RECENT`], stretched by the time scale.
+    /// [`crate::connmgr::GRACE`], stretched by the time scale.
     grace: Duration,
-    recent: Duration,
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
@@ -332,7 +331,6 @@ impl EventLoop {
             crowded_for: shoal_protocol::fetch::stretch(CROWDED_FOR, config.time_scale),
             announce_spread: shoal_protocol::fetch::stretch(ANNOUNCE_SPREAD, config.time_scale),
             grace: config.stretch(crate::connmgr::GRACE),
-            recent: config.stretch(crate::connmgr::RECENT),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
@@ -363,7 +361,8 @@ impl EventLoop {
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let mut reprovide = tokio::time::interval(REPROVIDE_INTERVAL);
         reprovide.tick().await;
-        let mut trim = tokio::time::interval(self.grace / 2);
+        // Never a zero period (tokio refuses one), whatever the time scale.
+        let mut trim = tokio::time::interval((self.grace / 2).max(Duration::from_millis(10)));
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -566,7 +565,7 @@ impl EventLoop {
             .map(|(p, t)| (*p, *t))
             .collect();
         let target = target.saturating_sub(open.saturating_sub(connected.len()));
-        for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace, self.recent) {
+        for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace) {
             trace!(%peer, "trimming an idle connection");
             if self.swarm.disconnect_peer_id(peer).is_ok() {
                 self.metrics.connections_trimmed.inc();

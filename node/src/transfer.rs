@@ -70,17 +70,22 @@ pub(crate) struct Timing {
     max_slot_wait: Duration,
     /// Bytes per second of the node's time.
     min_rate: u64,
+    /// [`UPLOAD_SLOT_RATE`] in bytes per second of the node's time: an emulator gives the node
+    /// its upload cap in its own time too, so the slots are as many as on a real network.
+    upload_slot_rate: u64,
 }
 
 impl Timing {
     pub(crate) fn new(time_scale: f64) -> Self {
         let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
+        let per_node_second = |rate: u64| ((rate as f64 / stretch(Duration::from_secs(1)).as_secs_f64()) as u64).max(1);
         Self {
             request_timeout: stretch(REQUEST_TIMEOUT),
             busy_retry: stretch(BUSY_RETRY),
             spread_retry: stretch(SPREAD_RETRY),
             max_slot_wait: stretch(MAX_SLOT_WAIT),
-            min_rate: ((MIN_RATE as f64 / stretch(Duration::from_secs(1)).as_secs_f64()) as u64).max(1),
+            min_rate: per_node_second(MIN_RATE),
+            upload_slot_rate: per_node_second(UPLOAD_SLOT_RATE),
         }
     }
 }
@@ -133,7 +138,7 @@ impl Uploads {
         timing: Timing,
     ) -> Self {
         let data = upload_rate.filter(|r| *r > 0).map(|r| {
-            let slots = usize::try_from(r / UPLOAD_SLOT_RATE).unwrap_or(usize::MAX).clamp(2, max_total.max(2));
+            let slots = usize::try_from(r / timing.upload_slot_rate).unwrap_or(usize::MAX).clamp(2, max_total.max(2));
             (Arc::new(Semaphore::new(slots)), slots)
         });
         Self {
@@ -759,11 +764,13 @@ mod tests {
         assert_eq!(slow.spread_retry, SPREAD_RETRY * 4);
         assert_eq!(slow.max_slot_wait, MAX_SLOT_WAIT * 4);
         assert_eq!(slow.min_rate, MIN_RATE / 4);
-        // A nonsensical scale leaves the timers as they are; a huge one never divides to zero.
+        assert_eq!(slow.upload_slot_rate, UPLOAD_SLOT_RATE / 4);
+        // A nonsensical scale leaves the timers as they are.
         assert_eq!(Timing::new(f64::NAN).request_timeout, REQUEST_TIMEOUT);
-        assert_eq!(Timing::new(1e300).min_rate, 1);
 
-        let uploads = Uploads::new(64, 8, Some(2 * UPLOAD_SLOT_RATE), None, slow);
+        // A 4 MiB/s uplink, told to the node in its own time (1 MiB/s), gets its 4 upload slots.
+        let uploads = Uploads::new(64, 8, Some(UPLOAD_SLOT_RATE), None, slow);
+        assert_eq!(uploads.data.as_ref().map(|(_, n)| *n), Some(4));
         assert_eq!(uploads.busy_retry(), BUSY_RETRY * 4, "the hint to busy requesters is stretched too");
     }
 

@@ -27,6 +27,10 @@ use crate::net::{LinkCaps, NetworkConfig};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// The range a scenario's time scale must fall in.
+pub const MIN_TIME_SCALE: f64 = 0.01;
+pub const MAX_TIME_SCALE: f64 = 1000.0;
+
 /// What is wrong with a scenario file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -283,6 +287,11 @@ impl Scenario {
         if self.network.latency_ms.iter().flatten().any(|l| !(l.is_finite() && *l >= 0.0)) {
             return invalid("latencies must be non-negative".into());
         }
+        // The nodes stretch their timers by it: far outside this range they would be zero or
+        // would overflow the clock.
+        if !(MIN_TIME_SCALE..=MAX_TIME_SCALE).contains(&self.network.time_scale) {
+            return invalid(format!("network.time_scale must be between {MIN_TIME_SCALE} and {MAX_TIME_SCALE}"));
+        }
         let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
         if !positive(self.network.uplink_mib_s) || !positive(self.network.downlink_mib_s) {
             return invalid("caps must be positive".into());
@@ -464,6 +473,12 @@ mod tests {
         s.nodes.settle_s = f64::NAN;
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))));
         s.nodes.settle_s = 1.0;
+        s.check().expect("valid");
+        for bad in [0.0, 1e-9, 1e300, f64::NAN] {
+            s.network.time_scale = bad;
+            assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "time_scale {bad}");
+        }
+        s.network.time_scale = 16.0;
         s.check().expect("valid");
         s.nodes.fetch_peers = 0;
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "a fetch asks at least one peer");
