@@ -98,6 +98,11 @@ impl NodeConfig {
         shoal_protocol::fetch::stretch(d, self.time_scale)
     }
 
+    /// [`lookup_timeout`](Self::lookup_timeout) in the node's own time.
+    pub(crate) fn lookup_wait(&self) -> Duration {
+        self.stretch(self.lookup_timeout)
+    }
+
     /// The defaults for a node whose data lives in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {

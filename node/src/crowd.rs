@@ -114,13 +114,15 @@ struct Contact {
 }
 
 impl Crowds {
-    /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`
-    /// (the node's own time). [`FRESH`] is stretched by `time_scale` (see
+    /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
+    /// Both it and [`FRESH`] are network time, stretched by `time_scale` (see
     /// [`crate::NodeConfig::time_scale`]).
     pub(crate) fn new(patience: Duration, time_scale: f64) -> Self {
+        let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
+        let patience = stretch(patience);
         Self {
             patience,
-            fresh: shoal_protocol::fetch::stretch(FRESH, time_scale).max(patience.saturating_mul(3)),
+            fresh: stretch(FRESH).max(patience.saturating_mul(3)),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 parted: HashMap::new(),

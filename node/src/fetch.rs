@@ -174,7 +174,7 @@ async fn run(
     let store = node.store().clone();
     // In network time for the messages; the node's timers run on its stretched form.
     let lookup_timeout = node.config().lookup_timeout;
-    let stall_timeout = node.config().stretch(lookup_timeout);
+    let stall_timeout = node.config().lookup_wait();
     let started = Instant::now();
     // A request's own reader cuts off a peer that stalls or falls below the least rate, and keeps
     // what verified (see `transfer::get_pieces`); the machine's timeout is only the backstop.

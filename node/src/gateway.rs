@@ -222,7 +222,7 @@ pub(crate) async fn serve(
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let store = node.store().clone();
     let fetching = ensure_fetching(&node, hash);
-    let deadline = tokio::time::Instant::now() + node.config().stretch(node.config().lookup_timeout);
+    let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
     let size = loop {
         if let Some(info) = store.info(hash) {
             break info.size;
@@ -317,7 +317,7 @@ async fn wait_piece(
     fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
 ) -> Result<Bytes, Box<Response>> {
     let store = node.store().clone();
-    let stall = node.config().stretch(node.config().lookup_timeout);
+    let stall = node.config().lookup_wait();
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {

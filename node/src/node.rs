@@ -134,7 +134,7 @@ impl Node {
         }
         let (commands, command_rx) = mpsc::channel(1024);
         let activity = Arc::new(crate::connmgr::PeerActivity::new(config.stretch(crate::connmgr::RECENT)));
-        let crowds = Arc::new(crate::crowd::Crowds::new(config.stretch(config.spread_patience), config.time_scale));
+        let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience, config.time_scale));
         let mut event_loop =
             EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
         for addr in &config.bootstrap {
@@ -378,7 +378,7 @@ impl NodeHandle {
         let (stats_tx, stats_rx) = oneshot::channel();
         self.command(Command::FindProviders { hash, found: tx, stats: Some(stats_tx) }).await?;
         let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + self.inner.config.stretch(self.inner.config.lookup_timeout);
+        let deadline = tokio::time::Instant::now() + self.inner.config.lookup_wait();
         while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             out.push(p);
         }

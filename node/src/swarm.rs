@@ -176,7 +176,7 @@ pub(crate) fn build_swarm(
         let peer_id = key.public().to_peer_id();
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config
-            .set_query_timeout(config.stretch(config.lookup_timeout))
+            .set_query_timeout(config.lookup_wait())
             .set_substreams_timeout(config.stretch(KAD_REQUEST_TIMEOUT))
             .set_provider_record_ttl(Some(Duration::from_secs(48 * 3600)))
             // Re-providing is batched by the node itself (see `REPROVIDE_INTERVAL`).
