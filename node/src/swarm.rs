@@ -655,6 +655,10 @@ impl EventLoop {
                     }
                 }
                 self.room_retries.remove(&peer);
+                if matches!(error, DialError::Transport(_)) {
+                    // It could not be reached: the pieces we served it are no longer its to pass on.
+                    self.crowds.unreachable(peer, Instant::now());
+                }
                 if self.dialling.remove(&peer).is_some() {
                     debug!(%peer, %error, "cannot reach a provider");
                 } else {
@@ -664,8 +668,8 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
-                let trimmed = self.closing.remove(&peer_id);
-                self.crowds.disconnected(&peer_id, trimmed, Instant::now());
+                self.closing.remove(&peer_id);
+                self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
                 while let Some(peer) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
