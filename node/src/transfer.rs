@@ -107,7 +107,19 @@ pub(crate) struct Uploads {
     allow: Option<std::collections::HashSet<PeerId>>,
     /// Set at shutdown: new uploads get `Busy`, running ones finish.
     closing: AtomicBool,
+    /// Requests read and being answered: what a shutdown waits for. A stream whose request has
+    /// not arrived holds an upload slot but is not waited for.
+    answering: AtomicUsize,
     pub(crate) timing: Timing,
+}
+
+/// A request being answered (see [`Uploads::answering`]).
+struct Answering<'a>(&'a AtomicUsize);
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An upload slot; released when dropped.
@@ -151,6 +163,7 @@ impl Uploads {
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
             closing: AtomicBool::new(false),
+            answering: AtomicUsize::new(0),
             timing,
         }
     }
@@ -234,6 +247,17 @@ impl Uploads {
         }
     }
 
+    /// Requests being answered: read, and not yet answered in full.
+    pub(crate) fn answering(&self) -> usize {
+        self.answering.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as being answered until the guard is dropped.
+    fn answer(&self) -> Answering<'_> {
+        self.answering.fetch_add(1, Ordering::Relaxed);
+        Answering(&self.answering)
+    }
+
     /// Uploads in progress.
     pub(crate) fn active(&self) -> usize {
         self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
@@ -295,6 +319,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 return Ok(());
             }
         };
+    let _answering = uploads.answer();
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
         Err(e) => {

@@ -124,3 +124,37 @@ async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
     fetcher.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_never_arrives_does_not_hold_up_shutdown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut c = config(tmp.path().join("p"));
+    // Every timer of the node stretched a thousandfold: the drain may last 10,000 s, and so
+    // may the wait for a request.
+    c.time_scale = 1000.0;
+    let provider = Node::start(c).await.expect("provider");
+    let addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let peer = provider.handle().peer_id();
+    let (mut control, swarm) = raw_peer(addr).await;
+
+    // Half a length prefix, and then nothing: the node holds the stream, waiting for the rest.
+    let mut stream = control.open_stream(peer, TRANSFER).await.expect("stream");
+    stream.write_all(&[0, 0]).await.expect("write");
+    stream.flush().await.expect("flush");
+    let handle = provider.handle();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while handle.status().await.expect("status").uploads == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node took the stream");
+
+    // Stopping waits for requests being answered, not for one that never came.
+    tokio::time::timeout(Duration::from_secs(60), provider.shutdown())
+        .await
+        .expect("stopped without waiting out the drain")
+        .expect("shutdown");
+    drop(stream);
+    swarm.abort();
+}
