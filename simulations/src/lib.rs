@@ -23,3 +23,8 @@ pub mod zipf;
 
 pub use net::{LinkCaps, Network, NetworkConfig, NodeId};
 pub use scenario::Scenario;
+
+/// The value of the unlabelled metric `name` in Prometheus text, as a node's `/metrics` serves it.
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

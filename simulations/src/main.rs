@@ -108,7 +108,7 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
     match &summary.result {
         ExperimentResult::FlashCrowd(r) => eprintln!(
             "flash crowd: {}/{} fetched, T_min {:.2} s, min {:.2} p50 {:.2} p90 {:.2} max {:.2} s ({:.2}× T_min), \
-             origin egress {:.2} copies, peers served {:.0}%",
+             origin egress {:.2} copies ({:.2} of them pieces), peers served {:.0}%",
             r.succeeded,
             r.fetchers,
             r.t_min_s,
@@ -118,6 +118,7 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             r.max_s,
             r.max_over_t_min,
             r.origin_egress_copies,
+            r.origin_piece_copies,
             r.peer_share * 100.0
         ),
         ExperimentResult::LookupScaling { sizes } => {
@@ -243,13 +244,13 @@ async fn validate(
     eprintln!("{} nodes, {:.1} MiB blob, T_min {:.2} s", v.nodes, v.blob_bytes as f64 / 1048576.0, v.t_min_s);
     for (name, side) in [("netsim", &v.netsim), ("real  ", &v.real)] {
         eprintln!(
-            "{name}: {}/{} fetched, p50 {:.2} s, max {:.2} s ({:.2}x T_min), origin egress {:.2} copies",
+            "{name}: {}/{} fetched, p50 {:.2} s, max {:.2} s ({:.2}x T_min), origin served {:.2} copies",
             side.succeeded,
             v.nodes - 1,
             side.p50_s,
             side.max_s,
             side.max_over_t_min,
-            side.origin_egress_copies
+            side.origin_piece_copies
         );
     }
     if let Some(out) = out {

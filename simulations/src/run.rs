@@ -94,6 +94,9 @@ pub struct FlashCrowdResult {
     pub max_over_t_min: f64,
     /// Bytes the seeder sent during the crowd, in copies of the blob (transport overhead included).
     pub origin_egress_copies: f64,
+    /// Of those, the pieces (with their proofs) the seeder served, in copies of the blob; the
+    /// rest is its answers, DHT traffic and connection handshakes.
+    pub origin_piece_copies: f64,
     /// Share of the bytes fetchers received that did not come from the seeder.
     pub peer_share: f64,
     /// Per fetcher.
@@ -655,6 +658,7 @@ async fn flash_crowd(
 
     let seeder_id = cluster.nodes[seeder].id;
     let seeder_sent_before = cluster.net.traffic(seeder_id).0;
+    let seeder_served_before = served_bytes(&cluster.handle(seeder));
     let received_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
 
     progress.set("fetching", fetchers.len());
@@ -728,6 +732,7 @@ async fn flash_crowd(
         cluster.save_metrics(dir)?;
     }
     let seeder_sent = cluster.net.traffic(seeder_id).0 - seeder_sent_before;
+    let seeder_served = served_bytes(&cluster.handle(seeder)).saturating_sub(seeder_served_before);
     let received: u64 =
         fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum::<u64>() - received_before;
     cluster.shutdown(progress).await;
@@ -747,10 +752,16 @@ async fn flash_crowd(
         max_s,
         max_over_t_min: max_s / t_min,
         origin_egress_copies: seeder_sent as f64 / f,
+        origin_piece_copies: seeder_served as f64 / f,
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
         completions,
         series,
     })
+}
+
+/// The bytes of pieces (with proofs) `node` served, from its metrics.
+pub(crate) fn served_bytes(node: &NodeHandle) -> u64 {
+    crate::metric(&node.metrics_text(), "shoal_served_bytes_total").map_or(0, |v| v as u64)
 }
 
 async fn lookup_scaling(

@@ -49,9 +49,9 @@ pub struct Side {
     pub max_s: f64,
     /// `max_s / t_min_s`.
     pub max_over_t_min: f64,
-    /// What the seeder sent, in copies of the blob (transfer payload only for the real run;
-    /// every byte on the link for the emulator).
-    pub origin_egress_copies: f64,
+    /// The pieces (with their proofs) the seeder served, in copies of the blob: its
+    /// `shoal_served_bytes_total`, on both sides.
+    pub origin_piece_copies: f64,
 }
 
 /// The scenario as both runs see it: one region, 0.05 ms of latency.
@@ -83,7 +83,7 @@ pub async fn validate(scenario: &Scenario, shoal: &Path, seed: u64, work: &Path)
         p50_s: sim.p50_s,
         max_s: sim.max_s,
         max_over_t_min: sim.max_over_t_min,
-        origin_egress_copies: sim.origin_egress_copies,
+        origin_piece_copies: sim.origin_piece_copies,
     };
     let size = (blob_mib * 1024.0 * 1024.0) as u64;
     let shoal = shoal.to_owned();
@@ -168,9 +168,7 @@ fn served_bytes(dir: &Path) -> anyhow::Result<f64> {
     write!(stream, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", api.trim())?;
     let mut body = String::new();
     stream.read_to_string(&mut body)?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("shoal_served_bytes_total ").and_then(|v| v.trim().parse().ok()))
-        .context("no shoal_served_bytes_total in /metrics")
+    crate::metric(&body, "shoal_served_bytes_total").context("no shoal_served_bytes_total in /metrics")
 }
 
 /// The real processes' crowd; `t_min` is the fluid bound of the same scenario.
@@ -223,6 +221,6 @@ fn real_crowd(s: &Scenario, shoal: &Path, seed: u64, work: &Path, size: u64, t_m
         p50_s: percentile(&times, 0.5),
         max_s,
         max_over_t_min: max_s / t_min,
-        origin_egress_copies: served / size as f64,
+        origin_piece_copies: served / size as f64,
     })
 }

@@ -91,4 +91,11 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         "the seeder sent {:.2} copies of the blob",
         r.origin_egress_copies
     );
+    // Every piece came from the seeder at least once, and its pieces are part of its egress.
+    assert!(
+        r.origin_piece_copies >= 1.0 && r.origin_piece_copies <= r.origin_egress_copies,
+        "the seeder served {:.2} copies in pieces of {:.2} sent",
+        r.origin_piece_copies,
+        r.origin_egress_copies
+    );
 }
