@@ -10,15 +10,16 @@
 //!   for their announcements to reach the DHT and for their next lookup.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
-//!   hints while connected, unless a dial to that peer has failed since. This is how a seeder sends each piece about once and lets the
-//!   crowd do the rest (BitTorrent's "super-seeding", without its one-piece-at-a-time reveal). In
-//!   a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has room: the
-//!   fetcher's rarest-first order already sends it the requests for pieces nobody else has, so
-//!   what is held back is a piece the requester can get elsewhere, and each copy sent twice is
-//!   egress its owner pays for. In a smaller crowd its uplink is a large share of the crowd's, so
-//!   it holds back only while its other uploads are busy. So that a requester who cannot reach the
-//!   other holders is never starved, a piece is held back from one requester for at most the
-//!   node's patience ([`PATIENCE`] unless configured).
+//!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
+//!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding",
+//!   without its one-piece-at-a-time reveal). In a crowd of [`SMALL_CROWD`] peers or more it
+//!   holds back even while its uplink has room: the fetcher's rarest-first order already sends it
+//!   the requests for pieces nobody else has, so what is held back is a piece the requester can
+//!   get elsewhere, and each copy sent twice is egress its owner pays for. In a smaller crowd its
+//!   uplink is a large share of the crowd's, so it holds back only while its other uploads are
+//!   busy. So that a requester who cannot reach the other holders is never starved, a piece is
+//!   held back from one requester for at most the node's patience ([`PATIENCE`] unless
+//!   configured).
 //!
 //! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
 //!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
@@ -152,8 +153,8 @@ impl Crowds {
     /// connection is how peers stay within their connection bounds, not a sign that one left, and
     /// in a crowd larger than a node's connections nearly every holder's connection to the
     /// publisher is closed by one side or the other while the crowd still passes the pieces on.
-    /// Forgetting the peers we closed on sent 2.6 copies of the blob from the seeder of a
-    /// 1,000-node crowd; forgetting those that closed on us, 1.7-2 copies.
+    /// Forgetting the peers we closed on, the seeder of a 1,000-node crowd sent 2.6 copies of the
+    /// blob; forgetting those that closed on us, 1.7-1.9 copies of its pieces.
     pub(crate) fn disconnected(&self, peer: &PeerId) {
         self.lock().addrs.remove(peer);
     }
@@ -191,7 +192,8 @@ impl Crowds {
         contact(&mut inner, hash, peer, now).holds = true;
     }
 
-    /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh they are left to it (see [`Crowds::offer`]). It is named to others only once the pieces are sent
+    /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh they are left to it
+    /// (see [`Crowds::offer`]). It is named to others only once the pieces are sent
     /// ([`Crowds::delivered`]).
     pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
         let mut inner = self.lock();
@@ -239,9 +241,9 @@ impl Crowds {
     }
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
-    /// we served to another fresh peer, not found unreachable since, is held back, unless it has been held back
-    /// from `peer` for our patience already, or our uploads are otherwise `idle` and the blob's
-    /// crowd is smaller than [`SMALL_CROWD`].
+    /// we served to another fresh peer, not found unreachable since, is held back, unless it has
+    /// been held back from `peer` for our patience already, or our uploads are otherwise `idle`
+    /// and the blob's crowd is smaller than [`SMALL_CROWD`].
     pub(crate) fn offer(
         &self,
         hash: Hash,
