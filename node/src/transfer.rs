@@ -113,10 +113,19 @@ pub(crate) struct Uploads {
     pub(crate) timing: Timing,
 }
 
-/// A request being answered (see [`Uploads::answering`]).
-struct Answering<'a>(&'a AtomicUsize);
+/// One count in a gauge (requests in line, requests being answered) until dropped, however the
+/// work it counts ends.
+struct Counted<'a>(&'a AtomicUsize);
 
-impl Drop for Answering<'_> {
+impl<'a> Counted<'a> {
+    /// Counts one in `gauge`; returns the guard and the count before it.
+    fn new(gauge: &'a AtomicUsize) -> (Self, usize) {
+        let before = gauge.fetch_add(1, Ordering::Relaxed);
+        (Self(gauge), before)
+    }
+}
+
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -195,15 +204,7 @@ impl Uploads {
         if let Ok(permit) = slots.clone().try_acquire_owned() {
             return Some(Some(permit));
         }
-        /// Leaves the line when dropped, however the wait ends.
-        struct InLine<'a>(&'a AtomicUsize);
-        impl Drop for InLine<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
-        let ahead = self.waiting.fetch_add(1, Ordering::Relaxed);
-        let _in_line = InLine(&self.waiting);
+        let (_in_line, ahead) = Counted::new(&self.waiting);
         if ahead >= n.saturating_mul(WAITING_PER_SLOT) {
             return None;
         }
@@ -250,12 +251,6 @@ impl Uploads {
     /// Requests being answered: read, and not yet answered in full.
     pub(crate) fn answering(&self) -> usize {
         self.answering.load(Ordering::Relaxed)
-    }
-
-    /// Counts a request as being answered until the guard is dropped.
-    fn answer(&self) -> Answering<'_> {
-        self.answering.fetch_add(1, Ordering::Relaxed);
-        Answering(&self.answering)
     }
 
     /// Uploads in progress.
@@ -319,7 +314,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 return Ok(());
             }
         };
-    let _answering = uploads.answer();
+    let (_answering, _) = Counted::new(&uploads.answering);
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
         Err(e) => {

@@ -760,7 +760,7 @@ async fn flash_crowd(
 }
 
 /// The bytes of pieces (with proofs) `node` served, from its metrics.
-pub(crate) fn served_bytes(node: &NodeHandle) -> u64 {
+fn served_bytes(node: &NodeHandle) -> u64 {
     crate::metric(&node.metrics_text(), "shoal_served_bytes_total").map_or(0, |v| v as u64)
 }
 
