@@ -7,12 +7,25 @@
 //! connections rise a little past its target (the hard cap is the target plus a margin) and trims
 //! back to the target, closing first the peers it has not moved content with for longest. Peers
 //! in a transfer, and connections younger than a grace period, are kept.
+//!
+//! At the hard cap, [`Gate`] refuses an inbound connection before its handshake: a node that
+//! cannot take the peer spends nothing on it, and the peer learns at once, from a failed dial,
+//! that it must look elsewhere (rather than from a connection that opens and closes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use libp2p::core::transport::{PortUse, TransportError};
+use libp2p::core::upgrade::NegotiationError;
+use libp2p::core::{Endpoint, Multiaddr};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm, dummy,
+};
 
 /// A new connection is not trimmed for this long: long enough for the request it was opened for
 /// (a Kademlia query's round trip, a first transfer request), short enough that a burst of
@@ -29,6 +42,114 @@ const MAX_TRACKED: usize = 8192;
 /// The hard cap for a target of `target` connections: room for the trimming to catch up.
 pub(crate) fn hard_cap(target: u32) -> u32 {
     target.saturating_add((target / 4).max(8))
+}
+
+/// Refuses inbound connections before their handshake while established ones, and inbound ones
+/// already being upgraded, reach the cap. `connection_limits` checks its cap only once the
+/// handshake is done, and stays as the backstop.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    cap: usize,
+    established: usize,
+    /// Inbound connections let through and not yet established or failed: at most `cap`.
+    upgrading: HashSet<ConnectionId>,
+}
+
+/// The error a refused connection carries.
+#[derive(Debug, thiserror::Error)]
+#[error("at the connection cap ({0})")]
+pub(crate) struct AtCap(usize);
+
+impl Gate {
+    pub(crate) fn new(cap: u32) -> Self {
+        Self { cap: cap as usize, established: 0, upgrading: HashSet::new() }
+    }
+}
+
+impl NetworkBehaviour for Gate {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        id: ConnectionId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        if self.established + self.upgrading.len() >= self.cap {
+            return Err(ConnectionDenied::new(AtCap(self.cap)));
+        }
+        self.upgrading.insert(id);
+        Ok(())
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        id: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.upgrading.remove(&id);
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ConnectionEstablished(_) => self.established += 1,
+            FromSwarm::ConnectionClosed(_) => self.established = self.established.saturating_sub(1),
+            FromSwarm::ListenFailure(e) => {
+                self.upgrading.remove(&e.connection_id);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(&mut self, _: PeerId, _: ConnectionId, event: THandlerOutEvent<Self>) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+/// Whether a failed dial reached the peer, which then closed the connection before the handshake
+/// was through: what a [`Gate`] at its cap does. Such a peer is there, and full for now; a dial
+/// that found nobody (no listener, a timeout, an unreachable host) says the peer may be gone.
+pub(crate) fn turned_away(error: &DialError) -> bool {
+    let DialError::Transport(attempts) = error else { return false };
+    !attempts.is_empty() && attempts.iter().all(|(_, e)| matches!(e, TransportError::Other(e) if answered(e)))
+}
+
+/// Whether an upgrade error says the remote answered: a protocol negotiation it broke off, or
+/// (over QUIC) an error "after the remote has been reached".
+fn answered(error: &std::io::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    // Error chains are short; the bound only guards against a cycle.
+    for _ in 0..16 {
+        let Some(e) = next else { return false };
+        if e.is::<NegotiationError>() || matches!(e.downcast_ref(), Some(libp2p::quic::Error::Connection(_))) {
+            return true;
+        }
+        // `io::Error::source` skips the error it wraps; look at that one too.
+        next = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    false
 }
 
 /// When each peer last moved content with us (a transfer request, in or out), and which peers
@@ -183,6 +304,91 @@ mod tests {
         want.sort();
         assert_eq!(both, want);
         assert!(activity.in_flight.lock().unwrap().is_empty(), "finished requests leave no trace");
+    }
+
+    /// A node over libp2p's in-memory transport whose only behaviour is a gate for `cap`.
+    fn gated(cap: u32) -> libp2p::Swarm<Gate> {
+        use libp2p::core::transport::{MemoryTransport, Transport, upgrade::Version};
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| {
+                MemoryTransport::default()
+                    .upgrade(Version::V1)
+                    .authenticate(libp2p::plaintext::Config::new(key))
+                    .multiplex(libp2p::yamux::Config::default())
+                    .boxed()
+            })
+            .expect("transport")
+            .with_behaviour(|_| Gate::new(cap))
+            .expect("behaviour")
+            // Nothing keeps these connections busy; they stay until the test drops them.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build()
+    }
+
+    /// Dials `addr` from a new node: the node once connected, or why the dial failed.
+    async fn dial(addr: &Multiaddr) -> Result<libp2p::Swarm<Gate>, DialError> {
+        use futures::StreamExt;
+        use libp2p::swarm::SwarmEvent;
+        let mut client = gated(8);
+        client.dial(addr.clone())?;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match client.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => return Ok(()),
+                    SwarmEvent::OutgoingConnectionError { error, .. } => return Err(error),
+                    _ => {}
+                }
+            }
+        })
+        .await
+        .expect("the dial ends in time")?;
+        Ok(client)
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_a_peer_is_refused_before_the_handshake_and_let_in_once_there_is_room() {
+        use futures::StreamExt;
+        use libp2p::swarm::ListenError;
+        let mut server = gated(2);
+        server.listen_on("/memory/0".parse().expect("address")).expect("listen");
+        let addr = loop {
+            if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
+                break address;
+            }
+        };
+        let (tx, mut refusals) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = server.next().await {
+                if let libp2p::swarm::SwarmEvent::IncomingConnectionError { error, .. } = event {
+                    let at_cap =
+                        matches!(&error, ListenError::Denied { cause } if cause.downcast_ref::<AtCap>().is_some());
+                    let _ = tx.send((at_cap, error.to_string()));
+                }
+            }
+        });
+        let drive = |mut s: libp2p::Swarm<Gate>| tokio::spawn(async move { while s.next().await.is_some() {} });
+        let first = drive(dial(&addr).await.expect("room for the first"));
+        let _second = drive(dial(&addr).await.expect("room for the second"));
+        // The third never completes a handshake (with the cap checked only after it, its
+        // connection would open and then close), and can tell it was turned away: the server
+        // is there, unlike one nobody answers for.
+        let Err(refused) = dial(&addr).await else { panic!("a third peer got past a cap of two") };
+        assert!(turned_away(&refused), "a refusal taken for absence: {refused}");
+        let Err(absent) = dial(&"/memory/1".parse().expect("address")).await else { panic!("nobody listens there") };
+        assert!(!turned_away(&absent), "absence taken for a refusal: {absent}");
+        let (at_cap, why) = refusals.recv().await.expect("the server saw the refusal");
+        assert!(at_cap, "refused for another reason: {why}");
+        // A peer leaves: the next one gets its place once the server has seen it go.
+        first.abort();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if dial(&addr).await.is_ok() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no room made by a peer that left");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[test]

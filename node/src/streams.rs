@@ -202,7 +202,11 @@ impl NetworkBehaviour for Behaviour {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.addresses.on_swarm_event(&event);
+        // A peer that turned a dial away at its cap keeps the addresses it was named with: it is
+        // there, and has room again once it trims.
+        if !matches!(&event, FromSwarm::DialFailure(e) if crate::connmgr::turned_away(e.error)) {
+            self.addresses.on_swarm_event(&event);
+        }
         match event {
             FromSwarm::ConnectionEstablished(e) => {
                 self.connections.entry(e.peer_id).or_default().insert(e.connection_id);

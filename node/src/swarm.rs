@@ -83,6 +83,7 @@ pub(crate) struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     stream: crate::streams::Behaviour,
+    gate: crate::connmgr::Gate,
     limits: connection_limits::Behaviour,
 }
 
@@ -217,6 +218,7 @@ pub(crate) fn build_swarm(
                     .with_timeout(config.stretch(PING_TIMEOUT)),
             ),
             stream,
+            gate: crate::connmgr::Gate::new(crate::connmgr::hard_cap(config.max_connections)),
             limits: connection_limits::Behaviour::new(limits),
         }
     };
@@ -655,8 +657,10 @@ impl EventLoop {
                     }
                 }
                 self.room_retries.remove(&peer);
-                if matches!(error, DialError::Transport(_)) {
+                if matches!(error, DialError::Transport(_)) && !crate::connmgr::turned_away(&error) {
                     // It could not be reached: the pieces we served it are no longer its to pass on.
+                    // A peer that answered and turned us away at its cap is there, and passes
+                    // them on to the peers it has room for.
                     self.crowds.unreachable(peer, Instant::now());
                 }
                 if self.dialling.remove(&peer).is_some() {
