@@ -377,7 +377,10 @@ mod tests {
         assert!(turned_away(&refused), "a refusal taken for absence: {refused}");
         let Err(absent) = dial(&"/memory/1".parse().expect("address")).await else { panic!("nobody listens there") };
         assert!(!turned_away(&absent), "absence taken for a refusal: {absent}");
-        let (at_cap, why) = refusals.recv().await.expect("the server saw the refusal");
+        let (at_cap, why) = tokio::time::timeout(Duration::from_secs(20), refusals.recv())
+            .await
+            .expect("the refusal is seen in time")
+            .expect("the server saw the refusal");
         assert!(at_cap, "refused for another reason: {why}");
         // A peer leaves: the next one gets its place once the server has seen it go.
         first.abort();
