@@ -94,8 +94,9 @@ pub(crate) enum Command {
     Provide(Hash),
     /// Stop announcing it (evicted or deleted).
     Unprovide(Hash),
-    /// Find providers; each reachable one is sent once, with a live connection. The channel
-    /// closes when the lookup ends, and then `stats` gets the lookup's figures.
+    /// Find providers; each reachable one is sent once, with a live connection, or once it turned
+    /// our dial away at its connection cap. The channel closes when the lookup ends, and then
+    /// `stats` gets the lookup's figures.
     FindProviders { hash: Hash, found: mpsc::Sender<PeerId>, stats: Option<oneshot::Sender<LookupStats>> },
     /// Our routing table, and whether we hold a provider record for a blob.
     DhtSnapshot { hash: Hash, reply: oneshot::Sender<DhtSnapshot> },
@@ -663,10 +664,18 @@ impl EventLoop {
                     // them on to the peers it has room for.
                     self.crowds.unreachable(peer, Instant::now());
                 }
-                if self.dialling.remove(&peer).is_some() {
-                    debug!(%peer, %error, "cannot reach a provider");
-                } else {
-                    trace!(%peer, %error, "dial failed");
+                match self.dialling.remove(&peer) {
+                    // There, and full for now: the lookups hand it on, and the fetch asks it and
+                    // backs off while it stays full, as it does with a provider that answers
+                    // `Busy`. Dropped here, a provider of a blob few hold would not be asked
+                    // again before the next lookup.
+                    Some(waiting) if crate::connmgr::turned_away(&error) => {
+                        for found in waiting {
+                            let _ = found.try_send(peer);
+                        }
+                    }
+                    Some(_) => debug!(%peer, %error, "cannot reach a provider"),
+                    None => trace!(%peer, %error, "dial failed"),
                 }
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
