@@ -658,7 +658,8 @@ impl EventLoop {
                     }
                 }
                 self.room_retries.remove(&peer);
-                if matches!(error, DialError::Transport(_)) && !crate::connmgr::turned_away(&error) {
+                let turned_away = crate::connmgr::turned_away(&error);
+                if matches!(error, DialError::Transport(_)) && !turned_away {
                     // It could not be reached: the pieces we served it are no longer its to pass on.
                     // A peer that answered and turned us away at its cap is there, and passes
                     // them on to the peers it has room for.
@@ -669,7 +670,7 @@ impl EventLoop {
                     // backs off while it stays full, as it does with a provider that answers
                     // `Busy`. Dropped here, a provider of a blob few hold would not be asked
                     // again before the next lookup.
-                    Some(waiting) if crate::connmgr::turned_away(&error) => {
+                    Some(waiting) if turned_away => {
                         for found in waiting {
                             let _ = found.try_send(peer);
                         }
