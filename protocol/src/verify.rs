@@ -73,31 +73,94 @@ fn size_ranges(geometry: Geometry) -> bao_tree::ChunkRanges {
     bao_tree::ChunkRanges::from(bao_tree::ChunkNum(last_chunk)..)
 }
 
-/// Writes a proof of the blob's size to `out`: its last chunk group with the hash pairs from the
-/// root down to it (at most 16 KiB and 64 bytes per level), checked against the outboard first.
-/// BLAKE3 hashes each chunk with its position and the root with a flag, so the last group
-/// verifying under a size proves that size: a fetcher that checks it (see [`check_size_proof`])
-/// may request any piece at once instead of the last piece first.
-pub fn encode_size_proof(data: impl ReadAt, outboard: impl Outboard, out: impl Write) -> Result<(), EncodeError> {
+/// Writes a proof of the blob's size to `out`: its last chunk (at most 1 KiB), then the chaining
+/// values of the left subtrees beside the path from the root down to that chunk, root first (32
+/// bytes each; at most 32 for the largest blob). The last chunk group is checked against the
+/// outboard first, so rotted bytes prove nothing.
+///
+/// BLAKE3 hashes each chunk with its position, a parent with a flag a chunk never carries, and
+/// the root with its own flag, so the last chunk hashing up to the root along the path a tree of
+/// `size` bytes has proves that size: a fetcher that checks it (see [`check_size_proof`]) may
+/// request any piece at once instead of the last piece first. Which chunks the outboard groups is
+/// an encoding choice, not part of the proof: the levels inside the last chunk group are hashed
+/// from its bytes, so a proof costs about 1 KiB instead of the whole group.
+pub fn encode_size_proof(data: impl ReadAt, outboard: impl Outboard, mut out: impl Write) -> Result<(), EncodeError> {
     let geometry = geometry_of(&outboard);
-    bao_tree::io::sync::encode_ranges_validated(data, outboard, &size_ranges(geometry), out)
+    let (root, tree) = (outboard.root(), outboard.tree());
+    let ranges = size_ranges(geometry);
+    let mut encoded = Vec::new();
+    bao_tree::io::sync::encode_ranges_validated(data, outboard, &ranges, &mut encoded)?;
+    // The encoding is the hash pairs from the root down to the last group, then that group; the
+    // path runs along the right edge of the tree, so each pair's left hash is a sibling.
+    let mut siblings = Vec::new();
+    let mut group = None;
+    for item in DecodeResponseIter::new(root, tree, &mut &encoded[..], &ranges) {
+        match item.map_err(|e| EncodeError::Io(io::Error::other(e)))? {
+            BaoContentItem::Parent(Parent { pair: (left, _), .. }) => siblings.push(left),
+            BaoContentItem::Leaf(Leaf { offset, data }) => group = Some((offset / CHUNK, data)),
+        }
+    }
+    let (mut start, group) = match group {
+        Some(g) => g,
+        None if geometry.size() == 0 => (0, Default::default()),
+        None => return Err(EncodeError::Io(io::Error::other("the encoding of the last chunk group is empty"))),
+    };
+    // Inside the group, down its right edge to the last chunk.
+    let mut rest = &group[..];
+    let mut chunks = chunk_count(rest.len() as u64);
+    while chunks > 1 {
+        let left = left_subtree_chunks(chunks);
+        let (l, r) = rest.split_at((left * CHUNK) as usize);
+        siblings.push(subtree_hash(start, l, false));
+        (start, rest, chunks) = (start + left, r, chunks - left);
+    }
+    out.write_all(rest)?;
+    for s in siblings {
+        out.write_all(s.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Whether `proof` (from [`encode_size_proof`]) proves that the blob `hash` is `size` bytes long.
 /// Never panics, whatever the bytes.
 pub fn check_size_proof(hash: Hash, size: u64, proof: &[u8]) -> bool {
-    let Ok(geometry) = Geometry::new(size) else { return false };
-    let ranges = size_ranges(geometry);
-    let mut reader = proof;
-    let mut end = 0u64;
-    for item in DecodeResponseIter::new(hash.as_blake3(), geometry.tree(), &mut reader, &ranges) {
-        match item {
-            Ok(BaoContentItem::Leaf(Leaf { offset, data })) => end = offset + data.len() as u64,
-            Ok(BaoContentItem::Parent(_)) => {}
-            Err(_) => return false,
-        }
+    if Geometry::new(size).is_err() {
+        return false;
     }
-    reader.is_empty() && end == size
+    let chunks = chunk_count(size);
+    let last = chunks - 1;
+    let last_len = (size - last * CHUNK) as usize;
+    // One sibling per level of the tree's right edge.
+    let mut levels = 0;
+    let mut len = chunks;
+    while len > 1 {
+        len -= left_subtree_chunks(len);
+        levels += 1;
+    }
+    if proof.len() != last_len + 32 * levels {
+        return false;
+    }
+    let (chunk, siblings) = proof.split_at(last_len);
+    let mut cv = subtree_hash(last, chunk, levels == 0);
+    for (level, sibling) in siblings.chunks_exact(32).enumerate().rev() {
+        let Ok(sibling) = <[u8; 32]>::try_from(sibling) else { return false };
+        cv = parent_cv(&blake3::Hash::from(sibling), &cv, level == 0);
+    }
+    cv == hash.as_blake3()
+}
+
+/// BLAKE3's chunk length.
+const CHUNK: u64 = 1024;
+
+/// The chunks of a blob (or subtree) of `bytes` bytes: an empty one has one, empty.
+fn chunk_count(bytes: u64) -> u64 {
+    bytes.div_ceil(CHUNK).max(1)
+}
+
+/// The chunks in the left subtree of a BLAKE3 subtree of `chunks` chunks (at least 2): the
+/// largest power of two below `chunks`.
+fn left_subtree_chunks(chunks: u64) -> u64 {
+    1 << (63 - (chunks - 1).leading_zeros())
 }
 
 /// What [`decode_pieces`] stored before it stopped.
@@ -569,13 +632,16 @@ mod tests {
 
     #[test]
     fn a_size_proof_proves_the_size_and_nothing_else() {
-        for &size in SIZES {
+        // Besides the boundaries of groups and pieces, those of chunks and of the tree's levels.
+        let more = [1024, 1025, 2048, 3 * 1024, 17 * 1024 + 3, 64 * 1024 + 1];
+        for &size in SIZES.iter().chain(&more) {
             let data = bytes(size as usize);
             let (hash, ob) = outboard_of(&data);
             let g = Geometry::new(size).expect("small");
             let mut proof = Vec::new();
             encode_size_proof(&data[..], post_order_outboard(hash, g, &ob[..]), &mut proof).expect("encode");
-            assert!(proof.len() as u64 <= CHUNK_GROUP_SIZE + 64 * 64, "size {size}: {} bytes", proof.len());
+            // The last chunk and one hash per level: 12 levels for the 3,073 chunks of 3 MiB.
+            assert!(proof.len() <= 1024 + 32 * 12, "size {size}: {} bytes", proof.len());
             assert!(check_size_proof(hash, size, &proof), "size {size}");
             // Another size, another blob, a flipped bit or a cut proof: refused.
             for other in [size + 1, size.saturating_sub(1), size + 1024, size * 2 + 7] {

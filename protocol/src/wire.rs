@@ -136,8 +136,9 @@ pub enum Response {
     },
 }
 
-/// The longest size proof: a chunk group and a hash pair per tree level, with room to spare.
-pub const MAX_SIZE_PROOF_LEN: usize = 24 * 1024;
+/// The longest size proof: a chunk and a hash per tree level (2 KiB for the largest blob), with
+/// room to spare.
+pub const MAX_SIZE_PROOF_LEN: usize = 4 * 1024;
 
 /// The most peer hints in one response.
 pub const MAX_HINTS: usize = 8;
