@@ -127,21 +127,12 @@ pub fn check_size_proof(hash: Hash, size: u64, proof: &[u8]) -> bool {
     if Geometry::new(size).is_err() {
         return false;
     }
-    let chunks = chunk_count(size);
-    let last = chunks - 1;
-    let last_len = (size - last * CHUNK) as usize;
-    // One sibling per level of the tree's right edge.
-    let mut levels = 0;
-    let mut len = chunks;
-    while len > 1 {
-        len -= left_subtree_chunks(len);
-        levels += 1;
-    }
-    if proof.len() != last_len + 32 * levels {
+    if proof.len() != proof_len(size) {
         return false;
     }
-    let (chunk, siblings) = proof.split_at(last_len);
-    let mut cv = subtree_hash(last, chunk, levels == 0);
+    let last = chunk_count(size) - 1;
+    let (chunk, siblings) = proof.split_at((size - last * CHUNK) as usize);
+    let mut cv = subtree_hash(last, chunk, siblings.is_empty());
     for (level, sibling) in siblings.chunks_exact(32).enumerate().rev() {
         let Ok(sibling) = <[u8; 32]>::try_from(sibling) else { return false };
         cv = parent_cv(&blake3::Hash::from(sibling), &cv, level == 0);
@@ -155,6 +146,18 @@ const CHUNK: u64 = 1024;
 /// The chunks of a blob (or subtree) of `bytes` bytes: an empty one has one, empty.
 fn chunk_count(bytes: u64) -> u64 {
     bytes.div_ceil(CHUNK).max(1)
+}
+
+/// The length of a size proof of a `size`-byte blob: its last chunk, and a hash per level of the
+/// tree's right edge.
+fn proof_len(size: u64) -> usize {
+    let (mut levels, mut chunks) = (0, chunk_count(size));
+    let last_len = (size - (chunks - 1) * CHUNK) as usize;
+    while chunks > 1 {
+        chunks -= left_subtree_chunks(chunks);
+        levels += 1;
+    }
+    last_len + 32 * levels
 }
 
 /// The chunks in the left subtree of a BLAKE3 subtree of `chunks` chunks (at least 2): the
@@ -661,6 +664,20 @@ mod tests {
             }
         }
         assert!(!check_size_proof(Hash::of(b"x"), u64::MAX, &[]));
+    }
+
+    use proptest::prelude::{Just, Strategy, any};
+
+    proptest::proptest! {
+        /// Random bytes of exactly a proof's length, so that the whole walk to the root runs.
+        #[test]
+        fn random_bytes_prove_no_size(
+            (size, proof) in (0u64..(1 << 42)).prop_flat_map(|size| {
+                (Just(size), proptest::collection::vec(any::<u8>(), proof_len(size)))
+            })
+        ) {
+            proptest::prop_assert!(!check_size_proof(Hash::from([0x5a; 32]), size, &proof));
+        }
     }
 
     #[test]
