@@ -11,6 +11,7 @@ use futures::StreamExt;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use shoal_node::libp2p::Multiaddr;
 use shoal_node::protocol::Hash;
 use shoal_node::{FetchProgress, Node, NodeConfig, NodeHandle};
 use tokio::sync::watch;
@@ -259,6 +260,10 @@ pub(crate) struct Member {
     node: Option<Node>,
     /// A handle to the node's current incarnation.
     handle: NodeHandle,
+    /// The address the current incarnation listens on, kept from its start: a joining node is
+    /// given it without asking the node's event loop, which answers late while the network is
+    /// busy (joins stalled for a minute at 1,000 nodes, each waiting on sixteen such answers).
+    addr: Multiaddr,
     config: NodeConfig,
 }
 
@@ -333,8 +338,8 @@ impl Cluster {
         // concurrent uploads.
         let scale = scenario.network.time_scale;
         config.upload_rate = scenario.caps(i).uplink.map(|b| (b as f64 / scale) as u64);
-        let (node, handle) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
-        self.nodes.push(Member { id, node: Some(node), handle, config });
+        let (node, handle, addr) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
+        self.nodes.push(Member { id, node: Some(node), handle, addr, config });
         Ok(i)
     }
 
@@ -344,24 +349,22 @@ impl Cluster {
         mut config: NodeConfig,
         bootstrap: usize,
         rng: &mut ChaCha8Rng,
-    ) -> anyhow::Result<(Node, NodeHandle)> {
+    ) -> anyhow::Result<(Node, NodeHandle, Multiaddr)> {
         let up: Vec<&Member> = self.nodes.iter().filter(|m| m.node.is_some() && m.id != id).collect();
-        let mut picked = Vec::new();
-        for j in rand::seq::index::sample(rng, up.len(), bootstrap.min(up.len())) {
-            if let Some(addr) = up[j].handle.listen_addrs().await?.into_iter().next() {
-                picked.push(addr);
-            }
-        }
-        config.bootstrap = picked;
+        config.bootstrap = rand::seq::index::sample(rng, up.len(), bootstrap.min(up.len()))
+            .into_iter()
+            .map(|j| up[j].addr.clone())
+            .collect();
         let net = self.net.clone();
         let node = Node::start_with_transport(config, Some(Box::new(move |key| net.transport(id, key))))
             .await
             .with_context(|| format!("starting node {id}"))?;
-        tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
+        let addr = tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
             .await
-            .context("a node did not listen within 10 s")??;
+            .context("a node did not listen within 10 s")??
+            .swap_remove(0);
         let handle = node.handle();
-        Ok((node, handle))
+        Ok((node, handle, addr))
     }
 
     /// Whether node `i` is running.
@@ -393,9 +396,11 @@ impl Cluster {
         }
         let id = self.nodes[i].id;
         self.net.set_up(id);
-        let (node, handle) = self.boot(id, self.nodes[i].config.clone(), scenario.nodes.bootstrap_peers, rng).await?;
+        let (node, handle, addr) =
+            self.boot(id, self.nodes[i].config.clone(), scenario.nodes.bootstrap_peers, rng).await?;
         self.nodes[i].node = Some(node);
         self.nodes[i].handle = handle;
+        self.nodes[i].addr = addr;
         Ok(())
     }
 
