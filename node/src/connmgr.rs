@@ -133,14 +133,24 @@ pub(crate) fn turned_away(error: &DialError) -> bool {
     !attempts.is_empty() && attempts.iter().all(|(_, e)| matches!(e, TransportError::Other(e) if answered(e)))
 }
 
-/// Whether an upgrade error says the remote answered: a protocol negotiation it broke off, or
-/// (over QUIC) an error "after the remote has been reached".
+/// The error of libp2p's plaintext handshake, which the crate does not export by name.
+type PlaintextError = <libp2p::plaintext::Config as libp2p::core::upgrade::OutboundConnectionUpgrade<
+    futures::io::Cursor<Vec<u8>>,
+>>::Error;
+
+/// Whether an upgrade error says the remote answered: a protocol negotiation it broke off, a
+/// plaintext handshake it broke off (netsim's transport, which names the handshake with its first
+/// bytes, so a refusal cuts the handshake itself short), or (over QUIC) an error "after the
+/// remote has been reached".
 fn answered(error: &std::io::Error) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     // Error chains are short; the bound only guards against a cycle.
     for _ in 0..16 {
         let Some(e) = next else { return false };
-        if e.is::<NegotiationError>() || matches!(e.downcast_ref(), Some(libp2p::quic::Error::Connection(_))) {
+        if e.is::<NegotiationError>()
+            || e.is::<PlaintextError>()
+            || matches!(e.downcast_ref(), Some(libp2p::quic::Error::Connection(_)))
+        {
             return true;
         }
         // `io::Error::source` skips the error it wraps; look at that one too.
@@ -254,6 +264,7 @@ pub(crate) fn to_trim(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::core::upgrade::Version;
 
     #[test]
     fn within_the_target_nothing_is_trimmed() {
@@ -306,14 +317,15 @@ mod tests {
         assert!(activity.in_flight.lock().unwrap().is_empty(), "finished requests leave no trace");
     }
 
-    /// A node over libp2p's in-memory transport whose only behaviour is a gate for `cap`.
-    fn gated(cap: u32) -> libp2p::Swarm<Gate> {
-        use libp2p::core::transport::{MemoryTransport, Transport, upgrade::Version};
+    /// A node over libp2p's in-memory transport whose only behaviour is a gate for `cap`, and
+    /// whose dials agree on the handshake and the multiplexer as `version` says.
+    fn gated(cap: u32, version: Version) -> libp2p::Swarm<Gate> {
+        use libp2p::core::transport::{MemoryTransport, Transport};
         libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_other_transport(|key| {
                 MemoryTransport::default()
-                    .upgrade(Version::V1)
+                    .upgrade(version)
                     .authenticate(libp2p::plaintext::Config::new(key))
                     .multiplex(libp2p::yamux::Config::default())
                     .boxed()
@@ -327,10 +339,10 @@ mod tests {
     }
 
     /// Dials `addr` from a new node: the node once connected, or why the dial failed.
-    async fn dial(addr: &Multiaddr) -> Result<libp2p::Swarm<Gate>, DialError> {
+    async fn dial(addr: &Multiaddr, version: Version) -> Result<libp2p::Swarm<Gate>, DialError> {
         use futures::StreamExt;
         use libp2p::swarm::SwarmEvent;
-        let mut client = gated(8);
+        let mut client = gated(8, version);
         client.dial(addr.clone())?;
         tokio::time::timeout(Duration::from_secs(20), async {
             loop {
@@ -348,9 +360,20 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_cap_a_peer_is_refused_before_the_handshake_and_let_in_once_there_is_room() {
+        refused_at_the_cap_and_let_in_later(Version::V1).await;
+    }
+
+    /// As netsim's nodes dial: the handshake is named with the first bytes, so the refusal
+    /// breaks off the handshake itself, not its negotiation.
+    #[tokio::test]
+    async fn a_refusal_is_told_apart_when_the_dialer_names_its_handshake_at_once() {
+        refused_at_the_cap_and_let_in_later(Version::V1Lazy).await;
+    }
+
+    async fn refused_at_the_cap_and_let_in_later(version: Version) {
         use futures::StreamExt;
         use libp2p::swarm::ListenError;
-        let mut server = gated(2);
+        let mut server = gated(2, version);
         server.listen_on("/memory/0".parse().expect("address")).expect("listen");
         let addr = loop {
             if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } = server.select_next_some().await {
@@ -368,14 +391,16 @@ mod tests {
             }
         });
         let drive = |mut s: libp2p::Swarm<Gate>| tokio::spawn(async move { while s.next().await.is_some() {} });
-        let first = drive(dial(&addr).await.expect("room for the first"));
-        let _second = drive(dial(&addr).await.expect("room for the second"));
+        let first = drive(dial(&addr, version).await.expect("room for the first"));
+        let _second = drive(dial(&addr, version).await.expect("room for the second"));
         // The third never completes a handshake (with the cap checked only after it, its
         // connection would open and then close), and can tell it was turned away: the server
         // is there, unlike one nobody answers for.
-        let Err(refused) = dial(&addr).await else { panic!("a third peer got past a cap of two") };
+        let Err(refused) = dial(&addr, version).await else { panic!("a third peer got past a cap of two") };
         assert!(turned_away(&refused), "a refusal taken for absence: {refused}");
-        let Err(absent) = dial(&"/memory/1".parse().expect("address")).await else { panic!("nobody listens there") };
+        let Err(absent) = dial(&"/memory/1".parse().expect("address"), version).await else {
+            panic!("nobody listens there")
+        };
         assert!(!turned_away(&absent), "absence taken for a refusal: {absent}");
         let (at_cap, why) = tokio::time::timeout(Duration::from_secs(20), refusals.recv())
             .await
@@ -386,7 +411,7 @@ mod tests {
         first.abort();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            if dial(&addr).await.is_ok() {
+            if dial(&addr, version).await.is_ok() {
                 break;
             }
             assert!(tokio::time::Instant::now() < deadline, "no room made by a peer that left");

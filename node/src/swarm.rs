@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
@@ -224,7 +225,13 @@ pub(crate) fn build_swarm(
         }
     };
     let idle = config.stretch(IDLE_CONNECTION_TIMEOUT);
-    let swarm_config = move |c: libp2p::swarm::Config| c.with_idle_connection_timeout(idle);
+    // Every stream we open offers one protocol, so it is sent with the stream's first message
+    // instead of a round trip ahead of it: a Kademlia request or a have or piece request on an
+    // open connection takes one round trip, not two. A peer that does not speak the protocol is
+    // found out when its answer is read (see `transfer::io_fault`).
+    let swarm_config = move |c: libp2p::swarm::Config| {
+        c.with_idle_connection_timeout(idle).with_substream_upgrade_protocol_override(Version::V1Lazy)
+    };
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match transport {
         Some(make) => {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::{AsyncRead, AsyncWrite};
+use libp2p::core::upgrade::NegotiationError;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use shoal_cache::Store;
 use shoal_protocol::verify;
@@ -491,6 +492,26 @@ async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result
     Ok(body)
 }
 
+/// Reads the frame of a response. The stream's protocol was offered with the request, not
+/// agreed before it (see `swarm`), so a peer that does not speak it is found out here.
+async fn read_response(stream: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, PeerFault> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await.map_err(|e| io_fault(&e))?;
+    let len = wire::frame_len(prefix, MAX_RESPONSE_LEN).map_err(|_| PeerFault::Protocol)?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.map_err(|_| PeerFault::Io)?;
+    Ok(body)
+}
+
+/// What a failed read or write on a stream we opened says about the peer: it refused the
+/// protocol, or the stream or connection failed.
+fn io_fault(e: &std::io::Error) -> PeerFault {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<NegotiationError>()) {
+        Some(NegotiationError::Failed) => PeerFault::Protocol,
+        _ => PeerFault::Io,
+    }
+}
+
 impl PeerFault {
     /// The metrics label for this failure.
     pub(crate) fn label(self) -> &'static str {
@@ -541,12 +562,10 @@ async fn open(control: &Control, peer: PeerId, timing: Timing) -> Result<Stream,
 }
 
 async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Result<Response, PeerFault> {
-    stream.write_all(&wire::encode_frame(request)).await.map_err(|_| PeerFault::Io)?;
-    stream.flush().await.map_err(|_| PeerFault::Io)?;
-    let body = tokio::time::timeout(timing.request_timeout, read_frame(stream, MAX_RESPONSE_LEN))
-        .await
-        .map_err(|_| PeerFault::Timeout)?
-        .map_err(|e| if e == WireError::Truncated { PeerFault::Io } else { PeerFault::Protocol })?;
+    stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
+    stream.flush().await.map_err(|e| io_fault(&e))?;
+    let body =
+        tokio::time::timeout(timing.request_timeout, read_response(stream)).await.map_err(|_| PeerFault::Timeout)??;
     let response = wire::decode_response(&body).map_err(|_| PeerFault::Protocol)?;
     match response {
         Response::NotFound => Err(PeerFault::NotFound),
@@ -729,6 +748,17 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_protocol_is_told_apart_from_a_broken_stream() {
+        // How multistream-select reports, on the first read, that the peer refused the protocol
+        // the stream was opened with.
+        let refused = std::io::Error::from(NegotiationError::Failed);
+        assert_eq!(io_fault(&refused), PeerFault::Protocol);
+        for broken in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::UnexpectedEof] {
+            assert_eq!(io_fault(&std::io::Error::from(broken)), PeerFault::Io);
+        }
+    }
 
     /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].
     fn two_slots() -> Uploads {

@@ -31,6 +31,11 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub const MIN_TIME_SCALE: f64 = 0.01;
 pub const MAX_TIME_SCALE: f64 = 1000.0;
 
+/// How long libp2p's Kademlia waits for one peer of a lookup before going on without it. It is
+/// wall time, fixed in the crate (libp2p-kad 0.49), and not stretched by the time scale as the
+/// nodes' own timers are.
+pub const KAD_PEER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What is wrong with a scenario file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -292,6 +297,24 @@ impl Scenario {
         if !(MIN_TIME_SCALE..=MAX_TIME_SCALE).contains(&self.network.time_scale) {
             return invalid(format!("network.time_scale must be between {MIN_TIME_SCALE} and {MAX_TIME_SCALE}"));
         }
+        // The longest request of a lookup, to a peer not yet connected: one round trip to
+        // connect (see `net`), one for the request. Kademlia skips a peer that has not answered
+        // within its fixed wall-clock timeout, and a lookup that skips every far peer misses the
+        // records they hold: at a time scale of 32 with 110 ms between regions, a fifth of the
+        // fetchers of a crowd never found the seeder.
+        let longest_ms = self.network.latency_ms.iter().flatten().fold(0.0f64, |a, b| a.max(*b));
+        let request = Duration::from_secs_f64(4.0 * longest_ms / 1000.0 * self.network.time_scale);
+        if request > KAD_PEER_TIMEOUT {
+            let most = KAD_PEER_TIMEOUT.as_secs_f64() * 1000.0 / (4.0 * longest_ms);
+            return invalid(format!(
+                "network.time_scale {} stretches a request to a new peer over the longest link \
+                 ({longest_ms} ms one way, two round trips) to {:.1} s, past Kademlia's {} s for \
+                 a peer to answer: lookups would skip far peers; use a time scale of at most {most:.1}",
+                self.network.time_scale,
+                request.as_secs_f64(),
+                KAD_PEER_TIMEOUT.as_secs(),
+            ));
+        }
         let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
         if !positive(self.network.uplink_mib_s) || !positive(self.network.downlink_mib_s) {
             return invalid("caps must be positive".into());
@@ -482,5 +505,30 @@ mod tests {
         s.check().expect("valid");
         s.nodes.fetch_peers = 0;
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "a fetch asks at least one peer");
+    }
+
+    #[test]
+    fn a_time_scale_that_outlasts_kademlias_wait_for_a_peer_is_refused() {
+        let text = r#"
+            name = "x"
+            [network]
+            regions = ["eu", "ap"]
+            latency_ms = [[5, 110], [110, 5]]
+            time_scale = 16.0
+            [experiment]
+            kind = "flash-crowd"
+            blob_mib = 1.0
+        "#;
+        let mut s: Scenario = toml::from_str(text).expect("parses");
+        // Two round trips between the regions: 0.44 s, 7.0 s of wall time at 16.
+        s.check().expect("valid");
+        // 14.1 s at 32: Kademlia would stop waiting for the far region's peers after 10.
+        s.network.time_scale = 32.0;
+        match s.check() {
+            Err(ScenarioError::Invalid(m)) => assert!(m.contains("at most 22.7"), "{m}"),
+            other => panic!("accepted: {other:?}"),
+        }
+        s.network.latency_ms = vec![vec![5.0, 50.0], vec![50.0, 5.0]];
+        s.check().expect("valid: 6.4 s");
     }
 }
