@@ -302,11 +302,11 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             Ok(Ok(body)) => body,
             // The requester closed the stream before its request was whole: it gave up on it (a
             // fetch that finished, or a request made redundant), not a malformed request.
-            Ok(Err(WireError::Truncated)) => {
+            Ok(Err(FrameError::Io(_))) => {
                 metrics.served("any", "cancelled", started.elapsed());
                 return Ok(());
             }
-            Ok(Err(e)) => {
+            Ok(Err(FrameError::Wire(e))) => {
                 metrics.served("any", "bad_request", started.elapsed());
                 return refuse(&mut stream, &e).await;
             }
@@ -483,28 +483,26 @@ async fn send_and_close(
     stream.close().await
 }
 
-async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result<Vec<u8>, WireError> {
-    let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await.map_err(|_| WireError::Truncated)?;
-    let len = wire::frame_len(prefix, max)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.map_err(|_| WireError::Truncated)?;
-    Ok(body)
+/// Why a frame could not be read: the stream failed or ended inside it, or its length prefix
+/// broke the limit.
+enum FrameError {
+    Io(std::io::Error),
+    Wire(WireError),
 }
 
-/// Reads the frame of a response. The stream's protocol was offered with the request, not
-/// agreed before it (see `swarm`), so a peer that does not speak it is found out here.
-async fn read_response(stream: &mut (impl AsyncRead + Unpin)) -> Result<Vec<u8>, PeerFault> {
+async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result<Vec<u8>, FrameError> {
     let mut prefix = [0u8; 4];
-    stream.read_exact(&mut prefix).await.map_err(|e| io_fault(&e))?;
-    let len = wire::frame_len(prefix, MAX_RESPONSE_LEN).map_err(|_| PeerFault::Protocol)?;
+    stream.read_exact(&mut prefix).await.map_err(FrameError::Io)?;
+    let len = wire::frame_len(prefix, max).map_err(FrameError::Wire)?;
     let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.map_err(|_| PeerFault::Io)?;
+    stream.read_exact(&mut body).await.map_err(FrameError::Io)?;
     Ok(body)
 }
 
 /// What a failed read or write on a stream we opened says about the peer: it refused the
-/// protocol, or the stream or connection failed.
+/// protocol, or the stream or connection failed. The stream's protocol was offered with the
+/// request, not agreed before it (see `swarm`), so a peer that does not speak it is found out
+/// by the first read.
 fn io_fault(e: &std::io::Error) -> PeerFault {
     match e.get_ref().and_then(|inner| inner.downcast_ref::<NegotiationError>()) {
         Some(NegotiationError::Failed) => PeerFault::Protocol,
@@ -564,8 +562,13 @@ async fn open(control: &Control, peer: PeerId, timing: Timing) -> Result<Stream,
 async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Result<Response, PeerFault> {
     stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
     stream.flush().await.map_err(|e| io_fault(&e))?;
-    let body =
-        tokio::time::timeout(timing.request_timeout, read_response(stream)).await.map_err(|_| PeerFault::Timeout)??;
+    let body = tokio::time::timeout(timing.request_timeout, read_frame(stream, MAX_RESPONSE_LEN))
+        .await
+        .map_err(|_| PeerFault::Timeout)?
+        .map_err(|e| match e {
+            FrameError::Io(e) => io_fault(&e),
+            FrameError::Wire(_) => PeerFault::Protocol,
+        })?;
     let response = wire::decode_response(&body).map_err(|_| PeerFault::Protocol)?;
     match response {
         Response::NotFound => Err(PeerFault::NotFound),
