@@ -119,6 +119,20 @@ pub struct CrowdSample {
     pub origin_bytes: u64,
     /// Bytes the fetchers have received since the start.
     pub received_bytes: u64,
+    /// Bytes the fetchers have sent since the start: against their summed uplinks, how much of
+    /// the crowd's upload capacity the swarm used.
+    pub fetcher_sent_bytes: u64,
+    /// Verified bytes the fetchers hold of the blob.
+    pub held_bytes: u64,
+    /// Fetchers holding some of the blob but not all of it: those with pieces to trade.
+    pub trading: usize,
+    /// Fetchers that sent at least half their uplink's worth since the last sample (none with no
+    /// uplink cap, and none in the first sample).
+    pub busy_uplinks: usize,
+    /// Fetchers holding the piece fewest fetchers hold: a crowd finishes only once its rarest
+    /// piece has reached everyone, so a count that stays low while the rest spread is the
+    /// crowd's critical path.
+    pub rarest_piece_holders: usize,
 }
 
 /// One fetch in a flash crowd.
@@ -568,9 +582,23 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                 ));
             }
             std::fs::write(out.join("completions.csv"), csv)?;
-            let mut csv = String::from("t_s,completed,origin_egress_bytes,received_bytes\n");
+            let mut csv = String::from(
+                "t_s,completed,origin_egress_bytes,received_bytes,fetcher_sent_bytes,held_bytes,trading,busy_uplinks,\
+                 rarest_piece_holders\n",
+            );
             for p in &r.series {
-                csv.push_str(&format!("{:.2},{},{},{}\n", p.t_s, p.completed, p.origin_bytes, p.received_bytes));
+                csv.push_str(&format!(
+                    "{:.2},{},{},{},{},{},{},{},{}\n",
+                    p.t_s,
+                    p.completed,
+                    p.origin_bytes,
+                    p.received_bytes,
+                    p.fetcher_sent_bytes,
+                    p.held_bytes,
+                    p.trading,
+                    p.busy_uplinks,
+                    p.rarest_piece_holders
+                ));
             }
             std::fs::write(out.join("timeseries.csv"), csv)?;
             let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
@@ -665,6 +693,7 @@ async fn flash_crowd(
     let seeder_sent_before = cluster.net.traffic(seeder_id).0;
     let seeder_served_before = served_bytes(&cluster.handle(seeder));
     let received_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
+    let sent_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).0).sum();
 
     progress.set("fetching", fetchers.len());
     let finished = AtomicUsize::new(0);
@@ -695,15 +724,48 @@ async fn flash_crowd(
         .collect();
     let sampler = async {
         let mut series = Vec::new();
+        let mut last_sent: Vec<u64> = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).0).collect();
+        let mut last_t: Option<f64> = None;
+        let pieces = size.div_ceil(shoal_node::protocol::PIECE_SIZE) as usize;
         loop {
             let done = finished.load(Ordering::Relaxed);
-            let received: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
+            let t_s = t0.elapsed().as_secs_f64() / scale;
+            let interval = last_t.map_or(0.0, |last| t_s - last);
+            let (mut sent, mut received, mut held, mut trading, mut busy_uplinks) = (0, 0, 0, 0, 0);
+            let mut holders = vec![0usize; pieces];
+            for (k, &i) in fetchers.iter().enumerate() {
+                let (s, r) = cluster.net.traffic(cluster.nodes[i].id);
+                sent += s;
+                received += r;
+                let half = rate(scenario.caps(i).uplink) * interval / 2.0;
+                if interval > 0.0 && (s - last_sent[k]) as f64 >= half {
+                    busy_uplinks += 1;
+                }
+                last_sent[k] = s;
+                if let Some(b) = cluster.handle(i).store().info(hash) {
+                    held += (u64::from(b.pieces.count()) * shoal_node::protocol::PIECE_SIZE).min(b.size);
+                    if !b.pieces.is_empty() && !b.is_complete() {
+                        trading += 1;
+                    }
+                    for piece in b.pieces.iter() {
+                        if let Some(n) = holders.get_mut(piece as usize) {
+                            *n += 1;
+                        }
+                    }
+                }
+            }
             series.push(CrowdSample {
-                t_s: t0.elapsed().as_secs_f64() / scale,
+                t_s,
                 completed: done,
                 origin_bytes: cluster.net.traffic(seeder_id).0 - seeder_sent_before,
                 received_bytes: received - received_before,
+                fetcher_sent_bytes: sent - sent_before,
+                held_bytes: held,
+                trading,
+                busy_uplinks,
+                rarest_piece_holders: holders.iter().copied().min().unwrap_or(0),
             });
+            last_t = Some(t_s);
             if done == fetchers.len() {
                 return series;
             }

@@ -91,6 +91,15 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         "the seeder sent {:.2} copies of the blob",
         r.origin_egress_copies
     );
+    // The time series ends where the crowd does: every fetcher holds every piece, none is still
+    // trading, and the crowd sent what it received less what came from the seeder.
+    let last = r.series.last().expect("a sample");
+    assert_eq!(last.completed, r.fetchers);
+    assert_eq!(last.held_bytes, r.blob_bytes * r.fetchers as u64);
+    assert_eq!((last.trading, last.rarest_piece_holders), (0, r.fetchers));
+    assert!(last.fetcher_sent_bytes > 0 && last.fetcher_sent_bytes <= last.received_bytes);
+    assert!(r.series.windows(2).all(|w| w[0].held_bytes <= w[1].held_bytes), "held bytes never fall");
+    assert!(r.series.iter().all(|p| p.busy_uplinks <= r.fetchers && p.rarest_piece_holders <= r.fetchers));
     // Every piece came from the seeder at least once, and its pieces are part of its egress.
     assert!(
         r.origin_piece_copies >= 1.0 && r.origin_piece_copies <= r.origin_egress_copies,
