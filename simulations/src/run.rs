@@ -693,7 +693,9 @@ async fn flash_crowd(
     let seeder_sent_before = cluster.net.traffic(seeder_id).0;
     let seeder_served_before = served_bytes(&cluster.handle(seeder));
     let received_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).1).sum();
-    let sent_before: u64 = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).0).sum();
+    let sent_at_start: Vec<u64> = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).0).collect();
+    let sent_before: u64 = sent_at_start.iter().sum();
+    let geometry = shoal_node::protocol::Geometry::new(size)?;
 
     progress.set("fetching", fetchers.len());
     let finished = AtomicUsize::new(0);
@@ -724,15 +726,14 @@ async fn flash_crowd(
         .collect();
     let sampler = async {
         let mut series = Vec::new();
-        let mut last_sent: Vec<u64> = fetchers.iter().map(|&i| cluster.net.traffic(cluster.nodes[i].id).0).collect();
+        let mut last_sent = sent_at_start;
         let mut last_t: Option<f64> = None;
-        let pieces = size.div_ceil(shoal_node::protocol::PIECE_SIZE) as usize;
         loop {
             let done = finished.load(Ordering::Relaxed);
             let t_s = t0.elapsed().as_secs_f64() / scale;
             let interval = last_t.map_or(0.0, |last| t_s - last);
             let (mut sent, mut received, mut held, mut trading, mut busy_uplinks) = (0, 0, 0, 0, 0);
-            let mut holders = vec![0usize; pieces];
+            let mut holders = vec![0usize; geometry.piece_count() as usize];
             for (k, &i) in fetchers.iter().enumerate() {
                 let (s, r) = cluster.net.traffic(cluster.nodes[i].id);
                 sent += s;
@@ -743,11 +744,11 @@ async fn flash_crowd(
                 }
                 last_sent[k] = s;
                 if let Some(b) = cluster.handle(i).store().info(hash) {
-                    held += (u64::from(b.pieces.count()) * shoal_node::protocol::PIECE_SIZE).min(b.size);
                     if !b.pieces.is_empty() && !b.is_complete() {
                         trading += 1;
                     }
                     for piece in b.pieces.iter() {
+                        held += geometry.piece_len(piece);
                         if let Some(n) = holders.get_mut(piece as usize) {
                             *n += 1;
                         }
