@@ -316,6 +316,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     m.blobs.set(s.blobs as i64);
     m.evictions.set(s.evictions as i64);
     m.uploads.set(node.inner.uploads.active() as i64);
+    m.watches.set(node.inner.uploads.watching() as i64);
     if let Ok(peers) = node.peers().await {
         m.peers.set(peers.len() as i64);
     }

@@ -60,6 +60,8 @@ enum Event {
     Providers(Vec<PeerId>),
     ProvidersDone,
     Have(PeerId, Result<transfer::Held, PeerFault>),
+    /// A watch's answer; `None` if the peer does not know watches.
+    Watched(PeerId, Result<Option<transfer::Held>, PeerFault>),
     Got(PeerId, RequestId, Got, Duration),
 }
 
@@ -249,6 +251,20 @@ async fn run(
                         .in_current_span(),
                     );
                 }
+                Action::WatchHave { peer, wanted } => {
+                    // Not counted as a request under way: a watch may wait a while, and must not
+                    // keep an idle connection from being trimmed.
+                    let control = node.inner.control.clone();
+                    let events = events.clone();
+                    let wait = machine.config().have_refresh;
+                    tokio::spawn(
+                        async move {
+                            let r = transfer::watch_have(control, peer, (hash, wanted, wait), trace, timing).await;
+                            let _ = events.send(Event::Watched(peer, r)).await;
+                        }
+                        .in_current_span(),
+                    );
+                }
                 Action::Begin { size } => {
                     let g = match Geometry::new(size) {
                         Ok(g) => g,
@@ -303,6 +319,7 @@ async fn run(
                     let events = events.clone();
                     let asked = pieces.clone();
                     let rate = node.inner.download_rate.clone();
+                    let arrivals = node.inner.uploads.arrivals.clone();
                     let activity = node.inner.activity.clone();
                     let task = tokio::spawn(
                         async move {
@@ -311,6 +328,7 @@ async fn run(
                             let got = transfer::get_pieces(
                                 control,
                                 store,
+                                arrivals,
                                 rate,
                                 transfer::PieceRequest { peer, hash, geometry: g, pieces, trace },
                                 timing,
@@ -403,6 +421,29 @@ async fn run(
                             machine.handle_size_proof(held.size, now);
                         }
                         machine.handle_have(peer, held.size, held.pieces, held.rtt, now)
+                    }
+                    Event::Watched(peer, Ok(Some(held))) => {
+                        node.inner.metrics.requested("watch", "ok", held.rtt);
+                        let near = reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        machine.handle_nearby(near, now);
+                        machine.handle_watched(peer, held.size, held.pieces, now)
+                    }
+                    Event::Watched(peer, Ok(None)) => {
+                        debug!(%peer, "peer does not know watches; its have-map is polled");
+                        machine.handle_watch_refused(peer, now)
+                    }
+                    Event::Watched(peer, Err(f)) => {
+                        node.inner.metrics.requested("watch", f.label(), Duration::ZERO);
+                        // A watch outlives many requests, and a connection trimmed meanwhile
+                        // ends it: that is no failure of the peer. Its have-map is asked for
+                        // after one interval, and that request counts.
+                        let f = match f {
+                            PeerFault::Io | PeerFault::Truncated | PeerFault::Timeout => {
+                                PeerFailure::Busy { retry_after: machine.config().have_refresh }
+                            }
+                            f => failure(f),
+                        };
+                        machine.handle_have_failed(peer, f, now)
                     }
                     Event::Have(peer, Err(f)) => {
                         debug!(%peer, fault = f.label(), "have request failed");

@@ -547,5 +547,6 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         g("pinned_bytes").as_u64().unwrap_or(0) >> 20
     );
     println!("uploads:   {}", g("uploads"));
+    println!("watches:   {}", g("watches"));
     Ok(())
 }

@@ -79,6 +79,7 @@ pub(crate) struct Metrics {
     pub(crate) blobs: Gauge,
     pub(crate) evictions: Gauge,
     pub(crate) uploads: Gauge,
+    pub(crate) watches: Gauge,
     pub(crate) peers: Gauge,
     pub(crate) connections: Family<ConnectionLabels, Counter>,
     pub(crate) connections_trimmed: Counter,
@@ -110,6 +111,7 @@ impl Metrics {
             blobs: Gauge::default(),
             evictions: Gauge::default(),
             uploads: Gauge::default(),
+            watches: Gauge::default(),
             peers: Gauge::default(),
             connections: Family::default(),
             connections_trimmed: Counter::default(),
@@ -145,6 +147,7 @@ impl Metrics {
         registry.register("blobs", "Blobs held, whole or partial", m.blobs.clone());
         registry.register("cache_evictions", "Blobs evicted since start", m.evictions.clone());
         registry.register("uploads", "Uploads in progress", m.uploads.clone());
+        registry.register("watches", "Watches held: peers waiting to hear of new pieces", m.watches.clone());
         registry.register("connected_peers", "Connected peers", m.peers.clone());
         registry.register("connections", "Connections opened, closed and failed", m.connections.clone());
         registry.register(

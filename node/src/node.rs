@@ -55,6 +55,8 @@ pub struct Status {
     pub pinned_bytes: u64,
     /// Uploads in progress.
     pub uploads: usize,
+    /// Watches held: peers waiting to hear of the pieces this node stores next.
+    pub watches: usize,
     /// Blobs evicted since start.
     pub evictions: u64,
     /// Peers that misbehaved or failed us, with how often (worst first, at most 32).
@@ -444,6 +446,7 @@ impl NodeHandle {
             cache_capacity,
             pinned_bytes,
             uploads: self.inner.uploads.active(),
+            watches: self.inner.uploads.watching(),
             evictions,
             penalties: {
                 let p = self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner());

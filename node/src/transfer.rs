@@ -51,6 +51,14 @@ const WAITING_PER_SLOT: usize = 2;
 /// asks someone else.
 const MAX_SLOT_WAIT: Duration = Duration::from_secs(2);
 
+/// The longest a server holds a watch (`Request::Watch`) before answering it with its have-map.
+const MAX_WATCH_WAIT: Duration = Duration::from_secs(10);
+
+/// Watches a node holds at once, and per peer; past either, a watch is answered at once, as a
+/// have request would be (its requester asks again after its interval, not sooner).
+const MAX_WATCHES: usize = 256;
+const MAX_WATCHES_PER_PEER: usize = 8;
+
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
 
@@ -69,6 +77,7 @@ pub(crate) struct Timing {
     busy_retry: Duration,
     spread_retry: Duration,
     max_slot_wait: Duration,
+    max_watch_wait: Duration,
     /// Bytes per second of the node's time.
     min_rate: u64,
     /// [`UPLOAD_SLOT_RATE`] in bytes per second of the node's time: an emulator gives the node
@@ -85,6 +94,7 @@ impl Timing {
             busy_retry: stretch(BUSY_RETRY),
             spread_retry: stretch(SPREAD_RETRY),
             max_slot_wait: stretch(MAX_SLOT_WAIT),
+            max_watch_wait: stretch(MAX_WATCH_WAIT),
             min_rate: per_node_second(MIN_RATE),
             upload_slot_rate: per_node_second(UPLOAD_SLOT_RATE),
         }
@@ -111,7 +121,54 @@ pub(crate) struct Uploads {
     /// Requests read and being answered: what a shutdown waits for. A stream whose request has
     /// not arrived holds an upload slot but is not waited for.
     answering: AtomicUsize,
+    /// Watches held, per peer (at most [`MAX_WATCHES`] in all).
+    watches: Mutex<HashMap<PeerId, usize>>,
+    /// Counts the pieces this node stored, to wake the watches it holds.
+    pub(crate) arrivals: Arrivals,
     pub(crate) timing: Timing,
+}
+
+/// Wakes the watches a node holds (`Request::Watch`) when it stores verified pieces: each then
+/// checks whether it holds a piece its requester wants.
+#[derive(Debug, Clone)]
+pub(crate) struct Arrivals(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Arrivals {
+    fn new() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+
+    /// The node stored verified pieces (or is shutting down: the watches answer now).
+    pub(crate) fn stored(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
+
+/// A watch held; released when dropped.
+struct WatchSlot<'a> {
+    uploads: &'a Uploads,
+    peer: PeerId,
+}
+
+impl Drop for WatchSlot<'_> {
+    fn drop(&mut self) {
+        count_down(&self.uploads.watches, &self.peer);
+    }
+}
+
+/// Takes one off `peer`'s count in `counts`, forgetting the peer at zero.
+fn count_down(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
+    let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = map.get_mut(peer) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(peer);
+        }
+    }
 }
 
 /// One count in a gauge (requests in line, requests being answered) until dropped, however the
@@ -141,13 +198,7 @@ struct UploadSlot<'a> {
 
 impl Drop for UploadSlot<'_> {
     fn drop(&mut self) {
-        let mut map = self.uploads.per_peer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.peer);
-            }
-        }
+        count_down(&self.uploads.per_peer, &self.peer);
     }
 }
 
@@ -174,13 +225,29 @@ impl Uploads {
             allow: allow.map(|a| a.into_iter().collect()),
             closing: AtomicBool::new(false),
             answering: AtomicUsize::new(0),
+            watches: Mutex::new(HashMap::new()),
+            arrivals: Arrivals::new(),
             timing,
         }
     }
 
-    /// Refuses new uploads from now on; running ones go on.
+    /// Refuses new uploads from now on; running ones go on, and the watches held answer now.
     pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
+        self.arrivals.stored();
+    }
+
+    /// Room to hold a watch from `peer`, if the bounds allow one more.
+    fn try_watch(&self, peer: PeerId) -> Option<WatchSlot<'_>> {
+        if self.closing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut map = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if map.values().sum::<usize>() >= MAX_WATCHES || map.get(&peer).is_some_and(|n| *n >= MAX_WATCHES_PER_PEER) {
+            return None;
+        }
+        *map.entry(peer).or_insert(0) += 1;
+        Some(WatchSlot { uploads: self, peer })
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
@@ -254,6 +321,11 @@ impl Uploads {
         self.answering.load(Ordering::Relaxed)
     }
 
+    /// Watches held: peers waiting to hear of pieces this node stores.
+    pub(crate) fn watching(&self) -> usize {
+        self.watches.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
+    }
+
     /// Uploads in progress.
     pub(crate) fn active(&self) -> usize {
         self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
@@ -286,13 +358,13 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
 
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
     let Server { store, uploads, crowds, metrics, activity } = server;
-    let _in_flight = activity.request(peer);
+    let in_flight = activity.request(peer);
     let started = Instant::now();
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
         return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), &[], None, None).await;
     }
-    let Some(_slot) = uploads.try_acquire(peer) else {
+    let Some(slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), &[], None, None).await;
@@ -315,7 +387,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 return Ok(());
             }
         };
-    let (_answering, _) = Counted::new(&uploads.answering);
+    let (answering, _) = Counted::new(&uploads.answering);
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -324,6 +396,13 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
     };
     match request {
+        Request::Watch { hash, wanted, wait_ms, trace } => {
+            // A watch waits for news, not for the uplink: it holds no upload slot, a shutdown does
+            // not wait for it, and it does not keep its connection from being trimmed.
+            drop((in_flight, slot, answering));
+            let wait = Duration::from_millis(u64::from(wait_ms));
+            serve_watch(peer, &mut stream, server, (hash, wanted, wait, trace), started).await
+        }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
             let response = match store.info(hash) {
@@ -560,17 +639,7 @@ async fn open(control: &Control, peer: PeerId, timing: Timing) -> Result<Stream,
 }
 
 async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Result<Response, PeerFault> {
-    stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
-    stream.flush().await.map_err(|e| io_fault(&e))?;
-    let body = tokio::time::timeout(timing.request_timeout, read_frame(stream, MAX_RESPONSE_LEN))
-        .await
-        .map_err(|_| PeerFault::Timeout)?
-        .map_err(|e| match e {
-            FrameError::Io(e) => io_fault(&e),
-            FrameError::Wire(_) => PeerFault::Protocol,
-        })?;
-    let response = wire::decode_response(&body).map_err(|_| PeerFault::Protocol)?;
-    match response {
+    match exchange_within(stream, request, timing.request_timeout).await? {
         Response::NotFound => Err(PeerFault::NotFound),
         Response::Denied => Err(PeerFault::Denied),
         Response::BadRequest { reason } => {
@@ -579,6 +648,65 @@ async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Res
         }
         other => Ok(other),
     }
+}
+
+/// Sends `request` and reads the answer's header, waiting at most `read_timeout` for it.
+async fn exchange_within(
+    stream: &mut Stream,
+    request: &Request,
+    read_timeout: Duration,
+) -> Result<Response, PeerFault> {
+    stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
+    stream.flush().await.map_err(|e| io_fault(&e))?;
+    let body = tokio::time::timeout(read_timeout, read_frame(stream, MAX_RESPONSE_LEN))
+        .await
+        .map_err(|_| PeerFault::Timeout)?
+        .map_err(|e| match e {
+            FrameError::Io(e) => io_fault(&e),
+            FrameError::Wire(_) => PeerFault::Protocol,
+        })?;
+    wire::decode_response(&body).map_err(|_| PeerFault::Protocol)
+}
+
+/// Answers a watch once the node holds a piece its requester wants, the wait ends (at most
+/// [`MAX_WATCH_WAIT`]) or the node shuts down, with the have-map, as `Have` would without a size
+/// proof. Past the bound on watches held, at once.
+async fn serve_watch(
+    peer: PeerId,
+    stream: &mut Stream,
+    server: &Server,
+    (hash, wanted, wait, trace): (Hash, PieceSet, Duration, Option<TraceId>),
+    started: Instant,
+) -> std::io::Result<()> {
+    let Server { store, uploads, crowds, metrics, .. } = server;
+    let span = info_span!("serve_watch", %peer, blob = %hash.short(), trace = %display_trace(trace));
+    // Subscribed before the first look, so that a piece stored in between still wakes it.
+    let mut arrivals = uploads.arrivals.subscribe();
+    // A wanted set counted for another piece count is answered at once: the have-map tells the
+    // requester the size this node holds.
+    let news =
+        |pieces: &PieceSet| pieces.piece_count() != wanted.piece_count() || !pieces.intersection(&wanted).is_empty();
+    if let Some(_watch) = uploads.try_watch(peer) {
+        let until = tokio::time::Instant::now() + wait.min(uploads.timing.max_watch_wait);
+        while store.info(hash).is_some_and(|i| !news(&i.pieces)) && !uploads.closing.load(Ordering::Relaxed) {
+            if !matches!(tokio::time::timeout_at(until, arrivals.changed()).await, Ok(Ok(()))) {
+                break;
+            }
+        }
+    }
+    let response = match store.info(hash) {
+        Some(info) if !info.pieces.is_empty() => Response::Have {
+            size: info.size,
+            pieces: info.pieces.first_runs(MAX_RUNS),
+            peers: crowds.hints(hash, peer, Instant::now()),
+            size_proof: None,
+        },
+        _ => Response::NotFound,
+    };
+    let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
+    let r = send_and_close(stream, &wire::encode_frame(&response), &[], None, None).instrument(span).await;
+    metrics.served("watch", outcome, started.elapsed());
+    r
 }
 
 /// A peer's answer to `Have`.
@@ -622,6 +750,35 @@ pub(crate) async fn ask_have(
     }
 }
 
+/// Watches `peer` for pieces of `hash` in `wanted`: its have-map once it holds one of them or
+/// `wait` has passed. `Ok(None)` if the peer does not know watches (an older node answers
+/// `BadRequest`).
+pub(crate) async fn watch_have(
+    control: Control,
+    peer: PeerId,
+    (hash, wanted, wait): (Hash, PieceSet, Duration),
+    trace: TraceId,
+    timing: Timing,
+) -> Result<Option<Held>, PeerFault> {
+    let mut stream = open(&control, peer, timing).await?;
+    let started = Instant::now();
+    let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+    let request = Request::Watch { hash, wanted, wait_ms, trace: Some(trace) };
+    let response = exchange_within(&mut stream, &request, timing.request_timeout.saturating_add(wait)).await?;
+    let rtt = started.elapsed();
+    let _ = stream.close().await;
+    match response {
+        Response::Have { size, pieces, peers, .. } => {
+            Ok(Some(Held { size, pieces, rtt, hints: peers, size_proof: None }))
+        }
+        Response::BadRequest { .. } => Ok(None),
+        Response::NotFound => Err(PeerFault::NotFound),
+        Response::Denied => Err(PeerFault::Denied),
+        Response::Busy { retry_after_ms, .. } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
+        Response::Data { .. } => Err(PeerFault::Protocol),
+    }
+}
+
 /// The outcome of a `Get`.
 #[derive(Debug)]
 pub(crate) struct Got {
@@ -649,6 +806,7 @@ pub(crate) struct PieceRequest {
 pub(crate) async fn get_pieces(
     control: Control,
     store: Store,
+    arrivals: Arrivals,
     rate: Option<Arc<RateLimit>>,
     request: PieceRequest,
     timing: Timing,
@@ -679,20 +837,28 @@ pub(crate) async fn get_pieces(
     let deadline = tokio::time::Instant::now()
         + timing.request_timeout
         + Duration::from_secs_f64(decoder.remaining() as f64 / timing.min_rate as f64);
-    let (verified, bytes, fault) =
-        receive(&mut stream, &mut decoder, &store, hash, rate.as_deref(), deadline, timing.request_timeout).await;
+    let (verified, bytes, fault) = receive(
+        &mut stream,
+        &mut decoder,
+        (&store, &arrivals),
+        hash,
+        rate.as_deref(),
+        deadline,
+        timing.request_timeout,
+    )
+    .await;
     let _ = stream.close().await;
     Got { verified, bytes, fault, hints, have }
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
 /// `deadline` passes or the peer is silent for `silence` (the request timeout), storing each piece as soon as
-/// it verified while the next one arrives. Returns the pieces stored, the bytes read, and why the
-/// response fell short, if it did.
+/// it verified while the next one arrives (and waking the watches this node holds). Returns the
+/// pieces stored, the bytes read, and why the response fell short, if it did.
 async fn receive(
     stream: &mut (impl AsyncRead + Unpin),
     decoder: &mut verify::PieceDecoder,
-    store: &Store,
+    (store, arrivals): (&Store, &Arrivals),
     hash: Hash,
     rate: Option<&RateLimit>,
     deadline: tokio::time::Instant,
@@ -729,7 +895,10 @@ async fn receive(
             && let Some(write) = writing.take()
         {
             match write.await {
-                Ok(Ok(pieces)) => stored.union_with(&pieces),
+                Ok(Ok(pieces)) => {
+                    stored.union_with(&pieces);
+                    arrivals.stored();
+                }
                 Ok(Err(e)) => {
                     warn!(blob = %hash, error = %e, "storing verified pieces failed");
                     return (stored, bytes, Some(PeerFault::Io));

@@ -1,6 +1,7 @@
-//! A peer that speaks the transfer protocol badly: garbage, an oversized frame, a request cut off
-//! halfway, a request for pieces that do not exist. The node answers each as the protocol says,
-//! counts it, and goes on serving everyone else.
+//! A peer that speaks the transfer protocol by hand. Badly: garbage, an oversized frame, a request
+//! cut off halfway, a request for pieces that do not exist; the node answers each as the protocol
+//! says, counts it, and goes on serving everyone else. And patiently: a watch held until a piece
+//! it wants arrives, and one that must not hold up a shutdown.
 
 use std::time::Duration;
 
@@ -50,15 +51,33 @@ async fn raw_peer(addr: Multiaddr) -> (libp2p_stream::Control, tokio::task::Join
 
 /// Writes `bytes` on a new transfer stream, closes our side, and reads the whole answer.
 async fn exchange(control: &mut libp2p_stream::Control, peer: PeerId, bytes: &[u8]) -> Vec<u8> {
+    exchange_within(control, peer, bytes, Duration::from_secs(10)).await.expect("read")
+}
+
+/// [`exchange`], failing the test if no answer ends within `bound`; the read's own outcome.
+async fn exchange_within(
+    control: &mut libp2p_stream::Control,
+    peer: PeerId,
+    bytes: &[u8],
+    bound: Duration,
+) -> std::io::Result<Vec<u8>> {
     let mut stream = control.open_stream(peer, TRANSFER).await.expect("stream");
     stream.write_all(bytes).await.expect("write");
     stream.close().await.expect("close");
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
-        .await
-        .expect("answered in time")
-        .expect("read");
-    answer
+    tokio::time::timeout(bound, stream.read_to_end(&mut answer)).await.expect("answered in time")?;
+    Ok(answer)
+}
+
+/// Waits (at most 30 s) until `node` holds `n` watches.
+async fn watches_held(node: &shoal_node::NodeHandle, n: usize) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while node.status().await.expect("status").watches != n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node took the watch");
 }
 
 fn response(answer: &[u8]) -> Response {
@@ -72,15 +91,22 @@ fn served(metrics: &str, outcome: &str) -> f64 {
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map(|v| v.trim().parse().expect("number")).unwrap_or(0.0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+/// A node under `dir` that published a blob of four pieces, the last one short: the node, where
+/// it listens, the blob's hash and its bytes.
+async fn provider(dir: &std::path::Path) -> (Node, Multiaddr, shoal_protocol::Hash, Vec<u8>) {
+    let provider = Node::start(config(dir.join("p"))).await.expect("provider");
     let addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let file = tmp.path().join("f");
+    let file = dir.join("f");
     let data: Vec<u8> = (0..3 * 256 * 1024 + 99).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     std::fs::write(&file, &data).expect("write");
     let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    (provider, addr, hash, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (provider, addr, hash, data) = provider(tmp.path()).await;
     let peer = provider.handle().peer_id();
     let (mut control, swarm) = raw_peer(addr.clone()).await;
 
@@ -157,4 +183,69 @@ async fn a_request_that_never_arrives_does_not_hold_up_shutdown() {
         .expect("shutdown");
     drop(stream);
     swarm.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_is_answered_when_a_wanted_piece_arrives_and_does_not_hold_up_shutdown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (provider, addr, hash, data) = provider(tmp.path()).await;
+    let n = Geometry::new(data.len() as u64).expect("size").piece_count();
+
+    // The watched node stretches every timer a thousandfold: a watch it holds waits 10,000 s
+    // unless a piece it stores wakes it, and the test's bounds are far shorter.
+    let mut wc = config(tmp.path().join("w"));
+    wc.time_scale = 1000.0;
+    wc.bootstrap = vec![addr];
+    let watched = Node::start(wc).await.expect("watched node");
+    let waddr = watched.handle().wait_listening().await.expect("listening")[0].clone();
+    let wpeer = watched.handle().peer_id();
+    // It has begun the blob and holds none of it.
+    watched.handle().store().begin(hash, data.len() as u64).expect("begin");
+    let (control, swarm) = raw_peer(waddr).await;
+    let watch = |hash, wanted| wire::encode_frame(&Request::Watch { hash, wanted, wait_ms: u32::MAX, trace: None });
+
+    let mut c = control.clone();
+    let first = watch(hash, PieceSet::full(n));
+    let first = tokio::spawn(async move { exchange_within(&mut c, wpeer, &first, Duration::from_secs(120)).await });
+    watches_held(&watched.handle(), 1).await;
+    // It fetches the blob: the first piece it stores answers the watch.
+    tokio::time::timeout(Duration::from_secs(60), watched.handle().fetch(hash, None))
+        .await
+        .expect("fetched in time")
+        .expect("fetch");
+    match response(&first.await.expect("task").expect("answered")) {
+        Response::Have { size, pieces, size_proof, .. } => {
+            assert_eq!(size, data.len() as u64);
+            assert!(!pieces.is_empty(), "answered with what it holds");
+            assert!(size_proof.is_none(), "a watch asks no proof");
+        }
+        other => panic!("a watch is answered with a have-map, not {other:?}"),
+    }
+    assert_eq!(watched.handle().status().await.expect("status").watches, 0, "the watch let go");
+
+    // A watch of pieces it holds already is answered at once, whatever the wait asked.
+    let again = watch(hash, PieceSet::single(n, 0));
+    let mut c = control.clone();
+    let answer = exchange_within(&mut c, wpeer, &again, Duration::from_secs(30)).await.expect("answered");
+    assert!(matches!(response(&answer), Response::Have { .. }));
+
+    // A watch of a blob nobody sends it does not hold up a shutdown.
+    let other = shoal_protocol::Hash::from([9; 32]);
+    watched.handle().store().begin(other, 1000).expect("begin");
+    let mut c = control.clone();
+    let held = watch(other, PieceSet::full(1));
+    let held = tokio::spawn(async move { exchange_within(&mut c, wpeer, &held, Duration::from_secs(120)).await });
+    watches_held(&watched.handle(), 1).await;
+    tokio::time::timeout(Duration::from_secs(60), watched.shutdown())
+        .await
+        .expect("stopped without waiting out the watch")
+        .expect("shutdown");
+    // Answered (it holds none of that blob) or cut off with the connection: either way, at once.
+    if let Ok(answer) = held.await.expect("task")
+        && !answer.is_empty()
+    {
+        assert!(matches!(response(&answer), Response::NotFound));
+    }
+    swarm.abort();
+    provider.shutdown().await.expect("shutdown");
 }

@@ -32,9 +32,13 @@
 //! crowd, where every fetch reaches its end-game together, duplicating requests that are on
 //! schedule spent a twelfth of the crowd's uploads on copies nobody kept.
 //!
-//! A partial holder with nothing the fetch can request is asked for its have-map again after
-//! [`FetchConfig::have_refresh`], unless every slot is taken and a candidate waits: then it is
-//! parked at the back of the candidate queue and the candidate takes its slot, so that peers with
+//! A live peer with nothing asked of it is watched ([`Action::WatchHave`]): it answers with its
+//! have-map as soon as it holds a piece the fetch lacks and it did not advertise, or after
+//! [`FetchConfig::have_refresh`]. In a crowd the fetch hears of its peers' new pieces as they
+//! arrive, not a polling interval later. A peer that does not know watches (an older node) is
+//! asked for its have-map every `have_refresh` instead. A partial holder with nothing the fetch
+//! can request that has been watched that long without news gives its slot to a waiting candidate
+//! if every slot is taken: it is parked at the back of the candidate queue, so that peers with
 //! nothing to give cannot keep the providers of the missing pieces from ever being asked. While
 //! such peers hold slots, the DHT is asked for more providers as if the slots were free.
 //!
@@ -153,9 +157,10 @@ pub struct FetchConfig {
     /// the peers fetching the same blob announce themselves as they get their first pieces; a
     /// short cap finds them while they still have pieces to trade. The default is 30 s.
     pub providers_backoff_max: Duration,
-    /// How long before a partial holder that has nothing this fetch still needs is asked again for
-    /// its have-map: in a flash crowd the peers fetching the same blob gain pieces every second.
-    /// If every slot is taken and a candidate waits, it gives its slot to the candidate instead.
+    /// How long a watch ([`Action::WatchHave`]) asks its peer to wait for a piece the fetch
+    /// needs, and so how often an idle peer that gains none is asked again; a peer that does not
+    /// know watches is asked for its have-map this often. A partial holder with nothing the fetch
+    /// needs that has been watched (or asked) this long gives its slot to a waiting candidate.
     /// The default is 1 s.
     pub have_refresh: Duration,
     /// If set, new requests are sized to take about this long at the peer's measured throughput:
@@ -357,6 +362,18 @@ pub enum Action<P> {
         /// The peer to ask.
         peer: P,
     },
+    /// Send `Request::Watch` to `peer` for `wanted`, to be answered when it holds one of those
+    /// pieces or after [`FetchConfig::have_refresh`]; answer with [`Fetch::handle_watched`],
+    /// [`Fetch::handle_have_failed`], or [`Fetch::handle_watch_refused`] if the peer does not know
+    /// the request. Emitted for a live peer with no request and no have request under way that
+    /// may gain pieces the fetch still needs. Never emitted while a have request to that peer is
+    /// under way.
+    WatchHave {
+        /// The peer to watch.
+        peer: P,
+        /// The pieces the fetch lacks and the peer does not advertise.
+        wanted: PieceSet,
+    },
     /// A size was claimed by a peer that can prove it: open the blob in the store with this size
     /// (`store.begin(hash, size)`), then call [`Fetch::handle_local`] with the pieces it already
     /// holds (an empty set if none). No request is made until then.
@@ -492,6 +509,16 @@ struct Peer {
     advert: Option<Advert>,
     /// A have request is under way.
     asking: bool,
+    /// The have request under way is a watch.
+    watching: bool,
+    /// When the last watch was sent.
+    watch_sent: Option<Instant>,
+    /// No watch before this: the last one came back without a piece the fetch needs, sooner
+    /// than its wait (the server bounds its watchers). Also when a stale peer's slot may be
+    /// given to a waiting candidate.
+    watch_after: Option<Instant>,
+    /// It answered a watch with `BadRequest` (an older node): its have-map is polled instead.
+    no_watch: bool,
     have_timeout_at: Option<Instant>,
     /// When to ask for the have-map again (after a failure, `Busy`, or a stale advertisement).
     have_retry_at: Option<Instant>,
@@ -521,6 +548,10 @@ impl Peer {
             salt,
             advert: None,
             asking: false,
+            watching: false,
+            watch_sent: None,
+            watch_after: None,
+            no_watch: false,
             have_timeout_at: None,
             have_retry_at: None,
             last_have_at: None,
@@ -717,6 +748,13 @@ enum Asked {
     Get,
 }
 
+/// What to do with a known peer next (see [`Fetch::next_have_ask`]).
+enum Look {
+    Ask,
+    Watch(PieceSet),
+    Park,
+}
+
 /// One multi-source fetch of one blob. See the [module documentation](crate::fetch).
 #[derive(Debug)]
 pub struct Fetch<P> {
@@ -871,15 +909,53 @@ where
     /// The answer to [`Action::AskHave`]: the pieces `peer` holds and the size it claims, with the
     /// round trip the node measured. Answers from peers never asked, or dropped, are ignored.
     pub fn handle_have(&mut self, peer: P, size: u64, pieces: PieceSet, rtt: Duration, now: Instant) {
+        self.answered(peer, size, pieces, Some(rtt), now);
+    }
+
+    /// The answer to [`Action::WatchHave`]: as [`Fetch::handle_have`], without a round trip (the
+    /// server held the answer back). Answers to watches never sent, or from dropped peers, are
+    /// ignored.
+    pub fn handle_watched(&mut self, peer: P, size: u64, pieces: PieceSet, now: Instant) {
+        self.answered(peer, size, pieces, None, now);
+    }
+
+    /// `peer` does not know [`Action::WatchHave`] (it answered `BadRequest`: an older node). It is
+    /// not blamed; its have-map is asked for every [`FetchConfig::have_refresh`] instead.
+    pub fn handle_watch_refused(&mut self, peer: P, now: Instant) {
+        let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && r.watching) else { return };
+        rec.asking = false;
+        rec.watching = false;
+        rec.have_timeout_at = None;
+        rec.no_watch = true;
+        rec.last_have_at = Some(now);
+    }
+
+    fn answered(&mut self, peer: P, size: u64, pieces: PieceSet, rtt: Option<Duration>, now: Instant) {
         if self.finished {
             return;
         }
+        let refresh = self.config.have_refresh;
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
+        let watched = std::mem::take(&mut rec.watching);
         rec.asking = false;
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
         rec.last_have_at = Some(now);
-        rec.rtt = Some(rtt);
+        if let Some(rtt) = rtt {
+            rec.rtt = Some(rtt);
+        }
+        // A watch that brings no piece we need waits out its interval before the next one, however
+        // soon it came back: a server short of room for watchers answers at once.
+        let gained = match (self.claim.as_ref(), rec.advert.as_ref()) {
+            (Some(c), Some(old)) if c.piece_count() == pieces.piece_count() && old.size == size => {
+                !pieces.difference(&old.pieces).difference(&c.verified).is_empty()
+            }
+            _ => true,
+        };
+        rec.watch_after = match (watched && !gained, rec.watch_sent) {
+            (true, Some(sent)) => Some(sent.checked_add(refresh).unwrap_or(now)),
+            _ => None,
+        };
         rec.consecutive_failures = 0;
         rec.incident_until = None;
         let consistent = Geometry::new(size).is_ok_and(|g| g.piece_count() == pieces.piece_count());
@@ -971,6 +1047,7 @@ where
         }
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && r.asking) else { return };
         rec.asking = false;
+        rec.watching = false;
         rec.have_timeout_at = None;
         self.peer_failed(peer, failure, Asked::Have, now);
     }
@@ -1106,7 +1183,12 @@ where
             consider(rec.have_timeout_at);
             consider(rec.have_retry_at);
             consider(rec.backoff_until);
-            consider(self.refresh_due(rec));
+            if !rec.asking {
+                consider(self.refresh_due(rec));
+                if self.watch_wanted(rec).is_some() {
+                    consider(self.watch_due(rec));
+                }
+            }
         }
         if self.search_wanted() {
             consider(Some(self.next_search_at));
@@ -1143,6 +1225,7 @@ where
         for peer in silent {
             if let Some(rec) = self.peers.get_mut(&peer) {
                 rec.asking = false;
+                rec.watching = false;
                 rec.have_timeout_at = None;
             }
             self.peer_failed(peer, PeerFailure::Timeout, Asked::Have, now);
@@ -1202,8 +1285,10 @@ where
             self.searching = true;
             return Some(Action::FindProviders);
         }
-        if let Some(peer) = self.next_have_ask(now) {
-            return Some(Action::AskHave { peer });
+        match self.next_have_ask(now) {
+            Some((peer, None)) => return Some(Action::AskHave { peer }),
+            Some((peer, Some(wanted))) => return Some(Action::WatchHave { peer, wanted }),
+            None => {}
         }
         self.settle_size(now);
         if let Some(action) = self.actions.pop_front() {
@@ -1229,32 +1314,39 @@ where
         self.peers.get(peer).is_some_and(|r| r.parked)
     }
 
-    /// The next peer to ask for its have-map: retries and refreshes of known peers first, then a
-    /// candidate if a slot is free (nearby ones first, see [`Fetch::handle_nearby`]).
+    /// The next peer to ask for its have-map (with the pieces to watch for, if it is a watch):
+    /// retries, refreshes and watches of known peers first, then a candidate if a slot is free
+    /// (nearby ones first, see [`Fetch::handle_nearby`]).
     ///
-    /// A peer whose refresh is due while every slot is taken and a candidate waits gives its slot
-    /// to the candidate instead of being asked again (it is parked at the back of the queue).
-    /// Otherwise peers holding only what is verified could hold every slot forever while the
-    /// providers that hold the rest are never asked. Parking replaces a refresh, so it costs no
-    /// more have requests than refreshing does.
-    fn next_have_ask(&mut self, now: Instant) -> Option<P> {
+    /// A stale peer whose refresh is due while every slot is taken and a candidate waits gives its
+    /// slot to the candidate instead of being watched or asked again (it is parked at the back of
+    /// the queue). Otherwise peers holding only what is verified could hold every slot forever
+    /// while the providers that hold the rest are never asked.
+    fn next_have_ask(&mut self, now: Instant) -> Option<(P, Option<PieceSet>)> {
+        let full = self.live_peers >= self.config.max_peers && !(self.candidates.is_empty() && self.nearby.is_empty());
         let due = self.peers.iter().filter(|(_, r)| !r.dropped && !r.parked && !r.asking).find_map(|(p, r)| {
             if r.have_retry_at.is_some_and(|t| t <= now) {
-                Some((*p, false))
-            } else {
-                self.refresh_due(r).is_some_and(|t| t <= now).then_some((*p, true))
+                return Some((*p, Look::Ask));
+            }
+            let refresh = self.refresh_due(r).is_some_and(|t| t <= now);
+            if refresh && full {
+                return Some((*p, Look::Park));
+            }
+            // A watch is never due later than a refresh: both wait for the same news.
+            match self.watch_wanted(r) {
+                Some(wanted) => self.watch_due(r).is_some_and(|t| t <= now).then_some((*p, Look::Watch(wanted))),
+                None => refresh.then_some((*p, Look::Ask)),
             }
         });
         match due {
-            Some((peer, true))
-                if self.live_peers >= self.config.max_peers
-                    && !(self.candidates.is_empty() && self.nearby.is_empty()) =>
-            {
-                self.park(peer);
-            }
-            Some((peer, _)) => {
+            Some((peer, Look::Park)) => self.park(peer),
+            Some((peer, Look::Ask)) => {
                 self.start_ask(peer, now);
-                return Some(peer);
+                return Some((peer, None));
+            }
+            Some((peer, Look::Watch(wanted))) => {
+                self.start_watch(peer, now);
+                return Some((peer, Some(wanted)));
             }
             None => {}
         }
@@ -1284,7 +1376,7 @@ where
             }
             self.live_peers += 1;
             self.start_ask(peer, now);
-            return Some(peer);
+            return Some((peer, None));
         }
     }
 
@@ -1294,6 +1386,7 @@ where
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         rec.parked = true;
         rec.asking = false;
+        rec.watching = false;
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
         let advert = rec.advert.take();
@@ -1310,16 +1403,51 @@ where
         let timeout = self.config.have_timeout;
         if let Some(rec) = self.peers.get_mut(&peer) {
             rec.asking = true;
+            rec.watching = false;
             rec.have_retry_at = None;
             rec.have_timeout_at = now.checked_add(timeout);
         }
     }
 
+    /// A watch goes out: it may take its wait on top of a have request's timeout.
+    fn start_watch(&mut self, peer: P, now: Instant) {
+        let timeout = self.config.have_timeout.saturating_add(self.config.have_refresh);
+        if let Some(rec) = self.peers.get_mut(&peer) {
+            rec.asking = true;
+            rec.watching = true;
+            rec.watch_sent = Some(now);
+            rec.have_retry_at = None;
+            rec.have_timeout_at = now.checked_add(timeout);
+        }
+    }
+
+    /// The pieces to watch `rec` for: those the fetch lacks and the peer does not advertise, if
+    /// it is a live partial holder of the proven size with nothing asked of it. A peer with
+    /// requests under way is not watched: each answer brings its have-map.
+    fn watch_wanted(&self, rec: &Peer) -> Option<PieceSet> {
+        if self.finished || rec.dropped || rec.parked || rec.asking || rec.no_watch || rec.in_flight > 0 {
+            return None;
+        }
+        if rec.have_retry_at.is_some() {
+            return None;
+        }
+        let claim = self.claim.as_ref().filter(|c| c.proven && c.local_known)?;
+        let advert = rec.advert.as_ref().filter(|a| a.size == claim.size() && !a.pieces.is_complete())?;
+        let wanted = PieceSet::full(claim.piece_count()).difference(&claim.verified).difference(&advert.pieces);
+        (!wanted.is_empty()).then(|| wanted.first_runs(crate::wire::MAX_RUNS))
+    }
+
+    /// When `rec` may be watched (see [`Fetch::watch_wanted`]): at once, unless its last watch
+    /// brought nothing the fetch needs.
+    fn watch_due(&self, rec: &Peer) -> Option<Instant> {
+        rec.watch_after.or(rec.last_have_at)
+    }
+
     /// Whether `rec` is a live, idle partial holder of the claimed size that has nothing the fetch
     /// can request now: it holds a slot without helping.
     fn stale(&self, rec: &Peer) -> bool {
-        if self.finished || rec.dropped || rec.parked || rec.asking || rec.have_retry_at.is_some() || rec.in_flight > 0
-        {
+        let asking = rec.asking && !rec.watching;
+        if self.finished || rec.dropped || rec.parked || asking || rec.have_retry_at.is_some() || rec.in_flight > 0 {
             return false;
         }
         let Some(claim) = self.claim.as_ref() else {
@@ -1341,12 +1469,17 @@ where
     }
 
     /// When a partial holder that has nothing the fetch still needs should be asked again for its
-    /// have-map (or give its slot to a waiting candidate), if it should.
+    /// have-map, if it does not know watches, or may give its slot to a waiting candidate, if it
+    /// should: once a watch of it has run its interval without news, or, unwatched, that long
+    /// after its last have-map.
     fn refresh_due(&self, rec: &Peer) -> Option<Instant> {
         if !self.stale(rec) {
             return None;
         }
-        rec.last_have_at?.checked_add(self.config.have_refresh)
+        match rec.watch_after {
+            Some(t) if !rec.no_watch => Some(t),
+            _ => rec.last_have_at?.checked_add(self.config.have_refresh),
+        }
     }
 
     /// Live peers whose have-map holds the last piece of the `size` they claim.
@@ -1681,6 +1814,7 @@ where
         rec.dropped = true;
         rec.parked = false;
         rec.asking = false;
+        rec.watching = false;
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
         rec.backoff_until = None;
@@ -1808,7 +1942,7 @@ mod tests {
 
     use super::*;
 
-    use Action::{AskHave, Begin, Cancel, Complete, Failed, FindProviders, Penalise, SizeRejected};
+    use Action::{AskHave, Begin, Cancel, Complete, Failed, FindProviders, Penalise, SizeRejected, WatchHave};
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -1848,6 +1982,10 @@ mod tests {
         size: u64,
         /// DHT lookups [`Driver::drain`] answered itself (with nobody new).
         lookups: usize,
+        /// What each peer last advertised in a have answer.
+        adverts: BTreeMap<u32, PieceSet>,
+        /// Watches [`Driver::drain`] saw go out and nobody answered yet, in order.
+        watches: Vec<(u32, PieceSet)>,
     }
 
     impl Driver {
@@ -1858,7 +1996,8 @@ mod tests {
         fn with_seed(size: u64, config: FetchConfig, seed: u64) -> Self {
             // The tests' only clock read: an origin. Every later time is an offset from it.
             let now = Instant::now();
-            Self { fetch: Fetch::new(Hash::from([7; 32]), config, seed, now), now, size, lookups: 0 }
+            let fetch = Fetch::new(Hash::from([7; 32]), config, seed, now);
+            Self { fetch, now, size, lookups: 0, adverts: BTreeMap::new(), watches: Vec::new() }
         }
 
         fn n(&self) -> u32 {
@@ -1880,7 +2019,8 @@ mod tests {
         }
 
         /// [`Driver::drain_all`], but DHT lookups (made while fewer than `max_peers` peers are
-        /// live) are answered at once with nobody new, counted in `lookups` and left out.
+        /// live) are answered at once with nobody new, counted in `lookups` and left out, and
+        /// watches are recorded in `watches` and left out.
         fn drain(&mut self) -> Vec<Action<u32>> {
             let mut out = Vec::new();
             loop {
@@ -1889,14 +2029,27 @@ mod tests {
                     return out;
                 }
                 for action in actions {
-                    if action == FindProviders {
-                        self.lookups += 1;
-                        self.fetch.handle_providers_done(self.now);
-                    } else {
-                        out.push(action);
+                    match action {
+                        FindProviders => {
+                            self.lookups += 1;
+                            self.fetch.handle_providers_done(self.now);
+                        }
+                        WatchHave { peer, wanted } => self.watches.push((peer, wanted)),
+                        action => out.push(action),
                     }
                 }
             }
+        }
+
+        /// Every watch open runs its whole wait, and its peer answers that it gained nothing.
+        fn watches_run_out(&mut self) -> Vec<Action<u32>> {
+            self.now += self.fetch.config().have_refresh;
+            for (peer, _) in std::mem::take(&mut self.watches) {
+                let pieces = self.adverts.get(&peer).cloned().expect("watched after a have answer");
+                self.fetch.handle_watched(peer, self.size, pieces, self.now);
+            }
+            self.fetch.handle_timeout(self.now);
+            self.drain()
         }
 
         fn advance(&mut self, by: Duration) -> Vec<Action<u32>> {
@@ -1918,6 +2071,7 @@ mod tests {
         }
 
         fn have_rtt(&mut self, peer: u32, pieces: PieceSet, rtt: Duration) {
+            self.adverts.insert(peer, pieces.clone());
             self.fetch.handle_have(peer, self.size, pieces, rtt, self.now);
         }
 
@@ -2256,19 +2410,78 @@ mod tests {
         assert_eq!(d.drain_all(), vec![FindProviders], "nobody left: ask the DHT again at once");
     }
 
-    #[test]
-    fn a_partial_holder_with_nothing_new_is_asked_again_for_its_have_map() {
+    /// A fetch of 8 pieces from peer 1, which held only the last piece and served it: it has
+    /// nothing more, and is watched at once for every piece we lack.
+    fn watching_a_holder_of_the_last_piece() -> (Driver, u32) {
         let n = 8;
-        let config = FetchConfig::default();
-        let (mut d, actions) = started(size_of(n), config.clone(), &[(1, set(n, [n - 1]))]);
+        let (mut d, actions) = started(size_of(n), FetchConfig::default(), &[(1, set(n, [n - 1]))]);
         let (_, id, pieces) = requests(&actions)[0].clone();
         assert_eq!(d.ok(1, id, &pieces), vec![], "it has nothing more");
-        assert_eq!(d.fetch.poll_timeout(), Some(d.now + config.have_refresh));
-        assert_eq!(d.advance(config.have_refresh), vec![AskHave { peer: 1 }]);
-        d.have(1, set(n, [0, 1, n - 1]));
+        assert_eq!(d.watches, vec![(1, set(n, 0..n - 1))], "watched at once for every piece we lack");
+        (d, n)
+    }
+
+    #[test]
+    fn a_partial_holder_with_nothing_new_is_watched_for_what_we_lack() {
+        let (mut d, n) = watching_a_holder_of_the_last_piece();
+        // The watch runs its whole wait without news: the next one goes out at once.
+        assert_eq!(d.watches_run_out(), vec![]);
+        assert_eq!(d.watches, vec![(1, set(n, 0..n - 1))]);
+        // An answer as soon as it gains pieces we lack: they are asked for at once.
+        d.now += ms(30);
+        d.watches.clear();
+        d.fetch.handle_watched(1, d.size, set(n, [0, 1, n - 1]), d.now);
         let reqs = requests(&d.drain());
         assert_eq!(reqs.len(), 1);
         assert_eq!(reqs[0].2, set(n, [0, 1]));
+    }
+
+    #[test]
+    fn a_watch_answered_early_without_news_waits_out_its_interval() {
+        // A server short of room for watchers answers at once: no watch storm follows.
+        let (mut d, n) = watching_a_holder_of_the_last_piece();
+        let config = FetchConfig::default();
+        let sent = d.now;
+        d.watches.clear();
+        d.now += ms(20);
+        d.fetch.handle_watched(1, d.size, set(n, [n - 1]), d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert!(d.watches.is_empty(), "no second watch before the interval ends");
+        assert_eq!(d.fetch.poll_timeout(), Some(sent + config.have_refresh));
+        d.now = sent + config.have_refresh;
+        d.fetch.handle_timeout(d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.watches, vec![(1, set(n, 0..n - 1))]);
+    }
+
+    #[test]
+    fn a_peer_that_does_not_know_watches_is_asked_for_its_have_map_instead() {
+        let (mut d, n) = watching_a_holder_of_the_last_piece();
+        let config = FetchConfig::default();
+        d.watches.clear();
+        d.fetch.handle_watch_refused(1, d.now);
+        assert_eq!(d.drain(), vec![]);
+        assert!(d.watches.is_empty());
+        assert!(!stats(&d.fetch, 1).penalised, "an older node is not blamed");
+        assert_eq!(d.fetch.poll_timeout(), Some(d.now + config.have_refresh));
+        assert_eq!(d.advance(config.have_refresh), vec![AskHave { peer: 1 }]);
+        d.have(1, set(n, [n - 1]));
+        assert_eq!(d.advance(config.have_refresh), vec![AskHave { peer: 1 }], "polled, never watched");
+        assert!(d.watches.is_empty());
+    }
+
+    #[test]
+    fn an_idle_peer_with_pieces_asked_of_others_is_watched_for_the_rest() {
+        // Peer 2 holds piece 0, which is already asked of peer 1: it is idle, not stale, and is
+        // watched for what neither it nor anyone advertises yet.
+        let n = 4;
+        let config = FetchConfig { request_target: None, pieces_per_request: 1, ..FetchConfig::default() };
+        let (d, actions) = proven(size_of(n), config, &[(1, set(n, [0, n - 1])), (2, set(n, [0, n - 1]))]);
+        let reqs = requests(&actions);
+        assert_eq!(reqs.len(), 1, "{actions:?}");
+        assert_eq!(reqs[0].2, set(n, [0]));
+        let idle = if reqs[0].0 == 1 { 2 } else { 1 };
+        assert!(d.watches.contains(&(idle, set(n, [1, 2]))), "{:?}", d.watches);
     }
 
     #[test]
@@ -2306,10 +2519,10 @@ mod tests {
         let (peer, id, pieces) = reqs[0].clone();
         assert_eq!(d.ok(peer, id, &pieces), vec![], "nobody holds anything else");
         assert!(d.fetch.is_size_proven());
-        assert_eq!(d.fetch.poll_timeout(), Some(d.now + config.have_refresh), "a timer runs");
-        let asks = d.advance(config.have_refresh);
+        assert_eq!(d.watches.len(), 2, "both are watched");
+        let asks = d.watches_run_out();
         assert!(asks.contains(&AskHave { peer: 3 }), "the waiting candidate gets a slot: {asks:?}");
-        assert_eq!(asks.len(), 2, "one have request per refresh due, no more: {asks:?}");
+        assert_eq!(asks.len(), 2, "one have request per slot given up, no more: {asks:?}");
         assert_eq!(d.fetch.progress().peers_active, 0, "the stale adverts were set aside");
         assert_eq!(d.fetch.peer_stats().filter(|(_, s)| !s.dropped).count(), 3, "nobody is dropped");
         d.have(3, d.full());
@@ -2342,15 +2555,18 @@ mod tests {
         // peers wait in the queue, which must not stop the lookups for someone useful.
         let (mut d, config, only_last) = slots_held_by_holders_of_the_last_piece(&[1, 2, 3]);
         d.now += config.have_refresh;
-        d.fetch.handle_timeout(d.now);
+        for (peer, _) in std::mem::take(&mut d.watches) {
+            d.fetch.handle_watched(peer, d.size, only_last.clone(), d.now);
+        }
         let actions = d.drain_all();
         assert_eq!(actions, vec![AskHave { peer: 3 }, FindProviders, AskHave { peer: 1 }], "peer 2 parked");
         d.have(3, only_last.clone());
         d.have(1, only_last.clone());
         d.fetch.handle_providers([4, 2], d.now);
         d.fetch.handle_providers_done(d.now);
-        assert_eq!(d.drain_all(), vec![]);
-        let asks = d.advance(config.have_refresh);
+        assert_eq!(d.drain(), vec![]);
+        assert_eq!(d.watches.len(), 2, "{:?}", d.watches);
+        let asks = d.watches_run_out();
         assert_eq!(asks[0], AskHave { peer: 4 }, "a new name goes before a parked peer: {asks:?}");
         d.have(4, d.full());
         let actions = d.drain();
@@ -2940,17 +3156,18 @@ mod tests {
     fn nearby_peers_are_asked_before_other_candidates() {
         // Peers 1 and 2 fill both slots with nothing new; the DHT also named 3 and 4. Then the
         // node names peer 5 (it just sent 5 pieces of the blob), and later parked peer 2 too.
-        let (mut d, config, only_last) = slots_held_by_holders_of_the_last_piece(&[1, 2, 3, 4]);
+        let (mut d, _, only_last) = slots_held_by_holders_of_the_last_piece(&[1, 2, 3, 4]);
         d.fetch.handle_nearby([5], d.now);
         d.fetch.handle_nearby([1], d.now);
-        assert_eq!(d.drain_all(), vec![], "a live peer named nearby changes nothing; no slot is free yet");
-        let asks = d.advance(config.have_refresh);
+        assert_eq!(d.drain(), vec![], "a live peer named nearby changes nothing; no slot is free yet");
+        let asks = d.watches_run_out();
         assert_eq!(asks, vec![AskHave { peer: 5 }, AskHave { peer: 3 }], "the nearby peer first");
         d.have(5, only_last.clone());
         d.have(3, only_last.clone());
         // Peers 1 and 2 are parked behind 4. Named nearby, 2 goes first, and only once.
         d.fetch.handle_nearby([2, 2], d.now);
-        let asks = d.advance(config.have_refresh);
+        assert_eq!(d.drain(), vec![]);
+        let asks = d.watches_run_out();
         assert_eq!(asks, vec![AskHave { peer: 2 }, AskHave { peer: 4 }], "{asks:?}");
         d.have(2, only_last.clone());
         d.have(4, d.full());
@@ -3087,6 +3304,7 @@ mod tests {
         enum Event {
             Providers,
             Have(u32),
+            Watch(u32),
             Response { id: RequestId, failure: Option<PeerFailure> },
         }
 
@@ -3145,6 +3363,15 @@ mod tests {
                         Action::AskHave { peer } => {
                             let sim = &peers[peer as usize];
                             schedule(&mut events, now + sim.latency * 2, Event::Have(peer));
+                        }
+                        Action::WatchHave { peer, wanted } => {
+                            let (_, advert) = adverts.get(&peer).expect("watched only after its have-map");
+                            assert!(wanted.intersection(advert).is_empty(), "{peer} advertises {wanted:?}");
+                            let verified = fetch.verified().expect("begun");
+                            assert!(!wanted.is_empty() && wanted.intersection(verified).is_empty());
+                            // These peers never gain pieces: every watch runs its whole wait.
+                            let sim = &peers[peer as usize];
+                            schedule(&mut events, now + sim.latency * 2 + config.have_refresh, Event::Watch(peer));
                         }
                         Action::Begin { size } => {
                             let store_n = Geometry::new(size).expect("claimed").piece_count();
@@ -3258,6 +3485,15 @@ mod tests {
                         }
                         adverts.insert(peer, (claimed, advert.clone()));
                         fetch.handle_have(peer, claimed, advert, sim.latency * 2, now);
+                    }
+                    Event::Watch(peer) => {
+                        // Some peers are older nodes that do not know watches.
+                        if peers[peer as usize].kind == Kind::Flaky && dice.below(2) == 0 {
+                            fetch.handle_watch_refused(peer, now);
+                            continue;
+                        }
+                        let (claimed, advert) = adverts.get(&peer).cloned().expect("watched only after its have-map");
+                        fetch.handle_watched(peer, claimed, advert, now);
                     }
                     Event::Response { id, failure } => {
                         if let Some((peer, pieces, at)) = cancelled.remove(&id) {

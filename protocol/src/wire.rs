@@ -70,6 +70,20 @@ pub enum Request {
         /// The requester's trace, recorded in the server's spans.
         trace: Option<TraceId>,
     },
+    /// Answer with [`Response::Have`] once you hold a piece of `hash` in `wanted`, or once
+    /// `wait_ms` has passed, whichever comes first; at once if you hold one already. A server may
+    /// wait less than asked (it bounds how many requesters wait on it, and for how long), never
+    /// more. A requester learns of its sources' new pieces as they arrive instead of polling.
+    Watch {
+        /// The blob.
+        hash: Hash,
+        /// The pieces the requester lacks and does not know the server to hold.
+        wanted: PieceSet,
+        /// The longest the requester waits for an answer, in milliseconds.
+        wait_ms: u32,
+        /// The requester's trace, recorded in the server's spans.
+        trace: Option<TraceId>,
+    },
 }
 
 /// Another peer that holds pieces of the blob, as the server knows it (it served that peer
@@ -152,7 +166,7 @@ pub const MAX_HINT_ID_LEN: usize = 64;
 /// The longest address in a hint, in bytes.
 pub const MAX_HINT_ADDR_LEN: usize = 128;
 
-const REQUEST_VARIANTS: u8 = 2;
+const REQUEST_VARIANTS: u8 = 3;
 const RESPONSE_VARIANTS: u8 = 6;
 
 /// Why bytes from a peer are not a message.
@@ -389,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn golden_watch_request() {
+        let mut wanted = PieceSet::empty(16);
+        wanted.insert_range(3..5);
+        let frame = encode_frame(&Request::Watch { hash: hash(), wanted, wait_ms: 1000, trace: None });
+        let want = [
+            "28000000", // frame length 40
+            "02",       // Request::Watch
+            HASH_HEX,   // hash
+            "10",       // piece count 16
+            "01",       // one run
+            "0302",     // run: start 3, length 2
+            "e807",     // wait_ms 1000, varint
+            "00",       // trace: None
+        ]
+        .concat();
+        assert_eq!(hex(&frame), want);
+    }
+
+    #[test]
     fn golden_responses() {
         let cases: Vec<(Response, String)> = vec![
             (
@@ -545,6 +578,9 @@ mod tests {
                     hash: h.into(),
                     pieces,
                     trace
+                }),
+                (any::<[u8; 32]>(), piece_set(), any::<u32>(), trace()).prop_map(|(h, wanted, wait_ms, trace)| {
+                    Request::Watch { hash: h.into(), wanted, wait_ms, trace }
                 }),
             ]
         }
