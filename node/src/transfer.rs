@@ -405,22 +405,13 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
-            let response = match store.info(hash) {
-                Some(info) if !info.pieces.is_empty() => Response::Have {
-                    size: info.size,
-                    pieces: info.pieces.first_runs(MAX_RUNS),
-                    peers: crowds.hints(hash, peer, Instant::now()),
-                    size_proof: match prove_size {
-                        true => size_proof(store, crowds, hash, info.size).await,
-                        false => None,
-                    },
-                },
-                _ => Response::NotFound,
-            };
-            let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
-            let r = send_and_close(&mut stream, &wire::encode_frame(&response), &[], None, None).instrument(span).await;
-            metrics.served("have", outcome, started.elapsed());
-            r
+            let mut response = have_map(server, hash, peer);
+            if let Response::Have { size, size_proof: proof, .. } = &mut response
+                && prove_size
+            {
+                *proof = size_proof(store, crowds, hash, *size).await;
+            }
+            answer_have(&mut stream, metrics, "have", &response, started).instrument(span).await
         }
         Request::Get { hash, pieces, trace } => {
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
@@ -678,7 +669,7 @@ async fn serve_watch(
     (hash, wanted, wait, trace): (Hash, PieceSet, Duration, Option<TraceId>),
     started: Instant,
 ) -> std::io::Result<()> {
-    let Server { store, uploads, crowds, metrics, .. } = server;
+    let Server { store, uploads, metrics, .. } = server;
     let span = info_span!("serve_watch", %peer, blob = %hash.short(), trace = %display_trace(trace));
     // Subscribed before the first look, so that a piece stored in between still wakes it.
     let mut arrivals = uploads.arrivals.subscribe();
@@ -694,18 +685,34 @@ async fn serve_watch(
             }
         }
     }
-    let response = match store.info(hash) {
+    answer_have(stream, metrics, "watch", &have_map(server, hash, peer), started).instrument(span).await
+}
+
+/// What this node holds of `hash`, as `Have` answers it to `peer` (without a size proof), or
+/// `NotFound` if it holds none of it.
+fn have_map(server: &Server, hash: Hash, peer: PeerId) -> Response {
+    match server.store.info(hash) {
         Some(info) if !info.pieces.is_empty() => Response::Have {
             size: info.size,
             pieces: info.pieces.first_runs(MAX_RUNS),
-            peers: crowds.hints(hash, peer, Instant::now()),
+            peers: server.crowds.hints(hash, peer, Instant::now()),
             size_proof: None,
         },
         _ => Response::NotFound,
-    };
+    }
+}
+
+/// Sends `response` (a have-map or `NotFound`) and counts it as served under `kind`.
+async fn answer_have(
+    stream: &mut Stream,
+    metrics: &crate::metrics::Metrics,
+    kind: &'static str,
+    response: &Response,
+    started: Instant,
+) -> std::io::Result<()> {
     let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
-    let r = send_and_close(stream, &wire::encode_frame(&response), &[], None, None).instrument(span).await;
-    metrics.served("watch", outcome, started.elapsed());
+    let r = send_and_close(stream, &wire::encode_frame(response), &[], None, None).await;
+    metrics.served(kind, outcome, started.elapsed());
     r
 }
 

@@ -1425,10 +1425,14 @@ where
     /// it is a live partial holder of the proven size with nothing asked of it. A peer with
     /// requests under way is not watched: each answer brings its have-map.
     fn watch_wanted(&self, rec: &Peer) -> Option<PieceSet> {
-        if self.finished || rec.dropped || rec.parked || rec.asking || rec.no_watch || rec.in_flight > 0 {
-            return None;
-        }
-        if rec.have_retry_at.is_some() {
+        if self.finished
+            || rec.dropped
+            || rec.parked
+            || rec.asking
+            || rec.no_watch
+            || rec.in_flight > 0
+            || rec.have_retry_at.is_some()
+        {
             return None;
         }
         let claim = self.claim.as_ref().filter(|c| c.proven && c.local_known)?;
