@@ -630,7 +630,13 @@ async fn open(control: &Control, peer: PeerId, timing: Timing) -> Result<Stream,
 }
 
 async fn exchange(stream: &mut Stream, request: &Request, timing: Timing) -> Result<Response, PeerFault> {
-    match exchange_within(stream, request, timing.request_timeout).await? {
+    refusal(exchange_within(stream, request, timing.request_timeout).await?)
+}
+
+/// `response`, unless the peer refused the request (`NotFound`, `Denied`, `BadRequest`): then the
+/// fault that refusal is.
+fn refusal(response: Response) -> Result<Response, PeerFault> {
+    match response {
         Response::NotFound => Err(PeerFault::NotFound),
         Response::Denied => Err(PeerFault::Denied),
         Response::BadRequest { reason } => {
@@ -774,15 +780,15 @@ pub(crate) async fn watch_have(
     let response = exchange_within(&mut stream, &request, timing.request_timeout.saturating_add(wait)).await?;
     let rtt = started.elapsed();
     let _ = stream.close().await;
-    match response {
+    if matches!(response, Response::BadRequest { .. }) {
+        return Ok(None);
+    }
+    match refusal(response)? {
         Response::Have { size, pieces, peers, .. } => {
             Ok(Some(Held { size, pieces, rtt, hints: peers, size_proof: None }))
         }
-        Response::BadRequest { .. } => Ok(None),
-        Response::NotFound => Err(PeerFault::NotFound),
-        Response::Denied => Err(PeerFault::Denied),
         Response::Busy { retry_after_ms, .. } => Err(PeerFault::Busy(Duration::from_millis(u64::from(retry_after_ms)))),
-        Response::Data { .. } => Err(PeerFault::Protocol),
+        _ => Err(PeerFault::Protocol),
     }
 }
 
