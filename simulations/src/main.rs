@@ -106,21 +106,30 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
     eprintln!("netsim: {} with seed {seed} (repeat with --seed {seed})", s.name);
     let summary = run(&s, &RunOptions { out: out.clone(), seed: Some(seed), progress: true }).await?;
     match &summary.result {
-        ExperimentResult::FlashCrowd(r) => eprintln!(
-            "flash crowd: {}/{} fetched, T_min {:.2} s, min {:.2} p50 {:.2} p90 {:.2} max {:.2} s ({:.2}× T_min), \
-             origin egress {:.2} copies ({:.2} of them pieces), peers served {:.0}%",
-            r.succeeded,
-            r.fetchers,
-            r.t_min_s,
-            r.min_s,
-            r.p50_s,
-            r.p90_s,
-            r.max_s,
-            r.max_over_t_min,
-            r.origin_egress_copies,
-            r.origin_piece_copies,
-            r.peer_share * 100.0
-        ),
+        ExperimentResult::FlashCrowd(r) => {
+            eprintln!(
+                "flash crowd: {}/{} fetched, T_min {:.2} s, min {:.2} p50 {:.2} p90 {:.2} max {:.2} s ({:.2}× T_min), \
+                 origin egress {:.2} copies ({:.2} of them pieces), peers served {:.0}%",
+                r.succeeded,
+                r.fetchers,
+                r.t_min_s,
+                r.min_s,
+                r.p50_s,
+                r.p90_s,
+                r.max_s,
+                r.max_over_t_min,
+                r.origin_egress_copies,
+                r.origin_piece_copies,
+                r.peer_share * 100.0
+            );
+            let secs = |t: Option<f64>| t.map_or_else(|| "-".to_string(), |t| format!("{t:.2}"));
+            eprintln!(
+                "pieces: all out of the seeder at {} s; first holder to nine tenths of the crowd p50 {} max {} s",
+                secs(r.pieces_out_s),
+                secs(r.piece_spread_p50_s),
+                secs(r.piece_spread_max_s)
+            );
+        }
         ExperimentResult::LookupScaling { sizes } => {
             for l in sizes {
                 eprintln!(

@@ -106,6 +106,59 @@ pub struct FlashCrowdResult {
     /// Once per emulated second.
     #[serde(skip)]
     pub series: Vec<CrowdSample>,
+    /// When every piece had reached a fetcher: the seeder's first copy of the blob, done (at
+    /// least F/u_s). `None` if some piece never did.
+    pub pieces_out_s: Option<f64>,
+    /// Over the pieces that reached nine tenths of the fetchers, the median time from a piece's
+    /// first holder to nine tenths of them: how fast the crowd passes a piece on. Were every
+    /// holder to pass it on at its whole uplink, its holders would double every piece-upload
+    /// time, about log2(0.9·N) of them; what lies above that is lost to round trips, lines and
+    /// finding the new holders.
+    pub piece_spread_p50_s: Option<f64>,
+    /// The slowest piece's time from first holder to nine tenths of the fetchers.
+    pub piece_spread_max_s: Option<f64>,
+    /// Per piece, when it reached the crowd and how it spread.
+    #[serde(skip)]
+    pub pieces: Vec<PieceSpread>,
+}
+
+/// How one piece spread through a flash crowd: the first sample at which one fetcher, a tenth, a
+/// half, nine tenths and all of the fetchers held it verified (emulated seconds; `None` if it
+/// never did). Samples are [`SPREAD_SAMPLE_S`] apart, so each time is at most that late.
+#[derive(Debug, Clone, Serialize)]
+pub struct PieceSpread {
+    /// The piece's index.
+    pub piece: u32,
+    /// One fetcher held it.
+    pub first_s: Option<f64>,
+    /// A tenth of the fetchers (rounded up) did.
+    pub tenth_s: Option<f64>,
+    /// Half of them did.
+    pub half_s: Option<f64>,
+    /// Nine tenths did.
+    pub nine_tenths_s: Option<f64>,
+    /// All did.
+    pub all_s: Option<f64>,
+}
+
+/// How often, in emulated seconds, a flash crowd's pieces are counted (see [`PieceSpread`]); the
+/// time series keeps one sample per emulated second.
+pub const SPREAD_SAMPLE_S: f64 = 0.25;
+
+impl PieceSpread {
+    /// The holder counts each field records: one, a tenth, half, nine tenths and all of `n`.
+    fn thresholds(n: usize) -> [usize; 5] {
+        [1, n.div_ceil(10).max(1), n.div_ceil(2).max(1), (n * 9).div_ceil(10).max(1), n.max(1)]
+    }
+
+    fn times_mut(&mut self) -> [&mut Option<f64>; 5] {
+        [&mut self.first_s, &mut self.tenth_s, &mut self.half_s, &mut self.nine_tenths_s, &mut self.all_s]
+    }
+
+    /// From first holder to nine tenths of the fetchers.
+    pub fn spread_s(&self) -> Option<f64> {
+        Some(self.nine_tenths_s? - self.first_s?)
+    }
 }
 
 /// A flash crowd's state at one instant.
@@ -601,6 +654,20 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                 ));
             }
             std::fs::write(out.join("timeseries.csv"), csv)?;
+            let mut csv = String::from("piece,first_s,tenth_s,half_s,nine_tenths_s,all_s\n");
+            let secs = |t: Option<f64>| t.map(|t| format!("{t:.2}")).unwrap_or_default();
+            for p in &r.pieces {
+                csv.push_str(&format!(
+                    "{},{},{},{},{},{}\n",
+                    p.piece,
+                    secs(p.first_s),
+                    secs(p.tenth_s),
+                    secs(p.half_s),
+                    secs(p.nine_tenths_s),
+                    secs(p.all_s)
+                ));
+            }
+            std::fs::write(out.join("pieces.csv"), csv)?;
             let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
             crate::plot::cdf(
                 &out.join("completion-cdf"),
@@ -726,23 +793,38 @@ async fn flash_crowd(
         .collect();
     let sampler = async {
         let mut series = Vec::new();
+        let mut spread: Vec<PieceSpread> = (0..geometry.piece_count())
+            .map(|piece| PieceSpread {
+                piece,
+                first_s: None,
+                tenth_s: None,
+                half_s: None,
+                nine_tenths_s: None,
+                all_s: None,
+            })
+            .collect();
+        let thresholds = PieceSpread::thresholds(fetchers.len());
+        let per_series = (1.0 / SPREAD_SAMPLE_S).round() as usize;
         let mut last_sent = sent_at_start;
         let mut last_t: Option<f64> = None;
-        loop {
+        for tick in 0usize.. {
             let done = finished.load(Ordering::Relaxed);
             let t_s = t0.elapsed().as_secs_f64() / scale;
             let interval = last_t.map_or(0.0, |last| t_s - last);
+            let in_series = tick % per_series == 0 || done == fetchers.len();
             let (mut sent, mut received, mut held, mut trading, mut busy_uplinks) = (0, 0, 0, 0, 0);
             let mut holders = vec![0usize; geometry.piece_count() as usize];
             for (k, &i) in fetchers.iter().enumerate() {
                 let (s, r) = cluster.net.traffic(cluster.nodes[i].id);
                 sent += s;
                 received += r;
-                let half = rate(scenario.caps(i).uplink) * interval / 2.0;
-                if interval > 0.0 && (s - last_sent[k]) as f64 >= half {
-                    busy_uplinks += 1;
+                if in_series {
+                    let half = rate(scenario.caps(i).uplink) * interval / 2.0;
+                    if interval > 0.0 && (s - last_sent[k]) as f64 >= half {
+                        busy_uplinks += 1;
+                    }
+                    last_sent[k] = s;
                 }
-                last_sent[k] = s;
                 if let Some(b) = cluster.handle(i).store().info(hash) {
                     if !b.pieces.is_empty() && !b.is_complete() {
                         trading += 1;
@@ -755,25 +837,35 @@ async fn flash_crowd(
                     }
                 }
             }
-            series.push(CrowdSample {
-                t_s,
-                completed: done,
-                origin_bytes: cluster.net.traffic(seeder_id).0 - seeder_sent_before,
-                received_bytes: received - received_before,
-                fetcher_sent_bytes: sent - sent_before,
-                held_bytes: held,
-                trading,
-                busy_uplinks,
-                rarest_piece_holders: holders.iter().copied().min().unwrap_or(0),
-            });
-            last_t = Some(t_s);
-            if done == fetchers.len() {
-                return series;
+            for (piece, &n) in spread.iter_mut().zip(&holders) {
+                for (at, &threshold) in piece.times_mut().into_iter().zip(&thresholds) {
+                    if at.is_none() && n >= threshold {
+                        *at = Some(t_s);
+                    }
+                }
             }
-            tokio::time::sleep(Duration::from_secs_f64(scale)).await;
+            if in_series {
+                series.push(CrowdSample {
+                    t_s,
+                    completed: done,
+                    origin_bytes: cluster.net.traffic(seeder_id).0 - seeder_sent_before,
+                    received_bytes: received - received_before,
+                    fetcher_sent_bytes: sent - sent_before,
+                    held_bytes: held,
+                    trading,
+                    busy_uplinks,
+                    rarest_piece_holders: holders.iter().copied().min().unwrap_or(0),
+                });
+                last_t = Some(t_s);
+            }
+            if done == fetchers.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(scale * SPREAD_SAMPLE_S)).await;
         }
+        (series, spread)
     };
-    let (outcomes, series) = futures::join!(futures::future::join_all(tasks), sampler);
+    let (outcomes, (series, pieces)) = futures::join!(futures::future::join_all(tasks), sampler);
 
     let mut completions = Vec::with_capacity(outcomes.len());
     for (i, (result, took), first) in outcomes {
@@ -808,6 +900,8 @@ async fn flash_crowd(
     let mut times: Vec<f64> = completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
     times.sort_by(f64::total_cmp);
     let max_s = times.last().copied().unwrap_or(f64::NAN);
+    let mut spreads: Vec<f64> = pieces.iter().filter_map(PieceSpread::spread_s).collect();
+    spreads.sort_by(f64::total_cmp);
     Ok(FlashCrowdResult {
         blob_bytes: size,
         fetchers: fetchers.len(),
@@ -824,6 +918,14 @@ async fn flash_crowd(
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
         completions,
         series,
+        pieces_out_s: pieces
+            .iter()
+            .map(|p| p.first_s)
+            .collect::<Option<Vec<f64>>>()
+            .and_then(|t| t.into_iter().reduce(f64::max)),
+        piece_spread_p50_s: spreads.first().map(|_| percentile(&spreads, 0.5)),
+        piece_spread_max_s: spreads.last().copied(),
+        pieces,
     })
 }
 

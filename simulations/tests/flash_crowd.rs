@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use shoal_node::protocol::PIECE_SIZE;
 use shoal_simulations::run::{ExperimentResult, RunOptions, run};
 use shoal_simulations::scenario::{Experiment, NetworkSpec, NodesSpec, Scenario};
 
@@ -11,6 +12,8 @@ use shoal_simulations::scenario::{Experiment, NetworkSpec, NodesSpec, Scenario};
 const TOLERANCE: f64 = 0.05;
 
 const SEED: u64 = 0x5_0a1;
+
+const SEEDER_UPLINK_MIB_S: f64 = 2.0;
 
 fn scenario() -> Scenario {
     Scenario {
@@ -43,7 +46,7 @@ fn scenario() -> Scenario {
         experiment: Experiment::FlashCrowd {
             blob_mib: 2.0,
             seeder: 0,
-            seeder_uplink_mib_s: Some(2.0),
+            seeder_uplink_mib_s: Some(SEEDER_UPLINK_MIB_S),
             timeout_s: 45.0,
         },
     }
@@ -100,6 +103,30 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
     assert!(last.fetcher_sent_bytes > 0 && last.fetcher_sent_bytes <= last.received_bytes);
     assert!(r.series.windows(2).all(|w| w[0].held_bytes <= w[1].held_bytes), "held bytes never fall");
     assert!(r.series.iter().all(|p| p.busy_uplinks <= r.fetchers && p.rarest_piece_holders <= r.fetchers));
+    // Every piece reached every fetcher, its times in order. The seeder is the only source of a
+    // piece's first copy, so the k-th piece to reach the crowd took at least k pieces' worth of
+    // its uplink: one earlier would mean the emulator let bytes past the seeder's cap.
+    assert_eq!(r.pieces.len() as u64, r.blob_bytes.div_ceil(PIECE_SIZE));
+    for p in &r.pieces {
+        let times: Vec<f64> = [p.first_s, p.tenth_s, p.half_s, p.nine_tenths_s, p.all_s]
+            .into_iter()
+            .map(|t| t.unwrap_or_else(|| panic!("piece {} never reached every fetcher", p.piece)))
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "piece {}: {times:?}", p.piece);
+        assert!(p.spread_s().is_some_and(|s| s >= 0.0));
+    }
+    let mut firsts: Vec<f64> = r.pieces.iter().filter_map(|p| p.first_s).collect();
+    firsts.sort_by(f64::total_cmp);
+    let piece_s = PIECE_SIZE as f64 / (SEEDER_UPLINK_MIB_S * 1024.0 * 1024.0);
+    for (k, first) in firsts.iter().enumerate() {
+        let bound = (k + 1) as f64 * piece_s;
+        assert!(
+            first >= &(bound * (1.0 - TOLERANCE)),
+            "piece {} of the crowd came at {first:.3} s, before {bound:.3} s",
+            k + 1
+        );
+    }
+    assert_eq!(r.pieces_out_s, firsts.last().copied());
     // Every piece came from the seeder at least once, and its pieces are part of its egress.
     assert!(
         r.origin_piece_copies >= 1.0 && r.origin_piece_copies <= r.origin_egress_copies,
