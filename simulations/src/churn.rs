@@ -331,7 +331,6 @@ pub(crate) async fn run(
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.
 pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
     let mut csv = String::from("node,fate,eligible,ok,done_s,restarted_s,stall_s,error\n");
-    let opt = |v: Option<f64>| v.map(|t| format!("{t:.4}")).unwrap_or_default();
     for f in &r.fetchers {
         csv.push_str(&format!(
             "{},{},{},{},{},{},{:.4},{}\n",
@@ -339,8 +338,8 @@ pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
             f.fate,
             f.eligible,
             f.ok,
-            opt(f.done_s),
-            opt(f.restarted_s),
+            crate::csv_secs(f.done_s),
+            crate::csv_secs(f.restarted_s),
             f.stall_s,
             f.error.as_deref().unwrap_or("").replace([',', '\n'], ";")
         ));

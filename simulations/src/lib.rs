@@ -24,6 +24,11 @@ pub mod zipf;
 pub use net::{LinkCaps, Network, NetworkConfig, NodeId};
 pub use scenario::Scenario;
 
+/// A CSV cell for optional seconds: four decimals, or empty.
+pub(crate) fn csv_secs(v: Option<f64>) -> String {
+    v.map(|t| format!("{t:.4}")).unwrap_or_default()
+}
+
 /// The value of the unlabelled metric `name` in Prometheus text, as a node's `/metrics` serves it.
 pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

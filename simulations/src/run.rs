@@ -629,7 +629,7 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                     c.ok,
                     c.complete,
                     c.seconds,
-                    c.first_byte_s.map(|s| format!("{s:.4}")).unwrap_or_default(),
+                    crate::csv_secs(c.first_byte_s),
                     c.bound_s,
                     c.error.as_deref().unwrap_or("").replace([',', '\n'], ";"),
                 ));
@@ -655,17 +655,9 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
             }
             std::fs::write(out.join("timeseries.csv"), csv)?;
             let mut csv = String::from("piece,first_s,tenth_s,half_s,nine_tenths_s,all_s\n");
-            let secs = |t: Option<f64>| t.map(|t| format!("{t:.2}")).unwrap_or_default();
             for p in &r.pieces {
-                csv.push_str(&format!(
-                    "{},{},{},{},{},{}\n",
-                    p.piece,
-                    secs(p.first_s),
-                    secs(p.tenth_s),
-                    secs(p.half_s),
-                    secs(p.nine_tenths_s),
-                    secs(p.all_s)
-                ));
+                let times = [p.first_s, p.tenth_s, p.half_s, p.nine_tenths_s, p.all_s].map(crate::csv_secs);
+                csv.push_str(&format!("{},{}\n", p.piece, times.join(",")));
             }
             std::fs::write(out.join("pieces.csv"), csv)?;
             let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
@@ -918,11 +910,7 @@ async fn flash_crowd(
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
         completions,
         series,
-        pieces_out_s: pieces
-            .iter()
-            .map(|p| p.first_s)
-            .collect::<Option<Vec<f64>>>()
-            .and_then(|t| t.into_iter().reduce(f64::max)),
+        pieces_out_s: pieces.iter().try_fold(0.0, |last, p| p.first_s.map(|t| f64::max(last, t))),
         piece_spread_p50_s: spreads.first().map(|_| percentile(&spreads, 0.5)),
         piece_spread_max_s: spreads.last().copied(),
         pieces,

@@ -285,7 +285,7 @@ pub(crate) fn write(out: &Path, r: &ZipfResult) -> anyhow::Result<()> {
             q.rank,
             q.hit,
             q.ok,
-            q.ttfb_s.map(|t| format!("{t:.4}")).unwrap_or_default(),
+            crate::csv_secs(q.ttfb_s),
             q.seconds
         ));
     }
