@@ -76,6 +76,11 @@ pub struct NodeConfig {
     /// trading with it, who dial again. The default is 32; a node with few connections in a
     /// large crowd does better with about a third of `max_connections`.
     pub fetch_peers: usize,
+    /// Whether every connection is pinged (libp2p's ping, every 15 s and once as it opens) for the
+    /// round-trip times `shoal peers` shows. Nothing else reads them: QUIC keeps its connections
+    /// alive and finds dead ones itself. The default is `true`; netsim turns it off, since at a
+    /// thousand nodes the first ping each way on every new connection was a tenth of its CPU.
+    pub ping: bool,
     /// How much slower than real time the network runs: 1 on a real network. An emulator that
     /// stretches latency and bandwidth by a factor (netsim's time scale) sets it, and the node
     /// stretches every timer it sets by the same factor, so that it behaves per emulated second
@@ -128,6 +133,7 @@ impl NodeConfig {
             refresh_buckets: true,
             spread_patience: crate::crowd::PATIENCE,
             fetch_peers: shoal_protocol::fetch::FetchConfig::default().max_peers,
+            ping: true,
             time_scale: 1.0,
         }
     }

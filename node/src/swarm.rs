@@ -15,6 +15,7 @@ use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, ping};
@@ -82,7 +83,7 @@ const ANNOUNCE_SPREAD: Duration = Duration::from_secs(10 * 60);
 pub(crate) struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
-    ping: ping::Behaviour,
+    ping: Toggle<ping::Behaviour>,
     stream: crate::streams::Behaviour,
     gate: crate::connmgr::Gate,
     limits: connection_limits::Behaviour,
@@ -121,7 +122,7 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// The address of our connection to it.
     pub address: String,
-    /// The last ping round-trip time in milliseconds.
+    /// The last ping round-trip time in milliseconds (none with `NodeConfig::ping` off).
     pub rtt_ms: Option<f64>,
 }
 
@@ -214,11 +215,13 @@ pub(crate) fn build_swarm(
                     // the peers one crowd fetch talks to; 1,024 cost about 100 KiB.
                     .with_cache_size(IDENTIFY_CACHE),
             ),
-            ping: ping::Behaviour::new(
-                ping::Config::new()
-                    .with_interval(config.stretch(PING_INTERVAL))
-                    .with_timeout(config.stretch(PING_TIMEOUT)),
-            ),
+            ping: Toggle::from(config.ping.then(|| {
+                ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(config.stretch(PING_INTERVAL))
+                        .with_timeout(config.stretch(PING_TIMEOUT)),
+                )
+            })),
             stream,
             gate: crate::connmgr::Gate::new(crate::connmgr::hard_cap(config.max_connections)),
             limits: connection_limits::Behaviour::new(limits),

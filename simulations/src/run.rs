@@ -401,6 +401,7 @@ impl Cluster {
         config.dht_refresh = Duration::from_secs_f64(spec.dht_refresh_s);
         config.refresh_buckets = spec.refresh_buckets;
         config.fetch_peers = spec.fetch_peers;
+        config.ping = spec.ping;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
         // concurrent uploads.
         let scale = scenario.network.time_scale;
