@@ -123,7 +123,7 @@ async fn with_driven<T>(muxer: &mut StreamMuxerBox, work: impl Future<Output = T
     .await
 }
 
-/// One connection moving `len` bytes through one stream.
+/// One connection moving `data` through one stream.
 async fn bulk(data: Arc<Vec<u8>>) {
     let (mut muxer, mut accepted) = connect().await;
     let mut out = open(&mut muxer).await;
