@@ -123,7 +123,7 @@ const MIN_ELAPSED: Duration = Duration::from_micros(100);
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
 /// How a [`Fetch`] paces itself. Every bound caps memory or the load put on peers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FetchConfig {
     /// The most pieces one request asks for. Contiguous pieces share a round trip and part of their
     /// proof; fewer make the tail of a fetch finer. Capped at [`MAX_PIECES_PER_GET`].
@@ -178,6 +178,11 @@ pub struct FetchConfig {
     /// than its sources' uploads, is not stalled. `None` waits as long as `deadline` allows. The
     /// default is `None`.
     pub stall_timeout: Option<Duration>,
+    /// The factor [`FetchConfig::stretched`] multiplied the durations by. The machine's own
+    /// bounds on them ([`MAX_RETRY_BACKOFF`], [`MAX_PROVIDERS_BACKOFF`], [`MIN_BUSY_WAIT`] and
+    /// [`MAX_BUSY_WAIT`]) are stretched by it too, so that an emulated node waits as long per
+    /// emulated second as a real one per second. The default is 1.
+    pub time_scale: f64,
 }
 
 impl Default for FetchConfig {
@@ -197,6 +202,7 @@ impl Default for FetchConfig {
             have_refresh: Duration::from_secs(1),
             deadline: None,
             stall_timeout: None,
+            time_scale: 1.0,
         }
     }
 }
@@ -226,7 +232,15 @@ impl FetchConfig {
         self.request_target = self.request_target.map(stretch);
         self.deadline = self.deadline.map(stretch);
         self.stall_timeout = self.stall_timeout.map(stretch);
+        if factor.is_finite() && factor > 0.0 {
+            self.time_scale *= factor;
+        }
         self
+    }
+
+    /// `d`, one of the machine's bounds, stretched by the time scale.
+    fn bound(&self, d: Duration) -> Duration {
+        stretch(d, self.time_scale).max(MIN_TIMER)
     }
 
     /// The configuration with every value brought into the range the machine relies on, so that
@@ -237,11 +251,14 @@ impl FetchConfig {
         self.request_timeout = self.request_timeout.max(MIN_TIMER);
         self.have_timeout = self.have_timeout.max(MIN_TIMER);
         self.max_peer_failures = self.max_peer_failures.max(1);
-        self.retry_base = self.retry_base.min(MAX_RETRY_BACKOFF);
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            self.time_scale = 1.0;
+        }
+        self.retry_base = self.retry_base.min(self.bound(MAX_RETRY_BACKOFF));
         self.endgame_copies = self.endgame_copies.clamp(1, usize::from(u8::MAX));
         // Availability is counted in u16 per piece.
         self.max_peers = self.max_peers.clamp(1, usize::from(u16::MAX));
-        self.providers_backoff_max = self.providers_backoff_max.clamp(MIN_TIMER, MAX_PROVIDERS_BACKOFF);
+        self.providers_backoff_max = self.providers_backoff_max.clamp(MIN_TIMER, self.bound(MAX_PROVIDERS_BACKOFF));
         self.providers_backoff = self.providers_backoff.clamp(MIN_TIMER, self.providers_backoff_max);
         self.have_refresh = self.have_refresh.max(MIN_TIMER);
         self.stall_timeout = self.stall_timeout.map(|t| t.max(MIN_TIMER));
@@ -1777,6 +1794,8 @@ where
     fn peer_failed(&mut self, peer: P, failure: PeerFailure, asked: Asked, now: Instant) {
         let retry_base = self.config.retry_base;
         let max_failures = self.config.max_peer_failures;
+        let max_backoff = self.config.bound(MAX_RETRY_BACKOFF);
+        let busy_wait = (self.config.bound(MIN_BUSY_WAIT), self.config.bound(MAX_BUSY_WAIT));
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         let wait = match failure {
             PeerFailure::NotFound | PeerFailure::Denied => {
@@ -1787,7 +1806,7 @@ where
                 self.drop_peer(peer, Some(failure), now);
                 return;
             }
-            PeerFailure::Busy { retry_after } => retry_after.clamp(MIN_BUSY_WAIT, MAX_BUSY_WAIT),
+            PeerFailure::Busy { retry_after } => retry_after.clamp(busy_wait.0, busy_wait.1),
             PeerFailure::Timeout | PeerFailure::Io | PeerFailure::Truncated => {
                 if rec.incident_until.is_none_or(|t| now >= t) {
                     rec.failures = rec.failures.saturating_add(1);
@@ -1797,7 +1816,7 @@ where
                         return;
                     }
                     let doublings = (rec.consecutive_failures - 1).min(16);
-                    let wait = retry_base.saturating_mul(1 << doublings).min(MAX_RETRY_BACKOFF);
+                    let wait = retry_base.saturating_mul(1 << doublings).min(max_backoff);
                     rec.incident_until = Some(at_least(now, wait));
                 }
                 rec.incident_until.map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
@@ -2388,6 +2407,18 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_wait_is_capped_and_the_cap_stretches_with_the_time_scale() {
+        for (scale, cap) in [(1.0, MAX_BUSY_WAIT), (4.0, MAX_BUSY_WAIT * 4)] {
+            let mut d = Driver::new(size_of(4), FetchConfig::default().stretched(scale));
+            d.discover(&[1]);
+            d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: MAX_BUSY_WAIT * 10 }, d.now);
+            assert_eq!(d.drain(), vec![]);
+            assert_eq!(d.advance(cap - ms(1)), vec![], "time scale {scale}");
+            assert_eq!(d.advance(ms(1)), vec![AskHave { peer: 1 }], "time scale {scale}");
+        }
+    }
+
+    #[test]
     fn a_have_timeout_counts_as_a_failure_and_is_asked_again() {
         let config = FetchConfig::default();
         let mut d = Driver::new(size_of(4), config.clone());
@@ -2964,6 +2995,12 @@ mod tests {
         assert_eq!(lookup_gaps(FetchConfig::default())[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
         let capped = FetchConfig { providers_backoff_max: Duration::from_secs(4), ..FetchConfig::default() };
         assert_eq!(lookup_gaps(capped)[..6], [1, 2, 4, 4, 4, 4], "the cap holds");
+        // Stretched, the machine's own bound on the cap stretches too: an emulator running at a
+        // tenth of real speed looks up as often per emulated second as a real node per second.
+        let slow =
+            FetchConfig { providers_backoff_max: Duration::from_secs(4), ..FetchConfig::default() }.stretched(10.0);
+        assert_eq!(lookup_gaps(slow)[..6], [10, 20, 40, 40, 40, 40]);
+        assert_eq!(lookup_gaps(FetchConfig::default().stretched(10.0))[..7], [10, 20, 40, 80, 160, 300, 300]);
     }
 
     /// Seconds between lookups over an hour in which the DHT names nobody.
@@ -3232,6 +3269,8 @@ mod tests {
         assert_eq!(x4.request_target, Some(ms(8000)));
         assert_eq!(x4.deadline, Some(ms(120_000)));
         assert_eq!(x4.stall_timeout, Some(ms(20_000)));
+        assert_eq!(x4.time_scale, 4.0);
+        assert_eq!(x4.clone().stretched(0.5).time_scale, 2.0, "factors multiply");
         assert_eq!((x4.max_peers, x4.pieces_per_request), (base.max_peers, base.pieces_per_request), "counts stay");
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(base.clone().stretched(bad), base, "factor {bad}");
@@ -3256,6 +3295,7 @@ mod tests {
             have_refresh: Duration::MAX,
             deadline: Some(Duration::MAX),
             stall_timeout: Some(Duration::ZERO),
+            time_scale: f64::NAN,
         };
         let (mut d, actions) = started(size_of(3), config, &[(1, PieceSet::full(3))]);
         let all = d.serve_all(actions);
