@@ -19,7 +19,9 @@
 //!   uplink is a large share of the crowd's, so it holds back only while its other uploads are
 //!   busy. So that a requester who cannot reach the other holders is never starved, a piece is
 //!   held back from one requester for at most the node's patience ([`PATIENCE`] unless
-//!   configured).
+//!   configured). A requester refused again and again is asked to wait twice as long each time
+//!   (up to [`MAX_SPREAD_DOUBLINGS`] doublings): each refusal names again the holders the first
+//!   one named, and in a crowd such refusals are much of what a seeder sends beyond its pieces.
 //!
 //! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
 //!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
@@ -73,6 +75,13 @@ const NEARBY_QUEUE: usize = 64;
 /// Peers remembered as unreachable; past it, only those found so within [`FRESH`] are kept.
 const MAX_UNREACHABLE: usize = 4096;
 
+/// How many times in a row the wait asked of a requester refused only pieces left to others
+/// doubles: 1, 2, 4 and then 8 times the node's spread retry.
+pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
+
+/// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
+const MAX_REFUSED: usize = 4096;
+
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
 #[derive(Debug)]
 pub(crate) struct Crowds {
@@ -98,6 +107,10 @@ struct Inner {
     /// The fetches running here, each with where to name the peers it can ask without dialling.
     /// An entry lives as long as its fetch ([`Crowds::fetch_started`], [`Crowds::fetch_ended`]).
     fetching: HashMap<Hash, mpsc::Sender<PeerId>>,
+    /// Requesters refused only pieces left to others, per blob: how many times in a row, and
+    /// when last. Apart from the contacts, which a crowd's requesters cycle through faster than
+    /// they come back. At most [`MAX_REFUSED`].
+    refused: LruCache<(Hash, PeerId), (u32, Instant)>,
 }
 
 #[derive(Debug)]
@@ -129,6 +142,7 @@ impl Crowds {
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 fetching: HashMap::new(),
+                refused: LruCache::new(NonZeroUsize::new(MAX_REFUSED).unwrap_or(NonZeroUsize::MIN)),
             }),
         }
     }
@@ -203,6 +217,20 @@ impl Crowds {
             s => *s = Some(pieces.clone()),
         }
         c.withheld.retain(|(i, _)| !pieces.contains(*i));
+        inner.refused.pop(&(hash, peer));
+    }
+
+    /// We refused `peer` every piece of `hash` it asked for, all left to others: how long to ask
+    /// it to wait, `base` doubled for each refusal in a row before this one (up to
+    /// [`MAX_SPREAD_DOUBLINGS`]). A refusal longer ago than our patience starts the count again.
+    pub(crate) fn spread_refused(&self, hash: Hash, peer: PeerId, base: Duration, now: Instant) -> Duration {
+        let mut inner = self.lock();
+        let before = match inner.refused.get(&(hash, peer)) {
+            Some((n, last)) if now.saturating_duration_since(*last) < self.patience => *n,
+            _ => 0,
+        };
+        inner.refused.put((hash, peer), (before.saturating_add(1), now));
+        base.saturating_mul(1 << before.min(MAX_SPREAD_DOUBLINGS))
     }
 
     /// We sent `peer` pieces of `hash`: it holds them (once it verified them), so others may
@@ -418,6 +446,27 @@ mod tests {
     }
 
     #[test]
+    fn a_requester_refused_again_and_again_is_asked_to_wait_longer() {
+        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let (hash, other) = (nth_hash(1), nth_hash(2));
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        let base = Duration::from_secs(1);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let waits: Vec<u64> = (0..6).map(|k| crowds.spread_refused(hash, a, base, at(k)).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 8, 8], "doubling up to eight times the base");
+        // Counted per requester and per blob.
+        assert_eq!(crowds.spread_refused(hash, b, base, at(6)), base);
+        assert_eq!(crowds.spread_refused(other, a, base, at(6)), base);
+        // Served a piece, it starts again from the base.
+        crowds.serving(hash, a, &set(8, &[3]), at(7));
+        assert_eq!(crowds.spread_refused(hash, a, base, at(8)), base);
+        assert_eq!(crowds.spread_refused(hash, a, base, at(9)), base * 2);
+        // So it does once a patience has passed since the last refusal.
+        assert_eq!(crowds.spread_refused(hash, a, base, at(9) + Duration::from_secs(30)), base);
+    }
+
+    #[test]
     fn an_idle_publisher_holds_back_only_in_a_large_crowd() {
         let crowds = Crowds::new(Duration::from_secs(10), 1.0);
         let hash = Hash::from([7u8; 32]);
@@ -514,6 +563,10 @@ mod tests {
             crowds.source(nth_hash(i), holder, t0);
         }
         assert_eq!(crowds.lock().blobs.len(), MAX_BLOBS);
+        for i in 0..MAX_REFUSED + 10 {
+            crowds.spread_refused(nth_hash(i), holder, Duration::from_secs(1), t0);
+        }
+        assert_eq!(crowds.lock().refused.len(), MAX_REFUSED);
         for i in 0..MAX_BLOBS + 10 {
             crowds.remember_proof(nth_hash(i), 5, vec![1, 2, 3]);
         }

@@ -451,7 +451,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 };
                 if pieces.is_empty() {
                     metrics.served("get", "spread", started.elapsed());
-                    return send_and_close(&mut stream, &busy(uploads.timing.spread_retry), &[], None, None).await;
+                    let retry = crowds.spread_refused(hash, peer, uploads.timing.spread_retry, Instant::now());
+                    return send_and_close(&mut stream, &busy(retry), &[], None, None).await;
                 }
                 let reader = store.clone();
                 let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &pieces))
