@@ -238,7 +238,8 @@ impl FetchConfig {
         self
     }
 
-    /// `d`, one of the machine's bounds, stretched by the time scale.
+    /// `d`, one of the machine's bounds, stretched by the time scale (`d` itself if the scale is
+    /// not a positive finite number, as [`stretch`] does).
     fn bound(&self, d: Duration) -> Duration {
         stretch(d, self.time_scale).max(MIN_TIMER)
     }
@@ -251,9 +252,6 @@ impl FetchConfig {
         self.request_timeout = self.request_timeout.max(MIN_TIMER);
         self.have_timeout = self.have_timeout.max(MIN_TIMER);
         self.max_peer_failures = self.max_peer_failures.max(1);
-        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
-            self.time_scale = 1.0;
-        }
         self.retry_base = self.retry_base.min(self.bound(MAX_RETRY_BACKOFF));
         self.endgame_copies = self.endgame_copies.clamp(1, usize::from(u8::MAX));
         // Availability is counted in u16 per piece.

@@ -188,7 +188,7 @@ fn cpu_time() -> Duration {
     // The fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..].split(' ').collect();
     let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // Clock ticks are 1/100 s on Linux.
+    // Clock ticks (USER_HZ, what `sysconf(_SC_CLK_TCK)` names) are 1/100 s on Linux.
     Duration::from_millis(ticks * 10)
 }
 
