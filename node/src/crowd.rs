@@ -11,9 +11,14 @@
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
-//!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding",
-//!   without its one-piece-at-a-time reveal). In a crowd of [`SMALL_CROWD`] peers or more it
-//!   holds back even while its uplink has room: the fetcher's rarest-first order already sends it
+//!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
+//!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked
+//!   for it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a
+//!   piece to lately gets no other until our patience for it has passed, so the first copies go
+//!   to as many peers as the blob has pieces, and no peer becomes the one holder of several pieces
+//!   whose uplink all of them share. A few peers are served all they ask for: each may be the
+//!   only one asking.
+//!   In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has room: the fetcher's rarest-first order already sends it
 //!   the requests for pieces nobody else has, so what is held back is a piece the requester can
 //!   get elsewhere, and each copy sent twice is egress its owner pays for. In a smaller crowd its
 //!   uplink is a large share of the crowd's, so it holds back only while its other uploads are
@@ -271,7 +276,9 @@ impl Crowds {
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
     /// been held back from `peer` for our patience already, or our uploads are otherwise `idle`
-    /// and the blob's crowd is smaller than [`SMALL_CROWD`].
+    /// and the blob's crowd (the fresh peers that moved it with us or asked for it) is smaller
+    /// than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
+    /// peer we served a piece to gets no other until its patience for them has passed.
     pub(crate) fn offer(
         &self,
         hash: Hash,
@@ -285,6 +292,8 @@ impl Crowds {
             return asked.clone();
         }
         let mut inner = self.lock();
+        // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
+        contact(&mut inner, hash, peer, now);
         let mut elsewhere = PieceSet::empty(asked.piece_count());
         let mut crowd = 0;
         if let Some(contacts) = inner.blobs.peek(&hash) {
@@ -299,10 +308,33 @@ impl Crowds {
                 }
             }
         }
-        if elsewhere.is_empty() || (idle && crowd < SMALL_CROWD) {
-            return asked.clone();
+        if crowd < SMALL_CROWD {
+            // A few peers: each may be the only one to ask, and is served what it asks for that
+            // nobody else has from us (or everything, while our uploads are otherwise idle).
+            return match elsewhere.is_empty() || idle {
+                true => asked.clone(),
+                false => hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now),
+            };
         }
-        hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now)
+        // In a crowd, one piece at a time: a peer we served a piece to lately passes that on
+        // before we send it another, so the first copies go to as many peers as there are pieces.
+        let served_lately = inner
+            .blobs
+            .peek(&hash)
+            .and_then(|cs| cs.iter().find(|c| c.peer == peer))
+            .is_some_and(|c| self.is_fresh(c, now) && c.served.as_ref().is_some_and(|s| !s.is_empty()));
+        if served_lately {
+            elsewhere = asked.clone();
+        }
+        let offer = match elsewhere.is_empty() {
+            true => asked.clone(),
+            false => hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now),
+        };
+        let first = offer.iter().next();
+        match first {
+            Some(first) => PieceSet::single(offer.piece_count(), first),
+            None => offer,
+        }
     }
 
     /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, the
@@ -446,6 +478,35 @@ mod tests {
     }
 
     #[test]
+    fn a_publisher_in_a_crowd_sends_one_piece_at_a_time_to_as_many_peers_as_it_can() {
+        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        crowds.connected(b, vec![addr(2)]);
+        let asked = set(8, &[0, 1, 2, 3]);
+        // Alone, or in a small crowd, a peer is served all it asks for.
+        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0), asked);
+        // A crowd asks.
+        for _ in 0..SMALL_CROWD {
+            let _ = crowds.offer(hash, PeerId::random(), &set(8, &[7]), true, false, t0);
+        }
+        // One piece of the four asked for.
+        let first = crowds.offer(hash, a, &asked, true, false, t0);
+        assert_eq!(first.count(), 1);
+        crowds.serving(hash, a, &first, t0);
+        // Nothing more to `a` while it is the one to pass that piece on.
+        assert!(crowds.offer(hash, a, &asked, true, false, t0).is_empty());
+        // `b` asking the same gets another piece: the first copies go to different peers.
+        let second = crowds.offer(hash, b, &asked, true, false, t0);
+        assert_eq!(second.count(), 1);
+        assert!(second.intersection(&first).is_empty());
+        // After our patience, `a` is served again, still one piece at a time.
+        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0 + Duration::from_secs(3)).count(), 1);
+    }
+
+    #[test]
     fn a_requester_refused_again_and_again_is_asked_to_wait_longer() {
         let crowds = Crowds::new(Duration::from_secs(30), 1.0);
         let (hash, other) = (nth_hash(1), nth_hash(2));
@@ -550,7 +611,8 @@ mod tests {
             asked.insert_range(start..start + 64);
             served += crowds.offer(hash, asker, &asked, true, false, t1).count();
         }
-        assert_eq!(served, 4096 - MAX_WITHHELD as u32);
+        // One piece per answer, once the bound is reached.
+        assert_eq!(served, (4096 - MAX_WITHHELD as u32) / 64);
         // Unreachable peers are remembered up to a bound, the stale ones forgotten first.
         for _ in 0..MAX_UNREACHABLE + 10 {
             crowds.unreachable(PeerId::random(), t0);
