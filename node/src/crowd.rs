@@ -12,21 +12,21 @@
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
-//!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked
-//!   for it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a
-//!   piece to lately gets no other until our patience for it has passed, so the first copies go
-//!   to as many peers as the blob has pieces, and no peer becomes the one holder of several pieces
-//!   whose uplink all of them share. A few peers are served all they ask for: each may be the
-//!   only one asking.
-//!   In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has room: the fetcher's rarest-first order already sends it
-//!   the requests for pieces nobody else has, so what is held back is a piece the requester can
-//!   get elsewhere, and each copy sent twice is egress its owner pays for. In a smaller crowd its
-//!   uplink is a large share of the crowd's, so it holds back only while its other uploads are
-//!   busy. So that a requester who cannot reach the other holders is never starved, a piece is
-//!   held back from one requester for at most the node's patience ([`PATIENCE`] unless
-//!   configured). A requester refused again and again is asked to wait twice as long each time
-//!   (up to [`MAX_SPREAD_DOUBLINGS`] doublings): each refusal names again the holders the first
-//!   one named, and in a crowd such refusals are much of what a seeder sends beyond its pieces.
+//!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
+//!   it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
+//!   lately gets no other until our patience for it has passed, so the first copies go to as many
+//!   peers as the blob has pieces, and no peer becomes the one holder of several pieces whose
+//!   uplink all of them share. A few peers are served all they ask for: each may be the only one
+//!   asking. In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has
+//!   room: the fetcher's rarest-first order already sends it the requests for pieces nobody else
+//!   has, so what is held back is a piece the requester can get elsewhere, and each copy sent twice
+//!   is egress its owner pays for. In a smaller crowd its uplink is a large share of the crowd's,
+//!   so it holds back only while its other uploads are busy. So that a requester who cannot reach
+//!   the other holders is never starved, a piece is held back from one requester for at most the
+//!   node's patience ([`PATIENCE`] unless configured). A requester refused again and again is asked
+//!   to wait twice as long each time (up to [`MAX_SPREAD_DOUBLINGS`] doublings): each refusal names
+//!   again the holders the first one named, and in a crowd such refusals are much of what a seeder
+//!   sends beyond its pieces.
 //!
 //! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
 //!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
