@@ -293,7 +293,7 @@ impl Crowds {
         }
         let mut inner = self.lock();
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
-        contact(&mut inner, hash, peer, now);
+        let served_before = contact(&mut inner, hash, peer, now).served.as_ref().is_some_and(|s| !s.is_empty());
         let mut elsewhere = PieceSet::empty(asked.piece_count());
         let mut crowd = 0;
         if let Some(contacts) = inner.blobs.peek(&hash) {
@@ -308,29 +308,19 @@ impl Crowds {
                 }
             }
         }
-        if crowd < SMALL_CROWD {
-            // A few peers: each may be the only one to ask, and is served what it asks for that
-            // nobody else has from us (or everything, while our uploads are otherwise idle).
-            return match elsewhere.is_empty() || idle {
-                true => asked.clone(),
-                false => hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now),
-            };
-        }
-        // In a crowd, one piece at a time: a peer we served a piece to lately passes that on
-        // before we send it another, so the first copies go to as many peers as there are pieces.
-        let served_lately = inner
-            .blobs
-            .peek(&hash)
-            .and_then(|cs| cs.iter().find(|c| c.peer == peer))
-            .is_some_and(|c| self.is_fresh(c, now) && c.served.as_ref().is_some_and(|s| !s.is_empty()));
-        if served_lately {
+        // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
+        // send it another, so the first copies go to as many peers as there are pieces. A few
+        // peers are served what nobody else has from us (everything, while our uploads are
+        // otherwise idle): each may be the only one to ask.
+        let crowded = crowd >= SMALL_CROWD;
+        if crowded && served_before {
             elsewhere = asked.clone();
         }
-        let offer = match elsewhere.is_empty() {
+        let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
             false => hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now),
         };
-        let first = offer.iter().next();
+        let first = offer.iter().next().filter(|_| crowded);
         match first {
             Some(first) => PieceSet::single(offer.piece_count(), first),
             None => offer,
