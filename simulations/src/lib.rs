@@ -18,6 +18,7 @@ pub mod plot;
 pub mod regions;
 pub mod run;
 pub mod scenario;
+pub mod schedule;
 pub mod validate;
 pub mod zipf;
 

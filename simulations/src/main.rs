@@ -123,6 +123,13 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
                 r.peer_share * 100.0
             );
             let secs = |t: Option<f64>| t.map_or_else(|| "-".to_string(), |t| format!("{t:.2}"));
+            if let (Some(t), Some(x)) = (r.t_pieces_s, r.max_over_t_pieces) {
+                eprintln!(
+                    "whole pieces: no schedule ends before {t:.2} s ({x:.2}× it); a greedy one with no latency that sees \
+                     every node ends at {} s",
+                    secs(r.t_schedule_s)
+                );
+            }
             eprintln!(
                 "pieces: all out of the seeder at {} s; first holder to nine tenths of the crowd p50 {} max {} s",
                 secs(r.pieces_out_s),

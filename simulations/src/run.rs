@@ -93,6 +93,17 @@ pub struct FlashCrowdResult {
     pub max_s: f64,
     /// `max_s / t_min_s`.
     pub max_over_t_min: f64,
+    /// A lower bound on the last completion for any schedule of whole pieces over the same caps
+    /// ([`crate::schedule::whole_piece_bound`]): a fetcher passes on only pieces it holds whole,
+    /// so a crowd's start costs about a piece-upload time per doubling of its holders over the
+    /// fluid bound. `None` with an uncapped uplink.
+    pub t_pieces_s: Option<f64>,
+    /// `max_s / t_pieces_s`.
+    pub max_over_t_pieces: Option<f64>,
+    /// The last completion of a greedy schedule of whole pieces over the same caps by a scheduler
+    /// that sees every node, with no latency ([`crate::schedule::greedy_crowd`]): a pace a
+    /// protocol could keep. `None` with an uncapped uplink.
+    pub t_schedule_s: Option<f64>,
     /// Bytes the seeder sent during the crowd, in copies of the blob (transport overhead included).
     pub origin_egress_copies: f64,
     /// Of those, the pieces (with their proofs) the seeder served, in copies of the blob; the
@@ -895,6 +906,12 @@ async fn flash_crowd(
     let max_s = times.last().copied().unwrap_or(f64::NAN);
     let mut spreads: Vec<f64> = pieces.iter().filter_map(PieceSpread::spread_s).collect();
     spreads.sort_by(f64::total_cmp);
+    // After the crowd, so that the run draws the same numbers with or without it.
+    let caps: Vec<crate::schedule::Caps> = (0..count)
+        .map(|i| crate::schedule::Caps { uplink: scenario.caps(i).uplink, downlink: scenario.caps(i).downlink })
+        .collect();
+    let t_pieces = crate::schedule::whole_piece_bound(&caps, seeder, size);
+    let t_schedule = crate::schedule::greedy_crowd(&caps, seeder, size, rng);
     Ok(FlashCrowdResult {
         blob_bytes: size,
         fetchers: fetchers.len(),
@@ -906,6 +923,9 @@ async fn flash_crowd(
         p90_s: percentile(&times, 0.9),
         max_s,
         max_over_t_min: max_s / t_min,
+        t_pieces_s: t_pieces,
+        max_over_t_pieces: t_pieces.map(|t| max_s / t),
+        t_schedule_s: t_schedule,
         origin_egress_copies: seeder_sent as f64 / f,
         origin_piece_copies: seeder_served as f64 / f,
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
