@@ -1,6 +1,7 @@
 //! A small seeded flash crowd on the emulated network: every fetch completes, every fetched blob
-//! is complete (every byte verified) in its fetcher's store, and nothing beats the fluid bound —
-//! a completion below it would mean the emulator lets bytes through faster than its caps.
+//! is complete (every byte verified) in its fetcher's store, and nothing beats the fluid bound or
+//! the bound for whole pieces — a completion below either would mean the emulator lets bytes
+//! through faster than its caps.
 
 use std::time::Duration;
 
@@ -84,6 +85,14 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         "the last fetch ({:.3} s) beat T_min ({:.3} s)",
         r.max_s,
         r.t_min_s
+    );
+    // Nor the bound for whole pieces: a fetcher sends nothing before it holds a whole piece.
+    let t_pieces = r.t_pieces_s.expect("every uplink is capped");
+    assert!(t_pieces >= r.t_min_s, "the whole-piece bound {t_pieces:.3} s lies below T_min");
+    assert!(
+        r.max_s >= t_pieces * (1.0 - TOLERANCE),
+        "the last fetch ({:.3} s) beat the whole-piece bound ({t_pieces:.3} s)",
+        r.max_s
     );
     // The seeder sent at least one copy; the crowd cannot be served with less. The crowd (19
     // fetchers) is past the node's small-crowd size, so the seeder sends each piece once and the
