@@ -102,7 +102,8 @@ pub struct FlashCrowdResult {
     pub max_over_t_pieces: Option<f64>,
     /// The last completion of a greedy schedule of whole pieces over the same caps by a scheduler
     /// that sees every node, with no latency ([`crate::schedule::greedy_crowd`]): a pace a
-    /// protocol could keep. `None` with an uncapped uplink.
+    /// protocol could keep. `None` with an uncapped uplink, or for a crowd and blob too large to
+    /// schedule in about a second.
     pub t_schedule_s: Option<f64>,
     /// Bytes the seeder sent during the crowd, in copies of the blob (transport overhead included).
     pub origin_egress_copies: f64,

@@ -31,14 +31,23 @@ pub struct Caps {
     pub downlink: Option<u64>,
 }
 
+/// The most steps [`greedy_crowd`] takes: one per transfer (fetchers × pieces), times the nodes
+/// each looks over, times the words of a piece set. About a second's work; a larger crowd or blob
+/// gets no greedy schedule (its bound, [`whole_piece_bound`], costs little at any size).
+const MAX_STEPS: u128 = 2_000_000_000;
+
 /// The last completion, in seconds, of the greedy schedule for fetchers `0..caps.len()` other
 /// than `seeder` fetching a blob of `size` bytes that only `seeder` holds. `None` if an uplink is
-/// uncapped (every piece would move in no time) or a fetcher can receive nothing.
+/// uncapped (every piece would move in no time), a fetcher can receive nothing, or the schedule
+/// would take more than [`MAX_STEPS`].
 pub fn greedy_crowd(caps: &[Caps], seeder: usize, size: u64, rng: &mut ChaCha8Rng) -> Option<f64> {
     let geometry = Geometry::new(size).ok()?;
     let pieces = geometry.piece_count() as usize;
     let n = caps.len();
     if seeder >= n || caps.iter().any(|c| c.uplink.is_none_or(|u| u == 0) || c.downlink == Some(0)) {
+        return None;
+    }
+    if (n as u128).pow(2) * pieces as u128 * pieces.div_ceil(64) as u128 > MAX_STEPS {
         return None;
     }
     if n == 1 || pieces == 0 {
@@ -400,5 +409,14 @@ mod tests {
         caps[2].uplink = None;
         assert_eq!(greedy_crowd(&caps, 0, MIB, &mut ChaCha8Rng::seed_from_u64(1)), None);
         assert_eq!(whole_piece_bound(&caps, 0, MIB), None);
+    }
+
+    #[test]
+    fn a_crowd_too_large_to_schedule_still_has_its_bound() {
+        // A thousand fetchers of 1 GiB: four million transfers, each looking over the crowd.
+        let caps = crowd(1000, 4 * MIB, 2 * MIB, 8 * MIB);
+        assert_eq!(greedy_crowd(&caps, 0, 1024 * MIB, &mut ChaCha8Rng::seed_from_u64(1)), None);
+        let bound = whole_piece_bound(&caps, 0, 1024 * MIB).unwrap();
+        assert!(bound >= fluid(&caps, 1024 * MIB), "{bound}");
     }
 }
