@@ -14,8 +14,8 @@
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
 //!   it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
-//!   lately gets no other until our patience for it has passed, so the first copies go to as many
-//!   peers as the blob has pieces, and no peer becomes the one holder of several pieces whose
+//!   lately gets no other until our patience for it has passed (or while nobody else waits for
+//!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer becomes the one holder of several pieces whose
 //!   uplink all of them share. A few peers are served all they ask for: each may be the only one
 //!   asking. In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has
 //!   room: the fetcher's rarest-first order already sends it the requests for pieces nobody else
@@ -86,6 +86,15 @@ pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
+
+/// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Uplink {
+    /// No piece upload but the caller's runs, and nobody waits for a slot.
+    pub(crate) idle: bool,
+    /// The caller holds a slot or one is free, and nobody waits for one.
+    pub(crate) room: bool,
+}
 
 /// The peers a node moved pieces of its blobs with, and the listen addresses of connected peers.
 #[derive(Debug)]
@@ -275,19 +284,21 @@ impl Crowds {
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
-    /// been held back from `peer` for our patience already, or our uploads are otherwise `idle`
+    /// been held back from `peer` for our patience already, or our uploads are otherwise idle
     /// and the blob's crowd (the fresh peers that moved it with us or asked for it) is smaller
     /// than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
-    /// peer we served a piece to gets no other until its patience for them has passed.
+    /// peer we served a piece to gets no other until its patience for them has passed, unless we
+    /// have room (`uplink.room`): an upload slot free and nobody in line for one.
     pub(crate) fn offer(
         &self,
         hash: Hash,
         peer: PeerId,
         asked: &PieceSet,
         spread: bool,
-        idle: bool,
+        uplink: Uplink,
         now: Instant,
     ) -> PieceSet {
+        let Uplink { idle, room } = uplink;
         if !spread {
             return asked.clone();
         }
@@ -312,8 +323,12 @@ impl Crowds {
         // send it another, so the first copies go to as many peers as there are pieces. A few
         // peers are served what nobody else has from us (everything, while our uploads are
         // otherwise idle): each may be the only one to ask.
+        // A peer we served lately waits for its next piece only while others want our uplink:
+        // with a slot free and nobody in line (`room`) it is served a piece nobody has from us,
+        // or a blob of more pieces than the peers that can reach us would wait our patience
+        // between pieces.
         let crowded = crowd >= SMALL_CROWD;
-        if crowded && served_before {
+        if crowded && served_before && !room {
             elsewhere = asked.clone();
         }
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
@@ -399,6 +414,10 @@ fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, patience: 
 mod tests {
     use super::*;
 
+    fn up(idle: bool, room: bool) -> Uplink {
+        Uplink { idle, room }
+    }
+
     fn set(n: u32, ix: &[u32]) -> PieceSet {
         let mut s = PieceSet::empty(n);
         for &i in ix {
@@ -451,20 +470,20 @@ mod tests {
         crowds.delivered(hash, a, t0);
         let asked = set(8, &[1, 2]);
         // A node that did not publish the blob serves everything it holds.
-        assert_eq!(crowds.offer(hash, b, &asked, false, false, t0), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, false, up(false, false), t0), asked);
         // A publisher leaves piece 1 to `a`, who is named in the hints.
-        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), set(8, &[2]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(8, &[2]));
         let hints = crowds.hints(hash, b, t0);
         assert_eq!(hints.len(), 1);
         assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
         assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
         // A peer is never sent to itself, nor hinted to itself.
-        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0), asked);
+        assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
         assert!(crowds.hints(hash, a, t0).is_empty());
         // Until its patience runs out; then `b` gets the piece from us after all.
         let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
-        assert_eq!(crowds.offer(hash, b, &asked, true, false, almost), set(8, &[2]));
-        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0 + Duration::from_secs(3)), asked);
+        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), almost), set(8, &[2]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0 + Duration::from_secs(3)), asked);
     }
 
     #[test]
@@ -477,23 +496,55 @@ mod tests {
         crowds.connected(b, vec![addr(2)]);
         let asked = set(8, &[0, 1, 2, 3]);
         // Alone, or in a small crowd, a peer is served all it asks for.
-        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0), asked);
+        assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
         // A crowd asks.
         for _ in 0..SMALL_CROWD {
-            let _ = crowds.offer(hash, PeerId::random(), &set(8, &[7]), true, false, t0);
+            let _ = crowds.offer(hash, PeerId::random(), &set(8, &[7]), true, up(false, false), t0);
         }
         // One piece of the four asked for.
-        let first = crowds.offer(hash, a, &asked, true, false, t0);
+        let first = crowds.offer(hash, a, &asked, true, up(false, false), t0);
         assert_eq!(first.count(), 1);
         crowds.serving(hash, a, &first, t0);
         // Nothing more to `a` while it is the one to pass that piece on.
-        assert!(crowds.offer(hash, a, &asked, true, false, t0).is_empty());
+        assert!(crowds.offer(hash, a, &asked, true, up(false, false), t0).is_empty());
         // `b` asking the same gets another piece: the first copies go to different peers.
-        let second = crowds.offer(hash, b, &asked, true, false, t0);
+        let second = crowds.offer(hash, b, &asked, true, up(false, false), t0);
         assert_eq!(second.count(), 1);
         assert!(second.intersection(&first).is_empty());
         // After our patience, `a` is served again, still one piece at a time.
-        assert_eq!(crowds.offer(hash, a, &asked, true, false, t0 + Duration::from_secs(3)).count(), 1);
+        assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0 + Duration::from_secs(3)).count(), 1);
+    }
+
+    #[test]
+    fn a_publisher_with_room_serves_a_peer_it_served_lately_a_piece_nobody_has() {
+        // More pieces than peers that reach us: were `a` to wait our patience between pieces, the
+        // blob would leave at one piece per peer per patience.
+        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let a = PeerId::random();
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        for _ in 0..SMALL_CROWD {
+            let _ = crowds.offer(hash, PeerId::random(), &set(64, &[63]), true, up(false, false), t0);
+        }
+        let asked = set(64, &[0, 1, 2, 3]);
+        let first = crowds.offer(hash, a, &asked, true, up(false, false), t0);
+        crowds.serving(hash, a, &first, t0);
+        // It asks again for the pieces it lacks. With others in line for our uplink, it waits.
+        let mut lacking = asked.clone();
+        for i in first.iter() {
+            lacking.remove(i);
+        }
+        assert!(crowds.offer(hash, a, &lacking, true, up(false, false), t0).is_empty());
+        // With room, it gets one more.
+        let second = crowds.offer(hash, a, &lacking, true, up(false, true), t0);
+        assert_eq!(second.count(), 1);
+        crowds.serving(hash, a, &second, t0);
+        // A piece served to another peer is still left to that peer, room or not.
+        let b = PeerId::random();
+        crowds.connected(b, vec![addr(2)]);
+        crowds.serving(hash, b, &set(64, &[2, 3]), t0);
+        assert!(crowds.offer(hash, a, &set(64, &[2, 3]), true, up(false, true), t0).is_empty());
     }
 
     #[test]
@@ -531,13 +582,13 @@ mod tests {
             crowds.serving(hash, p, &asked, t0);
         }
         // With nothing else to upload, the publisher serves it again; while busy, it does not.
-        assert_eq!(crowds.offer(hash, asker, &asked, true, true, t0), asked);
-        assert!(crowds.offer(hash, asker, &asked, true, false, t0).is_empty());
+        assert_eq!(crowds.offer(hash, asker, &asked, true, up(true, false), t0), asked);
+        assert!(crowds.offer(hash, asker, &asked, true, up(false, false), t0).is_empty());
         // The crowd grows: now it holds back even while idle.
         let p = PeerId::random();
         crowds.connected(p, vec![addr(1)]);
         crowds.serving(hash, p, &asked, t0);
-        assert!(crowds.offer(hash, PeerId::random(), &asked, true, true, t0).is_empty());
+        assert!(crowds.offer(hash, PeerId::random(), &asked, true, up(true, false), t0).is_empty());
     }
 
     #[test]
@@ -553,26 +604,33 @@ mod tests {
         // Its connection closed (either side may close one to stay within its bound): `a` still
         // holds piece 0, which is left to it.
         crowds.disconnected(&a);
-        assert_eq!(crowds.offer(hash, b, &asked, true, false, t0), set(4, &[1]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(4, &[1]));
         // Not named to others, though: we hold no connection, so no fresh addresses, to it.
         assert!(crowds.hints(hash, b, t0).is_empty());
         // A minute (three patiences) later it is stale like any holder.
         let minute = Duration::from_secs(60);
         let c = PeerId::random();
-        assert_eq!(crowds.offer(hash, c, &asked, true, false, t0 + minute - Duration::from_millis(1)), set(4, &[1]));
-        assert_eq!(crowds.offer(hash, c, &asked, true, false, t0 + minute), asked);
+        assert_eq!(
+            crowds.offer(hash, c, &asked, true, up(false, false), t0 + minute - Duration::from_millis(1)),
+            set(4, &[1])
+        );
+        assert_eq!(crowds.offer(hash, c, &asked, true, up(false, false), t0 + minute), asked);
         // Served again, then a dial to it failed: it may be gone, and is not relied on.
         crowds.connected(a, vec![addr(1)]);
         crowds.serving(hash, a, &set(4, &[0]), t0 + minute);
         crowds.unreachable(a, t0 + minute);
         let later = t0 + minute;
-        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, false, later), set(4, &[1]), "still connected");
+        assert_eq!(
+            crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later),
+            set(4, &[1]),
+            "still connected"
+        );
         crowds.disconnected(&a);
         crowds.unreachable(a, later);
-        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, false, later), asked);
+        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later), asked);
         // Until it connects again.
         crowds.connected(a, vec![addr(1)]);
-        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, false, later), set(4, &[1]));
+        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later), set(4, &[1]));
     }
 
     #[test]
@@ -599,7 +657,7 @@ mod tests {
         for start in (0..4096).step_by(64) {
             let mut asked = PieceSet::empty(4096);
             asked.insert_range(start..start + 64);
-            served += crowds.offer(hash, asker, &asked, true, false, t1).count();
+            served += crowds.offer(hash, asker, &asked, true, up(false, false), t1).count();
         }
         // One piece per answer, once the bound is reached.
         assert_eq!(served, (4096 - MAX_WITHHELD as u32) / 64);

@@ -316,6 +316,15 @@ impl Uploads {
         }
     }
 
+    /// Whether a piece upload could start now without anyone waiting longer: the caller holds a
+    /// slot or one is free, and nobody waits in line. Always with no upload cap.
+    fn room(&self, holding: bool) -> bool {
+        match &self.data {
+            Some((slots, _)) => (holding || slots.available_permits() > 0) && self.waiting.load(Ordering::Relaxed) == 0,
+            None => true,
+        }
+    }
+
     /// Requests being answered: read, and not yet answered in full.
     pub(crate) fn answering(&self) -> usize {
         self.answering.load(Ordering::Relaxed)
@@ -436,7 +445,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
                 let spread = |held: &PieceSet, holding: bool| {
-                    crowds.offer(hash, peer, held, spreads, uploads.idle(holding), Instant::now())
+                    let uplink = crate::crowd::Uplink { idle: uploads.idle(holding), room: uploads.room(holding) };
+                    crowds.offer(hash, peer, held, spreads, uplink, Instant::now())
                 };
                 let offered = spread(&held, false);
                 let (pieces, data_slot) = match offered.is_empty() {
