@@ -752,14 +752,15 @@ async fn flash_crowd(
     wait_announced(&cluster.handle(seeder), scale).await?;
     progress.tick();
 
-    // The fluid bound, from the scenario's caps (emulated bytes per second).
+    // The bounds, from the scenario's caps (emulated bytes per second).
     let f = size as f64;
     let rate = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
     let u_s = rate(scenario.caps(seeder).uplink);
     let fetchers: Vec<usize> = (0..count).filter(|&i| i != seeder).collect();
-    let d_min = fetchers.iter().map(|&i| rate(scenario.caps(i).downlink)).fold(f64::INFINITY, f64::min);
-    let sum_u: f64 = fetchers.iter().map(|&i| rate(scenario.caps(i).uplink)).sum();
-    let t_min = (f / u_s).max(f / d_min).max(fetchers.len() as f64 * f / (u_s + sum_u));
+    let caps: Vec<crate::schedule::Caps> = (0..count)
+        .map(|i| crate::schedule::Caps { uplink: scenario.caps(i).uplink, downlink: scenario.caps(i).downlink })
+        .collect();
+    let t_min = crate::schedule::fluid_bound(&caps, seeder, size);
 
     let seeder_id = cluster.nodes[seeder].id;
     let seeder_sent_before = cluster.net.traffic(seeder_id).0;
@@ -908,9 +909,6 @@ async fn flash_crowd(
     let mut spreads: Vec<f64> = pieces.iter().filter_map(PieceSpread::spread_s).collect();
     spreads.sort_by(f64::total_cmp);
     // After the crowd, so that the run draws the same numbers with or without it.
-    let caps: Vec<crate::schedule::Caps> = (0..count)
-        .map(|i| crate::schedule::Caps { uplink: scenario.caps(i).uplink, downlink: scenario.caps(i).downlink })
-        .collect();
     let t_pieces = crate::schedule::whole_piece_bound(&caps, seeder, size);
     let t_schedule = crate::schedule::greedy_crowd(&caps, seeder, size, rng);
     Ok(FlashCrowdResult {

@@ -17,7 +17,7 @@
 //! give. A receiver takes several pieces at once while their rates fit its downlink. Ties go by
 //! the seeded random order, so a seed repeats the schedule.
 
-use std::cmp::Ordering;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 use rand::Rng;
@@ -29,6 +29,25 @@ use shoal_node::protocol::{Geometry, PIECE_SIZE};
 pub struct Caps {
     pub uplink: Option<u64>,
     pub downlink: Option<u64>,
+}
+
+/// The fluid lower bound on the last completion, T_min = max(F/u_s, F/d_min, N·F/(u_s+Σu_i)),
+/// for fetchers `0..caps.len()` other than `seeder` fetching `size` bytes; an uncapped link
+/// counts as infinitely fast.
+pub fn fluid_bound(caps: &[Caps], seeder: usize, size: u64) -> f64 {
+    let f = size as f64;
+    let rate = |r: Option<u64>| r.map_or(f64::INFINITY, |r| r as f64);
+    let u_s = caps.get(seeder).map_or(f64::INFINITY, |c| rate(c.uplink));
+    let fetchers = || caps.iter().enumerate().filter(|(i, _)| *i != seeder).map(|(_, c)| c);
+    let d_min = fetchers().map(|c| rate(c.downlink)).fold(f64::INFINITY, f64::min);
+    let sum_u: f64 = fetchers().map(|c| rate(c.uplink)).sum();
+    (f / u_s).max(f / d_min).max(fetchers().count() as f64 * f / (u_s + sum_u))
+}
+
+/// Whether a schedule of whole pieces can be counted for these caps: `seeder` is one of them,
+/// every uplink is capped (else pieces move in no time) and no link is closed.
+fn schedulable(caps: &[Caps], seeder: usize) -> bool {
+    seeder < caps.len() && caps.iter().all(|c| c.uplink.is_some_and(|u| u > 0) && c.downlink != Some(0))
 }
 
 /// The most steps [`greedy_crowd`] takes: one per transfer (fetchers × pieces), times the nodes
@@ -44,10 +63,7 @@ pub fn greedy_crowd(caps: &[Caps], seeder: usize, size: u64, rng: &mut ChaCha8Rn
     let geometry = Geometry::new(size).ok()?;
     let pieces = geometry.piece_count() as usize;
     let n = caps.len();
-    if seeder >= n || caps.iter().any(|c| c.uplink.is_none_or(|u| u == 0) || c.downlink == Some(0)) {
-        return None;
-    }
-    if (n as u128).pow(2) * pieces as u128 * pieces.div_ceil(64) as u128 > MAX_STEPS {
+    if !schedulable(caps, seeder) || (n as u128).pow(2) * pieces as u128 * pieces.div_ceil(64) as u128 > MAX_STEPS {
         return None;
     }
     if n == 1 || pieces == 0 {
@@ -79,6 +95,8 @@ pub fn greedy_crowd(caps: &[Caps], seeder: usize, size: u64, rng: &mut ChaCha8Rn
     let mut last = 0.0f64;
     let mut left = n - 1;
     let mut now = 0.0;
+    // A piece on its way: when it arrives, from, to, which piece.
+    type Transfer = Reverse<(Time, usize, usize, usize)>;
     let mut start = |s: &mut State, from: usize, to: Option<usize>, now: f64, events: &mut BinaryHeap<Transfer>| {
         if let Some((to, piece, rate)) = s.choose(from, to, rng) {
             s.sending[from] = true;
@@ -86,27 +104,27 @@ pub fn greedy_crowd(caps: &[Caps], seeder: usize, size: u64, rng: &mut ChaCha8Rn
             s.holding[to] += 1;
             s.copies[piece] += 1;
             s.incoming[to] += rate;
-            events.push(Transfer { at: now + piece_bytes(piece) as f64 / rate, from, to, piece, rate });
+            events.push(Reverse((Time(now + piece_bytes(piece) as f64 / rate), from, to, piece)));
         }
     };
     start(&mut s, seeder, None, now, &mut events);
-    while let Some(t) = events.pop() {
-        now = t.at;
-        s.sending[t.from] = false;
-        s.coming[t.to].set(t.piece, false);
-        s.have[t.to].set(t.piece, true);
-        s.incoming[t.to] = (s.incoming[t.to] - t.rate).max(0.0);
-        if s.have[t.to].count() == pieces {
+    while let Some(Reverse((Time(at), from, to, piece))) = events.pop() {
+        now = at;
+        s.sending[from] = false;
+        s.coming[to].set(piece, false);
+        s.have[to].set(piece, true);
+        s.incoming[to] = (s.incoming[to] - s.rate(from, to)).max(0.0);
+        if s.have[to].count() == pieces {
             left -= 1;
             last = now;
         }
         // The sender is free, the receiver holds a new piece, and the receiver's downlink has
         // room: these are the only changes that let a transfer start.
-        start(&mut s, t.from, None, now, &mut events);
-        start(&mut s, t.to, None, now, &mut events);
+        start(&mut s, from, None, now, &mut events);
+        start(&mut s, to, None, now, &mut events);
         for k in 0..n {
-            if !s.sending[k] && s.holding[k] > 0 && k != t.to {
-                start(&mut s, k, Some(t.to), now, &mut events);
+            if !s.sending[k] && s.holding[k] > 0 && k != to {
+                start(&mut s, k, Some(to), now, &mut events);
             }
         }
     }
@@ -125,7 +143,7 @@ pub fn greedy_crowd(caps: &[Caps], seeder: usize, size: u64, rng: &mut ChaCha8Rn
 pub fn whole_piece_bound(caps: &[Caps], seeder: usize, size: u64) -> Option<f64> {
     let geometry = Geometry::new(size).ok()?;
     let pieces = u64::from(geometry.piece_count());
-    if seeder >= caps.len() || caps.iter().any(|c| c.uplink.is_none_or(|u| u == 0) || c.downlink == Some(0)) {
+    if !schedulable(caps, seeder) {
         return None;
     }
     let f = size as f64;
@@ -136,23 +154,23 @@ pub fn whole_piece_bound(caps: &[Caps], seeder: usize, size: u64) -> Option<f64>
         return Some(0.0);
     }
     let d_max = fetchers.iter().map(|c| down(c)).fold(0.0, f64::max);
-    let d_min = fetchers.iter().map(|c| down(c)).fold(f64::INFINITY, f64::min);
     let mut ups: Vec<f64> = fetchers.iter().filter_map(|c| c.uplink).map(|u| u as f64).collect();
     ups.sort_by(|a, b| b.total_cmp(a));
-    let sum_u: f64 = ups.iter().sum();
     let n = ups.len() as f64;
-    let t_min = (f / u_s).max(f / d_min).max(n * f / (u_s + sum_u));
+    let t_min = fluid_bound(caps, seeder, size);
     let smallest = PIECE_SIZE.min(size - PIECE_SIZE * (pieces - 1)) as f64;
     // Earliest first-holding times: a heap of senders by when each can next deliver.
+    // Each entry: when a sender can next deliver, and how often after.
     let mut senders = BinaryHeap::new();
-    senders.push(Next { at: smallest / u_s.min(d_max), every: smallest / u_s.min(d_max) });
+    let seeder_every = smallest / u_s.min(d_max);
+    senders.push(Reverse((Time(seeder_every), Time(seeder_every))));
     let mut firsts = Vec::with_capacity(ups.len());
     for &u in &ups {
-        let next = senders.pop()?;
-        firsts.push((next.at, u));
-        senders.push(Next { at: next.at + next.every, every: next.every });
-        let every = smallest / u.min(d_max);
-        senders.push(Next { at: next.at + every, every });
+        let Reverse((Time(at), Time(every))) = senders.pop()?;
+        firsts.push((at, u));
+        senders.push(Reverse((Time(at + every), Time(every))));
+        let own = smallest / u.min(d_max);
+        senders.push(Reverse((Time(at + own), Time(own))));
     }
     // The work by T grows with T: bisect for where it reaches N·F.
     let work = |t: f64| u_s * t + firsts.iter().map(|(at, u)| u * (t - at).max(0.0)).sum::<f64>();
@@ -164,61 +182,21 @@ pub fn whole_piece_bound(caps: &[Caps], seeder: usize, size: u64) -> Option<f64>
     Some(hi.max(t_min))
 }
 
-/// When a sender can next deliver a whole piece, and how often after; the earliest first out of
-/// the heap.
-#[derive(Debug)]
-struct Next {
-    at: f64,
-    every: f64,
-}
+/// A time in seconds, ordered so that heaps of `Reverse` entries give the earliest first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Time(f64);
 
-impl PartialEq for Next {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
+impl Eq for Time {}
 
-impl Eq for Next {}
-
-impl PartialOrd for Next {
+impl PartialOrd for Time {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Next {
+impl Ord for Time {
     fn cmp(&self, other: &Self) -> Ordering {
-        other.at.total_cmp(&self.at).then_with(|| other.every.total_cmp(&self.every))
-    }
-}
-
-/// A piece on its way, ordered by when it arrives (the earliest first out of the heap).
-#[derive(Debug)]
-struct Transfer {
-    at: f64,
-    from: usize,
-    to: usize,
-    piece: usize,
-    rate: f64,
-}
-
-impl PartialEq for Transfer {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Transfer {}
-
-impl PartialOrd for Transfer {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Transfer {
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.at.total_cmp(&self.at).then_with(|| (other.from, other.to).cmp(&(self.from, self.to)))
+        self.0.total_cmp(&other.0)
     }
 }
 
@@ -239,6 +217,11 @@ struct State {
 }
 
 impl State {
+    /// The rate of a piece from `from` to `to`: the sender's uplink or the receiver's downlink.
+    fn rate(&self, from: usize, to: usize) -> f64 {
+        self.up[from].min(self.down[to])
+    }
+
     /// What `from` sends next, to `only` if given: the receiver, the piece and the rate.
     fn choose(&self, from: usize, only: Option<usize>, rng: &mut ChaCha8Rng) -> Option<(usize, usize, f64)> {
         if self.sending[from] {
@@ -250,7 +233,7 @@ impl State {
             if to == from || to == self.seeder || self.holding[to] == self.pieces {
                 return;
             }
-            let rate = self.up[from].min(self.down[to]);
+            let rate = self.rate(from, to);
             if self.incoming[to] > 0.0 && self.incoming[to] + rate > self.down[to] * (1.0 + 1e-9) {
                 return;
             }
@@ -298,7 +281,7 @@ impl State {
             }
         }
         let (piece, _) = piece?;
-        Some((to, piece, self.up[from].min(self.down[to])))
+        Some((to, piece, self.rate(from, to)))
     }
 }
 
@@ -344,14 +327,6 @@ mod tests {
         caps
     }
 
-    fn fluid(caps: &[Caps], size: u64) -> f64 {
-        let f = size as f64;
-        let u_s = caps[0].uplink.unwrap() as f64;
-        let d_min = caps[1..].iter().map(|c| c.downlink.unwrap() as f64).fold(f64::INFINITY, f64::min);
-        let sum_u: f64 = caps[1..].iter().map(|c| c.uplink.unwrap() as f64).sum();
-        (f / u_s).max(f / d_min).max((caps.len() - 1) as f64 * f / (u_s + sum_u))
-    }
-
     #[test]
     fn a_lone_fetcher_gets_the_blob_at_the_seeders_rate() {
         let caps = crowd(1, 4 * MIB, 2 * MIB, 8 * MIB);
@@ -370,7 +345,7 @@ mod tests {
             let t = greedy_crowd(&caps, 0, size, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
             let again = greedy_crowd(&caps, 0, size, &mut ChaCha8Rng::seed_from_u64(7)).unwrap();
             assert_eq!(t, again);
-            let t_min = fluid(&caps, size);
+            let t_min = fluid_bound(&caps, 0, size);
             // Whole pieces cost the crowd's start: no fetcher sends anything before a piece (the
             // smallest, at best) has left the seeder, so their uplinks work at most T - τ of T.
             let smallest = if size % PIECE_SIZE == 0 { PIECE_SIZE } else { size % PIECE_SIZE };
@@ -397,7 +372,7 @@ mod tests {
         // pieces takes a piece-upload time more for each doubling of its holders.
         let ratio = |fetchers| {
             let caps = crowd(fetchers, 4 * MIB, 2 * MIB, 8 * MIB);
-            whole_piece_bound(&caps, 0, 4 * MIB).unwrap() / fluid(&caps, 4 * MIB)
+            whole_piece_bound(&caps, 0, 4 * MIB).unwrap() / fluid_bound(&caps, 0, 4 * MIB)
         };
         let (small, large) = (ratio(99), ratio(999));
         assert!(small > 1.0 && large > small + 0.1, "{small} {large}");
@@ -417,6 +392,6 @@ mod tests {
         let caps = crowd(1000, 4 * MIB, 2 * MIB, 8 * MIB);
         assert_eq!(greedy_crowd(&caps, 0, 1024 * MIB, &mut ChaCha8Rng::seed_from_u64(1)), None);
         let bound = whole_piece_bound(&caps, 0, 1024 * MIB).unwrap();
-        assert!(bound >= fluid(&caps, 1024 * MIB), "{bound}");
+        assert!(bound >= fluid_bound(&caps, 0, 1024 * MIB), "{bound}");
     }
 }
