@@ -15,8 +15,8 @@
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
 //!   it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
 //!   lately gets no other until our patience for it has passed (or while nobody else waits for
-//!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer becomes the one holder of several pieces whose
-//!   uplink all of them share. A few peers are served all they ask for: each may be the only one
+//!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
+//!   becomes the one holder of several pieces whose uplink all of them share. A few peers are served all they ask for: each may be the only one
 //!   asking. In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has
 //!   room: the fetcher's rarest-first order already sends it the requests for pieces nobody else
 //!   has, so what is held back is a piece the requester can get elsewhere, and each copy sent twice
@@ -320,13 +320,12 @@ impl Crowds {
             }
         }
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
-        // send it another, so the first copies go to as many peers as there are pieces. A few
-        // peers are served what nobody else has from us (everything, while our uploads are
-        // otherwise idle): each may be the only one to ask.
-        // A peer we served lately waits for its next piece only while others want our uplink:
-        // with a slot free and nobody in line (`room`) it is served a piece nobody has from us,
-        // or a blob of more pieces than the peers that can reach us would wait our patience
-        // between pieces.
+        // send it another, so the first copies go to as many peers as there are pieces. It waits
+        // only while others want our uplink: with a slot free and nobody in line (`room`) it is
+        // served a piece nobody has from us, or a blob of more pieces than the peers that can
+        // reach us would leave at one piece per peer per patience. A few peers are served what
+        // nobody else has from us (everything, while our uploads are otherwise idle): each may be
+        // the only one to ask.
         let crowded = crowd >= SMALL_CROWD;
         if crowded && served_before && !room {
             elsewhere = asked.clone();

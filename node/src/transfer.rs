@@ -316,6 +316,11 @@ impl Uploads {
         }
     }
 
+    /// How busy the piece uploads are, as the caller (`holding` one slot or not) sees them.
+    fn uplink(&self, holding: bool) -> crate::crowd::Uplink {
+        crate::crowd::Uplink { idle: self.idle(holding), room: self.room(holding) }
+    }
+
     /// Whether a piece upload could start now without anyone waiting longer: the caller holds a
     /// slot or one is free, and nobody waits in line. Always with no upload cap.
     fn room(&self, holding: bool) -> bool {
@@ -445,8 +450,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
                 let spread = |held: &PieceSet, holding: bool| {
-                    let uplink = crate::crowd::Uplink { idle: uploads.idle(holding), room: uploads.room(holding) };
-                    crowds.offer(hash, peer, held, spreads, uplink, Instant::now())
+                    crowds.offer(hash, peer, held, spreads, uploads.uplink(holding), Instant::now())
                 };
                 let offered = spread(&held, false);
                 let (pieces, data_slot) = match offered.is_empty() {
