@@ -48,11 +48,15 @@
 //! |------------------------------|------------------------------|--------------------------------------------------|
 //! | `NotFound`                   | dropped                      | pieces leave its have-map, which is asked again¹ |
 //! | `Denied`                     | dropped                      | dropped                                          |
-//! | `Busy { retry_after }`       | asked again after the wait   | no requests until after the wait                 |
+//! | `Busy { retry_after }`       | asked again after the wait   | no requests until after the wait²                |
 //! | `Timeout`, `Io`, `Truncated` | asked again after a back-off | no requests until after a back-off               |
 //! | `Corrupt`, `Protocol`        | dropped and penalised        | dropped and penalised                            |
 //!
 //! ¹ A peer whose have-map ends up empty is dropped.
+//! ² Unless every slot is taken, a candidate waits, and nothing else is asked of the peer: then
+//! it gives its slot to the candidate and is parked at the back of the queue. In a crowd, the
+//! holders every fetch was told of first answer `Busy` to most requests while holders nobody was
+//! told of sit idle; waiting one's turn at the first kept the second from being asked.
 //!
 //! Back-offs start at [`FetchConfig::retry_base`] and double with each consecutive failure; after
 //! [`FetchConfig::max_peer_failures`] in a row the peer is dropped. Failures that arrive while the
@@ -1324,6 +1328,13 @@ where
             && (self.live_peers < self.config.max_peers || self.peers.values().any(|r| self.stale(r)))
     }
 
+    /// Whether every slot is taken while a peer that never held one (or was named nearby) waits:
+    /// a busy peer then gives its slot up (see the [module documentation](crate::fetch)).
+    fn newcomer_waits(&self) -> bool {
+        self.live_peers >= self.config.max_peers
+            && (!self.nearby.is_empty() || self.candidates.iter().any(|p| !self.is_parked(p)))
+    }
+
     /// Whether `peer` is parked: in the candidate queue again after holding a slot.
     fn is_parked(&self, peer: &P) -> bool {
         self.peers.get(peer).is_some_and(|r| r.parked)
@@ -1794,6 +1805,7 @@ where
         let max_failures = self.config.max_peer_failures;
         let max_backoff = self.config.bound(MAX_RETRY_BACKOFF);
         let busy_wait = (self.config.bound(MIN_BUSY_WAIT), self.config.bound(MAX_BUSY_WAIT));
+        let step_aside = self.newcomer_waits();
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         let wait = match failure {
             PeerFailure::NotFound | PeerFailure::Denied => {
@@ -1802,6 +1814,11 @@ where
             }
             PeerFailure::Corrupt | PeerFailure::Protocol => {
                 self.drop_peer(peer, Some(failure), now);
+                return;
+            }
+            // Busy with nothing else asked of it: it serves others while a newcomer may not.
+            PeerFailure::Busy { .. } if matches!(asked, Asked::Get) && rec.in_flight == 0 && step_aside => {
+                self.park(peer);
                 return;
             }
             PeerFailure::Busy { retry_after } => retry_after.clamp(busy_wait.0, busy_wait.1),
@@ -3189,6 +3206,36 @@ mod tests {
         d.drain();
         assert_eq!(requests(&d.local(&PieceSet::full(3))).len(), 1);
         assert_eq!(d.fetch.progress().verified_pieces, 0);
+    }
+
+    #[test]
+    fn a_busy_peer_with_nothing_else_asked_gives_its_slot_to_a_waiting_candidate() {
+        // Two slots taken by full holders, a third holder waiting. In a crowd the holders that
+        // every fetch was told of answer `Busy` while others nobody asks sit idle: waiting our
+        // turn at the first kept the second from ever being asked.
+        let n = 8;
+        let config =
+            FetchConfig { max_peers: 2, max_requests_per_peer: 1, pieces_per_request: 1, ..FetchConfig::default() };
+        let mut d = Driver::new(size_of(n), config);
+        assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
+        d.have(1, d.full());
+        d.have(2, d.full());
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let last = requests(&d.local(&PieceSet::empty(n)));
+        let reqs = requests(&d.ok(last[0].0, last[0].1, &last[0].2));
+        assert_eq!(reqs.len(), 2, "one request to each slot: {reqs:?}");
+        let (busy, id, _) = reqs[0].clone();
+        let (other, other_id, other_pieces) = reqs[1].clone();
+        assert_eq!(d.fail(busy, id, PeerFailure::Busy { retry_after: ms(500) }), vec![AskHave { peer: 3 }]);
+        let s = stats(&d.fetch, busy);
+        assert!(!s.dropped && s.failures == 0, "stepping aside is no failure: {s:?}");
+        d.have(3, d.full());
+        let mut actions = d.ok(other, other_id, &other_pieces);
+        actions.extend(d.drain());
+        let all = d.serve_all(actions);
+        assert!(requests(&all).iter().all(|(p, _, _)| *p != busy), "it waits behind the others: {all:?}");
+        assert!(requests(&all).iter().any(|(p, _, _)| *p == 3), "{all:?}");
+        assert_eq!(all.last(), Some(&Complete));
     }
 
     #[test]
