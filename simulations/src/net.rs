@@ -144,7 +144,7 @@ struct NodeSlot {
     region: usize,
     uplink: Bucket,
     downlink: Bucket,
-    /// Bytes this node sent (framing excluded; noise and yamux included).
+    /// Bytes this node sent (framing excluded; the handshake and yamux included).
     sent: AtomicU64,
     /// Bytes delivered to this node.
     received: AtomicU64,
@@ -242,7 +242,7 @@ impl Network {
         self.slot(node).map(|s| s.region)
     }
 
-    /// Bytes `node` has sent and received so far (noise and yamux overhead included).
+    /// Bytes `node` has sent and received so far (the handshake and yamux included).
     pub fn traffic(&self, node: NodeId) -> (u64, u64) {
         self.slot(node).map_or((0, 0), |s| (s.sent.load(Ordering::Relaxed), s.received.load(Ordering::Relaxed)))
     }
@@ -317,8 +317,8 @@ impl Network {
         self.ports.read().unwrap_or_else(|e| e.into_inner()).get(&port).copied()
     }
 
-    /// The transport of `node`: the emulated link, then noise and yamux. Call it from the node's
-    /// [`shoal_node::TransportFactory`].
+    /// The transport of `node`: the emulated link, then the plaintext handshake and yamux. Call it
+    /// from the node's [`shoal_node::TransportFactory`].
     pub fn transport(self: &Arc<Self>, node: NodeId, key: &Keypair) -> Boxed<(PeerId, StreamMuxerBox)> {
         EmulatedTransport { net: self.clone(), me: node, inner: MemoryTransport::default(), listeners: HashMap::new() }
             .upgrade(Version::V1Lazy)
@@ -782,7 +782,7 @@ mod tests {
         (out, inc, a, b)
     }
 
-    /// A raw link (no noise, no yamux): bytes arrive intact, after the latency, at the cap.
+    /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.
     #[tokio::test]
     async fn a_link_delays_and_paces() {
         let net = net(50, 1.0);
