@@ -53,10 +53,11 @@
 //! | `Corrupt`, `Protocol`        | dropped and penalised        | dropped and penalised                            |
 //!
 //! ¹ A peer whose have-map ends up empty is dropped.
-//! ² Unless every slot is taken, a candidate waits, and nothing else is asked of the peer: then
-//! it gives its slot to the candidate and is parked at the back of the queue. In a crowd, the
-//! holders every fetch was told of first answer `Busy` to most requests while holders nobody was
-//! told of sit idle; waiting one's turn at the first kept the second from being asked.
+//! ² Once the size is proven, a peer with nothing else asked of it, while every slot is taken and
+//! a candidate that never held one (or one named nearby) waits, gives its slot to the candidate
+//! instead and is parked at the back of the queue. In a crowd, the holders every fetch was told
+//! of first answer `Busy` to most requests while holders nobody was told of sit idle; waiting
+//! one's turn at the first kept the second from being asked.
 //!
 //! Back-offs start at [`FetchConfig::retry_base`] and double with each consecutive failure; after
 //! [`FetchConfig::max_peer_failures`] in a row the peer is dropped. Failures that arrive while the
@@ -554,9 +555,13 @@ struct Peer {
     /// No new request before this.
     backoff_until: Option<Instant>,
     in_flight: usize,
-    /// It gave its slot to a waiting candidate while it held nothing the fetch needed: its advert
-    /// is set aside, it is back in the candidate queue and is asked again when its turn comes.
+    /// It gave its slot to a waiting candidate, holding nothing the fetch needed or answering
+    /// `Busy`: its advert is set aside, it is back in the candidate queue and is asked again when
+    /// its turn comes.
     parked: bool,
+    /// It was parked for answering `Busy`: a holder of pieces the fetch lacks, which a full
+    /// candidate queue keeps rather than forget.
+    stepped_aside: bool,
     penalised: bool,
     dropped: bool,
 }
@@ -584,6 +589,7 @@ impl Peer {
             backoff_until: None,
             in_flight: 0,
             parked: false,
+            stepped_aside: false,
             penalised: false,
             dropped: false,
         }
@@ -858,7 +864,9 @@ where
 
     /// Provider candidates from the DHT (may repeat, may be empty). Peers already known, dropped
     /// or beyond the candidate bound are ignored. New names wait ahead of parked peers (see
-    /// [`Fetch::next_have_ask`]), and a full queue forgets a parked peer to make room for one.
+    /// [`Fetch::next_have_ask`]), and a full queue forgets a parked peer that had nothing the
+    /// fetch needed to make room for one (never one parked for answering `Busy`, which holds
+    /// what we lack).
     pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, _now: Instant) {
         if self.finished {
             return;
@@ -869,14 +877,17 @@ where
                 continue;
             }
             if self.candidates.len() >= max {
-                // The queue is new names, then parked peers: forget the peer parked last, if any.
-                match self.candidates.back() {
-                    Some(last) if self.is_parked(last) => {
-                        if let Some(last) = self.candidates.pop_back() {
-                            self.peers.remove(&last);
-                        }
+                // The queue is new names, then parked peers: forget the peer with nothing we need
+                // parked last, if any.
+                let forget = self
+                    .candidates
+                    .iter()
+                    .rposition(|p| self.peers.get(p).is_some_and(|r| r.parked && !r.stepped_aside));
+                match forget.and_then(|at| self.candidates.remove(at)) {
+                    Some(last) => {
+                        self.peers.remove(&last);
                     }
-                    _ => break,
+                    None => break,
                 }
             }
             let at = self.candidates.iter().position(|p| self.is_parked(p)).unwrap_or(self.candidates.len());
@@ -1331,8 +1342,9 @@ where
     /// Whether every slot is taken while a peer that never held one (or was named nearby) waits:
     /// a busy peer then gives its slot up (see the [module documentation](crate::fetch)).
     fn newcomer_waits(&self) -> bool {
+        // New names wait ahead of parked peers (see `Fetch::handle_providers`).
         self.live_peers >= self.config.max_peers
-            && (!self.nearby.is_empty() || self.candidates.iter().any(|p| !self.is_parked(p)))
+            && (!self.nearby.is_empty() || self.candidates.front().is_some_and(|p| !self.is_parked(p)))
     }
 
     /// Whether `peer` is parked: in the candidate queue again after holding a slot.
@@ -1365,7 +1377,7 @@ where
             }
         });
         match due {
-            Some((peer, Look::Park)) => self.park(peer),
+            Some((peer, Look::Park)) => self.park(peer, false),
             Some((peer, Look::Ask)) => {
                 self.start_ask(peer, now);
                 return Some((peer, None));
@@ -1392,7 +1404,10 @@ where
             };
             match self.peers.get_mut(&peer) {
                 // A parked peer's turn came round again.
-                Some(rec) if rec.parked => rec.parked = false,
+                Some(rec) if rec.parked => {
+                    rec.parked = false;
+                    rec.stepped_aside = false;
+                }
                 Some(_) => continue,
                 None => {
                     let salt = self.rng.next_u64();
@@ -1406,11 +1421,13 @@ where
         }
     }
 
-    /// Frees the slot of `peer`, which has nothing the fetch needs: its advert stops counting and
-    /// it goes to the back of the candidate queue (keeping its statistics).
-    fn park(&mut self, peer: P) {
+    /// Frees the slot of `peer`, which has nothing the fetch needs or, if `busy`, answered `Busy`:
+    /// its advert stops counting and it goes to the back of the candidate queue (keeping its
+    /// statistics).
+    fn park(&mut self, peer: P, busy: bool) {
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         rec.parked = true;
+        rec.stepped_aside = busy;
         rec.asking = false;
         rec.watching = false;
         rec.have_timeout_at = None;
@@ -1805,7 +1822,7 @@ where
         let max_failures = self.config.max_peer_failures;
         let max_backoff = self.config.bound(MAX_RETRY_BACKOFF);
         let busy_wait = (self.config.bound(MIN_BUSY_WAIT), self.config.bound(MAX_BUSY_WAIT));
-        let step_aside = self.newcomer_waits();
+        let step_aside = self.newcomer_waits() && self.claim.as_ref().is_some_and(|c| c.proven);
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         let wait = match failure {
             PeerFailure::NotFound | PeerFailure::Denied => {
@@ -1816,9 +1833,12 @@ where
                 self.drop_peer(peer, Some(failure), now);
                 return;
             }
-            // Busy with nothing else asked of it: it serves others while a newcomer may not.
-            PeerFailure::Busy { .. } if matches!(asked, Asked::Get) && rec.in_flight == 0 && step_aside => {
-                self.park(peer);
+            // Busy with nothing else asked of it: it serves others while a newcomer may not. Not
+            // before the size is proven: a prover parked could leave the claim to a liar's size.
+            PeerFailure::Busy { .. }
+                if matches!(asked, Asked::Get) && rec.in_flight == 0 && !rec.asking && step_aside =>
+            {
+                self.park(peer, true);
                 return;
             }
             PeerFailure::Busy { retry_after } => retry_after.clamp(busy_wait.0, busy_wait.1),
@@ -1851,6 +1871,7 @@ where
         let was_live = !rec.parked;
         rec.dropped = true;
         rec.parked = false;
+        rec.stepped_aside = false;
         rec.asking = false;
         rec.watching = false;
         rec.have_timeout_at = None;
@@ -3208,34 +3229,81 @@ mod tests {
         assert_eq!(d.fetch.progress().verified_pieces, 0);
     }
 
-    #[test]
-    fn a_busy_peer_with_nothing_else_asked_gives_its_slot_to_a_waiting_candidate() {
-        // Two slots taken by full holders, a third holder waiting. In a crowd the holders that
-        // every fetch was told of answer `Busy` while others nobody asks sit idle: waiting our
-        // turn at the first kept the second from ever being asked.
+    /// A fetch of 8 pieces with two slots taken by full holders 1 and 2, holder 3 waiting for a
+    /// slot, and requests of one piece, `per_peer` at a time; returns the requests under way once
+    /// the size is proven (or, if `prove` is false, the request for the last piece alone).
+    fn two_busy_slots_and_a_holder_waiting(per_peer: usize, prove: bool) -> (Driver, Vec<(u32, RequestId, PieceSet)>) {
         let n = 8;
-        let config =
-            FetchConfig { max_peers: 2, max_requests_per_peer: 1, pieces_per_request: 1, ..FetchConfig::default() };
+        let config = FetchConfig {
+            max_peers: 2,
+            max_requests_per_peer: per_peer,
+            pieces_per_request: 1,
+            ..FetchConfig::default()
+        };
         let mut d = Driver::new(size_of(n), config);
         assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, d.full());
         d.have(2, d.full());
         assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
         let last = requests(&d.local(&PieceSet::empty(n)));
+        if !prove {
+            return (d, last);
+        }
         let reqs = requests(&d.ok(last[0].0, last[0].1, &last[0].2));
-        assert_eq!(reqs.len(), 2, "one request to each slot: {reqs:?}");
+        assert_eq!(reqs.len(), 2 * per_peer, "{reqs:?}");
+        (d, reqs)
+    }
+
+    #[test]
+    fn a_busy_peer_with_nothing_else_asked_gives_its_slot_to_a_waiting_candidate() {
+        // In a crowd the holders that every fetch was told of answer `Busy` while others nobody
+        // asks sit idle: waiting our turn at the first kept the second from ever being asked.
+        let (mut d, reqs) = two_busy_slots_and_a_holder_waiting(1, true);
         let (busy, id, _) = reqs[0].clone();
-        let (other, other_id, other_pieces) = reqs[1].clone();
+        let (other, other_id, _) = reqs[1].clone();
         assert_eq!(d.fail(busy, id, PeerFailure::Busy { retry_after: ms(500) }), vec![AskHave { peer: 3 }]);
         let s = stats(&d.fetch, busy);
         assert!(!s.dropped && s.failures == 0, "stepping aside is no failure: {s:?}");
-        d.have(3, d.full());
-        let mut actions = d.ok(other, other_id, &other_pieces);
-        actions.extend(d.drain());
+        // A queue filling with new names forgets peers parked with nothing we need, not this one.
+        d.fetch.handle_providers(10..40, d.now);
+        assert!(d.fetch.peer_stats().any(|(p, _)| p == busy), "a holder of what we lack is kept");
+        // Peer 3 holds only what we have, and peer 2 goes away: after the new names (which hold
+        // nothing), the busy peer's turn comes round again, and it serves the rest.
+        d.have(3, set(8, [7]));
+        let mut actions = d.fail(other, other_id, PeerFailure::Denied);
+        let mut newcomers = 0;
+        loop {
+            match actions.iter().find_map(|a| if let AskHave { peer } = a { Some(*peer) } else { None }) {
+                Some(p) if p == busy => break,
+                Some(p) => {
+                    assert!(p >= 10, "{actions:?}");
+                    newcomers += 1;
+                    d.fetch.handle_have_failed(p, PeerFailure::NotFound, d.now);
+                    actions = d.drain();
+                }
+                None => panic!("the busy peer never got its turn back: {actions:?}"),
+            }
+        }
+        assert!(newcomers > 0);
+        d.have(busy, d.full());
+        let actions = d.drain();
         let all = d.serve_all(actions);
-        assert!(requests(&all).iter().all(|(p, _, _)| *p != busy), "it waits behind the others: {all:?}");
-        assert!(requests(&all).iter().any(|(p, _, _)| *p == 3), "{all:?}");
-        assert_eq!(all.last(), Some(&Complete));
+        assert_eq!(all.last(), Some(&Complete), "{all:?}");
+    }
+
+    #[test]
+    fn a_busy_peer_keeps_its_slot_while_serving_us_or_before_the_size_is_proven() {
+        // Another request under way to it: it is serving us, and waits out the busy spell.
+        let (mut d, reqs) = two_busy_slots_and_a_holder_waiting(2, true);
+        let (busy, id, _) = reqs[0].clone();
+        assert_eq!(d.fail(busy, id, PeerFailure::Busy { retry_after: ms(500) }), vec![]);
+        assert_eq!(d.fetch.progress().peers_active, 2);
+        // Before the size is proven: a prover parked could leave the claim to another size.
+        let (mut d, last) = two_busy_slots_and_a_holder_waiting(1, false);
+        assert_eq!(last.len(), 1, "the last piece alone: {last:?}");
+        let actions = d.fail(last[0].0, last[0].1, PeerFailure::Busy { retry_after: ms(500) });
+        assert!(!actions.iter().any(|a| matches!(a, AskHave { .. })), "no slot given up: {actions:?}");
+        assert_eq!(d.fetch.progress().peers_active, 2);
     }
 
     #[test]
