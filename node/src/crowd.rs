@@ -426,6 +426,13 @@ mod tests {
     }
 
     /// A distinct blob id per index.
+    /// A crowd of [`SMALL_CROWD`] new peers asks for the last of `pieces` pieces of `hash`.
+    fn crowd_asks(crowds: &Crowds, hash: Hash, pieces: u32, now: Instant) {
+        for _ in 0..SMALL_CROWD {
+            let _ = crowds.offer(hash, PeerId::random(), &set(pieces, &[pieces - 1]), true, up(false, false), now);
+        }
+    }
+
     fn nth_hash(i: usize) -> Hash {
         let mut id = [0u8; 32];
         id[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -496,10 +503,7 @@ mod tests {
         let asked = set(8, &[0, 1, 2, 3]);
         // Alone, or in a small crowd, a peer is served all it asks for.
         assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
-        // A crowd asks.
-        for _ in 0..SMALL_CROWD {
-            let _ = crowds.offer(hash, PeerId::random(), &set(8, &[7]), true, up(false, false), t0);
-        }
+        crowd_asks(&crowds, hash, 8, t0);
         // One piece of the four asked for.
         let first = crowds.offer(hash, a, &asked, true, up(false, false), t0);
         assert_eq!(first.count(), 1);
@@ -523,17 +527,12 @@ mod tests {
         let a = PeerId::random();
         let t0 = Instant::now();
         crowds.connected(a, vec![addr(1)]);
-        for _ in 0..SMALL_CROWD {
-            let _ = crowds.offer(hash, PeerId::random(), &set(64, &[63]), true, up(false, false), t0);
-        }
+        crowd_asks(&crowds, hash, 64, t0);
         let asked = set(64, &[0, 1, 2, 3]);
         let first = crowds.offer(hash, a, &asked, true, up(false, false), t0);
         crowds.serving(hash, a, &first, t0);
         // It asks again for the pieces it lacks. With others in line for our uplink, it waits.
-        let mut lacking = asked.clone();
-        for i in first.iter() {
-            lacking.remove(i);
-        }
+        let lacking = asked.difference(&first);
         assert!(crowds.offer(hash, a, &lacking, true, up(false, false), t0).is_empty());
         // With room, it gets one more.
         let second = crowds.offer(hash, a, &lacking, true, up(false, true), t0);
