@@ -7,7 +7,8 @@
 //! - **Peer exchange.** Every `Have` and `Data` answer names up to [`MAX_HINTS`] other peers that
 //!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
-//!   for their announcements to reach the DHT and for their next lookup.
+//!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer, and a
+//!   watch's, names first the peers we served the pieces asked for ([`Naming`]).
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
@@ -24,9 +25,12 @@
 //!   so it holds back only while its other uploads are busy. So that a requester who cannot reach
 //!   the other holders is never starved, a piece is held back from one requester for at most the
 //!   node's patience ([`PATIENCE`] unless configured). A requester refused again and again is asked
-//!   to wait twice as long each time (up to [`MAX_SPREAD_DOUBLINGS`] doublings): each refusal names
-//!   again the holders the first one named, and in a crowd such refusals are much of what a seeder
-//!   sends beyond its pieces.
+//!   to wait twice as long each time it comes back (up to [`MAX_SPREAD_DOUBLINGS`] doublings): in a
+//!   crowd such refusals are much of what a seeder sends beyond its pieces. Requests it sent
+//!   together, before our first refusal reached it, count once, and the later ones name only the
+//!   holders of what each asked. A requester held back only for its turn, asking for a piece
+//!   nobody has from us yet, is asked instead to come back in about one upload's time, when a
+//!   slot is likely free.
 //!
 //! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
 //!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
@@ -86,6 +90,20 @@ pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
+
+/// Which holders an answer names ([`Crowds::hints`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Naming<'a> {
+    /// The most recently seen.
+    Recent,
+    /// First those we served any of these pieces (the ones the requester asked for), then the
+    /// most recently seen. A publisher refusing a piece so names the peer it left that piece to,
+    /// which may have moved nothing with it since and be the only holder: named only if recent,
+    /// it was lost among the peers served after it.
+    HoldersFirst(&'a PieceSet),
+    /// Only those we served any of these pieces: for a requester told of the others a moment ago.
+    HoldersOnly(&'a PieceSet),
+}
 
 /// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
 #[derive(Debug, Clone, Copy)]
@@ -237,14 +255,24 @@ impl Crowds {
     /// We refused `peer` every piece of `hash` it asked for, all left to others: how long to ask
     /// it to wait, `base` doubled for each refusal in a row before this one (up to
     /// [`MAX_SPREAD_DOUBLINGS`]). A refusal longer ago than our patience starts the count again.
-    pub(crate) fn spread_refused(&self, hash: Hash, peer: PeerId, base: Duration, now: Instant) -> Duration {
+    /// Only a request that came after the wait we asked for counts: one that came sooner was sent
+    /// before our answer arrived (a fetcher asks for several pieces at once) and is asked for the
+    /// rest of that wait, and `false` with it: it need not be told again whom to ask. Counting
+    /// those, the first burst of a 100-node crowd's requests to its seeder was asked to wait 1,
+    /// 2, 4 and 8 s at once, and the seeder's uplink idled while two pieces had not gone out yet.
+    pub(crate) fn spread_refused(&self, hash: Hash, peer: PeerId, base: Duration, now: Instant) -> (Duration, bool) {
+        let wait = |n: u32| base.saturating_mul(1 << n.saturating_sub(1).min(MAX_SPREAD_DOUBLINGS));
         let mut inner = self.lock();
-        let before = match inner.refused.get(&(hash, peer)) {
-            Some((n, last)) if now.saturating_duration_since(*last) < self.patience => *n,
-            _ => 0,
+        let (n, since) = match inner.refused.get(&(hash, peer)) {
+            Some((n, last)) => (*n, now.saturating_duration_since(*last)),
+            None => (0, Duration::MAX),
         };
-        inner.refused.put((hash, peer), (before.saturating_add(1), now));
-        base.saturating_mul(1 << before.min(MAX_SPREAD_DOUBLINGS))
+        if since < wait(n) {
+            return (wait(n) - since, false);
+        }
+        let n = if since < self.patience { n.saturating_add(1) } else { 1 };
+        inner.refused.put((hash, peer), (n, now));
+        (wait(n), true)
     }
 
     /// We sent `peer` pieces of `hash`: it holds them (once it verified them), so others may
@@ -305,20 +333,8 @@ impl Crowds {
         let mut inner = self.lock();
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
         let served_before = contact(&mut inner, hash, peer, now).served.as_ref().is_some_and(|s| !s.is_empty());
-        let mut elsewhere = PieceSet::empty(asked.piece_count());
-        let mut crowd = 0;
-        if let Some(contacts) = inner.blobs.peek(&hash) {
-            crowd = contacts.iter().filter(|c| self.is_fresh(c, now)).count();
-            for c in contacts {
-                if c.peer != peer
-                    && !inner.unreachable.contains_key(&c.peer)
-                    && self.is_fresh(c, now)
-                    && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
-                {
-                    elsewhere.union_with(&served.intersection(asked));
-                }
-            }
-        }
+        let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.is_fresh(c, now)).count());
+        let mut elsewhere = self.elsewhere(&inner, hash, peer, asked, now);
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
         // send it another, so the first copies go to as many peers as there are pieces. It waits
         // only while others want our uplink: with a slot free and nobody in line (`room`) it is
@@ -341,9 +357,34 @@ impl Crowds {
         }
     }
 
-    /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, the
-    /// most recently seen first.
-    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, now: Instant) -> Vec<PeerHint> {
+    /// Of `asked`, the pieces we served to a fresh peer other than `peer`, not found unreachable
+    /// since: those a publisher leaves to their holders.
+    fn elsewhere(&self, inner: &Inner, hash: Hash, peer: PeerId, asked: &PieceSet, now: Instant) -> PieceSet {
+        let mut elsewhere = PieceSet::empty(asked.piece_count());
+        for c in inner.blobs.peek(&hash).into_iter().flatten() {
+            if c.peer != peer
+                && !inner.unreachable.contains_key(&c.peer)
+                && self.is_fresh(c, now)
+                && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
+            {
+                elsewhere.union_with(&served.intersection(asked));
+            }
+        }
+        elsewhere
+    }
+
+    /// Whether `peer` asked for a piece of `hash` that we served to no other peer we rely on:
+    /// one a publisher that refused it held back for its turn (one piece at a time), not because
+    /// another holder has it. Such a peer is asked to come back when an upload slot frees, not to
+    /// wait for holders we cannot name.
+    pub(crate) fn asked_first_copy(&self, hash: Hash, peer: PeerId, asked: &PieceSet, now: Instant) -> bool {
+        let inner = self.lock();
+        !asked.difference(&self.elsewhere(&inner, hash, peer, asked, now)).is_empty()
+    }
+
+    /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, as
+    /// `naming` picks them.
+    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, naming: Naming<'_>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
         let Inner { addrs, blobs, .. } = &mut *inner;
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
@@ -352,7 +393,19 @@ impl Crowds {
             .filter(|c| c.holds && c.peer != peer && self.is_fresh(c, now))
             .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
-        known.sort_by_key(|c| std::cmp::Reverse(c.0.seen));
+        let wanted = match naming {
+            Naming::Recent => None,
+            Naming::HoldersFirst(w) | Naming::HoldersOnly(w) => Some(w),
+        };
+        let holds_wanted = |c: &Contact| {
+            wanted
+                .zip(c.served.as_ref())
+                .is_some_and(|(w, s)| s.piece_count() == w.piece_count() && w.iter().any(|i| s.contains(i)))
+        };
+        if matches!(naming, Naming::HoldersOnly(_)) {
+            known.retain(|(c, _)| holds_wanted(c));
+        }
+        known.sort_by_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.seen)));
         known
             .into_iter()
             .take(MAX_HINTS)
@@ -466,6 +519,66 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_names_first_the_peer_the_asked_piece_was_left_to() {
+        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let hash = Hash::from([9u8; 32]);
+        let t0 = Instant::now();
+        // The first peer served gets piece 0; more peers than a refusal names are served after it.
+        let first = PeerId::random();
+        crowds.connected(first, vec![addr(1)]);
+        crowds.serving(hash, first, &set(16, &[0]), t0);
+        crowds.delivered(hash, first, t0);
+        for i in 1..=MAX_HINTS as u32 {
+            let later = PeerId::random();
+            let at = t0 + Duration::from_millis(u64::from(i));
+            crowds.connected(later, vec![addr(1 + i as u16)]);
+            crowds.serving(hash, later, &set(16, &[i]), at);
+            crowds.delivered(hash, later, at);
+        }
+        let now = t0 + Duration::from_secs(1);
+        let asker = PeerId::random();
+        let named = |naming: Naming<'_>| -> Vec<PeerId> {
+            let hints = crowds.hints(hash, asker, naming, now);
+            hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
+        };
+        // Asked for piece 0, which it leaves to the first peer, it names that peer first.
+        let asked = set(16, &[0]);
+        assert_eq!(crowds.offer(hash, asker, &asked, true, up(false, false), now), set(16, &[]));
+        let hinted = named(Naming::HoldersFirst(&asked));
+        assert_eq!(hinted.len(), MAX_HINTS);
+        assert_eq!(hinted[0], first);
+        // Or that peer alone.
+        assert_eq!(named(Naming::HoldersOnly(&asked)), [first]);
+        assert!(named(Naming::HoldersOnly(&set(16, &[15]))).is_empty());
+        // Asked nothing in particular, the most recently seen come first, and the first is left out.
+        assert_eq!(named(Naming::Recent).len(), MAX_HINTS);
+        assert!(!named(Naming::Recent).contains(&first));
+    }
+
+    #[test]
+    fn a_peer_held_back_for_its_turn_is_told_a_first_copy_waits_for_it() {
+        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let hash = Hash::from([5u8; 32]);
+        let t0 = Instant::now();
+        crowd_asks(&crowds, hash, 16, t0);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        crowds.serving(hash, a, &set(16, &[0]), t0);
+        crowds.delivered(hash, a, t0);
+        // In a crowd, with our uplink busy, `a` gets no second piece, though nobody has piece 1.
+        let asked = set(16, &[1]);
+        assert!(crowds.offer(hash, a, &asked, true, up(false, false), t0).is_empty());
+        assert!(crowds.asked_first_copy(hash, a, &asked, t0));
+        // Once piece 1 went to `b`, it is left to `b`; so is piece 0 to `a`, for anyone else.
+        crowds.serving(hash, b, &asked, t0);
+        assert!(!crowds.asked_first_copy(hash, a, &asked, t0));
+        assert!(!crowds.asked_first_copy(hash, b, &set(16, &[0]), t0));
+        assert!(crowds.asked_first_copy(hash, b, &set(16, &[0, 2]), t0));
+        // A piece whose holder we could not reach since is a first copy again.
+        crowds.unreachable(b, t0);
+        assert!(crowds.asked_first_copy(hash, a, &asked, t0));
+    }
+
+    #[test]
     fn a_publisher_leaves_a_piece_it_served_to_an_online_peer_to_that_peer() {
         let crowds = Crowds::new(Duration::from_secs(3), 1.0);
         let hash = Hash::from([7u8; 32]);
@@ -479,13 +592,13 @@ mod tests {
         assert_eq!(crowds.offer(hash, b, &asked, false, up(false, false), t0), asked);
         // A publisher leaves piece 1 to `a`, who is named in the hints.
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(8, &[2]));
-        let hints = crowds.hints(hash, b, t0);
+        let hints = crowds.hints(hash, b, Naming::Recent, t0);
         assert_eq!(hints.len(), 1);
         assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
         assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
         // A peer is never sent to itself, nor hinted to itself.
         assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
-        assert!(crowds.hints(hash, a, t0).is_empty());
+        assert!(crowds.hints(hash, a, Naming::Recent, t0).is_empty());
         // Until its patience runs out; then `b` gets the piece from us after all.
         let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), almost), set(8, &[2]));
@@ -553,17 +666,30 @@ mod tests {
         let t0 = Instant::now();
         let base = Duration::from_secs(1);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let waits: Vec<u64> = (0..6).map(|k| crowds.spread_refused(hash, a, base, at(k)).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 8, 8], "doubling up to eight times the base");
+        // Each time it comes back when told to, the wait doubles, up to eight times the base.
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let (wait, counted) = crowds.spread_refused(hash, a, base, now);
+            assert!(counted);
+            waits.push(wait.as_secs());
+            now += wait;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 8, 8]);
+        // Requests sent together are refused together: the ones that arrive before the wait has
+        // passed are asked for the rest of it, do not double it and are not told whom to ask again.
+        let burst: Vec<(Duration, bool)> = (0..4).map(|k| crowds.spread_refused(hash, b, base, at(k))).collect();
+        let rest = |k: u64| (base - Duration::from_millis(k), k == 0);
+        assert_eq!(burst, (0..4).map(rest).collect::<Vec<_>>());
+        assert_eq!(crowds.spread_refused(hash, b, base, at(1000)), (base * 2, true));
         // Counted per requester and per blob.
-        assert_eq!(crowds.spread_refused(hash, b, base, at(6)), base);
-        assert_eq!(crowds.spread_refused(other, a, base, at(6)), base);
+        assert_eq!(crowds.spread_refused(other, a, base, t0), (base, true));
         // Served a piece, it starts again from the base.
-        crowds.serving(hash, a, &set(8, &[3]), at(7));
-        assert_eq!(crowds.spread_refused(hash, a, base, at(8)), base);
-        assert_eq!(crowds.spread_refused(hash, a, base, at(9)), base * 2);
+        crowds.serving(hash, a, &set(8, &[3]), now);
+        assert_eq!(crowds.spread_refused(hash, a, base, now).0, base);
+        assert_eq!(crowds.spread_refused(hash, a, base, now + base).0, base * 2);
         // So it does once a patience has passed since the last refusal.
-        assert_eq!(crowds.spread_refused(hash, a, base, at(9) + Duration::from_secs(30)), base);
+        assert_eq!(crowds.spread_refused(hash, a, base, now + Duration::from_secs(40)).0, base);
     }
 
     #[test]
@@ -604,7 +730,7 @@ mod tests {
         crowds.disconnected(&a);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(4, &[1]));
         // Not named to others, though: we hold no connection, so no fresh addresses, to it.
-        assert!(crowds.hints(hash, b, t0).is_empty());
+        assert!(crowds.hints(hash, b, Naming::Recent, t0).is_empty());
         // A minute (three patiences) later it is stale like any holder.
         let minute = Duration::from_secs(60);
         let c = PeerId::random();
@@ -644,7 +770,7 @@ mod tests {
         }
         assert_eq!(crowds.lock().blobs.get(&hash).map(Vec::len), Some(MAX_CONTACTS));
         assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_HINT_ADDRS));
-        assert_eq!(crowds.hints(hash, PeerId::random(), t0).len(), MAX_HINTS);
+        assert_eq!(crowds.hints(hash, PeerId::random(), Naming::Recent, t0).len(), MAX_HINTS);
         // A peer held back from more pieces than the bound is served the rest.
         let holder = PeerId::random();
         crowds.connected(holder, vec![addr(2)]);

@@ -25,7 +25,7 @@ use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::crowd::Crowds;
+use crate::crowd::{Crowds, Naming};
 use crate::limits::{CHUNK, RateLimit};
 use crate::streams::{Control, Incoming, OpenError};
 
@@ -419,7 +419,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
-            let mut response = have_map(server, hash, peer);
+            let mut response = have_map(server, hash, peer, Naming::Recent);
             if let Response::Have { size, size_proof: proof, .. } = &mut response
                 && prove_size
             {
@@ -442,8 +442,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
-                let busy = |retry: Duration| {
-                    let peers = crowds.hints(hash, peer, Instant::now());
+                let busy = |retry: Duration, naming: Naming<'_>| {
+                    let peers = crowds.hints(hash, peer, naming, Instant::now());
                     wire::encode_frame(&Response::Busy { retry_after_ms: retry.as_millis() as u32, peers })
                 };
                 // Pieces left to other holders are answered at once, before waiting in line, and
@@ -458,15 +458,31 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     false => {
                         let Some(slot) = uploads.acquire_data().await else {
                             metrics.served("get", "busy", started.elapsed());
-                            return send_and_close(&mut stream, &busy(uploads.busy_retry()), &[], None, None).await;
+                            return send_and_close(
+                                &mut stream,
+                                &busy(uploads.busy_retry(), Naming::HoldersFirst(&pieces)),
+                                &[],
+                                None,
+                                None,
+                            )
+                            .await;
                         };
                         (spread(&offered, true), Some((slot, Instant::now())))
                     }
                 };
                 if pieces.is_empty() {
                     metrics.served("get", "spread", started.elapsed());
-                    let retry = crowds.spread_refused(hash, peer, uploads.timing.spread_retry, Instant::now());
-                    return send_and_close(&mut stream, &busy(retry), &[], None, None).await;
+                    // Held back only for its turn, a piece nobody has from us yet is asked for
+                    // again when a slot frees; a piece left to others, once its holders were asked.
+                    // A requester that was told whom to ask a moment ago hears only of the
+                    // holders of what it asks now.
+                    let now = Instant::now();
+                    let (retry, named) = match crowds.asked_first_copy(hash, peer, &held, now) {
+                        true => (uploads.busy_retry(), false),
+                        false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
+                    };
+                    let naming = if named { Naming::HoldersFirst(&pieces) } else { Naming::HoldersOnly(&pieces) };
+                    return send_and_close(&mut stream, &busy(retry, naming), &[], None, None).await;
                 }
                 let reader = store.clone();
                 let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &pieces))
@@ -487,7 +503,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     }
                 };
                 let now = Instant::now();
-                let peers = crowds.hints(hash, peer, now);
+                let peers = crowds.hints(hash, peer, Naming::Recent, now);
                 // What we hold now, after the encoding dropped any piece that failed its check.
                 let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
                 // Recorded as it starts: a concurrent request for the same pieces is left to this
@@ -706,17 +722,19 @@ async fn serve_watch(
             }
         }
     }
-    answer_have(stream, metrics, "watch", &have_map(server, hash, peer), started).instrument(span).await
+    answer_have(stream, metrics, "watch", &have_map(server, hash, peer, Naming::HoldersFirst(&wanted)), started)
+        .instrument(span)
+        .await
 }
 
 /// What this node holds of `hash`, as `Have` answers it to `peer` (without a size proof), or
-/// `NotFound` if it holds none of it.
-fn have_map(server: &Server, hash: Hash, peer: PeerId) -> Response {
+/// `NotFound` if it holds none of it, with the holders `naming` picks.
+fn have_map(server: &Server, hash: Hash, peer: PeerId, naming: Naming<'_>) -> Response {
     match server.store.info(hash) {
         Some(info) if !info.pieces.is_empty() => Response::Have {
             size: info.size,
             pieces: info.pieces.first_runs(MAX_RUNS),
-            peers: server.crowds.hints(hash, peer, Instant::now()),
+            peers: server.crowds.hints(hash, peer, naming, Instant::now()),
             size_proof: None,
         },
         _ => Response::NotFound,
