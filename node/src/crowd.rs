@@ -7,8 +7,9 @@
 //! - **Peer exchange.** Every `Have` and `Data` answer names up to [`MAX_HINTS`] other peers that
 //!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
-//!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer, and a
-//!   watch's, names first the peers we served the pieces asked for ([`Naming`]).
+//!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
+//!   full line, and a watch's answer, name first the peers we served the pieces asked for
+//!   ([`Naming`]).
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
@@ -27,10 +28,10 @@
 //!   node's patience ([`PATIENCE`] unless configured). A requester refused again and again is asked
 //!   to wait twice as long each time it comes back (up to [`MAX_SPREAD_DOUBLINGS`] doublings): in a
 //!   crowd such refusals are much of what a seeder sends beyond its pieces. Requests it sent
-//!   together, before our first refusal reached it, count once, and the later ones name only the
-//!   holders of what each asked. A requester held back only for its turn, asking for a piece
-//!   nobody has from us yet, is asked instead to come back in about one upload's time, when a
-//!   slot is likely free.
+//!   together, before our first refusal reached it, count once, and the later ones name nobody.
+//!   A requester held back only for its turn, asking for a piece nobody has from us yet, is
+//!   asked instead to come back in about one upload's time, when a slot is likely free, and
+//!   named nobody (it was named holders when we served it).
 //!
 //! - **Trading both ways.** A node that sends pieces of a blob it is fetching itself names the
 //!   receiver to its own fetch, which asks it before peers it would have to dial: a connection
@@ -96,13 +97,10 @@ const MAX_REFUSED: usize = 4096;
 pub(crate) enum Naming<'a> {
     /// The most recently seen.
     Recent,
-    /// First those we served any of these pieces (the ones the requester asked for), then the
-    /// most recently seen. A publisher refusing a piece so names the peer it left that piece to,
-    /// which may have moved nothing with it since and be the only holder: named only if recent,
-    /// it was lost among the peers served after it.
+    /// First those we served any of these pieces (the ones the requester asked for or wants),
+    /// then the most recently seen: a peer we served a piece to may have moved nothing with us
+    /// since, and by recency alone it is lost among the peers served after it.
     HoldersFirst(&'a PieceSet),
-    /// Only those we served any of these pieces: for a requester told of the others a moment ago.
-    HoldersOnly(&'a PieceSet),
 }
 
 /// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
@@ -395,17 +393,16 @@ impl Crowds {
             .collect();
         let wanted = match naming {
             Naming::Recent => None,
-            Naming::HoldersFirst(w) | Naming::HoldersOnly(w) => Some(w),
+            Naming::HoldersFirst(w) => Some(w),
         };
+        // A set of many pieces is tested a word at a time, once per contact: this runs under the
+        // lock, and the set is the requester's.
         let holds_wanted = |c: &Contact| {
             wanted
                 .zip(c.served.as_ref())
-                .is_some_and(|(w, s)| s.piece_count() == w.piece_count() && w.iter().any(|i| s.contains(i)))
+                .is_some_and(|(w, s)| s.piece_count() == w.piece_count() && !s.intersection(w).is_empty())
         };
-        if matches!(naming, Naming::HoldersOnly(_)) {
-            known.retain(|(c, _)| holds_wanted(c));
-        }
-        known.sort_by_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.seen)));
+        known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.seen)));
         known
             .into_iter()
             .take(MAX_HINTS)
@@ -519,7 +516,7 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_names_first_the_peer_the_asked_piece_was_left_to() {
+    fn holders_first_names_a_peer_served_a_wanted_piece_before_more_recent_ones() {
         let crowds = Crowds::new(Duration::from_secs(30), 1.0);
         let hash = Hash::from([9u8; 32]);
         let t0 = Instant::now();
@@ -547,9 +544,6 @@ mod tests {
         let hinted = named(Naming::HoldersFirst(&asked));
         assert_eq!(hinted.len(), MAX_HINTS);
         assert_eq!(hinted[0], first);
-        // Or that peer alone.
-        assert_eq!(named(Naming::HoldersOnly(&asked)), [first]);
-        assert!(named(Naming::HoldersOnly(&set(16, &[15]))).is_empty());
         // Asked nothing in particular, the most recently seen come first, and the first is left out.
         assert_eq!(named(Naming::Recent).len(), MAX_HINTS);
         assert!(!named(Naming::Recent).contains(&first));

@@ -442,8 +442,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
-                let busy = |retry: Duration, naming: Naming<'_>| {
-                    let peers = crowds.hints(hash, peer, naming, Instant::now());
+                let busy = |retry: Duration, naming: Option<Naming<'_>>| {
+                    let peers = naming.map_or_else(Vec::new, |n| crowds.hints(hash, peer, n, Instant::now()));
                     wire::encode_frame(&Response::Busy { retry_after_ms: retry.as_millis() as u32, peers })
                 };
                 // Pieces left to other holders are answered at once, before waiting in line, and
@@ -453,14 +453,14 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     crowds.offer(hash, peer, held, spreads, uploads.uplink(holding), Instant::now())
                 };
                 let offered = spread(&held, false);
-                let (pieces, data_slot) = match offered.is_empty() {
+                let (sending, data_slot) = match offered.is_empty() {
                     true => (offered, None),
                     false => {
                         let Some(slot) = uploads.acquire_data().await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut stream,
-                                &busy(uploads.busy_retry(), Naming::HoldersFirst(&pieces)),
+                                &busy(uploads.busy_retry(), Some(Naming::HoldersFirst(&pieces))),
                                 &[],
                                 None,
                                 None,
@@ -470,22 +470,22 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         (spread(&offered, true), Some((slot, Instant::now())))
                     }
                 };
-                if pieces.is_empty() {
+                if sending.is_empty() {
                     metrics.served("get", "spread", started.elapsed());
                     // Held back only for its turn, a piece nobody has from us yet is asked for
                     // again when a slot frees; a piece left to others, once its holders were asked.
-                    // A requester that was told whom to ask a moment ago hears only of the
-                    // holders of what it asks now.
+                    // Only the first refusal of a burst names holders: the rest were sent before
+                    // it arrived, and a requester held back for its turn was named them when served.
                     let now = Instant::now();
                     let (retry, named) = match crowds.asked_first_copy(hash, peer, &held, now) {
                         true => (uploads.busy_retry(), false),
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
-                    let naming = if named { Naming::HoldersFirst(&pieces) } else { Naming::HoldersOnly(&pieces) };
+                    let naming = named.then_some(Naming::Recent);
                     return send_and_close(&mut stream, &busy(retry, naming), &[], None, None).await;
                 }
                 let reader = store.clone();
-                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &pieces))
+                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &sending))
                     .await
                     .map_err(std::io::Error::other)?;
                 let (served, bytes) = match encoded {
