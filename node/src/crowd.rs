@@ -8,8 +8,7 @@
 //!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
 //!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
-//!   full line, and a watch's answer, name first the peers we served the pieces asked for
-//!   ([`Naming`]).
+//!   full line, and a watch's answer, name first the peers we served the pieces asked for.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
@@ -91,17 +90,6 @@ pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
-
-/// Which holders an answer names ([`Crowds::hints`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Naming<'a> {
-    /// The most recently seen.
-    Recent,
-    /// First those we served any of these pieces (the ones the requester asked for or wants),
-    /// then the most recently seen: a peer we served a piece to may have moved nothing with us
-    /// since, and by recency alone it is lost among the peers served after it.
-    HoldersFirst(&'a PieceSet),
-}
 
 /// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
 #[derive(Debug, Clone, Copy)]
@@ -380,9 +368,11 @@ impl Crowds {
         !asked.difference(&self.elsewhere(&inner, hash, peer, asked, now)).is_empty()
     }
 
-    /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online, as
-    /// `naming` picks them.
-    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, naming: Naming<'_>, now: Instant) -> Vec<PeerHint> {
+    /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online:
+    /// first those we served any of `wanted` (the pieces the requester asked for or wants), if
+    /// given, then the most recently seen. A peer we served a piece to may have moved nothing
+    /// with us since, and by recency alone it is lost among the peers served after it.
+    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
         let Inner { addrs, blobs, .. } = &mut *inner;
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
@@ -391,10 +381,6 @@ impl Crowds {
             .filter(|c| c.holds && c.peer != peer && self.is_fresh(c, now))
             .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
-        let wanted = match naming {
-            Naming::Recent => None,
-            Naming::HoldersFirst(w) => Some(w),
-        };
         // A set of many pieces is tested a word at a time, once per contact: this runs under the
         // lock, and the set is the requester's.
         let holds_wanted = |c: &Contact| {
@@ -475,6 +461,12 @@ mod tests {
         s
     }
 
+    /// We sent `pieces` of `hash` to `peer` at `at`, and it got them.
+    fn served(crowds: &Crowds, hash: Hash, peer: PeerId, pieces: &PieceSet, at: Instant) {
+        crowds.serving(hash, peer, pieces, at);
+        crowds.delivered(hash, peer, at);
+    }
+
     /// A distinct blob id per index.
     /// A crowd of [`SMALL_CROWD`] new peers asks for the last of `pieces` pieces of `hash`.
     fn crowd_asks(crowds: &Crowds, hash: Hash, pieces: u32, now: Instant) {
@@ -520,33 +512,31 @@ mod tests {
         let crowds = Crowds::new(Duration::from_secs(30), 1.0);
         let hash = Hash::from([9u8; 32]);
         let t0 = Instant::now();
-        // The first peer served gets piece 0; more peers than a refusal names are served after it.
+        // The first peer served gets piece 0; more peers than an answer names are served after it.
         let first = PeerId::random();
         crowds.connected(first, vec![addr(1)]);
-        crowds.serving(hash, first, &set(16, &[0]), t0);
-        crowds.delivered(hash, first, t0);
+        served(&crowds, hash, first, &set(16, &[0]), t0);
         for i in 1..=MAX_HINTS as u32 {
             let later = PeerId::random();
             let at = t0 + Duration::from_millis(u64::from(i));
             crowds.connected(later, vec![addr(1 + i as u16)]);
-            crowds.serving(hash, later, &set(16, &[i]), at);
-            crowds.delivered(hash, later, at);
+            served(&crowds, hash, later, &set(16, &[i]), at);
         }
         let now = t0 + Duration::from_secs(1);
         let asker = PeerId::random();
-        let named = |naming: Naming<'_>| -> Vec<PeerId> {
-            let hints = crowds.hints(hash, asker, naming, now);
+        let named = |wanted: Option<&PieceSet>| -> Vec<PeerId> {
+            let hints = crowds.hints(hash, asker, wanted, now);
             hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
         };
         // Asked for piece 0, which it leaves to the first peer, it names that peer first.
         let asked = set(16, &[0]);
         assert_eq!(crowds.offer(hash, asker, &asked, true, up(false, false), now), set(16, &[]));
-        let hinted = named(Naming::HoldersFirst(&asked));
+        let hinted = named(Some(&asked));
         assert_eq!(hinted.len(), MAX_HINTS);
         assert_eq!(hinted[0], first);
         // Asked nothing in particular, the most recently seen come first, and the first is left out.
-        assert_eq!(named(Naming::Recent).len(), MAX_HINTS);
-        assert!(!named(Naming::Recent).contains(&first));
+        assert_eq!(named(None).len(), MAX_HINTS);
+        assert!(!named(None).contains(&first));
     }
 
     #[test]
@@ -556,8 +546,7 @@ mod tests {
         let t0 = Instant::now();
         crowd_asks(&crowds, hash, 16, t0);
         let (a, b) = (PeerId::random(), PeerId::random());
-        crowds.serving(hash, a, &set(16, &[0]), t0);
-        crowds.delivered(hash, a, t0);
+        served(&crowds, hash, a, &set(16, &[0]), t0);
         // In a crowd, with our uplink busy, `a` gets no second piece, though nobody has piece 1.
         let asked = set(16, &[1]);
         assert!(crowds.offer(hash, a, &asked, true, up(false, false), t0).is_empty());
@@ -579,20 +568,19 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
         crowds.connected(a, vec![addr(1)]);
-        crowds.serving(hash, a, &set(8, &[0, 1]), t0);
-        crowds.delivered(hash, a, t0);
+        served(&crowds, hash, a, &set(8, &[0, 1]), t0);
         let asked = set(8, &[1, 2]);
         // A node that did not publish the blob serves everything it holds.
         assert_eq!(crowds.offer(hash, b, &asked, false, up(false, false), t0), asked);
         // A publisher leaves piece 1 to `a`, who is named in the hints.
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(8, &[2]));
-        let hints = crowds.hints(hash, b, Naming::Recent, t0);
+        let hints = crowds.hints(hash, b, None, t0);
         assert_eq!(hints.len(), 1);
         assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
         assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
         // A peer is never sent to itself, nor hinted to itself.
         assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
-        assert!(crowds.hints(hash, a, Naming::Recent, t0).is_empty());
+        assert!(crowds.hints(hash, a, None, t0).is_empty());
         // Until its patience runs out; then `b` gets the piece from us after all.
         let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), almost), set(8, &[2]));
@@ -724,7 +712,7 @@ mod tests {
         crowds.disconnected(&a);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(4, &[1]));
         // Not named to others, though: we hold no connection, so no fresh addresses, to it.
-        assert!(crowds.hints(hash, b, Naming::Recent, t0).is_empty());
+        assert!(crowds.hints(hash, b, None, t0).is_empty());
         // A minute (three patiences) later it is stale like any holder.
         let minute = Duration::from_secs(60);
         let c = PeerId::random();
@@ -759,12 +747,11 @@ mod tests {
         for _ in 0..MAX_CONTACTS * 2 {
             let p = PeerId::random();
             crowds.connected(p, vec![addr(1); 10]);
-            crowds.serving(hash, p, &set(4096, &[0]), t0);
-            crowds.delivered(hash, p, t0);
+            served(&crowds, hash, p, &set(4096, &[0]), t0);
         }
         assert_eq!(crowds.lock().blobs.get(&hash).map(Vec::len), Some(MAX_CONTACTS));
         assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_HINT_ADDRS));
-        assert_eq!(crowds.hints(hash, PeerId::random(), Naming::Recent, t0).len(), MAX_HINTS);
+        assert_eq!(crowds.hints(hash, PeerId::random(), None, t0).len(), MAX_HINTS);
         // A peer held back from more pieces than the bound is served the rest.
         let holder = PeerId::random();
         crowds.connected(holder, vec![addr(2)]);

@@ -25,7 +25,7 @@ use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::crowd::{Crowds, Naming};
+use crate::crowd::Crowds;
 use crate::limits::{CHUNK, RateLimit};
 use crate::streams::{Control, Incoming, OpenError};
 
@@ -419,7 +419,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
-            let mut response = have_map(server, hash, peer, Naming::Recent);
+            let mut response = have_map(server, hash, peer, None);
             if let Response::Have { size, size_proof: proof, .. } = &mut response
                 && prove_size
             {
@@ -442,8 +442,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
-                let busy = |retry: Duration, naming: Option<Naming<'_>>| {
-                    let peers = naming.map_or_else(Vec::new, |n| crowds.hints(hash, peer, n, Instant::now()));
+                let busy = |retry: Duration, peers: Vec<PeerHint>| {
                     wire::encode_frame(&Response::Busy { retry_after_ms: retry.as_millis() as u32, peers })
                 };
                 // Pieces left to other holders are answered at once, before waiting in line, and
@@ -460,7 +459,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut stream,
-                                &busy(uploads.busy_retry(), Some(Naming::HoldersFirst(&pieces))),
+                                &busy(uploads.busy_retry(), crowds.hints(hash, peer, Some(&pieces), Instant::now())),
                                 &[],
                                 None,
                                 None,
@@ -481,8 +480,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         true => (uploads.busy_retry(), false),
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
-                    let naming = named.then_some(Naming::Recent);
-                    return send_and_close(&mut stream, &busy(retry, naming), &[], None, None).await;
+                    let peers = if named { crowds.hints(hash, peer, None, now) } else { Vec::new() };
+                    return send_and_close(&mut stream, &busy(retry, peers), &[], None, None).await;
                 }
                 let reader = store.clone();
                 let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &sending))
@@ -503,7 +502,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     }
                 };
                 let now = Instant::now();
-                let peers = crowds.hints(hash, peer, Naming::Recent, now);
+                let peers = crowds.hints(hash, peer, None, now);
                 // What we hold now, after the encoding dropped any piece that failed its check.
                 let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
                 // Recorded as it starts: a concurrent request for the same pieces is left to this
@@ -722,19 +721,17 @@ async fn serve_watch(
             }
         }
     }
-    answer_have(stream, metrics, "watch", &have_map(server, hash, peer, Naming::HoldersFirst(&wanted)), started)
-        .instrument(span)
-        .await
+    answer_have(stream, metrics, "watch", &have_map(server, hash, peer, Some(&wanted)), started).instrument(span).await
 }
 
 /// What this node holds of `hash`, as `Have` answers it to `peer` (without a size proof), or
-/// `NotFound` if it holds none of it, with the holders `naming` picks.
-fn have_map(server: &Server, hash: Hash, peer: PeerId, naming: Naming<'_>) -> Response {
+/// `NotFound` if it holds none of it. The hints name first the holders of `wanted`, if given.
+fn have_map(server: &Server, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>) -> Response {
     match server.store.info(hash) {
         Some(info) if !info.pieces.is_empty() => Response::Have {
             size: info.size,
             pieces: info.pieces.first_runs(MAX_RUNS),
-            peers: server.crowds.hints(hash, peer, naming, Instant::now()),
+            peers: server.crowds.hints(hash, peer, wanted, Instant::now()),
             size_proof: None,
         },
         _ => Response::NotFound,
