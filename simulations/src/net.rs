@@ -362,6 +362,22 @@ impl EmulatedTransport {
     }
 }
 
+/// The dialer's end of a new connection from `me` to `peer`, once the preamble that names `me` is
+/// sent. A listener that accepted the connection and closed it at once (a node at its connection
+/// cap refuses before the handshake) may break the pipe under the preamble: the connection is
+/// handed on all the same, and the dialer learns of the refusal in the handshake, from a peer
+/// that answered, as it would over a real network. Failing the dial there instead told the
+/// dialer nobody was listening, and a publisher stopped relying on a peer it had served.
+async fn introduce(net: Arc<Network>, me: NodeId, peer: NodeId, mut channel: Channel<Vec<u8>>) -> io::Result<Link> {
+    let mut preamble = [0u8; 8];
+    preamble[..4].copy_from_slice(&PREAMBLE_MAGIC);
+    preamble[4..].copy_from_slice(&me.0.to_le_bytes());
+    match channel.write_all(&preamble).await {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
+        _ => Link::new(net, me, peer, channel),
+    }
+}
+
 impl Transport for EmulatedTransport {
     type Output = Link;
     type Error = io::Error;
@@ -395,15 +411,7 @@ impl Transport for EmulatedTransport {
             return Err(TransportError::Other(unreachable(format!("{peer} is down"))));
         }
         let dial = self.inner.dial(addr, opts).map_err(|e| e.map(unreachable))?;
-        Ok(async move {
-            let mut channel = dial.await.map_err(unreachable)?;
-            let mut preamble = [0u8; 8];
-            preamble[..4].copy_from_slice(&PREAMBLE_MAGIC);
-            preamble[4..].copy_from_slice(&me.0.to_le_bytes());
-            channel.write_all(&preamble).await?;
-            Link::new(net, me, peer, channel)
-        }
-        .boxed())
+        Ok(async move { introduce(net, me, peer, dial.await.map_err(unreachable)?).await }.boxed())
     }
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TransportEvent<Self::ListenerUpgrade, io::Error>> {
@@ -780,6 +788,39 @@ mod tests {
         let (out, inc) = (out.expect("dialled"), inc.expect("accepted"));
         assert_eq!(inc.peer, a);
         (out, inc, a, b)
+    }
+
+    /// A node at its connection cap closes an accepted connection before reading a byte. Its
+    /// dialer must learn that from the handshake, as from a peer that answered (see
+    /// `shoal_node`'s dial-failure handling), not from the dial, as from a peer that is gone.
+    #[tokio::test]
+    async fn a_connection_closed_at_once_fails_in_the_handshake_not_the_dial() {
+        let net = net(5, 1.0);
+        let caps = LinkCaps { uplink: None, downlink: None };
+        let (a, b) = (net.add_node(0, caps).expect("a"), net.add_node(1, caps).expect("b"));
+        let mut listener = MemoryTransport::default();
+        listener.listen_on(ListenerId::next(), "/memory/0".parse().expect("addr")).expect("listen");
+        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+            TransportEvent::NewAddress { listen_addr, .. } => listen_addr,
+            _ => panic!("expected an address"),
+        };
+        let opts = DialOpts {
+            role: shoal_node::libp2p::core::Endpoint::Dialer,
+            port_use: shoal_node::libp2p::core::transport::PortUse::New,
+        };
+        let dialled = MemoryTransport::default().dial(addr, opts).expect("dial");
+        let accept = async {
+            match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+                TransportEvent::Incoming { upgrade, .. } => upgrade.await.expect("accepted"),
+                _ => panic!("expected a connection"),
+            }
+        };
+        let (channel, refused) = futures::join!(dialled, accept);
+        drop(refused);
+        let mut link = introduce(net, a, b, channel.expect("dialled")).await.expect("a connection to handshake on");
+        let mut byte = [0u8; 1];
+        let read = link.read(&mut byte).await;
+        assert!(!matches!(read, Ok(n) if n > 0), "read from a closed connection: {read:?}");
     }
 
     /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.
