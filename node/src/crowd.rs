@@ -228,14 +228,21 @@ impl Crowds {
     /// (see [`Crowds::offer`]). It is named to others only once the pieces are sent
     /// ([`Crowds::delivered`]).
     pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
-        let mut inner = self.lock();
-        let c = contact(&mut inner, hash, peer, now);
-        match &mut c.served {
-            Some(s) if s.piece_count() == pieces.piece_count() => s.union_with(pieces),
-            s => *s = Some(pieces.clone()),
+        record_serving(&mut self.lock(), hash, peer, pieces, now);
+    }
+
+    /// We did not send `pieces` of `hash` to `peer` after all (the store could not read them, or
+    /// the transfer failed): they are not left to it.
+    pub(crate) fn not_served(&self, hash: Hash, peer: PeerId, pieces: &PieceSet) {
+        if pieces.is_empty() {
+            return;
         }
-        c.withheld.retain(|(i, _)| !pieces.contains(*i));
-        inner.refused.pop(&(hash, peer));
+        let mut inner = self.lock();
+        if let Some(c) = inner.blobs.peek_mut(&hash).and_then(|cs| cs.iter_mut().find(|c| c.peer == peer))
+            && let Some(served) = c.served.as_mut().filter(|s| s.piece_count() == pieces.piece_count())
+        {
+            *served = served.difference(pieces);
+        }
     }
 
     /// We refused `peer` every piece of `hash` it asked for, all left to others: how long to ask
@@ -312,15 +319,51 @@ impl Crowds {
         uplink: Uplink,
         now: Instant,
     ) -> PieceSet {
-        let Uplink { idle, room } = uplink;
+        if !spread {
+            return asked.clone();
+        }
+        self.decide(&mut self.lock(), hash, peer, asked, uplink, now)
+    }
+
+    /// [`Crowds::offer`], for a caller that holds an upload slot and sends what is offered: the
+    /// pieces are recorded as served to `peer` ([`Crowds::serving`]) under the same lock as the
+    /// choice, so a request choosing at the same moment leaves them to it. Recorded only once the
+    /// pieces were read from the store, two requests in a crowd asking for the one piece nobody
+    /// had yet could both be sent it.
+    pub(crate) fn claim(
+        &self,
+        hash: Hash,
+        peer: PeerId,
+        asked: &PieceSet,
+        spread: bool,
+        uplink: Uplink,
+        now: Instant,
+    ) -> PieceSet {
         if !spread {
             return asked.clone();
         }
         let mut inner = self.lock();
+        let offer = self.decide(&mut inner, hash, peer, asked, uplink, now);
+        if !offer.is_empty() {
+            record_serving(&mut inner, hash, peer, &offer, now);
+        }
+        offer
+    }
+
+    fn decide(
+        &self,
+        inner: &mut Inner,
+        hash: Hash,
+        peer: PeerId,
+        asked: &PieceSet,
+        uplink: Uplink,
+        now: Instant,
+    ) -> PieceSet {
+        let Uplink { idle, room } = uplink;
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
-        let served_before = contact(&mut inner, hash, peer, now).served.as_ref().is_some_and(|s| !s.is_empty());
+        let served_before = contact(inner, hash, peer, now).served.as_ref().is_some_and(|s| !s.is_empty());
         let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.is_fresh(c, now)).count());
-        let mut elsewhere = self.elsewhere(&inner, hash, peer, asked, now);
+        let mut elsewhere = self.elsewhere(inner, hash, peer, asked, now);
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
         // send it another, so the first copies go to as many peers as there are pieces. It waits
         // only while others want our uplink: with a slot free and nobody in line (`room`) it is
@@ -334,7 +377,7 @@ impl Crowds {
         }
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
-            false => hold_back(contact(&mut inner, hash, peer, now), asked, &elsewhere, self.patience, now),
+            false => hold_back(contact(inner, hash, peer, now), asked, &elsewhere, self.patience, now),
         };
         let first = offer.iter().next().filter(|_| crowded);
         match first {
@@ -423,6 +466,17 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     let c = &mut contacts[ix];
     c.seen = now;
     c
+}
+
+/// Records that `pieces` of `hash` are being sent to `peer` (see [`Crowds::serving`]).
+fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
+    let c = contact(inner, hash, peer, now);
+    match &mut c.served {
+        Some(s) if s.piece_count() == pieces.piece_count() => s.union_with(pieces),
+        s => *s = Some(pieces.clone()),
+    }
+    c.withheld.retain(|(i, _)| !pieces.contains(*i));
+    inner.refused.pop(&(hash, peer));
 }
 
 /// `asked` less the pieces of `elsewhere` still within `patience` for `c`; pieces held back for
@@ -611,6 +665,29 @@ mod tests {
         assert!(second.intersection(&first).is_empty());
         // After our patience, `a` is served again, still one piece at a time.
         assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0 + Duration::from_secs(3)).count(), 1);
+    }
+
+    /// Two requests with upload slots asking at once for the one piece nobody has from us: it
+    /// goes to one of them. Given back when it was not sent after all, it goes to the other.
+    #[test]
+    fn a_piece_claimed_for_one_requester_is_not_sent_to_another_meanwhile() {
+        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(a, vec![addr(1)]);
+        crowds.connected(b, vec![addr(2)]);
+        crowd_asks(&crowds, hash, 8, t0);
+        let asked = set(8, &[5]);
+        // Both chose before either read the piece from the store: the first choice holds it.
+        assert_eq!(crowds.claim(hash, a, &asked, true, up(false, false), t0), asked);
+        assert!(crowds.claim(hash, b, &asked, true, up(false, false), t0).is_empty());
+        crowds.not_served(hash, a, &asked);
+        assert_eq!(crowds.claim(hash, b, &asked, true, up(false, false), t0), asked);
+        // A node that does not spread serves what it is asked, and claims nothing.
+        let c = PeerId::random();
+        assert_eq!(crowds.claim(hash, c, &set(8, &[6]), false, up(false, false), t0), set(8, &[6]));
+        assert_eq!(crowds.claim(hash, a, &set(8, &[6]), true, up(false, false), t0), set(8, &[6]));
     }
 
     #[test]

@@ -448,10 +448,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // Pieces left to other holders are answered at once, before waiting in line, and
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
-                let spread = |held: &PieceSet, holding: bool| {
-                    crowds.offer(hash, peer, held, spreads, uploads.uplink(holding), Instant::now())
-                };
-                let offered = spread(&held, false);
+                let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(false), Instant::now());
                 let (sending, data_slot) = match offered.is_empty() {
                     true => (offered, None),
                     false => {
@@ -466,7 +463,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             )
                             .await;
                         };
-                        (spread(&offered, true), Some((slot, Instant::now())))
+                        let now = Instant::now();
+                        (crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now), Some((slot, now)))
                     }
                 };
                 if sending.is_empty() {
@@ -484,40 +482,50 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     return send_and_close(&mut stream, &busy(retry, peers), &[], None, None).await;
                 }
                 let reader = store.clone();
-                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &sending))
+                let reading = sending.clone();
+                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &reading))
                     .await
                     .map_err(std::io::Error::other)?;
+                // What the store could not read was claimed in vain.
+                let unsent = |sent: &PieceSet| crowds.not_served(hash, peer, &sending.difference(sent));
                 let (served, bytes) = match encoded {
                     Ok((served, bytes)) if !served.is_empty() => (served, bytes),
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
+                        unsent(&PieceSet::empty(sending.piece_count()));
                         metrics.served("get", "not_found", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
                             .await;
                     }
                     Err(e) => {
+                        unsent(&PieceSet::empty(sending.piece_count()));
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
                             .await;
                     }
                 };
+                unsent(&served);
                 let now = Instant::now();
                 let peers = crowds.hints(hash, peer, None, now);
                 // What we hold now, after the encoding dropped any piece that failed its check.
                 let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
-                // Recorded as it starts: a concurrent request for the same pieces is left to this
-                // peer, the collision super-seeding avoids.
+                // Recorded as it starts (by a publisher as it chose them): a concurrent request for
+                // the same pieces is left to this peer, the collision super-seeding avoids.
                 crowds.serving(hash, peer, &served, now);
                 // Only moving content keeps a connection from being trimmed: a peer we keep
                 // answering `Busy` must not hold a slot a new requester needs.
                 activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
                 let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
-                if result.is_ok() {
-                    crowds.delivered(hash, peer, Instant::now());
-                    if let Some((_, since)) = &data_slot {
-                        uploads.record_upload(since.elapsed());
+                match result.is_ok() {
+                    true => {
+                        crowds.delivered(hash, peer, Instant::now());
+                        if let Some((_, since)) = &data_slot {
+                            uploads.record_upload(since.elapsed());
+                        }
                     }
+                    // It does not hold them: others may be sent them.
+                    false => unsent(&PieceSet::empty(sending.piece_count())),
                 }
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
