@@ -372,10 +372,21 @@ async fn introduce(net: Arc<Network>, me: NodeId, peer: NodeId, mut channel: Cha
     let mut preamble = [0u8; 8];
     preamble[..4].copy_from_slice(&PREAMBLE_MAGIC);
     preamble[4..].copy_from_slice(&me.0.to_le_bytes());
-    match channel.write_all(&preamble).await {
-        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e),
-        _ => Link::new(net, me, peer, channel),
+    if channel.write_all(&preamble).await.is_err() {
+        // The listener's end is gone. A node taken off the network meanwhile (or cut off by a
+        // partition) is unreachable, as a dial to it would have found; a node that closed the
+        // connection is there. (A node that leaves stops its swarm before it goes down, so a
+        // dial in that window still counts as refused.)
+        let regions = (net.region_of(me), net.region_of(peer));
+        let cut = match regions {
+            (Some(a), Some(b)) => net.is_partitioned(a, b),
+            _ => true,
+        };
+        if cut || net.is_down(me) || net.is_down(peer) {
+            return Err(unreachable(format!("{peer} went away while dialled")));
+        }
     }
+    Link::new(net, me, peer, channel)
 }
 
 impl Transport for EmulatedTransport {
@@ -817,10 +828,30 @@ mod tests {
         };
         let (channel, refused) = futures::join!(dialled, accept);
         drop(refused);
-        let mut link = introduce(net, a, b, channel.expect("dialled")).await.expect("a connection to handshake on");
+        let mut link =
+            introduce(net.clone(), a, b, channel.expect("dialled")).await.expect("a connection to handshake on");
         let mut byte = [0u8; 1];
         let read = link.read(&mut byte).await;
-        assert!(!matches!(read, Ok(n) if n > 0), "read from a closed connection: {read:?}");
+        assert!(matches!(read, Ok(0)), "read from a closed connection: {read:?}");
+        // Closed because it went down, the peer is unreachable, as a new dial to it would find.
+        let mut listener = MemoryTransport::default();
+        listener.listen_on(ListenerId::next(), "/memory/0".parse().expect("addr")).expect("listen");
+        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+            TransportEvent::NewAddress { listen_addr, .. } => listen_addr,
+            _ => panic!("expected an address"),
+        };
+        let dialled = MemoryTransport::default().dial(addr, opts).expect("dial");
+        let accept = async {
+            match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+                TransportEvent::Incoming { upgrade, .. } => upgrade.await.expect("accepted"),
+                _ => panic!("expected a connection"),
+            }
+        };
+        let (channel, gone) = futures::join!(dialled, accept);
+        drop(gone);
+        net.set_down(b);
+        let refused = introduce(net, a, b, channel.expect("dialled")).await;
+        assert!(matches!(&refused, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused), "{:?}", refused.err());
     }
 
     /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.
