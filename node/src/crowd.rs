@@ -91,6 +91,14 @@ pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
 
+/// The pieces [`Crowds::claim`] chose for a request, and of them those it recorded as served
+/// that no earlier request had: all a request may give back.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    pub(crate) pieces: PieceSet,
+    pub(crate) new: PieceSet,
+}
+
 /// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Uplink {
@@ -226,13 +234,15 @@ impl Crowds {
 
     /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh they are left to it
     /// (see [`Crowds::offer`]). It is named to others only once the pieces are sent
-    /// ([`Crowds::delivered`]).
-    pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
-        record_serving(&mut self.lock(), hash, peer, pieces, now);
+    /// ([`Crowds::delivered`]). Returns those of `pieces` not recorded as served to it before.
+    pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) -> PieceSet {
+        record_serving(&mut self.lock(), hash, peer, pieces, now)
     }
 
     /// We did not send `pieces` of `hash` to `peer` after all (the store could not read them, or
-    /// the transfer failed): they are not left to it.
+    /// the transfer failed): they are not left to it. A caller gives back only the pieces its
+    /// own request recorded ([`Claim::new`], or what [`Crowds::serving`] returned), not those an
+    /// earlier request sent the peer.
     pub(crate) fn not_served(&self, hash: Hash, peer: PeerId, pieces: &PieceSet) {
         if pieces.is_empty() {
             return;
@@ -325,11 +335,12 @@ impl Crowds {
         self.decide(&mut self.lock(), hash, peer, asked, uplink, now)
     }
 
-    /// [`Crowds::offer`], for a caller that holds an upload slot and sends what is offered: the
-    /// pieces are recorded as served to `peer` ([`Crowds::serving`]) under the same lock as the
-    /// choice, so a request choosing at the same moment leaves them to it. Recorded only once the
-    /// pieces were read from the store, two requests in a crowd asking for the one piece nobody
-    /// had yet could both be sent it.
+    /// [`Crowds::offer`], for a caller that holds an upload slot and sends what is offered. If we
+    /// `spread`, the pieces are recorded as served to `peer` ([`Crowds::serving`]) under the same
+    /// lock as the choice, so a request choosing at the same moment leaves them to it; what the
+    /// caller does not send after all it gives back ([`Crowds::not_served`]). (Before, they were
+    /// recorded only once the store had read them, and two requests in a crowd asking for the
+    /// one piece nobody had yet could both be sent it.) Otherwise nothing is recorded here.
     pub(crate) fn claim(
         &self,
         hash: Hash,
@@ -338,16 +349,17 @@ impl Crowds {
         spread: bool,
         uplink: Uplink,
         now: Instant,
-    ) -> PieceSet {
+    ) -> Claim {
         if !spread {
-            return asked.clone();
+            return Claim { pieces: asked.clone(), new: PieceSet::empty(asked.piece_count()) };
         }
         let mut inner = self.lock();
-        let offer = self.decide(&mut inner, hash, peer, asked, uplink, now);
-        if !offer.is_empty() {
-            record_serving(&mut inner, hash, peer, &offer, now);
-        }
-        offer
+        let pieces = self.decide(&mut inner, hash, peer, asked, uplink, now);
+        let new = match pieces.is_empty() {
+            true => pieces.clone(),
+            false => record_serving(&mut inner, hash, peer, &pieces, now),
+        };
+        Claim { pieces, new }
     }
 
     fn decide(
@@ -468,15 +480,24 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     c
 }
 
-/// Records that `pieces` of `hash` are being sent to `peer` (see [`Crowds::serving`]).
-fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) {
+/// Records that `pieces` of `hash` are being sent to `peer` (see [`Crowds::serving`]); returns
+/// those not recorded before.
+fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) -> PieceSet {
     let c = contact(inner, hash, peer, now);
-    match &mut c.served {
-        Some(s) if s.piece_count() == pieces.piece_count() => s.union_with(pieces),
-        s => *s = Some(pieces.clone()),
-    }
+    let new = match &mut c.served {
+        Some(s) if s.piece_count() == pieces.piece_count() => {
+            let new = pieces.difference(s);
+            s.union_with(pieces);
+            new
+        }
+        s => {
+            *s = Some(pieces.clone());
+            pieces.clone()
+        }
+    };
     c.withheld.retain(|(i, _)| !pieces.contains(*i));
     inner.refused.pop(&(hash, peer));
+    new
 }
 
 /// `asked` less the pieces of `elsewhere` still within `patience` for `c`; pieces held back for
@@ -675,19 +696,28 @@ mod tests {
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
-        crowds.connected(a, vec![addr(1)]);
-        crowds.connected(b, vec![addr(2)]);
         crowd_asks(&crowds, hash, 8, t0);
         let asked = set(8, &[5]);
         // Both chose before either read the piece from the store: the first choice holds it.
-        assert_eq!(crowds.claim(hash, a, &asked, true, up(false, false), t0), asked);
-        assert!(crowds.claim(hash, b, &asked, true, up(false, false), t0).is_empty());
-        crowds.not_served(hash, a, &asked);
-        assert_eq!(crowds.claim(hash, b, &asked, true, up(false, false), t0), asked);
+        let first = crowds.claim(hash, a, &asked, true, up(false, false), t0);
+        assert_eq!((&first.pieces, &first.new), (&asked, &asked));
+        assert!(crowds.claim(hash, b, &asked, true, up(false, false), t0).pieces.is_empty());
+        crowds.not_served(hash, a, &first.new);
+        let again = crowds.claim(hash, b, &asked, true, up(false, false), t0);
+        assert_eq!(again.pieces, asked);
+        // `b` got it. Asking again (with a slot free), it may be sent it again, but that request
+        // claimed nothing new and gives nothing back if it fails: the piece is still left to `b`.
+        served(&crowds, hash, b, &again.pieces, t0);
+        let twice = crowds.claim(hash, b, &asked, true, up(false, true), t0);
+        assert_eq!(twice.pieces, asked);
+        assert!(twice.new.is_empty());
+        crowds.not_served(hash, b, &twice.new);
+        assert!(crowds.claim(hash, a, &asked, true, up(false, false), t0).pieces.is_empty());
         // A node that does not spread serves what it is asked, and claims nothing.
         let c = PeerId::random();
-        assert_eq!(crowds.claim(hash, c, &set(8, &[6]), false, up(false, false), t0), set(8, &[6]));
-        assert_eq!(crowds.claim(hash, a, &set(8, &[6]), true, up(false, false), t0), set(8, &[6]));
+        let unclaimed = crowds.claim(hash, c, &set(8, &[6]), false, up(false, false), t0);
+        assert_eq!((unclaimed.pieces, unclaimed.new), (set(8, &[6]), set(8, &[])));
+        assert_eq!(crowds.claim(hash, a, &set(8, &[6]), true, up(false, false), t0).pieces, set(8, &[6]));
     }
 
     #[test]

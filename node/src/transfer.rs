@@ -449,8 +449,12 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
                 let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(false), Instant::now());
-                let (sending, data_slot) = match offered.is_empty() {
-                    true => (offered, None),
+                // What this request records as served, and gives back if it does not send it.
+                let (sending, mut claimed, data_slot) = match offered.is_empty() {
+                    true => {
+                        let none = PieceSet::empty(offered.piece_count());
+                        (offered, none, None)
+                    }
                     false => {
                         let Some(slot) = uploads.acquire_data().await else {
                             metrics.served("get", "busy", started.elapsed());
@@ -464,7 +468,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             .await;
                         };
                         let now = Instant::now();
-                        (crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now), Some((slot, now)))
+                        let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now);
+                        (claim.pieces, claim.new, Some((slot, now)))
                     }
                 };
                 if sending.is_empty() {
@@ -483,49 +488,64 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 }
                 let reader = store.clone();
                 let reading = sending.clone();
-                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &reading))
-                    .await
-                    .map_err(std::io::Error::other)?;
-                // What the store could not read was claimed in vain.
-                let unsent = |sent: &PieceSet| crowds.not_served(hash, peer, &sending.difference(sent));
+                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &reading)).await;
+                // The pieces this request recorded as served, less those it `sent`, are not the
+                // peer's to pass on.
+                let give_back = |claimed: &PieceSet, sent: &PieceSet| {
+                    crowds.not_served(hash, peer, &claimed.difference(sent));
+                };
+                let none = PieceSet::empty(sending.piece_count());
+                let encoded = match encoded {
+                    Ok(encoded) => encoded,
+                    Err(e) => {
+                        give_back(&claimed, &none);
+                        return Err(std::io::Error::other(e));
+                    }
+                };
                 let (served, bytes) = match encoded {
                     Ok((served, bytes)) if !served.is_empty() => (served, bytes),
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
-                        unsent(&PieceSet::empty(sending.piece_count()));
+                        give_back(&claimed, &none);
                         metrics.served("get", "not_found", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
                             .await;
                     }
                     Err(e) => {
-                        unsent(&PieceSet::empty(sending.piece_count()));
+                        give_back(&claimed, &none);
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
                         return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
                             .await;
                     }
                 };
-                unsent(&served);
+                // The encoding dropped any piece that failed its check.
+                give_back(&claimed, &served);
                 let now = Instant::now();
                 let peers = crowds.hints(hash, peer, None, now);
                 // What we hold now, after the encoding dropped any piece that failed its check.
                 let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
                 // Recorded as it starts (by a publisher as it chose them): a concurrent request for
                 // the same pieces is left to this peer, the collision super-seeding avoids.
-                crowds.serving(hash, peer, &served, now);
+                claimed.union_with(&crowds.serving(hash, peer, &served, now));
                 // Only moving content keeps a connection from being trimmed: a peer we keep
                 // answering `Busy` must not hold a slot a new requester needs.
                 activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
-                let result = send_and_close(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
-                match result.is_ok() {
-                    true => {
-                        crowds.delivered(hash, peer, Instant::now());
-                        if let Some((_, since)) = &data_slot {
-                            uploads.record_upload(since.elapsed());
-                        }
+                let written = write_answer(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
+                // Cut off before its last byte, the peer does not hold them all: others may be
+                // sent them. (Of several pieces it may keep the first; this gives them back too.)
+                if written.is_err() {
+                    give_back(&claimed, &none);
+                }
+                let result = match written {
+                    Ok(()) => finish(&mut stream).await,
+                    Err(e) => Err(e),
+                };
+                if result.is_ok() {
+                    crowds.delivered(hash, peer, Instant::now());
+                    if let Some((_, since)) = &data_slot {
+                        uploads.record_upload(since.elapsed());
                     }
-                    // It does not hold them: others may be sent them.
-                    false => unsent(&PieceSet::empty(sending.piece_count())),
                 }
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
                 debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
@@ -568,9 +588,21 @@ async fn refuse(stream: &mut Stream, e: &WireError) -> std::io::Result<()> {
     send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), &[], None, None).await
 }
 
-/// Writes a response; the body in chunks, each taken from the upload cap first and counted as
-/// served once written.
+/// Writes a response ([`write_answer`]) and closes the stream.
 async fn send_and_close(
+    stream: &mut (impl AsyncWrite + Unpin),
+    header: &[u8],
+    body: &[u8],
+    rate: Option<&RateLimit>,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> std::io::Result<()> {
+    write_answer(stream, header, body, rate, metrics).await?;
+    finish(stream).await
+}
+
+/// Writes an answer's `header`, then its `body` in chunks, each taken from the upload cap first
+/// and counted as served once written.
+async fn write_answer(
     stream: &mut (impl AsyncWrite + Unpin),
     header: &[u8],
     body: &[u8],
@@ -587,6 +619,11 @@ async fn send_and_close(
             m.bytes_served.inc_by(chunk.len() as u64);
         }
     }
+    Ok(())
+}
+
+/// Flushes and closes a stream an answer was written to.
+async fn finish(stream: &mut (impl AsyncWrite + Unpin)) -> std::io::Result<()> {
     stream.flush().await?;
     stream.close().await
 }
