@@ -779,24 +779,7 @@ mod tests {
             EmulatedTransport { net: net.clone(), me: b, inner: MemoryTransport::default(), listeners: HashMap::new() };
         let mut dialer =
             EmulatedTransport { net: net.clone(), me: a, inner: MemoryTransport::default(), listeners: HashMap::new() };
-        listener.listen_on(ListenerId::next(), "/memory/0".parse().expect("addr")).expect("listen");
-        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
-            TransportEvent::NewAddress { listen_addr, .. } => listen_addr,
-            _ => panic!("expected an address"),
-        };
-        let opts = DialOpts {
-            role: shoal_node::libp2p::core::Endpoint::Dialer,
-            port_use: shoal_node::libp2p::core::transport::PortUse::New,
-        };
-        let dial = dialer.dial(addr, opts).expect("dial");
-        let accept = async {
-            match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
-                TransportEvent::Incoming { upgrade, .. } => upgrade.await,
-                _ => panic!("expected a connection"),
-            }
-        };
-        let (out, inc) = futures::join!(dial, accept);
-        let (out, inc) = (out.expect("dialled"), inc.expect("accepted"));
+        let (out, inc) = connect(&mut listener, &mut dialer).await;
         assert_eq!(inc.peer, a);
         (out, inc, a, b)
     }
@@ -809,9 +792,35 @@ mod tests {
         let net = net(5, 1.0);
         let caps = LinkCaps { uplink: None, downlink: None };
         let (a, b) = (net.add_node(0, caps).expect("a"), net.add_node(1, caps).expect("b"));
-        let mut listener = MemoryTransport::default();
+        let mut link =
+            introduce(net.clone(), a, b, closed_at_once().await).await.expect("a connection to handshake on");
+        let mut byte = [0u8; 1];
+        let read = link.read(&mut byte).await;
+        assert!(matches!(read, Ok(0)), "read from a closed connection: {read:?}");
+        // Closed because it went down, the peer is unreachable, as a new dial to it would find.
+        let channel = closed_at_once().await;
+        net.set_down(b);
+        let refused = introduce(net, a, b, channel).await;
+        assert!(matches!(&refused, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused), "{:?}", refused.err());
+    }
+
+    /// The dialer's end of a raw connection whose listener accepted it and dropped its end.
+    async fn closed_at_once() -> Channel<Vec<u8>> {
+        let (channel, accepted) = connect(&mut MemoryTransport::default(), &mut MemoryTransport::default()).await;
+        drop(accepted);
+        channel
+    }
+
+    /// `dialer` dials `listener` on a new memory port: the dialer's end and the listener's.
+    async fn connect<L, D>(listener: &mut L, dialer: &mut D) -> (D::Output, L::Output)
+    where
+        L: Transport + Unpin,
+        L::Error: fmt::Debug,
+        D: Transport,
+        D::Error: fmt::Debug,
+    {
         listener.listen_on(ListenerId::next(), "/memory/0".parse().expect("addr")).expect("listen");
-        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut *listener).poll(cx)).await {
             TransportEvent::NewAddress { listen_addr, .. } => listen_addr,
             _ => panic!("expected an address"),
         };
@@ -819,39 +828,15 @@ mod tests {
             role: shoal_node::libp2p::core::Endpoint::Dialer,
             port_use: shoal_node::libp2p::core::transport::PortUse::New,
         };
-        let dialled = MemoryTransport::default().dial(addr, opts).expect("dial");
+        let dial = dialer.dial(addr, opts).expect("dial");
         let accept = async {
-            match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
+            match futures::future::poll_fn(|cx| Pin::new(&mut *listener).poll(cx)).await {
                 TransportEvent::Incoming { upgrade, .. } => upgrade.await.expect("accepted"),
                 _ => panic!("expected a connection"),
             }
         };
-        let (channel, refused) = futures::join!(dialled, accept);
-        drop(refused);
-        let mut link =
-            introduce(net.clone(), a, b, channel.expect("dialled")).await.expect("a connection to handshake on");
-        let mut byte = [0u8; 1];
-        let read = link.read(&mut byte).await;
-        assert!(matches!(read, Ok(0)), "read from a closed connection: {read:?}");
-        // Closed because it went down, the peer is unreachable, as a new dial to it would find.
-        let mut listener = MemoryTransport::default();
-        listener.listen_on(ListenerId::next(), "/memory/0".parse().expect("addr")).expect("listen");
-        let addr = match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
-            TransportEvent::NewAddress { listen_addr, .. } => listen_addr,
-            _ => panic!("expected an address"),
-        };
-        let dialled = MemoryTransport::default().dial(addr, opts).expect("dial");
-        let accept = async {
-            match futures::future::poll_fn(|cx| Pin::new(&mut listener).poll(cx)).await {
-                TransportEvent::Incoming { upgrade, .. } => upgrade.await.expect("accepted"),
-                _ => panic!("expected a connection"),
-            }
-        };
-        let (channel, gone) = futures::join!(dialled, accept);
-        drop(gone);
-        net.set_down(b);
-        let refused = introduce(net, a, b, channel.expect("dialled")).await;
-        assert!(matches!(&refused, Err(e) if e.kind() == io::ErrorKind::ConnectionRefused), "{:?}", refused.err());
+        let (out, inc) = futures::join!(dial, accept);
+        (out.expect("dialled"), inc)
     }
 
     /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.
