@@ -128,6 +128,9 @@ impl NetworkBehaviour for Gate {
 /// Whether a failed dial reached the peer, which then closed the connection before the handshake
 /// was through: what a [`Gate`] at its cap does. Such a peer is there, and full for now; a dial
 /// that found nobody (no listener, a timeout, an unreachable host) says the peer may be gone.
+/// Over netsim's emulated network a peer taken down in the middle of the handshake is taken for
+/// one that answered (its links reset, which the handshake reports like a refusal); over QUIC
+/// the dial most likely ends in libp2p-quic's handshake timeout, which is not.
 pub(crate) fn turned_away(error: &DialError) -> bool {
     let DialError::Transport(attempts) = error else { return false };
     !attempts.is_empty() && attempts.iter().all(|(_, e)| matches!(e, TransportError::Other(e) if answered(e)))
