@@ -449,12 +449,10 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
                 let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(false), Instant::now());
+                let none = PieceSet::empty(held.piece_count());
                 // What this request records as served, and gives back if it does not send it.
                 let (sending, mut claimed, data_slot) = match offered.is_empty() {
-                    true => {
-                        let none = PieceSet::empty(offered.piece_count());
-                        (offered, none, None)
-                    }
+                    true => (offered, none.clone(), None),
                     false => {
                         let Some(slot) = uploads.acquire_data().await else {
                             metrics.served("get", "busy", started.elapsed());
@@ -494,7 +492,6 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let give_back = |claimed: &PieceSet, sent: &PieceSet| {
                     crowds.not_served(hash, peer, &claimed.difference(sent));
                 };
-                let none = PieceSet::empty(sending.piece_count());
                 let encoded = match encoded {
                     Ok(encoded) => encoded,
                     Err(e) => {
