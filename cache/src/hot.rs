@@ -43,6 +43,10 @@ impl HotPieces {
         }
     }
 
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub(crate) fn used(&self) -> usize {
         self.used
     }

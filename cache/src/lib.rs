@@ -10,4 +10,4 @@ mod hot;
 mod lru;
 pub mod store;
 
-pub use store::{Begun, BlobInfo, Imported, Store, StoreConfig, StoreError, StoreStats, Written};
+pub use store::{Begun, BlobInfo, Imported, PieceStream, Store, StoreConfig, StoreError, StoreStats, Written};

@@ -19,6 +19,7 @@
 //!   outboard) from the moment it is begun; pinned blobs are the user's own and are not counted.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -29,6 +30,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use shoal_protocol::piece::CHUNK_GROUP_SIZE;
 use shoal_protocol::verify::{self, DecodeError, EncodeError};
 use shoal_protocol::{Geometry, Hash, PieceIndex, PieceSet};
 use tracing::{debug, info, warn};
@@ -314,6 +316,95 @@ impl bao_tree_io::ReadAt for PiecesAt<'_> {
         let n = buf.len().min(bytes.len().saturating_sub(start));
         buf[..n].copy_from_slice(&bytes[start..start + n]);
         Ok(n)
+    }
+}
+
+/// Pieces of a blob being encoded for sending, a step at a time (see [`Store::stream_pieces`]).
+/// Without a memory tier it reads the data file as it goes; with one, it holds the pieces it
+/// serves, and they join the tier once all of them were encoded verified.
+pub struct PieceStream {
+    store: Store,
+    blob: Arc<Blob>,
+    pieces: PieceSet,
+    loaded: HashMap<PieceIndex, Bytes>,
+    encoder: verify::PieceEncoder,
+    /// The step encoded when the stream was opened, not yet taken.
+    first: Option<Vec<u8>>,
+    ended: bool,
+}
+
+impl fmt::Debug for PieceStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PieceStream")
+            .field("blob", &self.blob.hash)
+            .field("pieces", &self.pieces)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PieceStream {
+    /// The pieces sent, unless a later step fails.
+    pub fn pieces(&self) -> &PieceSet {
+        &self.pieces
+    }
+
+    /// The next bytes of the encoding, at least `step` of them unless it ends with them; `None`
+    /// once it ended. A piece that fails its check is dropped from the store and the step fails
+    /// with [`StoreError::Corrupt`]; the stream then stays failed.
+    pub fn next_step(&mut self, step: usize) -> Result<Option<Vec<u8>>> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        self.encode(step)
+    }
+
+    fn encode(&mut self, step: usize) -> Result<Option<Vec<u8>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let blob = &self.blob;
+        let data = StoredAt { geometry: blob.geometry, loaded: &self.loaded, file: &blob.data };
+        let outboard = verify::post_order_outboard(blob.hash, blob.geometry, FileAt(&blob.outboard));
+        let mut out = Vec::with_capacity(step + CHUNK_GROUP_SIZE as usize);
+        match self.encoder.encode_some(data, outboard, &mut out, step) {
+            Ok(ended) => {
+                self.ended = ended;
+                if ended && !self.loaded.is_empty() {
+                    let mut hot = lock(&self.store.inner.hot);
+                    for (piece, bytes) in self.loaded.drain() {
+                        hot.insert(blob.hash, piece, bytes);
+                    }
+                }
+                Ok(Some(out))
+            }
+            Err(e) => {
+                // The encoder stays failed: so do later steps.
+                let bad = self.store.bad_pieces(blob, &self.pieces, &e);
+                let Some(piece) = bad.iter().next() else {
+                    return Err(StoreError::Io { op: "encode", path: blob.dir.clone(), source: encode_io(e) });
+                };
+                warn!(blob = %blob.hash, pieces = ?bad, "stored bytes failed verification; dropping them");
+                self.store.unmark(blob, &bad)?;
+                Err(StoreError::Corrupt { hash: blob.hash, piece })
+            }
+        }
+    }
+}
+
+/// A blob's verified bytes, at blob offsets: from pieces held in memory, else from its data file.
+struct StoredAt<'a> {
+    geometry: Geometry,
+    loaded: &'a HashMap<PieceIndex, Bytes>,
+    file: &'a File,
+}
+
+impl bao_tree_io::ReadAt for StoredAt<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        match self.loaded.is_empty() {
+            true => FileExt::read_at(self.file, buf, pos),
+            false => PiecesAt { geometry: self.geometry, pieces: self.loaded }.read_at(pos, buf),
+        }
     }
 }
 
@@ -721,36 +812,60 @@ impl Store {
     /// Encodes the requested pieces of `hash` that the store holds, with their proofs, ready to
     /// send. Every chunk group is checked against the hash first; pieces whose bytes no longer
     /// verify are dropped from the store and left out of the answer. Returns the pieces encoded
-    /// (possibly none) and the encoding.
+    /// (possibly none) and the encoding. [`Store::stream_pieces`] encodes a step at a time.
     pub fn encode_pieces(&self, hash: Hash, wanted: &PieceSet) -> Result<(PieceSet, Vec<u8>)> {
+        const STEP: usize = 1 << 20;
+        loop {
+            let mut stream = self.stream_pieces(hash, wanted, STEP)?;
+            let mut out = Vec::with_capacity(verify::encoded_len(stream.blob.geometry, &stream.pieces) as usize);
+            let ended = loop {
+                match stream.next_step(STEP) {
+                    Ok(Some(step)) => out.extend_from_slice(&step),
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e),
+                }
+            };
+            match ended {
+                Ok(()) => return Ok((stream.pieces, out)),
+                // The bad pieces were dropped: encode the rest again.
+                Err(StoreError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The requested pieces of `hash` that the store holds, encoded with their proofs a step at a
+    /// time ([`PieceStream::next_step`]), each step at least `step` bytes: a server sending an
+    /// answer holds a step of it rather than all of it. The first step is encoded here, and
+    /// pieces found bad by then are dropped from the store and left out, as
+    /// [`Store::encode_pieces`] leaves them out; [`PieceStream::pieces`] says what is sent. A
+    /// piece found bad in a later step is dropped from the store too, and the step fails with
+    /// [`StoreError::Corrupt`]: what was sent of it was checked, but the answer cannot be
+    /// finished.
+    pub fn stream_pieces(&self, hash: Hash, wanted: &PieceSet, step: usize) -> Result<PieceStream> {
         let blob = self.blob(hash)?;
         lock(&self.inner.state).lru.touch(&hash);
-        let mut serve = wanted.intersection(&lock(&blob.status).verified);
         loop {
-            if serve.is_empty() {
-                return Ok((serve, Vec::new()));
-            }
-            let loaded = self.load_pieces(&blob, &serve)?;
-            let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
-            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
-            let mut out = Vec::with_capacity(verify::encoded_len(blob.geometry, &serve) as usize);
-            match verify::encode_pieces(data, outboard, &serve, &mut out) {
-                Ok(()) => {
-                    let mut hot = lock(&self.inner.hot);
-                    for (piece, bytes) in loaded {
-                        hot.insert(hash, piece, bytes);
-                    }
-                    return Ok((serve, out));
+            let pieces = wanted.intersection(&lock(&blob.status).verified);
+            // With a memory tier, the pieces are read whole, to join it once sent.
+            let hot = lock(&self.inner.hot).capacity();
+            let loaded = if hot == 0 { HashMap::new() } else { self.load_pieces(&blob, &pieces)? };
+            let mut stream = PieceStream {
+                store: self.clone(),
+                encoder: verify::PieceEncoder::new(hash, blob.geometry, &pieces),
+                blob: blob.clone(),
+                ended: pieces.is_empty(),
+                pieces,
+                loaded,
+                first: None,
+            };
+            match stream.encode(step) {
+                Ok(first) => {
+                    stream.first = first;
+                    return Ok(stream);
                 }
-                Err(e) => {
-                    let bad = self.bad_pieces(&blob, &serve, &e);
-                    if bad.is_empty() {
-                        return Err(StoreError::Io { op: "encode", path: blob.dir.clone(), source: encode_io(e) });
-                    }
-                    warn!(blob = %hash, pieces = ?bad, "stored bytes failed verification; dropping them");
-                    self.unmark(&blob, &bad)?;
-                    serve = serve.difference(&bad);
-                }
+                Err(StoreError::Corrupt { .. }) => continue,
+                Err(e) => return Err(e),
             }
         }
     }

@@ -276,3 +276,45 @@ proptest! {
         prop_assert_eq!(Hash::of(&fs::read(&out).expect("read")), src.hash);
     }
 }
+
+#[test]
+fn a_piece_found_rotten_while_streaming_cuts_the_answer_off_and_is_dropped() {
+    for hot_bytes in [0, StoreConfig::default().hot_bytes] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let config = StoreConfig { cache_bytes: 256 * MIB, hot_bytes, ..Default::default() };
+        let data = bytes(5, (4 * PIECE_SIZE) as usize);
+        let input = tmp.path().join("in");
+        fs::write(&input, &data).expect("write");
+        let store = Store::open(tmp.path().join("store"), config.clone()).expect("open store");
+        let hash = store.import_file(&input, false).expect("import").hash;
+        drop(store);
+        let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
+        let mut on_disk = fs::read(&data_path).expect("read");
+        on_disk[(2 * PIECE_SIZE + 3 * CHUNK_GROUP_SIZE + 9) as usize] ^= 1;
+        fs::write(&data_path, &on_disk).expect("rot");
+        let store = Store::open(tmp.path().join("store"), config).expect("open store");
+
+        // The first step checks only the start of the answer: piece 2 is still offered.
+        let mut stream = store.stream_pieces(hash, &PieceSet::full(4), 1000).expect("open stream");
+        assert_eq!(stream.pieces(), &PieceSet::full(4), "hot tier {hot_bytes}");
+        let mut sent = Vec::new();
+        let failed = loop {
+            match stream.next_step(1000) {
+                Ok(Some(step)) => sent.extend_from_slice(&step),
+                Ok(None) => panic!("hot tier {hot_bytes}: the rotten piece was streamed to the end"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(failed, StoreError::Corrupt { piece: 2, .. }), "hot tier {hot_bytes}: {failed:?}");
+        let src = Source::new(data.clone());
+        let good = src.encode(&PieceSet::full(4));
+        assert!(good.starts_with(&sent), "hot tier {hot_bytes}: only checked bytes were sent");
+        assert!(sent.len() as u64 >= 2 * PIECE_SIZE, "hot tier {hot_bytes}: pieces 0 and 1 went out whole");
+        assert!(stream.next_step(1000).is_err(), "the stream stays cut off");
+        assert!(!store.info(hash).expect("held").pieces.contains(2), "hot tier {hot_bytes}: piece 2 was dropped");
+        // The next answer leaves it out.
+        let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
+        assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 1, 3]);
+        assert_eq!(encoded, src.encode(&served));
+    }
+}

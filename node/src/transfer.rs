@@ -376,12 +376,12 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     let started = Instant::now();
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
-        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), &[], None, None).await;
+        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied)).await;
     }
     let Some(slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
-        return send_and_close(&mut stream, &wire::encode_frame(&busy), &[], None, None).await;
+        return send_and_close(&mut stream, &wire::encode_frame(&busy)).await;
     };
     let body =
         match tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
@@ -437,8 +437,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let spreads = info.as_ref().is_some_and(|i| i.pinned);
                 let Some(held) = held else {
                     metrics.served("get", "not_found", started.elapsed());
-                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
-                        .await;
+                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
@@ -459,9 +458,6 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             return send_and_close(
                                 &mut stream,
                                 &busy(uploads.busy_retry(), crowds.hints(hash, peer, Some(&pieces), Instant::now())),
-                                &[],
-                                None,
-                                None,
                             )
                             .await;
                         };
@@ -482,39 +478,38 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
                     let peers = if named { crowds.hints(hash, peer, None, now) } else { Vec::new() };
-                    return send_and_close(&mut stream, &busy(retry, peers), &[], None, None).await;
+                    return send_and_close(&mut stream, &busy(retry, peers)).await;
                 }
                 let reader = store.clone();
                 let reading = sending.clone();
-                let encoded = tokio::task::spawn_blocking(move || reader.encode_pieces(hash, &reading)).await;
+                let opened = tokio::task::spawn_blocking(move || reader.stream_pieces(hash, &reading, CHUNK)).await;
                 // The pieces this request recorded as served, less those it `sent`, are not the
                 // peer's to pass on.
                 let give_back = |claimed: &PieceSet, sent: &PieceSet| {
                     crowds.not_served(hash, peer, &claimed.difference(sent));
                 };
-                let encoded = match encoded {
-                    Ok(encoded) => encoded,
+                let opened = match opened {
+                    Ok(opened) => opened,
                     Err(e) => {
                         give_back(&claimed, &none);
                         return Err(std::io::Error::other(e));
                     }
                 };
-                let (served, bytes) = match encoded {
-                    Ok((served, bytes)) if !served.is_empty() => (served, bytes),
+                let encoding = match opened {
+                    Ok(encoding) if !encoding.pieces().is_empty() => encoding,
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
                         give_back(&claimed, &none);
                         metrics.served("get", "not_found", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
-                            .await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
                     }
                     Err(e) => {
                         give_back(&claimed, &none);
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), &[], None, None)
-                            .await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
                     }
                 };
+                let served = encoding.pieces().clone();
                 // The encoding dropped any piece that failed its check.
                 give_back(&claimed, &served);
                 let now = Instant::now();
@@ -528,15 +523,16 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // answering `Busy` must not hold a slot a new requester needs.
                 activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
-                let written = write_answer(&mut stream, &header, &bytes, uploads.rate.as_ref(), Some(metrics)).await;
-                // Cut off before its last byte, the peer does not hold them all: others may be
-                // sent them. (Of several pieces it may keep the first; this gives them back too.)
+                let written = write_pieces(&mut stream, &header, encoding, uploads.rate.as_ref(), metrics).await;
+                // Cut off before its last byte (or by a piece that failed its check on the way),
+                // the peer does not hold them all: others may be sent them. (Of several pieces it
+                // may keep the first; this gives them back too.)
                 if written.is_err() {
                     give_back(&claimed, &none);
                 }
-                let result = match written {
-                    Ok(()) => finish(&mut stream).await,
-                    Err(e) => Err(e),
+                let (result, bytes) = match written {
+                    Ok(bytes) => (finish(&mut stream).await, bytes),
+                    Err(e) => (Err(e), 0),
                 };
                 if result.is_ok() {
                     crowds.delivered(hash, peer, Instant::now());
@@ -545,7 +541,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     }
                 }
                 metrics.served("get", if result.is_ok() { "ok" } else { "io" }, started.elapsed());
-                debug!(bytes = bytes.len(), elapsed_ms = started.elapsed().as_millis() as u64, "served");
+                debug!(bytes, elapsed_ms = started.elapsed().as_millis() as u64, "served");
                 result
             }
             .instrument(span)
@@ -582,41 +578,54 @@ fn display_trace(trace: Option<TraceId>) -> String {
 async fn refuse(stream: &mut Stream, e: &WireError) -> std::io::Result<()> {
     let mut reason = e.to_string();
     reason.truncate(wire::MAX_REASON_LEN);
-    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), &[], None, None).await
+    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason })).await
 }
 
-/// Writes a response ([`write_answer`]) and closes the stream.
-async fn send_and_close(
-    stream: &mut (impl AsyncWrite + Unpin),
-    header: &[u8],
-    body: &[u8],
-    rate: Option<&RateLimit>,
-    metrics: Option<&crate::metrics::Metrics>,
-) -> std::io::Result<()> {
-    write_answer(stream, header, body, rate, metrics).await?;
+/// Writes a response and closes the stream.
+async fn send_and_close(stream: &mut (impl AsyncWrite + Unpin), response: &[u8]) -> std::io::Result<()> {
+    stream.write_all(response).await?;
     finish(stream).await
 }
 
-/// Writes an answer's `header`, then its `body` in chunks, each taken from the upload cap first
-/// and counted as served once written.
-async fn write_answer(
+/// Writes an answer's `header`, then the pieces `encoding` encodes, a step at a time on a blocking
+/// thread, so that an answer on its way holds a step of its encoding (see
+/// [`shoal_cache::Store::stream_pieces`]). Each chunk is taken from the upload cap first and
+/// counted as served once written. Returns the bytes of pieces written; a piece that fails its
+/// check on the way cuts the answer off.
+async fn write_pieces(
     stream: &mut (impl AsyncWrite + Unpin),
     header: &[u8],
-    body: &[u8],
+    mut encoding: shoal_cache::PieceStream,
     rate: Option<&RateLimit>,
-    metrics: Option<&crate::metrics::Metrics>,
-) -> std::io::Result<()> {
+    metrics: &crate::metrics::Metrics,
+) -> std::io::Result<u64> {
     stream.write_all(header).await?;
-    for chunk in body.chunks(CHUNK) {
-        if let Some(r) = rate {
-            r.take(chunk.len()).await;
-        }
-        stream.write_all(chunk).await?;
-        if let Some(m) = metrics {
-            m.bytes_served.inc_by(chunk.len() as u64);
+    let mut written = 0;
+    loop {
+        let (back, step) = tokio::task::spawn_blocking(move || {
+            let step = encoding.next_step(CHUNK);
+            (encoding, step)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        encoding = back;
+        let body = match step {
+            Ok(Some(body)) => body,
+            Ok(None) => return Ok(written),
+            Err(e) => {
+                warn!(error = %e, "cut off an answer: a piece failed its check");
+                return Err(std::io::Error::other(e));
+            }
+        };
+        for chunk in body.chunks(CHUNK) {
+            if let Some(r) = rate {
+                r.take(chunk.len()).await;
+            }
+            stream.write_all(chunk).await?;
+            metrics.bytes_served.inc_by(chunk.len() as u64);
+            written += chunk.len() as u64;
         }
     }
-    Ok(())
 }
 
 /// Flushes and closes a stream an answer was written to.
@@ -789,7 +798,7 @@ async fn answer_have(
     started: Instant,
 ) -> std::io::Result<()> {
     let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
-    let r = send_and_close(stream, &wire::encode_frame(response), &[], None, None).await;
+    let r = send_and_close(stream, &wire::encode_frame(response)).await;
     metrics.served(kind, outcome, started.elapsed());
     r
 }

@@ -240,6 +240,90 @@ impl VerifiedPiece {
     }
 }
 
+/// Writes the encoding [`encode_pieces`] writes, a few items at a time: a server streaming an
+/// answer holds one chunk group of it instead of all of it. Every hash pair and chunk group is
+/// checked against the root hash before it is written, as [`encode_pieces`] checks them, so bytes
+/// that fail verification are never sent; the encoder's state is the same walk down the tree
+/// that [`PieceDecoder`] checks an answer with.
+pub struct PieceEncoder {
+    walk: Walk,
+    failed: bool,
+}
+
+impl std::fmt::Debug for PieceEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceEncoder").field("failed", &self.failed).finish_non_exhaustive()
+    }
+}
+
+impl PieceEncoder {
+    /// An encoder of `pieces` of the blob `hash`, `geometry.size()` bytes long.
+    pub fn new(hash: Hash, geometry: Geometry, pieces: &PieceSet) -> Self {
+        Self { walk: Walk::new(hash, geometry, pieces), failed: false }
+    }
+
+    /// Appends the next items of the encoding to `out` until it grew by at least `at_least` bytes
+    /// or the encoding ended. Returns whether it ended. `data` is read at blob offsets, as
+    /// [`encode_pieces`] reads it. On an error nothing of the failing item is written, and the
+    /// encoder stops: later calls fail too.
+    pub fn encode_some(
+        &mut self,
+        data: impl ReadAt,
+        outboard: impl Outboard,
+        out: &mut Vec<u8>,
+        at_least: usize,
+    ) -> Result<bool, EncodeError> {
+        if self.failed {
+            return Err(EncodeError::Io(io::Error::other("the encoding already failed")));
+        }
+        let result = self.encode_inner(data, outboard, out, at_least);
+        self.failed = result.is_err();
+        result
+    }
+
+    fn encode_inner(
+        &mut self,
+        data: impl ReadAt,
+        outboard: impl Outboard,
+        out: &mut Vec<u8>,
+        at_least: usize,
+    ) -> Result<bool, EncodeError> {
+        let target = out.len().saturating_add(at_least);
+        while out.len() < target {
+            let Some(item) = self.walk.items.next() else { return Ok(true) };
+            match item {
+                BaoChunk::Parent { is_root, left, right, node, .. } => {
+                    let pair = outboard.load(node)?.ok_or_else(|| {
+                        EncodeError::Io(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("no hash pair for {node:?}"),
+                        ))
+                    })?;
+                    if !self.walk.parent(&pair, is_root, left, right) {
+                        return Err(EncodeError::ParentHashMismatch(node));
+                    }
+                    out.extend_from_slice(pair.0.as_bytes());
+                    out.extend_from_slice(pair.1.as_bytes());
+                }
+                // Pieces are whole chunk groups: a leaf is always all of its group.
+                BaoChunk::Leaf { start_chunk, size, is_root, .. } => {
+                    let at = out.len();
+                    out.resize(at + size, 0);
+                    if let Err(e) = data.read_exact_at(start_chunk.to_bytes(), &mut out[at..]) {
+                        out.truncate(at);
+                        return Err(EncodeError::Io(e));
+                    }
+                    if !self.walk.leaf(start_chunk.0, &out[at..], is_root) {
+                        out.truncate(at);
+                        return Err(EncodeError::LeafHashMismatch(start_chunk));
+                    }
+                }
+            }
+        }
+        Ok(self.walk.items.peek().is_none())
+    }
+}
+
 /// Verifies an encoded response (from [`encode_pieces`]) as its bytes arrive, in slices of any
 /// length: each chunk group is checked against the root hash as soon as all of it is in, and each
 /// piece is handed out (see [`PieceDecoder::take_ready`]) as soon as all of its groups verified.
@@ -447,7 +531,7 @@ impl PieceDecoder {
 /// and the hashes they must match, the next on top of the stack (the root first, then the
 /// children of each parent that matched).
 struct Walk {
-    items: bao_tree::iter::ResponseIter,
+    items: std::iter::Peekable<bao_tree::iter::ResponseIter>,
     stack: Vec<blake3::Hash>,
 }
 
@@ -459,7 +543,10 @@ impl Walk {
         let ranges = bao_tree::ChunkRanges::new_unchecked(
             bao_tree::io::sync::truncate_ranges(&ranges, geometry.size()).boundaries().iter().copied().collect(),
         );
-        Self { items: bao_tree::iter::ResponseIter::new(geometry.tree(), ranges), stack: vec![hash.as_blake3()] }
+        Self {
+            items: bao_tree::iter::ResponseIter::new(geometry.tree(), ranges).peekable(),
+            stack: vec![hash.as_blake3()],
+        }
     }
 
     /// Whether a parent's hash pair matches; if so its children are next.
@@ -700,6 +787,72 @@ mod tests {
                 assert!(t == 0 || t == o, "byte {i} written without verification (flip at {pos})");
             }
         }
+    }
+
+    #[test]
+    fn the_encoder_writes_what_encode_pieces_writes_in_steps_of_any_size() {
+        for &size in SIZES {
+            let data = bytes(size as usize);
+            let (hash, ob) = outboard_of(&data);
+            let g = Geometry::new(size).expect("small");
+            let n = g.piece_count();
+            let mut sets = vec![PieceSet::full(n), PieceSet::single(n, n - 1)];
+            if n > 2 {
+                let mut ends = PieceSet::single(n, 0);
+                ends.insert(n - 1);
+                sets.push(ends);
+            }
+            for pieces in sets {
+                let mut whole = Vec::new();
+                encode_pieces(&data[..], post_order_outboard(hash, g, &ob[..]), &pieces, &mut whole).expect("encode");
+                for step in [1, 64, CHUNK_GROUP_SIZE as usize, 100_000] {
+                    let mut encoder = PieceEncoder::new(hash, g, &pieces);
+                    let mut out = Vec::new();
+                    let mut calls = 0;
+                    loop {
+                        let before = out.len();
+                        let ended = encoder
+                            .encode_some(&data[..], post_order_outboard(hash, g, &ob[..]), &mut out, step)
+                            .expect("intact");
+                        calls += 1;
+                        assert!(ended || out.len() >= before + step, "size {size} step {step}: a short step");
+                        if ended {
+                            break;
+                        }
+                    }
+                    assert_eq!(out, whole, "size {size} pieces {pieces:?} step {step}");
+                    assert!(calls <= whole.len() / step + 2, "size {size} step {step}: {calls} calls");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_encoder_stops_at_a_rotten_group_without_writing_it() {
+        let size = 3 * PIECE_SIZE;
+        let (mut data, hash, ob, g, _) = encoded_blob(size);
+        let at = PIECE_SIZE as usize + 5 * CHUNK_GROUP_SIZE as usize + 3;
+        data[at] ^= 1;
+        let all = PieceSet::full(3);
+        let mut encoder = PieceEncoder::new(hash, g, &all);
+        let mut out = Vec::new();
+        let mut result = Ok(false);
+        while let Ok(false) = result {
+            result = encoder.encode_some(&data[..], post_order_outboard(hash, g, &ob[..]), &mut out, 1000);
+        }
+        let Err(EncodeError::LeafHashMismatch(chunk)) = result else { panic!("{result:?}") };
+        assert_eq!(g.piece_of(chunk.to_bytes()), 1);
+        // What was written is the start of the good encoding, up to the rotten group.
+        let mut good = data.clone();
+        good[at] ^= 1;
+        let mut whole = Vec::new();
+        encode_pieces(&good[..], post_order_outboard(hash, g, &ob[..]), &all, &mut whole).expect("encode");
+        assert!(whole.starts_with(&out), "only verified bytes were written");
+        assert!(!out.windows(16).any(|w| w == &data[at - 3..at + 13]), "the rotten bytes were not written");
+        assert!(
+            encoder.encode_some(&good[..], post_order_outboard(hash, g, &ob[..]), &mut out, 1).is_err(),
+            "it stays stopped"
+        );
     }
 
     #[test]
