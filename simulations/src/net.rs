@@ -56,6 +56,9 @@ use shoal_node::libp2p::{Multiaddr, PeerId, Transport, plaintext, yamux};
 /// The largest frame a link sends at once: the unit of pacing.
 pub const MAX_FRAME: usize = 16 * 1024;
 
+/// Frames up to this size (control messages) keep their read buffer between frames.
+const SMALL_FRAME: usize = 1024;
+
 /// Frame header: arrival instant (nanoseconds since the network's epoch, `u64` LE), length (`u32` LE).
 const HEADER: usize = 12;
 
@@ -680,6 +683,12 @@ impl AsyncRead for Link {
                     let n = buf.len().min(this.payload.len() - pos);
                     buf[..n].copy_from_slice(&this.payload[pos..pos + n]);
                     this.state = if pos + n == this.payload.len() {
+                        // A link between frames holds no buffer: most of a node's links are idle
+                        // at any time, and each kept the largest frame it had carried (100 MB of
+                        // a 1,000-node crowd's peak).
+                        if this.payload.capacity() > SMALL_FRAME {
+                            this.payload = Vec::new();
+                        }
                         ReadState::Header { filled: 0 }
                     } else {
                         ReadState::Deliver { pos: pos + n }
