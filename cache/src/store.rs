@@ -18,6 +18,7 @@
 //! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's full footprint (data +
 //!   outboard) from the moment it is begun; pinned blobs are the user's own and are not counted.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -320,13 +321,16 @@ impl bao_tree_io::ReadAt for PiecesAt<'_> {
 }
 
 /// Pieces of a blob being encoded for sending, a step at a time (see [`Store::stream_pieces`]).
-/// Without a memory tier it reads the data file as it goes; with one, it holds the pieces it
-/// serves, and they join the tier once all of them were encoded verified.
+/// It reads the pieces the memory tier holds from there and the rest from the data file as it
+/// goes; with a memory tier, a piece read from the file joins it once all of it was checked.
 pub struct PieceStream {
     store: Store,
     blob: Arc<Blob>,
     pieces: PieceSet,
-    loaded: HashMap<PieceIndex, Bytes>,
+    /// Pieces the memory tier held when the stream opened.
+    hot: HashMap<PieceIndex, Bytes>,
+    /// With a memory tier: the pieces read from the file, in order; all but the last are whole.
+    read: Option<RefCell<ReadPieces>>,
     encoder: verify::PieceEncoder,
     /// The step encoded when the stream was opened, not yet taken.
     first: Option<Vec<u8>>,
@@ -364,16 +368,21 @@ impl PieceStream {
             return Ok(None);
         }
         let blob = &self.blob;
-        let data = StoredAt { geometry: blob.geometry, loaded: &self.loaded, file: &blob.data };
+        let data = StoredAt { geometry: blob.geometry, hot: &self.hot, file: &blob.data, read: self.read.as_ref() };
         let outboard = verify::post_order_outboard(blob.hash, blob.geometry, FileAt(&blob.outboard));
         let mut out = Vec::with_capacity(step + CHUNK_GROUP_SIZE as usize);
         match self.encoder.encode_some(data, outboard, &mut out, step) {
             Ok(ended) => {
                 self.ended = ended;
-                if ended && !self.loaded.is_empty() {
-                    let mut hot = lock(&self.store.inner.hot);
-                    for (piece, bytes) in self.loaded.drain() {
-                        hot.insert(blob.hash, piece, bytes);
+                // Every byte read so far was checked: whole pieces join the memory tier.
+                if let Some(read) = &self.read {
+                    let mut read = read.borrow_mut();
+                    let whole = read.iter().take_while(|(p, b)| b.len() as u64 == blob.geometry.piece_len(*p)).count();
+                    if whole > 0 {
+                        let mut hot = lock(&self.store.inner.hot);
+                        for (piece, bytes) in read.drain(..whole) {
+                            hot.insert(blob.hash, piece, Bytes::from(bytes));
+                        }
                     }
                 }
                 Ok(Some(out))
@@ -392,19 +401,37 @@ impl PieceStream {
     }
 }
 
-/// A blob's verified bytes, at blob offsets: from pieces held in memory, else from its data file.
+/// Pieces read from a data file for the memory tier, in the order read, with their bytes so far.
+type ReadPieces = Vec<(PieceIndex, Vec<u8>)>;
+
+/// A blob's verified bytes, at blob offsets: from pieces held in memory, else from its data file,
+/// keeping what it read from the file in `read` if given.
 struct StoredAt<'a> {
     geometry: Geometry,
-    loaded: &'a HashMap<PieceIndex, Bytes>,
+    hot: &'a HashMap<PieceIndex, Bytes>,
     file: &'a File,
+    read: Option<&'a RefCell<ReadPieces>>,
 }
 
 impl bao_tree_io::ReadAt for StoredAt<'_> {
     fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
-        match self.loaded.is_empty() {
-            true => FileExt::read_at(self.file, buf, pos),
-            false => PiecesAt { geometry: self.geometry, pieces: self.loaded }.read_at(pos, buf),
+        let piece = self.geometry.piece_of(pos);
+        if self.hot.contains_key(&piece) {
+            return PiecesAt { geometry: self.geometry, pieces: self.hot }.read_at(pos, buf);
         }
+        let n = FileExt::read_at(self.file, buf, pos)?;
+        if let Some(read) = self.read {
+            let mut read = read.borrow_mut();
+            match read.last_mut() {
+                Some((p, bytes)) if *p == piece => bytes.extend_from_slice(&buf[..n]),
+                _ => {
+                    let mut bytes = Vec::with_capacity(self.geometry.piece_len(piece) as usize);
+                    bytes.extend_from_slice(&buf[..n]);
+                    read.push((piece, bytes));
+                }
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -848,15 +875,19 @@ impl Store {
         loop {
             let pieces = wanted.intersection(&lock(&blob.status).verified);
             // With a memory tier, the pieces are read whole, to join it once sent.
-            let hot = lock(&self.inner.hot).capacity();
-            let loaded = if hot == 0 { HashMap::new() } else { self.load_pieces(&blob, &pieces)? };
+            let (hot, tier) = {
+                let mut tier = lock(&self.inner.hot);
+                let hot: HashMap<_, _> = pieces.iter().filter_map(|p| Some((p, tier.get(hash, p)?))).collect();
+                (hot, tier.capacity() > 0)
+            };
             let mut stream = PieceStream {
                 store: self.clone(),
                 encoder: verify::PieceEncoder::new(hash, blob.geometry, &pieces),
                 blob: blob.clone(),
                 ended: pieces.is_empty(),
                 pieces,
-                loaded,
+                hot,
+                read: tier.then(|| RefCell::new(Vec::new())),
                 first: None,
             };
             match stream.encode(step) {
@@ -971,6 +1002,12 @@ impl Store {
             for p in bad.iter() {
                 st.verified.remove(p);
             }
+        }
+        // A blob evicted or deleted since (an answer streaming from it holds it for a while) may
+        // have been begun again under the same directory: its meta is not this one's to write.
+        let current = lock(&self.inner.state).blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob));
+        if !current {
+            return Ok(());
         }
         let mut hot = lock(&self.inner.hot);
         hot.forget_blob(blob.hash);

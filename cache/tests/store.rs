@@ -318,3 +318,29 @@ fn a_piece_found_rotten_while_streaming_cuts_the_answer_off_and_is_dropped() {
         assert_eq!(encoded, src.encode(&served));
     }
 }
+
+#[test]
+fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig { cache_bytes: 256 * MIB, ..Default::default() };
+    let data = bytes(6, (4 * PIECE_SIZE - 100) as usize);
+    let input = tmp.path().join("in");
+    fs::write(&input, &data).expect("write");
+    let store = Store::open(tmp.path().join("store"), config.clone()).expect("open store");
+    let hash = store.import_file(&input, false).expect("import").hash;
+    drop(store);
+    let store = Store::open(tmp.path().join("store"), config).expect("open store");
+    assert_eq!(store.stats().hot_bytes, 0);
+    let mut wanted = PieceSet::single(4, 1);
+    wanted.insert(3);
+    let mut stream = store.stream_pieces(hash, &wanted, 1000).expect("open stream");
+    let mut sent = Vec::new();
+    while let Some(step) = stream.next_step(1000).expect("intact") {
+        sent.extend_from_slice(&step);
+    }
+    assert_eq!(sent, Source::new(data.clone()).encode(&wanted));
+    assert_eq!(store.stats().hot_bytes as u64, PIECE_SIZE + (PIECE_SIZE - 100), "pieces 1 and 3, whole");
+    // Served again, from the tier, the answer is the same.
+    let (served, encoded) = store.encode_pieces(hash, &wanted).expect("encode");
+    assert_eq!((served, encoded), (wanted, sent));
+}

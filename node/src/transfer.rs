@@ -613,7 +613,12 @@ async fn write_pieces(
             Ok(Some(body)) => body,
             Ok(None) => return Ok(written),
             Err(e) => {
-                warn!(error = %e, "cut off an answer: a piece failed its check");
+                match e {
+                    shoal_cache::StoreError::Corrupt { piece, .. } => {
+                        warn!(piece, "cut off an answer: a piece failed its check")
+                    }
+                    _ => warn!(error = %e, "cut off an answer: cannot read the pieces"),
+                }
                 return Err(std::io::Error::other(e));
             }
         };

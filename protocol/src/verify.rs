@@ -288,7 +288,8 @@ impl PieceEncoder {
         out: &mut Vec<u8>,
         at_least: usize,
     ) -> Result<bool, EncodeError> {
-        let target = out.len().saturating_add(at_least);
+        // At least one item per call, so that a caller asking for nothing still gets to the end.
+        let target = out.len().saturating_add(at_least.max(1));
         while out.len() < target {
             let Some(item) = self.walk.items.next() else { return Ok(true) };
             match item {
