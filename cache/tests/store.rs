@@ -29,6 +29,21 @@ fn open(dir: &std::path::Path) -> Store {
     Store::open(dir, StoreConfig { cache_bytes: 256 * MIB, ..Default::default() }).expect("open store")
 }
 
+/// Writes `data` to a file under `dir` and imports it.
+fn import(store: &Store, dir: &std::path::Path, data: &[u8], pin: bool) -> Hash {
+    let input = dir.join("in");
+    fs::write(&input, data).expect("write");
+    store.import_file(&input, pin).expect("import").hash
+}
+
+/// Flips bits of the byte at `offset` of a stored blob's data, behind the store's back.
+fn rot(store_dir: &std::path::Path, hash: Hash, offset: u64, bits: u8) {
+    let data_path = store_dir.join("blobs").join(hash.to_hex()).join("data");
+    let mut on_disk = fs::read(&data_path).expect("read");
+    on_disk[offset as usize] ^= bits;
+    fs::write(&data_path, &on_disk).expect("rot");
+}
+
 #[test]
 fn imported_files_hash_like_b3sum_and_export_intact() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -172,14 +187,9 @@ fn corrupted_bytes_on_disk_are_never_served_or_exported() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));
     let data = bytes(3, (4 * PIECE_SIZE) as usize);
-    let input = tmp.path().join("in");
-    fs::write(&input, &data).expect("write");
-    let hash = store.import_file(&input, true).expect("import").hash;
+    let hash = import(&store, tmp.path(), &data, true);
     // Rot one byte of piece 2 behind the store's back.
-    let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
-    let mut on_disk = fs::read(&data_path).expect("read");
-    on_disk[(2 * PIECE_SIZE + 77) as usize] ^= 0x40;
-    fs::write(&data_path, &on_disk).expect("rot");
+    rot(&tmp.path().join("store"), hash, 2 * PIECE_SIZE + 77, 0x40);
 
     let out = tmp.path().join("out");
     assert!(matches!(store.export(hash, &out), Err(StoreError::Corrupt { piece: 2, .. })));
@@ -195,13 +205,8 @@ fn serving_a_rotten_piece_drops_it_and_serves_the_rest() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));
     let data = bytes(4, (4 * PIECE_SIZE) as usize);
-    let input = tmp.path().join("in");
-    fs::write(&input, &data).expect("write");
-    let hash = store.import_file(&input, false).expect("import").hash;
-    let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
-    let mut on_disk = fs::read(&data_path).expect("read");
-    on_disk[(PIECE_SIZE + 5) as usize] ^= 1;
-    fs::write(&data_path, &on_disk).expect("rot");
+    let hash = import(&store, tmp.path(), &data, false);
+    rot(&tmp.path().join("store"), hash, PIECE_SIZE + 5, 1);
     let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
     assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 2, 3]);
     let src = Source::new(data);
@@ -232,13 +237,8 @@ fn a_holder_of_the_last_piece_proves_the_size_and_a_rotten_one_does_not() {
     }
     // A last piece rotten on disk proves nothing and is dropped.
     let data = bytes(9, (3 * PIECE_SIZE + 100) as usize);
-    let input = tmp.path().join("in");
-    fs::write(&input, &data).expect("write");
-    let hash = store.import_file(&input, false).expect("import").hash;
-    let data_path = tmp.path().join("blobs").join(hash.to_hex()).join("data");
-    let mut on_disk = fs::read(&data_path).expect("read");
-    on_disk[(3 * PIECE_SIZE + 50) as usize] ^= 1;
-    fs::write(&data_path, &on_disk).expect("rot");
+    let hash = import(&store, tmp.path(), &data, false);
+    rot(tmp.path(), hash, 3 * PIECE_SIZE + 50, 1);
     assert_eq!(store.size_proof(hash).expect("read"), None);
     assert!(!store.info(hash).expect("held").pieces.contains(3), "the rotten last piece was dropped");
 }
@@ -283,15 +283,10 @@ fn a_piece_found_rotten_while_streaming_cuts_the_answer_off_and_is_dropped() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let config = StoreConfig { cache_bytes: 256 * MIB, hot_bytes, ..Default::default() };
         let data = bytes(5, (4 * PIECE_SIZE) as usize);
-        let input = tmp.path().join("in");
-        fs::write(&input, &data).expect("write");
         let store = Store::open(tmp.path().join("store"), config.clone()).expect("open store");
-        let hash = store.import_file(&input, false).expect("import").hash;
+        let hash = import(&store, tmp.path(), &data, false);
         drop(store);
-        let data_path = tmp.path().join("store/blobs").join(hash.to_hex()).join("data");
-        let mut on_disk = fs::read(&data_path).expect("read");
-        on_disk[(2 * PIECE_SIZE + 3 * CHUNK_GROUP_SIZE + 9) as usize] ^= 1;
-        fs::write(&data_path, &on_disk).expect("rot");
+        rot(&tmp.path().join("store"), hash, 2 * PIECE_SIZE + 3 * CHUNK_GROUP_SIZE + 9, 1);
         let store = Store::open(tmp.path().join("store"), config).expect("open store");
 
         // The first step checks only the start of the answer: piece 2 is still offered.
@@ -324,10 +319,8 @@ fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = StoreConfig { cache_bytes: 256 * MIB, ..Default::default() };
     let data = bytes(6, (4 * PIECE_SIZE - 100) as usize);
-    let input = tmp.path().join("in");
-    fs::write(&input, &data).expect("write");
     let store = Store::open(tmp.path().join("store"), config.clone()).expect("open store");
-    let hash = store.import_file(&input, false).expect("import").hash;
+    let hash = import(&store, tmp.path(), &data, false);
     drop(store);
     let store = Store::open(tmp.path().join("store"), config).expect("open store");
     assert_eq!(store.stats().hot_bytes, 0);
@@ -343,4 +336,18 @@ fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
     // Served again, from the tier, the answer is the same.
     let (served, encoded) = store.encode_pieces(hash, &wanted).expect("encode");
     assert_eq!((served, encoded), (wanted, sent));
+}
+
+#[test]
+fn a_whole_answer_leaves_out_a_piece_found_rotten_past_its_first_step() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    // Past the first MiB, which the whole answer encodes as its first step.
+    let data = bytes(8, (6 * PIECE_SIZE) as usize);
+    let hash = import(&store, tmp.path(), &data, false);
+    rot(&tmp.path().join("store"), hash, 5 * PIECE_SIZE + 2 * CHUNK_GROUP_SIZE, 4);
+    let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(6)).expect("encode");
+    assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert_eq!(encoded, Source::new(data).encode(&served), "the rest is served intact");
+    assert!(!store.info(hash).expect("held").pieces.contains(5));
 }

@@ -276,52 +276,52 @@ impl PieceEncoder {
         if self.failed {
             return Err(EncodeError::Io(io::Error::other("the encoding already failed")));
         }
-        let result = self.encode_inner(data, outboard, out, at_least);
-        self.failed = result.is_err();
-        result
-    }
-
-    fn encode_inner(
-        &mut self,
-        data: impl ReadAt,
-        outboard: impl Outboard,
-        out: &mut Vec<u8>,
-        at_least: usize,
-    ) -> Result<bool, EncodeError> {
         // At least one item per call, so that a caller asking for nothing still gets to the end.
         let target = out.len().saturating_add(at_least.max(1));
         while out.len() < target {
             let Some(item) = self.walk.items.next() else { return Ok(true) };
-            match item {
-                BaoChunk::Parent { is_root, left, right, node, .. } => {
-                    let pair = outboard.load(node)?.ok_or_else(|| {
-                        EncodeError::Io(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("no hash pair for {node:?}"),
-                        ))
-                    })?;
-                    if !self.walk.parent(&pair, is_root, left, right) {
-                        return Err(EncodeError::ParentHashMismatch(node));
-                    }
-                    out.extend_from_slice(pair.0.as_bytes());
-                    out.extend_from_slice(pair.1.as_bytes());
-                }
-                // Pieces are whole chunk groups: a leaf is always all of its group.
-                BaoChunk::Leaf { start_chunk, size, is_root, .. } => {
-                    let at = out.len();
-                    out.resize(at + size, 0);
-                    if let Err(e) = data.read_exact_at(start_chunk.to_bytes(), &mut out[at..]) {
-                        out.truncate(at);
-                        return Err(EncodeError::Io(e));
-                    }
-                    if !self.walk.leaf(start_chunk.0, &out[at..], is_root) {
-                        out.truncate(at);
-                        return Err(EncodeError::LeafHashMismatch(start_chunk));
-                    }
-                }
+            if let Err(e) = self.encode_item(item, &data, &outboard, out) {
+                self.failed = true;
+                return Err(e);
             }
         }
         Ok(self.walk.items.peek().is_none())
+    }
+
+    /// Checks one item and appends it to `out`; on a failure `out` is left as it was.
+    fn encode_item(
+        &mut self,
+        item: BaoChunk,
+        data: &impl ReadAt,
+        outboard: &impl Outboard,
+        out: &mut Vec<u8>,
+    ) -> Result<(), EncodeError> {
+        match item {
+            BaoChunk::Parent { is_root, left, right, node, .. } => {
+                let pair = outboard.load(node)?.ok_or_else(|| {
+                    EncodeError::Io(io::Error::new(io::ErrorKind::InvalidData, format!("no hash pair for {node:?}")))
+                })?;
+                if !self.walk.parent(&pair, is_root, left, right) {
+                    return Err(EncodeError::ParentHashMismatch(node));
+                }
+                out.extend_from_slice(pair.0.as_bytes());
+                out.extend_from_slice(pair.1.as_bytes());
+            }
+            // Pieces are whole chunk groups: a leaf is always all of its group.
+            BaoChunk::Leaf { start_chunk, size, is_root, .. } => {
+                let at = out.len();
+                out.resize(at + size, 0);
+                if let Err(e) = data.read_exact_at(start_chunk.to_bytes(), &mut out[at..]) {
+                    out.truncate(at);
+                    return Err(EncodeError::Io(e));
+                }
+                if !self.walk.leaf(start_chunk.0, &out[at..], is_root) {
+                    out.truncate(at);
+                    return Err(EncodeError::LeafHashMismatch(start_chunk));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
