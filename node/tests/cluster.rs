@@ -300,13 +300,15 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     for n in [&n2, &n3] {
         n.cli(&["get", &hash, "-o", tmp.path().join(format!("{}.bin", n.peer_id)).to_str().expect("utf-8")]);
     }
-    // Rot one byte in every piece of n3's copy while it is down.
+    // Rot one byte in every piece of n3's copy while it is down: near the start of every other
+    // piece (found as an answer opens, and left out of it) and deep in the others (found while
+    // the answer is on its way, which cuts it off).
     let n3_peer = n3.peer_id.clone();
     drop(n3);
     let data = n3dir.join("store/blobs").join(&hash).join("data");
     let mut bytes = std::fs::read(&data).expect("n3's data");
-    for offset in (1000..bytes.len()).step_by(256 << 10) {
-        bytes[offset] ^= 0x5a;
+    for (i, start) in (0..bytes.len()).step_by(256 << 10).enumerate() {
+        bytes[start + if i % 2 == 0 { 1000 } else { 200_000 }] ^= 0x5a;
     }
     std::fs::write(&data, bytes).expect("corrupt");
     let n3 = NodeProc::start(&n3dir, Some(&n1));
