@@ -334,6 +334,8 @@ pub struct PieceStream {
     encoder: verify::PieceEncoder,
     /// The step encoded when the stream was opened, not yet taken.
     first: Option<Vec<u8>>,
+    /// The length of the whole encoding.
+    encoded_len: usize,
     ended: bool,
 }
 
@@ -370,7 +372,8 @@ impl PieceStream {
         let blob = &self.blob;
         let data = StoredAt { geometry: blob.geometry, hot: &self.hot, file: &blob.data, read: self.read.as_ref() };
         let outboard = verify::post_order_outboard(blob.hash, blob.geometry, FileAt(&blob.outboard));
-        let mut out = Vec::with_capacity(step + CHUNK_GROUP_SIZE as usize);
+        // A step overshoots by less than a chunk group, and the whole encoding is shorter still.
+        let mut out = Vec::with_capacity(step.saturating_add(CHUNK_GROUP_SIZE as usize).min(self.encoded_len));
         match self.encoder.encode_some(data, outboard, &mut out, step) {
             Ok(ended) => {
                 self.ended = ended;
@@ -841,24 +844,11 @@ impl Store {
     /// verify are dropped from the store and left out of the answer. Returns the pieces encoded
     /// (possibly none) and the encoding. [`Store::stream_pieces`] encodes a step at a time.
     pub fn encode_pieces(&self, hash: Hash, wanted: &PieceSet) -> Result<(PieceSet, Vec<u8>)> {
-        const STEP: usize = 1 << 20;
-        loop {
-            let mut stream = self.stream_pieces(hash, wanted, STEP)?;
-            let mut out = Vec::with_capacity(verify::encoded_len(stream.blob.geometry, &stream.pieces) as usize);
-            let ended = loop {
-                match stream.next_step(STEP) {
-                    Ok(Some(step)) => out.extend_from_slice(&step),
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e),
-                }
-            };
-            match ended {
-                Ok(()) => return Ok((stream.pieces, out)),
-                // The bad pieces were dropped: encode the rest again.
-                Err(StoreError::Corrupt { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        // One step, encoded as the stream opens: every piece is checked before the answer is
+        // settled, so a bad one is left out of it.
+        let mut stream = self.stream_pieces(hash, wanted, usize::MAX)?;
+        let encoded = stream.next_step(usize::MAX)?.unwrap_or_default();
+        Ok((stream.pieces, encoded))
     }
 
     /// The requested pieces of `hash` that the store holds, encoded with their proofs a step at a
@@ -874,7 +864,7 @@ impl Store {
         lock(&self.inner.state).lru.touch(&hash);
         loop {
             let pieces = wanted.intersection(&lock(&blob.status).verified);
-            // With a memory tier, the pieces are read whole, to join it once sent.
+            // Pieces the memory tier holds are read from there; with a tier, the rest join it.
             let (hot, tier) = {
                 let mut tier = lock(&self.inner.hot);
                 let hot: HashMap<_, _> = pieces.iter().filter_map(|p| Some((p, tier.get(hash, p)?))).collect();
@@ -883,6 +873,7 @@ impl Store {
             let mut stream = PieceStream {
                 store: self.clone(),
                 encoder: verify::PieceEncoder::new(hash, blob.geometry, &pieces),
+                encoded_len: verify::encoded_len(blob.geometry, &pieces) as usize,
                 blob: blob.clone(),
                 ended: pieces.is_empty(),
                 pieces,

@@ -339,10 +339,10 @@ fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
 }
 
 #[test]
-fn a_whole_answer_leaves_out_a_piece_found_rotten_past_its_first_step() {
+fn a_whole_answer_leaves_out_a_piece_found_rotten_past_its_first_mib() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));
-    // Past the first MiB, which the whole answer encodes as its first step.
+    // Past the first MiB, and past the steps an answer on its way is sent in.
     let data = bytes(8, (6 * PIECE_SIZE) as usize);
     let hash = import(&store, tmp.path(), &data, false);
     rot(&tmp.path().join("store"), hash, 5 * PIECE_SIZE + 2 * CHUNK_GROUP_SIZE, 4);
