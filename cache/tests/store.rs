@@ -315,6 +315,37 @@ fn a_piece_found_rotten_while_streaming_cuts_the_answer_off_and_is_dropped() {
 }
 
 #[test]
+fn a_stale_answer_finding_rot_leaves_the_blob_added_again_alone() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = bytes(7, (4 * PIECE_SIZE) as usize);
+    let store = open(&tmp.path().join("store"));
+    let hash = import(&store, tmp.path(), &data, false);
+    drop(store);
+    rot(&tmp.path().join("store"), hash, 2 * PIECE_SIZE + 9, 1);
+    let store = open(&tmp.path().join("store"));
+    // An answer on its way holds the blob it opened; meanwhile the blob is deleted and added again,
+    // intact, under the same directory.
+    let mut stream = store.stream_pieces(hash, &PieceSet::full(4), 1000).expect("open stream");
+    store.delete(hash).expect("delete");
+    assert_eq!(import(&store, tmp.path(), &data, false), hash);
+    let failed = loop {
+        match stream.next_step(1000) {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the rotten piece was streamed to the end"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(failed, StoreError::Corrupt { piece: 2, .. }), "{failed:?}");
+    // The old answer's rot is not the new blob's: it keeps every piece, now and after a restart.
+    assert_eq!(store.info(hash).expect("held").pieces, PieceSet::full(4));
+    drop(store);
+    let store = open(&tmp.path().join("store"));
+    assert_eq!(store.info(hash).expect("held").pieces, PieceSet::full(4), "the meta on disk is the new blob's");
+    let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
+    assert_eq!((served, encoded.len()), (PieceSet::full(4), Source::new(data).encode(&PieceSet::full(4)).len()));
+}
+
+#[test]
 fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let config = StoreConfig { cache_bytes: 256 * MIB, ..Default::default() };
