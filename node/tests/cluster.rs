@@ -292,34 +292,42 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let n1 = NodeProc::start(&tmp.path().join("n1"), None);
     let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
-    let n3dir = tmp.path().join("n3");
+    let (n3dir, n5dir) = (tmp.path().join("n3"), tmp.path().join("n5"));
     let n3 = NodeProc::start(&n3dir, Some(&n1));
+    let n5 = NodeProc::start(&n5dir, Some(&n1));
     let input = tmp.path().join("input.bin");
     random_file(&input, 32 << 20, 11);
     let hash = add_and_wait(&n1, &n2, &input);
-    for n in [&n2, &n3] {
+    for n in [&n2, &n3, &n5] {
         n.cli(&["get", &hash, "-o", tmp.path().join(format!("{}.bin", n.peer_id)).to_str().expect("utf-8")]);
     }
-    // Rot one byte in every piece of n3's copy while it is down: near the start of every other
-    // piece (found as an answer opens, and left out of it) and deep in the others (found while
-    // the answer is on its way, which cuts it off).
-    let n3_peer = n3.peer_id.clone();
-    drop(n3);
-    let data = n3dir.join("store/blobs").join(&hash).join("data");
-    let mut bytes = std::fs::read(&data).expect("n3's data");
-    for (i, start) in (0..bytes.len()).step_by(256 << 10).enumerate() {
-        bytes[start + if i % 2 == 0 { 1000 } else { 200_000 }] ^= 0x5a;
+    // Rot one byte in every piece of two copies while their nodes are down: n3's near the start
+    // of each piece (found as an answer opens, and left out of it: the requester sees a piece it
+    // was promised go missing), n5's deep in each (found while the answer is on its way, which
+    // cuts it off, as a peer that restarts would).
+    let (n3_peer, n5_peer) = (n3.peer_id.clone(), n5.peer_id.clone());
+    drop((n3, n5));
+    for (dir, offset) in [(&n3dir, 1000), (&n5dir, 200_000)] {
+        let data = dir.join("store/blobs").join(&hash).join("data");
+        let mut bytes = std::fs::read(&data).expect("stored data");
+        for start in (0..bytes.len()).step_by(256 << 10) {
+            bytes[start + offset] ^= 0x5a;
+        }
+        std::fs::write(&data, bytes).expect("corrupt");
     }
-    std::fs::write(&data, bytes).expect("corrupt");
     let n3 = NodeProc::start(&n3dir, Some(&n1));
-    assert_eq!(n3.peer_id, n3_peer, "the identity persists across restarts");
+    let n5 = NodeProc::start(&n5dir, Some(&n1));
+    assert_eq!((&n3.peer_id, &n5.peer_id), (&n3_peer, &n5_peer), "the identity persists across restarts");
 
     let n4 = NodeProc::start(&tmp.path().join("n4"), Some(&n3));
-    assert!(eventually(30, || n4.try_cli(&["providers", &hash]).1.contains(&n3.peer_id)));
+    assert!(eventually(30, || {
+        let found = n4.try_cli(&["providers", &hash]).1;
+        found.contains(&n3.peer_id) && found.contains(&n5.peer_id)
+    }));
     let out = tmp.path().join("out.bin");
     let (ok, _, stderr) = n4.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
     assert!(ok, "get failed: {stderr}");
-    assert_eq!(b3sum(&out), hash, "the fetch is correct despite the rotten provider");
+    assert_eq!(b3sum(&out), hash, "the fetch is correct despite the rotten providers");
     let status: serde_json::Value = serde_json::from_str(&n4.cli(&["status", "--json"])).expect("status is JSON");
     let penalised: Vec<String> = status["penalties"]
         .as_array()
@@ -329,6 +337,7 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
         .collect();
     assert!(penalised.contains(&n3.peer_id), "the rotten provider was not penalised: {status}");
     assert!(!penalised.contains(&n1.peer_id) && !penalised.contains(&n2.peer_id), "{status}");
+    drop(n5);
 }
 
 #[test]

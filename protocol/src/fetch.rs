@@ -170,7 +170,7 @@ pub struct FetchConfig {
     pub have_refresh: Duration,
     /// If set, new requests are sized to take about this long at the peer's measured throughput:
     /// fewer than `pieces_per_request` pieces to a slow peer, and one piece to a peer not yet
-    /// measured. A seeder shared by a crowd then hands out verified pieces (which the fetchers
+    /// measured, one request at a time (its first answer measures it). A seeder shared by a crowd then hands out verified pieces (which the fetchers
     /// announce and trade) in seconds rather than after a whole request. The default is `None`
     /// (always `pieces_per_request`).
     pub request_target: Option<Duration>,
@@ -1624,7 +1624,7 @@ where
             .filter(|(_, r)| {
                 !r.dropped
                     && r.claims(claim.size())
-                    && r.in_flight < self.config.max_requests_per_peer
+                    && r.in_flight < self.window(r)
                     && r.backoff_until.is_none_or(|t| t <= now)
             })
             .map(|(p, r)| (r.expected_secs(request_bytes), r.salt, *p))
@@ -1659,6 +1659,17 @@ where
             count += 1;
         }
         Some(pieces)
+    }
+
+    /// The most requests `r` may have in flight: with a [`FetchConfig::request_target`], one until
+    /// an answer measured it. A seeder that just published a blob is asked by its crowd within a
+    /// round trip, and its first asker, alone so far, was sent a piece on each of its four
+    /// requests; the crowd then waited on that one uplink for all four pieces.
+    fn window(&self, r: &Peer) -> usize {
+        match self.config.request_target.is_some() && r.throughput.is_none() {
+            true => 1,
+            false => self.config.max_requests_per_peer,
+        }
     }
 
     /// The most pieces a new request to `peer` asks for (see [`FetchConfig::request_target`]).
@@ -2732,6 +2743,28 @@ mod tests {
         }
         let fast = requests(&d.drain());
         assert!(fast.iter().any(|(_, _, p)| p.count() == 4), "{fast:?}");
+    }
+
+    #[test]
+    fn with_a_request_target_a_peer_not_yet_measured_gets_one_request_at_a_time() {
+        let n = 64;
+        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..FetchConfig::default() };
+        let peers: Vec<(u32, PieceSet)> = (1..4).map(|p| (p, PieceSet::full(n))).collect();
+        let (mut d, after) = started(size_of(n), config, &peers);
+        // The size proof's answer measures its peer, which then gets a full window.
+        let (prover, id, pieces) = requests(&after)[0].clone();
+        let reqs = requests(&d.ok(prover, id, &pieces));
+        for peer in 1..4 {
+            let sent = reqs.iter().filter(|(p, _, _)| *p == peer).count();
+            assert_eq!(sent, if peer == prover { 4 } else { 1 }, "peer {peer}: {reqs:?}");
+        }
+        assert_eq!(d.drain(), vec![], "the others are not measured yet");
+        // An answer measures a peer: then it too gets a full window.
+        let (peer, id, pieces) = reqs.iter().find(|(p, _, _)| *p != prover).cloned().expect("another peer");
+        let next = requests(&d.ok(peer, id, &pieces));
+        assert_eq!(next.len(), 4, "{next:?}");
+        assert!(next.iter().all(|(p, _, _)| *p == peer));
+        assert_eq!(stats(&d.fetch, peer).requests_in_flight, 4);
     }
 
     #[test]
