@@ -130,6 +130,12 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// Another process has the store open (another node on the same data directory).
+    #[error("the store at {path} is in use by another process: is a node already running on this data directory?")]
+    InUse {
+        /// The store's directory.
+        path: PathBuf,
+    },
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -215,6 +221,10 @@ pub struct Store {
 #[derive(Debug)]
 struct Inner {
     root: PathBuf,
+    /// Locked while the store is open: two processes on one store would clear each other's
+    /// imports from `tmp/` and write each other's metas. `None` once [`Store::close`]d, or where
+    /// the file system has no locks.
+    lock: Mutex<Option<File>>,
     config: StoreConfig,
     state: Mutex<State>,
     hot: Mutex<HotPieces>,
@@ -443,13 +453,35 @@ mod bao_tree_io {
 }
 
 impl Store {
+    /// Whether a process (this one included) has the store at `root` open. A store that was never
+    /// created is not.
+    pub fn in_use(root: &Path) -> Result<bool> {
+        if !root.join("lock").exists() {
+            return Ok(false);
+        }
+        match lock_store(root) {
+            Ok(_) => Ok(false),
+            Err(StoreError::InUse { .. }) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lets another opener have the store, as a process that exits or dies does: a node that
+    /// stopped, or one crashed in an emulator that restarts it in the same process. Clones still
+    /// held keep working, and a later [`Store::open`] must be the only writer from then on.
+    pub fn close(&self) {
+        lock(&self.inner.lock).take();
+    }
+
     /// Opens (or creates) the store at `root`. Recovers from a crash: half-finished imports and
-    /// deletions are removed, and partial blobs keep exactly the pieces their meta names.
+    /// deletions are removed, and partial blobs keep exactly the pieces their meta names. Fails
+    /// with [`StoreError::InUse`] while another process has it open.
     pub fn open(root: impl Into<PathBuf>, config: StoreConfig) -> Result<Self> {
         let root = root.into();
         let blobs_dir = root.join("blobs");
         let tmp_dir = root.join("tmp");
         fs::create_dir_all(&blobs_dir).map_err(io_err("create", &blobs_dir))?;
+        let held = lock_store_waiting(&root)?;
         if tmp_dir.exists() {
             fs::remove_dir_all(&tmp_dir).map_err(io_err("clear", &tmp_dir))?;
         }
@@ -459,6 +491,7 @@ impl Store {
             state: Mutex::new(State { blobs: HashMap::new(), lru: ByteLru::new(config.cache_bytes), pinned_bytes: 0 }),
             hot: Mutex::new(HotPieces::new(config.hot_bytes)),
             root,
+            lock: Mutex::new(held),
             config,
             tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -1295,4 +1328,33 @@ fn write_meta(dir: &Path, meta: &Meta, durable: bool) -> Result<()> {
 
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
+}
+
+/// Takes the lock of the store at `root` (its `lock` file, made if missing), held until the file
+/// is closed.
+fn lock_store(root: &Path) -> Result<Option<File>> {
+    let path = root.join("lock");
+    let file =
+        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err("open", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: root.to_owned() }),
+        // Some network and FUSE file systems have no locks: the store works there as before.
+        Err(fs::TryLockError::Error(e)) => {
+            warn!(path = %path.display(), error = %e, "cannot lock the store; nothing stops a second node on it");
+            Ok(None)
+        }
+    }
+}
+
+/// [`lock_store`] for a store being opened: a lock held for a moment (by [`Store::in_use`], the
+/// command asking whether a node runs) is waited for, up to a second.
+fn lock_store_waiting(root: &Path) -> Result<Option<File>> {
+    for _ in 0..20 {
+        match lock_store(root) {
+            Err(StoreError::InUse { .. }) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            other => return other,
+        }
+    }
+    lock_store(root)
 }

@@ -338,7 +338,7 @@ fn a_stale_answer_finding_rot_leaves_the_blob_added_again_alone() {
     assert!(matches!(failed, StoreError::Corrupt { piece: 2, .. }), "{failed:?}");
     // The old answer's rot is not the new blob's: it keeps every piece, now and after a restart.
     assert_eq!(store.info(hash).expect("held").pieces, PieceSet::full(4));
-    drop(store);
+    drop((stream, store));
     let store = open(&tmp.path().join("store"));
     assert_eq!(store.info(hash).expect("held").pieces, PieceSet::full(4), "the meta on disk is the new blob's");
     let (served, encoded) = store.encode_pieces(hash, &PieceSet::full(4)).expect("encode");
@@ -381,4 +381,22 @@ fn a_whole_answer_leaves_out_a_piece_found_rotten_past_its_first_mib() {
     assert_eq!(served.iter().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
     assert_eq!(encoded, Source::new(data).encode(&served), "the rest is served intact");
     assert!(!store.info(hash).expect("held").pieces.contains(5));
+}
+
+#[test]
+fn a_store_is_opened_by_one_process_at_a_time() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    assert!(!Store::in_use(&root).expect("check"), "never created");
+    let store = open(&root);
+    let hash = import(&store, tmp.path(), b"kept", true);
+    // A second opener (another node on the same data directory) would clear the first one's
+    // imports in progress: it is refused, and the first store is untouched.
+    let second = Store::open(&root, StoreConfig::default());
+    assert!(matches!(second, Err(StoreError::InUse { .. })), "{second:?}");
+    assert!(Store::in_use(&root).expect("check"));
+    assert!(store.info(hash).is_some_and(|b| b.is_complete()));
+    drop(store);
+    assert!(!Store::in_use(&root).expect("check"), "closed, it is free again");
+    assert!(open(&root).info(hash).is_some_and(|b| b.is_complete()));
 }

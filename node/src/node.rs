@@ -224,6 +224,7 @@ impl Node {
         let store = self.handle.inner.store.clone();
         tokio::task::spawn_blocking(move || store.flush_all()).await??;
         let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join("api"));
+        self.handle.inner.store.close();
         Ok(())
     }
 }
@@ -238,6 +239,8 @@ impl Node {
             task.abort();
         }
         self.swarm_task.abort();
+        // A killed process's lock goes with it.
+        self.handle.inner.store.close();
     }
 }
 
