@@ -95,6 +95,12 @@ pub struct NodeConfig {
     /// minute) are not stretched. Not a configuration-file key; netsim keeps it between 0.01 and
     /// 1,000.
     pub time_scale: f64,
+    /// A node that runs for one command only (`shoal get` with no node running): it uses the DHT
+    /// as a client, answering none of its requests, and announces nothing. Other nodes then keep
+    /// neither a routing-table entry nor a provider record that points at it once it is gone;
+    /// with it a server, each short-lived fetch left the others' lookups waiting on a peer that
+    /// no longer answered. Not a configuration-file key. The default is `false`.
+    pub transient: bool,
 }
 
 impl NodeConfig {
@@ -136,6 +142,7 @@ impl NodeConfig {
             fetch_peers: shoal_protocol::fetch::FetchConfig::default().max_peers,
             ping: true,
             time_scale: 1.0,
+            transient: false,
         }
     }
 

@@ -488,6 +488,12 @@ async fn run(
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
         }
     };
+    // The response that completed the fetch came after the last report.
+    let counted = |p: &mut FetchProgress| p.fetched_bytes = fetched_bytes;
+    shared.send_modify(counted);
+    if let Some(tx) = progress {
+        tx.send_modify(counted);
+    }
     for (_, (task, _)) in requests {
         task.abort();
     }

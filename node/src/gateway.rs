@@ -23,14 +23,16 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", msg.into())).into_response()
 }
 
-/// Parses a single `bytes=` range against `size`: `Ok(None)` for no range header, `Err(())` for an
-/// unsatisfiable or unsupported one.
+/// Parses a single `bytes=` range against `size`: `Ok(None)` for a header to ignore (none, a
+/// unit other than bytes, which RFC 9110 says to ignore, or several ranges, which we do not
+/// serve as one multipart body and answer with the whole blob), `Err(())` for an unsatisfiable or
+/// malformed one.
 pub(crate) fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(v) = value else { return Ok(None) };
     let v = v.to_str().map_err(|_| ())?.trim();
-    let spec = v.strip_prefix("bytes=").ok_or(())?;
+    let Some(spec) = v.strip_prefix("bytes=") else { return Ok(None) };
     if spec.contains(',') {
-        return Err(()); // one range only
+        return Ok(None);
     }
     let (a, b) = spec.split_once('-').ok_or(())?;
     let (a, b) = (a.trim(), b.trim());
@@ -78,6 +80,23 @@ pub(crate) fn sniff(head: &[u8]) -> &'static str {
         return "text/plain; charset=utf-8";
     }
     "application/octet-stream"
+}
+
+/// The policy for content a browser would run: anyone may publish a blob, and a page served from
+/// this origin could otherwise act as it (read what it serves, send requests with its cookies).
+/// In a sandbox of its own origin a published site still runs its scripts and forms.
+const SANDBOX: &str = "sandbox allow-scripts allow-forms allow-popups allow-downloads";
+
+/// Whether a browser would run content of this type as a page of the origin serving it.
+fn runs_in_browser(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    matches!(essence, "text/html" | "application/xhtml+xml" | "image/svg+xml" | "text/xml" | "application/xml")
+}
+
+/// A client that accepts only `application/octet-stream` asks for a collection's own bytes (what
+/// `shoal get` writes out as a directory), not its listing.
+fn wants_raw(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.trim() == "application/octet-stream")
 }
 
 /// A content type from a file name's extension (collection entries).
@@ -256,7 +275,10 @@ pub(crate) async fn serve(
     } else {
         match wait_piece(&node, hash, 0, &fetching).await {
             Ok(first) => {
-                if path.is_none() && shoal_protocol::collection::Collection::is_collection(&first) {
+                if path.is_none()
+                    && !wants_raw(headers)
+                    && shoal_protocol::collection::Collection::is_collection(&first)
+                {
                     let bytes = match read_whole(&node, hash).await {
                         Ok(b) => b,
                         Err(resp) => return *resp,
@@ -277,7 +299,11 @@ pub(crate) async fn serve(
         .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, len.to_string());
+        .header(header::CONTENT_LENGTH, len.to_string())
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    if runs_in_browser(content_type) {
+        out = out.header(header::CONTENT_SECURITY_POLICY, SANDBOX);
+    }
     if range.is_some() {
         out = out.header(header::CONTENT_RANGE, format!("bytes {start}-{end_inclusive}/{size}"));
     }
@@ -366,8 +392,9 @@ mod tests {
         assert_eq!(parse_range(Some(&hv("bytes=10-")), 10), Err(()));
         assert_eq!(parse_range(Some(&hv("bytes=5-4")), 10), Err(()));
         assert_eq!(parse_range(Some(&hv("bytes=-0")), 10), Err(()));
-        assert_eq!(parse_range(Some(&hv("bytes=0-1,3-4")), 10), Err(()));
-        assert_eq!(parse_range(Some(&hv("items=0-1")), 10), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=0-1,3-4")), 10), Ok(None), "several ranges: the whole blob");
+        assert_eq!(parse_range(Some(&hv("items=0-1")), 10), Ok(None), "another unit: ignored");
+        assert_eq!(parse_range(Some(&hv("bytes=abc")), 10), Err(()));
         assert_eq!(parse_range(Some(&hv("bytes=0-")), 0), Err(()));
     }
 

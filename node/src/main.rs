@@ -7,10 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use shoal_node::api::{AddRequest, Added, FetchLine};
 use shoal_node::protocol::Hash;
+use shoal_node::protocol::collection::{Collection, MAGIC, MAX_ENCODED};
 use shoal_node::{FetchProgress, Node, NodeConfig};
 
 /// Shoal: a peer-to-peer content delivery network. Blobs are named by their BLAKE3 hash (the
@@ -273,12 +275,17 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// The running node's API address: `SHOAL_API`, else `<data-dir>/api`.
+/// The running node's API address: `SHOAL_API`, else `<data-dir>/api` while a node holds the
+/// store there (a node killed before it could remove the file leaves it behind).
 fn api_addr(data_dir: &Path) -> Option<String> {
     if let Ok(a) = std::env::var("SHOAL_API") {
         return Some(a.trim().trim_start_matches("http://").trim_end_matches('/').to_string());
     }
-    std::fs::read_to_string(data_dir.join("api")).ok().map(|s| s.trim().to_string())
+    let addr = std::fs::read_to_string(data_dir.join("api")).ok().map(|s| s.trim().to_string())?;
+    match shoal_node::cache::Store::in_use(&data_dir.join("store")) {
+        Ok(false) => None,
+        Ok(true) | Err(_) => Some(addr),
+    }
 }
 
 fn require_api(data_dir: &Path) -> anyhow::Result<String> {
@@ -342,9 +349,74 @@ fn get(data_dir: &Path, hash: &str, output: Option<PathBuf>, bootstrap: Vec<Mult
     let hash = parse_hash(hash)?;
     let output = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
     match api_addr(data_dir) {
-        Some(api) => get_via_api(&api, hash, &output),
+        Some(api) => get_blob(&mut ViaApi { api, agent: agent() }, hash, &output),
         None => get_with_own_node(hash, &output, bootstrap),
     }
+}
+
+/// Where `shoal get` fetches blobs and reads them back from: the running node's API, or a node of
+/// its own.
+trait Blobs {
+    /// Fetches `hash` into the node's store, showing progress.
+    fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress>;
+    /// The blob's bytes, as the node verified them.
+    fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>>;
+}
+
+/// Fetches `hash` and writes it to `output`. A collection (what `shoal add` made of a directory)
+/// is written out as that directory, each file fetched in turn, unless the output is "-".
+fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<()> {
+    let progress = blobs.fetch(hash)?;
+    let mut source = blobs.open(hash)?;
+    let collection = match output != Path::new("-") && progress.total_bytes.unwrap_or(0) <= MAX_ENCODED as u64 {
+        true => {
+            let mut head = Vec::new();
+            (&mut source).take(MAGIC.len() as u64 + 1).read_to_end(&mut head)?;
+            if Collection::is_collection(&head) {
+                source.read_to_end(&mut head).context("the download was interrupted")?;
+                let got = Hash::of(&head);
+                if got != hash {
+                    bail!("the bytes received hash to {got}, not {hash}; nothing was written");
+                }
+                Some(Collection::decode(&head).with_context(|| format!("{hash} is a malformed collection"))?)
+            } else {
+                let rest = source;
+                source = Box::new(std::io::Cursor::new(head).chain(rest));
+                None
+            }
+        }
+        false => None,
+    };
+    let Some(collection) = collection else {
+        write_verified(hash, source, output)?;
+        report(hash, &progress);
+        return Ok(());
+    };
+    drop(source);
+    report(hash, &progress);
+    for entry in collection.entries() {
+        let path = output.join(entry.path.split('/').collect::<PathBuf>());
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        let progress = blobs.fetch(entry.hash)?;
+        write_verified(entry.hash, blobs.open(entry.hash)?, &path)?;
+        eprintln!("  {}: {} bytes", path.display(), progress.verified_bytes);
+    }
+    eprintln!(
+        "collection {hash}: {} files, {} bytes, in {}",
+        collection.entries().len(),
+        collection.total_size(),
+        output.display()
+    );
+    Ok(())
+}
+
+fn report(hash: Hash, progress: &FetchProgress) {
+    eprintln!(
+        "verified {hash}: {} bytes ({} already held, {} received from peers)",
+        progress.verified_bytes, progress.resumed_bytes, progress.fetched_bytes
+    );
 }
 
 fn show_progress(p: &FetchProgress) {
@@ -366,41 +438,53 @@ fn show_progress(p: &FetchProgress) {
     let _ = err.flush();
 }
 
-fn get_via_api(api: &str, hash: Hash, output: &Path) -> anyhow::Result<()> {
-    let agent = agent();
-    let mut resp = agent
-        .post(format!("http://{api}/v1/fetch/{hash}"))
-        .send_empty()
-        .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
-    if !resp.status().is_success() {
-        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
-        bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("fetch refused"));
+/// `shoal get` through the running node's API.
+struct ViaApi {
+    api: String,
+    agent: ureq::Agent,
+}
+
+impl Blobs for ViaApi {
+    fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress> {
+        let api = &self.api;
+        let mut resp = self
+            .agent
+            .post(format!("http://{api}/v1/fetch/{hash}"))
+            .send_empty()
+            .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+        if !resp.status().is_success() {
+            let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+            bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("fetch refused"));
+        }
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut last = None;
+        for line in std::io::BufRead::lines(reader) {
+            let line: FetchLine = serde_json::from_str(&line?)?;
+            show_progress(&line.progress);
+            last = Some(line);
+        }
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+        match last {
+            Some(FetchLine { error: Some(e), .. }) => bail!("{e}"),
+            Some(FetchLine { progress, .. }) if progress.done => Ok(progress),
+            _ => bail!("the node stopped answering during the fetch"),
+        }
     }
-    let reader = std::io::BufReader::new(resp.into_body().into_reader());
-    let mut last = None;
-    for line in std::io::BufRead::lines(reader) {
-        let line: FetchLine = serde_json::from_str(&line?)?;
-        show_progress(&line.progress);
-        last = Some(line);
+
+    fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>> {
+        // The blob's own bytes: a collection is not turned into its listing.
+        let resp = self
+            .agent
+            .get(format!("http://{}/v1/blobs/{hash}", self.api))
+            .header("Accept", "application/octet-stream")
+            .call()?;
+        if !resp.status().is_success() {
+            bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
+        }
+        Ok(Box::new(resp.into_body().into_reader()))
     }
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
-    let progress = match last {
-        Some(FetchLine { error: Some(e), .. }) => bail!("{e}"),
-        Some(FetchLine { progress, .. }) if progress.done => progress,
-        _ => bail!("the node stopped answering during the fetch"),
-    };
-    let resp = agent.get(format!("http://{api}/v1/blobs/{hash}")).call()?;
-    if !resp.status().is_success() {
-        bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
-    }
-    write_verified(hash, resp.into_body().into_reader(), output)?;
-    eprintln!(
-        "verified {hash}: {} bytes ({} already held, {} received from peers)",
-        progress.verified_bytes, progress.resumed_bytes, progress.fetched_bytes
-    );
-    Ok(())
 }
 
 /// Writes `source` to `output` only if its BLAKE3 hash is `hash`: into a temporary file beside it,
@@ -411,6 +495,15 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
         std::io::copy(&mut source, &mut out)?;
         return Ok(());
     }
+    // A symlink is written through, as a shell's `>` would; a file that is not a regular one (a
+    // device such as /dev/null, a pipe) is written into once the bytes verified, not replaced.
+    let target = match std::fs::metadata(output) {
+        Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
+        Ok(m) if !m.is_file() => return write_verified_into(hash, source, output),
+        Ok(_) => std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
+        Err(_) => output.to_owned(),
+    };
+    let output = target.as_path();
     let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".shoal-partial");
     let partial = output.with_file_name(name);
@@ -433,12 +526,31 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
         }
-        std::fs::rename(&partial, output)?;
+        std::fs::rename(&partial, output).with_context(|| format!("cannot write {}", output.display()))?;
         Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
+    result
+}
+
+/// [`write_verified`] for an output that is not a regular file: the bytes are kept in a temporary
+/// file until they verified, then copied into `output`.
+fn write_verified_into(hash: Hash, source: impl Read, output: &Path) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let result = (|| {
+        let spooled = dir.join("blob");
+        write_verified(hash, source, &spooled)?;
+        let mut from = std::fs::File::open(&spooled)?;
+        let mut to = std::fs::OpenOptions::new()
+            .write(true)
+            .open(output)
+            .with_context(|| format!("cannot open {}", output.display()))?;
+        std::io::copy(&mut from, &mut to).with_context(|| format!("cannot write {}", output.display()))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
@@ -454,50 +566,91 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
     config.bootstrap = bootstrap;
     config.api = None;
     config.durable = false;
-    let output = output.to_owned();
-    let result = runtime()?.block_on(async move {
-        let node = Node::start(config).await?;
-        let handle = node.handle();
-        let (ptx, mut prx) = tokio::sync::watch::channel(FetchProgress::default());
-        let fetch = handle.fetch(hash, Some(ptx));
-        tokio::pin!(fetch);
-        let result = loop {
-            tokio::select! {
-                r = &mut fetch => break r,
-                Ok(()) = prx.changed() => show_progress(&prx.borrow_and_update().clone()),
-            }
-        };
-        if std::io::stderr().is_terminal() {
-            eprintln!();
-        }
-        let outcome = match result {
-            Ok(_) => {
-                let store = handle.store().clone();
-                let out = output.clone();
-                if out == Path::new("-") {
-                    let mut stdout = std::io::stdout().lock();
-                    let info = store.info(hash).ok_or_else(|| anyhow!("blob vanished"))?;
-                    for p in 0..info.pieces.piece_count() {
-                        stdout.write_all(&store.read_piece(hash, p)?)?;
-                    }
-                    Ok(())
-                } else {
-                    tokio::task::spawn_blocking(move || store.export(hash, &out)).await?.map(|_| ()).map_err(Into::into)
-                }
-            }
-            Err(e) => Err(anyhow::Error::from(e)),
-        };
-        node.shutdown().await?;
+    config.transient = true;
+    let result = (|| {
+        let runtime = runtime()?;
+        let node = runtime.block_on(Node::start(config))?;
+        let mut own = OwnNode { handle: node.handle(), runtime: &runtime };
+        let outcome = get_blob(&mut own, hash, output);
+        runtime.block_on(node.shutdown())?;
         outcome
-    });
+    })();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
+/// `shoal get` through a short-lived node of its own.
+struct OwnNode<'a> {
+    handle: shoal_node::NodeHandle,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl Blobs for OwnNode<'_> {
+    fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress> {
+        let handle = self.handle.clone();
+        let (ptx, mut prx) = tokio::sync::watch::channel(FetchProgress::default());
+        let result = self.runtime.block_on(async {
+            let fetch = handle.fetch(hash, Some(ptx));
+            tokio::pin!(fetch);
+            loop {
+                tokio::select! {
+                    r = &mut fetch => break r,
+                    Ok(()) = prx.changed() => show_progress(&prx.borrow_and_update().clone()),
+                }
+            }
+        });
+        if std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+        result?;
+        Ok(prx.borrow().clone())
+    }
+
+    fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>> {
+        let store = self.handle.store().clone();
+        let pieces = store.info(hash).ok_or_else(|| anyhow!("{hash} is not in the store"))?.pieces.piece_count();
+        Ok(Box::new(PieceReader { store, hash, next: 0, pieces, current: std::io::Cursor::new(Bytes::new()) }))
+    }
+}
+
+/// A blob read from a store piece by piece; each piece is checked as it is read.
+struct PieceReader {
+    store: shoal_node::cache::Store,
+    hash: Hash,
+    next: u32,
+    pieces: u32,
+    current: std::io::Cursor<Bytes>,
+}
+
+impl Read for PieceReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let n = self.current.read(buf)?;
+            if n > 0 || buf.is_empty() || self.next == self.pieces {
+                return Ok(n);
+            }
+            let piece = self.store.read_piece(self.hash, self.next).map_err(std::io::Error::other)?;
+            self.current = std::io::Cursor::new(piece);
+            self.next += 1;
+        }
+    }
+}
+
+/// A new directory under the system's temporary directory, made for us alone: a name another
+/// user could have taken first is not used.
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("shoal-get-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    for _ in 0..16 {
+        let dir = std::env::temp_dir().join(format!("shoal-get-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        match builder.create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    bail!("cannot create a temporary directory under {}", std::env::temp_dir().display())
 }
 
 fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {

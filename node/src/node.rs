@@ -129,7 +129,10 @@ impl Node {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         for addr in &config.listen {
-            swarm.listen_on(addr.clone()).map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            // The transport's error names nothing itself (its cause does, e.g. the port in use).
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {addr}")))?;
         }
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
@@ -365,6 +368,9 @@ impl NodeHandle {
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
+        if self.inner.config.transient {
+            return;
+        }
         let _ = self.command(Command::Provide(hash)).await;
     }
 

@@ -198,8 +198,10 @@ pub(crate) fn build_swarm(
             },
         );
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
-        // Every Shoal node serves the DHT: we do not wait for an external address to be confirmed.
-        kad.set_mode(Some(kad::Mode::Server));
+        // Every Shoal node serves the DHT (we do not wait for an external address to be
+        // confirmed), except one that runs for a single command and would leave dead entries in
+        // the others' routing tables.
+        kad.set_mode(Some(if config.transient { kad::Mode::Client } else { kad::Mode::Server }));
         let limits = connection_limits::ConnectionLimits::default()
             .with_max_established(Some(crate::connmgr::hard_cap(config.max_connections)))
             .with_max_pending_incoming(Some(64))

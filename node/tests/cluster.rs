@@ -2,6 +2,7 @@
 //! would. Every process is killed when its guard drops; every wait is bounded.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -408,4 +409,88 @@ fn sigterm_stops_a_node_cleanly() {
     };
     assert!(exit.success(), "a SIGTERM stop is a clean exit: {exit:?}");
     assert!(!n.dir.join("api").exists(), "the API address file is removed on a clean stop");
+}
+
+#[test]
+fn a_directory_added_is_fetched_back_as_that_directory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let site = tmp.path().join("site");
+    std::fs::create_dir_all(site.join("sub dir")).expect("mkdir");
+    random_file(&site.join("a.bin"), 700_000, 5);
+    random_file(&site.join("sub dir/b.bin"), 3, 6);
+    let hash = add_and_wait(&n1, &n2, &site);
+    let out = tmp.path().join("copy");
+    n2.cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+    for file in ["a.bin", "sub dir/b.bin"] {
+        assert_eq!(b3sum(&out.join(file)), b3sum(&site.join(file)), "{file}");
+    }
+    assert_eq!(std::fs::read_dir(&out).expect("list").count(), 2, "a.bin and sub dir, nothing else");
+    // To standard output it is the collection's own bytes, which hash to its id.
+    let raw = Command::new(SHOAL)
+        .args(["get", &hash, "-o", "-"])
+        .env("SHOAL_DATA_DIR", &n2.dir)
+        .env_remove("SHOAL_API")
+        .output()
+        .expect("run get");
+    assert!(raw.status.success());
+    assert_eq!(blake3::hash(&raw.stdout).to_hex().to_string(), hash);
+}
+
+#[test]
+fn get_writes_through_a_symlink_and_into_a_pipe_without_replacing_them() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 600_000, 8);
+    let hash = n1.cli(&["add", input.to_str().expect("utf-8")]).split_whitespace().next().expect("hash").to_string();
+
+    let target = tmp.path().join("target.bin");
+    std::fs::write(&target, b"old").expect("write");
+    let link = tmp.path().join("link.bin");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    n1.cli(&["get", &hash, "-o", link.to_str().expect("utf-8")]);
+    assert!(std::fs::symlink_metadata(&link).expect("stat").file_type().is_symlink(), "the link is still a link");
+    assert_eq!(b3sum(&target), hash, "its target holds the blob");
+
+    // A pipe (as /dev/stdout or a device would be) is written into, not replaced by a file.
+    let fifo = tmp.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo").success(), "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(&fifo).expect("read the pipe"))
+    };
+    n1.cli(&["get", &hash, "-o", fifo.to_str().expect("utf-8")]);
+    let through = reader.join().expect("reader");
+    assert_eq!(blake3::hash(&through).to_hex().to_string(), hash);
+    assert!(std::fs::symlink_metadata(&fifo).expect("stat").file_type().is_fifo(), "the pipe is still a pipe");
+    let left: Vec<_> =
+        std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".shoal-partial")), "{left:?}");
+}
+
+#[test]
+fn a_second_node_on_one_data_directory_is_refused_and_a_killed_one_is_not_waited_for() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let second = Command::new(SHOAL)
+        .args(["node", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+        .env("SHOAL_DATA_DIR", &n1.dir)
+        .env_remove("SHOAL_API")
+        .env_remove("SHOAL_BOOTSTRAP")
+        .output()
+        .expect("run a second node");
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use"), "{}", String::from_utf8_lossy(&second.stderr));
+    // The first node is untouched: its API address file is still there and it answers.
+    assert!(n1.try_cli(&["status"]).0, "the running node still answers");
+
+    // Killed, a node leaves its API address file behind; the command knows it is gone.
+    n1.child.kill().expect("kill");
+    n1.child.wait().expect("wait");
+    assert!(n1.dir.join("api").exists());
+    let (ok, _, err) = n1.try_cli(&["status"]);
+    assert!(!ok);
+    assert!(err.contains("no running node"), "{err}");
 }

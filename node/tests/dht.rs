@@ -93,3 +93,41 @@ async fn every_provider_lookup_succeeds_while_the_provider_lives() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_node_fetches_but_leaves_no_trace_in_the_dht() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut addrs: Vec<Multiaddr> = Vec::new();
+    for i in 0..4 {
+        let bootstrap = addrs.first().cloned().into_iter().collect();
+        let node = start(memory_config(tmp.path().join(i.to_string()), bootstrap)).await;
+        addrs.push(node.handle().wait_listening().await.expect("listening")[0].clone());
+        nodes.push(node);
+    }
+    let file = tmp.path().join("blob");
+    std::fs::write(&file, vec![3u8; 1 << 20]).expect("write");
+    let hash = nodes[0].handle().add_path(&file).await.expect("add").hash;
+
+    // What `shoal get` starts when no node runs: it joins through another node and fetches.
+    let mut config = memory_config(tmp.path().join("transient"), vec![addrs[1].clone()]);
+    config.transient = true;
+    let transient = start(config).await;
+    let id = transient.handle().peer_id();
+    let info = tokio::time::timeout(Duration::from_secs(30), transient.handle().fetch(hash, None))
+        .await
+        .expect("fetched in time")
+        .expect("fetch");
+    assert!(info.is_complete());
+    // It announced nothing, and no node keeps it in its routing table: once it is gone, nobody's
+    // lookups wait on it.
+    for n in &nodes {
+        assert!(!n.handle().providers(hash).await.expect("lookup").contains(&id), "announced");
+        let snapshot = n.handle().dht_snapshot(hash).await.expect("snapshot");
+        assert!(!snapshot.routing_table.contains(&id), "in a routing table");
+    }
+    transient.shutdown().await.expect("shutdown");
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}

@@ -87,11 +87,21 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
             let body = r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
             assert_eq!(body, &expect[start..=end], "{range}");
         }
-        for bad in [format!("bytes={size}-"), "bytes=9-3".to_string(), "bytes=0-1,4-5".to_string()] {
+        for bad in [format!("bytes={size}-"), "bytes=9-3".to_string(), "bytes=abc".to_string()] {
             let r = a.get(&url).header("Range", &bad).call().expect("bad range GET");
             assert_eq!(r.status(), 416, "{bad}");
             assert_eq!(r.headers()["content-range"], format!("bytes */{size}").as_str());
         }
+        // A unit we do not know, and several ranges (which we do not serve as one multipart body),
+        // are ignored: the whole blob.
+        for ignored in ["items=0-5", "bytes=0-1,4-5"] {
+            let mut r = a.get(&url).header("Range", ignored).call().expect("ignored range GET");
+            assert_eq!(r.status(), 200, "{ignored}");
+            let body = r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
+            assert_eq!(body, expect, "{ignored}");
+        }
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert!(h.get("content-security-policy").is_none(), "bytes a browser does not run need no sandbox");
 
         // If-None-Match with the hash: 304.
         let r = a.get(&url).header("If-None-Match", format!("\"{hash}\"")).call().expect("conditional GET");
@@ -234,6 +244,9 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
         assert_eq!(r.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body"), a_txt);
         let r = a.get(format!("http://{gw_addr}/{collection}/index.html")).call().expect("GET entry");
         assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+        // Anyone may publish a page: it runs in a sandbox of its own origin, not as the gateway.
+        let csp = r.headers()["content-security-policy"].to_str().expect("ascii");
+        assert!(csp.starts_with("sandbox") && !csp.contains("allow-same-origin"), "{csp}");
 
         assert_eq!(a.get(format!("http://{gw_addr}/{collection}/nope")).call().expect("GET").status(), 404);
         let file_hash = blake3::hash(b"<!DOCTYPE html><p>hi</p>").to_hex().to_string();
