@@ -76,7 +76,13 @@ pub(crate) fn sniff(head: &[u8]) -> &'static str {
     if head.len() >= 12 && &head[4..8] == b"ftyp" {
         return "video/mp4";
     }
-    if !head.is_empty() && std::str::from_utf8(head).is_ok_and(|s| !s.contains('\0')) {
+    // The head may end inside a character: text is UTF-8 up to a sequence cut short at its end.
+    let text = match std::str::from_utf8(head) {
+        Ok(s) => Some(s),
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).ok(),
+        Err(_) => None,
+    };
+    if !head.is_empty() && text.is_some_and(|s| !s.contains('\0')) {
         return "text/plain; charset=utf-8";
     }
     "application/octet-stream"
@@ -403,5 +409,9 @@ mod tests {
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), "image/png");
         assert_eq!(sniff(b"hello"), "text/plain; charset=utf-8");
         assert_eq!(sniff(&[0, 1, 2, 0xff]), "application/octet-stream");
+        // The first 512 bytes of a text may end inside a character.
+        let text = "é".repeat(300);
+        assert_eq!(sniff(&text.as_bytes()[..511]), "text/plain; charset=utf-8");
+        assert_eq!(sniff(b"ok\xff and then more"), "application/octet-stream", "not UTF-8 before its end");
     }
 }

@@ -459,7 +459,8 @@ impl Blobs for ViaApi {
         let reader = std::io::BufReader::new(resp.into_body().into_reader());
         let mut last = None;
         for line in std::io::BufRead::lines(reader) {
-            let line: FetchLine = serde_json::from_str(&line?)?;
+            let line = line.map_err(|e| anyhow!("the node stopped answering during the fetch ({e})"))?;
+            let line: FetchLine = serde_json::from_str(&line)?;
             show_progress(&line.progress);
             last = Some(line);
         }
