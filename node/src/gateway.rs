@@ -20,7 +20,8 @@ use crate::node::NodeHandle;
 const PIECE_POLL: Duration = Duration::from_millis(20);
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", msg.into())).into_response()
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")];
+    (status, headers, format!("{}\n", msg.into())).into_response()
 }
 
 /// Parses a single `bytes=` range against `size`: `Ok(None)` for a header to ignore (none, a
@@ -30,7 +31,10 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 pub(crate) fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u64)>, ()> {
     let Some(v) = value else { return Ok(None) };
     let v = v.to_str().map_err(|_| ())?.trim();
-    let Some(spec) = v.strip_prefix("bytes=") else { return Ok(None) };
+    // Range units are case-insensitive.
+    let Some(spec) = v.get(..6).filter(|unit| unit.eq_ignore_ascii_case("bytes=")).map(|_| &v[6..]) else {
+        return Ok(None);
+    };
     if spec.contains(',') {
         return Ok(None);
     }
@@ -53,7 +57,10 @@ pub(crate) fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Opti
     Ok(Some((start, end)))
 }
 
-/// A content type from the first bytes of a blob.
+/// How many of a blob's first bytes its content type is sniffed from.
+const SNIFF_LEN: usize = 512;
+
+/// A content type from the first bytes of a blob (at most [`SNIFF_LEN`]).
 pub(crate) fn sniff(head: &[u8]) -> &'static str {
     const MAGIC: &[(&[u8], &str)] = &[
         (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -76,10 +83,13 @@ pub(crate) fn sniff(head: &[u8]) -> &'static str {
     if head.len() >= 12 && &head[4..8] == b"ftyp" {
         return "video/mp4";
     }
-    // The head may end inside a character: text is UTF-8 up to a sequence cut short at its end.
+    // Text is UTF-8 without NULs.
     let text = match std::str::from_utf8(head) {
         Ok(s) => Some(s),
-        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).ok(),
+        // A head cut at `SNIFF_LEN` may end inside a character; a shorter one is the whole blob.
+        Err(e) if e.error_len().is_none() && head.len() == SNIFF_LEN => {
+            std::str::from_utf8(&head[..e.valid_up_to()]).ok()
+        }
         Err(_) => None,
     };
     if !head.is_empty() && text.is_some_and(|s| !s.contains('\0')) {
@@ -168,7 +178,6 @@ async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Respon
 
 fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &HeaderMap) -> Response {
     let wants_json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("json"));
-    let etag = format!("\"{hash}\"");
     if wants_json {
         let entries: Vec<_> = c
             .entries()
@@ -176,7 +185,9 @@ fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &Hea
             .map(|e| serde_json::json!({ "path": e.path, "hash": e.hash.to_string(), "size": e.size }))
             .collect();
         let body = serde_json::json!({ "collection": hash.to_string(), "entries": entries }).to_string();
-        return ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], body).into_response();
+        let etag = format!("\"{hash}.json\"");
+        return ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], LISTING, body)
+            .into_response();
     }
     let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;");
     let mut html = format!(
@@ -189,8 +200,15 @@ fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &Hea
         html.push_str(&format!("<li><a href=\"{hash}/{}\">{}</a> {} bytes</li>\n", esc(&href), esc(&e.path), e.size));
     }
     html.push_str("</ul></body></html>\n");
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()), (header::ETAG, etag)], html).into_response()
+    let etag = format!("\"{hash}.html\"");
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()), (header::ETAG, etag)], LISTING, html)
+        .into_response()
 }
+
+/// Headers of a collection's listing, and of its own bytes: the same URL answers either by
+/// `Accept`, and a shared cache must keep them apart.
+const LISTING: [(header::HeaderName, &str); 2] =
+    [(header::VARY, "Accept"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")];
 
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -268,7 +286,13 @@ pub(crate) async fn serve(
     let range = match parse_range(headers.get(header::RANGE), size) {
         Ok(r) => r,
         Err(()) => {
-            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))])
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [
+                    (header::CONTENT_RANGE, format!("bytes */{size}")),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff".into()),
+                ],
+            )
                 .into_response();
         }
     };
@@ -276,15 +300,14 @@ pub(crate) async fn serve(
     let len = if size == 0 { 0 } else { end_inclusive - start + 1 };
 
     // The content type comes from the collection entry, or from the first piece once verified.
+    let mut is_collection = false;
     let content_type = if size == 0 {
         "application/octet-stream"
     } else {
         match wait_piece(&node, hash, 0, &fetching).await {
             Ok(first) => {
-                if path.is_none()
-                    && !wants_raw(headers)
-                    && shoal_protocol::collection::Collection::is_collection(&first)
-                {
+                is_collection = path.is_none() && shoal_protocol::collection::Collection::is_collection(&first);
+                if is_collection && !wants_raw(headers) {
                     let bytes = match read_whole(&node, hash).await {
                         Ok(b) => b,
                         Err(resp) => return *resp,
@@ -294,7 +317,7 @@ pub(crate) async fn serve(
                         Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
                     };
                 }
-                type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(512)]))
+                type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(SNIFF_LEN)]))
             }
             Err(resp) => return *resp,
         }
@@ -309,6 +332,9 @@ pub(crate) async fn serve(
         .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     if runs_in_browser(content_type) {
         out = out.header(header::CONTENT_SECURITY_POLICY, SANDBOX);
+    }
+    if is_collection {
+        out = out.header(header::VARY, "Accept");
     }
     if range.is_some() {
         out = out.header(header::CONTENT_RANGE, format!("bytes {start}-{end_inclusive}/{size}"));
@@ -411,7 +437,9 @@ mod tests {
         assert_eq!(sniff(&[0, 1, 2, 0xff]), "application/octet-stream");
         // The first 512 bytes of a text may end inside a character.
         let text = "é".repeat(300);
-        assert_eq!(sniff(&text.as_bytes()[..511]), "text/plain; charset=utf-8");
+        assert_eq!(sniff(&text.as_bytes()[..SNIFF_LEN - 1]), "application/octet-stream", "the whole blob, cut short");
+        let cut = format!("a{text}");
+        assert_eq!(sniff(&cut.as_bytes()[..SNIFF_LEN]), "text/plain; charset=utf-8", "cut by the sniffer");
         assert_eq!(sniff(b"ok\xff and then more"), "application/octet-stream", "not UTF-8 before its end");
     }
 }

@@ -378,7 +378,9 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
                 if got != hash {
                     bail!("the bytes received hash to {got}, not {hash}; nothing was written");
                 }
-                Some(Collection::decode(&head).with_context(|| format!("{hash} is a malformed collection"))?)
+                // Bytes that only start like a collection are written out as they are.
+                source = Box::new(std::io::Cursor::new(head.clone()));
+                Collection::decode(&head).ok()
             } else {
                 let rest = source;
                 source = Box::new(std::io::Cursor::new(head).chain(rest));
@@ -394,21 +396,45 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     };
     drop(source);
     report(hash, &progress);
-    for entry in collection.entries() {
-        let path = output.join(entry.path.split('/').collect::<PathBuf>());
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-        }
-        let progress = blobs.fetch(entry.hash)?;
-        write_verified(entry.hash, blobs.open(entry.hash)?, &path)?;
-        eprintln!("  {}: {} bytes", path.display(), progress.verified_bytes);
+    // A collection's publisher names its paths: they go into a directory of their own, made
+    // fresh beside the output and renamed into place once every file verified, never into a
+    // directory that exists (a home directory's dotfiles, a symlink planted in it).
+    if std::fs::symlink_metadata(output).is_ok() {
+        bail!(
+            "{hash} is a directory of {} files; {} exists, so name a new path with -o",
+            collection.entries().len(),
+            output.display()
+        );
     }
-    eprintln!(
-        "collection {hash}: {} files, {} bytes, in {}",
-        collection.entries().len(),
-        collection.total_size(),
-        output.display()
-    );
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".shoal-partial");
+    let partial = output.with_file_name(name);
+    let _ = std::fs::remove_dir_all(&partial);
+    let written = (|| {
+        std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut bytes = 0;
+        for entry in collection.entries() {
+            let relative: PathBuf = entry.path.split('/').collect();
+            let path = partial.join(&relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            let progress = blobs.fetch(entry.hash)?;
+            write_verified(entry.hash, blobs.open(entry.hash)?, &path)?;
+            bytes += progress.verified_bytes;
+            eprintln!("  {}: {} bytes", output.join(&relative).display(), progress.verified_bytes);
+        }
+        std::fs::rename(&partial, output).with_context(|| format!("cannot write {}", output.display()))?;
+        anyhow::Ok(bytes)
+    })();
+    let bytes = match written {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+    };
+    eprintln!("collection {hash}: {} files, {bytes} bytes, in {}", collection.entries().len(), output.display());
     Ok(())
 }
 
@@ -489,7 +515,8 @@ impl Blobs for ViaApi {
 }
 
 /// Writes `source` to `output` only if its BLAKE3 hash is `hash`: into a temporary file beside it,
-/// renamed into place after the check. Standard output ("-") gets only bytes the node verified.
+/// renamed into place after the check. Standard output ("-"), a device or a pipe gets the bytes
+/// the node verified as they come.
 fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
     if output == Path::new("-") {
         let mut out = std::io::stdout().lock();
@@ -502,6 +529,9 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
         Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
         Ok(m) if !m.is_file() => return write_verified_into(hash, source, output),
         Ok(_) => std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
+        Err(_) if std::fs::symlink_metadata(output).is_ok() => {
+            bail!("cannot write to {}: it is a symlink to nothing", output.display())
+        }
         Err(_) => output.to_owned(),
     };
     let output = target.as_path();
@@ -536,23 +566,29 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
     result
 }
 
-/// [`write_verified`] for an output that is not a regular file: the bytes are kept in a temporary
-/// file until they verified, then copied into `output`.
-fn write_verified_into(hash: Hash, source: impl Read, output: &Path) -> anyhow::Result<()> {
-    let dir = tempfile_dir()?;
-    let result = (|| {
-        let spooled = dir.join("blob");
-        write_verified(hash, source, &spooled)?;
-        let mut from = std::fs::File::open(&spooled)?;
-        let mut to = std::fs::OpenOptions::new()
-            .write(true)
-            .open(output)
-            .with_context(|| format!("cannot open {}", output.display()))?;
-        std::io::copy(&mut from, &mut to).with_context(|| format!("cannot write {}", output.display()))?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+/// [`write_verified`] for an output that is not a regular file (a device, a pipe), which cannot be
+/// replaced once the bytes verified: like standard output, it gets the bytes the node verified
+/// as they come, and the whole is checked against `hash` at the end.
+fn write_verified_into(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .open(output)
+        .with_context(|| format!("cannot open {}", output.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = source.read(&mut buf).context("the download was interrupted")?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n]).with_context(|| format!("cannot write {}", output.display()))?;
+    }
+    let got = Hash::from(hasher.finalize());
+    if got != hash {
+        bail!("the bytes received hash to {got}, not {hash}");
+    }
+    Ok(())
 }
 
 fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {

@@ -427,6 +427,10 @@ fn a_directory_added_is_fetched_back_as_that_directory() {
         assert_eq!(b3sum(&out.join(file)), b3sum(&site.join(file)), "{file}");
     }
     assert_eq!(std::fs::read_dir(&out).expect("list").count(), 2, "a.bin and sub dir, nothing else");
+    // Its publisher names the paths: an existing directory is not written into.
+    let (ok, _, err) = n2.try_cli(&["get", &hash, "-o", tmp.path().to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    assert!(!tmp.path().join("a.bin").exists());
     // To standard output it is the collection's own bytes, which hash to its id.
     let raw = Command::new(SHOAL)
         .args(["get", &hash, "-o", "-"])
@@ -457,12 +461,14 @@ fn get_writes_through_a_symlink_and_into_a_pipe_without_replacing_them() {
     // A pipe (as /dev/stdout or a device would be) is written into, not replaced by a file.
     let fifo = tmp.path().join("fifo");
     assert!(Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo").success(), "mkfifo");
-    let reader = {
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
         let fifo = fifo.clone();
-        std::thread::spawn(move || std::fs::read(&fifo).expect("read the pipe"))
-    };
+        // Were the pipe replaced, this would wait for a writer for ever: the wait below is bounded.
+        std::thread::spawn(move || tx.send(std::fs::read(&fifo).expect("read the pipe")));
+    }
     n1.cli(&["get", &hash, "-o", fifo.to_str().expect("utf-8")]);
-    let through = reader.join().expect("reader");
+    let through = rx.recv_timeout(Duration::from_secs(20)).expect("the pipe was written into and closed");
     assert_eq!(blake3::hash(&through).to_hex().to_string(), hash);
     assert!(std::fs::symlink_metadata(&fifo).expect("stat").file_type().is_fifo(), "the pipe is still a pipe");
     let left: Vec<_> =

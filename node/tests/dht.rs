@@ -119,8 +119,10 @@ async fn a_transient_node_fetches_but_leaves_no_trace_in_the_dht() {
         .expect("fetched in time")
         .expect("fetch");
     assert!(info.is_complete());
-    // It announced nothing, and no node keeps it in its routing table: once it is gone, nobody's
-    // lookups wait on it.
+    // It announced nothing (its own count of blobs announced: commands reach its event loop in
+    // order, so one sent while fetching is counted by now), and no node keeps it in its routing
+    // table: once it is gone, nobody's lookups wait on it.
+    assert_eq!(transient.handle().status().await.expect("status").dht.provided, 0, "announced");
     for n in &nodes {
         assert!(!n.handle().providers(hash).await.expect("lookup").contains(&id), "announced");
         let snapshot = n.handle().dht_snapshot(hash).await.expect("snapshot");

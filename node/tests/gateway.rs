@@ -235,6 +235,10 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
 
         let mut r = a.get(format!("http://{gw_addr}/{collection}")).call().expect("GET");
         assert!(r.headers()["content-type"].to_str().expect("ascii").starts_with("text/html"));
+        // The listing and the collection's own bytes share a URL: caches keep them apart.
+        assert_eq!(r.headers()["vary"], "Accept");
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        assert_ne!(r.headers()["etag"], format!("\"{collection}\"").as_str());
         let html = r.body_mut().read_to_string().expect("html");
         assert!(html.contains(&format!("href=\"{collection}/sub%20dir/a.txt\"")), "{html}");
 
