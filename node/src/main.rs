@@ -34,7 +34,7 @@ enum Cmd {
     /// Publish a file or a directory (as a collection): import it into the running node, pin it
     /// and announce it. Prints its hash.
     Add {
-        /// The file.
+        /// The file or directory.
         path: PathBuf,
     },
     /// Fetch a blob by hash, verified, into a file.
@@ -238,6 +238,9 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         if let Ok(api) = std::fs::read_to_string(config.data_dir.join("api")) {
             banner.push_str(&format!("api: http://{api}\n"));
         }
+        if let Ok(gateway) = std::fs::read_to_string(config.data_dir.join("gateway")) {
+            banner.push_str(&format!("gateway: http://{gateway}\n"));
+        }
         banner.push_str(&format!("data: {}\n", config.data_dir.display()));
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
@@ -332,15 +335,17 @@ fn parse_hash(s: &str) -> anyhow::Result<Hash> {
 
 fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
-    let path = std::fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // The node opens the file itself, by its full path.
+    let full = std::fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
     let token = token(data_dir)?;
     let added: Added = answer(
         agent()
             .post(format!("http://{api}/v1/blobs"))
             .header("Authorization", format!("Bearer {token}"))
-            .send_json(&AddRequest { path: path.clone() }),
+            .send_json(&AddRequest { path: full }),
         &api,
     )?;
+    // As b3sum prints it: the path as given.
     println!("{}  {}", added.hash, path.display());
     Ok(())
 }
@@ -738,5 +743,8 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     );
     println!("uploads:   {}", g("uploads"));
     println!("watches:   {}", g("watches"));
+    for p in g("penalties").as_array().cloned().unwrap_or_default() {
+        println!("penalised: {} ({} times)", p[0].as_str().unwrap_or_default(), p[1]);
+    }
     Ok(())
 }

@@ -337,6 +337,8 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
         .filter_map(|p| p[0].as_str().map(String::from))
         .collect();
     assert!(penalised.contains(&n3.peer_id), "the rotten provider was not penalised: {status}");
+    let text = n4.cli(&["status"]);
+    assert!(text.contains(&format!("penalised: {}", n3.peer_id)), "{text}");
     assert!(!penalised.contains(&n1.peer_id) && !penalised.contains(&n2.peer_id), "{status}");
     drop(n5);
 }
