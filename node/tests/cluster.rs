@@ -429,6 +429,19 @@ fn a_directory_added_is_fetched_back_as_that_directory() {
         assert_eq!(b3sum(&out.join(file)), b3sum(&site.join(file)), "{file}");
     }
     assert_eq!(std::fs::read_dir(&out).expect("list").count(), 2, "a.bin and sub dir, nothing else");
+    // The same without a running node: a short-lived one reads the files from its own store.
+    let own = tmp.path().join("own");
+    let out2 = Command::new(SHOAL)
+        .args(["get", &hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
+        .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
+        .env_remove("SHOAL_API")
+        .env_remove("SHOAL_BOOTSTRAP")
+        .output()
+        .expect("run get");
+    assert!(out2.status.success(), "{}", String::from_utf8_lossy(&out2.stderr));
+    for file in ["a.bin", "sub dir/b.bin"] {
+        assert_eq!(b3sum(&own.join(file)), b3sum(&site.join(file)), "without a node: {file}");
+    }
     // Its publisher names the paths: an existing directory is not written into.
     let (ok, _, err) = n2.try_cli(&["get", &hash, "-o", tmp.path().to_str().expect("utf-8")]);
     assert!(!ok && err.contains("exists"), "{err}");
