@@ -185,7 +185,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Node(args) => run_node(data_dir, args),
         Cmd::Add { path } => add(&data_dir, &path),
-        Cmd::Get { hash, output, bootstrap } => get(&data_dir, &hash, output, bootstrap),
+        Cmd::Get { hash, output, bootstrap } => {
+            remove_scratch_on_interrupt();
+            get(&data_dir, &hash, output, bootstrap)
+        }
         Cmd::Providers { hash } => providers(&data_dir, &hash),
         Cmd::Peers => peers(&data_dir),
         Cmd::Status { json } => status(&data_dir, json),
@@ -201,6 +204,29 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// What an interrupted `shoal get` removes: its temporary directory and the partial files and
+/// directories it writes beside its output before they verified.
+static SCRATCH: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks `path` to be removed if the command is interrupted. A path renamed into place since is
+/// gone, and removing it does nothing.
+fn scratch(path: &Path) {
+    SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_owned());
+}
+
+/// On SIGINT or SIGTERM, removes what [`scratch`] marked and exits with status 130, as an
+/// interrupted command does.
+fn remove_scratch_on_interrupt() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async { shutdown_signal().await });
+        for path in SCRATCH.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+        }
+        std::process::exit(130);
+    });
 }
 
 fn init_tracing(node: bool, json: bool) {
@@ -415,6 +441,7 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     name.push(".shoal-partial");
     let partial = output.with_file_name(name);
     let _ = std::fs::remove_dir_all(&partial);
+    scratch(&partial);
     let written = (|| {
         std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
         let mut bytes = 0;
@@ -543,6 +570,7 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
     let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".shoal-partial");
     let partial = output.with_file_name(name);
+    scratch(&partial);
     let result = (|| {
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
@@ -687,7 +715,10 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
     for _ in 0..16 {
         let dir = std::env::temp_dir().join(format!("shoal-get-{}-{:016x}", std::process::id(), rand::random::<u64>()));
         match builder.create(&dir) {
-            Ok(()) => return Ok(dir),
+            Ok(()) => {
+                scratch(&dir);
+                return Ok(dir);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
         }

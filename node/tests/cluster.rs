@@ -515,3 +515,40 @@ fn a_second_node_on_one_data_directory_is_refused_and_a_killed_one_is_not_waited
     assert!(!ok);
     assert!(err.contains("no running node"), "{err}");
 }
+
+#[test]
+fn an_interrupted_get_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let scratch = tmp.path().join("tmp");
+    std::fs::create_dir_all(&scratch).expect("mkdir");
+    // Nobody has this blob: a get without a running node looks for it until interrupted.
+    let mut get = Command::new(SHOAL)
+        .args(["get", &"ab".repeat(32), "-o", tmp.path().join("out").to_str().expect("utf-8")])
+        .args(["--bootstrap", &n1.addr])
+        .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
+        .env("TMPDIR", &scratch)
+        .env_remove("SHOAL_API")
+        .env_remove("SHOAL_BOOTSTRAP")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run get");
+    let started = eventually(20, || std::fs::read_dir(&scratch).expect("list").next().is_some());
+    assert!(started, "the short-lived node's directory never appeared");
+    assert!(Command::new("kill").args(["-INT", &get.id().to_string()]).status().expect("kill").success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = get.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = get.kill();
+            panic!("get did not stop within 15 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(exit.code(), Some(130));
+    let left: Vec<_> = std::fs::read_dir(&scratch).expect("list").filter_map(Result::ok).map(|e| e.path()).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!tmp.path().join("out").exists());
+}
