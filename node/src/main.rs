@@ -551,15 +551,19 @@ impl Blobs for ViaApi {
 /// the node verified as they come.
 fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
     if output == Path::new("-") {
-        let mut out = std::io::stdout().lock();
-        std::io::copy(&mut source, &mut out)?;
-        return Ok(());
+        return write_verified_into(hash, source, std::io::stdout().lock(), output);
     }
     // A symlink is written through, as a shell's `>` would; a file that is not a regular one (a
     // device such as /dev/null, a pipe) is written into once the bytes verified, not replaced.
     let target = match std::fs::metadata(output) {
         Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
-        Ok(m) if !m.is_file() => return write_verified_into(hash, source, output),
+        Ok(m) if !m.is_file() => {
+            let to = std::fs::OpenOptions::new()
+                .write(true)
+                .open(output)
+                .with_context(|| format!("cannot open {}", output.display()))?;
+            return write_verified_into(hash, source, to, output);
+        }
         Ok(_) => std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
         Err(_) if std::fs::symlink_metadata(output).is_ok() => {
             bail!("cannot write to {}: it is a symlink to nothing", output.display())
@@ -575,18 +579,8 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
         let mut file = std::io::BufWriter::new(
             std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
         );
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = source.read(&mut buf).context("the download was interrupted")?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n])?;
-        }
+        let got = copy_hashing(&mut source, &mut file, &partial)?;
         file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        let got = Hash::from(hasher.finalize());
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
         }
@@ -599,29 +593,30 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
     result
 }
 
-/// [`write_verified`] for an output that is not a regular file (a device, a pipe), which cannot be
-/// replaced once the bytes verified: like standard output, it gets the bytes the node verified
-/// as they come, and the whole is checked against `hash` at the end.
-fn write_verified_into(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
-    let mut to = std::fs::OpenOptions::new()
-        .write(true)
-        .open(output)
-        .with_context(|| format!("cannot open {}", output.display()))?;
+/// [`write_verified`] for an output that cannot be replaced once the bytes verified (standard
+/// output, a device, a pipe): it gets the bytes the node verified as they come, and the whole is
+/// checked against `hash` at the end.
+fn write_verified_into(hash: Hash, source: impl Read, mut to: impl Write, output: &Path) -> anyhow::Result<()> {
+    let got = copy_hashing(source, &mut to, output)?;
+    to.flush().with_context(|| format!("cannot write {}", output.display()))?;
+    if got != hash {
+        bail!("the bytes received hash to {got}, not {hash}");
+    }
+    Ok(())
+}
+
+/// Copies `source` to `to` (named `output` in errors) and returns the BLAKE3 hash of what it copied.
+fn copy_hashing(mut source: impl Read, mut to: impl Write, output: &Path) -> anyhow::Result<Hash> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = source.read(&mut buf).context("the download was interrupted")?;
         if n == 0 {
-            break;
+            return Ok(Hash::from(hasher.finalize()));
         }
         hasher.update(&buf[..n]);
         to.write_all(&buf[..n]).with_context(|| format!("cannot write {}", output.display()))?;
     }
-    let got = Hash::from(hasher.finalize());
-    if got != hash {
-        bail!("the bytes received hash to {got}, not {hash}");
-    }
-    Ok(())
 }
 
 fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {
