@@ -460,8 +460,9 @@ impl Store {
             return Ok(false);
         }
         match lock_store(root) {
-            Ok(_) => Ok(false),
-            Err(StoreError::InUse { .. }) => Ok(true),
+            Ok(Some(_)) => Ok(false),
+            // Where the file system has no locks we cannot tell: say it may be.
+            Ok(None) | Err(StoreError::InUse { .. }) => Ok(true),
             Err(e) => Err(e),
         }
     }
@@ -482,6 +483,9 @@ impl Store {
         let tmp_dir = root.join("tmp");
         fs::create_dir_all(&blobs_dir).map_err(io_err("create", &blobs_dir))?;
         let held = lock_store_waiting(&root)?;
+        if held.is_none() {
+            warn!(path = %root.display(), "the file system has no locks: nothing stops a second node on this store");
+        }
         if tmp_dir.exists() {
             fs::remove_dir_all(&tmp_dir).map_err(io_err("clear", &tmp_dir))?;
         }
@@ -1331,7 +1335,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Takes the lock of the store at `root` (its `lock` file, made if missing), held until the file
-/// is closed.
+/// is closed; `None` where the file system has no locks (some network and FUSE ones), where the
+/// store works as it did without one.
 fn lock_store(root: &Path) -> Result<Option<File>> {
     let path = root.join("lock");
     let file =
@@ -1339,9 +1344,8 @@ fn lock_store(root: &Path) -> Result<Option<File>> {
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: root.to_owned() }),
-        // Some network and FUSE file systems have no locks: the store works there as before.
         Err(fs::TryLockError::Error(e)) => {
-            warn!(path = %path.display(), error = %e, "cannot lock the store; nothing stops a second node on it");
+            debug!(path = %path.display(), error = %e, "cannot lock the store");
             Ok(None)
         }
     }

@@ -166,6 +166,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
+        .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -275,6 +276,7 @@ pub(crate) async fn spawn_gateway(node: NodeHandle, addr: SocketAddr) -> anyhow:
     let app = axum::Router::new()
         .route("/{hash}", get(gateway_blob).head(gateway_blob))
         .route("/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
+        .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -20,8 +20,7 @@ use crate::node::NodeHandle;
 const PIECE_POLL: Duration = Duration::from_millis(20);
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")];
-    (status, headers, format!("{}\n", msg.into())).into_response()
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{}\n", msg.into())).into_response()
 }
 
 /// Parses a single `bytes=` range against `size`: `Ok(None)` for a header to ignore (none, a
@@ -207,8 +206,14 @@ fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &Hea
 
 /// Headers of a collection's listing, and of its own bytes: the same URL answers either by
 /// `Accept`, and a shared cache must keep them apart.
-const LISTING: [(header::HeaderName, &str); 2] =
-    [(header::VARY, "Accept"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")];
+const LISTING: [(header::HeaderName, &str); 1] = [(header::VARY, "Accept")];
+
+/// Every answer of the API and the gateway (a layer on both): a browser takes the content type
+/// given, and does not guess one that runs.
+pub(crate) async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
+}
 
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -286,13 +291,7 @@ pub(crate) async fn serve(
     let range = match parse_range(headers.get(header::RANGE), size) {
         Ok(r) => r,
         Err(()) => {
-            return (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [
-                    (header::CONTENT_RANGE, format!("bytes */{size}")),
-                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff".into()),
-                ],
-            )
+            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{size}"))])
                 .into_response();
         }
     };
@@ -328,8 +327,7 @@ pub(crate) async fn serve(
         .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, len.to_string())
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+        .header(header::CONTENT_LENGTH, len.to_string());
     if runs_in_browser(content_type) {
         out = out.header(header::CONTENT_SECURITY_POLICY, SANDBOX);
     }

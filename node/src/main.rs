@@ -409,9 +409,12 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
                 if got != hash {
                     bail!("the bytes received hash to {got}, not {hash}; nothing was written");
                 }
-                // Bytes that only start like a collection are written out as they are.
-                source = Box::new(std::io::Cursor::new(head.clone()));
-                Collection::decode(&head).ok()
+                let decoded = Collection::decode(&head).ok();
+                if decoded.is_none() {
+                    // Bytes that only start like a collection are written out as they are.
+                    source = Box::new(std::io::Cursor::new(head));
+                }
+                decoded
             } else {
                 let rest = source;
                 source = Box::new(std::io::Cursor::new(head).chain(rest));
@@ -437,9 +440,7 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
             output.display()
         );
     }
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".shoal-partial");
-    let partial = output.with_file_name(name);
+    let partial = partial_path(output);
     let _ = std::fs::remove_dir_all(&partial);
     scratch(&partial);
     let written = (|| {
@@ -468,6 +469,14 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     };
     eprintln!("collection {hash}: {} files, {bytes} bytes, in {}", collection.entries().len(), output.display());
     Ok(())
+}
+
+/// Where `output` is written before it verified: beside it, so that the rename into place stays
+/// on one file system.
+fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".shoal-partial");
+    output.with_file_name(name)
 }
 
 fn report(hash: Hash, progress: &FetchProgress) {
@@ -571,9 +580,7 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
         Err(_) => output.to_owned(),
     };
     let output = target.as_path();
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".shoal-partial");
-    let partial = output.with_file_name(name);
+    let partial = partial_path(output);
     scratch(&partial);
     let result = (|| {
         let mut file = std::io::BufWriter::new(

@@ -170,9 +170,9 @@ pub struct FetchConfig {
     pub have_refresh: Duration,
     /// If set, new requests are sized to take about this long at the peer's measured throughput:
     /// fewer than `pieces_per_request` pieces to a slow peer, and one piece to a peer not yet
-    /// measured, one request at a time (its first answer measures it). A seeder shared by a crowd then hands out verified pieces (which the fetchers
-    /// announce and trade) in seconds rather than after a whole request. The default is `None`
-    /// (always `pieces_per_request`).
+    /// measured, one request at a time (its first answer measures it). A seeder shared by a crowd
+    /// then hands out verified pieces (which the fetchers announce and trade) in seconds rather
+    /// than after a whole request. The default is `None` (always `pieces_per_request`).
     pub request_target: Option<Duration>,
     /// How long after [`Fetch::new`] the fetch gives up; `None` never gives up and keeps asking the
     /// DHT with back-off. The default is `None`.
@@ -1663,8 +1663,8 @@ where
 
     /// The most requests `r` may have in flight: with a [`FetchConfig::request_target`], one until
     /// an answer measured it. A seeder that just published a blob is asked by its crowd within a
-    /// round trip, and its first asker, alone so far, was sent a piece on each of its four
-    /// requests; the crowd then waited on that one uplink for all four pieces.
+    /// round trip, and its first asker, alone so far, was sent a piece on each request of its
+    /// window; the crowd then waited on that one uplink for all of them.
     fn window(&self, r: &Peer) -> usize {
         match self.config.request_target.is_some() && r.throughput.is_none() {
             true => 1,
