@@ -54,7 +54,11 @@ enum Cmd {
         hash: String,
     },
     /// List the connected peers.
-    Peers,
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The node's configuration.
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -190,7 +194,7 @@ fn main() -> ExitCode {
             get(&data_dir, &hash, output, bootstrap)
         }
         Cmd::Providers { hash } => providers(&data_dir, &hash),
-        Cmd::Peers => peers(&data_dir),
+        Cmd::Peers { json } => peers(&data_dir, json),
         Cmd::Status { json } => status(&data_dir, json),
         Cmd::Config(ConfigCmd::Show(args)) => effective_config(data_dir, &args).and_then(|c| {
             print!("{}", toml::to_string(&c.to_file())?);
@@ -742,9 +746,13 @@ fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn peers(data_dir: &Path) -> anyhow::Result<()> {
+fn peers(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
     let v: Vec<shoal_node::PeerInfo> = answer(agent().get(format!("http://{api}/v1/peers")).call(), &api)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     for p in v {
         match p.rtt_ms {
             Some(rtt) => println!("{}  {}  rtt {rtt:.2} ms", p.peer_id, p.address),

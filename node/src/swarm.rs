@@ -120,7 +120,7 @@ pub(crate) enum Command {
 pub struct PeerInfo {
     /// Its id.
     pub peer_id: String,
-    /// The address of our connection to it.
+    /// The address of our connection to it, without `/p2p/<peer id>`.
     pub address: String,
     /// The last ping round-trip time in milliseconds (none with `NodeConfig::ping` off).
     pub rtt_ms: Option<f64>,
@@ -642,7 +642,13 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
-                self.remote_addrs.insert(peer_id, endpoint.get_remote_address().clone());
+                // Stored without a trailing `/p2p/<id>` (a dialled address has one, an accepted
+                // one has none), so that every peer's address reads alike beside its id.
+                let mut address = endpoint.get_remote_address().clone();
+                if matches!(address.iter().last(), Some(Protocol::P2p(_))) {
+                    address.pop();
+                }
+                self.remote_addrs.insert(peer_id, address);
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 // A new connection to a peer we were closing: it stays until trimmed on its own.
                 self.closing.remove(&peer_id);

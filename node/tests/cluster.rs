@@ -135,6 +135,25 @@ fn five_nodes_fetch_through_the_dht_and_the_fetcher_serves_on() {
     // The fetcher's only bootstrap peer (n4) never holds the blob.
     let n5 = NodeProc::start(&tmp.path().join("n5"), Some(&n4));
 
+    // `peers --json` lists n2's peers with addresses of one form, whichever side dialled: n2
+    // dialled n1 (an address ending in /p2p/<id>), and n3 dialled n2 (an address without it).
+    let listed = |p: &NodeProc| {
+        let json = n2.cli(&["peers", "--json"]);
+        let peers: Vec<serde_json::Value> = serde_json::from_str(&json).expect("`peers --json` prints JSON");
+        peers
+            .iter()
+            .find(|e| e["peer_id"] == p.peer_id.as_str())
+            .map(|e| e["address"].as_str().unwrap_or("").to_owned())
+    };
+    for p in [&n1, &n3] {
+        assert!(eventually(10, || listed(p).is_some()), "n2 does not list {} as a peer", p.peer_id);
+        let address = listed(p).unwrap_or_default();
+        assert!(
+            address.starts_with("/ip4/127.0.0.1/udp/") && !address.contains("/p2p/"),
+            "a peer's address, without its id: {address}"
+        );
+    }
+
     let input = tmp.path().join("input.bin");
     random_file(&input, 64 << 20, 42);
     let added = n1.cli(&["add", input.to_str().expect("utf-8")]);
