@@ -239,6 +239,18 @@ impl Crowds {
         record_serving(&mut self.lock(), hash, peer, pieces, now)
     }
 
+    /// How many of the peers we remember for `hash` we served the least served of `pieces` to: a
+    /// request's place in a full upload line (see [`crate::slots`]; lower goes first). A piece
+    /// few peers got from us is one we are among the first to hold, most likely the one that came
+    /// in last; the crowd finishes only once its first holders pass it on. At most
+    /// [`MAX_CONTACTS`] peers times the request's pieces are looked at.
+    pub(crate) fn least_served(&self, hash: Hash, pieces: &PieceSet) -> u32 {
+        let inner = self.lock();
+        let Some(contacts) = inner.blobs.peek(&hash) else { return 0 };
+        let served = |piece| contacts.iter().filter(|c| c.served.as_ref().is_some_and(|s| s.contains(piece))).count();
+        pieces.iter().map(served).min().map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
     /// We did not send `pieces` of `hash` to `peer` after all (the store could not read them, or
     /// the transfer failed): they are not left to it. A caller gives back only the pieces its
     /// own request recorded ([`Claim::new`], or what [`Crowds::serving`] returned), not those an

@@ -21,6 +21,7 @@ mod identity;
 mod limits;
 mod metrics;
 pub mod node;
+mod slots;
 mod streams;
 mod swarm;
 mod transfer;

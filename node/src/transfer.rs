@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::crowd::Crowds;
 use crate::limits::{CHUNK, RateLimit};
+use crate::slots::{Slot, Slots};
 use crate::streams::{Control, Incoming, OpenError};
 
 /// The transfer protocol id.
@@ -106,10 +107,9 @@ impl Timing {
 pub(crate) struct Uploads {
     total: Arc<Semaphore>,
     /// Concurrent piece uploads (`Get`s) under an upload cap: one per [`UPLOAD_SLOT_RATE`] of
-    /// it, at least 2; with no cap, only `total` bounds them.
-    data: Option<(Arc<Semaphore>, usize)>,
-    /// Requests waiting for a piece-upload slot.
-    waiting: AtomicUsize,
+    /// it, at least 2, and a line of [`WAITING_PER_SLOT`] per slot served by priority; with no
+    /// cap, only `total` bounds them.
+    data: Option<Arc<Slots>>,
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
@@ -212,12 +212,11 @@ impl Uploads {
     ) -> Self {
         let data = upload_rate.filter(|r| *r > 0).map(|r| {
             let slots = usize::try_from(r / timing.upload_slot_rate).unwrap_or(usize::MAX).clamp(2, max_total.max(2));
-            (Arc::new(Semaphore::new(slots)), slots)
+            Slots::new(slots, slots.saturating_mul(WAITING_PER_SLOT))
         });
         Self {
             total: Arc::new(Semaphore::new(max_total)),
             data,
-            waiting: AtomicUsize::new(0),
             upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
             max_per_peer,
@@ -264,23 +263,13 @@ impl Uploads {
         Some(UploadSlot { uploads: self, peer, _permit: permit })
     }
 
-    /// A piece-upload slot, waiting in line for one if every slot is taken and the line has room;
-    /// `None` when the line is full or the wait passed [`MAX_SLOT_WAIT`]. With no upload cap,
-    /// always a slot at once.
-    async fn acquire_data(&self) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
-        let Some((slots, n)) = &self.data else { return Some(None) };
-        if let Ok(permit) = slots.clone().try_acquire_owned() {
-            return Some(Some(permit));
-        }
-        let (_in_line, ahead) = Counted::new(&self.waiting);
-        if ahead >= n.saturating_mul(WAITING_PER_SLOT) {
-            return None;
-        }
-        // Tokio's semaphore is fair: waiters get slots in the order they asked.
-        match tokio::time::timeout(self.timing.max_slot_wait, slots.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Some(Some(permit)),
-            Ok(Err(_)) | Err(_) => None,
-        }
+    /// A piece-upload slot for a request of `priority` (see [`Slots`]: lower goes first), waiting
+    /// in line for one if every slot is taken and the line has room for it; `None` when the line
+    /// is full of requests as good, when a better one took its place, or when the wait passed
+    /// [`MAX_SLOT_WAIT`]. With no upload cap, always a slot at once.
+    async fn acquire_data(&self, priority: u32) -> Option<Option<Slot>> {
+        let Some(slots) = &self.data else { return Some(None) };
+        slots.acquire(priority, self.timing.max_slot_wait).await.map(Some)
     }
 
     /// A piece upload held its slot for `took`.
@@ -303,15 +292,13 @@ impl Uploads {
     /// Requests waiting for a piece-upload slot now.
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.data.as_ref().map_or(0, |slots| slots.waiting())
     }
 
     /// Whether no piece upload but the caller's (`holding` one slot) runs and nobody waits.
     fn idle(&self, holding: bool) -> bool {
         match &self.data {
-            Some((slots, n)) => {
-                slots.available_permits() + usize::from(holding) >= *n && self.waiting.load(Ordering::Relaxed) == 0
-            }
+            Some(slots) => slots.free() + usize::from(holding) >= slots.count() && slots.waiting() == 0,
             None => self.active() <= 1,
         }
     }
@@ -325,7 +312,7 @@ impl Uploads {
     /// slot or one is free, and nobody waits in line. Always with no upload cap.
     fn room(&self, holding: bool) -> bool {
         match &self.data {
-            Some((slots, _)) => (holding || slots.available_permits() > 0) && self.waiting.load(Ordering::Relaxed) == 0,
+            Some(slots) => (holding || slots.free() > 0) && slots.waiting() == 0,
             None => true,
         }
     }
@@ -453,7 +440,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let (sending, mut claimed, data_slot) = match offered.is_empty() {
                     true => (offered, none.clone(), None),
                     false => {
-                        let Some(slot) = uploads.acquire_data().await else {
+                        let priority = crowds.least_served(hash, &offered);
+                        let Some(slot) = uploads.acquire_data(priority).await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut stream,
@@ -1039,15 +1027,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_node_keeps_a_short_line_and_serves_it_in_order() {
         let uploads = Arc::new(two_slots());
-        let first = uploads.acquire_data().await.flatten().expect("a free slot");
-        let _second = uploads.acquire_data().await.flatten().expect("a free slot");
+        let first = uploads.acquire_data(0).await.flatten().expect("a free slot");
+        let _second = uploads.acquire_data(0).await.flatten().expect("a free slot");
         // Every slot is taken: four requests may wait, in the order they came.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for i in 0..4 {
             let (uploads, tx) = (uploads.clone(), tx.clone());
             waiters.push(tokio::spawn(async move {
-                let slot = uploads.acquire_data().await.flatten();
+                let slot = uploads.acquire_data(0).await.flatten();
                 let _ = tx.send((i, slot.is_some()));
                 slot
             }));
@@ -1055,7 +1043,7 @@ mod tests {
         }
         assert_eq!(uploads.waiting(), 4);
         // The fifth finds the line full and is answered at once.
-        assert!(uploads.acquire_data().await.is_none());
+        assert!(uploads.acquire_data(0).await.is_none());
         assert_eq!(uploads.waiting(), 4, "a refused request leaves no trace in the line");
         // A finished upload hands its slot to the first in line.
         drop(first);
@@ -1091,7 +1079,7 @@ mod tests {
 
         // A 4 MiB/s uplink, told to the node in its own time (1 MiB/s), gets its 4 upload slots.
         let uploads = Uploads::new(64, 8, Some(UPLOAD_SLOT_RATE), None, slow);
-        assert_eq!(uploads.data.as_ref().map(|(_, n)| *n), Some(4));
+        assert_eq!(uploads.data.as_ref().map(|slots| slots.count()), Some(4));
         assert_eq!(uploads.busy_retry(), BUSY_RETRY * 4, "the hint to busy requesters is stretched too");
     }
 
@@ -1118,10 +1106,10 @@ mod tests {
     async fn idle_means_no_other_upload_and_nobody_waiting() {
         let uploads = two_slots();
         assert!(uploads.idle(false));
-        let ours = uploads.acquire_data().await.flatten().expect("a free slot");
+        let ours = uploads.acquire_data(0).await.flatten().expect("a free slot");
         assert!(uploads.idle(true), "only the caller's upload runs");
         assert!(!uploads.idle(false));
-        let other = uploads.acquire_data().await.flatten().expect("a free slot");
+        let other = uploads.acquire_data(0).await.flatten().expect("a free slot");
         assert!(!uploads.idle(true));
         drop((ours, other));
         assert!(uploads.idle(false));
@@ -1131,7 +1119,7 @@ mod tests {
     async fn without_an_upload_cap_nobody_waits() {
         let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
         for _ in 0..100 {
-            assert!(matches!(uploads.acquire_data().await, Some(None)));
+            assert!(matches!(uploads.acquire_data(0).await, Some(None)));
         }
         assert_eq!(uploads.waiting(), 0);
     }
