@@ -82,14 +82,21 @@ impl Slots {
         self.lock().waiting.len()
     }
 
+    /// A slot at once if one is free.
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut state = self.lock();
+        state.free = state.free.checked_sub(1)?;
+        Some(Slot { slots: Some(self.clone()) })
+    }
+
     /// A slot: at once if one is free, else after waiting in line for at most `wait`. `None` if
     /// the line is full of requests as good as this one or better, if a better one took this
     /// one's place, or if the wait passed.
     pub(crate) async fn acquire(self: &Arc<Self>, priority: u32, wait: Duration) -> Option<Slot> {
         let (place, mut answer) = {
             let mut state = self.lock();
-            if state.free > 0 {
-                state.free -= 1;
+            if let Some(free) = state.free.checked_sub(1) {
+                state.free = free;
                 return Some(Slot { slots: Some(self.clone()) });
             }
             let place = (priority, state.arrivals);

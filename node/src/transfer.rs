@@ -266,10 +266,14 @@ impl Uploads {
     /// A piece-upload slot for a request of `priority` (see [`Slots`]: lower goes first), waiting
     /// in line for one if every slot is taken and the line has room for it; `None` when the line
     /// is full of requests as good, when a better one took its place, or when the wait passed
-    /// [`MAX_SLOT_WAIT`]. With no upload cap, always a slot at once.
-    async fn acquire_data(&self, priority: u32) -> Option<Option<Slot>> {
+    /// [`MAX_SLOT_WAIT`]. With no upload cap, always a slot at once. The priority is worked out
+    /// only for a request that has to wait.
+    async fn acquire_data(&self, priority: impl FnOnce() -> u32) -> Option<Option<Slot>> {
         let Some(slots) = &self.data else { return Some(None) };
-        slots.acquire(priority, self.timing.max_slot_wait).await.map(Some)
+        if let Some(slot) = slots.try_acquire() {
+            return Some(Some(slot));
+        }
+        slots.acquire(priority(), self.timing.max_slot_wait).await.map(Some)
     }
 
     /// A piece upload held its slot for `took`.
@@ -440,7 +444,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let (sending, mut claimed, data_slot) = match offered.is_empty() {
                     true => (offered, none.clone(), None),
                     false => {
-                        let priority = crowds.least_served(hash, &offered);
+                        let priority = || crowds.least_served(hash, &offered);
                         let Some(slot) = uploads.acquire_data(priority).await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
@@ -1027,15 +1031,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_node_keeps_a_short_line_and_serves_it_in_order() {
         let uploads = Arc::new(two_slots());
-        let first = uploads.acquire_data(0).await.flatten().expect("a free slot");
-        let _second = uploads.acquire_data(0).await.flatten().expect("a free slot");
+        let first = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
+        let _second = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
         // Every slot is taken: four requests may wait, in the order they came.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for i in 0..4 {
             let (uploads, tx) = (uploads.clone(), tx.clone());
             waiters.push(tokio::spawn(async move {
-                let slot = uploads.acquire_data(0).await.flatten();
+                let slot = uploads.acquire_data(|| 0).await.flatten();
                 let _ = tx.send((i, slot.is_some()));
                 slot
             }));
@@ -1043,7 +1047,7 @@ mod tests {
         }
         assert_eq!(uploads.waiting(), 4);
         // The fifth finds the line full and is answered at once.
-        assert!(uploads.acquire_data(0).await.is_none());
+        assert!(uploads.acquire_data(|| 0).await.is_none());
         assert_eq!(uploads.waiting(), 4, "a refused request leaves no trace in the line");
         // A finished upload hands its slot to the first in line.
         drop(first);
@@ -1106,10 +1110,10 @@ mod tests {
     async fn idle_means_no_other_upload_and_nobody_waiting() {
         let uploads = two_slots();
         assert!(uploads.idle(false));
-        let ours = uploads.acquire_data(0).await.flatten().expect("a free slot");
+        let ours = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
         assert!(uploads.idle(true), "only the caller's upload runs");
         assert!(!uploads.idle(false));
-        let other = uploads.acquire_data(0).await.flatten().expect("a free slot");
+        let other = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
         assert!(!uploads.idle(true));
         drop((ours, other));
         assert!(uploads.idle(false));
@@ -1119,7 +1123,7 @@ mod tests {
     async fn without_an_upload_cap_nobody_waits() {
         let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
         for _ in 0..100 {
-            assert!(matches!(uploads.acquire_data(0).await, Some(None)));
+            assert!(matches!(uploads.acquire_data(|| 0).await, Some(None)));
         }
         assert_eq!(uploads.waiting(), 0);
     }
