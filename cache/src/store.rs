@@ -31,7 +31,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_protocol::piece::CHUNK_GROUP_SIZE;
+use shoal_protocol::piece::{CHUNK_GROUP_SIZE, PIECE_SIZE};
 use shoal_protocol::verify::{self, DecodeError, EncodeError};
 use shoal_protocol::{Geometry, Hash, PieceIndex, PieceSet};
 use tracing::{debug, info, warn};
@@ -274,7 +274,13 @@ fn footprint(g: Geometry) -> u64 {
     g.size() + g.outboard_size()
 }
 
-const META_FORMAT: u8 = 1;
+/// The format of `meta`. Format 2 counts pieces of [`PIECE_SIZE`]; format 1 counted pieces of
+/// [`V1_PIECE_SIZE`] and is read by mapping each of its pieces onto the ones it covers.
+const META_FORMAT: u8 = 2;
+
+/// The piece size of format 1 (until pieces became 128 KiB).
+const V1_PIECE_SIZE: u64 = 256 * 1024;
+const _: () = assert!(V1_PIECE_SIZE.is_multiple_of(PIECE_SIZE), "a format-1 piece covers whole pieces");
 
 /// The persistent record of a blob. Replaced atomically.
 #[derive(Debug, Serialize, Deserialize)]
@@ -1287,9 +1293,11 @@ fn load_blob(dir: &Path) -> Result<Option<Blob>> {
     };
     let Ok(meta) = postcard::from_bytes::<Meta>(&bytes) else { return Ok(None) };
     let Ok(geometry) = Geometry::new(meta.size) else { return Ok(None) };
-    if meta.format != META_FORMAT {
-        return Ok(None);
-    }
+    let verified = match meta.format {
+        META_FORMAT => PieceSet::from_bitmap(geometry.piece_count(), &meta.bitmap),
+        1 => from_v1_bitmap(geometry, &meta.bitmap),
+        _ => return Ok(None),
+    };
     let open = |name: &str| {
         let p = dir.join(name);
         OpenOptions::new().read(true).write(true).open(&p).map_err(io_err("open", &p))
@@ -1301,7 +1309,6 @@ fn load_blob(dir: &Path) -> Result<Option<Blob>> {
     if data_len != meta.size || ob_len != geometry.outboard_size() {
         return Ok(None);
     }
-    let verified = PieceSet::from_bitmap(geometry.piece_count(), &meta.bitmap);
     Ok(Some(Blob {
         hash,
         geometry,
@@ -1311,6 +1318,20 @@ fn load_blob(dir: &Path) -> Result<Option<Blob>> {
         status: Mutex::new(Status { durable: verified.clone(), verified, pinned: meta.pinned, unflushed_bytes: 0 }),
         commit: Mutex::new(()),
     }))
+}
+
+/// The verified pieces a format-1 bitmap (pieces of [`V1_PIECE_SIZE`]) records: a piece is verified
+/// if the format-1 piece around it was. The next flush of the blob writes the current format.
+fn from_v1_bitmap(geometry: Geometry, bitmap: &[u8]) -> PieceSet {
+    let v1_count = geometry.size().div_ceil(V1_PIECE_SIZE).max(1) as u32;
+    let v1 = PieceSet::from_bitmap(v1_count, bitmap);
+    let mut verified = PieceSet::empty(geometry.piece_count());
+    for piece in 0..geometry.piece_count() {
+        if v1.contains((geometry.piece_bytes(piece).start / V1_PIECE_SIZE) as u32) {
+            verified.insert(piece);
+        }
+    }
+    verified
 }
 
 /// Replaces `dir/meta` atomically and durably.

@@ -144,6 +144,48 @@ fn a_partial_blob_survives_a_restart_with_its_verified_pieces() {
     assert_eq!(fs::read(out).expect("read"), src.data);
 }
 
+/// A blob's `meta` as format 1 wrote it, its bitmap counting pieces of 256 KiB.
+#[derive(serde::Serialize)]
+struct MetaV1 {
+    format: u8,
+    size: u64,
+    pinned: bool,
+    bitmap: Vec<u8>,
+}
+
+#[test]
+fn a_store_written_with_256_kib_pieces_opens_with_its_verified_pieces() {
+    const V1_PIECE: u64 = 256 * 1024;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // Five format-1 pieces, the last one short; format-1 pieces 0, 2 and 4 verified.
+    let size = 4 * V1_PIECE + 3 * CHUNK_GROUP_SIZE + 5;
+    let src = Source::new(bytes(11, size as usize));
+    {
+        let store = open(tmp.path());
+        store.begin(src.hash, size).expect("begin");
+        let all = PieceSet::full(src.geometry.piece_count());
+        store.write_pieces(src.hash, &all, &src.encode(&all)[..]).expect("write");
+        store.flush(src.hash).expect("flush");
+    }
+    let meta = MetaV1 { format: 1, size, pinned: true, bitmap: vec![0b10101] };
+    let meta_path = tmp.path().join("blobs").join(src.hash.to_hex()).join("meta");
+    fs::write(&meta_path, postcard::to_stdvec(&meta).expect("encode")).expect("write meta");
+
+    let store = open(tmp.path());
+    let info = store.info(src.hash).expect("the blob is still there");
+    assert!(info.pinned, "pinned stays pinned");
+    let v1_verified = |p: u32| [0, 2, 4].contains(&(src.geometry.piece_bytes(p).start / V1_PIECE));
+    let expected: Vec<u32> = (0..src.geometry.piece_count()).filter(|&p| v1_verified(p)).collect();
+    assert_eq!(info.pieces.iter().collect::<Vec<_>>(), expected);
+    assert!(store.check(src.hash).expect("check").is_empty(), "what it counts verified is intact");
+    // The rest is fetched again, and the blob is whole.
+    let missing = PieceSet::full(src.geometry.piece_count()).difference(&info.pieces);
+    store.write_pieces(src.hash, &missing, &src.encode(&missing)[..]).expect("write the rest");
+    let out = tmp.path().join("out");
+    store.export(src.hash, &out).expect("export");
+    assert_eq!(fs::read(out).expect("read"), src.data);
+}
+
 #[test]
 fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -4,7 +4,7 @@
 //! - [`config`]: [`NodeConfig`] and its defaults.
 //! - `identity`: the persistent ed25519 key.
 //! - `swarm`: the libp2p swarm (Kademlia, identify, ping, streams) and the task that owns it.
-//! - `transfer`: `/shoal/transfer/1`, serving and requesting pieces.
+//! - `transfer`: `/shoal/transfer/2`, serving and requesting pieces.
 //! - `fetch`: drives `shoal_protocol::fetch` with real peers.
 //! - `crowd`: who else holds a blob (peer exchange) and spreading a crowd's load.
 //! - [`api`]: the local HTTP API the `shoal` command talks to.

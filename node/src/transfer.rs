@@ -1,4 +1,4 @@
-//! The `/shoal/transfer/1` protocol on libp2p streams: serving pieces, and asking for them.
+//! The `/shoal/transfer/2` protocol on libp2p streams: serving pieces, and asking for them.
 //!
 //! One request per stream. Serving is bounded: a node-wide semaphore and a per-peer count cap
 //! concurrent uploads; past either a peer gets `Busy { retry_after_ms }` at once. Under an upload

@@ -2,7 +2,7 @@
 //! verified piece by piece (one encode with proofs and one verified decode per piece), at piece
 //! sizes from 16 KiB to 4 MiB, measured side by side. Also prints the proof overhead per size.
 //!
-//! A second group verifies the same blob in the node's own requests (4 pieces of 256 KiB), with
+//! A second group verifies the same blob in the node's own requests (the fetch's default, 1 MiB), with
 //! bao-tree's `decode_ranges` beside Shoal's `PieceDecoder` fed in 64 KiB reads as the node feeds
 //! it, so that the incremental decoder is measured against the library's.
 //!
@@ -14,8 +14,9 @@ use bao_tree::io::outboard::PostOrderOutboard;
 use bao_tree::io::sync::{decode_ranges, encode_ranges_validated};
 use bao_tree::{ChunkNum, ChunkRanges};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use shoal_protocol::fetch::FetchConfig;
 use shoal_protocol::piece::BLOCK_SIZE;
-use shoal_protocol::{Geometry, PieceSet, verify};
+use shoal_protocol::{Geometry, PIECE_SIZE, PieceSet, verify};
 
 const BLOB: u64 = 64 << 20;
 
@@ -38,7 +39,7 @@ fn piece_sizes(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(BLOB));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(5));
-    for piece_kib in [16u64, 64, 256, 1024, 4096] {
+    for piece_kib in [16u64, 64, 128, 256, 1024, 4096] {
         let chunks = piece_kib; // 1 KiB BLAKE3 chunks per piece
         let pieces = BLOB / (piece_kib * 1024);
         let mut wire = Vec::new();
@@ -71,8 +72,9 @@ fn piece_sizes(c: &mut Criterion) {
     }
     group.finish();
 
-    // The node's requests: 4 pieces each, encoded once up front; only the decoding is timed.
-    let per_request = 4u32;
+    // The node's requests, encoded once up front; only the decoding is timed.
+    let per_request = FetchConfig::default().pieces_per_request;
+    assert_eq!(u64::from(per_request) * PIECE_SIZE, 1 << 20, "the group's name says 1 MiB");
     let requests: Vec<(PieceSet, Vec<u8>)> = (0..geometry.piece_count())
         .step_by(per_request as usize)
         .map(|first| {

@@ -132,7 +132,7 @@ const MIN_TIMER: Duration = Duration::from_millis(1);
 pub struct FetchConfig {
     /// The most pieces one request asks for. Contiguous pieces share a round trip and part of their
     /// proof; fewer make the tail of a fetch finer. Capped at [`MAX_PIECES_PER_GET`].
-    /// The default is 4 (1 MiB).
+    /// The default is 8 (1 MiB).
     pub pieces_per_request: u32,
     /// The most requests in flight to one peer: enough to keep a fast link busy across a round
     /// trip without piling the whole blob on one peer. The default is 4.
@@ -193,7 +193,7 @@ pub struct FetchConfig {
 impl Default for FetchConfig {
     fn default() -> Self {
         Self {
-            pieces_per_request: 4,
+            pieces_per_request: 8,
             max_requests_per_peer: 4,
             request_timeout: Duration::from_secs(10),
             have_timeout: Duration::from_secs(5),
@@ -2019,6 +2019,11 @@ mod tests {
     }
 
     /// A blob of `pieces` pieces whose last piece is short.
+    /// The fetch these tests were written against: requests of at most 4 pieces.
+    fn config4() -> FetchConfig {
+        FetchConfig { pieces_per_request: 4, ..FetchConfig::default() }
+    }
+
     fn size_of(pieces: u32) -> u64 {
         u64::from(pieces - 1) * PIECE_SIZE + 1000
     }
@@ -2208,7 +2213,7 @@ mod tests {
     #[test]
     fn the_size_comes_from_the_first_have_and_only_the_last_piece_is_asked_until_proven() {
         let size = size_of(10);
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         assert_eq!(d.discover(&[1, 2]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, d.full());
         assert_eq!(d.drain(), vec![Begin { size }]);
@@ -2239,7 +2244,7 @@ mod tests {
     #[test]
     fn with_a_size_proof_pieces_go_out_rarest_first_at_once() {
         let size = size_of(10);
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 2]);
         // Peer 2 claims a size one piece longer; peer 1's have answer came with a proof.
         d.fetch.handle_have(2, size_of(11), PieceSet::full(11), ms(5), d.now);
@@ -2261,7 +2266,7 @@ mod tests {
     #[test]
     fn holders_that_cannot_prove_a_size_give_their_slots_to_one_that_can() {
         let n = 8;
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(n), config.clone());
         assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         // Neither holds the last piece (nor sent a size proof): no size can be claimed yet.
@@ -2284,7 +2289,7 @@ mod tests {
     #[test]
     fn a_size_proof_abandons_an_unproven_claim_of_another_size() {
         let size = size_of(6);
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 2]);
         d.fetch.handle_have(2, size_of(7), PieceSet::full(7), ms(1), d.now);
         assert_eq!(d.drain(), vec![Begin { size: size_of(7) }]);
@@ -2305,7 +2310,7 @@ mod tests {
     fn a_have_contradicting_the_proven_size_is_penalised_and_dropped() {
         let size = size_of(6);
         // Peer 3 claims a size before the proof: it waits, and is penalised when the proof comes.
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 3]);
         d.have(1, d.full());
         d.fetch.handle_have(3, size + PIECE_SIZE, PieceSet::full(7), ms(1), d.now);
@@ -2330,7 +2335,7 @@ mod tests {
     fn a_corrupt_last_piece_rejects_the_claim_and_the_next_claim_is_begun() {
         let size = size_of(5);
         let lie = size + 3 * PIECE_SIZE;
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 2]);
         d.fetch.handle_have(1, lie, PieceSet::full(8), ms(1), d.now);
         assert_eq!(d.drain(), vec![Begin { size: lie }]);
@@ -2354,7 +2359,7 @@ mod tests {
     #[test]
     fn a_corrupt_last_piece_from_one_of_several_claimants_keeps_the_size() {
         let size = size_of(5);
-        let (mut d, actions) = started(size, FetchConfig::default(), &[(1, PieceSet::full(5)), (2, PieceSet::full(5))]);
+        let (mut d, actions) = started(size, config4(), &[(1, PieceSet::full(5)), (2, PieceSet::full(5))]);
         let (bad, id, _) = requests(&actions)[0].clone();
         let after = d.fail(bad, id, PeerFailure::Corrupt);
         assert_eq!(after[0], Penalise { peer: bad, failure: PeerFailure::Corrupt });
@@ -2369,7 +2374,7 @@ mod tests {
     fn a_claim_nobody_can_prove_any_more_is_abandoned_for_another() {
         let size = size_of(3);
         let lie = size_of(4);
-        let config = FetchConfig { request_timeout: Duration::from_secs(1), ..FetchConfig::default() };
+        let config = FetchConfig { request_timeout: Duration::from_secs(1), ..config4() };
         let mut d = Driver::new(size, config);
         d.discover(&[1, 2]);
         d.fetch.handle_have(1, lie, PieceSet::full(4), ms(1), d.now);
@@ -2396,7 +2401,7 @@ mod tests {
 
     #[test]
     fn an_empty_blob_is_one_empty_piece() {
-        let (mut d, actions) = started(0, FetchConfig::default(), &[(1, PieceSet::full(1))]);
+        let (mut d, actions) = started(0, config4(), &[(1, PieceSet::full(1))]);
         let reqs = requests(&actions);
         assert_eq!(reqs, vec![(1, RequestId(0), PieceSet::single(1, 0))]);
         let after = d.ok(1, RequestId(0), &PieceSet::single(1, 0));
@@ -2409,7 +2414,7 @@ mod tests {
 
     #[test]
     fn at_most_max_peers_are_asked_and_dropped_ones_are_replaced_without_penalty() {
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(4), config);
         assert_eq!(d.discover(&[1, 2, 3, 4, 2, 1]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.fetch.handle_have_failed(1, PeerFailure::NotFound, d.now);
@@ -2429,7 +2434,7 @@ mod tests {
     fn a_partial_holder_is_asked_only_for_what_it_advertises() {
         let n = 24;
         let partial = set(n, (0..5).chain(10..12).chain([n - 1]));
-        let config = FetchConfig { endgame_copies: 3, ..FetchConfig::default() };
+        let config = FetchConfig { endgame_copies: 3, ..config4() };
         let (mut d, actions) = started(size_of(n), config, &[(1, partial.clone()), (2, PieceSet::full(n))]);
         let all = d.serve_all(actions);
         let reqs = requests(&all);
@@ -2444,7 +2449,7 @@ mod tests {
 
     #[test]
     fn busy_on_have_asks_again_after_the_given_delay() {
-        let mut d = Driver::new(size_of(4), FetchConfig::default());
+        let mut d = Driver::new(size_of(4), config4());
         d.discover(&[1]);
         d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: ms(2000) }, d.now);
         assert_eq!(d.drain(), vec![]);
@@ -2456,7 +2461,7 @@ mod tests {
     #[test]
     fn a_busy_wait_is_capped_and_the_cap_stretches_with_the_time_scale() {
         for (scale, cap) in [(1.0, MAX_BUSY_WAIT), (4.0, MAX_BUSY_WAIT * 4)] {
-            let mut d = Driver::new(size_of(4), FetchConfig::default().stretched(scale));
+            let mut d = Driver::new(size_of(4), config4().stretched(scale));
             d.discover(&[1]);
             d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: MAX_BUSY_WAIT * 10 }, d.now);
             assert_eq!(d.drain(), vec![]);
@@ -2467,7 +2472,7 @@ mod tests {
 
     #[test]
     fn a_have_timeout_counts_as_a_failure_and_is_asked_again() {
-        let config = FetchConfig::default();
+        let config = config4();
         let mut d = Driver::new(size_of(4), config.clone());
         d.discover(&[1]);
         assert_eq!(d.advance(config.have_timeout - ms(1)), vec![]);
@@ -2496,7 +2501,7 @@ mod tests {
     /// nothing more, and is watched at once for every piece we lack.
     fn watching_a_holder_of_the_last_piece() -> (Driver, u32) {
         let n = 8;
-        let (mut d, actions) = started(size_of(n), FetchConfig::default(), &[(1, set(n, [n - 1]))]);
+        let (mut d, actions) = started(size_of(n), config4(), &[(1, set(n, [n - 1]))]);
         let (_, id, pieces) = requests(&actions)[0].clone();
         assert_eq!(d.ok(1, id, &pieces), vec![], "it has nothing more");
         assert_eq!(d.watches, vec![(1, set(n, 0..n - 1))], "watched at once for every piece we lack");
@@ -2522,7 +2527,7 @@ mod tests {
     fn a_watch_answered_early_without_news_waits_out_its_interval() {
         // A server short of room for watchers answers at once: no watch storm follows.
         let (mut d, n) = watching_a_holder_of_the_last_piece();
-        let config = FetchConfig::default();
+        let config = config4();
         let sent = d.now;
         d.watches.clear();
         d.now += ms(20);
@@ -2539,7 +2544,7 @@ mod tests {
     #[test]
     fn a_peer_that_does_not_know_watches_is_asked_for_its_have_map_instead() {
         let (mut d, n) = watching_a_holder_of_the_last_piece();
-        let config = FetchConfig::default();
+        let config = config4();
         d.watches.clear();
         d.fetch.handle_watch_refused(1, d.now);
         assert_eq!(d.drain(), vec![]);
@@ -2557,7 +2562,7 @@ mod tests {
         // Peer 2 holds piece 0, which is already asked of peer 1: it is idle, not stale, and is
         // watched for what neither it nor anyone advertises yet.
         let n = 4;
-        let config = FetchConfig { request_target: None, pieces_per_request: 1, ..FetchConfig::default() };
+        let config = FetchConfig { request_target: None, pieces_per_request: 1, ..config4() };
         let (d, actions) = proven(size_of(n), config, &[(1, set(n, [0, n - 1])), (2, set(n, [0, n - 1]))]);
         let reqs = requests(&actions);
         assert_eq!(reqs.len(), 1, "{actions:?}");
@@ -2569,7 +2574,7 @@ mod tests {
     #[test]
     fn a_have_map_sent_with_an_answer_updates_the_peer_without_asking() {
         let n = 8;
-        let (mut d, actions) = started(size_of(n), FetchConfig::default(), &[(1, set(n, [n - 1]))]);
+        let (mut d, actions) = started(size_of(n), config4(), &[(1, set(n, [n - 1]))]);
         let (_, id, pieces) = requests(&actions)[0].clone();
         d.fetch.handle_response(1, id, &pieces, PIECE_SIZE, ms(50), None, d.now);
         // It gained pieces 2 and 3 meanwhile and says so with its answer: they are asked at once.
@@ -2591,7 +2596,7 @@ mod tests {
         // full holder waiting in the candidate queue. Refreshing the partial holders forever would
         // never ask it, and the fetch would never complete.
         let n = 8;
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(n), config.clone());
         assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, set(n, [n - 1]));
@@ -2619,7 +2624,7 @@ mod tests {
     fn slots_held_by_holders_of_the_last_piece(named: &[u32]) -> (Driver, FetchConfig, PieceSet) {
         let n = 8;
         let only_last = set(n, [n - 1]);
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(n), config.clone());
         assert_eq!(d.discover(named), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, only_last.clone());
@@ -2661,7 +2666,7 @@ mod tests {
     #[test]
     fn the_nearest_peer_goes_first_then_the_fastest() {
         let n = 40;
-        let mut d = Driver::new(size_of(n), FetchConfig::default());
+        let mut d = Driver::new(size_of(n), config4());
         d.discover(&[1, 2, 3]);
         for (peer, rtt) in [(1, 50), (2, 10), (3, 30)] {
             d.have_rtt(peer, PieceSet::full(n), ms(rtt));
@@ -2681,7 +2686,7 @@ mod tests {
     #[test]
     fn the_rarest_pieces_go_first() {
         let n = 8;
-        let config = FetchConfig { pieces_per_request: 1, ..FetchConfig::default() };
+        let config = FetchConfig { pieces_per_request: 1, ..config4() };
         let common = set(n, [0, 1, 2, 4, 5, 7]);
         let mut d = Driver::new(size_of(n), config);
         d.discover(&[1, 2, 3]);
@@ -2705,7 +2710,7 @@ mod tests {
         let n = 64;
         let mut starts = BTreeSet::new();
         for seed in 0..8 {
-            let mut d = Driver::with_seed(size_of(n), FetchConfig::default(), seed);
+            let mut d = Driver::with_seed(size_of(n), config4(), seed);
             d.discover(&[1]);
             d.have(1, PieceSet::full(n));
             d.drain();
@@ -2725,7 +2730,7 @@ mod tests {
     #[test]
     fn with_a_request_target_requests_fit_the_peers_measured_throughput() {
         let n = 64;
-        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..FetchConfig::default() };
+        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..config4() };
         let mut d = Driver::new(size_of(n), config);
         d.discover(&[1]);
         d.have(1, PieceSet::full(n));
@@ -2748,7 +2753,7 @@ mod tests {
     #[test]
     fn with_a_request_target_a_peer_not_yet_measured_gets_one_request_at_a_time() {
         let n = 64;
-        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..FetchConfig::default() };
+        let config = FetchConfig { request_target: Some(Duration::from_secs(2)), ..config4() };
         let peers: Vec<(u32, PieceSet)> = (1..4).map(|p| (p, PieceSet::full(n))).collect();
         let (mut d, after) = started(size_of(n), config, &peers);
         // The size proof's answer measures its peer, which then gets a full window.
@@ -2771,7 +2776,7 @@ mod tests {
     fn the_same_seed_and_inputs_give_the_same_actions() {
         let run = |seed| {
             let n = 50;
-            let mut d = Driver::with_seed(size_of(n), FetchConfig::default(), seed);
+            let mut d = Driver::with_seed(size_of(n), config4(), seed);
             d.discover(&[1, 2, 3, 4]);
             for peer in 1..5 {
                 d.have(peer, PieceSet::full(n));
@@ -2790,7 +2795,7 @@ mod tests {
     fn several_peers_in_parallel_at_most_max_requests_each() {
         let n = 64;
         let peers: Vec<(u32, PieceSet)> = (1..4).map(|p| (p, PieceSet::full(n))).collect();
-        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &peers);
+        let (mut d, after) = proven(size_of(n), config4(), &peers);
         let reqs = requests(&after);
         assert_eq!(reqs.len(), 12, "{after:?}");
         for peer in 1..4 {
@@ -2811,7 +2816,7 @@ mod tests {
     #[test]
     fn end_game_duplicates_the_tail_and_cancels_the_loser() {
         let n = 9;
-        let config = FetchConfig { max_requests_per_peer: 1, ..FetchConfig::default() };
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         let reqs = requests(&after);
         assert_eq!(reqs.len(), 2, "{after:?}");
@@ -2850,7 +2855,7 @@ mod tests {
     #[test]
     fn end_game_leaves_a_request_on_schedule_alone() {
         let n = 17;
-        let config = FetchConfig { max_requests_per_peer: 1, ..FetchConfig::default() };
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         // Both peers answer a request in 50 ms, so both are measured; then every missing piece is
         // in flight, four to each.
@@ -2884,8 +2889,7 @@ mod tests {
     #[test]
     fn corrupt_data_drops_and_penalises_the_peer_and_keeps_what_verified() {
         let n = 20;
-        let (mut d, after) =
-            proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         let reqs = requests(&after);
         let (bad, id, pieces) = reqs.iter().find(|(_, _, p)| p.count() > 1).cloned().expect("a multi-piece request");
         let first = pieces.iter().next().expect("not empty");
@@ -2911,7 +2915,7 @@ mod tests {
     #[test]
     fn transient_failures_back_off_and_drop_after_max_failures_without_penalty() {
         let n = 40;
-        let config = FetchConfig::default();
+        let config = config4();
         let (mut d, after) = proven(size_of(n), config.clone(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         let from =
             |actions: &[Action<u32>], peer| requests(actions).into_iter().filter(|r| r.0 == peer).collect::<Vec<_>>();
@@ -2944,7 +2948,7 @@ mod tests {
     #[test]
     fn a_success_resets_the_count_of_failures_in_a_row() {
         let n = 40;
-        let config = FetchConfig { max_peer_failures: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peer_failures: 2, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
         let reqs = requests(&after);
         d.fail(1, reqs[0].1, PeerFailure::Io);
@@ -2957,7 +2961,7 @@ mod tests {
     #[test]
     fn busy_backs_off_for_the_given_delay_without_counting_a_failure() {
         let n = 20;
-        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n))]);
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n))]);
         let reqs = requests(&after);
         let actions = d.fail(1, reqs[0].1, PeerFailure::Busy { retry_after: ms(500) });
         assert_eq!(actions, vec![]);
@@ -2972,7 +2976,7 @@ mod tests {
     #[test]
     fn not_found_on_a_get_prunes_the_have_map_and_asks_it_again() {
         let n = 12;
-        let config = FetchConfig { max_requests_per_peer: 1, ..FetchConfig::default() };
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
         let (_, id, stale) = requests(&after)[0].clone();
         let actions = d.fail(1, id, PeerFailure::NotFound);
@@ -2982,7 +2986,7 @@ mod tests {
         }
         assert!(!stats(&d.fetch, 1).dropped);
         // A peer that ends up advertising nothing is dropped, without a penalty.
-        let mut d = Driver::new(size_of(n), FetchConfig::default());
+        let mut d = Driver::new(size_of(n), config4());
         d.discover(&[1, 2]);
         d.have_rtt(1, set(n, [n - 1]), ms(1));
         d.have_rtt(2, PieceSet::full(n), ms(50));
@@ -2998,7 +3002,7 @@ mod tests {
     #[test]
     fn a_request_timeout_cancels_it_and_counts_one_failure_per_incident() {
         let n = 40;
-        let config = FetchConfig::default();
+        let config = config4();
         let (mut d, after) = proven(size_of(n), config.clone(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         let start = d.now;
         let reqs = requests(&after);
@@ -3035,7 +3039,7 @@ mod tests {
     fn requests_wait_for_the_store_and_never_ask_for_local_pieces() {
         let n = 16;
         let size = size_of(n);
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 2]);
         d.have(1, PieceSet::full(n));
         d.have(2, PieceSet::full(n));
@@ -3050,7 +3054,7 @@ mod tests {
         }
         assert_eq!(all.last(), Some(&Complete));
         // A store that holds everything completes without a request.
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1]);
         d.have(1, PieceSet::full(n));
         d.drain();
@@ -3061,15 +3065,14 @@ mod tests {
 
     #[test]
     fn providers_are_asked_again_with_a_doubling_back_off_and_never_fail_without_a_deadline() {
-        assert_eq!(lookup_gaps(FetchConfig::default())[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
-        let capped = FetchConfig { providers_backoff_max: Duration::from_secs(4), ..FetchConfig::default() };
+        assert_eq!(lookup_gaps(config4())[..8], [1, 2, 4, 8, 16, 30, 30, 30]);
+        let capped = FetchConfig { providers_backoff_max: Duration::from_secs(4), ..config4() };
         assert_eq!(lookup_gaps(capped)[..6], [1, 2, 4, 4, 4, 4], "the cap holds");
         // Stretched, the machine's own bound on the cap stretches too: an emulator running at a
         // tenth of real speed looks up as often per emulated second as a real node per second.
-        let slow =
-            FetchConfig { providers_backoff_max: Duration::from_secs(4), ..FetchConfig::default() }.stretched(10.0);
+        let slow = FetchConfig { providers_backoff_max: Duration::from_secs(4), ..config4() }.stretched(10.0);
         assert_eq!(lookup_gaps(slow)[..6], [10, 20, 40, 40, 40, 40]);
-        assert_eq!(lookup_gaps(FetchConfig::default().stretched(10.0))[..7], [10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(lookup_gaps(config4().stretched(10.0))[..7], [10, 20, 40, 80, 160, 300, 300]);
     }
 
     /// Seconds between lookups over an hour in which the DHT names nobody.
@@ -3099,7 +3102,7 @@ mod tests {
     #[test]
     fn it_fails_only_when_the_deadline_passes_and_says_why() {
         let deadline = Duration::from_secs(60);
-        let config = FetchConfig { deadline: Some(deadline), ..FetchConfig::default() };
+        let config = FetchConfig { deadline: Some(deadline), ..config4() };
         // Nobody found.
         let mut d = Driver::new(size_of(4), config.clone());
         d.drain();
@@ -3141,7 +3144,7 @@ mod tests {
     fn a_fetch_nobody_with_what_it_lacks_answers_stalls() {
         let n = 8;
         let after = Duration::from_secs(5);
-        let config = FetchConfig { stall_timeout: Some(after), ..FetchConfig::default() };
+        let config = FetchConfig { stall_timeout: Some(after), ..config4() };
         let hash = Hash::from([7; 32]);
         // Nobody at all: it stalls knowing nothing.
         let mut d = Driver::new(size_of(n), config.clone());
@@ -3166,11 +3169,7 @@ mod tests {
     #[test]
     fn a_fetch_waiting_its_turn_at_busy_holders_does_not_stall() {
         let n = 8;
-        let config = FetchConfig {
-            stall_timeout: Some(Duration::from_secs(5)),
-            max_requests_per_peer: 1,
-            ..FetchConfig::default()
-        };
+        let config = FetchConfig { stall_timeout: Some(Duration::from_secs(5)), max_requests_per_peer: 1, ..config4() };
         let (mut d, mut actions) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
         // For 25 s the only holder keeps each request 2 s and then answers `Busy`.
         for _ in 0..10 {
@@ -3189,7 +3188,7 @@ mod tests {
     #[test]
     fn complete_is_emitted_once_and_then_nothing_happens() {
         let n = 4;
-        let (mut d, after) = proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n))]);
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n))]);
         let all = d.serve_all(after);
         assert_eq!(all.iter().filter(|a| **a == Complete).count(), 1);
         assert_eq!(d.drain(), vec![]);
@@ -3207,8 +3206,7 @@ mod tests {
     #[test]
     fn late_duplicate_and_unknown_answers_are_ignored() {
         let n = 20;
-        let (mut d, after) =
-            proven(size_of(n), FetchConfig::default(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
         let reqs = requests(&after);
         let before = d.fetch.progress();
         let all = PieceSet::full(n);
@@ -3236,7 +3234,7 @@ mod tests {
     #[test]
     fn malformed_have_maps_are_a_protocol_failure() {
         let size = size_of(4);
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1, 2, 3, 4]);
         d.fetch.handle_have(1, size, PieceSet::full(9), ms(1), d.now);
         d.fetch.handle_have(2, u64::MAX, PieceSet::full(4), ms(1), d.now);
@@ -3254,7 +3252,7 @@ mod tests {
         assert!(s.dropped && !s.penalised, "an empty have-map is NotFound, not a lie");
         assert_eq!(d.fetch.size(), None);
         // handle_local with the wrong piece count is ignored but lets requests go.
-        let mut d = Driver::new(size, FetchConfig::default());
+        let mut d = Driver::new(size, config4());
         d.discover(&[1]);
         d.have(1, PieceSet::full(4));
         d.drain();
@@ -3267,12 +3265,7 @@ mod tests {
     /// the size is proven (or, if `prove` is false, the request for the last piece alone).
     fn two_busy_slots_and_a_holder_waiting(per_peer: usize, prove: bool) -> (Driver, Vec<(u32, RequestId, PieceSet)>) {
         let n = 8;
-        let config = FetchConfig {
-            max_peers: 2,
-            max_requests_per_peer: per_peer,
-            pieces_per_request: 1,
-            ..FetchConfig::default()
-        };
+        let config = FetchConfig { max_peers: 2, max_requests_per_peer: per_peer, pieces_per_request: 1, ..config4() };
         let mut d = Driver::new(size_of(n), config);
         assert_eq!(d.discover(&[1, 2, 3]), vec![AskHave { peer: 1 }, AskHave { peer: 2 }]);
         d.have(1, d.full());
@@ -3366,7 +3359,7 @@ mod tests {
 
     #[test]
     fn nearby_peers_are_bounded() {
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(4), config);
         d.fetch.handle_nearby(0..100, d.now);
         let mut asked = Vec::new();
@@ -3383,7 +3376,7 @@ mod tests {
 
     #[test]
     fn candidates_are_bounded_and_deduplicated() {
-        let config = FetchConfig { max_peers: 2, ..FetchConfig::default() };
+        let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(4), config);
         let named: Vec<u32> = (0..100).chain(0..100).collect();
         let mut asked = Vec::new();
@@ -3404,7 +3397,7 @@ mod tests {
             request_target: Some(ms(2000)),
             deadline: Some(ms(30_000)),
             stall_timeout: Some(ms(5000)),
-            ..FetchConfig::default()
+            ..config4()
         };
         let x4 = base.clone().stretched(4.0);
         assert_eq!(x4.have_refresh, base.have_refresh * 4);

@@ -7,7 +7,7 @@
 //! - [`id`]: [`Hash`], the BLAKE3 content id, printed as `b3sum` prints it.
 //! - [`piece`]: piece geometry ([`Geometry`], [`PIECE_SIZE`]) and [`PieceSet`].
 //! - [`verify`]: outboards and verified piece encoding and decoding, on `bao-tree`.
-//! - [`wire`]: the `/shoal/transfer/1` messages, framing and bounds.
+//! - [`wire`]: the `/shoal/transfer/2` messages, framing and bounds.
 //! - [`fetch`]: the decisions of a multi-source fetch ([`fetch::Fetch`]): which piece from which
 //!   peer, retries, end-game and penalties, as a state machine driven by `handle_*` and `poll_*`.
 

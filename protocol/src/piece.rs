@@ -19,21 +19,24 @@ pub const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(CHUNK_GROUP_LOG);
 /// The size of a chunk group in bytes.
 pub const CHUNK_GROUP_SIZE: u64 = 1024 << CHUNK_GROUP_LOG;
 
-/// The scheduling unit in bytes: 256 KiB, sixteen chunk groups.
+/// The scheduling unit in bytes: 128 KiB, eight chunk groups.
 ///
-/// Chosen with `cargo bench -p shoal-protocol --bench piece_size`: serving and verifying a blob
-/// piece by piece reaches its plateau at 256 KiB (smaller pieces pay the per-request proof and
-/// setup more often), while larger pieces make the tail of a multi-source fetch coarser and
-/// have-maps less useful for partial holders. At 256 KiB a 1 GiB blob has 4,096 pieces, a have-map
-/// bitmap of 512 bytes, and one piece in flight is a small fraction of a loopback BDP.
-pub const PIECE_SIZE: u64 = 256 * 1024;
+/// A peer passes on only pieces it holds whole and verified, so in a crowd each piece waits at
+/// every hop for its whole upload: halving the piece halves that wait. Measured with `shoal-netsim`
+/// (`docs/ARCHITECTURE.md`, *netsim*, "Smaller pieces"): a 100-node flash crowd of a 4 MiB blob
+/// finished at 1.85-1.90x T_min against 2.32-2.34x with 256 KiB pieces. `cargo bench -p
+/// shoal-protocol --bench piece_size` measures the cost: serving and verifying piece by piece pays
+/// the per-request proof and setup more often below 256 KiB, which the fetch offsets by asking for
+/// runs of contiguous pieces in one request (up to 8, 1 MiB). At 128 KiB a 1 GiB blob has 8,192
+/// pieces and a have-map bitmap of 1 KiB.
+pub const PIECE_SIZE: u64 = 128 * 1024;
 
 /// log2 of the number of BLAKE3 chunks in a piece.
 const PIECE_CHUNK_LOG: u32 = (PIECE_SIZE / 1024).trailing_zeros();
 
-/// The largest blob Shoal handles: 2^42 bytes (4 TiB), 2^24 pieces. Keeps piece indices in `u32`
+/// The largest blob Shoal handles: 2^41 bytes (2 TiB), 2^24 pieces. Keeps piece indices in `u32`
 /// and every have-map bounded.
-pub const MAX_BLOB_SIZE: u64 = 1 << 42;
+pub const MAX_BLOB_SIZE: u64 = 1 << 41;
 
 /// The index of a piece within its blob.
 pub type PieceIndex = u32;
@@ -307,7 +310,7 @@ mod tests {
             (PIECE_SIZE - 1, 1, PIECE_SIZE - 1),
             (PIECE_SIZE, 1, PIECE_SIZE),
             (PIECE_SIZE + 1, 2, 1),
-            (5 * 1024 * 1024 + 7, 21, 7),
+            (5 * 1024 * 1024 + 7, 41, 7),
         ];
         for &(size, pieces, last_len) in cases {
             let g = Geometry::new(size).expect("small");

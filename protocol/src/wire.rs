@@ -1,4 +1,4 @@
-//! The transfer protocol's messages (`/shoal/transfer/1`).
+//! The transfer protocol's messages (`/shoal/transfer/2`).
 //!
 //! One request per stream. The requester writes one framed [`Request`]; the server answers with one
 //! framed [`Response`]. A [`Response::Data`] header is followed by the pieces it names, encoded with
@@ -18,7 +18,7 @@ use crate::Hash;
 use crate::piece::{MAX_BLOB_SIZE, PIECE_SIZE, PieceRuns, PieceSet};
 
 /// The libp2p protocol id of the transfer protocol. The trailing number is the wire version.
-pub const PROTOCOL: &str = "/shoal/transfer/1";
+pub const PROTOCOL: &str = "/shoal/transfer/2";
 
 /// The longest request frame body a server reads.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
@@ -30,7 +30,7 @@ pub const MAX_RESPONSE_LEN: usize = 256 * 1024;
 /// advertises its first `MAX_RUNS` runs ([`PieceSet::first_runs`]).
 pub const MAX_RUNS: usize = 4096;
 
-/// The most pieces one `Get` may ask for (16 MiB at 256 KiB pieces).
+/// The most pieces one `Get` may ask for (8 MiB at 128 KiB pieces).
 pub const MAX_PIECES_PER_GET: u32 = 64;
 
 /// The most bytes of a [`Response::BadRequest`] reason.
@@ -426,7 +426,7 @@ mod tests {
         let cases: Vec<(Response, String)> = vec![
             (
                 Response::Have {
-                    size: 262_145,
+                    size: 131_073,
                     pieces: PieceSet::full(2),
                     peers: vec![],
                     size_proof: Some(vec![0xcd, 0xef]),
@@ -434,7 +434,7 @@ mod tests {
                 [
                     "0d000000", // frame length 13
                     "00",       // Response::Have
-                    "818010",   // size 262145, varint
+                    "818008",   // size 131073, varint
                     "02",       // piece count 2
                     "01",       // one run
                     "0002",     // start 0, length 2
