@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use shoal_node::protocol::PIECE_SIZE;
+
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 
 /// A running `shoal node`, killed on drop.
@@ -323,14 +325,14 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     }
     // Rot one byte in every piece of two copies while their nodes are down: n3's near the start
     // of each piece (found as an answer opens, and left out of it: the requester sees a piece it
-    // was promised go missing), n5's deep in each (found while the answer is on its way, which
-    // cuts it off, as a peer that restarts would).
+    // was promised go missing), n5's deep in each, past an answer's first 64 KiB step (found
+    // while the answer is on its way, which cuts it off, as a peer that restarts would).
     let (n3_peer, n5_peer) = (n3.peer_id.clone(), n5.peer_id.clone());
     drop((n3, n5));
-    for (dir, offset) in [(&n3dir, 1000), (&n5dir, 200_000)] {
+    for (dir, offset) in [(&n3dir, 1000), (&n5dir, 100_000)] {
         let data = dir.join("store/blobs").join(&hash).join("data");
         let mut bytes = std::fs::read(&data).expect("stored data");
-        for start in (0..bytes.len()).step_by(256 << 10) {
+        for start in (0..bytes.len()).step_by(PIECE_SIZE as usize) {
             bytes[start + offset] ^= 0x5a;
         }
         std::fs::write(&data, bytes).expect("corrupt");
