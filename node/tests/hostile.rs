@@ -10,7 +10,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder};
 use shoal_node::{Node, NodeConfig};
 use shoal_protocol::wire::{self, Request, Response};
-use shoal_protocol::{Geometry, PieceSet};
+use shoal_protocol::{Geometry, PIECE_SIZE, PieceSet};
 
 const TRANSFER: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 
@@ -97,7 +97,8 @@ async fn provider(dir: &std::path::Path) -> (Node, Multiaddr, shoal_protocol::Ha
     let provider = Node::start(config(dir.join("p"))).await.expect("provider");
     let addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
     let file = dir.join("f");
-    let data: Vec<u8> = (0..3 * 256 * 1024 + 99).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let data: Vec<u8> =
+        (0..3 * PIECE_SIZE as u32 + 99).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     std::fs::write(&file, &data).expect("write");
     let hash = provider.handle().add_path(&file).await.expect("add").hash;
     (provider, addr, hash, data)
