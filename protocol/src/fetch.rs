@@ -2018,12 +2018,12 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// A blob of `pieces` pieces whose last piece is short.
     /// The fetch these tests were written against: requests of at most 4 pieces.
     fn config4() -> FetchConfig {
         FetchConfig { pieces_per_request: 4, ..FetchConfig::default() }
     }
 
+    /// A blob of `pieces` pieces whose last piece is short.
     fn size_of(pieces: u32) -> u64 {
         u64::from(pieces - 1) * PIECE_SIZE + 1000
     }
