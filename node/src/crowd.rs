@@ -17,7 +17,11 @@
 //!   it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
 //!   lately gets no other until our patience for it has passed (or while nobody else waits for
 //!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
-//!   becomes the one holder of several pieces whose uplink all of them share. A few peers are served all they ask for: each may be the only one
+//!   becomes the one holder of several pieces whose uplink all of them share. However small the
+//!   crowd, a peer is sent at most its share of the blob at once (the blob's pieces over the
+//!   crowd's peers, counting the pieces of the answers under way to it): a crowd forms over the
+//!   round trips in which its fetchers' lookups end, and the first few to ask would otherwise
+//!   hold most of the first copies. A few peers are served all they ask for: each may be the only one
 //!   asking. In a crowd of [`SMALL_CROWD`] peers or more it holds back even while its uplink has
 //!   room: the fetcher's rarest-first order already sends it the requests for pieces nobody else
 //!   has, so what is held back is a piece the requester can get elsewhere, and each copy sent twice
@@ -150,6 +154,8 @@ struct Contact {
     served: Option<PieceSet>,
     /// Pieces held back from it, each with when it was first held back.
     withheld: Vec<(u32, Instant)>,
+    /// Pieces of the answers we are sending it now, as [`Crowds::claim`] counted them.
+    sending: u32,
 }
 
 impl Crowds {
@@ -371,7 +377,18 @@ impl Crowds {
             true => pieces.clone(),
             false => record_serving(&mut inner, hash, peer, &pieces, now),
         };
+        let c = contact(&mut inner, hash, peer, now);
+        c.sending = c.sending.saturating_add(pieces.count());
         Claim { pieces, new }
+    }
+
+    /// The answer carrying `pieces` pieces of `hash` that [`Crowds::claim`] chose for `peer` has
+    /// ended, sent or not: they no longer count against the peer's share.
+    pub(crate) fn answered(&self, hash: Hash, peer: PeerId, pieces: u32) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.blobs.peek_mut(&hash).and_then(|cs| cs.iter_mut().find(|c| c.peer == peer)) {
+            c.sending = c.sending.saturating_sub(pieces);
+        }
     }
 
     fn decide(
@@ -399,15 +416,29 @@ impl Crowds {
         if crowded && served_before && !room {
             elsewhere = asked.clone();
         }
+        let c = contact(inner, hash, peer, now);
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
-            false => hold_back(contact(inner, hash, peer, now), asked, &elsewhere, self.patience, now),
+            false => hold_back(c, asked, &elsewhere, self.patience, now),
         };
-        let first = offer.iter().next().filter(|_| crowded);
-        match first {
-            Some(first) => PieceSet::single(offer.piece_count(), first),
-            None => offer,
+        // However small the crowd, a peer is sent at most its share of the blob at once: its
+        // pieces over the crowd's peers. A crowd forms over the round trips in which its
+        // fetchers' lookups end, and the first to ask, served all it asked for while it was one
+        // of a few, was the one holder of every piece of those answers, left to it while the
+        // rest of the crowd arrived: in the 100-node crowd (`flash-crowd-1000.toml --nodes 100`,
+        // seed 2) one fetcher was sent 20 of the 32 first copies in its first 80 ms, three
+        // answers under way at once, and those pieces waited on its uplink for seconds.
+        let share = offer.piece_count().div_ceil(u32::try_from(crowd.max(1)).unwrap_or(u32::MAX));
+        let room_left = share.saturating_sub(c.sending);
+        let take = if crowded { room_left.min(1) } else { room_left };
+        if offer.count() <= take {
+            return offer;
         }
+        let mut taken = PieceSet::empty(offer.piece_count());
+        for i in offer.iter().take(take as usize) {
+            taken.insert(i);
+        }
+        taken
     }
 
     /// Of `asked`, the pieces we served to a fresh peer other than `peer`, not found unreachable
@@ -471,7 +502,7 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     let ix = match contacts.iter().position(|c| c.peer == peer) {
         Some(ix) => ix,
         None => {
-            let fresh = Contact { peer, seen: now, holds: false, served: None, withheld: Vec::new() };
+            let fresh = Contact { peer, seen: now, holds: false, served: None, withheld: Vec::new(), sending: 0 };
             if contacts.len() < MAX_CONTACTS {
                 contacts.push(fresh);
                 contacts.len() - 1
@@ -715,11 +746,13 @@ mod tests {
         assert_eq!((&first.pieces, &first.new), (&asked, &asked));
         assert!(crowds.claim(hash, b, &asked, true, up(false, false), t0).pieces.is_empty());
         crowds.not_served(hash, a, &first.new);
+        crowds.answered(hash, a, first.pieces.count());
         let again = crowds.claim(hash, b, &asked, true, up(false, false), t0);
         assert_eq!(again.pieces, asked);
         // `b` got it. Asking again (with a slot free), it may be sent it again, but that request
         // claimed nothing new and gives nothing back if it fails: the piece is still left to `b`.
         served(&crowds, hash, b, &again.pieces, t0);
+        crowds.answered(hash, b, again.pieces.count());
         let twice = crowds.claim(hash, b, &asked, true, up(false, true), t0);
         assert_eq!(twice.pieces, asked);
         assert!(twice.new.is_empty());
@@ -757,6 +790,38 @@ mod tests {
         crowds.connected(b, vec![addr(2)]);
         crowds.serving(hash, b, &set(64, &[2, 3]), t0);
         assert!(crowds.offer(hash, a, &set(64, &[2, 3]), true, up(false, true), t0).is_empty());
+    }
+
+    /// The first fetcher to ask, alone so far, is sent what it asks; a second answer at once goes
+    /// past its share of a crowd that has formed meanwhile, and is refused until the first ended.
+    #[test]
+    fn a_publisher_sends_a_peer_at_most_its_share_of_the_blob_at_once() {
+        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let t0 = Instant::now();
+        let range = |r: std::ops::Range<u32>| set(32, &r.collect::<Vec<_>>());
+        let a = PeerId::random();
+        let first = crowds.claim(hash, a, &range(0..8), true, up(false, false), t0);
+        assert_eq!(first.pieces, range(0..8), "alone, a peer is sent all it asks for");
+        // Three more peers ask: a crowd of four, a share of eight pieces each.
+        for i in 8..11 {
+            let got = crowds.claim(hash, PeerId::random(), &set(32, &[i]), true, up(false, false), t0);
+            assert_eq!(got.pieces.count(), 1);
+        }
+        assert!(crowds.claim(hash, a, &range(16..24), true, up(false, false), t0).pieces.is_empty());
+        assert!(crowds.offer(hash, a, &range(16..24), true, up(false, false), t0).is_empty());
+        // Its first answer sent, `a` may have its share again, and no more.
+        crowds.answered(hash, a, first.pieces.count());
+        let second = crowds.claim(hash, a, &range(16..32), true, up(false, false), t0);
+        assert_eq!(second.pieces, range(16..24));
+        // A blob of many pieces and a few fetchers: the share is no bound on a fetch's window.
+        let big = Hash::from([8u8; 32]);
+        let b = PeerId::random();
+        let _ = crowds.claim(big, PeerId::random(), &PieceSet::single(1024, 0), true, up(false, false), t0);
+        for k in 0..4 {
+            let asked: Vec<u32> = (1 + 8 * k..9 + 8 * k).collect();
+            assert_eq!(crowds.claim(big, b, &set(1024, &asked), true, up(false, false), t0).pieces.count(), 8);
+        }
     }
 
     #[test]
@@ -824,12 +889,12 @@ mod tests {
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
         crowds.connected(a, vec![addr(1)]);
-        crowds.serving(hash, a, &set(4, &[0]), t0);
-        let asked = set(4, &[0, 1]);
+        crowds.serving(hash, a, &set(64, &[0]), t0);
+        let asked = set(64, &[0, 1]);
         // Its connection closed (either side may close one to stay within its bound): `a` still
         // holds piece 0, which is left to it.
         crowds.disconnected(&a);
-        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(4, &[1]));
+        assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(64, &[1]));
         // Not named to others, though: we hold no connection, so no fresh addresses, to it.
         assert!(crowds.hints(hash, b, None, t0).is_empty());
         // A minute (three patiences) later it is stale like any holder.
@@ -837,17 +902,17 @@ mod tests {
         let c = PeerId::random();
         assert_eq!(
             crowds.offer(hash, c, &asked, true, up(false, false), t0 + minute - Duration::from_millis(1)),
-            set(4, &[1])
+            set(64, &[1])
         );
         assert_eq!(crowds.offer(hash, c, &asked, true, up(false, false), t0 + minute), asked);
         // Served again, then a dial to it failed: it may be gone, and is not relied on.
         crowds.connected(a, vec![addr(1)]);
-        crowds.serving(hash, a, &set(4, &[0]), t0 + minute);
+        crowds.serving(hash, a, &set(64, &[0]), t0 + minute);
         crowds.unreachable(a, t0 + minute);
         let later = t0 + minute;
         assert_eq!(
             crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later),
-            set(4, &[1]),
+            set(64, &[1]),
             "still connected"
         );
         crowds.disconnected(&a);
@@ -855,7 +920,7 @@ mod tests {
         assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later), asked);
         // Until it connects again.
         crowds.connected(a, vec![addr(1)]);
-        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later), set(4, &[1]));
+        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), later), set(64, &[1]));
     }
 
     #[test]

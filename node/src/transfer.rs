@@ -441,8 +441,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(false), Instant::now());
                 let none = PieceSet::empty(held.piece_count());
                 // What this request records as served, and gives back if it does not send it.
-                let (sending, mut claimed, data_slot) = match offered.is_empty() {
-                    true => (offered, none.clone(), None),
+                let (sending, mut claimed, data_slot, _answer) = match offered.is_empty() {
+                    true => (offered, none.clone(), None, None),
                     false => {
                         let priority = || crowds.least_served(hash, &offered);
                         let Some(slot) = uploads.acquire_data(priority).await else {
@@ -455,7 +455,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         };
                         let now = Instant::now();
                         let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now);
-                        (claim.pieces, claim.new, Some((slot, now)))
+                        let answer = spreads.then(|| Answer { crowds, hash, peer, pieces: claim.pieces.count() });
+                        (claim.pieces, claim.new, Some((slot, now)), answer)
                     }
                 };
                 if sending.is_empty() {
@@ -539,6 +540,21 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             .instrument(span)
             .await
         }
+    }
+}
+
+/// An answer whose pieces [`Crowds::claim`] counted against its requester's share: they are
+/// given back when it ends, however it ends (sent, failed, or its task cancelled).
+struct Answer<'a> {
+    crowds: &'a Crowds,
+    hash: Hash,
+    peer: PeerId,
+    pieces: u32,
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        self.crowds.answered(self.hash, self.peer, self.pieces);
     }
 }
 
