@@ -402,7 +402,8 @@ impl Crowds {
     ) -> PieceSet {
         let Uplink { idle, room } = uplink;
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
-        let served_before = contact(inner, hash, peer, now).served.as_ref().is_some_and(|s| !s.is_empty());
+        let asker = contact(inner, hash, peer, now);
+        let (served_before, sending) = (asker.served.as_ref().is_some_and(|s| !s.is_empty()), asker.sending);
         let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.is_fresh(c, now)).count());
         let mut elsewhere = self.elsewhere(inner, hash, peer, asked, now);
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
@@ -416,10 +417,9 @@ impl Crowds {
         if crowded && served_before && !room {
             elsewhere = asked.clone();
         }
-        let c = contact(inner, hash, peer, now);
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
-            false => hold_back(c, asked, &elsewhere, self.patience, now),
+            false => hold_back(contact(inner, hash, peer, now), asked, &elsewhere, self.patience, now),
         };
         // However small the crowd, a peer is sent at most its share of the blob at once: its
         // pieces over the crowd's peers. A crowd forms over the round trips in which its
@@ -429,7 +429,7 @@ impl Crowds {
         // seed 2) one fetcher was sent 20 of the 32 first copies in its first 80 ms, three
         // answers under way at once, and those pieces waited on its uplink for seconds.
         let share = offer.piece_count().div_ceil(u32::try_from(crowd.max(1)).unwrap_or(u32::MAX));
-        let room_left = share.saturating_sub(c.sending);
+        let room_left = share.saturating_sub(sending);
         let take = if crowded { room_left.min(1) } else { room_left };
         if offer.count() <= take {
             return offer;
