@@ -10,8 +10,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, RngCore};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use shoal_node::FetchProgress;
 use shoal_node::protocol::Hash;
-use shoal_node::{FetchProgress, NodeHandle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -92,47 +92,54 @@ enum Event {
     Join,
 }
 
-/// Runs one fetch on `handle`, recording its progress into `fetchers[slot]`.
-fn spawn_fetch(
-    handle: NodeHandle,
+/// The fetches of a churn run: what each is after and where it records how it went.
+struct Fetches {
     hash: Hash,
-    slot: usize,
+    /// One entry per node after the providers.
     fetchers: Arc<Mutex<Vec<Fetcher>>>,
+    providers: usize,
     t0: Instant,
     scale: f64,
     deadline: Instant,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let (tx, mut rx) = watch::channel(FetchProgress::default());
-        let watch_stalls = async move {
-            let mut last = Instant::now();
-            let mut longest = Duration::ZERO;
-            let mut bytes = 0;
-            while rx.changed().await.is_ok() {
-                let p = rx.borrow_and_update().verified_bytes;
-                if p > bytes {
-                    bytes = p;
-                    longest = longest.max(last.elapsed());
-                    last = Instant::now();
+}
+
+impl Fetches {
+    /// Runs node `i`'s fetch on its thread, recording its progress into its entry.
+    fn spawn(&self, cluster: &Cluster, i: usize) -> JoinHandle<()> {
+        let Self { hash, ref fetchers, providers, t0, scale, deadline } = *self;
+        let (handle, fetchers, slot) = (cluster.handle(i), fetchers.clone(), i - providers);
+        cluster.spawn(i, async move {
+            let (tx, mut rx) = watch::channel(FetchProgress::default());
+            let watch_stalls = async move {
+                let mut last = Instant::now();
+                let mut longest = Duration::ZERO;
+                let mut bytes = 0;
+                while rx.changed().await.is_ok() {
+                    let p = rx.borrow_and_update().verified_bytes;
+                    if p > bytes {
+                        bytes = p;
+                        longest = longest.max(last.elapsed());
+                        last = Instant::now();
+                    }
                 }
+                longest.max(last.elapsed())
+            };
+            let fetch = tokio::time::timeout_at(deadline.into(), handle.fetch(hash, Some(tx)));
+            let (result, stall) = futures::join!(fetch, watch_stalls);
+            let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
+            let f = &mut f[slot];
+            f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
+            match result {
+                Ok(Ok(_)) => {
+                    f.ok = true;
+                    f.done_s = Some(t0.elapsed().as_secs_f64() / scale);
+                    f.error = None;
+                }
+                Ok(Err(e)) => f.error = Some(e.to_string()),
+                Err(_) => f.error = Some("timed out".into()),
             }
-            longest.max(last.elapsed())
-        };
-        let fetch = tokio::time::timeout_at(deadline.into(), handle.fetch(hash, Some(tx)));
-        let (result, stall) = futures::join!(fetch, watch_stalls);
-        let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
-        let f = &mut f[slot];
-        f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
-        match result {
-            Ok(Ok(_)) => {
-                f.ok = true;
-                f.done_s = Some(t0.elapsed().as_secs_f64() / scale);
-                f.error = None;
-            }
-            Ok(Err(e)) => f.error = Some(e.to_string()),
-            Err(_) => f.error = Some("timed out".into()),
-        }
-    })
+        })
+    }
 }
 
 pub(crate) async fn run(
@@ -205,10 +212,9 @@ pub(crate) async fn run(
     let slot_of = |node: usize| node - providers;
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs_f64(timeout_s * scale);
-    let mut running: Vec<Option<JoinHandle<()>>> = candidates
-        .iter()
-        .map(|&i| Some(spawn_fetch(cluster.handle(i), hash, slot_of(i), fetchers.clone(), t0, scale, deadline)))
-        .collect();
+    let fetches = Fetches { hash, fetchers: fetchers.clone(), providers, t0, scale, deadline };
+    let mut running: Vec<Option<JoinHandle<()>>> =
+        candidates.iter().map(|&i| Some(fetches.spawn(&cluster, i))).collect();
 
     progress.set("churning", schedule.len());
     let mut series = Vec::new();
@@ -263,8 +269,7 @@ pub(crate) async fn run(
                         f.eligible = true;
                         f.restarted_s = Some(t0.elapsed().as_secs_f64() / scale);
                     }
-                    let h = cluster.handle(i);
-                    running[slot_of(i)] = Some(spawn_fetch(h, hash, slot_of(i), fetchers.clone(), t0, scale, deadline));
+                    running[slot_of(i)] = Some(fetches.spawn(&cluster, i));
                 }
                 Event::Join => {
                     let i = cluster.join(scenario, rng).await?;
@@ -275,8 +280,7 @@ pub(crate) async fn run(
                         ..Default::default()
                     });
                     debug_assert_eq!(slot_of(i), running.len());
-                    let h = cluster.handle(i);
-                    running.push(Some(spawn_fetch(h, hash, slot_of(i), fetchers.clone(), t0, scale, deadline)));
+                    running.push(Some(fetches.spawn(&cluster, i)));
                 }
             }
             continue;

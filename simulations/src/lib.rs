@@ -8,6 +8,7 @@
 //!   scaling live there, [`zipf`], [`churn`] and [`regions`] beside it.
 //! - [`plot`]: charts in PNG and SVG.
 //! - [`validate`]: one small flash crowd in the emulator and as real processes, side by side.
+//! - `shards`: the threads the nodes run on, one runtime per core.
 //! - [`cleanup`]: the stores and processes an interrupted run leaves, removed and stopped.
 
 pub mod churn;
@@ -19,6 +20,7 @@ pub mod regions;
 pub mod run;
 pub mod scenario;
 pub mod schedule;
+mod shards;
 pub mod validate;
 pub mod zipf;
 

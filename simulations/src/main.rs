@@ -66,7 +66,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The nodes run on threads of their own (`shards`); this one runs the experiment around them.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     if let Some(result) = runtime.block_on(until_interrupted(command(cli))) {
         return result;
     }
@@ -213,8 +214,9 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
     }
     let mib = |m: Option<f64>| m.map_or("?".into(), |m| format!("{m:.0}"));
     eprintln!(
-        "wall {:.1} s, peak RSS {} MiB ({} MiB after the nodes stopped), seed {}",
+        "wall {:.1} s on {} CPU-seconds, peak RSS {} MiB ({} MiB after the nodes stopped), seed {}",
         summary.wall_s,
+        summary.cpu_s.map_or("?".into(), |s| format!("{s:.0}")),
         mib(summary.peak_rss_mib),
         mib(summary.end_rss_mib),
         summary.seed

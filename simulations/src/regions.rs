@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -77,18 +78,23 @@ pub(crate) async fn run(
     let t0 = Instant::now();
     let tasks = fetchers.iter().zip(&starts).map(|(&i, &start)| {
         let handle = cluster.handle(i);
-        async move {
+        // On the node's thread, as the node's API would run it.
+        let fetch = cluster.spawn(i, async move {
             tokio::time::sleep_until((t0 + Duration::from_secs_f64(start * scale)).into()).await;
             let began = Instant::now();
             let ok = matches!(
                 tokio::time::timeout(Duration::from_secs_f64(timeout_s * scale), handle.fetch(hash, None)).await,
                 Ok(Ok(_))
             );
+            (ok, began.elapsed().as_secs_f64() / scale)
+        });
+        async move {
+            let (ok, took) = fetch.await.context("a fetch's task failed")?;
             progress.tick();
-            (i, ok, began.elapsed().as_secs_f64() / scale)
+            anyhow::Ok((i, ok, took))
         }
     });
-    let outcomes = futures::future::join_all(tasks).await;
+    let outcomes = futures::future::join_all(tasks).await.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let after = matrix(&cluster);
     let delta: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let region_of: Vec<usize> = (0..count).map(|i| cluster.net.region_of(cluster.nodes[i].id).unwrap_or(0)).collect();

@@ -41,6 +41,9 @@ pub struct Summary {
     pub node_count: usize,
     /// Wall time of the whole run in seconds.
     pub wall_s: f64,
+    /// CPU time the process had used when the run ended (user and system), in seconds: near
+    /// `wall_s` times the cores, the emulator, not the protocol, set the pace.
+    pub cpu_s: Option<f64>,
     /// Peak resident memory of the process in MiB (VmHWM).
     pub peak_rss_mib: Option<f64>,
     /// Resident memory once every node has stopped, in MiB (VmRSS): how much the allocator kept.
@@ -284,6 +287,8 @@ pub(crate) struct Progress {
     total: AtomicUsize,
     /// The network being measured, and its byte count at the last line.
     net: Mutex<Option<(Arc<Network>, u64, Instant)>>,
+    /// The process's CPU time at the last line.
+    cpu: Mutex<Option<(f64, Instant)>>,
 }
 
 impl Progress {
@@ -307,13 +312,33 @@ impl Progress {
             traffic = format!("  net {rate:.1} MB/s");
             (*last, *at) = (now, Instant::now());
         }
+        // Cores busy since the last line: at the machine's core count, the emulator sets the pace.
+        let mut cores = String::new();
+        if let Some(now) = proc_cpu_s() {
+            let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((last, at)) = *cpu {
+                cores = format!("  cpu {:.1}", (now - last) / at.elapsed().as_secs_f64().max(1e-3));
+            }
+            *cpu = Some((now, Instant::now()));
+        }
         format!(
-            "[{:>7.1} s] {phase} {}/{}  rss {rss} MiB{traffic}",
+            "[{:>7.1} s] {phase} {}/{}  rss {rss} MiB{traffic}{cores}",
             started.elapsed().as_secs_f64(),
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed)
         )
     }
+}
+
+/// CPU time this process has used, user and system, in seconds (Linux only).
+pub fn proc_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command name (in parentheses, which may hold spaces): state is field 3, utime
+    // and stime fields 14 and 15, in clock ticks of 1/100 s (USER_HZ on every Linux ABI).
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// A field of `/proc/self/status` in MiB (Linux only).
@@ -328,6 +353,9 @@ pub fn proc_status_mib(field: &str) -> Option<f64> {
 pub(crate) struct Cluster {
     pub(crate) net: Arc<Network>,
     pub(crate) nodes: Vec<Member>,
+    /// The threads the nodes run on; after `nodes`, before `dir`: the nodes' tasks stop before
+    /// their stores are removed.
+    shards: crate::shards::Shards,
     dir: tempfile::TempDir,
     _registered: crate::cleanup::Dir,
 }
@@ -360,7 +388,8 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("shoal-netsim-").tempdir_in(work)?;
         *progress.net.lock().unwrap_or_else(|e| e.into_inner()) = Some((net.clone(), net.total_sent(), Instant::now()));
         let _registered = crate::cleanup::Dir::register(dir.path());
-        let mut cluster = Self { net, nodes: Vec::with_capacity(count), dir, _registered };
+        let shards = crate::shards::Shards::per_core()?;
+        let mut cluster = Self { net, nodes: Vec::with_capacity(count), shards, dir, _registered };
         let spec = &scenario.nodes;
         progress.set("joining", count);
         for _ in 0..count {
@@ -418,13 +447,14 @@ impl Cluster {
         // concurrent uploads.
         let scale = scenario.network.time_scale;
         config.upload_rate = scenario.caps(i).uplink.map(|b| (b as f64 / scale) as u64);
-        let (node, handle, addr) = self.boot(id, config.clone(), spec.bootstrap_peers, rng).await?;
+        let (node, handle, addr) = self.boot(i, id, config.clone(), spec.bootstrap_peers, rng).await?;
         self.nodes.push(Member { id, node: Some(node), handle, addr, config });
         Ok(i)
     }
 
     async fn boot(
         &self,
+        i: usize,
         id: NodeId,
         mut config: NodeConfig,
         bootstrap: usize,
@@ -436,9 +466,9 @@ impl Cluster {
             .map(|j| up[j].addr.clone())
             .collect();
         let net = self.net.clone();
-        let node = Node::start_with_transport(config, Some(Box::new(move |key| net.transport(id, key))))
-            .await
-            .with_context(|| format!("starting node {id}"))?;
+        // Started on its shard, so that its tasks (and theirs) run there.
+        let start = Node::start_with_transport(config, Some(Box::new(move |key| net.transport(id, key))));
+        let node = self.shards.handle(i).spawn(start).await?.with_context(|| format!("starting node {id}"))?;
         let addr = tokio::time::timeout(Duration::from_secs(10), node.handle().wait_listening())
             .await
             .context("a node did not listen within 10 s")??
@@ -477,7 +507,7 @@ impl Cluster {
         let id = self.nodes[i].id;
         self.net.set_up(id);
         let (node, handle, addr) =
-            self.boot(id, self.nodes[i].config.clone(), scenario.nodes.bootstrap_peers, rng).await?;
+            self.boot(i, id, self.nodes[i].config.clone(), scenario.nodes.bootstrap_peers, rng).await?;
         self.nodes[i].node = Some(node);
         self.nodes[i].handle = handle;
         self.nodes[i].addr = addr;
@@ -486,6 +516,15 @@ impl Cluster {
 
     pub(crate) fn handle(&self, i: usize) -> NodeHandle {
         self.nodes[i].handle.clone()
+    }
+
+    /// Runs `task` on node `i`'s thread, as the node's own API would run it.
+    pub(crate) fn spawn<F>(&self, i: usize, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.shards.handle(i).spawn(task)
     }
 
     pub(crate) fn region_name(&self, id: NodeId) -> String {
@@ -617,6 +656,7 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Su
         seed,
         node_count,
         wall_s: started.elapsed().as_secs_f64(),
+        cpu_s: proc_cpu_s(),
         peak_rss_mib: proc_status_mib("VmHWM:"),
         end_rss_mib: proc_status_mib("VmRSS:"),
         time_scale: scenario.network.time_scale,
@@ -779,7 +819,9 @@ async fn flash_crowd(
         .iter()
         .map(|&i| {
             let handle = cluster.handle(i);
-            async move {
+            // Each fetch runs on its node's thread, as the node's API would run it, not inside
+            // this future.
+            let fetch = cluster.spawn(i, async move {
                 let (tx, mut rx) = watch::channel(FetchProgress::default());
                 let first_byte = async move {
                     while rx.changed().await.is_ok() {
@@ -790,10 +832,13 @@ async fn flash_crowd(
                     None
                 };
                 let fetch = tokio::time::timeout(deadline, handle.fetch(hash, Some(tx)));
-                let (result, first) = futures::join!(async { (fetch.await, t0.elapsed()) }, first_byte);
+                futures::join!(async { (fetch.await, t0.elapsed()) }, first_byte)
+            });
+            async move {
+                let (result, first) = fetch.await.context("a fetch's task failed")?;
                 progress.tick();
                 finished.fetch_add(1, Ordering::Relaxed);
-                (i, result, first)
+                anyhow::Ok((i, result, first))
             }
         })
         .collect();
@@ -872,6 +917,7 @@ async fn flash_crowd(
         (series, spread)
     };
     let (outcomes, (series, pieces)) = futures::join!(futures::future::join_all(tasks), sampler);
+    let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
 
     let mut completions = Vec::with_capacity(outcomes.len());
     for (i, (result, took), first) in outcomes {

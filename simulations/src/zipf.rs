@@ -161,7 +161,7 @@ pub(crate) async fn run(
         let cdf = cdf.clone();
         let catalogue = catalogue.clone();
         let samples = samples.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(cluster.spawn(i, async move {
             let mut inflight = Vec::new();
             loop {
                 // Poisson arrivals: exponential gaps.
