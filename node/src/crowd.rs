@@ -373,10 +373,10 @@ impl Crowds {
         }
         let mut inner = self.lock();
         let pieces = self.decide(&mut inner, hash, peer, asked, uplink, now);
-        let new = match pieces.is_empty() {
-            true => pieces.clone(),
-            false => record_serving(&mut inner, hash, peer, &pieces, now),
-        };
+        if pieces.is_empty() {
+            return Claim { new: pieces.clone(), pieces };
+        }
+        let new = record_serving(&mut inner, hash, peer, &pieces, now);
         let c = contact(&mut inner, hash, peer, now);
         c.sending = c.sending.saturating_add(pieces.count());
         Claim { pieces, new }

@@ -455,7 +455,9 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         };
                         let now = Instant::now();
                         let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now);
-                        let answer = spreads.then(|| Answer { crowds, hash, peer, pieces: claim.pieces.count() });
+                        // Only pieces `claim` counted are given back.
+                        let pieces = claim.pieces.count();
+                        let answer = (spreads && pieces > 0).then(|| Answer { crowds, hash, peer, pieces });
                         (claim.pieces, claim.new, Some((slot, now)), answer)
                     }
                 };
