@@ -54,6 +54,15 @@ pub(crate) struct DhtLabels {
     pub(crate) request: &'static str,
 }
 
+/// Labels of the DHT requests this node's own queries sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DhtQueryLabels {
+    /// The query: `providers`, `provide`, `bootstrap`, `closest`, or another of libp2p's kinds.
+    pub(crate) query: &'static str,
+    /// `ok` (answered) or `failed` (no answer: a dial that failed, a timeout, an error).
+    pub(crate) outcome: &'static str,
+}
+
 fn seconds() -> Histogram {
     // 0.5 ms … ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -85,6 +94,7 @@ pub(crate) struct Metrics {
     pub(crate) connections_trimmed: Counter,
     pub(crate) streams_dropped: Counter,
     pub(crate) dht_served: Family<DhtLabels, Counter>,
+    pub(crate) dht_requests: Family<DhtQueryLabels, Counter>,
     pub(crate) announcements_deferred: Counter,
     pub(crate) lookup_duration: Histogram,
     pub(crate) providers_found: Histogram,
@@ -117,6 +127,7 @@ impl Metrics {
             connections_trimmed: Counter::default(),
             streams_dropped: Counter::default(),
             dht_served: Family::default(),
+            dht_requests: Family::default(),
             announcements_deferred: Counter::default(),
             lookup_duration: seconds(),
             providers_found: Histogram::new([0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
@@ -156,6 +167,11 @@ impl Metrics {
             m.connections_trimmed.clone(),
         );
         registry.register("dht_served_requests", "DHT requests answered, by kind", m.dht_served.clone());
+        registry.register(
+            "dht_requests",
+            "DHT requests this node's queries sent, by query and outcome",
+            m.dht_requests.clone(),
+        );
         registry.register(
             "dht_announcements_deferred",
             "Announcements of crowded blobs spread over the next minutes",

@@ -748,6 +748,15 @@ impl EventLoop {
             _ => return,
         };
         trace!(kind = query_kind(&result), requests = stats.num_requests(), last = step.last, "kad query progressed");
+        if step.last {
+            let query = query_kind(&result);
+            for (outcome, n) in [("ok", stats.num_successes()), ("failed", stats.num_failures())] {
+                self.metrics
+                    .dht_requests
+                    .get_or_create(&crate::metrics::DhtQueryLabels { query, outcome })
+                    .inc_by(n.into());
+            }
+        }
         match result {
             QueryResult::GetProviders(result) => {
                 let me = *self.swarm.local_peer_id();

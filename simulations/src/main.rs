@@ -137,6 +137,26 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
                 secs(r.piece_spread_p50_s),
                 secs(r.piece_spread_max_s)
             );
+            eprintln!(
+                "connections: {} opened and {} dials failed while the fetches ran ({:.0} and {:.0} per fetcher)",
+                r.connections_opened,
+                r.dials_failed,
+                r.connections_opened as f64 / r.fetchers.max(1) as f64,
+                r.dials_failed as f64 / r.fetchers.max(1) as f64
+            );
+            if let (Some(busy), Some(share)) = (r.fetch_cpu_cores, r.cpu_saturated_share) {
+                eprintln!(
+                    "emulator: {busy:.1} of {} cores busy over the fetch, all of them in {:.0}% of its seconds{}",
+                    r.cores,
+                    share * 100.0,
+                    if share >= 0.25 {
+                        " (there the times measure this machine as much as the protocol: a larger time scale or \
+                         fewer nodes shows whether they move)"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
         ExperimentResult::LookupScaling { sizes } => {
             for l in sizes {

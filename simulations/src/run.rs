@@ -135,7 +135,24 @@ pub struct FlashCrowdResult {
     /// Per piece, when it reached the crowd and how it spread.
     #[serde(skip)]
     pub pieces: Vec<PieceSpread>,
+    /// Connections the nodes dialled and opened while the fetches ran: each costs both ends a
+    /// handshake, Kademlia's, identify's and ping's handlers, and a round trip or two.
+    pub connections_opened: u64,
+    /// Dials that failed meanwhile, most of them turned away at a peer's connection cap.
+    pub dials_failed: u64,
+    /// The cores this machine offers the process.
+    pub cores: usize,
+    /// Cores the process kept busy, on average, while the fetches ran (`None` off Linux).
+    pub fetch_cpu_cores: Option<f64>,
+    /// Share of the fetches' emulated seconds in which the process kept at least nine tenths of
+    /// [`Self::cores`] busy (`None` off Linux or with no whole second sampled). Completion times
+    /// from such seconds measure this machine as much as the protocol: a larger time scale, or
+    /// fewer nodes, shows whether they move.
+    pub cpu_saturated_share: Option<f64>,
 }
+
+/// The cores at which the process counts as saturated, of `cores`.
+const SATURATED: f64 = 0.9;
 
 /// How one piece spread through a flash crowd: the first sample at which one fetcher, a tenth, a
 /// half, nine tenths and all of the fetchers held it verified (emulated seconds; `None` if it
@@ -201,6 +218,10 @@ pub struct CrowdSample {
     /// piece has reached everyone, so a count that stays low while the rest spread is the
     /// crowd's critical path.
     pub rarest_piece_holders: usize,
+    /// Cores this process kept busy since the last sample (`None` in the first sample, and off
+    /// Linux). Near the machine's core count ([`FlashCrowdResult::cores`]), the emulator, not the
+    /// protocol, set the pace of that second.
+    pub cpu_cores: Option<f64>,
 }
 
 /// One fetch in a flash crowd.
@@ -690,11 +711,11 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
             std::fs::write(out.join("completions.csv"), csv)?;
             let mut csv = String::from(
                 "t_s,completed,origin_egress_bytes,received_bytes,fetcher_sent_bytes,held_bytes,trading,busy_uplinks,\
-                 rarest_piece_holders\n",
+                 rarest_piece_holders,cpu_cores\n",
             );
             for p in &r.series {
                 csv.push_str(&format!(
-                    "{:.2},{},{},{},{},{},{},{},{}\n",
+                    "{:.2},{},{},{},{},{},{},{},{},{}\n",
                     p.t_s,
                     p.completed,
                     p.origin_bytes,
@@ -703,7 +724,8 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                     p.held_bytes,
                     p.trading,
                     p.busy_uplinks,
-                    p.rarest_piece_holders
+                    p.rarest_piece_holders,
+                    p.cpu_cores.map_or(String::new(), |c| format!("{c:.2}"))
                 ));
             }
             std::fs::write(out.join("timeseries.csv"), csv)?;
@@ -813,6 +835,8 @@ async fn flash_crowd(
     progress.set("fetching", fetchers.len());
     let finished = AtomicUsize::new(0);
     let finished = &finished;
+    let dials_at_start = dials(&cluster);
+    let cpu_at_start = proc_cpu_s();
     let t0 = Instant::now();
     let deadline = Duration::from_secs_f64(timeout_s);
     let tasks: Vec<_> = fetchers
@@ -858,6 +882,7 @@ async fn flash_crowd(
         let per_series = (1.0 / SPREAD_SAMPLE_S).round() as usize;
         let mut last_sent = sent_at_start;
         let mut last_t: Option<f64> = None;
+        let mut last_cpu: Option<(f64, Instant)> = None;
         for tick in 0usize.. {
             let done = finished.load(Ordering::Relaxed);
             let t_s = t0.elapsed().as_secs_f64() / scale;
@@ -896,6 +921,12 @@ async fn flash_crowd(
                 }
             }
             if in_series {
+                let cpu = proc_cpu_s().map(|c| (c, Instant::now()));
+                let cpu_cores = match (last_cpu, cpu) {
+                    (Some((c0, at0)), Some((c1, at1))) => Some((c1 - c0) / (at1 - at0).as_secs_f64().max(1e-3)),
+                    _ => None,
+                };
+                last_cpu = cpu;
                 series.push(CrowdSample {
                     t_s,
                     completed: done,
@@ -906,6 +937,7 @@ async fn flash_crowd(
                     trading,
                     busy_uplinks,
                     rarest_piece_holders: holders.iter().copied().min().unwrap_or(0),
+                    cpu_cores,
                 });
                 last_t = Some(t_s);
             }
@@ -918,6 +950,12 @@ async fn flash_crowd(
     };
     let (outcomes, (series, pieces)) = futures::join!(futures::future::join_all(tasks), sampler);
     let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let fetch_wall_s = t0.elapsed().as_secs_f64();
+    let fetch_cpu_cores = cpu_at_start.zip(proc_cpu_s()).map(|(c0, c1)| (c1 - c0) / fetch_wall_s.max(1e-3));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let sampled: Vec<f64> = series.iter().filter_map(|p| p.cpu_cores).collect();
+    let cpu_saturated_share = (!sampled.is_empty())
+        .then(|| sampled.iter().filter(|&&c| c >= SATURATED * cores as f64).count() as f64 / sampled.len() as f64);
 
     let mut completions = Vec::with_capacity(outcomes.len());
     for (i, (result, took), first) in outcomes {
@@ -940,6 +978,8 @@ async fn flash_crowd(
             error,
         });
     }
+    let (opened, failed) = dials(&cluster);
+    let (connections_opened, dials_failed) = (opened - dials_at_start.0, failed - dials_at_start.1);
     if let Some(dir) = metrics {
         cluster.save_metrics(dir)?;
     }
@@ -980,6 +1020,23 @@ async fn flash_crowd(
         piece_spread_p50_s: spreads.first().map(|_| percentile(&spreads, 0.5)),
         piece_spread_max_s: spreads.last().copied(),
         pieces,
+        connections_opened,
+        dials_failed,
+        cores,
+        fetch_cpu_cores,
+        cpu_saturated_share,
+    })
+}
+
+/// Outbound connections opened and dials failed so far, summed over the nodes' metrics.
+fn dials(cluster: &Cluster) -> (u64, u64) {
+    let count = |text: &str, event: &str| {
+        crate::metric(text, &format!("shoal_connections_total{{direction=\"out\",event=\"{event}\"}}")).unwrap_or(0.0)
+            as u64
+    };
+    (0..cluster.nodes.len()).fold((0, 0), |(opened, failed), i| {
+        let text = cluster.handle(i).metrics_text();
+        (opened + count(&text, "opened"), failed + count(&text, "failed"))
     })
 }
 

@@ -112,6 +112,15 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
     assert!(last.fetcher_sent_bytes > 0 && last.fetcher_sent_bytes <= last.received_bytes);
     assert!(r.series.windows(2).all(|w| w[0].held_bytes <= w[1].held_bytes), "held bytes never fall");
     assert!(r.series.iter().all(|p| p.busy_uplinks <= r.fetchers && p.rarest_piece_holders <= r.fetchers));
+    // The emulator's CPU, as the process measured it (Linux): busy cores are never negative nor
+    // (beyond the clock's tick) more than the machine has, and the share of saturated seconds is
+    // a share.
+    let cores = r.cores as f64;
+    let busy = r.fetch_cpu_cores.expect("the fetch's CPU time on Linux");
+    assert!((0.0..=cores + 0.5).contains(&busy), "{busy} cores busy of {cores}");
+    assert!(r.series[0].cpu_cores.is_none() && r.series.iter().skip(1).all(|p| p.cpu_cores.is_some_and(|c| c >= 0.0)));
+    let share = r.cpu_saturated_share.expect("whole seconds sampled");
+    assert!((0.0..=1.0).contains(&share), "saturated share {share}");
     // Every piece reached every fetcher, its times in order. The seeder is the only source of a
     // piece's first copy, so the k-th piece to reach the crowd took at least k pieces' worth of
     // its uplink: one earlier would mean the emulator let bytes past the seeder's cap.
