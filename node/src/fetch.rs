@@ -207,6 +207,8 @@ async fn run(
     // once the swarm has recorded the addresses they were named with.
     let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(64);
     let mut hinted: HashSet<PeerId> = HashSet::new();
+    // Providers the DHT named, for how many holders the fetch knows of when it announces itself.
+    let mut provided: HashSet<PeerId> = HashSet::new();
 
     let result = loop {
         let now = Instant::now();
@@ -285,7 +287,7 @@ async fn run(
                                 resumed_bytes = begun.have.iter().map(|p| g.piece_len(p)).sum();
                                 info!(pieces = begun.have.count(), "resuming: these pieces are already verified");
                                 if !announced {
-                                    node.provide(hash).await;
+                                    node.provide_known(hash, hinted.len() + provided.len()).await;
                                     announced = true;
                                 }
                             }
@@ -353,7 +355,7 @@ async fn run(
                     let s = store.clone();
                     tokio::task::spawn_blocking(move || s.flush(hash)).await.map_err(|_| NodeError::Stopped)??;
                     if !announced {
-                        node.provide(hash).await;
+                        node.provide_known(hash, hinted.len() + provided.len()).await;
                     }
                     info!(elapsed_ms = started.elapsed().as_millis() as u64, "fetch complete");
                     match store.info(hash) {
@@ -393,7 +395,7 @@ async fn run(
         };
         if snapshot.verified_bytes > 0 && !announced {
             // We hold verified pieces: serve them on at once.
-            node.provide(hash).await;
+            node.provide_known(hash, hinted.len() + provided.len()).await;
             announced = true;
         }
         shared.send_if_modified(|old| replace_if_changed(old, &snapshot));
@@ -410,7 +412,14 @@ async fn run(
                 let Some(event) = event else { break Err(NodeError::Stopped) };
                 let now = Instant::now();
                 match event {
-                    Event::Providers(peers) => machine.handle_providers(peers, now),
+                    Event::Providers(peers) => {
+                        for &p in &peers {
+                            if provided.len() < MAX_HINTED {
+                                provided.insert(p);
+                            }
+                        }
+                        machine.handle_providers(peers, now)
+                    }
                     Event::ProvidersDone => machine.handle_providers_done(now),
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);

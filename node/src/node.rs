@@ -368,10 +368,16 @@ impl NodeHandle {
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
+        self.provide_known(hash, 0).await;
+    }
+
+    /// Announces `hash`, held by a node that knows of `holders` other holders: a fetch in a crowd
+    /// that already knows of many holders announces later (see `swarm::CROWDED`).
+    pub(crate) async fn provide_known(&self, hash: Hash, holders: usize) {
         if self.inner.config.transient {
             return;
         }
-        let _ = self.command(Command::Provide(hash)).await;
+        let _ = self.command(Command::Provide { hash, holders }).await;
     }
 
     pub(crate) async fn withdraw(&self, evicted: &[Hash]) {

@@ -63,8 +63,13 @@ const MAX_PROVIDE_QUEUE: usize = 100_000;
 /// How often every held blob is announced again (provider records live 48 hours).
 const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 
-/// A blob whose provider lookup found this many providers is crowded: its record names more
-/// holders than one lookup dials, and peer exchange reaches the rest.
+/// A blob whose provider lookup found this many providers, or whose fetch already knows of this
+/// many holders (from lookups and peer exchange), is crowded: its record names more holders than
+/// one lookup dials, and peer exchange reaches the rest. A lookup ends once it found this many,
+/// and an announcement of a crowded blob waits (see [`ANNOUNCE_SPREAD`]): in a 1,000-node crowd
+/// (`flash-crowd-1000.toml`, seed 2) the lookups, which went on to the k closest nodes, and the
+/// announcements, most of them past what a record holds, sent 326,000 DHT requests, 271,000 of
+/// which failed, most of them dials turned away at a peer's connection cap.
 const CROWDED: usize = MAX_LOOKUP_DIALS;
 
 /// How long a lookup's finding that a blob is crowded holds.
@@ -92,8 +97,8 @@ pub(crate) struct Behaviour {
 /// What the rest of the node asks of the swarm.
 #[derive(Debug)]
 pub(crate) enum Command {
-    /// Announce that we hold pieces of this blob.
-    Provide(Hash),
+    /// Announce that we hold pieces of this blob, knowing of `holders` other holders.
+    Provide { hash: Hash, holders: usize },
     /// Stop announcing it (evicted or deleted).
     Unprovide(Hash),
     /// Find providers; each reachable one is sent once, with a live connection, or once it turned
@@ -462,7 +467,10 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Provide(hash) => {
+            Command::Provide { hash, holders } => {
+                if holders >= CROWDED {
+                    self.crowded.put(hash, Instant::now());
+                }
                 if self.provided.insert(hash) {
                     self.provide(hash);
                 }
@@ -785,11 +793,15 @@ impl EventLoop {
                             self.offer_provider(p, &found);
                         }
                     }
-                    // Done once the fetch stopped listening, or once the lookup may dial no
-                    // more providers: further answers could name only peers it would not ask,
-                    // and each costs a request (often a connection) to the busiest nodes of the
-                    // DHT, the few closest to a popular blob's key.
-                    finish = self.lookups.get(&id).is_some_and(|l| l.found.is_closed() || l.dials_left == 0);
+                    // Done once the fetch stopped listening, once the lookup may dial no more
+                    // providers, or, for a fetch (a lookup with no one waiting for its figures),
+                    // once it found a crowd's worth, as peer exchange names the rest: further
+                    // answers could name only peers it would not ask, and each costs a request
+                    // (often a connection) to the busiest nodes of the DHT, the few closest to a
+                    // popular blob's key. `shoal providers` hears every answer.
+                    finish = self.lookups.get(&id).is_some_and(|l| {
+                        l.found.is_closed() || l.dials_left == 0 || (l.stats.is_none() && l.seen.len() >= CROWDED)
+                    });
                 }
                 if step.last || finish {
                     if let Some(lookup) = self.lookups.remove(&id) {

@@ -89,6 +89,35 @@ async fn every_provider_lookup_succeeds_while_the_provider_lives() {
     let info = nodes[23].handle().fetch(hash, None).await.expect("fetch over the memory transport");
     assert!(info.is_complete());
 
+    // A popular blob: thirteen more nodes publish it, fifteen providers in all, a crowd's worth
+    // (twelve) or more. A node that fetches it and knows of that many holders waits to announce
+    // itself: the record names more holders than a lookup dials, and peer exchange reaches the
+    // rest.
+    let publishers: Vec<usize> = (0..14).filter(|&i| i != 7).collect();
+    for &i in &publishers {
+        nodes[i].handle().add_path(&file).await.expect("add");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let named = nodes[29].handle().providers(hash).await.expect("lookup").len();
+        if named >= 12 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a lookup named only {named} of 15 providers");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let fetcher = nodes[28].handle();
+    let deferred = |h: &shoal_node::NodeHandle| {
+        let text = h.metrics_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("shoal_dht_announcements_deferred_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(deferred(&fetcher), 0.0);
+    assert!(fetcher.fetch(hash, None).await.expect("fetch of a popular blob").is_complete());
+    assert_eq!(deferred(&fetcher), 1.0, "the fetcher of a crowded blob announced at once");
+
     for n in nodes {
         n.shutdown().await.expect("shutdown");
     }
