@@ -287,7 +287,7 @@ async fn run(
                                 resumed_bytes = begun.have.iter().map(|p| g.piece_len(p)).sum();
                                 info!(pieces = begun.have.count(), "resuming: these pieces are already verified");
                                 if !announced {
-                                    node.provide_known(hash, hinted.len() + provided.len()).await;
+                                    node.provide_known(hash, holders_known(&hinted, &provided)).await;
                                     announced = true;
                                 }
                             }
@@ -355,7 +355,7 @@ async fn run(
                     let s = store.clone();
                     tokio::task::spawn_blocking(move || s.flush(hash)).await.map_err(|_| NodeError::Stopped)??;
                     if !announced {
-                        node.provide_known(hash, hinted.len() + provided.len()).await;
+                        node.provide_known(hash, holders_known(&hinted, &provided)).await;
                     }
                     info!(elapsed_ms = started.elapsed().as_millis() as u64, "fetch complete");
                     match store.info(hash) {
@@ -395,7 +395,7 @@ async fn run(
         };
         if snapshot.verified_bytes > 0 && !announced {
             // We hold verified pieces: serve them on at once.
-            node.provide_known(hash, hinted.len() + provided.len()).await;
+            node.provide_known(hash, holders_known(&hinted, &provided)).await;
             announced = true;
         }
         shared.send_if_modified(|old| replace_if_changed(old, &snapshot));
@@ -545,10 +545,30 @@ async fn reach(
     near
 }
 
+/// How many distinct holders the fetch knows of: named by peers, or by the DHT.
+fn holders_known(hinted: &HashSet<PeerId>, provided: &HashSet<PeerId>) -> usize {
+    hinted.len() + provided.difference(hinted).count()
+}
+
 fn replace_if_changed(old: &mut FetchProgress, new: &FetchProgress) -> bool {
     if old == new {
         return false;
     }
     *old = new.clone();
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_holder_named_by_peers_and_by_the_dht_counts_once() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let hinted: HashSet<PeerId> = [a, b].into();
+        let provided: HashSet<PeerId> = [b, c].into();
+        assert_eq!(holders_known(&hinted, &provided), 3);
+        assert_eq!(holders_known(&HashSet::new(), &provided), 2);
+        assert_eq!(holders_known(&hinted, &HashSet::new()), 2);
+    }
 }
