@@ -309,7 +309,7 @@ pub(crate) struct Progress {
     /// The network being measured, and its byte count at the last line.
     net: Mutex<Option<(Arc<Network>, u64, Instant)>>,
     /// The process's CPU time at the last line.
-    cpu: Mutex<Option<(f64, Instant)>>,
+    cpu: Mutex<Option<CpuReading>>,
 }
 
 impl Progress {
@@ -335,12 +335,12 @@ impl Progress {
         }
         // Cores busy since the last line: at the machine's core count, the emulator sets the pace.
         let mut cores = String::new();
-        if let Some(now) = proc_cpu_s() {
+        if let Some(now) = CpuReading::now() {
             let mut cpu = self.cpu.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some((last, at)) = *cpu {
-                cores = format!("  cpu {:.1}", (now - last) / at.elapsed().as_secs_f64().max(1e-3));
+            if let Some(last) = *cpu {
+                cores = format!("  cpu {:.1}", now.cores_since(last));
             }
-            *cpu = Some((now, Instant::now()));
+            *cpu = Some(now);
         }
         format!(
             "[{:>7.1} s] {phase} {}/{}  rss {rss} MiB{traffic}{cores}",
@@ -348,6 +348,25 @@ impl Progress {
             self.done.load(Ordering::Relaxed),
             self.total.load(Ordering::Relaxed)
         )
+    }
+}
+
+/// The process's CPU time at an instant.
+#[derive(Debug, Clone, Copy)]
+struct CpuReading {
+    cpu_s: f64,
+    at: Instant,
+}
+
+impl CpuReading {
+    /// Now (Linux only).
+    fn now() -> Option<Self> {
+        Some(Self { cpu_s: proc_cpu_s()?, at: Instant::now() })
+    }
+
+    /// Cores the process kept busy, on average, from `earlier` to this reading.
+    fn cores_since(self, earlier: Self) -> f64 {
+        (self.cpu_s - earlier.cpu_s) / self.at.duration_since(earlier.at).as_secs_f64().max(1e-3)
     }
 }
 
@@ -836,7 +855,7 @@ async fn flash_crowd(
     let finished = AtomicUsize::new(0);
     let finished = &finished;
     let dials_at_start = dials(&cluster);
-    let cpu_at_start = proc_cpu_s();
+    let cpu_at_start = CpuReading::now();
     let t0 = Instant::now();
     let deadline = Duration::from_secs_f64(timeout_s);
     let tasks: Vec<_> = fetchers
@@ -882,7 +901,7 @@ async fn flash_crowd(
         let per_series = (1.0 / SPREAD_SAMPLE_S).round() as usize;
         let mut last_sent = sent_at_start;
         let mut last_t: Option<f64> = None;
-        let mut last_cpu: Option<(f64, Instant)> = None;
+        let mut last_cpu: Option<CpuReading> = None;
         for tick in 0usize.. {
             let done = finished.load(Ordering::Relaxed);
             let t_s = t0.elapsed().as_secs_f64() / scale;
@@ -921,11 +940,8 @@ async fn flash_crowd(
                 }
             }
             if in_series {
-                let cpu = proc_cpu_s().map(|c| (c, Instant::now()));
-                let cpu_cores = match (last_cpu, cpu) {
-                    (Some((c0, at0)), Some((c1, at1))) => Some((c1 - c0) / (at1 - at0).as_secs_f64().max(1e-3)),
-                    _ => None,
-                };
+                let cpu = CpuReading::now();
+                let cpu_cores = cpu.zip(last_cpu).map(|(now, last)| now.cores_since(last));
                 last_cpu = cpu;
                 series.push(CrowdSample {
                     t_s,
@@ -950,8 +966,7 @@ async fn flash_crowd(
     };
     let (outcomes, (series, pieces)) = futures::join!(futures::future::join_all(tasks), sampler);
     let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let fetch_wall_s = t0.elapsed().as_secs_f64();
-    let fetch_cpu_cores = cpu_at_start.zip(proc_cpu_s()).map(|(c0, c1)| (c1 - c0) / fetch_wall_s.max(1e-3));
+    let fetch_cpu_cores = cpu_at_start.zip(CpuReading::now()).map(|(start, end)| end.cores_since(start));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let sampled: Vec<f64> = series.iter().filter_map(|p| p.cpu_cores).collect();
     let cpu_saturated_share = (!sampled.is_empty())
