@@ -138,6 +138,12 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
                 secs(r.piece_spread_max_s)
             );
             eprintln!(
+                "first verified piece: p50 {} p90 {} last {} s",
+                secs(r.first_byte_p50_s),
+                secs(r.first_byte_p90_s),
+                secs(r.first_byte_max_s)
+            );
+            eprintln!(
                 "connections: {} opened and {} dials failed while the fetches ran ({:.0} and {:.0} per fetcher)",
                 r.connections_opened,
                 r.dials_failed,

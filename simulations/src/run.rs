@@ -96,6 +96,14 @@ pub struct FlashCrowdResult {
     pub max_s: f64,
     /// `max_s / t_min_s`.
     pub max_over_t_min: f64,
+    /// Over successful fetches, the time to their first verified piece: median, 90th percentile
+    /// and last. What grows with a crowd is mostly this wait, for a peer that has something and
+    /// room to take us (`None` if no fetch got a byte).
+    pub first_byte_p50_s: Option<f64>,
+    /// 90th percentile of the time to a first verified piece.
+    pub first_byte_p90_s: Option<f64>,
+    /// The last fetch's first verified piece.
+    pub first_byte_max_s: Option<f64>,
     /// A lower bound on the last completion for any schedule of whole pieces over the same caps
     /// ([`crate::schedule::whole_piece_bound`]): a fetcher passes on only pieces it holds whole,
     /// so a crowd's start costs about a piece-upload time per doubling of its holders over the
@@ -1007,6 +1015,8 @@ async fn flash_crowd(
     let mut times: Vec<f64> = completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
     times.sort_by(f64::total_cmp);
     let max_s = times.last().copied().unwrap_or(f64::NAN);
+    let mut firsts: Vec<f64> = completions.iter().filter(|c| c.ok).filter_map(|c| c.first_byte_s).collect();
+    firsts.sort_by(f64::total_cmp);
     let mut spreads: Vec<f64> = pieces.iter().filter_map(PieceSpread::spread_s).collect();
     spreads.sort_by(f64::total_cmp);
     // After the crowd, so that the run draws the same numbers with or without it.
@@ -1023,6 +1033,9 @@ async fn flash_crowd(
         p90_s: percentile(&times, 0.9),
         max_s,
         max_over_t_min: max_s / t_min,
+        first_byte_p50_s: firsts.first().map(|_| percentile(&firsts, 0.5)),
+        first_byte_p90_s: firsts.first().map(|_| percentile(&firsts, 0.9)),
+        first_byte_max_s: firsts.last().copied(),
         t_pieces_s: t_pieces,
         max_over_t_pieces: t_pieces.map(|t| max_s / t),
         t_schedule_s: t_schedule,

@@ -80,6 +80,21 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
     }
     assert_eq!(r.succeeded, r.fetchers);
     assert_eq!(r.complete_in_store, r.fetchers);
+    // A fetch's first verified piece came before its last, and no sooner than the seeder could
+    // send the crowd's first piece; the summary's figures are those of the completions.
+    let piece_s = PIECE_SIZE as f64 / (SEEDER_UPLINK_MIB_S * 1024.0 * 1024.0);
+    for c in &r.completions {
+        let first = c.first_byte_s.unwrap_or_else(|| panic!("{} fetched without a first piece", c.node));
+        assert!(first <= c.seconds && first >= piece_s * (1.0 - TOLERANCE), "{}: first piece at {first:.3} s", c.node);
+    }
+    let (p50, p90, last) = (
+        r.first_byte_p50_s.expect("first pieces"),
+        r.first_byte_p90_s.expect("first pieces"),
+        r.first_byte_max_s.expect("first pieces"),
+    );
+    assert!(p50 <= p90 && p90 <= last && last <= r.max_s, "first pieces p50 {p50} p90 {p90} last {last}");
+    let latest = r.completions.iter().filter_map(|c| c.first_byte_s).fold(0.0, f64::max);
+    assert_eq!(last, latest);
     assert!(
         r.max_s >= r.t_min_s * (1.0 - TOLERANCE),
         "the last fetch ({:.3} s) beat T_min ({:.3} s)",
@@ -135,7 +150,6 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
     }
     let mut firsts: Vec<f64> = r.pieces.iter().filter_map(|p| p.first_s).collect();
     firsts.sort_by(f64::total_cmp);
-    let piece_s = PIECE_SIZE as f64 / (SEEDER_UPLINK_MIB_S * 1024.0 * 1024.0);
     for (k, first) in firsts.iter().enumerate() {
         let bound = (k + 1) as f64 * piece_s;
         assert!(
