@@ -176,10 +176,16 @@ impl PieceSet {
         new
     }
 
-    /// Adds every index in `range` below the piece count.
+    /// Adds every index in `range` below the piece count, a word at a time: a peer's run of a
+    /// whole 2 TiB blob (2^24 pieces) costs 2^18 steps, not 2^24.
     pub fn insert_range(&mut self, range: Range<PieceIndex>) {
-        for i in range.start..range.end.min(self.len) {
-            self.insert(i);
+        let end = range.end.min(self.len);
+        let mut i = range.start;
+        while i < end {
+            let (w, b) = ((i / 64) as usize, i % 64);
+            let n = (64 - b).min(end - i);
+            self.words[w] |= (u64::MAX >> (64 - n)) << b;
+            i += n;
         }
     }
 
@@ -321,6 +327,24 @@ mod tests {
         }
         assert_eq!(Geometry::new(MAX_BLOB_SIZE + 1), Err(TooLarge { size: MAX_BLOB_SIZE + 1 }));
         assert_eq!(Geometry::new(MAX_BLOB_SIZE).expect("max").piece_count(), 1 << 24);
+    }
+
+    #[test]
+    fn a_range_is_inserted_as_its_pieces_one_by_one_would_be() {
+        for len in [1, 63, 64, 65, 130, 200] {
+            for start in 0..len + 2 {
+                for end in [start, start + 1, start + 63, start + 64, start + 65, len, len + 5] {
+                    let mut words = PieceSet::empty(len);
+                    words.insert(len - 1);
+                    let mut one_by_one = words.clone();
+                    words.insert_range(start..end);
+                    for i in start..end {
+                        one_by_one.insert(i);
+                    }
+                    assert_eq!(words, one_by_one, "{start}..{end} of {len}");
+                }
+            }
+        }
     }
 
     #[test]
