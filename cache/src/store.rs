@@ -371,6 +371,11 @@ impl PieceStream {
         &self.pieces
     }
 
+    /// The length of the whole encoding, as the pieces were when the stream opened.
+    pub fn encoded_len(&self) -> usize {
+        self.encoded_len
+    }
+
     /// The next bytes of the encoding, at least `step` of them unless it ends with them; `None`
     /// once it ended. A piece that fails its check is dropped from the store and the step fails
     /// with [`StoreError::Corrupt`]; the stream then stays failed.

@@ -254,12 +254,12 @@ impl Uploads {
             return None;
         }
         let mut map = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
-        let n = map.entry(peer).or_insert(0);
-        if *n >= self.max_per_peer {
+        if map.get(&peer).is_some_and(|n| *n >= self.max_per_peer) {
             return None;
         }
+        // Counted only with a permit: a peer refused here leaves no entry behind.
         let permit = self.total.clone().try_acquire_owned().ok()?;
-        *n += 1;
+        *map.entry(peer).or_insert(0) += 1;
         Some(UploadSlot { uploads: self, peer, _permit: permit })
     }
 
@@ -365,14 +365,16 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     let Server { store, uploads, crowds, metrics, activity } = server;
     let in_flight = activity.request(peer);
     let started = Instant::now();
+    // However the request goes, a peer that stops reading the answer gives its slot up.
+    let idle = uploads.timing.request_timeout;
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
-        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied)).await;
+        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), idle).await;
     }
     let Some(slot) = uploads.try_acquire(peer) else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
-        return send_and_close(&mut stream, &wire::encode_frame(&busy)).await;
+        return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
     };
     let body =
         match tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
@@ -385,7 +387,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             }
             Ok(Err(FrameError::Wire(e))) => {
                 metrics.served("any", "bad_request", started.elapsed());
-                return refuse(&mut stream, &e).await;
+                return refuse(&mut stream, &e, idle).await;
             }
             Err(_) => {
                 metrics.served("any", "timeout", started.elapsed());
@@ -397,7 +399,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         Ok(r) => r,
         Err(e) => {
             metrics.served("any", "bad_request", started.elapsed());
-            return refuse(&mut stream, &e).await;
+            return refuse(&mut stream, &e, idle).await;
         }
     };
     match request {
@@ -416,7 +418,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             {
                 *proof = size_proof(store, crowds, hash, *size).await;
             }
-            answer_have(&mut stream, metrics, "have", &response, started).instrument(span).await
+            answer_have(&mut stream, metrics, "have", &response, started, idle).instrument(span).await
         }
         Request::Get { hash, pieces, trace } => {
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
@@ -428,7 +430,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let spreads = info.as_ref().is_some_and(|i| i.pinned);
                 let Some(held) = held else {
                     metrics.served("get", "not_found", started.elapsed());
-                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
+                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
@@ -450,6 +452,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             return send_and_close(
                                 &mut stream,
                                 &busy(uploads.busy_retry(), crowds.hints(hash, peer, Some(&pieces), Instant::now())),
+                                idle,
                             )
                             .await;
                         };
@@ -473,7 +476,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
                     let peers = if named { crowds.hints(hash, peer, None, now) } else { Vec::new() };
-                    return send_and_close(&mut stream, &busy(retry, peers)).await;
+                    return send_and_close(&mut stream, &busy(retry, peers), idle).await;
                 }
                 let reader = store.clone();
                 let reading = sending.clone();
@@ -495,13 +498,13 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
                         give_back(&claimed, &none);
                         metrics.served("get", "not_found", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
                     }
                     Err(e) => {
                         give_back(&claimed, &none);
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound)).await;
+                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
                     }
                 };
                 let served = encoding.pieces().clone();
@@ -518,7 +521,9 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // answering `Busy` must not hold a slot a new requester needs.
                 activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
-                let written = write_pieces(&mut stream, &header, encoding, uploads.rate.as_ref(), metrics).await;
+                let written =
+                    write_pieces(&mut stream, &header, encoding, (uploads.rate.as_ref(), &uploads.timing), metrics)
+                        .await;
                 // Cut off before its last byte (or by a piece that failed its check on the way),
                 // the peer does not hold them all: others may be sent them. (Of several pieces it
                 // may keep the first; this gives them back too.)
@@ -526,7 +531,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     give_back(&claimed, &none);
                 }
                 let (result, bytes) = match written {
-                    Ok(bytes) => (finish(&mut stream).await, bytes),
+                    Ok(bytes) => (within(idle, finish(&mut stream)).await, bytes),
                     Err(e) => (Err(e), 0),
                 };
                 if result.is_ok() {
@@ -585,31 +590,52 @@ fn display_trace(trace: Option<TraceId>) -> String {
     trace.map(|t| t.to_string()).unwrap_or_default()
 }
 
-async fn refuse(stream: &mut Stream, e: &WireError) -> std::io::Result<()> {
+async fn refuse(stream: &mut Stream, e: &WireError, idle: Duration) -> std::io::Result<()> {
     let mut reason = e.to_string();
     reason.truncate(wire::MAX_REASON_LEN);
-    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason })).await
+    send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), idle).await
 }
 
-/// Writes a response and closes the stream.
-async fn send_and_close(stream: &mut (impl AsyncWrite + Unpin), response: &[u8]) -> std::io::Result<()> {
-    stream.write_all(response).await?;
-    finish(stream).await
+/// Writes a response and closes the stream, giving up if the peer has not taken it within `idle`.
+async fn send_and_close(
+    stream: &mut (impl AsyncWrite + Unpin),
+    response: &[u8],
+    idle: Duration,
+) -> std::io::Result<()> {
+    within(idle, async {
+        stream.write_all(response).await?;
+        finish(stream).await
+    })
+    .await
+}
+
+/// Runs a write of an answer, failing it with `TimedOut` if it takes longer than `limit`: a peer
+/// that stops reading (or lets its flow-control window fill) would otherwise hold its upload slot,
+/// its count against the per-peer bound and its connection for as long as it likes.
+async fn within(limit: Duration, write: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer stopped reading the answer")),
+    }
 }
 
 /// Writes an answer's `header`, then the pieces `encoding` encodes, a step at a time on a blocking
 /// thread, so that an answer on its way holds a step of its encoding (see
 /// [`shoal_cache::Store::stream_pieces`]). Each chunk is taken from the upload cap first and
 /// counted as served once written. Returns the bytes of pieces written; a piece that fails its
-/// check on the way cuts the answer off.
+/// check on the way cuts the answer off, and so does a peer that reads nothing for the request
+/// timeout or falls below the least rate (the time spent waiting for our own upload cap aside),
+/// the bounds a requester holds its servers to.
 async fn write_pieces(
     stream: &mut (impl AsyncWrite + Unpin),
     header: &[u8],
     mut encoding: shoal_cache::PieceStream,
-    rate: Option<&RateLimit>,
+    (rate, timing): (Option<&RateLimit>, &Timing),
     metrics: &crate::metrics::Metrics,
 ) -> std::io::Result<u64> {
-    stream.write_all(header).await?;
+    let total = header.len() + encoding.encoded_len();
+    let mut budget = WriteBudget::new(timing, total);
+    budget.write(stream, header).await?;
     let mut written = 0;
     loop {
         let (back, step) = tokio::task::spawn_blocking(move || {
@@ -636,10 +662,32 @@ async fn write_pieces(
             if let Some(r) = rate {
                 r.take(chunk.len()).await;
             }
-            stream.write_all(chunk).await?;
+            budget.write(stream, chunk).await?;
             metrics.bytes_served.inc_by(chunk.len() as u64);
             written += chunk.len() as u64;
         }
+    }
+}
+
+/// The time a peer has to read an answer of some length: at most the request timeout without
+/// taking a byte, and in all that timeout plus the answer's length at the least rate.
+struct WriteBudget {
+    idle: Duration,
+    left: Duration,
+}
+
+impl WriteBudget {
+    fn new(timing: &Timing, len: usize) -> Self {
+        let at_least_rate = Duration::from_secs_f64(len as f64 / timing.min_rate as f64);
+        Self { idle: timing.request_timeout, left: timing.request_timeout.saturating_add(at_least_rate) }
+    }
+
+    /// Writes `bytes` (at most a chunk), out of the budget.
+    async fn write(&mut self, stream: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
+        let started = tokio::time::Instant::now();
+        let result = within(self.idle.min(self.left), stream.write_all(bytes)).await;
+        self.left = self.left.saturating_sub(started.elapsed());
+        result
     }
 }
 
@@ -787,7 +835,8 @@ async fn serve_watch(
             }
         }
     }
-    answer_have(stream, metrics, "watch", &have_map(server, hash, peer, Some(&wanted)), started).instrument(span).await
+    let response = have_map(server, hash, peer, Some(&wanted));
+    answer_have(stream, metrics, "watch", &response, started, uploads.timing.request_timeout).instrument(span).await
 }
 
 /// What this node holds of `hash`, as `Have` answers it to `peer` (without a size proof), or
@@ -811,9 +860,10 @@ async fn answer_have(
     kind: &'static str,
     response: &Response,
     started: Instant,
+    idle: Duration,
 ) -> std::io::Result<()> {
     let outcome = if matches!(response, Response::NotFound) { "not_found" } else { "ok" };
-    let r = send_and_close(stream, &wire::encode_frame(response)).await;
+    let r = send_and_close(stream, &wire::encode_frame(response), idle).await;
     metrics.served(kind, outcome, started.elapsed());
     r
 }
@@ -1039,6 +1089,96 @@ mod tests {
         for broken in [std::io::ErrorKind::ConnectionReset, std::io::ErrorKind::UnexpectedEof] {
             assert_eq!(io_fault(&std::io::Error::from(broken)), PeerFault::Io);
         }
+    }
+
+    /// A peer's end of a stream that takes `per_ms` bytes a millisecond, or none.
+    struct Reader {
+        per_ms: usize,
+        taken: usize,
+        next: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl Reader {
+        fn new(per_ms: usize) -> Self {
+            Self { per_ms, taken: 0, next: None }
+        }
+    }
+
+    impl AsyncWrite for Reader {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            if self.per_ms == 0 {
+                return std::task::Poll::Pending;
+            }
+            if let Some(next) = self.next.as_mut() {
+                std::task::ready!(next.as_mut().poll(cx));
+            }
+            let n = buf.len().min(self.per_ms);
+            self.taken += n;
+            self.next = Some(Box::pin(tokio::time::sleep(Duration::from_millis(1))));
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A peer that stops reading an answer gives its upload slot up after the request timeout,
+    /// and one reading too slowly once its answer took longer than it would at the least rate;
+    /// one reading at the least rate gets the whole answer.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_gives_its_slot_up() {
+        let timing = Timing::new(1.0);
+        let started = tokio::time::Instant::now();
+        let stalled = send_and_close(&mut Reader::new(0), b"answer", timing.request_timeout).await;
+        assert_eq!(stalled.map_err(|e| e.kind()), Err(std::io::ErrorKind::TimedOut));
+        assert_eq!(started.elapsed(), timing.request_timeout);
+
+        // A 1 MiB answer, written a chunk at a time as `write_pieces` does.
+        let answer = vec![7u8; 1 << 20];
+        let write = |per_ms| {
+            let answer = answer.clone();
+            async move {
+                let mut reader = Reader::new(per_ms);
+                let mut budget = WriteBudget::new(&timing, answer.len());
+                for chunk in answer.chunks(CHUNK) {
+                    budget.write(&mut reader, chunk).await?;
+                }
+                Ok::<_, std::io::Error>(reader.taken)
+            }
+        };
+        // 128 bytes a millisecond is 125 KiB/s, above the least rate of 64 KiB/s.
+        assert_eq!(write(128).await.ok(), Some(answer.len()));
+        // 32 a millisecond, below it: cut off once the answer took the timeout and 16 s.
+        let started = tokio::time::Instant::now();
+        assert_eq!(write(32).await.map_err(|e| e.kind()), Err(std::io::ErrorKind::TimedOut));
+        let allowed = timing.request_timeout + Duration::from_secs(16);
+        assert!(started.elapsed() <= allowed + Duration::from_millis(2), "{:?}", started.elapsed());
+    }
+
+    /// A peer refused at the node-wide bound leaves nothing behind in the per-peer counts.
+    #[test]
+    fn a_refused_peer_is_not_remembered() {
+        let uploads = Uploads::new(1, 8, None, None, Timing::new(1.0));
+        let first = uploads.try_acquire(PeerId::random()).expect("a free upload");
+        for _ in 0..100 {
+            assert!(uploads.try_acquire(PeerId::random()).is_none());
+        }
+        assert_eq!(uploads.per_peer.lock().unwrap().len(), 1);
+        drop(first);
+        assert!(uploads.per_peer.lock().unwrap().is_empty());
     }
 
     /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].
