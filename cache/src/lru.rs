@@ -65,6 +65,11 @@ impl ByteLru {
         Ok(evicted)
     }
 
+    /// Whether `bytes` more fit without evicting anything.
+    pub(crate) fn fits(&self, bytes: u64) -> bool {
+        self.used.saturating_add(bytes) <= self.capacity
+    }
+
     /// Takes `hash` out of the eviction order (pinned or deleted). Returns its bytes.
     pub(crate) fn remove(&mut self, hash: &Hash) -> Option<u64> {
         let bytes = self.order.pop(hash)?;

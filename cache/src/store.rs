@@ -95,6 +95,17 @@ pub enum StoreError {
     /// A blob larger than Shoal handles at all.
     #[error(transparent)]
     BlobTooLarge(#[from] shoal_protocol::piece::TooLarge),
+    /// A blob of a size no proof backs yet that would need other blobs evicted to fit (see
+    /// [`Store::begin_unproven`]).
+    #[error("blob {hash} would need {bytes} bytes, more than the {free} the cache has free, for a size not yet proven")]
+    NoRoom {
+        /// The blob.
+        hash: Hash,
+        /// Its footprint on disk.
+        bytes: u64,
+        /// What the cache has free.
+        free: u64,
+    },
     /// A size that disagrees with the size already known for the blob.
     #[error("blob {hash} has {known} bytes, not {claimed}")]
     SizeMismatch {
@@ -745,16 +756,41 @@ impl Store {
 
     /// Prepares to receive pieces of `hash`, a blob of `size` bytes, from the network. The blob's
     /// full footprint is reserved in the cache now, so the bound holds whatever arrives. Returns
-    /// the pieces already verified (a resumed fetch) and the blobs evicted to make room.
+    /// the pieces already verified (a resumed fetch) and the blobs evicted to make room. An entry
+    /// of another size with no piece verified gives way: it proves no size, and is what a fetch
+    /// that ended on a claim that did not hold leaves behind.
     pub fn begin(&self, hash: Hash, size: u64) -> Result<Begun> {
+        self.begin_with(hash, size, true)
+    }
+
+    /// [`Store::begin`] for a size no proof backs yet (a peer's claim): it evicts nothing, and
+    /// fails with [`StoreError::NoRoom`] if the blob does not fit beside what the cache holds, so
+    /// that a peer's false claim cannot empty the cache.
+    pub fn begin_unproven(&self, hash: Hash, size: u64) -> Result<Begun> {
+        self.begin_with(hash, size, false)
+    }
+
+    fn begin_with(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
         let geometry = Geometry::new(size)?;
         let mut st = lock(&self.inner.state);
         if let Some(blob) = st.blobs.get(&hash).cloned() {
-            if blob.geometry.size() != size {
+            let info = blob.info();
+            if blob.geometry.size() == size {
+                st.lru.touch(&hash);
+                return Ok(Begun { have: info.pieces, evicted: Vec::new() });
+            }
+            if info.pinned || !info.pieces.is_empty() {
                 return Err(StoreError::SizeMismatch { hash, known: blob.geometry.size(), claimed: size });
             }
-            st.lru.touch(&hash);
-            return Ok(Begun { have: blob.info().pieces, evicted: Vec::new() });
+            debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
+            st.blobs.remove(&hash);
+            st.lru.remove(&hash);
+            lock(&self.inner.hot).forget_blob(hash);
+            self.discard_dir(&blob.dir)?;
+        }
+        let bytes = footprint(geometry);
+        if !evict && !st.lru.fits(bytes) {
+            return Err(StoreError::NoRoom { hash, bytes, free: st.lru.capacity().saturating_sub(st.lru.used()) });
         }
         let evicted = st.lru.admit(hash, footprint(geometry)).map_err(|o| StoreError::TooLarge {
             hash,

@@ -224,6 +224,41 @@ fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
     assert!(store.stats().cache_bytes <= bound);
 }
 
+/// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
+/// claim evicts nothing. An entry it leaves, holding no verified piece, gives way to the true size.
+#[test]
+fn an_unproven_size_evicts_nothing_and_an_empty_entry_of_it_gives_way() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bound = 3 * MIB;
+    let store = Store::open(tmp.path(), StoreConfig { cache_bytes: bound, ..Default::default() }).expect("open");
+    let cached = Source::new(bytes(1, MIB as usize));
+    store.begin(cached.hash, MIB).expect("begin");
+    let all = PieceSet::full(cached.geometry.piece_count());
+    store.write_pieces(cached.hash, &all, &cached.encode(&all)[..]).expect("write");
+
+    // A claim of about the whole cache for another blob: no room without evicting.
+    let wanted = Source::new(bytes(2, MIB as usize));
+    let refused = store.begin_unproven(wanted.hash, bound - MIB / 2);
+    assert!(matches!(refused, Err(StoreError::NoRoom { .. })), "{refused:?}");
+    assert!(matches!(store.begin_unproven(wanted.hash, 4 * MIB), Err(StoreError::NoRoom { .. })));
+    assert_eq!(store.info(cached.hash).map(|i| i.pieces), Some(all.clone()), "the cached blob stays");
+    assert!(store.info(wanted.hash).is_none());
+
+    // A false claim that fits leaves an empty entry of its size behind ...
+    let lie = store.begin_unproven(wanted.hash, MIB / 2).expect("room for it");
+    assert!(lie.evicted.is_empty() && lie.have.is_empty());
+    // ... which the true size replaces, and a piece verified under it then holds it.
+    store.begin(wanted.hash, MIB).expect("the true size");
+    assert_eq!(store.info(wanted.hash).map(|i| i.size), Some(MIB));
+    let first = PieceSet::single(wanted.geometry.piece_count(), 0);
+    store.write_pieces(wanted.hash, &first, &wanted.encode(&first)[..]).expect("write");
+    assert!(matches!(store.begin(wanted.hash, MIB / 2), Err(StoreError::SizeMismatch { .. })));
+    assert!(matches!(store.begin_unproven(wanted.hash, MIB / 2), Err(StoreError::SizeMismatch { .. })));
+    // The cache's accounting holds through all of it.
+    assert!(store.stats().cache_bytes <= bound);
+    assert_eq!(store.list().len(), 2);
+}
+
 #[test]
 fn corrupted_bytes_on_disk_are_never_served_or_exported() {
     let tmp = tempfile::tempdir().expect("tempdir");

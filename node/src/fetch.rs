@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_cache::BlobInfo;
+use shoal_cache::{BlobInfo, StoreError};
 use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
@@ -275,10 +275,16 @@ async fn run(
                             break;
                         }
                     };
+                    // A size no proof backs yet is a peer's word: it may not evict cached blobs,
+                    // and one that does not fit is given up, not the fetch.
+                    let proven = machine.is_size_proven();
                     let s = store.clone();
-                    let begun = tokio::task::spawn_blocking(move || s.begin(hash, size))
-                        .await
-                        .map_err(|_| NodeError::Stopped)?;
+                    let begun = tokio::task::spawn_blocking(move || match proven {
+                        true => s.begin(hash, size),
+                        false => s.begin_unproven(hash, size),
+                    })
+                    .await
+                    .map_err(|_| NodeError::Stopped)?;
                     match begun {
                         Ok(begun) => {
                             geometry = Some(g);
@@ -292,6 +298,14 @@ async fn run(
                                 }
                             }
                             machine.handle_local(&begun.have, Instant::now());
+                        }
+                        Err(
+                            e @ (StoreError::NoRoom { .. }
+                            | StoreError::TooLarge { .. }
+                            | StoreError::SizeMismatch { .. }),
+                        ) if !proven => {
+                            debug!(size, error = %e, "not opening the blob for a size no proof backs yet");
+                            machine.handle_size_unprovable(size, Instant::now());
                         }
                         Err(e) => {
                             outcome = Some(Err(NodeError::Store(e)));

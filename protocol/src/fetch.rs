@@ -793,6 +793,9 @@ pub struct Fetch<P> {
     claim: Option<Claim>,
     /// The size a peer's size proof proved (see [`Fetch::handle_size_proof`]).
     proven_size: Option<u64>,
+    /// The node would not open the blob for an unproven size (see
+    /// [`Fetch::handle_size_unprovable`]): only a proven size is claimed from now on.
+    proof_required: bool,
     /// Every peer asked, live or dropped; live ones are at most `max_peers`.
     peers: BTreeMap<P, Peer>,
     live_peers: usize,
@@ -835,6 +838,7 @@ where
             rng: SplitMix64(seed),
             claim: None,
             proven_size: None,
+            proof_required: false,
             peers: BTreeMap::new(),
             live_peers: 0,
             candidates: VecDeque::new(),
@@ -1067,6 +1071,20 @@ where
             Some(_) => self.reject_size(),
             None => {}
         }
+    }
+
+    /// The node could not open the blob for `size`, a claim no proof backs yet: it does not evict
+    /// cached blobs for a size a peer merely claims, nor fail the fetch on one larger than its
+    /// cache. The claim is abandoned (`SizeRejected`, without blaming anyone: the claim may be
+    /// honest) and from now on the fetch claims only a size a proof proved, which the have
+    /// requests keep asking for. Ignored unless `size` is the current, unproven, claim.
+    pub fn handle_size_unprovable(&mut self, size: u64, now: Instant) {
+        if self.finished || !self.claim.as_ref().is_some_and(|c| !c.proven && c.size() == size) {
+            return;
+        }
+        self.proof_required = true;
+        self.reject_size();
+        self.settle_size(now);
     }
 
     /// The have request to `peer` failed. See the [module documentation](crate::fetch) for what each
@@ -1563,7 +1581,8 @@ where
                 _ => return,
             }
         }
-        let Some(size) = self.proven_size.or_else(|| self.best_claim()) else { return };
+        let claimed = if self.proof_required { None } else { self.best_claim() };
+        let Some(size) = self.proven_size.or(claimed) else { return };
         let Ok(geometry) = Geometry::new(size) else { return };
         let offset = self.rng.below(geometry.piece_count());
         let mut claim = Claim::new(geometry, offset);
@@ -2239,6 +2258,30 @@ mod tests {
         let all = d.serve_all(after);
         assert_eq!(all.iter().filter(|a| matches!(a, Begin { .. })).count(), 0, "Begin once");
         assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn a_size_the_node_cannot_open_unproven_waits_for_a_proof() {
+        let size = size_of(10);
+        let mut d = Driver::new(size, config4());
+        d.discover(&[1, 2]);
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        assert!(!d.fetch.is_size_proven());
+        // The store has no room for it without evicting: the claim goes, nobody is blamed.
+        d.fetch.handle_size_unprovable(size, d.now);
+        assert_eq!(d.drain(), vec![SizeRejected { size }]);
+        assert_eq!(d.fetch.size(), None);
+        // More claims of it, unproven, change nothing; a proof does.
+        d.have(2, d.full());
+        assert_eq!(d.drain(), vec![]);
+        d.fetch.handle_size_unprovable(size, d.now);
+        assert_eq!(d.drain(), vec![], "only the current, unproven, claim is given up");
+        d.fetch.handle_size_proof(size, d.now);
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        assert!(d.fetch.is_size_proven());
+        d.fetch.handle_size_unprovable(size, d.now);
+        assert_eq!(d.drain(), vec![], "a proven size is never given up this way");
     }
 
     #[test]
