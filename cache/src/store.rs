@@ -603,6 +603,10 @@ impl Store {
         let spooled = (|| {
             let mut data = File::create(&data_path).map_err(io_err("create", &data_path))?;
             let size = io::copy(&mut reader, &mut data).map_err(io_err("spool into", &data_path))?;
+            // Durable before the meta that marks every piece verified, as `stage` makes it.
+            if self.inner.config.durable {
+                data.sync_data().map_err(io_err("sync", &data_path))?;
+            }
             Geometry::new(size).map_err(StoreError::from)
         })();
         let geometry = match spooled {
@@ -895,22 +899,34 @@ impl Store {
 
     fn commit(&self, blob: &Blob) -> Result<()> {
         let _serial = lock(&blob.commit);
-        let (snapshot, pinned) = {
+        let (snapshot, pinned, unflushed) = {
             let st = lock(&blob.status);
-            (st.verified.clone(), st.pinned)
+            (st.verified.clone(), st.pinned, st.unflushed_bytes)
         };
         if self.inner.config.durable {
             let data_path = blob.dir.join("data");
             blob.data.sync_data().map_err(io_err("sync", &data_path))?;
             blob.outboard.sync_data().map_err(io_err("sync", &blob.dir))?;
         }
+        // A blob evicted or deleted since (a write or an answer streaming from it holds it for a
+        // while) may have been begun or added again under the same directory: its meta is not
+        // this one's to write.
+        if !self.is_current(blob) {
+            return Ok(());
+        }
         let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
         write_meta(&blob.dir, &meta, self.inner.config.durable)?;
         let mut st = lock(&blob.status);
         // Pieces found corrupt meanwhile stay unmarked in memory; the next commit drops them.
         st.durable = snapshot.intersection(&st.verified);
-        st.unflushed_bytes = 0;
+        // Pieces marked while this commit ran wait for the next one, and count towards it.
+        st.unflushed_bytes -= unflushed.min(st.unflushed_bytes);
         Ok(())
+    }
+
+    /// Whether `blob` is the one the store holds under its hash.
+    fn is_current(&self, blob: &Blob) -> bool {
+        lock(&self.inner.state).blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob))
     }
 
     /// The verified pieces of `hash` and its size, if the store holds any of it.
@@ -1078,10 +1094,8 @@ impl Store {
                 st.verified.remove(p);
             }
         }
-        // A blob evicted or deleted since (an answer streaming from it holds it for a while) may
-        // have been begun again under the same directory: its meta is not this one's to write.
-        let current = lock(&self.inner.state).blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob));
-        if !current {
+        // See `commit`: a blob no longer current leaves the memory tier and the meta alone.
+        if !self.is_current(blob) {
             return Ok(());
         }
         let mut hot = lock(&self.inner.hot);
