@@ -84,47 +84,55 @@ pub(crate) async fn fetch(
     progress: Option<watch::Sender<FetchProgress>>,
 ) -> Result<BlobInfo, NodeError> {
     let store = node.store().clone();
-    if let Some(info) = store.info(hash)
-        && info.is_complete()
-    {
-        if let Some(p) = progress {
-            let _ = p.send(FetchProgress {
-                verified_bytes: info.size,
-                total_bytes: Some(info.size),
-                resumed_bytes: info.size,
-                done: true,
-                ..Default::default()
-            });
-        }
-        return Ok(info);
-    }
     // One fetch per blob: later callers follow the first one's progress.
-    let (own_tx, own_rx) = watch::channel(FetchProgress::default());
-    let existing = {
-        let mut fetches = node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner());
-        match fetches.get(&hash) {
-            Some(rx) => Some(rx.clone()),
-            None => {
-                fetches.insert(hash, own_rx);
-                None
+    let own_tx = loop {
+        if let Some(info) = store.info(hash)
+            && info.is_complete()
+        {
+            if let Some(p) = progress {
+                let _ = p.send(FetchProgress {
+                    verified_bytes: info.size,
+                    total_bytes: Some(info.size),
+                    resumed_bytes: info.size,
+                    done: true,
+                    ..Default::default()
+                });
             }
+            return Ok(info);
         }
-    };
-    if let Some(mut rx) = existing {
-        loop {
+        let (own_tx, own_rx) = watch::channel(FetchProgress::default());
+        let existing = {
+            let mut fetches = node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner());
+            match fetches.get(&hash) {
+                Some(rx) => Some(rx.clone()),
+                None => {
+                    fetches.insert(hash, own_rx);
+                    None
+                }
+            }
+        };
+        let Some(mut rx) = existing else { break own_tx };
+        let done = loop {
             let p = rx.borrow_and_update().clone();
             if let Some(tx) = &progress {
                 let _ = tx.send(p.clone());
             }
-            if p.done || rx.changed().await.is_err() {
-                break;
+            if p.done {
+                break true;
             }
-        }
-        return match store.info(hash) {
-            Some(info) if info.is_complete() => Ok(info),
-            _ => Err(FetchError::Failed { hash, reason: "a concurrent fetch of it failed".into() }.into()),
+            if rx.changed().await.is_err() {
+                break false;
+            }
         };
-    }
+        match store.info(hash) {
+            Some(info) if info.is_complete() => return Ok(info),
+            // The fetch followed ended unfinished: its caller gave up on it (an interrupted
+            // `shoal get`). This caller did not, and carries on, with a fetch of its own or
+            // following another's.
+            _ if !done => continue,
+            _ => return Err(FetchError::Failed { hash, reason: "a concurrent fetch of it failed".into() }.into()),
+        }
+    };
     let registered = Registered { node, hash };
     let nearby = node.inner.crowds.fetch_started(hash);
     let trace = TraceId(rand::random());
@@ -197,12 +205,12 @@ async fn run(
     let mut machine: Fetch<PeerId> = Fetch::new(hash, config, rand::random(), started);
     let timing = node.inner.uploads.timing;
     let (events, mut rx) = mpsc::channel::<Event>(256);
-    let mut requests: HashMap<RequestId, (AbortHandle, PieceSet)> = HashMap::new();
+    let mut requests: HashMap<RequestId, (Aborted, PieceSet)> = HashMap::new();
     let mut resumed_bytes = 0u64;
     let mut fetched_bytes = 0u64;
     let mut geometry: Option<Geometry> = None;
     let mut announced = false;
-    let mut lookup: Option<AbortHandle> = None;
+    let mut lookup: Option<Aborted> = None;
     // Holders other peers named (peer exchange): candidates like the providers a lookup finds,
     // once the swarm has recorded the addresses they were named with.
     let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(64);
@@ -216,13 +224,12 @@ async fn run(
         while let Some(action) = machine.poll_action(now) {
             match action {
                 Action::FindProviders => {
-                    if let Some(old) = lookup.take() {
-                        old.abort();
-                    }
+                    // A lookup still running is aborted.
+                    drop(lookup.take());
                     let (tx, mut found) = mpsc::channel(64);
                     let commands = node.inner.commands.clone();
                     let events = events.clone();
-                    lookup = Some(
+                    lookup = Some(Aborted(
                         tokio::spawn(async move {
                             if commands.send(Command::FindProviders { hash, found: tx, stats: None }).await.is_err() {
                                 return;
@@ -235,7 +242,7 @@ async fn run(
                             let _ = events.send(Event::ProvidersDone).await;
                         })
                         .abort_handle(),
-                    );
+                    ));
                 }
                 Action::AskHave { peer } => {
                     debug!(%peer, "asking for the have-map");
@@ -354,12 +361,11 @@ async fn run(
                         }
                         .in_current_span(),
                     );
-                    requests.insert(id, (task.abort_handle(), asked));
+                    requests.insert(id, (Aborted(task.abort_handle()), asked));
                 }
                 Action::Cancel { id, .. } => {
-                    if let Some((task, _)) = requests.remove(&id) {
-                        task.abort();
-                    }
+                    // Dropped, the request's task is aborted.
+                    requests.remove(&id);
                 }
                 Action::Penalise { peer, failure } => {
                     warn!(%peer, ?failure, "peer misbehaved; dropped for this blob and penalised");
@@ -517,13 +523,19 @@ async fn run(
     if let Some(tx) = progress {
         tx.send_modify(counted);
     }
-    for (_, (task, _)) in requests {
-        task.abort();
-    }
-    if let Some(l) = lookup {
-        l.abort();
-    }
+    // Dropping `requests` and `lookup` aborts their tasks, here or when a caller that gave up
+    // drops this future: left running, they fetched for nobody and kept their connections from
+    // being trimmed.
     result
+}
+
+/// A task of a fetch (a piece request, a provider lookup), aborted when the fetch drops it.
+struct Aborted(AbortHandle);
+
+impl Drop for Aborted {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The most hinted peers one fetch remembers; past it, hints are ignored (the DHT still finds

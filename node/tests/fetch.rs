@@ -1,4 +1,5 @@
-//! Fetching as a caller sees it: a fetch its caller gave up on can be started again.
+//! Fetching as a caller sees it: a fetch its caller gave up on can be started again, and does
+//! not take down another caller following it.
 
 use std::time::Duration;
 
@@ -38,6 +39,52 @@ async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
         .expect("the second attempt finishes in time")
         .expect("the second attempt succeeds");
     assert!(again.is_complete());
+    let out = tmp.path().join("out");
+    h.store().export(hash, &out).expect("export");
+    assert_eq!(std::fs::read(&out).expect("read"), data);
+
+    for n in [fetcher, provider] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+/// Two callers fetch one blob (a `shoal get` and a gateway request, say): the second follows the
+/// first one's fetch. When the first gives up, the second does not fail with it: it carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_following_a_fetch_whose_caller_gave_up_carries_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let file = tmp.path().join("f");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
+    std::fs::write(&file, &data).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+
+    // 512 KiB/s: the 2 MB blob takes about 4 s, so the first caller gives up part way.
+    let mut fc = config(tmp.path().join("fetcher"));
+    fc.bootstrap = vec![p_addr];
+    fc.download_rate = Some(512 << 10);
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    let h = fetcher.handle();
+    let first = tokio::spawn({
+        let h = h.clone();
+        async move { h.fetch(hash, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn({
+        let h = h.clone();
+        async move { h.fetch(hash, None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!first.is_finished(), "the first caller was meant to give up part way, but its fetch finished");
+    first.abort();
+
+    let followed = tokio::time::timeout(Duration::from_secs(30), second)
+        .await
+        .expect("the second caller finishes in time")
+        .expect("its task ran")
+        .expect("the second caller's fetch succeeds");
+    assert!(followed.is_complete());
     let out = tmp.path().join("out");
     h.store().export(hash, &out).expect("export");
     assert_eq!(std::fs::read(&out).expect("read"), data);
