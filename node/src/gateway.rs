@@ -47,7 +47,11 @@ pub(crate) fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Opti
         (size.saturating_sub(n), size.checked_sub(1).ok_or(())?)
     } else {
         let start: u64 = a.parse().map_err(|_| ())?;
-        let end = if b.is_empty() { size.saturating_sub(1) } else { b.parse::<u64>().map_err(|_| ())?.min(size - 1) };
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>().map_err(|_| ())?.min(size.saturating_sub(1))
+        };
         (start, end)
     };
     if size == 0 || start > end || start >= size {
@@ -426,6 +430,9 @@ mod tests {
         assert_eq!(parse_range(Some(&hv("items=0-1")), 10), Ok(None), "another unit: ignored");
         assert_eq!(parse_range(Some(&hv("bytes=abc")), 10), Err(()));
         assert_eq!(parse_range(Some(&hv("bytes=0-")), 0), Err(()));
+        // An empty blob has no byte to give, whichever way the range is put.
+        assert_eq!(parse_range(Some(&hv("bytes=0-0")), 0), Err(()));
+        assert_eq!(parse_range(Some(&hv("bytes=-1")), 0), Err(()));
     }
 
     #[test]

@@ -178,6 +178,12 @@ fn effective_config(data_dir: PathBuf, args: &NodeArgs) -> anyhow::Result<NodeCo
     if !args.allow_peer.is_empty() {
         config.allow_peers = Some(args.allow_peer.clone());
     }
+    // A cap of 0 would stop every transfer, not lift the cap: said plainly, not read as either.
+    for (name, rate) in [("upload-rate", config.upload_rate), ("download-rate", config.download_rate)] {
+        if rate == Some(0) {
+            bail!("{name} must be above 0 bytes per second; leave it out for no cap");
+        }
+    }
     Ok(config)
 }
 
@@ -268,7 +274,10 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         if let Ok(api) = std::fs::read_to_string(config.data_dir.join("api")) {
             banner.push_str(&format!("api: http://{api}\n"));
         }
-        if let Ok(gateway) = std::fs::read_to_string(config.data_dir.join("gateway")) {
+        // The file a gateway of this run wrote, not one a crash left behind.
+        if config.gateway.is_some()
+            && let Ok(gateway) = std::fs::read_to_string(config.data_dir.join("gateway"))
+        {
             banner.push_str(&format!("gateway: http://{gateway}\n"));
         }
         banner.push_str(&format!("data: {}\n", config.data_dir.display()));

@@ -226,7 +226,10 @@ impl Node {
         let _ = self.swarm_task.await;
         let store = self.handle.inner.store.clone();
         tokio::task::spawn_blocking(move || store.flush_all()).await??;
-        let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join("api"));
+        // Gone with the node, so that nothing finds an address nobody listens on.
+        for file in ["api", "gateway"] {
+            let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join(file));
+        }
         self.handle.inner.store.close();
         Ok(())
     }

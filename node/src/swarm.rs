@@ -373,8 +373,15 @@ impl EventLoop {
         let Some(Protocol::P2p(peer)) = addr.iter().last() else {
             anyhow::bail!("bootstrap address {addr} must end in /p2p/<peer id>");
         };
+        // One list of seed nodes, deployed to every seed, names each seed itself too.
+        if peer == *self.swarm.local_peer_id() {
+            info!(%addr, "skipping a bootstrap address of this node itself");
+            return Ok(());
+        }
         self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-        self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build())?;
+        self.swarm
+            .dial(DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build())
+            .map_err(|e| anyhow::anyhow!("cannot dial bootstrap peer {addr}: {e}"))?;
         Ok(())
     }
 

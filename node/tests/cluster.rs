@@ -414,6 +414,11 @@ fn config_show_merges_file_environment_and_flags_in_that_order() {
     let out = Command::new(SHOAL).args(["config", "show"]).env("SHOAL_DATA_DIR", tmp.path()).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cache-sise"), "the bad key is named");
+    // A cap of 0 is refused, not taken for no cap.
+    std::fs::write(tmp.path().join("config.toml"), "upload-rate = 0\n").expect("write config");
+    let out = Command::new(SHOAL).args(["config", "show"]).env("SHOAL_DATA_DIR", tmp.path()).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("upload-rate must be above 0"), "the cap is named");
 }
 
 #[test]

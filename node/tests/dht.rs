@@ -162,3 +162,28 @@ async fn a_transient_node_fetches_but_leaves_no_trace_in_the_dht() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+/// One list of seed nodes, deployed to every seed, names each seed itself: a node skips its own
+/// address instead of refusing to start, and joins through the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_named_in_its_own_bootstrap_list_joins_through_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let seed = start(memory_config(tmp.path().join("seed"), Vec::new())).await;
+    let seed_addr = seed.handle().wait_listening().await.expect("listening")[0].clone();
+    // The node's identity lives in its data directory: a first start makes it.
+    let first = start(memory_config(tmp.path().join("n"), Vec::new())).await;
+    let own = first.handle().wait_listening().await.expect("listening")[0].clone();
+    let id = first.handle().peer_id();
+    first.shutdown().await.expect("shutdown");
+
+    let node = start(memory_config(tmp.path().join("n"), vec![own, seed_addr])).await;
+    assert_eq!(node.handle().peer_id(), id, "the same identity");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while node.handle().status().await.expect("status").peers == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never joined through the other seed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in [node, seed] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
