@@ -13,7 +13,8 @@
 //! | `DELETE /v1/blobs/{hash}` | removes a blob from the store and withdraws it |
 //!
 //! Mutating routes (add, pin, unpin, delete) need `Authorization: Bearer <token>`; the node writes the
-//! token to `<data-dir>/api-token` (owner-only), where the `shoal` command reads it. Errors are JSON
+//! token to `<data-dir>/api-token` (owner-only), where the `shoal` command reads it. Every route
+//! refuses a web page of another site (`local_only`). Errors are JSON
 //! `{"error": "..."}` with a status code that says whose fault it was.
 
 use std::net::SocketAddr;
@@ -114,6 +115,41 @@ fn load_or_create_token(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
+/// The API answers its own machine's programs and a browser on it, never a web page of another
+/// site. Without a token, reading a blob fetches it from the swarm, and status and peers describe
+/// the node: a page anywhere on the web could make a visitor's node fetch (and then serve) what
+/// it names, or, resolving its own name to 127.0.0.1 (DNS rebinding), read what the API says.
+/// So a request whose `Host` is a name other than `localhost` is refused, as is one a browser
+/// marks as coming from another site (`Sec-Fetch-Site`) or whose `Origin` is such a name. The
+/// `shoal` command sends the address it read from `<data-dir>/api`, an IP address.
+async fn local_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = req.headers();
+    let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or(""));
+    let host_ok = text(header::HOST).is_none_or(addresses_this_machine);
+    let site_ok = !matches!(text(header::HeaderName::from_static("sec-fetch-site")), Some("cross-site" | "same-site"));
+    let origin_ok = text(header::ORIGIN)
+        .is_none_or(|o| o == "null" || o.split_once("://").is_some_and(|(_, rest)| addresses_this_machine(rest)));
+    if !(host_ok && site_ok && origin_ok) {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "the node's API answers programs on this machine, not web pages of other sites; address it by IP (as <data-dir>/api does) or as localhost".into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` (or an origin's host and port) names this machine as a browser or program
+/// would that reached the API on purpose: an IP address, or `localhost`.
+fn addresses_this_machine(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // `[v6]:port`
+        Some(rest) => rest.split_once(']').map_or(rest, |(v6, _)| v6),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// Mutating routes need `Authorization: Bearer <token>`, the token in `<data-dir>/api-token`.
 async fn require_token(
     State(token): State<std::sync::Arc<String>>,
@@ -166,6 +202,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
+        .layer(axum::middleware::from_fn(local_only))
         .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
     Ok(tokio::spawn(async move {

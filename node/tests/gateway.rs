@@ -210,6 +210,43 @@ async fn mutating_routes_need_the_token_from_the_data_dir() {
     node.shutdown().await.expect("shutdown");
 }
 
+/// A web page of another site cannot use a visitor's node: not by naming a blob for it to fetch,
+/// and not by resolving its own name to the node's address to read its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_this_machine_not_other_sites() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(config(tmp.path().join("n"))).await.expect("node");
+    let api = std::fs::read_to_string(tmp.path().join("n/api")).expect("api file");
+    let port = api.rsplit_once(':').expect("port").1.to_string();
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let status = |headers: &[(&str, &str)]| {
+            let mut r = a.get(format!("http://{api}/v1/status"));
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.call().expect("GET").status()
+        };
+        assert_eq!(status(&[]), 200, "the shoal command's way");
+        assert_eq!(status(&[("Host", &format!("localhost:{port}"))]), 200);
+        assert_eq!(status(&[("Sec-Fetch-Site", "none")]), 200, "a URL typed into the browser");
+        assert_eq!(status(&[("Sec-Fetch-Site", "same-origin")]), 200, "a page of the API's own");
+        assert_eq!(status(&[("Host", &format!("rebound.example:{port}"))]), 403, "DNS rebinding");
+        assert_eq!(status(&[("Sec-Fetch-Site", "cross-site")]), 403, "an image or form of another site");
+        assert_eq!(status(&[("Origin", "https://elsewhere.example")]), 403);
+        let hash = blake3::hash(b"anything").to_hex().to_string();
+        let r = a
+            .post(format!("http://{api}/v1/fetch/{hash}"))
+            .header("Origin", "https://elsewhere.example")
+            .send_empty()
+            .expect("POST");
+        assert_eq!(r.status(), 403, "no fetch for another site's page");
+    })
+    .await
+    .expect("client");
+    node.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_is_served_as_a_listing_and_by_path() {
     let tmp = tempfile::tempdir().expect("tempdir");
