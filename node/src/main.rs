@@ -645,13 +645,22 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
             "no running node found, and no --bootstrap peer to join the swarm through; start `shoal node` or pass --bootstrap"
         );
     }
-    let dir = tempfile_dir()?;
+    // Its store sits beside the output, on the file system the blob is going to anyway: the
+    // system's temporary directory is often in memory (tmpfs) and smaller than a large blob.
+    let beside = match output.parent() {
+        Some(p) if output != Path::new("-") && !p.as_os_str().is_empty() => p.to_owned(),
+        _ if output != Path::new("-") => std::env::current_dir().context("cannot read the current directory")?,
+        _ => std::env::temp_dir(),
+    };
+    let dir = scratch_dir(&beside)?;
     let mut config = NodeConfig::new(&dir);
     config.listen = vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?];
     config.bootstrap = bootstrap;
     config.api = None;
     config.durable = false;
     config.transient = true;
+    // It holds the one blob asked for, whatever its size: no cache bound to refuse it.
+    config.cache_bytes = u64::MAX;
     let result = (|| {
         let runtime = runtime()?;
         let node = runtime.block_on(Node::start(config))?;
@@ -721,14 +730,14 @@ impl Read for PieceReader {
     }
 }
 
-/// A new directory under the system's temporary directory, made for us alone: a name another
-/// user could have taken first is not used.
-fn tempfile_dir() -> anyhow::Result<PathBuf> {
+/// A new hidden directory in `parent`, made for us alone: a name another user could have taken
+/// first is not used. It is removed if `shoal get` is interrupted.
+fn scratch_dir(parent: &Path) -> anyhow::Result<PathBuf> {
     let mut builder = std::fs::DirBuilder::new();
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     for _ in 0..16 {
-        let dir = std::env::temp_dir().join(format!("shoal-get-{}-{:016x}", std::process::id(), rand::random::<u64>()));
+        let dir = parent.join(format!(".shoal-get-{}-{:016x}", std::process::id(), rand::random::<u64>()));
         match builder.create(&dir) {
             Ok(()) => {
                 scratch(&dir);
@@ -738,7 +747,7 @@ fn tempfile_dir() -> anyhow::Result<PathBuf> {
             Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
         }
     }
-    bail!("cannot create a temporary directory under {}", std::env::temp_dir().display())
+    bail!("cannot create a scratch directory in {}", parent.display())
 }
 
 fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
