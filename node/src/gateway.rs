@@ -159,13 +159,28 @@ fn ensure_fetching(
     }
 }
 
+/// What a fetch that failed tells an HTTP client: not found when no provider answered, no room
+/// when this node's cache cannot hold the blob, the swarm's failure otherwise, with the reason.
+fn fetch_failed(hash: Hash, e: crate::NodeError) -> Response {
+    use crate::NodeError;
+    let status = match &e {
+        NodeError::Fetch(crate::fetch::FetchError::NotFound { .. }) => StatusCode::NOT_FOUND,
+        NodeError::Store(shoal_cache::StoreError::TooLarge { .. } | shoal_cache::StoreError::BlobTooLarge(_)) => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        _ => StatusCode::BAD_GATEWAY,
+    };
+    error(status, format!("blob {hash} could not be fetched: {e}"))
+}
+
 /// The whole of a small blob (a collection), each piece verified.
 async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Response>> {
     let fetching = ensure_fetching(node, hash);
     if let Some(f) = fetching {
         match f.await {
             Ok(Ok(_)) => {}
-            _ => return Err(Box::new(error(StatusCode::NOT_FOUND, format!("collection {hash} could not be fetched")))),
+            Ok(Err(e)) => return Err(Box::new(fetch_failed(hash, e))),
+            Err(_) => return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
         }
     }
     let info = node.store().info(hash).ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, "collection gone")))?;
@@ -273,16 +288,17 @@ pub(crate) async fn serve(
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let store = node.store().clone();
-    let fetching = ensure_fetching(&node, hash);
+    let mut fetching = ensure_fetching(&node, hash);
     let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
     let size = loop {
         if let Some(info) = store.info(hash) {
             break info.size;
         }
-        if let Some(f) = &fetching
-            && f.is_finished()
-        {
-            return error(StatusCode::NOT_FOUND, format!("blob {hash} could not be found in the swarm"));
+        if let Some(f) = fetching.take_if(|f| f.is_finished()) {
+            return match f.await {
+                Ok(Err(e)) => fetch_failed(hash, e),
+                _ => error(StatusCode::NOT_FOUND, format!("blob {hash} could not be found in the swarm")),
+            };
         }
         if tokio::time::Instant::now() > deadline {
             return error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"));

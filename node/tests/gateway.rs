@@ -210,6 +210,37 @@ async fn mutating_routes_need_the_token_from_the_data_dir() {
     node.shutdown().await.expect("shutdown");
 }
 
+/// A blob the gateway node's cache cannot hold is answered 507 with the reason, not 404 as if
+/// nobody had it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_larger_than_the_cache_is_told_apart_from_a_missing_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let mut gc = config(tmp.path().join("g"));
+    gc.bootstrap = vec![p_addr];
+    gc.cache_bytes = 1 << 20;
+    let gw = Node::start(gc).await.expect("gateway node");
+    let file = tmp.path().join("blob");
+    std::fs::write(&file, bytes(2 << 20)).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
+    tokio::task::spawn_blocking(move || {
+        let a = agent();
+        let mut r = a.get(format!("http://{gw_addr}/{hash}")).call().expect("GET");
+        assert_eq!(r.status(), 507);
+        let body = r.body_mut().read_to_string().expect("body");
+        assert!(body.contains("cache"), "the reason is given: {body}");
+        let nobody = blake3::hash(b"held by nobody").to_hex().to_string();
+        assert_eq!(a.get(format!("http://{gw_addr}/{nobody}")).call().expect("GET").status(), 404);
+    })
+    .await
+    .expect("client");
+    for n in [gw, provider] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
 /// A web page of another site cannot use a visitor's node: not by naming a blob for it to fetch,
 /// and not by resolving its own name to the node's address to read its status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
