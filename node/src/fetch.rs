@@ -482,7 +482,13 @@ async fn run(
                     Event::Got(peer, id, got, elapsed) => {
                         fetched_bytes += got.bytes;
                         node.inner.metrics.bytes_fetched.inc_by(got.bytes);
-                        node.inner.metrics.requested("get", got.fault.map_or("ok", PeerFault::label), elapsed);
+                        let label = if got.store_error.is_some() { "store" } else { "ok" };
+                        node.inner.metrics.requested("get", got.fault.map_or(label, PeerFault::label), elapsed);
+                        if let Some(e) = got.store_error {
+                            // Ours, not the peer's: asking others would fetch pieces to throw away.
+                            let reason = format!("the store cannot take its pieces: {e}");
+                            break Err(FetchError::Failed { hash, reason }.into());
+                        }
                         let unserved = requests.remove(&id).map(|(_, asked)| asked.difference(&got.verified));
                         // Pieces it advertised but neither sent nor holds any more: a stale
                         // have-map, or a store that found rot in them. Not malice, but it cost us

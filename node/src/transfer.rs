@@ -948,6 +948,9 @@ pub(crate) struct Got {
     pub(crate) hints: Vec<PeerHint>,
     /// The pieces the peer offers us now, if it said.
     pub(crate) have: Option<PieceSet>,
+    /// Our store failed to take verified pieces (a full disk, the blob evicted meanwhile): no
+    /// fault of the peer's, and nothing another peer could help with.
+    pub(crate) store_error: Option<shoal_cache::StoreError>,
 }
 
 /// One `Get`: which pieces of which blob, from whom, under which trace.
@@ -972,7 +975,14 @@ pub(crate) async fn get_pieces(
 ) -> Got {
     let PieceRequest { peer, hash, geometry, pieces, trace } = request;
     let none = PieceSet::empty(geometry.piece_count());
-    let fail = |fault| Got { verified: none.clone(), bytes: 0, fault: Some(fault), hints: Vec::new(), have: None };
+    let fail = |fault| Got {
+        verified: none.clone(),
+        bytes: 0,
+        fault: Some(fault),
+        hints: Vec::new(),
+        have: None,
+        store_error: None,
+    };
     let mut stream = match open(&control, peer, timing).await {
         Ok(s) => s,
         Err(f) => return fail(f),
@@ -982,7 +992,8 @@ pub(crate) async fn get_pieces(
             Ok(Response::Data { pieces: sent, peers, have }) => (sent, peers, have),
             Ok(Response::Busy { retry_after_ms, peers }) => {
                 let wait = Duration::from_millis(u64::from(retry_after_ms));
-                return Got { verified: none, bytes: 0, fault: Some(PeerFault::Busy(wait)), hints: peers, have: None };
+                let fault = Some(PeerFault::Busy(wait));
+                return Got { verified: none, bytes: 0, fault, hints: peers, have: None, store_error: None };
             }
             Ok(_) => return fail(PeerFault::Protocol),
             Err(f) => return fail(f),
@@ -996,7 +1007,7 @@ pub(crate) async fn get_pieces(
     let deadline = tokio::time::Instant::now()
         + timing.request_timeout
         + Duration::from_secs_f64(decoder.remaining() as f64 / timing.min_rate as f64);
-    let (verified, bytes, fault) = receive(
+    let (verified, bytes, fault, store_error) = receive(
         &mut stream,
         &mut decoder,
         (&store, &arrivals),
@@ -1007,7 +1018,7 @@ pub(crate) async fn get_pieces(
     )
     .await;
     let _ = stream.close().await;
-    Got { verified, bytes, fault, hints, have }
+    Got { verified, bytes, fault, hints, have, store_error }
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
@@ -1022,7 +1033,7 @@ async fn receive(
     rate: Option<&RateLimit>,
     deadline: tokio::time::Instant,
     silence: Duration,
-) -> (PieceSet, u64, Option<PeerFault>) {
+) -> (PieceSet, u64, Option<PeerFault>, Option<shoal_cache::StoreError>) {
     let mut stored = PieceSet::empty(decoder.verified().piece_count());
     let mut chunk = vec![0u8; (decoder.remaining() as usize).min(CHUNK)];
     let mut bytes = 0u64;
@@ -1060,9 +1071,9 @@ async fn receive(
                 }
                 Ok(Err(e)) => {
                     warn!(blob = %hash, error = %e, "storing verified pieces failed");
-                    return (stored, bytes, Some(PeerFault::Io));
+                    return (stored, bytes, None, Some(e));
                 }
-                Err(_) => return (stored, bytes, Some(PeerFault::Io)),
+                Err(_) => return (stored, bytes, Some(PeerFault::Io), None),
             }
         }
         if done {
@@ -1073,7 +1084,7 @@ async fn receive(
             writing = Some(tokio::task::spawn_blocking(move || store.store_pieces(hash, &ready)));
         }
     }
-    (stored, bytes, fault)
+    (stored, bytes, fault, None)
 }
 
 #[cfg(test)]

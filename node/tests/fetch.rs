@@ -1,5 +1,5 @@
 //! Fetching as a caller sees it: a fetch its caller gave up on can be started again, and does
-//! not take down another caller following it.
+//! not take down another caller following it, and one whose store fails says so.
 
 use std::time::Duration;
 
@@ -88,6 +88,45 @@ async fn a_caller_following_a_fetch_whose_caller_gave_up_carries_on() {
     let out = tmp.path().join("out");
     h.store().export(hash, &out).expect("export");
     assert_eq!(std::fs::read(&out).expect("read"), data);
+
+    for n in [fetcher, provider] {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A fetch whose own store fails (here the blob is deleted under it) ends with the store's error
+/// at once, instead of blaming its peers one by one and downloading pieces to throw away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_store_fails_ends_with_the_stores_error() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let file = tmp.path().join("f");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(3_266_489_917) >> 9) as u8).collect();
+    std::fs::write(&file, &data).expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+
+    let mut fc = config(tmp.path().join("fetcher"));
+    fc.bootstrap = vec![p_addr];
+    fc.download_rate = Some(512 << 10);
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    let h = fetcher.handle();
+    let fetch = tokio::spawn({
+        let h = h.clone();
+        async move { h.fetch(hash, None).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.store().info(hash).is_none_or(|i| i.pieces.is_empty()) {
+        assert!(tokio::time::Instant::now() < deadline, "no piece arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.delete(hash).await.expect("delete");
+    let ended = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .expect("the fetch ends soon after")
+        .expect("its task ran");
+    let e = ended.expect_err("the fetch cannot finish into a deleted blob");
+    assert!(e.to_string().contains("store"), "the store's error: {e}");
 
     for n in [fetcher, provider] {
         n.shutdown().await.expect("shutdown");
