@@ -564,6 +564,9 @@ struct Peer {
     stepped_aside: bool,
     penalised: bool,
     dropped: bool,
+    /// Dropped as unreachable (failures in a row, none of them its fault): named again by the
+    /// DHT from this instant on, it is asked afresh.
+    revive_at: Option<Instant>,
 }
 
 impl Peer {
@@ -592,6 +595,7 @@ impl Peer {
             stepped_aside: false,
             penalised: false,
             dropped: false,
+            revive_at: None,
         }
     }
 
@@ -867,16 +871,22 @@ where
     }
 
     /// Provider candidates from the DHT (may repeat, may be empty). Peers already known, dropped
-    /// or beyond the candidate bound are ignored. New names wait ahead of parked peers (see
-    /// [`Fetch::next_have_ask`]), and a full queue forgets a parked peer that had nothing the
-    /// fetch needed to make room for one (never one parked for answering `Busy`, which holds
-    /// what we lack).
-    pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, _now: Instant) {
+    /// or beyond the candidate bound are ignored, except a peer dropped as unreachable at least
+    /// [`MAX_RETRY_BACKOFF`] ago, which is asked afresh: a sole provider that restarted is back
+    /// in the DHT, and three failed dials while it was down must not end the fetch. New names
+    /// wait ahead of parked peers (see [`Fetch::next_have_ask`]), and a full queue forgets a
+    /// parked peer that had nothing the fetch needed to make room for one (never one parked for
+    /// answering `Busy`, which holds what we lack).
+    pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, now: Instant) {
         if self.finished {
             return;
         }
         let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
         for peer in peers {
+            if self.peers.get(&peer).is_some_and(|r| r.dropped && r.revive_at.is_some_and(|t| now >= t)) {
+                self.peers.remove(&peer);
+                self.dropped.retain(|p| *p != peer);
+            }
             if self.peers.contains_key(&peer) || self.candidates.contains(&peer) || self.nearby.contains(&peer) {
                 continue;
             }
@@ -1878,6 +1888,9 @@ where
                     rec.consecutive_failures = rec.consecutive_failures.saturating_add(1);
                     if rec.consecutive_failures >= max_failures {
                         self.drop_peer(peer, None, now);
+                        if let Some(rec) = self.peers.get_mut(&peer) {
+                            rec.revive_at = Some(at_least(now, max_backoff));
+                        }
                         return;
                     }
                     let doublings = (rec.consecutive_failures - 1).min(16);
@@ -2538,6 +2551,26 @@ mod tests {
         let s = stats(&d.fetch, 1);
         assert!(s.dropped && !s.penalised && s.failures == 3, "{s:?}");
         assert_eq!(d.drain_all(), vec![FindProviders], "nobody left: ask the DHT again at once");
+        // The DHT names it again (a sole provider that restarted): not while it may still be
+        // down, but once the longest back-off has passed, it is asked afresh.
+        d.fetch.handle_providers([1], d.now);
+        assert_eq!(d.drain(), vec![]);
+        d.now += MAX_RETRY_BACKOFF - ms(1);
+        d.fetch.handle_providers([1], d.now);
+        assert_eq!(d.drain(), vec![]);
+        d.now += ms(1);
+        d.fetch.handle_providers([1], d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 1 }]);
+        d.have(1, d.full());
+        assert_eq!(d.drain(), vec![Begin { size: size_of(4) }]);
+        // A peer dropped for lying never is.
+        let mut d = Driver::new(size_of(4), config.clone());
+        d.discover(&[1]);
+        d.fetch.handle_have_failed(1, PeerFailure::Protocol, d.now);
+        assert!(matches!(d.drain()[..], [Penalise { peer: 1, .. }, ..]));
+        d.now += MAX_RETRY_BACKOFF * 10;
+        d.fetch.handle_providers([1], d.now);
+        assert!(!d.drain().contains(&AskHave { peer: 1 }));
     }
 
     /// A fetch of 8 pieces from peer 1, which held only the last piece and served it: it has
