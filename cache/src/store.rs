@@ -746,16 +746,34 @@ impl Store {
                 }
             }
         };
+        // The blobs evicted for it leave now, whatever happens to it: they are out of the count.
+        let evicted = self.remove_evicted(&mut st, evicted);
         let final_dir = self.blob_dir(hash);
-        fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
-        sync_dir(&self.inner.root.join("blobs"))?;
-        let blob = match load_blob(&final_dir)? {
-            Some(b) => b,
-            None => return Err(StoreError::NotFound { hash }),
-        };
-        st.blobs.insert(hash, Arc::new(blob));
-        let evicted = self.remove_evicted(&mut st, evicted)?;
-        Ok(Imported { hash, size: geometry.size(), evicted })
+        let placed = (|| {
+            fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+            sync_dir(&self.inner.root.join("blobs"))?;
+            load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
+        })();
+        match placed {
+            Ok(blob) => {
+                st.blobs.insert(hash, Arc::new(blob));
+                Ok(Imported { hash, size: geometry.size(), evicted })
+            }
+            Err(e) => {
+                // Its room is given back; what reached the disk goes.
+                if pin {
+                    st.pinned_bytes -= footprint(geometry);
+                } else {
+                    st.lru.remove(&hash);
+                }
+                // Under the lock: no other import of it may place its directory meanwhile.
+                for leftover in [&dir, &final_dir] {
+                    let _ = self.discard_dir(leftover);
+                }
+                drop(st);
+                Err(e)
+            }
+        }
     }
 
     /// Prepares to receive pieces of `hash`, a blob of `size` bytes, from the network. The blob's
@@ -801,7 +819,7 @@ impl Store {
             bytes: o.bytes,
             capacity: o.capacity,
         })?;
-        let evicted = self.remove_evicted(&mut st, evicted)?;
+        let evicted = self.remove_evicted(&mut st, evicted);
         let created = (|| {
             let dir = self.tmp_path("partial");
             fs::create_dir(&dir).map_err(io_err("create", &dir))?;
@@ -1195,7 +1213,7 @@ impl Store {
                 Err(_) => vec![hash],
             }
         };
-        let evicted = self.remove_evicted(&mut st, evicted)?;
+        let evicted = self.remove_evicted(&mut st, evicted);
         drop(st);
         if !evicted.contains(&hash) {
             self.commit(&blob)?;
@@ -1219,7 +1237,7 @@ impl Store {
     pub fn set_cache_bytes(&self, bytes: u64) -> Result<Vec<Hash>> {
         let mut st = lock(&self.inner.state);
         let evicted = st.lru.set_capacity(bytes);
-        self.remove_evicted(&mut st, evicted)
+        Ok(self.remove_evicted(&mut st, evicted))
     }
 
     /// Bytes in use.
@@ -1239,17 +1257,22 @@ impl Store {
         lock(&self.inner.state).blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })
     }
 
-    fn remove_evicted(&self, st: &mut State, evicted: Vec<Hash>) -> Result<Vec<Hash>> {
+    /// Takes the blobs the cache evicted out of the store. Every one leaves the store's count
+    /// whatever the disk does: one whose directory cannot be removed is logged, and found again
+    /// (and counted) when the store next opens.
+    fn remove_evicted(&self, st: &mut State, evicted: Vec<Hash>) -> Vec<Hash> {
         for hash in &evicted {
             st.lru.remove(hash);
             if let Some(blob) = st.blobs.remove(hash) {
                 debug!(blob = %hash, "evicted");
                 self.inner.evictions.fetch_add(1, Ordering::Relaxed);
                 lock(&self.inner.hot).forget_blob(*hash);
-                self.discard_dir(&blob.dir)?;
+                if let Err(e) = self.discard_dir(&blob.dir) {
+                    warn!(blob = %hash, error = %e, "cannot remove an evicted blob");
+                }
             }
         }
-        Ok(evicted)
+        evicted
     }
 
     fn blob_dir(&self, hash: Hash) -> PathBuf {
