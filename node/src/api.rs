@@ -115,39 +115,55 @@ fn load_or_create_token(dir: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// The API answers its own machine's programs and a browser on it, never a web page of another
+/// The API answers programs and a browser on the machines it serves, never a web page of another
 /// site. Without a token, reading a blob fetches it from the swarm, and status and peers describe
 /// the node: a page anywhere on the web could make a visitor's node fetch (and then serve) what
 /// it names, or, resolving its own name to 127.0.0.1 (DNS rebinding), read what the API says.
-/// So a request whose `Host` is a name other than `localhost` is refused, as is one a browser
-/// marks as coming from another site (`Sec-Fetch-Site`) or whose `Origin` is such a name. The
-/// `shoal` command sends the address it read from `<data-dir>/api`, an IP address.
-async fn local_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+/// So a request a browser marks as coming from another site (`Sec-Fetch-Site`) is refused, as is
+/// one whose `Origin` is neither this machine (`localhost`, a loopback address) nor the `Host` it
+/// was sent to (`null`, the origin of sandboxed pages, included). An API listening on loopback,
+/// as it does unless told otherwise, also refuses a `Host` that is a name other than `localhost`:
+/// no program on this machine needs one (the `shoal` command sends the address in
+/// `<data-dir>/api`), and a rebinding page can only send its own. An API an operator binds to
+/// another address is reached by whatever names the operator gives it.
+async fn local_only(
+    State(loopback): State<bool>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let headers = req.headers();
     let text = |name| headers.get(name).map(|v| v.to_str().unwrap_or(""));
-    let host_ok = text(header::HOST).is_none_or(addresses_this_machine);
+    let host = text(header::HOST);
+    let host_ok = !loopback || host.is_none_or(|h| is_localhost(h) || host_name(h).parse::<std::net::IpAddr>().is_ok());
     let site_ok = !matches!(text(header::HeaderName::from_static("sec-fetch-site")), Some("cross-site" | "same-site"));
-    let origin_ok = text(header::ORIGIN)
-        .is_none_or(|o| o == "null" || o.split_once("://").is_some_and(|(_, rest)| addresses_this_machine(rest)));
+    let origin_ok = text(header::ORIGIN).is_none_or(|o| {
+        o.split_once("://")
+            .is_some_and(|(_, rest)| is_localhost(rest) || host.is_some_and(|h| h.eq_ignore_ascii_case(rest)))
+    });
     if !(host_ok && site_ok && origin_ok) {
         return ApiError(
             StatusCode::FORBIDDEN,
-            "the node's API answers programs on this machine, not web pages of other sites; address it by IP (as <data-dir>/api does) or as localhost".into(),
+            "the node's API does not answer web pages of other sites; address it by IP (as <data-dir>/api does) or as localhost".into(),
         )
         .into_response();
     }
     next.run(req).await
 }
 
-/// Whether a `Host` (or an origin's host and port) names this machine as a browser or program
-/// would that reached the API on purpose: an IP address, or `localhost`.
-fn addresses_this_machine(host: &str) -> bool {
-    let name = match host.strip_prefix('[') {
+/// The name or address of a `Host` (or an origin's host and port), without the port.
+fn host_name(host: &str) -> &str {
+    match host.strip_prefix('[') {
         // `[v6]:port`
         Some(rest) => rest.split_once(']').map_or(rest, |(v6, _)| v6),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
-    };
-    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+    }
+}
+
+/// Whether a `Host` (or an origin's host and port) is this machine: `localhost` or a loopback
+/// address.
+fn is_localhost(host: &str) -> bool {
+    let name = host_name(host);
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Mutating routes need `Authorization: Bearer <token>`, the token in `<data-dir>/api-token`.
@@ -202,7 +218,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
-        .layer(axum::middleware::from_fn(local_only))
+        .layer(axum::middleware::from_fn_with_state(bound.ip().is_loopback(), local_only))
         .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
     Ok(tokio::spawn(async move {

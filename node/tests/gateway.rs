@@ -265,6 +265,10 @@ async fn the_api_answers_this_machine_not_other_sites() {
         assert_eq!(status(&[("Host", &format!("rebound.example:{port}"))]), 403, "DNS rebinding");
         assert_eq!(status(&[("Sec-Fetch-Site", "cross-site")]), 403, "an image or form of another site");
         assert_eq!(status(&[("Origin", "https://elsewhere.example")]), 403);
+        assert_eq!(status(&[("Origin", "http://203.0.113.7")]), 403, "another machine, named by address");
+        assert_eq!(status(&[("Origin", "null")]), 403, "a sandboxed page, such as published content");
+        assert_eq!(status(&[("Origin", &format!("http://{api}"))]), 200, "a page of the API's own");
+        assert_eq!(status(&[("Origin", &format!("http://localhost:{port}"))]), 200);
         let hash = blake3::hash(b"anything").to_hex().to_string();
         let r = a
             .post(format!("http://{api}/v1/fetch/{hash}"))
