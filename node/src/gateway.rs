@@ -173,6 +173,14 @@ fn fetch_failed(hash: Hash, e: crate::NodeError) -> Response {
     error(status, format!("blob {hash} could not be fetched: {e}"))
 }
 
+/// A fetch task that did not return: cancelled as the node stops, or a bug.
+fn fetch_ended(e: tokio::task::JoinError) -> Response {
+    match e.is_cancelled() {
+        true => error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"),
+        false => error(StatusCode::INTERNAL_SERVER_ERROR, "the fetch failed unexpectedly"),
+    }
+}
+
 /// The whole of a small blob (a collection), each piece verified.
 async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Response>> {
     let fetching = ensure_fetching(node, hash);
@@ -180,7 +188,7 @@ async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Respon
         match f.await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(Box::new(fetch_failed(hash, e))),
-            Err(_) => return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
+            Err(e) => return Err(Box::new(fetch_ended(e))),
         }
     }
     let info = node.store().info(hash).ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, "collection gone")))?;
@@ -297,7 +305,8 @@ pub(crate) async fn serve(
         if let Some(f) = fetching.take_if(|f| f.is_finished()) {
             return match f.await {
                 Ok(Err(e)) => fetch_failed(hash, e),
-                _ => error(StatusCode::NOT_FOUND, format!("blob {hash} could not be found in the swarm")),
+                Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("blob {hash} was fetched but is gone again")),
+                Err(e) => fetch_ended(e),
             };
         }
         if tokio::time::Instant::now() > deadline {

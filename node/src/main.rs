@@ -647,9 +647,12 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
     }
     // Its store sits beside the output, on the file system the blob is going to anyway: the
     // system's temporary directory is often in memory (tmpfs) and smaller than a large blob.
+    // Standard output, a device or a pipe (`-o /dev/null`) has no file system of its own to
+    // share: the temporary directory then.
+    let to_file = output != Path::new("-") && std::fs::metadata(output).map_or(true, |m| m.is_file());
     let beside = match output.parent() {
-        Some(p) if output != Path::new("-") && !p.as_os_str().is_empty() => p.to_owned(),
-        _ if output != Path::new("-") => std::env::current_dir().context("cannot read the current directory")?,
+        Some(p) if to_file && !p.as_os_str().is_empty() => p.to_owned(),
+        _ if to_file => std::env::current_dir().context("cannot read the current directory")?,
         _ => std::env::temp_dir(),
     };
     let dir = scratch_dir(&beside)?;
