@@ -57,8 +57,11 @@ pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 64;
 /// `start_providing` queries in flight at once; the rest wait in the provide queue.
 const MAX_PROVIDE_QUERIES: usize = 32;
 
-/// Blobs waiting to be announced. Past this, the oldest are announced at the next re-provide.
-const MAX_PROVIDE_QUEUE: usize = 100_000;
+/// Blobs waiting to be announced: as many as a record store holds keys, so that a re-provide
+/// round queues every blob a node can announce. Past it the oldest wait for the next round. (At
+/// 100,000 the same blobs, first in the set's order, were dropped every round, and their records
+/// expired.)
+const MAX_PROVIDE_QUEUE: usize = MAX_PROVIDED_KEYS;
 
 /// How often every held blob is announced again (provider records live 48 hours).
 const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
@@ -82,6 +85,11 @@ const MAX_CROWDED: usize = 1024;
 /// announcing at once sent a thousand announcements to the same k nodes in a few seconds, the
 /// nodes every fetcher's lookup must reach too; spread over this window they are a few a second.
 const ANNOUNCE_SPREAD: Duration = Duration::from_secs(10 * 60);
+
+/// Addresses a routing-table entry keeps at most, and the longest address kept (see
+/// [`EventLoop::learn_addresses`]).
+const MAX_PEER_ADDRS: usize = 8;
+const MAX_PEER_ADDR_LEN: usize = 256;
 
 /// The behaviours of a Shoal node, on one connection per peer.
 #[derive(NetworkBehaviour)]
@@ -563,15 +571,24 @@ impl EventLoop {
     /// connections a second among idle nodes). A full bucket keeps the peers it has, which is
     /// also Kademlia's preference for long-lived peers; entries that stop answering are removed
     /// when dials to them fail.
+    ///
+    /// A peer's entry keeps at most [`MAX_PEER_ADDRS`] addresses: Kademlia adds every address it
+    /// is given to an entry and drops one only when a dial to it fails, and our answers to other
+    /// nodes carry them all, so a peer repeating identify with new addresses grew its entry (and
+    /// our answers, past what the others accept) without bound.
     fn learn_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let kad = &mut self.swarm.behaviour_mut().kad;
-        let room = kad.kbucket(peer).is_none_or(|bucket| {
-            bucket.num_entries() < K_VALUE || bucket.iter().any(|e| e.node.key.preimage() == &peer)
-        });
-        if room {
-            for addr in addrs {
-                kad.add_address(&peer, addr);
-            }
+        let held = match kad.kbucket(peer) {
+            None => Some(0),
+            Some(bucket) => match bucket.iter().find(|e| e.node.key.preimage() == &peer) {
+                Some(entry) => Some(entry.node.value.len()),
+                None => (bucket.num_entries() < K_VALUE).then_some(0),
+            },
+        };
+        let Some(held) = held else { return };
+        let room = MAX_PEER_ADDRS.saturating_sub(held);
+        for addr in addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN).take(room) {
+            kad.add_address(&peer, addr);
         }
     }
 
@@ -631,6 +648,7 @@ impl EventLoop {
             Err(e) => {
                 debug!(%peer, error = %e, "cannot dial provider");
                 self.dialling.remove(&peer);
+                self.room_retries.remove(&peer);
             }
         }
     }
@@ -653,7 +671,18 @@ impl EventLoop {
                 if self.announce_listen_addrs {
                     self.swarm.add_external_address(address.clone());
                 }
-                self.listen_addrs.push(address);
+                if !self.listen_addrs.contains(&address) {
+                    self.listen_addrs.push(address);
+                }
+            }
+            // An address that went away (an interface down, a temporary IPv6 address retired) is
+            // no longer announced or shown.
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                info!(%address, "no longer listening");
+                if self.announce_listen_addrs {
+                    self.swarm.remove_external_address(&address);
+                }
+                self.listen_addrs.retain(|a| *a != address);
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
