@@ -63,14 +63,27 @@ pub struct Status {
     pub penalties: Vec<(String, u32)>,
 }
 
-/// A running node. Dropping it stops nothing; call [`Node::shutdown`].
+/// A running node. Dropping it stops its swarm, its API and its gateway, without draining
+/// uploads or flushing the store (which recovers on the next start, as after a crash); call
+/// [`Node::shutdown`] to stop it cleanly.
 #[derive(Debug)]
 pub struct Node {
     handle: NodeHandle,
     swarm_task: JoinHandle<()>,
     stop_swarm: oneshot::Sender<()>,
-    api_task: Option<JoinHandle<()>>,
-    gateway_task: Option<JoinHandle<()>>,
+    api_task: Option<ServerTask>,
+    gateway_task: Option<ServerTask>,
+}
+
+/// A server task of a node (its API, its gateway), aborted when dropped: a node dropped without
+/// [`Node::shutdown`] leaves no server answering for a swarm that stopped.
+#[derive(Debug)]
+struct ServerTask(JoinHandle<()>);
+
+impl Drop for ServerTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A cloneable handle to a running node.
@@ -190,11 +203,11 @@ impl Node {
             }
         }
         let api_task = match config.api {
-            Some(addr) => Some(crate::api::spawn(handle.clone(), addr).await?),
+            Some(addr) => Some(ServerTask(crate::api::spawn(handle.clone(), addr).await?)),
             None => None,
         };
         let gateway_task = match config.gateway {
-            Some(addr) => Some(crate::api::spawn_gateway(handle.clone(), addr).await?),
+            Some(addr) => Some(ServerTask(crate::api::spawn_gateway(handle.clone(), addr).await?)),
             None => None,
         };
         info!(peer_id = %peer_id, "node started");
@@ -219,9 +232,7 @@ impl Node {
         while uploads.answering() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        for task in [self.api_task, self.gateway_task].into_iter().flatten() {
-            task.abort();
-        }
+        drop((self.api_task, self.gateway_task));
         let _ = self.stop_swarm.send(());
         let _ = self.swarm_task.await;
         let store = self.handle.inner.store.clone();
@@ -241,9 +252,7 @@ impl Node {
     /// crashes in one process; fetches running on this node fail.
     pub fn crash(self) {
         self.handle.inner.uploads.close();
-        for task in [self.api_task, self.gateway_task].into_iter().flatten() {
-            task.abort();
-        }
+        drop((self.api_task, self.gateway_task));
         self.swarm_task.abort();
         // A killed process's lock goes with it.
         self.handle.inner.store.close();
