@@ -356,7 +356,7 @@ pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
     std::fs::write(out.join("timeseries.csv"), csv)?;
     let up: Vec<(f64, f64)> = r.series.iter().map(|(t, u, _)| (*t, *u as f64)).collect();
     let done: Vec<(f64, f64)> = r.series.iter().map(|(t, _, d)| (*t, *d as f64)).collect();
-    crate::plot::lines(
+    crate::plot::skip_if_empty(crate::plot::lines(
         &out.join("churn"),
         "Churn: nodes up and fetches completed",
         "time (s)",
@@ -366,6 +366,6 @@ pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
             crate::plot::Series { name: "fetches completed".into(), points: done },
         ],
         false,
-    )?;
+    ))?;
     Ok(())
 }

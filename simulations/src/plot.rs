@@ -75,6 +75,19 @@ pub enum PlotError {
     Draw(String),
 }
 
+/// A chart with nothing to plot (every fetch failed, say) is left out with a note instead of
+/// failing the run: the summary and the CSVs, written before the charts, say what happened, and
+/// the run's last lines still print.
+pub fn skip_if_empty(drawn: Result<(), PlotError>) -> Result<(), PlotError> {
+    match drawn {
+        Err(PlotError::NoData) => {
+            eprintln!("netsim: a chart was left out: nothing to plot");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 /// Writes `<stem>.png` and `<stem>.svg`: the empirical CDF of `samples` (x = value, y = fraction ≤ x, a step line),
 /// with optional vertical markers.
 ///

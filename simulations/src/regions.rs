@@ -144,13 +144,13 @@ pub(crate) fn write(out: &Path, r: &RegionsResult) -> anyhow::Result<()> {
         series.push(crate::plot::Series { name: format!("{name} ({} fetches)", t.len()), points });
     }
     std::fs::write(out.join("completions.csv"), csv)?;
-    crate::plot::lines(
+    crate::plot::skip_if_empty(crate::plot::lines(
         &out.join("regions-cdf"),
         &format!("Regions: completion time CDF; {:.0}% of bytes from the own region", r.own_region_share * 100.0),
         "completion time (s)",
         "fraction of fetches done",
         &series,
         false,
-    )?;
+    ))?;
     Ok(())
 }

@@ -763,13 +763,13 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
             }
             std::fs::write(out.join("pieces.csv"), csv)?;
             let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
-            crate::plot::cdf(
+            crate::plot::skip_if_empty(crate::plot::cdf(
                 &out.join("completion-cdf"),
                 &format!("Flash crowd: {} fetchers, {:.0} MiB blob", r.fetchers, r.blob_bytes as f64 / 1048576.0),
                 "completion time (s)",
                 &times,
                 &[crate::plot::Marker { x: r.t_min_s, label: format!("T_min = {:.1} s (fluid bound)", r.t_min_s) }],
-            )?;
+            ))?;
         }
         ExperimentResult::ZipfCatalogue(r) => crate::zipf::write(out, r)?,
         ExperimentResult::Churn(r) => crate::churn::write(out, r)?,
@@ -796,7 +796,7 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                 name: name.into(),
                 points: sizes.iter().map(|s| (s.nodes as f64, f(s))).collect(),
             };
-            crate::plot::lines(
+            crate::plot::skip_if_empty(crate::plot::lines(
                 &out.join("lookup-hops"),
                 "Provider lookups: hops against network size",
                 "nodes (log scale)",
@@ -807,15 +807,15 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
                     line("log2(N) / 4", &|s| (s.nodes as f64).log2() / 4.0),
                 ],
                 true,
-            )?;
-            crate::plot::lines(
+            ))?;
+            crate::plot::skip_if_empty(crate::plot::lines(
                 &out.join("lookup-latency"),
                 "Provider lookups: time to the first provider record",
                 "nodes (log scale)",
                 "seconds",
                 &[line("p50", &|s| s.first_provider_p50_s), line("p90", &|s| s.first_provider_p90_s)],
                 true,
-            )?;
+            ))?;
         }
     }
     Ok(())
@@ -865,7 +865,8 @@ async fn flash_crowd(
     let dials_at_start = dials(&cluster);
     let cpu_at_start = CpuReading::now();
     let t0 = Instant::now();
-    let deadline = Duration::from_secs_f64(timeout_s);
+    // Emulated seconds, as every duration a scenario gives.
+    let deadline = Duration::from_secs_f64(timeout_s * scale);
     let tasks: Vec<_> = fetchers
         .iter()
         .map(|&i| {
@@ -886,9 +887,12 @@ async fn flash_crowd(
                 futures::join!(async { (fetch.await, t0.elapsed()) }, first_byte)
             });
             async move {
-                let (result, first) = fetch.await.context("a fetch's task failed")?;
+                let joined = fetch.await;
+                // Counted however the task ended: the sampler stops once every fetch is counted,
+                // and a task that failed must not leave it sampling for good.
                 progress.tick();
                 finished.fetch_add(1, Ordering::Relaxed);
+                let (result, first) = joined.context("a fetch's task failed")?;
                 anyhow::Ok((i, result, first))
             }
         })
@@ -987,7 +991,7 @@ async fn flash_crowd(
         let error = match result {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("timed out after {timeout_s} s")),
+            Err(_) => Some(format!("timed out after {timeout_s} emulated s")),
         };
         let complete = node.store().info(hash).is_some_and(|b| b.is_complete() && b.size == size);
         completions.push(Completion {

@@ -31,6 +31,19 @@ const MIB: f64 = 1024.0 * 1024.0;
 pub const MIN_TIME_SCALE: f64 = 0.01;
 pub const MAX_TIME_SCALE: f64 = 1000.0;
 
+/// The longest duration a scenario may give (about 115 days): anything longer is a mistake, and
+/// past what a `Duration` holds it would panic instead of being refused.
+pub const MAX_DURATION_S: f64 = 1e7;
+
+/// The shortest interval between a time series' samples.
+pub const MIN_SAMPLE_S: f64 = 1e-3;
+
+/// Whether `s` is a duration a scenario may give: finite, not negative, at most
+/// [`MAX_DURATION_S`].
+fn duration(s: f64) -> bool {
+    (0.0..=MAX_DURATION_S).contains(&s)
+}
+
 /// How long libp2p's Kademlia waits for one peer of a lookup before going on without it. It is
 /// wall time, fixed in the crate (libp2p-kad 0.49), and not stretched by the time scale as the
 /// nodes' own timers are.
@@ -161,7 +174,7 @@ impl Default for NodesSpec {
     }
 }
 
-/// The experiment to run once the nodes are up.
+/// The experiment to run once the nodes are up. Durations are emulated seconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Experiment {
@@ -175,7 +188,7 @@ pub enum Experiment {
         /// The seeder's uplink in MiB/s, if not the network's.
         #[serde(default)]
         seeder_uplink_mib_s: Option<f64>,
-        /// How long all fetches may take, in seconds of wall time.
+        /// How long all fetches may take, in emulated seconds.
         #[serde(default = "default_timeout")]
         timeout_s: f64,
     },
@@ -230,7 +243,7 @@ pub enum Experiment {
         /// New nodes joining during the window, as a share of the fetchers.
         #[serde(default)]
         join_fraction: f64,
-        /// How long all fetches may take, in seconds of wall time.
+        /// How long all fetches may take, in emulated seconds.
         #[serde(default = "default_timeout")]
         timeout_s: f64,
     },
@@ -247,6 +260,29 @@ pub enum Experiment {
         #[serde(default = "default_timeout")]
         timeout_s: f64,
     },
+}
+
+impl Experiment {
+    /// The experiment's time limit, if it has one.
+    fn timeout_s(&self) -> Option<f64> {
+        match self {
+            Self::FlashCrowd { timeout_s, .. } | Self::Churn { timeout_s, .. } | Self::Regions { timeout_s, .. } => {
+                Some(*timeout_s)
+            }
+            Self::LookupScaling { .. } | Self::ZipfCatalogue { .. } => None,
+        }
+    }
+
+    /// The size of the blob (or of each blob) it fetches, if it names one.
+    fn blob_mib(&self) -> Option<f64> {
+        match self {
+            Self::FlashCrowd { blob_mib, .. }
+            | Self::ZipfCatalogue { blob_mib, .. }
+            | Self::Churn { blob_mib, .. }
+            | Self::Regions { blob_mib, .. } => Some(*blob_mib),
+            Self::LookupScaling { .. } => None,
+        }
+    }
 }
 
 fn one_usize() -> usize {
@@ -322,16 +358,30 @@ impl Scenario {
                 KAD_PEER_TIMEOUT.as_secs(),
             ));
         }
-        let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v > 0.0);
+        // At least a byte a second once in bytes: a cap that rounds to 0 would stop the link.
+        let positive = |x: Option<f64>| x.is_none_or(|v| v.is_finite() && v * MIB >= 1.0);
         if !positive(self.network.uplink_mib_s) || !positive(self.network.downlink_mib_s) {
-            return invalid("caps must be positive".into());
+            return invalid("caps must be positive (at least a byte a second)".into());
         }
         let n = &self.nodes;
         let durations = [n.settle_s, n.lookup_timeout_s, n.dht_refresh_s, n.spread_patience_s];
-        if durations.iter().any(|d| !(d.is_finite() && *d >= 0.0)) {
-            return invalid(
-                "nodes.settle_s, lookup_timeout_s, dht_refresh_s and spread_patience_s must be non-negative".into(),
-            );
+        if durations.iter().any(|d| !duration(*d)) {
+            return invalid(format!(
+                "nodes.settle_s, lookup_timeout_s, dht_refresh_s and spread_patience_s must be between 0 and {MAX_DURATION_S} s"
+            ));
+        }
+        if let Some(timeout) = self.experiment.timeout_s()
+            && !(duration(timeout) && timeout > 0.0)
+        {
+            return invalid(format!("experiment.timeout_s must be above 0 and at most {MAX_DURATION_S} s"));
+        }
+        if let Some(mib) = self.experiment.blob_mib()
+            && !(mib.is_finite() && mib * MIB >= 1.0 && mib * MIB <= shoal_node::protocol::piece::MAX_BLOB_SIZE as f64)
+        {
+            return invalid(format!(
+                "experiment.blob_mib must be at least a byte and at most {} MiB, the largest blob Shoal handles",
+                shoal_node::protocol::piece::MAX_BLOB_SIZE >> 20
+            ));
         }
         if !(1..=shoal_node::config::MAX_FETCH_PEERS).contains(&n.fetch_peers) {
             return invalid(format!("nodes.fetch_peers must be between 1 and {}", shoal_node::config::MAX_FETCH_PEERS));
@@ -345,7 +395,9 @@ impl Scenario {
                     return invalid(format!("seeder {seeder} is not one of the {} nodes", self.nodes.count));
                 }
                 if !(blob_mib.is_finite() && *blob_mib > 0.0 && positive(*seeder_uplink_mib_s)) {
-                    return invalid("blob_mib and seeder_uplink_mib_s must be positive".into());
+                    return invalid(
+                        "blob_mib and seeder_uplink_mib_s must be positive (at least a byte a second)".into(),
+                    );
                 }
             }
             Experiment::LookupScaling { counts, lookups } => {
@@ -371,6 +423,11 @@ impl Scenario {
                         "blob_mib, duration_s, requests_per_node_per_min, sample_s must be positive".into(),
                     );
                 }
+                if !(duration(*duration_s) && duration(*sample_s) && *sample_s >= MIN_SAMPLE_S) {
+                    return invalid(format!(
+                        "duration_s must be at most {MAX_DURATION_S} s, sample_s between {MIN_SAMPLE_S} and {MAX_DURATION_S} s"
+                    ));
+                }
                 if !(zipf_s.is_finite() && *zipf_s >= 0.0) {
                     return invalid("zipf_s must be non-negative".into());
                 }
@@ -395,20 +452,20 @@ impl Scenario {
                 }
                 let nonneg = |v: f64| v.is_finite() && v >= 0.0;
                 let positive = blob_mib.is_finite() && *blob_mib > 0.0;
-                if !(positive && nonneg(*churn_window_s) && nonneg(*downtime_s) && nonneg(*join_fraction)) {
-                    return invalid("blob_mib must be positive; windows, downtime, join_fraction non-negative".into());
+                if !(positive && duration(*churn_window_s) && duration(*downtime_s) && nonneg(*join_fraction)) {
+                    return invalid(format!(
+                        "blob_mib must be positive, join_fraction non-negative, and the window and downtime between 0 and {MAX_DURATION_S} s"
+                    ));
                 }
             }
             Experiment::Regions { blob_mib, seeder, arrival_window_s, .. } => {
                 if self.nodes.count < 2 || *seeder >= self.nodes.count {
                     return invalid("regions needs at least 2 nodes and a seeder among them".into());
                 }
-                if !(blob_mib.is_finite()
-                    && *blob_mib > 0.0
-                    && arrival_window_s.is_finite()
-                    && *arrival_window_s >= 0.0)
-                {
-                    return invalid("blob_mib must be positive and arrival_window_s non-negative".into());
+                if !(blob_mib.is_finite() && *blob_mib > 0.0 && duration(*arrival_window_s)) {
+                    return invalid(format!(
+                        "blob_mib must be positive and arrival_window_s between 0 and {MAX_DURATION_S} s"
+                    ));
                 }
             }
         }
@@ -512,6 +569,30 @@ mod tests {
         s.check().expect("valid");
         s.nodes.fetch_peers = 0;
         assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "a fetch asks at least one peer");
+        s.nodes.fetch_peers = 8;
+        // Each of these panicked once the nodes had joined, minutes into a large run.
+        let refused = |s: &Scenario, what: &str| {
+            assert!(matches!(s.check(), Err(ScenarioError::Invalid(_))), "{what} accepted");
+        };
+        let mut t = s.clone();
+        t.nodes.settle_s = 1e300;
+        refused(&t, "settle_s = 1e300");
+        for bad in [f64::INFINITY, -1.0, 0.0, f64::NAN] {
+            let mut t = s.clone();
+            if let Experiment::FlashCrowd { timeout_s, .. } = &mut t.experiment {
+                *timeout_s = bad;
+            }
+            refused(&t, &format!("timeout_s = {bad}"));
+        }
+        let mut t = s.clone();
+        t.network.uplink_mib_s = Some(1e-7);
+        refused(&t, "an uplink that rounds to 0 bytes a second");
+        let mut t = s.clone();
+        if let Experiment::FlashCrowd { blob_mib, .. } = &mut t.experiment {
+            *blob_mib = 3e6;
+        }
+        refused(&t, "a 3 TiB blob");
+        s.check().expect("still valid");
     }
 
     #[test]

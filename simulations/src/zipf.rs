@@ -308,7 +308,7 @@ pub(crate) fn write(out: &Path, r: &ZipfResult) -> anyhow::Result<()> {
         offload.push((b.t_s, off));
     }
     std::fs::write(out.join("timeseries.csv"), csv)?;
-    crate::plot::lines(
+    crate::plot::skip_if_empty(crate::plot::lines(
         &out.join("hit-ratio"),
         "Zipf catalogue: cache hit ratio and origin offload over time",
         "time (s)",
@@ -318,7 +318,7 @@ pub(crate) fn write(out: &Path, r: &ZipfResult) -> anyhow::Result<()> {
             crate::plot::Series { name: "bytes not served by an origin".into(), points: offload },
         ],
         false,
-    )?;
+    ))?;
     Ok(())
 }
 
