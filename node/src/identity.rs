@@ -7,38 +7,55 @@ use libp2p::identity::Keypair;
 
 /// Loads the keypair stored at `path`, or creates one there (readable by the owner only).
 pub(crate) fn load_or_create(path: &Path) -> anyhow::Result<Keypair> {
+    match read(path)? {
+        Some(key) => Ok(key),
+        None => create(path),
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Option<Keypair>> {
     match std::fs::read(path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map(Some).map_err(|e| {
             anyhow::anyhow!("{} is not a Shoal identity ({e}); move it away to get a new one", path.display())
         }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding()?;
-            // Our own file, made afresh with the owner-only mode (an old one would keep its own).
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            {
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create_new(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-                let mut f = opts.open(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-            }
-            // Into place only if no other start on this data directory got there first: a link
-            // fails where a rename would replace that one's key, leaving it running under an
-            // identity no longer on disk. The key there is then ours too.
-            let placed = std::fs::hard_link(&tmp, path);
-            let _ = std::fs::remove_file(&tmp);
-            match placed {
-                Ok(()) => Ok(key),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(path),
-                Err(e) => Err(anyhow::anyhow!("writing identity {}: {e}", path.display())),
-            }
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(anyhow::anyhow!("reading identity {}: {e}", path.display())),
     }
+}
+
+fn create(path: &Path) -> anyhow::Result<Keypair> {
+    let key = Keypair::generate_ed25519();
+    let bytes = key.to_protobuf_encoding()?;
+    // A name of our own, made afresh with the owner-only mode: a file left by another start
+    // (another process, or a container with the same process id) is neither reused nor removed.
+    let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    // Into place only if no other first start on this data directory got there first: a link
+    // fails where a rename would replace that one's key, leaving it running under an identity no
+    // longer on disk. Where the file system has no links, a rename, as before.
+    let placed = std::fs::hard_link(&tmp, path);
+    let result = match placed {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match read(path)? {
+            // Another start's key: ours too.
+            Some(theirs) => Ok(theirs),
+            // Something that is no file, such as a dangling symlink.
+            None => Err(anyhow::anyhow!("{} is in the way of the identity; move it away", path.display())),
+        },
+        Err(_) => std::fs::rename(&tmp, path)
+            .map(|()| key)
+            .map_err(|e| anyhow::anyhow!("writing identity {}: {e}", path.display())),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    result
 }
 
 #[cfg(test)]
@@ -49,11 +66,7 @@ mod tests {
     fn an_identity_is_made_once_readable_by_its_owner_only_and_kept() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("identity");
-        // A file left by an earlier start that died, readable by everyone.
-        let leftover = path.with_extension(format!("tmp-{}", std::process::id()));
-        std::fs::write(&leftover, b"junk").expect("write");
         let made = load_or_create(&path).expect("made");
-        assert!(!leftover.exists(), "the leftover is gone");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -62,9 +75,31 @@ mod tests {
         }
         let again = load_or_create(&path).expect("loaded");
         assert_eq!(made.public().to_peer_id(), again.public().to_peer_id());
+        let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("list").collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
         // A file that is no identity is not replaced: the error says what to do.
         std::fs::write(&path, b"not a key").expect("write");
         let e = load_or_create(&path).expect_err("refused");
         assert!(e.to_string().contains("move it away"), "{e}");
+    }
+
+    /// Two first starts on one data directory: the one that places its key second takes the
+    /// first one's, and never replaces it.
+    #[test]
+    fn a_start_that_comes_second_takes_the_key_already_placed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("identity");
+        let first = create(&path).expect("first");
+        let second = create(&path).expect("second");
+        assert_eq!(first.public().to_peer_id(), second.public().to_peer_id());
+        assert_eq!(read(&path).expect("read").expect("there").public().to_peer_id(), first.public().to_peer_id());
+        // A dangling symlink in the way is an error, not an endless retry.
+        #[cfg(unix)]
+        {
+            let other = tmp.path().join("dangling");
+            std::os::unix::fs::symlink(tmp.path().join("nowhere"), &other).expect("symlink");
+            let e = load_or_create(&other).expect_err("refused");
+            assert!(e.to_string().contains("in the way"), "{e}");
+        }
     }
 }

@@ -63,7 +63,7 @@ pub struct Status {
     pub penalties: Vec<(String, u32)>,
 }
 
-/// A running node. Dropping it stops its swarm, its API and its gateway, without draining
+/// A running node. Dropping it stops its swarm, and its API and gateway from accepting, without draining
 /// uploads or flushing the store (which recovers on the next start, as after a crash); call
 /// [`Node::shutdown`] to stop it cleanly.
 #[derive(Debug)]
@@ -76,7 +76,8 @@ pub struct Node {
 }
 
 /// A server task of a node (its API, its gateway), aborted when dropped: a node dropped without
-/// [`Node::shutdown`] leaves no server answering for a swarm that stopped.
+/// [`Node::shutdown`] accepts no more connections for a swarm that stopped (one already open is
+/// answered until it closes, each request that needs the swarm failing).
 #[derive(Debug)]
 struct ServerTask(JoinHandle<()>);
 

@@ -575,21 +575,49 @@ impl EventLoop {
     /// A peer's entry keeps at most [`MAX_PEER_ADDRS`] addresses: Kademlia adds every address it
     /// is given to an entry and drops one only when a dial to it fails, and our answers to other
     /// nodes carry them all, so a peer repeating identify with new addresses grew its entry (and
-    /// our answers, past what the others accept) without bound.
-    fn learn_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    /// our answers, past what the others accept) without bound. What a peer says of itself
+    /// (`from_peer`, its identify) replaces what the entry held, so that an address it moved
+    /// from, or one of a full list it no longer names, does not stay for good; an address we
+    /// dialled it on is added while there is room.
+    fn learn_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, from_peer: bool) {
         let kad = &mut self.swarm.behaviour_mut().kad;
-        let held = match kad.kbucket(peer) {
-            None => Some(0),
+        let held: Option<Vec<Multiaddr>> = match kad.kbucket(peer) {
+            None => Some(Vec::new()),
             Some(bucket) => match bucket.iter().find(|e| e.node.key.preimage() == &peer) {
-                Some(entry) => Some(entry.node.value.len()),
-                None => (bucket.num_entries() < K_VALUE).then_some(0),
+                Some(entry) => Some(entry.node.value.iter().cloned().collect()),
+                None => (bucket.num_entries() < K_VALUE).then(Vec::new),
             },
         };
         let Some(held) = held else { return };
-        let room = MAX_PEER_ADDRS.saturating_sub(held);
-        for addr in addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN).take(room) {
-            kad.add_address(&peer, addr);
+        // As Kademlia keeps them, ending in `/p2p/<id>`: so they compare with those it holds.
+        let mut addrs: Vec<Multiaddr> = addrs
+            .into_iter()
+            .filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN)
+            .filter_map(|a| a.with_p2p(peer).ok())
+            .collect();
+        addrs.dedup();
+        let room = match from_peer {
+            true => MAX_PEER_ADDRS,
+            false => MAX_PEER_ADDRS.saturating_sub(held.len()),
+        };
+        addrs.truncate(room);
+        // Added first: removing an entry's last address removes the entry.
+        for addr in &addrs {
+            kad.add_address(&peer, addr.clone());
         }
+        if from_peer && !addrs.is_empty() {
+            for old in held.iter().filter(|a| !addrs.contains(a)) {
+                kad.remove_address(&peer, old);
+            }
+        }
+    }
+
+    fn forget_listen_addr(&mut self, address: &Multiaddr) {
+        info!(%address, "no longer listening");
+        if self.announce_listen_addrs {
+            self.swarm.remove_external_address(address);
+        }
+        self.listen_addrs.retain(|a| a != address);
     }
 
     /// Closes the least useful connections once there are more than the target (see
@@ -675,14 +703,13 @@ impl EventLoop {
                     self.listen_addrs.push(address);
                 }
             }
-            // An address that went away (an interface down, a temporary IPv6 address retired) is
-            // no longer announced or shown.
-            SwarmEvent::ExpiredListenAddr { address, .. } => {
-                info!(%address, "no longer listening");
-                if self.announce_listen_addrs {
-                    self.swarm.remove_external_address(&address);
+            // An address that went away (an interface down, a temporary IPv6 address retired, its
+            // listener closed) is no longer announced or shown.
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.forget_listen_addr(&address),
+            SwarmEvent::ListenerClosed { addresses, .. } => {
+                for address in &addresses {
+                    self.forget_listen_addr(address);
                 }
-                self.listen_addrs.retain(|a| *a != address);
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
@@ -758,7 +785,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 self.crowds.connected(peer_id, info.listen_addrs.clone());
                 if info.protocols.contains(&KAD_PROTOCOL) {
-                    self.learn_addresses(peer_id, info.listen_addrs);
+                    self.learn_addresses(peer_id, info.listen_addrs, true);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
@@ -775,7 +802,7 @@ impl EventLoop {
             // A peer we dialled serves the DHT: it may enter the routing table (the address is
             // the one we dialled, so it is reachable).
             kad::Event::RoutablePeer { peer, address } => {
-                self.learn_addresses(peer, vec![address]);
+                self.learn_addresses(peer, vec![address], false);
                 return;
             }
             kad::Event::InboundRequest { request } => {

@@ -131,7 +131,7 @@ pub struct NodesSpec {
     pub bootstrap_peers: usize,
     /// Milliseconds between two nodes' joins.
     pub join_stagger_ms: u64,
-    /// How long the DHT may take to settle after the last join, in seconds.
+    /// How long the DHT may take to settle after the last join, in seconds of wall time.
     pub settle_s: f64,
     /// The node's lookup timeout in seconds of emulated time (stretched by the time scale).
     pub lookup_timeout_s: f64,
