@@ -14,21 +14,46 @@ fn config(dir: std::path::PathBuf) -> NodeConfig {
     c
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+/// A provider holding a 2 MB blob (its bytes from `seed`), and a fetcher joined through it whose
+/// downloads are capped at 512 KiB/s, so that a fetch of the blob takes about 4 s: long enough
+/// to act on it part way.
+async fn provider_and_slow_fetcher(
+    dir: &std::path::Path,
+    seed: u32,
+) -> (Node, Node, shoal_node::protocol::Hash, Vec<u8>) {
+    let provider = Node::start(config(dir.join("p"))).await.expect("provider");
     let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let file = tmp.path().join("f");
-    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let file = dir.join("f");
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(seed) >> 11) as u8).collect();
     std::fs::write(&file, &data).expect("write");
     let hash = provider.handle().add_path(&file).await.expect("add").hash;
-
-    // 512 KiB/s: the 2 MB blob takes about 4 s, so the first attempt is cut off part way.
-    let mut fc = config(tmp.path().join("fetcher"));
+    let mut fc = config(dir.join("fetcher"));
     fc.bootstrap = vec![p_addr];
     fc.download_rate = Some(512 << 10);
     let fetcher = Node::start(fc).await.expect("fetcher");
+    (provider, fetcher, hash, data)
+}
+
+/// The first node holds `data` whole under `hash`, byte for byte; then every node stops.
+async fn exports_intact_then_stop(
+    dir: &std::path::Path,
+    hash: shoal_node::protocol::Hash,
+    data: &[u8],
+    nodes: [Node; 2],
+) {
+    let out = dir.join("out");
+    nodes[0].handle().store().export(hash, &out).expect("export");
+    assert_eq!(std::fs::read(&out).expect("read"), data);
+    for n in nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The first attempt is cut off part way.
+    let (provider, fetcher, hash, data) = provider_and_slow_fetcher(tmp.path(), 2_654_435_761).await;
     let h = fetcher.handle();
     // An interrupted `shoal get`: the caller stops waiting and drops the fetch.
     let first = tokio::time::timeout(Duration::from_millis(1500), h.fetch(hash, None)).await;
@@ -39,13 +64,7 @@ async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
         .expect("the second attempt finishes in time")
         .expect("the second attempt succeeds");
     assert!(again.is_complete());
-    let out = tmp.path().join("out");
-    h.store().export(hash, &out).expect("export");
-    assert_eq!(std::fs::read(&out).expect("read"), data);
-
-    for n in [fetcher, provider] {
-        n.shutdown().await.expect("shutdown");
-    }
+    exports_intact_then_stop(tmp.path(), hash, &data, [fetcher, provider]).await;
 }
 
 /// Two callers fetch one blob (a `shoal get` and a gateway request, say): the second follows the
@@ -53,18 +72,8 @@ async fn a_fetch_its_caller_gave_up_on_can_be_started_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_following_a_fetch_whose_caller_gave_up_carries_on() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
-    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let file = tmp.path().join("f");
-    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
-    std::fs::write(&file, &data).expect("write");
-    let hash = provider.handle().add_path(&file).await.expect("add").hash;
-
-    // 512 KiB/s: the 2 MB blob takes about 4 s, so the first caller gives up part way.
-    let mut fc = config(tmp.path().join("fetcher"));
-    fc.bootstrap = vec![p_addr];
-    fc.download_rate = Some(512 << 10);
-    let fetcher = Node::start(fc).await.expect("fetcher");
+    // The first caller gives up part way.
+    let (provider, fetcher, hash, data) = provider_and_slow_fetcher(tmp.path(), 2_246_822_519).await;
     let h = fetcher.handle();
     let first = tokio::spawn({
         let h = h.clone();
@@ -85,13 +94,7 @@ async fn a_caller_following_a_fetch_whose_caller_gave_up_carries_on() {
         .expect("its task ran")
         .expect("the second caller's fetch succeeds");
     assert!(followed.is_complete());
-    let out = tmp.path().join("out");
-    h.store().export(hash, &out).expect("export");
-    assert_eq!(std::fs::read(&out).expect("read"), data);
-
-    for n in [fetcher, provider] {
-        n.shutdown().await.expect("shutdown");
-    }
+    exports_intact_then_stop(tmp.path(), hash, &data, [fetcher, provider]).await;
 }
 
 /// A fetch whose own store fails (here the blob is deleted under it) ends with the store's error
@@ -99,17 +102,7 @@ async fn a_caller_following_a_fetch_whose_caller_gave_up_carries_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_whose_store_fails_ends_with_the_stores_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
-    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
-    let file = tmp.path().join("f");
-    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(3_266_489_917) >> 9) as u8).collect();
-    std::fs::write(&file, &data).expect("write");
-    let hash = provider.handle().add_path(&file).await.expect("add").hash;
-
-    let mut fc = config(tmp.path().join("fetcher"));
-    fc.bootstrap = vec![p_addr];
-    fc.download_rate = Some(512 << 10);
-    let fetcher = Node::start(fc).await.expect("fetcher");
+    let (provider, fetcher, hash, _) = provider_and_slow_fetcher(tmp.path(), 3_266_489_917).await;
     let h = fetcher.handle();
     let fetch = tokio::spawn({
         let h = h.clone();
