@@ -727,10 +727,7 @@ impl Store {
                 return Ok(Imported { hash, size: geometry.size(), evicted });
             }
             // A partial copy: the complete one replaces it.
-            st.blobs.remove(&hash);
-            if st.lru.remove(&hash).is_none() && lock(&existing.status).pinned {
-                st.pinned_bytes -= existing.footprint();
-            }
+            self.take_entry(&mut st, &hash);
             self.discard_dir(&existing.dir)?;
         }
         let evicted = if pin {
@@ -805,9 +802,7 @@ impl Store {
                 return Err(StoreError::SizeMismatch { hash, known: blob.geometry.size(), claimed: size });
             }
             debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
-            st.blobs.remove(&hash);
-            st.lru.remove(&hash);
-            lock(&self.inner.hot).forget_blob(hash);
+            self.take_entry(&mut st, &hash);
             self.discard_dir(&blob.dir)?;
         }
         let bytes = footprint(geometry);
@@ -1224,12 +1219,8 @@ impl Store {
     /// Removes `hash` from the store.
     pub fn delete(&self, hash: Hash) -> Result<()> {
         let mut st = lock(&self.inner.state);
-        let blob = st.blobs.remove(&hash).ok_or(StoreError::NotFound { hash })?;
-        if st.lru.remove(&hash).is_none() {
-            st.pinned_bytes -= blob.footprint();
-        }
+        let blob = self.take_entry(&mut st, &hash).ok_or(StoreError::NotFound { hash })?;
         drop(st);
-        lock(&self.inner.hot).forget_blob(hash);
         self.discard_dir(&blob.dir)
     }
 
@@ -1257,16 +1248,26 @@ impl Store {
         lock(&self.inner.state).blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })
     }
 
+    /// Takes `hash`'s entry out of the store: out of its map, out of what it counts (the cache's
+    /// bytes, or the pinned bytes) and out of the memory tier. Its directory is the caller's to
+    /// discard.
+    fn take_entry(&self, st: &mut State, hash: &Hash) -> Option<Arc<Blob>> {
+        let blob = st.blobs.remove(hash)?;
+        if st.lru.remove(hash).is_none() && lock(&blob.status).pinned {
+            st.pinned_bytes -= blob.footprint();
+        }
+        lock(&self.inner.hot).forget_blob(*hash);
+        Some(blob)
+    }
+
     /// Takes the blobs the cache evicted out of the store. Every one leaves the store's count
     /// whatever the disk does: one whose directory cannot be removed is logged, and found again
     /// (and counted) when the store next opens.
     fn remove_evicted(&self, st: &mut State, evicted: Vec<Hash>) -> Vec<Hash> {
         for hash in &evicted {
-            st.lru.remove(hash);
-            if let Some(blob) = st.blobs.remove(hash) {
+            if let Some(blob) = self.take_entry(st, hash) {
                 debug!(blob = %hash, "evicted");
                 self.inner.evictions.fetch_add(1, Ordering::Relaxed);
-                lock(&self.inner.hot).forget_blob(*hash);
                 if let Err(e) = self.discard_dir(&blob.dir) {
                     warn!(blob = %hash, error = %e, "cannot remove an evicted blob");
                 }
