@@ -10,10 +10,9 @@ use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
 use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::node::{NodeError, NodeHandle};
+use crate::node::{Aborted, NodeError, NodeHandle};
 use crate::swarm::Command;
 use crate::transfer::{self, Got, PeerFault};
 
@@ -533,15 +532,6 @@ async fn run(
     // drops this future: left running, they fetched for nobody and kept their connections from
     // being trimmed.
     result
-}
-
-/// A task of a fetch (a piece request, a provider lookup), aborted when the fetch drops it.
-struct Aborted(AbortHandle);
-
-impl Drop for Aborted {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// The most hinted peers one fetch remembers; past it, hints are ignored (the DHT still finds

@@ -71,17 +71,18 @@ pub struct Node {
     handle: NodeHandle,
     swarm_task: JoinHandle<()>,
     stop_swarm: oneshot::Sender<()>,
-    api_task: Option<ServerTask>,
-    gateway_task: Option<ServerTask>,
+    /// The API's and the gateway's accept loops: a node dropped without [`Node::shutdown`]
+    /// accepts no more connections for a swarm that stopped (one already open is answered until
+    /// it closes, each request that needs the swarm failing).
+    api_task: Option<Aborted>,
+    gateway_task: Option<Aborted>,
 }
 
-/// A server task of a node (its API, its gateway), aborted when dropped: a node dropped without
-/// [`Node::shutdown`] accepts no more connections for a swarm that stopped (one already open is
-/// answered until it closes, each request that needs the swarm failing).
+/// A task aborted when this is dropped: a node's servers, a fetch's requests and lookup.
 #[derive(Debug)]
-struct ServerTask(JoinHandle<()>);
+pub(crate) struct Aborted(pub(crate) tokio::task::AbortHandle);
 
-impl Drop for ServerTask {
+impl Drop for Aborted {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -204,11 +205,11 @@ impl Node {
             }
         }
         let api_task = match config.api {
-            Some(addr) => Some(ServerTask(crate::api::spawn(handle.clone(), addr).await?)),
+            Some(addr) => Some(Aborted(crate::api::spawn(handle.clone(), addr).await?.abort_handle())),
             None => None,
         };
         let gateway_task = match config.gateway {
-            Some(addr) => Some(ServerTask(crate::api::spawn_gateway(handle.clone(), addr).await?)),
+            Some(addr) => Some(Aborted(crate::api::spawn_gateway(handle.clone(), addr).await?.abort_handle())),
             None => None,
         };
         info!(peer_id = %peer_id, "node started");
