@@ -1139,43 +1139,89 @@ impl Store {
     /// Copies the complete blob `hash` to `dest`, verifying every byte on the way: `dest` appears
     /// (by rename) only if the copy's BLAKE3 hash equals `hash`. Returns the size.
     pub fn export(&self, hash: Hash, dest: &Path) -> Result<u64> {
-        let blob = self.blob(hash)?;
-        let info = blob.info();
-        if !info.is_complete() {
-            return Err(StoreError::Incomplete { hash, have: info.pieces.count(), total: blob.geometry.piece_count() });
-        }
+        let blob = self.complete_blob(hash)?;
         let partial = partial_path(dest);
         let copied = (|| {
             let mut out =
                 BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io_err("create", &partial))?);
-            let mut hasher = blake3::Hasher::new();
-            let mut buf = vec![0u8; 1 << 20];
-            let mut offset = 0u64;
-            while offset < blob.geometry.size() {
-                let n = (blob.geometry.size() - offset).min(buf.len() as u64) as usize;
-                blob.data.read_exact_at(&mut buf[..n], offset).map_err(io_err("read", &blob.dir))?;
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(io_err("write", &partial))?;
-                offset += n as u64;
-            }
+            let got = self.hash_data(&blob, &mut out, &partial)?;
             let out = out.into_inner().map_err(|e| io_err("write", &partial)(e.into_error()))?;
             out.sync_all().map_err(io_err("sync", &partial))?;
-            Ok(Hash::from(hasher.finalize()))
+            Ok(got)
         })();
         match copied {
-            Ok(h) if h == hash => {
+            Ok(got) if got == hash => {
                 fs::rename(&partial, dest).map_err(io_err("rename into place", dest))?;
                 Ok(blob.geometry.size())
             }
             Ok(_) => {
                 let _ = fs::remove_file(&partial);
-                let bad = self.check(hash)?;
-                Err(StoreError::Corrupt { hash, piece: bad.iter().next().unwrap_or(0) })
+                Err(self.corrupt(hash))
             }
             Err(e) => {
                 let _ = fs::remove_file(&partial);
                 Err(e)
             }
+        }
+    }
+
+    /// Moves the complete blob `hash` out of the store to `dest`, without copying it: its data
+    /// file is renamed into place once its BLAKE3 hash is checked equal to `hash`, and the blob
+    /// leaves the store. So `dest` must be on the store's file system: if the rename fails (an
+    /// `Io` error), the blob stays, and [`Store::export`] can copy it instead. Returns the size.
+    pub fn move_out(&self, hash: Hash, dest: &Path) -> Result<u64> {
+        let blob = self.complete_blob(hash)?;
+        let data_path = blob.dir.join("data");
+        if self.hash_data(&blob, io::sink(), dest)? != hash {
+            return Err(self.corrupt(hash));
+        }
+        blob.data.sync_all().map_err(io_err("sync", &data_path))?;
+        // Under the state's lock, so that no eviction or delete takes the directory away between
+        // the check that the entry is this one and the rename.
+        let mut st = lock(&self.inner.state);
+        if !st.blobs.get(&hash).is_some_and(|b| Arc::ptr_eq(b, &blob)) {
+            return Err(StoreError::NotFound { hash });
+        }
+        fs::rename(&data_path, dest).map_err(io_err("rename into place", dest))?;
+        self.take_entry(&mut st, &hash);
+        drop(st);
+        if let Err(e) = self.discard_dir(&blob.dir) {
+            warn!(blob = %hash, error = %e, "cannot remove a blob moved out of the store");
+        }
+        Ok(blob.geometry.size())
+    }
+
+    fn complete_blob(&self, hash: Hash) -> Result<Arc<Blob>> {
+        let blob = self.blob(hash)?;
+        let info = blob.info();
+        if !info.is_complete() {
+            return Err(StoreError::Incomplete { hash, have: info.pieces.count(), total: blob.geometry.piece_count() });
+        }
+        Ok(blob)
+    }
+
+    /// The BLAKE3 hash of `blob`'s data file, read whole and written to `out` (named `out_path`
+    /// in errors) on the way.
+    fn hash_data(&self, blob: &Blob, mut out: impl Write, out_path: &Path) -> Result<Hash> {
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        while offset < blob.geometry.size() {
+            let n = (blob.geometry.size() - offset).min(buf.len() as u64) as usize;
+            blob.data.read_exact_at(&mut buf[..n], offset).map_err(io_err("read", &blob.dir))?;
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err("write", out_path))?;
+            offset += n as u64;
+        }
+        Ok(Hash::from(hasher.finalize()))
+    }
+
+    /// The error for a complete blob whose data did not hash to `hash`, once its pieces were
+    /// checked and the bad ones dropped.
+    fn corrupt(&self, hash: Hash) -> StoreError {
+        match self.check(hash) {
+            Ok(bad) => StoreError::Corrupt { hash, piece: bad.iter().next().unwrap_or(0) },
+            Err(e) => e,
         }
     }
 

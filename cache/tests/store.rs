@@ -278,6 +278,52 @@ fn corrupted_bytes_on_disk_are_never_served_or_exported() {
 }
 
 #[test]
+fn a_blob_moved_out_is_the_users_file_and_leaves_the_store() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let data = bytes(5, (3 * PIECE_SIZE + 11) as usize);
+    let hash = import(&store, tmp.path(), &data, false);
+    let before = store.stats();
+
+    let out = tmp.path().join("out");
+    fs::write(&out, b"an older file of that name").expect("write");
+    assert_eq!(store.move_out(hash, &out).expect("move out"), data.len() as u64);
+    assert_eq!(fs::read(&out).expect("read output"), data);
+    assert!(store.info(hash).is_none(), "the blob left the store");
+    assert_eq!(store.stats().blobs, before.blobs - 1);
+    assert!(store.stats().cache_bytes < before.cache_bytes, "and its bytes left the cache's count");
+    assert!(!tmp.path().join("store").join("blobs").join(hash.to_hex()).exists());
+
+    // Nothing to move: the error says so and writes nothing.
+    let again = tmp.path().join("again");
+    assert!(matches!(store.move_out(hash, &again), Err(StoreError::NotFound { .. })));
+    assert!(!again.exists());
+
+    // A rename the file system refuses (here: into a directory that does not exist) leaves the
+    // blob where it was, to be copied out instead.
+    let hash = import(&store, tmp.path(), &data, false);
+    let nowhere = tmp.path().join("no such directory").join("out");
+    assert!(matches!(store.move_out(hash, &nowhere), Err(StoreError::Io { .. })));
+    assert!(store.info(hash).expect("still held").is_complete());
+    store.export(hash, &again).expect("export");
+    assert_eq!(fs::read(&again).expect("read"), data);
+}
+
+#[test]
+fn a_rotten_blob_is_never_moved_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let data = bytes(6, (4 * PIECE_SIZE) as usize);
+    let hash = import(&store, tmp.path(), &data, false);
+    rot(&tmp.path().join("store"), hash, 3 * PIECE_SIZE + 1, 0x10);
+
+    let out = tmp.path().join("out");
+    assert!(matches!(store.move_out(hash, &out), Err(StoreError::Corrupt { piece: 3, .. })));
+    assert!(!out.exists(), "nothing is written to the user's file");
+    assert!(!store.info(hash).expect("held").pieces.contains(3), "the bad piece was dropped");
+}
+
+#[test]
 fn serving_a_rotten_piece_drops_it_and_serves_the_rest() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));

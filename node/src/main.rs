@@ -1,5 +1,6 @@
 //! The `shoal` command: runs a node, and talks to a running one through its local HTTP API.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -405,43 +406,27 @@ trait Blobs {
     fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress>;
     /// The blob's bytes, as the node verified them.
     fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>>;
+    /// Writes the fetched blob to the regular file `target`, replacing it only once the bytes
+    /// verified. With `keep`, the blob stays where [`Blobs::open`] reads it (another file is to
+    /// hold it too).
+    fn write_file(&mut self, hash: Hash, target: &Path, _keep: bool) -> anyhow::Result<()> {
+        write_file(hash, self.open(hash)?, target)
+    }
 }
 
 /// Fetches `hash` and writes it to `output`. A collection (what `shoal add` made of a directory)
 /// is written out as that directory, each file fetched in turn, unless the output is "-".
 fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<()> {
     let progress = blobs.fetch(hash)?;
-    let mut source = blobs.open(hash)?;
     let collection = match output != Path::new("-") && progress.total_bytes.unwrap_or(0) <= MAX_ENCODED as u64 {
-        true => {
-            let mut head = Vec::new();
-            (&mut source).take(MAGIC.len() as u64 + 1).read_to_end(&mut head)?;
-            if Collection::is_collection(&head) {
-                source.read_to_end(&mut head).context("the download was interrupted")?;
-                let got = Hash::of(&head);
-                if got != hash {
-                    bail!("the bytes received hash to {got}, not {hash}; nothing was written");
-                }
-                let decoded = Collection::decode(&head).ok();
-                if decoded.is_none() {
-                    // Bytes that only start like a collection are written out as they are.
-                    source = Box::new(std::io::Cursor::new(head));
-                }
-                decoded
-            } else {
-                let rest = source;
-                source = Box::new(std::io::Cursor::new(head).chain(rest));
-                None
-            }
-        }
+        true => read_collection(blobs, hash)?,
         false => None,
     };
     let Some(collection) = collection else {
-        write_verified(hash, source, output)?;
+        write_blob(blobs, hash, output, false)?;
         report(hash, &progress);
         return Ok(());
     };
-    drop(source);
     report(hash, &progress);
     // A collection's publisher names its paths: they go into a directory of their own, made
     // fresh beside the output and renamed into place once every file verified, never into a
@@ -459,6 +444,12 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     let written = (|| {
         std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
         let mut bytes = 0;
+        // How many files still to write hold each blob: a blob written out for good leaves a
+        // short-lived node's store (see [`Blobs::write_file`]).
+        let mut uses: HashMap<Hash, usize> = HashMap::new();
+        for entry in collection.entries() {
+            *uses.entry(entry.hash).or_default() += 1;
+        }
         for entry in collection.entries() {
             let relative: PathBuf = entry.path.split('/').collect();
             let path = partial.join(&relative);
@@ -466,7 +457,11 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
                 std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
             }
             let progress = blobs.fetch(entry.hash)?;
-            write_verified(entry.hash, blobs.open(entry.hash)?, &path)?;
+            let left = uses.get_mut(&entry.hash).map_or(0, |n| {
+                *n -= 1;
+                *n
+            });
+            write_blob(blobs, entry.hash, &path, left > 0)?;
             bytes += progress.verified_bytes;
             eprintln!("  {}: {} bytes", output.join(&relative).display(), progress.verified_bytes);
         }
@@ -482,6 +477,23 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     };
     eprintln!("collection {hash}: {} files, {bytes} bytes, in {}", collection.entries().len(), output.display());
     Ok(())
+}
+
+/// The collection the fetched blob `hash` is, if it is one; `None` for any other blob, including
+/// bytes that only start like a collection.
+fn read_collection(blobs: &mut dyn Blobs, hash: Hash) -> anyhow::Result<Option<Collection>> {
+    let mut source = blobs.open(hash)?;
+    let mut head = Vec::new();
+    (&mut source).take(MAGIC.len() as u64 + 1).read_to_end(&mut head)?;
+    if !Collection::is_collection(&head) {
+        return Ok(None);
+    }
+    source.read_to_end(&mut head).context("the download was interrupted")?;
+    let got = Hash::of(&head);
+    if got != hash {
+        bail!("the bytes received hash to {got}, not {hash}; nothing was written");
+    }
+    Ok(Collection::decode(&head).ok())
 }
 
 /// Where `output` is written before it verified: beside it, so that the rename into place stays
@@ -568,31 +580,55 @@ impl Blobs for ViaApi {
     }
 }
 
-/// Writes `source` to `output` only if its BLAKE3 hash is `hash`: into a temporary file beside it,
-/// renamed into place after the check. Standard output ("-"), a device or a pipe gets the bytes
-/// the node verified as they come.
-fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
-    if output == Path::new("-") {
-        return write_verified_into(hash, source, std::io::stdout().lock(), output);
+/// Where `shoal get` writes a blob.
+enum Output {
+    /// Standard output ("-").
+    Stdout,
+    /// A file that is not a regular one (a device such as /dev/null, a pipe): written into as the
+    /// bytes come, not replaced.
+    Special(std::fs::File),
+    /// A regular file (a symlink's target), new or replaced once the bytes verified.
+    File(PathBuf),
+}
+
+impl Output {
+    fn of(output: &Path) -> anyhow::Result<Self> {
+        if output == Path::new("-") {
+            return Ok(Output::Stdout);
+        }
+        // A symlink is written through, as a shell's `>` would.
+        match std::fs::metadata(output) {
+            Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
+            Ok(m) if !m.is_file() => Ok(Output::Special(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(output)
+                    .with_context(|| format!("cannot open {}", output.display()))?,
+            )),
+            Ok(_) => Ok(Output::File(
+                std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
+            )),
+            Err(_) if std::fs::symlink_metadata(output).is_ok() => {
+                bail!("cannot write to {}: it is a symlink to nothing", output.display())
+            }
+            Err(_) => Ok(Output::File(output.to_owned())),
+        }
     }
-    // A symlink is written through, as a shell's `>` would; a file that is not a regular one (a
-    // device such as /dev/null, a pipe) is written into once the bytes verified, not replaced.
-    let target = match std::fs::metadata(output) {
-        Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
-        Ok(m) if !m.is_file() => {
-            let to = std::fs::OpenOptions::new()
-                .write(true)
-                .open(output)
-                .with_context(|| format!("cannot open {}", output.display()))?;
-            return write_verified_into(hash, source, to, output);
-        }
-        Ok(_) => std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
-        Err(_) if std::fs::symlink_metadata(output).is_ok() => {
-            bail!("cannot write to {}: it is a symlink to nothing", output.display())
-        }
-        Err(_) => output.to_owned(),
-    };
-    let output = target.as_path();
+}
+
+/// Writes the fetched blob `hash` to `output`, standard output ("-") or a device or pipe as its
+/// verified bytes come, a regular file as [`Blobs::write_file`] does (`keep` as there).
+fn write_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path, keep: bool) -> anyhow::Result<()> {
+    match Output::of(output)? {
+        Output::Stdout => write_verified_into(hash, blobs.open(hash)?, std::io::stdout().lock(), output),
+        Output::Special(to) => write_verified_into(hash, blobs.open(hash)?, to, output),
+        Output::File(target) => blobs.write_file(hash, &target, keep),
+    }
+}
+
+/// Writes `source` to the regular file `output` only if its BLAKE3 hash is `hash`: into a
+/// temporary file beside it, renamed into place after the check.
+fn write_file(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
     let partial = partial_path(output);
     scratch(&partial);
     let result = (|| {
@@ -613,7 +649,7 @@ fn write_verified(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::R
     result
 }
 
-/// [`write_verified`] for an output that cannot be replaced once the bytes verified (standard
+/// [`write_blob`] for an output that cannot be replaced once the bytes verified (standard
 /// output, a device, a pipe): it gets the bytes the node verified as they come, and the whole is
 /// checked against `hash` at the end.
 fn write_verified_into(hash: Hash, source: impl Read, mut to: impl Write, output: &Path) -> anyhow::Result<()> {
@@ -707,6 +743,21 @@ impl Blobs for OwnNode<'_> {
         let store = self.handle.store().clone();
         let pieces = store.info(hash).ok_or_else(|| anyhow!("{hash} is not in the store"))?.pieces.piece_count();
         Ok(Box::new(PieceReader { store, hash, next: 0, pieces, current: std::io::Cursor::new(Bytes::new()) }))
+    }
+
+    /// Moves the blob's file out of the store into place, once its hash is checked: the store is
+    /// on the output's file system (see [`get_with_own_node`]), and a copy would need the blob's
+    /// size twice on disk. A rename the file system refuses (a symlink to another one) copies,
+    /// as does a blob to `keep`.
+    fn write_file(&mut self, hash: Hash, target: &Path, keep: bool) -> anyhow::Result<()> {
+        if keep {
+            return write_file(hash, self.open(hash)?, target);
+        }
+        match self.handle.store().move_out(hash, target) {
+            Ok(_) => Ok(()),
+            Err(shoal_node::cache::StoreError::Io { .. }) => write_file(hash, self.open(hash)?, target),
+            Err(e) => Err(e).with_context(|| format!("nothing was written to {}", target.display())),
+        }
     }
 }
 
