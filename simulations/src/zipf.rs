@@ -31,11 +31,14 @@ pub struct ZipfResult {
     pub succeeded: usize,
     /// Requests answered from the requester's own store.
     pub hit_ratio: f64,
-    /// Time to first verified byte over requests that were not hits, median.
+    /// Time to first verified byte over requests that were not hits, median. A request that
+    /// failed before its first byte counts as never answered: a percentile that falls on one is
+    /// infinite, `null` in `summary.json` (so `ttfb_miss_p99_s` is `null` once more than 1% of the
+    /// misses failed so).
     pub ttfb_miss_p50_s: f64,
     /// 99th percentile.
     pub ttfb_miss_p99_s: f64,
-    /// Time to first byte over all requests (hits count as zero), median.
+    /// Time to first byte over all requests (hits count as zero, failures as above), median.
     pub ttfb_p50_s: f64,
     /// 99th percentile.
     pub ttfb_p99_s: f64,
