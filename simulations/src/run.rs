@@ -304,6 +304,8 @@ pub struct LookupSample {
     pub first_provider_s: Option<f64>,
     /// Kademlia requests sent.
     pub requests: Option<u32>,
+    /// Those that were answered (the others failed: a dial refused, a peer gone, a timeout).
+    pub answered: Option<u32>,
     /// Replayed hops to a record holder.
     pub hops: Option<u32>,
 }
@@ -677,7 +679,9 @@ pub async fn run(scenario: &Scenario, options: &RunOptions) -> anyhow::Result<Su
         Experiment::LookupScaling { counts, lookups } => {
             let mut sizes = Vec::new();
             for &n in counts {
-                sizes.push(lookup_scaling(scenario, n, *lookups, &mut rng, &work, &progress).await?);
+                let metrics = options.out.as_ref().map(|o| o.join(format!("metrics-{n}")));
+                sizes
+                    .push(lookup_scaling(scenario, n, *lookups, &mut rng, &work, metrics.as_deref(), &progress).await?);
             }
             ExperimentResult::LookupScaling { sizes }
         }
@@ -775,18 +779,19 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
         ExperimentResult::Churn(r) => crate::churn::write(out, r)?,
         ExperimentResult::Regions(r) => crate::regions::write(out, r)?,
         ExperimentResult::LookupScaling { sizes } => {
-            csv.push_str("nodes,node,found,seconds,first_provider_s,requests,hops\n");
+            csv.push_str("nodes,node,found,seconds,first_provider_s,requests,answered,hops\n");
             let opt = |v: Option<String>| v.unwrap_or_default();
             for s in sizes {
                 for l in &s.samples {
                     csv.push_str(&format!(
-                        "{},{},{},{:.4},{},{},{}\n",
+                        "{},{},{},{:.4},{},{},{},{}\n",
                         s.nodes,
                         l.node.0,
                         l.found,
                         l.seconds,
                         opt(l.first_provider_s.map(|v| format!("{v:.4}"))),
                         opt(l.requests.map(|v| v.to_string())),
+                        opt(l.answered.map(|v| v.to_string())),
                         opt(l.hops.map(|v| v.to_string())),
                     ));
                 }
@@ -1083,6 +1088,7 @@ async fn lookup_scaling(
     lookups: usize,
     rng: &mut ChaCha8Rng,
     work: &Path,
+    metrics: Option<&Path>,
     progress: &Progress,
 ) -> anyhow::Result<LookupResult> {
     let scale = scenario.network.time_scale;
@@ -1114,7 +1120,8 @@ async fn lookup_scaling(
                 found,
                 seconds: t.elapsed().as_secs_f64() / scale,
                 first_provider_s: stats.as_ref().and_then(|s| s.first_provider).map(|d| d.as_secs_f64() / scale),
-                requests: stats.map(|s| s.requests),
+                requests: stats.as_ref().map(|s| s.requests),
+                answered: stats.map(|s| s.answered),
                 hops: None,
             }
         }
@@ -1140,6 +1147,9 @@ async fn lookup_scaling(
         s.hops = view.hops(s.peer, &key);
     }
     let record_holders = view.holders.len();
+    if let Some(dir) = metrics {
+        cluster.save_metrics(dir)?;
+    }
     cluster.shutdown(progress).await;
 
     samples.sort_by_key(|s| s.node);
