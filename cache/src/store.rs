@@ -1176,6 +1176,9 @@ impl Store {
             return Err(self.corrupt(hash));
         }
         blob.data.sync_all().map_err(io_err("sync", &data_path))?;
+        // A commit under way finishes first, and one after finds the blob gone and writes no meta
+        // into the directory being discarded.
+        let _serial = lock(&blob.commit);
         // Under the state's lock, so that no eviction or delete takes the directory away between
         // the check that the entry is this one and the rename.
         let mut st = lock(&self.inner.state);

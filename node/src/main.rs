@@ -406,6 +406,12 @@ trait Blobs {
     fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress>;
     /// The blob's bytes, as the node verified them.
     fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>>;
+    /// The blob's first `len` bytes (fewer if it is shorter).
+    fn head(&mut self, hash: Hash, len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut head = Vec::with_capacity(len);
+        self.open(hash)?.take(len as u64).read_to_end(&mut head)?;
+        Ok(head)
+    }
     /// Writes the fetched blob to the regular file `target`, replacing it only once the bytes
     /// verified. With `keep`, the blob stays where [`Blobs::open`] reads it (another file is to
     /// hold it too).
@@ -482,13 +488,11 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
 /// The collection the fetched blob `hash` is, if it is one; `None` for any other blob, including
 /// bytes that only start like a collection.
 fn read_collection(blobs: &mut dyn Blobs, hash: Hash) -> anyhow::Result<Option<Collection>> {
-    let mut source = blobs.open(hash)?;
-    let mut head = Vec::new();
-    (&mut source).take(MAGIC.len() as u64 + 1).read_to_end(&mut head)?;
-    if !Collection::is_collection(&head) {
+    if !Collection::is_collection(&blobs.head(hash, MAGIC.len() + 1)?) {
         return Ok(None);
     }
-    source.read_to_end(&mut head).context("the download was interrupted")?;
+    let mut head = Vec::new();
+    blobs.open(hash)?.read_to_end(&mut head).context("the download was interrupted")?;
     let got = Hash::of(&head);
     if got != hash {
         bail!("the bytes received hash to {got}, not {hash}; nothing was written");
@@ -566,6 +570,28 @@ impl Blobs for ViaApi {
         }
     }
 
+    fn head(&mut self, hash: Hash, len: usize) -> anyhow::Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let resp = self
+            .agent
+            .get(format!("http://{}/v1/blobs/{hash}", self.api))
+            .header("Accept", "application/octet-stream")
+            .header("Range", format!("bytes=0-{}", len - 1))
+            .call()?;
+        // An empty blob has no first byte to give.
+        if resp.status() == 416 {
+            return Ok(Vec::new());
+        }
+        if !resp.status().is_success() {
+            bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
+        }
+        let mut head = Vec::with_capacity(len);
+        resp.into_body().into_reader().take(len as u64).read_to_end(&mut head)?;
+        Ok(head)
+    }
+
     fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>> {
         // The blob's own bytes: a collection is not turned into its listing.
         let resp = self
@@ -586,7 +612,7 @@ enum Output {
     Stdout,
     /// A file that is not a regular one (a device such as /dev/null, a pipe): written into as the
     /// bytes come, not replaced.
-    Special(std::fs::File),
+    Special,
     /// A regular file (a symlink's target), new or replaced once the bytes verified.
     File(PathBuf),
 }
@@ -599,12 +625,7 @@ impl Output {
         // A symlink is written through, as a shell's `>` would.
         match std::fs::metadata(output) {
             Ok(m) if m.is_dir() => bail!("cannot write to {}: it is a directory", output.display()),
-            Ok(m) if !m.is_file() => Ok(Output::Special(
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(output)
-                    .with_context(|| format!("cannot open {}", output.display()))?,
-            )),
+            Ok(m) if !m.is_file() => Ok(Output::Special),
             Ok(_) => Ok(Output::File(
                 std::fs::canonicalize(output).with_context(|| format!("cannot resolve {}", output.display()))?,
             )),
@@ -621,7 +642,16 @@ impl Output {
 fn write_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path, keep: bool) -> anyhow::Result<()> {
     match Output::of(output)? {
         Output::Stdout => write_verified_into(hash, blobs.open(hash)?, std::io::stdout().lock(), output),
-        Output::Special(to) => write_verified_into(hash, blobs.open(hash)?, to, output),
+        Output::Special => {
+            // Opened once the node has the bytes to give: a reader at a pipe sees nothing, not an
+            // empty end, if it has not.
+            let source = blobs.open(hash)?;
+            let to = std::fs::OpenOptions::new()
+                .write(true)
+                .open(output)
+                .with_context(|| format!("cannot open {}", output.display()))?;
+            write_verified_into(hash, source, to, output)
+        }
         Output::File(target) => blobs.write_file(hash, &target, keep),
     }
 }
@@ -703,7 +733,8 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
     let result = (|| {
         let runtime = runtime()?;
         let node = runtime.block_on(Node::start(config))?;
-        let mut own = OwnNode { handle: node.handle(), runtime: &runtime };
+        let home = std::fs::canonicalize(&beside).ok();
+        let mut own = OwnNode { handle: node.handle(), runtime: &runtime, home };
         let outcome = get_blob(&mut own, hash, output);
         runtime.block_on(node.shutdown())?;
         outcome
@@ -716,6 +747,9 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
 struct OwnNode<'a> {
     handle: shoal_node::NodeHandle,
     runtime: &'a tokio::runtime::Runtime,
+    /// The directory its store was made in (canonical): files written under it are moved out of
+    /// the store (see [`Blobs::write_file`]).
+    home: Option<PathBuf>,
 }
 
 impl Blobs for OwnNode<'_> {
@@ -746,15 +780,27 @@ impl Blobs for OwnNode<'_> {
     }
 
     /// Moves the blob's file out of the store into place, once its hash is checked: the store is
-    /// on the output's file system (see [`get_with_own_node`]), and a copy would need the blob's
-    /// size twice on disk. A rename the file system refuses (a symlink to another one) copies,
-    /// as does a blob to `keep`.
+    /// beside the output (see [`get_with_own_node`]), and a copy would need the blob's size twice
+    /// on disk. A file elsewhere (a symlink's target) is copied, so that it is made where it goes
+    /// (its group, its directory's default permissions), as is a blob to `keep` and one the file
+    /// system will not rename.
     fn write_file(&mut self, hash: Hash, target: &Path, keep: bool) -> anyhow::Result<()> {
-        if keep {
+        let under_home = || {
+            let parent = match target.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            let parent = std::fs::canonicalize(parent).ok();
+            parent.zip(self.home.as_ref()).is_some_and(|(p, home)| p.starts_with(home))
+        };
+        if keep || !under_home() {
             return write_file(hash, self.open(hash)?, target);
         }
         match self.handle.store().move_out(hash, target) {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                tracing::debug!(blob = %hash, to = %target.display(), "moved out of the store");
+                Ok(())
+            }
             Err(shoal_node::cache::StoreError::Io { .. }) => write_file(hash, self.open(hash)?, target),
             Err(e) => Err(e).with_context(|| format!("nothing was written to {}", target.display())),
         }

@@ -375,7 +375,10 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let out = tmp.path().join("out.bin");
     let run = |bootstrap: Option<&str>| {
         let mut cmd = Command::new(SHOAL);
-        cmd.args(["get", &hash, "-o", out.to_str().expect("utf-8")])
+        // A path relative to where `shoal get` runs, as a user types it.
+        cmd.args(["get", &hash, "-o", "out.bin"])
+            .current_dir(tmp.path())
+            .env("RUST_LOG", "shoal=debug")
             .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
             .env_remove("SHOAL_API")
             .env_remove("SHOAL_BOOTSTRAP");
@@ -392,6 +395,12 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let with = run(Some(&n2.addr));
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
     assert_eq!(b3sum(&out), hash);
+    // Moved out of its store beside the output, not copied: the blob's size once on disk.
+    assert!(
+        String::from_utf8_lossy(&with.stderr).contains("moved out of the store"),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
     // Its store, beside the output, is gone with it.
     let names: Vec<_> =
         std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
@@ -523,6 +532,34 @@ fn get_writes_through_a_symlink_and_into_a_pipe_without_replacing_them() {
     let left: Vec<_> =
         std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".shoal-partial")), "{left:?}");
+}
+
+#[test]
+fn an_empty_blob_and_one_that_only_looks_like_a_directory_are_written_as_they_are() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let mut lookalike = shoal_node::protocol::collection::MAGIC.to_vec();
+    lookalike.extend_from_slice(b"\x01 but not a collection");
+    for (name, bytes) in [("empty", &b""[..]), ("lookalike", &lookalike[..])] {
+        let input = tmp.path().join(name);
+        std::fs::write(&input, bytes).expect("write");
+        let hash =
+            n1.cli(&["add", input.to_str().expect("utf-8")]).split_whitespace().next().expect("hash").to_string();
+        let out = tmp.path().join(format!("{name}.out"));
+        n1.cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+        assert_eq!(std::fs::read(&out).expect("read"), bytes, "{name}");
+        // And through a short-lived node, which moves the blob out of its store.
+        let own = tmp.path().join(format!("{name}.own"));
+        let run = Command::new(SHOAL)
+            .args(["get", &hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
+            .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
+            .env_remove("SHOAL_API")
+            .env_remove("SHOAL_BOOTSTRAP")
+            .output()
+            .expect("run get");
+        assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
+        assert_eq!(std::fs::read(&own).expect("read"), bytes, "{name}, without a node");
+    }
 }
 
 #[test]
