@@ -364,6 +364,18 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     drop(n5);
 }
 
+/// `shoal get ARGS` as a user with no node running types it: it starts a short-lived node of its
+/// own (`tmp` holds the data directory it finds no node in).
+fn get_without_a_node(tmp: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(SHOAL);
+    cmd.arg("get")
+        .args(args)
+        .env("SHOAL_DATA_DIR", tmp.join("no-node-here"))
+        .env_remove("SHOAL_API")
+        .env_remove("SHOAL_BOOTSTRAP");
+    cmd
+}
+
 #[test]
 fn get_without_a_running_node_starts_a_short_lived_one() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -374,14 +386,9 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let hash = add_and_wait(&n1, &n2, &input);
     let out = tmp.path().join("out.bin");
     let run = |bootstrap: Option<&str>| {
-        let mut cmd = Command::new(SHOAL);
         // A path relative to where `shoal get` runs, as a user types it.
-        cmd.args(["get", &hash, "-o", "out.bin"])
-            .current_dir(tmp.path())
-            .env("RUST_LOG", "shoal=debug")
-            .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
-            .env_remove("SHOAL_API")
-            .env_remove("SHOAL_BOOTSTRAP");
+        let mut cmd = get_without_a_node(tmp.path(), &[&hash, "-o", "out.bin"]);
+        cmd.current_dir(tmp.path()).env("RUST_LOG", "shoal=debug");
         if let Some(b) = bootstrap {
             cmd.args(["--bootstrap", b]);
         }
@@ -474,11 +481,7 @@ fn a_directory_added_is_fetched_back_as_that_directory() {
     assert_eq!(std::fs::read_dir(&out).expect("list").count(), 2, "a.bin and sub dir, nothing else");
     // The same without a running node: a short-lived one reads the files from its own store.
     let own = tmp.path().join("own");
-    let out2 = Command::new(SHOAL)
-        .args(["get", &hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
-        .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
-        .env_remove("SHOAL_API")
-        .env_remove("SHOAL_BOOTSTRAP")
+    let out2 = get_without_a_node(tmp.path(), &[&hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
         .output()
         .expect("run get");
     assert!(out2.status.success(), "{}", String::from_utf8_lossy(&out2.stderr));
@@ -550,11 +553,7 @@ fn an_empty_blob_and_one_that_only_looks_like_a_directory_are_written_as_they_ar
         assert_eq!(std::fs::read(&out).expect("read"), bytes, "{name}");
         // And through a short-lived node, which moves the blob out of its store.
         let own = tmp.path().join(format!("{name}.own"));
-        let run = Command::new(SHOAL)
-            .args(["get", &hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
-            .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
-            .env_remove("SHOAL_API")
-            .env_remove("SHOAL_BOOTSTRAP")
+        let run = get_without_a_node(tmp.path(), &[&hash, "-o", own.to_str().expect("utf-8"), "--bootstrap", &n1.addr])
             .output()
             .expect("run get");
         assert!(run.status.success(), "{name}: {}", String::from_utf8_lossy(&run.stderr));
@@ -595,12 +594,9 @@ fn an_interrupted_get_leaves_nothing_behind() {
     let scratch = tmp.path().join("downloads");
     std::fs::create_dir_all(&scratch).expect("mkdir");
     // Nobody has this blob: a get without a running node looks for it until interrupted.
-    let mut get = Command::new(SHOAL)
-        .args(["get", &"ab".repeat(32), "-o", scratch.join("out").to_str().expect("utf-8")])
+    let out = scratch.join("out");
+    let mut get = get_without_a_node(tmp.path(), &[&"ab".repeat(32), "-o", out.to_str().expect("utf-8")])
         .args(["--bootstrap", &n1.addr])
-        .env("SHOAL_DATA_DIR", tmp.path().join("no-node-here"))
-        .env_remove("SHOAL_API")
-        .env_remove("SHOAL_BOOTSTRAP")
         .stderr(Stdio::null())
         .spawn()
         .expect("run get");
