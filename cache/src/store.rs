@@ -745,13 +745,7 @@ impl Store {
         };
         // The blobs evicted for it leave now, whatever happens to it: they are out of the count.
         let evicted = self.remove_evicted(&mut st, evicted);
-        let final_dir = self.blob_dir(hash);
-        let placed = (|| {
-            fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
-            sync_dir(&self.inner.root.join("blobs"))?;
-            load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
-        })();
-        match placed {
+        match self.place(&dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 Ok(Imported { hash, size: geometry.size(), evicted })
@@ -764,7 +758,7 @@ impl Store {
                     st.lru.remove(&hash);
                 }
                 // Under the lock: no other import of it may place its directory meanwhile.
-                for leftover in [&dir, &final_dir] {
+                for leftover in [&dir, &self.blob_dir(hash)] {
                     let _ = self.discard_dir(leftover);
                 }
                 drop(st);
@@ -828,10 +822,7 @@ impl Store {
                 &Meta { format: META_FORMAT, size, pinned: false, bitmap: empty.to_bitmap() },
                 self.inner.config.durable,
             )?;
-            let final_dir = self.blob_dir(hash);
-            fs::rename(&dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
-            sync_dir(&self.inner.root.join("blobs"))?;
-            load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
+            self.place(&dir, hash)
         })();
         match created {
             Ok(blob) => {
@@ -1323,6 +1314,15 @@ impl Store {
             }
         }
         evicted
+    }
+
+    /// Renames a blob directory made under `tmp/` into its place under `blobs/`, durably, and
+    /// reads it back.
+    fn place(&self, dir: &Path, hash: Hash) -> Result<Blob> {
+        let final_dir = self.blob_dir(hash);
+        fs::rename(dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+        sync_dir(&self.inner.root.join("blobs"))?;
+        load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
     }
 
     fn blob_dir(&self, hash: Hash) -> PathBuf {

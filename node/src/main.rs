@@ -416,7 +416,7 @@ trait Blobs {
     /// verified. With `keep`, the blob stays where [`Blobs::open`] reads it (another file is to
     /// hold it too).
     fn write_file(&mut self, hash: Hash, target: &Path, _keep: bool) -> anyhow::Result<()> {
-        write_file(hash, self.open(hash)?, target)
+        write_into_place(hash, self.open(hash)?, target)
     }
 }
 
@@ -574,35 +574,36 @@ impl Blobs for ViaApi {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let resp = self
-            .agent
-            .get(format!("http://{}/v1/blobs/{hash}", self.api))
-            .header("Accept", "application/octet-stream")
-            .header("Range", format!("bytes=0-{}", len - 1))
-            .call()?;
-        // An empty blob has no first byte to give.
-        if resp.status() == 416 {
-            return Ok(Vec::new());
-        }
-        if !resp.status().is_success() {
-            bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
-        }
+        let Some(body) = self.read_back(hash, Some(len))? else { return Ok(Vec::new()) };
         let mut head = Vec::with_capacity(len);
-        resp.into_body().into_reader().take(len as u64).read_to_end(&mut head)?;
+        body.take(len as u64).read_to_end(&mut head)?;
         Ok(head)
     }
 
     fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>> {
-        // The blob's own bytes: a collection is not turned into its listing.
-        let resp = self
-            .agent
-            .get(format!("http://{}/v1/blobs/{hash}", self.api))
-            .header("Accept", "application/octet-stream")
-            .call()?;
+        // An empty blob is only refused a range, so this is never `None`.
+        let body = self.read_back(hash, None)?.ok_or_else(|| anyhow!("the node cannot read {hash} back"))?;
+        Ok(Box::new(body))
+    }
+}
+
+impl ViaApi {
+    /// The blob's own bytes (a collection is not turned into its listing), or its first `len`;
+    /// `None` for a range an empty blob does not have.
+    fn read_back(&self, hash: Hash, len: Option<usize>) -> anyhow::Result<Option<impl Read + use<>>> {
+        let mut req =
+            self.agent.get(format!("http://{}/v1/blobs/{hash}", self.api)).header("Accept", "application/octet-stream");
+        if let Some(len) = len {
+            req = req.header("Range", format!("bytes=0-{}", len.saturating_sub(1)));
+        }
+        let resp = req.call()?;
+        if len.is_some() && resp.status() == 416 {
+            return Ok(None);
+        }
         if !resp.status().is_success() {
             bail!("the node fetched {hash} but cannot read it back (status {})", resp.status());
         }
-        Ok(Box::new(resp.into_body().into_reader()))
+        Ok(Some(resp.into_body().into_reader()))
     }
 }
 
@@ -658,7 +659,7 @@ fn write_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path, keep: bool) -> a
 
 /// Writes `source` to the regular file `output` only if its BLAKE3 hash is `hash`: into a
 /// temporary file beside it, renamed into place after the check.
-fn write_file(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
+fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
     let partial = partial_path(output);
     scratch(&partial);
     let result = (|| {
@@ -794,14 +795,14 @@ impl Blobs for OwnNode<'_> {
             parent.zip(self.home.as_ref()).is_some_and(|(p, home)| p.starts_with(home))
         };
         if keep || !under_home() {
-            return write_file(hash, self.open(hash)?, target);
+            return write_into_place(hash, self.open(hash)?, target);
         }
         match self.handle.store().move_out(hash, target) {
             Ok(_) => {
                 tracing::debug!(blob = %hash, to = %target.display(), "moved out of the store");
                 Ok(())
             }
-            Err(shoal_node::cache::StoreError::Io { .. }) => write_file(hash, self.open(hash)?, target),
+            Err(shoal_node::cache::StoreError::Io { .. }) => write_into_place(hash, self.open(hash)?, target),
             Err(e) => Err(e).with_context(|| format!("nothing was written to {}", target.display())),
         }
     }
