@@ -5,7 +5,7 @@
 //! | `POST /v1/blobs` `{"path": P}` | imports the file at `P` (on the node's machine), pins and announces it |
 //! | `POST /v1/fetch/{hash}` | fetches a blob from the swarm; streams progress as JSON lines |
 //! | `GET\|HEAD /v1/blobs/{hash}` | the blob over HTTP (see [`crate::gateway`]): fetched if needed, streamed as verified |
-//! | `GET /v1/providers/{hash}` | providers found through the DHT |
+//! | `GET /v1/providers/{hash}` | providers found through the DHT (and reached), with what the lookup cost |
 //! | `GET /v1/peers` | connected peers |
 //! | `GET /v1/status` | the node's state |
 //!
@@ -340,9 +340,19 @@ pub(crate) async fn spawn_gateway(node: NodeHandle, addr: SocketAddr) -> anyhow:
 
 async fn providers(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
     let hash = parse_hash(&hash)?;
-    let found = node.providers(hash).await?;
+    let (found, stats) = node.lookup(hash).await?;
     let found: Vec<String> = found.iter().map(|p| p.to_string()).collect();
-    Ok(Json(serde_json::json!({ "hash": hash.to_string(), "providers": found })).into_response())
+    // What the lookup cost, so that an empty answer can say why: nobody to ask, nobody answered,
+    // or providers named that could not be reached. `null` when it outlived the lookup timeout.
+    let lookup = stats.map(|s| {
+        serde_json::json!({
+            "requests": s.requests,
+            "answered": s.answered,
+            "named": s.providers,
+            "seconds": s.duration.as_secs_f64(),
+        })
+    });
+    Ok(Json(serde_json::json!({ "hash": hash.to_string(), "providers": found, "lookup": lookup })).into_response())
 }
 
 /// Counts every API request by method, route pattern and status, with its duration.

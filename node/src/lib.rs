@@ -4,6 +4,7 @@
 //! - [`config`]: [`NodeConfig`] and its defaults.
 //! - `identity`: the persistent ed25519 key.
 //! - `swarm`: the libp2p swarm (Kademlia, identify, ping, streams) and the task that owns it.
+//! - `linger`: QUIC streams kept until a one-way message is delivered.
 //! - `transfer`: `/shoal/transfer/2`, serving and requesting pieces.
 //! - `fetch`: drives `shoal_protocol::fetch` with real peers.
 //! - `crowd`: who else holds a blob (peer exchange) and spreading a crowd's load.
@@ -19,6 +20,7 @@ mod fetch;
 mod gateway;
 mod identity;
 mod limits;
+mod linger;
 mod metrics;
 pub mod node;
 mod slots;

@@ -857,12 +857,35 @@ fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
     let v: serde_json::Value = answer(agent().get(format!("http://{api}/v1/providers/{hash}")).call(), &api)?;
     let list = v.get("providers").and_then(|p| p.as_array()).cloned().unwrap_or_default();
     if list.is_empty() {
-        bail!("no providers of {hash} found");
+        bail!("{}", no_providers(&hash, v.get("lookup")));
     }
     for p in list {
         println!("{}", p.as_str().unwrap_or_default());
     }
     Ok(())
+}
+
+/// Why a lookup listed nobody, from what it cost (the API's `lookup` object; absent or `null`
+/// from a node that outlived its lookup timeout, or one of an older version).
+fn no_providers(hash: &Hash, lookup: Option<&serde_json::Value>) -> String {
+    let n = |k: &str| lookup.and_then(|l| l.get(k)).and_then(serde_json::Value::as_u64);
+    match (n("requests"), n("answered"), n("named")) {
+        (Some(0), _, _) => format!(
+            "no providers of {hash} found: the node knows no DHT peer to ask; start it with \
+             --bootstrap <multiaddr> (`shoal peers` lists its connections)"
+        ),
+        (_, _, Some(named)) if named > 0 => {
+            format!("the DHT named {named} provider(s) of {hash}, but none could be reached; they may be offline")
+        }
+        (Some(asked), Some(0), _) => format!(
+            "no providers of {hash} found: none of the {asked} DHT peers asked answered; the node may \
+             have only just joined, or lost its connections (`shoal peers`)"
+        ),
+        (Some(asked), Some(answered), _) => {
+            format!("no providers of {hash} found ({answered} of {asked} DHT peers asked answered)")
+        }
+        _ => format!("no providers of {hash} found"),
+    }
 }
 
 fn peers(data_dir: &Path, json: bool) -> anyhow::Result<()> {

@@ -246,7 +246,8 @@ pub(crate) fn build_swarm(
     // Every stream we open offers one protocol, so it is sent with the stream's first message
     // instead of a round trip ahead of it: a Kademlia request or a have or piece request on an
     // open connection takes one round trip, not two. A peer that does not speak the protocol is
-    // found out when its answer is read (see `transfer::io_fault`).
+    // found out when its answer is read (see `transfer::io_fault`). Over QUIC, a one-way message
+    // needs its stream kept until the peer's confirmation arrives (`crate::linger`).
     let swarm_config = move |c: libp2p::swarm::Config| {
         c.with_idle_connection_timeout(idle).with_substream_upgrade_protocol_override(Version::V1Lazy)
     };
@@ -256,11 +257,14 @@ pub(crate) fn build_swarm(
             builder.with_other_transport(make)?.with_behaviour(behaviour)?.with_swarm_config(swarm_config).build()
         }
         None => builder
-            .with_quic_config(|mut c| {
+            .with_other_transport(|key| {
+                use libp2p::Transport as _;
+                let mut c = libp2p::quic::Config::new(key);
                 c.max_idle_timeout = 30_000;
                 c.keep_alive_interval = Duration::from_secs(10);
-                c
-            })
+                libp2p::quic::tokio::Transport::new(c)
+                    .map(|(peer, connection), _| (peer, StreamMuxerBox::new(crate::linger::Lingering::new(connection))))
+            })?
             .with_behaviour(behaviour)?
             .with_swarm_config(swarm_config)
             .build(),
@@ -304,6 +308,10 @@ pub(crate) struct EventLoop {
     /// Providers being dialled, and the lookups waiting for them.
     dialling: HashMap<PeerId, Vec<mpsc::Sender<PeerId>>>,
     provided: HashSet<Hash>,
+    /// Blobs whose last announcement reached no DHT peer (it was made before the routing table
+    /// held any): announced again as soon as a peer enters the table, rather than at the next
+    /// re-announcement, hours later. A subset of `provided`.
+    unannounced: HashSet<Hash>,
     provide_queue: VecDeque<Hash>,
     providing: HashSet<QueryId>,
     /// Blobs a recent lookup found crowded (see [`CROWDED`]), and when.
@@ -352,6 +360,7 @@ impl EventLoop {
             lookups: HashMap::new(),
             dialling: HashMap::new(),
             provided: HashSet::new(),
+            unannounced: HashSet::new(),
             provide_queue: VecDeque::new(),
             providing: HashSet::new(),
             crowded: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_CROWDED).expect("nonzero")),
@@ -492,6 +501,7 @@ impl EventLoop {
             }
             Command::Unprovide(hash) => {
                 if self.provided.remove(&hash) {
+                    self.unannounced.remove(&hash);
                     self.deferred.retain(|(_, h)| *h != hash);
                     self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
                 }
@@ -805,6 +815,12 @@ impl EventLoop {
                 self.learn_addresses(peer, vec![address], false);
                 return;
             }
+            kad::Event::RoutingUpdated { is_new_peer: true, .. } => {
+                for hash in std::mem::take(&mut self.unannounced) {
+                    self.enqueue_provide(hash);
+                }
+                return;
+            }
             kad::Event::InboundRequest { request } => {
                 let request = match request {
                     kad::InboundRequest::FindNode { .. } => "find_node",
@@ -896,8 +912,20 @@ impl EventLoop {
             }
             QueryResult::StartProviding(result) => {
                 self.providing.remove(&id);
-                if let Err(e) = result {
-                    debug!(error = ?e, "announcing a blob timed out");
+                let key = match &result {
+                    Ok(ok) => &ok.key,
+                    Err(e) => {
+                        debug!(error = ?e, "announcing a blob timed out");
+                        e.key()
+                    }
+                };
+                let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) else { return };
+                let hash = Hash::from(bytes);
+                if stats.num_successes() == 0 && self.provided.contains(&hash) {
+                    debug!(blob = %hash.short(), "announcement reached no DHT peer; again once one is known");
+                    self.unannounced.insert(hash);
+                } else {
+                    self.unannounced.remove(&hash);
                 }
             }
             QueryResult::Bootstrap(Ok(ok)) if ok.num_remaining == 0 => {

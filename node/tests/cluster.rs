@@ -79,6 +79,32 @@ impl NodeProc {
         out.1
     }
 
+    /// The value of one metric line (`name{labels}`) on the node's API, 0 if absent.
+    fn metric(&self, name: &str) -> f64 {
+        let api = std::fs::read_to_string(self.dir.join("api")).expect("API address");
+        let text = ureq::get(format!("http://{}/metrics", api.trim()))
+            .call()
+            .and_then(|mut r| r.body_mut().read_to_string())
+            .expect("metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    }
+
+    /// Stops the node with SIGTERM; returns how it exited, within 15 s.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the node did not stop within 15 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn try_cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(SHOAL)
             .args(args)
@@ -199,6 +225,37 @@ fn cli_errors_say_what_went_wrong() {
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("shoal node"));
+}
+
+#[test]
+fn providers_says_why_it_lists_nobody() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A node started without `--bootstrap` has nobody to ask.
+    let lone = NodeProc::start(&tmp.path().join("lone"), None);
+    let (ok, out, err) = lone.try_cli(&["providers", &"ab".repeat(32)]);
+    assert!(!ok && out.is_empty(), "a lookup with nobody to ask listed {out:?}");
+    assert!(err.contains("no DHT peer to ask") && err.contains("--bootstrap"), "{err}");
+    drop(lone);
+
+    // A provider that stopped: its record outlives it on the node it announced to, which names
+    // it but cannot reach it.
+    let mut n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let n2 = NodeProc::start(&tmp.path().join("n2"), Some(&n1));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 5000, 11);
+    let hash = add_and_wait(&n1, &n2, &input);
+    // The lookup above may have found n1 by asking n1 itself: wait until n1's announcement
+    // reached n2 (over QUIC it once never did).
+    let announced = eventually(30, || n2.metric(r#"shoal_dht_served_requests_total{request="add_provider"}"#) >= 1.0);
+    assert!(announced, "n1's announcement never reached n2");
+    n1.stop();
+    let mut last = String::new();
+    let said = eventually(60, || {
+        let (ok, out, err) = n2.try_cli(&["providers", &hash]);
+        last = format!("{out}{err}");
+        !ok && err.contains("named 1 provider(s)") && err.contains("none could be reached")
+    });
+    assert!(said, "a provider gone is not told apart from none: {last}");
 }
 
 /// Reads `(already held, received from peers)` from `shoal get`'s closing line.
@@ -445,16 +502,7 @@ fn config_show_merges_file_environment_and_flags_in_that_order() {
 fn sigterm_stops_a_node_cleanly() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut n = NodeProc::start(&tmp.path().join("n"), None);
-    let status = Command::new("kill").args(["-TERM", &n.child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let exit = loop {
-        if let Some(s) = n.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the node did not stop within 15 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = n.stop();
     assert!(exit.success(), "a SIGTERM stop is a clean exit: {exit:?}");
     assert!(!n.dir.join("api").exists(), "the API address file is removed on a clean stop");
 }
