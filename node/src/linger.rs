@@ -134,14 +134,25 @@ impl<S: AsyncRead + Unpin + Send + 'static> Drop for Linger<S> {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        if count.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
-            count.fetch_sub(1, Ordering::Relaxed);
+        let slot = Slot(count);
+        if slot.0.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING {
+            tracing::debug!("too many streams linger on this connection; one is dropped unconfirmed");
             return;
         }
         runtime.spawn(async move {
             let _ = tokio::time::timeout(LINGER, drain(stream)).await;
-            count.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
+    }
+}
+
+/// A place among a connection's lingering streams, given back when dropped, however the task
+/// holding it ends (a runtime shutting down drops it unfinished).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

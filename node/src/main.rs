@@ -870,13 +870,14 @@ fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
 fn no_providers(hash: &Hash, lookup: Option<&serde_json::Value>) -> String {
     let n = |k: &str| lookup.and_then(|l| l.get(k)).and_then(serde_json::Value::as_u64);
     match (n("requests"), n("answered"), n("named")) {
+        // First: records held here name providers before any peer is asked.
+        (_, _, Some(named)) if named > 0 => {
+            format!("the DHT named {named} provider(s) of {hash}, but none could be reached; they may be offline")
+        }
         (Some(0), _, _) => format!(
             "no providers of {hash} found: the node knows no DHT peer to ask; start it with \
              --bootstrap <multiaddr> (`shoal peers` lists its connections)"
         ),
-        (_, _, Some(named)) if named > 0 => {
-            format!("the DHT named {named} provider(s) of {hash}, but none could be reached; they may be offline")
-        }
         (Some(asked), Some(0), _) => format!(
             "no providers of {hash} found: none of the {asked} DHT peers asked answered; the node may \
              have only just joined, or lost its connections (`shoal peers`)"

@@ -66,6 +66,10 @@ const MAX_PROVIDE_QUEUE: usize = MAX_PROVIDED_KEYS;
 /// How often every held blob is announced again (provider records live 48 hours).
 const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
 
+/// How often announcements that reached no DHT peer are tried again while the routing table
+/// holds peers (a bootstrap peer that was down when the node started, and is back).
+const UNANNOUNCED_RETRY: Duration = Duration::from_secs(30);
+
 /// A blob whose provider lookup found this many providers, or whose fetch already knows of this
 /// many holders (from lookups and peer exchange), is crowded: its record names more holders than
 /// one lookup dials, and peer exchange reaches the rest. A lookup ends once it found this many,
@@ -308,12 +312,17 @@ pub(crate) struct EventLoop {
     /// Providers being dialled, and the lookups waiting for them.
     dialling: HashMap<PeerId, Vec<mpsc::Sender<PeerId>>>,
     provided: HashSet<Hash>,
-    /// Blobs whose last announcement reached no DHT peer (it was made before the routing table
-    /// held any): announced again as soon as a peer enters the table, rather than at the next
-    /// re-announcement, hours later. A subset of `provided`.
+    /// Blobs whose last announcement reached no DHT peer (made before the routing table held
+    /// one, or to peers that did not answer) or timed out: announced again as soon as a peer
+    /// enters the table, and every [`UNANNOUNCED_RETRY`] while it holds any, rather than at the
+    /// next re-announcement, hours later. A subset of `provided`.
     unannounced: HashSet<Hash>,
+    /// Peers that entered the routing table so far: an announcement that failed while the count
+    /// moved is made again at once (the set above may have been emptied meanwhile).
+    table_generation: u64,
     provide_queue: VecDeque<Hash>,
-    providing: HashSet<QueryId>,
+    /// Announcements under way, with the `table_generation` they started at.
+    providing: HashMap<QueryId, u64>,
     /// Blobs a recent lookup found crowded (see [`CROWDED`]), and when.
     crowded: lru::LruCache<Hash, Instant>,
     /// Announcements of crowded blobs waiting for their time; bounded by `provided`.
@@ -323,6 +332,8 @@ pub(crate) struct EventLoop {
     announce_spread: Duration,
     /// [`crate::connmgr::GRACE`], stretched by the time scale.
     grace: Duration,
+    /// [`UNANNOUNCED_RETRY`], stretched by the time scale.
+    unannounced_retry: Duration,
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
@@ -361,13 +372,15 @@ impl EventLoop {
             dialling: HashMap::new(),
             provided: HashSet::new(),
             unannounced: HashSet::new(),
+            table_generation: 0,
             provide_queue: VecDeque::new(),
-            providing: HashSet::new(),
+            providing: HashMap::new(),
             crowded: lru::LruCache::new(std::num::NonZeroUsize::new(MAX_CROWDED).expect("nonzero")),
             deferred: Vec::new(),
             crowded_for: config.stretch(CROWDED_FOR),
             announce_spread: config.stretch(ANNOUNCE_SPREAD),
             grace: config.stretch(crate::connmgr::GRACE),
+            unannounced_retry: config.stretch(UNANNOUNCED_RETRY),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
             listen_addrs: Vec::new(),
@@ -408,6 +421,8 @@ impl EventLoop {
         // Never a zero period (tokio refuses one), whatever the time scale.
         let mut trim = tokio::time::interval((self.grace / 2).max(Duration::from_millis(10)));
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(self.unannounced_retry);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -425,11 +440,23 @@ impl EventLoop {
                     self.trim_connections();
                     self.release_deferred();
                 }
+                _ = retry.tick(), if !self.unannounced.is_empty() => {
+                    if self.swarm.behaviour_mut().kad.kbuckets().any(|b| b.num_entries() > 0) {
+                        self.announce_again();
+                    }
+                }
                 _ = &mut shutdown => break,
             }
             self.drive_provides();
         }
         debug!("swarm loop stopped");
+    }
+
+    /// Queues the announcements that reached no DHT peer.
+    fn announce_again(&mut self) {
+        for hash in std::mem::take(&mut self.unannounced) {
+            self.enqueue_provide(hash);
+        }
     }
 
     fn enqueue_provide(&mut self, hash: Hash) {
@@ -448,7 +475,7 @@ impl EventLoop {
             }
             match self.swarm.behaviour_mut().kad.start_providing(RecordKey::new(hash.as_bytes())) {
                 Ok(id) => {
-                    self.providing.insert(id);
+                    self.providing.insert(id, self.table_generation);
                 }
                 Err(e) => warn!(blob = %hash, error = ?e, "cannot announce blob"),
             }
@@ -816,9 +843,8 @@ impl EventLoop {
                 return;
             }
             kad::Event::RoutingUpdated { is_new_peer: true, .. } => {
-                for hash in std::mem::take(&mut self.unannounced) {
-                    self.enqueue_provide(hash);
-                }
+                self.table_generation += 1;
+                self.announce_again();
                 return;
             }
             kad::Event::InboundRequest { request } => {
@@ -911,7 +937,7 @@ impl EventLoop {
                 }
             }
             QueryResult::StartProviding(result) => {
-                self.providing.remove(&id);
+                let started_at = self.providing.remove(&id);
                 let key = match &result {
                     Ok(ok) => &ok.key,
                     Err(e) => {
@@ -921,9 +947,15 @@ impl EventLoop {
                 };
                 let Ok(bytes) = <[u8; 32]>::try_from(key.as_ref()) else { return };
                 let hash = Hash::from(bytes);
-                if stats.num_successes() == 0 && self.provided.contains(&hash) {
-                    debug!(blob = %hash.short(), "announcement reached no DHT peer; again once one is known");
-                    self.unannounced.insert(hash);
+                // Successes count the peers that answered the search for the closest ones (an
+                // `ADD_PROVIDER` counts once sent): none means the record went nowhere.
+                if (result.is_err() || stats.num_successes() == 0) && self.provided.contains(&hash) {
+                    if started_at.is_some_and(|g| g != self.table_generation) {
+                        self.enqueue_provide(hash);
+                    } else {
+                        debug!(blob = %hash.short(), "announcement reached no DHT peer; again once one answers");
+                        self.unannounced.insert(hash);
+                    }
                 } else {
                     self.unannounced.remove(&hash);
                 }
