@@ -38,12 +38,14 @@ pub struct FetchProgress {
 #[non_exhaustive]
 pub enum FetchError {
     /// No provider answered within the lookup deadline.
-    #[error("no provider of {hash} found within {secs} s; check the hash, or that a node holding it is online")]
+    #[error("no provider of {hash} found within {secs} s; {}", not_found_advice(*.alone))]
     NotFound {
         /// The blob.
         hash: Hash,
         /// The deadline.
         secs: u64,
+        /// Whether the node knew no DHT peer to ask when it gave up.
+        alone: bool,
     },
     /// Providers were found but the fetch could not finish.
     #[error("fetching {hash} failed: {reason}")]
@@ -53,6 +55,13 @@ pub enum FetchError {
         /// Why.
         reason: String,
     },
+}
+
+fn not_found_advice(alone: bool) -> &'static str {
+    match alone {
+        true => "this node knows no DHT peer to ask: start it with --bootstrap <multiaddr>",
+        false => "check the hash, or that a node holding it is online",
+    }
 }
 
 enum Event {
@@ -390,7 +399,10 @@ async fn run(
                     let secs = lookup_timeout.as_secs();
                     outcome = Some(Err(match e {
                         shoal_protocol::fetch::FetchError::Stalled { .. } => match machine.size() {
-                            None => FetchError::NotFound { hash, secs }.into(),
+                            None => {
+                                let alone = node.dht_info().await.is_ok_and(|d| d.routing_table_peers == 0);
+                                FetchError::NotFound { hash, secs, alone }.into()
+                            }
                             Some(_) => FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into(),
                         },
                         e => FetchError::Failed { hash, reason: e.to_string() }.into(),

@@ -457,13 +457,18 @@ impl NodeHandle {
         self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied().unwrap_or(0)
     }
 
+    /// The node's view of the DHT: its routing table and announcements.
+    pub async fn dht_info(&self) -> Result<DhtInfo, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::DhtInfo(tx)).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// The node's state.
     pub async fn status(&self) -> Result<Status, NodeError> {
         let addrs = self.listen_addrs().await?;
         let peers = self.peers().await?.len();
-        let (tx, rx) = oneshot::channel();
-        self.command(Command::DhtInfo(tx)).await?;
-        let dht = rx.await.map_err(|_| NodeError::Stopped)?;
+        let dht = self.dht_info().await?;
         let StoreStats { blobs, cache_bytes, cache_capacity, pinned_bytes, evictions, .. } = self.inner.store.stats();
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),

@@ -230,11 +230,16 @@ fn cli_errors_say_what_went_wrong() {
 #[test]
 fn providers_says_why_it_lists_nobody() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // A node started without `--bootstrap` has nobody to ask.
-    let lone = NodeProc::start(&tmp.path().join("lone"), None);
+    // A node started without `--bootstrap` has nobody to ask, and says so.
+    let dir = tmp.path().join("lone");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    std::fs::write(dir.join("config.toml"), "lookup-timeout-secs = 2\n").expect("config");
+    let lone = NodeProc::start(&dir, None);
     let (ok, out, err) = lone.try_cli(&["providers", &"ab".repeat(32)]);
     assert!(!ok && out.is_empty(), "a lookup with nobody to ask listed {out:?}");
     assert!(err.contains("no DHT peer to ask") && err.contains("--bootstrap"), "{err}");
+    let (ok, _, err) = lone.try_cli(&["get", &"ab".repeat(32), "-o", tmp.path().join("x").to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("no provider of") && err.contains("--bootstrap"), "{err}");
     drop(lone);
 
     // A provider that stopped: its record outlives it on the node it announced to, which names
