@@ -63,8 +63,16 @@ const MAX_PROVIDE_QUERIES: usize = 32;
 /// expired.)
 const MAX_PROVIDE_QUEUE: usize = MAX_PROVIDED_KEYS;
 
+/// Bootstrap peers remembered for dialling again (a config names a handful).
+const MAX_BOOTSTRAP_PEERS: usize = 64;
+
 /// How often every held blob is announced again (provider records live 48 hours).
 const REPROVIDE_INTERVAL: Duration = Duration::from_secs(12 * 3600);
+
+/// The first and the longest wait between dials of the bootstrap peers while no peer is
+/// connected (they were down when the node started, or every peer went away).
+const REJOIN_MIN: Duration = Duration::from_secs(2);
+const REJOIN_MAX: Duration = Duration::from_secs(60);
 
 /// How often announcements that reached no DHT peer are tried again while the routing table
 /// holds peers (a bootstrap peer that was down when the node started, and is back).
@@ -354,6 +362,14 @@ pub(crate) struct EventLoop {
     /// how often that happened.
     awaiting_room: VecDeque<PeerId>,
     room_retries: HashMap<PeerId, u8>,
+    /// The configured bootstrap peers, dialled again while no peer is connected.
+    bootstrap: Vec<(PeerId, Multiaddr)>,
+    /// The wait before the next such dial ([`REJOIN_MIN`] doubling up to [`REJOIN_MAX`], both
+    /// stretched by the time scale), and when it is due.
+    rejoin_wait: Duration,
+    rejoin_at: Instant,
+    rejoin_min: Duration,
+    rejoin_max: Duration,
 }
 
 impl EventLoop {
@@ -395,6 +411,11 @@ impl EventLoop {
             closing: HashSet::new(),
             awaiting_room: VecDeque::new(),
             room_retries: HashMap::new(),
+            bootstrap: Vec::new(),
+            rejoin_wait: config.stretch(REJOIN_MIN),
+            rejoin_at: Instant::now() + config.stretch(REJOIN_MIN),
+            rejoin_min: config.stretch(REJOIN_MIN),
+            rejoin_max: config.stretch(REJOIN_MAX),
         }
     }
 
@@ -412,7 +433,34 @@ impl EventLoop {
         self.swarm
             .dial(DialOpts::peer_id(peer).addresses(vec![addr.clone()]).build())
             .map_err(|e| anyhow::anyhow!("cannot dial bootstrap peer {addr}: {e}"))?;
+        if self.bootstrap.len() < MAX_BOOTSTRAP_PEERS {
+            self.bootstrap.push((peer, addr.clone()));
+        }
         Ok(())
+    }
+
+    /// While no peer is connected, dials the bootstrap peers again, less and less often: a node
+    /// whose bootstrap peers were down when it started, or that lost every peer, otherwise waited
+    /// for Kademlia's next periodic bootstrap (`dht_refresh`, 5 minutes) or for a lookup to dial
+    /// a peer its table still names.
+    fn rejoin(&mut self) {
+        let now = Instant::now();
+        if self.bootstrap.is_empty() || now < self.rejoin_at {
+            return;
+        }
+        if self.swarm.connected_peers().next().is_some() {
+            self.rejoin_wait = self.rejoin_min;
+            self.rejoin_at = now + self.rejoin_wait;
+            return;
+        }
+        info!(peers = self.bootstrap.len(), "no peer connected; dialling the bootstrap peers again");
+        for (peer, addr) in self.bootstrap.clone() {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            // One already being dialled or connected is left alone.
+            let _ = self.swarm.dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+        }
+        self.rejoin_at = now + self.rejoin_wait;
+        self.rejoin_wait = (self.rejoin_wait * 2).min(self.rejoin_max);
     }
 
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
@@ -439,6 +487,7 @@ impl EventLoop {
                 _ = trim.tick() => {
                     self.trim_connections();
                     self.release_deferred();
+                    self.rejoin();
                 }
                 _ = retry.tick(), if !self.unannounced.is_empty() => {
                     if self.swarm.behaviour_mut().kad.kbuckets().any(|b| b.num_entries() > 0) {

@@ -28,9 +28,14 @@ impl Drop for NodeProc {
 
 impl NodeProc {
     fn start(dir: &Path, bootstrap: Option<&NodeProc>) -> NodeProc {
+        Self::start_on(dir, bootstrap.map(|b| b.addr.as_str()), "/ip4/127.0.0.1/udp/0/quic-v1")
+    }
+
+    /// A node listening on `listen`, joining through the node at `bootstrap`.
+    fn start_on(dir: &Path, bootstrap: Option<&str>, listen: &str) -> NodeProc {
         std::fs::create_dir_all(dir).expect("data dir");
         let mut cmd = Command::new(SHOAL);
-        cmd.args(["node", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+        cmd.args(["node", "--listen", listen, "--api", "127.0.0.1:0"])
             .env("SHOAL_DATA_DIR", dir)
             .env_remove("SHOAL_API")
             .env_remove("SHOAL_BOOTSTRAP")
@@ -38,7 +43,7 @@ impl NodeProc {
             .stdout(Stdio::piped())
             .stderr(log_file(dir));
         if let Some(b) = bootstrap {
-            cmd.args(["--bootstrap", &b.addr]);
+            cmd.args(["--bootstrap", b]);
         }
         let mut child = cmd.spawn().expect("spawn shoal node");
         let stdout = child.stdout.take().expect("stdout");
@@ -262,6 +267,27 @@ fn providers_says_why_it_lists_nobody() {
         !ok && err.contains("named 1 provider(s)") && err.contains("none could be reached")
     });
     assert!(said, "a provider gone is not told apart from none: {last}");
+}
+
+#[test]
+fn a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut seed = NodeProc::start(&tmp.path().join("seed"), None);
+    let (addr, peer_id) = (seed.addr.clone(), seed.peer_id.clone());
+    let listen = addr.split("/p2p/").next().expect("address").to_string();
+    assert!(seed.stop().success());
+    drop(seed);
+    let joiner = NodeProc::start_on(&tmp.path().join("joiner"), Some(&addr), "/ip4/127.0.0.1/udp/0/quic-v1");
+    // Once its first dial failed, the node used to wait for Kademlia's next periodic bootstrap,
+    // 5 minutes on.
+    let failed = r#"shoal_connections_total{direction="out",event="failed"}"#;
+    assert!(eventually(60, || joiner.metric(failed) >= 1.0), "the dial to a node that is down never failed");
+    assert!(!joiner.cli(&["peers"]).contains(&peer_id), "connected to a node that is down");
+    let _seed = NodeProc::start_on(&tmp.path().join("seed"), None, &listen);
+    assert!(
+        eventually(60, || joiner.try_cli(&["peers"]).1.contains(&peer_id)),
+        "the node never dialled its bootstrap peer again"
+    );
 }
 
 /// Reads `(already held, received from peers)` from `shoal get`'s closing line.
