@@ -144,10 +144,15 @@ impl Node {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         for addr in &config.listen {
-            // The transport's error names nothing itself (its cause does, e.g. the port in use).
-            swarm
-                .listen_on(addr.clone())
-                .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {addr}")))?;
+            // The transport's error names nothing itself, and its causes repeat one another: the
+            // innermost one says what went wrong (e.g. the port in use).
+            swarm.listen_on(addr.clone()).map_err(|e| {
+                let mut root: &dyn std::error::Error = &e;
+                while let Some(next) = root.source() {
+                    root = next;
+                }
+                anyhow::anyhow!("cannot listen on {addr}: {root}; pick another address with --listen")
+            })?;
         }
         for addr in &config.external {
             swarm.add_external_address(addr.clone());

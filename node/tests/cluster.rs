@@ -221,6 +221,17 @@ fn cli_errors_say_what_went_wrong() {
     let (ok, _, err) = n1.try_cli(&["add", "/nonexistent/file"]);
     assert!(!ok);
     assert!(err.contains("/nonexistent/file"), "{err}");
+    // A second node on the first one's port says which address, and what to do.
+    let taken = n1.addr.split("/p2p/").next().expect("address");
+    let out = Command::new(SHOAL)
+        .args(["node", "--listen", taken, "--api", "127.0.0.1:0"])
+        .env("SHOAL_DATA_DIR", tmp.path().join("second"))
+        .env_remove("SHOAL_API")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("cannot listen on {taken}: ")) && err.contains("--listen"), "{err}");
     // Without a node, `status` says how to start one.
     let out = Command::new(SHOAL)
         .args(["status"])
