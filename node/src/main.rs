@@ -896,6 +896,10 @@ fn peers(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
+    if v.is_empty() {
+        // On standard error: the list itself stays empty for scripts.
+        eprintln!("no peer connected; a node joins a swarm with --bootstrap <multiaddr>");
+    }
     for p in v {
         match p.rtt_ms {
             Some(rtt) => println!("{}  {}  rtt {rtt:.2} ms", p.peer_id, p.address),

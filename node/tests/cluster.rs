@@ -254,6 +254,8 @@ fn providers_says_why_it_lists_nobody() {
     let (ok, out, err) = lone.try_cli(&["providers", &"ab".repeat(32)]);
     assert!(!ok && out.is_empty(), "a lookup with nobody to ask listed {out:?}");
     assert!(err.contains("no DHT peer to ask") && err.contains("--bootstrap"), "{err}");
+    let (ok, out, err) = lone.try_cli(&["peers"]);
+    assert!(ok && out.is_empty() && err.contains("no peer connected") && err.contains("--bootstrap"), "{err}");
     let (ok, _, err) = lone.try_cli(&["get", &"ab".repeat(32), "-o", tmp.path().join("x").to_str().expect("utf-8")]);
     assert!(!ok && err.contains("no provider of") && err.contains("--bootstrap"), "{err}");
     drop(lone);
