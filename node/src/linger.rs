@@ -167,7 +167,8 @@ mod tests {
     use super::*;
     use futures::{AsyncReadExt, AsyncWriteExt};
 
-    /// A stream that records whether it was dropped, and whose reads end when `end` is sent.
+    /// A stream that records whether it was dropped; it reads what its feed sends, and ends when
+    /// the feed is dropped.
     struct Probe {
         reads: futures::channel::mpsc::UnboundedReceiver<Vec<u8>>,
         dropped: Arc<std::sync::atomic::AtomicBool>,
@@ -207,10 +208,11 @@ mod tests {
 
     type Feed = futures::channel::mpsc::UnboundedSender<Vec<u8>>;
 
-    fn probe(count: &Arc<AtomicUsize>) -> (Linger<Probe>, Feed, Arc<std::sync::atomic::AtomicBool>) {
+    /// An outbound stream joining `count`'s lingering streams, or an inbound one for `None`.
+    fn probe(count: Option<&Arc<AtomicUsize>>) -> (Linger<Probe>, Feed, Arc<std::sync::atomic::AtomicBool>) {
         let (tx, reads) = futures::channel::mpsc::unbounded();
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        (Linger::new(Probe { reads, dropped: dropped.clone() }, Some(count.clone())), tx, dropped)
+        (Linger::new(Probe { reads, dropped: dropped.clone() }, count.cloned()), tx, dropped)
     }
 
     async fn settle() {
@@ -222,7 +224,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_sent_whole_and_dropped_unread_waits_for_the_peer_to_close() {
         let count = Arc::new(AtomicUsize::new(0));
-        let (mut s, feed, dropped) = probe(&count);
+        let (mut s, feed, dropped) = probe(Some(&count));
         s.write_all(b"request").await.expect("write");
         s.close().await.expect("close");
         drop(s);
@@ -242,7 +244,7 @@ mod tests {
     async fn streams_read_from_or_never_closed_drop_at_once() {
         let count = Arc::new(AtomicUsize::new(0));
         // Answered: the request was read back.
-        let (mut s, feed, dropped) = probe(&count);
+        let (mut s, feed, dropped) = probe(Some(&count));
         s.write_all(b"request").await.expect("write");
         s.close().await.expect("close");
         feed.unbounded_send(b"answer".to_vec()).expect("feed");
@@ -251,18 +253,15 @@ mod tests {
         drop(s);
         assert!(dropped.load(Ordering::SeqCst));
         // Abandoned: never sent whole.
-        let (mut s, _feed, dropped) = probe(&count);
+        let (mut s, _feed, dropped) = probe(Some(&count));
         s.write_all(b"half a req").await.expect("write");
         drop(s);
         assert!(dropped.load(Ordering::SeqCst));
         // Inbound streams never linger.
-        let (tx, reads) = futures::channel::mpsc::unbounded::<Vec<u8>>();
-        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut s = Linger::new(Probe { reads, dropped: gone.clone() }, None);
+        let (mut s, _feed, dropped) = probe(None);
         s.close().await.expect("close");
         drop(s);
-        drop(tx);
-        assert!(gone.load(Ordering::SeqCst));
+        assert!(dropped.load(Ordering::SeqCst));
         assert_eq!(count.load(Ordering::SeqCst), 0);
     }
 
@@ -270,7 +269,7 @@ mod tests {
     async fn lingering_is_bounded_in_time_in_bytes_and_in_number() {
         let count = Arc::new(AtomicUsize::new(0));
         // A peer that never closes: dropped after the linger time.
-        let (mut s, _silent, dropped) = probe(&count);
+        let (mut s, _silent, dropped) = probe(Some(&count));
         s.close().await.expect("close");
         drop(s);
         settle().await;
@@ -279,7 +278,7 @@ mod tests {
         settle().await;
         assert!(dropped.load(Ordering::SeqCst), "a silent peer is not waited for past the linger time");
         // A peer that keeps sending: dropped once the bound is read.
-        let (mut s, feed, dropped) = probe(&count);
+        let (mut s, feed, dropped) = probe(Some(&count));
         s.close().await.expect("close");
         drop(s);
         for _ in 0..=MAX_DRAINED / 1024 {
@@ -290,7 +289,7 @@ mod tests {
         // At most MAX_LINGERING at once.
         let mut held = Vec::new();
         for _ in 0..MAX_LINGERING {
-            let (mut s, feed, dropped) = probe(&count);
+            let (mut s, feed, dropped) = probe(Some(&count));
             s.close().await.expect("close");
             drop(s);
             held.push((feed, dropped));
@@ -298,7 +297,7 @@ mod tests {
         settle().await;
         assert_eq!(count.load(Ordering::SeqCst), MAX_LINGERING);
         assert!(held.iter().all(|(_, d)| !d.load(Ordering::SeqCst)));
-        let (mut s, _feed, dropped) = probe(&count);
+        let (mut s, _feed, dropped) = probe(Some(&count));
         s.close().await.expect("close");
         drop(s);
         assert!(dropped.load(Ordering::SeqCst), "past the bound a stream drops at once");
