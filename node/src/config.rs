@@ -45,9 +45,9 @@ pub struct NodeConfig {
     pub allow_peers: Option<Vec<libp2p::PeerId>>,
     /// Established connections, in and out. The default is 256.
     pub max_connections: u32,
-    /// Addresses to announce as reachable. Kademlia serves others only once a node has a
-    /// confirmed external address; on a LAN or loopback the listen addresses are announced.
-    /// The default is to announce the listen addresses.
+    /// Addresses to announce as reachable (to identify and in provider records), instead of the
+    /// listen addresses. The default is to announce the listen addresses, the loopback ones only
+    /// when there is no other (see `crate::addrs`).
     pub external: Vec<Multiaddr>,
     /// How long a provider lookup may run before `get` gives up. The default is 30 s.
     pub lookup_timeout: Duration,

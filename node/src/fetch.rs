@@ -454,7 +454,7 @@ async fn run(
                     Event::ProvidersDone => machine.handle_providers_done(now),
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);
-                        let near = reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        let near = reach(node, peer, &held.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
                         if let Some(proof) = held.size_proof {
                             node.inner.crowds.remember_proof(hash, held.size, proof);
@@ -464,7 +464,7 @@ async fn run(
                     }
                     Event::Watched(peer, Ok(Some(held))) => {
                         node.inner.metrics.requested("watch", "ok", held.rtt);
-                        let near = reach(node, &held.hints, &mut hinted, &hinted_tx).await;
+                        let near = reach(node, peer, &held.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
                         machine.handle_watched(peer, held.size, held.pieces, now)
                     }
@@ -515,7 +515,7 @@ async fn run(
                         if !got.verified.is_empty() {
                             node.inner.crowds.source(hash, peer, now);
                         }
-                        let near = reach(node, &got.hints, &mut hinted, &hinted_tx).await;
+                        let near = reach(node, peer, &got.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
                         machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, got.fault.map(failure), now);
                         if let Some(have) = got.have {
@@ -553,9 +553,11 @@ const MAX_HINTED: usize = 1024;
 /// Gives the swarm the holders a peer named that this fetch has not heard of, with their
 /// addresses; each comes back on `found` as a candidate once its addresses are recorded, so that
 /// the dial its first stream makes finds them. Returns those we are connected to already, which
-/// need no dial (the fetch asks them first). Malformed hints are skipped.
+/// need no dial (the fetch asks them first). Malformed hints are skipped. `from` is the peer
+/// that named them.
 async fn reach(
     node: &NodeHandle,
+    from: PeerId,
     hints: &[PeerHint],
     hinted: &mut HashSet<PeerId>,
     found: &mpsc::Sender<PeerId>,
@@ -571,7 +573,7 @@ async fn reach(
             continue;
         }
         let addrs = hint.addrs.iter().filter_map(|a| libp2p::Multiaddr::try_from(a.clone()).ok()).collect();
-        let command = Command::Reach { peer, addrs, found: found.clone() };
+        let command = Command::Reach { peer, addrs, from, found: found.clone() };
         if node.inner.commands.send(command).await.is_err() {
             break;
         }

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: [`NodeConfig`] and its defaults.
 //! - `identity`: the persistent ed25519 key.
+//! - `addrs`: which addresses we announce, and which of a peer's we dial.
 //! - `swarm`: the libp2p swarm (Kademlia, identify, ping, streams) and the task that owns it.
 //! - `linger`: QUIC streams kept until a one-way message is delivered.
 //! - `transfer`: `/shoal/transfer/2`, serving and requesting pieces.
@@ -12,6 +13,7 @@
 //! - `gateway`: blobs over HTTP (`Range`, `ETag`, streaming while fetching).
 //! - [`node`]: [`Node`] and its cloneable [`NodeHandle`].
 
+mod addrs;
 pub mod api;
 pub mod config;
 mod connmgr;

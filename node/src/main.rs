@@ -91,7 +91,7 @@ struct NodeArgs {
     /// Serve blobs read-only over HTTP at this address, as GET /<hash> (may be public) [default: off]
     #[arg(long, env = "SHOAL_GATEWAY")]
     gateway: Option<SocketAddr>,
-    /// Announce this address as reachable (repeatable) [default: the listen addresses]
+    /// Announce this address as reachable, instead of the listen addresses (repeatable) [default: the listen addresses but loopback ones]
     #[arg(long, env = "SHOAL_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
     /// Cap on everything uploaded to peers, bytes per second, e.g. 10M [default: none]

@@ -106,7 +106,7 @@ const MAX_PEER_ADDR_LEN: usize = 256;
 /// The behaviours of a Shoal node, on one connection per peer.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
-    kad: kad::Behaviour<MemoryStore>,
+    kad: kad::Behaviour<crate::addrs::Records>,
     identify: identify::Behaviour,
     ping: Toggle<ping::Behaviour>,
     stream: crate::streams::Behaviour,
@@ -137,7 +137,7 @@ pub(crate) enum Command {
     /// are recorded for when a stream to it is opened, then the peer is handed to `found`. (The
     /// round trip orders the two: a stream opened before the addresses were recorded would dial
     /// without them.)
-    Reach { peer: PeerId, addrs: Vec<Multiaddr>, found: mpsc::Sender<PeerId> },
+    Reach { peer: PeerId, addrs: Vec<Multiaddr>, from: PeerId, found: mpsc::Sender<PeerId> },
 }
 
 /// A connected peer.
@@ -222,6 +222,7 @@ pub(crate) fn build_swarm(
                 ..Default::default()
             },
         );
+        let store = crate::addrs::Records::new(peer_id, store);
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Every Shoal node serves the DHT (we do not wait for an external address to be
         // confirmed), except one that runs for a single command and would leave dead entries in
@@ -240,7 +241,11 @@ pub(crate) fn build_swarm(
                     // a peer that is not connected any more (a provider whose connection was
                     // trimmed, asked again) gets them from here. The default 100 is fewer than
                     // the peers one crowd fetch talks to; 1,024 cost about 100 KiB.
-                    .with_cache_size(IDENTIFY_CACHE),
+                    .with_cache_size(IDENTIFY_CACHE)
+                    // Peers are told the addresses we announce (see `crate::addrs`), not every
+                    // listen address: a peer elsewhere would keep our loopback one in that cache,
+                    // and dial its own machine with it.
+                    .with_hide_listen_addrs(true),
             ),
             ping: Toggle::from(config.ping.then(|| {
                 ping::Behaviour::new(
@@ -374,13 +379,16 @@ pub(crate) struct EventLoop {
 
 impl EventLoop {
     pub(crate) fn new(
-        swarm: Swarm<Behaviour>,
+        mut swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
         config: &NodeConfig,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         activity: std::sync::Arc<crate::connmgr::PeerActivity>,
         crowds: std::sync::Arc<crate::crowd::Crowds>,
     ) -> Self {
+        if !config.external.is_empty() {
+            swarm.behaviour_mut().kad.store_mut().set_announced(config.external.clone());
+        }
         Self {
             swarm,
             commands,
@@ -619,10 +627,11 @@ impl EventLoop {
                     announcing: self.providing.len(),
                 });
             }
-            Command::Reach { peer, addrs, found } => {
+            Command::Reach { peer, addrs, from, found } => {
                 if peer == *self.swarm.local_peer_id() {
                     return;
                 }
+                let addrs = crate::addrs::dialable(addrs, self.over_loopback(&from));
                 // Not dialled now: a crowd names hundreds of holders, and connecting to each on
                 // sight churned connections faster than transfers used them. The fetch asks the
                 // peer when it has a slot for it; the stream's dial finds these addresses.
@@ -700,10 +709,30 @@ impl EventLoop {
 
     fn forget_listen_addr(&mut self, address: &Multiaddr) {
         info!(%address, "no longer listening");
-        if self.announce_listen_addrs {
-            self.swarm.remove_external_address(address);
-        }
         self.listen_addrs.retain(|a| a != address);
+        self.sync_announced();
+    }
+
+    /// Announces the listen addresses worth announcing (see [`crate::addrs`]) as our external
+    /// addresses, unless addresses were configured, and gives our provider records the same.
+    fn sync_announced(&mut self) {
+        if !self.announce_listen_addrs {
+            return;
+        }
+        let announced = crate::addrs::announced(&self.listen_addrs);
+        let old: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        for a in old.iter().filter(|a| !announced.contains(a)) {
+            self.swarm.remove_external_address(a);
+        }
+        for a in announced.iter().filter(|a| !old.contains(a)) {
+            self.swarm.add_external_address(a.clone());
+        }
+        self.swarm.behaviour_mut().kad.store_mut().set_announced(announced);
+    }
+
+    /// Whether our connection to `peer` runs over loopback: it is on this machine.
+    fn over_loopback(&self, peer: &PeerId) -> bool {
+        self.remote_addrs.get(peer).is_some_and(crate::addrs::is_loopback)
     }
 
     /// Closes the least useful connections once there are more than the target (see
@@ -782,12 +811,10 @@ impl EventLoop {
             SwarmEvent::NewListenAddr { address, .. } => {
                 let me = *self.swarm.local_peer_id();
                 info!(address = %address.clone().with(Protocol::P2p(me)), "listening");
-                if self.announce_listen_addrs {
-                    self.swarm.add_external_address(address.clone());
-                }
                 if !self.listen_addrs.contains(&address) {
                     self.listen_addrs.push(address);
                 }
+                self.sync_announced();
             }
             // An address that went away (an interface down, a temporary IPv6 address retired, its
             // listener closed) is no longer announced or shown.
@@ -869,9 +896,11 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                self.crowds.connected(peer_id, info.listen_addrs.clone());
+                // Its loopback addresses are ours too only if it runs on this machine.
+                let addrs = crate::addrs::dialable(info.listen_addrs, self.over_loopback(&peer_id));
+                self.crowds.connected(peer_id, addrs.clone());
                 if info.protocols.contains(&KAD_PROTOCOL) {
-                    self.learn_addresses(peer_id, info.listen_addrs, true);
+                    self.learn_addresses(peer_id, addrs, true);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {

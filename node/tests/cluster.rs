@@ -1,5 +1,6 @@
-//! Real `shoal node` processes on loopback QUIC, driven through the `shoal` command as a user
-//! would. Every process is killed when its guard drops; every wait is bounded.
+//! Real `shoal node` processes on loopback QUIC (and on hosts of their own, in network
+//! namespaces), driven through the `shoal` command as a user would. Every process is killed when
+//! its guard drops; every wait is bounded.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileTypeExt;
@@ -33,9 +34,29 @@ impl NodeProc {
 
     /// A node listening on `listen`, joining through the node at `bootstrap`.
     fn start_on(dir: &Path, bootstrap: Option<&str>, listen: &str) -> NodeProc {
+        Self::spawn(dir, None, &["--listen", listen, "--api", "127.0.0.1:0"], bootstrap)
+    }
+
+    /// A node on `host` listening where a node listens by default (every interface, UDP 4737),
+    /// with `args` added; its API is on the host's LAN address, where the test reaches it, and
+    /// its `addr` is its LAN one.
+    fn start_in(host: &Host, dir: &Path, args: &[&str], bootstrap: Option<&str>) -> NodeProc {
+        let api = format!("{}:0", host.ip);
+        Self::spawn(dir, Some(host), &[args, &["--api", &api]].concat(), bootstrap)
+    }
+
+    fn spawn(dir: &Path, host: Option<&Host>, args: &[&str], bootstrap: Option<&str>) -> NodeProc {
         std::fs::create_dir_all(dir).expect("data dir");
-        let mut cmd = Command::new(SHOAL);
-        cmd.args(["node", "--listen", listen, "--api", "127.0.0.1:0"])
+        let mut cmd = match host {
+            None => Command::new(SHOAL),
+            Some(h) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &h.ns, SHOAL]);
+                cmd
+            }
+        };
+        cmd.arg("node")
+            .args(args)
             .env("SHOAL_DATA_DIR", dir)
             .env_remove("SHOAL_API")
             .env_remove("SHOAL_BOOTSTRAP")
@@ -64,7 +85,9 @@ impl NodeProc {
                 Ok(line) => {
                     if let Some(p) = line.strip_prefix("peer id: ") {
                         peer_id = Some(p.to_string());
-                    } else if let Some(a) = line.strip_prefix("listening: ") {
+                    } else if let Some(a) = line.strip_prefix("listening: ")
+                        && host.is_none_or(|h| a.starts_with(&format!("/ip4/{}/", h.ip)))
+                    {
                         addr.get_or_insert(a.to_string());
                     }
                 }
@@ -118,6 +141,71 @@ impl NodeProc {
             .output()
             .expect("run shoal");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    }
+}
+
+/// A machine of its own on one LAN: a network namespace whose veth is on a bridge. The test
+/// reaches the nodes' APIs over the bridge.
+struct Host {
+    ns: String,
+    ip: String,
+}
+
+/// Hosts on a bridge, removed on drop (with the processes still in them: drop the nodes first).
+struct Lan {
+    bridge: String,
+    hosts: Vec<Host>,
+}
+
+impl Lan {
+    /// `n` hosts, or `None` (said on standard error) where network namespaces cannot be made: not
+    /// root, or no `ip`.
+    fn new(n: usize) -> Option<Lan> {
+        let id = std::process::id();
+        let subnet = format!("10.213.{}", id % 250);
+        let mut lan = Lan { bridge: format!("shb{id}"), hosts: Vec::new() };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+            match out.status.success() {
+                true => Ok(()),
+                false => Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
+            }
+        };
+        let made = (|| {
+            ip(&["link", "add", &lan.bridge, "type", "bridge"])?;
+            ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &lan.bridge])?;
+            ip(&["link", "set", &lan.bridge, "up"])?;
+            for i in 1..=n {
+                let host = Host { ns: format!("shoal-{id}-{i}"), ip: format!("{subnet}.{i}") };
+                ip(&["netns", "add", &host.ns])?;
+                lan.hosts.push(host);
+                let host = &lan.hosts[i - 1];
+                let (outer, inner) = (format!("shv{id}x{i}"), format!("shp{id}x{i}"));
+                ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &host.ns])?;
+                ip(&["link", "set", &outer, "master", &lan.bridge, "up"])?;
+                let inside = |args: &[&str]| ip(&[&["netns", "exec", &host.ns, "ip"], args].concat());
+                inside(&["addr", "add", &format!("{}/24", host.ip), "dev", &inner])?;
+                inside(&["link", "set", &inner, "up"])?;
+                inside(&["link", "set", "lo", "up"])?;
+            }
+            Ok::<(), String>(())
+        })();
+        match made {
+            Ok(()) => Some(lan),
+            Err(e) => {
+                eprintln!("skipped: cannot make hosts in network namespaces here ({e})");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for h in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
     }
 }
 
@@ -301,6 +389,47 @@ fn a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up() {
         eventually(60, || joiner.try_cli(&["peers"]).1.contains(&peer_id)),
         "the node never dialled its bootstrap peer again"
     );
+}
+
+/// Nodes on separate hosts, each listening on every interface as a node does by default, and a
+/// second node on the first host that joined over loopback. Every node used to announce its
+/// 127.0.0.1 address too: a dial of a peer on another host then also dialled the dialler's own
+/// node on that port, and both counted a failed connection.
+#[test]
+fn nodes_on_separate_hosts_never_dial_each_others_loopback_addresses() {
+    let Some(lan) = Lan::new(3) else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start_in(&lan.hosts[0], &tmp.path().join("a"), &[], None);
+    let b = NodeProc::start_in(&lan.hosts[1], &tmp.path().join("b"), &[], Some(&a.addr));
+    let c = NodeProc::start_in(&lan.hosts[2], &tmp.path().join("c"), &[], Some(&a.addr));
+    let a_loopback = format!("/ip4/127.0.0.1/udp/4737/quic-v1/p2p/{}", a.peer_id);
+    let listen = ["--listen", "/ip4/0.0.0.0/udp/4740/quic-v1"];
+    let a2 = NodeProc::start_in(&lan.hosts[0], &tmp.path().join("a2"), &listen, Some(&a_loopback));
+    let nodes = [&a, &b, &c, &a2];
+
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 3 << 20, 5);
+    let hash = add_and_wait(&a2, &b, &input);
+    let out = tmp.path().join("out.bin");
+    let got = c.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
+    assert!(got.0, "get failed: {}", got.2);
+    assert_eq!(b3sum(&out), hash);
+    assert!(
+        eventually(30, || b.try_cli(&["providers", &hash]).1.contains(&c.peer_id)),
+        "the fetcher on another host was never listed as a provider"
+    );
+    // Each node dialled others, and each peer is connected to all three others.
+    for n in nodes {
+        assert!(eventually(20, || n.cli(&["peers"]).lines().count() == 3), "{} lacks peers", n.peer_id);
+    }
+    for n in nodes {
+        for direction in ["in", "out"] {
+            let failed = n.metric(&format!(r#"shoal_connections_total{{direction="{direction}",event="failed"}}"#));
+            assert_eq!(failed, 0.0, "{} counted failed {direction}bound connections", n.peer_id);
+        }
+    }
+    drop((a, b, c, a2));
+    drop(lan);
 }
 
 /// Reads `(already held, received from peers)` from `shoal get`'s closing line.

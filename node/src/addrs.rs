@@ -1,0 +1,183 @@
+//! Which of a peer's addresses are worth dialling from here, and which of ours we announce.
+//!
+//! A node listening on `0.0.0.0` (the default) listens on every interface, loopback included.
+//! Announced to everyone, its `127.0.0.1` address reaches peers on other machines, where it names
+//! the dialler's own machine: seen between network namespaces, every dial of such a peer also
+//! dialled the dialler's own node on the same port, and both ends counted a failed connection (a
+//! wrong peer id at one, its own id at the other). So:
+//! - we announce loopback addresses only while we have no other (nodes run on one machine);
+//! - a loopback address a peer tells us is its own, or another's, is kept only if that peer is
+//!   on our machine itself (connected to us over loopback), and only for a peer with no other
+//!   address;
+//! - an unspecified address (`0.0.0.0`, `::`) names no one and is never kept.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use libp2p::kad::store::{MemoryStore, RecordStore, Result as StoreResult};
+use libp2p::kad::{ProviderRecord, Record, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+fn ip(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
+/// Whether `addr` is an IP loopback address (`127.0.0.0/8` or `::1`).
+pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
+    ip(addr).is_some_and(|ip| ip.is_loopback())
+}
+
+/// The addresses in `addrs`, all of one peer, worth dialling from here, told by a peer connected
+/// to us over loopback (`told_over_loopback`) or not. Loopback addresses are kept only when the
+/// peer has no other: one that has another is reached there from this machine too, and a
+/// routing table that kept both would hand the loopback one to peers elsewhere. Addresses that
+/// are not IP addresses (`/dns`, `/memory`) are kept.
+pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<Multiaddr> {
+    let (loopback, other): (Vec<Multiaddr>, Vec<Multiaddr>) =
+        addrs.into_iter().filter(|a| !ip(a).is_some_and(|ip| ip.is_unspecified())).partition(is_loopback);
+    match (other.is_empty(), told_over_loopback) {
+        (true, true) => loopback,
+        _ => other,
+    }
+}
+
+/// Of our listen addresses, those we announce: every one but the loopback ones, or only the
+/// loopback ones if there is no other.
+pub(crate) fn announced(listen: &[Multiaddr]) -> Vec<Multiaddr> {
+    let other: Vec<Multiaddr> = listen.iter().filter(|a| !is_loopback(a)).cloned().collect();
+    match other.is_empty() {
+        true => listen.to_vec(),
+        false => other,
+    }
+}
+
+/// Kademlia's record store, answering with the addresses we announce for our own provider
+/// records. Kademlia keeps those without addresses and, asked for them, fills in every listen
+/// address it saw, loopback included; a record that carries addresses is sent as it is.
+pub(crate) struct Records {
+    inner: MemoryStore,
+    local: PeerId,
+    announced: Vec<Multiaddr>,
+}
+
+impl Records {
+    pub(crate) fn new(local: PeerId, inner: MemoryStore) -> Self {
+        Self { inner, local, announced: Vec::new() }
+    }
+
+    /// The addresses our own provider records carry from now on; none leaves it to Kademlia.
+    pub(crate) fn set_announced(&mut self, addrs: Vec<Multiaddr>) {
+        self.announced = addrs;
+    }
+}
+
+impl RecordStore for Records {
+    type RecordsIter<'a> = <MemoryStore as RecordStore>::RecordsIter<'a>;
+    type ProvidedIter<'a> = <MemoryStore as RecordStore>::ProvidedIter<'a>;
+
+    fn get(&self, k: &RecordKey) -> Option<Cow<'_, Record>> {
+        self.inner.get(k)
+    }
+
+    fn put(&mut self, r: Record) -> StoreResult<()> {
+        self.inner.put(r)
+    }
+
+    fn remove(&mut self, k: &RecordKey) {
+        self.inner.remove(k)
+    }
+
+    fn records(&self) -> Self::RecordsIter<'_> {
+        self.inner.records()
+    }
+
+    fn add_provider(&mut self, record: ProviderRecord) -> StoreResult<()> {
+        self.inner.add_provider(record)
+    }
+
+    fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
+        let mut records = self.inner.providers(key);
+        for r in records.iter_mut().filter(|r| r.provider == self.local && r.addresses.is_empty()) {
+            r.addresses = self.announced.clone();
+        }
+        records
+    }
+
+    fn provided(&self) -> Self::ProvidedIter<'_> {
+        self.inner.provided()
+    }
+
+    fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
+        self.inner.remove_provider(k, p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(s: &str) -> Multiaddr {
+        s.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn loopback_addresses_are_announced_only_when_there_is_no_other() {
+        let lo = a("/ip4/127.0.0.1/udp/4737/quic-v1");
+        let lan = a("/ip4/10.77.0.1/udp/4737/quic-v1");
+        let lo6 = a("/ip6/::1/udp/4737/quic-v1");
+        assert_eq!(announced(&[lo.clone(), lan.clone(), lo6.clone()]), vec![lan.clone()]);
+        assert_eq!(announced(&[lo.clone(), lo6.clone()]), vec![lo, lo6]);
+        assert_eq!(announced(&[]), Vec::<Multiaddr>::new());
+        let mem = a("/memory/7");
+        assert_eq!(announced(std::slice::from_ref(&mem)), vec![mem]);
+    }
+
+    #[test]
+    fn a_peer_elsewhere_cannot_hand_us_a_loopback_address() {
+        let told = vec![
+            a("/ip4/127.0.0.1/udp/4737/quic-v1"),
+            a("/ip4/127.8.9.1/udp/4737/quic-v1"),
+            a("/ip6/::1/udp/4737/quic-v1"),
+            a("/ip4/0.0.0.0/udp/4737/quic-v1"),
+            a("/ip6/::/udp/4737/quic-v1"),
+            a("/ip4/192.0.2.1/udp/4737/quic-v1"),
+            a("/dns4/example.org/udp/4737/quic-v1"),
+            a("/memory/7"),
+        ];
+        let elsewhere = vec![told[5].clone(), told[6].clone(), told[7].clone()];
+        assert_eq!(dialable(told.clone(), false), elsewhere);
+        assert_eq!(dialable(told.clone(), true), elsewhere, "its other addresses reach it from here too");
+        assert_eq!(dialable(told[..5].to_vec(), true), told[..3].to_vec(), "a peer on loopback only");
+        assert_eq!(dialable(told[..5].to_vec(), false), Vec::<Multiaddr>::new());
+    }
+
+    #[test]
+    fn our_own_provider_records_carry_the_announced_addresses() {
+        let me = PeerId::random();
+        let other = PeerId::random();
+        let mut store = Records::new(me, MemoryStore::new(me));
+        let key = RecordKey::new(&b"blob");
+        store.add_provider(ProviderRecord::new(key.clone(), me, Vec::new())).unwrap();
+        let theirs = vec![a("/ip4/192.0.2.9/udp/4737/quic-v1")];
+        store.add_provider(ProviderRecord::new(key.clone(), other, theirs.clone())).unwrap();
+        let addrs = |s: &Records| -> Vec<(PeerId, Vec<Multiaddr>)> {
+            let mut v: Vec<_> = s.providers(&key).into_iter().map(|r| (r.provider, r.addresses)).collect();
+            v.sort();
+            v
+        };
+        let mut expect = vec![(me, Vec::new()), (other, theirs.clone())];
+        expect.sort();
+        assert_eq!(addrs(&store), expect, "nothing announced yet: Kademlia fills ours in");
+        let lan = vec![a("/ip4/10.77.0.1/udp/4737/quic-v1")];
+        store.set_announced(lan.clone());
+        let mut expect = vec![(me, lan), (other, theirs)];
+        expect.sort();
+        assert_eq!(addrs(&store), expect);
+        assert_eq!(store.provided().count(), 1);
+    }
+}
