@@ -9,7 +9,9 @@
 //! - a loopback address a peer tells us is its own, or another's, is kept only if that peer is
 //!   on our machine itself (connected to us over loopback), and only for a peer with no other
 //!   address;
-//! - an unspecified address (`0.0.0.0`, `::`) names no one and is never kept.
+//! - an unspecified address (`0.0.0.0`, `::`) names no one, and an IPv6 link-local one
+//!   (`fe80::/10`) no one elsewhere (a multiaddr leaves out its interface): neither is announced
+//!   or kept.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -32,6 +34,16 @@ pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     ip(addr).is_some_and(|ip| ip.is_loopback())
 }
 
+/// Whether `addr` names no one anywhere: an unspecified address (`0.0.0.0`, `::`), or an IPv6
+/// link-local one (`fe80::/10`), which a multiaddr names without the interface it is on.
+fn is_nowhere(addr: &Multiaddr) -> bool {
+    match ip(addr) {
+        Some(IpAddr::V4(ip)) => ip.is_unspecified(),
+        Some(IpAddr::V6(ip)) => ip.is_unspecified() || ip.is_unicast_link_local(),
+        None => false,
+    }
+}
+
 /// The addresses in `addrs`, all of one peer, worth dialling from here, told by a peer connected
 /// to us over loopback (`told_over_loopback`) or not. Loopback addresses are kept only when the
 /// peer has no other: one that has another is reached there from this machine too, and a
@@ -39,7 +51,7 @@ pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
 /// are not IP addresses (`/dns`, `/memory`) are kept.
 pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<Multiaddr> {
     let (loopback, other): (Vec<Multiaddr>, Vec<Multiaddr>) =
-        addrs.into_iter().filter(|a| !ip(a).is_some_and(|ip| ip.is_unspecified())).partition(is_loopback);
+        addrs.into_iter().filter(|a| !is_nowhere(a)).partition(is_loopback);
     match (other.is_empty(), told_over_loopback) {
         (true, true) => loopback,
         _ => other,
@@ -47,13 +59,9 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
 }
 
 /// Of our listen addresses, those we announce: every one but the loopback ones, or only the
-/// loopback ones if there is no other.
+/// loopback ones if there is no other. IPv6 link-local ones never.
 pub(crate) fn announced(listen: &[Multiaddr]) -> Vec<Multiaddr> {
-    let other: Vec<Multiaddr> = listen.iter().filter(|a| !is_loopback(a)).cloned().collect();
-    match other.is_empty() {
-        true => listen.to_vec(),
-        false => other,
-    }
+    dialable(listen.to_vec(), true)
 }
 
 /// Kademlia's record store, answering with the addresses we announce for our own provider
@@ -131,10 +139,14 @@ mod tests {
         let lan = a("/ip4/10.77.0.1/udp/4737/quic-v1");
         let lo6 = a("/ip6/::1/udp/4737/quic-v1");
         assert_eq!(announced(&[lo.clone(), lan.clone(), lo6.clone()]), vec![lan.clone()]);
-        assert_eq!(announced(&[lo.clone(), lo6.clone()]), vec![lo, lo6]);
+        assert_eq!(announced(&[lo.clone(), lo6.clone()]), vec![lo.clone(), lo6]);
         assert_eq!(announced(&[]), Vec::<Multiaddr>::new());
         let mem = a("/memory/7");
         assert_eq!(announced(std::slice::from_ref(&mem)), vec![mem]);
+        let link = a("/ip6/fe80::d8a5:9ff:fe8f:b5a3/udp/4737/quic-v1");
+        let ula = a("/ip6/fd77::1/udp/4737/quic-v1");
+        assert_eq!(announced(&[lo.clone(), link.clone(), ula.clone()]), vec![ula]);
+        assert_eq!(announced(&[lo.clone(), link]), vec![lo]);
     }
 
     #[test]
@@ -145,15 +157,16 @@ mod tests {
             a("/ip6/::1/udp/4737/quic-v1"),
             a("/ip4/0.0.0.0/udp/4737/quic-v1"),
             a("/ip6/::/udp/4737/quic-v1"),
+            a("/ip6/fe80::1/udp/4737/quic-v1"),
             a("/ip4/192.0.2.1/udp/4737/quic-v1"),
             a("/dns4/example.org/udp/4737/quic-v1"),
             a("/memory/7"),
         ];
-        let elsewhere = vec![told[5].clone(), told[6].clone(), told[7].clone()];
+        let elsewhere = told[6..].to_vec();
         assert_eq!(dialable(told.clone(), false), elsewhere);
         assert_eq!(dialable(told.clone(), true), elsewhere, "its other addresses reach it from here too");
-        assert_eq!(dialable(told[..5].to_vec(), true), told[..3].to_vec(), "a peer on loopback only");
-        assert_eq!(dialable(told[..5].to_vec(), false), Vec::<Multiaddr>::new());
+        assert_eq!(dialable(told[..6].to_vec(), true), told[..3].to_vec(), "a peer on loopback only");
+        assert_eq!(dialable(told[..6].to_vec(), false), Vec::<Multiaddr>::new());
     }
 
     #[test]

@@ -21,7 +21,9 @@ pub const MAX_FETCH_PEERS: usize = 1024;
 pub struct NodeConfig {
     /// Where the identity, the store and the API address live.
     pub data_dir: PathBuf,
-    /// Multiaddrs to listen on. The default is QUIC on all IPv4 interfaces, UDP port 4737.
+    /// Multiaddrs to listen on. The default ([`NodeConfig::default_listen`]) is QUIC on all IPv4
+    /// and IPv6 interfaces, UDP port 4737; on a machine without IPv6 the node listens on IPv4
+    /// alone.
     pub listen: Vec<Multiaddr>,
     /// Peers to join the DHT through (each ending in `/p2p/<peer id>`). The default is none.
     pub bootstrap: Vec<Multiaddr>,
@@ -115,13 +117,20 @@ impl NodeConfig {
         self.stretch(self.lookup_timeout)
     }
 
+    /// QUIC on every IPv4 and IPv6 interface, on UDP `port`.
+    pub fn default_listen(port: u16) -> Vec<Multiaddr> {
+        use libp2p::multiaddr::Protocol;
+        [std::net::Ipv4Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::UNSPECIFIED.into()]
+            .into_iter()
+            .map(|ip: std::net::IpAddr| Multiaddr::from(ip).with(Protocol::Udp(port)).with(Protocol::QuicV1))
+            .collect()
+    }
+
     /// The defaults for a node whose data lives in `data_dir`.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            listen: vec![
-                format!("/ip4/0.0.0.0/udp/{DEFAULT_QUIC_PORT}/quic-v1").parse().unwrap_or_else(|_| Multiaddr::empty()),
-            ],
+            listen: Self::default_listen(DEFAULT_QUIC_PORT),
             bootstrap: Vec::new(),
             cache_bytes: 10 << 30,
             api: Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT))),

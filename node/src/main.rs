@@ -724,7 +724,7 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
     };
     let dir = scratch_dir(&beside)?;
     let mut config = NodeConfig::new(&dir);
-    config.listen = vec!["/ip4/0.0.0.0/udp/0/quic-v1".parse()?];
+    config.listen = NodeConfig::default_listen(0);
     config.bootstrap = bootstrap;
     config.api = None;
     config.durable = false;

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::config::NodeConfig;
+use crate::config::{DEFAULT_QUIC_PORT, NodeConfig};
 use crate::fetch::{self, FetchError, FetchProgress};
 use crate::swarm::{self, Command, DhtInfo, DhtSnapshot, EventLoop, LookupStats, PeerInfo, TransportFactory};
 use crate::transfer::{self, Uploads};
@@ -143,7 +143,18 @@ impl Node {
 
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
+        // The default listens on IPv6 too, where the machine has it; an address asked for is
+        // listened on or the start fails.
+        let optional = |addr: &Multiaddr| {
+            let default = config.listen == NodeConfig::default_listen(DEFAULT_QUIC_PORT)
+                || config.listen == NodeConfig::default_listen(0);
+            default && matches!(addr.iter().next(), Some(libp2p::multiaddr::Protocol::Ip6(_)))
+        };
         for addr in &config.listen {
+            if optional(addr) && std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_err() {
+                info!(%addr, "this machine has no IPv6: listening on IPv4 alone");
+                continue;
+            }
             // The transport's error names nothing itself, and its causes repeat one another: the
             // innermost one says what went wrong (e.g. the port in use).
             swarm.listen_on(addr.clone()).map_err(|e| {
