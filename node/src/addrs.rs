@@ -9,6 +9,8 @@
 //! - a loopback address a peer tells us is its own, or another's, is kept only if that peer is
 //!   on our machine itself (connected to us over loopback), and only for a peer with no other
 //!   address;
+//! - the addresses a peer that dialled us announces are kept only if it dialled from one of
+//!   them: a peer behind a NAT announces addresses nobody else can reach;
 //! - an unspecified address (`0.0.0.0`, `::`) names no one, and an IPv6 link-local one
 //!   (`fe80::/10`) no one elsewhere (a multiaddr leaves out its interface): neither is announced
 //!   or kept.
@@ -55,6 +57,19 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
     match (other.is_empty(), told_over_loopback) {
         (true, true) => loopback,
         _ => other,
+    }
+}
+
+/// Whether a peer that dialled us from `from` is reachable at one of `addrs`, the addresses it
+/// announced: one of them is on the IP it dialled from (libp2p's QUIC dials from its listening
+/// socket, so the port matches too, but a NAT that keeps the address may change the port). A
+/// peer on this machine (`from` is loopback) is vouched for, as is every address of a transport
+/// without IP addresses.
+pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
+    match ip(from) {
+        None => true,
+        Some(from) if from.is_loopback() => true,
+        Some(from) => addrs.iter().any(|a| ip(a) == Some(from)),
     }
 }
 
@@ -167,6 +182,18 @@ mod tests {
         assert_eq!(dialable(told.clone(), true), elsewhere, "its other addresses reach it from here too");
         assert_eq!(dialable(told[..6].to_vec(), true), told[..3].to_vec(), "a peer on loopback only");
         assert_eq!(dialable(told[..6].to_vec(), false), Vec::<Multiaddr>::new());
+    }
+
+    #[test]
+    fn a_peer_that_dialled_us_is_believed_only_from_an_address_it_announced() {
+        let announced = vec![a("/ip4/192.168.50.2/udp/4737/quic-v1"), a("/ip6/2001:db8::2/udp/4737/quic-v1")];
+        assert!(vouched_for(&announced, &a("/ip4/192.168.50.2/udp/4737/quic-v1")));
+        assert!(vouched_for(&announced, &a("/ip4/192.168.50.2/udp/50123/quic-v1")), "a NAT that kept the address");
+        assert!(vouched_for(&announced, &a("/ip6/2001:db8::2/udp/4737/quic-v1")));
+        assert!(!vouched_for(&announced, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "behind a NAT");
+        assert!(!vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")));
+        assert!(vouched_for(&announced, &a("/ip4/127.0.0.1/udp/4737/quic-v1")), "on this machine");
+        assert!(vouched_for(&[], &a("/memory/5")));
     }
 
     #[test]

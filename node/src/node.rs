@@ -150,6 +150,7 @@ impl Node {
                 || config.listen == NodeConfig::default_listen(0);
             default && matches!(addr.iter().next(), Some(libp2p::multiaddr::Protocol::Ip6(_)))
         };
+        let mut listeners = Vec::new();
         for addr in &config.listen {
             if optional(addr) && std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_err() {
                 info!(%addr, "this machine has no IPv6: listening on IPv4 alone");
@@ -157,13 +158,14 @@ impl Node {
             }
             // The transport's error names nothing itself, and its causes repeat one another: the
             // innermost one says what went wrong (e.g. the port in use).
-            swarm.listen_on(addr.clone()).map_err(|e| {
+            let listener = swarm.listen_on(addr.clone()).map_err(|e| {
                 let mut root: &dyn std::error::Error = &e;
                 while let Some(next) = root.source() {
                     root = next;
                 }
                 anyhow::anyhow!("cannot listen on {addr}: {root}; pick another address with --listen")
             })?;
+            listeners.push(listener);
         }
         for addr in &config.external {
             swarm.add_external_address(addr.clone());
@@ -173,6 +175,7 @@ impl Node {
         let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience, config.time_scale));
         let mut event_loop =
             EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
+        event_loop.expect_listeners(listeners);
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;
         }
@@ -304,14 +307,24 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
-    /// Waits until the node listens on at least one address, and returns them.
+    /// Waits until the node listens on at least one address and its addresses settled, and
+    /// returns them. Settled: every listener reported an address, and none came for 50 ms; or 1 s
+    /// passed (a listener may have none, such as IPv6 on a host whose interfaces have no IPv6
+    /// address). A listener reports its interfaces' addresses one at a time: returning at the
+    /// first address printed only some of them (seen: the loopback ones without the LAN one).
     pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let started = std::time::Instant::now();
+        let mut before = Vec::new();
         loop {
-            let addrs = self.listen_addrs().await?;
-            if !addrs.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            self.command(Command::Listening(tx)).await?;
+            let (addrs, reported) = rx.await.map_err(|_| NodeError::Stopped)?;
+            let settled = reported && addrs == before;
+            if !addrs.is_empty() && (settled || started.elapsed() >= std::time::Duration::from_secs(1)) {
                 return Ok(addrs);
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            before = addrs;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 

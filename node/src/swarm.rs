@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
+use libp2p::core::transport::ListenerId;
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
@@ -131,6 +132,8 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     /// Our listen addresses, with `/p2p/<peer id>`.
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    /// Our listen addresses, and whether every listener has reported one.
+    Listening(oneshot::Sender<(Vec<Multiaddr>, bool)>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
     /// A peer another peer named as a holder of a blob, at the addresses it gave: the addresses
@@ -350,7 +353,11 @@ pub(crate) struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
+    /// Connected peers whose latest connection we dialled (the others dialled us).
+    dialled: HashSet<PeerId>,
     listen_addrs: Vec<Multiaddr>,
+    /// Listeners that have not reported an address yet.
+    quiet_listeners: HashSet<ListenerId>,
     announce_listen_addrs: bool,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     activity: std::sync::Arc<crate::connmgr::PeerActivity>,
@@ -407,7 +414,9 @@ impl EventLoop {
             unannounced_retry: config.stretch(UNANNOUNCED_RETRY),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
+            dialled: HashSet::new(),
             listen_addrs: Vec::new(),
+            quiet_listeners: HashSet::new(),
             // With no external address configured, our listen addresses are what we announce.
             announce_listen_addrs: config.external.is_empty(),
             metrics,
@@ -425,6 +434,11 @@ impl EventLoop {
             rejoin_min: config.stretch(REJOIN_MIN),
             rejoin_max: config.stretch(REJOIN_MAX),
         }
+    }
+
+    /// The listeners started on the swarm, each waited for until it reports an address.
+    pub(crate) fn expect_listeners(&mut self, listeners: Vec<ListenerId>) {
+        self.quiet_listeners.extend(listeners);
     }
 
     /// Adds a bootstrap peer (its multiaddr ends in `/p2p/<peer id>`) and dials it.
@@ -618,6 +632,9 @@ impl EventLoop {
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.full_listen_addrs());
             }
+            Command::Listening(reply) => {
+                let _ = reply.send((self.full_listen_addrs(), self.quiet_listeners.is_empty()));
+            }
             Command::DhtInfo(reply) => {
                 let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
                 let _ = reply.send(DhtInfo {
@@ -730,6 +747,22 @@ impl EventLoop {
         self.swarm.behaviour_mut().kad.store_mut().set_announced(announced);
     }
 
+    /// The addresses a connected peer announced that others may dial it at (see
+    /// [`crate::addrs`]): its loopback ones only if it runs on this machine, and none if it
+    /// dialled us from an address none of them shares (behind a NAT, or announcing what it
+    /// does not listen on): a routing table that kept them would hand them to every lookup,
+    /// which would wait on a dial that cannot succeed.
+    fn reachable_addrs(&self, peer: &PeerId, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        let addrs = crate::addrs::dialable(announced, self.over_loopback(peer));
+        match (self.dialled.contains(peer), self.remote_addrs.get(peer)) {
+            (false, Some(from)) if !crate::addrs::vouched_for(&addrs, from) => {
+                debug!(%peer, %from, ?addrs, "a peer that dialled us from none of the addresses it announced");
+                Vec::new()
+            }
+            _ => addrs,
+        }
+    }
+
     /// Whether our connection to `peer` runs over loopback: it is on this machine.
     fn over_loopback(&self, peer: &PeerId) -> bool {
         self.remote_addrs.get(peer).is_some_and(crate::addrs::is_loopback)
@@ -808,7 +841,8 @@ impl EventLoop {
             _ => {}
         }
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                self.quiet_listeners.remove(&listener_id);
                 let me = *self.swarm.local_peer_id();
                 info!(address = %address.clone().with(Protocol::P2p(me)), "listening");
                 if !self.listen_addrs.contains(&address) {
@@ -819,7 +853,8 @@ impl EventLoop {
             // An address that went away (an interface down, a temporary IPv6 address retired, its
             // listener closed) is no longer announced or shown.
             SwarmEvent::ExpiredListenAddr { address, .. } => self.forget_listen_addr(&address),
-            SwarmEvent::ListenerClosed { addresses, .. } => {
+            SwarmEvent::ListenerClosed { listener_id, addresses, .. } => {
+                self.quiet_listeners.remove(&listener_id);
                 for address in &addresses {
                     self.forget_listen_addr(address);
                 }
@@ -833,6 +868,10 @@ impl EventLoop {
                     address.pop();
                 }
                 self.remote_addrs.insert(peer_id, address);
+                match endpoint.is_dialer() {
+                    true => self.dialled.insert(peer_id),
+                    false => self.dialled.remove(&peer_id),
+                };
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 // A new connection to a peer we were closing: it stays until trimmed on its own.
                 self.closing.remove(&peer_id);
@@ -884,6 +923,7 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
+                self.dialled.remove(&peer_id);
                 self.closing.remove(&peer_id);
                 self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
@@ -896,8 +936,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                // Its loopback addresses are ours too only if it runs on this machine.
-                let addrs = crate::addrs::dialable(info.listen_addrs, self.over_loopback(&peer_id));
+                let addrs = self.reachable_addrs(&peer_id, info.listen_addrs);
                 self.crowds.connected(peer_id, addrs.clone());
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     self.learn_addresses(peer_id, addrs, true);
