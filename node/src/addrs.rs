@@ -60,17 +60,20 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
     }
 }
 
-/// Whether a peer that dialled us from `from` is reachable at one of `addrs`, the addresses it
-/// announced: one of them is on the IP it dialled from (libp2p's QUIC dials from its listening
-/// socket, so the port matches too, but a NAT that keeps the address may change the port). A
-/// peer on this machine (`from` is loopback) is vouched for, as is every address of a transport
-/// without IP addresses.
+/// Whether a peer that dialled us from `from` is reachable at `addrs`, the addresses it
+/// announced: one of those of the family it dialled from is on the IP it dialled from (libp2p's
+/// QUIC dials from its listening socket, so the port matches too, but a NAT that keeps the
+/// address may change the port). Believed too: a peer on this machine (`from` is loopback), one
+/// that announced no address of that family (it dialled from a socket of its own, and its
+/// other addresses cannot be checked here), one that announced a name (`/dns4/...`), and every
+/// peer of a transport without IP addresses.
 pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
-    match ip(from) {
-        None => true,
-        Some(from) if from.is_loopback() => true,
-        Some(from) => addrs.iter().any(|a| ip(a) == Some(from)),
+    let Some(from) = ip(from) else { return true };
+    if from.is_loopback() || addrs.iter().any(|a| ip(a).is_none()) {
+        return true;
     }
+    let mut same_family = addrs.iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
+    same_family.peek().is_none() || same_family.any(|a| a == from)
 }
 
 /// Of our listen addresses, those we announce: every one but the loopback ones, or only the
@@ -191,9 +194,14 @@ mod tests {
         assert!(vouched_for(&announced, &a("/ip4/192.168.50.2/udp/50123/quic-v1")), "a NAT that kept the address");
         assert!(vouched_for(&announced, &a("/ip6/2001:db8::2/udp/4737/quic-v1")));
         assert!(!vouched_for(&announced, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "behind a NAT");
-        assert!(!vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")));
+        assert!(!vouched_for(&announced, &a("/ip6/2001:db8::99/udp/4737/quic-v1")), "another IPv6 address");
         assert!(vouched_for(&announced, &a("/ip4/127.0.0.1/udp/4737/quic-v1")), "on this machine");
         assert!(vouched_for(&[], &a("/memory/5")));
+        let v4 = vec![a("/ip4/192.168.50.2/udp/4737/quic-v1")];
+        assert!(vouched_for(&v4, &a("/ip6/2001:db8::7/udp/50123/quic-v1")), "no IPv6 address to check");
+        assert!(vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "nothing to check");
+        let named = vec![a("/dns4/node.example.org/udp/4737/quic-v1")];
+        assert!(vouched_for(&named, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "a name");
     }
 
     #[test]

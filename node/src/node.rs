@@ -308,7 +308,8 @@ impl NodeHandle {
     }
 
     /// Waits until the node listens on at least one address and its addresses settled, and
-    /// returns them. Settled: every listener reported an address, and none came for 50 ms; or 1 s
+    /// returns them. Settled: every listener reported an address, and, if one listens on every
+    /// interface (`0.0.0.0`, `::`), none came for 50 ms; or 1 s
     /// passed (a listener may have none, such as IPv6 on a host whose interfaces have no IPv6
     /// address). A listener reports its interfaces' addresses one at a time: returning at the
     /// first address printed only some of them (seen: the loopback ones without the LAN one).
@@ -319,7 +320,8 @@ impl NodeHandle {
             let (tx, rx) = oneshot::channel();
             self.command(Command::Listening(tx)).await?;
             let (addrs, reported) = rx.await.map_err(|_| NodeError::Stopped)?;
-            let settled = reported && addrs == before;
+            // A listener on a specific address has one, and reported it.
+            let settled = reported && (addrs == before || !self.config().listen.iter().any(is_wildcard));
             if !addrs.is_empty() && (settled || started.elapsed() >= std::time::Duration::from_secs(1)) {
                 return Ok(addrs);
             }
@@ -545,4 +547,13 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::Path
         }
     }
     Ok(())
+}
+
+/// Whether `addr` listens on every interface (`0.0.0.0` or `::`).
+fn is_wildcard(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => ip.is_unspecified(),
+        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => ip.is_unspecified(),
+        _ => false,
+    }
 }

@@ -18,7 +18,7 @@ use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{DialError, NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, identify, ping};
 use rand::seq::SliceRandom;
 use shoal_protocol::Hash;
@@ -353,8 +353,8 @@ pub(crate) struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
-    /// Connected peers whose latest connection we dialled (the others dialled us).
-    dialled: HashSet<PeerId>,
+    /// Each open connection's remote address, and whether we dialled it.
+    connections: HashMap<ConnectionId, (Multiaddr, bool)>,
     listen_addrs: Vec<Multiaddr>,
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
@@ -414,7 +414,7 @@ impl EventLoop {
             unannounced_retry: config.stretch(UNANNOUNCED_RETRY),
             rtts: HashMap::new(),
             remote_addrs: HashMap::new(),
-            dialled: HashSet::new(),
+            connections: HashMap::new(),
             listen_addrs: Vec::new(),
             quiet_listeners: HashSet::new(),
             // With no external address configured, our listen addresses are what we announce.
@@ -744,6 +744,11 @@ impl EventLoop {
         for a in announced.iter().filter(|a| !old.contains(a)) {
             self.swarm.add_external_address(a.clone());
         }
+        if announced != old {
+            // Peers that identified us before are told now, not at identify's next round.
+            let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+            self.swarm.behaviour_mut().identify.push(peers);
+        }
         self.swarm.behaviour_mut().kad.store_mut().set_announced(announced);
     }
 
@@ -752,14 +757,16 @@ impl EventLoop {
     /// dialled us from an address none of them shares (behind a NAT, or announcing what it
     /// does not listen on): a routing table that kept them would hand them to every lookup,
     /// which would wait on a dial that cannot succeed.
-    fn reachable_addrs(&self, peer: &PeerId, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
-        let addrs = crate::addrs::dialable(announced, self.over_loopback(peer));
-        match (self.dialled.contains(peer), self.remote_addrs.get(peer)) {
-            (false, Some(from)) if !crate::addrs::vouched_for(&addrs, from) => {
-                debug!(%peer, %from, ?addrs, "a peer that dialled us from none of the addresses it announced");
+    /// Judged by the connection identify ran on.
+    fn reachable_addrs(&self, connection: ConnectionId, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
+        let Some((from, dialled)) = self.connections.get(&connection) else { return Vec::new() };
+        let addrs = crate::addrs::dialable(announced, crate::addrs::is_loopback(from));
+        match *dialled || crate::addrs::vouched_for(&addrs, from) {
+            true => addrs,
+            false => {
+                debug!(%from, ?addrs, "a peer that dialled us from none of the addresses it announced");
                 Vec::new()
             }
-            _ => addrs,
         }
     }
 
@@ -835,7 +842,10 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { endpoint, .. } => {
                 self.metrics.connection(direction(endpoint), "opened")
             }
-            SwarmEvent::ConnectionClosed { endpoint, .. } => self.metrics.connection(direction(endpoint), "closed"),
+            SwarmEvent::ConnectionClosed { endpoint, connection_id, .. } => {
+                self.connections.remove(connection_id);
+                self.metrics.connection(direction(endpoint), "closed")
+            }
             SwarmEvent::OutgoingConnectionError { .. } => self.metrics.connection("out", "failed"),
             SwarmEvent::IncomingConnectionError { .. } => self.metrics.connection("in", "failed"),
             _ => {}
@@ -859,7 +869,7 @@ impl EventLoop {
                     self.forget_listen_addr(address);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, connection_id, .. } => {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 // Stored without a trailing `/p2p/<id>` (a dialled address has one, an accepted
                 // one has none), so that every peer's address reads alike beside its id.
@@ -867,11 +877,8 @@ impl EventLoop {
                 if matches!(address.iter().last(), Some(Protocol::P2p(_))) {
                     address.pop();
                 }
+                self.connections.insert(connection_id, (address.clone(), endpoint.is_dialer()));
                 self.remote_addrs.insert(peer_id, address);
-                match endpoint.is_dialer() {
-                    true => self.dialled.insert(peer_id),
-                    false => self.dialled.remove(&peer_id),
-                };
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 // A new connection to a peer we were closing: it stays until trimmed on its own.
                 self.closing.remove(&peer_id);
@@ -923,7 +930,6 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
-                self.dialled.remove(&peer_id);
                 self.closing.remove(&peer_id);
                 self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
@@ -935,8 +941,12 @@ impl EventLoop {
                     self.room_retries.remove(&peer);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                let addrs = self.reachable_addrs(&peer_id, info.listen_addrs);
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            })) => {
+                let addrs = self.reachable_addrs(connection_id, info.listen_addrs);
                 self.crowds.connected(peer_id, addrs.clone());
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     self.learn_addresses(peer_id, addrs, true);
@@ -959,9 +969,21 @@ impl EventLoop {
                 self.learn_addresses(peer, vec![address], false);
                 return;
             }
-            kad::Event::RoutingUpdated { is_new_peer: true, .. } => {
-                self.table_generation += 1;
-                self.announce_again();
+            kad::Event::RoutingUpdated { peer, is_new_peer, addresses, .. } => {
+                // Kademlia adds every address it dials a peer at (a bootstrap address too): a
+                // loopback one goes while the entry has another, or we would hand it to peers
+                // elsewhere.
+                let addresses = addresses.into_vec();
+                let kept = crate::addrs::dialable(addresses.clone(), true);
+                if kept.len() < addresses.len() && !kept.is_empty() {
+                    for a in addresses.iter().filter(|a| !kept.contains(a)) {
+                        self.swarm.behaviour_mut().kad.remove_address(&peer, a);
+                    }
+                }
+                if is_new_peer {
+                    self.table_generation += 1;
+                    self.announce_again();
+                }
                 return;
             }
             kad::Event::InboundRequest { request } => {
