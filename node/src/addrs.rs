@@ -36,14 +36,16 @@ pub(crate) fn is_loopback(addr: &Multiaddr) -> bool {
     ip(addr).is_some_and(|ip| ip.is_loopback())
 }
 
-/// Whether `addr` names no one anywhere: an unspecified address (`0.0.0.0`, `::`), or an IPv6
-/// link-local one (`fe80::/10`), which a multiaddr names without the interface it is on.
+/// Whether `addr` is an unspecified address (`0.0.0.0` or `::`): as a listen address, every
+/// interface.
+pub(crate) fn is_unspecified(addr: &Multiaddr) -> bool {
+    ip(addr).is_some_and(|ip| ip.is_unspecified())
+}
+
+/// Whether `addr` names no one anywhere: an unspecified address, or an IPv6 link-local one
+/// (`fe80::/10`), which a multiaddr names without the interface it is on.
 fn is_nowhere(addr: &Multiaddr) -> bool {
-    match ip(addr) {
-        Some(IpAddr::V4(ip)) => ip.is_unspecified(),
-        Some(IpAddr::V6(ip)) => ip.is_unspecified() || ip.is_unicast_link_local(),
-        None => false,
-    }
+    is_unspecified(addr) || matches!(ip(addr), Some(IpAddr::V6(ip)) if ip.is_unicast_link_local())
 }
 
 /// The addresses in `addrs`, all of one peer, worth dialling from here, told by a peer connected

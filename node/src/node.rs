@@ -302,8 +302,13 @@ impl NodeHandle {
 
     /// Our listen addresses, each ending in `/p2p/<peer id>`. Empty until the listeners are up.
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        Ok(self.listening().await?.0)
+    }
+
+    /// Our listen addresses, and whether every listener has reported one.
+    async fn listening(&self) -> Result<(Vec<Multiaddr>, bool), NodeError> {
         let (tx, rx) = oneshot::channel();
-        self.command(Command::ListenAddrs(tx)).await?;
+        self.command(Command::Listening(tx)).await?;
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
@@ -317,11 +322,10 @@ impl NodeHandle {
         let started = std::time::Instant::now();
         let mut before = Vec::new();
         loop {
-            let (tx, rx) = oneshot::channel();
-            self.command(Command::Listening(tx)).await?;
-            let (addrs, reported) = rx.await.map_err(|_| NodeError::Stopped)?;
+            let (addrs, reported) = self.listening().await?;
             // A listener on a specific address has one, and reported it.
-            let settled = reported && (addrs == before || !self.config().listen.iter().any(is_wildcard));
+            let settled =
+                reported && (addrs == before || !self.config().listen.iter().any(crate::addrs::is_unspecified));
             if !addrs.is_empty() && (settled || started.elapsed() >= std::time::Duration::from_secs(1)) {
                 return Ok(addrs);
             }
@@ -547,13 +551,4 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::Path
         }
     }
     Ok(())
-}
-
-/// Whether `addr` listens on every interface (`0.0.0.0` or `::`).
-fn is_wildcard(addr: &Multiaddr) -> bool {
-    match addr.iter().next() {
-        Some(libp2p::multiaddr::Protocol::Ip4(ip)) => ip.is_unspecified(),
-        Some(libp2p::multiaddr::Protocol::Ip6(ip)) => ip.is_unspecified(),
-        _ => false,
-    }
 }

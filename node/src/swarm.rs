@@ -130,9 +130,7 @@ pub(crate) enum Command {
     DhtSnapshot { hash: Hash, reply: oneshot::Sender<DhtSnapshot> },
     /// The connected peers.
     Peers(oneshot::Sender<Vec<PeerInfo>>),
-    /// Our listen addresses, with `/p2p/<peer id>`.
-    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
-    /// Our listen addresses, and whether every listener has reported one.
+    /// Our listen addresses, with `/p2p/<peer id>`, and whether every listener has reported one.
     Listening(oneshot::Sender<(Vec<Multiaddr>, bool)>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
@@ -629,9 +627,6 @@ impl EventLoop {
                 let peers = self.connected_peers();
                 let _ = reply.send(peers);
             }
-            Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.full_listen_addrs());
-            }
             Command::Listening(reply) => {
                 let _ = reply.send((self.full_listen_addrs(), self.quiet_listeners.is_empty()));
             }
@@ -756,8 +751,7 @@ impl EventLoop {
     /// [`crate::addrs`]): its loopback ones only if it runs on this machine, and none if it
     /// dialled us from an address none of them shares (behind a NAT, or announcing what it
     /// does not listen on): a routing table that kept them would hand them to every lookup,
-    /// which would wait on a dial that cannot succeed.
-    /// Judged by the connection identify ran on.
+    /// which would wait on a dial that cannot succeed. Judged by the connection identify ran on.
     fn reachable_addrs(&self, connection: ConnectionId, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
         let Some((from, dialled)) = self.connections.get(&connection) else { return Vec::new() };
         let addrs = crate::addrs::dialable(announced, crate::addrs::is_loopback(from));
