@@ -11,6 +11,9 @@
 //!   address;
 //! - the addresses a peer that dialled us announces are kept only if it dialled from one of
 //!   them: a peer behind a NAT announces addresses nobody else can reach;
+//! - the same holds for the addresses in a provider record a peer sends us (it is the
+//!   provider: Kademlia takes no one's record for another), which we would otherwise hand to
+//!   everyone who looks the blob up;
 //! - an unspecified address (`0.0.0.0`, `::`) names no one, and an IPv6 link-local one
 //!   (`fe80::/10`) no one elsewhere (a multiaddr leaves out its interface): neither is announced
 //!   or kept.
@@ -76,6 +79,15 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
     }
     let mut same_family = addrs.iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
     same_family.peek().is_none() || same_family.any(|a| a == from)
+}
+
+/// Of `announced`, the addresses a peer told us over a connection from `from` (`dialled`: we
+/// dialled it) that others may dial it at: [`dialable`] ones, and none at all if it dialled us
+/// from an address that none of them vouches for (behind a NAT, or announcing what it does not
+/// listen on). `None` in that case, so that the caller can say why.
+pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
+    let addrs = dialable(announced, is_loopback(from));
+    (dialled || vouched_for(&addrs, from)).then_some(addrs)
 }
 
 /// Of our listen addresses, those we announce: every one but the loopback ones, or only the
@@ -204,6 +216,21 @@ mod tests {
         assert!(vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "nothing to check");
         let named = vec![a("/dns4/node.example.org/udp/4737/quic-v1")];
         assert!(vouched_for(&named, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "a name");
+    }
+
+    #[test]
+    fn a_peer_is_reachable_at_the_dialable_addresses_it_announced_if_believed() {
+        let lan = a("/ip4/10.77.0.4/udp/4737/quic-v1");
+        let told = vec![a("/ip4/127.0.0.1/udp/4737/quic-v1"), lan.clone(), a("/ip6/fe80::4/udp/4737/quic-v1")];
+        let from_lan = a("/ip4/10.77.0.4/udp/4737/quic-v1");
+        assert_eq!(reachable(told.clone(), &from_lan, false), Some(vec![lan.clone()]));
+        let from_nat = a("/ip4/203.0.113.50/udp/61000/quic-v1");
+        assert_eq!(reachable(told.clone(), &from_nat, false), None, "it dialled from another address");
+        assert_eq!(reachable(told.clone(), &from_nat, true), Some(vec![lan]), "we dialled it there");
+        let lo = a("/ip4/127.0.0.1/udp/4737/quic-v1");
+        let on_loopback = vec![lo.clone()];
+        assert_eq!(reachable(on_loopback.clone(), &from_lan, true), Some(Vec::new()), "its loopback is not ours");
+        assert_eq!(reachable(on_loopback, &lo, false), Some(vec![lo]));
     }
 
     #[test]

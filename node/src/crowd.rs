@@ -212,6 +212,20 @@ impl Crowds {
         if inner.addrs.contains_key(&peer) {
             return;
         }
+        self.mark_unreachable(&mut inner, peer, now);
+    }
+
+    /// `peer` is connected, but from an address none of those it announced vouches for (behind a
+    /// NAT, most often): others cannot dial it, so it is neither hinted nor relied on, though it
+    /// may pass pieces on over the connections it opens itself. Until it connects again and is
+    /// believed.
+    pub(crate) fn undialable(&self, peer: PeerId, now: Instant) {
+        let mut inner = self.lock();
+        inner.addrs.remove(&peer);
+        self.mark_unreachable(&mut inner, peer, now);
+    }
+
+    fn mark_unreachable(&self, inner: &mut Inner, peer: PeerId, now: Instant) {
         if inner.unreachable.len() >= MAX_UNREACHABLE && !inner.unreachable.contains_key(&peer) {
             let fresh = self.fresh;
             inner.unreachable.retain(|_, at| now.saturating_duration_since(*at) < fresh);

@@ -11,8 +11,9 @@
 //! dropped.
 //!
 //! Opening a stream to a peer we are not connected to dials it first, as libp2p-stream does. The
-//! addresses other peers named for a peer (given to `Swarm::add_peer_address`) are remembered for
-//! up to [`REMEMBERED_PEERS`] peers and offered to that dial.
+//! addresses given to `Swarm::add_peer_address` (those other peers named for a peer, and those a
+//! peer announced itself, when the node believes them) are remembered for up to
+//! [`REMEMBERED_PEERS`] peers and offered to every dial of that peer.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -93,7 +94,7 @@ pub(crate) struct Behaviour {
     connections: HashMap<PeerId, HashSet<ConnectionId>>,
     /// Requests waiting for a connection to their peer.
     waiting: HashMap<PeerId, Vec<Reply>>,
-    /// Addresses other peers named for peers.
+    /// Addresses given for peers (`Swarm::add_peer_address`).
     addresses: PeerAddresses,
     events: VecDeque<ToSwarm<Infallible, Reply>>,
 }
@@ -115,6 +116,14 @@ impl Behaviour {
             events: VecDeque::new(),
         };
         (behaviour, Control { requests: requests_tx }, incoming)
+    }
+
+    /// Forgets the addresses given for `peer`.
+    pub(crate) fn forget(&mut self, peer: &PeerId) {
+        let addrs: Vec<Multiaddr> = self.addresses.get(peer).collect();
+        for addr in &addrs {
+            self.addresses.remove(peer, addr);
+        }
     }
 
     fn handler(&self, peer: PeerId) -> Handler {
@@ -430,6 +439,19 @@ mod tests {
         let mut byte = [0u8];
         accepted.read_exact(&mut byte).await.expect("its byte");
         assert_eq!(&byte, b"x");
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_peer_is_not_dialled_at_the_addresses_it_was_given() {
+        let (server, _, _, _) = node(PROTOCOL);
+        let server_id = *server.local_peer_id();
+        let addr = listening(server).await;
+        let (mut client, control, _, _) = node(PROTOCOL);
+        client.add_peer_address(server_id, addr);
+        client.behaviour_mut().forget(&server_id);
+        tokio::spawn(async move { while client.next().await.is_some() {} });
+        let open = tokio::time::timeout(LIMIT, control.open(server_id)).await.expect("an answer in time");
+        assert!(matches!(open, Err(OpenError::Unreachable(_))), "{open:?}");
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use libp2p::core::transport::Boxed;
 use libp2p::core::transport::ListenerId;
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
-use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -48,9 +48,6 @@ fn query_kind(r: &QueryResult) -> &'static str {
 
 /// Entries per k-bucket (Kademlia's k; libp2p's default).
 const K_VALUE: usize = 20;
-
-/// Peers whose listen addresses identify remembers for later dials.
-const IDENTIFY_CACHE: usize = 1024;
 
 /// Provider records kept per blob.
 pub(crate) const MAX_PROVIDERS_PER_KEY: usize = 64;
@@ -214,7 +211,12 @@ pub(crate) fn build_swarm(
             .set_periodic_bootstrap_interval(Some(config.dht_refresh))
             // The node inserts peers itself, only where a bucket has room (see
             // `EventLoop::learn_addresses`).
-            .set_kbucket_inserts(kad::BucketInserts::Manual);
+            .set_kbucket_inserts(kad::BucketInserts::Manual)
+            // The node stores what peers send (see `EventLoop::store_provider`): a provider
+            // record with only the addresses that reach its provider, and no value record at
+            // all. Shoal uses none, and each would take a share of the store's memory that
+            // anyone could fill (up to 1,024 records of 65 KiB).
+            .set_record_filtering(kad::StoreInserts::FilterBoth);
         let store = MemoryStore::with_config(
             peer_id,
             MemoryStoreConfig {
@@ -238,11 +240,11 @@ pub(crate) fn build_swarm(
             identify: identify::Behaviour::new(
                 identify::Config::new("/shoal/1".into(), key.public())
                     .with_agent_version(format!("shoal/{}", env!("CARGO_PKG_VERSION")))
-                    // Identify remembers the listen addresses of the peers it met, and a dial to
-                    // a peer that is not connected any more (a provider whose connection was
-                    // trimmed, asked again) gets them from here. The default 100 is fewer than
-                    // the peers one crowd fetch talks to; 1,024 cost about 100 KiB.
-                    .with_cache_size(IDENTIFY_CACHE)
+                    // Identify would remember every address a peer announces, and offer them to
+                    // every later dial of that peer: a NATed peer's private address, or one that
+                    // is not the peer's at all. The node remembers those it believes instead
+                    // (see `EventLoop::on_swarm_event`, identify).
+                    .with_cache_size(0)
                     // Peers are told the addresses we announce (see `crate::addrs`), not every
                     // listen address: a peer elsewhere would keep our loopback one in that cache,
                     // and dial its own machine with it.
@@ -351,8 +353,8 @@ pub(crate) struct EventLoop {
     rtts: HashMap<PeerId, Duration>,
     /// The remote address of our connection to each connected peer.
     remote_addrs: HashMap<PeerId, Multiaddr>,
-    /// Each open connection's remote address, and whether we dialled it.
-    connections: HashMap<ConnectionId, (Multiaddr, bool)>,
+    /// Each open connection's peer, its remote address, and whether we dialled it.
+    connections: HashMap<ConnectionId, (PeerId, Multiaddr, bool)>,
     listen_addrs: Vec<Multiaddr>,
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
@@ -752,15 +754,34 @@ impl EventLoop {
     /// dialled us from an address none of them shares (behind a NAT, or announcing what it
     /// does not listen on): a routing table that kept them would hand them to every lookup,
     /// which would wait on a dial that cannot succeed. Judged by the connection identify ran on.
-    fn reachable_addrs(&self, connection: ConnectionId, announced: Vec<Multiaddr>) -> Vec<Multiaddr> {
-        let Some((from, dialled)) = self.connections.get(&connection) else { return Vec::new() };
-        let addrs = crate::addrs::dialable(announced, crate::addrs::is_loopback(from));
-        match *dialled || crate::addrs::vouched_for(&addrs, from) {
-            true => addrs,
-            false => {
-                debug!(%from, ?addrs, "a peer that dialled us from none of the addresses it announced");
+    /// `None` for such a peer, and an empty list for a connection closed meanwhile.
+    fn reachable_addrs(&self, connection: ConnectionId, announced: Vec<Multiaddr>) -> Option<Vec<Multiaddr>> {
+        let Some((_, from, dialled)) = self.connections.get(&connection) else { return Some(Vec::new()) };
+        let addrs = crate::addrs::reachable(announced.clone(), from, *dialled);
+        if addrs.is_none() {
+            debug!(%from, addrs = ?announced, "a peer that dialled us from none of the addresses it announced");
+        }
+        addrs
+    }
+
+    /// Stores a provider record a peer sent us for itself (Kademlia accepts no other), with the
+    /// addresses [`Self::reachable_addrs`] would keep, judged by any of our connections to it.
+    /// A record stored without addresses is answered with the provider's routing-table entry,
+    /// or left out of the answer while it has none; it still names the provider to a lookup of
+    /// our own, which reaches it over the connection it came on.
+    fn store_provider(&mut self, mut record: kad::ProviderRecord) {
+        let announced = std::mem::take(&mut record.addresses);
+        record.addresses = self
+            .connections
+            .values()
+            .filter(|(peer, ..)| *peer == record.provider)
+            .find_map(|(_, from, dialled)| crate::addrs::reachable(announced.clone(), from, *dialled))
+            .unwrap_or_else(|| {
+                debug!(provider = %record.provider, addrs = ?announced, "a provider record with addresses that do not reach its provider");
                 Vec::new()
-            }
+            });
+        if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
+            debug!(error = %e, "provider record not stored");
         }
     }
 
@@ -871,7 +892,7 @@ impl EventLoop {
                 if matches!(address.iter().last(), Some(Protocol::P2p(_))) {
                     address.pop();
                 }
-                self.connections.insert(connection_id, (address.clone(), endpoint.is_dialer()));
+                self.connections.insert(connection_id, (peer_id, address.clone(), endpoint.is_dialer()));
                 self.remote_addrs.insert(peer_id, address);
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 // A new connection to a peer we were closing: it stays until trimmed on its own.
@@ -940,8 +961,18 @@ impl EventLoop {
                 info,
                 connection_id,
             })) => {
-                let addrs = self.reachable_addrs(connection_id, info.listen_addrs);
+                let Some(addrs) = self.reachable_addrs(connection_id, info.listen_addrs) else {
+                    self.crowds.undialable(peer_id, Instant::now());
+                    self.swarm.behaviour_mut().stream.forget(&peer_id);
+                    return;
+                };
                 self.crowds.connected(peer_id, addrs.clone());
+                // For a later dial of the peer once this connection closed (a provider whose
+                // connection was trimmed, asked again): the stream behaviour remembers them, for
+                // 1,024 peers.
+                for addr in &addrs {
+                    self.swarm.add_peer_address(peer_id, addr.clone());
+                }
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     self.learn_addresses(peer_id, addrs, true);
                 }
@@ -984,9 +1015,15 @@ impl EventLoop {
                 let request = match request {
                     kad::InboundRequest::FindNode { .. } => "find_node",
                     kad::InboundRequest::GetProvider { .. } => "get_providers",
-                    kad::InboundRequest::AddProvider { .. } => "add_provider",
-                    kad::InboundRequest::GetRecord { .. } => "get_record",
+                    kad::InboundRequest::AddProvider { record } => {
+                        if let Some(record) = record {
+                            self.store_provider(record);
+                        }
+                        "add_provider"
+                    }
+                    // Not stored (see `build_swarm`).
                     kad::InboundRequest::PutRecord { .. } => "put_record",
+                    kad::InboundRequest::GetRecord { .. } => "get_record",
                 };
                 self.metrics.dht_served.get_or_create(&crate::metrics::DhtLabels { request }).inc();
                 return;

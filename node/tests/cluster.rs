@@ -440,13 +440,24 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
         eventually(30, || b.try_cli(&["providers", &hash]).1.contains(&c.peer_id)),
         "the fetcher on another host was never listed as a provider"
     );
+    // The node that announces `a`'s address fetches too, and so announces itself a provider at
+    // that address. The nodes it sends its record to, connected to it, take it as a provider
+    // (they are `a`, `b`, `c` and `a2`: fewer than Kademlia's 20 closest); nobody else is told
+    // that address.
+    let out_d = tmp.path().join("out-d.bin");
+    let got = d.try_cli(&["get", &hash, "-o", out_d.to_str().expect("utf-8")]);
+    assert!(got.0, "get on the hidden node failed: {}", got.2);
+    assert!(
+        eventually(30, || a.try_cli(&["providers", &hash]).1.contains(&d.peer_id)),
+        "the hidden node's provider record was not taken"
+    );
     // Each node dialled others, and each peer is connected to the three others at least.
     for n in nodes {
         assert!(eventually(20, || n.cli(&["peers"]).lines().count() >= 3), "{} lacks peers", n.peer_id);
     }
     // A node that joins now is connected to none of them: its lookup dials the peers it is
-    // told of. It is told of no address that does not answer, so every request it sent was
-    // answered.
+    // told of, and then the providers. It is told of no address that does not answer, so every
+    // request it sent was answered, and no dial failed.
     let listen = ["--listen", "/ip4/0.0.0.0/udp/4741/quic-v1"];
     let e = NodeProc::start_in(&lan.hosts[2], &tmp.path().join("e"), &listen, Some(&a.addr));
     let found: serde_json::Value = serde_json::from_str(&e.api_get(&format!("/v1/providers/{hash}"))).expect("JSON");
