@@ -26,7 +26,10 @@
 //!   room: the fetcher's rarest-first order already sends it the requests for pieces nobody else
 //!   has, so what is held back is a piece the requester can get elsewhere, and each copy sent twice
 //!   is egress its owner pays for. In a smaller crowd its uplink is a large share of the crowd's,
-//!   so it holds back only while its other uploads are busy. So that a requester who cannot reach
+//!   so it holds back only while it uploads to other peers: a requester alone on its uplink is
+//!   sent all it asks, or one whose other holders left or cannot be reached would get the blob
+//!   no faster than its refusals came back (20 MB took 20 s against 0.4 s, the holder it was
+//!   sent to having crashed). So that a requester who cannot reach
 //!   the other holders is never starved, a piece is held back from one requester for at most the
 //!   node's patience ([`PATIENCE`] unless configured). A requester refused again and again is asked
 //!   to wait twice as long each time it comes back (up to [`MAX_SPREAD_DOUBLINGS`] doublings): in a
@@ -72,8 +75,8 @@ const MAX_WITHHELD: usize = 256;
 /// nodes (40-60 s) it sent 1.89-1.91 copies at 10 s and 1.23-1.25 at 30 s.
 pub(crate) const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Below this many peers moving a blob with us, a publisher holds pieces back only while its
-/// other piece uploads are busy: in a small crowd its uplink is a large share of all the crowd
+/// Below this many peers moving a blob with us, a publisher holds pieces back only while it
+/// uploads to other peers: in a small crowd its uplink is a large share of all the crowd
 /// has, and leaving it idle slows everyone more than the egress it saves is worth.
 const SMALL_CROWD: usize = 16;
 
@@ -106,7 +109,7 @@ pub(crate) struct Claim {
 /// How busy a node's piece uploads are, as [`Crowds::offer`] weighs them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Uplink {
-    /// No piece upload but the caller's runs, and nobody waits for a slot.
+    /// No upload to a peer other than the caller runs, and nobody waits for a slot.
     pub(crate) idle: bool,
     /// The caller holds a slot or one is free, and nobody waits for one.
     pub(crate) room: bool,
@@ -347,8 +350,8 @@ impl Crowds {
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
-    /// been held back from `peer` for our patience already, or our uploads are otherwise idle
-    /// and the blob's crowd (the fresh peers that moved it with us or asked for it) is smaller
+    /// been held back from `peer` for our patience already, or we upload to no other peer
+    /// (`uplink.idle`) and the blob's crowd (the fresh peers that moved it with us or asked for it) is smaller
     /// than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
     /// peer we served a piece to gets no other until its patience for them has passed, unless we
     /// have room (`uplink.room`): an upload slot free and nobody in line for one.
@@ -425,7 +428,7 @@ impl Crowds {
         // only while others want our uplink: with a slot free and nobody in line (`room`) it is
         // served a piece nobody has from us, or a blob of more pieces than the peers that can
         // reach us would leave at one piece per peer per patience. A few peers are served what
-        // nobody else has from us (everything, while our uploads are otherwise idle): each may be
+        // nobody else has from us (everything, while we upload to no other peer): each may be
         // the only one to ask.
         let crowded = crowd >= SMALL_CROWD;
         if crowded && served_before && !room {

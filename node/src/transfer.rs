@@ -113,6 +113,8 @@ pub(crate) struct Uploads {
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
+    /// Piece-upload slots (of `data`) held, per peer.
+    data_per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
     allow: Option<std::collections::HashSet<PeerId>>,
@@ -145,6 +147,19 @@ impl Arrivals {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.subscribe()
+    }
+}
+
+/// A piece-upload slot held by `peer`; released when dropped.
+struct DataSlot {
+    _slot: Slot,
+    held: Arc<Mutex<HashMap<PeerId, usize>>>,
+    peer: PeerId,
+}
+
+impl Drop for DataSlot {
+    fn drop(&mut self) {
+        count_down(&self.held, &self.peer);
     }
 }
 
@@ -219,6 +234,7 @@ impl Uploads {
             data,
             upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
+            data_per_peer: Arc::new(Mutex::new(HashMap::new())),
             max_per_peer,
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
@@ -268,12 +284,14 @@ impl Uploads {
     /// is full of requests as good, when a better one took its place, or when the wait passed
     /// [`MAX_SLOT_WAIT`]. With no upload cap, always a slot at once. The priority is worked out
     /// only for a request that has to wait.
-    async fn acquire_data(&self, priority: impl FnOnce() -> u32) -> Option<Option<Slot>> {
+    async fn acquire_data(&self, peer: PeerId, priority: impl FnOnce() -> u32) -> Option<Option<DataSlot>> {
         let Some(slots) = &self.data else { return Some(None) };
-        if let Some(slot) = slots.try_acquire() {
-            return Some(Some(slot));
-        }
-        slots.acquire(priority(), self.timing.max_slot_wait).await.map(Some)
+        let slot = match slots.try_acquire() {
+            Some(slot) => slot,
+            None => slots.acquire(priority(), self.timing.max_slot_wait).await?,
+        };
+        *self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_insert(0) += 1;
+        Some(Some(DataSlot { _slot: slot, held: self.data_per_peer.clone(), peer }))
     }
 
     /// A piece upload held its slot for `took`.
@@ -299,17 +317,30 @@ impl Uploads {
         self.data.as_ref().map_or(0, |slots| slots.waiting())
     }
 
-    /// Whether no piece upload but the caller's (`holding` one slot) runs and nobody waits.
-    fn idle(&self, holding: bool) -> bool {
+    /// Whether no upload to a peer other than `peer` runs and nobody waits: the uplink is
+    /// `peer`'s alone. Under a cap, piece uploads count; without one, every request being
+    /// answered.
+    fn idle(&self, peer: &PeerId) -> bool {
+        let count = |map: &Mutex<HashMap<PeerId, usize>>| {
+            let map = map.lock().unwrap_or_else(|e| e.into_inner());
+            (map.values().sum::<usize>(), map.get(peer).copied().unwrap_or(0))
+        };
         match &self.data {
-            Some(slots) => slots.free() + usize::from(holding) >= slots.count() && slots.waiting() == 0,
-            None => self.active() <= 1,
+            Some(slots) => {
+                let (_, mine) = count(&self.data_per_peer);
+                slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= mine
+            }
+            None => {
+                let (all, mine) = count(&self.per_peer);
+                all <= mine
+            }
         }
     }
 
-    /// How busy the piece uploads are, as the caller (`holding` one slot or not) sees them.
-    fn uplink(&self, holding: bool) -> crate::crowd::Uplink {
-        crate::crowd::Uplink { idle: self.idle(holding), room: self.room(holding) }
+    /// How busy the piece uploads are, as `peer`, the caller (`holding` one slot or not), sees
+    /// them.
+    fn uplink(&self, peer: &PeerId, holding: bool) -> crate::crowd::Uplink {
+        crate::crowd::Uplink { idle: self.idle(peer), room: self.room(holding) }
     }
 
     /// Whether a piece upload could start now without anyone waiting longer: the caller holds a
@@ -440,14 +471,14 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // Pieces left to other holders are answered at once, before waiting in line, and
                 // checked again once a slot is ours: another requester may have been sent them
                 // while we waited.
-                let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(false), Instant::now());
+                let offered = crowds.offer(hash, peer, &held, spreads, uploads.uplink(&peer, false), Instant::now());
                 let none = PieceSet::empty(held.piece_count());
                 // What this request records as served, and gives back if it does not send it.
                 let (sending, mut claimed, data_slot, _answer) = match offered.is_empty() {
                     true => (offered, none.clone(), None, None),
                     false => {
                         let priority = || crowds.least_served(hash, &offered);
-                        let Some(slot) = uploads.acquire_data(priority).await else {
+                        let Some(slot) = uploads.acquire_data(peer, priority).await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut stream,
@@ -457,7 +488,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                             .await;
                         };
                         let now = Instant::now();
-                        let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(true), now);
+                        let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(&peer, true), now);
                         // Only pieces `claim` counted are given back.
                         let pieces = claim.pieces.count();
                         let answer = (spreads && pieces > 0).then(|| Answer { crowds, hash, peer, pieces });
@@ -1200,15 +1231,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_node_keeps_a_short_line_and_serves_it_in_order() {
         let uploads = Arc::new(two_slots());
-        let first = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
-        let _second = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
+        let first = uploads.acquire_data(PeerId::random(), || 0).await.flatten().expect("a free slot");
+        let _second = uploads.acquire_data(PeerId::random(), || 0).await.flatten().expect("a free slot");
         // Every slot is taken: four requests may wait, in the order they came.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for i in 0..4 {
             let (uploads, tx) = (uploads.clone(), tx.clone());
             waiters.push(tokio::spawn(async move {
-                let slot = uploads.acquire_data(|| 0).await.flatten();
+                let slot = uploads.acquire_data(PeerId::random(), || 0).await.flatten();
                 let _ = tx.send((i, slot.is_some()));
                 slot
             }));
@@ -1216,7 +1247,7 @@ mod tests {
         }
         assert_eq!(uploads.waiting(), 4);
         // The fifth finds the line full and is answered at once.
-        assert!(uploads.acquire_data(|| 0).await.is_none());
+        assert!(uploads.acquire_data(PeerId::random(), || 0).await.is_none());
         assert_eq!(uploads.waiting(), 4, "a refused request leaves no trace in the line");
         // A finished upload hands its slot to the first in line.
         drop(first);
@@ -1276,23 +1307,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_means_no_other_upload_and_nobody_waiting() {
+    async fn idle_means_no_upload_to_another_peer_and_nobody_waiting() {
+        let (me, other) = (PeerId::random(), PeerId::random());
         let uploads = two_slots();
-        assert!(uploads.idle(false));
-        let ours = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
-        assert!(uploads.idle(true), "only the caller's upload runs");
-        assert!(!uploads.idle(false));
-        let other = uploads.acquire_data(|| 0).await.flatten().expect("a free slot");
-        assert!(!uploads.idle(true));
-        drop((ours, other));
-        assert!(uploads.idle(false));
+        assert!(uploads.idle(&me));
+        let first = uploads.acquire_data(me, || 0).await.flatten().expect("a free slot");
+        let second = uploads.acquire_data(me, || 0).await.flatten().expect("a free slot");
+        assert!(uploads.idle(&me), "every upload running is the caller's");
+        assert!(!uploads.idle(&other));
+        drop(second);
+        let theirs = uploads.acquire_data(other, || 0).await.flatten().expect("a free slot");
+        assert!(!uploads.idle(&me));
+        drop((first, theirs));
+        assert!(uploads.idle(&me) && uploads.idle(&other));
+
+        // Without a cap, every request being answered counts.
+        let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
+        let mine = [uploads.try_acquire(me).expect("room"), uploads.try_acquire(me).expect("room")];
+        assert!(uploads.idle(&me));
+        let theirs = uploads.try_acquire(other).expect("room");
+        assert!(!uploads.idle(&me) && !uploads.idle(&other));
+        drop(mine);
+        assert!(uploads.idle(&other));
+        drop(theirs);
     }
 
     #[tokio::test]
     async fn without_an_upload_cap_nobody_waits() {
         let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
         for _ in 0..100 {
-            assert!(matches!(uploads.acquire_data(|| 0).await, Some(None)));
+            assert!(matches!(uploads.acquire_data(PeerId::random(), || 0).await, Some(None)));
         }
         assert_eq!(uploads.waiting(), 0);
     }

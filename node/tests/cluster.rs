@@ -473,6 +473,29 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
     drop(lan);
 }
 
+#[test]
+fn a_lone_fetcher_is_sent_all_it_asks_though_the_fetcher_before_it_left() {
+    // The publisher leaves the pieces it sent to a fetcher to that fetcher, but not while the
+    // fetcher after it is the only one asking: the first may be gone without a word, as here.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start(&tmp.path().join("a"), None);
+    let b = NodeProc::start(&tmp.path().join("b"), Some(&a));
+    let c = NodeProc::start(&tmp.path().join("c"), Some(&a));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 16 << 20, 9);
+    let hash = add_and_wait(&a, &c, &input);
+    let out_b = tmp.path().join("out-b.bin");
+    b.cli(&["get", &hash, "-o", out_b.to_str().expect("utf-8")]);
+    assert_eq!(b3sum(&out_b), hash);
+    drop(b);
+    let out_c = tmp.path().join("out-c.bin");
+    let got = c.try_cli(&["get", &hash, "-o", out_c.to_str().expect("utf-8")]);
+    assert!(got.0, "get failed: {}", got.2);
+    assert_eq!(b3sum(&out_c), hash);
+    let refused = a.metric(r#"shoal_transfer_served_requests_total{kind="get",outcome="spread"}"#);
+    assert_eq!(refused, 0.0, "the publisher held pieces back from a fetcher alone on its uplink");
+}
+
 /// Reads `(already held, received from peers)` from `shoal get`'s closing line.
 fn get_summary(stderr: &str) -> (u64, u64) {
     let line = stderr.lines().find(|l| l.starts_with("verified ")).expect("summary line");
