@@ -144,7 +144,9 @@ impl Node {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         // The default listens on IPv6 too, where the machine has it; an address asked for is
-        // listened on or the start fails.
+        // listened on or the start fails. A machine has IPv6 if it has `::1`: where IPv6 is
+        // turned off (by sysctl, as in many containers) a socket on `::` can still be made, but
+        // it would never report an address.
         let optional = |addr: &Multiaddr| {
             let default = config.listen == NodeConfig::default_listen(DEFAULT_QUIC_PORT)
                 || config.listen == NodeConfig::default_listen(0);
@@ -152,7 +154,7 @@ impl Node {
         };
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            if optional(addr) && std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).is_err() {
+            if optional(addr) && std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_err() {
                 info!(%addr, "this machine has no IPv6: listening on IPv4 alone");
                 continue;
             }
@@ -315,8 +317,8 @@ impl NodeHandle {
     /// Waits until the node listens on at least one address and its addresses settled, and
     /// returns them. Settled: every listener reported an address, and, if one listens on every
     /// interface (`0.0.0.0`, `::`), none came for 50 ms; or 1 s
-    /// passed (a listener may have none, such as IPv6 on a host whose interfaces have no IPv6
-    /// address). A listener reports its interfaces' addresses one at a time: returning at the
+    /// passed (a listener that never reports an address, as one on `::` did on a host with IPv6
+    /// turned off by sysctl, before the start skipped it there). A listener reports its interfaces' addresses one at a time: returning at the
     /// first address printed only some of them (seen: the loopback ones without the LAN one).
     pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>, NodeError> {
         let started = std::time::Instant::now();
