@@ -144,9 +144,7 @@ impl Node {
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         // The default listens on IPv6 too, where the machine has it; an address asked for is
-        // listened on or the start fails. A machine has IPv6 if it has `::1`: where IPv6 is
-        // turned off (by sysctl, as in many containers) a socket on `::` can still be made, but
-        // it would never report an address.
+        // listened on or the start fails.
         let optional = |addr: &Multiaddr| {
             let default = config.listen == NodeConfig::default_listen(DEFAULT_QUIC_PORT)
                 || config.listen == NodeConfig::default_listen(0);
@@ -154,7 +152,7 @@ impl Node {
         };
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            if optional(addr) && std::net::UdpSocket::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_err() {
+            if optional(addr) && !has_ipv6() {
                 info!(%addr, "this machine has no IPv6: listening on IPv4 alone");
                 continue;
             }
@@ -528,6 +526,20 @@ impl NodeHandle {
             },
         })
     }
+}
+
+/// Whether this machine has IPv6: an address on loopback (`::1`), or a route out. Where IPv6 is
+/// turned off (by sysctl, as in many containers) a socket on `::` can still be made, but a
+/// listener there never reports an address, and the start waited its full second for one.
+fn has_ipv6() -> bool {
+    use std::net::{Ipv6Addr, UdpSocket};
+    if UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
+        return true;
+    }
+    // Connecting a UDP socket only looks the route up; nothing is sent. 2001:db8::/32 is for
+    // documentation, so any route to it is the default one.
+    let doc = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).and_then(|s| s.connect((doc, DEFAULT_QUIC_PORT))).is_ok()
 }
 
 /// Lists the regular files under `dir` as (`/`-separated path relative to `root`, full path),

@@ -26,7 +26,7 @@ use libp2p::core::{Endpoint, Multiaddr};
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::handler::{ConnectionEvent, DialUpgradeError, FullyNegotiatedInbound, FullyNegotiatedOutbound};
 use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm, NetworkBehaviour,
+    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, DialError, FromSwarm, NetworkBehaviour,
     NotifyHandler, PeerAddresses, StreamUpgradeError, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent,
     ToSwarm,
 };
@@ -48,8 +48,10 @@ const MAX_WAITING_PER_PEER: usize = 256;
 /// forgotten.
 const MAX_WAITING_PEERS: usize = 1024;
 
-/// Peers whose named addresses are remembered; the least recently named is forgotten.
-const REMEMBERED_PEERS: NonZeroUsize = NonZeroUsize::new(1024).expect("not zero");
+/// Peers whose addresses are remembered; the least recently given is forgotten. Room for the
+/// peers one crowd fetch meets and is named (up to 1,024 each), as identify's cache and this one
+/// held before they were one (see `crate::swarm`, identify).
+const REMEMBERED_PEERS: NonZeroUsize = NonZeroUsize::new(2048).expect("not zero");
 
 /// Why a stream could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +217,16 @@ impl NetworkBehaviour for Behaviour {
         // there, and has room again once it trims.
         if !matches!(&event, FromSwarm::DialFailure(e) if crate::connmgr::turned_away(e.error)) {
             self.addresses.on_swarm_event(&event);
+        }
+        // An address that answered with another peer's id, or ours, is not the peer's (libp2p
+        // forgets only addresses whose dial failed in the transport).
+        if let FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
+            peer_id: Some(peer),
+            error: DialError::WrongPeerId { address, .. } | DialError::LocalPeerId { address },
+            ..
+        }) = &event
+        {
+            self.addresses.remove(peer, address);
         }
         match event {
             FromSwarm::ConnectionEstablished(e) => {

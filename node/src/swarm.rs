@@ -112,6 +112,16 @@ pub(crate) struct Behaviour {
     limits: connection_limits::Behaviour,
 }
 
+/// What a peer's announced addresses are worth (see `EventLoop::reachable_addrs`).
+enum Judged {
+    /// Others may dial it at these.
+    Believed(Vec<Multiaddr>),
+    /// It dialled us from none of them.
+    Doubted,
+    /// We hold no connection to it.
+    Gone,
+}
+
 /// What the rest of the node asks of the swarm.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -753,33 +763,37 @@ impl EventLoop {
     /// [`crate::addrs`]): its loopback ones only if it runs on this machine, and none if it
     /// dialled us from an address none of them shares (behind a NAT, or announcing what it
     /// does not listen on): a routing table that kept them would hand them to every lookup,
-    /// which would wait on a dial that cannot succeed. Judged by the connection identify ran on.
-    /// `None` for such a peer, and an empty list for a connection closed meanwhile.
-    fn reachable_addrs(&self, connection: ConnectionId, announced: Vec<Multiaddr>) -> Option<Vec<Multiaddr>> {
-        let Some((_, from, dialled)) = self.connections.get(&connection) else { return Some(Vec::new()) };
-        let addrs = crate::addrs::reachable(announced.clone(), from, *dialled);
-        if addrs.is_none() {
-            debug!(%from, addrs = ?announced, "a peer that dialled us from none of the addresses it announced");
+    /// which would wait on a dial that cannot succeed. Judged by each of our connections to it:
+    /// believed if one vouches for them (we dialled it, or it dialled us from one of them). At
+    /// most [`MAX_PEER_ADDRS`] of at most [`MAX_PEER_ADDR_LEN`] bytes each, as a routing-table
+    /// entry holds.
+    fn reachable_addrs(&self, peer: PeerId, announced: Vec<Multiaddr>) -> Judged {
+        let mut judged = Judged::Gone;
+        for (_, from, dialled) in self.connections.values().filter(|(p, ..)| *p == peer) {
+            match crate::addrs::reachable(announced.clone(), from, *dialled) {
+                Some(addrs) => {
+                    let addrs = addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN);
+                    return Judged::Believed(addrs.take(MAX_PEER_ADDRS).collect());
+                }
+                None => judged = Judged::Doubted,
+            }
         }
-        addrs
+        if matches!(judged, Judged::Doubted) {
+            debug!(%peer, addrs = ?announced, "a peer that dialled us from none of the addresses it announced");
+        }
+        judged
     }
 
     /// Stores a provider record a peer sent us for itself (Kademlia accepts no other), with the
-    /// addresses [`Self::reachable_addrs`] would keep, judged by any of our connections to it.
-    /// A record stored without addresses is answered with the provider's routing-table entry,
-    /// or left out of the answer while it has none; it still names the provider to a lookup of
-    /// our own, which reaches it over the connection it came on.
+    /// addresses [`Self::reachable_addrs`] keeps. A record stored without addresses is answered
+    /// with the provider's routing-table entry, or left out of the answer while it has none; it
+    /// still names the provider to a lookup of our own, which reaches it over the connection it
+    /// came on while that is open.
     fn store_provider(&mut self, mut record: kad::ProviderRecord) {
         let announced = std::mem::take(&mut record.addresses);
-        record.addresses = self
-            .connections
-            .values()
-            .filter(|(peer, ..)| *peer == record.provider)
-            .find_map(|(_, from, dialled)| crate::addrs::reachable(announced.clone(), from, *dialled))
-            .unwrap_or_else(|| {
-                debug!(provider = %record.provider, addrs = ?announced, "a provider record with addresses that do not reach its provider");
-                Vec::new()
-            });
+        if let Judged::Believed(addrs) = self.reachable_addrs(record.provider, announced) {
+            record.addresses = addrs;
+        }
         if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
             debug!(error = %e, "provider record not stored");
         }
@@ -956,15 +970,16 @@ impl EventLoop {
                     self.room_retries.remove(&peer);
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
-                peer_id,
-                info,
-                connection_id,
-            })) => {
-                let Some(addrs) = self.reachable_addrs(connection_id, info.listen_addrs) else {
-                    self.crowds.undialable(peer_id, Instant::now());
-                    self.swarm.behaviour_mut().stream.forget(&peer_id);
-                    return;
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                let addrs = match self.reachable_addrs(peer_id, info.listen_addrs) {
+                    Judged::Believed(addrs) => addrs,
+                    Judged::Doubted => {
+                        self.crowds.undialable(peer_id, Instant::now());
+                        self.swarm.behaviour_mut().stream.forget(&peer_id);
+                        return;
+                    }
+                    // Closed meanwhile: nothing to judge by.
+                    Judged::Gone => return,
                 };
                 self.crowds.connected(peer_id, addrs.clone());
                 // For a later dial of the peer once this connection closed (a provider whose

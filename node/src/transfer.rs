@@ -318,8 +318,8 @@ impl Uploads {
     }
 
     /// Whether no upload to a peer other than `peer` runs and nobody waits: the uplink is
-    /// `peer`'s alone. Under a cap, piece uploads count; without one, every request being
-    /// answered.
+    /// `peer`'s alone. Under a cap, piece uploads count; without one, every stream holding an
+    /// upload slot (a request being read or answered; a watch holds none).
     fn idle(&self, peer: &PeerId) -> bool {
         let count = |map: &Mutex<HashMap<PeerId, usize>>| {
             let map = map.lock().unwrap_or_else(|e| e.into_inner());
