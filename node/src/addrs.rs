@@ -14,13 +14,21 @@
 //! - the same holds for the addresses in a provider record a peer sends us (it is the
 //!   provider: Kademlia takes no one's record for another), which we would otherwise hand to
 //!   everyone who looks the blob up;
+//! - we never dial an address we listen on ourselves ([`NotOurs`]): it can only reach us. Every
+//!   node listens on UDP 4737 by default, so an address that several machines have, such as
+//!   Docker's bridge address `172.17.0.1` present on every Docker host, announced by one node
+//!   names every other node's own machine at the same port;
 //! - an unspecified address (`0.0.0.0`, `::`) names no one, and an IPv6 link-local one
 //!   (`fe80::/10`) no one elsewhere (a multiaddr leaves out its interface): neither is announced
 //!   or kept.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
+use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, TransportEvent};
 use libp2p::kad::store::{MemoryStore, RecordStore, Result as StoreResult};
 use libp2p::kad::{ProviderRecord, Record, RecordKey};
 use libp2p::multiaddr::Protocol;
@@ -94,6 +102,67 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
 /// loopback ones if there is no other. IPv6 link-local ones never.
 pub(crate) fn announced(listen: &[Multiaddr]) -> Vec<Multiaddr> {
     dialable(listen.to_vec(), true)
+}
+
+/// A transport that refuses to dial the addresses it listens on: such a dial reaches this node
+/// itself, whichever peer it was meant for, and both ends would count a failed connection. It
+/// learns them as its listeners report them (every interface's address, for a listener on
+/// `0.0.0.0`), so it covers the dials of every behaviour, Kademlia's lookups among them, which
+/// dial the addresses other peers answered with. A refused address fails that one attempt at
+/// once (as an address the transport does not support); the peer's other addresses are dialled
+/// as usual.
+pub(crate) struct NotOurs<T> {
+    inner: T,
+    ours: HashSet<Multiaddr>,
+}
+
+impl<T> NotOurs<T> {
+    pub(crate) fn new(inner: T) -> Self {
+        Self { inner, ours: HashSet::new() }
+    }
+}
+
+impl<T: Transport + Unpin> Transport for NotOurs<T> {
+    type Output = T::Output;
+    type Error = T::Error;
+    type ListenerUpgrade = T::ListenerUpgrade;
+    type Dial = T::Dial;
+
+    fn listen_on(&mut self, id: ListenerId, addr: Multiaddr) -> Result<(), TransportError<Self::Error>> {
+        self.inner.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: ListenerId) -> bool {
+        self.inner.remove_listener(id)
+    }
+
+    fn dial(&mut self, addr: Multiaddr, opts: DialOpts) -> Result<Self::Dial, TransportError<Self::Error>> {
+        let mut bare = addr.clone();
+        if matches!(bare.iter().last(), Some(Protocol::P2p(_))) {
+            bare.pop();
+        }
+        if self.ours.contains(&bare) {
+            return Err(TransportError::MultiaddrNotSupported(addr));
+        }
+        self.inner.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
+        let event = Pin::new(&mut self.inner).poll(cx);
+        match &event {
+            Poll::Ready(TransportEvent::NewAddress { listen_addr, .. }) => {
+                self.ours.insert(listen_addr.clone());
+            }
+            Poll::Ready(TransportEvent::AddressExpired { listen_addr, .. }) => {
+                self.ours.remove(listen_addr);
+            }
+            _ => {}
+        }
+        event
+    }
 }
 
 /// Kademlia's record store, answering with the addresses we announce for our own provider
@@ -231,6 +300,31 @@ mod tests {
         let on_loopback = vec![lo.clone()];
         assert_eq!(reachable(on_loopback.clone(), &from_lan, true), Some(Vec::new()), "its loopback is not ours");
         assert_eq!(reachable(on_loopback, &lo, false), Some(vec![lo]));
+    }
+
+    #[tokio::test]
+    async fn an_address_we_listen_on_is_not_dialled() {
+        use futures::StreamExt;
+        use libp2p::core::transport::{MemoryTransport, PortUse};
+        use libp2p::core::{Endpoint, transport::ListenerId};
+
+        let mut ours = NotOurs::new(MemoryTransport::default());
+        ours.listen_on(ListenerId::next(), a("/memory/0")).expect("listen");
+        let mut events = futures::stream::poll_fn(|cx| Pin::new(&mut ours).poll(cx).map(Some));
+        let Some(TransportEvent::NewAddress { listen_addr, .. }) = events.next().await else { panic!("no address") };
+        drop(events);
+        let mut theirs = MemoryTransport::default();
+        theirs.listen_on(ListenerId::next(), a("/memory/0")).expect("listen");
+        let their_addr = match futures::stream::poll_fn(|cx| Pin::new(&mut theirs).poll(cx).map(Some)).next().await {
+            Some(TransportEvent::NewAddress { listen_addr, .. }) => listen_addr,
+            _ => panic!("no address"),
+        };
+        let opts = DialOpts { role: Endpoint::Dialer, port_use: PortUse::New };
+        let with_id = listen_addr.clone().with(Protocol::P2p(PeerId::random()));
+        for addr in [listen_addr, with_id] {
+            assert!(matches!(ours.dial(addr, opts), Err(TransportError::MultiaddrNotSupported(_))));
+        }
+        assert!(ours.dial(their_addr, opts).is_ok(), "another address is dialled");
     }
 
     #[test]

@@ -292,7 +292,7 @@ pub(crate) fn build_swarm(
                 let mut c = libp2p::quic::Config::new(key);
                 c.max_idle_timeout = 30_000;
                 c.keep_alive_interval = Duration::from_secs(10);
-                libp2p::quic::tokio::Transport::new(c)
+                crate::addrs::NotOurs::new(libp2p::quic::tokio::Transport::new(c))
                     .map(|(peer, connection), _| (peer, StreamMuxerBox::new(crate::linger::Lingering::new(connection))))
             })?
             .with_behaviour(behaviour)?
