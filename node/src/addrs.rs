@@ -23,7 +23,7 @@
 //!   or kept.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -34,12 +34,27 @@ use libp2p::kad::{ProviderRecord, Record, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 
+/// The IP address `addr` starts with; an IPv4-mapped IPv6 one (`::ffff:a.b.c.d`) as the IPv4
+/// address it is.
 fn ip(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(ip.into()),
-        Protocol::Ip6(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip).to_canonical()),
         _ => None,
     }
+}
+
+/// `addr` without a trailing `/p2p/<id>`, and an IPv4-mapped IPv6 address written as IPv4: one
+/// form for each socket address.
+fn bare(addr: &Multiaddr) -> Multiaddr {
+    let mut parts: Vec<Protocol<'_>> = addr.iter().collect();
+    if matches!(parts.last(), Some(Protocol::P2p(_))) {
+        parts.pop();
+    }
+    if let Some(IpAddr::V4(v4)) = ip(addr) {
+        parts[0] = Protocol::Ip4(v4);
+    }
+    parts.into_iter().collect()
 }
 
 /// Whether `addr` is an IP loopback address (`127.0.0.0/8` or `::1`).
@@ -113,12 +128,13 @@ pub(crate) fn announced(listen: &[Multiaddr]) -> Vec<Multiaddr> {
 /// as usual.
 pub(crate) struct NotOurs<T> {
     inner: T,
-    ours: HashSet<Multiaddr>,
+    /// Our listen addresses ([`bare`]), with the listener of each.
+    ours: HashMap<Multiaddr, ListenerId>,
 }
 
 impl<T> NotOurs<T> {
     pub(crate) fn new(inner: T) -> Self {
-        Self { inner, ours: HashSet::new() }
+        Self { inner, ours: HashMap::new() }
     }
 }
 
@@ -137,11 +153,7 @@ impl<T: Transport + Unpin> Transport for NotOurs<T> {
     }
 
     fn dial(&mut self, addr: Multiaddr, opts: DialOpts) -> Result<Self::Dial, TransportError<Self::Error>> {
-        let mut bare = addr.clone();
-        if matches!(bare.iter().last(), Some(Protocol::P2p(_))) {
-            bare.pop();
-        }
-        if self.ours.contains(&bare) {
+        if self.ours.contains_key(&bare(&addr)) {
             return Err(TransportError::MultiaddrNotSupported(addr));
         }
         self.inner.dial(addr, opts)
@@ -153,11 +165,15 @@ impl<T: Transport + Unpin> Transport for NotOurs<T> {
     ) -> Poll<TransportEvent<Self::ListenerUpgrade, Self::Error>> {
         let event = Pin::new(&mut self.inner).poll(cx);
         match &event {
-            Poll::Ready(TransportEvent::NewAddress { listen_addr, .. }) => {
-                self.ours.insert(listen_addr.clone());
+            Poll::Ready(TransportEvent::NewAddress { listener_id, listen_addr }) => {
+                self.ours.insert(bare(listen_addr), *listener_id);
             }
             Poll::Ready(TransportEvent::AddressExpired { listen_addr, .. }) => {
-                self.ours.remove(listen_addr);
+                self.ours.remove(&bare(listen_addr));
+            }
+            // A listener that closed reports no expiry of its addresses.
+            Poll::Ready(TransportEvent::ListenerClosed { listener_id, .. }) => {
+                self.ours.retain(|_, l| l != listener_id);
             }
             _ => {}
         }
@@ -302,6 +318,15 @@ mod tests {
         assert_eq!(reachable(on_loopback, &lo, false), Some(vec![lo]));
     }
 
+    #[test]
+    fn an_ipv4_mapped_address_is_its_ipv4_one() {
+        let mapped =
+            a("/ip6/::ffff:172.17.0.1/udp/4737/quic-v1/p2p/12D3KooWRzCVDwHUkgdK7eRgnoXbjDAELhxPErjHzbRLguSV1aRt");
+        assert_eq!(bare(&mapped), a("/ip4/172.17.0.1/udp/4737/quic-v1"));
+        assert!(is_loopback(&a("/ip6/::ffff:127.0.0.1/udp/4737/quic-v1")));
+        assert_eq!(bare(&a("/ip6/fd77::1/udp/4737/quic-v1")), a("/ip6/fd77::1/udp/4737/quic-v1"));
+    }
+
     #[tokio::test]
     async fn an_address_we_listen_on_is_not_dialled() {
         use futures::StreamExt;
@@ -309,7 +334,8 @@ mod tests {
         use libp2p::core::{Endpoint, transport::ListenerId};
 
         let mut ours = NotOurs::new(MemoryTransport::default());
-        ours.listen_on(ListenerId::next(), a("/memory/0")).expect("listen");
+        let listener = ListenerId::next();
+        ours.listen_on(listener, a("/memory/0")).expect("listen");
         let mut events = futures::stream::poll_fn(|cx| Pin::new(&mut ours).poll(cx).map(Some));
         let Some(TransportEvent::NewAddress { listen_addr, .. }) = events.next().await else { panic!("no address") };
         drop(events);
@@ -321,10 +347,15 @@ mod tests {
         };
         let opts = DialOpts { role: Endpoint::Dialer, port_use: PortUse::New };
         let with_id = listen_addr.clone().with(Protocol::P2p(PeerId::random()));
-        for addr in [listen_addr, with_id] {
+        for addr in [listen_addr.clone(), with_id] {
             assert!(matches!(ours.dial(addr, opts), Err(TransportError::MultiaddrNotSupported(_))));
         }
         assert!(ours.dial(their_addr, opts).is_ok(), "another address is dialled");
+        // Once its listener closed, the address is no longer ours.
+        assert!(ours.remove_listener(listener));
+        let closed = futures::stream::poll_fn(|cx| Pin::new(&mut ours).poll(cx).map(Some)).next().await;
+        assert!(matches!(closed, Some(TransportEvent::ListenerClosed { .. })));
+        assert!(!matches!(ours.dial(listen_addr, opts), Err(TransportError::MultiaddrNotSupported(_))));
     }
 
     #[test]

@@ -131,9 +131,12 @@ impl NetworkBehaviour for Gate {
 /// Over netsim's emulated network a peer taken down in the middle of the handshake is taken for
 /// one that answered (its links reset, which the handshake reports like a refusal); over QUIC
 /// the dial most likely ends in libp2p-quic's handshake timeout, which is not.
+/// An address the transport would not dial (one of our own, see `crate::addrs::NotOurs`) is
+/// no attempt: a peer on a Docker host announces the address every such host has.
 pub(crate) fn turned_away(error: &DialError) -> bool {
     let DialError::Transport(attempts) = error else { return false };
-    !attempts.is_empty() && attempts.iter().all(|(_, e)| matches!(e, TransportError::Other(e) if answered(e)))
+    let mut tried = attempts.iter().filter(|(_, e)| !matches!(e, TransportError::MultiaddrNotSupported(_))).peekable();
+    tried.peek().is_some() && tried.all(|(_, e)| matches!(e, TransportError::Other(e) if answered(e)))
 }
 
 /// The error of libp2p's plaintext handshake, which the crate does not export by name.
@@ -401,6 +404,13 @@ mod tests {
         // is there, unlike one nobody answers for.
         let Err(refused) = dial(&addr, version).await else { panic!("a third peer got past a cap of two") };
         assert!(turned_away(&refused), "a refusal taken for absence: {refused}");
+        // An address the transport would not dial (one of ours) beside it is no attempt.
+        let DialError::Transport(mut attempts) = refused else { panic!("a transport error") };
+        let ours: libp2p::Multiaddr = "/ip4/172.17.0.1/udp/4737/quic-v1".parse().expect("address");
+        attempts.push((ours.clone(), TransportError::MultiaddrNotSupported(ours.clone())));
+        assert!(turned_away(&DialError::Transport(attempts)), "an address of ours hid the refusal");
+        let only_ours = DialError::Transport(vec![(ours.clone(), TransportError::MultiaddrNotSupported(ours))]);
+        assert!(!turned_away(&only_ours), "no attempt taken for a refusal");
         let Err(absent) = dial(&"/memory/1".parse().expect("address"), version).await else {
             panic!("nobody listens there")
         };

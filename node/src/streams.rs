@@ -48,7 +48,7 @@ const MAX_WAITING_PER_PEER: usize = 256;
 /// forgotten.
 const MAX_WAITING_PEERS: usize = 1024;
 
-/// Peers whose addresses are remembered; the least recently given is forgotten. Room for the
+/// Peers whose addresses are remembered; the least recently used is forgotten. Room for the
 /// peers one crowd fetch meets and is named (up to 1,024 each), as identify's cache and this one
 /// held before they were one (see `crate::swarm`, identify).
 const REMEMBERED_PEERS: NonZeroUsize = NonZeroUsize::new(2048).expect("not zero");
@@ -218,11 +218,11 @@ impl NetworkBehaviour for Behaviour {
         if !matches!(&event, FromSwarm::DialFailure(e) if crate::connmgr::turned_away(e.error)) {
             self.addresses.on_swarm_event(&event);
         }
-        // An address that answered with another peer's id, or ours, is not the peer's (libp2p
-        // forgets only addresses whose dial failed in the transport).
+        // An address that answered with another peer's id (ours included) is not the peer's
+        // (libp2p forgets only addresses whose dial failed in the transport).
         if let FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
             peer_id: Some(peer),
-            error: DialError::WrongPeerId { address, .. } | DialError::LocalPeerId { address },
+            error: DialError::WrongPeerId { address, .. },
             ..
         }) = &event
         {

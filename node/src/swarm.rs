@@ -984,7 +984,7 @@ impl EventLoop {
                 self.crowds.connected(peer_id, addrs.clone());
                 // For a later dial of the peer once this connection closed (a provider whose
                 // connection was trimmed, asked again): the stream behaviour remembers them, for
-                // 1,024 peers.
+                // 2,048 peers.
                 for addr in &addrs {
                     self.swarm.add_peer_address(peer_id, addr.clone());
                 }
