@@ -46,7 +46,7 @@ fn ip(addr: &Multiaddr) -> Option<IpAddr> {
 
 /// `addr` without a trailing `/p2p/<id>`, and an IPv4-mapped IPv6 address written as IPv4: one
 /// form for each socket address.
-fn bare(addr: &Multiaddr) -> Multiaddr {
+pub(crate) fn bare(addr: &Multiaddr) -> Multiaddr {
     let mut parts: Vec<Protocol<'_>> = addr.iter().collect();
     if matches!(parts.last(), Some(Protocol::P2p(_))) {
         parts.pop();

@@ -29,11 +29,11 @@
 //!   so it holds back only while it uploads to other peers: a requester alone on its uplink is
 //!   sent all it asks, or one whose other holders left or cannot be reached would get the blob
 //!   no faster than its refusals came back (20 MB took 20 s against 0.4 s, the holder it was
-//!   sent to having crashed). So that a requester who cannot reach
-//!   the other holders is never starved, a piece is held back from one requester for at most the
-//!   node's patience ([`PATIENCE`] unless configured). A requester refused again and again is asked
-//!   to wait twice as long each time it comes back (up to [`MAX_SPREAD_DOUBLINGS`] doublings): in a
-//!   crowd such refusals are much of what a seeder sends beyond its pieces. Requests it sent
+//!   sent to having crashed). So that a requester who cannot reach the other holders is never
+//!   starved, a piece is held back from one requester for at most the node's patience
+//!   ([`PATIENCE`] unless configured). A requester refused again and again is asked to wait twice
+//!   as long each time it comes back (up to [`MAX_SPREAD_DOUBLINGS`] doublings): in a crowd such
+//!   refusals are much of what a seeder sends beyond its pieces. Requests it sent
 //!   together, before our first refusal reached it, count once, and the later ones name nobody.
 //!   A requester held back only for its turn, asking for a piece nobody has from us yet, is
 //!   asked instead to come back in about one upload's time, when a slot is likely free, and
@@ -351,8 +351,8 @@ impl Crowds {
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
     /// been held back from `peer` for our patience already, or we upload to no other peer
-    /// (`uplink.idle`) and the blob's crowd (the fresh peers that moved it with us or asked for it) is smaller
-    /// than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
+    /// (`uplink.idle`) and the blob's crowd (the fresh peers that moved it with us or asked for
+    /// it) is smaller than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
     /// peer we served a piece to gets no other until its patience for them has passed, unless we
     /// have room (`uplink.room`): an upload slot free and nobody in line for one.
     pub(crate) fn offer(

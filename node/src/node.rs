@@ -145,11 +145,10 @@ impl Node {
         let (mut swarm, control, incoming) = swarm::build_swarm(key, &config, transport, &metrics)?;
         // The default listens on IPv6 too, where the machine has it; an address asked for is
         // listened on or the start fails.
-        let optional = |addr: &Multiaddr| {
-            let default = config.listen == NodeConfig::default_listen(DEFAULT_QUIC_PORT)
-                || config.listen == NodeConfig::default_listen(0);
-            default && matches!(addr.iter().next(), Some(libp2p::multiaddr::Protocol::Ip6(_)))
-        };
+        let default = config.listen == NodeConfig::default_listen(DEFAULT_QUIC_PORT)
+            || config.listen == NodeConfig::default_listen(0);
+        let optional =
+            |addr: &Multiaddr| default && matches!(addr.iter().next(), Some(libp2p::multiaddr::Protocol::Ip6(_)));
         let mut listeners = Vec::new();
         for addr in &config.listen {
             if optional(addr) && !has_ipv6() {
@@ -313,11 +312,12 @@ impl NodeHandle {
     }
 
     /// Waits until the node listens on at least one address and its addresses settled, and
-    /// returns them. Settled: every listener reported an address, and, if one listens on every
-    /// interface (`0.0.0.0`, `::`), none came for 50 ms; or 1 s
-    /// passed (a listener that never reports an address, as one on `::` did on a host with IPv6
-    /// turned off by sysctl, before the start skipped it there). A listener reports its interfaces' addresses one at a time: returning at the
-    /// first address printed only some of them (seen: the loopback ones without the LAN one).
+    /// returns them. Settled: every listener reported an address and, if one listens on every
+    /// interface (`0.0.0.0`, `::`), none came for 50 ms; or 1 s passed (a listener that never
+    /// reports an address, as one on `::` did on a host with IPv6 turned off by sysctl, before
+    /// the start skipped it there). A listener reports its interfaces' addresses one at a time:
+    /// returning at the first address printed only some of them (seen: the loopback ones
+    /// without the LAN one).
     pub async fn wait_listening(&self) -> Result<Vec<Multiaddr>, NodeError> {
         let started = std::time::Instant::now();
         let mut before = Vec::new();

@@ -902,10 +902,7 @@ impl EventLoop {
                 trace!(peer = %peer_id, address = %endpoint.get_remote_address(), "connected");
                 // Stored without a trailing `/p2p/<id>` (a dialled address has one, an accepted
                 // one has none), so that every peer's address reads alike beside its id.
-                let mut address = endpoint.get_remote_address().clone();
-                if matches!(address.iter().last(), Some(Protocol::P2p(_))) {
-                    address.pop();
-                }
+                let address = crate::addrs::bare(endpoint.get_remote_address());
                 self.connections.insert(connection_id, (peer_id, address.clone(), endpoint.is_dialer()));
                 self.remote_addrs.insert(peer_id, address);
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);

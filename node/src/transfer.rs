@@ -321,19 +321,13 @@ impl Uploads {
     /// `peer`'s alone. Under a cap, piece uploads count; without one, every stream holding an
     /// upload slot (a request being read or answered; a watch holds none).
     fn idle(&self, peer: &PeerId) -> bool {
-        let count = |map: &Mutex<HashMap<PeerId, usize>>| {
-            let map = map.lock().unwrap_or_else(|e| e.into_inner());
-            (map.values().sum::<usize>(), map.get(peer).copied().unwrap_or(0))
-        };
         match &self.data {
             Some(slots) => {
-                let (_, mine) = count(&self.data_per_peer);
-                slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= mine
+                let mine = self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied();
+                slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= mine.unwrap_or(0)
             }
-            None => {
-                let (all, mine) = count(&self.per_peer);
-                all <= mine
-            }
+            // A peer's count is removed at zero: any other key is another peer's upload.
+            None => self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).keys().all(|p| p == peer),
         }
     }
 

@@ -147,6 +147,13 @@ impl NodeProc {
         }
     }
 
+    /// `shoal get <hash> -o <out>`, which must succeed and write the blob whose hash it is.
+    fn fetch(&self, hash: &str, out: &Path) {
+        let got = self.try_cli(&["get", hash, "-o", out.to_str().expect("utf-8")]);
+        assert!(got.0, "get on {} failed: {}", self.peer_id, got.2);
+        assert_eq!(b3sum(out), hash, "the fetched file's b3sum equals the hash");
+    }
+
     fn try_cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = Command::new(SHOAL)
             .args(args)
@@ -178,13 +185,6 @@ impl Lan {
         let id = std::process::id();
         let subnet = format!("10.213.{}", id % 250);
         let mut lan = Lan { bridge: format!("shb{id}"), hosts: Vec::new() };
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-            match out.status.success() {
-                true => Ok(()),
-                false => Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
-            }
-        };
         let made = (|| {
             ip(&["link", "add", &lan.bridge, "type", "bridge"])?;
             ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &lan.bridge])?;
@@ -197,7 +197,7 @@ impl Lan {
                 let (outer, inner) = (format!("shv{id}x{i}"), format!("shp{id}x{i}"));
                 ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &host.ns])?;
                 ip(&["link", "set", &outer, "master", &lan.bridge, "up"])?;
-                let inside = |args: &[&str]| ip(&[&["netns", "exec", &host.ns, "ip"], args].concat());
+                let inside = |args: &[&str]| host.ip_inside(args);
                 inside(&["addr", "add", &format!("{}/24", host.ip), "dev", &inner])?;
                 inside(&["link", "set", &inner, "up"])?;
                 inside(&["link", "set", "lo", "up"])?;
@@ -214,7 +214,21 @@ impl Lan {
     }
 }
 
+/// Runs `ip ARGS`; its error output if it fails.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())),
+    }
+}
+
 impl Host {
+    /// Runs `ip ARGS` in the host's namespace.
+    fn ip_inside(&self, args: &[&str]) -> Result<(), String> {
+        ip(&[&["netns", "exec", &self.ns, "ip"], args].concat())
+    }
+
     /// Gives the host the address Docker gives its bridge on every machine (as a CDN node's host
     /// often has): an address that names each such host itself.
     fn add_docker_bridge(&self) {
@@ -223,8 +237,7 @@ impl Host {
             &["addr", "add", "172.17.0.1/16", "dev", "docker0"],
             &["link", "set", "docker0", "up"],
         ] {
-            let status = Command::new("ip").args(["netns", "exec", &self.ns, "ip"]).args(args).status().expect("ip");
-            assert!(status.success(), "ip {args:?} in {}", self.ns);
+            self.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }
@@ -315,10 +328,7 @@ fn five_nodes_fetch_through_the_dht_and_the_fetcher_serves_on() {
         eventually(30, || n3.try_cli(&["providers", &hash]).1.contains(&n1.peer_id)),
         "n1 never showed up as a provider"
     );
-    let out = tmp.path().join("out.bin");
-    let got = n5.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
-    assert!(got.0, "get failed: {}", got.2);
-    assert_eq!(b3sum(&out), hash, "the fetched file's b3sum equals the hash");
+    n5.fetch(&hash, &tmp.path().join("out.bin"));
 
     // Whoever fetched it serves it on: n5 is now listed as a provider.
     assert!(
@@ -452,10 +462,7 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
     let input = tmp.path().join("input.bin");
     random_file(&input, 3 << 20, 5);
     let hash = add_and_wait(&a2, &b, &input);
-    let out = tmp.path().join("out.bin");
-    let got = c.try_cli(&["get", &hash, "-o", out.to_str().expect("utf-8")]);
-    assert!(got.0, "get failed: {}", got.2);
-    assert_eq!(b3sum(&out), hash);
+    c.fetch(&hash, &tmp.path().join("out.bin"));
     assert!(
         eventually(30, || b.try_cli(&["providers", &hash]).1.contains(&c.peer_id)),
         "the fetcher on another host was never listed as a provider"
@@ -464,9 +471,7 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
     // that address. The nodes it sends its record to, connected to it, take it as a provider
     // (they are `a`, `b`, `c` and `a2`: fewer than Kademlia's 20 closest); nobody else is told
     // that address.
-    let out_d = tmp.path().join("out-d.bin");
-    let got = d.try_cli(&["get", &hash, "-o", out_d.to_str().expect("utf-8")]);
-    assert!(got.0, "get on the hidden node failed: {}", got.2);
+    d.fetch(&hash, &tmp.path().join("out-d.bin"));
     assert!(
         eventually(30, || a.try_cli(&["providers", &hash]).1.contains(&d.peer_id)),
         "the hidden node's provider record was not taken"
@@ -503,14 +508,9 @@ fn a_lone_fetcher_is_sent_all_it_asks_though_the_fetcher_before_it_left() {
     let input = tmp.path().join("input.bin");
     random_file(&input, 16 << 20, 9);
     let hash = add_and_wait(&a, &c, &input);
-    let out_b = tmp.path().join("out-b.bin");
-    b.cli(&["get", &hash, "-o", out_b.to_str().expect("utf-8")]);
-    assert_eq!(b3sum(&out_b), hash);
+    b.fetch(&hash, &tmp.path().join("out-b.bin"));
     drop(b);
-    let out_c = tmp.path().join("out-c.bin");
-    let got = c.try_cli(&["get", &hash, "-o", out_c.to_str().expect("utf-8")]);
-    assert!(got.0, "get failed: {}", got.2);
-    assert_eq!(b3sum(&out_c), hash);
+    c.fetch(&hash, &tmp.path().join("out-c.bin"));
     let refused = a.metric(r#"shoal_transfer_served_requests_total{kind="get",outcome="spread"}"#);
     assert_eq!(refused, 0.0, "the publisher held pieces back from a fetcher alone on its uplink");
 }
