@@ -147,6 +147,11 @@ impl NodeProc {
         }
     }
 
+    /// Whether `shoal providers <hash>` here lists `provider` within 30 s.
+    fn lists_provider(&self, hash: &str, provider: &NodeProc) -> bool {
+        eventually(30, || self.try_cli(&["providers", hash]).1.contains(&provider.peer_id))
+    }
+
     /// `shoal get <hash> -o <out>`, which must succeed and write the blob whose hash it is.
     fn fetch(&self, hash: &str, out: &Path) {
         let got = self.try_cli(&["get", hash, "-o", out.to_str().expect("utf-8")]);
@@ -324,17 +329,11 @@ fn five_nodes_fetch_through_the_dht_and_the_fetcher_serves_on() {
     assert_eq!(hash, b3sum(&input), "`shoal add` prints the b3sum hash first");
 
     // n1 announces the blob; give the DHT a moment, bounded.
-    assert!(
-        eventually(30, || n3.try_cli(&["providers", &hash]).1.contains(&n1.peer_id)),
-        "n1 never showed up as a provider"
-    );
+    assert!(n3.lists_provider(&hash, &n1), "n1 never showed up as a provider");
     n5.fetch(&hash, &tmp.path().join("out.bin"));
 
     // Whoever fetched it serves it on: n5 is now listed as a provider.
-    assert!(
-        eventually(30, || n2.try_cli(&["providers", &hash]).1.contains(&n5.peer_id)),
-        "the fetcher was never listed as a provider"
-    );
+    assert!(n2.lists_provider(&hash, &n5), "the fetcher was never listed as a provider");
     drop((n1, n2, n3, n4, n5));
 }
 
@@ -463,19 +462,13 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
     random_file(&input, 3 << 20, 5);
     let hash = add_and_wait(&a2, &b, &input);
     c.fetch(&hash, &tmp.path().join("out.bin"));
-    assert!(
-        eventually(30, || b.try_cli(&["providers", &hash]).1.contains(&c.peer_id)),
-        "the fetcher on another host was never listed as a provider"
-    );
+    assert!(b.lists_provider(&hash, &c), "the fetcher on another host was never listed as a provider");
     // The node that announces `a`'s address fetches too, and so announces itself a provider at
     // that address. The nodes it sends its record to, connected to it, take it as a provider
     // (they are `a`, `b`, `c` and `a2`: fewer than Kademlia's 20 closest); nobody else is told
     // that address.
     d.fetch(&hash, &tmp.path().join("out-d.bin"));
-    assert!(
-        eventually(30, || a.try_cli(&["providers", &hash]).1.contains(&d.peer_id)),
-        "the hidden node's provider record was not taken"
-    );
+    assert!(a.lists_provider(&hash, &d), "the hidden node's provider record was not taken");
     // Each node dialled others, and each peer is connected to the three others at least.
     for n in nodes {
         assert!(eventually(20, || n.cli(&["peers"]).lines().count() >= 3), "{} lacks peers", n.peer_id);
@@ -528,10 +521,7 @@ fn get_summary(stderr: &str) -> (u64, u64) {
 fn add_and_wait(provider: &NodeProc, observer: &NodeProc, input: &Path) -> String {
     let added = provider.cli(&["add", input.to_str().expect("utf-8")]);
     let hash = added.split_whitespace().next().expect("hash").to_string();
-    assert!(
-        eventually(30, || observer.try_cli(&["providers", &hash]).1.contains(&provider.peer_id)),
-        "provider never announced"
-    );
+    assert!(observer.lists_provider(&hash, provider), "provider never announced");
     hash
 }
 
@@ -546,7 +536,7 @@ fn a_provider_killed_mid_transfer_does_not_stop_the_fetch() {
     let hash = add_and_wait(&n1, &n3, &input);
     // n2 becomes a second full provider.
     n2.cli(&["get", &hash, "-o", tmp.path().join("n2.bin").to_str().expect("utf-8")]);
-    assert!(eventually(30, || n3.try_cli(&["providers", &hash]).1.contains(&n2.peer_id)));
+    assert!(n3.lists_provider(&hash, &n2));
 
     // n3 fetches; n1 dies as soon as n3 has begun.
     let out = tmp.path().join("out.bin");
