@@ -68,6 +68,15 @@ pub(crate) fn is_unspecified(addr: &Multiaddr) -> bool {
     ip(addr).is_some_and(|ip| ip.is_unspecified())
 }
 
+/// Whether a node listening on `listen` may sit on a LAN behind a router that forwards ports on
+/// request (UPnP): it listens on an IPv4 address that is private (`10/8`, `172.16/12`,
+/// `192.168/16`) or on every IPv4 interface (`0.0.0.0`). A node on loopback only, or on a public
+/// address, has no router to ask, and asks none: looking for one sends a multicast query to the
+/// LAN.
+pub(crate) fn may_be_behind_router(listen: &[Multiaddr]) -> bool {
+    listen.iter().any(|a| matches!(ip(a), Some(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_private()))
+}
+
 /// Whether `addr` names no one anywhere: an unspecified address, or an IPv6 link-local one
 /// (`fe80::/10`), which a multiaddr names without the interface it is on.
 fn is_nowhere(addr: &Multiaddr) -> bool {
@@ -264,6 +273,19 @@ mod tests {
         let ula = a("/ip6/fd77::1/udp/4737/quic-v1");
         assert_eq!(announced(&[lo.clone(), link.clone(), ula.clone()]), vec![ula]);
         assert_eq!(announced(&[lo.clone(), link]), vec![lo]);
+    }
+
+    #[test]
+    fn only_a_node_on_a_private_or_every_ipv4_interface_asks_a_router_for_a_port() {
+        let every = a("/ip4/0.0.0.0/udp/4737/quic-v1");
+        let every6 = a("/ip6/::/udp/4737/quic-v1");
+        assert!(may_be_behind_router(&[every, every6.clone()]));
+        assert!(may_be_behind_router(&[a("/ip4/192.168.1.20/udp/4737/quic-v1")]));
+        assert!(may_be_behind_router(&[a("/ip4/172.20.0.5/udp/4737/quic-v1")]));
+        assert!(!may_be_behind_router(&[a("/ip4/127.0.0.1/udp/0/quic-v1")]), "loopback: tests, one machine");
+        assert!(!may_be_behind_router(&[a("/ip4/198.51.100.20/udp/4737/quic-v1")]), "a public address");
+        assert!(!may_be_behind_router(&[every6]), "UPnP forwards IPv4 ports");
+        assert!(!may_be_behind_router(&[a("/memory/7")]));
     }
 
     #[test]

@@ -103,6 +103,13 @@ pub struct NodeConfig {
     /// with it a server, each short-lived fetch left the others' lookups waiting on a peer that
     /// no longer answered. Not a configuration-file key. The default is `false`.
     pub transient: bool,
+    /// Whether the node asks the LAN's router to forward its QUIC port (UPnP IGD, as home
+    /// routers offer) and announces the router's public address with that port. Only a node
+    /// listening on a private IPv4 address or on `0.0.0.0`, with no [`external`](Self::external)
+    /// address configured, asks; a router whose own address is not public (a NAT in front of
+    /// it) is left alone. Without it, a node behind a NAT fetches, but no peer can dial it, so it
+    /// serves only the peers it dialled itself. The default is `true`; netsim turns it off.
+    pub upnp: bool,
 }
 
 impl NodeConfig {
@@ -152,6 +159,7 @@ impl NodeConfig {
             ping: true,
             time_scale: 1.0,
             transient: false,
+            upnp: true,
         }
     }
 
@@ -213,6 +221,9 @@ pub struct FileConfig {
     /// Peers one fetch asks at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fetch_peers: Option<usize>,
+    /// Ask the router to forward the QUIC port (UPnP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upnp: Option<bool>,
 }
 
 /// A byte count written as a number or with a unit: `1048576`, `"512M"`, `"10G"`, `"1.5GiB"` is not
@@ -317,6 +328,9 @@ impl NodeConfig {
             }
             self.fetch_peers = v;
         }
+        if let Some(v) = f.upnp {
+            self.upnp = v;
+        }
         Ok(())
     }
 
@@ -339,6 +353,7 @@ impl NodeConfig {
             lookup_timeout_secs: Some(self.lookup_timeout.as_secs()),
             spread_patience_secs: Some(self.spread_patience.as_secs()),
             fetch_peers: Some(self.fetch_peers),
+            upnp: Some(self.upnp),
         }
     }
 }
@@ -357,6 +372,7 @@ mod tests {
             max-uploads = 8
             spread-patience-secs = 3
             fetch-peers = 12
+            upnp = false
             "#,
         )
         .expect("parses");
@@ -367,6 +383,7 @@ mod tests {
         assert_eq!(c.max_uploads, 8);
         assert_eq!(c.spread_patience, Duration::from_secs(3));
         assert_eq!(c.fetch_peers, 12);
+        assert!(!c.upnp);
         assert_eq!(c.listen[0].to_string(), "/ip4/127.0.0.1/udp/5000/quic-v1");
         // What `config show` prints reads back to the same configuration.
         let shown = toml::to_string(&c.to_file()).expect("serializes");

@@ -19,6 +19,7 @@ pub mod config;
 mod connmgr;
 mod crowd;
 mod fetch;
+mod forward;
 mod gateway;
 mod identity;
 mod limits;

@@ -94,6 +94,9 @@ struct NodeArgs {
     /// Announce this address as reachable, instead of the listen addresses (repeatable) [default: the listen addresses but loopback ones]
     #[arg(long, env = "SHOAL_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
+    /// Do not ask the LAN's router to forward the QUIC port (UPnP) [default: ask, when listening on a private IPv4 address or 0.0.0.0 with no --external]
+    #[arg(long, env = "SHOAL_NO_UPNP")]
+    no_upnp: bool,
     /// Cap on everything uploaded to peers, bytes per second, e.g. 10M [default: none]
     #[arg(long, env = "SHOAL_UPLOAD_RATE", value_parser = parse_size)]
     upload_rate: Option<u64>,
@@ -154,6 +157,9 @@ fn effective_config(data_dir: PathBuf, args: &NodeArgs) -> anyhow::Result<NodeCo
     }
     if !args.external.is_empty() {
         config.external = args.external.clone();
+    }
+    if args.no_upnp {
+        config.upnp = false;
     }
     if let Some(v) = args.cache_size {
         config.cache_bytes = v;
@@ -920,6 +926,9 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     println!("peer id:   {}", g("peer_id").as_str().unwrap_or_default());
     for a in g("listen_addrs").as_array().cloned().unwrap_or_default() {
         println!("listening: {}", a.as_str().unwrap_or_default());
+    }
+    for a in g("announced_addrs").as_array().cloned().unwrap_or_default() {
+        println!("announced: {}", a.as_str().unwrap_or_default());
     }
     println!("peers:     {}", g("peers"));
     println!("blobs:     {}", g("blobs"));

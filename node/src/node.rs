@@ -41,6 +41,10 @@ pub struct Status {
     pub peer_id: String,
     /// Our listen addresses, with `/p2p/<peer id>`.
     pub listen_addrs: Vec<String>,
+    /// The addresses peers are told to dial us at, with `/p2p/<peer id>`: the listen addresses
+    /// worth announcing and the public ones the router forwards to us (UPnP), or those given
+    /// with `--external`.
+    pub announced_addrs: Vec<String>,
     /// Connected peers.
     pub peers: usize,
     /// The DHT as seen from here.
@@ -304,6 +308,13 @@ impl NodeHandle {
         Ok(self.listening().await?.0)
     }
 
+    /// The addresses peers are told to dial us at, each ending in `/p2p/<peer id>`.
+    pub async fn announced_addrs(&self) -> Result<Vec<Multiaddr>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.command(Command::Announced(tx)).await?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
     /// Our listen addresses, and whether every listener has reported one.
     async fn listening(&self) -> Result<(Vec<Multiaddr>, bool), NodeError> {
         let (tx, rx) = oneshot::channel();
@@ -502,12 +513,14 @@ impl NodeHandle {
     /// The node's state.
     pub async fn status(&self) -> Result<Status, NodeError> {
         let addrs = self.listen_addrs().await?;
+        let announced = self.announced_addrs().await?;
         let peers = self.peers().await?.len();
         let dht = self.dht_info().await?;
         let StoreStats { blobs, cache_bytes, cache_capacity, pinned_bytes, evictions, .. } = self.inner.store.stats();
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),
             listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
+            announced_addrs: announced.iter().map(|a| a.to_string()).collect(),
             peers,
             dht,
             blobs,

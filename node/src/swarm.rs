@@ -110,6 +110,7 @@ pub(crate) struct Behaviour {
     stream: crate::streams::Behaviour,
     gate: crate::connmgr::Gate,
     limits: connection_limits::Behaviour,
+    upnp: Toggle<crate::forward::Forwarding>,
 }
 
 /// What a peer's announced addresses are worth (see `EventLoop::reachable_addrs`).
@@ -139,6 +140,8 @@ pub(crate) enum Command {
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     /// Our listen addresses, with `/p2p/<peer id>`, and whether every listener has reported one.
     Listening(oneshot::Sender<(Vec<Multiaddr>, bool)>),
+    /// The addresses we announce to peers.
+    Announced(oneshot::Sender<Vec<Multiaddr>>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
     /// A peer another peer named as a holder of a blob, at the addresses it gave: the addresses
@@ -270,6 +273,16 @@ pub(crate) fn build_swarm(
             stream,
             gate: crate::connmgr::Gate::new(crate::connmgr::hard_cap(config.max_connections)),
             limits: connection_limits::Behaviour::new(limits),
+            // Looks for the router at once (a multicast query on the LAN), so it is made only
+            // where there may be one: not for loopback, a public address, netsim's memory
+            // addresses, an operator's own `--external` address, or a node of one command.
+            upnp: Toggle::from(
+                (config.upnp
+                    && !config.transient
+                    && config.external.is_empty()
+                    && crate::addrs::may_be_behind_router(&config.listen))
+                .then(crate::forward::Forwarding::new),
+            ),
         }
     };
     let idle = config.stretch(IDLE_CONNECTION_TIMEOUT);
@@ -369,6 +382,11 @@ pub(crate) struct EventLoop {
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
     announce_listen_addrs: bool,
+    /// The public addresses the LAN's router forwards to us (UPnP), announced beside the
+    /// listen addresses.
+    forwarded: Vec<Multiaddr>,
+    /// What we announced last: peers are told again when it changes.
+    announced: Vec<Multiaddr>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     activity: std::sync::Arc<crate::connmgr::PeerActivity>,
     crowds: std::sync::Arc<crate::crowd::Crowds>,
@@ -429,6 +447,8 @@ impl EventLoop {
             quiet_listeners: HashSet::new(),
             // With no external address configured, our listen addresses are what we announce.
             announce_listen_addrs: config.external.is_empty(),
+            forwarded: Vec::new(),
+            announced: Vec::new(),
             metrics,
             activity,
             crowds,
@@ -642,6 +662,11 @@ impl EventLoop {
             Command::Listening(reply) => {
                 let _ = reply.send((self.full_listen_addrs(), self.quiet_listeners.is_empty()));
             }
+            Command::Announced(reply) => {
+                let me = *self.swarm.local_peer_id();
+                let _ =
+                    reply.send(self.swarm.external_addresses().map(|a| a.clone().with(Protocol::P2p(me))).collect());
+            }
             Command::DhtInfo(reply) => {
                 let routing_table_peers = self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
                 let _ = reply.send(DhtInfo {
@@ -737,13 +762,19 @@ impl EventLoop {
         self.sync_announced();
     }
 
-    /// Announces the listen addresses worth announcing (see [`crate::addrs`]) as our external
-    /// addresses, unless addresses were configured, and gives our provider records the same.
+    /// Announces the listen addresses worth announcing (see [`crate::addrs`]) and the ones the
+    /// router forwards to us as our external addresses, unless addresses were configured, and
+    /// gives our provider records the same.
     fn sync_announced(&mut self) {
         if !self.announce_listen_addrs {
             return;
         }
-        let announced = crate::addrs::announced(&self.listen_addrs);
+        let mut announced = crate::addrs::announced(&self.listen_addrs);
+        for a in &self.forwarded {
+            if !announced.contains(a) {
+                announced.push(a.clone());
+            }
+        }
         let old: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
         for a in old.iter().filter(|a| !announced.contains(a)) {
             self.swarm.remove_external_address(a);
@@ -751,12 +782,37 @@ impl EventLoop {
         for a in announced.iter().filter(|a| !old.contains(a)) {
             self.swarm.add_external_address(a.clone());
         }
-        if announced != old {
+        if announced != self.announced {
             // Peers that identified us before are told now, not at identify's next round.
             let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
             self.swarm.behaviour_mut().identify.push(peers);
+            self.announced = announced.clone();
         }
         self.swarm.behaviour_mut().kad.store_mut().set_announced(announced);
+    }
+
+    /// What the router's port forwarding (UPnP) tells us.
+    fn on_upnp_event(&mut self, event: libp2p::upnp::Event) {
+        use libp2p::upnp::Event;
+        match event {
+            Event::NewExternalAddr { external_addr, .. } => {
+                info!(address = %external_addr, "the router forwards our port (UPnP): announcing its public address");
+                if !self.forwarded.contains(&external_addr) {
+                    self.forwarded.push(external_addr);
+                }
+                self.sync_announced();
+            }
+            Event::ExpiredExternalAddr { external_addr, .. } => {
+                warn!(address = %external_addr, "the router no longer forwards our port (UPnP)");
+                self.forwarded.retain(|a| *a != external_addr);
+                self.sync_announced();
+            }
+            Event::GatewayNotFound => debug!("no router on this network forwards ports (UPnP)"),
+            Event::NonRoutableGateway => info!(
+                "the router's own address is not public (another NAT in front of it): no port forwarded; \
+                 peers cannot dial this node unless a forwarded address is given with --external"
+            ),
+        }
     }
 
     /// The addresses a connected peer announced that others may dial it at (see
@@ -993,6 +1049,7 @@ impl EventLoop {
                 self.rtts.insert(peer, rtt);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Upnp(event)) => self.on_upnp_event(event),
             _ => {}
         }
     }

@@ -16,6 +16,8 @@ const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
 struct NodeProc {
     child: Child,
     dir: PathBuf,
+    /// The network namespace it runs in, if not ours: its commands run there too.
+    ns: Option<String>,
     peer_id: String,
     addr: String,
 }
@@ -69,7 +71,8 @@ impl NodeProc {
         let mut child = cmd.spawn().expect("spawn shoal node");
         let stdout = child.stdout.take().expect("stdout");
         // Killed on drop from here on, also when it does not start in time.
-        let mut node = NodeProc { child, dir: dir.to_owned(), peer_id: String::new(), addr: String::new() };
+        let ns = host.map(|h| h.ns.clone());
+        let mut node = NodeProc { child, dir: dir.to_owned(), ns, peer_id: String::new(), addr: String::new() };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             // Drain stdout for the node's whole life, even after the start-up lines were read.
@@ -160,21 +163,25 @@ impl NodeProc {
     }
 
     fn try_cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_DATA_DIR", &self.dir)
-            .env_remove("SHOAL_API")
-            .output()
-            .expect("run shoal");
+        let mut cmd = match &self.ns {
+            None => Command::new(SHOAL),
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, SHOAL]);
+                cmd
+            }
+        };
+        let out = cmd.args(args).env("SHOAL_DATA_DIR", &self.dir).env_remove("SHOAL_API").output().expect("run shoal");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 }
 
-/// A machine of its own on one LAN: a network namespace whose veth is on a bridge. The test
-/// reaches the nodes' APIs over the bridge.
+/// A machine of its own on one LAN: a network namespace whose veth (`dev`) is on a bridge. The
+/// test reaches the nodes' APIs over the bridge.
 struct Host {
     ns: String,
     ip: String,
+    dev: String,
 }
 
 /// Hosts on a bridge, removed on drop (with the processes still in them: drop the nodes first).
@@ -184,22 +191,28 @@ struct Lan {
 }
 
 impl Lan {
-    /// `n` hosts, or `None` (said on standard error) where network namespaces cannot be made: not
-    /// root, or no `ip`.
+    /// `n` hosts on a private LAN, or `None` (said on standard error) where network namespaces
+    /// cannot be made: not root, or no `ip`.
     fn new(n: usize) -> Option<Lan> {
-        let id = std::process::id();
-        let subnet = format!("10.213.{}", id % 250);
+        Self::on(n, &format!("10.213.{}", std::process::id() % 250))
+    }
+
+    /// `n` hosts on the /24 `subnet` (its first three numbers), the bridge at `.254`.
+    fn on(n: usize, subnet: &str) -> Option<Lan> {
+        static LANS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        // Unique names on the machine: this process's id, and which of its LANs.
+        let id = format!("{}k{}", std::process::id(), LANS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let mut lan = Lan { bridge: format!("shb{id}"), hosts: Vec::new() };
         let made = (|| {
             ip(&["link", "add", &lan.bridge, "type", "bridge"])?;
             ip(&["addr", "add", &format!("{subnet}.254/24"), "dev", &lan.bridge])?;
             ip(&["link", "set", &lan.bridge, "up"])?;
             for i in 1..=n {
-                let host = Host { ns: format!("shoal-{id}-{i}"), ip: format!("{subnet}.{i}") };
+                let (outer, inner) = (format!("shv{id}x{i}"), format!("shp{id}x{i}"));
+                let host = Host { ns: format!("shoal-{id}-{i}"), ip: format!("{subnet}.{i}"), dev: inner.clone() };
                 ip(&["netns", "add", &host.ns])?;
                 lan.hosts.push(host);
                 let host = &lan.hosts[i - 1];
-                let (outer, inner) = (format!("shv{id}x{i}"), format!("shp{id}x{i}"));
                 ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner, "netns", &host.ns])?;
                 ip(&["link", "set", &outer, "master", &lan.bridge, "up"])?;
                 let inside = |args: &[&str]| host.ip_inside(args);
@@ -253,6 +266,132 @@ impl Drop for Lan {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
         }
         let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+/// A home router on a host of a LAN that stands for the Internet (its `wan` side): a LAN of its
+/// own behind it with one host, `home`, whose flows out leave with the router's address (NAT);
+/// inbound flows are dropped unless they answer one from inside or go to a port forwarded on
+/// request. `miniupnpd` takes those requests from the home LAN (UPnP IGD, as home routers
+/// offer). The test reaches the home host's API over TCP through the router. Removed on drop,
+/// with its daemon; drop the home host's nodes first.
+struct Router {
+    home: Host,
+    daemon: Child,
+    log: PathBuf,
+    /// The route the test's side takes to the home LAN.
+    route: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The path of `tool`, if this machine has it (looked for in `PATH` and the `sbin` directories,
+/// which a user's `PATH` may lack).
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"])
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+impl Router {
+    /// `None` (said on standard error) where this machine lacks `miniupnpd` or
+    /// `iptables-legacy` (the kernel interface `miniupnpd` writes its rules through): `.ci/run`
+    /// installs both.
+    fn new(lan: &Lan, wan: &Host) -> Option<Router> {
+        let (Some(daemon), Some(iptables)) = (find_tool("miniupnpd"), find_tool("iptables-legacy")) else {
+            eprintln!(
+                "skipped: no miniupnpd or iptables-legacy here (Debian: apt-get install miniupnpd-iptables iptables)"
+            );
+            return None;
+        };
+        let subnet = format!("10.214.{}", std::process::id() % 250);
+        let (lan_dev, home_dev) = (wan.dev.replacen("shp", "shl", 1), wan.dev.replacen("shp", "shh", 1));
+        let home = Host { ns: format!("{}-home", wan.ns), ip: format!("{subnet}.2"), dev: home_dev };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inside = |args: &[&str]| wan.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
+        ip(&["netns", "add", &home.ns]).unwrap_or_else(|e| panic!("{e}"));
+        inside(&["link", "add", &lan_dev, "type", "veth", "peer", "name", &home.dev, "netns", &home.ns]);
+        inside(&["addr", "add", &format!("{subnet}.1/24"), "dev", &lan_dev]);
+        inside(&["link", "set", &lan_dev, "up"]);
+        for args in [
+            &["addr", "add", &format!("{}/24", home.ip), "dev", &home.dev][..],
+            &["link", "set", &home.dev, "up"],
+            &["link", "set", "lo", "up"],
+            &["route", "add", "default", "via", &format!("{subnet}.1")],
+        ] {
+            home.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let run = |program: &Path, args: &[&str]| {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &wan.ns])
+                .arg(program)
+                .args(args)
+                .output()
+                .expect("ip netns exec");
+            assert!(out.status.success(), "{program:?} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(Path::new("sh"), &["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
+        let (w, l) = (wan.dev.as_str(), lan_dev.as_str());
+        let bridge_ip = format!("{}.254", wan.ip.rsplit_once('.').expect("an IPv4 address").0);
+        for rule in [
+            &["-t", "nat", "-A", "POSTROUTING", "-o", w, "-j", "MASQUERADE"][..],
+            // The chains miniupnpd adds its forwards to.
+            &["-t", "nat", "-N", "MINIUPNPD"],
+            &["-t", "nat", "-A", "PREROUTING", "-i", w, "-j", "MINIUPNPD"],
+            &["-t", "nat", "-N", "MINIUPNPD-POSTROUTING"],
+            &["-t", "nat", "-I", "POSTROUTING", "-o", w, "-j", "MINIUPNPD-POSTROUTING"],
+            &["-t", "filter", "-N", "MINIUPNPD"],
+            &["-A", "FORWARD", "-i", w, "-o", l, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            &["-A", "FORWARD", "-i", w, "-o", l, "-j", "MINIUPNPD"],
+            // The test's own way in, to the home node's HTTP API: TCP from the bridge only.
+            &["-A", "FORWARD", "-i", w, "-o", l, "-s", &bridge_ip, "-p", "tcp", "-j", "ACCEPT"],
+            &["-A", "FORWARD", "-i", w, "-o", l, "-j", "DROP"],
+        ] {
+            run(&iptables, rule);
+        }
+        let conf = dir.path().join("miniupnpd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "ext_ifname={w}\nlistening_ip={l}\nhttp_port=0\nenable_natpmp=no\nenable_upnp=yes\n\
+                 secure_mode=yes\nsystem_uptime=yes\nuuid=5b0a1c3e-0000-4000-8000-00000000{:04x}\n\
+                 allow 1024-65535 {subnet}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                std::process::id() % 0xffff
+            ),
+        )
+        .expect("write miniupnpd.conf");
+        let log = dir.path().join("miniupnpd.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &wan.ns])
+            .arg(&daemon)
+            .arg("-f")
+            .arg(&conf)
+            .arg("-d")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .spawn()
+            .expect("start miniupnpd");
+        let route = format!("{subnet}.0/24");
+        ip(&["route", "add", &route, "via", &wan.ip, "dev", &lan.bridge]).unwrap_or_else(|e| panic!("{e}"));
+        let router = Router { home, daemon: child, log, route, _dir: dir };
+        let ready = eventually(10, || router.log().contains("HTTP listening"));
+        assert!(ready, "miniupnpd did not start: {}", router.log());
+        Some(router)
+    }
+
+    /// What `miniupnpd` said.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let _ = Command::new("ip").args(["route", "del", &self.route]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.home.ns]).status();
     }
 }
 
@@ -488,6 +627,43 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
     }
     drop((a, b, c, a2, d, e));
     drop(lan);
+}
+
+/// A node at home, behind a router that drops inbound flows as home routers do, publishes a
+/// blob. The router forwards the node's port when the node asks (UPnP), and the node announces
+/// the router's public address beside its own: a node elsewhere that joins later finds it as a
+/// provider, dials it through the forwarded port and fetches the blob from it, the only node
+/// that holds it. Without the forward nobody outside could dial the home node: the fetch found
+/// a provider it could not reach, and gave up after the lookup's 30 s. The home host also has
+/// Docker's bridge address: a node that asked a forward to that one too was refused it, and the
+/// refusal took down the forward that worked (the test failed 1 time of 1).
+#[test]
+fn a_node_behind_a_home_router_is_dialled_through_the_port_the_router_forwards() {
+    // The Internet side has addresses a router takes for public: none forwards a port to a
+    // private one. They exist only on this test's bridge and in its namespaces.
+    let Some(internet) = Lan::on(3, &format!("11.213.{}", std::process::id() % 250)) else { return };
+    let Some(router) = Router::new(&internet, &internet.hosts[1]) else { return };
+    router.home.add_docker_bridge();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start_in(&internet.hosts[0], &tmp.path().join("a"), &[], None);
+    let b = NodeProc::start_in(&router.home, &tmp.path().join("b"), &[], Some(&a.addr));
+    let forwarded = format!("/ip4/{}/udp/4737/quic-v1/p2p/{}", internet.hosts[1].ip, b.peer_id);
+    let announced = eventually(20, || b.cli(&["status", "--json"]).contains(&forwarded));
+    assert!(announced, "the home node never announced {forwarded}; the router said:\n{}", router.log());
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 3 << 20, 11);
+    let hash = add_and_wait(&b, &a, &input);
+    let dialled_in = r#"shoal_connections_total{direction="in",event="opened"}"#;
+    let before = b.metric(dialled_in);
+    let c = NodeProc::start_in(&internet.hosts[2], &tmp.path().join("c"), &[], Some(&a.addr));
+    assert!(c.lists_provider(&hash, &b), "the home node was not listed as a provider it can reach");
+    c.fetch(&hash, &tmp.path().join("out.bin"));
+    assert!(b.metric(dialled_in) > before, "no peer dialled the home node through its router");
+    let log = router.log();
+    assert!(!log.contains("172.17.0.1"), "the home node asked a forward to Docker's address:\n{log}");
+    drop((a, b, c));
+    drop(router);
+    drop(internet);
 }
 
 #[test]

@@ -493,6 +493,8 @@ impl Cluster {
         config.refresh_buckets = spec.refresh_buckets;
         config.fetch_peers = spec.fetch_peers;
         config.ping = spec.ping;
+        // No router on an emulated network (and a memory address asks none anyway).
+        config.upnp = false;
         // A node knows its uplink, as an operator tells it with `--upload-rate`: that sizes its
         // concurrent uploads.
         let scale = scenario.network.time_scale;
