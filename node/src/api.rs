@@ -210,6 +210,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route_layer(axum::middleware::from_fn_with_state(token, require_token));
     let app = axum::Router::new()
         .merge(mutating)
+        .route("/v1/blobs", get(list_blobs))
         .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
         .route("/v1/blobs/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
         .route("/v1/fetch/{hash}", post(fetch))
@@ -243,6 +244,10 @@ async fn unpin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Resu
     let hash = parse_hash(&hash)?;
     node.unpin(hash).await?;
     Ok(Json(serde_json::json!({ "unpinned": hash.to_string() })).into_response())
+}
+
+async fn list_blobs(State(node): State<NodeHandle>) -> Response {
+    Json(node.blobs()).into_response()
 }
 
 async fn delete_blob(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

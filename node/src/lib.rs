@@ -34,7 +34,7 @@ mod transfer;
 pub use config::NodeConfig;
 pub use fetch::{FetchError, FetchProgress};
 pub use libp2p;
-pub use node::{Node, NodeError, NodeHandle, Status};
+pub use node::{HeldBlob, Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
 pub use swarm::{DhtInfo, DhtSnapshot, LookupStats, PeerInfo, TransportFactory};

@@ -49,6 +49,28 @@ enum Cmd {
         #[arg(long, env = "SHOAL_BOOTSTRAP", value_delimiter = ',')]
         bootstrap: Vec<Multiaddr>,
     },
+    /// List the blobs the running node holds: hash, size, pinned or cached, and how much of a
+    /// partial one it holds.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a blob from the running node: it no longer stores, serves or announces it.
+    Rm {
+        /// The blob's hash.
+        hash: String,
+    },
+    /// Pin a blob the running node holds: it is never evicted.
+    Pin {
+        /// The blob's hash.
+        hash: String,
+    },
+    /// Unpin a blob: it joins the cache, which evicts the least recently used blobs when it is full.
+    Unpin {
+        /// The blob's hash.
+        hash: String,
+    },
     /// List the providers of a blob found through the DHT.
     Providers {
         /// The blob's hash.
@@ -206,6 +228,10 @@ fn main() -> ExitCode {
             remove_scratch_on_interrupt();
             get(&data_dir, &hash, output, bootstrap)
         }
+        Cmd::Ls { json } => ls(&data_dir, json),
+        Cmd::Rm { hash } => change(&data_dir, &hash, Change::Remove),
+        Cmd::Pin { hash } => change(&data_dir, &hash, Change::Pin),
+        Cmd::Unpin { hash } => change(&data_dir, &hash, Change::Unpin),
         Cmd::Providers { hash } => providers(&data_dir, &hash),
         Cmd::Peers { json } => peers(&data_dir, json),
         Cmd::Status { json } => status(&data_dir, json),
@@ -393,6 +419,71 @@ fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
     )?;
     // As b3sum prints it: the path as given.
     println!("{}  {}", added.hash, path.display());
+    Ok(())
+}
+
+fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let api = require_api(data_dir)?;
+    let held: Vec<shoal_node::HeldBlob> = answer(agent().get(format!("http://{api}/v1/blobs")).call(), &api)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&held)?);
+        return Ok(());
+    }
+    if held.is_empty() {
+        // On standard error: the list itself stays empty for scripts.
+        eprintln!("no blobs held; `shoal add PATH` publishes one, `shoal get HASH` fetches one");
+    }
+    for b in held {
+        let kind = if b.pinned { "pinned" } else { "cached" };
+        let partial = match b.complete {
+            true => String::new(),
+            false => format!("  {}% held", b.held_bytes.saturating_mul(100) / b.size.max(1)),
+        };
+        println!("{}  {:>10}  {kind}{partial}", b.hash, human_size(b.size));
+    }
+    Ok(())
+}
+
+/// `bytes` as people read it: `512 B`, `4.0 MiB`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// What `shoal rm`, `pin` and `unpin` ask of the node.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Remove,
+    Pin,
+    Unpin,
+}
+
+fn change(data_dir: &Path, hash: &str, what: Change) -> anyhow::Result<()> {
+    let hash = parse_hash(hash)?;
+    let api = require_api(data_dir)?;
+    let auth = format!("Bearer {}", token(data_dir)?);
+    let (resp, done) = match what {
+        Change::Remove => {
+            (agent().delete(format!("http://{api}/v1/blobs/{hash}")).header("Authorization", auth).call(), "removed")
+        }
+        Change::Pin => {
+            (agent().post(format!("http://{api}/v1/pins/{hash}")).header("Authorization", auth).send_empty(), "pinned")
+        }
+        Change::Unpin => {
+            (agent().delete(format!("http://{api}/v1/pins/{hash}")).header("Authorization", auth).call(), "unpinned")
+        }
+    };
+    let _: serde_json::Value = answer(resp, &api)?;
+    println!("{done} {hash}");
     Ok(())
 }
 

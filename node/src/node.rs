@@ -67,6 +67,30 @@ pub struct Status {
     pub penalties: Vec<(String, u32)>,
 }
 
+/// A blob the node holds, as `shoal ls` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldBlob {
+    /// Its hash.
+    pub hash: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The bytes held, verified: all of them once `complete`.
+    pub held_bytes: u64,
+    /// Whether every piece is held.
+    pub complete: bool,
+    /// Pinned (added here, or pinned by the user): never evicted. Unpinned blobs are the cache.
+    pub pinned: bool,
+}
+
+impl From<BlobInfo> for HeldBlob {
+    fn from(b: BlobInfo) -> Self {
+        let held_bytes = shoal_protocol::piece::Geometry::new(b.size)
+            .map(|g| b.pieces.iter().map(|i| g.piece_len(i)).sum())
+            .unwrap_or_default();
+        HeldBlob { hash: b.hash.to_string(), size: b.size, held_bytes, complete: b.is_complete(), pinned: b.pinned }
+    }
+}
+
 /// A running node. Dropping it stops its swarm, and its API and gateway from accepting, without draining
 /// uploads or flushing the store (which recovers on the next start, as after a crash); call
 /// [`Node::shutdown`] to stop it cleanly.
@@ -384,6 +408,13 @@ impl NodeHandle {
             tokio::task::spawn_blocking(move || store.unpin(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&evicted).await;
         Ok(())
+    }
+
+    /// The blobs held here, pinned ones first, each group by hash.
+    pub fn blobs(&self) -> Vec<HeldBlob> {
+        let mut held: Vec<HeldBlob> = self.inner.store.list().into_iter().map(HeldBlob::from).collect();
+        held.sort_by(|a, b| b.pinned.cmp(&a.pinned).then_with(|| a.hash.cmp(&b.hash)));
+        held
     }
 
     /// Removes a blob from the store and stops announcing it.

@@ -666,6 +666,41 @@ fn a_node_behind_a_home_router_is_dialled_through_the_port_the_router_forwards()
     drop(internet);
 }
 
+/// What a node holds, as `shoal ls` lists it, and what a user changes there: a blob added is
+/// pinned, one fetched is cache; unpinned a blob is cache, pinned again it is pinned, removed it is
+/// listed no more, and removing it again says it is not there.
+#[test]
+fn a_user_lists_unpins_pins_and_removes_what_a_node_holds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start(&tmp.path().join("a"), None);
+    let b = NodeProc::start(&tmp.path().join("b"), Some(&a));
+    assert_eq!(a.cli(&["ls"]), "", "a new node lists nothing");
+    let input = tmp.path().join("input.bin");
+    random_file(&input, (1 << 20) + 5, 21);
+    let hash = add_and_wait(&a, &b, &input);
+    let listed = |n: &NodeProc| -> Vec<String> { n.cli(&["ls"]).lines().map(str::to_string).collect() };
+    assert_eq!(listed(&a), [format!("{hash}     1.0 MiB  pinned")]);
+    b.fetch(&hash, &tmp.path().join("out.bin"));
+    assert_eq!(listed(&b), [format!("{hash}     1.0 MiB  cached")], "a fetched blob is cache");
+
+    assert_eq!(a.cli(&["unpin", &hash]).trim(), format!("unpinned {hash}"));
+    assert_eq!(listed(&a), [format!("{hash}     1.0 MiB  cached")]);
+    a.cli(&["pin", &hash]);
+    let json: serde_json::Value = serde_json::from_str(&a.cli(&["ls", "--json"])).expect("JSON");
+    let expected = serde_json::json!([{
+        "hash": hash, "size": (1 << 20) + 5, "held_bytes": (1 << 20) + 5, "complete": true, "pinned": true
+    }]);
+    assert_eq!(json, expected);
+
+    assert_eq!(a.cli(&["rm", &hash]).trim(), format!("removed {hash}"));
+    assert_eq!(a.cli(&["ls"]), "");
+    assert!(!a.dir.join("store/blobs").join(&hash).exists(), "its files are gone");
+    let again = a.try_cli(&["rm", &hash]);
+    assert!(!again.0 && again.2.contains("is not in the store"), "{again:?}");
+    let bad = a.try_cli(&["pin", "1234"]);
+    assert!(!bad.0 && bad.2.contains("expected 64 hex digits"), "{bad:?}");
+}
+
 #[test]
 fn a_lone_fetcher_is_sent_all_it_asks_though_the_fetcher_before_it_left() {
     // The publisher leaves the pieces it sent to a fetcher to that fetcher, but not while the
