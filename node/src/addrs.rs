@@ -117,9 +117,41 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// dialled it) that others may dial it at: [`dialable`] ones, and none at all if it dialled us
 /// from an address that none of them vouches for (behind a NAT, or announcing what it does not
 /// listen on). `None` in that case, so that the caller can say why.
+///
+/// A peer we reach at a public address is not on our LAN, nor on any other it could be
+/// reached from over its private addresses: those it announced too (a node whose router
+/// forwards a public address to it announces its LAN address beside it) are left out, since
+/// on the dialler's own LAN they name another host. The addresses on the IP we reach it at come
+/// first: a routing-table entry keeps only the first few.
 pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
-    let addrs = dialable(announced, is_loopback(from));
-    (dialled || vouched_for(&addrs, from)).then_some(addrs)
+    let mut addrs = dialable(announced, is_loopback(from));
+    if !(dialled || vouched_for(&addrs, from)) {
+        return None;
+    }
+    if ip(from).is_some_and(is_public) {
+        addrs.retain(|a| !ip(a).is_some_and(is_lan_scoped));
+    }
+    addrs.sort_by_key(|a| ip(a) != ip(from));
+    Some(addrs)
+}
+
+/// Whether `ip` is reached only within a site: a private, shared (carrier-grade NAT) or
+/// IPv6 unique-local address.
+fn is_lan_scoped(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private() || (v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1])),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+/// Whether `ip` is an address anyone may reach: neither site-scoped, loopback, link-local nor
+/// unspecified.
+fn is_public(ip: IpAddr) -> bool {
+    let local = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified(),
+    };
+    !local && !is_lan_scoped(ip)
 }
 
 /// Of our listen addresses, those we announce: every one but the loopback ones, or only the
@@ -333,11 +365,30 @@ mod tests {
         assert_eq!(reachable(told.clone(), &from_lan, false), Some(vec![lan.clone()]));
         let from_nat = a("/ip4/203.0.113.50/udp/61000/quic-v1");
         assert_eq!(reachable(told.clone(), &from_nat, false), None, "it dialled from another address");
-        assert_eq!(reachable(told.clone(), &from_nat, true), Some(vec![lan]), "we dialled it there");
+        let from_lan_nat = a("/ip4/10.77.0.254/udp/61000/quic-v1");
+        assert_eq!(reachable(told.clone(), &from_lan_nat, true), Some(vec![lan]), "we dialled it there");
+        assert_eq!(reachable(told.clone(), &from_nat, true), Some(Vec::new()), "its LAN is not ours");
         let lo = a("/ip4/127.0.0.1/udp/4737/quic-v1");
         let on_loopback = vec![lo.clone()];
         assert_eq!(reachable(on_loopback.clone(), &from_lan, true), Some(Vec::new()), "its loopback is not ours");
         assert_eq!(reachable(on_loopback, &lo, false), Some(vec![lo]));
+    }
+
+    #[test]
+    fn a_peer_reached_at_a_public_address_is_not_named_at_its_private_ones() {
+        // A node whose router forwards a public address to it announces its LAN addresses too.
+        let home = a("/ip4/192.168.1.20/udp/4737/quic-v1");
+        let forwarded = a("/ip4/198.51.100.7/udp/4737/quic-v1");
+        let v6 = a("/ip6/2001:db8::20/udp/4737/quic-v1");
+        let ula = a("/ip6/fd00::20/udp/4737/quic-v1");
+        let told = vec![home.clone(), v6.clone(), ula.clone(), forwarded.clone()];
+        let from_router = a("/ip4/198.51.100.7/udp/4737/quic-v1");
+        let expected = Some(vec![forwarded.clone(), v6.clone()]);
+        assert_eq!(reachable(told.clone(), &from_router, false), expected, "the vouching address first");
+        // On its LAN it is reached at its LAN address, and every address is kept.
+        assert_eq!(reachable(told.clone(), &home, false), Some(vec![home.clone(), v6, ula, forwarded]));
+        let shared = a("/ip4/100.64.3.2/udp/4737/quic-v1");
+        assert_eq!(reachable(vec![shared, home], &from_router, true), Some(Vec::new()), "CGNAT and LAN alike");
     }
 
     #[test]

@@ -19,7 +19,6 @@ pub mod config;
 mod connmgr;
 mod crowd;
 mod fetch;
-mod forward;
 mod gateway;
 mod identity;
 mod limits;
@@ -30,6 +29,7 @@ mod slots;
 mod streams;
 mod swarm;
 mod transfer;
+mod upnp;
 
 pub use config::NodeConfig;
 pub use fetch::{FetchError, FetchProgress};

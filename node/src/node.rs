@@ -104,6 +104,9 @@ pub struct Node {
     /// it closes, each request that needs the swarm failing).
     api_task: Option<Aborted>,
     gateway_task: Option<Aborted>,
+    /// The task keeping a forward of our port on the LAN's router (see [`crate::upnp`]), and
+    /// what stops it: dropped, it removes the forward and ends.
+    forwarding: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
 /// A task aborted when this is dropped: a node's servers, a fetch's requests and lookup.
@@ -208,6 +211,17 @@ impl Node {
         }
         let (stop_swarm, stop_rx) = oneshot::channel();
         let swarm_task = tokio::spawn(event_loop.run(stop_rx));
+        // Only where there may be a router to ask: not on loopback, a public address or
+        // netsim's memory addresses, not with an operator's own `--external` address, and not
+        // for a node of one command.
+        let forwarding = (config.upnp
+            && !config.transient
+            && config.external.is_empty()
+            && crate::addrs::may_be_behind_router(&config.listen))
+        .then(|| {
+            let (stop, stopped) = oneshot::channel();
+            (stop, tokio::spawn(crate::upnp::run(commands.clone(), stopped)))
+        });
 
         let uploads = Arc::new(Uploads::new(
             config.max_uploads,
@@ -259,7 +273,7 @@ impl Node {
             None => None,
         };
         info!(peer_id = %peer_id, "node started");
-        Ok(Self { handle, swarm_task, stop_swarm, api_task, gateway_task })
+        Ok(Self { handle, swarm_task, stop_swarm, api_task, gateway_task, forwarding })
     }
 
     /// A handle to command the node.
@@ -281,6 +295,11 @@ impl Node {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         drop((self.api_task, self.gateway_task));
+        if let Some((stop, task)) = self.forwarding {
+            // The router's forward is removed (it would lapse within the hour), briefly.
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
         let _ = self.stop_swarm.send(());
         let _ = self.swarm_task.await;
         let store = self.handle.inner.store.clone();
@@ -301,6 +320,9 @@ impl Node {
     pub fn crash(self) {
         self.handle.inner.uploads.close();
         drop((self.api_task, self.gateway_task));
+        if let Some((_, task)) = self.forwarding {
+            task.abort();
+        }
         self.swarm_task.abort();
         // A killed process's lock goes with it.
         self.handle.inner.store.close();

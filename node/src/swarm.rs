@@ -110,7 +110,6 @@ pub(crate) struct Behaviour {
     stream: crate::streams::Behaviour,
     gate: crate::connmgr::Gate,
     limits: connection_limits::Behaviour,
-    upnp: Toggle<crate::forward::Forwarding>,
 }
 
 /// What a peer's announced addresses are worth (see `EventLoop::reachable_addrs`).
@@ -142,6 +141,9 @@ pub(crate) enum Command {
     Listening(oneshot::Sender<(Vec<Multiaddr>, bool)>),
     /// The addresses we announce to peers.
     Announced(oneshot::Sender<Vec<Multiaddr>>),
+    /// The LAN's router forwards this public address to this listen address of ours (`Some`),
+    /// or nothing any more (`None`).
+    Forwarded(Option<(Multiaddr, Multiaddr)>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
     /// A peer another peer named as a holder of a blob, at the addresses it gave: the addresses
@@ -273,16 +275,6 @@ pub(crate) fn build_swarm(
             stream,
             gate: crate::connmgr::Gate::new(crate::connmgr::hard_cap(config.max_connections)),
             limits: connection_limits::Behaviour::new(limits),
-            // Looks for the router at once (a multicast query on the LAN), so it is made only
-            // where there may be one: not for loopback, a public address, netsim's memory
-            // addresses, an operator's own `--external` address, or a node of one command.
-            upnp: Toggle::from(
-                (config.upnp
-                    && !config.transient
-                    && config.external.is_empty()
-                    && crate::addrs::may_be_behind_router(&config.listen))
-                .then(crate::forward::Forwarding::new),
-            ),
         }
     };
     let idle = config.stretch(IDLE_CONNECTION_TIMEOUT);
@@ -382,9 +374,9 @@ pub(crate) struct EventLoop {
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
     announce_listen_addrs: bool,
-    /// The public addresses the LAN's router forwards to us (UPnP), announced beside the
-    /// listen addresses.
-    forwarded: Vec<Multiaddr>,
+    /// The public address the LAN's router forwards to us (see [`crate::upnp`]), announced
+    /// first, with the listen address it forwards to.
+    forwarded: Option<(Multiaddr, Multiaddr)>,
     /// What we announced last: peers are told again when it changes.
     announced: Vec<Multiaddr>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
@@ -447,7 +439,7 @@ impl EventLoop {
             quiet_listeners: HashSet::new(),
             // With no external address configured, our listen addresses are what we announce.
             announce_listen_addrs: config.external.is_empty(),
-            forwarded: Vec::new(),
+            forwarded: None,
             announced: Vec::new(),
             metrics,
             activity,
@@ -662,6 +654,24 @@ impl EventLoop {
             Command::Listening(reply) => {
                 let _ = reply.send((self.full_listen_addrs(), self.quiet_listeners.is_empty()));
             }
+            Command::Forwarded(forward) => {
+                let forward = match forward {
+                    // Told of an address we stopped listening on meanwhile: nothing to forward to.
+                    Some((local, _)) if !self.listen_addrs.contains(&local) => None,
+                    f => f,
+                };
+                match (&forward, &self.forwarded) {
+                    (Some((_, external)), _) => {
+                        info!(address = %external, "the router forwards our port (UPnP): announcing its public address");
+                    }
+                    (None, Some((_, external))) => {
+                        info!(address = %external, "the router no longer forwards our port (UPnP)");
+                    }
+                    (None, None) => {}
+                }
+                self.forwarded = forward;
+                self.sync_announced();
+            }
             Command::Announced(reply) => {
                 let me = *self.swarm.local_peer_id();
                 let _ =
@@ -759,20 +769,26 @@ impl EventLoop {
     fn forget_listen_addr(&mut self, address: &Multiaddr) {
         info!(%address, "no longer listening");
         self.listen_addrs.retain(|a| a != address);
+        // The router's forward to it leads nowhere now (the forwarding task also drops it).
+        if self.forwarded.as_ref().is_some_and(|(local, _)| local == address) {
+            info!(%address, "the router's forward to this address is no longer announced");
+            self.forwarded = None;
+        }
         self.sync_announced();
     }
 
-    /// Announces the listen addresses worth announcing (see [`crate::addrs`]) and the ones the
+    /// Announces the listen addresses worth announcing (see [`crate::addrs`]) and the one the
     /// router forwards to us as our external addresses, unless addresses were configured, and
     /// gives our provider records the same.
     fn sync_announced(&mut self) {
         if !self.announce_listen_addrs {
             return;
         }
-        let mut announced = crate::addrs::announced(&self.listen_addrs);
-        for a in &self.forwarded {
-            if !announced.contains(a) {
-                announced.push(a.clone());
+        // The forwarded address first: a peer keeps at most `MAX_PEER_ADDRS` of them.
+        let mut announced: Vec<Multiaddr> = self.forwarded.iter().map(|(_, external)| external.clone()).collect();
+        for a in crate::addrs::announced(&self.listen_addrs) {
+            if !announced.contains(&a) {
+                announced.push(a);
             }
         }
         let old: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
@@ -789,30 +805,6 @@ impl EventLoop {
             self.announced = announced.clone();
         }
         self.swarm.behaviour_mut().kad.store_mut().set_announced(announced);
-    }
-
-    /// What the router's port forwarding (UPnP) tells us.
-    fn on_upnp_event(&mut self, event: libp2p::upnp::Event) {
-        use libp2p::upnp::Event;
-        match event {
-            Event::NewExternalAddr { external_addr, .. } => {
-                info!(address = %external_addr, "the router forwards our port (UPnP): announcing its public address");
-                if !self.forwarded.contains(&external_addr) {
-                    self.forwarded.push(external_addr);
-                }
-                self.sync_announced();
-            }
-            Event::ExpiredExternalAddr { external_addr, .. } => {
-                warn!(address = %external_addr, "the router no longer forwards our port (UPnP)");
-                self.forwarded.retain(|a| *a != external_addr);
-                self.sync_announced();
-            }
-            Event::GatewayNotFound => debug!("no router on this network forwards ports (UPnP)"),
-            Event::NonRoutableGateway => info!(
-                "the router's own address is not public (another NAT in front of it): no port forwarded; \
-                 peers cannot dial this node unless a forwarded address is given with --external"
-            ),
-        }
     }
 
     /// The addresses a connected peer announced that others may dial it at (see
@@ -1049,7 +1041,6 @@ impl EventLoop {
                 self.rtts.insert(peer, rtt);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
-            SwarmEvent::Behaviour(BehaviourEvent::Upnp(event)) => self.on_upnp_event(event),
             _ => {}
         }
     }
