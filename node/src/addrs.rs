@@ -135,6 +135,11 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
     Some(addrs)
 }
 
+/// Whether `addr` is on an IP address anyone may reach (see [`is_public`]).
+pub(crate) fn is_public_addr(addr: &Multiaddr) -> bool {
+    ip(addr).is_some_and(is_public)
+}
+
 /// Whether `ip` is reached only within a site: a private, shared (carrier-grade NAT) or
 /// IPv6 unique-local address.
 fn is_lan_scoped(ip: IpAddr) -> bool {

@@ -141,8 +141,8 @@ pub(crate) enum Command {
     Listening(oneshot::Sender<(Vec<Multiaddr>, bool)>),
     /// The addresses we announce to peers.
     Announced(oneshot::Sender<Vec<Multiaddr>>),
-    /// The LAN's router forwards this public address to this listen address of ours (`Some`),
-    /// or nothing any more (`None`).
+    /// The LAN's router forwards to this listen address of ours this public address (`Some`,
+    /// told again every minute), or nothing any more (`None`).
     Forwarded(Option<(Multiaddr, Multiaddr)>),
     /// DHT statistics.
     DhtInfo(oneshot::Sender<DhtInfo>),
@@ -374,8 +374,8 @@ pub(crate) struct EventLoop {
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
     announce_listen_addrs: bool,
-    /// The public address the LAN's router forwards to us (see [`crate::upnp`]), announced
-    /// first, with the listen address it forwards to.
+    /// The listen address the LAN's router forwards a public address to (see [`crate::upnp`]),
+    /// and that public address, announced first.
     forwarded: Option<(Multiaddr, Multiaddr)>,
     /// What we announced last: peers are told again when it changes.
     announced: Vec<Multiaddr>,
@@ -660,12 +660,15 @@ impl EventLoop {
                     Some((local, _)) if !self.listen_addrs.contains(&local) => None,
                     f => f,
                 };
+                if forward == self.forwarded {
+                    return;
+                }
                 match (&forward, &self.forwarded) {
                     (Some((_, external)), _) => {
                         info!(address = %external, "the router forwards our port (UPnP): announcing its public address");
                     }
                     (None, Some((_, external))) => {
-                        info!(address = %external, "the router no longer forwards our port (UPnP)");
+                        info!(address = %external, "the router's forward of our port is no longer announced (UPnP)");
                     }
                     (None, None) => {}
                 }
@@ -817,7 +820,12 @@ impl EventLoop {
     /// entry holds.
     fn reachable_addrs(&self, peer: PeerId, announced: Vec<Multiaddr>) -> Judged {
         let mut judged = Judged::Gone;
-        for (_, from, dialled) in self.connections.values().filter(|(p, ..)| *p == peer) {
+        // A connection over a LAN first: reached at a public address, a peer's private ones are
+        // not kept (see `addrs::reachable`), and over its LAN they are worth keeping.
+        let mut theirs: Vec<&(PeerId, Multiaddr, bool)> =
+            self.connections.values().filter(|(p, ..)| *p == peer).collect();
+        theirs.sort_by_key(|(_, from, _)| crate::addrs::is_public_addr(from));
+        for (_, from, dialled) in theirs {
             match crate::addrs::reachable(announced.clone(), from, *dialled) {
                 Some(addrs) => {
                     let addrs = addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN);

@@ -3,8 +3,9 @@
 //! A node behind a home router's NAT fetches, but no peer can dial it. Most home routers forward
 //! a port when a program on the LAN asks: [`run`] finds the router (an SSDP search), reads its
 //! description (one HTTP GET), asks it for its public address and for a forward of our UDP port
-//! to the address we listen on (SOAP calls), renews the forward every half hour, and tells the
-//! swarm what to announce ([`Command::Forwarded`]). It removes the forward when the node stops.
+//! to the address we listen on (SOAP calls), checks every minute that the forward is still
+//! there, renews it every half hour, and tells the swarm what to announce
+//! ([`Command::Forwarded`]). It removes the forward when the node stops.
 //!
 //! The client is our own, not libp2p's `upnp` behaviour on `igd-next`, which (checked in their
 //! source, libp2p-upnp 0.7 and igd-next 0.17) reads every answer whole with no bound, from
@@ -13,9 +14,12 @@
 //! asked a forward for every private listen address at one port, and a router's refusal of one
 //! (Docker's `172.17.0.1`, which is not the host that asks) dropped the forward that worked;
 //! it searched once, at start; and a listen address that went away left its forward announced.
-//! Here only the host our default route goes through is trusted, at its own address; each
-//! answer is read up to [`MAX_ANSWER`] bytes within [`IO_TIMEOUT`]; the forward asked for is the
-//! one for the address on our default route; and the search is repeated while there is none.
+//! Here only answers from the gateway of our default route (read from Linux's route table; with
+//! none, nothing is asked) naming that same host are taken; each answer is read up to
+//! [`MAX_ANSWER`] bytes within [`IO_TIMEOUT`]; the forward asked for is the one for the address
+//! on our default route; and the search is repeated while there is none. A host on the LAN that
+//! forges the gateway's address can still answer the search, but only names a description on
+//! the gateway itself.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
@@ -24,6 +28,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::swarm::Command;
@@ -41,11 +46,14 @@ const SEARCH_WAIT: Duration = Duration::from_secs(3);
 /// How long a forward is asked for; it is renewed at half that.
 const LEASE: Duration = Duration::from_secs(3600);
 
-/// How often the listen addresses and the default route are looked at again.
+/// How often the listen addresses, the route and the forward are looked at again.
 const RECHECK: Duration = Duration::from_secs(60);
 
 /// The longest wait between attempts while no forward is in place.
 const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
+
+/// How long removing the forward may hold up the node's stop.
+const REMOVE_WAIT: Duration = Duration::from_millis(1500);
 
 /// What went wrong talking to the router.
 #[derive(Debug, thiserror::Error)]
@@ -66,9 +74,16 @@ pub(crate) enum UpnpError {
     NotPublic(Ipv4Addr),
 }
 
-/// A router that forwards ports: where its WAN connection service takes SOAP calls.
+/// Router-supplied text for a message: quoted (no line of its own in a log) and short.
+fn quoted(text: &str) -> String {
+    format!("{:?}", text.chars().take(100).collect::<String>())
+}
+
+/// A router's WAN connection service: where it takes SOAP calls.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Router {
+    /// The gateway it was found at.
+    gateway: Ipv4Addr,
     addr: SocketAddrV4,
     control_path: String,
     service: String,
@@ -81,39 +96,46 @@ struct Forward {
     /// Our listen address it forwards to.
     local: Multiaddr,
     internal: SocketAddrV4,
-    /// The router's public address, with our port and protocol.
+    /// The router's port: ours, unless another host holds that one.
+    external_port: u16,
+    /// The router's public address, with its port and our protocol.
     external: Multiaddr,
     /// The lease asked for; zero for a router that takes only forwards without end.
     lease: Duration,
-    /// When to ask again: half the lease on.
-    renew_at: tokio::time::Instant,
+    /// When to ask again, and when the router lets it lapse (never, without a lease).
+    renew_at: Instant,
+    expires_at: Option<Instant>,
 }
 
 /// Keeps a forward of our port on the LAN's router while the node runs, telling the swarm over
-/// `commands`; removes it when `stop` fires (or its sender is dropped).
+/// `commands`; removes it (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped,
+/// or when the swarm is gone. A stop that comes while the router is being asked leaves what it
+/// granted meanwhile to lapse within the hour.
 pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Receiver<()>) {
     // The first round looks at the listen addresses: wait (a second at most) for the listeners
     // to report theirs.
     for _ in 0..20 {
-        let (tx, rx) = oneshot::channel();
-        if commands.send(Command::Listening(tx)).await.is_err() {
-            return;
+        match listening(&commands).await {
+            None => return,
+            Some((addrs, reported)) if reported && !addrs.is_empty() => break,
+            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        if rx.await.is_ok_and(|(addrs, reported)| reported && !addrs.is_empty()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut current: Option<Forward> = None;
     let mut backoff = RECHECK;
     // Said once per kind of outcome, not at every retry.
     let mut last_said = String::new();
     loop {
-        let wait = match step(&commands, &mut current).await {
-            Ok(renew_in) => {
+        let outcome = tokio::select! {
+            r = step(&commands, &mut current) => r,
+            _ = &mut stop => break,
+            _ = commands.closed() => break,
+        };
+        let wait = match outcome {
+            Ok(next) => {
                 backoff = RECHECK;
                 last_said.clear();
-                renew_in
+                next
             }
             Err(e) => {
                 let said = e.to_string();
@@ -131,54 +153,55 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = &mut stop => break,
-        }
-        if commands.is_closed() {
-            return;
+            _ = commands.closed() => break,
         }
     }
     if let Some(f) = current {
-        let _ = delete(&f).await;
+        let _ = tokio::time::timeout(REMOVE_WAIT, delete(&f.router, f.external_port)).await;
     }
 }
 
-/// One round: forwards, renews or withdraws as the listen addresses and the route say. Returns
-/// how long until the next round.
-async fn step(commands: &mpsc::Sender<Command>, current: &mut Option<Forward>) -> Result<Duration, UpnpError> {
+/// Our listen addresses, and whether every listener has reported; `None` once the swarm is gone.
+async fn listening(commands: &mpsc::Sender<Command>) -> Option<(Vec<Multiaddr>, bool)> {
     let (tx, rx) = oneshot::channel();
-    if commands.send(Command::Listening(tx)).await.is_err() {
-        return Ok(RECHECK);
-    }
-    let listening = rx.await.map(|(addrs, _)| addrs).unwrap_or_default();
+    commands.send(Command::Listening(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+/// One round: forwards, keeps, renews or withdraws as the listen addresses, the route and the
+/// router say. Returns how long until the next round.
+async fn step(commands: &mpsc::Sender<Command>, current: &mut Option<Forward>) -> Result<Duration, UpnpError> {
+    let listening = listening(commands).await.map(|(addrs, _)| addrs).unwrap_or_default();
     let wanted = default_route_source().and_then(|ip| pick(&listening, ip));
-    if let Some(f) = current.take() {
-        if wanted.as_ref() == Some(&f.local) {
-            let now = tokio::time::Instant::now();
-            if now < f.renew_at {
-                let left = f.renew_at - now;
-                *current = Some(f);
-                return Ok(left.min(RECHECK));
-            }
-            // Renewed, and the public address read again: it may have changed.
-            return match renew(&f).await {
-                Ok(renewed) => {
-                    if renewed.external != f.external {
-                        tell(commands, Some(&renewed)).await;
+    let gateway = default_gateway();
+    if let Some(mut f) = current.take() {
+        if wanted.as_ref() == Some(&f.local) && gateway == Some(f.router.gateway) {
+            let now = Instant::now();
+            if now >= f.renew_at || !still_forwarded(&f).await {
+                // Asked again (the router lost it, as a rebooted one does, or it is time), and the
+                // public address read again: it may have changed.
+                if let Err(e) = renew(&mut f).await {
+                    if f.expires_at.is_some_and(|t| t <= now + RECHECK) || f.renew_at > now {
+                        // Running out, or gone from the router: no longer announced.
+                        tell(commands, None).await;
+                        return Err(e);
                     }
-                    *current = Some(renewed);
-                    Ok(RECHECK)
+                    debug!(error = %e, "renewing the router's forward failed; asking again in a minute");
                 }
-                Err(e) => {
-                    tell(commands, None).await;
-                    Err(e)
-                }
-            };
+            }
+            // Told every round: the swarm drops it while the address it leads to is gone, and
+            // takes it back once that address is back.
+            tell(commands, Some(&f)).await;
+            *current = Some(f);
+            return Ok(RECHECK);
         }
-        // The address it forwards to is no longer ours, or no longer on the default route.
+        // The address it forwards to is no longer ours or on the default route, or the network
+        // changed.
         tell(commands, None).await;
-        let _ = delete(&f).await;
+        let _ = delete(&f.router, f.external_port).await;
     }
     let Some(local) = wanted else { return Ok(RECHECK) };
-    let forward = establish(local).await?;
+    let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?).await?;
     tell(commands, Some(&forward)).await;
     *current = Some(forward);
     Ok(RECHECK)
@@ -210,47 +233,113 @@ fn ipv4(addr: &Multiaddr) -> Option<Ipv4Addr> {
     }
 }
 
-/// Finds the router, and asks it to forward our port to `local`.
-async fn establish(local: Multiaddr) -> Result<Forward, UpnpError> {
-    let router = find_router().await?;
-    let (ip, port) = (ipv4(&local).expect("picked IPv4"), udp_port(&local).expect("picked with a port"));
-    let forward = Forward {
-        router,
-        external: local.clone(),
-        internal: SocketAddrV4::new(ip, port),
-        local,
-        lease: LEASE,
-        renew_at: tokio::time::Instant::now(),
-    };
-    renew(&forward).await
+/// `local` as the router's public side shows it: `ip`, and `port` for its UDP port.
+fn as_external(local: &Multiaddr, ip: Ipv4Addr, port: u16) -> Multiaddr {
+    local
+        .iter()
+        .map(|p| match p {
+            Protocol::Ip4(_) => Protocol::Ip4(ip),
+            Protocol::Udp(_) => Protocol::Udp(port),
+            other => other,
+        })
+        .collect()
 }
 
-/// Asks the router for its public address and for the forward (again): the forward as it now
-/// stands.
-async fn renew(f: &Forward) -> Result<Forward, UpnpError> {
+/// Finds the router behind `gateway`, and asks it to forward our port to `local`: on the first
+/// of its WAN connection services that has a public address (a DSL router may list a dead one
+/// first).
+async fn establish(local: Multiaddr, gateway: Ipv4Addr) -> Result<Forward, UpnpError> {
+    let (ip, port) = match (ipv4(&local), udp_port(&local)) {
+        (Some(ip), Some(port)) => (ip, port),
+        _ => return Err(UpnpError::Malformed("no IPv4 UDP listen address".into())),
+    };
+    let mut last = UpnpError::NoRouter;
+    for router in find_routers(gateway).await? {
+        let now = Instant::now();
+        let mut forward = Forward {
+            router,
+            external: local.clone(),
+            internal: SocketAddrV4::new(ip, port),
+            external_port: port,
+            local: local.clone(),
+            lease: LEASE,
+            renew_at: now,
+            expires_at: None,
+        };
+        match renew(&mut forward).await {
+            Ok(()) => return Ok(forward),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Asks the router for its public address and for the forward (again), updating `f`.
+async fn renew(f: &mut Forward) -> Result<(), UpnpError> {
     let public = external_ip(&f.router).await?;
     if !is_public(public) {
         return Err(UpnpError::NotPublic(public));
     }
-    let mut lease = f.lease;
-    match add_mapping(&f.router, f.internal, lease).await {
+    let result = add_mapping(&f.router, f.internal, f.external_port, f.lease).await;
+    match result {
+        Ok(()) => {}
         // Some older routers take only forwards without end.
-        Err(UpnpError::Refused { code: 725, .. }) if !lease.is_zero() => {
-            lease = Duration::ZERO;
-            add_mapping(&f.router, f.internal, lease).await?
+        Err(UpnpError::Refused { code: 725, .. }) if !f.lease.is_zero() => {
+            f.lease = Duration::ZERO;
+            add_mapping(&f.router, f.internal, f.external_port, f.lease).await?;
         }
-        other => other?,
+        // The port is forwarded already: to us (left by an earlier run, or a router that will
+        // not renew a client's own forward) it is asked for anew; to another host (another
+        // node on the LAN), another port is.
+        Err(UpnpError::Refused { code: 718, .. }) => {
+            if mapped_to(&f.router, f.external_port).await? == Some(*f.internal.ip()) {
+                delete(&f.router, f.external_port).await?;
+                add_mapping(&f.router, f.internal, f.external_port, f.lease).await?;
+            } else {
+                f.external_port = another_port(f).await?;
+            }
+        }
+        Err(e) => return Err(e),
     }
-    let external = f.local.replace(0, |_| Some(Protocol::Ip4(public))).expect("an address with an IP");
-    // A forward without end is asked for again all the same, for the public address.
-    let renew_in = if lease.is_zero() { LEASE / 2 } else { lease / 2 };
-    Ok(Forward { external, lease, renew_at: tokio::time::Instant::now() + renew_in, ..f.clone() })
+    let now = Instant::now();
+    let lease = if f.lease.is_zero() { LEASE } else { f.lease };
+    f.renew_at = now + lease / 2;
+    f.expires_at = (!f.lease.is_zero()).then(|| now + f.lease);
+    f.external = as_external(&f.local, public, f.external_port);
+    Ok(())
+}
+
+/// A forward on another port than ours, which another host holds: one of three picked from our
+/// address, so that a node asks for the same ones each time.
+async fn another_port(f: &Forward) -> Result<u16, UpnpError> {
+    let seed = u32::from(*f.internal.ip()) ^ u32::from(f.internal.port());
+    for salt in 1..=3u32 {
+        let port = 1024 + (seed.wrapping_mul(2_654_435_761).rotate_left(salt * 7) % 64_000) as u16;
+        match add_mapping(&f.router, f.internal, port, f.lease).await {
+            Ok(()) => return Ok(port),
+            Err(UpnpError::Refused { code: 718, .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(UpnpError::Refused { code: 718, description: "every port asked for is forwarded to another host".into() })
+}
+
+/// Whether the router still forwards `f`'s port to us. One that says the forward is gone (a
+/// rebooted router), or refuses the connection (its UPnP service restarted, perhaps on another
+/// port), has it asked for anew; one slow to answer is taken to still forward it.
+async fn still_forwarded(f: &Forward) -> bool {
+    match mapped_to(&f.router, f.external_port).await {
+        Ok(to) => to == Some(*f.internal.ip()),
+        Err(UpnpError::Io(_)) => false,
+        Err(_) => true,
+    }
 }
 
 /// Whether a router's public address is one peers can reach: not private, shared (CGNAT),
-/// loopback, link-local, documentation, benchmarking, reserved, multicast or unspecified.
+/// loopback, link-local, IETF-reserved (`192.0.0.0/24`, DS-Lite's inner addresses among them),
+/// documentation, benchmarking, reserved, multicast or unspecified.
 fn is_public(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     !(ip.is_private()
         || ip.is_loopback()
         || ip.is_link_local()
@@ -260,29 +349,37 @@ fn is_public(ip: Ipv4Addr) -> bool {
         || ip.is_multicast()
         || a == 0
         || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && c == 0)
         || (a == 198 && (b == 18 || b == 19))
         || a >= 240)
 }
 
-/// The gateway of our default IPv4 route, from the kernel's table (Linux); `None` elsewhere.
+/// The gateway of our default IPv4 route, from Linux's route table; `None` elsewhere, and then
+/// no router is asked.
 fn default_gateway() -> Option<Ipv4Addr> {
     parse_route_table(&std::fs::read_to_string("/proc/net/route").ok()?)
 }
 
-/// The gateway of the default route in `/proc/net/route`'s text (addresses in hex, in the
-/// machine's byte order, which is little-endian on every platform Shoal builds for).
+/// The gateway of the default route of lowest metric in `/proc/net/route`'s text (addresses in
+/// hex, as the kernel holds them in memory).
 fn parse_route_table(text: &str) -> Option<Ipv4Addr> {
     const RTF_UP: u16 = 0x1;
     const RTF_GATEWAY: u16 = 0x2;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (dest, gateway, flags, mask) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
-        let flags = u16::from_str_radix(flags, 16).ok()?;
-        let default = *dest == "00000000" && *mask == "00000000";
-        (default && flags & RTF_UP != 0 && flags & RTF_GATEWAY != 0)
-            .then(|| u32::from_str_radix(gateway, 16).ok().map(|g| Ipv4Addr::from(g.swap_bytes())))
-            .flatten()
-    })
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dest, gateway, flags, metric, mask) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(6)?, f.get(7)?);
+            let flags = u16::from_str_radix(flags, 16).ok()?;
+            let default = *dest == "00000000" && *mask == "00000000";
+            if !default || flags & RTF_UP == 0 || flags & RTF_GATEWAY == 0 {
+                return None;
+            }
+            let gateway = Ipv4Addr::from(u32::from_str_radix(gateway, 16).ok()?.to_ne_bytes());
+            Some((metric.parse::<u32>().ok()?, gateway))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, gateway)| gateway)
 }
 
 /// The address this machine sends from over its default IPv4 route, if it has one.
@@ -300,40 +397,53 @@ fn default_route_source() -> Option<Ipv4Addr> {
 const SEARCH: &str = "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\n\
     ST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\nMAN: \"ssdp:discover\"\r\nMX: 2\r\n\r\n";
 
-/// Finds the router: the SSDP search's answer from our default gateway, naming a description on
-/// that same host, whose WAN connection service takes our calls.
-async fn find_router() -> Result<Router, UpnpError> {
-    let gateway = default_gateway();
+/// Finds the router at `gateway`: an answer to the SSDP search from it, naming a description on
+/// that same host, with a WAN connection service. The search goes out twice (multicast over
+/// Wi-Fi gets lost), and an answer whose description fails leaves the others to try.
+async fn find_routers(gateway: Ipv4Addr) -> Result<Vec<Router>, UpnpError> {
     let socket = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
-    socket.send_to(SEARCH.as_bytes(), (Ipv4Addr::new(239, 255, 255, 250), 1900)).await?;
-    let deadline = tokio::time::Instant::now() + SEARCH_WAIT;
+    for _ in 0..2 {
+        socket.send_to(SEARCH.as_bytes(), (Ipv4Addr::new(239, 255, 255, 250), 1900)).await?;
+    }
+    let deadline = Instant::now() + SEARCH_WAIT;
     let mut buf = vec![0u8; 2048];
+    let mut tried = Vec::new();
+    let mut last = UpnpError::NoRouter;
     loop {
         let Ok(received) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await else {
-            return Err(UpnpError::NoRouter);
+            return Err(last);
         };
         let (n, from) = received?;
         let std::net::IpAddr::V4(from) = from.ip() else { continue };
-        match search_answer(&buf[..n], from, gateway) {
-            Ok(location) => return describe(location).await,
-            Err(e) => debug!(%from, error = %e, "an answer to the UPnP search not taken"),
+        let location = match search_answer(&buf[..n], from, gateway) {
+            Ok(location) => location,
+            Err(e) => {
+                debug!(%from, error = %e, "an answer to the UPnP search not taken");
+                continue;
+            }
+        };
+        if tried.contains(&location) || tried.len() >= 4 {
+            continue;
+        }
+        tried.push(location.clone());
+        match describe(gateway, location).await {
+            Ok(routers) => return Ok(routers),
+            Err(e) => {
+                debug!(error = %e, "a router's description not taken");
+                last = e;
+            }
         }
     }
 }
 
 /// The description's address and path in an answer to the search from `from`, if it is one to
-/// trust: from our default gateway (where it is known), naming a description on the host that
-/// answered.
-fn search_answer(
-    answer: &[u8],
-    from: Ipv4Addr,
-    gateway: Option<Ipv4Addr>,
-) -> Result<(SocketAddrV4, String), UpnpError> {
-    if gateway.is_some_and(|g| g != from) {
+/// trust: from our default `gateway`, naming a description on that host.
+fn search_answer(answer: &[u8], from: Ipv4Addr, gateway: Ipv4Addr) -> Result<(SocketAddrV4, String), UpnpError> {
+    if from != gateway {
         return Err(UpnpError::Malformed(format!("{from} is not our default gateway")));
     }
-    let text = std::str::from_utf8(answer).map_err(|_| UpnpError::Malformed("not text".into()))?;
-    let location = header(text, "location").ok_or_else(|| UpnpError::Malformed("no LOCATION".into()))?;
+    let text = String::from_utf8_lossy(answer);
+    let location = header(&text, "location").ok_or_else(|| UpnpError::Malformed("no LOCATION".into()))?;
     let (addr, path) = parse_url(location)?;
     if *addr.ip() != from {
         return Err(UpnpError::Malformed(format!("{from} named a description on another host, {addr}")));
@@ -349,62 +459,76 @@ fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-/// `http://a.b.c.d:port/path` as its socket address and path.
+/// `http://a.b.c.d[:port]/path` as its socket address and path.
 fn parse_url(url: &str) -> Result<(SocketAddrV4, String), UpnpError> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| UpnpError::Malformed(format!("not an http URL: {url}")))?;
+    let rest =
+        url.strip_prefix("http://").ok_or_else(|| UpnpError::Malformed(format!("not an http URL: {}", quoted(url))))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     let addr = match host.parse::<SocketAddrV4>() {
         Ok(a) => a,
-        Err(_) => {
-            SocketAddrV4::new(host.parse().map_err(|_| UpnpError::Malformed(format!("not an IPv4 host: {host}")))?, 80)
-        }
+        Err(_) => SocketAddrV4::new(
+            host.parse().map_err(|_| UpnpError::Malformed(format!("not an IPv4 host: {}", quoted(host))))?,
+            80,
+        ),
     };
     Ok((addr, path.to_string()))
 }
 
-/// Reads the router's description at `location` for its WAN connection service.
-async fn describe((addr, path): (SocketAddrV4, String)) -> Result<Router, UpnpError> {
+/// Reads the router's description at `location` for its WAN connection services.
+async fn describe(gateway: Ipv4Addr, (addr, path): (SocketAddrV4, String)) -> Result<Vec<Router>, UpnpError> {
     let request =
         format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nUser-Agent: shoal UPnP/1.1\r\n\r\n");
     let (status, body) = exchange(addr, &request).await?;
     if status != 200 {
         return Err(UpnpError::Malformed(format!("description answered HTTP {status}")));
     }
-    let (service, control) =
-        wan_service(&body).ok_or_else(|| UpnpError::Malformed("no WAN connection service".into()))?;
-    let control_path = match control.strip_prefix("http://") {
-        // A full URL must name the same host.
-        Some(_) => {
-            let (at, p) = parse_url(&control)?;
-            if at.ip() != addr.ip() {
-                return Err(UpnpError::Malformed(format!("the control URL names another host, {at}")));
-            }
-            return Ok(Router { addr: at, control_path: p, service });
-        }
-        None if control.starts_with('/') => control,
-        None => format!("/{control}"),
+    // An IGD 1 description may name the base of its relative URLs, on another port.
+    let base = match element(&body, "URLBase").map(parse_url) {
+        Some(Ok((at, _))) if at.ip() == addr.ip() => at,
+        _ => addr,
     };
-    Ok(Router { addr, control_path, service })
+    let mut routers = Vec::new();
+    for (service, control) in wan_services(&body) {
+        let (at, control_path) = if control.starts_with("http://") {
+            match parse_url(&control) {
+                // A full URL must name the same host.
+                Ok((at, p)) if at.ip() == addr.ip() => (at, p),
+                _ => continue,
+            }
+        } else if control.starts_with('/') {
+            (base, control)
+        } else {
+            (base, format!("/{control}"))
+        };
+        routers.push(Router { gateway, addr: at, control_path, service });
+    }
+    match routers.is_empty() {
+        true => Err(UpnpError::Malformed("no WAN connection service".into())),
+        false => Ok(routers),
+    }
 }
 
-/// The first WAN connection service in a description: its type and control URL.
-fn wan_service(description: &str) -> Option<(String, String)> {
+/// The WAN connection services in a description (at most 4): each one's type and control URL.
+fn wan_services(description: &str) -> Vec<(String, String)> {
+    const WANTED: [&str; 2] =
+        ["urn:schemas-upnp-org:service:WANIPConnection:", "urn:schemas-upnp-org:service:WANPPPConnection:"];
+    let mut found = Vec::new();
     let mut rest = description;
     while let Some(start) = rest.find("<service>") {
-        let end = rest[start..].find("</service>")? + start;
+        let Some(end) = rest[start..].find("</service>").map(|e| e + start) else { break };
         let block = &rest[start..end];
         rest = &rest[end..];
-        let kind = element(block, "serviceType")?;
-        let wanted =
-            ["urn:schemas-upnp-org:service:WANIPConnection:", "urn:schemas-upnp-org:service:WANPPPConnection:"];
-        if wanted.iter().any(|w| kind.starts_with(w)) {
-            return Some((kind.to_string(), element(block, "controlURL")?.to_string()));
+        if let (Some(kind), Some(control)) = (element(block, "serviceType"), element(block, "controlURL"))
+            && WANTED.iter().any(|w| kind.starts_with(w))
+            && found.len() < 4
+        {
+            found.push((kind.to_string(), control.to_string()));
         }
     }
-    None
+    found
 }
 
 /// The text of the first `<name>…</name>` in `xml`, trimmed.
@@ -437,7 +561,7 @@ async fn soap(router: &Router, action: &str, args: &[(&str, String)]) -> Result<
         200 => Ok(answer),
         _ => Err(UpnpError::Refused {
             code: element(&answer, "errorCode").and_then(|c| c.parse().ok()).unwrap_or(u32::from(status)),
-            description: element(&answer, "errorDescription").unwrap_or("no description").chars().take(200).collect(),
+            description: quoted(element(&answer, "errorDescription").unwrap_or("no description")),
         }),
     }
 }
@@ -446,13 +570,18 @@ async fn external_ip(router: &Router) -> Result<Ipv4Addr, UpnpError> {
     let answer = soap(router, "GetExternalIPAddress", &[]).await?;
     let ip =
         element(&answer, "NewExternalIPAddress").ok_or_else(|| UpnpError::Malformed("no external address".into()))?;
-    ip.parse().map_err(|_| UpnpError::Malformed(format!("external address {ip:?}")))
+    ip.parse().map_err(|_| UpnpError::Malformed(format!("external address {}", quoted(ip))))
 }
 
-async fn add_mapping(router: &Router, internal: SocketAddrV4, lease: Duration) -> Result<(), UpnpError> {
+async fn add_mapping(
+    router: &Router,
+    internal: SocketAddrV4,
+    external_port: u16,
+    lease: Duration,
+) -> Result<(), UpnpError> {
     let args = [
         ("NewRemoteHost", String::new()),
-        ("NewExternalPort", internal.port().to_string()),
+        ("NewExternalPort", external_port.to_string()),
         ("NewProtocol", "UDP".to_string()),
         ("NewInternalPort", internal.port().to_string()),
         ("NewInternalClient", internal.ip().to_string()),
@@ -463,23 +592,49 @@ async fn add_mapping(router: &Router, internal: SocketAddrV4, lease: Duration) -
     soap(router, "AddPortMapping", &args).await.map(drop)
 }
 
-async fn delete(f: &Forward) -> Result<(), UpnpError> {
+/// The host the router forwards UDP `external_port` to, if any.
+async fn mapped_to(router: &Router, external_port: u16) -> Result<Option<Ipv4Addr>, UpnpError> {
     let args = [
         ("NewRemoteHost", String::new()),
-        ("NewExternalPort", f.internal.port().to_string()),
-        ("NewProtocol", "UDP".to_string()),
+        ("NewExternalPort", external_port.to_string()),
+        ("NewProtocol", "UDP".into()),
     ];
-    soap(&f.router, "DeletePortMapping", &args).await.map(drop)
+    match soap(router, "GetSpecificPortMappingEntry", &args).await {
+        Ok(answer) => Ok(element(&answer, "NewInternalClient").and_then(|c| c.parse().ok())),
+        // NoSuchEntryInArray.
+        Err(UpnpError::Refused { code: 714, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
-/// Sends `request` to `addr` (HTTP/1.0: the router closes the connection after its answer) and
-/// reads the answer, at most [`MAX_ANSWER`] bytes within [`IO_TIMEOUT`]: its status and body.
+async fn delete(router: &Router, external_port: u16) -> Result<(), UpnpError> {
+    let args = [
+        ("NewRemoteHost", String::new()),
+        ("NewExternalPort", external_port.to_string()),
+        ("NewProtocol", "UDP".into()),
+    ];
+    soap(router, "DeletePortMapping", &args).await.map(drop)
+}
+
+/// Sends `request` to `addr` and reads the answer, at most [`MAX_ANSWER`] bytes within
+/// [`IO_TIMEOUT`], up to its `Content-Length` or last chunk, or until the router closes the
+/// connection (HTTP/1.0): its status and body.
 async fn exchange(addr: SocketAddrV4, request: &str) -> Result<(u16, String), UpnpError> {
     let read = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream.write_all(request.as_bytes()).await?;
         let mut answer = Vec::new();
-        (&mut stream).take(MAX_ANSWER as u64 + 1).read_to_end(&mut answer).await?;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 || answer.len() > MAX_ANSWER {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if is_whole(&answer) {
+                break;
+            }
+        }
         Ok::<_, std::io::Error>(answer)
     };
     let answer = tokio::time::timeout(IO_TIMEOUT, read).await.map_err(|_| UpnpError::Timeout)??;
@@ -489,31 +644,56 @@ async fn exchange(addr: SocketAddrV4, request: &str) -> Result<(u16, String), Up
     parse_http(&answer)
 }
 
+/// An HTTP answer's head (as text) and body.
+fn split_answer(answer: &[u8]) -> Option<(String, &[u8])> {
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((String::from_utf8_lossy(&answer[..end]).into_owned(), &answer[end + 4..]))
+}
+
+/// Whether `answer` holds a whole HTTP answer by its own account (`Content-Length`, or the last
+/// chunk); one that says neither ends when the router closes the connection.
+fn is_whole(answer: &[u8]) -> bool {
+    let Some((head, body)) = split_answer(answer) else { return false };
+    if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|len| body.len() >= len)
+}
+
 /// An HTTP answer's status and body (de-chunked, for a router that chunks even for HTTP/1.0).
 fn parse_http(answer: &[u8]) -> Result<(u16, String), UpnpError> {
-    let text = String::from_utf8_lossy(answer);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| UpnpError::Malformed("no end of headers".into()))?;
+    let (head, body) = split_answer(answer).ok_or_else(|| UpnpError::Malformed("no end of headers".into()))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| UpnpError::Malformed("no HTTP status".into()))?;
-    let chunked = header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
-    Ok((status, if chunked { dechunk(body)? } else { body.to_string() }))
+    let body = if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        dechunk(body)?
+    } else {
+        match header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
+            Some(len) => body[..len.min(body.len())].to_vec(),
+            None => body.to_vec(),
+        }
+    };
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut body: &str) -> Result<String, UpnpError> {
-    let mut out = String::new();
+fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, UpnpError> {
+    let bad = |what: &str| UpnpError::Malformed(format!("bad chunk {what}"));
+    let mut out = Vec::new();
     loop {
-        let (size, rest) = body.split_once("\r\n").ok_or_else(|| UpnpError::Malformed("bad chunk".into()))?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| UpnpError::Malformed("bad chunk size".into()))?;
+        let line_end = body.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("line"))?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size =
+            usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("size"))?;
+        let rest = &body[line_end + 2..];
         if size == 0 {
             return Ok(out);
         }
-        let chunk = rest.get(..size).ok_or_else(|| UpnpError::Malformed("short chunk".into()))?;
-        out.push_str(chunk);
-        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+        let chunk = rest.get(..size).ok_or_else(|| bad("length"))?;
+        out.extend_from_slice(chunk);
+        body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
     }
 }
 
@@ -528,14 +708,21 @@ mod tests {
         <controlURL>/ctl/IPConn</controlURL></service></serviceList></device></deviceList></device></root>";
 
     #[test]
-    fn the_wan_connection_service_is_found_in_a_description() {
-        let (kind, control) = wan_service(DESCRIPTION).expect("found");
-        assert_eq!(kind, "urn:schemas-upnp-org:service:WANIPConnection:2");
-        assert_eq!(control, "/ctl/IPConn");
-        let ppp = DESCRIPTION.replace("WANIPConnection:2", "WANPPPConnection:1");
-        assert_eq!(wan_service(&ppp).expect("found").0, "urn:schemas-upnp-org:service:WANPPPConnection:1");
-        assert_eq!(wan_service(&DESCRIPTION.replace("WANIPConnection", "Other")), None);
-        assert_eq!(wan_service("<service><serviceType>"), None, "cut short");
+    fn the_wan_connection_services_are_found_in_a_description() {
+        let found = wan_services(DESCRIPTION);
+        assert_eq!(found, [("urn:schemas-upnp-org:service:WANIPConnection:2".to_string(), "/ctl/IPConn".to_string())]);
+        // A DSL router may list a PPP service (dead, here) before the IP one: both are offered.
+        let both = DESCRIPTION.replace(
+            "<service><serviceType>urn:schemas-upnp-org:service:WANIPConnection:2",
+            "<service><serviceType>urn:schemas-upnp-org:service:WANPPPConnection:1</serviceType>\
+             <controlURL>/ctl/PPP</controlURL></service><service><serviceType>bad</service>\
+             <service><serviceType>urn:schemas-upnp-org:service:WANIPConnection:2",
+        );
+        let kinds: Vec<String> = wan_services(&both).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(kinds.len(), 2, "{kinds:?}");
+        assert!(kinds[0].contains("WANPPPConnection:1") && kinds[1].contains("WANIPConnection:2"));
+        assert!(wan_services(&DESCRIPTION.replace("WANIPConnection", "Other")).is_empty());
+        assert!(wan_services("<service><serviceType>").is_empty(), "cut short");
     }
 
     #[test]
@@ -543,42 +730,53 @@ mod tests {
         let router = Ipv4Addr::new(192, 168, 1, 1);
         let answer = |location: &str| format!("HTTP/1.1 200 OK\r\nST: x\r\nLocation: {location}\r\n\r\n");
         let ok = answer("http://192.168.1.1:5000/rootDesc.xml");
-        let (addr, path) = search_answer(ok.as_bytes(), router, Some(router)).expect("trusted");
+        let (addr, path) = search_answer(ok.as_bytes(), router, router).expect("trusted");
         assert_eq!((addr, path.as_str()), (SocketAddrV4::new(router, 5000), "/rootDesc.xml"));
-        assert!(search_answer(ok.as_bytes(), router, None).is_ok(), "no route table to check against");
         let stranger = Ipv4Addr::new(192, 168, 1, 66);
-        assert!(search_answer(ok.as_bytes(), stranger, Some(router)).is_err(), "not the gateway");
+        assert!(search_answer(ok.as_bytes(), stranger, router).is_err(), "not the gateway");
         let elsewhere = answer("http://127.0.0.1:4738/v1/blobs");
-        assert!(search_answer(elsewhere.as_bytes(), router, Some(router)).is_err(), "names another host");
-        assert!(search_answer(b"HTTP/1.1 200 OK\r\n\r\n", router, Some(router)).is_err(), "no location");
-        assert!(search_answer(&[0xff, 0xfe], router, Some(router)).is_err());
+        assert!(search_answer(elsewhere.as_bytes(), router, router).is_err(), "names another host");
+        assert!(search_answer(b"HTTP/1.1 200 OK\r\n\r\n", router, router).is_err(), "no location");
         let named = answer("http://router.lan/desc.xml");
-        assert!(search_answer(named.as_bytes(), router, Some(router)).is_err(), "a name, not the host's IP");
+        assert!(search_answer(named.as_bytes(), router, router).is_err(), "a name, not the host's IP");
+        let latin1 = [ok.as_bytes(), b"SERVER: Fritz\xe9\r\n"].concat();
+        assert!(search_answer(&latin1, router, router).is_ok(), "a header that is not UTF-8");
     }
 
     #[test]
-    fn the_default_gateway_is_read_from_the_route_table() {
+    fn the_default_gateway_is_the_one_of_lowest_metric() {
         let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            wlan0\t00000000\t0102A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n\
             eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
             eth0\t00000000\t0101A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
-        assert_eq!(parse_route_table(table), Some(Ipv4Addr::new(192, 168, 1, 1)));
+        let expected = Ipv4Addr::from(u32::from_str_radix("0101A8C0", 16).expect("hex").to_ne_bytes());
+        assert_eq!(parse_route_table(table), Some(expected));
+        if cfg!(target_endian = "little") {
+            assert_eq!(expected, Ipv4Addr::new(192, 168, 1, 1));
+        }
         assert_eq!(parse_route_table(&table.replace("\t0003\t", "\t0001\t")), None, "not via a gateway");
         assert_eq!(parse_route_table("Iface\n"), None);
     }
 
     #[test]
-    fn answers_are_parsed_and_bounded() {
-        let (status, body) = parse_http(b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\n\r\n<a>1</a>").expect("parsed");
-        assert_eq!((status, body.as_str()), (200, "<a>1</a>"));
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n<a>1\r\n4\r\n</a>\r\n0\r\n\r\n";
-        assert_eq!(parse_http(chunked).expect("parsed").1, "<a>1</a>");
+    fn answers_are_parsed_whole_and_bounded() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nContent-Length: 8\r\n\r\n<a>1</a>";
+        assert!(is_whole(plain));
+        assert!(!is_whole(&plain[..plain.len() - 1]));
+        assert_eq!(parse_http(plain).expect("parsed"), (200, "<a>1</a>".to_string()));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n<a>\xc3\r\n6\r\n\xa91</a>\r\n0\r\n\r\n";
+        assert!(is_whole(chunked));
+        assert_eq!(parse_http(chunked).expect("parsed").1, "<a>\u{e9}1</a>", "a character split across chunks");
         assert!(parse_http(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(parse_http(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nab\r\n").is_err());
         assert!(parse_http(b"garbage").is_err());
         let fault = "<s:Fault><detail><UPnPError><errorCode>718</errorCode>\
             <errorDescription>ConflictInMappingEntry</errorDescription></UPnPError></detail></s:Fault>";
         assert_eq!(element(fault, "errorCode"), Some("718"));
+        assert_eq!(quoted("a\nforged line"), "\"a\\nforged line\"");
         assert!(is_public(Ipv4Addr::new(11, 213, 7, 2)));
-        for ip in [[192, 168, 1, 1], [10, 0, 0, 1], [100, 64, 0, 1], [127, 0, 0, 1], [203, 0, 113, 5], [0, 0, 0, 0]] {
+        for ip in [[192, 168, 1, 1], [10, 0, 0, 1], [100, 64, 0, 1], [127, 0, 0, 1], [203, 0, 113, 5], [192, 0, 0, 2]] {
             assert!(!is_public(Ipv4Addr::from(ip)), "{ip:?}");
         }
     }
@@ -598,6 +796,21 @@ mod tests {
         assert!(matches!(got, Err(UpnpError::TooLarge)), "{got:?}");
     }
 
+    #[tokio::test]
+    async fn an_answer_of_stated_length_is_taken_though_the_router_keeps_the_connection() {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else { unreachable!() };
+        let (done, held) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc").await;
+            let _ = held.await;
+        });
+        let got = tokio::time::timeout(Duration::from_secs(2), exchange(addr, "GET / HTTP/1.0\r\n\r\n")).await;
+        assert_eq!(got.expect("not waiting for the close").expect("answer"), (200, "abc".to_string()));
+        drop(done);
+    }
+
     #[test]
     fn the_forwarded_address_is_the_listen_address_on_the_default_route() {
         let a = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");
@@ -607,8 +820,11 @@ mod tests {
             a("/ip4/192.168.1.20/udp/4737/quic-v1/p2p/12D3KooWRmZAZHPbgsyX9f6cxoNw2CJK5DjHWgssqZqoj2NC3SfG"),
         ];
         let lan = Ipv4Addr::new(192, 168, 1, 20);
-        assert_eq!(pick(&listening, lan), Some(a("/ip4/192.168.1.20/udp/4737/quic-v1")));
+        let local = a("/ip4/192.168.1.20/udp/4737/quic-v1");
+        assert_eq!(pick(&listening, lan), Some(local.clone()));
         assert_eq!(pick(&listening, Ipv4Addr::new(192, 168, 1, 21)), None);
         assert_eq!(pick(&[a("/ip4/8.8.4.4/udp/4737/quic-v1")], Ipv4Addr::new(8, 8, 4, 4)), None, "public already");
+        let public = Ipv4Addr::new(11, 213, 7, 2);
+        assert_eq!(as_external(&local, public, 51000), a("/ip4/11.213.7.2/udp/51000/quic-v1"));
     }
 }
