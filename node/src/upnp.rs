@@ -105,12 +105,24 @@ struct Forward {
     /// When to ask again, and when the router lets it lapse (never, without a lease).
     renew_at: Instant,
     expires_at: Option<Instant>,
+    /// Since when asking the router again has failed, if it has.
+    failing_since: Option<Instant>,
+}
+
+/// Whether the router still forwards a forward's port to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Present,
+    /// The router says it does not (a rebooted router, or another host took the port), or its
+    /// UPnP service refuses connections (restarted, perhaps on another port).
+    Gone,
+    /// The router did not say.
+    Unknown,
 }
 
 /// Keeps a forward of our port on the LAN's router while the node runs, telling the swarm over
 /// `commands`; removes it (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped,
-/// or when the swarm is gone. A stop that comes while the router is being asked leaves what it
-/// granted meanwhile to lapse within the hour.
+/// or when the swarm is gone, also when that comes in the middle of asking the router.
 pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Receiver<()>) {
     // The first round looks at the listen addresses: wait (a second at most) for the listeners
     // to report theirs.
@@ -122,12 +134,15 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
         }
     }
     let mut current: Option<Forward> = None;
+    // A forward asked for and perhaps granted, not yet in `current`: removed if the stop comes
+    // before it is.
+    let mut asked: Option<(Router, u16, SocketAddrV4)> = None;
     let mut backoff = RECHECK;
     // Said once per kind of outcome, not at every retry.
     let mut last_said = String::new();
     loop {
         let outcome = tokio::select! {
-            r = step(&commands, &mut current) => r,
+            r = step(&commands, &mut current, &mut asked) => r,
             _ = &mut stop => break,
             _ = commands.closed() => break,
         };
@@ -156,9 +171,17 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
             _ = commands.closed() => break,
         }
     }
-    if let Some(f) = current {
-        let _ = tokio::time::timeout(REMOVE_WAIT, delete(&f.router, f.external_port)).await;
-    }
+    let remove = async {
+        if let Some(f) = &current {
+            delete_ours(&f.router, f.external_port, f.internal).await;
+        }
+        if let Some((router, port, internal)) = &asked
+            && current.as_ref().is_none_or(|f| (&f.router, f.external_port) != (router, *port))
+        {
+            delete_ours(router, *port, *internal).await;
+        }
+    };
+    let _ = tokio::time::timeout(REMOVE_WAIT, remove).await;
 }
 
 /// Our listen addresses, and whether every listener has reported; `None` once the swarm is gone.
@@ -168,42 +191,61 @@ async fn listening(commands: &mpsc::Sender<Command>) -> Option<(Vec<Multiaddr>, 
     rx.await.ok()
 }
 
-/// One round: forwards, keeps, renews or withdraws as the listen addresses, the route and the
-/// router say. Returns how long until the next round.
-async fn step(commands: &mpsc::Sender<Command>, current: &mut Option<Forward>) -> Result<Duration, UpnpError> {
+/// One round: forwards, checks, renews or withdraws as the listen addresses, the route and the
+/// router say. Returns how long until the next round. `current` is changed only where a round
+/// ends, so that a round cut short leaves it as it was.
+async fn step(
+    commands: &mpsc::Sender<Command>,
+    current: &mut Option<Forward>,
+    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+) -> Result<Duration, UpnpError> {
     let listening = listening(commands).await.map(|(addrs, _)| addrs).unwrap_or_default();
     let wanted = default_route_source().and_then(|ip| pick(&listening, ip));
     let gateway = default_gateway();
-    if let Some(mut f) = current.take() {
-        if wanted.as_ref() == Some(&f.local) && gateway == Some(f.router.gateway) {
+    if let Some(kept) = current.as_ref() {
+        if wanted.as_ref() == Some(&kept.local) && gateway == Some(kept.router.gateway) {
+            let mut f = kept.clone();
             let now = Instant::now();
-            if now >= f.renew_at || !still_forwarded(&f).await {
-                // Asked again (the router lost it, as a rebooted one does, or it is time), and the
-                // public address read again: it may have changed.
-                if let Err(e) = renew(&mut f).await {
-                    if f.expires_at.is_some_and(|t| t <= now + RECHECK) || f.renew_at > now {
-                        // Running out, or gone from the router: no longer announced.
+            let presence = presence(&f).await;
+            if now >= f.renew_at || presence == Presence::Gone {
+                // Asked again (it is time, or the router lost it), the public address with it.
+                if let Err(e) = renew(&mut f, asked).await {
+                    let failing = *f.failing_since.get_or_insert(now);
+                    let lapsed = f.expires_at.is_some_and(|t| t <= now + RECHECK);
+                    if presence == Presence::Gone || lapsed || now.duration_since(failing) >= LEASE / 2 {
+                        // Gone from the router, or about to be: withdrawn, and the router
+                        // searched for anew.
                         tell(commands, None).await;
+                        *current = None;
                         return Err(e);
                     }
                     debug!(error = %e, "renewing the router's forward failed; asking again in a minute");
                 }
+            } else if presence == Presence::Present
+                && let Ok(public) = external_ip(&f.router).await
+                && is_public(public)
+            {
+                // The ISP may have given the router another address.
+                f.external = as_external(&f.local, public, f.external_port);
             }
             // Told every round: the swarm drops it while the address it leads to is gone, and
             // takes it back once that address is back.
             tell(commands, Some(&f)).await;
             *current = Some(f);
+            *asked = None;
             return Ok(RECHECK);
         }
         // The address it forwards to is no longer ours or on the default route, or the network
         // changed.
         tell(commands, None).await;
-        let _ = delete(&f.router, f.external_port).await;
+        let f = current.take().expect("checked above");
+        delete_ours(&f.router, f.external_port, f.internal).await;
     }
     let Some(local) = wanted else { return Ok(RECHECK) };
-    let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?).await?;
+    let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?, asked).await?;
     tell(commands, Some(&forward)).await;
     *current = Some(forward);
+    *asked = None;
     Ok(RECHECK)
 }
 
@@ -248,7 +290,11 @@ fn as_external(local: &Multiaddr, ip: Ipv4Addr, port: u16) -> Multiaddr {
 /// Finds the router behind `gateway`, and asks it to forward our port to `local`: on the first
 /// of its WAN connection services that has a public address (a DSL router may list a dead one
 /// first).
-async fn establish(local: Multiaddr, gateway: Ipv4Addr) -> Result<Forward, UpnpError> {
+async fn establish(
+    local: Multiaddr,
+    gateway: Ipv4Addr,
+    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+) -> Result<Forward, UpnpError> {
     let (ip, port) = match (ipv4(&local), udp_port(&local)) {
         (Some(ip), Some(port)) => (ip, port),
         _ => return Err(UpnpError::Malformed("no IPv4 UDP listen address".into())),
@@ -265,8 +311,9 @@ async fn establish(local: Multiaddr, gateway: Ipv4Addr) -> Result<Forward, UpnpE
             lease: LEASE,
             renew_at: now,
             expires_at: None,
+            failing_since: None,
         };
-        match renew(&mut forward).await {
+        match renew(&mut forward, asked).await {
             Ok(()) => return Ok(forward),
             Err(e) => last = e,
         }
@@ -274,64 +321,77 @@ async fn establish(local: Multiaddr, gateway: Ipv4Addr) -> Result<Forward, UpnpE
     Err(last)
 }
 
-/// Asks the router for its public address and for the forward (again), updating `f`.
-async fn renew(f: &mut Forward) -> Result<(), UpnpError> {
+/// Asks the router for its public address and for the forward (again), updating `f` where it
+/// succeeds.
+async fn renew(f: &mut Forward, asked: &mut Option<(Router, u16, SocketAddrV4)>) -> Result<(), UpnpError> {
     let public = external_ip(&f.router).await?;
     if !is_public(public) {
         return Err(UpnpError::NotPublic(public));
     }
-    let result = add_mapping(&f.router, f.internal, f.external_port, f.lease).await;
-    match result {
-        Ok(()) => {}
-        // Some older routers take only forwards without end.
-        Err(UpnpError::Refused { code: 725, .. }) if !f.lease.is_zero() => {
-            f.lease = Duration::ZERO;
-            add_mapping(&f.router, f.internal, f.external_port, f.lease).await?;
-        }
-        // The port is forwarded already: to us (left by an earlier run, or a router that will
-        // not renew a client's own forward) it is asked for anew; to another host (another
-        // node on the LAN), another port is.
-        Err(UpnpError::Refused { code: 718, .. }) => {
-            if mapped_to(&f.router, f.external_port).await? == Some(*f.internal.ip()) {
-                delete(&f.router, f.external_port).await?;
-                add_mapping(&f.router, f.internal, f.external_port, f.lease).await?;
-            } else {
-                f.external_port = another_port(f).await?;
-            }
-        }
-        Err(e) => return Err(e),
+    let port = request(&f.router, f.internal, f.external_port, &mut f.lease, asked).await?;
+    if port != f.external_port {
+        // Ours no more (another host holds it): left to that host.
+        f.external_port = port;
     }
     let now = Instant::now();
     let lease = if f.lease.is_zero() { LEASE } else { f.lease };
     f.renew_at = now + lease / 2;
     f.expires_at = (!f.lease.is_zero()).then(|| now + f.lease);
+    f.failing_since = None;
     f.external = as_external(&f.local, public, f.external_port);
     Ok(())
 }
 
-/// A forward on another port than ours, which another host holds: one of three picked from our
-/// address, so that a node asks for the same ones each time.
-async fn another_port(f: &Forward) -> Result<u16, UpnpError> {
-    let seed = u32::from(*f.internal.ip()) ^ u32::from(f.internal.port());
-    for salt in 1..=3u32 {
-        let port = 1024 + (seed.wrapping_mul(2_654_435_761).rotate_left(salt * 7) % 64_000) as u16;
-        match add_mapping(&f.router, f.internal, port, f.lease).await {
-            Ok(()) => return Ok(port),
-            Err(UpnpError::Refused { code: 718, .. }) => continue,
-            Err(e) => return Err(e),
+/// Asks the router to forward UDP `port` to `internal` for `lease`, and returns the port it
+/// forwards. A router that takes only forwards without end (725) gets one (`lease` becomes
+/// zero). A port forwarded already (718) to `internal` (left by an earlier run, or a router
+/// that will not renew a client's own forward) is deleted and asked for again; one forwarded to
+/// another host (another node on the LAN) has one of three other ports, picked from `internal`,
+/// asked for instead, so that a node asks for the same ones each time.
+async fn request(
+    router: &Router,
+    internal: SocketAddrV4,
+    port: u16,
+    lease: &mut Duration,
+    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+) -> Result<u16, UpnpError> {
+    let seed = u32::from(*internal.ip()) ^ u32::from(internal.port());
+    let others = (1..=3u32).map(|salt| 1024 + (seed.wrapping_mul(2_654_435_761).rotate_left(salt * 7) % 64_000) as u16);
+    for candidate in std::iter::once(port).chain(others) {
+        // A candidate is asked at most three times: after a 725 and after clearing our own.
+        for _ in 0..3 {
+            *asked = Some((router.clone(), candidate, internal));
+            match add_mapping(router, internal, candidate, *lease).await {
+                Ok(()) => return Ok(candidate),
+                Err(UpnpError::Refused { code: 725, .. }) if !lease.is_zero() => *lease = Duration::ZERO,
+                Err(UpnpError::Refused { code: 718, .. }) => match mapped_to(router, candidate).await? {
+                    Some(at) if at == internal => delete(router, candidate).await?,
+                    // Gone meanwhile: asked again.
+                    None => {}
+                    Some(_) => break,
+                },
+                Err(e) => return Err(e),
+            }
         }
     }
     Err(UpnpError::Refused { code: 718, description: "every port asked for is forwarded to another host".into() })
 }
 
-/// Whether the router still forwards `f`'s port to us. One that says the forward is gone (a
-/// rebooted router), or refuses the connection (its UPnP service restarted, perhaps on another
-/// port), has it asked for anew; one slow to answer is taken to still forward it.
-async fn still_forwarded(f: &Forward) -> bool {
+/// Whether the router still forwards `f`'s port to us.
+async fn presence(f: &Forward) -> Presence {
     match mapped_to(&f.router, f.external_port).await {
-        Ok(to) => to == Some(*f.internal.ip()),
-        Err(UpnpError::Io(_)) => false,
-        Err(_) => true,
+        Ok(to) if to == Some(f.internal) => Presence::Present,
+        Ok(_) => Presence::Gone,
+        Err(UpnpError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Presence::Gone,
+        Err(_) => Presence::Unknown,
+    }
+}
+
+/// Removes the router's forward of `port`, if it leads to `internal`: one that another host took
+/// meanwhile (after the router rebooted, say) is left alone.
+async fn delete_ours(router: &Router, port: u16, internal: SocketAddrV4) {
+    if matches!(mapped_to(router, port).await, Ok(Some(at)) if at == internal) {
+        let _ = delete(router, port).await;
     }
 }
 
@@ -592,15 +652,19 @@ async fn add_mapping(
     soap(router, "AddPortMapping", &args).await.map(drop)
 }
 
-/// The host the router forwards UDP `external_port` to, if any.
-async fn mapped_to(router: &Router, external_port: u16) -> Result<Option<Ipv4Addr>, UpnpError> {
+/// Where the router forwards UDP `external_port` to, if anywhere.
+async fn mapped_to(router: &Router, external_port: u16) -> Result<Option<SocketAddrV4>, UpnpError> {
     let args = [
         ("NewRemoteHost", String::new()),
         ("NewExternalPort", external_port.to_string()),
         ("NewProtocol", "UDP".into()),
     ];
     match soap(router, "GetSpecificPortMappingEntry", &args).await {
-        Ok(answer) => Ok(element(&answer, "NewInternalClient").and_then(|c| c.parse().ok())),
+        Ok(answer) => {
+            let client = element(&answer, "NewInternalClient").and_then(|c| c.parse().ok());
+            let port = element(&answer, "NewInternalPort").and_then(|p| p.parse().ok());
+            Ok(client.zip(port).map(|(c, p)| SocketAddrV4::new(c, p)))
+        }
         // NoSuchEntryInArray.
         Err(UpnpError::Refused { code: 714, .. }) => Ok(None),
         Err(e) => Err(e),
@@ -625,9 +689,9 @@ async fn exchange(addr: SocketAddrV4, request: &str) -> Result<(u16, String), Up
         stream.write_all(request.as_bytes()).await?;
         let mut answer = Vec::new();
         let mut buf = [0u8; 4096];
-        loop {
+        while answer.len() <= MAX_ANSWER {
             let n = stream.read(&mut buf).await?;
-            if n == 0 || answer.len() > MAX_ANSWER {
+            if n == 0 {
                 break;
             }
             answer.extend_from_slice(&buf[..n]);
@@ -651,13 +715,18 @@ fn split_answer(answer: &[u8]) -> Option<(String, &[u8])> {
 }
 
 /// Whether `answer` holds a whole HTTP answer by its own account (`Content-Length`, or the last
-/// chunk); one that says neither ends when the router closes the connection.
+/// chunk and its trailers); one that says neither ends when the router closes the connection.
+/// A malformed one is whole too: reading more would not mend it.
 fn is_whole(answer: &[u8]) -> bool {
     let Some((head, body)) = split_answer(answer) else { return false };
-    if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        return body.ends_with(b"0\r\n\r\n");
+    if is_chunked(&head) {
+        return !matches!(chunks(body), Chunks::Incomplete);
     }
     header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|len| body.len() >= len)
+}
+
+fn is_chunked(head: &str) -> bool {
+    header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
 }
 
 /// An HTTP answer's status and body (de-chunked, for a router that chunks even for HTTP/1.0).
@@ -668,8 +737,12 @@ fn parse_http(answer: &[u8]) -> Result<(u16, String), UpnpError> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| UpnpError::Malformed("no HTTP status".into()))?;
-    let body = if header(&head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        dechunk(body)?
+    let body = if is_chunked(&head) {
+        match chunks(body) {
+            Chunks::Whole(data) => data,
+            Chunks::Incomplete => return Err(UpnpError::Malformed("chunks cut short".into())),
+            Chunks::Bad(what) => return Err(UpnpError::Malformed(format!("bad chunk {what}"))),
+        }
     } else {
         match header(&head, "content-length").and_then(|l| l.parse::<usize>().ok()) {
             Some(len) => body[..len.min(body.len())].to_vec(),
@@ -679,21 +752,47 @@ fn parse_http(answer: &[u8]) -> Result<(u16, String), UpnpError> {
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, UpnpError> {
-    let bad = |what: &str| UpnpError::Malformed(format!("bad chunk {what}"));
-    let mut out = Vec::new();
+/// A chunked body, walked.
+#[derive(Debug, PartialEq, Eq)]
+enum Chunks {
+    /// Its data, joined: the last chunk and the trailers after it (if any) are there.
+    Whole(Vec<u8>),
+    /// More is to come.
+    Incomplete,
+    /// Not chunks.
+    Bad(&'static str),
+}
+
+fn chunks(mut body: &[u8]) -> Chunks {
+    let mut data = Vec::new();
     loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("line"))?;
+        let Some(line_end) = body.windows(2).position(|w| w == b"\r\n") else {
+            // A size line is a few hex digits; a long one without its end is not one.
+            return if body.len() > 64 { Chunks::Bad("size line") } else { Chunks::Incomplete };
+        };
         let size_text = String::from_utf8_lossy(&body[..line_end]);
-        let size =
-            usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("size"))?;
+        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16) else {
+            return Chunks::Bad("size");
+        };
         let rest = &body[line_end + 2..];
         if size == 0 {
-            return Ok(out);
+            // Trailers, each a line, then an empty line.
+            let mut rest = rest;
+            loop {
+                match rest.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => return Chunks::Whole(data),
+                    Some(end) => rest = &rest[end + 2..],
+                    None => return Chunks::Incomplete,
+                }
+            }
         }
-        let chunk = rest.get(..size).ok_or_else(|| bad("length"))?;
-        out.extend_from_slice(chunk);
-        body = rest[size..].strip_prefix(b"\r\n").unwrap_or(&rest[size..]);
+        let Some(chunk) = rest.get(..size) else { return Chunks::Incomplete };
+        data.extend_from_slice(chunk);
+        match rest[size..].strip_prefix(b"\r\n") {
+            Some(next) => body = next,
+            None if rest.len() < size + 2 => return Chunks::Incomplete,
+            None => return Chunks::Bad("end"),
+        }
     }
 }
 
@@ -739,8 +838,8 @@ mod tests {
         assert!(search_answer(b"HTTP/1.1 200 OK\r\n\r\n", router, router).is_err(), "no location");
         let named = answer("http://router.lan/desc.xml");
         assert!(search_answer(named.as_bytes(), router, router).is_err(), "a name, not the host's IP");
-        let latin1 = [ok.as_bytes(), b"SERVER: Fritz\xe9\r\n"].concat();
-        assert!(search_answer(&latin1, router, router).is_ok(), "a header that is not UTF-8");
+        let latin1 = b"HTTP/1.1 200 OK\r\nSERVER: Fritz\xe9\r\nLocation: http://192.168.1.1:5000/d.xml\r\n\r\n";
+        assert!(search_answer(latin1, router, router).is_ok(), "a header that is not UTF-8");
     }
 
     #[test]
@@ -779,6 +878,160 @@ mod tests {
         for ip in [[192, 168, 1, 1], [10, 0, 0, 1], [100, 64, 0, 1], [127, 0, 0, 1], [203, 0, 113, 5], [192, 0, 0, 2]] {
             assert!(!is_public(Ipv4Addr::from(ip)), "{ip:?}");
         }
+    }
+
+    #[test]
+    fn chunks_are_whole_only_with_their_last_chunk_and_trailers() {
+        assert_eq!(chunks(b"3\r\nabc\r\n0\r\n\r\n"), Chunks::Whole(b"abc".to_vec()));
+        assert_eq!(chunks(b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"), Chunks::Whole(b"abc".to_vec()));
+        assert_eq!(chunks(b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n"), Chunks::Incomplete);
+        // A chunk of 0x400 bytes whose data begins with an empty line: not the end.
+        let mut big = b"400\r\n\r\n".to_vec();
+        assert_eq!(chunks(&big), Chunks::Incomplete);
+        big.extend(vec![b'x'; 0x3fe]);
+        big.extend(b"\r\n0\r\n\r\n");
+        assert!(matches!(chunks(&big), Chunks::Whole(d) if d.len() == 0x400));
+        assert_eq!(chunks(b"3\r\nabcdef"), Chunks::Bad("end"));
+        assert_eq!(chunks(&[b'1'; 100]), Chunks::Bad("size line"));
+    }
+
+    /// A router's WAN connection service on loopback, for the forward's decisions: it forwards
+    /// what it is asked, refuses a port forwarded to another host (718), a forward with a lease
+    /// if `permanent_only` (725), and, if `refuse_own`, a client's own forward asked again.
+    #[derive(Default)]
+    struct Fake {
+        forwards: std::collections::HashMap<u16, SocketAddrV4>,
+        permanent_only: bool,
+        refuse_own: bool,
+    }
+
+    async fn fake_router(state: std::sync::Arc<std::sync::Mutex<Fake>>) -> Router {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else { unreachable!() };
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let (mut request, mut buf) = (Vec::new(), [0u8; 4096]);
+                    while !is_whole(&request) {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    let action = header(&text, "soapaction").and_then(|a| a.trim_matches('"').split('#').nth(1));
+                    let arg = |name: &str| element(&text, name).unwrap_or("").to_string();
+                    let port: u16 = arg("NewExternalPort").parse().unwrap_or(0);
+                    let fault = |code: u32| (500, format!("<UPnPError><errorCode>{code}</errorCode></UPnPError>"));
+                    let (status, body) = {
+                        let mut st = state.lock().expect("lock");
+                        match action.unwrap_or("") {
+                            "GetExternalIPAddress" => {
+                                (200, "<NewExternalIPAddress>11.213.7.2</NewExternalIPAddress>".into())
+                            }
+                            "AddPortMapping" => {
+                                let to = SocketAddrV4::new(
+                                    arg("NewInternalClient").parse().expect("client"),
+                                    arg("NewInternalPort").parse().expect("port"),
+                                );
+                                match st.forwards.get(&port) {
+                                    _ if st.permanent_only && arg("NewLeaseDuration") != "0" => fault(725),
+                                    Some(at) if *at != to || st.refuse_own => fault(718),
+                                    _ => {
+                                        st.forwards.insert(port, to);
+                                        (200, String::new())
+                                    }
+                                }
+                            }
+                            "GetSpecificPortMappingEntry" => match st.forwards.get(&port) {
+                                Some(at) => (
+                                    200,
+                                    format!(
+                                        "<NewInternalPort>{}</NewInternalPort><NewInternalClient>{}</NewInternalClient>",
+                                        at.port(),
+                                        at.ip()
+                                    ),
+                                ),
+                                None => fault(714),
+                            },
+                            "DeletePortMapping" => match st.forwards.remove(&port) {
+                                Some(_) => (200, String::new()),
+                                None => fault(714),
+                            },
+                            _ => fault(401),
+                        }
+                    };
+                    let answer = format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        let service = "urn:schemas-upnp-org:service:WANIPConnection:1".to_string();
+        Router { gateway: Ipv4Addr::LOCALHOST, addr, control_path: "/ctl".into(), service }
+    }
+
+    #[tokio::test]
+    async fn a_port_another_host_holds_is_left_to_it_and_our_own_is_taken_back() {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
+        let router = fake_router(state.clone()).await;
+        let (us, them) = (
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 20), 4737),
+            SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 21), 4737),
+        );
+        let mut asked = None;
+        // Another node on the LAN holds 4737: another port, the same one each time.
+        state.lock().expect("lock").forwards.insert(4737, them);
+        let mut lease = LEASE;
+        let port = request(&router, us, 4737, &mut lease, &mut asked).await.expect("forwarded");
+        assert_ne!(port, 4737);
+        assert_eq!(state.lock().expect("lock").forwards.get(&4737), Some(&them), "theirs left alone");
+        assert_eq!(state.lock().expect("lock").forwards.get(&port), Some(&us));
+        assert_eq!(request(&router, us, 4737, &mut lease, &mut asked).await.expect("again"), port);
+        delete_ours(&router, 4737, us).await;
+        assert_eq!(state.lock().expect("lock").forwards.get(&4737), Some(&them), "not ours to delete");
+        // Our own forward left by an earlier run, on a router that refuses to renew it: taken
+        // back, on our port.
+        state.lock().expect("lock").forwards = [(4737, us)].into();
+        state.lock().expect("lock").refuse_own = true;
+        assert_eq!(request(&router, us, 4737, &mut lease, &mut asked).await.expect("taken back"), 4737);
+        // A router that takes only forwards without end.
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Fake { permanent_only: true, ..Fake::default() }));
+        let router = fake_router(state.clone()).await;
+        assert_eq!(request(&router, us, 4737, &mut lease, &mut asked).await.expect("forwarded"), 4737);
+        assert!(lease.is_zero());
+    }
+
+    #[tokio::test]
+    async fn a_forward_the_router_lost_is_found_gone() {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(Fake::default()));
+        let router = fake_router(state.clone()).await;
+        let us = SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 20), 4737);
+        let local: Multiaddr = "/ip4/192.168.1.20/udp/4737/quic-v1".parse().expect("multiaddr");
+        let mut f = Forward {
+            router: router.clone(),
+            external: local.clone(),
+            internal: us,
+            external_port: 4737,
+            local,
+            lease: LEASE,
+            renew_at: Instant::now(),
+            expires_at: None,
+            failing_since: None,
+        };
+        renew(&mut f, &mut None).await.expect("forwarded");
+        assert_eq!(f.external.to_string(), "/ip4/11.213.7.2/udp/4737/quic-v1");
+        assert_eq!(presence(&f).await, Presence::Present);
+        state.lock().expect("lock").forwards.clear();
+        assert_eq!(presence(&f).await, Presence::Gone, "a rebooted router");
+        state.lock().expect("lock").forwards.insert(4737, SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 21), 4737));
+        assert_eq!(presence(&f).await, Presence::Gone, "another host took the port");
+        // Nobody listens there any more: its service restarted elsewhere.
+        let closed = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let std::net::SocketAddr::V4(gone) = closed.local_addr().expect("addr") else { unreachable!() };
+        drop(closed);
+        f.router.addr = gone;
+        assert_eq!(presence(&f).await, Presence::Gone);
     }
 
     #[tokio::test]
