@@ -9,10 +9,13 @@
 //! | `GET /v1/peers` | connected peers |
 //! | `GET /v1/status` | the node's state |
 //!
-//! | `POST\|DELETE /v1/pins/{hash}` | pins or unpins a blob held here |
+//! | `GET /v1/blobs` | the blobs held here: hash, size, bytes held, pinned or cache |
+//! | `POST\|DELETE /v1/pins/{hash}` | pins or unpins a blob held here (unpinning answers what the cache evicted) |
 //! | `DELETE /v1/blobs/{hash}` | removes a blob from the store and withdraws it |
 //!
-//! Mutating routes (add, pin, unpin, delete) need `Authorization: Bearer <token>`; the node writes the
+//! Mutating routes (add, pin, unpin, delete) and the listing need `Authorization: Bearer <token>`
+//! (a blob's hash is its link: the listing would hand out every one, and tell what the user
+//! fetched); the node writes the
 //! token to `<data-dir>/api-token` (owner-only), where the `shoal` command reads it. Every route
 //! refuses a web page of another site (`local_only`). Errors are JSON
 //! `{"error": "..."}` with a status code that says whose fault it was.
@@ -204,13 +207,12 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
     tracing::info!(api = %bound, "HTTP API listening");
     let token = std::sync::Arc::new(load_or_create_token(&node.config().data_dir)?);
     let mutating = axum::Router::new()
-        .route("/v1/blobs", post(add))
+        .route("/v1/blobs", post(add).get(list_blobs))
         .route("/v1/blobs/{hash}", axum::routing::delete(delete_blob))
         .route("/v1/pins/{hash}", post(pin).delete(unpin))
         .route_layer(axum::middleware::from_fn_with_state(token, require_token));
     let app = axum::Router::new()
         .merge(mutating)
-        .route("/v1/blobs", get(list_blobs))
         .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
         .route("/v1/blobs/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
         .route("/v1/fetch/{hash}", post(fetch))
@@ -242,12 +244,13 @@ async fn pin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result
 
 async fn unpin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {
     let hash = parse_hash(&hash)?;
-    node.unpin(hash).await?;
-    Ok(Json(serde_json::json!({ "unpinned": hash.to_string() })).into_response())
+    let evicted = node.unpin(hash).await?;
+    let evicted: Vec<String> = evicted.iter().map(|h| h.to_string()).collect();
+    Ok(Json(serde_json::json!({ "unpinned": hash.to_string(), "evicted": evicted })).into_response())
 }
 
-async fn list_blobs(State(node): State<NodeHandle>) -> Response {
-    Json(node.blobs()).into_response()
+async fn list_blobs(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    Ok(Json(node.blobs().await?).into_response())
 }
 
 async fn delete_blob(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

@@ -392,13 +392,18 @@ fn answer<T: serde::de::DeserializeOwned>(
     resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     api: &str,
 ) -> anyhow::Result<T> {
-    let mut resp = resp.map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+    let resp = resp.map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+    Ok(checked(resp)?.body_mut().read_json()?)
+}
+
+/// An API answer that succeeded, or the node's error message.
+fn checked(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
     if !resp.status().is_success() {
         let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
         let msg = body.get("error").and_then(|e| e.as_str()).unwrap_or("no details").to_string();
         bail!("{msg}");
     }
-    Ok(resp.body_mut().read_json()?)
+    Ok(resp)
 }
 
 fn parse_hash(s: &str) -> anyhow::Result<Hash> {
@@ -424,24 +429,36 @@ fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
 
 fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
-    let held: Vec<shoal_node::HeldBlob> = answer(agent().get(format!("http://{api}/v1/blobs")).call(), &api)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&held)?);
-        return Ok(());
+    let resp = agent()
+        .get(format!("http://{api}/v1/blobs"))
+        .header("Authorization", format!("Bearer {}", token(data_dir)?))
+        .call()
+        .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+    let mut resp = checked(resp)?;
+    // A store of a million blobs lists in about 150 MB.
+    let held: Vec<shoal_node::HeldBlob> = resp.body_mut().with_config().limit(1 << 30).read_json()?;
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        serde_json::to_writer_pretty(&mut out, &held).map_err(std::io::Error::from).and_then(|()| writeln!(out))
+    } else {
+        if held.is_empty() {
+            // On standard error: the list itself stays empty for scripts.
+            eprintln!("no blobs held; `shoal add PATH` publishes one, `shoal get HASH` fetches one");
+        }
+        held.iter().try_for_each(|b| {
+            let kind = if b.pinned { "pinned" } else { "cached" };
+            let partial = match b.complete {
+                true => String::new(),
+                false => format!("  {}% held", b.held_bytes.saturating_mul(100) / b.size.max(1)),
+            };
+            writeln!(out, "{}  {:>10}  {kind}{partial}", b.hash, human_size(b.size))
+        })
+    };
+    match written {
+        // Read by a command that stopped reading (`shoal ls | head`): not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    if held.is_empty() {
-        // On standard error: the list itself stays empty for scripts.
-        eprintln!("no blobs held; `shoal add PATH` publishes one, `shoal get HASH` fetches one");
-    }
-    for b in held {
-        let kind = if b.pinned { "pinned" } else { "cached" };
-        let partial = match b.complete {
-            true => String::new(),
-            false => format!("  {}% held", b.held_bytes.saturating_mul(100) / b.size.max(1)),
-        };
-        println!("{}  {:>10}  {kind}{partial}", b.hash, human_size(b.size));
-    }
-    Ok(())
 }
 
 /// `bytes` as people read it: `512 B`, `4.0 MiB`.
@@ -482,8 +499,18 @@ fn change(data_dir: &Path, hash: &str, what: Change) -> anyhow::Result<()> {
             (agent().delete(format!("http://{api}/v1/pins/{hash}")).header("Authorization", auth).call(), "unpinned")
         }
     };
-    let _: serde_json::Value = answer(resp, &api)?;
+    let said: serde_json::Value = answer(resp, &api)?;
     println!("{done} {hash}");
+    // The cache took the unpinned blob by evicting others, or could not hold it at all.
+    for evicted in said.get("evicted").and_then(|e| e.as_array()).into_iter().flatten() {
+        match evicted.as_str() {
+            Some(h) if h == hash.to_string() => {
+                eprintln!("{hash} is larger than the room in the cache (--cache-size), so it was removed")
+            }
+            Some(h) => eprintln!("evicted {h} to make room for it"),
+            None => {}
+        }
+    }
     Ok(())
 }
 

@@ -84,8 +84,13 @@ pub struct HeldBlob {
 
 impl From<BlobInfo> for HeldBlob {
     fn from(b: BlobInfo) -> Self {
+        // Whole pieces, less what the last one lacks if it is held.
         let held_bytes = shoal_protocol::piece::Geometry::new(b.size)
-            .map(|g| b.pieces.iter().map(|i| g.piece_len(i)).sum())
+            .map(|g| {
+                let last = g.last_piece();
+                let short = if b.pieces.contains(last) { shoal_protocol::PIECE_SIZE - g.piece_len(last) } else { 0 };
+                (u64::from(b.pieces.count()) * shoal_protocol::PIECE_SIZE).saturating_sub(short)
+            })
             .unwrap_or_default();
         HeldBlob { hash: b.hash.to_string(), size: b.size, held_bytes, complete: b.is_complete(), pinned: b.pinned }
     }
@@ -423,20 +428,27 @@ impl NodeHandle {
         Ok(())
     }
 
-    /// Unpins a blob: it joins the cache and may be evicted (evictions are withdrawn).
-    pub async fn unpin(&self, hash: Hash) -> Result<(), NodeError> {
+    /// Unpins a blob: it joins the cache and may be evicted (evictions are withdrawn). Returns
+    /// the blobs the cache evicted to take it, the blob itself among them if it does not fit.
+    pub async fn unpin(&self, hash: Hash) -> Result<Vec<Hash>, NodeError> {
         let store = self.inner.store.clone();
         let evicted =
             tokio::task::spawn_blocking(move || store.unpin(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&evicted).await;
-        Ok(())
+        Ok(evicted)
     }
 
     /// The blobs held here, pinned ones first, each group by hash.
-    pub fn blobs(&self) -> Vec<HeldBlob> {
-        let mut held: Vec<HeldBlob> = self.inner.store.list().into_iter().map(HeldBlob::from).collect();
-        held.sort_by(|a, b| b.pinned.cmp(&a.pinned).then_with(|| a.hash.cmp(&b.hash)));
-        held
+    pub async fn blobs(&self) -> Result<Vec<HeldBlob>, NodeError> {
+        let store = self.inner.store.clone();
+        // Off the runtime: the store's lock is also held while it removes evicted blobs' files.
+        tokio::task::spawn_blocking(move || {
+            let mut held: Vec<HeldBlob> = store.list().into_iter().map(HeldBlob::from).collect();
+            held.sort_by(|a, b| b.pinned.cmp(&a.pinned).then_with(|| a.hash.cmp(&b.hash)));
+            held
+        })
+        .await
+        .map_err(|_| NodeError::Stopped)
     }
 
     /// Removes a blob from the store and stops announcing it.

@@ -171,7 +171,13 @@ impl NodeProc {
                 cmd
             }
         };
-        let out = cmd.args(args).env("SHOAL_DATA_DIR", &self.dir).env_remove("SHOAL_API").output().expect("run shoal");
+        let out = cmd
+            .args(args)
+            .env("SHOAL_DATA_DIR", &self.dir)
+            .env_remove("SHOAL_API")
+            .env_remove("SHOAL_API_TOKEN")
+            .output()
+            .expect("run shoal");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 }
@@ -688,7 +694,9 @@ fn a_node_behind_a_home_router_is_dialled_through_the_port_the_router_forwards()
 
 /// What a node holds, as `shoal ls` lists it, and what a user changes there: a blob added is
 /// pinned, one fetched is cache; unpinned a blob is cache, pinned again it is pinned, removed it is
-/// listed no more, and removing it again says it is not there.
+/// listed no more, and removing it again says it is not there. The listing needs the API token,
+/// as changes do. Unpinned where the cache has no room for it, a blob is removed, and the user
+/// is told.
 #[test]
 fn a_user_lists_unpins_pins_and_removes_what_a_node_holds() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -719,6 +727,17 @@ fn a_user_lists_unpins_pins_and_removes_what_a_node_holds() {
     assert!(!again.0 && again.2.contains("is not in the store"), "{again:?}");
     let bad = a.try_cli(&["pin", "1234"]);
     assert!(!bad.0 && bad.2.contains("expected 64 hex digits"), "{bad:?}");
+    let api = std::fs::read_to_string(a.dir.join("api")).expect("API address");
+    let open = ureq::get(format!("http://{}/v1/blobs", api.trim())).call();
+    assert!(matches!(open, Err(ureq::Error::StatusCode(401))), "listed without the token: {open:?}");
+
+    let small = ["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0", "--cache-size", "512K"];
+    let c = NodeProc::spawn(&tmp.path().join("c"), None, &small, None);
+    let added = c.cli(&["add", input.to_str().expect("utf-8")]);
+    assert!(added.starts_with(&hash), "{added}");
+    let unpinned = c.try_cli(&["unpin", &hash]);
+    assert!(unpinned.0 && unpinned.2.contains("larger than the room in the cache"), "{unpinned:?}");
+    assert_eq!(c.cli(&["ls"]), "", "it no longer fits");
 }
 
 #[test]
