@@ -44,6 +44,14 @@ fn ip(addr: &Multiaddr) -> Option<IpAddr> {
     }
 }
 
+/// The IPv4 address `addr` starts with (an IPv4-mapped IPv6 one as the IPv4 address it is).
+pub(crate) fn ipv4(addr: &Multiaddr) -> Option<std::net::Ipv4Addr> {
+    match ip(addr)? {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    }
+}
+
 /// `addr` without a trailing `/p2p/<id>`, and an IPv4-mapped IPv6 address written as IPv4: one
 /// form for each socket address.
 pub(crate) fn bare(addr: &Multiaddr) -> Multiaddr {
@@ -151,7 +159,7 @@ fn is_lan_scoped(ip: IpAddr) -> bool {
 
 /// Whether `ip` is an address anyone may reach: neither site-scoped, loopback, link-local nor
 /// unspecified.
-fn is_public(ip: IpAddr) -> bool {
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     let local = match ip {
         IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
         IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local() || v6.is_unspecified(),

@@ -392,8 +392,12 @@ fn answer<T: serde::de::DeserializeOwned>(
     resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     api: &str,
 ) -> anyhow::Result<T> {
-    let resp = resp.map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
-    Ok(checked(resp)?.body_mut().read_json()?)
+    Ok(checked(resp.map_err(|e| unreachable(api, e))?)?.body_mut().read_json()?)
+}
+
+/// What a request the node's API did not answer says.
+fn unreachable(api: &str, e: ureq::Error) -> anyhow::Error {
+    anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?")
 }
 
 /// An API answer that succeeded, or the node's error message.
@@ -433,7 +437,7 @@ fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         .get(format!("http://{api}/v1/blobs"))
         .header("Authorization", format!("Bearer {}", token(data_dir)?))
         .call()
-        .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+        .map_err(|e| unreachable(&api, e))?;
     let mut resp = checked(resp)?;
     // A store of a million blobs lists in about 150 MB.
     let held: Vec<shoal_node::HeldBlob> = resp.body_mut().with_config().limit(1 << 30).read_json()?;
@@ -667,11 +671,8 @@ struct ViaApi {
 impl Blobs for ViaApi {
     fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress> {
         let api = &self.api;
-        let mut resp = self
-            .agent
-            .post(format!("http://{api}/v1/fetch/{hash}"))
-            .send_empty()
-            .map_err(|e| anyhow!("cannot reach the node's API at {api} ({e}); is `shoal node` running?"))?;
+        let mut resp =
+            self.agent.post(format!("http://{api}/v1/fetch/{hash}")).send_empty().map_err(|e| unreachable(api, e))?;
         if !resp.status().is_success() {
             let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
             bail!("{}", body.get("error").and_then(|e| e.as_str()).unwrap_or("fetch refused"));

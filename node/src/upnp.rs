@@ -256,9 +256,10 @@ async fn tell(commands: &mpsc::Sender<Command>, forward: Option<&Forward>) {
 /// Of our listen addresses, the IPv4 one on `ip` (the source of our default route) with a UDP
 /// port, if it is private: the one a router in front of us can forward to.
 fn pick(listening: &[Multiaddr], ip: Ipv4Addr) -> Option<Multiaddr> {
-    listening.iter().map(crate::addrs::bare).find(|a| {
-        matches!(a.iter().next(), Some(Protocol::Ip4(v4)) if v4 == ip && v4.is_private()) && udp_port(a).is_some()
-    })
+    listening
+        .iter()
+        .map(crate::addrs::bare)
+        .find(|a| crate::addrs::ipv4(a).is_some_and(|v4| v4 == ip && v4.is_private()) && udp_port(a).is_some())
 }
 
 fn udp_port(addr: &Multiaddr) -> Option<u16> {
@@ -266,13 +267,6 @@ fn udp_port(addr: &Multiaddr) -> Option<u16> {
         Protocol::Udp(port) => Some(port),
         _ => None,
     })
-}
-
-fn ipv4(addr: &Multiaddr) -> Option<Ipv4Addr> {
-    match addr.iter().next()? {
-        Protocol::Ip4(v4) => Some(v4),
-        _ => None,
-    }
 }
 
 /// `local` as the router's public side shows it: `ip`, and `port` for its UDP port.
@@ -295,7 +289,7 @@ async fn establish(
     gateway: Ipv4Addr,
     asked: &mut Option<(Router, u16, SocketAddrV4)>,
 ) -> Result<Forward, UpnpError> {
-    let (ip, port) = match (ipv4(&local), udp_port(&local)) {
+    let (ip, port) = match (crate::addrs::ipv4(&local), udp_port(&local)) {
         (Some(ip), Some(port)) => (ip, port),
         _ => return Err(UpnpError::Malformed("no IPv4 UDP listen address".into())),
     };
@@ -395,23 +389,20 @@ async fn delete_ours(router: &Router, port: u16, internal: SocketAddrV4) {
     }
 }
 
-/// Whether a router's public address is one peers can reach: not private, shared (CGNAT),
-/// loopback, link-local, IETF-reserved (`192.0.0.0/24`, DS-Lite's inner addresses among them),
-/// documentation, benchmarking, reserved, multicast or unspecified.
+/// Whether a router's public address is one peers can reach: public as a peer's address is
+/// ([`crate::addrs::is_public`]: not private, shared, loopback, link-local or unspecified), and
+/// not IETF-reserved (`192.0.0.0/24`, DS-Lite's inner addresses among them), documentation,
+/// benchmarking, reserved, multicast, broadcast or "this network".
 fn is_public(ip: Ipv4Addr) -> bool {
     let [a, b, c, _] = ip.octets();
-    !(ip.is_private()
-        || ip.is_loopback()
-        || ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        || ip.is_documentation()
-        || ip.is_multicast()
-        || a == 0
-        || (a == 100 && (64..128).contains(&b))
-        || (a == 192 && b == 0 && c == 0)
-        || (a == 198 && (b == 18 || b == 19))
-        || a >= 240)
+    crate::addrs::is_public(ip.into())
+        && !(ip.is_broadcast()
+            || ip.is_documentation()
+            || ip.is_multicast()
+            || a == 0
+            || (a == 192 && b == 0 && c == 0)
+            || (a == 198 && (b == 18 || b == 19))
+            || a >= 240)
 }
 
 /// The gateway of our default IPv4 route, from Linux's route table; `None` elsewhere, and then
