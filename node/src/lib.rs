@@ -25,11 +25,12 @@ mod limits;
 mod linger;
 mod metrics;
 pub mod node;
+mod pcp;
+mod portmap;
 mod slots;
 mod streams;
 mod swarm;
 mod transfer;
-mod upnp;
 
 pub use config::NodeConfig;
 pub use fetch::{FetchError, FetchProgress};

@@ -109,7 +109,7 @@ pub struct Node {
     /// it closes, each request that needs the swarm failing).
     api_task: Option<Aborted>,
     gateway_task: Option<Aborted>,
-    /// The task keeping a forward of our port on the LAN's router (see [`crate::upnp`]), and
+    /// The task keeping a forward of our port on the LAN's router (see [`crate::portmap`]), and
     /// what stops it: dropped, it removes the forward and ends.
     forwarding: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
@@ -168,6 +168,13 @@ impl Node {
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let key = crate::identity::load_or_create(&config.data_dir.join("identity"))?;
         let peer_id = key.public().to_peer_id();
+        // The nonce a PCP router ties our port mapping to: the same after a restart, so that a
+        // node that crashed renews its own mapping rather than being refused it.
+        let nonce = {
+            let secret = key.to_protobuf_encoding().map_err(|e| anyhow::anyhow!("cannot read the node's key: {e}"))?;
+            let derived = blake3::derive_key("shoal 2026-12-06 PCP mapping nonce", &secret);
+            <[u8; 12]>::try_from(&derived[..12]).expect("12 of 32 bytes")
+        };
         let store_config = StoreConfig {
             cache_bytes: config.cache_bytes,
             hot_bytes: config.hot_bytes,
@@ -225,7 +232,7 @@ impl Node {
             && crate::addrs::may_be_behind_router(&config.listen))
         .then(|| {
             let (stop, stopped) = oneshot::channel();
-            (stop, tokio::spawn(crate::upnp::run(commands.clone(), stopped)))
+            (stop, tokio::spawn(crate::portmap::run(commands.clone(), stopped, nonce)))
         });
 
         let uploads = Arc::new(Uploads::new(

@@ -374,7 +374,7 @@ pub(crate) struct EventLoop {
     /// Listeners that have not reported an address yet.
     quiet_listeners: HashSet<ListenerId>,
     announce_listen_addrs: bool,
-    /// The listen address the LAN's router forwards a public address to (see [`crate::upnp`]),
+    /// The listen address the LAN's router forwards a public address to (see [`crate::portmap`]),
     /// and that public address, announced first.
     forwarded: Option<(Multiaddr, Multiaddr)>,
     /// What we announced last: peers are told again when it changes.
@@ -665,10 +665,10 @@ impl EventLoop {
                 }
                 match (&forward, &self.forwarded) {
                     (Some((_, external)), _) => {
-                        info!(address = %external, "the router forwards our port (UPnP): announcing its public address");
+                        info!(address = %external, "announcing the public address the router forwards to us");
                     }
                     (None, Some((_, external))) => {
-                        info!(address = %external, "the router's forward of our port is no longer announced (UPnP)");
+                        info!(address = %external, "the router's forward of our port is no longer announced");
                     }
                     (None, None) => {}
                 }

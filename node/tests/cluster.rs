@@ -278,11 +278,15 @@ impl Drop for Lan {
 /// A home router on a host of a LAN that stands for the Internet (its `wan` side): a LAN of its
 /// own behind it with one host, `home`, whose flows out leave with the router's address (NAT);
 /// inbound flows are dropped unless they answer one from inside or go to a port forwarded on
-/// request. `miniupnpd` takes those requests from the home LAN (UPnP IGD, as home routers
-/// offer). The test reaches the home host's API over TCP through the router. Removed on drop,
-/// with its daemon; drop the home host's nodes first.
+/// request. `miniupnpd` takes those requests from the home LAN, in the protocol the router is
+/// made to speak (UPnP IGD, or PCP and NAT-PMP, as home routers offer). The test reaches the
+/// home host's API over TCP through the router. Removed on drop, with its daemon; drop the home
+/// host's nodes first.
 struct Router {
     home: Host,
+    /// The router's namespace, and the `iptables` that reads its rules.
+    wan_ns: String,
+    iptables: PathBuf,
     daemon: Option<Child>,
     log: PathBuf,
     /// The route the test's side takes to the home LAN, once added.
@@ -300,25 +304,34 @@ fn find_tool(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// What a home router takes requests for a forward in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Speaks {
+    Upnp,
+    Pcp,
+}
+
 impl Router {
     /// `None` (said on standard error) where this machine lacks `miniupnpd` or
     /// `iptables-legacy` (the kernel interface `miniupnpd` writes its rules through): `.ci/run`
     /// installs both.
-    fn new(lan: &Lan, wan: &Host) -> Option<Router> {
+    fn new(lan: &Lan, wan: &Host, speaks: Speaks) -> Option<Router> {
         let (Some(daemon), Some(iptables)) = (find_tool("miniupnpd"), find_tool("iptables-legacy")) else {
             eprintln!(
                 "skipped: no miniupnpd or iptables-legacy here (Debian: apt-get install miniupnpd-iptables iptables)"
             );
             return None;
         };
-        let subnet = format!("10.214.{}", std::process::id() % 250);
+        // Apart from the other kind's: the two tests may run at once.
+        let subnet = format!("10.{}.{}", if speaks == Speaks::Upnp { 214 } else { 216 }, std::process::id() % 250);
         let (lan_dev, home_dev) = (wan.dev.replacen("shp", "shl", 1), wan.dev.replacen("shp", "shh", 1));
         let home = Host { ns: format!("{}-home", wan.ns), ip: format!("{subnet}.2"), dev: home_dev };
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("miniupnpd.log");
         ip(&["netns", "add", &home.ns]).unwrap_or_else(|e| panic!("{e}"));
         // From here on a failure unwinds through the guard, which removes what was made.
-        let mut router = Router { home, daemon: None, log, route: None, dir };
+        let mut router =
+            Router { home, wan_ns: wan.ns.clone(), iptables: iptables.clone(), daemon: None, log, route: None, dir };
         let home = &router.home;
         let inside = |args: &[&str]| wan.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
         inside(&["link", "add", &lan_dev, "type", "veth", "peer", "name", &home.dev, "netns", &home.ns]);
@@ -371,9 +384,11 @@ impl Router {
         std::fs::write(
             &conf,
             format!(
-                "ext_ifname={w}\nlistening_ip={l}\nhttp_port=0\nenable_natpmp=no\nenable_upnp=yes\n\
+                "ext_ifname={w}\nlistening_ip={l}\nhttp_port=0\nenable_natpmp={}\nenable_upnp={}\n\
                  secure_mode=yes\nsystem_uptime=yes\nuuid=5b0a1c3e-0000-4000-8000-00000000{:04x}\n\
                  allow 1024-65535 {subnet}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                if speaks == Speaks::Pcp { "yes" } else { "no" },
+                if speaks == Speaks::Upnp { "yes" } else { "no" },
                 std::process::id() % 0xffff
             ),
         )
@@ -396,7 +411,11 @@ impl Router {
         let route = format!("{subnet}.0/24");
         ip(&["route", "add", &route, "via", &wan.ip, "dev", &lan.bridge]).unwrap_or_else(|e| panic!("{e}"));
         router.route = Some(route);
-        let ready = eventually(10, || router.log().contains("HTTP listening"));
+        let listening = match speaks {
+            Speaks::Upnp => "HTTP listening",
+            Speaks::Pcp => "Listening for NAT-PMP/PCP traffic",
+        };
+        let ready = eventually(10, || router.log().contains(listening));
         assert!(ready, "miniupnpd did not start: {}", router.log());
         Some(router)
     }
@@ -404,6 +423,17 @@ impl Router {
     /// What `miniupnpd` said.
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The forwards in place: `miniupnpd`'s rules, one per line.
+    fn forwards(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.wan_ns])
+            .arg(&self.iptables)
+            .args(["-t", "nat", "-S", "MINIUPNPD"])
+            .output()
+            .expect("iptables");
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("DNAT")).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -665,10 +695,25 @@ fn nodes_on_separate_hosts_dial_only_addresses_that_reach_each_other() {
 /// forward that worked (the test failed 1 time of 1).
 #[test]
 fn a_node_behind_a_home_router_is_dialled_through_the_port_the_router_forwards() {
+    behind_a_home_router(Speaks::Upnp);
+}
+
+/// As above, with a router whose UPnP is off and that takes PCP (and NAT-PMP) requests instead;
+/// the node removes its mapping when it stops.
+#[test]
+fn a_node_behind_a_pcp_router_is_dialled_through_the_port_it_maps() {
+    behind_a_home_router(Speaks::Pcp);
+}
+
+fn behind_a_home_router(speaks: Speaks) {
     // The Internet side has addresses a router takes for public: none forwards a port to a
     // private one. They exist only on this test's bridge and in its namespaces.
-    let Some(internet) = Lan::on(3, &format!("11.213.{}", std::process::id() % 250)) else { return };
-    let Some(router) = Router::new(&internet, &internet.hosts[1]) else { return };
+    let prefix = match speaks {
+        Speaks::Upnp => 213,
+        Speaks::Pcp => 215,
+    };
+    let Some(internet) = Lan::on(3, &format!("11.{prefix}.{}", std::process::id() % 250)) else { return };
+    let Some(router) = Router::new(&internet, &internet.hosts[1], speaks) else { return };
     router.home.add_docker_bridge();
     let tmp = tempfile::tempdir().expect("tempdir");
     let a = NodeProc::start_in(&internet.hosts[0], &tmp.path().join("a"), &[], None);
@@ -687,6 +732,14 @@ fn a_node_behind_a_home_router_is_dialled_through_the_port_the_router_forwards()
     assert!(b.metric(dialled_in) > before, "no peer dialled the home node through its router");
     let log = router.log();
     assert!(!log.contains("172.17.0.1"), "the home node asked a forward to Docker's address:\n{log}");
+    // The rule's target reads `[unsupported revision]` to iptables-legacy; its port is enough.
+    let to_home = "--dport 4737 -j DNAT";
+    assert!(router.forwards().contains(to_home), "no forward to the home node: {}", router.forwards());
+    // A node that stops removes its forward.
+    let mut b = b;
+    assert!(b.stop().success());
+    let forwards = router.forwards();
+    assert!(!forwards.contains(to_home), "the forward outlived the node: {forwards}");
     drop((a, b, c));
     drop(router);
     drop(internet);

@@ -1,11 +1,15 @@
-//! Asking the LAN's router to forward our QUIC port (UPnP IGD), as home routers offer.
+//! Asking the LAN's router to forward our QUIC port, as home routers offer: with PCP or NAT-PMP
+//! ([`crate::pcp`]), else with UPnP IGD (here).
 //!
 //! A node behind a home router's NAT fetches, but no peer can dial it. Most home routers forward
-//! a port when a program on the LAN asks: [`run`] finds the router (an SSDP search), reads its
-//! description (one HTTP GET), asks it for its public address and for a forward of our UDP port
-//! to the address we listen on (SOAP calls), checks every minute that the forward is still
-//! there, renews it every half hour, and tells the swarm what to announce
-//! ([`Command::Forwarded`]). It removes the forward when the node stops.
+//! a port when a program on the LAN asks. [`run`] first asks the gateway of our default route
+//! for a PCP mapping (NAT-PMP if that is what it speaks): one datagram each way, which names the
+//! public address and port. A gateway that does not answer it is searched for as a UPnP router
+//! (an SSDP search), whose description is read (one HTTP GET) and which is asked for its public
+//! address and for a forward of our UDP port to the address we listen on (SOAP calls). A UPnP
+//! forward is checked every minute and renewed every half hour; a PCP or NAT-PMP mapping, which
+//! a router reports only when asked for it, is asked for again every minute. [`run`] tells the
+//! swarm what to announce ([`Command::Forwarded`]), and removes the forward when the node stops.
 //!
 //! The client is our own, not libp2p's `upnp` behaviour on `igd-next`, which (checked in their
 //! source, libp2p-upnp 0.7 and igd-next 0.17) reads every answer whole with no bound, from
@@ -31,6 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::pcp::{self, PcpError};
 use crate::swarm::Command;
 
 /// The most bytes read of any answer (search reply, description, SOAP answer). A router's
@@ -58,7 +63,7 @@ const REMOVE_WAIT: Duration = Duration::from_millis(1500);
 /// What went wrong talking to the router.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpnpError {
-    #[error("no router answered the UPnP search")]
+    #[error("no router answered PCP, NAT-PMP or the UPnP search")]
     NoRouter,
     #[error("the router's answer is malformed: {0}")]
     Malformed(String),
@@ -72,6 +77,8 @@ pub(crate) enum UpnpError {
     Refused { code: u32, description: String },
     #[error("the router's own address {0} is not public (another NAT in front of it)")]
     NotPublic(Ipv4Addr),
+    #[error("{0}")]
+    Pcp(#[from] PcpError),
 }
 
 /// Router-supplied text for a message: quoted (no line of its own in a log) and short.
@@ -89,10 +96,37 @@ struct Router {
     service: String,
 }
 
+/// How a forward was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Via {
+    Upnp(Router),
+    Pcp(pcp::Server),
+}
+
+impl Via {
+    fn gateway(&self) -> Ipv4Addr {
+        match self {
+            Via::Upnp(r) => r.gateway,
+            Via::Pcp(s) => s.gateway,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Via::Upnp(_) => "UPnP",
+            Via::Pcp(s) if s.version() == Some(pcp::Version::NatPmp) => "NAT-PMP",
+            Via::Pcp(_) => "PCP",
+        }
+    }
+}
+
+/// A forward asked for and perhaps granted: how, the port, and where it leads.
+type Asked = Option<(Via, u16, SocketAddrV4)>;
+
 /// A forward in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Forward {
-    router: Router,
+    via: Via,
     /// Our listen address it forwards to.
     local: Multiaddr,
     internal: SocketAddrV4,
@@ -100,7 +134,8 @@ struct Forward {
     external_port: u16,
     /// The router's public address, with its port and our protocol.
     external: Multiaddr,
-    /// The lease asked for; zero for a router that takes only forwards without end.
+    /// The lease asked for (UPnP) or granted (PCP); zero for a UPnP router that takes only
+    /// forwards without end.
     lease: Duration,
     /// When to ask again, and when the router lets it lapse (never, without a lease).
     renew_at: Instant,
@@ -123,7 +158,8 @@ enum Presence {
 /// Keeps a forward of our port on the LAN's router while the node runs, telling the swarm over
 /// `commands`; removes it (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped,
 /// or when the swarm is gone, also when that comes in the middle of asking the router.
-pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Receiver<()>) {
+/// `nonce` ties a PCP mapping to this node (see [`crate::pcp`]).
+pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Receiver<()>, nonce: [u8; 12]) {
     // The first round looks at the listen addresses: wait (a second at most) for the listeners
     // to report theirs.
     for _ in 0..20 {
@@ -136,13 +172,13 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
     let mut current: Option<Forward> = None;
     // A forward asked for and perhaps granted, not yet in `current`: removed if the stop comes
     // before it is.
-    let mut asked: Option<(Router, u16, SocketAddrV4)> = None;
+    let mut asked: Asked = None;
     let mut backoff = RECHECK;
     // Said once per kind of outcome, not at every retry.
     let mut last_said = String::new();
     loop {
         let outcome = tokio::select! {
-            r = step(&commands, &mut current, &mut asked) => r,
+            r = step(&commands, &mut current, &mut asked, nonce) => r,
             _ = &mut stop => break,
             _ = commands.closed() => break,
         };
@@ -156,8 +192,8 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
                 let said = e.to_string();
                 match &e {
                     UpnpError::NoRouter => debug!("{said}"),
-                    _ if said != last_said => info!(error = %said, "no port forwarded by the router (UPnP)"),
-                    _ => debug!(error = %said, "no port forwarded by the router (UPnP)"),
+                    _ if said != last_said => info!(error = %said, "no port forwarded by the router"),
+                    _ => debug!(error = %said, "no port forwarded by the router"),
                 }
                 last_said = said;
                 let wait = backoff;
@@ -173,12 +209,12 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
     }
     let remove = async {
         if let Some(f) = &current {
-            delete_ours(&f.router, f.external_port, f.internal).await;
+            delete_ours(&f.via, f.external_port, f.internal).await;
         }
-        if let Some((router, port, internal)) = &asked
-            && current.as_ref().is_none_or(|f| (&f.router, f.external_port) != (router, *port))
+        if let Some((via, port, internal)) = &asked
+            && current.as_ref().is_none_or(|f| (&f.via, f.external_port) != (via, *port))
         {
-            delete_ours(router, *port, *internal).await;
+            delete_ours(via, *port, *internal).await;
         }
     };
     let _ = tokio::time::timeout(REMOVE_WAIT, remove).await;
@@ -197,22 +233,32 @@ async fn listening(commands: &mpsc::Sender<Command>) -> Option<(Vec<Multiaddr>, 
 async fn step(
     commands: &mpsc::Sender<Command>,
     current: &mut Option<Forward>,
-    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+    asked: &mut Asked,
+    nonce: [u8; 12],
 ) -> Result<Duration, UpnpError> {
     let listening = listening(commands).await.map(|(addrs, _)| addrs).unwrap_or_default();
     let wanted = default_route_source().and_then(|ip| pick(&listening, ip));
     let gateway = default_gateway();
     if let Some(kept) = current.as_ref() {
-        if wanted.as_ref() == Some(&kept.local) && gateway == Some(kept.router.gateway) {
+        if wanted.as_ref() == Some(&kept.local) && gateway == Some(kept.via.gateway()) {
             let mut f = kept.clone();
             let now = Instant::now();
-            let presence = presence(&f).await;
-            if now >= f.renew_at || presence == Presence::Gone {
+            // A PCP or NAT-PMP router tells of a mapping only when asked for it, which is one
+            // datagram: asked every round, so that one a rebooted router lost is back within a
+            // minute.
+            let presence = match &f.via {
+                Via::Upnp(router) => presence(router, &f).await,
+                Via::Pcp(_) => Presence::Unknown,
+            };
+            if now >= f.renew_at || presence == Presence::Gone || matches!(f.via, Via::Pcp(_)) {
                 // Asked again (it is time, or the router lost it), the public address with it.
                 if let Err(e) = renew(&mut f, asked).await {
                     let failing = *f.failing_since.get_or_insert(now);
                     let lapsed = f.expires_at.is_some_and(|t| t <= now + RECHECK);
-                    if presence == Presence::Gone || lapsed || now.duration_since(failing) >= LEASE / 2 {
+                    // A PCP router that says no, or closed its port (restarted without PCP),
+                    // keeps no mapping for us.
+                    let refused = matches!(e, UpnpError::Pcp(PcpError::Refused(_) | PcpError::NoServer));
+                    if presence == Presence::Gone || refused || lapsed || now.duration_since(failing) >= LEASE / 2 {
                         // Gone from the router, or about to be: withdrawn, and the router
                         // searched for anew.
                         tell(commands, None).await;
@@ -222,7 +268,8 @@ async fn step(
                     debug!(error = %e, "renewing the router's forward failed; asking again in a minute");
                 }
             } else if presence == Presence::Present
-                && let Ok(public) = external_ip(&f.router).await
+                && let Via::Upnp(router) = &f.via
+                && let Ok(public) = external_ip(router).await
                 && is_public(public)
             {
                 // The ISP may have given the router another address.
@@ -239,10 +286,11 @@ async fn step(
         // changed.
         tell(commands, None).await;
         let f = current.take().expect("checked above");
-        delete_ours(&f.router, f.external_port, f.internal).await;
+        delete_ours(&f.via, f.external_port, f.internal).await;
     }
     let Some(local) = wanted else { return Ok(RECHECK) };
-    let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?, asked).await?;
+    let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?, asked, nonce).await?;
+    info!(external = %forward.external, via = forward.via.name(), "the router forwards our port");
     tell(commands, Some(&forward)).await;
     *current = Some(forward);
     *asked = None;
@@ -281,53 +329,86 @@ fn as_external(local: &Multiaddr, ip: Ipv4Addr, port: u16) -> Multiaddr {
         .collect()
 }
 
-/// Finds the router behind `gateway`, and asks it to forward our port to `local`: on the first
-/// of its WAN connection services that has a public address (a DSL router may list a dead one
-/// first).
+/// Asks the gateway to forward our port to `local`: with PCP or NAT-PMP if it answers them,
+/// else as a UPnP router, on the first of its WAN connection services that has a public address
+/// (a DSL router may list a dead one first).
 async fn establish(
     local: Multiaddr,
     gateway: Ipv4Addr,
-    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+    asked: &mut Asked,
+    nonce: [u8; 12],
 ) -> Result<Forward, UpnpError> {
     let (ip, port) = match (crate::addrs::ipv4(&local), udp_port(&local)) {
         (Some(ip), Some(port)) => (ip, port),
         _ => return Err(UpnpError::Malformed("no IPv4 UDP listen address".into())),
     };
-    let mut last = UpnpError::NoRouter;
-    for router in find_routers(gateway).await? {
-        let now = Instant::now();
-        let mut forward = Forward {
-            router,
-            external: local.clone(),
-            internal: SocketAddrV4::new(ip, port),
-            external_port: port,
-            local: local.clone(),
-            lease: LEASE,
-            renew_at: now,
-            expires_at: None,
-            failing_since: None,
-        };
-        match renew(&mut forward, asked).await {
-            Ok(()) => return Ok(forward),
+    let forward = |via| Forward {
+        via,
+        external: local.clone(),
+        internal: SocketAddrV4::new(ip, port),
+        external_port: port,
+        local: local.clone(),
+        lease: LEASE,
+        renew_at: Instant::now(),
+        expires_at: None,
+        failing_since: None,
+    };
+    let mut f = forward(Via::Pcp(pcp::Server::new(gateway, nonce)));
+    // What the gateway said to PCP, if it said anything: the error to report if UPnP finds no
+    // router either.
+    let mut last = match renew(&mut f, asked).await {
+        Ok(()) => return Ok(f),
+        Err(UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout)) => UpnpError::NoRouter,
+        Err(e) => e,
+    };
+    let routers = match find_routers(gateway).await {
+        Ok(routers) => routers,
+        Err(UpnpError::NoRouter) => return Err(last),
+        Err(e) => return Err(e),
+    };
+    for router in routers {
+        let mut f = forward(Via::Upnp(router));
+        match renew(&mut f, asked).await {
+            Ok(()) => return Ok(f),
             Err(e) => last = e,
         }
     }
     Err(last)
 }
 
-/// Asks the router for its public address and for the forward (again), updating `f` where it
+/// Asks the router for the forward (again) and for its public address, updating `f` where it
 /// succeeds.
-async fn renew(f: &mut Forward, asked: &mut Option<(Router, u16, SocketAddrV4)>) -> Result<(), UpnpError> {
-    let public = external_ip(&f.router).await?;
-    if !is_public(public) {
-        return Err(UpnpError::NotPublic(public));
-    }
-    let port = request(&f.router, f.internal, f.external_port, &mut f.lease, asked).await?;
-    if port != f.external_port {
-        // Ours no more (another host holds it): left to that host.
-        f.external_port = port;
-    }
+async fn renew(f: &mut Forward, asked: &mut Asked) -> Result<(), UpnpError> {
     let now = Instant::now();
+    let public = match &mut f.via {
+        Via::Upnp(router) => {
+            let public = external_ip(router).await?;
+            if !is_public(public) {
+                return Err(UpnpError::NotPublic(public));
+            }
+            // Another port than the one asked for: ours is another host's, and left to it.
+            f.external_port = request(router, f.internal, f.external_port, &mut f.lease, asked).await?;
+            public
+        }
+        Via::Pcp(server) => {
+            *asked = Some((Via::Pcp(server.clone()), f.external_port, f.internal));
+            let mapping = server.map(f.internal, f.external_port, LEASE).await?;
+            // Known from here on to speak what it answered.
+            *asked = Some((Via::Pcp(server.clone()), f.external_port, f.internal));
+            let public = *mapping.external.ip();
+            if !is_public(public) {
+                // Of no use to peers: not kept.
+                let _ = server.unmap(f.internal).await;
+                return Err(UpnpError::NotPublic(public));
+            }
+            if mapping.lifetime.is_zero() {
+                return Err(UpnpError::Malformed("a mapping granted for no time".into()));
+            }
+            f.external_port = mapping.external.port();
+            f.lease = mapping.lifetime;
+            public
+        }
+    };
     let lease = if f.lease.is_zero() { LEASE } else { f.lease };
     f.renew_at = now + lease / 2;
     f.expires_at = (!f.lease.is_zero()).then(|| now + f.lease);
@@ -347,14 +428,14 @@ async fn request(
     internal: SocketAddrV4,
     port: u16,
     lease: &mut Duration,
-    asked: &mut Option<(Router, u16, SocketAddrV4)>,
+    asked: &mut Asked,
 ) -> Result<u16, UpnpError> {
     let seed = u32::from(*internal.ip()) ^ u32::from(internal.port());
     let others = (1..=3u32).map(|salt| 1024 + (seed.wrapping_mul(2_654_435_761).rotate_left(salt * 7) % 64_000) as u16);
     for candidate in std::iter::once(port).chain(others) {
         // A candidate is asked at most three times: after a 725 and after clearing our own.
         for _ in 0..3 {
-            *asked = Some((router.clone(), candidate, internal));
+            *asked = Some((Via::Upnp(router.clone()), candidate, internal));
             match add_mapping(router, internal, candidate, *lease).await {
                 Ok(()) => return Ok(candidate),
                 Err(UpnpError::Refused { code: 725, .. }) if !lease.is_zero() => *lease = Duration::ZERO,
@@ -371,9 +452,9 @@ async fn request(
     Err(UpnpError::Refused { code: 718, description: "every port asked for is forwarded to another host".into() })
 }
 
-/// Whether the router still forwards `f`'s port to us.
-async fn presence(f: &Forward) -> Presence {
-    match mapped_to(&f.router, f.external_port).await {
+/// Whether the UPnP router still forwards `f`'s port to us.
+async fn presence(router: &Router, f: &Forward) -> Presence {
+    match mapped_to(router, f.external_port).await {
         Ok(to) if to == Some(f.internal) => Presence::Present,
         Ok(_) => Presence::Gone,
         Err(UpnpError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Presence::Gone,
@@ -382,10 +463,18 @@ async fn presence(f: &Forward) -> Presence {
 }
 
 /// Removes the router's forward of `port`, if it leads to `internal`: one that another host took
-/// meanwhile (after the router rebooted, say) is left alone.
-async fn delete_ours(router: &Router, port: u16, internal: SocketAddrV4) {
-    if matches!(mapped_to(router, port).await, Ok(Some(at)) if at == internal) {
-        let _ = delete(router, port).await;
+/// meanwhile (after the router rebooted, say) is left alone. A PCP or NAT-PMP router removes
+/// only the asking host's own.
+async fn delete_ours(via: &Via, port: u16, internal: SocketAddrV4) {
+    match via {
+        Via::Upnp(router) => {
+            if matches!(mapped_to(router, port).await, Ok(Some(at)) if at == internal) {
+                let _ = delete(router, port).await;
+            }
+        }
+        Via::Pcp(server) => {
+            let _ = server.unmap(internal).await;
+        }
     }
 }
 
@@ -979,7 +1068,7 @@ mod tests {
         assert_eq!(state.lock().expect("lock").forwards.get(&4737), Some(&them), "theirs left alone");
         assert_eq!(state.lock().expect("lock").forwards.get(&port), Some(&us));
         assert_eq!(request(&router, us, 4737, &mut lease, &mut asked).await.expect("again"), port);
-        delete_ours(&router, 4737, us).await;
+        delete_ours(&Via::Upnp(router.clone()), 4737, us).await;
         assert_eq!(state.lock().expect("lock").forwards.get(&4737), Some(&them), "not ours to delete");
         // Our own forward left by an earlier run, on a router that refuses to renew it: taken
         // back, on our port.
@@ -1000,7 +1089,7 @@ mod tests {
         let us = SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 20), 4737);
         let local: Multiaddr = "/ip4/192.168.1.20/udp/4737/quic-v1".parse().expect("multiaddr");
         let mut f = Forward {
-            router: router.clone(),
+            via: Via::Upnp(router.clone()),
             external: local.clone(),
             internal: us,
             external_port: 4737,
@@ -1012,17 +1101,18 @@ mod tests {
         };
         renew(&mut f, &mut None).await.expect("forwarded");
         assert_eq!(f.external.to_string(), "/ip4/11.213.7.2/udp/4737/quic-v1");
-        assert_eq!(presence(&f).await, Presence::Present);
+        assert_eq!(presence(&router, &f).await, Presence::Present);
         state.lock().expect("lock").forwards.clear();
-        assert_eq!(presence(&f).await, Presence::Gone, "a rebooted router");
+        assert_eq!(presence(&router, &f).await, Presence::Gone, "a rebooted router");
         state.lock().expect("lock").forwards.insert(4737, SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 21), 4737));
-        assert_eq!(presence(&f).await, Presence::Gone, "another host took the port");
+        assert_eq!(presence(&router, &f).await, Presence::Gone, "another host took the port");
         // Nobody listens there any more: its service restarted elsewhere.
         let closed = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
         let std::net::SocketAddr::V4(gone) = closed.local_addr().expect("addr") else { unreachable!() };
         drop(closed);
-        f.router.addr = gone;
-        assert_eq!(presence(&f).await, Presence::Gone);
+        let mut moved = router.clone();
+        moved.addr = gone;
+        assert_eq!(presence(&moved, &f).await, Presence::Gone);
     }
 
     #[tokio::test]
