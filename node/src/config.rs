@@ -105,8 +105,10 @@ pub struct NodeConfig {
     pub transient: bool,
     /// Whether the node asks the LAN's router to forward its QUIC port (PCP or NAT-PMP, else
     /// UPnP IGD, as home routers offer) and announces the router's public address with that
-    /// port (see `crate::portmap`): for the listen address on the default IPv4 route, renewed
-    /// every half hour, asked again while no router answers, removed when the node stops. Only a node
+    /// port (see `crate::portmap`): for the listen address on the default IPv4 route, checked
+    /// every minute (a PCP or NAT-PMP mapping asked for again, a UPnP forward looked up and
+    /// renewed every half hour), asked again while no router answers, removed when the node
+    /// stops. Only a node
     /// listening on a private IPv4 address or on `0.0.0.0`, with no [`external`](Self::external)
     /// address configured, asks; a router whose own address is not public (a NAT in front of
     /// it) is left alone. Without it, a node behind a NAT fetches, but no peer can dial it, so it

@@ -8,9 +8,9 @@
 //! request's source address as the internal one), so another host on the LAN can neither see
 //! nor remove ours. Each answer is one datagram of at most [`MAX_MESSAGE`] bytes, taken only
 //! from the gateway's port 5351 (the socket is connected) and only when it matches the request.
-//! The request is sent again after 250, 500 and 1,000 ms without an answer (NAT-PMP's first
-//! three retries); a gateway whose port 5351 is closed says so at once (ICMP), and one that drops
-//! the request is given up on after [`WAIT`].
+//! The request is sent at 0, 250 and 750 ms until an answer comes (NAT-PMP's first retries;
+//! PCP's first retry would come at 3 s, long for a router on the LAN), and given up on at
+//! [`WAIT`]; a gateway whose port 5351 is closed says so at once (ICMP).
 //!
 //! A PCP mapping belongs to the nonce it was made with: [`Server`] takes a nonce derived from
 //! the node's key, so that a node restarted after a crash renews its own mapping rather than
@@ -95,7 +95,7 @@ impl Server {
         external_port: u16,
         lifetime: Duration,
     ) -> Result<Mapping, PcpError> {
-        let socket = self.socket(internal).await?;
+        let mut socket = self.socket(internal).await?;
         if self.version != Some(Version::NatPmp) {
             let request = pcp_map_request(internal, external_port, lifetime, &self.nonce);
             match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal.port())).await? {
@@ -107,7 +107,12 @@ impl Server {
                     self.version = Some(Version::Pcp);
                     return Err(PcpError::Refused(pcp_result(code)));
                 }
-                PcpAnswer::OldVersion => self.version = Some(Version::NatPmp),
+                PcpAnswer::OldVersion => {
+                    self.version = Some(Version::NatPmp);
+                    // A socket of its own: on this one, a late answer to a resent PCP request
+                    // (NAT-PMP's "unsupported version") would read as a refusal.
+                    socket = self.socket(internal).await?;
+                }
             }
         }
         let ip = exchange(&socket, &[0, 0], parse_pmp_address).await?.map_err(|c| PcpError::Refused(pmp_result(c)))?;
@@ -122,13 +127,13 @@ impl Server {
     /// version the gateway answered, PCP if it has not answered yet. Only the host a mapping
     /// leads to can remove it, so what is removed is ours.
     pub(crate) async fn unmap(&self, internal: SocketAddrV4) -> Result<(), PcpError> {
-        let socket = self.socket(internal).await?;
+        let mut socket = self.socket(internal).await?;
         if self.version != Some(Version::NatPmp) {
             let request = pcp_map_request(internal, 0, Duration::ZERO, &self.nonce);
             match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal.port())).await? {
                 PcpAnswer::Mapped(_) => return Ok(()),
                 PcpAnswer::Failed(code) => return Err(PcpError::Refused(pcp_result(code))),
-                PcpAnswer::OldVersion => {}
+                PcpAnswer::OldVersion => socket = self.socket(internal).await?,
             }
         }
         let request = pmp_map_request(internal.port(), 0, Duration::ZERO);

@@ -257,7 +257,13 @@ async fn step(
                     let lapsed = f.expires_at.is_some_and(|t| t <= now + RECHECK);
                     // A PCP router that says no, or closed its port (restarted without PCP),
                     // keeps no mapping for us.
-                    let refused = matches!(e, UpnpError::Pcp(PcpError::Refused(_) | PcpError::NoServer));
+                    let refused = matches!(f.via, Via::Pcp(_))
+                        && matches!(
+                            e,
+                            UpnpError::Pcp(PcpError::Refused(_) | PcpError::NoServer)
+                                | UpnpError::NotPublic(_)
+                                | UpnpError::Malformed(_)
+                        );
                     if presence == Presence::Gone || refused || lapsed || now.duration_since(failing) >= LEASE / 2 {
                         // Gone from the router, or about to be: withdrawn, and the router
                         // searched for anew.
@@ -278,9 +284,10 @@ async fn step(
             // Told every round: the swarm drops it while the address it leads to is gone, and
             // takes it back once that address is back.
             tell(commands, Some(&f)).await;
+            let next = next_round(&f);
             *current = Some(f);
             *asked = None;
-            return Ok(RECHECK);
+            return Ok(next);
         }
         // The address it forwards to is no longer ours or on the default route, or the network
         // changed.
@@ -292,9 +299,20 @@ async fn step(
     let forward = establish(local, gateway.ok_or(UpnpError::NoRouter)?, asked, nonce).await?;
     info!(external = %forward.external, via = forward.via.name(), "the router forwards our port");
     tell(commands, Some(&forward)).await;
+    let next = next_round(&forward);
     *current = Some(forward);
     *asked = None;
-    Ok(RECHECK)
+    Ok(next)
+}
+
+/// When to look at `f` again: in a minute, or sooner for a PCP or NAT-PMP mapping granted for
+/// less than two (a router may shorten the lifetime asked for), so that it is asked for again
+/// before it lapses.
+fn next_round(f: &Forward) -> Duration {
+    match f.via {
+        Via::Pcp(_) => RECHECK.min(f.lease / 2).max(Duration::from_secs(5)),
+        Via::Upnp(_) => RECHECK,
+    }
 }
 
 async fn tell(commands: &mpsc::Sender<Command>, forward: Option<&Forward>) {

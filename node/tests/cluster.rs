@@ -357,7 +357,9 @@ impl Router {
         let run = |program: &Path, args: &[&str]| {
             try_run(program, args).unwrap_or_else(|e| panic!("{program:?} {args:?}: {e}"));
         };
-        if let Err(e) = try_run(&iptables, &["-t", "nat", "-L", "-n"]) {
+        // `-w` everywhere: the tests' routers share the machine's one xtables lock, and iptables
+        // without it fails at once while another holds the lock.
+        if let Err(e) = try_run(&iptables, &["-w", "-t", "nat", "-L", "-n"]) {
             eprintln!("skipped: this kernel offers no iptables NAT table to miniupnpd ({})", e.trim());
             return None;
         }
@@ -378,7 +380,7 @@ impl Router {
             &["-A", "FORWARD", "-i", w, "-o", l, "-s", &bridge_ip, "-p", "tcp", "-j", "ACCEPT"],
             &["-A", "FORWARD", "-i", w, "-o", l, "-j", "DROP"],
         ] {
-            run(&iptables, rule);
+            run(&iptables, &[&["-w"][..], rule].concat());
         }
         let conf = router.dir.path().join("miniupnpd.conf");
         std::fs::write(
@@ -413,7 +415,8 @@ impl Router {
         router.route = Some(route);
         let listening = match speaks {
             Speaks::Upnp => "HTTP listening",
-            Speaks::Pcp => "Listening for NAT-PMP/PCP traffic",
+            // "NAT-PMP/PCP", or "NAT-PMP" alone from a build without PCP.
+            Speaks::Pcp => "Listening for NAT-PMP",
         };
         let ready = eventually(10, || router.log().contains(listening));
         assert!(ready, "miniupnpd did not start: {}", router.log());
@@ -430,9 +433,10 @@ impl Router {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.wan_ns])
             .arg(&self.iptables)
-            .args(["-t", "nat", "-S", "MINIUPNPD"])
+            .args(["-w", "-t", "nat", "-S", "MINIUPNPD"])
             .output()
             .expect("iptables");
+        assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("DNAT")).collect::<Vec<_>>().join("\n")
     }
 }
