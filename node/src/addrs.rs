@@ -76,13 +76,17 @@ pub(crate) fn is_unspecified(addr: &Multiaddr) -> bool {
     ip(addr).is_some_and(|ip| ip.is_unspecified())
 }
 
-/// Whether a node listening on `listen` may sit on a LAN behind a router that forwards ports on
-/// request (UPnP): it listens on an IPv4 address that is private (`10/8`, `172.16/12`,
-/// `192.168/16`) or on every IPv4 interface (`0.0.0.0`). A node on loopback only, or on a public
-/// address, has no router to ask, and asks none: looking for one sends a multicast query to the
-/// LAN.
+/// Whether a node listening on `listen` may sit on a LAN behind a router that forwards ports, or
+/// opens its IPv6 firewall, on request (PCP, NAT-PMP, UPnP): it listens on an IPv4 address that
+/// is private (`10/8`, `172.16/12`, `192.168/16`), on every interface (`0.0.0.0`, `::`), or on a
+/// public IPv6 address. A node on loopback only, or on a public IPv4 address, has no router to
+/// ask, and asks none: looking for one sends a multicast query to the LAN.
 pub(crate) fn may_be_behind_router(listen: &[Multiaddr]) -> bool {
-    listen.iter().any(|a| matches!(ip(a), Some(IpAddr::V4(v4)) if v4.is_unspecified() || v4.is_private()))
+    listen.iter().any(|a| match ip(a) {
+        Some(IpAddr::V4(v4)) => v4.is_unspecified() || v4.is_private(),
+        Some(IpAddr::V6(v6)) => v6.is_unspecified() || is_public(v6.into()),
+        None => false,
+    })
 }
 
 /// Whether `addr` names no one anywhere: an unspecified address, or an IPv6 link-local one
@@ -329,7 +333,10 @@ mod tests {
         assert!(may_be_behind_router(&[a("/ip4/172.20.0.5/udp/4737/quic-v1")]));
         assert!(!may_be_behind_router(&[a("/ip4/127.0.0.1/udp/0/quic-v1")]), "loopback: tests, one machine");
         assert!(!may_be_behind_router(&[a("/ip4/198.51.100.20/udp/4737/quic-v1")]), "a public address");
-        assert!(!may_be_behind_router(&[every6]), "UPnP forwards IPv4 ports");
+        assert!(may_be_behind_router(&[every6]), "a pinhole in the router's IPv6 firewall");
+        assert!(may_be_behind_router(&[a("/ip6/2001:db8:1::20/udp/4737/quic-v1")]));
+        assert!(!may_be_behind_router(&[a("/ip6/::1/udp/0/quic-v1")]), "loopback");
+        assert!(!may_be_behind_router(&[a("/ip6/fd00::2/udp/4737/quic-v1")]), "unique-local: no one outside");
         assert!(!may_be_behind_router(&[a("/memory/7")]));
     }
 

@@ -108,11 +108,13 @@ pub struct NodeConfig {
     /// port (see `crate::portmap`): for the listen address on the default IPv4 route, checked
     /// every minute (a PCP or NAT-PMP mapping asked for again, a UPnP forward looked up and
     /// renewed every half hour), asked again while no router answers, removed when the node
-    /// stops. Only a node
-    /// listening on a private IPv4 address or on `0.0.0.0`, with no [`external`](Self::external)
-    /// address configured, asks; a router whose own address is not public (a NAT in front of
-    /// it) is left alone. Without it, a node behind a NAT fetches, but no peer can dial it, so it
-    /// serves only the peers it dialled itself. The default is `true`; netsim turns it off.
+    /// stops. Over IPv6 it asks the router (PCP) to open its firewall to our public address on
+    /// the default IPv6 route, by the same rules. Only a node listening on a private IPv4
+    /// address, on a public IPv6 one or on every interface (`0.0.0.0`, `::`), with no
+    /// [`external`](Self::external) address configured, asks; a router whose own address is
+    /// not public (a NAT in front of it) is left alone. Without it, a node behind a NAT or a
+    /// router's firewall fetches, but no peer can dial it, so it serves only the peers it
+    /// dialled itself. The default is `true`; netsim turns it off.
     pub upnp: bool,
 }
 

@@ -116,7 +116,7 @@ struct NodeArgs {
     /// Announce this address as reachable, instead of the listen addresses (repeatable) [default: the listen addresses but loopback ones]
     #[arg(long, env = "SHOAL_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
-    /// Do not ask the LAN's router to forward the QUIC port (PCP, NAT-PMP or UPnP) [default: ask, when listening on a private IPv4 address or 0.0.0.0 with no --external]
+    /// Do not ask the LAN's router to forward the QUIC port (PCP, NAT-PMP or UPnP), nor to open its IPv6 firewall to it (PCP) [default: ask, when listening on a private IPv4 address, a public IPv6 one, 0.0.0.0 or :: with no --external]
     #[arg(long, env = "SHOAL_NO_UPNP")]
     no_upnp: bool,
     /// Cap on everything uploaded to peers, bytes per second, e.g. 10M [default: none]

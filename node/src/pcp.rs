@@ -16,7 +16,7 @@
 //! the node's key, so that a node restarted after a crash renews its own mapping rather than
 //! being refused it until the old one lapses.
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -61,7 +61,9 @@ pub(crate) enum Version {
 /// A gateway's PCP or NAT-PMP server, for one internal address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Server {
-    pub(crate) gateway: Ipv4Addr,
+    pub(crate) gateway: IpAddr,
+    /// The interface an IPv6 link-local gateway is on (its index); 0 otherwise.
+    pub(crate) scope: u32,
     /// [`SERVER_PORT`] but in tests.
     port: u16,
     /// What the gateway answered in; `None` until it answered.
@@ -72,13 +74,13 @@ pub(crate) struct Server {
 /// A mapping granted: the router's public address and port, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mapping {
-    pub(crate) external: SocketAddrV4,
+    pub(crate) external: SocketAddr,
     pub(crate) lifetime: Duration,
 }
 
 impl Server {
-    pub(crate) fn new(gateway: Ipv4Addr, nonce: [u8; 12]) -> Self {
-        Self { gateway, port: SERVER_PORT, version: None, nonce }
+    pub(crate) fn new(gateway: IpAddr, scope: u32, nonce: [u8; 12]) -> Self {
+        Self { gateway, scope, port: SERVER_PORT, version: None, nonce }
     }
 
     pub(crate) fn version(&self) -> Option<Version> {
@@ -88,17 +90,18 @@ impl Server {
     /// Asks the gateway to forward UDP `external_port` (or whichever port it picks) to
     /// `internal` for `lifetime`; asked again, the same request renews the mapping. PCP first;
     /// a gateway that answers it as a NAT-PMP server that does not know the version is asked in
-    /// NAT-PMP from then on.
+    /// NAT-PMP from then on (for an IPv4 address: NAT-PMP maps no IPv6). For an IPv6 address
+    /// the mapping is a pinhole in the router's firewall, at our own address.
     pub(crate) async fn map(
         &mut self,
-        internal: SocketAddrV4,
+        internal: SocketAddr,
         external_port: u16,
         lifetime: Duration,
     ) -> Result<Mapping, PcpError> {
         let mut socket = self.socket(internal).await?;
         if self.version != Some(Version::NatPmp) {
             let request = pcp_map_request(internal, external_port, lifetime, &self.nonce);
-            match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal.port())).await? {
+            match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal)).await? {
                 PcpAnswer::Mapped(m) => {
                     self.version = Some(Version::Pcp);
                     return Ok(m);
@@ -106,6 +109,9 @@ impl Server {
                 PcpAnswer::Failed(code) => {
                     self.version = Some(Version::Pcp);
                     return Err(PcpError::Refused(pcp_result(code)));
+                }
+                PcpAnswer::OldVersion if internal.is_ipv6() => {
+                    return Err(PcpError::Refused("the gateway speaks NAT-PMP, which maps no IPv6".into()));
                 }
                 PcpAnswer::OldVersion => {
                     self.version = Some(Version::NatPmp);
@@ -120,17 +126,17 @@ impl Server {
         let (port, lifetime) = exchange(&socket, &request, |a| parse_pmp_map(a, internal.port()))
             .await?
             .map_err(|c| PcpError::Refused(pmp_result(c)))?;
-        Ok(Mapping { external: SocketAddrV4::new(ip, port), lifetime })
+        Ok(Mapping { external: SocketAddr::new(ip.into(), port), lifetime })
     }
 
     /// Removes our mapping of `internal`'s port (a request with no lifetime), asked in the
     /// version the gateway answered, PCP if it has not answered yet. Only the host a mapping
     /// leads to can remove it, so what is removed is ours.
-    pub(crate) async fn unmap(&self, internal: SocketAddrV4) -> Result<(), PcpError> {
+    pub(crate) async fn unmap(&self, internal: SocketAddr) -> Result<(), PcpError> {
         let mut socket = self.socket(internal).await?;
         if self.version != Some(Version::NatPmp) {
             let request = pcp_map_request(internal, 0, Duration::ZERO, &self.nonce);
-            match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal.port())).await? {
+            match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal)).await? {
                 PcpAnswer::Mapped(_) => return Ok(()),
                 PcpAnswer::Failed(code) => return Err(PcpError::Refused(pcp_result(code))),
                 PcpAnswer::OldVersion => socket = self.socket(internal).await?,
@@ -143,9 +149,13 @@ impl Server {
 
     /// A socket from `internal`'s address to the server: the router takes a request's source
     /// address for the host to map to, and the kernel passes on only the server's datagrams.
-    async fn socket(&self, internal: SocketAddrV4) -> Result<UdpSocket, PcpError> {
-        let socket = UdpSocket::bind(SocketAddrV4::new(*internal.ip(), 0)).await?;
-        socket.connect(SocketAddrV4::new(self.gateway, self.port)).await?;
+    async fn socket(&self, internal: SocketAddr) -> Result<UdpSocket, PcpError> {
+        let socket = UdpSocket::bind(SocketAddr::new(internal.ip(), 0)).await?;
+        let server = match self.gateway {
+            IpAddr::V4(v4) => SocketAddr::new(v4.into(), self.port),
+            IpAddr::V6(v6) => SocketAddrV6::new(v6, self.port, 0, self.scope).into(),
+        };
+        socket.connect(server).await?;
         Ok(socket)
     }
 }
@@ -185,18 +195,22 @@ async fn exchange<T>(socket: &UdpSocket, request: &[u8], accept: impl Fn(&[u8]) 
 }
 
 /// A PCP `MAP` request for UDP `internal` (RFC 6887, 7.1 and 11.1).
-fn pcp_map_request(internal: SocketAddrV4, external_port: u16, lifetime: Duration, nonce: &[u8; 12]) -> [u8; 60] {
+fn pcp_map_request(internal: SocketAddr, external_port: u16, lifetime: Duration, nonce: &[u8; 12]) -> [u8; 60] {
+    let (client, no_suggestion) = match internal.ip() {
+        // An IPv4 address goes IPv4-mapped, and so does the all-zeros one that suggests none.
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped(), Ipv4Addr::UNSPECIFIED.to_ipv6_mapped()),
+        IpAddr::V6(v6) => (v6, Ipv6Addr::UNSPECIFIED),
+    };
     let mut m = [0u8; 60];
     m[0] = PCP_VERSION;
     m[1] = PCP_MAP;
     m[4..8].copy_from_slice(&seconds(lifetime).to_be_bytes());
-    m[8..24].copy_from_slice(&internal.ip().to_ipv6_mapped().octets());
+    m[8..24].copy_from_slice(&client.octets());
     m[24..36].copy_from_slice(nonce);
     m[36] = IPPROTO_UDP;
     m[40..42].copy_from_slice(&internal.port().to_be_bytes());
     m[42..44].copy_from_slice(&external_port.to_be_bytes());
-    // No external address suggested: the IPv4 all-zeros address, IPv4-mapped.
-    m[44..60].copy_from_slice(&Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets());
+    m[44..60].copy_from_slice(&no_suggestion.octets());
     m
 }
 
@@ -213,8 +227,8 @@ enum PcpAnswer {
     OldVersion,
 }
 
-/// The answer to our `MAP` request in `answer`, if it is one.
-fn parse_pcp_map(answer: &[u8], nonce: &[u8; 12], internal_port: u16) -> Option<PcpAnswer> {
+/// The answer to our `MAP` request for `internal` in `answer`, if it is one.
+fn parse_pcp_map(answer: &[u8], nonce: &[u8; 12], internal: SocketAddr) -> Option<PcpAnswer> {
     if answer.len() >= 4 && answer[0] == 0 && u16::from_be_bytes([answer[2], answer[3]]) == 1 {
         return Some(PcpAnswer::OldVersion);
     }
@@ -227,18 +241,20 @@ fn parse_pcp_map(answer: &[u8], nonce: &[u8; 12], internal_port: u16) -> Option<
         // An answer to a request the server could not read may not repeat the request.
         return (ours || answer.len() < 60).then_some(PcpAnswer::Failed(result));
     }
-    if !ours || answer[36] != IPPROTO_UDP || u16::from_be_bytes([answer[40], answer[41]]) != internal_port {
+    if !ours || answer[36] != IPPROTO_UDP || u16::from_be_bytes([answer[40], answer[41]]) != internal.port() {
         return None;
     }
     let lifetime = Duration::from_secs(u32::from_be_bytes(answer[4..8].try_into().ok()?).into());
     let port = u16::from_be_bytes([answer[42], answer[43]]);
-    // An answer to a removal may name no address.
-    let ip = match Ipv6Addr::from(<[u8; 16]>::try_from(&answer[44..60]).ok()?).to_ipv4_mapped() {
-        Some(ip) => ip,
-        None if lifetime.is_zero() => Ipv4Addr::UNSPECIFIED,
-        None => return None,
+    let named = Ipv6Addr::from(<[u8; 16]>::try_from(&answer[44..60]).ok()?);
+    // An address of the family asked for; an answer to a removal may name none.
+    let ip: IpAddr = match (internal, named.to_ipv4_mapped()) {
+        (SocketAddr::V4(_), Some(v4)) => v4.into(),
+        (SocketAddr::V6(_), None) => named.into(),
+        _ if lifetime.is_zero() => internal.ip(),
+        _ => return None,
     };
-    Some(PcpAnswer::Mapped(Mapping { external: SocketAddrV4::new(ip, port), lifetime }))
+    Some(PcpAnswer::Mapped(Mapping { external: SocketAddr::new(ip, port), lifetime }))
 }
 
 /// A NAT-PMP request to map UDP `internal_port` (RFC 6886, 3.3).
@@ -320,8 +336,8 @@ mod tests {
 
     const NONCE: [u8; 12] = *b"shoal-nonce!";
 
-    fn internal() -> SocketAddrV4 {
-        SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 20), 4737)
+    fn internal() -> SocketAddr {
+        "192.168.1.20:4737".parse().unwrap()
     }
 
     /// A server's answer to `request`, as RFC 6887 says one is made: the request's payload
@@ -342,7 +358,7 @@ mod tests {
         let r = pcp_map_request(internal(), 4737, Duration::from_secs(3600), &NONCE);
         assert_eq!(&r[..4], &[2, 1, 0, 0]);
         assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 3600);
-        assert_eq!(&r[8..24], &internal().ip().to_ipv6_mapped().octets());
+        assert_eq!(&r[8..24], &Ipv4Addr::new(192, 168, 1, 20).to_ipv6_mapped().octets());
         assert_eq!(&r[24..36], &NONCE);
         assert_eq!(r[36], 17);
         assert_eq!(&r[40..44], &[0x12, 0x81, 0x12, 0x81]);
@@ -355,35 +371,58 @@ mod tests {
         let public = Ipv4Addr::new(11, 1, 2, 3);
         let answer = pcp_answer(&request, 0, 50_000, public);
         assert_eq!(
-            parse_pcp_map(&answer, &NONCE, 4737),
+            parse_pcp_map(&answer, &NONCE, internal()),
             Some(PcpAnswer::Mapped(Mapping {
-                external: SocketAddrV4::new(public, 50_000),
+                external: SocketAddr::new(public.into(), 50_000),
                 lifetime: Duration::from_secs(3600)
             }))
         );
         // Another nonce (another client's answer, or a forgery), another port, a request
         // rather than an answer, a cut-off answer: passed over.
-        assert_eq!(parse_pcp_map(&answer, b"other-nonce!", 4737), None);
-        assert_eq!(parse_pcp_map(&answer, &NONCE, 4738), None);
-        assert_eq!(parse_pcp_map(&request, &NONCE, 4737), None);
-        assert_eq!(parse_pcp_map(&answer[..59], &NONCE, 4737), None);
+        assert_eq!(parse_pcp_map(&answer, b"other-nonce!", internal()), None);
+        let other_port = SocketAddr::new(internal().ip(), 4738);
+        assert_eq!(parse_pcp_map(&answer, &NONCE, other_port), None);
+        assert_eq!(parse_pcp_map(&request, &NONCE, internal()), None);
+        assert_eq!(parse_pcp_map(&answer[..59], &NONCE, internal()), None);
         // An external address that is not IPv4 is no answer for an IPv4 mapping.
         let mut v6 = answer.clone();
         v6[44..60].copy_from_slice(&Ipv6Addr::LOCALHOST.octets());
-        assert_eq!(parse_pcp_map(&v6, &NONCE, 4737), None);
+        assert_eq!(parse_pcp_map(&v6, &NONCE, internal()), None);
     }
 
     #[test]
     fn refusals_and_a_nat_pmp_server_are_told_apart() {
         let request = pcp_map_request(internal(), 4737, Duration::from_secs(3600), &NONCE);
         let refused = pcp_answer(&request, 2, 0, Ipv4Addr::UNSPECIFIED);
-        assert_eq!(parse_pcp_map(&refused, &NONCE, 4737), Some(PcpAnswer::Failed(2)));
-        assert_eq!(parse_pcp_map(&refused, b"other-nonce!", 4737), None);
+        assert_eq!(parse_pcp_map(&refused, &NONCE, internal()), Some(PcpAnswer::Failed(2)));
+        assert_eq!(parse_pcp_map(&refused, b"other-nonce!", internal()), None);
         // A header alone: the server could not read the request.
-        assert_eq!(parse_pcp_map(&refused[..24], &NONCE, 4737), Some(PcpAnswer::Failed(2)));
+        assert_eq!(parse_pcp_map(&refused[..24], &NONCE, internal()), Some(PcpAnswer::Failed(2)));
         // NAT-PMP's "unsupported version", as such a server answers version 2.
-        assert_eq!(parse_pcp_map(&[0, 129, 0, 1, 0, 0, 0, 9], &NONCE, 4737), Some(PcpAnswer::OldVersion));
+        assert_eq!(parse_pcp_map(&[0, 129, 0, 1, 0, 0, 0, 9], &NONCE, internal()), Some(PcpAnswer::OldVersion));
         assert_eq!(pcp_result(8), "PCP 8 NO_RESOURCES");
+    }
+
+    #[test]
+    fn an_ipv6_address_is_asked_for_as_it_is_and_answered_in_its_family() {
+        let ours: SocketAddr = "[2001:db8:1::20]:4737".parse().unwrap();
+        let request = pcp_map_request(ours, 4737, Duration::from_secs(3600), &NONCE);
+        assert_eq!(&r_client(&request), &"2001:db8:1::20".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(&request[44..60], &Ipv6Addr::UNSPECIFIED.octets(), "no external address suggested");
+        let mut answer = request.to_vec();
+        answer[1] = 0x80 | PCP_MAP;
+        answer[44..60].copy_from_slice(&request[8..24]);
+        assert_eq!(
+            parse_pcp_map(&answer, &NONCE, ours),
+            Some(PcpAnswer::Mapped(Mapping { external: ours, lifetime: Duration::from_secs(3600) }))
+        );
+        // An IPv4 address for an IPv6 mapping, or the other way round: not an answer.
+        answer[44..60].copy_from_slice(&Ipv4Addr::new(11, 1, 2, 3).to_ipv6_mapped().octets());
+        assert_eq!(parse_pcp_map(&answer, &NONCE, ours), None);
+    }
+
+    fn r_client(request: &[u8; 60]) -> [u8; 16] {
+        request[8..24].try_into().unwrap()
     }
 
     #[test]
@@ -435,8 +474,8 @@ mod tests {
             }
             seen
         });
-        let mut s = Server { port, ..Server::new(Ipv4Addr::LOCALHOST, NONCE) };
-        let inside = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4737);
+        let mut s = Server { port, ..Server::new(Ipv4Addr::LOCALHOST.into(), 0, NONCE) };
+        let inside: SocketAddr = "127.0.0.1:4737".parse().unwrap();
         let m = s.map(inside, 4737, Duration::from_secs(3600)).await.unwrap();
         assert_eq!(m, Mapping { external: "11.1.2.3:50000".parse().unwrap(), lifetime: Duration::from_secs(3600) });
         assert_eq!(s.version(), Some(Version::NatPmp));
@@ -449,8 +488,8 @@ mod tests {
     async fn a_closed_port_is_no_server_and_silence_a_timeout() {
         // A port nobody listens on: the kernel's ICMP answer ends the exchange at once.
         let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut s = Server { port, ..Server::new(Ipv4Addr::LOCALHOST, NONCE) };
-        let inside = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 4737);
+        let mut s = Server { port, ..Server::new(Ipv4Addr::LOCALHOST.into(), 0, NONCE) };
+        let inside: SocketAddr = "127.0.0.1:4737".parse().unwrap();
         assert!(matches!(s.map(inside, 4737, Duration::from_secs(60)).await, Err(PcpError::NoServer)));
         // A server that reads and never answers.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -25,13 +25,13 @@
 //! forges the gateway's address can still answer the search, but only names a description on
 //! the gateway itself.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -104,9 +104,9 @@ enum Via {
 }
 
 impl Via {
-    fn gateway(&self) -> Ipv4Addr {
+    fn gateway(&self) -> std::net::IpAddr {
         match self {
-            Via::Upnp(r) => r.gateway,
+            Via::Upnp(r) => r.gateway.into(),
             Via::Pcp(s) => s.gateway,
         }
     }
@@ -155,11 +155,12 @@ enum Presence {
     Unknown,
 }
 
-/// Keeps a forward of our port on the LAN's router while the node runs, telling the swarm over
-/// `commands`; removes it (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped,
-/// or when the swarm is gone, also when that comes in the middle of asking the router.
+/// Keeps a forward of our IPv4 port on the LAN's router while the node runs, telling the swarm
+/// over `commands`, and a pinhole for our IPv6 address in the router's firewall; removes them
+/// (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped, or when the swarm is
+/// gone, also when that comes in the middle of asking the router.
 /// `nonce` ties a PCP mapping to this node (see [`crate::pcp`]).
-pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Receiver<()>, nonce: [u8; 12]) {
+pub(crate) async fn run(commands: mpsc::Sender<Command>, stop: oneshot::Receiver<()>, nonce: [u8; 12]) {
     // The first round looks at the listen addresses: wait (a second at most) for the listeners
     // to report theirs.
     for _ in 0..20 {
@@ -169,17 +170,44 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
             Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let mut current: Option<Forward> = None;
-    // A forward asked for and perhaps granted, not yet in `current`: removed if the stop comes
-    // before it is.
-    let mut asked: Asked = None;
+    let (stopping, stopped) = watch::channel(false);
+    let forward = Forwarding { current: None, asked: None, nonce };
+    let pinhole = Pinhole { current: None, nonce };
+    let both = async { tokio::join!(keep(forward, &commands, stopped.clone()), keep(pinhole, &commands, stopped)) };
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => return,
+        _ = stop => {
+            let _ = stopping.send(true);
+        }
+    }
+    both.await;
+}
+
+/// What [`keep`] keeps on the router: a forward of our IPv4 port ([`Forwarding`]) or a
+/// pinhole for our IPv6 address ([`Pinhole`]).
+trait Kept {
+    /// What the log says while there is none.
+    const NONE: &'static str;
+
+    /// One round; returns how long until the next.
+    async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError>;
+
+    /// Removes from the router what is kept there, and what was asked for in a round that the
+    /// stop cut short.
+    async fn remove(&self);
+}
+
+/// Runs `kept`'s rounds until the stop, or until the swarm is gone, backing off while they
+/// fail; then removes what it keeps (within [`REMOVE_WAIT`]).
+async fn keep<K: Kept>(mut kept: K, commands: &mpsc::Sender<Command>, mut stopped: watch::Receiver<bool>) {
     let mut backoff = RECHECK;
     // Said once per kind of outcome, not at every retry.
     let mut last_said = String::new();
     loop {
         let outcome = tokio::select! {
-            r = step(&commands, &mut current, &mut asked, nonce) => r,
-            _ = &mut stop => break,
+            r = kept.step(commands) => r,
+            _ = stopped.wait_for(|s| *s) => break,
             _ = commands.closed() => break,
         };
         let wait = match outcome {
@@ -191,9 +219,9 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
             Err(e) => {
                 let said = e.to_string();
                 match &e {
-                    UpnpError::NoRouter => debug!("{said}"),
-                    _ if said != last_said => info!(error = %said, "no port forwarded by the router"),
-                    _ => debug!(error = %said, "no port forwarded by the router"),
+                    UpnpError::NoRouter | UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout) => debug!("{said}"),
+                    _ if said != last_said => info!(error = %said, "{}", K::NONE),
+                    _ => debug!(error = %said, "{}", K::NONE),
                 }
                 last_said = said;
                 let wait = backoff;
@@ -203,21 +231,103 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, mut stop: oneshot::Rece
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = &mut stop => break,
+            _ = stopped.wait_for(|s| *s) => break,
             _ = commands.closed() => break,
         }
     }
-    let remove = async {
-        if let Some(f) = &current {
+    let _ = tokio::time::timeout(REMOVE_WAIT, kept.remove()).await;
+}
+
+/// A forward of our IPv4 port on the router, announced at the router's public address.
+struct Forwarding {
+    current: Option<Forward>,
+    /// A forward asked for and perhaps granted, not yet in `current`: removed if the stop comes
+    /// before it is.
+    asked: Asked,
+    nonce: [u8; 12],
+}
+
+impl Kept for Forwarding {
+    const NONE: &'static str = "no port forwarded by the router";
+
+    async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError> {
+        step(commands, &mut self.current, &mut self.asked, self.nonce).await
+    }
+
+    async fn remove(&self) {
+        if let Some(f) = &self.current {
             delete_ours(&f.via, f.external_port, f.internal).await;
         }
-        if let Some((via, port, internal)) = &asked
-            && current.as_ref().is_none_or(|f| (&f.via, f.external_port) != (via, *port))
+        if let Some((via, port, internal)) = &self.asked
+            && self.current.as_ref().is_none_or(|f| (&f.via, f.external_port) != (via, *port))
         {
             delete_ours(via, *port, *internal).await;
         }
-    };
-    let _ = tokio::time::timeout(REMOVE_WAIT, remove).await;
+    }
+}
+
+/// A pinhole in the router's IPv6 firewall for our port at our IPv6 address (PCP): a home
+/// router hands out public IPv6 addresses but drops flows from outside, so peers cannot dial
+/// the address the node announces. Nothing else is announced: the address is our own.
+struct Pinhole {
+    /// The pinhole asked for, or in place, and its server.
+    current: Option<(pcp::Server, SocketAddr)>,
+    nonce: [u8; 12],
+}
+
+impl Kept for Pinhole {
+    const NONE: &'static str = "no IPv6 pinhole opened by the router";
+
+    async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError> {
+        let listening = listening(commands).await.map(|(addrs, _)| addrs).unwrap_or_default();
+        let wanted = default_route_source_v6().and_then(|ip| pick_v6(&listening, ip));
+        let gateway = default_gateway_v6();
+        if let Some((server, internal)) = self.current.clone()
+            && (wanted != Some(internal) || gateway != Some((server.gateway, server.scope)))
+        {
+            // Our address or the network changed: the old pinhole goes.
+            self.current = None;
+            let _ = server.unmap(internal).await;
+        }
+        let Some(internal) = wanted else { return Ok(RECHECK) };
+        let (mut server, fresh) = match self.current.take() {
+            Some((server, _)) => (server, false),
+            None => {
+                let (gateway, scope) = gateway.ok_or(UpnpError::NoRouter)?;
+                (pcp::Server::new(gateway, scope, self.nonce), true)
+            }
+        };
+        // Kept while asking, so that a stop in the middle removes what it may have made.
+        self.current = Some((server.clone(), internal));
+        match server.map(internal, internal.port(), LEASE).await {
+            Ok(mapping) => {
+                if fresh {
+                    info!(address = %internal, "the router lets peers reach our IPv6 address (PCP)");
+                }
+                if mapping.external != internal {
+                    debug!(external = %mapping.external, "the router maps our IPv6 address to another one");
+                }
+                let next = RECHECK.min(mapping.lifetime / 2).max(Duration::from_secs(5));
+                self.current = Some((server, internal));
+                Ok(next)
+            }
+            // Silence from a router that opened it: asked again next round.
+            Err(PcpError::Timeout | PcpError::Io(_)) if !fresh => Ok(RECHECK),
+            Err(e) => {
+                self.current = None;
+                if !fresh {
+                    info!(error = %e, address = %internal, "the router no longer lets peers reach our IPv6 address");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn remove(&self) {
+        if let Some((server, internal)) = &self.current {
+            let _ = server.unmap(*internal).await;
+        }
+    }
 }
 
 /// Our listen addresses, and whether every listener has reported; `None` once the swarm is gone.
@@ -240,7 +350,7 @@ async fn step(
     let wanted = default_route_source().and_then(|ip| pick(&listening, ip));
     let gateway = default_gateway();
     if let Some(kept) = current.as_ref() {
-        if wanted.as_ref() == Some(&kept.local) && gateway == Some(kept.via.gateway()) {
+        if wanted.as_ref() == Some(&kept.local) && gateway.map(Into::into) == Some(kept.via.gateway()) {
             let mut f = kept.clone();
             let now = Instant::now();
             // A PCP or NAT-PMP router tells of a mapping only when asked for it, which is one
@@ -371,7 +481,7 @@ async fn establish(
         expires_at: None,
         failing_since: None,
     };
-    let mut f = forward(Via::Pcp(pcp::Server::new(gateway, nonce)));
+    let mut f = forward(Via::Pcp(pcp::Server::new(gateway.into(), 0, nonce)));
     // What the gateway said to PCP, if it said anything: the error to report if UPnP finds no
     // router either.
     let mut last = match renew(&mut f, asked).await {
@@ -410,13 +520,16 @@ async fn renew(f: &mut Forward, asked: &mut Asked) -> Result<(), UpnpError> {
         }
         Via::Pcp(server) => {
             *asked = Some((Via::Pcp(server.clone()), f.external_port, f.internal));
-            let mapping = server.map(f.internal, f.external_port, LEASE).await?;
+            let mapping = server.map(f.internal.into(), f.external_port, LEASE).await?;
             // Known from here on to speak what it answered.
             *asked = Some((Via::Pcp(server.clone()), f.external_port, f.internal));
-            let public = *mapping.external.ip();
+            let std::net::SocketAddr::V4(external) = mapping.external else {
+                return Err(UpnpError::Malformed("an IPv6 address for an IPv4 mapping".into()));
+            };
+            let public = *external.ip();
             if !is_public(public) {
                 // Of no use to peers: not kept.
-                let _ = server.unmap(f.internal).await;
+                let _ = server.unmap(f.internal.into()).await;
                 return Err(UpnpError::NotPublic(public));
             }
             if mapping.lifetime.is_zero() {
@@ -491,7 +604,7 @@ async fn delete_ours(via: &Via, port: u16, internal: SocketAddrV4) {
             }
         }
         Via::Pcp(server) => {
-            let _ = server.unmap(internal).await;
+            let _ = server.unmap(internal.into()).await;
         }
     }
 }
@@ -538,6 +651,56 @@ fn parse_route_table(text: &str) -> Option<Ipv4Addr> {
         })
         .min_by_key(|(metric, _)| *metric)
         .map(|(_, gateway)| gateway)
+}
+
+/// The gateway of our default IPv6 route of lowest metric, with the index of the interface it
+/// is on (a router's address there is most often link-local), from Linux's route table; `None`
+/// elsewhere.
+fn default_gateway_v6() -> Option<(IpAddr, u32)> {
+    let (gateway, device) = parse_ipv6_route_table(&std::fs::read_to_string("/proc/net/ipv6_route").ok()?)?;
+    let index = std::fs::read_to_string(format!("/sys/class/net/{device}/ifindex")).ok()?;
+    Some((gateway.into(), index.trim().parse().ok()?))
+}
+
+/// The next hop and device of the default route of lowest metric in `/proc/net/ipv6_route`'s
+/// text.
+fn parse_ipv6_route_table(text: &str) -> Option<(Ipv6Addr, String)> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_GATEWAY: u32 = 0x2;
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dest, prefix, hop, metric, flags, device) =
+                (f.first()?, f.get(1)?, f.get(4)?, f.get(5)?, f.get(8)?, f.get(9)?);
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let default = dest.bytes().all(|b| b == b'0') && *prefix == "00";
+            if !default || flags & RTF_UP == 0 || flags & RTF_GATEWAY == 0 || hop.len() != 32 {
+                return None;
+            }
+            let hop = Ipv6Addr::from(u128::from_str_radix(hop, 16).ok()?);
+            Some((u32::from_str_radix(metric, 16).ok()?, hop, device.to_string()))
+        })
+        .min_by_key(|(metric, _, _)| *metric)
+        .map(|(_, hop, device)| (hop, device))
+}
+
+/// The public address this machine sends from over its default IPv6 route, if it has one.
+fn default_route_source_v6() -> Option<Ipv6Addr> {
+    // As for IPv4: 2001:db8::/32 is for documentation, so any route to it is the default one.
+    let socket = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9)).ok()?;
+    match socket.local_addr().ok()?.ip() {
+        IpAddr::V6(v6) if crate::addrs::is_public(v6.into()) => Some(v6),
+        _ => None,
+    }
+}
+
+/// Of our listen addresses, the UDP one at `ip`, as a socket address.
+fn pick_v6(listening: &[Multiaddr], ip: Ipv6Addr) -> Option<SocketAddr> {
+    listening.iter().find_map(|a| {
+        let on_ip = a.iter().next() == Some(Protocol::Ip6(ip));
+        on_ip.then(|| udp_port(a)).flatten().map(|port| SocketAddr::new(ip.into(), port))
+    })
 }
 
 /// The address this machine sends from over its default IPv4 route, if it has one.
@@ -938,6 +1101,37 @@ mod tests {
         assert!(search_answer(named.as_bytes(), router, router).is_err(), "a name, not the host's IP");
         let latin1 = b"HTTP/1.1 200 OK\r\nSERVER: Fritz\xe9\r\nLocation: http://192.168.1.1:5000/d.xml\r\n\r\n";
         assert!(search_answer(latin1, router, router).is_ok(), "a header that is not UTF-8");
+    }
+
+    #[test]
+    fn the_ipv6_default_gateway_is_the_one_of_lowest_metric_with_its_device() {
+        let table = "fd000000000000000000000000000000 40 00000000000000000000000000000000 00 \
+            00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+            fe800000000000000000000000000001 00000400 00000003 00000000 00450003    wlan0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+            fe80000000000000021122fffe334455 00000064 00000003 00000000 00450003     eth0\n\
+            00000000000000000000000000000000 00 00000000000000000000000000000000 00 \
+            00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n";
+        let eth0 = ("fe80::211:22ff:fe33:4455".parse().expect("address"), "eth0".to_string());
+        assert_eq!(parse_ipv6_route_table(table), Some(eth0));
+        // Without the lower metric's route, the other; a rejecting route is none.
+        let wlan0 = ("fe80::1".parse().expect("address"), "wlan0".to_string());
+        assert_eq!(parse_ipv6_route_table(&table.replace("00000064", "00000fff")), Some(wlan0));
+        assert_eq!(parse_ipv6_route_table(&table.replace("00450003", "00000001")), None, "not via a gateway");
+    }
+
+    #[test]
+    fn the_pinhole_is_for_the_listen_address_we_send_from() {
+        let a = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");
+        let listening = [
+            a("/ip4/192.168.1.20/udp/4737/quic-v1"),
+            a("/ip6/2001:db8:1::20/udp/4737/quic-v1/p2p/12D3KooWRmZAZHPbgsyX9f6cxoNw2CJK5DjHWgssqZqoj2NC3SfG"),
+            a("/ip6/2001:db8:1::21/udp/4738/quic-v1"),
+        ];
+        let ours: Ipv6Addr = "2001:db8:1::21".parse().expect("address");
+        assert_eq!(pick_v6(&listening, ours), Some("[2001:db8:1::21]:4738".parse().expect("address")));
+        assert_eq!(pick_v6(&listening, "2001:db8:1::22".parse().expect("address")), None);
     }
 
     #[test]

@@ -97,7 +97,10 @@ impl NodeProc {
                     if let Some(p) = line.strip_prefix("peer id: ") {
                         peer_id = Some(p.to_string());
                     } else if let Some(a) = line.strip_prefix("listening: ")
-                        && host.is_none_or(|h| a.starts_with(&format!("/ip4/{}/", h.ip)))
+                        && host.is_none_or(|h| {
+                            a.starts_with(&format!("/ip4/{}/", h.ip))
+                                || h.ip6.as_ref().is_some_and(|ip6| a.starts_with(&format!("/ip6/{ip6}/")))
+                        })
                     {
                         addr.get_or_insert(a.to_string());
                     }
@@ -188,6 +191,8 @@ struct Host {
     ns: String,
     ip: String,
     dev: String,
+    /// Its IPv6 address, where it has one.
+    ip6: Option<String>,
 }
 
 /// Hosts on a bridge, removed on drop (with the processes still in them: drop the nodes first).
@@ -215,7 +220,8 @@ impl Lan {
             ip(&["link", "set", &lan.bridge, "up"])?;
             for i in 1..=n {
                 let (outer, inner) = (format!("shv{id}x{i}"), format!("shp{id}x{i}"));
-                let host = Host { ns: format!("shoal-{id}-{i}"), ip: format!("{subnet}.{i}"), dev: inner.clone() };
+                let host =
+                    Host { ns: format!("shoal-{id}-{i}"), ip: format!("{subnet}.{i}"), dev: inner.clone(), ip6: None };
                 ip(&["netns", "add", &host.ns])?;
                 lan.hosts.push(host);
                 let host = &lan.hosts[i - 1];
@@ -266,6 +272,21 @@ impl Host {
     }
 }
 
+impl Lan {
+    /// Gives the bridge and each host an IPv6 address in the /64 `prefix` (`prefix::254` and
+    /// `prefix::<i>`), without duplicate address detection, which would hold them for a second.
+    fn add_ipv6(&mut self, prefix: &str) {
+        ip(&["addr", "add", &format!("{prefix}::254/64"), "dev", &self.bridge, "nodad"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (i, host) in self.hosts.iter_mut().enumerate() {
+            let ip6 = format!("{prefix}::{}", i + 1);
+            host.ip_inside(&["addr", "add", &format!("{ip6}/64"), "dev", &host.dev, "nodad"])
+                .unwrap_or_else(|e| panic!("{e}"));
+            host.ip6 = Some(ip6);
+        }
+    }
+}
+
 impl Drop for Lan {
     fn drop(&mut self) {
         for h in &self.hosts {
@@ -284,9 +305,11 @@ impl Drop for Lan {
 /// host's nodes first.
 struct Router {
     home: Host,
-    /// The router's namespace, and the `iptables` that reads its rules.
+    /// The router's namespace, and the `iptables` (and for IPv6, `ip6tables`) that read its
+    /// rules.
     wan_ns: String,
     iptables: PathBuf,
+    ip6tables: Option<PathBuf>,
     daemon: Option<Child>,
     log: PathBuf,
     /// The route the test's side takes to the home LAN, once added.
@@ -314,8 +337,10 @@ enum Speaks {
 impl Router {
     /// `None` (said on standard error) where this machine lacks `miniupnpd` or
     /// `iptables-legacy` (the kernel interface `miniupnpd` writes its rules through): `.ci/run`
-    /// installs both.
-    fn new(lan: &Lan, wan: &Host, speaks: Speaks) -> Option<Router> {
+    /// installs both. With `home6` (a /64 prefix) and a `wan` host with an IPv6 address, the
+    /// home LAN has IPv6 too, routed from the other hosts: public addresses whose inbound flows
+    /// the router drops unless it opened a pinhole for them.
+    fn new(lan: &Lan, wan: &Host, speaks: Speaks, home6: Option<&str>) -> Option<Router> {
         let (Some(daemon), Some(iptables)) = (find_tool("miniupnpd"), find_tool("iptables-legacy")) else {
             eprintln!(
                 "skipped: no miniupnpd or iptables-legacy here (Debian: apt-get install miniupnpd-iptables iptables)"
@@ -325,13 +350,21 @@ impl Router {
         // Apart from the other kind's: the two tests may run at once.
         let subnet = format!("10.{}.{}", if speaks == Speaks::Upnp { 214 } else { 216 }, std::process::id() % 250);
         let (lan_dev, home_dev) = (wan.dev.replacen("shp", "shl", 1), wan.dev.replacen("shp", "shh", 1));
-        let home = Host { ns: format!("{}-home", wan.ns), ip: format!("{subnet}.2"), dev: home_dev };
+        let home = Host { ns: format!("{}-home", wan.ns), ip: format!("{subnet}.2"), dev: home_dev, ip6: None };
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("miniupnpd.log");
         ip(&["netns", "add", &home.ns]).unwrap_or_else(|e| panic!("{e}"));
         // From here on a failure unwinds through the guard, which removes what was made.
-        let mut router =
-            Router { home, wan_ns: wan.ns.clone(), iptables: iptables.clone(), daemon: None, log, route: None, dir };
+        let mut router = Router {
+            home,
+            wan_ns: wan.ns.clone(),
+            iptables: iptables.clone(),
+            ip6tables: None,
+            daemon: None,
+            log,
+            route: None,
+            dir,
+        };
         let home = &router.home;
         let inside = |args: &[&str]| wan.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
         inside(&["link", "add", &lan_dev, "type", "veth", "peer", "name", &home.dev, "netns", &home.ns]);
@@ -382,13 +415,58 @@ impl Router {
         ] {
             run(&iptables, &[&["-w"][..], rule].concat());
         }
+        let mut ext6 = String::new();
+        if let (Some(prefix), Some(wan6)) = (home6, &wan.ip6) {
+            let Some(ip6tables) = find_tool("ip6tables-legacy") else {
+                eprintln!("skipped: no ip6tables-legacy here (Debian: apt-get install iptables)");
+                return None;
+            };
+            inside(&["addr", "add", &format!("{prefix}::1/64"), "dev", &lan_dev, "nodad"]);
+            let home6 = format!("{prefix}::2");
+            for args in [
+                &["addr", "add", &format!("{home6}/64"), "dev", &router.home.dev, "nodad"][..],
+                &["-6", "route", "add", "default", "via", &format!("{prefix}::1")],
+            ] {
+                router.home.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
+            }
+            router.home.ip6 = Some(home6);
+            for host in lan.hosts.iter().filter(|h| h.ns != wan.ns) {
+                host.ip_inside(&["-6", "route", "add", &format!("{prefix}::/64"), "via", wan6])
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            run(Path::new("sh"), &["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"]);
+            for rule in [
+                // The chain miniupnpd adds its pinholes to.
+                &["-N", "MINIUPNPD"][..],
+                &[
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    w,
+                    "-o",
+                    l,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ],
+                &["-A", "FORWARD", "-i", w, "-o", l, "-j", "MINIUPNPD"],
+                &["-A", "FORWARD", "-i", w, "-o", l, "-j", "DROP"],
+            ] {
+                run(&ip6tables, &[&["-w"][..], rule].concat());
+            }
+            router.ip6tables = Some(ip6tables);
+            ext6 = format!("ext_ifname6={w}\n");
+        }
         let conf = router.dir.path().join("miniupnpd.conf");
         std::fs::write(
             &conf,
             format!(
                 "ext_ifname={w}\nlistening_ip={l}\nhttp_port=0\nenable_natpmp={}\nenable_upnp={}\n\
                  secure_mode=yes\nsystem_uptime=yes\nuuid=5b0a1c3e-0000-4000-8000-00000000{:04x}\n\
-                 allow 1024-65535 {subnet}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+                 allow 1024-65535 {subnet}.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n{ext6}",
                 if speaks == Speaks::Pcp { "yes" } else { "no" },
                 if speaks == Speaks::Upnp { "yes" } else { "no" },
                 std::process::id() % 0xffff
@@ -430,14 +508,27 @@ impl Router {
 
     /// The forwards in place: `miniupnpd`'s rules, one per line.
     fn forwards(&self) -> String {
+        self.rules(&self.iptables, &["-t", "nat"], "DNAT")
+    }
+
+    /// The IPv6 pinholes in place: `miniupnpd`'s rules, one per line.
+    fn pinholes(&self) -> String {
+        self.rules(self.ip6tables.as_ref().expect("a router with IPv6"), &[], "ACCEPT")
+    }
+
+    /// The rules of `miniupnpd`'s chain in `table` that jump to `target`.
+    fn rules(&self, tool: &Path, table: &[&str], target: &str) -> String {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.wan_ns])
-            .arg(&self.iptables)
-            .args(["-w", "-t", "nat", "-S", "MINIUPNPD"])
+            .arg(tool)
+            .arg("-w")
+            .args(table)
+            .args(["-S", "MINIUPNPD"])
             .output()
             .expect("iptables");
-        assert!(out.status.success(), "iptables: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("DNAT")).collect::<Vec<_>>().join("\n")
+        assert!(out.status.success(), "{tool:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let rules = String::from_utf8_lossy(&out.stdout);
+        rules.lines().filter(|l| l.contains(&format!("-j {target}"))).collect::<Vec<_>>().join("\n")
     }
 }
 
@@ -716,8 +807,14 @@ fn behind_a_home_router(speaks: Speaks) {
         Speaks::Upnp => 213,
         Speaks::Pcp => 215,
     };
-    let Some(internet) = Lan::on(3, &format!("11.{prefix}.{}", std::process::id() % 250)) else { return };
-    let Some(router) = Router::new(&internet, &internet.hosts[1], speaks) else { return };
+    let Some(mut internet) = Lan::on(3, &format!("11.{prefix}.{}", std::process::id() % 250)) else { return };
+    // With PCP, IPv6 too: documentation prefixes, which a node takes for public as any global one.
+    let home6 = (speaks == Speaks::Pcp).then(|| {
+        let id = std::process::id() % 0xffff;
+        internet.add_ipv6(&format!("2001:db8:{id:x}:a15"));
+        format!("2001:db8:{id:x}:b15")
+    });
+    let Some(router) = Router::new(&internet, &internet.hosts[1], speaks, home6.as_deref()) else { return };
     router.home.add_docker_bridge();
     let tmp = tempfile::tempdir().expect("tempdir");
     let a = NodeProc::start_in(&internet.hosts[0], &tmp.path().join("a"), &[], None);
@@ -739,11 +836,27 @@ fn behind_a_home_router(speaks: Speaks) {
     // The rule's target reads `[unsupported revision]` to iptables-legacy; its port is enough.
     let to_home = "--dport 4737 -j DNAT";
     assert!(router.forwards().contains(to_home), "no forward to the home node: {}", router.forwards());
-    // A node that stops removes its forward.
+    // Over IPv6 the router does not translate, but its firewall drops what comes in unasked: the
+    // home node's own address is reached through the pinhole it opened, by a node on IPv6 alone
+    // that knows only that address.
+    let pinhole = "--dport 4737 -j ACCEPT";
+    if let Some(home6) = &router.home.ip6 {
+        assert!(eventually(10, || router.pinholes().contains(pinhole)), "no pinhole: {}", router.pinholes());
+        let at = format!("/ip6/{home6}/udp/4737/quic-v1/p2p/{}", b.peer_id);
+        let v6 = ["--listen", "/ip6/::/udp/0/quic-v1", "--no-upnp"];
+        let d = NodeProc::start_in(&internet.hosts[2], &tmp.path().join("d"), &v6, Some(&at));
+        let reached = eventually(10, || d.cli(&["peers"]).contains(&format!("{}  /ip6/{home6}/", b.peer_id)));
+        assert!(reached, "the home node was not reached at {at}: {}", d.cli(&["peers"]));
+    }
+    // A node that stops removes its forward, and its pinhole.
     let mut b = b;
     assert!(b.stop().success());
     let forwards = router.forwards();
     assert!(!forwards.contains(to_home), "the forward outlived the node: {forwards}");
+    if router.home.ip6.is_some() {
+        let pinholes = router.pinholes();
+        assert!(!pinholes.contains(pinhole), "the pinhole outlived the node: {pinholes}");
+    }
     drop((a, b, c));
     drop(router);
     drop(internet);
