@@ -1049,6 +1049,14 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     for a in g("announced_addrs").as_array().cloned().unwrap_or_default() {
         println!("announced: {}", a.as_str().unwrap_or_default());
     }
+    let router = g("router");
+    if let (Some(at), Some(by)) = (router["forwarded"].as_str(), router["forwarded_by"].as_str()) {
+        println!("forwarded: {at} by the router ({by})");
+    }
+    if let Some(pinhole) = router["pinhole"].as_str() {
+        println!("pinhole:   {pinhole} open in the router's firewall (PCP)");
+    }
+    println!("inbound:   {} connections opened by peers since start", g("inbound_connections").as_u64().unwrap_or(0));
     println!("peers:     {}", g("peers"));
     println!("blobs:     {}", g("blobs"));
     println!(

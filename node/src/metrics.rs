@@ -205,6 +205,11 @@ impl Metrics {
         self.connections.get_or_create(&ConnectionLabels { direction, event }).inc();
     }
 
+    /// How many connections had `event` in `direction` since the start.
+    pub(crate) fn connections(&self, direction: &'static str, event: &'static str) -> u64 {
+        self.connections.get_or_create(&ConnectionLabels { direction, event }).get()
+    }
+
     /// The text exposition.
     pub(crate) fn encode(&self) -> String {
         let mut out = String::new();

@@ -65,6 +65,22 @@ pub struct Status {
     pub evictions: u64,
     /// Peers that misbehaved or failed us, with how often (worst first, at most 32).
     pub penalties: Vec<(String, u32)>,
+    /// What the LAN's router does for us.
+    pub router: RouterMapping,
+    /// Connections peers opened to us since the start: none on a node nobody can reach.
+    pub inbound_connections: u64,
+}
+
+/// What the LAN's router does for the node (see [`crate::portmap`]), as `shoal status` shows
+/// it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RouterMapping {
+    /// The public address the router forwards to our IPv4 port.
+    pub forwarded: Option<String>,
+    /// How the forward was asked for: `PCP`, `NAT-PMP` or `UPnP`.
+    pub forwarded_by: Option<String>,
+    /// Our IPv6 address and port, where the router's firewall lets peers reach it (PCP).
+    pub pinhole: Option<String>,
 }
 
 /// A blob the node holds, as `shoal ls` shows it.
@@ -147,6 +163,8 @@ pub(crate) struct Shared {
     pub(crate) activity: Arc<crate::connmgr::PeerActivity>,
     /// Who else holds the blobs we move (peer exchange, spreading a crowd's load).
     pub(crate) crowds: Arc<crate::crowd::Crowds>,
+    /// What the LAN's router does for us, as the port-mapping task last found.
+    pub(crate) router: Arc<Mutex<RouterMapping>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -226,13 +244,14 @@ impl Node {
         // Only where there may be a router to ask: not on loopback, a public address or
         // netsim's memory addresses, not with an operator's own `--external` address, and not
         // for a node of one command.
+        let router = Arc::new(Mutex::new(RouterMapping::default()));
         let forwarding = (config.upnp
             && !config.transient
             && config.external.is_empty()
             && crate::addrs::may_be_behind_router(&config.listen))
         .then(|| {
             let (stop, stopped) = oneshot::channel();
-            (stop, tokio::spawn(crate::portmap::run(commands.clone(), stopped, nonce)))
+            (stop, tokio::spawn(crate::portmap::run(commands.clone(), stopped, nonce, router.clone())))
         });
 
         let uploads = Arc::new(Uploads::new(
@@ -268,6 +287,7 @@ impl Node {
                 download_rate,
                 activity,
                 crowds,
+                router,
             }),
         };
         // Announce what we already hold.
@@ -609,6 +629,8 @@ impl NodeHandle {
                 v.truncate(32);
                 v
             },
+            router: self.inner.router.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            inbound_connections: self.inner.metrics.connections("in", "opened"),
         })
     }
 }

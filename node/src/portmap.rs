@@ -26,6 +26,7 @@
 //! the gateway itself.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::node::RouterMapping;
 use crate::pcp::{self, PcpError};
 use crate::swarm::Command;
 
@@ -160,7 +162,13 @@ enum Presence {
 /// (within [`REMOVE_WAIT`]) when `stop` fires or its sender is dropped, or when the swarm is
 /// gone, also when that comes in the middle of asking the router.
 /// `nonce` ties a PCP mapping to this node (see [`crate::pcp`]).
-pub(crate) async fn run(commands: mpsc::Sender<Command>, stop: oneshot::Receiver<()>, nonce: [u8; 12]) {
+/// `router` is kept telling what the router does for us.
+pub(crate) async fn run(
+    commands: mpsc::Sender<Command>,
+    stop: oneshot::Receiver<()>,
+    nonce: [u8; 12],
+    router: Arc<Mutex<RouterMapping>>,
+) {
     // The first round looks at the listen addresses: wait (a second at most) for the listeners
     // to report theirs.
     for _ in 0..20 {
@@ -171,8 +179,8 @@ pub(crate) async fn run(commands: mpsc::Sender<Command>, stop: oneshot::Receiver
         }
     }
     let (stopping, stopped) = watch::channel(false);
-    let forward = Forwarding { current: None, asked: None, nonce };
-    let pinhole = Pinhole { current: None, nonce };
+    let forward = Forwarding { current: None, asked: None, nonce, router: router.clone() };
+    let pinhole = Pinhole { current: None, nonce, router };
     let both = async { tokio::join!(keep(forward, &commands, stopped.clone()), keep(pinhole, &commands, stopped)) };
     tokio::pin!(both);
     tokio::select! {
@@ -245,13 +253,18 @@ struct Forwarding {
     /// before it is.
     asked: Asked,
     nonce: [u8; 12],
+    router: Arc<Mutex<RouterMapping>>,
 }
 
 impl Kept for Forwarding {
     const NONE: &'static str = "no port forwarded by the router";
 
     async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError> {
-        step(commands, &mut self.current, &mut self.asked, self.nonce).await
+        let outcome = step(commands, &mut self.current, &mut self.asked, self.nonce).await;
+        let mut told = self.router.lock().unwrap_or_else(|e| e.into_inner());
+        told.forwarded = self.current.as_ref().map(|f| f.external.to_string());
+        told.forwarded_by = self.current.as_ref().map(|f| f.via.name().to_string());
+        outcome
     }
 
     async fn remove(&self) {
@@ -273,6 +286,7 @@ struct Pinhole {
     /// The pinhole asked for, or in place, and its server.
     current: Option<(pcp::Server, SocketAddr)>,
     nonce: [u8; 12],
+    router: Arc<Mutex<RouterMapping>>,
 }
 
 impl Kept for Pinhole {
@@ -287,6 +301,7 @@ impl Kept for Pinhole {
         {
             // Our address or the network changed: the old pinhole goes.
             self.current = None;
+            self.tell(None);
             let _ = server.unmap(internal).await;
         }
         let Some(internal) = wanted else { return Ok(RECHECK) };
@@ -309,12 +324,14 @@ impl Kept for Pinhole {
                 }
                 let next = RECHECK.min(mapping.lifetime / 2).max(Duration::from_secs(5));
                 self.current = Some((server, internal));
+                self.tell(Some(internal));
                 Ok(next)
             }
             // Silence from a router that opened it: asked again next round.
             Err(PcpError::Timeout | PcpError::Io(_)) if !fresh => Ok(RECHECK),
             Err(e) => {
                 self.current = None;
+                self.tell(None);
                 if !fresh {
                     info!(error = %e, address = %internal, "the router no longer lets peers reach our IPv6 address");
                 }
@@ -327,6 +344,12 @@ impl Kept for Pinhole {
         if let Some((server, internal)) = &self.current {
             let _ = server.unmap(*internal).await;
         }
+    }
+}
+
+impl Pinhole {
+    fn tell(&self, pinhole: Option<SocketAddr>) {
+        self.router.lock().unwrap_or_else(|e| e.into_inner()).pinhole = pinhole.map(|p| p.to_string());
     }
 }
 

@@ -822,6 +822,17 @@ fn behind_a_home_router(speaks: Speaks) {
     let forwarded = format!("/ip4/{}/udp/4737/quic-v1/p2p/{}", internet.hosts[1].ip, b.peer_id);
     let announced = eventually(20, || b.cli(&["status", "--json"]).contains(&forwarded));
     assert!(announced, "the home node never announced {forwarded}; the router said:\n{}", router.log());
+    // `shoal status` says what the router does for the node, and how it was asked.
+    let by = match speaks {
+        Speaks::Upnp => "UPnP",
+        Speaks::Pcp => "PCP",
+    };
+    let said = format!("forwarded: /ip4/{}/udp/4737/quic-v1 by the router ({by})", internet.hosts[1].ip);
+    assert!(b.cli(&["status"]).contains(&said), "{}", b.cli(&["status"]));
+    if let Some(home6) = &router.home.ip6 {
+        let open = format!("pinhole:   [{home6}]:4737 open in the router's firewall");
+        assert!(eventually(10, || b.cli(&["status"]).contains(&open)), "{}", b.cli(&["status"]));
+    }
     let input = tmp.path().join("input.bin");
     random_file(&input, 3 << 20, 11);
     let hash = add_and_wait(&b, &a, &input);
@@ -831,6 +842,8 @@ fn behind_a_home_router(speaks: Speaks) {
     assert!(c.lists_provider(&hash, &b), "the home node was not listed as a provider it can reach");
     c.fetch(&hash, &tmp.path().join("out.bin"));
     assert!(b.metric(dialled_in) > before, "no peer dialled the home node through its router");
+    let status: serde_json::Value = serde_json::from_str(&b.cli(&["status", "--json"])).expect("JSON");
+    assert!(status["inbound_connections"].as_u64() > Some(0), "{status}");
     let log = router.log();
     assert!(!log.contains("172.17.0.1"), "the home node asked a forward to Docker's address:\n{log}");
     // The rule's target reads `[unsupported revision]` to iptables-legacy; its port is enough.
