@@ -1053,8 +1053,8 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     if let (Some(at), Some(by)) = (router["forwarded"].as_str(), router["forwarded_by"].as_str()) {
         println!("forwarded: {at} by the router ({by})");
     }
-    if let Some(pinhole) = router["pinhole"].as_str() {
-        println!("pinhole:   {pinhole} open in the router's firewall (PCP)");
+    for pinhole in router["pinholes"].as_array().cloned().unwrap_or_default() {
+        println!("pinhole:   {} open in the router's firewall (PCP)", pinhole.as_str().unwrap_or_default());
     }
     println!("inbound:   {} connections opened by peers since start", g("inbound_connections").as_u64().unwrap_or(0));
     println!("peers:     {}", g("peers"));

@@ -79,8 +79,8 @@ pub struct RouterMapping {
     pub forwarded: Option<String>,
     /// How the forward was asked for: `PCP`, `NAT-PMP` or `UPnP`.
     pub forwarded_by: Option<String>,
-    /// Our IPv6 address and port, where the router's firewall lets peers reach it (PCP).
-    pub pinhole: Option<String>,
+    /// Our IPv6 addresses and port where the router's firewall lets peers reach them (PCP).
+    pub pinholes: Vec<String>,
 }
 
 /// A blob the node holds, as `shoal ls` shows it.
@@ -241,7 +241,7 @@ impl Node {
         }
         let (stop_swarm, stop_rx) = oneshot::channel();
         let swarm_task = tokio::spawn(event_loop.run(stop_rx));
-        // Only where there may be a router to ask: not on loopback, a public address or
+        // Only where there may be a router to ask: not on loopback, a public IPv4 address or
         // netsim's memory addresses, not with an operator's own `--external` address, and not
         // for a node of one command.
         let router = Arc::new(Mutex::new(RouterMapping::default()));

@@ -180,7 +180,7 @@ pub(crate) async fn run(
     }
     let (stopping, stopped) = watch::channel(false);
     let forward = Forwarding { current: None, asked: None, nonce, router: router.clone() };
-    let pinhole = Pinhole { current: None, nonce, router };
+    let pinhole = Pinhole { holes: Vec::new(), nonce, router };
     let both = async { tokio::join!(keep(forward, &commands, stopped.clone()), keep(pinhole, &commands, stopped)) };
     tokio::pin!(both);
     tokio::select! {
@@ -197,6 +197,11 @@ pub(crate) async fn run(
 trait Kept {
     /// What the log says while there is none.
     const NONE: &'static str;
+
+    /// Whether an error that leaves none is said only in debug logs.
+    fn quiet(e: &UpnpError) -> bool {
+        matches!(e, UpnpError::NoRouter)
+    }
 
     /// One round; returns how long until the next.
     async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError>;
@@ -227,7 +232,7 @@ async fn keep<K: Kept>(mut kept: K, commands: &mpsc::Sender<Command>, mut stoppe
             Err(e) => {
                 let said = e.to_string();
                 match &e {
-                    UpnpError::NoRouter | UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout) => debug!("{said}"),
+                    e if K::quiet(e) => debug!("{said}"),
                     _ if said != last_said => info!(error = %said, "{}", K::NONE),
                     _ => debug!(error = %said, "{}", K::NONE),
                 }
@@ -279,77 +284,129 @@ impl Kept for Forwarding {
     }
 }
 
-/// A pinhole in the router's IPv6 firewall for our port at our IPv6 address (PCP): a home
+/// Pinholes in the router's IPv6 firewall for our port at our IPv6 addresses (PCP): a home
 /// router hands out public IPv6 addresses but drops flows from outside, so peers cannot dial
-/// the address the node announces. Nothing else is announced: the address is our own.
+/// the addresses the node announces. One for each public address we listen on on the
+/// interface of the default IPv6 route (a machine with privacy addresses has a stable one and
+/// temporary ones, and announces them all; it sends from a temporary one, which peers then try
+/// first), at most [`MAX_PINHOLES`]. Nothing else is announced: the addresses are our own.
 struct Pinhole {
-    /// The pinhole asked for, or in place, and its server.
-    current: Option<(pcp::Server, SocketAddr)>,
+    /// The pinholes asked for or in place.
+    holes: Vec<Hole>,
     nonce: [u8; 12],
     router: Arc<Mutex<RouterMapping>>,
 }
 
+/// One pinhole: its server, our address it opens, and until when the router keeps it (`None`
+/// while it is first asked for).
+struct Hole {
+    server: pcp::Server,
+    internal: SocketAddr,
+    expires_at: Option<Instant>,
+}
+
+/// The most pinholes asked for: more addresses than a LAN's router hands one host.
+const MAX_PINHOLES: usize = 8;
+
 impl Kept for Pinhole {
     const NONE: &'static str = "no IPv6 pinhole opened by the router";
 
+    fn quiet(e: &UpnpError) -> bool {
+        // Most gateways do not speak PCP: that is no news.
+        matches!(e, UpnpError::NoRouter | UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout | PcpError::Io(_)))
+    }
+
     async fn step(&mut self, commands: &mpsc::Sender<Command>) -> Result<Duration, UpnpError> {
         let listening = listening(commands).await.map(|(addrs, _)| addrs).unwrap_or_default();
-        let wanted = default_route_source_v6().and_then(|ip| pick_v6(&listening, ip));
         let gateway = default_gateway_v6();
-        if let Some((server, internal)) = self.current.clone()
-            && (wanted != Some(internal) || gateway != Some((server.gateway, server.scope)))
-        {
-            // Our address or the network changed: the old pinhole goes.
-            self.current = None;
-            self.tell(None);
-            let _ = server.unmap(internal).await;
+        let wanted: Vec<SocketAddr> = gateway
+            .map(|(_, interface)| public_v6_on(interface))
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|ip| pick_v6(&listening, ip))
+            .take(MAX_PINHOLES)
+            .collect();
+        // Those for an address no longer ours, or asked of another gateway, go.
+        let mut i = 0;
+        while i < self.holes.len() {
+            let h = &self.holes[i];
+            if wanted.contains(&h.internal) && gateway == Some((h.server.gateway, h.server.scope)) {
+                i += 1;
+                continue;
+            }
+            let _ = h.server.unmap(h.internal).await;
+            self.holes.remove(i);
         }
-        let Some(internal) = wanted else { return Ok(RECHECK) };
-        let (mut server, fresh) = match self.current.take() {
-            Some((server, _)) => (server, false),
-            None => {
-                let (gateway, scope) = gateway.ok_or(UpnpError::NoRouter)?;
-                (pcp::Server::new(gateway, scope, self.nonce), true)
-            }
+        let Some((gateway, scope)) = gateway else {
+            self.tell();
+            return Err(UpnpError::NoRouter);
         };
-        // Kept while asking, so that a stop in the middle removes what it may have made.
-        self.current = Some((server.clone(), internal));
-        match server.map(internal, internal.port(), LEASE).await {
-            Ok(mapping) => {
-                if fresh {
-                    info!(address = %internal, "the router lets peers reach our IPv6 address (PCP)");
+        let mut next = RECHECK;
+        let mut failed = None;
+        for internal in wanted {
+            let at = match self.holes.iter().position(|h| h.internal == internal) {
+                Some(at) => at,
+                None => {
+                    // Kept while asked for, so that a stop in the middle removes what it made.
+                    let server = pcp::Server::new(gateway, scope, self.nonce);
+                    self.holes.push(Hole { server, internal, expires_at: None });
+                    self.holes.len() - 1
                 }
-                if mapping.external != internal {
-                    debug!(external = %mapping.external, "the router maps our IPv6 address to another one");
+            };
+            let hole = &mut self.holes[at];
+            let now = Instant::now();
+            let outcome = match hole.server.map(internal, internal.port(), LEASE).await {
+                Ok(m) if m.lifetime.is_zero() => Err(UpnpError::Malformed("a pinhole granted for no time".into())),
+                Ok(m) => Ok(m),
+                Err(e) => Err(e.into()),
+            };
+            match (outcome, hole.expires_at) {
+                (Ok(mapping), was) => {
+                    if was.is_none() {
+                        info!(address = %internal, "the router lets peers reach our IPv6 address (PCP)");
+                    }
+                    if mapping.external != internal {
+                        debug!(external = %mapping.external, "the router maps our IPv6 address to another one");
+                    }
+                    hole.expires_at = Some(now + mapping.lifetime);
+                    next = next.min(mapping.lifetime / 2);
                 }
-                let next = RECHECK.min(mapping.lifetime / 2).max(Duration::from_secs(5));
-                self.current = Some((server, internal));
-                self.tell(Some(internal));
-                Ok(next)
+                // Silence from a router that opened it: asked again next round while it lasts.
+                (Err(UpnpError::Pcp(PcpError::Timeout | PcpError::Io(_))), Some(expires))
+                    if expires > now + RECHECK => {}
+                (Err(e), was) => {
+                    if was.is_some() {
+                        info!(error = %e, address = %internal, "the router no longer lets peers reach our IPv6 address");
+                    }
+                    self.holes.remove(at);
+                    let no_pcp = matches!(e, UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout));
+                    failed = Some(e);
+                    if no_pcp {
+                        // Nor for our other addresses.
+                        break;
+                    }
+                }
             }
-            // Silence from a router that opened it: asked again next round.
-            Err(PcpError::Timeout | PcpError::Io(_)) if !fresh => Ok(RECHECK),
-            Err(e) => {
-                self.current = None;
-                self.tell(None);
-                if !fresh {
-                    info!(error = %e, address = %internal, "the router no longer lets peers reach our IPv6 address");
-                }
-                Err(e.into())
-            }
+        }
+        self.tell();
+        match failed {
+            Some(e) if self.holes.is_empty() => Err(e),
+            _ => Ok(next.max(Duration::from_secs(5))),
         }
     }
 
     async fn remove(&self) {
-        if let Some((server, internal)) = &self.current {
-            let _ = server.unmap(*internal).await;
+        for h in &self.holes {
+            let _ = h.server.unmap(h.internal).await;
         }
     }
 }
 
 impl Pinhole {
-    fn tell(&self, pinhole: Option<SocketAddr>) {
-        self.router.lock().unwrap_or_else(|e| e.into_inner()).pinhole = pinhole.map(|p| p.to_string());
+    /// Tells `shoal status` the pinholes in place.
+    fn tell(&self) {
+        let open = self.holes.iter().filter(|h| h.expires_at.is_some()).map(|h| h.internal.to_string()).collect();
+        self.router.lock().unwrap_or_else(|e| e.into_inner()).pinholes = open;
     }
 }
 
@@ -509,7 +566,9 @@ async fn establish(
     // router either.
     let mut last = match renew(&mut f, asked).await {
         Ok(()) => return Ok(f),
-        Err(UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout)) => UpnpError::NoRouter,
+        // No PCP here (a closed port, silence, or an ICMP error such as "administratively
+        // prohibited"): only UPnP's outcome is worth saying.
+        Err(UpnpError::Pcp(PcpError::NoServer | PcpError::Timeout | PcpError::Io(_))) => UpnpError::NoRouter,
         Err(e) => e,
     };
     let routers = match find_routers(gateway).await {
@@ -693,10 +752,11 @@ fn parse_ipv6_route_table(text: &str) -> Option<(Ipv6Addr, String)> {
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (dest, prefix, hop, metric, flags, device) =
-                (f.first()?, f.get(1)?, f.get(4)?, f.get(5)?, f.get(8)?, f.get(9)?);
+            let (dest, prefix, source_prefix) = (f.first()?, f.get(1)?, f.get(3)?);
+            let (hop, metric, flags, device) = (f.get(4)?, f.get(5)?, f.get(8)?, f.get(9)?);
             let flags = u32::from_str_radix(flags, 16).ok()?;
-            let default = dest.bytes().all(|b| b == b'0') && *prefix == "00";
+            // A route for some sources only (policy routing) is not the default one.
+            let default = dest.bytes().all(|b| b == b'0') && *prefix == "00" && *source_prefix == "00";
             if !default || flags & RTF_UP == 0 || flags & RTF_GATEWAY == 0 || hop.len() != 32 {
                 return None;
             }
@@ -707,15 +767,28 @@ fn parse_ipv6_route_table(text: &str) -> Option<(Ipv6Addr, String)> {
         .map(|(_, hop, device)| (hop, device))
 }
 
-/// The public address this machine sends from over its default IPv6 route, if it has one.
-fn default_route_source_v6() -> Option<Ipv6Addr> {
-    // As for IPv4: 2001:db8::/32 is for documentation, so any route to it is the default one.
-    let socket = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
-    socket.connect((Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9)).ok()?;
-    match socket.local_addr().ok()?.ip() {
-        IpAddr::V6(v6) if crate::addrs::is_public(v6.into()) => Some(v6),
-        _ => None,
-    }
+/// Our public IPv6 addresses on the interface of index `interface`, from Linux's address list;
+/// none elsewhere. Those still being checked for duplicates, found duplicate, or deprecated
+/// (a temporary address past its time, kept only for the connections it has) are left out.
+fn public_v6_on(interface: u32) -> Vec<Ipv6Addr> {
+    std::fs::read_to_string("/proc/net/if_inet6").map(|t| parse_if_inet6(&t, interface)).unwrap_or_default()
+}
+
+/// The addresses of [`public_v6_on`] in `/proc/net/if_inet6`'s text.
+fn parse_if_inet6(text: &str, interface: u32) -> Vec<Ipv6Addr> {
+    const DADFAILED: u32 = 0x08;
+    const DEPRECATED: u32 = 0x20;
+    const TENTATIVE: u32 = 0x40;
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (address, index, flags) = (f.first()?, f.get(1)?, f.get(4)?);
+            let usable = u32::from_str_radix(flags, 16).ok()? & (DADFAILED | DEPRECATED | TENTATIVE) == 0;
+            let ip = Ipv6Addr::from(u128::from_str_radix(address, 16).ok()?);
+            let ours = u32::from_str_radix(index, 16).ok()? == interface && address.len() == 32;
+            (ours && usable && crate::addrs::is_public(ip.into())).then_some(ip)
+        })
+        .collect()
 }
 
 /// Of our listen addresses, the UDP one at `ip`, as a socket address.
@@ -1142,10 +1215,33 @@ mod tests {
         let wlan0 = ("fe80::1".parse().expect("address"), "wlan0".to_string());
         assert_eq!(parse_ipv6_route_table(&table.replace("00000064", "00000fff")), Some(wlan0));
         assert_eq!(parse_ipv6_route_table(&table.replace("00450003", "00000001")), None, "not via a gateway");
+        // A route for one source prefix only (policy routing, a VPN) is not the default one.
+        let sourced = table.replace(
+            "00 00000000000000000000000000000000 00 fe80000000000000021122fffe334455",
+            "00 20010db8000900000000000000000000 40 fe80000000000000021122fffe334455",
+        );
+        assert_eq!(parse_ipv6_route_table(&sourced).map(|(_, d)| d).as_deref(), Some("wlan0"));
     }
 
     #[test]
-    fn the_pinhole_is_for_the_listen_address_we_send_from() {
+    fn pinholes_are_for_our_usable_public_addresses_on_the_gateway_interface() {
+        // eth0 (index 2): a stable and a temporary public address, one deprecated, one still
+        // being checked, a unique-local and a link-local one; wlan0 (3): another public one.
+        let text = "20010db8000100000000000000000020 02 40 00 80     eth0\n\
+            20010db80001000012345678abcdef01 02 40 00 01     eth0\n\
+            20010db80001000000000000000000aa 02 40 00 21     eth0\n\
+            20010db80001000000000000000000bb 02 40 00 40     eth0\n\
+            fd000000000000000000000000000002 02 40 00 80     eth0\n\
+            fe800000000000000000000000000002 02 40 20 80     eth0\n\
+            20010db8000200000000000000000020 03 40 00 80    wlan0\n";
+        let ip = |s: &str| s.parse::<Ipv6Addr>().expect("address");
+        assert_eq!(parse_if_inet6(text, 2), [ip("2001:db8:1::20"), ip("2001:db8:1:0:1234:5678:abcd:ef01")]);
+        assert_eq!(parse_if_inet6(text, 3), [ip("2001:db8:2::20")]);
+        assert_eq!(parse_if_inet6(text, 4), Vec::<Ipv6Addr>::new());
+    }
+
+    #[test]
+    fn a_pinhole_is_for_a_listen_address_at_one_of_our_public_addresses() {
         let a = |s: &str| s.parse::<Multiaddr>().expect("multiaddr");
         let listening = [
             a("/ip4/192.168.1.20/udp/4737/quic-v1"),

@@ -81,7 +81,9 @@ impl NodeProc {
             }
         });
         let mut peer_id = None;
+        // On a host's LAN, its IPv4 address, unless the node listens on IPv6 alone.
         let mut addr = None;
+        let v6_only = args.windows(2).any(|w| w[0] == "--listen" && w[1].starts_with("/ip6/"));
         let mut printed = String::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         while peer_id.is_none() || addr.is_none() || !dir.join("api").exists() {
@@ -97,9 +99,9 @@ impl NodeProc {
                     if let Some(p) = line.strip_prefix("peer id: ") {
                         peer_id = Some(p.to_string());
                     } else if let Some(a) = line.strip_prefix("listening: ")
-                        && host.is_none_or(|h| {
-                            a.starts_with(&format!("/ip4/{}/", h.ip))
-                                || h.ip6.as_ref().is_some_and(|ip6| a.starts_with(&format!("/ip6/{ip6}/")))
+                        && host.is_none_or(|h| match (v6_only, &h.ip6) {
+                            (true, Some(ip6)) => a.starts_with(&format!("/ip6/{ip6}/")),
+                            _ => a.starts_with(&format!("/ip4/{}/", h.ip)),
                         })
                     {
                         addr.get_or_insert(a.to_string());
@@ -273,17 +275,15 @@ impl Host {
 }
 
 impl Lan {
-    /// Gives the bridge and each host an IPv6 address in the /64 `prefix` (`prefix::254` and
-    /// `prefix::<i>`), without duplicate address detection, which would hold them for a second.
-    fn add_ipv6(&mut self, prefix: &str) {
-        ip(&["addr", "add", &format!("{prefix}::254/64"), "dev", &self.bridge, "nodad"])
-            .unwrap_or_else(|e| panic!("{e}"));
+    /// Gives each host an IPv6 address in the /64 `prefix` (`prefix::<i>`), without duplicate
+    /// address detection, which would hold them for a second.
+    fn add_ipv6(&mut self, prefix: &str) -> Result<(), String> {
         for (i, host) in self.hosts.iter_mut().enumerate() {
             let ip6 = format!("{prefix}::{}", i + 1);
-            host.ip_inside(&["addr", "add", &format!("{ip6}/64"), "dev", &host.dev, "nodad"])
-                .unwrap_or_else(|e| panic!("{e}"));
+            host.ip_inside(&["addr", "add", &format!("{ip6}/64"), "dev", &host.dev, "nodad"])?;
             host.ip6 = Some(ip6);
         }
+        Ok(())
     }
 }
 
@@ -417,48 +417,41 @@ impl Router {
         }
         let mut ext6 = String::new();
         if let (Some(prefix), Some(wan6)) = (home6, &wan.ip6) {
-            let Some(ip6tables) = find_tool("ip6tables-legacy") else {
-                eprintln!("skipped: no ip6tables-legacy here (Debian: apt-get install iptables)");
-                return None;
-            };
-            inside(&["addr", "add", &format!("{prefix}::1/64"), "dev", &lan_dev, "nodad"]);
-            let home6 = format!("{prefix}::2");
-            for args in [
-                &["addr", "add", &format!("{home6}/64"), "dev", &router.home.dev, "nodad"][..],
-                &["-6", "route", "add", "default", "via", &format!("{prefix}::1")],
-            ] {
-                router.home.ip_inside(args).unwrap_or_else(|e| panic!("{e}"));
+            // Where this machine cannot (IPv6 off, no ip6tables), the IPv4 part goes on alone.
+            let made = (|| {
+                let ip6tables = find_tool("ip6tables-legacy").ok_or("no ip6tables-legacy (Debian: iptables)")?;
+                // The router as a home router is on its LAN: at a link-local address, which the
+                // home host's default route names with the interface.
+                wan.ip_inside(&["addr", "add", &format!("{prefix}::1/64"), "dev", &lan_dev, "nodad"])?;
+                wan.ip_inside(&["addr", "add", "fe80::1/64", "dev", &lan_dev, "nodad"])?;
+                let home6 = format!("{prefix}::2");
+                let home = &router.home;
+                home.ip_inside(&["addr", "add", &format!("{home6}/64"), "dev", &home.dev, "nodad"])?;
+                home.ip_inside(&["-6", "route", "add", "default", "via", "fe80::1", "dev", &home.dev])?;
+                for host in lan.hosts.iter().filter(|h| h.ns != wan.ns) {
+                    host.ip_inside(&["-6", "route", "add", &format!("{prefix}::/64"), "via", wan6])?;
+                }
+                try_run(Path::new("sh"), &["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"])?;
+                let conntrack = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"];
+                for rule in [
+                    // The chain miniupnpd adds its pinholes to.
+                    &["-N", "MINIUPNPD"][..],
+                    &[&["-A", "FORWARD", "-i", w, "-o", l][..], &conntrack, &["-j", "ACCEPT"]].concat(),
+                    &["-A", "FORWARD", "-i", w, "-o", l, "-j", "MINIUPNPD"],
+                    &["-A", "FORWARD", "-i", w, "-o", l, "-j", "DROP"],
+                ] {
+                    try_run(&ip6tables, &[&["-w"][..], rule].concat())?;
+                }
+                Ok::<_, String>((ip6tables, home6))
+            })();
+            match made {
+                Ok((ip6tables, home6)) => {
+                    router.home.ip6 = Some(home6);
+                    router.ip6tables = Some(ip6tables);
+                    ext6 = format!("ext_ifname6={w}\n");
+                }
+                Err(e) => eprintln!("IPv6 part skipped: {e}"),
             }
-            router.home.ip6 = Some(home6);
-            for host in lan.hosts.iter().filter(|h| h.ns != wan.ns) {
-                host.ip_inside(&["-6", "route", "add", &format!("{prefix}::/64"), "via", wan6])
-                    .unwrap_or_else(|e| panic!("{e}"));
-            }
-            run(Path::new("sh"), &["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"]);
-            for rule in [
-                // The chain miniupnpd adds its pinholes to.
-                &["-N", "MINIUPNPD"][..],
-                &[
-                    "-A",
-                    "FORWARD",
-                    "-i",
-                    w,
-                    "-o",
-                    l,
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ],
-                &["-A", "FORWARD", "-i", w, "-o", l, "-j", "MINIUPNPD"],
-                &["-A", "FORWARD", "-i", w, "-o", l, "-j", "DROP"],
-            ] {
-                run(&ip6tables, &[&["-w"][..], rule].concat());
-            }
-            router.ip6tables = Some(ip6tables);
-            ext6 = format!("ext_ifname6={w}\n");
         }
         let conf = router.dir.path().join("miniupnpd.conf");
         std::fs::write(
@@ -809,11 +802,11 @@ fn behind_a_home_router(speaks: Speaks) {
     };
     let Some(mut internet) = Lan::on(3, &format!("11.{prefix}.{}", std::process::id() % 250)) else { return };
     // With PCP, IPv6 too: documentation prefixes, which a node takes for public as any global one.
-    let home6 = (speaks == Speaks::Pcp).then(|| {
-        let id = std::process::id() % 0xffff;
-        internet.add_ipv6(&format!("2001:db8:{id:x}:a15"));
-        format!("2001:db8:{id:x}:b15")
-    });
+    let id = std::process::id() % 0xffff;
+    let home6 = (speaks == Speaks::Pcp)
+        .then(|| internet.add_ipv6(&format!("2001:db8:{id:x}:a15")).map_err(|e| eprintln!("IPv6 part skipped: {e}")))
+        .and_then(Result::ok)
+        .map(|()| format!("2001:db8:{id:x}:b15"));
     let Some(router) = Router::new(&internet, &internet.hosts[1], speaks, home6.as_deref()) else { return };
     router.home.add_docker_bridge();
     let tmp = tempfile::tempdir().expect("tempdir");
