@@ -36,6 +36,12 @@ pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 /// How long a peer may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams whose request is still being read, in all and per peer. Past either, a new stream is
+/// closed unanswered. They hold no upload slot: a peer that opens streams and sends nothing
+/// ties up only these, never the slots other peers' requests are served from.
+const MAX_READING: usize = 1024;
+const MAX_READING_PER_PEER: usize = 16;
+
 /// How long a busy peer is asked to wait at least; with an upload cap, a peer turned away from a
 /// full line is asked to wait about one upload's time (see [`Uploads::busy_retry`]).
 const BUSY_RETRY: Duration = Duration::from_millis(250);
@@ -125,6 +131,8 @@ pub(crate) struct Uploads {
     answering: AtomicUsize,
     /// Watches held, per peer (at most [`MAX_WATCHES`] in all).
     watches: Mutex<HashMap<PeerId, usize>>,
+    /// Streams whose request is being read, per peer (at most [`MAX_READING`] in all).
+    reading: Mutex<HashMap<PeerId, usize>>,
     /// Counts the pieces this node stored, to wake the watches it holds.
     pub(crate) arrivals: Arrivals,
     pub(crate) timing: Timing,
@@ -164,14 +172,32 @@ impl Drop for DataSlot {
 }
 
 /// A watch held; released when dropped.
-struct WatchSlot<'a> {
-    uploads: &'a Uploads,
+/// One of a peer's watches held, or of its streams being read; given back when dropped.
+struct PeerCount<'a> {
+    counts: &'a Mutex<HashMap<PeerId, usize>>,
     peer: PeerId,
 }
 
-impl Drop for WatchSlot<'_> {
+impl<'a> PeerCount<'a> {
+    /// One more for `peer` in `counts`, if that keeps within `max` in all and `max_per_peer`.
+    fn try_new(
+        counts: &'a Mutex<HashMap<PeerId, usize>>,
+        peer: PeerId,
+        max: usize,
+        max_per_peer: usize,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        if map.values().sum::<usize>() >= max || map.get(&peer).is_some_and(|n| *n >= max_per_peer) {
+            return None;
+        }
+        *map.entry(peer).or_insert(0) += 1;
+        Some(Self { counts, peer })
+    }
+}
+
+impl Drop for PeerCount<'_> {
     fn drop(&mut self) {
-        count_down(&self.uploads.watches, &self.peer);
+        count_down(self.counts, &self.peer);
     }
 }
 
@@ -241,6 +267,7 @@ impl Uploads {
             closing: AtomicBool::new(false),
             answering: AtomicUsize::new(0),
             watches: Mutex::new(HashMap::new()),
+            reading: Mutex::new(HashMap::new()),
             arrivals: Arrivals::new(),
             timing,
         }
@@ -253,16 +280,16 @@ impl Uploads {
     }
 
     /// Room to hold a watch from `peer`, if the bounds allow one more.
-    fn try_watch(&self, peer: PeerId) -> Option<WatchSlot<'_>> {
+    fn try_watch(&self, peer: PeerId) -> Option<PeerCount<'_>> {
         if self.closing.load(Ordering::Relaxed) {
             return None;
         }
-        let mut map = self.watches.lock().unwrap_or_else(|e| e.into_inner());
-        if map.values().sum::<usize>() >= MAX_WATCHES || map.get(&peer).is_some_and(|n| *n >= MAX_WATCHES_PER_PEER) {
-            return None;
-        }
-        *map.entry(peer).or_insert(0) += 1;
-        Some(WatchSlot { uploads: self, peer })
+        PeerCount::try_new(&self.watches, peer, MAX_WATCHES, MAX_WATCHES_PER_PEER)
+    }
+
+    /// Room to read one more request from `peer`, if the bounds allow it.
+    fn try_read(&self, peer: PeerId) -> Option<PeerCount<'_>> {
+        PeerCount::try_new(&self.reading, peer, MAX_READING, MAX_READING_PER_PEER)
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
@@ -388,7 +415,6 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
 
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
     let Server { store, uploads, crowds, metrics, activity } = server;
-    let in_flight = activity.request(peer);
     let started = Instant::now();
     // However the request goes, a peer that stops reading the answer gives its slot up.
     let idle = uploads.timing.request_timeout;
@@ -396,10 +422,12 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         metrics.served("any", "denied", started.elapsed());
         return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), idle).await;
     }
-    let Some(slot) = uploads.try_acquire(peer) else {
-        metrics.served("any", "busy", started.elapsed());
-        let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
-        return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
+    // The request is read before any upload slot is taken: a peer that opens streams and sends
+    // nothing holds only its share of the streams being read, and keeps no connection from
+    // being trimmed.
+    let Some(reading) = uploads.try_read(peer) else {
+        metrics.served("any", "too_many_unread", started.elapsed());
+        return Ok(());
     };
     let body =
         match tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
@@ -419,6 +447,13 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 return Ok(());
             }
         };
+    drop(reading);
+    let Some(slot) = uploads.try_acquire(peer) else {
+        metrics.served("any", "busy", started.elapsed());
+        let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
+        return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
+    };
+    let in_flight = activity.request(peer);
     let (answering, _) = Counted::new(&uploads.answering);
     let request = match wire::decode_request(&body) {
         Ok(r) => r,
@@ -816,22 +851,24 @@ fn refusal(response: Response) -> Result<Response, PeerFault> {
     }
 }
 
-/// Sends `request` and reads the answer's header, waiting at most `read_timeout` for it.
-async fn exchange_within(
-    stream: &mut Stream,
-    request: &Request,
-    read_timeout: Duration,
-) -> Result<Response, PeerFault> {
-    stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
-    stream.flush().await.map_err(|e| io_fault(&e))?;
-    let body = tokio::time::timeout(read_timeout, read_frame(stream, MAX_RESPONSE_LEN))
-        .await
-        .map_err(|_| PeerFault::Timeout)?
-        .map_err(|e| match e {
+/// Sends `request` and reads the answer's header, within `timeout` for both: a peer that takes
+/// no bytes (gives the stream no flow-control credit) is given up on as one that never answers.
+async fn exchange_within(stream: &mut Stream, request: &Request, timeout: Duration) -> Result<Response, PeerFault> {
+    let exchange = async {
+        stream.write_all(&wire::encode_frame(request)).await.map_err(|e| io_fault(&e))?;
+        stream.flush().await.map_err(|e| io_fault(&e))?;
+        read_frame(stream, MAX_RESPONSE_LEN).await.map_err(|e| match e {
             FrameError::Io(e) => io_fault(&e),
             FrameError::Wire(_) => PeerFault::Protocol,
-        })?;
+        })
+    };
+    let body = tokio::time::timeout(timeout, exchange).await.map_err(|_| PeerFault::Timeout)??;
     wire::decode_response(&body).map_err(|_| PeerFault::Protocol)
+}
+
+/// Closes our side of `stream`, waiting at most `timeout` for the peer to take it.
+async fn close_within(stream: &mut Stream, timeout: Duration) {
+    let _ = tokio::time::timeout(timeout, stream.close()).await;
 }
 
 /// Answers a watch once the node holds a piece its requester wants, the wait ends (at most
@@ -919,7 +956,7 @@ pub(crate) async fn ask_have(
     let started = Instant::now();
     let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }, timing).await?;
     let rtt = started.elapsed();
-    let _ = stream.close().await;
+    close_within(&mut stream, timing.request_timeout).await;
     match response {
         Response::Have { size, pieces, peers, size_proof } => {
             let size_proof = match size_proof {
@@ -950,7 +987,7 @@ pub(crate) async fn watch_have(
     let request = Request::Watch { hash, wanted, wait_ms, trace: Some(trace) };
     let response = exchange_within(&mut stream, &request, timing.request_timeout.saturating_add(wait)).await?;
     let rtt = started.elapsed();
-    let _ = stream.close().await;
+    close_within(&mut stream, timing.request_timeout).await;
     if matches!(response, Response::BadRequest { .. }) {
         return Ok(None);
     }
@@ -1042,7 +1079,7 @@ pub(crate) async fn get_pieces(
         timing.request_timeout,
     )
     .await;
-    let _ = stream.close().await;
+    close_within(&mut stream, timing.request_timeout).await;
     Got { verified, bytes, fault, hints, have, store_error }
 }
 
@@ -1098,7 +1135,13 @@ async fn receive(
                     warn!(blob = %hash, error = %e, "storing verified pieces failed");
                     return (stored, bytes, None, Some(e));
                 }
-                Err(_) => return (stored, bytes, Some(PeerFault::Io), None),
+                // Our own store's task failed (it panicked): no fault of the peer's.
+                Err(e) => {
+                    let source = std::io::Error::other(e.to_string());
+                    let e =
+                        shoal_cache::StoreError::Io { op: "store pieces of", path: hash.to_string().into(), source };
+                    return (stored, bytes, None, Some(e));
+                }
             }
         }
         if done {
@@ -1215,6 +1258,25 @@ mod tests {
         assert_eq!(uploads.per_peer.lock().unwrap().len(), 1);
         drop(first);
         assert!(uploads.per_peer.lock().unwrap().is_empty());
+    }
+
+    /// Streams whose request has not come hold none of the upload slots: a peer that opens
+    /// streams and sends nothing fills only its own share of the streams being read.
+    #[test]
+    fn unread_streams_take_no_upload_slot_and_are_bounded_per_peer() {
+        let uploads = Uploads::new(1, 8, None, None, Timing::new(1.0));
+        let idle = PeerId::random();
+        let unread: Vec<_> = std::iter::from_fn(|| uploads.try_read(idle)).take(100).collect();
+        assert_eq!(unread.len(), MAX_READING_PER_PEER);
+        let other = PeerId::random();
+        let reading = uploads.try_read(other).expect("another peer's request is read");
+        drop(reading);
+        assert!(uploads.try_acquire(other).is_some(), "the one upload slot is free for a request read");
+        drop(unread);
+        assert!(uploads.reading.lock().unwrap().is_empty(), "nothing left behind");
+        // The bound in all: many peers, one stream each.
+        let many: Vec<_> = (0..MAX_READING + 5).filter_map(|_| uploads.try_read(PeerId::random())).collect();
+        assert_eq!(many.len(), MAX_READING);
     }
 
     /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].

@@ -1,7 +1,8 @@
 //! A peer that speaks the transfer protocol by hand. Badly: garbage, an oversized frame, a request
 //! cut off halfway, a request for pieces that do not exist; the node answers each as the protocol
 //! says, counts it, and goes on serving everyone else. And patiently: a watch held until a piece
-//! it wants arrives, and one that must not hold up a shutdown.
+//! it wants arrives, and one that must not hold up a shutdown; streams that never send their
+//! request, which must not keep others from being served.
 
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder};
 use shoal_node::{Node, NodeConfig};
 use shoal_protocol::wire::{self, Request, Response};
-use shoal_protocol::{Geometry, PIECE_SIZE, PieceSet};
+use shoal_protocol::{Geometry, Hash, PIECE_SIZE, PieceSet};
 
 const TRANSFER: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 
@@ -168,14 +169,9 @@ async fn a_request_that_never_arrives_does_not_hold_up_shutdown() {
     let mut stream = control.open_stream(peer, TRANSFER).await.expect("stream");
     stream.write_all(&[0, 0]).await.expect("write");
     stream.flush().await.expect("flush");
-    let handle = provider.handle();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while handle.status().await.expect("status").uploads == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the node took the stream");
+    // A request on a stream opened after it is answered: the node took both.
+    let have = wire::encode_frame(&Request::Have { hash: Hash::of(b"none"), trace: None, prove_size: false });
+    assert!(matches!(response(&exchange(&mut control, peer, &have).await), Response::NotFound));
 
     // Stopping waits for requests being answered, not for one that never came.
     tokio::time::timeout(Duration::from_secs(60), provider.shutdown())
@@ -184,6 +180,42 @@ async fn a_request_that_never_arrives_does_not_hold_up_shutdown() {
         .expect("shutdown");
     drop(stream);
     swarm.abort();
+}
+
+/// A peer that opens streams and sends nothing holds none of the upload slots: another peer's
+/// request is answered, not told `Busy`. (With the slot taken before the request was read,
+/// two such streams held both slots of this node.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_that_never_send_a_request_hold_no_upload_slot() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut c = config(tmp.path().join("p"));
+    c.max_uploads = 2;
+    let provider = Node::start(c).await.expect("provider");
+    let addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let file = tmp.path().join("f");
+    std::fs::write(&file, b"a blob worth asking for").expect("write");
+    let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    let peer = provider.handle().peer_id();
+
+    let (mut idle, idle_swarm) = raw_peer(addr.clone()).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut stream = idle.open_stream(peer, TRANSFER).await.expect("stream");
+        // The node may close one it will not read (it did, once both slots were held).
+        let _ = stream.write_all(&[0, 0]).await;
+        let _ = stream.flush().await;
+        held.push(stream);
+    }
+    let (mut asking, asking_swarm) = raw_peer(addr).await;
+    let have = wire::encode_frame(&Request::Have { hash, trace: None, prove_size: false });
+    for _ in 0..3 {
+        let answer = response(&exchange(&mut asking, peer, &have).await);
+        assert!(matches!(answer, Response::Have { .. }), "{answer:?}");
+    }
+    drop(held);
+    idle_swarm.abort();
+    asking_swarm.abort();
+    provider.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
