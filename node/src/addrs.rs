@@ -23,7 +23,7 @@
 //!   or kept.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -246,11 +246,38 @@ pub(crate) struct Records {
     inner: MemoryStore,
     local: PeerId,
     announced: Vec<Multiaddr>,
+    /// The keys with a provider other than us, at most `max_remote_keys`: peers' records fill
+    /// only part of the store, and never the room our own announcements need.
+    remote: HashSet<RecordKey>,
+    max_remote_keys: usize,
 }
 
 impl Records {
-    pub(crate) fn new(local: PeerId, inner: MemoryStore) -> Self {
-        Self { inner, local, announced: Vec::new() }
+    pub(crate) fn new(local: PeerId, inner: MemoryStore, max_remote_keys: usize) -> Self {
+        Self { inner, local, announced: Vec::new(), remote: HashSet::new(), max_remote_keys }
+    }
+
+    /// Notes whether `key` still has a provider other than us.
+    fn recount(&mut self, key: &RecordKey) {
+        if self.inner.providers(key).iter().any(|p| p.provider != self.local) {
+            self.remote.insert(key.clone());
+        } else {
+            self.remote.remove(key);
+        }
+    }
+
+    /// Removes the peers' records that expired. Kademlia drops one only when its key is looked
+    /// up again, so a record for a key nobody asks about would stay for good.
+    pub(crate) fn remove_expired(&mut self, now: std::time::Instant) {
+        let keys: Vec<RecordKey> = self.remote.iter().cloned().collect();
+        for key in keys {
+            for record in self.inner.providers(&key) {
+                if record.provider != self.local && record.expires.is_some_and(|t| t <= now) {
+                    self.inner.remove_provider(&key, &record.provider);
+                }
+            }
+            self.recount(&key);
+        }
     }
 
     /// The addresses our own provider records carry from now on; none leaves it to Kademlia.
@@ -280,7 +307,14 @@ impl RecordStore for Records {
     }
 
     fn add_provider(&mut self, record: ProviderRecord) -> StoreResult<()> {
-        self.inner.add_provider(record)
+        let remote = record.provider != self.local;
+        if remote && !self.remote.contains(&record.key) && self.remote.len() >= self.max_remote_keys {
+            return Err(libp2p::kad::store::Error::MaxProvidedKeys);
+        }
+        let key = record.key.clone();
+        let added = self.inner.add_provider(record);
+        self.recount(&key);
+        added
     }
 
     fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {
@@ -296,7 +330,8 @@ impl RecordStore for Records {
     }
 
     fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
-        self.inner.remove_provider(k, p)
+        self.inner.remove_provider(k, p);
+        self.recount(k);
     }
 }
 
@@ -306,6 +341,37 @@ mod tests {
 
     fn a(s: &str) -> Multiaddr {
         s.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn peers_records_take_only_their_share_of_the_store_and_go_once_expired() {
+        let (us, them) = (PeerId::random(), PeerId::random());
+        let mut records = Records::new(us, MemoryStore::new(us), 2);
+        let record = |key: u8, provider: PeerId, expires: Option<std::time::Instant>| ProviderRecord {
+            key: RecordKey::new(&[key; 32]),
+            provider,
+            expires,
+            addresses: Vec::new(),
+        };
+        let now = std::time::Instant::now();
+        let later = now + std::time::Duration::from_secs(3600);
+        assert!(records.add_provider(record(1, them, Some(now))).is_ok());
+        assert!(records.add_provider(record(2, them, Some(later))).is_ok());
+        assert!(records.add_provider(record(3, them, Some(later))).is_err(), "past the peers' share");
+        // Another provider of a key already held takes no more room; our own always fit.
+        assert!(records.add_provider(record(2, PeerId::random(), Some(later))).is_ok());
+        assert!(records.add_provider(record(3, us, None)).is_ok());
+        assert!(records.add_provider(record(4, us, None)).is_ok());
+        // The expired one goes, and makes room.
+        records.remove_expired(now);
+        assert!(records.providers(&RecordKey::new(&[1; 32])).is_empty());
+        assert_eq!(records.providers(&RecordKey::new(&[2; 32])).len(), 2);
+        assert!(records.add_provider(record(5, them, Some(later))).is_ok());
+        // A key whose only peer provider left frees its room too; ours stays.
+        records.add_provider(record(3, them, Some(later))).expect_err("full again");
+        records.remove_provider(&RecordKey::new(&[5; 32]), &them);
+        assert!(records.add_provider(record(3, them, Some(later))).is_ok());
+        assert_eq!(records.providers(&RecordKey::new(&[3; 32])).len(), 2);
     }
 
     #[test]
@@ -455,7 +521,7 @@ mod tests {
     fn our_own_provider_records_carry_the_announced_addresses() {
         let me = PeerId::random();
         let other = PeerId::random();
-        let mut store = Records::new(me, MemoryStore::new(me));
+        let mut store = Records::new(me, MemoryStore::new(me), 16);
         let key = RecordKey::new(&b"blob");
         store.add_provider(ProviderRecord::new(key.clone(), me, Vec::new())).unwrap();
         let theirs = vec![a("/ip4/192.0.2.9/udp/4737/quic-v1")];

@@ -85,6 +85,7 @@ impl From<NodeError> for ApiError {
             }
             NodeError::Fetch(_) => StatusCode::BAD_GATEWAY,
             NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
+            NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -275,12 +276,17 @@ async fn fetch(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Resu
             let result = loop {
                 tokio::select! {
                     r = &mut fetch => break r,
+                    // The client went: the fetch is dropped with this task (one it shares goes on
+                    // for its other callers).
+                    _ = lines.closed() => return,
                     changed = prx.changed() => {
                         if changed.is_err() {
                             continue;
                         }
                         let p = prx.borrow_and_update().clone();
-                        if !p.done && lines.send(line(p, None)).await.is_err() {
+                        // Never waited for: a client that reads slowly skips lines, and the fetch,
+                        // which others may follow, goes on meanwhile.
+                        if !p.done && let Err(mpsc::error::TrySendError::Closed(_)) = lines.try_send(line(p, None)) {
                             return;
                         }
                     }

@@ -86,6 +86,9 @@ fn failure(f: PeerFault) -> PeerFailure {
     }
 }
 
+/// The most blobs a node fetches at once; a fetch of one already under way follows it.
+pub(crate) const MAX_FETCHES: usize = 256;
+
 pub(crate) async fn fetch(
     node: &NodeHandle,
     hash: Hash,
@@ -113,6 +116,11 @@ pub(crate) async fn fetch(
             let mut fetches = node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner());
             match fetches.get(&hash) {
                 Some(rx) => Some(rx.clone()),
+                // Each fetch runs lookups and dials: their number is bounded, so that requests
+                // for made-up hashes (the gateway may face the Internet) cannot run without end.
+                None if fetches.len() >= MAX_FETCHES => {
+                    return Err(NodeError::Busy("as many fetches as it takes are under way"));
+                }
                 None => {
                     fetches.insert(hash, own_rx);
                     None
@@ -221,7 +229,9 @@ async fn run(
     let mut lookup: Option<Aborted> = None;
     // Holders other peers named (peer exchange): candidates like the providers a lookup finds,
     // once the swarm has recorded the addresses they were named with.
-    let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(64);
+    // Room for every peer ever hinted (each is sent once): none named is lost to a full queue
+    // while the fetch is busy elsewhere (tokio allocates a channel's room as it fills).
+    let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(MAX_HINTED);
     let mut hinted: HashSet<PeerId> = HashSet::new();
     // Providers the DHT named, for how many holders the fetch knows of when it announces itself.
     let mut provided: HashSet<PeerId> = HashSet::new();

@@ -168,6 +168,7 @@ fn fetch_failed(hash: Hash, e: crate::NodeError) -> Response {
         NodeError::Store(shoal_cache::StoreError::TooLarge { .. } | shoal_cache::StoreError::BlobTooLarge(_)) => {
             StatusCode::INSUFFICIENT_STORAGE
         }
+        NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_GATEWAY,
     };
     error(status, format!("blob {hash} could not be fetched: {e}"))

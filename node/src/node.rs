@@ -32,6 +32,9 @@ pub enum NodeError {
     /// The request itself is wrong (a path, a collection); the message says how.
     #[error("{0}")]
     Invalid(String),
+    /// The node runs as many of these as it takes; the message says which. Try again later.
+    #[error("{0}; try again later")]
+    Busy(&'static str),
 }
 
 /// A node's state, as `shoal status` shows it.
@@ -165,7 +168,13 @@ pub(crate) struct Shared {
     pub(crate) crowds: Arc<crate::crowd::Crowds>,
     /// What the LAN's router does for us, as the port-mapping task last found.
     pub(crate) router: Arc<Mutex<RouterMapping>>,
+    /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
+    /// [`MAX_LOOKUPS`] at once.
+    pub(crate) lookups: tokio::sync::Semaphore,
 }
+
+/// The most provider lookups a node's users (its API) run at once; its fetches' own are apart.
+pub(crate) const MAX_LOOKUPS: usize = 64;
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -288,6 +297,7 @@ impl Node {
                 activity,
                 crowds,
                 router,
+                lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
             }),
         };
         // Announce what we already hold.
@@ -546,6 +556,11 @@ impl NodeHandle {
     /// Like [`NodeHandle::providers`], with what the lookup cost (`None` if it outlived the
     /// lookup timeout).
     pub async fn lookup(&self, hash: Hash) -> Result<(Vec<PeerId>, Option<LookupStats>), NodeError> {
+        let _lookup = self
+            .inner
+            .lookups
+            .try_acquire()
+            .map_err(|_| NodeError::Busy("as many provider lookups as it takes are under way"))?;
         let (tx, mut rx) = mpsc::channel(64);
         let (stats_tx, stats_rx) = oneshot::channel();
         self.command(Command::FindProviders { hash, found: tx, stats: Some(stats_tx) }).await?;

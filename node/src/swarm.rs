@@ -23,7 +23,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_
 use rand::seq::SliceRandom;
 use shoal_protocol::Hash;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, trace, warn};
+use tracing::{debug, info, trace};
 
 use crate::config::NodeConfig;
 
@@ -32,6 +32,16 @@ pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/
 
 /// Provider records a node keeps, its own and others'. Sized for a CDN node's catalogue.
 pub(crate) const MAX_PROVIDED_KEYS: usize = 200_000;
+
+/// Of [`MAX_PROVIDED_KEYS`], the keys peers' records may take: the rest is our own
+/// announcements' room, which no peer can fill.
+const MAX_REMOTE_KEYS: usize = MAX_PROVIDED_KEYS / 2;
+
+/// The most lookups that wait for one provider's dial.
+const MAX_WAITING_LOOKUPS: usize = 64;
+
+/// How often peers' expired provider records are removed.
+const EXPIRED_SWEEP: Duration = Duration::from_secs(10 * 60);
 
 fn query_kind(r: &QueryResult) -> &'static str {
     match r {
@@ -240,7 +250,7 @@ pub(crate) fn build_swarm(
                 ..Default::default()
             },
         );
-        let store = crate::addrs::Records::new(peer_id, store);
+        let store = crate::addrs::Records::new(peer_id, store, MAX_REMOTE_KEYS);
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Every Shoal node serves the DHT (we do not wait for an external address to be
         // confirmed), except one that runs for a single command and would leave dead entries in
@@ -515,6 +525,8 @@ impl EventLoop {
         trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry = tokio::time::interval(self.unannounced_retry);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(EXPIRED_SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -537,6 +549,9 @@ impl EventLoop {
                     if self.swarm.behaviour_mut().kad.kbuckets().any(|b| b.num_entries() > 0) {
                         self.announce_again();
                     }
+                }
+                _ = sweep.tick() => {
+                    self.swarm.behaviour_mut().kad.store_mut().remove_expired(std::time::Instant::now());
                 }
                 _ = &mut shutdown => break,
             }
@@ -570,7 +585,11 @@ impl EventLoop {
                 Ok(id) => {
                     self.providing.insert(id, self.table_generation);
                 }
-                Err(e) => warn!(blob = %hash, error = ?e, "cannot announce blob"),
+                Err(e) => {
+                    // Tried again with the announcements that reached nobody.
+                    debug!(blob = %hash, error = ?e, "cannot announce blob yet");
+                    self.unannounced.insert(hash);
+                }
             }
         }
     }
@@ -846,6 +865,11 @@ impl EventLoop {
     /// still names the provider to a lookup of our own, which reaches it over the connection it
     /// came on while that is open.
     fn store_provider(&mut self, mut record: kad::ProviderRecord) {
+        // Shoal's keys are BLAKE3 hashes; anything else is no blob's (and up to 16 KiB each).
+        if record.key.as_ref().len() != 32 {
+            debug!(provider = %record.provider, "provider record for a key that is no blob's hash, not stored");
+            return;
+        }
         let announced = std::mem::take(&mut record.addresses);
         if let Judged::Believed(addrs) = self.reachable_addrs(record.provider, announced) {
             record.addresses = addrs;
@@ -897,7 +921,12 @@ impl EventLoop {
         }
         let waiting = self.dialling.entry(peer).or_default();
         let first = waiting.is_empty();
-        waiting.push(found.clone());
+        // Lookups that ended no longer wait; each lookup waits once. A dial parked until our own
+        // connections make room can otherwise gather one per lookup that names the peer.
+        waiting.retain(|f| !f.is_closed());
+        if !waiting.iter().any(|f| f.same_channel(found)) && waiting.len() < MAX_WAITING_LOOKUPS {
+            waiting.push(found.clone());
+        }
         if first {
             self.dial_provider(peer);
         }
