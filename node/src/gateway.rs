@@ -182,25 +182,63 @@ fn fetch_ended(e: tokio::task::JoinError) -> Response {
     }
 }
 
-/// The whole of a small blob (a collection), each piece verified.
+/// The largest collection the gateway reads whole, to list it or to look a path up in it: a
+/// listing of about 100,000 files. A larger one is answered 502, saying so (its own bytes are
+/// still served on `Accept: application/octet-stream`, and `shoal get` writes it).
+const MAX_LISTED: u64 = 16 << 20;
+
+/// Collections read whole at once: each takes its size in memory, and more to decode.
+static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// The whole of a small blob (a collection), each piece verified; its size is checked before
+/// any more of it is fetched.
 async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Response>> {
-    let fetching = ensure_fetching(node, hash);
-    if let Some(f) = fetching {
-        match f.await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(Box::new(fetch_failed(hash, e))),
-            Err(e) => return Err(Box::new(fetch_ended(e))),
-        }
+    let mut fetching = ensure_fetching(node, hash);
+    let size = known_size(node, hash, &mut fetching).await?;
+    if size > MAX_LISTED {
+        let say = format!(
+            "{hash} is a collection of {size} bytes, more than the {MAX_LISTED} a gateway lists; fetch it with shoal get"
+        );
+        return Err(Box::new(error(StatusCode::BAD_GATEWAY, say)));
     }
-    let info = node.store().info(hash).ok_or_else(|| Box::new(error(StatusCode::NOT_FOUND, "collection gone")))?;
-    if info.size > shoal_protocol::collection::MAX_ENCODED as u64 {
-        return Err(Box::new(error(StatusCode::BAD_GATEWAY, "collection too large")));
+    let _reading =
+        READING_WHOLE.acquire().await.map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))?;
+    let geometry = Geometry::new(size).map_err(|_| Box::new(error(StatusCode::BAD_GATEWAY, "blob too large")))?;
+    let mut out = Vec::with_capacity(size as usize);
+    for piece in 0..geometry.piece_count() {
+        out.extend_from_slice(&wait_piece(node, hash, piece, &fetching).await?);
     }
-    let mut out = Vec::with_capacity(info.size as usize);
-    for piece in 0..info.pieces.piece_count() {
-        out.extend_from_slice(&wait_piece(node, hash, piece, &None).await?);
+    // A size no proof backed may have given way to the true one meanwhile.
+    if node.store().info(hash).map(|i| i.size) != Some(size) || out.len() as u64 != size {
+        return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
     Ok(out)
+}
+
+/// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
+/// deadline.
+async fn known_size(
+    node: &NodeHandle,
+    hash: Hash,
+    fetching: &mut Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+) -> Result<u64, Box<Response>> {
+    let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
+    loop {
+        if let Some(info) = node.store().info(hash) {
+            return Ok(info.size);
+        }
+        if let Some(f) = fetching.take_if(|f| f.is_finished()) {
+            return Err(Box::new(match f.await {
+                Ok(Err(e)) => fetch_failed(hash, e),
+                Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("blob {hash} was fetched but is gone again")),
+                Err(e) => fetch_ended(e),
+            }));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"))));
+        }
+        tokio::time::sleep(PIECE_POLL).await;
+    }
 }
 
 fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &HeaderMap) -> Response {
@@ -296,24 +334,10 @@ pub(crate) async fn serve(
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
-    let store = node.store().clone();
     let mut fetching = ensure_fetching(&node, hash);
-    let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
-    let size = loop {
-        if let Some(info) = store.info(hash) {
-            break info.size;
-        }
-        if let Some(f) = fetching.take_if(|f| f.is_finished()) {
-            return match f.await {
-                Ok(Err(e)) => fetch_failed(hash, e),
-                Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("blob {hash} was fetched but is gone again")),
-                Err(e) => fetch_ended(e),
-            };
-        }
-        if tokio::time::Instant::now() > deadline {
-            return error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"));
-        }
-        tokio::time::sleep(PIECE_POLL).await;
+    let size = match known_size(&node, hash, &mut fetching).await {
+        Ok(size) => size,
+        Err(resp) => return *resp,
     };
     let Ok(geometry) = Geometry::new(size) else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "blob too large");
@@ -376,11 +400,20 @@ pub(crate) async fn serve(
         let last = geometry.piece_of(end_inclusive);
         for piece in first..=last {
             let item = match wait_piece(&node, hash, piece, &fetching).await {
+                // The size the answer announced may have been a peer's claim that did not hold,
+                // and the entry given way to the blob's true size: a piece of that one is cut
+                // from another geometry, and the answer would end early yet look whole.
+                Ok(_) if node.store().info(hash).map(|i| i.size) != Some(size) => {
+                    Err(std::io::Error::other("the blob's size changed; aborting the body"))
+                }
                 Ok(bytes) => {
                     let pr = geometry.piece_bytes(piece);
-                    let from = start.max(pr.start) - pr.start;
-                    let to = (end_inclusive + 1).min(pr.end) - pr.start;
-                    Ok(bytes.slice(from as usize..to as usize))
+                    let from = (start.max(pr.start) - pr.start) as usize;
+                    let to = ((end_inclusive + 1).min(pr.end) - pr.start) as usize;
+                    match bytes.get(from..to) {
+                        Some(_) => Ok(bytes.slice(from..to)),
+                        None => Err(std::io::Error::other("a piece shorter than its place; aborting the body")),
+                    }
                 }
                 Err(_) => Err(std::io::Error::other("piece could not be verified; aborting the body")),
             };

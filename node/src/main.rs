@@ -573,7 +573,6 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
         );
     }
     let partial = partial_path(output);
-    let _ = std::fs::remove_dir_all(&partial);
     scratch(&partial);
     let written = (|| {
         std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
@@ -586,7 +585,16 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
         }
         for entry in collection.entries() {
             let relative: PathBuf = entry.path.split('/').collect();
+            // Names only: on Windows a component like `C:` would take the join elsewhere.
+            if !relative.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+                bail!("{hash} names {:?}, which is no path inside a directory here", entry.path);
+            }
             let path = partial.join(&relative);
+            // Two entries the file system takes for one (names that differ in case, on a file
+            // system that ignores it): the second would replace the first.
+            if std::fs::symlink_metadata(&path).is_ok() {
+                bail!("{hash} names {:?} twice, as this file system sees names; nothing was written", entry.path);
+            }
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
             }
@@ -629,10 +637,11 @@ fn read_collection(blobs: &mut dyn Blobs, hash: Hash) -> anyhow::Result<Option<C
 }
 
 /// Where `output` is written before it verified: beside it, so that the rename into place stays
-/// on one file system.
+/// on one file system, under a name of this run's own (made with `create_new` or `create_dir`,
+/// never one that exists: a user's file, another run's, a symlink planted there).
 fn partial_path(output: &Path) -> PathBuf {
     let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".shoal-partial");
+    name.push(format!(".shoal-partial-{}-{:08x}", std::process::id(), rand::random::<u32>()));
     output.with_file_name(name)
 }
 
@@ -789,7 +798,11 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
     scratch(&partial);
     let result = (|| {
         let mut file = std::io::BufWriter::new(
-            std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?,
         );
         let got = copy_hashing(&mut source, &mut file, &partial)?;
         file.into_inner().map_err(|e| e.into_error())?.sync_all()?;

@@ -74,8 +74,9 @@ pub fn check_path(path: &str) -> Result<(), CollectionError> {
     if path.len() > MAX_PATH {
         return bad("longer than 4096 bytes");
     }
-    if path.contains('\0') || path.contains('\\') {
-        return bad("contains NUL or a backslash");
+    if path.contains('\\') || path.chars().any(|c| c.is_control()) {
+        // Control characters would reach a terminal as escapes when the path is printed.
+        return bad("contains a backslash or a control character");
     }
     for c in path.split('/') {
         match c {
@@ -139,6 +140,13 @@ impl Collection {
             return Err(CollectionError::TooLarge(format!("{} bytes", bytes.len())));
         }
         let body = &bytes[MAGIC.len() + 1..];
+        // The count first (postcard writes a sequence's length as a varint, as it does a u64):
+        // entries past the bound are refused before any is decoded.
+        let (count, _): (u64, _) =
+            postcard::take_from_bytes(body).map_err(|e| CollectionError::Malformed(e.to_string()))?;
+        if count > MAX_ENTRIES as u64 {
+            return Err(CollectionError::TooLarge(format!("{count} entries, more than {MAX_ENTRIES}")));
+        }
         // Each entry takes at least 34 bytes (path length, hash, size), so the count a peer claims
         // cannot make us allocate more than the bytes it sent justify.
         let (entries, rest): (Vec<Entry>, _) =
@@ -189,7 +197,8 @@ mod tests {
 
     #[test]
     fn paths_cannot_escape() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a\0b"] {
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a\0b", "a\nb", "\u{1b}[2Jx"]
+        {
             assert!(Collection::new(vec![entry(bad, 1)]).is_err(), "{bad:?} accepted");
         }
         assert!(matches!(Collection::new(vec![entry("a", 1), entry("a", 2)]), Err(CollectionError::Duplicate(_))));
@@ -201,5 +210,25 @@ mod tests {
         let mut lie = MAGIC.to_vec();
         lie.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(Collection::decode(&lie).is_err());
+    }
+
+    #[test]
+    fn an_entry_count_past_the_bound_is_refused_before_any_entry_is_decoded() {
+        // MAX_ENTRIES + 1 as a varint, then bytes enough for that many 35-byte entries: refused
+        // for the count, not after decoding a million of them.
+        let mut bytes = MAGIC.to_vec();
+        bytes.push(FORMAT);
+        let mut n = MAX_ENTRIES as u64 + 1;
+        while n >= 0x80 {
+            bytes.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        bytes.push(n as u8);
+        let one = Entry { path: "a".into(), hash: Hash::from([7; 32]), size: 0 };
+        let encoded = postcard::to_stdvec(&one).expect("encode");
+        for _ in 0..1000 {
+            bytes.extend_from_slice(&encoded);
+        }
+        assert!(matches!(Collection::decode(&bytes), Err(CollectionError::TooLarge(_))));
     }
 }
