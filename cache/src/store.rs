@@ -809,8 +809,8 @@ impl Store {
             capacity: o.capacity,
         })?;
         let evicted = self.remove_evicted(&mut st, evicted);
+        let dir = self.tmp_path("partial");
         let created = (|| {
-            let dir = self.tmp_path("partial");
             fs::create_dir(&dir).map_err(io_err("create", &dir))?;
             let data = dir.join("data");
             File::create(&data).and_then(|f| f.set_len(size)).map_err(io_err("create", &data))?;
@@ -831,6 +831,11 @@ impl Store {
             }
             Err(e) => {
                 st.lru.remove(&hash);
+                // Under the lock, with no entry for it: what a failed placing left (the directory,
+                // renamed into place or not) would make every later begin of the blob fail.
+                for leftover in [&dir, &self.blob_dir(hash)] {
+                    let _ = self.discard_dir(leftover);
+                }
                 Err(e)
             }
         }
@@ -914,12 +919,29 @@ impl Store {
         }
         // A blob evicted or deleted since (a write or an answer streaming from it holds it for a
         // while) may have been begun or added again under the same directory: its meta is not
-        // this one's to write.
+        // this one's to write. Checked again where the meta takes its place, under the lock that
+        // eviction and removal take, so that none can come in between.
         if !self.is_current(blob) {
             return Ok(());
         }
         let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
-        write_meta(&blob.dir, &meta, self.inner.config.durable)?;
+        let durable = self.inner.config.durable;
+        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = blob.dir.join(format!("meta.tmp.{n}"));
+        write_file(&tmp, &meta, durable)?;
+        {
+            let state = lock(&self.inner.state);
+            if !state.blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob)) {
+                drop(state);
+                let _ = fs::remove_file(&tmp);
+                return Ok(());
+            }
+            let path = blob.dir.join("meta");
+            fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+        }
+        if durable {
+            sync_dir(&blob.dir)?;
+        }
         let mut st = lock(&blob.status);
         // Pieces found corrupt meanwhile stay unmarked in memory; the next commit drops them.
         st.durable = snapshot.intersection(&st.verified);
@@ -1231,8 +1253,10 @@ impl Store {
     }
 
     fn set_pinned(&self, hash: Hash, pinned: bool) -> Result<Vec<Hash>> {
-        let blob = self.blob(hash)?;
         let mut st = lock(&self.inner.state);
+        // Looked up under the lock that eviction and removal take: an entry evicted, removed or
+        // replaced a moment before would have its bytes counted again (or twice taken off).
+        let blob = st.blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })?;
         let was = std::mem::replace(&mut lock(&blob.status).pinned, pinned);
         if was == pinned {
             return Ok(Vec::new());
@@ -1466,15 +1490,21 @@ fn from_v1_bitmap(geometry: Geometry, bitmap: &[u8]) -> PieceSet {
 fn write_meta(dir: &Path, meta: &Meta, durable: bool) -> Result<()> {
     let tmp = dir.join("meta.tmp");
     let path = dir.join("meta");
-    let bytes = postcard::to_stdvec(meta).map_err(|e| io_err("encode", &path)(io::Error::other(e)))?;
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(&bytes).map_err(io_err("write", &tmp))?;
-    if durable {
-        f.sync_all().map_err(io_err("sync", &tmp))?;
-    }
+    write_file(&tmp, meta, durable)?;
     fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
     if durable {
         sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Writes `meta` to the file `path` (made or emptied), synced if `durable`.
+fn write_file(path: &Path, meta: &Meta, durable: bool) -> Result<()> {
+    let bytes = postcard::to_stdvec(meta).map_err(|e| io_err("encode", path)(io::Error::other(e)))?;
+    let mut f = File::create(path).map_err(io_err("create", path))?;
+    f.write_all(&bytes).map_err(io_err("write", path))?;
+    if durable {
+        f.sync_all().map_err(io_err("sync", path))?;
     }
     Ok(())
 }
