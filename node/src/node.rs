@@ -683,6 +683,9 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::Path
                 .collect::<Option<Vec<_>>>()
                 .ok_or_else(|| NodeError::Invalid(format!("{} is not valid UTF-8", path.display())))?
                 .join("/");
+            // Checked before anything is imported: a path the collection refuses would otherwise
+            // fail the add after every file was imported and pinned.
+            shoal_protocol::collection::check_path(&rel).map_err(|e| NodeError::Invalid(e.to_string()))?;
             out.push((rel, path));
         }
     }

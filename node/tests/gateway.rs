@@ -114,6 +114,11 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
         let unknown = "0".repeat(64);
         let r = a.get(format!("http://{gw_addr}/{unknown}")).call().expect("unknown hash");
         assert_eq!(r.status(), 404);
+        // `If-None-Match: *` is no 304 for a blob the node does not hold, and one for a blob it does.
+        let r = a.get(format!("http://{gw_addr}/{unknown}")).header("If-None-Match", "*").call().expect("any");
+        assert_eq!(r.status(), 404);
+        let r = a.get(&url).header("If-None-Match", "*").call().expect("any, held");
+        assert_eq!(r.status(), 304);
 
         // The API serves the same under /v1/blobs/.
         let mut r = a.get(format!("http://{api_addr}/v1/blobs/{hash}")).call().expect("api GET");
@@ -292,6 +297,15 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
     std::fs::write(site.join("index.html"), b"<!DOCTYPE html><p>hi</p>").expect("write");
     std::fs::write(site.join("sub dir/a.txt"), bytes(300_000)).expect("write");
     let collection = provider.handle().add_path(&site).await.expect("add dir").hash;
+    // A directory with a name no collection takes is refused before any file of it is imported.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).expect("mkdir");
+    std::fs::write(odd.join("kept.txt"), b"imported only with its directory").expect("write");
+    std::fs::write(odd.join("a\\b"), b"a backslash in a name").expect("write");
+    let held = provider.handle().store().list().len();
+    let refused = provider.handle().add_path(&odd).await.expect_err("a name with a backslash");
+    assert!(refused.to_string().contains("backslash"), "{refused}");
+    assert_eq!(provider.handle().store().list().len(), held, "nothing imported");
     let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
     let a_txt = bytes(300_000);
 
