@@ -716,6 +716,7 @@ impl Store {
         )?;
 
         let mut st = lock(&self.inner.state);
+        let mut pinned_before = false;
         if let Some(existing) = st.blobs.get(&hash).cloned() {
             if existing.info().is_complete() {
                 drop(st);
@@ -726,7 +727,8 @@ impl Store {
                 }
                 return Ok(Imported { hash, size: geometry.size(), evicted });
             }
-            // A partial copy: the complete one replaces it.
+            // A partial copy: the complete one replaces it, pinned if the user pinned that.
+            pinned_before = existing.info().pinned;
             self.take_entry(&mut st, &hash);
             self.discard_dir(&existing.dir)?;
         }
@@ -748,6 +750,11 @@ impl Store {
         match self.place(&dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
+                drop(st);
+                let mut evicted = evicted;
+                if pinned_before && !pin {
+                    evicted.extend(self.pin(hash)?);
+                }
                 Ok(Imported { hash, size: geometry.size(), evicted })
             }
             Err(e) => {

@@ -523,3 +523,21 @@ fn a_store_is_opened_by_one_process_at_a_time() {
     assert!(!Store::in_use(&root).expect("check"), "closed, it is free again");
     assert!(open(&root).info(hash).is_some_and(|b| b.is_complete()));
 }
+
+/// A blob the user pinned while it was partial stays pinned once a complete copy is imported
+/// over it, also after a restart.
+#[test]
+fn a_pinned_partial_copy_stays_pinned_when_the_whole_blob_is_imported() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(bytes(11, (3 * PIECE_SIZE) as usize));
+    {
+        let store = open(tmp.path());
+        store.begin(src.hash, src.data.len() as u64).expect("begin");
+        store.write_pieces(src.hash, &src.piece(1), &src.encode(&src.piece(1))[..]).expect("write");
+        store.pin(src.hash).expect("pin the partial copy");
+        assert_eq!(import(&store, tmp.path(), &src.data, false), src.hash);
+        let info = store.info(src.hash).expect("held");
+        assert!(info.is_complete() && info.pinned, "{info:?}");
+    }
+    assert!(open(tmp.path()).info(src.hash).expect("held after a restart").pinned);
+}
