@@ -312,9 +312,12 @@ impl RecordStore for Records {
             return Err(libp2p::kad::store::Error::MaxProvidedKeys);
         }
         let key = record.key.clone();
-        let added = self.inner.add_provider(record);
-        self.recount(&key);
-        added
+        self.inner.add_provider(record)?;
+        // Ours leaves a key as it was; a peer's, stored, makes it one of the peers' keys.
+        if remote {
+            self.remote.insert(key);
+        }
+        Ok(())
     }
 
     fn providers(&self, key: &RecordKey) -> Vec<ProviderRecord> {

@@ -129,22 +129,11 @@ impl Server {
         Ok(Mapping { external: SocketAddr::new(ip.into(), port), lifetime })
     }
 
-    /// Removes our mapping of `internal`'s port (a request with no lifetime), asked in the
-    /// version the gateway answered, PCP if it has not answered yet. Only the host a mapping
-    /// leads to can remove it, so what is removed is ours.
+    /// Removes our mapping of `internal`'s port: the request for no lifetime (and, in NAT-PMP,
+    /// no port), in the version the gateway answered, PCP if it has not answered yet. Only the
+    /// host a mapping leads to can remove it, so what is removed is ours.
     pub(crate) async fn unmap(&self, internal: SocketAddr) -> Result<(), PcpError> {
-        let mut socket = self.socket(internal).await?;
-        if self.version != Some(Version::NatPmp) {
-            let request = pcp_map_request(internal, 0, Duration::ZERO, &self.nonce);
-            match exchange(&socket, &request, |a| parse_pcp_map(a, &self.nonce, internal)).await? {
-                PcpAnswer::Mapped(_) => return Ok(()),
-                PcpAnswer::Failed(code) => return Err(PcpError::Refused(pcp_result(code))),
-                PcpAnswer::OldVersion => socket = self.socket(internal).await?,
-            }
-        }
-        let request = pmp_map_request(internal.port(), 0, Duration::ZERO);
-        let answer = exchange(&socket, &request, |a| parse_pmp_map(a, internal.port())).await?;
-        answer.map(|_| ()).map_err(|c| PcpError::Refused(pmp_result(c)))
+        self.clone().map(internal, 0, Duration::ZERO).await.map(|_| ())
     }
 
     /// A socket from `internal`'s address to the server: the router takes a request's source

@@ -369,7 +369,7 @@ impl Kept for Pinhole {
                         debug!(external = %mapping.external, "the router maps our IPv6 address to another one");
                     }
                     hole.expires_at = Some(now + mapping.lifetime);
-                    next = next.min(mapping.lifetime / 2);
+                    next = next.min(before_lapse(mapping.lifetime));
                 }
                 // Silence from a router that opened it: asked again next round while it lasts.
                 (Err(UpnpError::Pcp(PcpError::Timeout | PcpError::Io(_))), Some(expires))
@@ -391,7 +391,7 @@ impl Kept for Pinhole {
         self.tell();
         match failed {
             Some(e) if self.holes.is_empty() => Err(e),
-            _ => Ok(next.max(Duration::from_secs(5))),
+            _ => Ok(next),
         }
     }
 
@@ -496,13 +496,18 @@ async fn step(
 }
 
 /// When to look at `f` again: in a minute, or sooner for a PCP or NAT-PMP mapping granted for
-/// less than two (a router may shorten the lifetime asked for), so that it is asked for again
-/// before it lapses.
+/// less than two (a router may shorten the lifetime asked for).
 fn next_round(f: &Forward) -> Duration {
     match f.via {
-        Via::Pcp(_) => RECHECK.min(f.lease / 2).max(Duration::from_secs(5)),
+        Via::Pcp(_) => before_lapse(f.lease),
         Via::Upnp(_) => RECHECK,
     }
+}
+
+/// When to ask again for a PCP or NAT-PMP mapping granted for `lifetime`: in a minute, or at
+/// half its lifetime if that is sooner (at least 5 s apart), so that it never lapses.
+fn before_lapse(lifetime: Duration) -> Duration {
+    RECHECK.min(lifetime / 2).max(Duration::from_secs(5))
 }
 
 async fn tell(commands: &mpsc::Sender<Command>, forward: Option<&Forward>) {
