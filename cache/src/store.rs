@@ -5,6 +5,7 @@
 //! <root>/blobs/<hash>/outboard   the bao-tree post-order outboard (hash pairs of 16 KiB groups)
 //! <root>/blobs/<hash>/meta       size, pinned flag, bitmap of durable verified pieces (postcard)
 //! <root>/tmp/                    imports in progress and directories being deleted
+//! <root>/aside/                  blob directories this version could not use, moved at open
 //! ```
 //!
 //! Invariants:
@@ -53,11 +54,16 @@ pub struct StoreConfig {
     /// Whether writes are made durable (fsync) before they are marked in a blob's meta. Turn it
     /// off only for stores that may be lost whole (tests, simulations). The default is `true`.
     pub durable: bool,
+    /// The most blobs whose files (two each) are held open between reads and writes; a blob
+    /// used least recently gives its files back, and opens them again when next used. An answer
+    /// being sent keeps its blob's files open until it ends, so a node's uploads add to this.
+    /// The default is 1,024 (2,048 file descriptors); at least 1.
+    pub open_blobs: usize,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { cache_bytes: 10 << 30, hot_bytes: 64 << 20, flush_bytes: 32 << 20, durable: true }
+        Self { cache_bytes: 10 << 30, hot_bytes: 64 << 20, flush_bytes: 32 << 20, durable: true, open_blobs: 1024 }
     }
 }
 
@@ -241,6 +247,10 @@ struct Inner {
     hot: Mutex<HotPieces>,
     tmp_counter: AtomicU64,
     evictions: AtomicU64,
+    /// The files held open, by [`Blob::id`], least recently used first; at most
+    /// [`StoreConfig::open_blobs`]. A blob's files close when its entry leaves and the last
+    /// reader still holding them is done.
+    open: Mutex<::lru::LruCache<u64, Arc<Files>>>,
 }
 
 #[derive(Debug)]
@@ -255,12 +265,39 @@ struct Blob {
     hash: Hash,
     geometry: Geometry,
     dir: PathBuf,
-    data: File,
-    outboard: File,
+    /// Keys the blob's files in [`Inner::open`]: unique in the process, where a hash is not (a
+    /// blob evicted and begun again is another entry).
+    id: u64,
+    /// Its files while anyone holds them open (see [`Store::files`]). Read and set under
+    /// [`Inner::open`]'s lock.
+    files: Mutex<std::sync::Weak<Files>>,
+    /// Set, under [`Inner::open`]'s lock, once the entry left the store: its files are not held
+    /// open for it again.
+    removed: std::sync::atomic::AtomicBool,
     status: Mutex<Status>,
     /// Serialises meta rewrites of this blob.
     commit: Mutex<()>,
 }
+
+/// A blob's two files, open for reading and writing.
+#[derive(Debug)]
+struct Files {
+    data: File,
+    outboard: File,
+}
+
+impl Files {
+    fn open(dir: &Path) -> Result<Self> {
+        let open = |name: &str| {
+            let p = dir.join(name);
+            OpenOptions::new().read(true).write(true).open(&p).map_err(io_err("open", &p))
+        };
+        Ok(Self { data: open("data")?, outboard: open("outboard")? })
+    }
+}
+
+/// Where [`Blob::id`]s come from.
+static NEXT_BLOB_ID: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug)]
 struct Status {
@@ -353,6 +390,8 @@ impl bao_tree_io::ReadAt for PiecesAt<'_> {
 pub struct PieceStream {
     store: Store,
     blob: Arc<Blob>,
+    /// Held open until the answer ends, whatever the bound on open blobs does meanwhile.
+    files: Arc<Files>,
     pieces: PieceSet,
     /// Pieces the memory tier held when the stream opened.
     hot: HashMap<PieceIndex, Bytes>,
@@ -402,8 +441,9 @@ impl PieceStream {
             return Ok(None);
         }
         let blob = &self.blob;
-        let data = StoredAt { geometry: blob.geometry, hot: &self.hot, file: &blob.data, read: self.read.as_ref() };
-        let outboard = verify::post_order_outboard(blob.hash, blob.geometry, FileAt(&blob.outboard));
+        let data =
+            StoredAt { geometry: blob.geometry, hot: &self.hot, file: &self.files.data, read: self.read.as_ref() };
+        let outboard = verify::post_order_outboard(blob.hash, blob.geometry, FileAt(&self.files.outboard));
         // A step overshoots by less than a chunk group, and the whole encoding is shorter still.
         let mut out = Vec::with_capacity(step.saturating_add(CHUNK_GROUP_SIZE as usize).min(self.encoded_len));
         match self.encoder.encode_some(data, outboard, &mut out, step) {
@@ -513,6 +553,7 @@ impl Store {
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err("create", &tmp_dir))?;
 
+        let open_blobs = std::num::NonZeroUsize::MIN.saturating_add(config.open_blobs.saturating_sub(1));
         let inner = Arc::new(Inner {
             state: Mutex::new(State { blobs: HashMap::new(), lru: ByteLru::new(config.cache_bytes), pinned_bytes: 0 }),
             hot: Mutex::new(HotPieces::new(config.hot_bytes)),
@@ -521,6 +562,7 @@ impl Store {
             config,
             tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            open: Mutex::new(::lru::LruCache::new(open_blobs)),
         });
         let store = Self { inner };
 
@@ -534,13 +576,15 @@ impl Store {
                         fs::metadata(dir.join("meta")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                     found.push((mtime, blob));
                 }
+                // Not ours to delete: a newer version's meta, or files someone changed. Kept
+                // where the user can look, outside the store's count.
                 Ok(None) => {
-                    debug!(dir = %dir.display(), "dropping a blob directory with no usable meta");
-                    store.discard_dir(&dir)?;
+                    let aside = store.set_aside(&dir)?;
+                    warn!(dir = %dir.display(), to = %aside.display(), "a blob directory this version cannot use was set aside");
                 }
                 Err(e) => {
-                    warn!(dir = %dir.display(), error = %e, "dropping an unreadable blob directory");
-                    store.discard_dir(&dir)?;
+                    let aside = store.set_aside(&dir)?;
+                    warn!(dir = %dir.display(), to = %aside.display(), error = %e, "an unreadable blob directory was set aside");
                 }
             }
         }
@@ -853,8 +897,9 @@ impl Store {
     /// marked in the blob's meta, at the next flush (every `flush_bytes`, or [`Store::flush`]).
     pub fn write_pieces(&self, hash: Hash, pieces: &PieceSet, encoded: impl Read) -> Result<Written> {
         let blob = self.blob(hash)?;
-        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
-        let decoded = verify::decode_pieces(encoded, pieces, FileAt(&blob.data), outboard);
+        let files = self.files(&blob)?;
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
+        let decoded = verify::decode_pieces(encoded, pieces, FileAt(&files.data), outboard);
         self.mark_verified(&blob, &decoded.verified)?;
         Ok(Written { verified: decoded.verified, error: decoded.error })
     }
@@ -865,7 +910,8 @@ impl Store {
     pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<PieceSet> {
         let blob = self.blob(hash)?;
         let mut stored = PieceSet::empty(blob.geometry.piece_count());
-        let mut outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        let files = self.files(&blob)?;
+        let mut outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         for piece in pieces {
             // Verified against this hash, so against this blob's size too; a decoder made for
             // another size could not have verified anything, but the store does not rely on it.
@@ -873,7 +919,7 @@ impl Store {
                 warn!(blob = %hash, piece = piece.piece(), "a verified piece does not fit the blob; not stored");
                 continue;
             }
-            piece.write_to(FileAt(&blob.data), &mut outboard).map_err(io_err("write", &blob.dir))?;
+            piece.write_to(FileAt(&files.data), &mut outboard).map_err(io_err("write", &blob.dir))?;
             stored.insert(piece.piece());
         }
         self.mark_verified(&blob, &stored)?;
@@ -919,17 +965,18 @@ impl Store {
             let st = lock(&blob.status);
             (st.verified.clone(), st.pinned, st.unflushed_bytes)
         };
-        if self.inner.config.durable {
-            let data_path = blob.dir.join("data");
-            blob.data.sync_data().map_err(io_err("sync", &data_path))?;
-            blob.outboard.sync_data().map_err(io_err("sync", &blob.dir))?;
-        }
         // A blob evicted or deleted since (a write or an answer streaming from it holds it for a
         // while) may have been begun or added again under the same directory: its meta is not
         // this one's to write. Checked again where the meta takes its place, under the lock that
         // eviction and removal take, so that none can come in between.
         if !self.is_current(blob) {
             return Ok(());
+        }
+        if self.inner.config.durable {
+            let files = self.files(blob)?;
+            let data_path = blob.dir.join("data");
+            files.data.sync_data().map_err(io_err("sync", &data_path))?;
+            files.outboard.sync_data().map_err(io_err("sync", &blob.dir))?;
         }
         let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
         let durable = self.inner.config.durable;
@@ -1005,6 +1052,7 @@ impl Store {
             };
             let mut stream = PieceStream {
                 store: self.clone(),
+                files: self.files(&blob)?,
                 encoder: verify::PieceEncoder::new(hash, blob.geometry, &pieces),
                 encoded_len: verify::encoded_len(blob.geometry, &pieces) as usize,
                 blob: blob.clone(),
@@ -1034,9 +1082,10 @@ impl Store {
         if !lock(&blob.status).verified.contains(blob.geometry.last_piece()) {
             return Ok(None);
         }
-        let loaded = self.load_pieces(&blob, &last)?;
+        let files = self.files(&blob)?;
+        let loaded = self.load_pieces(&blob, &files, &last)?;
         let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
-        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         let mut proof = Vec::new();
         match verify::encode_size_proof(data, outboard, &mut proof) {
             Ok(()) => Ok(Some(proof)),
@@ -1061,9 +1110,10 @@ impl Store {
             return Err(StoreError::Incomplete { hash, have: total, total: blob.geometry.piece_count() });
         }
         let one = PieceSet::single(blob.geometry.piece_count(), piece);
-        let loaded = self.load_pieces(&blob, &one)?;
+        let files = self.files(&blob)?;
+        let loaded = self.load_pieces(&blob, &files, &one)?;
         let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
-        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         match verify::encode_pieces(data, outboard, &one, io::sink()) {
             Ok(()) => {
                 let bytes = loaded.get(&piece).cloned().unwrap_or_default();
@@ -1080,7 +1130,7 @@ impl Store {
     }
 
     /// Reads pieces from the memory tier or the data file.
-    fn load_pieces(&self, blob: &Blob, pieces: &PieceSet) -> Result<HashMap<PieceIndex, Bytes>> {
+    fn load_pieces(&self, blob: &Blob, files: &Files, pieces: &PieceSet) -> Result<HashMap<PieceIndex, Bytes>> {
         let mut out = HashMap::with_capacity(pieces.count() as usize);
         for p in pieces.iter() {
             if let Some(b) = lock(&self.inner.hot).get(blob.hash, p) {
@@ -1089,7 +1139,7 @@ impl Store {
             }
             let range = blob.geometry.piece_bytes(p);
             let mut buf = vec![0u8; (range.end - range.start) as usize];
-            blob.data.read_exact_at(&mut buf, range.start).map_err(io_err("read", &blob.dir))?;
+            files.data.read_exact_at(&mut buf, range.start).map_err(io_err("read", &blob.dir))?;
             out.insert(p, Bytes::from(buf));
         }
         Ok(out)
@@ -1143,10 +1193,11 @@ impl Store {
         let blob = self.blob(hash)?;
         let verified = lock(&blob.status).verified.clone();
         let mut bad = PieceSet::empty(blob.geometry.piece_count());
+        let files = self.files(&blob)?;
         for p in verified.iter() {
             let one = PieceSet::single(blob.geometry.piece_count(), p);
-            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&blob.outboard));
-            if verify::encode_pieces(FileAt(&blob.data), outboard, &one, io::sink()).is_err() {
+            let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
+            if verify::encode_pieces(FileAt(&files.data), outboard, &one, io::sink()).is_err() {
                 bad.insert(p);
             }
         }
@@ -1195,7 +1246,7 @@ impl Store {
         if self.hash_data(&blob, io::sink(), dest)? != hash {
             return Err(self.corrupt(hash));
         }
-        blob.data.sync_all().map_err(io_err("sync", &data_path))?;
+        self.files(&blob)?.data.sync_all().map_err(io_err("sync", &data_path))?;
         // A commit under way finishes first, and one after finds the blob gone and writes no meta
         // into the directory being discarded.
         let _serial = lock(&blob.commit);
@@ -1226,12 +1277,13 @@ impl Store {
     /// The BLAKE3 hash of `blob`'s data file, read whole and written to `out` (named `out_path`
     /// in errors) on the way.
     fn hash_data(&self, blob: &Blob, mut out: impl Write, out_path: &Path) -> Result<Hash> {
+        let files = self.files(blob)?;
         let mut hasher = blake3::Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut offset = 0u64;
         while offset < blob.geometry.size() {
             let n = (blob.geometry.size() - offset).min(buf.len() as u64) as usize;
-            blob.data.read_exact_at(&mut buf[..n], offset).map_err(io_err("read", &blob.dir))?;
+            files.data.read_exact_at(&mut buf[..n], offset).map_err(io_err("read", &blob.dir))?;
             hasher.update(&buf[..n]);
             out.write_all(&buf[..n]).map_err(io_err("write", out_path))?;
             offset += n as u64;
@@ -1328,7 +1380,40 @@ impl Store {
             st.pinned_bytes -= blob.footprint();
         }
         lock(&self.inner.hot).forget_blob(*hash);
+        // Its files close once the readers still holding them are done.
+        let mut open = lock(&self.inner.open);
+        blob.removed.store(true, Ordering::Relaxed);
+        open.pop(&blob.id);
+        drop(open);
         Some(blob)
+    }
+
+    /// The blob's files, opened if nobody holds them, counted in the bound on open blobs
+    /// ([`StoreConfig::open_blobs`]) as used now.
+    fn files(&self, blob: &Blob) -> Result<Arc<Files>> {
+        {
+            let mut open = lock(&self.inner.open);
+            if let Some(files) = open.get(&blob.id) {
+                return Ok(files.clone());
+            }
+            // Pushed out of the bound while a reader held them: shared until the readers are done.
+            if let Some(files) = lock(&blob.files).upgrade() {
+                return Ok(files);
+            }
+        }
+        // Opened outside the lock: a slow disk holds up this blob's users alone.
+        let files = Arc::new(Files::open(&blob.dir)?);
+        let mut open = lock(&self.inner.open);
+        if let Some(theirs) = open.get(&blob.id) {
+            return Ok(theirs.clone());
+        }
+        *lock(&blob.files) = Arc::downgrade(&files);
+        // An entry that left the store keeps its files for this caller alone.
+        if !blob.removed.load(Ordering::Relaxed) {
+            // The blob used least recently gives its files back (once its readers are done).
+            open.put(blob.id, files.clone());
+        }
+        Ok(files)
     }
 
     /// Takes the blobs the cache evicted out of the store. Every one leaves the store's count
@@ -1363,6 +1448,25 @@ impl Store {
     fn tmp_path(&self, what: &str) -> PathBuf {
         let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
         self.inner.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
+    }
+
+    /// Moves a directory out of `blobs/` into `aside/`, under a name not yet taken there; returns
+    /// where it went.
+    fn set_aside(&self, dir: &Path) -> Result<PathBuf> {
+        let aside = self.inner.root.join("aside");
+        fs::create_dir_all(&aside).map_err(io_err("create", &aside))?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for n in 0..1000 {
+            let to = if n == 0 { aside.join(&name) } else { aside.join(format!("{name}.{n}")) };
+            if to.symlink_metadata().is_err() {
+                fs::rename(dir, &to).map_err(io_err("set aside", dir))?;
+                return Ok(to);
+            }
+        }
+        Err(io_err("set aside", dir)(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "1,000 copies are set aside already",
+        )))
     }
 
     /// Moves a directory out of `blobs/` atomically, then deletes it.
@@ -1457,23 +1561,22 @@ fn load_blob(dir: &Path) -> Result<Option<Blob>> {
         1 => from_v1_bitmap(geometry, &meta.bitmap),
         _ => return Ok(None),
     };
-    let open = |name: &str| {
+    // Its files are opened when first used (see `Store::files`): a store holds more blobs than a
+    // process may open files.
+    let len = |name: &str| {
         let p = dir.join(name);
-        OpenOptions::new().read(true).write(true).open(&p).map_err(io_err("open", &p))
+        fs::metadata(&p).map(|m| m.len()).map_err(io_err("stat", &p))
     };
-    let data = open("data")?;
-    let outboard = open("outboard")?;
-    let data_len = data.metadata().map_err(io_err("stat", dir))?.len();
-    let ob_len = outboard.metadata().map_err(io_err("stat", dir))?.len();
-    if data_len != meta.size || ob_len != geometry.outboard_size() {
+    if len("data")? != meta.size || len("outboard")? != geometry.outboard_size() {
         return Ok(None);
     }
     Ok(Some(Blob {
         hash,
         geometry,
         dir: dir.to_owned(),
-        data,
-        outboard,
+        id: NEXT_BLOB_ID.fetch_add(1, Ordering::Relaxed),
+        files: Mutex::new(std::sync::Weak::new()),
+        removed: std::sync::atomic::AtomicBool::new(false),
         status: Mutex::new(Status { durable: verified.clone(), verified, pinned: meta.pinned, unflushed_bytes: 0 }),
         commit: Mutex::new(()),
     }))

@@ -541,3 +541,97 @@ fn a_pinned_partial_copy_stays_pinned_when_the_whole_blob_is_imported() {
     }
     assert!(open(tmp.path()).info(src.hash).expect("held after a restart").pinned);
 }
+
+/// The blobs' files of the store at `root` that this process holds open.
+fn open_files_under(root: &std::path::Path) -> usize {
+    fs::read_dir("/proc/self/fd")
+        .expect("list open files")
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(root.join("blobs")))
+        .count()
+}
+
+#[test]
+fn a_store_holds_more_blobs_than_it_keeps_files_open() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    let config = StoreConfig { cache_bytes: 256 * MIB, open_blobs: 3, ..Default::default() };
+    let store = Store::open(&root, config.clone()).expect("open");
+    // Twelve blobs: eight imported, four fetched in two halves, the halves interleaved.
+    let mut imported = Vec::new();
+    for seed in 0..8u64 {
+        let data = bytes(500 + seed, (PIECE_SIZE + 7 * seed) as usize);
+        imported.push((import(&store, tmp.path(), &data, seed % 2 == 0), data));
+        assert!(open_files_under(&root) <= 6, "{} files open", open_files_under(&root));
+    }
+    let fetched: Vec<Source> =
+        (0..4u64).map(|seed| Source::new(bytes(600 + seed, (3 * PIECE_SIZE) as usize))).collect();
+    for src in &fetched {
+        store.begin(src.hash, src.data.len() as u64).expect("begin");
+        store.write_pieces(src.hash, &src.piece(0), &src.encode(&src.piece(0))[..]).expect("write");
+    }
+    // An answer being sent keeps its blob's files while every other blob is used.
+    let held = &fetched[0];
+    let mut answer = store.stream_pieces(held.hash, &held.piece(0), 1000).expect("open stream");
+    for src in &fetched {
+        let rest = PieceSet::full(3).difference(&src.piece(0));
+        store.write_pieces(src.hash, &rest, &src.encode(&rest)[..]).expect("write the rest");
+        store.flush(src.hash).expect("flush");
+    }
+    for (hash, data) in &imported {
+        assert_eq!(&store.read_piece(*hash, 0).expect("read"), &data[..PIECE_SIZE as usize]);
+        assert!(store.check(*hash).expect("check").is_empty());
+    }
+    let mut sent = Vec::new();
+    while let Some(step) = answer.next_step(1000).expect("the answer goes on") {
+        sent.extend_from_slice(&step);
+    }
+    assert_eq!(sent, held.encode(&held.piece(0)), "the answer was sent whole");
+    drop(answer);
+    assert!(open_files_under(&root) <= 6, "{} files open with three blobs' allowed", open_files_under(&root));
+
+    // Every blob is whole and verified, after a restart too, with files opened as needed.
+    drop(store);
+    let store = Store::open(&root, config).expect("reopen");
+    assert_eq!(open_files_under(&root), 0, "no blob's files are open after opening");
+    for src in &fetched {
+        let out = tmp.path().join("out");
+        store.export(src.hash, &out).expect("export");
+        assert_eq!(fs::read(&out).expect("read"), src.data);
+    }
+    for (hash, data) in &imported {
+        let out = tmp.path().join("out");
+        store.export(*hash, &out).expect("export");
+        assert_eq!(&fs::read(&out).expect("read"), data);
+    }
+    assert!(open_files_under(&root) <= 6, "{} files open", open_files_under(&root));
+}
+
+#[test]
+fn a_blob_directory_this_version_cannot_read_is_set_aside_with_its_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = bytes(77, (2 * PIECE_SIZE + 1) as usize);
+    let hash = {
+        let store = open(tmp.path());
+        import(&store, tmp.path(), &data, true)
+    };
+    // A newer version's meta: a format this one does not know.
+    let dir = tmp.path().join("blobs").join(hash.to_hex());
+    let meta = MetaV1 { format: 200, size: data.len() as u64, pinned: true, bitmap: vec![0xff] };
+    fs::write(dir.join("meta"), postcard::to_stdvec(&meta).expect("encode")).expect("write meta");
+    let store = open(tmp.path());
+    assert!(store.info(hash).is_none(), "not a blob this version holds");
+    assert!(!dir.exists(), "out of the store");
+    let aside = tmp.path().join("aside").join(hash.to_hex());
+    assert_eq!(fs::read(aside.join("data")).expect("the data is kept"), data);
+    drop(store);
+
+    // The same again is kept beside the first.
+    let again = import(&open(tmp.path()), tmp.path(), &data, false);
+    assert_eq!(again, hash);
+    fs::write(dir.join("meta"), b"\xff\xff garbage").expect("write meta");
+    let store = open(tmp.path());
+    assert!(store.info(hash).is_none());
+    assert!(tmp.path().join("aside").join(format!("{}.1", hash.to_hex())).join("data").exists());
+    assert!(aside.join("data").exists());
+}

@@ -291,6 +291,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
     let config = effective_config(data_dir, &args)?;
+    raise_open_files_limit();
     runtime()?.block_on(async move {
         // Before anything can take a while: a SIGTERM that comes early still stops us cleanly.
         let stop = shutdown_signal();
@@ -321,6 +322,22 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         let _ = writeln!(std::io::stderr(), "stopping: finishing uploads and flushing the store");
         node.shutdown().await
     })
+}
+
+/// Raises the soft limit on open files to the hard one (at most 2^20), as Go's runtime does for
+/// every program: a shell's default of 1,024 is little for a node that keeps many blobs' files
+/// and its clients' connections open. The store sizes what it keeps open by the limit then.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let now = getrlimit(Resource::Nofile);
+    let Some(current) = now.current else { return };
+    let target = now.maximum.unwrap_or(u64::MAX).min(1 << 20);
+    if target > current {
+        match setrlimit(Resource::Nofile, Rlimit { current: Some(target), maximum: now.maximum }) {
+            Ok(()) => tracing::debug!(from = current, to = target, "raised the limit on open files"),
+            Err(e) => tracing::debug!(limit = current, error = %e, "cannot raise the limit on open files"),
+        }
+    }
 }
 
 /// Installs the SIGINT and SIGTERM handlers now; the future resolves at the first signal.

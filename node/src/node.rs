@@ -206,6 +206,7 @@ impl Node {
             cache_bytes: config.cache_bytes,
             hot_bytes: config.hot_bytes,
             durable: config.durable,
+            open_blobs: open_blobs(),
             ..Default::default()
         };
         let store_dir = config.data_dir.join("store");
@@ -653,6 +654,14 @@ impl NodeHandle {
 /// Whether this machine has IPv6: an address on loopback (`::1`), or a route out. Where IPv6 is
 /// turned off (by sysctl, as in many containers) a socket on `::` can still be made, but a
 /// listener there never reports an address, and the start waited its full second for one.
+/// How many blobs' files (two each) the store keeps open: a quarter of the process's limit on
+/// open files, between 64 and 4,096 blobs. The rest of the limit is for sockets, the API's and
+/// the gateway's clients and the answers being sent (each holds its blob's files).
+fn open_blobs() -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
+    (limit / 8).clamp(64, 4096) as usize
+}
+
 fn has_ipv6() -> bool {
     use std::net::{Ipv6Addr, UdpSocket};
     if UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
