@@ -247,6 +247,8 @@ struct Inner {
     hot: Mutex<HotPieces>,
     tmp_counter: AtomicU64,
     evictions: AtomicU64,
+    /// Directories moved out of `blobs/` under the state's lock, deleted once it is let go.
+    trash: Mutex<Vec<PathBuf>>,
     /// The files held open, by [`Blob::id`], least recently used first; at most
     /// [`StoreConfig::open_blobs`]. A blob's files close when its entry leaves and the last
     /// reader still holding them is done.
@@ -562,6 +564,7 @@ impl Store {
             config,
             tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
+            trash: Mutex::new(Vec::new()),
             open: Mutex::new(::lru::LruCache::new(open_blobs)),
         });
         let store = Self { inner };
@@ -751,6 +754,12 @@ impl Store {
 
     /// Moves a staged, complete blob into `blobs/`.
     fn install(&self, staged: Staged, pin: bool) -> Result<Imported> {
+        let installed = self.install_entry(staged, pin);
+        self.empty_trash();
+        installed
+    }
+
+    fn install_entry(&self, staged: Staged, pin: bool) -> Result<Imported> {
         let Staged { dir, hash, geometry } = staged;
         let full = PieceSet::full(geometry.piece_count());
         write_meta(
@@ -774,7 +783,7 @@ impl Store {
             // A partial copy: the complete one replaces it, pinned if the user pinned that.
             pinned_before = existing.info().pinned;
             self.take_entry(&mut st, &hash);
-            self.discard_dir(&existing.dir)?;
+            self.trash(&existing.dir)?;
         }
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
@@ -810,7 +819,7 @@ impl Store {
                 }
                 // Under the lock: no other import of it may place its directory meanwhile.
                 for leftover in [&dir, &self.blob_dir(hash)] {
-                    let _ = self.discard_dir(leftover);
+                    let _ = self.trash(leftover);
                 }
                 drop(st);
                 Err(e)
@@ -835,6 +844,12 @@ impl Store {
     }
 
     fn begin_with(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
+        let begun = self.begin_entry(hash, size, evict);
+        self.empty_trash();
+        begun
+    }
+
+    fn begin_entry(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
         let geometry = Geometry::new(size)?;
         let mut st = lock(&self.inner.state);
         if let Some(blob) = st.blobs.get(&hash).cloned() {
@@ -848,7 +863,7 @@ impl Store {
             }
             debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
             self.take_entry(&mut st, &hash);
-            self.discard_dir(&blob.dir)?;
+            self.trash(&blob.dir)?;
         }
         let bytes = footprint(geometry);
         if !evict && !st.lru.fits(bytes) {
@@ -885,7 +900,7 @@ impl Store {
                 // Under the lock, with no entry for it: what a failed placing left (the directory,
                 // renamed into place or not) would make every later begin of the blob fail.
                 for leftover in [&dir, &self.blob_dir(hash)] {
-                    let _ = self.discard_dir(leftover);
+                    let _ = self.trash(leftover);
                 }
                 Err(e)
             }
@@ -1333,6 +1348,7 @@ impl Store {
         };
         let evicted = self.remove_evicted(&mut st, evicted);
         drop(st);
+        self.empty_trash();
         if !evicted.contains(&hash) {
             self.commit(&blob)?;
         }
@@ -1351,7 +1367,10 @@ impl Store {
     pub fn set_cache_bytes(&self, bytes: u64) -> Result<Vec<Hash>> {
         let mut st = lock(&self.inner.state);
         let evicted = st.lru.set_capacity(bytes);
-        Ok(self.remove_evicted(&mut st, evicted))
+        let evicted = self.remove_evicted(&mut st, evicted);
+        drop(st);
+        self.empty_trash();
+        Ok(evicted)
     }
 
     /// Bytes in use.
@@ -1424,7 +1443,7 @@ impl Store {
             if let Some(blob) = self.take_entry(st, hash) {
                 debug!(blob = %hash, "evicted");
                 self.inner.evictions.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.discard_dir(&blob.dir) {
+                if let Err(e) = self.trash(&blob.dir) {
                     warn!(blob = %hash, error = %e, "cannot remove an evicted blob");
                 }
             }
@@ -1467,6 +1486,33 @@ impl Store {
             io::ErrorKind::AlreadyExists,
             "1,000 copies are set aside already",
         )))
+    }
+
+    /// Moves a directory out of `blobs/` atomically, to be deleted by [`Store::empty_trash`]
+    /// once the caller let go of the store's lock: deleting a large blob's files takes a while,
+    /// and every user of the store would wait on it.
+    fn trash(&self, dir: &Path) -> Result<()> {
+        let trash = self.tmp_path("trash");
+        match fs::rename(dir, &trash) {
+            Ok(()) => {
+                lock(&self.inner.trash).push(trash);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("move aside", dir)(e)),
+        }
+    }
+
+    /// Deletes what [`Store::trash`] moved aside. Called without the store's lock held, by each
+    /// public method that may have trashed something; what a failure leaves goes when `tmp/` is
+    /// cleared at the next open.
+    fn empty_trash(&self) {
+        let trash = std::mem::take(&mut *lock(&self.inner.trash));
+        for dir in trash {
+            if let Err(e) = fs::remove_dir_all(&dir) {
+                warn!(dir = %dir.display(), error = %e, "cannot delete a removed blob's files");
+            }
+        }
     }
 
     /// Moves a directory out of `blobs/` atomically, then deletes it.

@@ -222,6 +222,16 @@ fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
     let evicted = store.unpin(mine).expect("unpin");
     assert!(!evicted.is_empty());
     assert!(store.stats().cache_bytes <= bound);
+    // What was evicted left the disk too, and nothing waits in the trash.
+    let mut on_disk: Vec<String> = fs::read_dir(tmp.path().join("blobs"))
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = store.list().iter().map(|b| b.hash.to_hex()).collect();
+    listed.sort();
+    assert_eq!(on_disk, listed);
+    assert_eq!(fs::read_dir(tmp.path().join("tmp")).expect("list").count(), 0, "the trash was emptied");
 }
 
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
