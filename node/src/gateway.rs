@@ -241,16 +241,25 @@ async fn known_size(
     }
 }
 
+/// Whether a listing asked for is in JSON rather than HTML.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("json"))
+}
+
+/// The `ETag` of the listing of the collection `hash` that `headers` ask for (by `Accept`).
+fn listing_etag(hash: Hash, headers: &HeaderMap) -> String {
+    if wants_json(headers) { format!("\"{hash}.json\"") } else { format!("\"{hash}.html\"") }
+}
+
 fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &HeaderMap) -> Response {
-    let wants_json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("json"));
-    if wants_json {
+    let etag = listing_etag(hash, headers);
+    if wants_json(headers) {
         let entries: Vec<_> = c
             .entries()
             .iter()
             .map(|e| serde_json::json!({ "path": e.path, "hash": e.hash.to_string(), "size": e.size }))
             .collect();
         let body = serde_json::json!({ "collection": hash.to_string(), "entries": entries }).to_string();
-        let etag = format!("\"{hash}.json\"");
         return ([(header::CONTENT_TYPE, "application/json".to_string()), (header::ETAG, etag)], LISTING, body)
             .into_response();
     }
@@ -265,7 +274,6 @@ fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &Hea
         html.push_str(&format!("<li><a href=\"{hash}/{}\">{}</a> {} bytes</li>\n", esc(&href), esc(&e.path), e.size));
     }
     html.push_str("</ul></body></html>\n");
-    let etag = format!("\"{hash}.html\"");
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()), (header::ETAG, etag)], LISTING, html)
         .into_response()
 }
@@ -330,12 +338,20 @@ pub(crate) async fn serve(
     let etag = format!("\"{hash}\"");
     // `*` matches any representation there is: only a blob held whole is surely there.
     let held = || node.store().info(hash).is_some_and(|i| i.is_complete());
+    // A listing's tag (the listing asked for: a client holding the HTML one is not told its JSON
+    // one is unchanged) names a collection, whose listing never changes: no need to read it.
+    let listed = (path.is_none() && !wants_raw(headers)).then(|| listing_etag(hash, headers));
     if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
-        && inm
-            .split(',')
-            .any(|t| t.trim() == etag || t.trim().trim_start_matches("W/") == etag || (t.trim() == "*" && held()))
+        && let Some(matched) = inm.split(',').map(|t| t.trim()).find_map(|t| {
+            let tag = t.trim_start_matches("W/");
+            if tag == etag || (t == "*" && held()) {
+                Some(etag.clone())
+            } else {
+                listed.as_ref().filter(|l| tag == l.as_str()).cloned()
+            }
+        })
     {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, matched)]).into_response();
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let mut fetching = ensure_fetching(&node, hash);

@@ -327,6 +327,19 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
         assert_ne!(r.headers()["etag"], format!("\"{collection}\"").as_str());
         let html = r.body_mut().read_to_string().expect("html");
         assert!(html.contains(&format!("href=\"{collection}/sub%20dir/a.txt\"")), "{html}");
+        // A browser revalidating the listing is told it is unchanged, without the listing being
+        // read or built again; a client holding the HTML listing is not told the JSON one is.
+        let tag = r.headers()["etag"].to_str().expect("ascii").to_string();
+        let r = a.get(format!("http://{gw_addr}/{collection}")).header("If-None-Match", &tag).call().expect("GET");
+        assert_eq!(r.status(), 304);
+        assert_eq!(r.headers()["etag"], tag.as_str());
+        let r = a
+            .get(format!("http://{gw_addr}/{collection}"))
+            .header("If-None-Match", &tag)
+            .header("Accept", "application/json")
+            .call()
+            .expect("GET");
+        assert_eq!(r.status(), 200);
 
         let mut r = a.get(format!("http://{gw_addr}/{collection}/sub%20dir/a.txt")).call().expect("GET entry");
         assert_eq!(r.status(), 200);
