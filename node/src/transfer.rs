@@ -484,6 +484,12 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
             async {
                 let info = store.info(hash);
+                // A set counted for another size than the blob held is not kept while this waits
+                // in line: a peer's claim of the largest blob is 2 MiB of bitmap.
+                let pieces = match &info {
+                    Some(i) if i.pieces.piece_count() != pieces.piece_count() => i.pieces.intersection(&pieces),
+                    _ => pieces,
+                };
                 let held = info.as_ref().map(|info| info.pieces.intersection(&pieces)).filter(|h| !h.is_empty());
                 // Only a publisher (a node that pinned the blob) spreads: the peers trading a
                 // crowd's pieces serve every piece they hold to whoever asks.
