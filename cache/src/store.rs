@@ -289,10 +289,16 @@ struct Files {
 }
 
 impl Files {
+    /// Opens them for reading and writing, or for reading alone where writing is not allowed (a
+    /// store restored read-only still serves what it holds; a write to it fails).
     fn open(dir: &Path) -> Result<Self> {
         let open = |name: &str| {
             let p = dir.join(name);
-            OpenOptions::new().read(true).write(true).open(&p).map_err(io_err("open", &p))
+            match OpenOptions::new().read(true).write(true).open(&p) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => File::open(&p),
+                opened => opened,
+            }
+            .map_err(io_err("open", &p))
         };
         Ok(Self { data: open("data")?, outboard: open("outboard")? })
     }
@@ -307,6 +313,10 @@ struct Status {
     durable: PieceSet,
     pinned: bool,
     unflushed_bytes: u64,
+    /// The files written through since the last commit, held open until it syncs them: a
+    /// write-back error is reported to the descriptors open when it happened, and a descriptor
+    /// opened afterwards could sync clean over it. Kept only for a durable store.
+    dirty: Option<Arc<Files>>,
 }
 
 impl Blob {
@@ -555,7 +565,6 @@ impl Store {
         }
         fs::create_dir_all(&tmp_dir).map_err(io_err("create", &tmp_dir))?;
 
-        let open_blobs = std::num::NonZeroUsize::MIN.saturating_add(config.open_blobs.saturating_sub(1));
         let inner = Arc::new(Inner {
             state: Mutex::new(State { blobs: HashMap::new(), lru: ByteLru::new(config.cache_bytes), pinned_bytes: 0 }),
             hot: Mutex::new(HotPieces::new(config.hot_bytes)),
@@ -565,7 +574,7 @@ impl Store {
             tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             trash: Mutex::new(Vec::new()),
-            open: Mutex::new(::lru::LruCache::new(open_blobs)),
+            open: Mutex::new(::lru::LruCache::unbounded()),
         });
         let store = Self { inner };
 
@@ -574,10 +583,14 @@ impl Store {
             let entry = entry.map_err(io_err("list", &blobs_dir))?;
             let dir = entry.path();
             match load_blob(&dir) {
-                Ok(Some(blob)) => {
+                Ok(Some(Loaded::Blob(blob))) => {
                     let mtime =
                         fs::metadata(dir.join("meta")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                     found.push((mtime, blob));
+                }
+                Ok(Some(Loaded::Leftover)) => {
+                    debug!(dir = %dir.display(), "removing what a crash left of a blob moved out");
+                    store.discard_dir(&dir)?;
                 }
                 // Not ours to delete: a newer version's meta, or files someone changed. Kept
                 // where the user can look, outside the store's count.
@@ -915,7 +928,7 @@ impl Store {
         let files = self.files(&blob)?;
         let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         let decoded = verify::decode_pieces(encoded, pieces, FileAt(&files.data), outboard);
-        self.mark_verified(&blob, &decoded.verified)?;
+        self.mark_verified(&blob, &files, &decoded.verified)?;
         Ok(Written { verified: decoded.verified, error: decoded.error })
     }
 
@@ -937,14 +950,17 @@ impl Store {
             piece.write_to(FileAt(&files.data), &mut outboard).map_err(io_err("write", &blob.dir))?;
             stored.insert(piece.piece());
         }
-        self.mark_verified(&blob, &stored)?;
+        self.mark_verified(&blob, &files, &stored)?;
         Ok(stored)
     }
 
     /// Marks pieces just written and verified, and commits them once enough are unflushed.
-    fn mark_verified(&self, blob: &Blob, pieces: &PieceSet) -> Result<()> {
+    fn mark_verified(&self, blob: &Blob, files: &Arc<Files>, pieces: &PieceSet) -> Result<()> {
         let flush = {
             let mut st = lock(&blob.status);
+            if self.inner.config.durable && !pieces.is_empty() {
+                st.dirty.get_or_insert_with(|| files.clone());
+            }
             for p in pieces.iter() {
                 if st.verified.insert(p) {
                     st.unflushed_bytes += blob.geometry.piece_len(p);
@@ -962,23 +978,33 @@ impl Store {
     /// Makes every verified piece of `hash` durable and marks it in the blob's meta.
     pub fn flush(&self, hash: Hash) -> Result<()> {
         let blob = self.blob(hash)?;
-        self.commit(&blob)
+        self.flush_blob(&blob)
+    }
+
+    /// Commits `blob` unless its meta already marks every verified piece.
+    fn flush_blob(&self, blob: &Blob) -> Result<()> {
+        let st = lock(&blob.status);
+        if st.dirty.is_none() && st.durable == st.verified {
+            return Ok(());
+        }
+        drop(st);
+        self.commit(blob)
     }
 
     /// Flushes every blob (at shutdown).
     pub fn flush_all(&self) -> Result<()> {
         let blobs: Vec<_> = lock(&self.inner.state).blobs.values().cloned().collect();
         for blob in blobs {
-            self.commit(&blob)?;
+            self.flush_blob(&blob)?;
         }
         Ok(())
     }
 
     fn commit(&self, blob: &Blob) -> Result<()> {
         let _serial = lock(&blob.commit);
-        let (snapshot, pinned, unflushed) = {
-            let st = lock(&blob.status);
-            (st.verified.clone(), st.pinned, st.unflushed_bytes)
+        let (snapshot, pinned, unflushed, dirty) = {
+            let mut st = lock(&blob.status);
+            (st.verified.clone(), st.pinned, st.unflushed_bytes, st.dirty.take())
         };
         // A blob evicted or deleted since (a write or an answer streaming from it holds it for a
         // while) may have been begun or added again under the same directory: its meta is not
@@ -987,11 +1013,16 @@ impl Store {
         if !self.is_current(blob) {
             return Ok(());
         }
-        if self.inner.config.durable {
-            let files = self.files(blob)?;
+        // Synced through the descriptors the pieces were written with (see `Status::dirty`).
+        if let Some(files) = dirty {
             let data_path = blob.dir.join("data");
-            files.data.sync_data().map_err(io_err("sync", &data_path))?;
-            files.outboard.sync_data().map_err(io_err("sync", &blob.dir))?;
+            let synced = files.data.sync_data().map_err(io_err("sync", &data_path));
+            let synced = synced.and_then(|()| files.outboard.sync_data().map_err(io_err("sync", &blob.dir)));
+            if let Err(e) = synced {
+                // Not marked durable: the next commit tries again.
+                lock(&blob.status).dirty.get_or_insert(files);
+                return Err(e);
+            }
         }
         let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
         let durable = self.inner.config.durable;
@@ -1409,7 +1440,10 @@ impl Store {
 
     /// The blob's files, opened if nobody holds them, counted in the bound on open blobs
     /// ([`StoreConfig::open_blobs`]) as used now.
+    /// An entry that left the store is [`StoreError::NotFound`] once nobody holds its files: its
+    /// directory is gone, or is another entry's by now.
     fn files(&self, blob: &Blob) -> Result<Arc<Files>> {
+        let gone = || StoreError::NotFound { hash: blob.hash };
         {
             let mut open = lock(&self.inner.open);
             if let Some(files) = open.get(&blob.id) {
@@ -1419,6 +1453,9 @@ impl Store {
             if let Some(files) = lock(&blob.files).upgrade() {
                 return Ok(files);
             }
+            if blob.removed.load(Ordering::Relaxed) {
+                return Err(gone());
+            }
         }
         // Opened outside the lock: a slow disk holds up this blob's users alone.
         let files = Arc::new(Files::open(&blob.dir)?);
@@ -1426,11 +1463,16 @@ impl Store {
         if let Some(theirs) = open.get(&blob.id) {
             return Ok(theirs.clone());
         }
+        // Still in the store now, so it was when the files were opened (it leaves under this
+        // lock, before its directory moves): they are its own.
+        if blob.removed.load(Ordering::Relaxed) {
+            return Err(gone());
+        }
         *lock(&blob.files) = Arc::downgrade(&files);
-        // An entry that left the store keeps its files for this caller alone.
-        if !blob.removed.load(Ordering::Relaxed) {
-            // The blob used least recently gives its files back (once its readers are done).
-            open.put(blob.id, files.clone());
+        open.put(blob.id, files.clone());
+        // The blob used least recently gives its files back (once its readers are done).
+        while open.len() > self.inner.config.open_blobs.max(1) {
+            open.pop_lru();
         }
         Ok(files)
     }
@@ -1457,7 +1499,10 @@ impl Store {
         let final_dir = self.blob_dir(hash);
         fs::rename(dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
         sync_dir(&self.inner.root.join("blobs"))?;
-        load_blob(&final_dir)?.ok_or(StoreError::NotFound { hash })
+        match load_blob(&final_dir)? {
+            Some(Loaded::Blob(blob)) => Ok(blob),
+            _ => Err(StoreError::NotFound { hash }),
+        }
     }
 
     fn blob_dir(&self, hash: Hash) -> PathBuf {
@@ -1589,8 +1634,16 @@ fn partial_path(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
-/// Reads a blob directory; `None` if it has no usable meta.
-fn load_blob(dir: &Path) -> Result<Option<Blob>> {
+/// What a blob directory holds, for [`load_blob`].
+enum Loaded {
+    Blob(Blob),
+    /// What a crash left half-way through taking a blob out of the store.
+    Leftover,
+}
+
+/// Reads a blob directory; `None` if this version cannot use it (no meta, one it cannot read,
+/// or files that disagree with it).
+fn load_blob(dir: &Path) -> Result<Option<Loaded>> {
     let Some(hash) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<Hash>().ok()) else {
         return Ok(None);
     };
@@ -1613,19 +1666,30 @@ fn load_blob(dir: &Path) -> Result<Option<Blob>> {
         let p = dir.join(name);
         fs::metadata(&p).map(|m| m.len()).map_err(io_err("stat", &p))
     };
+    // A blob moved out (`Store::move_out`) takes its data file first: a crash before the rest
+    // went leaves a directory with nothing in it worth keeping.
+    if !dir.join("data").exists() {
+        return Ok(Some(Loaded::Leftover));
+    }
     if len("data")? != meta.size || len("outboard")? != geometry.outboard_size() {
         return Ok(None);
     }
-    Ok(Some(Blob {
+    Ok(Some(Loaded::Blob(Blob {
         hash,
         geometry,
         dir: dir.to_owned(),
         id: NEXT_BLOB_ID.fetch_add(1, Ordering::Relaxed),
         files: Mutex::new(std::sync::Weak::new()),
         removed: std::sync::atomic::AtomicBool::new(false),
-        status: Mutex::new(Status { durable: verified.clone(), verified, pinned: meta.pinned, unflushed_bytes: 0 }),
+        status: Mutex::new(Status {
+            durable: verified.clone(),
+            verified,
+            pinned: meta.pinned,
+            unflushed_bytes: 0,
+            dirty: None,
+        }),
         commit: Mutex::new(()),
-    }))
+    })))
 }
 
 /// The verified pieces a format-1 bitmap (pieces of [`V1_PIECE_SIZE`]) records: a piece is verified

@@ -20,9 +20,8 @@ const CHILD_MODE: &str = "SHOAL_CRASH_CHILD_MODE";
 const MIB: u64 = 1 << 20;
 
 fn config() -> StoreConfig {
-    // Small flush batches, so kills land between, during and after commits; files of two blobs
-    // open at a time, so they land between closes and opens too.
-    StoreConfig { cache_bytes: 1 << 30, hot_bytes: 1 << 20, flush_bytes: MIB, durable: true, open_blobs: 2 }
+    // Small flush batches, so kills land between, during and after commits.
+    StoreConfig { cache_bytes: 1 << 30, hot_bytes: 1 << 20, flush_bytes: MIB, durable: true, ..Default::default() }
 }
 
 /// Runs in the child: imports or writes forever, printing a line after each step.

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_cache::{BlobInfo, StoreError};
+use shoal_cache::{BlobInfo, Store, StoreError};
 use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
@@ -236,6 +236,10 @@ async fn run(
     // Providers the DHT named, for how many holders the fetch knows of when it announces itself.
     let mut provided: HashSet<PeerId> = HashSet::new();
 
+    // However the fetch ends (failed, or dropped by a caller that gave up), what it verified is
+    // made durable: a blob complete is flushed below, and the store holds a blob's files open
+    // from its first write until its next flush.
+    let _flush = FlushOnDrop { store: store.clone(), hash };
     let result = loop {
         let now = Instant::now();
         let mut outcome = None;
@@ -554,6 +558,25 @@ async fn run(
     // drops this future: left running, they fetched for nobody and kept their connections from
     // being trimmed.
     result
+}
+
+/// Flushes a blob's verified pieces when dropped, on a blocking thread, without waiting for it.
+struct FlushOnDrop {
+    store: Store,
+    hash: Hash,
+}
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        let (store, hash) = (self.store.clone(), self.hash);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || {
+                if let Err(e) = store.flush(hash) {
+                    debug!(blob = %hash, error = %e, "cannot flush what an ended fetch verified");
+                }
+            });
+        }
+    }
 }
 
 /// The most hinted peers one fetch remembers; past it, hints are ignored (the DHT still finds

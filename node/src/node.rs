@@ -651,17 +651,18 @@ impl NodeHandle {
     }
 }
 
-/// Whether this machine has IPv6: an address on loopback (`::1`), or a route out. Where IPv6 is
-/// turned off (by sysctl, as in many containers) a socket on `::` can still be made, but a
-/// listener there never reports an address, and the start waited its full second for one.
 /// How many blobs' files (two each) the store keeps open: a quarter of the process's limit on
 /// open files, between 64 and 4,096 blobs. The rest of the limit is for sockets, the API's and
-/// the gateway's clients and the answers being sent (each holds its blob's files).
+/// the gateway's clients and the answers being sent (each holds its blob's files). Where many
+/// nodes share a process (netsim) each takes that much, which they do not come near.
 fn open_blobs() -> usize {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(u64::MAX);
     (limit / 8).clamp(64, 4096) as usize
 }
 
+/// Whether this machine has IPv6: an address on loopback (`::1`), or a route out. Where IPv6 is
+/// turned off (by sysctl, as in many containers) a socket on `::` can still be made, but a
+/// listener there never reports an address, and the start waited its full second for one.
 fn has_ipv6() -> bool {
     use std::net::{Ipv6Addr, UdpSocket};
     if UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok() {
