@@ -93,9 +93,20 @@ impl Slots {
     /// the line is full of requests as good as this one or better, if a better one took this
     /// one's place, or if the wait passed.
     pub(crate) async fn acquire(self: &Arc<Self>, priority: u32, wait: Duration) -> Option<Slot> {
+        self.acquire_with(priority, wait, true).await
+    }
+
+    /// A slot let go by someone else, after waiting in line for at most `wait`, even while one
+    /// is free: for a requester that holds its share of the slots already, whose next request
+    /// goes when one of its own (or anyone's) ends, and not before those of others.
+    pub(crate) async fn acquire_in_line(self: &Arc<Self>, priority: u32, wait: Duration) -> Option<Slot> {
+        self.acquire_with(priority, wait, false).await
+    }
+
+    async fn acquire_with(self: &Arc<Self>, priority: u32, wait: Duration, take_free: bool) -> Option<Slot> {
         let (place, mut answer) = {
             let mut state = self.lock();
-            if let Some(free) = state.free.checked_sub(1) {
+            if take_free && let Some(free) = state.free.checked_sub(1) {
                 state.free = free;
                 return Some(Slot { slots: Some(self.clone()) });
             }
@@ -237,6 +248,32 @@ mod tests {
         drop(busy);
         assert_eq!((slots.free(), slots.waiting()), (1, 0));
         assert!(slots.acquire(9, WAIT).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_line_waits_for_a_slot_let_go_even_with_one_free() {
+        let slots = Slots::new(2, 4);
+        let held = slots.acquire(0, WAIT).await.expect("a free slot");
+        assert_eq!(slots.free(), 1);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let in_line = {
+            let (slots, tx) = (slots.clone(), tx.clone());
+            tokio::spawn(async move {
+                let slot = slots.acquire_in_line(u32::MAX, WAIT).await;
+                let _ = tx.send(("in line", slot.is_some()));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!((slots.free(), slots.waiting()), (1, 1), "it waits, the free slot stays free");
+        // Anyone else takes the free slot at once, ahead of it.
+        let other = slots.acquire(7, WAIT).await.expect("the free slot");
+        assert_eq!(slots.free(), 0);
+        drop(held);
+        assert_eq!(rx.recv().await, Some(("in line", true)));
+        in_line.await.expect("task");
+        drop(other);
+        assert_eq!((slots.free(), slots.waiting()), (2, 0), "every slot came back");
     }
 
     #[tokio::test(start_paused = true)]

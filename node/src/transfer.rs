@@ -119,7 +119,7 @@ pub(crate) struct Uploads {
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
-    /// Piece-upload slots (of `data`) held, per peer.
+    /// Piece-upload slots (of `data`) held or waited for, per peer.
     data_per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
@@ -161,11 +161,16 @@ impl Arrivals {
 /// A piece-upload slot held by `peer`; released when dropped.
 struct DataSlot {
     _slot: Slot,
+    _counted: DataCount,
+}
+
+/// One of a peer's piece-upload slots, held or waited for: counted down when dropped.
+struct DataCount {
     held: Arc<Mutex<HashMap<PeerId, usize>>>,
     peer: PeerId,
 }
 
-impl Drop for DataSlot {
+impl Drop for DataCount {
     fn drop(&mut self) {
         count_down(&self.held, &self.peer);
     }
@@ -311,14 +316,31 @@ impl Uploads {
     /// is full of requests as good, when a better one took its place, or when the wait passed
     /// [`MAX_SLOT_WAIT`]. With no upload cap, always a slot at once. The priority is worked out
     /// only for a request that has to wait.
+    ///
+    /// A peer holds at most half the slots (at least one): past that, its request waits in line
+    /// behind every other requester's for a slot let go, even while one is free. A peer reading
+    /// slowly, or many requests of one peer, would otherwise hold every slot for as long as their
+    /// answers take, and serve no one else (a peer may ask for 64 pieces, at 64 KiB/s).
     async fn acquire_data(&self, peer: PeerId, priority: impl FnOnce() -> u32) -> Option<Option<DataSlot>> {
         let Some(slots) = &self.data else { return Some(None) };
-        let slot = match slots.try_acquire() {
-            Some(slot) => slot,
-            None => slots.acquire(priority(), self.timing.max_slot_wait).await?,
+        // Counted from now, waiting included, so that two requests of one peer cannot both find
+        // it under its share.
+        let held = {
+            let mut map = self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(peer).or_insert(0);
+            *n += 1;
+            *n - 1
         };
-        *self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner()).entry(peer).or_insert(0) += 1;
-        Some(Some(DataSlot { _slot: slot, held: self.data_per_peer.clone(), peer }))
+        let counted = DataCount { held: self.data_per_peer.clone(), peer };
+        let slot = if held >= (slots.count() / 2).max(1) {
+            slots.acquire_in_line(u32::MAX, self.timing.max_slot_wait).await?
+        } else {
+            match slots.try_acquire() {
+                Some(slot) => slot,
+                None => slots.acquire(priority(), self.timing.max_slot_wait).await?,
+            }
+        };
+        Some(Some(DataSlot { _slot: slot, _counted: counted }))
     }
 
     /// A piece upload held its slot for `took`.
@@ -1368,10 +1390,43 @@ mod tests {
         assert_eq!(uploads.busy_retry(), BUSY_RETRY);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn one_peer_holds_at_most_half_the_slots_and_waits_behind_others_for_more() {
+        let (greedy, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let uploads = Arc::new(two_slots());
+        let first = uploads.acquire_data(greedy, || 0).await.flatten().expect("a free slot");
+        // Its second request waits in line although a slot is free, and at the back of it.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let request = |peer: PeerId, name: &'static str| {
+            let (uploads, tx) = (uploads.clone(), tx.clone());
+            tokio::spawn(async move {
+                let slot = uploads.acquire_data(peer, || 0).await.flatten();
+                let _ = tx.send((name, slot.is_some()));
+                slot
+            })
+        };
+        let second = request(greedy, "greedy again");
+        tokio::task::yield_now().await;
+        assert_eq!(uploads.waiting(), 1);
+        // Another peer takes the free slot at once; a third waits, ahead of the greedy one.
+        let theirs = uploads.acquire_data(b, || 0).await.flatten().expect("the free slot");
+        let third = request(c, "c");
+        tokio::task::yield_now().await;
+        assert_eq!(uploads.waiting(), 2);
+        drop(first);
+        assert_eq!(rx.recv().await, Some(("c", true)));
+        drop(theirs);
+        assert_eq!(rx.recv().await, Some(("greedy again", true)));
+        drop((second.await, third.await));
+        assert!(uploads.data_per_peer.lock().unwrap().is_empty(), "every count came back");
+        assert_eq!(uploads.data.as_ref().map(|s| s.free()), Some(2));
+    }
+
     #[tokio::test]
     async fn idle_means_no_upload_to_another_peer_and_nobody_waiting() {
         let (me, other) = (PeerId::random(), PeerId::random());
-        let uploads = two_slots();
+        // Four slots: a peer may hold two.
+        let uploads = Uploads::new(64, 8, Some(4 * UPLOAD_SLOT_RATE), None, Timing::new(1.0));
         assert!(uploads.idle(&me));
         let first = uploads.acquire_data(me, || 0).await.flatten().expect("a free slot");
         let second = uploads.acquire_data(me, || 0).await.flatten().expect("a free slot");
