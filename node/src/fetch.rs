@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_cache::{BlobInfo, Store, StoreError};
+use shoal_cache::{BlobInfo, Store};
 use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
@@ -328,11 +328,10 @@ async fn run(
                             }
                             machine.handle_local(&begun.have, Instant::now());
                         }
-                        Err(
-                            e @ (StoreError::NoRoom { .. }
-                            | StoreError::TooLarge { .. }
-                            | StoreError::SizeMismatch { .. }),
-                        ) if !proven => {
+                        // Whatever the store says to a size only a peer claimed (no room, too large,
+                        // or a file that size cannot be made here), the claim is what fails: a
+                        // lying peer must not fail the fetch.
+                        Err(e) if !proven => {
                             debug!(size, error = %e, "not opening the blob for a size no proof backs yet");
                             machine.handle_size_unprovable(size, Instant::now());
                         }
@@ -412,10 +411,16 @@ async fn run(
                 Action::Failed(e) => {
                     let secs = lookup_timeout.as_secs();
                     outcome = Some(Err(match e {
-                        shoal_protocol::fetch::FetchError::Stalled { .. } => match machine.size() {
+                        shoal_protocol::fetch::FetchError::Stalled { after, .. } => match machine.size() {
                             None => {
                                 let alone = node.dht_info().await.is_ok_and(|d| d.routing_table_peers == 0);
                                 FetchError::NotFound { hash, secs, alone }.into()
+                            }
+                            // Past the stall timeout only when holders kept answering, sending nothing.
+                            Some(_) if after > stall_timeout => {
+                                let secs = secs * u64::from(shoal_protocol::fetch::STALLS_WITHOUT_A_PIECE);
+                                let reason = format!("no piece came for {secs} s, though holders kept answering");
+                                FetchError::Failed { hash, reason }.into()
                             }
                             Some(_) => FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into(),
                         },
@@ -553,6 +558,19 @@ async fn run(
     shared.send_modify(counted);
     if let Some(tx) = progress {
         tx.send_modify(counted);
+    }
+    if result.is_err() {
+        // An entry this fetch verified nothing into goes, while the fetch is still registered
+        // (no other can begin the blob meanwhile): it holds nothing, and the room reserved for
+        // a size only a peer claimed would stay at the fresh end of the cache's order, ahead of
+        // blobs held.
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if s.info(hash).is_some_and(|i| i.pieces.is_empty() && !i.pinned) {
+                let _ = s.delete(hash);
+            }
+        })
+        .await;
     }
     // Dropping `requests` and `lookup` aborts their tasks, here or when a caller that gave up
     // drops this future: left running, they fetched for nobody and kept their connections from

@@ -78,7 +78,10 @@
 //! lacks (a have-map naming one, or `Busy` to a piece request). A `Busy` answer means the holder
 //! has what we want and a line of others wanting it: in a crowd larger than its sources' uploads,
 //! a fetch waits its turn for longer than any one stall, and giving up then would fail a fetch
-//! that was about to be served.
+//! that was about to be served. But not for ever: with no piece verified for
+//! [`STALLS_WITHOUT_A_PIECE`] stall timeouts, it gives up whatever its peers answer, since a peer
+//! that only ever says `Busy`, or names pieces and then has none, would otherwise keep it (and its
+//! slot among the node's fetches) for good.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -99,8 +102,14 @@ pub const MAX_PROVIDERS_BACKOFF: Duration = Duration::from_secs(30);
 pub const MAX_BUSY_WAIT: Duration = Duration::from_secs(60);
 
 /// The shortest a `Busy` answer keeps a peer idle, so that a peer answering `Busy` with no delay
-/// cannot make the fetch spin.
-pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(10);
+/// cannot make the fetch spin (a Shoal node asks for 250 ms at least).
+pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(100);
+
+/// How many [`FetchConfig::stall_timeout`]s a fetch waits with no piece verified, whatever its
+/// peers answer meanwhile: `Busy` and have-maps keep a fetch waiting for its turn, and peers that
+/// only ever say so (a holder that never sends, or one that names pieces and then has none)
+/// would keep it forever.
+pub const STALLS_WITHOUT_A_PIECE: u32 = 4;
 
 /// Provider candidates remembered per [`FetchConfig::max_peers`], parked peers included: what the
 /// DHT returns beyond this is ignored until the queue drains (a parked peer is forgotten to make
@@ -352,7 +361,8 @@ pub enum FetchError {
         total_pieces: Option<u32>,
     },
     /// No piece verified, and no peer holding pieces the fetch lacks answered, for
-    /// [`FetchConfig::stall_timeout`].
+    /// [`FetchConfig::stall_timeout`]; or no piece verified for [`STALLS_WITHOUT_A_PIECE`] of them,
+    /// whatever peers answered.
     #[error(
         "fetch of {hash} made no progress for {after:?}, with {verified_pieces} of {} pieces verified: no peer \
          holding the rest answered",
@@ -361,7 +371,8 @@ pub enum FetchError {
     Stalled {
         /// The blob.
         hash: Hash,
-        /// The stall timeout that passed.
+        /// How long the fetch went without progress: the stall timeout, or
+        /// [`STALLS_WITHOUT_A_PIECE`] of them.
         after: Duration,
         /// Pieces verified by then.
         verified_pieces: u32,
@@ -794,6 +805,8 @@ pub struct Fetch<P> {
     /// The last verified piece, or answer from a peer holding pieces we lack (see
     /// [`FetchConfig::stall_timeout`]).
     last_sign: Instant,
+    /// The last verified piece, or the start (see [`STALLS_WITHOUT_A_PIECE`]).
+    last_piece: Instant,
     claim: Option<Claim>,
     /// The size a peer's size proof proved (see [`Fetch::handle_size_proof`]).
     proven_size: Option<u64>,
@@ -837,6 +850,7 @@ where
             hash,
             deadline_at: config.deadline.and_then(|d| now.checked_add(d)),
             last_sign: now,
+            last_piece: now,
             search_backoff: config.providers_backoff,
             config,
             rng: SplitMix64(seed),
@@ -1181,8 +1195,9 @@ where
             Some(PeerFailure::NotFound) => {
                 self.unadvertise(peer, &not_served, now);
                 if let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.asking) {
-                    // Our picture of this peer is stale: ask what it holds now.
-                    rec.have_retry_at = Some(now);
+                    // Our picture of this peer is stale: ask what it holds now, after a pause, so
+                    // that a peer that names pieces and then has none does not keep us asking.
+                    rec.have_retry_at = Some(at_least(now, self.config.retry_base));
                 }
             }
             Some(PeerFailure::Corrupt) => {
@@ -1793,6 +1808,9 @@ where
         if let Some(rec) = from.and_then(|p| self.peers.get_mut(&p)) {
             rec.pieces_verified += new;
         }
+        if new > 0 {
+            self.last_piece = now;
+        }
         if !claim.proven && claim.verified.contains(claim.last()) {
             claim.proven = true;
             self.drop_liars(now);
@@ -1982,10 +2000,15 @@ where
         }
     }
 
-    /// Gives up: cancels what is in flight and says why.
     /// When the fetch stalls if nothing happens first (see [`FetchConfig::stall_timeout`]).
     fn stall_at(&self) -> Option<Instant> {
-        self.config.stall_timeout.map(|t| at_least(self.last_sign, t))
+        self.config.stall_timeout.map(|t| {
+            let stalled = at_least(self.last_sign, t);
+            match t.checked_mul(STALLS_WITHOUT_A_PIECE).and_then(|p| self.last_piece.checked_add(p)) {
+                Some(patience) => stalled.min(patience),
+                None => stalled,
+            }
+        })
     }
 
     /// Gives up if the deadline passed or the fetch stalled; returns whether it did.
@@ -1994,11 +2017,15 @@ where
         if !stalled && self.deadline_at.is_none_or(|d| now < d) {
             return false;
         }
-        self.fail(stalled);
+        let stall = self.config.stall_timeout.unwrap_or_default();
+        let starved = stalled && at_least(self.last_sign, stall) > now;
+        self.fail(stalled, if starved { stall.saturating_mul(STALLS_WITHOUT_A_PIECE) } else { stall });
         true
     }
 
-    fn fail(&mut self, stalled: bool) {
+    /// Gives up: cancels what is in flight and says why; `after` is how long a stalled fetch went
+    /// without progress.
+    fn fail(&mut self, stalled: bool, after: Duration) {
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
             if let Some(request) = self.take_request(id) {
@@ -2011,7 +2038,7 @@ where
         let error = if stalled {
             FetchError::Stalled {
                 hash: self.hash,
-                after: self.config.stall_timeout.unwrap_or_default(),
+                after,
                 verified_pieces,
                 total_pieces: self.claim.as_ref().map(Claim::piece_count),
             }
@@ -3055,7 +3082,14 @@ mod tests {
         let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
         let (_, id, stale) = requests(&after)[0].clone();
-        let actions = d.fail(1, id, PeerFailure::NotFound);
+        let mut actions = d.fail(1, id, PeerFailure::NotFound);
+        // Asked again after a pause: a peer that names pieces and has none does not keep us
+        // asking back to back.
+        assert!(!actions.contains(&AskHave { peer: 1 }), "{actions:?}");
+        let pause = d.fetch.config.retry_base;
+        actions.extend(d.advance(pause - ms(1)));
+        assert!(!actions.contains(&AskHave { peer: 1 }), "{actions:?}");
+        actions.extend(d.advance(ms(1)));
         assert!(actions.contains(&AskHave { peer: 1 }), "{actions:?}");
         for (_, _, pieces) in requests(&actions) {
             assert!(pieces.intersection(&stale).is_empty(), "stale pieces asked again: {pieces:?}");
@@ -3245,7 +3279,7 @@ mod tests {
     #[test]
     fn a_fetch_waiting_its_turn_at_busy_holders_does_not_stall() {
         let n = 8;
-        let config = FetchConfig { stall_timeout: Some(Duration::from_secs(5)), max_requests_per_peer: 1, ..config4() };
+        let config = FetchConfig { stall_timeout: Some(Duration::from_secs(7)), max_requests_per_peer: 1, ..config4() };
         let (mut d, mut actions) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
         // For 25 s the only holder keeps each request 2 s and then answers `Busy`.
         for _ in 0..10 {
@@ -3257,6 +3291,34 @@ mod tests {
         }
         let all = d.serve_all(actions);
         assert_eq!(all.last(), Some(&Complete));
+    }
+
+    #[test]
+    fn a_fetch_its_holders_only_ever_turn_away_gives_up() {
+        let n = 8;
+        let after = Duration::from_secs(5);
+        let config = FetchConfig { stall_timeout: Some(after), max_requests_per_peer: 1, ..config4() };
+        let (mut d, mut actions) = proven(size_of(n), config, &[(1, PieceSet::full(n))]);
+        // The one holder answers every request `Busy` at once: each answer is a sign of life, but
+        // no piece comes, and the fetch gives up once none came for four stall timeouts.
+        let mut waited = Duration::ZERO;
+        let failed = loop {
+            if let Some(Failed(e)) = actions.last() {
+                break e.clone();
+            }
+            assert!(waited <= after * STALLS_WITHOUT_A_PIECE, "still fetching after {waited:?}");
+            if let Some((peer, id, _)) = requests(&actions).first().cloned() {
+                assert_eq!(d.fail(peer, id, PeerFailure::Busy { retry_after: ms(0) }), vec![]);
+            }
+            actions = d.advance(ms(500));
+            waited += ms(500);
+        };
+        assert!(waited >= after * STALLS_WITHOUT_A_PIECE - ms(500), "gave up after {waited:?}");
+        let starved = after * STALLS_WITHOUT_A_PIECE;
+        assert!(
+            matches!(failed, FetchError::Stalled { verified_pieces: 1, after, .. } if after == starved),
+            "{failed:?}"
+        );
     }
 
     // ---- 9. completion ----
