@@ -13,7 +13,8 @@
 //!
 //! Bounded: at most `line` requests wait, each for at most the wait its caller gives.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -23,47 +24,60 @@ use tokio::sync::oneshot;
 type Place = (u32, u64);
 
 /// What a waiting request is told: a slot, or that a better request took its place.
-type Answer = Result<Slot, ()>;
+type Answer<K> = Result<Slot<K>, ()>;
 
-/// Piece-upload slots and the requests waiting for one.
+/// Piece-upload slots and the requests waiting for one, each request its owner's (a peer's).
 #[derive(Debug)]
-pub(crate) struct Slots {
+pub(crate) struct Slots<K: Eq + Hash + Clone> {
     count: usize,
     line: usize,
-    state: Mutex<State>,
+    /// The most slots one owner holds at once.
+    share: usize,
+    state: Mutex<State<K>>,
 }
 
 #[derive(Debug)]
-struct State {
+struct State<K: Eq + Hash + Clone> {
     free: usize,
     arrivals: u64,
-    waiting: BTreeMap<Place, oneshot::Sender<Answer>>,
+    waiting: BTreeMap<Place, Waiter<K>>,
+    /// Slots held, by owner; none at zero.
+    held: HashMap<K, usize>,
 }
 
-/// A piece-upload slot; when dropped it goes to the first request in line, or back to the free
-/// ones.
 #[derive(Debug)]
-pub(crate) struct Slot {
-    /// `None` only for a slot that could not be handed over and was kept by `release`.
-    slots: Option<Arc<Slots>>,
+struct Waiter<K: Eq + Hash + Clone> {
+    owner: K,
+    answer: oneshot::Sender<Answer<K>>,
 }
 
-impl Drop for Slot {
+/// A piece-upload slot; when dropped it goes to the first request in line whose owner holds less
+/// than its share (or is this slot's owner), or back to the free ones.
+#[derive(Debug)]
+pub(crate) struct Slot<K: Eq + Hash + Clone> {
+    /// `None` only for a slot that could not be handed over and was given back by `release`.
+    slots: Option<Arc<Slots<K>>>,
+    owner: K,
+}
+
+impl<K: Eq + Hash + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         if let Some(slots) = self.slots.take() {
-            slots.release();
+            slots.release(&self.owner);
         }
     }
 }
 
-impl Slots {
-    /// `count` slots (at least one) and room for `line` requests to wait.
+impl<K: Eq + Hash + Clone> Slots<K> {
+    /// `count` slots (at least one), room for `line` requests to wait, and at most half the
+    /// slots (at least one) to one owner at a time.
     pub(crate) fn new(count: usize, line: usize) -> Arc<Self> {
         let count = count.max(1);
-        Arc::new(Self { count, line, state: Mutex::new(State { free: count, arrivals: 0, waiting: BTreeMap::new() }) })
+        let state = State { free: count, arrivals: 0, waiting: BTreeMap::new(), held: HashMap::new() };
+        Arc::new(Self { count, line, share: (count / 2).max(1), state: Mutex::new(state) })
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<K>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -82,33 +96,36 @@ impl Slots {
         self.lock().waiting.len()
     }
 
-    /// A slot at once if one is free.
-    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+    /// Slots `owner` holds now.
+    pub(crate) fn held_by(&self, owner: &K) -> usize {
+        self.lock().held.get(owner).copied().unwrap_or(0)
+    }
+
+    /// A slot at once if one is free and `owner` holds less than its share.
+    pub(crate) fn try_acquire(self: &Arc<Self>, owner: &K) -> Option<Slot<K>> {
         let mut state = self.lock();
+        self.take_free(&mut state, owner)
+    }
+
+    fn take_free(self: &Arc<Self>, state: &mut State<K>, owner: &K) -> Option<Slot<K>> {
+        if state.held.get(owner).is_some_and(|n| *n >= self.share) {
+            return None;
+        }
         state.free = state.free.checked_sub(1)?;
-        Some(Slot { slots: Some(self.clone()) })
+        *state.held.entry(owner.clone()).or_insert(0) += 1;
+        Some(Slot { slots: Some(self.clone()), owner: owner.clone() })
     }
 
-    /// A slot: at once if one is free, else after waiting in line for at most `wait`. `None` if
-    /// the line is full of requests as good as this one or better, if a better one took this
-    /// one's place, or if the wait passed.
-    pub(crate) async fn acquire(self: &Arc<Self>, priority: u32, wait: Duration) -> Option<Slot> {
-        self.acquire_with(priority, wait, true).await
-    }
-
-    /// A slot let go by someone else, after waiting in line for at most `wait`, even while one
-    /// is free: for a requester that holds its share of the slots already, whose next request
-    /// goes when one of its own (or anyone's) ends, and not before those of others.
-    pub(crate) async fn acquire_in_line(self: &Arc<Self>, priority: u32, wait: Duration) -> Option<Slot> {
-        self.acquire_with(priority, wait, false).await
-    }
-
-    async fn acquire_with(self: &Arc<Self>, priority: u32, wait: Duration, take_free: bool) -> Option<Slot> {
+    /// A slot: at once if one is free and `owner` holds less than its share, else after waiting
+    /// in line for at most `wait`. `None` if the line is full of requests as good as this one or
+    /// better, if a better one took this one's place, or if the wait passed. An owner holding its
+    /// share waits, even while a slot is free, for one let go: its own (its next request then
+    /// goes at once), or another's once it holds less again.
+    pub(crate) async fn acquire(self: &Arc<Self>, owner: &K, priority: u32, wait: Duration) -> Option<Slot<K>> {
         let (place, mut answer) = {
             let mut state = self.lock();
-            if take_free && let Some(free) = state.free.checked_sub(1) {
-                state.free = free;
-                return Some(Slot { slots: Some(self.clone()) });
+            if let Some(slot) = self.take_free(&mut state, owner) {
+                return Some(slot);
             }
             let place = (priority, state.arrivals);
             state.arrivals += 1;
@@ -117,14 +134,14 @@ impl Slots {
                 match worst {
                     Some(worst) if worst.0 > priority => {
                         if let Some((_, displaced)) = state.waiting.pop_last() {
-                            let _ = displaced.send(Err(()));
+                            let _ = displaced.answer.send(Err(()));
                         }
                     }
                     _ => return None,
                 }
             }
             let (tx, rx) = oneshot::channel();
-            state.waiting.insert(place, tx);
+            state.waiting.insert(place, Waiter { owner: owner.clone(), answer: tx });
             (place, rx)
         };
         // Dropped while waiting, `answer` drops a slot handed to it, which passes it on.
@@ -142,12 +159,30 @@ impl Slots {
         }
     }
 
-    /// A slot was let go: to the first in line still waiting, or back to the free ones.
-    fn release(self: &Arc<Self>) {
+    /// `owner`'s slot was let go: to the first in line still waiting whose owner may hold one
+    /// more, or back to the free ones.
+    fn release(self: &Arc<Self>, owner: &K) {
         let mut state = self.lock();
-        while let Some((_, waiter)) = state.waiting.pop_first() {
-            match waiter.send(Ok(Slot { slots: Some(self.clone()) })) {
-                Ok(()) => return,
+        if let Some(n) = state.held.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                state.held.remove(owner);
+            }
+        }
+        loop {
+            let next = state
+                .waiting
+                .iter()
+                .find(|(_, w)| state.held.get(&w.owner).is_none_or(|n| *n < self.share))
+                .map(|(place, _)| *place);
+            let Some(waiter) = next.and_then(|place| state.waiting.remove(&place)) else { break };
+            let slot = Slot { slots: Some(self.clone()), owner: waiter.owner.clone() };
+            match waiter.answer.send(Ok(slot)) {
+                // Counted under the lock, before the slot can be dropped (its release waits for it).
+                Ok(()) => {
+                    *state.held.entry(waiter.owner).or_insert(0) += 1;
+                    return;
+                }
                 // That waiter left; the slot it was not given must not release itself again.
                 Err(Ok(mut unsent)) => drop(unsent.slots.take()),
                 Err(Err(())) => {}
@@ -167,10 +202,27 @@ mod tests {
 
     /// Request `id` with `priority`: reports on `tx` whether it got a slot, uploads for 10 ms and
     /// lets the slot go.
-    fn request(slots: &Arc<Slots>, id: usize, priority: u32, tx: &Reports) -> tokio::task::JoinHandle<()> {
+    fn request(slots: &Arc<Slots<usize>>, id: usize, priority: u32, tx: &Reports) -> tokio::task::JoinHandle<()> {
         let (slots, tx) = (slots.clone(), tx.clone());
         tokio::spawn(async move {
-            let slot = slots.acquire(priority, WAIT).await;
+            let slot = slots.acquire(&id, priority, WAIT).await;
+            let _ = tx.send((id, slot.is_some()));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(slot);
+        })
+    }
+
+    /// [`request`] by `owner`.
+    fn request_as(
+        slots: &Arc<Slots<usize>>,
+        owner: usize,
+        id: usize,
+        priority: u32,
+        tx: &Reports,
+    ) -> tokio::task::JoinHandle<()> {
+        let (slots, tx) = (slots.clone(), tx.clone());
+        tokio::spawn(async move {
+            let slot = slots.acquire(&owner, priority, WAIT).await;
             let _ = tx.send((id, slot.is_some()));
             tokio::time::sleep(Duration::from_millis(10)).await;
             drop(slot);
@@ -180,7 +232,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_line_is_served_lowest_priority_first_and_in_order_among_equals() {
         let slots = Slots::new(1, 4);
-        let busy = slots.acquire(0, WAIT).await.expect("a free slot");
+        let busy = slots.acquire(&99, 0, WAIT).await.expect("a free slot");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = Vec::new();
         for (id, priority) in [5, 3, 0, 3].into_iter().enumerate() {
@@ -205,7 +257,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_better_request_takes_the_worst_place_in_a_full_line() {
         let slots = Slots::new(1, 2);
-        let busy = slots.acquire(0, WAIT).await.expect("a free slot");
+        let busy = slots.acquire(&99, 0, WAIT).await.expect("a free slot");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut waiters = vec![request(&slots, 0, 4, &tx)];
         tokio::task::yield_now().await;
@@ -213,7 +265,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(slots.waiting(), 2);
         // As good as the worst waiting: turned away at once, the line unchanged.
-        assert!(slots.acquire(4, WAIT).await.is_none());
+        assert!(slots.acquire(&98, 4, WAIT).await.is_none());
         assert_eq!(slots.waiting(), 2);
         // Better: it takes the place of the worst, who is told at once.
         waiters.push(request(&slots, 2, 1, &tx));
@@ -231,7 +283,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_that_leaves_the_line_loses_no_slot() {
         let slots = Slots::new(1, 4);
-        let busy = slots.acquire(0, WAIT).await.expect("a free slot");
+        let busy = slots.acquire(&99, 0, WAIT).await.expect("a free slot");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // One waits past its bound; one is dropped while waiting (its requester went away).
         let late = request(&slots, 0, 0, &tx);
@@ -247,42 +299,46 @@ mod tests {
         // The slot let go skips the place nobody answers and is free again.
         drop(busy);
         assert_eq!((slots.free(), slots.waiting()), (1, 0));
-        assert!(slots.acquire(9, WAIT).await.is_some());
+        assert!(slots.acquire(&97, 9, WAIT).await.is_some());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_in_line_waits_for_a_slot_let_go_even_with_one_free() {
-        let slots = Slots::new(2, 4);
-        let held = slots.acquire(0, WAIT).await.expect("a free slot");
-        assert_eq!(slots.free(), 1);
+    async fn an_owner_holds_at_most_half_the_slots_and_its_next_request_takes_its_own() {
+        let slots: Arc<Slots<usize>> = Slots::new(4, 8);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let in_line = {
-            let (slots, tx) = (slots.clone(), tx.clone());
-            tokio::spawn(async move {
-                let slot = slots.acquire_in_line(u32::MAX, WAIT).await;
-                let _ = tx.send(("in line", slot.is_some()));
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            })
-        };
+        // Owner 1 takes its share, two of four; its next two requests wait with a slot free.
+        let mine = [slots.acquire(&1, 5, WAIT).await.expect("free"), slots.acquire(&1, 5, WAIT).await.expect("free")];
+        assert!(slots.try_acquire(&1).is_none(), "past its share");
+        let mut waiters = vec![request_as(&slots, 1, 10, 0, &tx), request_as(&slots, 1, 11, 0, &tx)];
         tokio::task::yield_now().await;
-        assert_eq!((slots.free(), slots.waiting()), (1, 1), "it waits, the free slot stays free");
-        // Anyone else takes the free slot at once, ahead of it.
-        let other = slots.acquire(7, WAIT).await.expect("the free slot");
-        assert_eq!(slots.free(), 0);
-        drop(held);
-        assert_eq!(rx.recv().await, Some(("in line", true)));
-        in_line.await.expect("task");
-        drop(other);
-        assert_eq!((slots.free(), slots.waiting()), (2, 0), "every slot came back");
+        assert_eq!((slots.free(), slots.waiting(), slots.held_by(&1)), (2, 2, 2));
+        // Others take the free slots at once, and wait behind owner 1's requests (which asked
+        // first, with as good a priority) for the next.
+        let theirs = [slots.acquire(&2, 5, WAIT).await.expect("free"), slots.acquire(&3, 5, WAIT).await.expect("free")];
+        waiters.push(request_as(&slots, 4, 40, 0, &tx));
+        tokio::task::yield_now().await;
+        // A slot another owner lets go skips owner 1's waiting requests: it holds its share.
+        drop(theirs);
+        assert_eq!(rx.recv().await, Some((40, true)));
+        assert_eq!(slots.held_by(&1), 2);
+        // Its own slot let go goes to its next request at once.
+        drop(mine);
+        let mut next = [rx.recv().await, rx.recv().await];
+        next.sort();
+        assert_eq!(next, [Some((10, true)), Some((11, true))]);
+        for w in waiters {
+            w.await.expect("task");
+        }
+        assert_eq!((slots.free(), slots.waiting(), slots.held_by(&1)), (4, 0, 0), "every slot came back");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slot_handed_to_a_request_dropped_before_it_woke_is_passed_on() {
         let slots = Slots::new(1, 4);
-        let busy = slots.acquire(0, WAIT).await.expect("a free slot");
+        let busy = slots.acquire(&99, 0, WAIT).await.expect("a free slot");
         let waiter = {
             let slots = slots.clone();
-            tokio::spawn(async move { slots.acquire(0, WAIT).await })
+            tokio::spawn(async move { slots.acquire(&1, 0, WAIT).await })
         };
         tokio::task::yield_now().await;
         assert_eq!(slots.waiting(), 1);

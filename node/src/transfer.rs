@@ -115,12 +115,10 @@ pub(crate) struct Uploads {
     /// Concurrent piece uploads (`Get`s) under an upload cap: one per [`UPLOAD_SLOT_RATE`] of
     /// it, at least 2, and a line of [`WAITING_PER_SLOT`] per slot served by priority; with no
     /// cap, only `total` bounds them.
-    data: Option<Arc<Slots>>,
+    data: Option<Arc<Slots<PeerId>>>,
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
-    /// Piece-upload slots (of `data`) held or waited for, per peer.
-    data_per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
     max_per_peer: usize,
     rate: Option<RateLimit>,
     allow: Option<std::collections::HashSet<PeerId>>,
@@ -160,20 +158,7 @@ impl Arrivals {
 
 /// A piece-upload slot held by `peer`; released when dropped.
 struct DataSlot {
-    _slot: Slot,
-    _counted: DataCount,
-}
-
-/// One of a peer's piece-upload slots, held or waited for: counted down when dropped.
-struct DataCount {
-    held: Arc<Mutex<HashMap<PeerId, usize>>>,
-    peer: PeerId,
-}
-
-impl Drop for DataCount {
-    fn drop(&mut self) {
-        count_down(&self.held, &self.peer);
-    }
+    _slot: Slot<PeerId>,
 }
 
 /// A watch held; released when dropped.
@@ -265,7 +250,6 @@ impl Uploads {
             data,
             upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
-            data_per_peer: Arc::new(Mutex::new(HashMap::new())),
             max_per_peer,
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
@@ -318,29 +302,17 @@ impl Uploads {
     /// only for a request that has to wait.
     ///
     /// A peer holds at most half the slots (at least one): past that, its request waits in line
-    /// behind every other requester's for a slot let go, even while one is free. A peer reading
-    /// slowly, or many requests of one peer, would otherwise hold every slot for as long as their
-    /// answers take, and serve no one else (a peer may ask for 64 pieces, at 64 KiB/s).
+    /// for a slot let go, even while one is free, and takes one only once it holds less (its own
+    /// let go, its next request goes at once). A peer reading slowly, or many requests of one
+    /// peer, would otherwise hold every slot for as long as their answers take and serve no one
+    /// else (a peer may ask for 64 pieces, at 64 KiB/s).
     async fn acquire_data(&self, peer: PeerId, priority: impl FnOnce() -> u32) -> Option<Option<DataSlot>> {
         let Some(slots) = &self.data else { return Some(None) };
-        // Counted from now, waiting included, so that two requests of one peer cannot both find
-        // it under its share.
-        let held = {
-            let mut map = self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(peer).or_insert(0);
-            *n += 1;
-            *n - 1
+        let slot = match slots.try_acquire(&peer) {
+            Some(slot) => slot,
+            None => slots.acquire(&peer, priority(), self.timing.max_slot_wait).await?,
         };
-        let counted = DataCount { held: self.data_per_peer.clone(), peer };
-        let slot = if held >= (slots.count() / 2).max(1) {
-            slots.acquire_in_line(u32::MAX, self.timing.max_slot_wait).await?
-        } else {
-            match slots.try_acquire() {
-                Some(slot) => slot,
-                None => slots.acquire(priority(), self.timing.max_slot_wait).await?,
-            }
-        };
-        Some(Some(DataSlot { _slot: slot, _counted: counted }))
+        Some(Some(DataSlot { _slot: slot }))
     }
 
     /// A piece upload held its slot for `took`.
@@ -371,10 +343,7 @@ impl Uploads {
     /// upload slot (a request being read or answered; a watch holds none).
     fn idle(&self, peer: &PeerId) -> bool {
         match &self.data {
-            Some(slots) => {
-                let mine = self.data_per_peer.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied();
-                slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= mine.unwrap_or(0)
-            }
+            Some(slots) => slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= slots.held_by(peer),
             // A peer's count is removed at zero: any other key is another peer's upload.
             None => self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).keys().all(|p| p == peer),
         }
@@ -1391,11 +1360,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn one_peer_holds_at_most_half_the_slots_and_waits_behind_others_for_more() {
+    async fn one_peer_holds_at_most_half_the_slots() {
         let (greedy, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         let uploads = Arc::new(two_slots());
         let first = uploads.acquire_data(greedy, || 0).await.flatten().expect("a free slot");
-        // Its second request waits in line although a slot is free, and at the back of it.
+        // Its second request waits in line although a slot is free.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let request = |peer: PeerId, name: &'static str| {
             let (uploads, tx) = (uploads.clone(), tx.clone());
@@ -1408,18 +1377,19 @@ mod tests {
         let second = request(greedy, "greedy again");
         tokio::task::yield_now().await;
         assert_eq!(uploads.waiting(), 1);
-        // Another peer takes the free slot at once; a third waits, ahead of the greedy one.
+        // Another peer takes the free slot at once; a third waits, behind the greedy one.
         let theirs = uploads.acquire_data(b, || 0).await.flatten().expect("the free slot");
         let third = request(c, "c");
         tokio::task::yield_now().await;
         assert_eq!(uploads.waiting(), 2);
-        drop(first);
-        assert_eq!(rx.recv().await, Some(("c", true)));
+        // The slot another peer lets go passes over the greedy one, which holds its share.
         drop(theirs);
+        assert_eq!(rx.recv().await, Some(("c", true)));
+        // Its own slot let go goes to its next request at once.
+        drop(first);
         assert_eq!(rx.recv().await, Some(("greedy again", true)));
         drop((second.await, third.await));
-        assert!(uploads.data_per_peer.lock().unwrap().is_empty(), "every count came back");
-        assert_eq!(uploads.data.as_ref().map(|s| s.free()), Some(2));
+        assert_eq!(uploads.data.as_ref().map(|s| (s.free(), s.held_by(&greedy))), Some((2, 0)), "every slot came back");
     }
 
     #[tokio::test]
