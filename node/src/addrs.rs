@@ -36,7 +36,7 @@ use libp2p::{Multiaddr, PeerId};
 
 /// The IP address `addr` starts with; an IPv4-mapped IPv6 one (`::ffff:a.b.c.d`) as the IPv4
 /// address it is.
-fn ip(addr: &Multiaddr) -> Option<IpAddr> {
+pub(crate) fn ip(addr: &Multiaddr) -> Option<IpAddr> {
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(ip.into()),
         Protocol::Ip6(ip) => Some(IpAddr::V6(ip).to_canonical()),
@@ -113,12 +113,13 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
 /// announced: one of those of the family it dialled from is on the IP it dialled from (libp2p's
 /// QUIC dials from its listening socket, so the port matches too, but a NAT that keeps the
 /// address may change the port). Believed too: a peer on this machine (`from` is loopback), one
-/// that announced no address of that family (it dialled from a socket of its own, and its
-/// other addresses cannot be checked here), one that announced a name (`/dns4/...`), and every
-/// peer of a transport without IP addresses.
+/// that announced no IP address of that family (it dialled from a socket of its own, and its
+/// other addresses cannot be checked here), and every peer of a transport without IP
+/// addresses. A name (`/dns4/...`) vouches for nothing: it is not checked here, and a peer
+/// announcing one beside other hosts' addresses would have them believed.
 pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
     let Some(from) = ip(from) else { return true };
-    if from.is_loopback() || addrs.iter().any(|a| ip(a).is_none()) {
+    if from.is_loopback() {
         return true;
     }
     let mut same_family = addrs.iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
@@ -138,7 +139,12 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
     let mut addrs = dialable(announced, is_loopback(from));
     if !(dialled || vouched_for(&addrs, from)) {
-        return None;
+        // Its names are kept: a node behind a NAT may name its router's address (a DNS name
+        // for it), which no IP address it announced shows.
+        addrs.retain(|a| ip(a).is_none());
+        if addrs.is_empty() {
+            return None;
+        }
     }
     if ip(from).is_some_and(is_public) {
         addrs.retain(|a| !ip(a).is_some_and(is_lan_scoped));
@@ -250,11 +256,15 @@ pub(crate) struct Records {
     /// only part of the store, and never the room our own announcements need.
     remote: HashSet<RecordKey>,
     max_remote_keys: usize,
+    /// The `inner` store's bound on providers per key.
+    max_providers: usize,
 }
 
 impl Records {
-    pub(crate) fn new(local: PeerId, inner: MemoryStore, max_remote_keys: usize) -> Self {
-        Self { inner, local, announced: Vec::new(), remote: HashSet::new(), max_remote_keys }
+    /// Over `inner`, a store of at most `max_providers` providers per key, with at most
+    /// `max_remote_keys` keys that peers provide.
+    pub(crate) fn new(local: PeerId, inner: MemoryStore, max_remote_keys: usize, max_providers: usize) -> Self {
+        Self { inner, local, announced: Vec::new(), remote: HashSet::new(), max_remote_keys, max_providers }
     }
 
     /// Notes whether `key` still has a provider other than us.
@@ -312,6 +322,17 @@ impl RecordStore for Records {
             return Err(libp2p::kad::store::Error::MaxProvidedKeys);
         }
         let key = record.key.clone();
+        if !remote {
+            // A key's list full of peers' records would take ours without a word and keep it
+            // out: the peers that asked us for providers would never be told of our copy.
+            let held = self.inner.providers(&key);
+            if held.len() >= self.max_providers
+                && !held.iter().any(|r| r.provider == self.local)
+                && let Some(last) = held.last().map(|r| r.provider)
+            {
+                self.remove_provider(&key, &last);
+            }
+        }
         self.inner.add_provider(record)?;
         // Ours leaves a key as it was; a peer's, stored, makes it one of the peers' keys.
         if remote {
@@ -340,6 +361,8 @@ impl RecordStore for Records {
 
 #[cfg(test)]
 mod tests {
+    use libp2p::kad::store::MemoryStoreConfig;
+
     use super::*;
 
     fn a(s: &str) -> Multiaddr {
@@ -349,7 +372,7 @@ mod tests {
     #[test]
     fn peers_records_take_only_their_share_of_the_store_and_go_once_expired() {
         let (us, them) = (PeerId::random(), PeerId::random());
-        let mut records = Records::new(us, MemoryStore::new(us), 2);
+        let mut records = Records::new(us, MemoryStore::new(us), 2, MemoryStoreConfig::default().max_providers_per_key);
         let record = |key: u8, provider: PeerId, expires: Option<std::time::Instant>| ProviderRecord {
             key: RecordKey::new(&[key; 32]),
             provider,
@@ -375,6 +398,19 @@ mod tests {
         records.remove_provider(&RecordKey::new(&[5; 32]), &them);
         assert!(records.add_provider(record(3, them, Some(later))).is_ok());
         assert_eq!(records.providers(&RecordKey::new(&[3; 32])).len(), 2);
+
+        // A key whose providers' list peers filled still takes our record: one of theirs gives
+        // way (the store keeps the list's first and drops newcomers silently).
+        let full = MemoryStoreConfig::default().max_providers_per_key;
+        for _ in 0..full {
+            records.add_provider(record(2, PeerId::random(), Some(later))).expect("a known key");
+        }
+        assert_eq!(records.providers(&RecordKey::new(&[2; 32])).len(), full);
+        records.add_provider(record(2, us, None)).expect("ours");
+        let listed = records.providers(&RecordKey::new(&[2; 32]));
+        assert_eq!(listed.len(), full);
+        assert!(listed.iter().any(|r| r.provider == us), "ours is listed");
+        assert!(records.provided().any(|r| r.key == RecordKey::new(&[2; 32])));
     }
 
     #[test]
@@ -443,7 +479,13 @@ mod tests {
         assert!(vouched_for(&v4, &a("/ip6/2001:db8::7/udp/50123/quic-v1")), "no IPv6 address to check");
         assert!(vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "nothing to check");
         let named = vec![a("/dns4/node.example.org/udp/4737/quic-v1")];
-        assert!(vouched_for(&named, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "a name");
+        assert!(vouched_for(&named, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "a name, nothing to check");
+        // A name beside other hosts' addresses vouches for none of them; the name alone is kept.
+        let mut with_victims = named.clone();
+        with_victims.extend([a("/ip4/198.51.100.7/udp/4737/quic-v1"), a("/ip4/198.51.100.8/udp/4737/quic-v1")]);
+        let from = a("/ip4/203.0.113.50/udp/4737/quic-v1");
+        assert!(!vouched_for(&with_victims, &from));
+        assert_eq!(reachable(with_victims, &from, false), Some(named));
     }
 
     #[test]
@@ -524,7 +566,7 @@ mod tests {
     fn our_own_provider_records_carry_the_announced_addresses() {
         let me = PeerId::random();
         let other = PeerId::random();
-        let mut store = Records::new(me, MemoryStore::new(me), 16);
+        let mut store = Records::new(me, MemoryStore::new(me), 16, MemoryStoreConfig::default().max_providers_per_key);
         let key = RecordKey::new(&b"blob");
         store.add_provider(ProviderRecord::new(key.clone(), me, Vec::new())).unwrap();
         let theirs = vec![a("/ip4/192.0.2.9/udp/4737/quic-v1")];

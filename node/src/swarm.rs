@@ -250,7 +250,7 @@ pub(crate) fn build_swarm(
                 ..Default::default()
             },
         );
-        let store = crate::addrs::Records::new(peer_id, store, MAX_REMOTE_KEYS);
+        let store = crate::addrs::Records::new(peer_id, store, MAX_REMOTE_KEYS, MAX_PROVIDERS_PER_KEY);
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Every Shoal node serves the DHT (we do not wait for an external address to be
         // confirmed), except one that runs for a single command and would leave dead entries in
