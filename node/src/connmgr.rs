@@ -12,7 +12,7 @@
 //! cannot take the peer spends nothing on it, and the peer learns at once, from a failed dial,
 //! that it must look elsewhere (rather than from a connection that opens and closes).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -39,6 +39,12 @@ pub(crate) const RECENT: Duration = Duration::from_secs(10);
 /// Peers remembered at most; past it, entries older than [`RECENT`] are forgotten.
 const MAX_TRACKED: usize = 8192;
 
+/// The most inbound handshakes under way from one IP address (loopback aside). All of them
+/// together are bounded too (64, `connection_limits`): without a bound per source, one host
+/// that starts handshakes and never finishes them, each until its timeout, held every place and
+/// kept every other peer out.
+const MAX_UPGRADING_PER_IP: usize = 8;
+
 /// The hard cap for a target of `target` connections: room for the trimming to catch up.
 pub(crate) fn hard_cap(target: u32) -> u32 {
     target.saturating_add((target / 4).max(8))
@@ -51,8 +57,11 @@ pub(crate) fn hard_cap(target: u32) -> u32 {
 pub(crate) struct Gate {
     cap: usize,
     established: usize,
-    /// Inbound connections let through and not yet established or failed: at most `cap`.
-    upgrading: HashSet<ConnectionId>,
+    /// Inbound connections let through and not yet established or failed, with the IP address
+    /// they come from: at most `cap`, and [`MAX_UPGRADING_PER_IP`] from one address.
+    upgrading: HashMap<ConnectionId, Option<std::net::IpAddr>>,
+    /// How many of `upgrading` come from each address; none at zero.
+    upgrading_from: HashMap<std::net::IpAddr, usize>,
 }
 
 /// The error a refused connection carries.
@@ -62,9 +71,26 @@ pub(crate) struct AtCap(usize);
 
 impl Gate {
     pub(crate) fn new(cap: u32) -> Self {
-        Self { cap: cap as usize, established: 0, upgrading: HashSet::new() }
+        Self { cap: cap as usize, established: 0, upgrading: HashMap::new(), upgrading_from: HashMap::new() }
+    }
+
+    /// An inbound connection is no longer being upgraded.
+    fn upgraded(&mut self, id: ConnectionId) {
+        if let Some(Some(ip)) = self.upgrading.remove(&id)
+            && let Some(n) = self.upgrading_from.get_mut(&ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.upgrading_from.remove(&ip);
+            }
+        }
     }
 }
+
+/// The error a connection refused for its source's handshakes under way carries.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} inbound handshakes from {1} already under way")]
+pub(crate) struct TooManyFrom(usize, std::net::IpAddr);
 
 impl NetworkBehaviour for Gate {
     type ConnectionHandler = dummy::ConnectionHandler;
@@ -74,12 +100,21 @@ impl NetworkBehaviour for Gate {
         &mut self,
         id: ConnectionId,
         _: &Multiaddr,
-        _: &Multiaddr,
+        from: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
         if self.established + self.upgrading.len() >= self.cap {
             return Err(ConnectionDenied::new(AtCap(self.cap)));
         }
-        self.upgrading.insert(id);
+        // Loopback is this machine's own nodes (tests start dozens there at once).
+        let ip = crate::addrs::ip(from).filter(|ip| !ip.is_loopback());
+        if let Some(ip) = ip {
+            let n = self.upgrading_from.entry(ip).or_insert(0);
+            if *n >= MAX_UPGRADING_PER_IP {
+                return Err(ConnectionDenied::new(TooManyFrom(*n, ip)));
+            }
+            *n += 1;
+        }
+        self.upgrading.insert(id, ip);
         Ok(())
     }
 
@@ -90,7 +125,7 @@ impl NetworkBehaviour for Gate {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.upgrading.remove(&id);
+        self.upgraded(id);
         Ok(dummy::ConnectionHandler)
     }
 
@@ -109,9 +144,7 @@ impl NetworkBehaviour for Gate {
         match event {
             FromSwarm::ConnectionEstablished(_) => self.established += 1,
             FromSwarm::ConnectionClosed(_) => self.established = self.established.saturating_sub(1),
-            FromSwarm::ListenFailure(e) => {
-                self.upgrading.remove(&e.connection_id);
-            }
+            FromSwarm::ListenFailure(e) => self.upgraded(e.connection_id),
             _ => {}
         }
     }
@@ -325,6 +358,28 @@ mod tests {
 
     /// A node over libp2p's in-memory transport whose only behaviour is a gate for `cap`, and
     /// whose dials agree on the handshake and the multiplexer as `version` says.
+    #[test]
+    fn one_address_has_at_most_a_few_handshakes_under_way() {
+        let mut gate = Gate::new(1000);
+        let here: Multiaddr = "/ip4/10.0.0.1/udp/4737/quic-v1".parse().expect("multiaddr");
+        let from: Multiaddr = "/ip4/203.0.113.9/udp/5000/quic-v1".parse().expect("multiaddr");
+        let other: Multiaddr = "/ip4/203.0.113.10/udp/5000/quic-v1".parse().expect("multiaddr");
+        let lo: Multiaddr = "/ip4/127.0.0.1/udp/5000/quic-v1".parse().expect("multiaddr");
+        let id = ConnectionId::new_unchecked;
+        for n in 0..MAX_UPGRADING_PER_IP {
+            assert!(gate.handle_pending_inbound_connection(id(n), &here, &from).is_ok());
+        }
+        assert!(gate.handle_pending_inbound_connection(id(100), &here, &from).is_err(), "one too many");
+        assert!(gate.handle_pending_inbound_connection(id(101), &here, &other).is_ok(), "another address");
+        for n in 200..250 {
+            assert!(gate.handle_pending_inbound_connection(id(n), &here, &lo).is_ok(), "this machine's nodes");
+        }
+        // One through its handshake makes room for the next.
+        assert!(gate.handle_established_inbound_connection(id(0), PeerId::random(), &here, &from).is_ok());
+        assert!(gate.handle_pending_inbound_connection(id(102), &here, &from).is_ok());
+        assert!(gate.handle_pending_inbound_connection(id(103), &here, &from).is_err());
+    }
+
     fn gated(cap: u32, version: Version) -> libp2p::Swarm<Gate> {
         use libp2p::core::transport::{MemoryTransport, Transport};
         libp2p::SwarmBuilder::with_new_identity()
