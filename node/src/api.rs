@@ -2,7 +2,7 @@
 //!
 //! | route | what it does |
 //! |---|---|
-//! | `POST /v1/blobs` `{"path": P}` | imports the file at `P` (on the node's machine), pins and announces it |
+//! | `POST /v1/blobs` `{"path": P}` | imports the file or directory at `P` (on the node's machine), pins and announces it; answers [`Added`] |
 //! | `POST /v1/fetch/{hash}` | fetches a blob from the swarm; streams progress as JSON lines |
 //! | `GET\|HEAD /v1/blobs/{hash}` | the blob over HTTP (see [`crate::gateway`]): fetched if needed, streamed as verified |
 //! | `GET /v1/providers/{hash}` | providers found through the DHT (and reached), with what the lookup cost |
@@ -52,6 +52,11 @@ pub struct Added {
     pub hash: String,
     /// The size in bytes.
     pub size: u64,
+    /// A directory's entries its collection does not list (symbolic links, pipes, sockets,
+    /// devices, directories that hold nothing), relative to it, a directory's ending in `/`.
+    /// Absent when none were, as from a node that predates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
 }
 
 /// One line of `POST /v1/fetch/{hash}`.
@@ -96,7 +101,6 @@ fn parse_hash(s: &str) -> Result<Hash, ApiError> {
     s.parse().map_err(|e: shoal_protocol::ParseHashError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
-/// Binds the API on `addr`, writes the bound address to `<data-dir>/api`, and serves until aborted.
 /// The name of the file in the data directory that holds the API token.
 pub const TOKEN_FILE: &str = "api-token";
 
@@ -196,17 +200,20 @@ async fn require_token(
     next.run(req).await
 }
 
+/// Binds the API on `addr`, writes the token (if there is none yet), then the bound address to
+/// `<data-dir>/api`, and serves until aborted.
 pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the API on {addr}: {e}; pick another with --api"))?;
     let bound = listener.local_addr()?;
+    // Before the address: a command that finds the address reads the token next.
+    let token = std::sync::Arc::new(load_or_create_token(&node.config().data_dir)?);
     let api_file = node.config().data_dir.join("api");
     let tmp = api_file.with_extension("tmp");
     std::fs::write(&tmp, bound.to_string())?;
     std::fs::rename(&tmp, &api_file)?;
     tracing::info!(api = %bound, "HTTP API listening");
-    let token = std::sync::Arc::new(load_or_create_token(&node.config().data_dir)?);
     let mutating = axum::Router::new()
         .route("/v1/blobs", post(add).get(list_blobs))
         .route("/v1/blobs/{hash}", axum::routing::delete(delete_blob))
@@ -233,8 +240,9 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
 }
 
 async fn add(State(node): State<NodeHandle>, Json(req): Json<AddRequest>) -> Result<Json<Added>, ApiError> {
-    let imported = node.add_path(&req.path).await?;
-    Ok(Json(Added { hash: imported.hash.to_string(), size: imported.size }))
+    let published = node.publish(&req.path).await?;
+    let imported = published.imported;
+    Ok(Json(Added { hash: imported.hash.to_string(), size: imported.size, skipped: published.skipped }))
 }
 
 async fn pin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

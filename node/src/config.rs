@@ -16,6 +16,18 @@ pub const DEFAULT_API_PORT: u16 = 4738;
 /// more sources than this at once.
 pub const MAX_FETCH_PEERS: usize = 1024;
 
+/// The most `max-uploads` and `max-uploads-per-peer` accepted: far above what one machine's
+/// disk and link serve at once, and well within what the upload slots can count.
+pub const MAX_UPLOADS: usize = 65_536;
+
+/// The most `max-connections` accepted: QUIC shares one socket, but every connection holds
+/// its own state, and a typo of a few digits more should not pass for a setting.
+pub const MAX_CONNECTIONS: u32 = 1_000_000;
+
+/// The longest `lookup-timeout-secs` and `spread-patience-secs` accepted: a day. A deadline
+/// far enough ahead does not fit in the clock, and the node panicked computing it.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -189,7 +201,7 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<Vec<String>>,
     /// Cache bound: bytes, or a size such as "10G".
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "size_field::cache_size")]
     pub cache_size: Option<Size>,
     /// API address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,10 +213,10 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external: Option<Vec<String>>,
     /// Node-wide upload cap, bytes per second or a size such as "10M".
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "size_field::upload_rate")]
     pub upload_rate: Option<Size>,
     /// Node-wide download cap.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "size_field::download_rate")]
     pub download_rate: Option<Size>,
     /// Concurrent uploads for the whole node.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,6 +253,32 @@ pub enum Size {
     Bytes(u64),
     /// A number with a unit K, M, G or T (powers of 1024).
     Text(String),
+}
+
+/// The [`Size`] keys of [`FileConfig`], read so that a value of the wrong kind (`-1`, `1.5`)
+/// names its key and what it takes, not serde's "did not match any variant of untagged enum".
+mod size_field {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    use super::Size;
+
+    fn named<'de, D: Deserializer<'de>>(d: D, key: &str) -> Result<Option<Size>, D::Error> {
+        Size::deserialize(d)
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{key}: expected a whole number of bytes or a size such as \"10G\"")))
+    }
+
+    pub(super) fn cache_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        named(d, "cache-size")
+    }
+
+    pub(super) fn upload_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        named(d, "upload-rate")
+    }
+
+    pub(super) fn download_rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Size>, D::Error> {
+        named(d, "download-rate")
+    }
 }
 
 impl Size {
@@ -307,13 +345,13 @@ impl NodeConfig {
             self.download_rate = Some(v.bytes().map_err(|e| format!("download-rate: {e}"))?);
         }
         if let Some(v) = f.max_uploads {
-            self.max_uploads = v.max(1);
+            self.max_uploads = v;
         }
         if let Some(v) = f.max_uploads_per_peer {
-            self.max_uploads_per_peer = v.max(1);
+            self.max_uploads_per_peer = v;
         }
         if let Some(v) = f.max_connections {
-            self.max_connections = v.max(1);
+            self.max_connections = v;
         }
         if let Some(v) = &f.allow_peers {
             let peers = v
@@ -323,7 +361,7 @@ impl NodeConfig {
             self.allow_peers = Some(peers);
         }
         if let Some(v) = f.lookup_timeout_secs {
-            self.lookup_timeout = Duration::from_secs(v.max(1));
+            self.lookup_timeout = Duration::from_secs(v);
         }
         if let Some(v) = f.spread_patience_secs {
             self.spread_patience = Duration::from_secs(v);
@@ -336,6 +374,47 @@ impl NodeConfig {
         }
         if let Some(v) = f.upnp {
             self.upnp = v;
+        }
+        self.check()
+    }
+
+    /// Refuses the settings a node cannot run with, naming the setting: a count of 0, which
+    /// would serve or wait for nothing (it used to be taken for 1, unsaid), an allow-list of no
+    /// peer, and values so large that the node panicked on them (a lookup deadline past what
+    /// the clock holds, more upload slots than a semaphore counts).
+    pub fn check(&self) -> Result<(), String> {
+        // A cap of 0 would stop every transfer, not lift the cap: said plainly, not read as either.
+        for (name, rate) in [("upload-rate", self.upload_rate), ("download-rate", self.download_rate)] {
+            if rate == Some(0) {
+                return Err(format!("{name} must be above 0 bytes per second; leave it out for no cap"));
+            }
+        }
+        let counts = [
+            ("max-uploads", self.max_uploads as u64, MAX_UPLOADS as u64),
+            ("max-uploads-per-peer", self.max_uploads_per_peer as u64, MAX_UPLOADS as u64),
+            ("max-connections", u64::from(self.max_connections), u64::from(MAX_CONNECTIONS)),
+        ];
+        for (name, v, most) in counts {
+            if v == 0 || v > most {
+                return Err(format!("{name} must be between 1 and {most}, not {v}"));
+            }
+        }
+        let day = MAX_WAIT.as_secs();
+        if self.lookup_timeout.is_zero() || self.lookup_timeout > MAX_WAIT {
+            let v = self.lookup_timeout.as_secs();
+            return Err(format!("lookup-timeout-secs must be between 1 and {day} (a day), not {v}"));
+        }
+        if self.spread_patience > MAX_WAIT {
+            let v = self.spread_patience.as_secs();
+            return Err(format!(
+                "spread-patience-secs must be at most {day} (a day; 0 turns holding back off), not {v}"
+            ));
+        }
+        if self.allow_peers.as_ref().is_some_and(Vec::is_empty) {
+            return Err(
+                "allow-peers is empty, so no peer could fetch from this node; remove the key to allow every peer"
+                    .into(),
+            );
         }
         Ok(())
     }

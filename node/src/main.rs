@@ -98,7 +98,7 @@ struct NodeArgs {
     /// Read settings from this TOML file [default: <data-dir>/config.toml, if it exists]
     #[arg(long, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
-    /// Listen on this multiaddr (repeatable) [default: /ip4/0.0.0.0/udp/4737/quic-v1]
+    /// Listen on this multiaddr (repeatable) [default: /ip4/0.0.0.0/udp/4737/quic-v1 and /ip6/::/udp/4737/quic-v1, IPv4 alone on a machine without IPv6]
     #[arg(long, env = "SHOAL_LISTEN", value_delimiter = ',')]
     listen: Vec<Multiaddr>,
     /// Join the swarm through this peer (repeatable; each ends in /p2p/<peer id>).
@@ -116,8 +116,8 @@ struct NodeArgs {
     /// Announce this address as reachable, instead of the listen addresses (repeatable) [default: the listen addresses but loopback ones]
     #[arg(long, env = "SHOAL_EXTERNAL", value_delimiter = ',')]
     external: Vec<Multiaddr>,
-    /// Do not ask the LAN's router to forward the QUIC port (PCP, NAT-PMP or UPnP), nor to open its IPv6 firewall to it (PCP) [default: ask, when listening on a private IPv4 address, a public IPv6 one, 0.0.0.0 or :: with no --external]
-    #[arg(long, env = "SHOAL_NO_UPNP")]
+    /// Do not ask the LAN's router to forward the QUIC port (PCP, NAT-PMP or UPnP), nor to open its IPv6 firewall to it (PCP); SHOAL_NO_UPNP takes 1, true, yes, on, or 0, false, no, off [default: ask, when listening on a private IPv4 address, a public IPv6 one, 0.0.0.0 or :: with no --external]
+    #[arg(long, env = "SHOAL_NO_UPNP", value_parser = clap::builder::BoolishValueParser::new())]
     no_upnp: bool,
     /// Cap on everything uploaded to peers, bytes per second, e.g. 10M [default: none]
     #[arg(long, env = "SHOAL_UPLOAD_RATE", value_parser = parse_size)]
@@ -199,20 +199,15 @@ fn effective_config(data_dir: PathBuf, args: &NodeArgs) -> anyhow::Result<NodeCo
         config.download_rate = Some(v);
     }
     if let Some(v) = args.max_uploads {
-        config.max_uploads = v.max(1);
+        config.max_uploads = v;
     }
     if let Some(v) = args.max_connections {
-        config.max_connections = v.max(1);
+        config.max_connections = v;
     }
     if !args.allow_peer.is_empty() {
         config.allow_peers = Some(args.allow_peer.clone());
     }
-    // A cap of 0 would stop every transfer, not lift the cap: said plainly, not read as either.
-    for (name, rate) in [("upload-rate", config.upload_rate), ("download-rate", config.download_rate)] {
-        if rate == Some(0) {
-            bail!("{name} must be above 0 bytes per second; leave it out for no cap");
-        }
-    }
+    config.check().map_err(|e| anyhow!(e))?;
     Ok(config)
 }
 
@@ -236,8 +231,8 @@ fn main() -> ExitCode {
         Cmd::Peers { json } => peers(&data_dir, json),
         Cmd::Status { json } => status(&data_dir, json),
         Cmd::Config(ConfigCmd::Show(args)) => effective_config(data_dir, &args).and_then(|c| {
-            print!("{}", toml::to_string(&c.to_file())?);
-            Ok(())
+            let text = toml::to_string(&c.to_file())?;
+            print_out(|out| out.write_all(text.as_bytes()))
         }),
     };
     match result {
@@ -292,7 +287,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
     let config = effective_config(data_dir, &args)?;
     raise_open_files_limit();
-    runtime()?.block_on(async move {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async move {
         // Before anything can take a while: a SIGTERM that comes early still stops us cleanly.
         let stop = shutdown_signal();
         let node = Node::start(config.clone()).await?;
@@ -321,8 +317,15 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         stop.await;
         let _ = writeln!(std::io::stderr(), "stopping: finishing uploads and flushing the store");
         node.shutdown().await
-    })
+    });
+    // Dropping the runtime would wait for every blocking task: one stuck in a read that never
+    // ends (an import of a file on a hung network mount) kept the stopped node from exiting.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    result
 }
+
+/// How long a stopped node waits for its blocking tasks (imports, store reads) before it exits.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Raises the soft limit on open files to the hard one (at most 2^20), as Go's runtime does for
 /// every program: a shell's default of 1,024 is little for a node that keeps many blobs' files
@@ -444,8 +447,33 @@ fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
         &api,
     )?;
     // As b3sum prints it: the path as given.
-    println!("{}  {}", added.hash, path.display());
+    print_out(|out| writeln!(out, "{}  {}", added.hash, path.display()))?;
+    if !added.skipped.is_empty() {
+        eprintln!("{}", skipped_note(&added.skipped));
+    }
     Ok(())
+}
+
+/// What `shoal add DIR` says of the entries its collection left out: the first few by name.
+fn skipped_note(skipped: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut names = skipped.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if skipped.len() > SHOWN {
+        names.push_str(&format!(" and {} more", skipped.len() - SHOWN));
+    }
+    match skipped.len() {
+        1 => format!("skipped 1 entry that is not a regular file: {names}"),
+        n => format!("skipped {n} entries that are not regular files: {names}"),
+    }
+}
+
+/// Writes to standard output; a reader that stopped reading (`shoal peers | head`) is not an error.
+fn print_out(write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -458,14 +486,16 @@ fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let mut resp = checked(resp)?;
     // A store of a million blobs lists in about 150 MB.
     let held: Vec<shoal_node::HeldBlob> = resp.body_mut().with_config().limit(1 << 30).read_json()?;
-    let mut out = std::io::stdout().lock();
-    let written = if json {
-        serde_json::to_writer_pretty(&mut out, &held).map_err(std::io::Error::from).and_then(|()| writeln!(out))
-    } else {
-        if held.is_empty() {
-            // On standard error: the list itself stays empty for scripts.
-            eprintln!("no blobs held; `shoal add PATH` publishes one, `shoal get HASH` fetches one");
-        }
+    if json {
+        return print_out(|out| {
+            serde_json::to_writer_pretty(&mut *out, &held).map_err(std::io::Error::from).and_then(|()| writeln!(out))
+        });
+    }
+    if held.is_empty() {
+        // On standard error: the list itself stays empty for scripts.
+        eprintln!("no blobs held; `shoal add PATH` publishes one, `shoal get HASH` fetches one");
+    }
+    print_out(|out| {
         held.iter().try_for_each(|b| {
             let kind = if b.pinned { "pinned" } else { "cached" };
             let partial = match b.complete {
@@ -474,12 +504,7 @@ fn ls(data_dir: &Path, json: bool) -> anyhow::Result<()> {
             };
             writeln!(out, "{}  {:>10}  {kind}{partial}", b.hash, human_size(b.size))
         })
-    };
-    match written {
-        // Read by a command that stopped reading (`shoal ls | head`): not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => Ok(other?),
-    }
+    })
 }
 
 /// `bytes` as people read it: `512 B`, `4.0 MiB`.
@@ -521,7 +546,7 @@ fn change(data_dir: &Path, hash: &str, what: Change) -> anyhow::Result<()> {
         }
     };
     let said: serde_json::Value = answer(resp, &api)?;
-    println!("{done} {hash}");
+    print_out(|out| writeln!(out, "{done} {hash}"))?;
     // The cache took the unpinned blob by evicting others, or could not hold it at all.
     for evicted in said.get("evicted").and_then(|e| e.as_array()).into_iter().flatten() {
         match evicted.as_str() {
@@ -538,9 +563,43 @@ fn change(data_dir: &Path, hash: &str, what: Change) -> anyhow::Result<()> {
 fn get(data_dir: &Path, hash: &str, output: Option<PathBuf>, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {
     let hash = parse_hash(hash)?;
     let output = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
+    check_output(&output)?;
     match api_addr(data_dir) {
         Some(api) => get_blob(&mut ViaApi { api, agent: agent() }, hash, &output),
         None => get_with_own_node(hash, &output, bootstrap),
+    }
+}
+
+/// Refuses, before anything is fetched, an output `shoal get` cannot write, naming it as the user
+/// gave it: an existing directory (a file is not written into one, and a collection goes to a new
+/// directory), a symlink to nothing, or a path in a directory that does not exist. These were
+/// found only once the whole blob was fetched, and named the partial file beside the output.
+fn check_output(output: &Path) -> anyhow::Result<()> {
+    if output == Path::new("-") {
+        return Ok(());
+    }
+    match std::fs::metadata(output) {
+        Ok(m) if m.is_dir() => bail!(
+            "{} exists and is a directory; name a new path with -o (a file, or the directory to write a collection to)",
+            output.display()
+        ),
+        Ok(_) => return Ok(()),
+        Err(_) if std::fs::symlink_metadata(output).is_ok() => {
+            bail!("cannot write to {}: it is a symlink to nothing", output.display())
+        }
+        Err(_) => {}
+    }
+    let parent = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => bail!("cannot write to {}: {} is not a directory", output.display(), parent.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("cannot write to {}: the directory {} does not exist", output.display(), parent.display())
+        }
+        Err(e) => bail!("cannot write to {}: cannot read {} ({e})", output.display(), parent.display()),
     }
 }
 
@@ -592,7 +651,7 @@ fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<
     let partial = partial_path(output);
     scratch(&partial);
     let written = (|| {
-        std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+        std::fs::create_dir(&partial).with_context(|| format!("cannot write {}", output.display()))?;
         let mut bytes = 0;
         // How many files still to write hold each blob: a blob written out for good leaves a
         // short-lived node's store (see [`Blobs::write_file`]).
@@ -819,9 +878,9 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
                 .write(true)
                 .create_new(true)
                 .open(&partial)
-                .with_context(|| format!("cannot create {}", partial.display()))?,
+                .with_context(|| format!("cannot write {}", output.display()))?,
         );
-        let got = copy_hashing(&mut source, &mut file, &partial)?;
+        let got = copy_hashing(&mut source, &mut file, output)?;
         file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
@@ -1014,10 +1073,7 @@ fn providers(data_dir: &Path, hash: &str) -> anyhow::Result<()> {
     if list.is_empty() {
         bail!("{}", no_providers(&hash, v.get("lookup")));
     }
-    for p in list {
-        println!("{}", p.as_str().unwrap_or_default());
-    }
-    Ok(())
+    print_out(|out| list.iter().try_for_each(|p| writeln!(out, "{}", p.as_str().unwrap_or_default())))
 }
 
 /// Why a lookup listed nobody, from what it cost (the API's `lookup` object; absent or `null`
@@ -1048,57 +1104,63 @@ fn peers(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
     let v: Vec<shoal_node::PeerInfo> = answer(agent().get(format!("http://{api}/v1/peers")).call(), &api)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        let text = serde_json::to_string_pretty(&v)?;
+        return print_out(|out| writeln!(out, "{text}"));
     }
     if v.is_empty() {
         // On standard error: the list itself stays empty for scripts.
         eprintln!("no peer connected; a node joins a swarm with --bootstrap <multiaddr>");
     }
-    for p in v {
-        match p.rtt_ms {
-            Some(rtt) => println!("{}  {}  rtt {rtt:.2} ms", p.peer_id, p.address),
-            None => println!("{}  {}", p.peer_id, p.address),
-        }
-    }
-    Ok(())
+    print_out(|out| {
+        v.iter().try_for_each(|p| match p.rtt_ms {
+            Some(rtt) => writeln!(out, "{}  {}  rtt {rtt:.2} ms", p.peer_id, p.address),
+            None => writeln!(out, "{}  {}", p.peer_id, p.address),
+        })
+    })
 }
 
 fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let api = require_api(data_dir)?;
     let v: serde_json::Value = answer(agent().get(format!("http://{api}/v1/status")).call(), &api)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
+        let text = serde_json::to_string_pretty(&v)?;
+        return print_out(|out| writeln!(out, "{text}"));
     }
     let g = |k: &str| v.get(k).cloned().unwrap_or_default();
-    println!("peer id:   {}", g("peer_id").as_str().unwrap_or_default());
-    for a in g("listen_addrs").as_array().cloned().unwrap_or_default() {
-        println!("listening: {}", a.as_str().unwrap_or_default());
-    }
-    for a in g("announced_addrs").as_array().cloned().unwrap_or_default() {
-        println!("announced: {}", a.as_str().unwrap_or_default());
-    }
-    let router = g("router");
-    if let (Some(at), Some(by)) = (router["forwarded"].as_str(), router["forwarded_by"].as_str()) {
-        println!("forwarded: {at} by the router ({by})");
-    }
-    for pinhole in router["pinholes"].as_array().cloned().unwrap_or_default() {
-        println!("pinhole:   {} open in the router's firewall (PCP)", pinhole.as_str().unwrap_or_default());
-    }
-    println!("inbound:   {} connections opened by peers since start", g("inbound_connections").as_u64().unwrap_or(0));
-    println!("peers:     {}", g("peers"));
-    println!("blobs:     {}", g("blobs"));
-    println!(
-        "cache:     {} / {} MiB (pinned {} MiB)",
-        g("cache_bytes").as_u64().unwrap_or(0) >> 20,
-        g("cache_capacity").as_u64().unwrap_or(0) >> 20,
-        g("pinned_bytes").as_u64().unwrap_or(0) >> 20
-    );
-    println!("uploads:   {}", g("uploads"));
-    println!("watches:   {}", g("watches"));
-    for p in g("penalties").as_array().cloned().unwrap_or_default() {
-        println!("penalised: {} ({} times)", p[0].as_str().unwrap_or_default(), p[1]);
-    }
-    Ok(())
+    print_out(|out| {
+        writeln!(out, "peer id:   {}", g("peer_id").as_str().unwrap_or_default())?;
+        for a in g("listen_addrs").as_array().cloned().unwrap_or_default() {
+            writeln!(out, "listening: {}", a.as_str().unwrap_or_default())?;
+        }
+        for a in g("announced_addrs").as_array().cloned().unwrap_or_default() {
+            writeln!(out, "announced: {}", a.as_str().unwrap_or_default())?;
+        }
+        let router = g("router");
+        if let (Some(at), Some(by)) = (router["forwarded"].as_str(), router["forwarded_by"].as_str()) {
+            writeln!(out, "forwarded: {at} by the router ({by})")?;
+        }
+        for pinhole in router["pinholes"].as_array().cloned().unwrap_or_default() {
+            writeln!(out, "pinhole:   {} open in the router's firewall (PCP)", pinhole.as_str().unwrap_or_default())?;
+        }
+        writeln!(
+            out,
+            "inbound:   {} connections opened by peers since start",
+            g("inbound_connections").as_u64().unwrap_or(0)
+        )?;
+        writeln!(out, "peers:     {}", g("peers"))?;
+        writeln!(out, "blobs:     {}", g("blobs"))?;
+        writeln!(
+            out,
+            "cache:     {} / {} MiB (pinned {} MiB)",
+            g("cache_bytes").as_u64().unwrap_or(0) >> 20,
+            g("cache_capacity").as_u64().unwrap_or(0) >> 20,
+            g("pinned_bytes").as_u64().unwrap_or(0) >> 20
+        )?;
+        writeln!(out, "uploads:   {}", g("uploads"))?;
+        writeln!(out, "watches:   {}", g("watches"))?;
+        for p in g("penalties").as_array().cloned().unwrap_or_default() {
+            writeln!(out, "penalised: {} ({} times)", p[0].as_str().unwrap_or_default(), p[1])?;
+        }
+        Ok(())
+    })
 }

@@ -37,6 +37,17 @@ pub enum NodeError {
     Busy(&'static str),
 }
 
+/// What [`NodeHandle::publish`] imported, and what of a directory it left out.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The file's blob, or the collection's that lists a directory's files.
+    pub imported: Imported,
+    /// A directory's entries that its collection does not list (symbolic links, pipes, sockets,
+    /// devices, directories that hold nothing), `/`-separated and relative to it, a directory's
+    /// ending in `/`; none for a file.
+    pub skipped: Vec<String>,
+}
+
 /// A node's state, as `shoal status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -191,7 +202,7 @@ impl Node {
     /// Starts a node over the transport `transport` builds from the node's identity (the
     /// simulator's emulated network), or over QUIC if `None`.
     pub async fn start_with_transport(config: NodeConfig, transport: Option<TransportFactory>) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir)
+        create_data_dir(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}", config.data_dir.display()))?;
         let key = crate::identity::load_or_create(&config.data_dir.join("identity"))?;
         let peer_id = key.public().to_peer_id();
@@ -441,12 +452,31 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
-    /// Imports a file, pins it and announces it. A directory becomes a collection: every file in
-    /// it (recursively; symbolic links are skipped) is imported, pinned and announced, and so is the
-    /// collection blob that lists them, whose hash is returned.
+    /// Imports a file, pins it and announces it. A directory becomes a collection: every regular
+    /// file in it (recursively; symbolic links, pipes, sockets and devices are skipped) is
+    /// imported, pinned and announced, and so is the collection blob that lists them, whose hash
+    /// is returned. [`NodeHandle::publish`] also says what a directory's collection left out.
     pub async fn add_path(&self, path: &Path) -> Result<Imported, NodeError> {
-        if path.is_dir() {
-            return self.add_dir(path).await;
+        Ok(self.publish(path).await?.imported)
+    }
+
+    /// [`NodeHandle::add_path`], saying which entries of a directory were skipped. A path that is
+    /// neither a regular file nor a directory (a pipe, a socket, a device) is refused before it
+    /// is opened: opening a pipe waits for a writer, and reading a device may never end, which
+    /// held the import's thread, and the node's exit, for ever. A symbolic link named here is
+    /// followed: its user named it.
+    pub async fn publish(&self, path: &Path) -> Result<Published, NodeError> {
+        match std::fs::metadata(path).map(|m| m.file_type()) {
+            Ok(kind) if kind.is_dir() => return self.add_dir(path).await,
+            Ok(kind) if !kind.is_file() => {
+                return Err(NodeError::Invalid(format!(
+                    "{} is {}, not a regular file or directory; shoal adds files and directories",
+                    path.display(),
+                    special_kind(kind)
+                )));
+            }
+            // One that cannot be read is the import's to report, as it reports the open.
+            _ => {}
         }
         let store = self.inner.store.clone();
         let path = path.to_owned();
@@ -455,7 +485,7 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)??;
         self.withdraw(&imported.evicted).await;
         self.provide(imported.hash).await;
-        Ok(imported)
+        Ok(Published { imported, skipped: Vec::new() })
     }
 
     /// Pins a blob held here: it is never evicted.
@@ -497,13 +527,14 @@ impl NodeHandle {
         Ok(())
     }
 
-    async fn add_dir(&self, dir: &Path) -> Result<Imported, NodeError> {
+    async fn add_dir(&self, dir: &Path) -> Result<Published, NodeError> {
         use shoal_protocol::collection::{Collection, Entry, MAX_ENTRIES};
         let store = self.inner.store.clone();
         let dir = dir.to_owned();
-        let (imported, files) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
+        let (imported, files, skipped) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
             let mut files = Vec::new();
-            collect_files(&dir, &dir, &mut files)?;
+            let mut skipped = Vec::new();
+            collect_files(&dir, &dir, &mut files, &mut skipped)?;
             if files.len() > MAX_ENTRIES {
                 return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", dir.display())));
             }
@@ -518,7 +549,7 @@ impl NodeHandle {
             let mut imported = store.import_reader(&collection.encode()[..], true)?;
             imported.evicted.extend(evicted);
             let files: Vec<Hash> = collection.entries().iter().map(|e| e.hash).collect();
-            Ok((imported, files))
+            Ok((imported, files, skipped))
         })
         .await
         .map_err(|_| NodeError::Stopped)??;
@@ -527,7 +558,7 @@ impl NodeHandle {
             self.provide(h).await;
         }
         self.provide(imported.hash).await;
-        Ok(imported)
+        Ok(Published { imported, skipped })
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
@@ -651,6 +682,37 @@ impl NodeHandle {
     }
 }
 
+/// Creates the data directory for its owner alone (0700 on Unix), its missing parents as any
+/// directory is made: the store's file names are the hashes held, and a user who could list them
+/// would have what the token on `GET /v1/blobs` keeps from them. One that exists is left as it is.
+fn create_data_dir(dir: &Path) -> std::io::Result<()> {
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.is_dir()
+    {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                let mode = format!("{mode:o}");
+                tracing::debug!(dir = %dir.display(), mode, "the data directory is open to other users; left as it is");
+            }
+        }
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(dir) {
+        // Made meanwhile by another process: left as it is, as above.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
 /// How many blobs' files (two each) the store keeps open: a quarter of the process's limit on
 /// open files, between 64 and 4,096 blobs. The rest of the limit is for sockets, the API's and
 /// the gateway's clients and the answers being sent (each holds its blob's files). Where many
@@ -675,16 +737,31 @@ fn has_ipv6() -> bool {
 }
 
 /// Lists the regular files under `dir` as (`/`-separated path relative to `root`, full path),
-/// sorted. Symbolic links are skipped, so a collection never reaches outside its directory.
-fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::PathBuf)>) -> Result<(), NodeError> {
+/// sorted. Symbolic links are skipped, so a collection never reaches outside its directory, and
+/// so are pipes, sockets and devices, which hold no file's bytes, and directories that hold
+/// nothing, which a collection cannot list: each goes to `skipped`, as a path relative to `root`
+/// (a directory's ending in `/`), for the user to be told.
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<(String, std::path::PathBuf)>,
+    skipped: &mut Vec<String>,
+) -> Result<(), NodeError> {
     let invalid = |e: std::io::Error| NodeError::Invalid(format!("cannot read {}: {e}", dir.display()));
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
     entries.sort_by_key(|e| e.file_name());
+    // Only shown: a name that is not UTF-8 is shown as well as it can be.
+    let shown =
+        |path: &Path| path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
     for e in entries {
         let kind = e.file_type().map_err(invalid)?;
         let path = e.path();
         if kind.is_dir() {
-            collect_files(root, &path, out)?;
+            let before = (out.len(), skipped.len());
+            collect_files(root, &path, out, skipped)?;
+            if (out.len(), skipped.len()) == before {
+                skipped.push(format!("{}/", shown(&path)));
+            }
         } else if kind.is_file() {
             let rel = path.strip_prefix(root).map_err(|_| NodeError::Invalid("path outside the directory".into()))?;
             let rel = rel
@@ -697,7 +774,26 @@ fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, std::path::Path
             // fail the add after every file was imported and pinned.
             shoal_protocol::collection::check_path(&rel).map_err(|e| NodeError::Invalid(e.to_string()))?;
             out.push((rel, path));
+        } else {
+            skipped.push(shown(&path));
         }
     }
     Ok(())
+}
+
+/// What a file that is neither a regular file nor a directory is, as a user would say it.
+fn special_kind(kind: std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if kind.is_fifo() {
+            return "a named pipe";
+        } else if kind.is_socket() {
+            return "a socket";
+        } else if kind.is_char_device() || kind.is_block_device() {
+            return "a device";
+        }
+    }
+    let _ = kind;
+    "a special file"
 }

@@ -1339,3 +1339,211 @@ fn an_interrupted_get_leaves_nothing_behind() {
     let left: Vec<_> = std::fs::read_dir(&scratch).expect("list").filter_map(Result::ok).map(|e| e.path()).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// Runs `cmd` for at most `secs`; returns (success, stdout, stderr), or panics if it was still
+/// running then (it is killed first).
+fn output_within(cmd: &mut Command, secs: u64) -> (bool, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("run shoal");
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} was still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn add_refuses_a_pipe_or_a_device_and_says_what_a_directory_left_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    let add = |path: &Path| {
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["add", path.to_str().expect("utf-8")]).env("SHOAL_DATA_DIR", &n1.dir).env_remove("SHOAL_API");
+        output_within(&mut cmd, 20)
+    };
+    // Opening a pipe waits for a writer: the add waited for ever, and so did the node's exit.
+    let fifo = tmp.path().join("fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo").success(), "mkfifo");
+    let (ok, _, err) = add(&fifo);
+    assert!(!ok && err.contains("is a named pipe, not a regular file or directory"), "{err}");
+    let (ok, _, err) = add(Path::new("/dev/zero"));
+    assert!(!ok && err.contains("/dev/zero is a device"), "{err}");
+    // A symlink to a file, named by the user, is followed.
+    let file = tmp.path().join("file.txt");
+    std::fs::write(&file, b"bytes").expect("write");
+    let link = tmp.path().join("link.txt");
+    std::os::unix::fs::symlink(&file, &link).expect("symlink");
+    let (ok, out, err) = add(&link);
+    assert!(ok, "{err}");
+    assert!(out.starts_with(&blake3::hash(b"bytes").to_hex().to_string()), "{out}");
+
+    // In a directory, what is not a regular file is left out, and said.
+    let site = tmp.path().join("site");
+    std::fs::create_dir_all(site.join("empty")).expect("mkdir");
+    std::fs::write(site.join("a.txt"), b"a").expect("write");
+    std::os::unix::fs::symlink(&file, site.join("link")).expect("symlink");
+    assert!(Command::new("mkfifo").arg(site.join("pipe")).status().expect("run mkfifo").success(), "mkfifo");
+    let (ok, out, err) = add(&site);
+    assert!(ok, "{err}");
+    assert!(err.contains("skipped 3 entries that are not regular files: empty/, link, pipe"), "{err}");
+    let hash = out.split_whitespace().next().expect("hash").to_string();
+    let copy = tmp.path().join("copy");
+    n1.cli(&["get", &hash, "-o", copy.to_str().expect("utf-8")]);
+    let names: Vec<_> = std::fs::read_dir(&copy).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert_eq!(names, ["a.txt"], "only the regular file was added");
+    // A directory of regular files says nothing of the kind.
+    std::fs::remove_dir_all(&site).expect("rm");
+    std::fs::create_dir_all(&site).expect("mkdir");
+    std::fs::write(site.join("a.txt"), b"a").expect("write");
+    let (ok, _, err) = add(&site);
+    assert!(ok && !err.contains("skipped"), "{err}");
+    assert!(n1.stop().success());
+}
+
+#[test]
+fn a_new_data_directory_is_its_owners_alone_and_an_existing_one_is_left_as_it_is() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let existing = tmp.path().join("existing");
+    std::fs::create_dir_all(&existing).expect("mkdir");
+    std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    for (dir, want) in [(tmp.path().join("new/data"), 0o700), (existing, 0o750)] {
+        let child = Command::new(SHOAL)
+            .args(["node", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0"])
+            .env("SHOAL_DATA_DIR", &dir)
+            .env_remove("SHOAL_BOOTSTRAP")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn shoal node");
+        // Killed on drop.
+        let mut node = NodeProc { child, dir: dir.clone(), ns: None, peer_id: String::new(), addr: String::new() };
+        assert!(eventually(20, || dir.join("api").exists()), "the node did not start");
+        assert_eq!(mode(&dir), want, "{}", dir.display());
+        // The token is there as soon as the address a command reads before it.
+        assert!(dir.join("api-token").exists());
+        assert!(node.stop().success());
+    }
+    assert_eq!(mode(&tmp.path().join("new")), 0o777 & !umask(), "a parent is made as any directory is");
+}
+
+/// The process's file-mode creation mask, as a directory made here shows it.
+fn umask() -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(tmp.path().join("probe")).expect("mkdir");
+    !std::fs::metadata(tmp.path().join("probe")).expect("stat").permissions().mode() & 0o777
+}
+
+#[test]
+fn get_checks_where_it_writes_before_it_fetches() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    // Nobody has this blob: a get that went looking for it would not fail on the path at once.
+    let nobody = "ab".repeat(32);
+    let dir = tmp.path().join("a dir");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let missing = tmp.path().join("no such dir/out");
+    for (output, says) in [
+        (dir.clone(), format!("{} exists and is a directory", dir.display())),
+        (missing.clone(), format!("the directory {} does not exist", tmp.path().join("no such dir").display())),
+    ] {
+        let mut cmd = Command::new(SHOAL);
+        cmd.args(["get", &nobody, "-o", output.to_str().expect("utf-8")])
+            .env("SHOAL_DATA_DIR", &n1.dir)
+            .env_remove("SHOAL_API");
+        let (ok, _, err) = output_within(&mut cmd, 10);
+        assert!(!ok && err.contains(&says) && !err.contains(".shoal-partial"), "{err}");
+        // And without a running node, before a node of its own is started.
+        let mut cmd =
+            get_without_a_node(tmp.path(), &[&nobody, "-o", output.to_str().expect("utf-8"), "--bootstrap", &n1.addr]);
+        let (ok, _, err) = output_within(&mut cmd, 10);
+        assert!(!ok && err.contains(&says) && !err.contains(".shoal-get"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(&dir).expect("list").count(), 0, "nothing was written into the directory");
+}
+
+#[test]
+fn config_show_refuses_settings_a_node_cannot_run_with() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let show = |file: &str, args: &[&str], env: &[(&str, &str)]| {
+        std::fs::write(tmp.path().join("config.toml"), file).expect("write config");
+        let out = Command::new(SHOAL)
+            .args(["config", "show"])
+            .args(args)
+            .env("SHOAL_DATA_DIR", tmp.path())
+            .envs(env.iter().copied())
+            .output()
+            .expect("run");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let refused = [
+        ("allow-peers = []\n", &[][..], "allow-peers is empty, so no peer could fetch from this node"),
+        ("max-uploads = 0\n", &[], "max-uploads must be between 1 and 65536, not 0"),
+        ("max-uploads-per-peer = 0\n", &[], "max-uploads-per-peer must be between 1"),
+        ("max-connections = 0\n", &[], "max-connections must be between 1"),
+        ("lookup-timeout-secs = 0\n", &[], "lookup-timeout-secs must be between 1 and 86400"),
+        // These panicked the node: a deadline past what the clock holds, a semaphore's limit.
+        ("lookup-timeout-secs = 18446744073709551615\n", &[], "lookup-timeout-secs must be between 1 and 86400"),
+        ("spread-patience-secs = 18446744073709551615\n", &[], "spread-patience-secs must be at most 86400"),
+        ("", &["--max-uploads", "4000000000000000000"], "max-uploads must be between 1 and 65536"),
+        ("", &["--max-connections", "0"], "max-connections must be between 1"),
+        ("cache-size = -1\n", &[], "cache-size: expected a whole number of bytes or a size such as \"10G\""),
+        ("cache-size = 1.5\n", &[], "cache-size: expected a whole number of bytes or a size such as \"10G\""),
+        ("upload-rate = -1\n", &[], "upload-rate: expected a whole number of bytes"),
+    ];
+    for (file, args, says) in refused {
+        let (ok, _, err) = show(file, args, &[]);
+        assert!(!ok && err.contains(says), "{file}{args:?}: {err}");
+    }
+    // The bounds themselves are taken.
+    let (ok, shown, err) = show("max-uploads = 65536\nlookup-timeout-secs = 86400\n", &[], &[]);
+    assert!(ok && shown.contains("max-uploads = 65536") && shown.contains("lookup-timeout-secs = 86400"), "{err}");
+    // SHOAL_NO_UPNP takes 1 and 0, as environment switches are commonly set.
+    for (value, upnp) in [("1", false), ("yes", false), ("true", false), ("0", true), ("false", true)] {
+        let (ok, shown, err) = show("", &[], &[("SHOAL_NO_UPNP", value)]);
+        assert!(ok && shown.contains(&format!("upnp = {upnp}")), "SHOAL_NO_UPNP={value}: {err}{shown}");
+    }
+}
+
+#[test]
+fn listings_to_a_reader_that_went_away_end_quietly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = NodeProc::start(&tmp.path().join("a"), None);
+    let b = NodeProc::start(&tmp.path().join("b"), Some(&a));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 1000, 31);
+    let hash = add_and_wait(&a, &b, &input);
+    for args in [
+        &["providers", hash.as_str()][..],
+        &["peers"],
+        &["peers", "--json"],
+        &["status"],
+        &["status", "--json"],
+        &["ls"],
+    ] {
+        // A pipe whose reader is gone, as `shoal peers | head -0` leaves it.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_DATA_DIR", &b.dir)
+            .env_remove("SHOAL_API")
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
