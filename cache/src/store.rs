@@ -249,6 +249,8 @@ struct Inner {
     evictions: AtomicU64,
     /// Directories moved out of `blobs/` under the state's lock, deleted once it is let go.
     trash: Mutex<Vec<PathBuf>>,
+    /// Set by [`Store::close`]: metas are no longer written.
+    closed: std::sync::atomic::AtomicBool,
     /// The files held open, by [`Blob::id`], least recently used first; at most
     /// [`StoreConfig::open_blobs`]. A blob's files close when its entry leaves and the last
     /// reader still holding them is done.
@@ -317,6 +319,10 @@ struct Status {
     /// write-back error is reported to the descriptors open when it happened, and a descriptor
     /// opened afterwards could sync clean over it. Kept only for a durable store.
     dirty: Option<Arc<Files>>,
+    /// Changes to what the meta records (pieces verified or dropped, the pin), counted, and the
+    /// count the meta on disk was last written at: a flush with nothing new to write skips.
+    changes: u64,
+    committed: u64,
 }
 
 impl Blob {
@@ -543,8 +549,10 @@ impl Store {
 
     /// Lets another opener have the store, as a process that exits or dies does: a node that
     /// stopped, or one crashed in an emulator that restarts it in the same process. Clones still
-    /// held keep working, and a later [`Store::open`] must be the only writer from then on.
+    /// held keep working, and a later [`Store::open`] must be the only writer from then on: a
+    /// closed store writes no meta (what it verifies after is not marked, as a crash leaves it).
     pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
         lock(&self.inner.lock).take();
     }
 
@@ -574,6 +582,7 @@ impl Store {
             tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             trash: Mutex::new(Vec::new()),
+            closed: std::sync::atomic::AtomicBool::new(false),
             open: Mutex::new(::lru::LruCache::unbounded()),
         });
         let store = Self { inner };
@@ -584,6 +593,7 @@ impl Store {
             let dir = entry.path();
             match load_blob(&dir) {
                 Ok(Some(Loaded::Blob(blob))) => {
+                    let blob = *blob;
                     let mtime =
                         fs::metadata(dir.join("meta")).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                     found.push((mtime, blob));
@@ -961,6 +971,9 @@ impl Store {
             if self.inner.config.durable && !pieces.is_empty() {
                 st.dirty.get_or_insert_with(|| files.clone());
             }
+            if !pieces.is_empty() {
+                st.changes += 1;
+            }
             for p in pieces.iter() {
                 if st.verified.insert(p) {
                     st.unflushed_bytes += blob.geometry.piece_len(p);
@@ -981,10 +994,10 @@ impl Store {
         self.flush_blob(&blob)
     }
 
-    /// Commits `blob` unless its meta already marks every verified piece.
+    /// Commits `blob` unless its meta already records all there is.
     fn flush_blob(&self, blob: &Blob) -> Result<()> {
         let st = lock(&blob.status);
-        if st.dirty.is_none() && st.durable == st.verified {
+        if st.dirty.is_none() && st.committed == st.changes {
             return Ok(());
         }
         drop(st);
@@ -1002,9 +1015,14 @@ impl Store {
 
     fn commit(&self, blob: &Blob) -> Result<()> {
         let _serial = lock(&blob.commit);
-        let (snapshot, pinned, unflushed, dirty) = {
+        // A closed store is no longer ours to write (another opener may have it): a crashed
+        // node's tasks still winding down leave its metas as the crash did.
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (snapshot, pinned, unflushed, dirty, changes) = {
             let mut st = lock(&blob.status);
-            (st.verified.clone(), st.pinned, st.unflushed_bytes, st.dirty.take())
+            (st.verified.clone(), st.pinned, st.unflushed_bytes, st.dirty.take(), st.changes)
         };
         // A blob evicted or deleted since (a write or an answer streaming from it holds it for a
         // while) may have been begun or added again under the same directory: its meta is not
@@ -1043,6 +1061,7 @@ impl Store {
             sync_dir(&blob.dir)?;
         }
         let mut st = lock(&blob.status);
+        st.committed = st.committed.max(changes);
         // Pieces found corrupt meanwhile stay unmarked in memory; the next commit drops them.
         st.durable = snapshot.intersection(&st.verified);
         // Pieces marked while this commit ran wait for the next one, and count towards it.
@@ -1222,6 +1241,7 @@ impl Store {
             for p in bad.iter() {
                 st.verified.remove(p);
             }
+            st.changes += 1;
         }
         // See `commit`: a blob no longer current leaves the memory tier and the meta alone.
         if !self.is_current(blob) {
@@ -1362,7 +1382,11 @@ impl Store {
         // Looked up under the lock that eviction and removal take: an entry evicted, removed or
         // replaced a moment before would have its bytes counted again (or twice taken off).
         let blob = st.blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })?;
-        let was = std::mem::replace(&mut lock(&blob.status).pinned, pinned);
+        let was = {
+            let mut st = lock(&blob.status);
+            st.changes += u64::from(st.pinned != pinned);
+            std::mem::replace(&mut st.pinned, pinned)
+        };
         if was == pinned {
             return Ok(Vec::new());
         }
@@ -1384,6 +1408,23 @@ impl Store {
             self.commit(&blob)?;
         }
         Ok(evicted)
+    }
+
+    /// Removes `hash` from the store if it holds no verified piece of it and the user did not pin
+    /// it, checked and removed at once: what a fetch that failed leaves. Returns whether it did.
+    pub fn delete_if_empty(&self, hash: Hash) -> Result<bool> {
+        let mut st = lock(&self.inner.state);
+        let empty = st.blobs.get(&hash).is_some_and(|b| {
+            let status = lock(&b.status);
+            status.verified.is_empty() && !status.pinned
+        });
+        if !empty {
+            return Ok(false);
+        }
+        let blob = self.take_entry(&mut st, &hash).ok_or(StoreError::NotFound { hash })?;
+        drop(st);
+        self.discard_dir(&blob.dir)?;
+        Ok(true)
     }
 
     /// Removes `hash` from the store.
@@ -1500,7 +1541,7 @@ impl Store {
         fs::rename(dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
         sync_dir(&self.inner.root.join("blobs"))?;
         match load_blob(&final_dir)? {
-            Some(Loaded::Blob(blob)) => Ok(blob),
+            Some(Loaded::Blob(blob)) => Ok(*blob),
             _ => Err(StoreError::NotFound { hash }),
         }
     }
@@ -1636,7 +1677,7 @@ fn partial_path(dest: &Path) -> PathBuf {
 
 /// What a blob directory holds, for [`load_blob`].
 enum Loaded {
-    Blob(Blob),
+    Blob(Box<Blob>),
     /// What a crash left half-way through taking a blob out of the store.
     Leftover,
 }
@@ -1674,7 +1715,7 @@ fn load_blob(dir: &Path) -> Result<Option<Loaded>> {
     if len("data")? != meta.size || len("outboard")? != geometry.outboard_size() {
         return Ok(None);
     }
-    Ok(Some(Loaded::Blob(Blob {
+    Ok(Some(Loaded::Blob(Box::new(Blob {
         hash,
         geometry,
         dir: dir.to_owned(),
@@ -1687,9 +1728,11 @@ fn load_blob(dir: &Path) -> Result<Option<Loaded>> {
             pinned: meta.pinned,
             unflushed_bytes: 0,
             dirty: None,
+            changes: 0,
+            committed: 0,
         }),
         commit: Mutex::new(()),
-    })))
+    }))))
 }
 
 /// The verified pieces a format-1 bitmap (pieces of [`V1_PIECE_SIZE`]) records: a piece is verified

@@ -645,3 +645,36 @@ fn a_blob_directory_this_version_cannot_read_is_set_aside_with_its_data() {
     assert!(tmp.path().join("aside").join(format!("{}.1", hash.to_hex())).join("data").exists());
     assert!(aside.join("data").exists());
 }
+
+#[test]
+fn a_closed_store_marks_nothing_more_and_only_an_empty_unpinned_entry_is_removed_as_empty() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(bytes(31, (3 * PIECE_SIZE) as usize));
+    let size = src.data.len() as u64;
+    {
+        let store = open(tmp.path());
+        store.begin(src.hash, size).expect("begin");
+        store.write_pieces(src.hash, &src.piece(0), &src.encode(&src.piece(0))[..]).expect("write");
+        store.flush(src.hash).expect("flush");
+        // Closed, as a crashed node's store is: what its tasks still do is not marked.
+        store.close();
+        store.write_pieces(src.hash, &src.piece(1), &src.encode(&src.piece(1))[..]).expect("write");
+        store.flush(src.hash).expect("a flush of a closed store writes nothing");
+    }
+    let store = open(tmp.path());
+    assert_eq!(store.info(src.hash).expect("held").pieces, src.piece(0), "only what was flushed before");
+    // An entry holding a verified piece stays; an empty one goes; an empty one the user pinned
+    // stays.
+    assert!(!store.delete_if_empty(src.hash).expect("check"));
+    let empty = Source::new(bytes(32, PIECE_SIZE as usize));
+    store.begin(empty.hash, PIECE_SIZE).expect("begin");
+    assert!(store.delete_if_empty(empty.hash).expect("check"));
+    assert!(store.info(empty.hash).is_none());
+    store.begin(empty.hash, PIECE_SIZE).expect("begin");
+    store.pin(empty.hash).expect("pin");
+    assert!(!store.delete_if_empty(empty.hash).expect("check"));
+    // The pin is recorded, and a flush with nothing new keeps it so across a restart.
+    store.flush_all().expect("flush");
+    drop(store);
+    assert!(open(tmp.path()).info(empty.hash).expect("held").pinned);
+}

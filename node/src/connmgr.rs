@@ -39,7 +39,7 @@ pub(crate) const RECENT: Duration = Duration::from_secs(10);
 /// Peers remembered at most; past it, entries older than [`RECENT`] are forgotten.
 const MAX_TRACKED: usize = 8192;
 
-/// The most inbound handshakes under way from one IP address (loopback aside). All of them
+/// The most inbound handshakes under way from one IP address, or one IPv6 /64 (loopback aside). All of them
 /// together are bounded too (64, `connection_limits`): without a bound per source, one host
 /// that starts handshakes and never finishes them, each until its timeout, held every place and
 /// kept every other peer out.
@@ -87,6 +87,15 @@ impl Gate {
     }
 }
 
+/// Where a connection comes from, as its handshakes are counted: an IPv4 address, or an IPv6
+/// address's /64, which one host commonly has whole.
+fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into(),
+        v4 => v4,
+    }
+}
+
 /// The error a connection refused for its source's handshakes under way carries.
 #[derive(Debug, thiserror::Error)]
 #[error("{0} inbound handshakes from {1} already under way")]
@@ -106,7 +115,7 @@ impl NetworkBehaviour for Gate {
             return Err(ConnectionDenied::new(AtCap(self.cap)));
         }
         // Loopback is this machine's own nodes (tests start dozens there at once).
-        let ip = crate::addrs::ip(from).filter(|ip| !ip.is_loopback());
+        let ip = crate::addrs::ip(from).filter(|ip| !ip.is_loopback()).map(source);
         if let Some(ip) = ip {
             let n = self.upgrading_from.entry(ip).or_insert(0);
             if *n >= MAX_UPGRADING_PER_IP {
@@ -378,6 +387,15 @@ mod tests {
         assert!(gate.handle_established_inbound_connection(id(0), PeerId::random(), &here, &from).is_ok());
         assert!(gate.handle_pending_inbound_connection(id(102), &here, &from).is_ok());
         assert!(gate.handle_pending_inbound_connection(id(103), &here, &from).is_err());
+        // An IPv6 host has a /64 to dial from: it counts as one.
+        for n in 0..MAX_UPGRADING_PER_IP {
+            let from: Multiaddr = format!("/ip6/2001:db8:5:6::{n:x}/udp/5000/quic-v1").parse().expect("multiaddr");
+            assert!(gate.handle_pending_inbound_connection(id(300 + n), &here, &from).is_ok());
+        }
+        let same64: Multiaddr = "/ip6/2001:db8:5:6:ffff::1/udp/5000/quic-v1".parse().expect("multiaddr");
+        let next64: Multiaddr = "/ip6/2001:db8:5:7::1/udp/5000/quic-v1".parse().expect("multiaddr");
+        assert!(gate.handle_pending_inbound_connection(id(400), &here, &same64).is_err());
+        assert!(gate.handle_pending_inbound_connection(id(401), &here, &next64).is_ok());
     }
 
     fn gated(cap: u32, version: Version) -> libp2p::Swarm<Gate> {

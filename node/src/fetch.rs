@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use shoal_cache::{BlobInfo, Store};
+use shoal_cache::{BlobInfo, Store, StoreError};
 use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
 use shoal_protocol::{Geometry, Hash, PieceSet};
@@ -235,6 +235,8 @@ async fn run(
     let mut hinted: HashSet<PeerId> = HashSet::new();
     // Providers the DHT named, for how many holders the fetch knows of when it announces itself.
     let mut provided: HashSet<PeerId> = HashSet::new();
+    // The store's own error, if it could not open the blob for a size a peer claimed.
+    let mut refused_claim: Option<String> = None;
 
     // However the fetch ends (failed, or dropped by a caller that gave up), what it verified is
     // made durable: a blob complete is flushed below, and the store holds a blob's files open
@@ -330,9 +332,20 @@ async fn run(
                         }
                         // Whatever the store says to a size only a peer claimed (no room, too large,
                         // or a file that size cannot be made here), the claim is what fails: a
-                        // lying peer must not fail the fetch.
+                        // lying peer must not fail the fetch. An error of the disk's own is said,
+                        // and named again if the fetch fails.
                         Err(e) if !proven => {
-                            debug!(size, error = %e, "not opening the blob for a size no proof backs yet");
+                            if matches!(
+                                e,
+                                StoreError::NoRoom { .. }
+                                    | StoreError::TooLarge { .. }
+                                    | StoreError::SizeMismatch { .. }
+                            ) {
+                                debug!(size, error = %e, "not opening the blob for a size no proof backs yet");
+                            } else {
+                                warn!(size, error = %e, "cannot open the blob for the size a peer claimed");
+                                refused_claim = Some(e.to_string());
+                            }
                             machine.handle_size_unprovable(size, Instant::now());
                         }
                         Err(e) => {
@@ -345,12 +358,7 @@ async fn run(
                     debug!(size, "a peer's claimed size failed verification");
                     geometry = None;
                     let s = store.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        if s.info(hash).is_some_and(|i| i.pieces.is_empty()) {
-                            let _ = s.delete(hash);
-                        }
-                    })
-                    .await;
+                    let _ = tokio::task::spawn_blocking(move || s.delete_if_empty(hash)).await;
                 }
                 Action::Request { peer, id, pieces } => {
                     let Some(g) = geometry else {
@@ -412,6 +420,21 @@ async fn run(
                     let secs = lookup_timeout.as_secs();
                     outcome = Some(Err(match e {
                         shoal_protocol::fetch::FetchError::Stalled { after, .. } => match machine.size() {
+                            None if refused_claim.is_some() || after > stall_timeout => {
+                                let starved = after > stall_timeout;
+                                let secs = if starved {
+                                    secs * u64::from(shoal_protocol::fetch::STALLS_WITHOUT_A_PIECE)
+                                } else {
+                                    secs
+                                };
+                                let mut reason = format!("no peer proved the blob's size in {secs} s");
+                                if let Some(e) = &refused_claim {
+                                    reason.push_str(&format!(
+                                        ", and this node could not open it for the size claimed: {e}"
+                                    ));
+                                }
+                                FetchError::Failed { hash, reason }.into()
+                            }
                             None => {
                                 let alone = node.dht_info().await.is_ok_and(|d| d.routing_table_peers == 0);
                                 FetchError::NotFound { hash, secs, alone }.into()
@@ -565,12 +588,7 @@ async fn run(
         // a size only a peer claimed would stay at the fresh end of the cache's order, ahead of
         // blobs held.
         let s = store.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if s.info(hash).is_some_and(|i| i.pieces.is_empty() && !i.pinned) {
-                let _ = s.delete(hash);
-            }
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || s.delete_if_empty(hash)).await;
     }
     // Dropping `requests` and `lookup` aborts their tasks, here or when a caller that gave up
     // drops this future: left running, they fetched for nobody and kept their connections from

@@ -29,6 +29,8 @@ type Answer<K> = Result<Slot<K>, ()>;
 /// Piece-upload slots and the requests waiting for one, each request its owner's (a peer's).
 #[derive(Debug)]
 pub(crate) struct Slots<K: Eq + Hash + Clone> {
+    /// How many there are (read by the tests; the share and the free count follow from it).
+    #[cfg_attr(not(test), allow(dead_code))]
     count: usize,
     line: usize,
     /// The most slots one owner holds at once.
@@ -82,11 +84,13 @@ impl<K: Eq + Hash + Clone> Slots<K> {
     }
 
     /// How many slots there are.
+    #[cfg(test)]
     pub(crate) fn count(&self) -> usize {
         self.count
     }
 
     /// Slots free now.
+    #[cfg(test)]
     pub(crate) fn free(&self) -> usize {
         self.lock().free
     }
@@ -97,8 +101,21 @@ impl<K: Eq + Hash + Clone> Slots<K> {
     }
 
     /// Slots `owner` holds now.
+    #[cfg(test)]
     pub(crate) fn held_by(&self, owner: &K) -> usize {
         self.lock().held.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Whether every slot held and every request waiting is `owner`'s: the uplink is its alone.
+    pub(crate) fn only(&self, owner: &K) -> bool {
+        let state = self.lock();
+        state.held.keys().all(|k| k == owner) && state.waiting.values().all(|w| w.owner == *owner)
+    }
+
+    /// Whether `owner` could take a slot at once: one is free, and within its share.
+    pub(crate) fn could_take(&self, owner: &K) -> bool {
+        let state = self.lock();
+        state.free > 0 && state.held.get(owner).is_none_or(|n| *n < self.share)
     }
 
     /// A slot at once if one is free and `owner` holds less than its share.
@@ -126,6 +143,11 @@ impl<K: Eq + Hash + Clone> Slots<K> {
             let mut state = self.lock();
             if let Some(slot) = self.take_free(&mut state, owner) {
                 return Some(slot);
+            }
+            // An owner may fill half the line at most: its requests past its share wait for its
+            // own slots, and would otherwise push other peers' requests out of the line.
+            if state.waiting.values().filter(|w| w.owner == *owner).count() >= (self.line / 2).max(1) {
+                return None;
             }
             let place = (priority, state.arrivals);
             state.arrivals += 1;
@@ -312,6 +334,13 @@ mod tests {
         let mut waiters = vec![request_as(&slots, 1, 10, 0, &tx), request_as(&slots, 1, 11, 0, &tx)];
         tokio::task::yield_now().await;
         assert_eq!((slots.free(), slots.waiting(), slots.held_by(&1)), (2, 2, 2));
+        assert!(slots.only(&1) && !slots.only(&2), "what is held and waits is owner 1's alone");
+        assert!(!slots.could_take(&1) && slots.could_take(&2));
+        // It may fill half the line, no more.
+        waiters.extend([request_as(&slots, 1, 12, 9, &tx), request_as(&slots, 1, 13, 9, &tx)]);
+        tokio::task::yield_now().await;
+        assert_eq!(slots.waiting(), 4);
+        assert!(slots.acquire(&1, 0, WAIT).await.is_none(), "half the line is its already");
         // Others take the free slots at once, and wait behind owner 1's requests (which asked
         // first, with as good a priority) for the next.
         let theirs = [slots.acquire(&2, 5, WAIT).await.expect("free"), slots.acquire(&3, 5, WAIT).await.expect("free")];
@@ -326,6 +355,10 @@ mod tests {
         let mut next = [rx.recv().await, rx.recv().await];
         next.sort();
         assert_eq!(next, [Some((10, true)), Some((11, true))]);
+        // Those let go in turn pass to its last two.
+        let mut last = [rx.recv().await, rx.recv().await];
+        last.sort();
+        assert_eq!(last, [Some((12, true)), Some((13, true))]);
         for w in waiters {
             w.await.expect("task");
         }

@@ -343,7 +343,7 @@ impl Uploads {
     /// upload slot (a request being read or answered; a watch holds none).
     fn idle(&self, peer: &PeerId) -> bool {
         match &self.data {
-            Some(slots) => slots.waiting() == 0 && slots.count().saturating_sub(slots.free()) <= slots.held_by(peer),
+            Some(slots) => slots.only(peer),
             // A peer's count is removed at zero: any other key is another peer's upload.
             None => self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).keys().all(|p| p == peer),
         }
@@ -352,14 +352,15 @@ impl Uploads {
     /// How busy the piece uploads are, as `peer`, the caller (`holding` one slot or not), sees
     /// them.
     fn uplink(&self, peer: &PeerId, holding: bool) -> crate::crowd::Uplink {
-        crate::crowd::Uplink { idle: self.idle(peer), room: self.room(holding) }
+        crate::crowd::Uplink { idle: self.idle(peer), room: self.room(peer, holding) }
     }
 
-    /// Whether a piece upload could start now without anyone waiting longer: the caller holds a
-    /// slot or one is free, and nobody waits in line. Always with no upload cap.
-    fn room(&self, holding: bool) -> bool {
+    /// Whether a piece upload for `peer` could start now without anyone waiting longer: it holds
+    /// a slot, or one is free and within its share; and nobody waits in line. Always with no
+    /// upload cap.
+    fn room(&self, peer: &PeerId, holding: bool) -> bool {
         match &self.data {
-            Some(slots) => (holding || slots.free() > 0) && slots.waiting() == 0,
+            Some(slots) => (holding || slots.could_take(peer)) && slots.waiting() == 0,
             None => true,
         }
     }

@@ -243,10 +243,12 @@ pub(crate) async fn run(
             progress.tick();
             match event {
                 Event::Crash(i) => {
+                    // The node first, as a killed process goes: its fetch, aborted after, finds
+                    // a closed store and marks nothing more.
+                    cluster.crash(i);
                     if let Some(t) = running[slot_of(i)].take() {
                         t.abort();
                     }
-                    cluster.crash(i);
                     let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
                     f[slot_of(i)].fate = "crashed".into();
                     f[slot_of(i)].eligible = f[slot_of(i)].ok;
