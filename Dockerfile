@@ -7,7 +7,8 @@ COPY . .
 RUN cargo build --release --locked --bin shoal
 
 FROM debian:bookworm-slim
-RUN useradd --system --home-dir /data --create-home --uid 10001 shoal
+# The data directory is the node user's alone: the store's file names are the hashes it holds.
+RUN useradd --system --home-dir /data --create-home --uid 10001 shoal && chmod 700 /data
 COPY --from=build /src/target/release/shoal /usr/local/bin/shoal
 USER shoal
 ENV SHOAL_DATA_DIR=/data
