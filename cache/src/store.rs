@@ -141,6 +141,12 @@ pub enum StoreError {
         /// The first bad piece.
         piece: PieceIndex,
     },
+    /// What was given to import is not a regular file (a pipe, a socket, a device).
+    #[error("{path} is not a regular file; shoal adds files and directories")]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+    },
     /// A file being imported changed size while it was read.
     #[error("{path} changed while it was being imported; try again")]
     ChangedDuringImport {
@@ -652,8 +658,17 @@ impl Store {
     /// Imports the file at `path` in one pass: its bytes are copied into the store while the
     /// hash and outboard are computed, never held in memory. `pin` keeps it from eviction.
     pub fn import_file(&self, path: &Path, pin: bool) -> Result<Imported> {
-        let file = File::open(path).map_err(io_err("open", path))?;
-        let size = file.metadata().map_err(io_err("stat", path))?.len();
+        // Opened without waiting, and checked once open: a named pipe (put where a file was, say)
+        // would wait for a writer, and a device may never end, holding this thread for good. A
+        // regular file reads as it would.
+        use std::os::unix::fs::OpenOptionsExt;
+        let file =
+            OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io_err("open", path))?;
+        let meta = file.metadata().map_err(io_err("stat", path))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotAFile { path: path.to_owned() });
+        }
+        let size = meta.len();
         let geometry = Geometry::new(size)?;
         let staged = self.stage(geometry, &file, path)?;
         let after = file.metadata().map_err(io_err("stat", path))?.len();

@@ -678,3 +678,17 @@ fn a_closed_store_marks_nothing_more_and_only_an_empty_unpinned_entry_is_removed
     drop(store);
     assert!(open(tmp.path()).info(empty.hash).expect("held").pinned);
 }
+
+#[test]
+fn a_named_pipe_is_refused_at_once_not_waited_on() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    // Opened for reading the usual way, this waits for a writer that never comes.
+    let refused = store.import_file(&fifo, true).expect_err("a pipe is no file");
+    assert!(matches!(refused, StoreError::NotAFile { .. }), "{refused}");
+    assert!(store.list().is_empty());
+    assert!(store.import_file(std::path::Path::new("/dev/null"), true).is_err(), "a device");
+}

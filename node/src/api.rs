@@ -84,7 +84,9 @@ impl From<NodeError> for ApiError {
             NodeError::Store(StoreError::NotFound { .. }) | NodeError::Fetch(FetchError::NotFound { .. }) => {
                 StatusCode::NOT_FOUND
             }
-            NodeError::Store(StoreError::Io { .. } | StoreError::ChangedDuringImport { .. }) => StatusCode::BAD_REQUEST,
+            NodeError::Store(
+                StoreError::Io { .. } | StoreError::ChangedDuringImport { .. } | StoreError::NotAFile { .. },
+            ) => StatusCode::BAD_REQUEST,
             NodeError::Store(StoreError::TooLarge { .. } | StoreError::BlobTooLarge(_)) => {
                 StatusCode::INSUFFICIENT_STORAGE
             }
