@@ -983,11 +983,11 @@ impl Store {
     fn mark_verified(&self, blob: &Blob, files: &Arc<Files>, pieces: &PieceSet) -> Result<()> {
         let flush = {
             let mut st = lock(&blob.status);
-            if self.inner.config.durable && !pieces.is_empty() {
-                st.dirty.get_or_insert_with(|| files.clone());
-            }
             if !pieces.is_empty() {
                 st.changes += 1;
+                if self.inner.config.durable {
+                    st.dirty.get_or_insert_with(|| files.clone());
+                }
             }
             for p in pieces.iter() {
                 if st.verified.insert(p) {
@@ -1593,13 +1593,19 @@ impl Store {
     /// once the caller let go of the store's lock: deleting a large blob's files takes a while,
     /// and every user of the store would wait on it.
     fn trash(&self, dir: &Path) -> Result<()> {
-        let trash = self.tmp_path("trash");
-        match fs::rename(dir, &trash) {
-            Ok(()) => {
-                lock(&self.inner.trash).push(trash);
-                Ok(())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        if let Some(moved) = self.move_to_tmp(dir)? {
+            lock(&self.inner.trash).push(moved);
+        }
+        Ok(())
+    }
+
+    /// Moves a directory out of `blobs/` into `tmp/` atomically; where it went, or `None` if it
+    /// was not there.
+    fn move_to_tmp(&self, dir: &Path) -> Result<Option<PathBuf>> {
+        let moved = self.tmp_path("trash");
+        match fs::rename(dir, &moved) {
+            Ok(()) => Ok(Some(moved)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("move aside", dir)(e)),
         }
     }
@@ -1618,11 +1624,9 @@ impl Store {
 
     /// Moves a directory out of `blobs/` atomically, then deletes it.
     fn discard_dir(&self, dir: &Path) -> Result<()> {
-        let trash = self.tmp_path("trash");
-        match fs::rename(dir, &trash) {
-            Ok(()) => fs::remove_dir_all(&trash).map_err(io_err("delete", &trash)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("move aside", dir)(e)),
+        match self.move_to_tmp(dir)? {
+            Some(moved) => fs::remove_dir_all(&moved).map_err(io_err("delete", &moved)),
+            None => Ok(()),
         }
     }
 }

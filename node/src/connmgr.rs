@@ -76,13 +76,8 @@ impl Gate {
 
     /// An inbound connection is no longer being upgraded.
     fn upgraded(&mut self, id: ConnectionId) {
-        if let Some(Some(ip)) = self.upgrading.remove(&id)
-            && let Some(n) = self.upgrading_from.get_mut(&ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.upgrading_from.remove(&ip);
-            }
+        if let Some(Some(ip)) = self.upgrading.remove(&id) {
+            crate::count_down(&mut self.upgrading_from, &ip);
         }
     }
 }
@@ -236,13 +231,7 @@ pub(crate) struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut map = self.activity.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.peer);
-            }
-        }
+        crate::count_down(&mut self.activity.in_flight.lock().unwrap_or_else(|e| e.into_inner()), &self.peer);
     }
 }
 

@@ -419,34 +419,37 @@ async fn run(
                 Action::Failed(e) => {
                     let secs = lookup_timeout.as_secs();
                     outcome = Some(Err(match e {
-                        shoal_protocol::fetch::FetchError::Stalled { after, .. } => match machine.size() {
-                            None if refused_claim.is_some() || after > stall_timeout => {
-                                let starved = after > stall_timeout;
-                                let secs = if starved {
-                                    secs * u64::from(shoal_protocol::fetch::STALLS_WITHOUT_A_PIECE)
-                                } else {
-                                    secs
-                                };
-                                let mut reason = format!("no peer proved the blob's size in {secs} s");
-                                if let Some(e) = &refused_claim {
-                                    reason.push_str(&format!(
-                                        ", and this node could not open it for the size claimed: {e}"
-                                    ));
+                        shoal_protocol::fetch::FetchError::Stalled { after, .. } => {
+                            // Past the stall timeout only when peers kept answering, sending nothing.
+                            let starved = after > stall_timeout;
+                            let waited = if starved {
+                                secs * u64::from(shoal_protocol::fetch::STALLS_WITHOUT_A_PIECE)
+                            } else {
+                                secs
+                            };
+                            match (machine.size(), &refused_claim) {
+                                (None, None) if !starved => {
+                                    let alone = node.dht_info().await.is_ok_and(|d| d.routing_table_peers == 0);
+                                    FetchError::NotFound { hash, secs, alone }.into()
                                 }
-                                FetchError::Failed { hash, reason }.into()
+                                (None, refused) => {
+                                    let mut reason = format!("no peer proved the blob's size in {waited} s");
+                                    if let Some(e) = refused {
+                                        reason.push_str(&format!(
+                                            ", and this node could not open it for the size claimed: {e}"
+                                        ));
+                                    }
+                                    FetchError::Failed { hash, reason }.into()
+                                }
+                                (Some(_), _) if starved => {
+                                    let reason = format!("no piece came for {waited} s, though holders kept answering");
+                                    FetchError::Failed { hash, reason }.into()
+                                }
+                                (Some(_), _) => {
+                                    FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into()
+                                }
                             }
-                            None => {
-                                let alone = node.dht_info().await.is_ok_and(|d| d.routing_table_peers == 0);
-                                FetchError::NotFound { hash, secs, alone }.into()
-                            }
-                            // Past the stall timeout only when holders kept answering, sending nothing.
-                            Some(_) if after > stall_timeout => {
-                                let secs = secs * u64::from(shoal_protocol::fetch::STALLS_WITHOUT_A_PIECE);
-                                let reason = format!("no piece came for {secs} s, though holders kept answering");
-                                FetchError::Failed { hash, reason }.into()
-                            }
-                            Some(_) => FetchError::Failed { hash, reason: format!("no progress for {secs} s") }.into(),
-                        },
+                        }
                         e => FetchError::Failed { hash, reason: e.to_string() }.into(),
                     }));
                     break;

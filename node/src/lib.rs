@@ -39,3 +39,14 @@ pub use node::{HeldBlob, Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
 pub use swarm::{DhtInfo, DhtSnapshot, LookupStats, PeerInfo, TransportFactory};
+
+/// Takes one from `key`'s count in `counts`, removing the key at zero: a map of counts holds only
+/// what it is counting now.
+pub(crate) fn count_down<K: Eq + std::hash::Hash>(counts: &mut std::collections::HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(key);
+        }
+    }
+}

@@ -185,12 +185,7 @@ impl<K: Eq + Hash + Clone> Slots<K> {
     /// more, or back to the free ones.
     fn release(self: &Arc<Self>, owner: &K) {
         let mut state = self.lock();
-        if let Some(n) = state.held.get_mut(owner) {
-            *n -= 1;
-            if *n == 0 {
-                state.held.remove(owner);
-            }
-        }
+        crate::count_down(&mut state.held, owner);
         loop {
             let next = state
                 .waiting

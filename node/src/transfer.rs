@@ -193,13 +193,7 @@ impl Drop for PeerCount<'_> {
 
 /// Takes one off `peer`'s count in `counts`, forgetting the peer at zero.
 fn count_down(counts: &Mutex<HashMap<PeerId, usize>>, peer: &PeerId) {
-    let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(n) = map.get_mut(peer) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(peer);
-        }
-    }
+    crate::count_down(&mut counts.lock().unwrap_or_else(|e| e.into_inner()), peer);
 }
 
 /// One count in a gauge (requests in line, requests being answered) until dropped, however the
