@@ -84,6 +84,7 @@
 //! slot among the node's fetches) for good.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use crate::Hash;
@@ -520,16 +521,83 @@ impl SplitMix64 {
 struct Advert {
     /// The size it claims.
     size: u64,
-    /// The pieces it holds, counted for that size.
-    pieces: PieceSet,
+    /// The pieces it holds, counted for that size. A bitmap while the size is the claim's, its
+    /// runs otherwise (see [`Held`]).
+    held: Held,
     /// The order in which claims arrived: among equally supported sizes the earliest wins.
     seq: u64,
 }
 
+/// The pieces of an advert, in the form its size calls for. A bitmap costs a bit per piece of
+/// the size claimed, 2 MiB for the largest blob, whatever the peer holds; the runs the wire
+/// carried cost what the peer sent (at most [`crate::wire::MAX_RUNS`], 32 KiB). Only the
+/// claim's adverts are read piece by piece, so only they are kept as bitmaps: a fetch's peers
+/// claiming other sizes, true or not, cost it at most their runs.
+#[derive(Debug)]
+enum Held {
+    /// Counted for the claim.
+    Bitmap(PieceSet),
+    /// Set aside for a size the fetch does not work with (or while it works with none): the runs
+    /// of consecutive pieces, ascending, cut to the wire's bound as a sender cuts them.
+    Runs { piece_count: u32, runs: Box<[Range<PieceIndex>]> },
+}
+
 impl Advert {
+    /// An advert of `pieces` for `size`, held as a bitmap if `counted` (its size is the claim's).
+    fn new(size: u64, pieces: PieceSet, seq: u64, counted: bool) -> Self {
+        let mut advert = Self { size, held: Held::Bitmap(pieces), seq };
+        if !counted {
+            advert.set_aside();
+        }
+        advert
+    }
+
+    /// The pieces, if they are counted for the claim.
+    fn counted(&self) -> Option<&PieceSet> {
+        match &self.held {
+            Held::Bitmap(pieces) => Some(pieces),
+            Held::Runs { .. } => None,
+        }
+    }
+
+    /// The pieces as a bitmap, made from the runs if they were set aside: the claim now works with
+    /// this advert's size.
+    fn count(&mut self) -> &mut PieceSet {
+        if let Held::Runs { piece_count, runs } = &self.held {
+            let mut pieces = PieceSet::empty(*piece_count);
+            for r in runs.iter() {
+                pieces.insert_range(r.clone());
+            }
+            self.held = Held::Bitmap(pieces);
+        }
+        match &mut self.held {
+            Held::Bitmap(pieces) => pieces,
+            Held::Runs { .. } => unreachable!("made a bitmap above"),
+        }
+    }
+
+    /// Keeps the pieces as runs: the claim does not work with this advert's size.
+    fn set_aside(&mut self) {
+        if let Held::Bitmap(pieces) = &self.held {
+            let runs = pieces.ranges().take(crate::wire::MAX_RUNS).collect();
+            self.held = Held::Runs { piece_count: pieces.piece_count(), runs };
+        }
+    }
+
+    fn piece_count(&self) -> u32 {
+        match &self.held {
+            Held::Bitmap(pieces) => pieces.piece_count(),
+            Held::Runs { piece_count, .. } => *piece_count,
+        }
+    }
+
     /// Whether the advert holds its own last piece, so that its size claim can be proven.
     fn can_prove(&self) -> bool {
-        self.pieces.piece_count().checked_sub(1).is_some_and(|last| self.pieces.contains(last))
+        let Some(last) = self.piece_count().checked_sub(1) else { return false };
+        match &self.held {
+            Held::Bitmap(pieces) => pieces.contains(last),
+            Held::Runs { runs, .. } => runs.last().is_some_and(|r| r.contains(&last)),
+        }
     }
 }
 
@@ -1004,10 +1072,11 @@ where
         }
         // A watch that brings no piece we need waits out its interval before the next one, however
         // soon it came back: a server short of room for watchers answers at once.
-        let gained = match (self.claim.as_ref(), rec.advert.as_ref()) {
-            (Some(c), Some(old)) if c.piece_count() == pieces.piece_count() && old.size == size => {
-                !pieces.difference(&old.pieces).difference(&c.verified).is_empty()
-            }
+        let gained = match (self.claim.as_ref(), rec.advert.as_ref().filter(|old| old.size == size)) {
+            (Some(c), Some(old)) if c.size() == size => match old.counted() {
+                Some(old) => !pieces.difference(old).difference(&c.verified).is_empty(),
+                None => true,
+            },
             _ => true,
         };
         rec.watch_after = match (watched && !gained, rec.watch_sent) {
@@ -1042,14 +1111,14 @@ where
         }
         let seq = self.next_claim_seq;
         self.next_claim_seq += 1;
-        let new = Advert { size, pieces, seq };
-        let old = rec.advert.replace(new);
+        let counted = self.claim.as_ref().is_some_and(|c| c.size() == size);
+        let old = rec.advert.replace(Advert::new(size, pieces, seq, counted));
         if let (Some(claim), Some(new)) = (self.claim.as_mut(), rec.advert.as_ref()) {
-            if let Some(old) = old.filter(|o| o.size == claim.size()) {
-                claim.remove_advert(&old.pieces);
+            if let Some(old) = old.as_ref().filter(|o| o.size == claim.size()).and_then(Advert::counted) {
+                claim.remove_advert(old);
             }
-            if new.size == claim.size() {
-                claim.add_advert(&new.pieces);
+            if let Some(new) = new.counted() {
+                claim.add_advert(new);
             }
         }
     }
@@ -1062,18 +1131,19 @@ where
             return;
         }
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
-        let Some(advert) = rec.advert.as_mut().filter(|a| a.pieces.piece_count() == pieces.piece_count()) else {
+        let Some(advert) = rec.advert.as_mut().filter(|a| a.piece_count() == pieces.piece_count()) else {
             return;
         };
         if pieces.is_empty() {
             self.drop_peer(peer, None, now);
             return;
         }
-        let old = std::mem::replace(&mut advert.pieces, pieces);
+        let counted = advert.counted().is_some();
+        let old = std::mem::replace(advert, Advert::new(advert.size, pieces, advert.seq, counted));
         rec.last_have_at = Some(now);
-        if let Some(claim) = self.claim.as_mut().filter(|c| c.size() == advert.size) {
-            claim.remove_advert(&old);
-            claim.add_advert(&advert.pieces);
+        if let (Some(claim), Some(old), Some(new)) = (self.claim.as_mut(), old.counted(), advert.counted()) {
+            claim.remove_advert(old);
+            claim.add_advert(new);
         }
     }
 
@@ -1325,6 +1395,16 @@ where
         }
     }
 
+    /// The bytes the peers' adverts hold: their bitmaps and runs.
+    #[cfg(test)]
+    fn advert_bytes(&self) -> usize {
+        let held = |a: &Advert| match &a.held {
+            Held::Bitmap(pieces) => pieces.piece_count().div_ceil(64) as usize * 8,
+            Held::Runs { runs, .. } => std::mem::size_of_val(&**runs),
+        };
+        self.peers.values().filter_map(|r| r.advert.as_ref()).map(held).sum()
+    }
+
     /// The blob's size: proven, or claimed by the peers the fetch is working with.
     pub fn size(&self) -> Option<u64> {
         self.claim.as_ref().map(Claim::size)
@@ -1477,10 +1557,8 @@ where
         rec.have_retry_at = None;
         let advert = rec.advert.take();
         self.live_peers = self.live_peers.saturating_sub(1);
-        if let (Some(claim), Some(advert)) = (self.claim.as_mut(), advert)
-            && advert.size == claim.size()
-        {
-            claim.remove_advert(&advert.pieces);
+        if let (Some(claim), Some(pieces)) = (self.claim.as_mut(), advert.as_ref().and_then(Advert::counted)) {
+            claim.remove_advert(pieces);
         }
         self.candidates.push_back(peer);
     }
@@ -1522,8 +1600,8 @@ where
             return None;
         }
         let claim = self.claim.as_ref().filter(|c| c.proven && c.local_known)?;
-        let advert = rec.advert.as_ref().filter(|a| a.size == claim.size() && !a.pieces.is_complete())?;
-        let wanted = PieceSet::full(claim.piece_count()).difference(&claim.verified).difference(&advert.pieces);
+        let advert = rec.advert.as_ref().and_then(Advert::counted).filter(|a| !a.is_complete())?;
+        let wanted = PieceSet::full(claim.piece_count()).difference(&claim.verified).difference(advert);
         (!wanted.is_empty()).then(|| wanted.first_runs(crate::wire::MAX_RUNS))
     }
 
@@ -1546,15 +1624,12 @@ where
             // piece; holding every slot, they would keep the ones who have it from being asked).
             return rec.advert.as_ref().is_some_and(|a| !a.can_prove());
         };
-        let Some(advert) = rec.advert.as_ref().filter(|a| a.size == claim.size()) else { return false };
-        if advert.pieces.is_complete() {
+        let Some(advert) = rec.advert.as_ref().and_then(Advert::counted) else { return false };
+        if advert.is_complete() {
             return false;
         }
-        let useful = if claim.proven {
-            !advert.pieces.difference(&claim.verified).is_empty()
-        } else {
-            advert.pieces.contains(claim.last())
-        };
+        let useful =
+            if claim.proven { !advert.difference(&claim.verified).is_empty() } else { advert.contains(claim.last()) };
         !useful
     }
 
@@ -1611,9 +1686,9 @@ where
         let Ok(geometry) = Geometry::new(size) else { return };
         let offset = self.rng.below(geometry.piece_count());
         let mut claim = Claim::new(geometry, offset);
-        for advert in self.peers.values().filter(|r| !r.dropped).filter_map(|r| r.advert.as_ref()) {
+        for advert in self.peers.values_mut().filter(|r| !r.dropped).filter_map(|r| r.advert.as_mut()) {
             if advert.size == size {
-                claim.add_advert(&advert.pieces);
+                claim.add_advert(advert.count());
             }
         }
         claim.proven = self.proven_size == Some(size);
@@ -1627,6 +1702,9 @@ where
     /// Abandons the unproven claim: its requests are cancelled and the node deletes the entry.
     fn reject_size(&mut self) {
         let Some(claim) = self.claim.take() else { return };
+        for advert in self.peers.values_mut().filter_map(|r| r.advert.as_mut()) {
+            advert.set_aside();
+        }
         let ids: Vec<RequestId> = self.requests.keys().copied().collect();
         for id in ids {
             if let Some(request) = self.take_request(id) {
@@ -1682,8 +1760,8 @@ where
     /// `pieces_per_request`. Linear in the piece count (a few microseconds for a 1 GiB blob).
     fn pick_new(&self, peer: P) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
-        let advert = self.peers.get(&peer)?.advert.as_ref().filter(|a| a.size == claim.size())?;
-        let candidates = claim.requestable().intersection(&advert.pieces);
+        let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
+        let candidates = claim.requestable().intersection(advert);
         let n = claim.piece_count();
         let order = |i: PieceIndex| (u64::from(i) + u64::from(n) - u64::from(claim.offset)) % u64::from(n);
         let best = candidates.iter().min_by_key(|&i| (claim.availability(i), order(i)))?;
@@ -1743,13 +1821,13 @@ where
     /// it advertises and that have fewer than `endgame_copies` requests.
     fn pick_duplicates(&self, peer: P) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
-        let advert = self.peers.get(&peer)?.advert.as_ref().filter(|a| a.size == claim.size())?;
+        let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
         let mut pieces = PieceSet::empty(claim.piece_count());
         let mut count = 0;
         for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
             for i in request.pieces.iter() {
                 if count < self.config.pieces_per_request
-                    && advert.pieces.contains(i)
+                    && advert.contains(i)
                     && !claim.verified.contains(i)
                     && usize::from(claim.copies(i)) < self.config.endgame_copies
                     && pieces.insert(i)
@@ -1860,16 +1938,23 @@ where
     fn unadvertise(&mut self, peer: P, pieces: &PieceSet, now: Instant) {
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
         let Some(advert) = rec.advert.as_mut() else { return };
-        let mut removed = PieceSet::empty(advert.pieces.piece_count());
+        let counted = advert.counted().is_some();
+        let held = advert.count();
+        let mut removed = PieceSet::empty(held.piece_count());
         for i in pieces.iter() {
-            if advert.pieces.remove(i) {
+            if held.remove(i) {
                 removed.insert(i);
             }
         }
-        if let Some(claim) = self.claim.as_mut().filter(|c| c.size() == advert.size) {
-            claim.remove_advert(&removed);
+        let empty = held.is_empty();
+        if counted {
+            if let Some(claim) = self.claim.as_mut() {
+                claim.remove_advert(&removed);
+            }
+        } else {
+            advert.set_aside();
         }
-        if advert.pieces.is_empty() {
+        if empty {
             self.drop_peer(peer, None, now);
         }
     }
@@ -1946,10 +2031,8 @@ where
         if was_live {
             self.live_peers = self.live_peers.saturating_sub(1);
         }
-        if let (Some(claim), Some(advert)) = (self.claim.as_mut(), advert)
-            && advert.size == claim.size()
-        {
-            claim.remove_advert(&advert.pieces);
+        if let (Some(claim), Some(pieces)) = (self.claim.as_mut(), advert.as_ref().and_then(Advert::counted)) {
+            claim.remove_advert(pieces);
         }
         let ids: Vec<RequestId> = self.requests.iter().filter(|(_, r)| r.peer == peer).map(|(id, _)| *id).collect();
         for id in ids {
@@ -2068,6 +2151,8 @@ fn at_least(now: Instant, wait: Duration) -> Instant {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
+
+    use crate::piece::MAX_BLOB_SIZE;
 
     use super::*;
 
@@ -2480,6 +2565,41 @@ mod tests {
         assert!(!stats(&d.fetch, 1).penalised, "silence is not a lie");
         let reqs = requests(&d.local(&PieceSet::empty(3)));
         assert_eq!((reqs[0].0, reqs[0].2.clone()), (2, PieceSet::single(3, 2)));
+    }
+
+    #[test]
+    fn peers_claiming_other_sizes_cost_their_runs_not_a_bitmap_of_the_size_claimed() {
+        // Peer 1 claims the blob's size first; 31 others each claim a size near the largest
+        // blob's, with every piece: a bitmap each would be 2 MiB, 62 MiB for the fetch.
+        let size = size_of(5);
+        let config = FetchConfig { max_peers: 32, ..config4() };
+        let mut d = Driver::new(size, config);
+        let liars: Vec<u32> = (2..33).collect();
+        let mut named = vec![1];
+        named.extend(&liars);
+        d.discover(&named);
+        d.have(1, d.full());
+        for &liar in &liars {
+            let lie = MAX_BLOB_SIZE - u64::from(liar) * PIECE_SIZE;
+            let n = Geometry::new(lie).expect("in range").piece_count();
+            d.fetch.handle_have(liar, lie, PieceSet::full(n), ms(1), d.now);
+        }
+        assert_eq!(d.drain(), vec![Begin { size }], "the first claim wins a tie");
+        assert!(d.fetch.advert_bytes() < 64 * 1024, "{} bytes of adverts", d.fetch.advert_bytes());
+        // The claim is rejected: the next one is counted from the runs kept, and its claimant
+        // asked for its last piece.
+        let reqs = requests(&d.local(&PieceSet::empty(5)));
+        let none = PieceSet::empty(5);
+        d.fetch.handle_response(1, reqs[0].1, &none, 1000, ms(5), Some(PeerFailure::Corrupt), d.now);
+        let lie = MAX_BLOB_SIZE - 2 * PIECE_SIZE;
+        let n = Geometry::new(lie).expect("in range").piece_count();
+        assert_eq!(
+            d.drain(),
+            vec![Penalise { peer: 1, failure: PeerFailure::Corrupt }, SizeRejected { size }, Begin { size: lie }]
+        );
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        assert_eq!((reqs[0].0, reqs[0].2.clone()), (2, PieceSet::single(n, n - 1)));
+        assert!(d.fetch.advert_bytes() < 3 * 1024 * 1024, "one bitmap of the claim's size, runs for the rest");
     }
 
     #[test]
