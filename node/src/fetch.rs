@@ -275,10 +275,16 @@ async fn run(
                     let events = events.clone();
                     let prove_size = !machine.is_size_proven();
                     let activity = node.inner.activity.clone();
+                    // The machine counts a have request unanswered after `have_timeout` as failed
+                    // and asks again later. The request is dropped then, with its stream, rather
+                    // than left to run beside the next (a stream may take its open and exchange
+                    // timeouts, 20 s, where the machine waits 5).
+                    let within = machine.config().have_timeout;
                     tokio::spawn(
                         async move {
                             let _in_flight = activity.request(peer);
-                            let r = transfer::ask_have(control, peer, hash, trace, prove_size, timing).await;
+                            let asked = transfer::ask_have(control, peer, hash, trace, prove_size, timing);
+                            let Ok(r) = tokio::time::timeout(within, asked).await else { return };
                             let _ = events.send(Event::Have(peer, r)).await;
                         }
                         .in_current_span(),
@@ -290,9 +296,12 @@ async fn run(
                     let control = node.inner.control.clone();
                     let events = events.clone();
                     let wait = machine.config().have_refresh;
+                    // As a have request, but a watch may also take its wait.
+                    let within = machine.config().have_timeout.saturating_add(wait);
                     tokio::spawn(
                         async move {
-                            let r = transfer::watch_have(control, peer, (hash, wanted, wait), trace, timing).await;
+                            let watched = transfer::watch_have(control, peer, (hash, wanted, wait), trace, timing);
+                            let Ok(r) = tokio::time::timeout(within, watched).await else { return };
                             let _ = events.send(Event::Watched(peer, r)).await;
                         }
                         .in_current_span(),
