@@ -115,14 +115,15 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
 /// address may change the port). Believed too: a peer on this machine (`from` is loopback), one
 /// that announced no IP address of that family (it dialled from a socket of its own, and its
 /// other addresses cannot be checked here), and every peer of a transport without IP
-/// addresses. A name (`/dns4/...`) vouches for nothing: it is not checked here, and a peer
-/// announcing one beside other hosts' addresses would have them believed.
+/// addresses. A name (`/dns4/...`) vouches for nothing: a peer announcing one beside other
+/// hosts' addresses would have them believed.
 pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
+    let addrs: Vec<&Multiaddr> = addrs.iter().filter(|a| !is_name(a)).collect();
     let Some(from) = ip(from) else { return true };
     if from.is_loopback() {
         return true;
     }
-    let mut same_family = addrs.iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
+    let mut same_family = addrs.into_iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
     same_family.peek().is_none() || same_family.any(|a| a == from)
 }
 
@@ -136,21 +137,50 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// forwards a public address to it announces its LAN address beside it) are left out, since
 /// on the dialler's own LAN they name another host. The addresses on the IP we reach it at come
 /// first: a routing-table entry keeps only the first few.
+///
+/// Names are left out: they are kept only once checked ([`names`], [`resolves_to`]).
 pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
     let mut addrs = dialable(announced, is_loopback(from));
+    addrs.retain(|a| !is_name(a));
     if !(dialled || vouched_for(&addrs, from)) {
-        // Its names are kept: a node behind a NAT may name its router's address (a DNS name
-        // for it), which no IP address it announced shows.
-        addrs.retain(|a| ip(a).is_none());
-        if addrs.is_empty() {
-            return None;
-        }
+        return None;
     }
     if ip(from).is_some_and(is_public) {
         addrs.retain(|a| !ip(a).is_some_and(is_lan_scoped));
     }
     addrs.sort_by_key(|a| ip(a) != ip(from));
     Some(addrs)
+}
+
+/// Whether `addr` starts with a name (`/dns`, `/dns4`, `/dns6`, `/dnsaddr`), which the
+/// transport resolves as it dials.
+pub(crate) fn is_name(addr: &Multiaddr) -> bool {
+    matches!(addr.iter().next(), Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) | Protocol::Dnsaddr(_)))
+}
+
+/// The names among the addresses a peer announced that can be checked against where it is
+/// connected from ([`resolves_to`]), at most `max`. A name costs the peer nothing to announce
+/// and may be anyone's: kept unchecked, a peer could have the crowds that look its blobs up
+/// dial another host by name. A `/dnsaddr` (TXT records naming further addresses) is not
+/// checked, and not kept.
+pub(crate) fn names(announced: &[Multiaddr], max: usize) -> Vec<Multiaddr> {
+    let checkable =
+        |a: &&Multiaddr| matches!(a.iter().next(), Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)));
+    announced.iter().filter(checkable).take(max).cloned().collect()
+}
+
+/// Whether the name `addr` starts with resolves, in the family it names, to one of `ips` (the
+/// addresses of our connections to the peer that announced it): the name is that peer's.
+pub(crate) async fn resolves_to(addr: &Multiaddr, ips: &[IpAddr]) -> bool {
+    let (host, family) = match addr.iter().next() {
+        Some(Protocol::Dns(host)) => (host, None),
+        Some(Protocol::Dns4(host)) => (host, Some(true)),
+        Some(Protocol::Dns6(host)) => (host, Some(false)),
+        _ => return false,
+    };
+    let Ok(found) = tokio::net::lookup_host((host.as_ref(), 0)).await else { return false };
+    let ips: Vec<IpAddr> = ips.iter().map(IpAddr::to_canonical).collect();
+    found.map(|s| s.ip().to_canonical()).any(|a| family.is_none_or(|v4| a.is_ipv4() == v4) && ips.contains(&a))
 }
 
 /// Whether `addr` is on an IP address anyone may reach (see [`is_public`]).
@@ -480,12 +510,30 @@ mod tests {
         assert!(vouched_for(&[], &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "nothing to check");
         let named = vec![a("/dns4/node.example.org/udp/4737/quic-v1")];
         assert!(vouched_for(&named, &a("/ip4/203.0.113.50/udp/4737/quic-v1")), "a name, nothing to check");
-        // A name beside other hosts' addresses vouches for none of them; the name alone is kept.
+        // A name beside other hosts' addresses vouches for none of them, and is not kept
+        // unchecked.
         let mut with_victims = named.clone();
         with_victims.extend([a("/ip4/198.51.100.7/udp/4737/quic-v1"), a("/ip4/198.51.100.8/udp/4737/quic-v1")]);
         let from = a("/ip4/203.0.113.50/udp/4737/quic-v1");
         assert!(!vouched_for(&with_victims, &from));
-        assert_eq!(reachable(with_victims, &from, false), Some(named));
+        assert_eq!(reachable(with_victims.clone(), &from, false), None);
+        assert_eq!(reachable(named.clone(), &from, false), Some(Vec::new()), "believed, its name to be checked");
+        assert_eq!(names(&with_victims, 8), named);
+    }
+
+    #[tokio::test]
+    async fn a_name_is_the_peers_only_if_it_resolves_to_where_the_peer_is_connected_from() {
+        let lo = "127.0.0.1".parse().expect("an address");
+        let elsewhere = "198.51.100.7".parse().expect("an address");
+        let name = a("/dns4/localhost/udp/4737/quic-v1");
+        assert!(resolves_to(&name, &[lo]).await, "localhost is in every hosts file");
+        assert!(!resolves_to(&name, &[elsewhere]).await);
+        assert!(resolves_to(&name, &[elsewhere, lo]).await, "one connection of several");
+        let mapped = "::ffff:127.0.0.1".parse().expect("an address");
+        assert!(resolves_to(&name, &[mapped]).await, "a dual-stack socket's view of an IPv4 peer");
+        assert!(!resolves_to(&a("/dns6/localhost/udp/4737/quic-v1"), &[lo]).await, "not in the family named");
+        assert!(!resolves_to(&a("/dnsaddr/localhost"), &[lo]).await, "not checked");
+        assert!(names(&[a("/dnsaddr/localhost"), a("/ip4/127.0.0.1/udp/1/quic-v1")], 8).is_empty());
     }
 
     #[test]

@@ -197,6 +197,19 @@ impl Crowds {
         }
     }
 
+    /// `peer`, connected, is also reachable at `addrs` (names it announced, once checked): added
+    /// to those it is hinted at, within the bound.
+    pub(crate) fn also_at(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let mut inner = self.lock();
+        inner.unreachable.remove(&peer);
+        let held = inner.addrs.entry(peer).or_default();
+        for addr in addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN) {
+            if held.len() < MAX_HINT_ADDRS && !held.contains(&addr) {
+                held.push(addr);
+            }
+        }
+    }
+
     /// `peer`'s last connection closed. It is no longer hinted (we hold no fresh addresses of
     /// it), but it is still relied on for the pieces we served it while it is fresh: a closed
     /// connection is how peers stay within their connection bounds, not a sign that one left, and

@@ -23,7 +23,7 @@ use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_
 use rand::seq::SliceRandom;
 use shoal_protocol::Hash;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
 
 use crate::config::NodeConfig;
 
@@ -307,8 +307,20 @@ pub(crate) fn build_swarm(
                 let mut c = libp2p::quic::Config::new(key);
                 c.max_idle_timeout = 30_000;
                 c.keep_alive_interval = Duration::from_secs(10);
-                crate::addrs::NotOurs::new(libp2p::quic::tokio::Transport::new(c))
-                    .map(|(peer, connection), _| (peer, StreamMuxerBox::new(crate::linger::Lingering::new(connection))))
+                let quic = || {
+                    crate::addrs::NotOurs::new(libp2p::quic::tokio::Transport::new(c.clone())).map(
+                        |(peer, connection), _| (peer, StreamMuxerBox::new(crate::linger::Lingering::new(connection))),
+                    )
+                };
+                // Names (`/dns4/seed.example.org/...`, a bootstrap peer's or an `--external`
+                // one) are resolved as they are dialled, with the system's resolver settings;
+                // without them (no /etc/resolv.conf), from the hosts file alone. The addresses
+                // they resolve to are dialled through `NotOurs` like any other.
+                libp2p::dns::tokio::Transport::system(quic()).unwrap_or_else(|e| {
+                    warn!(error = %e, "no DNS resolver configured: names resolve from the hosts file only");
+                    let (config, options) = Default::default();
+                    libp2p::dns::tokio::Transport::custom(quic(), config, options)
+                })
             })?
             .with_behaviour(behaviour)?
             .with_swarm_config(swarm_config)
@@ -334,6 +346,20 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// share per lookup spreads the crowd; the holders it reaches name others (peer exchange), and the
 /// next lookup draws again.
 const MAX_LOOKUP_DIALS: usize = 12;
+
+/// Checks of announced names under way at once; a peer's names announced past that are not kept.
+const MAX_NAME_CHECKS: usize = 32;
+
+/// How long a name may take to resolve before it is taken as not the peer's.
+const NAME_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a check of a peer's names found: those that are its own.
+struct NamesChecked {
+    peer: PeerId,
+    names: Vec<Multiaddr>,
+    /// The peer serves the DHT: its names may enter the routing table.
+    dht: bool,
+}
 
 struct Lookup {
     hash: Hash,
@@ -406,6 +432,10 @@ pub(crate) struct EventLoop {
     room_retries: HashMap<PeerId, u8>,
     /// The configured bootstrap peers, dialled again while no peer is connected.
     bootstrap: Vec<(PeerId, Multiaddr)>,
+    /// Names peers announced, being checked ([`EventLoop::check_names`]): the checks' results
+    /// come back here, at most [`MAX_NAME_CHECKS`] at once.
+    names_checked: (mpsc::Sender<NamesChecked>, mpsc::Receiver<NamesChecked>),
+    name_checks: usize,
     /// The wait before the next such dial ([`REJOIN_MIN`] doubling up to [`REJOIN_MAX`], both
     /// stretched by the time scale), and when it is due.
     rejoin_wait: Duration,
@@ -461,6 +491,8 @@ impl EventLoop {
             awaiting_room: VecDeque::new(),
             room_retries: HashMap::new(),
             bootstrap: Vec::new(),
+            names_checked: mpsc::channel(MAX_NAME_CHECKS),
+            name_checks: 0,
             rejoin_wait: config.stretch(REJOIN_MIN),
             rejoin_at: Instant::now() + config.stretch(REJOIN_MIN),
             rejoin_min: config.stretch(REJOIN_MIN),
@@ -534,6 +566,7 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => break,
                 },
+                Some(checked) = self.names_checked.1.recv() => self.on_names_checked(checked),
                 _ = reprovide.tick() => {
                     let all: Vec<Hash> = self.provided.iter().copied().collect();
                     for h in all {
@@ -859,6 +892,63 @@ impl EventLoop {
         judged
     }
 
+    /// Checks, off the event loop, which of the `names` `peer` announced resolve to the address
+    /// of a connection to it ([`crate::addrs::resolves_to`]); those are then kept as its other
+    /// addresses are ([`Self::on_names_checked`]). A peer's names are not kept while
+    /// [`MAX_NAME_CHECKS`] checks are under way.
+    fn check_names(&mut self, peer: PeerId, names: Vec<Multiaddr>, dht: bool) {
+        let names: Vec<Multiaddr> = names.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN).collect();
+        if names.is_empty() {
+            return;
+        }
+        if self.name_checks >= MAX_NAME_CHECKS {
+            debug!(%peer, ?names, "too many names being checked; these are not kept");
+            return;
+        }
+        let ips: Vec<std::net::IpAddr> = self
+            .connections
+            .values()
+            .filter(|(p, ..)| *p == peer)
+            .filter_map(|(_, from, _)| crate::addrs::ip(from))
+            .collect();
+        if ips.is_empty() {
+            return;
+        }
+        self.name_checks += 1;
+        let done = self.names_checked.0.clone();
+        tokio::spawn(async move {
+            let mut theirs = Vec::new();
+            for name in names {
+                let check = crate::addrs::resolves_to(&name, &ips);
+                match tokio::time::timeout(NAME_CHECK_TIMEOUT, check).await {
+                    Ok(true) => theirs.push(name),
+                    _ => {
+                        debug!(%peer, %name, "a name the peer announced does not resolve to where it is connected from")
+                    }
+                }
+            }
+            // Never blocks: the channel holds as many results as checks may run.
+            let _ = done.send(NamesChecked { peer, names: theirs, dht }).await;
+        });
+    }
+
+    /// The names a peer announced that are its own: dialled, hinted and (if it serves the DHT)
+    /// kept in the routing table beside its other addresses, while it is still connected.
+    fn on_names_checked(&mut self, checked: NamesChecked) {
+        self.name_checks = self.name_checks.saturating_sub(1);
+        let NamesChecked { peer, names, dht } = checked;
+        if names.is_empty() || !self.swarm.is_connected(&peer) {
+            return;
+        }
+        self.crowds.also_at(peer, names.clone());
+        for name in &names {
+            self.swarm.add_peer_address(peer, name.clone());
+        }
+        if dht {
+            self.learn_addresses(peer, names, false);
+        }
+    }
+
     /// Stores a provider record a peer sent us for itself (Kademlia accepts no other), with the
     /// addresses [`Self::reachable_addrs`] keeps. A record stored without addresses is answered
     /// with the provider's routing-table entry, or left out of the answer while it has none; it
@@ -1053,7 +1143,13 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                let addrs = match self.reachable_addrs(peer_id, info.listen_addrs) {
+                let dht = info.protocols.contains(&KAD_PROTOCOL);
+                let names = crate::addrs::names(&info.listen_addrs, MAX_PEER_ADDRS);
+                let judged = self.reachable_addrs(peer_id, info.listen_addrs);
+                if !matches!(judged, Judged::Gone) {
+                    self.check_names(peer_id, names, dht);
+                }
+                let addrs = match judged {
                     Judged::Believed(addrs) => addrs,
                     Judged::Doubted => {
                         self.crowds.undialable(peer_id, Instant::now());
@@ -1070,7 +1166,7 @@ impl EventLoop {
                 for addr in &addrs {
                     self.swarm.add_peer_address(peer_id, addr.clone());
                 }
-                if info.protocols.contains(&KAD_PROTOCOL) {
+                if dht {
                     self.learn_addresses(peer_id, addrs, true);
                 }
             }

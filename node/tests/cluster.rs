@@ -711,6 +711,23 @@ fn a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up() {
     );
 }
 
+#[test]
+fn a_node_joins_through_a_bootstrap_peer_given_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let seed = NodeProc::start(&tmp.path().join("seed"), None);
+    let named = seed.addr.replacen("/ip4/127.0.0.1/", "/dns4/localhost/", 1);
+    assert!(named.starts_with("/dns4/localhost/udp/"), "{named}");
+    let joiner = NodeProc::start_on(&tmp.path().join("joiner"), Some(&named), "/ip4/127.0.0.1/udp/0/quic-v1");
+    assert!(
+        eventually(30, || joiner.try_cli(&["peers"]).1.contains(&seed.peer_id)),
+        "the node never reached its bootstrap peer by name"
+    );
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 1 << 20, 7);
+    let hash = add_and_wait(&seed, &joiner, &input);
+    joiner.fetch(&hash, &tmp.path().join("out.bin"));
+}
+
 /// Nodes on separate hosts, each listening on every interface as a node does by default, and a
 /// second node on the first host that joined over loopback. Every node used to announce its
 /// 127.0.0.1 address too: a dial of a peer on another host then also dialled the dialler's own
