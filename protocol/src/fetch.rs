@@ -576,11 +576,20 @@ impl Advert {
         }
     }
 
-    /// Keeps the pieces as runs: the claim does not work with this advert's size.
+    /// Keeps the pieces as runs: the claim does not work with this advert's size. Past the
+    /// wire's bound (a bitmap pruned piece by piece), the first runs and the last, so that a
+    /// claimant that can prove its size still can.
     fn set_aside(&mut self) {
         if let Held::Bitmap(pieces) = &self.held {
-            let runs = pieces.ranges().take(crate::wire::MAX_RUNS).collect();
-            self.held = Held::Runs { piece_count: pieces.piece_count(), runs };
+            let max = crate::wire::MAX_RUNS;
+            let mut runs: Vec<Range<PieceIndex>> = pieces.ranges().take(max).collect();
+            if runs.len() == max
+                && let Some(last) = pieces.ranges().last()
+                && runs.last() != Some(&last)
+            {
+                runs[max - 1] = last;
+            }
+            self.held = Held::Runs { piece_count: pieces.piece_count(), runs: runs.into() };
         }
     }
 
@@ -1937,9 +1946,13 @@ where
     /// advertises nothing any more is dropped.
     fn unadvertise(&mut self, peer: P, pieces: &PieceSet, now: Instant) {
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped) else { return };
-        let Some(advert) = rec.advert.as_mut() else { return };
-        let counted = advert.counted().is_some();
-        let held = advert.count();
+        // Pieces counted for the claim say nothing of an advert of another size.
+        let Some(held) = rec.advert.as_mut().and_then(|a| match &mut a.held {
+            Held::Bitmap(pieces) => Some(pieces),
+            Held::Runs { .. } => None,
+        }) else {
+            return;
+        };
         let mut removed = PieceSet::empty(held.piece_count());
         for i in pieces.iter() {
             if held.remove(i) {
@@ -1947,12 +1960,8 @@ where
             }
         }
         let empty = held.is_empty();
-        if counted {
-            if let Some(claim) = self.claim.as_mut() {
-                claim.remove_advert(&removed);
-            }
-        } else {
-            advert.set_aside();
+        if let Some(claim) = self.claim.as_mut() {
+            claim.remove_advert(&removed);
         }
         if empty {
             self.drop_peer(peer, None, now);
@@ -2600,6 +2609,18 @@ mod tests {
         let reqs = requests(&d.local(&PieceSet::empty(n)));
         assert_eq!((reqs[0].0, reqs[0].2.clone()), (2, PieceSet::single(n, n - 1)));
         assert!(d.fetch.advert_bytes() < 3 * 1024 * 1024, "one bitmap of the claim's size, runs for the rest");
+    }
+
+    #[test]
+    fn an_advert_set_aside_past_the_wires_bound_keeps_its_last_piece() {
+        let n = 3 * crate::wire::MAX_RUNS as u32;
+        let scattered = set(n, (0..n).step_by(2).chain([n - 1]));
+        let mut advert = Advert::new(size_of(n), scattered, 0, true);
+        advert.set_aside();
+        assert!(advert.can_prove(), "the claimant still proves its size");
+        let kept = advert.count();
+        assert_eq!(kept.ranges().count(), crate::wire::MAX_RUNS);
+        assert!(kept.contains(0) && kept.contains(n - 1));
     }
 
     #[test]
