@@ -863,6 +863,13 @@ async fn close_within(stream: &mut Stream, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, stream.close()).await;
 }
 
+/// Closes our side of `stream` in a task of its own (bounded by the request timeout), so that
+/// the answer it carried is taken at once: a caller that stops waiting for a have request (the
+/// fetch's own timeout) must not lose an answer received whole while the close was under way.
+fn close_behind(mut stream: Stream, timing: Timing) {
+    tokio::spawn(async move { close_within(&mut stream, timing.request_timeout).await });
+}
+
 /// Answers a watch once the node holds a piece its requester wants, the wait ends (at most
 /// [`MAX_WATCH_WAIT`]) or the node shuts down, with the have-map, as `Have` would without a size
 /// proof. Past the bound on watches held, at once.
@@ -948,7 +955,7 @@ pub(crate) async fn ask_have(
     let started = Instant::now();
     let response = exchange(&mut stream, &Request::Have { hash, trace: Some(trace), prove_size }, timing).await?;
     let rtt = started.elapsed();
-    close_within(&mut stream, timing.request_timeout).await;
+    close_behind(stream, timing);
     match response {
         Response::Have { size, pieces, peers, size_proof } => {
             let size_proof = match size_proof {
@@ -979,7 +986,7 @@ pub(crate) async fn watch_have(
     let request = Request::Watch { hash, wanted, wait_ms, trace: Some(trace) };
     let response = exchange_within(&mut stream, &request, timing.request_timeout.saturating_add(wait)).await?;
     let rtt = started.elapsed();
-    close_within(&mut stream, timing.request_timeout).await;
+    close_behind(stream, timing);
     if matches!(response, Response::BadRequest { .. }) {
         return Ok(None);
     }
