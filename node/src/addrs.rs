@@ -169,18 +169,32 @@ pub(crate) fn names(announced: &[Multiaddr], max: usize) -> Vec<Multiaddr> {
     announced.iter().filter(checkable).take(max).cloned().collect()
 }
 
-/// Whether the name `addr` starts with resolves, in the family it names, to one of `ips` (the
-/// addresses of our connections to the peer that announced it): the name is that peer's.
-pub(crate) async fn resolves_to(addr: &Multiaddr, ips: &[IpAddr]) -> bool {
+/// The IP addresses the name `addr` starts with resolves to with the system's resolver, in the
+/// family it names; none if it does not resolve, or is no name. Blocking.
+pub(crate) fn resolve(addr: &Multiaddr) -> Vec<IpAddr> {
+    use std::net::ToSocketAddrs;
     let (host, family) = match addr.iter().next() {
         Some(Protocol::Dns(host)) => (host, None),
         Some(Protocol::Dns4(host)) => (host, Some(true)),
         Some(Protocol::Dns6(host)) => (host, Some(false)),
-        _ => return false,
+        _ => return Vec::new(),
     };
-    let Ok(found) = tokio::net::lookup_host((host.as_ref(), 0)).await else { return false };
+    let Ok(found) = (host.as_ref(), 0).to_socket_addrs() else { return Vec::new() };
+    let mut ips: Vec<IpAddr> =
+        found.map(|s| s.ip().to_canonical()).filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4)).collect();
+    ips.sort_unstable();
+    ips.dedup();
+    ips
+}
+
+/// Whether a name a peer announced that resolved to `resolved` is that peer's, connected to us
+/// from `ips`: every address it resolves to is one of those (a name that also named other hosts
+/// would have them dialled too, in turn), and none is loopback (such a name names every
+/// machine's own, as `127.0.0.1` does). The check holds for the moment it was made: a name's
+/// owner may point it elsewhere later, as it may stop listening on an address.
+pub(crate) fn name_is_theirs(resolved: &[IpAddr], ips: &[IpAddr]) -> bool {
     let ips: Vec<IpAddr> = ips.iter().map(IpAddr::to_canonical).collect();
-    found.map(|s| s.ip().to_canonical()).any(|a| family.is_none_or(|v4| a.is_ipv4() == v4) && ips.contains(&a))
+    !resolved.is_empty() && resolved.iter().all(|a| !a.is_loopback() && ips.contains(&a.to_canonical()))
 }
 
 /// Whether `addr` is on an IP address anyone may reach (see [`is_public`]).
@@ -521,18 +535,22 @@ mod tests {
         assert_eq!(names(&with_victims, 8), named);
     }
 
-    #[tokio::test]
-    async fn a_name_is_the_peers_only_if_it_resolves_to_where_the_peer_is_connected_from() {
-        let lo = "127.0.0.1".parse().expect("an address");
-        let elsewhere = "198.51.100.7".parse().expect("an address");
-        let name = a("/dns4/localhost/udp/4737/quic-v1");
-        assert!(resolves_to(&name, &[lo]).await, "localhost is in every hosts file");
-        assert!(!resolves_to(&name, &[elsewhere]).await);
-        assert!(resolves_to(&name, &[elsewhere, lo]).await, "one connection of several");
-        let mapped = "::ffff:127.0.0.1".parse().expect("an address");
-        assert!(resolves_to(&name, &[mapped]).await, "a dual-stack socket's view of an IPv4 peer");
-        assert!(!resolves_to(&a("/dns6/localhost/udp/4737/quic-v1"), &[lo]).await, "not in the family named");
-        assert!(!resolves_to(&a("/dnsaddr/localhost"), &[lo]).await, "not checked");
+    #[test]
+    fn a_name_is_the_peers_only_if_it_resolves_to_where_the_peer_is_connected_from_alone() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("an address") };
+        let lo = ip("127.0.0.1");
+        assert!(resolve(&a("/dns4/localhost/udp/4737/quic-v1")).contains(&lo), "localhost is in every hosts file");
+        assert!(resolve(&a("/dns6/localhost/udp/4737/quic-v1")).iter().all(IpAddr::is_ipv6), "the family named");
+        assert!(resolve(&a("/dnsaddr/localhost")).is_empty(), "not resolved here");
+        assert!(resolve(&a("/ip4/127.0.0.1/udp/1/quic-v1")).is_empty(), "no name");
+        let (peer, victim) = (ip("203.0.113.50"), ip("198.51.100.7"));
+        assert!(name_is_theirs(&[peer], &[peer]));
+        assert!(name_is_theirs(&[peer], &[victim, peer]), "one connection of several");
+        assert!(name_is_theirs(&[peer], &[ip("::ffff:203.0.113.50")]), "a dual-stack socket's view of it");
+        assert!(!name_is_theirs(&[victim], &[peer]));
+        assert!(!name_is_theirs(&[victim, peer], &[peer]), "a name that also names another host");
+        assert!(!name_is_theirs(&[], &[peer]), "a name that does not resolve");
+        assert!(!name_is_theirs(&[lo], &[lo]), "a name of every machine's own");
         assert!(names(&[a("/dnsaddr/localhost"), a("/ip4/127.0.0.1/udp/1/quic-v1")], 8).is_empty());
     }
 

@@ -347,18 +347,25 @@ const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// next lookup draws again.
 const MAX_LOOKUP_DIALS: usize = 12;
 
-/// Checks of announced names under way at once; a peer's names announced past that are not kept.
+/// Checks of announced names under way at once, each on a blocking thread of its own until the
+/// system's resolver answers; a peer's names announced past that are not kept.
 const MAX_NAME_CHECKS: usize = 32;
 
-/// How long a name may take to resolve before it is taken as not the peer's.
-const NAME_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// The names a connected peer announced, and of them those found its own (`None` while they are
+/// being checked).
+struct Names {
+    announced: Vec<Multiaddr>,
+    theirs: Option<Vec<Multiaddr>>,
+}
 
-/// What a check of a peer's names found: those that are its own.
+/// What a check of a peer's names found: what each resolved to.
 struct NamesChecked {
     peer: PeerId,
-    names: Vec<Multiaddr>,
+    resolved: Vec<(Multiaddr, Vec<std::net::IpAddr>)>,
     /// The peer serves the DHT: its names may enter the routing table.
     dht: bool,
+    /// The check's place among [`MAX_NAME_CHECKS`], given back once this is taken.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 struct Lookup {
@@ -432,10 +439,12 @@ pub(crate) struct EventLoop {
     room_retries: HashMap<PeerId, u8>,
     /// The configured bootstrap peers, dialled again while no peer is connected.
     bootstrap: Vec<(PeerId, Multiaddr)>,
-    /// Names peers announced, being checked ([`EventLoop::check_names`]): the checks' results
-    /// come back here, at most [`MAX_NAME_CHECKS`] at once.
+    /// The names connected peers announced ([`EventLoop::names_announced`]).
+    names: HashMap<PeerId, Names>,
+    /// The checks' results come back here; a check holds one of these permits until its result
+    /// is taken, so the channel never holds more than it has room for.
     names_checked: (mpsc::Sender<NamesChecked>, mpsc::Receiver<NamesChecked>),
-    name_checks: usize,
+    name_checks: std::sync::Arc<tokio::sync::Semaphore>,
     /// The wait before the next such dial ([`REJOIN_MIN`] doubling up to [`REJOIN_MAX`], both
     /// stretched by the time scale), and when it is due.
     rejoin_wait: Duration,
@@ -491,8 +500,9 @@ impl EventLoop {
             awaiting_room: VecDeque::new(),
             room_retries: HashMap::new(),
             bootstrap: Vec::new(),
+            names: HashMap::new(),
             names_checked: mpsc::channel(MAX_NAME_CHECKS),
-            name_checks: 0,
+            name_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_NAME_CHECKS)),
             rejoin_wait: config.stretch(REJOIN_MIN),
             rejoin_at: Instant::now() + config.stretch(REJOIN_MIN),
             rejoin_min: config.stretch(REJOIN_MIN),
@@ -892,17 +902,53 @@ impl EventLoop {
         judged
     }
 
-    /// Checks, off the event loop, which of the `names` `peer` announced resolve to the address
-    /// of a connection to it ([`crate::addrs::resolves_to`]); those are then kept as its other
-    /// addresses are ([`Self::on_names_checked`]). A peer's names are not kept while
-    /// [`MAX_NAME_CHECKS`] checks are under way.
-    fn check_names(&mut self, peer: PeerId, names: Vec<Multiaddr>, dht: bool) {
-        let names: Vec<Multiaddr> = names.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN).collect();
-        if names.is_empty() {
+    /// The names `peer` announced (at most [`MAX_PEER_ADDRS`]), which vouch for nothing: those
+    /// found its own ([`crate::addrs::name_is_theirs`]) are kept beside its other addresses. The
+    /// same names announced again are not checked again while it stays connected. Checked off
+    /// the event loop, with the system's resolver, at most [`MAX_NAME_CHECKS`] at once: past
+    /// that, the names are not kept.
+    fn names_announced(&mut self, peer: PeerId, announced: Vec<Multiaddr>, dht: bool) {
+        let announced: Vec<Multiaddr> =
+            announced.into_iter().filter(|a| a.as_ref().len() <= MAX_PEER_ADDR_LEN).collect();
+        if announced.is_empty() {
+            self.names.remove(&peer);
             return;
         }
-        if self.name_checks >= MAX_NAME_CHECKS {
-            debug!(%peer, ?names, "too many names being checked; these are not kept");
+        if let Some(names) = self.names.get(&peer).filter(|n| n.announced == announced) {
+            // Checked (the identify answer that replaced the peer's addresses dropped them), or
+            // being checked.
+            if let Some(theirs) = names.theirs.clone() {
+                self.keep_names(peer, theirs, dht);
+            }
+            return;
+        }
+        let Ok(permit) = self.name_checks.clone().try_acquire_owned() else {
+            debug!(%peer, names = ?announced, "too many names being checked; these are not kept");
+            self.names.remove(&peer);
+            return;
+        };
+        self.names.insert(peer, Names { announced: announced.clone(), theirs: None });
+        let done = self.names_checked.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let resolved = announced.into_iter().map(|name| {
+                let ips = crate::addrs::resolve(&name);
+                (name, ips)
+            });
+            let checked = NamesChecked { peer, resolved: resolved.collect(), dht, _permit: permit };
+            // Never full: a result holds its permit until it is taken.
+            let _ = done.try_send(checked);
+        });
+    }
+
+    /// A check of `peer`'s names ended: those that resolve to where it is connected from now
+    /// alone are its own, and kept. Ignored if it disconnected or announced others meanwhile.
+    fn on_names_checked(&mut self, checked: NamesChecked) {
+        let NamesChecked { peer, resolved, dht, .. } = checked;
+        let Some(names) = self.names.get_mut(&peer) else { return };
+        if names.theirs.is_some() || names.announced.len() != resolved.len() {
+            return;
+        }
+        if !names.announced.iter().zip(&resolved).all(|(a, (r, _))| a == r) {
             return;
         }
         let ips: Vec<std::net::IpAddr> = self
@@ -911,32 +957,24 @@ impl EventLoop {
             .filter(|(p, ..)| *p == peer)
             .filter_map(|(_, from, _)| crate::addrs::ip(from))
             .collect();
-        if ips.is_empty() {
-            return;
-        }
-        self.name_checks += 1;
-        let done = self.names_checked.0.clone();
-        tokio::spawn(async move {
-            let mut theirs = Vec::new();
-            for name in names {
-                let check = crate::addrs::resolves_to(&name, &ips);
-                match tokio::time::timeout(NAME_CHECK_TIMEOUT, check).await {
-                    Ok(true) => theirs.push(name),
-                    _ => {
-                        debug!(%peer, %name, "a name the peer announced does not resolve to where it is connected from")
-                    }
+        let theirs: Vec<Multiaddr> = resolved
+            .into_iter()
+            .filter(|(name, to)| {
+                let ok = crate::addrs::name_is_theirs(to, &ips);
+                if !ok {
+                    debug!(%peer, %name, resolved = ?to, "a name the peer announced is not its own alone; not kept");
                 }
-            }
-            // Never blocks: the channel holds as many results as checks may run.
-            let _ = done.send(NamesChecked { peer, names: theirs, dht }).await;
-        });
+                ok
+            })
+            .map(|(name, _)| name)
+            .collect();
+        names.theirs = Some(theirs.clone());
+        self.keep_names(peer, theirs, dht);
     }
 
-    /// The names a peer announced that are its own: dialled, hinted and (if it serves the DHT)
-    /// kept in the routing table beside its other addresses, while it is still connected.
-    fn on_names_checked(&mut self, checked: NamesChecked) {
-        self.name_checks = self.name_checks.saturating_sub(1);
-        let NamesChecked { peer, names, dht } = checked;
+    /// Keeps names found `peer`'s own: dialled, hinted and (if it serves the DHT) in the routing
+    /// table beside its other addresses.
+    fn keep_names(&mut self, peer: PeerId, names: Vec<Multiaddr>, dht: bool) {
         if names.is_empty() || !self.swarm.is_connected(&peer) {
             return;
         }
@@ -1130,6 +1168,7 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.rtts.remove(&peer_id);
+                self.names.remove(&peer_id);
                 self.remote_addrs.remove(&peer_id);
                 self.closing.remove(&peer_id);
                 self.crowds.disconnected(&peer_id);
@@ -1145,30 +1184,27 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 let dht = info.protocols.contains(&KAD_PROTOCOL);
                 let names = crate::addrs::names(&info.listen_addrs, MAX_PEER_ADDRS);
-                let judged = self.reachable_addrs(peer_id, info.listen_addrs);
-                if !matches!(judged, Judged::Gone) {
-                    self.check_names(peer_id, names, dht);
-                }
-                let addrs = match judged {
-                    Judged::Believed(addrs) => addrs,
+                match self.reachable_addrs(peer_id, info.listen_addrs) {
+                    Judged::Believed(addrs) => {
+                        self.crowds.connected(peer_id, addrs.clone());
+                        // For a later dial of the peer once this connection closed (a provider
+                        // whose connection was trimmed, asked again): the stream behaviour
+                        // remembers them, for 2,048 peers.
+                        for addr in &addrs {
+                            self.swarm.add_peer_address(peer_id, addr.clone());
+                        }
+                        if dht {
+                            self.learn_addresses(peer_id, addrs, true);
+                        }
+                    }
                     Judged::Doubted => {
                         self.crowds.undialable(peer_id, Instant::now());
                         self.swarm.behaviour_mut().stream.forget(&peer_id);
-                        return;
                     }
                     // Closed meanwhile: nothing to judge by.
                     Judged::Gone => return,
-                };
-                self.crowds.connected(peer_id, addrs.clone());
-                // For a later dial of the peer once this connection closed (a provider whose
-                // connection was trimmed, asked again): the stream behaviour remembers them, for
-                // 2,048 peers.
-                for addr in &addrs {
-                    self.swarm.add_peer_address(peer_id, addr.clone());
                 }
-                if dht {
-                    self.learn_addresses(peer_id, addrs, true);
-                }
+                self.names_announced(peer_id, names, dht);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. })) => {
                 self.rtts.insert(peer, rtt);
