@@ -1,14 +1,16 @@
 //! Drives the sans-IO fetch state machine (`shoal_protocol::fetch`) with real peers: DHT lookups,
 //! have-maps and piece requests run as tasks, and their outcomes are fed back as inputs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use shoal_cache::{BlobInfo, Store, StoreError};
-use shoal_protocol::fetch::{Action, Fetch, FetchConfig, PeerFailure, RequestId};
+use shoal_protocol::fetch::{Action, Fetch, FetchConfig, MAX_READERS, PeerFailure, RequestId};
 use shoal_protocol::wire::{PeerHint, TraceId};
-use shoal_protocol::{Geometry, Hash, PieceSet};
+use shoal_protocol::{Geometry, Hash, PieceIndex, PieceSet};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -245,6 +247,7 @@ async fn run(
     let result = loop {
         let now = Instant::now();
         let mut outcome = None;
+        machine.set_reading(node.inner.readers.of(&hash));
         while let Some(action) = machine.poll_action(now) {
             match action {
                 Action::FindProviders => {
@@ -585,6 +588,8 @@ async fn run(
             }
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
             Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
+            // A reader moved: its next pieces are requested first from the next round on.
+            () = node.inner.readers.moved.notified() => {}
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
         }
     };
@@ -606,6 +611,65 @@ async fn run(
     // drops this future: left running, they fetched for nobody and kept their connections from
     // being trimmed.
     result
+}
+
+/// Where readers of blobs are: the piece each waits for next. A fetch requests the pieces from
+/// each position on first, in order (`Fetch::set_reading`), so a response streaming a blob (or a
+/// range of it, as a video player seeks) waits for the pieces it sends next rather than for the
+/// whole blob in the fetch's rarest-first order. Bounded by the responses under way.
+#[derive(Default)]
+pub(crate) struct Readers {
+    positions: Mutex<HashMap<Hash, BTreeMap<u64, PieceIndex>>>,
+    next_id: AtomicU64,
+    /// Woken when a reader moves, so that a fetch waiting on its peers takes the new position.
+    moved: tokio::sync::Notify,
+}
+
+impl Readers {
+    /// The readers' positions in `hash`, lowest first, at most [`MAX_READERS`].
+    fn of(&self, hash: &Hash) -> Vec<PieceIndex> {
+        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut at: Vec<PieceIndex> = positions.get(hash).map(|r| r.values().copied().collect()).unwrap_or_default();
+        at.sort_unstable();
+        at.dedup();
+        at.truncate(MAX_READERS);
+        at
+    }
+}
+
+/// One reader of a blob (see [`Readers`]); it leaves when dropped.
+pub(crate) struct Reading {
+    node: NodeHandle,
+    hash: Hash,
+    id: u64,
+}
+
+impl Reading {
+    pub(crate) fn new(node: &NodeHandle, hash: Hash) -> Self {
+        let id = node.inner.readers.next_id.fetch_add(1, Ordering::Relaxed);
+        Self { node: node.clone(), hash, id }
+    }
+
+    /// The reader waits for `piece` next, and reads on from there.
+    pub(crate) fn at(&self, piece: PieceIndex) {
+        let readers = &self.node.inner.readers;
+        let mut positions = readers.positions.lock().unwrap_or_else(|e| e.into_inner());
+        if positions.entry(self.hash).or_default().insert(self.id, piece) != Some(piece) {
+            readers.moved.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let mut positions = self.node.inner.readers.positions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(readers) = positions.get_mut(&self.hash) {
+            readers.remove(&self.id);
+            if readers.is_empty() {
+                positions.remove(&self.hash);
+            }
+        }
+    }
 }
 
 /// Flushes a blob's verified pieces when dropped, on a blocking thread, without waiting for it.

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use shoal_protocol::{Geometry, Hash};
 use tokio::sync::mpsc;
 
+use crate::fetch::Reading;
 use crate::node::NodeHandle;
 
 /// How often a streaming response checks for newly verified pieces.
@@ -371,6 +372,15 @@ pub(crate) async fn serve(
     };
     let (start, end_inclusive) = range.unwrap_or((0, size.saturating_sub(1)));
     let len = if size == 0 { 0 } else { end_inclusive - start + 1 };
+    // A blob still arriving is fetched from where this answer reads on first (and its first
+    // piece, for the content type), not in the fetch's rarest-first order: a range asked for
+    // near a large blob's end (a player seeking) waits for its own pieces, not the blob's.
+    let reading = fetching.as_ref().map(|_| {
+        let (sniff, body) = (Reading::new(&node, hash), Reading::new(&node, hash));
+        sniff.at(0);
+        body.at(geometry.piece_of(start));
+        (sniff, body)
+    });
 
     // The content type comes from the collection entry, or from the first piece once verified.
     let mut is_collection = false;
@@ -395,6 +405,7 @@ pub(crate) async fn serve(
             Err(resp) => return *resp,
         }
     };
+    let reading = reading.map(|(_sniffed, body)| body);
     let mut out = Response::builder()
         .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
         .header(header::ETAG, etag)
@@ -419,6 +430,9 @@ pub(crate) async fn serve(
         let first = geometry.piece_of(start);
         let last = geometry.piece_of(end_inclusive);
         for piece in first..=last {
+            if let Some(reading) = &reading {
+                reading.at(piece);
+            }
             let item = match wait_piece(&node, hash, piece, &fetching).await {
                 // The size the answer announced may have been a peer's claim that did not hold,
                 // and the entry given way to the blob's true size: a piece of that one is cut

@@ -169,6 +169,9 @@ pub(crate) struct Shared {
     pub(crate) config: NodeConfig,
     /// Fetches in progress, so concurrent requests for one blob share one fetch.
     pub(crate) fetches: Mutex<HashMap<Hash, watch::Receiver<FetchProgress>>>,
+    /// Where the readers of blobs being fetched are (gateway responses): their next pieces are
+    /// fetched first.
+    pub(crate) readers: crate::fetch::Readers,
     /// Misbehaviour seen per peer; higher is worse. Bounded by the peers we talk to.
     pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
@@ -303,6 +306,7 @@ impl Node {
                 uploads,
                 config: config.clone(),
                 fetches: Mutex::new(HashMap::new()),
+                readers: crate::fetch::Readers::default(),
                 penalties: Mutex::new(HashMap::new()),
                 metrics,
                 download_rate,

@@ -25,7 +25,8 @@
 //! requests wait for that answer, so a resumed fetch never asks for a piece it has. A claimed size
 //! is proven only when the last piece verifies, so that piece is requested alone first. After it,
 //! pieces go out rarest first to the peers expected to deliver soonest, at most
-//! [`FetchConfig::max_requests_per_peer`] requests per peer at a time. When every missing piece is in
+//! [`FetchConfig::max_requests_per_peer`] requests per peer at a time; but the pieces a reader
+//! waits for go first, in the order it reads them ([`Fetch::set_reading`]). When every missing piece is in
 //! flight, idle peers duplicate the oldest requests that are late (end-game) and the losers are
 //! cancelled. A request is late once it has taken twice its size at its peer's measured
 //! throughput (for a peer not yet measured, the mean of those measured; at once if none is): in a
@@ -121,6 +122,13 @@ pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
 /// does not make the fetch ask them again. Past this the oldest are forgotten (and may be asked
 /// once more).
 pub const DROPPED_PER_PEER_SLOT: usize = 16;
+
+/// How many pieces past a reader's position go out first, in order (see [`Fetch::set_reading`]):
+/// 2 MiB, a few seconds of a video at the rates a browser streams one.
+pub const READ_AHEAD: u32 = 16;
+
+/// Readers' positions a fetch takes into account at most.
+pub const MAX_READERS: usize = 16;
 
 /// The weight of a new sample in a peer's throughput estimate.
 const THROUGHPUT_WEIGHT: f64 = 0.25;
@@ -909,6 +917,8 @@ pub struct Fetch<P> {
     actions: VecDeque<Action<P>>,
     searching: bool,
     next_search_at: Instant,
+    /// Where readers of the blob are (see [`Fetch::set_reading`]); at most [`MAX_READERS`].
+    reading: Vec<PieceIndex>,
     search_backoff: Duration,
     providers_found: usize,
     peers_asked: usize,
@@ -945,6 +955,7 @@ where
             actions: VecDeque::new(),
             searching: false,
             next_search_at: now,
+            reading: Vec::new(),
             providers_found: 0,
             peers_asked: 0,
             finished: false,
@@ -1419,6 +1430,18 @@ where
         self.claim.as_ref().map(Claim::size)
     }
 
+    /// Where readers of the blob are: each waits for the piece at its position, and then reads
+    /// on in order (an HTTP response streaming the blob, or a range of it). The first
+    /// [`READ_AHEAD`] pieces from each position that are neither held nor asked for are requested
+    /// before any other, each reader's in order and the one nearest its reader first (readers far
+    /// apart take turns), each from the best-ranked peer that has it; the rest still
+    /// go rarest first, which is what spreads a crowd's pieces. Replaces the positions set
+    /// before; at most [`MAX_READERS`] are kept. Positions past the blob's end are ignored.
+    pub fn set_reading(&mut self, positions: impl IntoIterator<Item = PieceIndex>) {
+        self.reading.clear();
+        self.reading.extend(positions.into_iter().take(MAX_READERS));
+    }
+
     /// Whether the size is proven: the last piece verified under it.
     pub fn is_size_proven(&self) -> bool {
         self.claim.as_ref().is_some_and(|c| c.proven)
@@ -1772,8 +1795,21 @@ where
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
         let candidates = claim.requestable().intersection(advert);
         let n = claim.piece_count();
+        // A reader's next pieces first, in order, the nearest to its reader first (so readers far
+        // apart take turns), and a request for them reaches no further back.
+        let read_next = self
+            .reading
+            .iter()
+            .filter_map(|&p| {
+                (p..p.saturating_add(READ_AHEAD).min(n)).find(|&i| candidates.contains(i)).map(|i| (i - p, i))
+            })
+            .min()
+            .map(|(_, i)| i);
         let order = |i: PieceIndex| (u64::from(i) + u64::from(n) - u64::from(claim.offset)) % u64::from(n);
-        let best = candidates.iter().min_by_key(|&i| (claim.availability(i), order(i)))?;
+        let best = match read_next {
+            Some(i) => i,
+            None => candidates.iter().min_by_key(|&i| (claim.availability(i), order(i)))?,
+        };
         let limit = self.piece_limit(peer);
         let mut pieces = PieceSet::single(n, best);
         let mut count = 1;
@@ -1784,7 +1820,7 @@ where
             count += 1;
         }
         let mut prev = best;
-        while count < limit && prev > 0 && candidates.contains(prev - 1) {
+        while read_next.is_none() && count < limit && prev > 0 && candidates.contains(prev - 1) {
             prev -= 1;
             pieces.insert(prev);
             count += 1;
@@ -2947,6 +2983,33 @@ mod tests {
         let mut first_two = from_1[..2].to_vec();
         first_two.sort_unstable();
         assert_eq!(first_two, [3, 6], "pieces only peer 1 holds go first: {from_1:?}");
+    }
+
+    #[test]
+    fn a_readers_next_pieces_go_first_in_order_and_the_rest_rarest_first() {
+        let n = 64;
+        let config = FetchConfig { max_requests_per_peer: 6, ..config4() };
+        let mut d = Driver::new(size_of(n), config);
+        d.fetch.set_reading([40, 1000]);
+        d.discover(&[1, 2]);
+        d.have(1, PieceSet::full(n));
+        d.have_rtt(2, set(n, (0..32).chain([63])), ms(50));
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        assert_eq!(reqs.len(), 1, "the last piece alone proves the size first: {reqs:?}");
+        let (peer, id, pieces) = reqs[0].clone();
+        let reqs = requests(&d.ok(peer, id, &pieces));
+        // Peer 1 alone holds the reader's pieces: it is asked for them in order, up to the read-ahead
+        // (no further back than the reader), and then for the pieces only it holds.
+        let from_1: Vec<PieceSet> = reqs.iter().filter(|(p, _, _)| *p == 1).map(|(_, _, s)| s.clone()).collect();
+        let ahead: Vec<PieceSet> = (0..4).map(|k| set(n, 40 + 4 * k..44 + 4 * k)).collect();
+        assert_eq!(from_1[..4], ahead, "{reqs:?}");
+        assert!(from_1[4..].iter().flat_map(PieceSet::iter).all(|i| i >= 32), "the rarest next: {reqs:?}");
+        // A reader that moved is served from its new place on, from the best-ranked holder.
+        d.fetch.set_reading([8]);
+        let (_, id, pieces) = reqs.iter().find(|(p, _, _)| *p == 1).cloned().expect("a request to peer 1");
+        let next = requests(&d.ok(1, id, &pieces));
+        assert_eq!(next.first().map(|(_, _, s)| s.ranges().next()), Some(Some(8..12)), "{next:?}");
     }
 
     #[test]
