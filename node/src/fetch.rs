@@ -2,8 +2,9 @@
 //! have-maps and piece requests run as tasks, and their outcomes are fed back as inputs.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -187,6 +188,7 @@ impl Drop for Registered<'_> {
         // The crowd's entry first: a fetch of the blob that starts once the registry entry is
         // gone must not lose its own crowd entry to this one's removal.
         self.node.inner.crowds.fetch_ended(&self.hash);
+        self.node.inner.readers.unlisten(&self.hash);
         self.node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.hash);
     }
 }
@@ -244,9 +246,14 @@ async fn run(
     // made durable: a blob complete is flushed below, and the store holds a blob's files open
     // from its first write until its next flush.
     let _flush = FlushOnDrop { store: store.clone(), hash };
+    let moved = node.inner.readers.listen(hash);
     let result = loop {
         let now = Instant::now();
         let mut outcome = None;
+        // Listening before the spans are read: a reader that moves from here on wakes this round.
+        let reader_moved = moved.notified();
+        tokio::pin!(reader_moved);
+        reader_moved.as_mut().enable();
         machine.set_reading(node.inner.readers.of(&hash));
         while let Some(action) = machine.poll_action(now) {
             match action {
@@ -589,7 +596,7 @@ async fn run(
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
             Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
             // A reader moved: its next pieces are requested first from the next round on.
-            () = node.inner.readers.moved.notified() => {}
+            () = &mut reader_moved => {}
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
         }
     };
@@ -613,27 +620,59 @@ async fn run(
     result
 }
 
-/// Where readers of blobs are: the piece each waits for next. A fetch requests the pieces from
-/// each position on first, in order (`Fetch::set_reading`), so a response streaming a blob (or a
-/// range of it, as a video player seeks) waits for the pieces it sends next rather than for the
-/// whole blob in the fetch's rarest-first order. Bounded by the responses under way.
+/// What readers of blobs read next: a span of pieces each, read in order. A fetch requests those
+/// pieces first (`Fetch::set_reading`), so a response streaming a blob (or a range of it, as a
+/// video player seeks) waits for the pieces it sends next rather than for the whole blob in the
+/// fetch's rarest-first order. An entry lives while a reader or a fetch of its blob does:
+/// bounded by the responses and fetches under way.
 #[derive(Default)]
 pub(crate) struct Readers {
-    positions: Mutex<HashMap<Hash, BTreeMap<u64, PieceIndex>>>,
+    blobs: Mutex<HashMap<Hash, Readed>>,
     next_id: AtomicU64,
-    /// Woken when a reader moves, so that a fetch waiting on its peers takes the new position.
-    moved: tokio::sync::Notify,
+}
+
+/// One blob's readers, and whether a fetch of it listens.
+#[derive(Default)]
+struct Readed {
+    spans: BTreeMap<u64, Range<PieceIndex>>,
+    /// Woken when a reader moves, so that the blob's fetch takes the new span at once.
+    moved: Arc<tokio::sync::Notify>,
+    fetching: bool,
 }
 
 impl Readers {
-    /// The readers' positions in `hash`, lowest first, at most [`MAX_READERS`].
-    fn of(&self, hash: &Hash) -> Vec<PieceIndex> {
-        let positions = self.positions.lock().unwrap_or_else(|e| e.into_inner());
-        let mut at: Vec<PieceIndex> = positions.get(hash).map(|r| r.values().copied().collect()).unwrap_or_default();
-        at.sort_unstable();
-        at.dedup();
-        at.truncate(MAX_READERS);
-        at
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, Readed>> {
+        self.blobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fetch of `hash` starts listening: what wakes it when a reader moves.
+    fn listen(&self, hash: Hash) -> Arc<tokio::sync::Notify> {
+        let mut blobs = self.lock();
+        let readed = blobs.entry(hash).or_default();
+        readed.fetching = true;
+        readed.moved.clone()
+    }
+
+    /// The fetch of `hash` ended.
+    fn unlisten(&self, hash: &Hash) {
+        let mut blobs = self.lock();
+        if let Some(readed) = blobs.get_mut(hash) {
+            readed.fetching = false;
+            if readed.spans.is_empty() {
+                blobs.remove(hash);
+            }
+        }
+    }
+
+    /// The readers' spans of `hash`, at most [`MAX_READERS`], those that start first.
+    fn of(&self, hash: &Hash) -> Vec<Range<PieceIndex>> {
+        let blobs = self.lock();
+        let mut spans: Vec<Range<PieceIndex>> =
+            blobs.get(hash).map(|r| r.spans.values().cloned().collect()).unwrap_or_default();
+        spans.sort_unstable_by_key(|r| (r.start, r.end));
+        spans.dedup();
+        spans.truncate(MAX_READERS);
+        spans
     }
 }
 
@@ -650,23 +689,23 @@ impl Reading {
         Self { node: node.clone(), hash, id }
     }
 
-    /// The reader waits for `piece` next, and reads on from there.
-    pub(crate) fn at(&self, piece: PieceIndex) {
-        let readers = &self.node.inner.readers;
-        let mut positions = readers.positions.lock().unwrap_or_else(|e| e.into_inner());
-        if positions.entry(self.hash).or_default().insert(self.id, piece) != Some(piece) {
-            readers.moved.notify_waiters();
+    /// The reader reads `span` next, in order.
+    pub(crate) fn wants(&self, span: Range<PieceIndex>) {
+        let mut blobs = self.node.inner.readers.lock();
+        let readed = blobs.entry(self.hash).or_default();
+        if readed.spans.insert(self.id, span.clone()) != Some(span) && readed.fetching {
+            readed.moved.notify_waiters();
         }
     }
 }
 
 impl Drop for Reading {
     fn drop(&mut self) {
-        let mut positions = self.node.inner.readers.positions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(readers) = positions.get_mut(&self.hash) {
-            readers.remove(&self.id);
-            if readers.is_empty() {
-                positions.remove(&self.hash);
+        let mut blobs = self.node.inner.readers.lock();
+        if let Some(readed) = blobs.get_mut(&self.hash) {
+            readed.spans.remove(&self.id);
+            if readed.spans.is_empty() && !readed.fetching {
+                blobs.remove(&self.hash);
             }
         }
     }

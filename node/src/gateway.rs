@@ -375,12 +375,15 @@ pub(crate) async fn serve(
     // A blob still arriving is fetched from where this answer reads on first (and its first
     // piece, for the content type), not in the fetch's rarest-first order: a range asked for
     // near a large blob's end (a player seeking) waits for its own pieces, not the blob's.
-    let reading = fetching.as_ref().map(|_| {
-        let (sniff, body) = (Reading::new(&node, hash), Reading::new(&node, hash));
-        sniff.at(0);
-        body.at(geometry.piece_of(start));
-        (sniff, body)
-    });
+    let (first, last) = (geometry.piece_of(start), geometry.piece_of(end_inclusive));
+    let sniffing = fetching.as_ref().map(|_| Reading::new(&node, hash));
+    if let Some(sniffing) = &sniffing {
+        sniffing.wants(0..1);
+    }
+    let reading = (fetching.is_some() && method != Method::HEAD && len > 0).then(|| Reading::new(&node, hash));
+    if let Some(reading) = &reading {
+        reading.wants(first..last + 1);
+    }
 
     // The content type comes from the collection entry, or from the first piece once verified.
     let mut is_collection = false;
@@ -405,7 +408,7 @@ pub(crate) async fn serve(
             Err(resp) => return *resp,
         }
     };
-    let reading = reading.map(|(_sniffed, body)| body);
+    drop(sniffing);
     let mut out = Response::builder()
         .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
         .header(header::ETAG, etag)
@@ -427,11 +430,9 @@ pub(crate) async fn serve(
     }
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
-        let first = geometry.piece_of(start);
-        let last = geometry.piece_of(end_inclusive);
         for piece in first..=last {
             if let Some(reading) = &reading {
-                reading.at(piece);
+                reading.wants(piece..last + 1);
             }
             let item = match wait_piece(&node, hash, piece, &fetching).await {
                 // The size the answer announced may have been a peer's claim that did not hold,

@@ -356,6 +356,8 @@ const MAX_NAME_CHECKS: usize = 32;
 struct Names {
     announced: Vec<Multiaddr>,
     theirs: Option<Vec<Multiaddr>>,
+    /// Names it announced since, checked once the check under way ends: one check per peer.
+    next: Option<Vec<Multiaddr>>,
 }
 
 /// What a check of a peer's names found: what each resolved to.
@@ -914,20 +916,34 @@ impl EventLoop {
             self.names.remove(&peer);
             return;
         }
-        if let Some(names) = self.names.get(&peer).filter(|n| n.announced == announced) {
+        match self.names.get_mut(&peer) {
             // Checked (the identify answer that replaced the peer's addresses dropped them), or
             // being checked.
-            if let Some(theirs) = names.theirs.clone() {
-                self.keep_names(peer, theirs, dht);
+            Some(names) if names.announced == announced => {
+                names.next = None;
+                if let Some(theirs) = names.theirs.clone() {
+                    self.keep_names(peer, theirs, dht);
+                }
+                return;
             }
-            return;
+            // Others are being checked: these are, after them.
+            Some(names) if names.theirs.is_none() => {
+                names.next = Some(announced);
+                return;
+            }
+            _ => {}
         }
+        self.check_names(peer, announced, dht);
+    }
+
+    /// Starts a check of the names `peer` announced (see [`Self::names_announced`]).
+    fn check_names(&mut self, peer: PeerId, announced: Vec<Multiaddr>, dht: bool) {
         let Ok(permit) = self.name_checks.clone().try_acquire_owned() else {
             debug!(%peer, names = ?announced, "too many names being checked; these are not kept");
             self.names.remove(&peer);
             return;
         };
-        self.names.insert(peer, Names { announced: announced.clone(), theirs: None });
+        self.names.insert(peer, Names { announced: announced.clone(), theirs: None, next: None });
         let done = self.names_checked.0.clone();
         tokio::task::spawn_blocking(move || {
             let resolved = announced.into_iter().map(|name| {
@@ -941,14 +957,18 @@ impl EventLoop {
     }
 
     /// A check of `peer`'s names ended: those that resolve to where it is connected from now
-    /// alone are its own, and kept. Ignored if it disconnected or announced others meanwhile.
+    /// alone are its own, and kept. Ignored if it disconnected meanwhile; names it announced
+    /// since are checked next.
     fn on_names_checked(&mut self, checked: NamesChecked) {
-        let NamesChecked { peer, resolved, dht, .. } = checked;
+        let NamesChecked { peer, resolved, dht, _permit: permit } = checked;
+        // Given back first: the next check of this peer's names may take it.
+        drop(permit);
         let Some(names) = self.names.get_mut(&peer) else { return };
-        if names.theirs.is_some() || names.announced.len() != resolved.len() {
+        if names.theirs.is_some() || !names.announced.iter().eq(resolved.iter().map(|(name, _)| name)) {
             return;
         }
-        if !names.announced.iter().zip(&resolved).all(|(a, (r, _))| a == r) {
+        if let Some(next) = names.next.take() {
+            self.check_names(peer, next, dht);
             return;
         }
         let ips: Vec<std::net::IpAddr> = self
@@ -957,6 +977,11 @@ impl EventLoop {
             .filter(|(p, ..)| *p == peer)
             .filter_map(|(_, from, _)| crate::addrs::ip(from))
             .collect();
+        if ips.is_empty() {
+            // Connected over no IP address (yet): nothing to judge by, and nothing remembered.
+            self.names.remove(&peer);
+            return;
+        }
         let theirs: Vec<Multiaddr> = resolved
             .into_iter()
             .filter(|(name, to)| {

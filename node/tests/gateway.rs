@@ -148,7 +148,6 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
     provider.shutdown().await.expect("shutdown");
 }
 
-/// Fetches `/metrics` and parses every sample line (`name{labels} value`), checking the format.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_far_into_a_blob_still_arriving_is_fetched_before_the_rest() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -188,6 +187,7 @@ async fn a_range_far_into_a_blob_still_arriving_is_fetched_before_the_rest() {
     drop((provider, gw));
 }
 
+/// Fetches `/metrics` and parses every sample line (`name{labels} value`), checking the format.
 fn scrape(a: &ureq::Agent, api: &str) -> std::collections::HashMap<String, f64> {
     let mut r = a.get(format!("http://{api}/metrics")).call().expect("metrics");
     assert_eq!(r.status(), 200);

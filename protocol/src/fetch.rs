@@ -123,11 +123,11 @@ pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
 /// once more).
 pub const DROPPED_PER_PEER_SLOT: usize = 16;
 
-/// How many pieces past a reader's position go out first, in order (see [`Fetch::set_reading`]):
-/// 2 MiB, a few seconds of a video at the rates a browser streams one.
+/// How many pieces of a reader's go out first, in order (see [`Fetch::set_reading`]): 2 MiB, a
+/// few seconds of a video at the rates a browser streams one. A longer span counts this far.
 pub const READ_AHEAD: u32 = 16;
 
-/// Readers' positions a fetch takes into account at most.
+/// Readers a fetch takes into account at most.
 pub const MAX_READERS: usize = 16;
 
 /// The weight of a new sample in a peer's throughput estimate.
@@ -917,8 +917,8 @@ pub struct Fetch<P> {
     actions: VecDeque<Action<P>>,
     searching: bool,
     next_search_at: Instant,
-    /// Where readers of the blob are (see [`Fetch::set_reading`]); at most [`MAX_READERS`].
-    reading: Vec<PieceIndex>,
+    /// What readers of the blob read next (see [`Fetch::set_reading`]); at most [`MAX_READERS`].
+    reading: Vec<Range<PieceIndex>>,
     search_backoff: Duration,
     providers_found: usize,
     peers_asked: usize,
@@ -1430,16 +1430,16 @@ where
         self.claim.as_ref().map(Claim::size)
     }
 
-    /// Where readers of the blob are: each waits for the piece at its position, and then reads
-    /// on in order (an HTTP response streaming the blob, or a range of it). The first
-    /// [`READ_AHEAD`] pieces from each position that are neither held nor asked for are requested
-    /// before any other, each reader's in order and the one nearest its reader first (readers far
-    /// apart take turns), each from the best-ranked peer that has it; the rest still
-    /// go rarest first, which is what spreads a crowd's pieces. Replaces the positions set
-    /// before; at most [`MAX_READERS`] are kept. Positions past the blob's end are ignored.
-    pub fn set_reading(&mut self, positions: impl IntoIterator<Item = PieceIndex>) {
+    /// What readers of the blob read next: each span's pieces in order (an HTTP response
+    /// streaming the blob, or a range of it, waits for the span's first piece and reads on). The
+    /// pieces of each span (its first [`READ_AHEAD`]) that are neither held nor asked for are
+    /// requested before any other, each reader's in order and the one nearest its reader's
+    /// position first (readers far apart take turns), each from the best-ranked peer that has
+    /// it; the rest still go rarest first, which is what spreads a crowd's pieces. Replaces the
+    /// spans set before; at most [`MAX_READERS`] are kept. Pieces past the blob's end are ignored.
+    pub fn set_reading(&mut self, spans: impl IntoIterator<Item = Range<PieceIndex>>) {
         self.reading.clear();
-        self.reading.extend(positions.into_iter().take(MAX_READERS));
+        self.reading.extend(spans.into_iter().take(MAX_READERS));
     }
 
     /// Whether the size is proven: the last piece verified under it.
@@ -1800,8 +1800,9 @@ where
         let read_next = self
             .reading
             .iter()
-            .filter_map(|&p| {
-                (p..p.saturating_add(READ_AHEAD).min(n)).find(|&i| candidates.contains(i)).map(|i| (i - p, i))
+            .filter_map(|r| {
+                let ahead = r.start..r.end.min(r.start.saturating_add(READ_AHEAD)).min(n);
+                ahead.clone().find(|&i| candidates.contains(i)).map(|i| (i - ahead.start, i))
             })
             .min()
             .map(|(_, i)| i);
@@ -2990,7 +2991,7 @@ mod tests {
         let n = 64;
         let config = FetchConfig { max_requests_per_peer: 6, ..config4() };
         let mut d = Driver::new(size_of(n), config);
-        d.fetch.set_reading([40, 1000]);
+        d.fetch.set_reading([40..40 + READ_AHEAD, 1000..1016]);
         d.discover(&[1, 2]);
         d.have(1, PieceSet::full(n));
         d.have_rtt(2, set(n, (0..32).chain([63])), ms(50));
@@ -3006,7 +3007,7 @@ mod tests {
         assert_eq!(from_1[..4], ahead, "{reqs:?}");
         assert!(from_1[4..].iter().flat_map(PieceSet::iter).all(|i| i >= 32), "the rarest next: {reqs:?}");
         // A reader that moved is served from its new place on, from the best-ranked holder.
-        d.fetch.set_reading([8]);
+        d.fetch.set_reading(std::iter::once(8..10));
         let (_, id, pieces) = reqs.iter().find(|(p, _, _)| *p == 1).cloned().expect("a request to peer 1");
         let next = requests(&d.ok(1, id, &pieces));
         assert_eq!(next.first().map(|(_, _, s)| s.ranges().next()), Some(Some(8..12)), "{next:?}");
