@@ -616,6 +616,12 @@ trait Blobs {
         self.open(hash)?.take(len as u64).read_to_end(&mut head)?;
         Ok(head)
     }
+    /// Fetches `hash` and writes it to standard output as its pieces verify, in order, rather
+    /// than once the whole blob is held; returns the bytes written. `None` where that is not
+    /// offered: the caller fetches first, then writes.
+    fn stream_to_stdout(&mut self, _hash: Hash) -> anyhow::Result<Option<u64>> {
+        Ok(None)
+    }
     /// Writes the fetched blob to the regular file `target`, replacing it only once the bytes
     /// verified. With `keep`, the blob stays where [`Blobs::open`] reads it (another file is to
     /// hold it too).
@@ -627,6 +633,12 @@ trait Blobs {
 /// Fetches `hash` and writes it to `output`. A collection (what `shoal add` made of a directory)
 /// is written out as that directory, each file fetched in turn, unless the output is "-".
 fn get_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path) -> anyhow::Result<()> {
+    if output == Path::new("-")
+        && let Some(bytes) = blobs.stream_to_stdout(hash)?
+    {
+        eprintln!("verified {hash}: {bytes} bytes, written as they came");
+        return Ok(());
+    }
     let progress = blobs.fetch(hash)?;
     let collection = match output != Path::new("-") && progress.total_bytes.unwrap_or(0) <= MAX_ENCODED as u64 {
         true => read_collection(blobs, hash)?,
@@ -794,6 +806,56 @@ impl Blobs for ViaApi {
         // An empty blob is only refused a range, so this is never `None`.
         let body = self.read_back(hash, None)?.ok_or_else(|| anyhow!("the node cannot read {hash} back"))?;
         Ok(Box::new(body))
+    }
+
+    /// The node's `GET /v1/blobs/{hash}` fetches the blob if it lacks it and streams each piece
+    /// once verified, the pieces it sends next fetched first: a player reading standard output
+    /// starts within a few pieces, not after the whole blob. A piece that fails ends the body
+    /// early, and the whole is checked against the hash at the end.
+    fn stream_to_stdout(&mut self, hash: Hash) -> anyhow::Result<Option<u64>> {
+        let resp = self
+            .agent
+            .get(format!("http://{}/v1/blobs/{hash}", self.api))
+            .header("Accept", "application/octet-stream")
+            .call()
+            .map_err(|e| unreachable(&self.api, e))?;
+        if !resp.status().is_success() {
+            let reason = resp.into_body().read_to_string().unwrap_or_default();
+            bail!("{}", reason.trim());
+        }
+        let total: Option<u64> =
+            resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+        let mut body = Progressing { inner: resp.into_body().into_reader(), read: 0, total };
+        let written = write_verified_into(hash, &mut body, std::io::stdout().lock(), Path::new("-"));
+        if total.is_some() && std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+        written.map(|()| Some(body.read))
+    }
+}
+
+/// A body read as it streams, its progress shown on a terminal.
+struct Progressing<R> {
+    inner: R,
+    read: u64,
+    total: Option<u64>,
+}
+
+impl<R: Read> Read for Progressing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        let mut err = std::io::stderr();
+        if let Some(total) = self.total.filter(|t| *t > 0 && err.is_terminal()) {
+            let line = format!(
+                "\r{:>5.1}%  {} / {} MiB written   ",
+                100.0 * self.read as f64 / total as f64,
+                self.read >> 20,
+                total >> 20
+            );
+            let _ = err.write_all(line.as_bytes());
+        }
+        Ok(n)
     }
 }
 

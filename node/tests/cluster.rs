@@ -1241,6 +1241,58 @@ fn a_directory_added_is_fetched_back_as_that_directory() {
     assert_eq!(blake3::hash(&raw.stdout).to_hex().to_string(), hash);
 }
 
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn get_to_standard_output_writes_each_piece_once_it_verifies() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A provider sending 1 MiB/s: the blob takes 8 s.
+    let args = ["--listen", "/ip4/127.0.0.1/udp/0/quic-v1", "--api", "127.0.0.1:0", "--upload-rate", "1M"];
+    let slow = NodeProc::spawn(&tmp.path().join("slow"), None, &args, None);
+    let fetcher = NodeProc::start(&tmp.path().join("fetcher"), Some(&slow));
+    let input = tmp.path().join("input.bin");
+    random_file(&input, 8 << 20, 11);
+    let hash = add_and_wait(&slow, &fetcher, &input);
+    let mut get = Killed(
+        Command::new(SHOAL)
+            .args(["get", &hash, "-o", "-"])
+            .env("SHOAL_DATA_DIR", &fetcher.dir)
+            .env_remove("SHOAL_API")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run get"),
+    );
+    let mut stdout = get.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = vec![0u8; PIECE_SIZE as usize];
+        let got = stdout.read_exact(&mut first).map(|()| first);
+        let _ = tx.send(got);
+        let mut rest = Vec::new();
+        let _ = tx.send(stdout.read_to_end(&mut rest).map(|_| rest));
+    });
+    let first = rx.recv_timeout(Duration::from_secs(60)).expect("a first piece within 60 s").expect("read");
+    // It came while the fetcher still lacked most of the blob: the node streamed it once verified.
+    let held: Vec<serde_json::Value> = serde_json::from_str(&fetcher.cli(&["ls", "--json"])).expect("JSON");
+    let entry = held.iter().find(|b| b["hash"] == hash.as_str()).expect("the blob, partly held");
+    assert_eq!(entry["complete"], false, "the first bytes came only once the whole blob was held: {entry}");
+    let rest = rx.recv_timeout(Duration::from_secs(60)).expect("the rest within 60 s").expect("read");
+    assert!(get.0.wait().expect("wait").success(), "shoal get failed");
+    let mut all = first;
+    all.extend(rest);
+    assert_eq!(blake3::hash(&all).to_hex().to_string(), hash, "standard output got the blob");
+}
+
 #[test]
 fn get_writes_through_a_symlink_and_into_a_pipe_without_replacing_them() {
     let tmp = tempfile::tempdir().expect("tempdir");
