@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /v1/blobs` `{"path": P}` | imports the file or directory at `P` (on the node's machine), pins and announces it; answers [`Added`] |
 //! | `POST /v1/fetch/{hash}` | fetches a blob from the swarm; streams progress as JSON lines |
-//! | `GET\|HEAD /v1/blobs/{hash}` | the blob over HTTP (see [`crate::gateway`]): fetched if needed, streamed as verified |
+//! | `GET\|HEAD /v1/blobs/{hash}` | the blob over HTTP (see [`crate::gateway`]): fetched if needed, streamed as verified; with `?fetch=while-read` a fetch it starts stops when the answer ends |
 //! | `GET /v1/providers/{hash}` | providers found through the DHT (and reached), with what the lookup cost |
 //! | `GET /v1/peers` | connected peers |
 //! | `GET /v1/status` | the node's state |
@@ -223,7 +223,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route_layer(axum::middleware::from_fn_with_state(token, require_token));
     let app = axum::Router::new()
         .merge(mutating)
-        .route("/v1/blobs/{hash}", get(gateway_blob).head(gateway_blob))
+        .route("/v1/blobs/{hash}", get(api_blob).head(api_blob))
         .route("/v1/blobs/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
         .route("/v1/fetch/{hash}", post(fetch))
         .route("/v1/providers/{hash}", get(providers))
@@ -328,7 +328,32 @@ async fn gateway_blob(
     Path(hash): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    crate::gateway::serve(node, method, &hash, None, &headers).await
+    crate::gateway::serve(node, method, &hash, None, &headers, false).await
+}
+
+/// How a blob asked for on the API is fetched: `?fetch=while-read` stops a fetch the answer
+/// started when the answer ends (`shoal get -o -`, whose user may stop reading).
+#[derive(serde::Deserialize)]
+struct BlobQuery {
+    fetch: Option<String>,
+}
+
+async fn api_blob(
+    State(node): State<NodeHandle>,
+    method: axum::http::Method,
+    Path(hash): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<BlobQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let while_read = match query.fetch.as_deref() {
+        None | Some("whole") => false,
+        Some("while-read") => true,
+        Some(other) => {
+            let msg = format!("fetch={other:?}: say whole (the default) or while-read\n");
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    };
+    crate::gateway::serve(node, method, &hash, None, &headers, while_read).await
 }
 
 async fn gateway_entry(
@@ -337,7 +362,7 @@ async fn gateway_entry(
     Path((hash, path)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    crate::gateway::serve(node, method, &hash, Some(&path), &headers).await
+    crate::gateway::serve(node, method, &hash, Some(&path), &headers, false).await
 }
 
 /// Binds the read-only public gateway (`GET|HEAD /{hash}`) on `addr`.

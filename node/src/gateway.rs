@@ -303,12 +303,17 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// Answers `GET` or `HEAD` for `hash_str`, or for the entry at `path` of that collection.
+///
+/// A blob not held is fetched whole however the answer ends, as a CDN edge's miss fills its
+/// cache, unless `while_read`: then a fetch the answer started stops when the answer ends (its
+/// reader went away, or read all it asked for), as `shoal get -o -` stopped by its user expects.
 pub(crate) async fn serve(
     node: NodeHandle,
     method: Method,
     hash_str: &str,
     path: Option<&str>,
     headers: &HeaderMap,
+    while_read: bool,
 ) -> Response {
     let hash: Hash = match hash_str.parse() {
         Ok(h) => h,
@@ -356,6 +361,7 @@ pub(crate) async fn serve(
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let mut fetching = ensure_fetching(&node, hash);
+    let stop_with_answer = fetching.as_ref().filter(|_| while_read).map(|f| crate::node::Aborted(f.abort_handle()));
     let size = match known_size(&node, hash, &mut fetching).await {
         Ok(size) => size,
         Err(resp) => return *resp,
@@ -430,6 +436,7 @@ pub(crate) async fn serve(
     }
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
+        let _stop_with_answer = stop_with_answer;
         for piece in first..=last {
             if let Some(reading) = &reading {
                 reading.wants(piece..last + 1);

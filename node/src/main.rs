@@ -810,50 +810,67 @@ impl Blobs for ViaApi {
 
     /// The node's `GET /v1/blobs/{hash}` fetches the blob if it lacks it and streams each piece
     /// once verified, the pieces it sends next fetched first: a player reading standard output
-    /// starts within a few pieces, not after the whole blob. A piece that fails ends the body
-    /// early, and the whole is checked against the hash at the end.
+    /// starts within a few pieces, not after the whole blob. The fetch stops if this command
+    /// does (`fetch=while-read`). A piece that fails ends the body early, and the whole is checked
+    /// against the hash at the end.
     fn stream_to_stdout(&mut self, hash: Hash) -> anyhow::Result<Option<u64>> {
         let resp = self
             .agent
-            .get(format!("http://{}/v1/blobs/{hash}", self.api))
+            .get(format!("http://{}/v1/blobs/{hash}?fetch=while-read", self.api))
             .header("Accept", "application/octet-stream")
             .call()
             .map_err(|e| unreachable(&self.api, e))?;
-        if !resp.status().is_success() {
-            let reason = resp.into_body().read_to_string().unwrap_or_default();
-            bail!("{}", reason.trim());
+        let status = resp.status();
+        if !status.is_success() {
+            let mut reason = String::new();
+            let _ = resp.into_body().into_reader().take(64 << 10).read_to_string(&mut reason);
+            match reason.trim() {
+                "" => bail!("the node could not serve {hash} (status {status})"),
+                reason => bail!("{reason}"),
+            }
         }
         let total: Option<u64> =
             resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
-        let mut body = Progressing { inner: resp.into_body().into_reader(), read: 0, total };
+        let shown = total.filter(|t| *t > 0 && std::io::stderr().is_terminal());
+        let mut body =
+            Progressing { inner: resp.into_body().into_reader(), read: 0, total: shown, shown: None, cut: false };
         let written = write_verified_into(hash, &mut body, std::io::stdout().lock(), Path::new("-"));
-        if total.is_some() && std::io::stderr().is_terminal() {
+        if shown.is_some() {
             eprintln!();
         }
-        written.map(|()| Some(body.read))
+        match (written, total) {
+            (Err(_), Some(total)) if body.cut => bail!(
+                "the node ended {hash} after {} of {total} bytes: a piece could not be fetched or verified (see the node's log)",
+                body.read
+            ),
+            (written, _) => written.map(|()| Some(body.read)),
+        }
     }
 }
 
-/// A body read as it streams, its progress shown on a terminal.
+/// A body read as it streams, its progress shown on a terminal (`total`, if one is).
 struct Progressing<R> {
     inner: R,
     read: u64,
     total: Option<u64>,
+    /// The tenth of a percent shown last.
+    shown: Option<u64>,
+    /// The body ended in an error: the node cut it short.
+    cut: bool,
 }
 
 impl<R: Read> Read for Progressing<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self.inner.read(buf).inspect_err(|_| self.cut = true)?;
         self.read += n as u64;
-        let mut err = std::io::stderr();
-        if let Some(total) = self.total.filter(|t| *t > 0 && err.is_terminal()) {
-            let line = format!(
-                "\r{:>5.1}%  {} / {} MiB written   ",
-                100.0 * self.read as f64 / total as f64,
-                self.read >> 20,
-                total >> 20
-            );
-            let _ = err.write_all(line.as_bytes());
+        if let Some(total) = self.total {
+            let permille = self.read.saturating_mul(1000) / total;
+            if self.shown != Some(permille) {
+                self.shown = Some(permille);
+                let line =
+                    format!("\r{:>5.1}%  {} / {} MiB written   ", permille as f64 / 10.0, self.read >> 20, total >> 20);
+                let _ = std::io::stderr().write_all(line.as_bytes());
+            }
         }
         Ok(n)
     }

@@ -356,8 +356,9 @@ const MAX_NAME_CHECKS: usize = 32;
 struct Names {
     announced: Vec<Multiaddr>,
     theirs: Option<Vec<Multiaddr>>,
-    /// Names it announced since, checked once the check under way ends: one check per peer.
-    next: Option<Vec<Multiaddr>>,
+    /// Names it announced since (and whether it serves the DHT then), checked once the check
+    /// under way ends: one check per peer.
+    next: Option<(Vec<Multiaddr>, bool)>,
 }
 
 /// What a check of a peer's names found: what each resolved to.
@@ -928,7 +929,7 @@ impl EventLoop {
             }
             // Others are being checked: these are, after them.
             Some(names) if names.theirs.is_none() => {
-                names.next = Some(announced);
+                names.next = Some((announced, dht));
                 return;
             }
             _ => {}
@@ -967,7 +968,7 @@ impl EventLoop {
         if names.theirs.is_some() || !names.announced.iter().eq(resolved.iter().map(|(name, _)| name)) {
             return;
         }
-        if let Some(next) = names.next.take() {
+        if let Some((next, dht)) = names.next.take() {
             self.check_names(peer, next, dht);
             return;
         }

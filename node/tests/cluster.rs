@@ -1252,7 +1252,7 @@ impl Drop for Killed {
 }
 
 #[test]
-fn get_to_standard_output_writes_each_piece_once_it_verifies() {
+fn get_to_standard_output_writes_each_piece_once_it_verifies_and_stopped_stops_the_fetch() {
     use std::io::Read;
     let tmp = tempfile::tempdir().expect("tempdir");
     // A provider sending 1 MiB/s: the blob takes 8 s.
@@ -1262,29 +1262,45 @@ fn get_to_standard_output_writes_each_piece_once_it_verifies() {
     let input = tmp.path().join("input.bin");
     random_file(&input, 8 << 20, 11);
     let hash = add_and_wait(&slow, &fetcher, &input);
-    let mut get = Killed(
-        Command::new(SHOAL)
-            .args(["get", &hash, "-o", "-"])
-            .env("SHOAL_DATA_DIR", &fetcher.dir)
-            .env_remove("SHOAL_API")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run get"),
-    );
-    let mut stdout = get.0.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut first = vec![0u8; PIECE_SIZE as usize];
-        let got = stdout.read_exact(&mut first).map(|()| first);
-        let _ = tx.send(got);
-        let mut rest = Vec::new();
-        let _ = tx.send(stdout.read_to_end(&mut rest).map(|_| rest));
-    });
-    let first = rx.recv_timeout(Duration::from_secs(60)).expect("a first piece within 60 s").expect("read");
+    let held = || {
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&fetcher.cli(&["ls", "--json"])).expect("JSON");
+        listed.into_iter().find(|b| b["hash"] == hash.as_str()).expect("the blob, partly held")
+    };
+    // `shoal get -o -`, its output read by a thread: the first piece, then the rest.
+    let get = || {
+        let mut get = Killed(
+            Command::new(SHOAL)
+                .args(["get", &hash, "-o", "-"])
+                .env("SHOAL_DATA_DIR", &fetcher.dir)
+                .env_remove("SHOAL_API")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run get"),
+        );
+        let mut stdout = get.0.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = vec![0u8; PIECE_SIZE as usize];
+            let got = stdout.read_exact(&mut first).map(|()| first);
+            let _ = tx.send(got);
+            let mut rest = Vec::new();
+            let _ = tx.send(stdout.read_to_end(&mut rest).map(|_| rest));
+        });
+        let first = rx.recv_timeout(Duration::from_secs(60)).expect("a first piece within 60 s").expect("read");
+        (get, first, rx)
+    };
+
+    // Stopped after its first piece, it stops the fetch it started: the node does not go on
+    // fetching a blob nobody reads.
+    let (stopped, _, _) = get();
+    drop(stopped);
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(held()["complete"], false, "the fetch went on after `shoal get` stopped: {}", held());
+
+    let (mut get, first, rx) = get();
     // It came while the fetcher still lacked most of the blob: the node streamed it once verified.
-    let held: Vec<serde_json::Value> = serde_json::from_str(&fetcher.cli(&["ls", "--json"])).expect("JSON");
-    let entry = held.iter().find(|b| b["hash"] == hash.as_str()).expect("the blob, partly held");
+    let entry = held();
     assert_eq!(entry["complete"], false, "the first bytes came only once the whole blob was held: {entry}");
     let rest = rx.recv_timeout(Duration::from_secs(60)).expect("the rest within 60 s").expect("read");
     assert!(get.0.wait().expect("wait").success(), "shoal get failed");
