@@ -1019,7 +1019,10 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
     let mut config = NodeConfig::new(&dir);
     config.listen = NodeConfig::default_listen(0);
     config.bootstrap = bootstrap;
-    config.api = None;
+    // To standard output it streams as a running node's API does (see `ViaApi::stream_to_stdout`),
+    // through an API of its own on loopback for as long as the command runs.
+    let streaming = output == Path::new("-");
+    config.api = streaming.then(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config.durable = false;
     config.transient = true;
     // It holds the one blob asked for, whatever its size: no cache bound to refuse it.
@@ -1028,7 +1031,12 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
         let runtime = runtime()?;
         let node = runtime.block_on(Node::start(config))?;
         let home = std::fs::canonicalize(&beside).ok();
-        let mut own = OwnNode { handle: node.handle(), runtime: &runtime, home };
+        let api = match streaming {
+            true => Some(std::fs::read_to_string(dir.join("api")).context("the node's API did not start")?),
+            false => None,
+        };
+        let api = api.map(|a| a.trim().to_string());
+        let mut own = OwnNode { handle: node.handle(), runtime: &runtime, home, api };
         let outcome = get_blob(&mut own, hash, output);
         runtime.block_on(node.shutdown())?;
         outcome
@@ -1044,9 +1052,18 @@ struct OwnNode<'a> {
     /// The directory its store was made in (canonical): files written under it are moved out of
     /// the store (see [`Blobs::write_file`]).
     home: Option<PathBuf>,
+    /// Its API's address, when it has one: to stream to standard output.
+    api: Option<String>,
 }
 
 impl Blobs for OwnNode<'_> {
+    fn stream_to_stdout(&mut self, hash: Hash) -> anyhow::Result<Option<u64>> {
+        match &self.api {
+            Some(api) => ViaApi { api: api.clone(), agent: agent() }.stream_to_stdout(hash),
+            None => Ok(None),
+        }
+    }
+
     fn fetch(&mut self, hash: Hash) -> anyhow::Result<FetchProgress> {
         let handle = self.handle.clone();
         let (ptx, mut prx) = tokio::sync::watch::channel(FetchProgress::default());
