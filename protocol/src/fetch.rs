@@ -1334,11 +1334,12 @@ where
             }
         };
         consider(self.stall_at());
-        let endgame = self.in_endgame();
+        let endgame = self.in_endgame() || !self.reading.is_empty();
         for request in self.requests.values() {
             consider(request.timeout_at);
             if endgame {
-                // Wake when a request falls late, so an idle peer can duplicate it.
+                // Wake when a request falls late, so an idle peer can duplicate it (in the end
+                // game, or a piece a reader waits for).
                 consider(request.due);
             }
         }
@@ -1756,16 +1757,37 @@ where
                 return Some(self.send(peer, pieces, now));
             }
         }
-        if self.in_endgame() {
+        let endgame = self.in_endgame();
+        if endgame || !self.reading.is_empty() {
             for &peer in &ranked {
-                if self.peers.get(&peer).is_some_and(|r| r.in_flight == 0)
-                    && let Some(pieces) = self.pick_duplicates(peer)
-                {
+                if self.peers.get(&peer).is_none_or(|r| r.in_flight != 0) {
+                    continue;
+                }
+                let pieces = match endgame {
+                    true => self.pick_duplicates(peer, None),
+                    false => self.pick_duplicates(peer, Some(&self.read_next_missing())),
+                };
+                if let Some(pieces) = pieces {
                     return Some(self.send(peer, pieces, now));
                 }
             }
         }
         None
+    }
+
+    /// The piece each reader waits for now: the first of its span not verified yet. None before
+    /// the size is proven: a copy of the proof would cost the fetch a piece for nothing.
+    fn read_next_missing(&self) -> PieceSet {
+        let Some(claim) = self.claim.as_ref().filter(|c| c.proven) else { return PieceSet::empty(0) };
+        let n = claim.piece_count();
+        let mut next = PieceSet::empty(n);
+        for r in &self.reading {
+            let ahead = r.start..r.end.min(r.start.saturating_add(READ_AHEAD)).min(n);
+            if let Some(i) = ahead.into_iter().find(|&i| !claim.verified.contains(i)) {
+                next.insert(i);
+            }
+        }
+        next
     }
 
     /// Peers that may take a request now, the one expected to deliver soonest first.
@@ -1864,8 +1886,10 @@ where
     }
 
     /// Duplicates for an idle `peer`: pieces of the oldest late requests in flight elsewhere that
-    /// it advertises and that have fewer than `endgame_copies` requests.
-    fn pick_duplicates(&self, peer: P) -> Option<PieceSet> {
+    /// it advertises and that have fewer than `endgame_copies` requests; before the end game,
+    /// only pieces a reader waits for now (`only`): a late request holds up what a reader
+    /// streams, and a copy from an idle peer may come first.
+    fn pick_duplicates(&self, peer: P, only: Option<&PieceSet>) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
         let mut pieces = PieceSet::empty(claim.piece_count());
@@ -1873,6 +1897,7 @@ where
         for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
             for i in request.pieces.iter() {
                 if count < self.config.pieces_per_request
+                    && only.is_none_or(|o| o.contains(i))
                     && advert.contains(i)
                     && !claim.verified.contains(i)
                     && usize::from(claim.copies(i)) < self.config.endgame_copies
@@ -3011,6 +3036,31 @@ mod tests {
         let (_, id, pieces) = reqs.iter().find(|(p, _, _)| *p == 1).cloned().expect("a request to peer 1");
         let next = requests(&d.ok(1, id, &pieces));
         assert_eq!(next.first().map(|(_, _, s)| s.ranges().next()), Some(Some(8..12)), "{next:?}");
+    }
+
+    #[test]
+    fn a_late_request_for_the_piece_a_reader_waits_for_is_duplicated_to_an_idle_peer() {
+        // More pieces than the requests in flight hold: not the end game.
+        let n = 64;
+        let mut d = Driver::new(size_of(n), config4());
+        d.fetch.set_reading(std::iter::once(5..n));
+        d.discover(&[1, 2, 3]);
+        d.have_rtt(1, PieceSet::full(n), ms(1));
+        d.have_rtt(2, PieceSet::full(n), ms(1));
+        assert_eq!(d.drain(), vec![Begin { size: size_of(n) }]);
+        let reqs = requests(&d.local(&PieceSet::empty(n)));
+        let (peer, id, pieces) = reqs[0].clone();
+        let reqs = requests(&d.ok(peer, id, &pieces));
+        assert!(reqs.iter().any(|(_, _, s)| s.ranges().next() == Some(5..9)), "the reader's pieces first: {reqs:?}");
+        // Peer 3 answers now: it holds only the piece the reader waits for, already asked of another.
+        d.have_rtt(3, set(n, [5]), ms(1));
+        assert!(requests(&d.drain()).is_empty());
+        // On schedule, nothing is duplicated; once late, peer 3 is asked for the piece the reader
+        // waits for, and for nothing else.
+        assert!(requests(&d.advance(ms(1))).is_empty());
+        let late = requests(&d.advance(Duration::from_secs(5)));
+        let late: Vec<(u32, PieceSet)> = late.into_iter().filter(|(p, _, _)| *p == 3).map(|(p, _, s)| (p, s)).collect();
+        assert_eq!(late, vec![(3, PieceSet::single(n, 5))]);
     }
 
     #[test]
