@@ -220,7 +220,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/blobs", post(add).get(list_blobs))
         .route("/v1/blobs/{hash}", axum::routing::delete(delete_blob))
         .route("/v1/pins/{hash}", post(pin).delete(unpin))
-        .route_layer(axum::middleware::from_fn_with_state(token, require_token));
+        .route_layer(axum::middleware::from_fn_with_state(token.clone(), require_token));
     let app = axum::Router::new()
         .merge(mutating)
         .route("/v1/blobs/{hash}", get(api_blob).head(api_blob))
@@ -229,7 +229,15 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .route("/v1/providers/{hash}", get(providers))
         .route("/v1/peers", get(peers))
         .route("/v1/status", get(status))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    // A transient node's API serves the one command that started it (`shoal get -o -`): every
+    // route needs its token, so that nobody else on the machine has it fetch into a store
+    // with no cache bound.
+    let app = match node.config().transient {
+        true => app.route_layer(axum::middleware::from_fn_with_state(token, require_token)),
+        false => app,
+    };
+    let app = app
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
         .layer(axum::middleware::from_fn_with_state(bound.ip().is_loopback(), local_only))
         .layer(axum::middleware::map_response(crate::gateway::nosniff))

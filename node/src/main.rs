@@ -565,7 +565,7 @@ fn get(data_dir: &Path, hash: &str, output: Option<PathBuf>, bootstrap: Vec<Mult
     let output = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
     check_output(&output)?;
     match api_addr(data_dir) {
-        Some(api) => get_blob(&mut ViaApi { api, agent: agent() }, hash, &output),
+        Some(api) => get_blob(&mut ViaApi { api, agent: agent(), token: None }, hash, &output),
         None => get_with_own_node(hash, &output, bootstrap),
     }
 }
@@ -763,6 +763,8 @@ fn show_progress(p: &FetchProgress) {
 struct ViaApi {
     api: String,
     agent: ureq::Agent,
+    /// Sent with the requests that stream a blob: a transient node's API asks it on every route.
+    token: Option<String>,
 }
 
 impl Blobs for ViaApi {
@@ -814,12 +816,14 @@ impl Blobs for ViaApi {
     /// does (`fetch=while-read`). A piece that fails ends the body early, and the whole is checked
     /// against the hash at the end.
     fn stream_to_stdout(&mut self, hash: Hash) -> anyhow::Result<Option<u64>> {
-        let resp = self
+        let mut req = self
             .agent
             .get(format!("http://{}/v1/blobs/{hash}?fetch=while-read", self.api))
-            .header("Accept", "application/octet-stream")
-            .call()
-            .map_err(|e| unreachable(&self.api, e))?;
+            .header("Accept", "application/octet-stream");
+        if let Some(token) = &self.token {
+            req = req.header("Authorization", format!("Bearer {token}"));
+        }
+        let resp = req.call().map_err(|e| unreachable(&self.api, e))?;
         let status = resp.status();
         if !status.is_success() {
             let mut reason = String::new();
@@ -1031,11 +1035,15 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
         let runtime = runtime()?;
         let node = runtime.block_on(Node::start(config))?;
         let home = std::fs::canonicalize(&beside).ok();
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name))
+                .map(|s| s.trim().to_string())
+                .context("the node's API did not start")
+        };
         let api = match streaming {
-            true => Some(std::fs::read_to_string(dir.join("api")).context("the node's API did not start")?),
+            true => Some((read("api")?, read("api-token")?)),
             false => None,
         };
-        let api = api.map(|a| a.trim().to_string());
         let mut own = OwnNode { handle: node.handle(), runtime: &runtime, home, api };
         let outcome = get_blob(&mut own, hash, output);
         runtime.block_on(node.shutdown())?;
@@ -1052,14 +1060,16 @@ struct OwnNode<'a> {
     /// The directory its store was made in (canonical): files written under it are moved out of
     /// the store (see [`Blobs::write_file`]).
     home: Option<PathBuf>,
-    /// Its API's address, when it has one: to stream to standard output.
-    api: Option<String>,
+    /// Its API's address and token, when it has one: to stream to standard output.
+    api: Option<(String, String)>,
 }
 
 impl Blobs for OwnNode<'_> {
     fn stream_to_stdout(&mut self, hash: Hash) -> anyhow::Result<Option<u64>> {
         match &self.api {
-            Some(api) => ViaApi { api: api.clone(), agent: agent() }.stream_to_stdout(hash),
+            Some((api, token)) => {
+                ViaApi { api: api.clone(), agent: agent(), token: Some(token.clone()) }.stream_to_stdout(hash)
+            }
             None => Ok(None),
         }
     }

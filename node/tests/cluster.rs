@@ -1159,12 +1159,18 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let names: Vec<_> =
         std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
     assert!(!names.iter().any(|n| n.to_string_lossy().starts_with(".shoal-get")), "{names:?}");
-    // To standard output, streamed through the short-lived node's own API.
-    let streamed =
-        get_without_a_node(tmp.path(), &[&hash, "-o", "-", "--bootstrap", &n2.addr]).output().expect("run get");
+    // To standard output, streamed through the short-lived node's own API; its store, in the
+    // temporary directory, is gone with it.
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).expect("mkdir");
+    let streamed = get_without_a_node(tmp.path(), &[&hash, "-o", "-", "--bootstrap", &n2.addr])
+        .env("TMPDIR", &scratch)
+        .output()
+        .expect("run get");
     assert!(streamed.status.success(), "{}", String::from_utf8_lossy(&streamed.stderr));
     assert_eq!(blake3::hash(&streamed.stdout).to_hex().to_string(), hash);
     assert!(String::from_utf8_lossy(&streamed.stderr).contains("written as they came"));
+    assert_eq!(std::fs::read_dir(&scratch).expect("list").count(), 0, "its store is gone");
 }
 
 #[test]

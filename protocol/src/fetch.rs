@@ -1757,17 +1757,16 @@ where
                 return Some(self.send(peer, pieces, now));
             }
         }
-        let endgame = self.in_endgame();
-        if endgame || !self.reading.is_empty() {
+        let only = match self.in_endgame() {
+            true => None,
+            false => Some(self.read_next_missing()).filter(|next| !next.is_empty()),
+        };
+        if self.in_endgame() || only.is_some() {
             for &peer in &ranked {
                 if self.peers.get(&peer).is_none_or(|r| r.in_flight != 0) {
                     continue;
                 }
-                let pieces = match endgame {
-                    true => self.pick_duplicates(peer, None),
-                    false => self.pick_duplicates(peer, Some(&self.read_next_missing())),
-                };
-                if let Some(pieces) = pieces {
+                if let Some(pieces) = self.pick_duplicates(peer, only.as_deref()) {
                     return Some(self.send(peer, pieces, now));
                 }
             }
@@ -1775,18 +1774,24 @@ where
         None
     }
 
-    /// The piece each reader waits for now: the first of its span not verified yet. None before
-    /// the size is proven: a copy of the proof would cost the fetch a piece for nothing.
-    fn read_next_missing(&self) -> PieceSet {
-        let Some(claim) = self.claim.as_ref().filter(|c| c.proven) else { return PieceSet::empty(0) };
+    /// The piece each reader waits for now: the first of its span not verified yet (at most
+    /// [`MAX_READERS`]). None before the size is proven (a copy of the proof would cost the fetch
+    /// a piece for nothing) or when duplicates are off.
+    fn read_next_missing(&self) -> Vec<PieceIndex> {
+        let Some(claim) = self.claim.as_ref().filter(|c| c.proven && self.config.endgame_copies > 1) else {
+            return Vec::new();
+        };
         let n = claim.piece_count();
-        let mut next = PieceSet::empty(n);
-        for r in &self.reading {
-            let ahead = r.start..r.end.min(r.start.saturating_add(READ_AHEAD)).min(n);
-            if let Some(i) = ahead.into_iter().find(|&i| !claim.verified.contains(i)) {
-                next.insert(i);
-            }
-        }
+        let mut next: Vec<PieceIndex> = self
+            .reading
+            .iter()
+            .filter_map(|r| {
+                let ahead = r.start..r.end.min(r.start.saturating_add(READ_AHEAD)).min(n);
+                ahead.into_iter().find(|&i| !claim.verified.contains(i))
+            })
+            .collect();
+        next.sort_unstable();
+        next.dedup();
         next
     }
 
@@ -1889,7 +1894,7 @@ where
     /// it advertises and that have fewer than `endgame_copies` requests; before the end game,
     /// only pieces a reader waits for now (`only`): a late request holds up what a reader
     /// streams, and a copy from an idle peer may come first.
-    fn pick_duplicates(&self, peer: P, only: Option<&PieceSet>) -> Option<PieceSet> {
+    fn pick_duplicates(&self, peer: P, only: Option<&[PieceIndex]>) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
         let mut pieces = PieceSet::empty(claim.piece_count());
@@ -1897,7 +1902,7 @@ where
         for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
             for i in request.pieces.iter() {
                 if count < self.config.pieces_per_request
-                    && only.is_none_or(|o| o.contains(i))
+                    && only.is_none_or(|o| o.binary_search(&i).is_ok())
                     && advert.contains(i)
                     && !claim.verified.contains(i)
                     && usize::from(claim.copies(i)) < self.config.endgame_copies
