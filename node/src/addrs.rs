@@ -118,12 +118,11 @@ pub(crate) fn dialable(addrs: Vec<Multiaddr>, told_over_loopback: bool) -> Vec<M
 /// addresses. A name (`/dns4/...`) vouches for nothing: a peer announcing one beside other
 /// hosts' addresses would have them believed.
 pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
-    let addrs: Vec<&Multiaddr> = addrs.iter().filter(|a| !is_name(a)).collect();
     let Some(from) = ip(from) else { return true };
     if from.is_loopback() {
         return true;
     }
-    let mut same_family = addrs.into_iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
+    let mut same_family = addrs.iter().filter_map(ip).filter(|a| a.is_ipv4() == from.is_ipv4()).peekable();
     same_family.peek().is_none() || same_family.any(|a| a == from)
 }
 
@@ -138,7 +137,7 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// on the dialler's own LAN they name another host. The addresses on the IP we reach it at come
 /// first: a routing-table entry keeps only the first few.
 ///
-/// Names are left out: they are kept only once checked ([`names`], [`resolves_to`]).
+/// Names are left out: they are kept only once checked ([`names`], [`name_is_theirs`]).
 pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
     let mut addrs = dialable(announced, is_loopback(from));
     addrs.retain(|a| !is_name(a));
@@ -159,26 +158,30 @@ pub(crate) fn is_name(addr: &Multiaddr) -> bool {
 }
 
 /// The names among the addresses a peer announced that can be checked against where it is
-/// connected from ([`resolves_to`]), at most `max`. A name costs the peer nothing to announce
+/// connected from ([`name_is_theirs`]), at most `max`. A name costs the peer nothing to announce
 /// and may be anyone's: kept unchecked, a peer could have the crowds that look its blobs up
 /// dial another host by name. A `/dnsaddr` (TXT records naming further addresses) is not
 /// checked, and not kept.
 pub(crate) fn names(announced: &[Multiaddr], max: usize) -> Vec<Multiaddr> {
-    let checkable =
-        |a: &&Multiaddr| matches!(a.iter().next(), Some(Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)));
-    announced.iter().filter(checkable).take(max).cloned().collect()
+    announced.iter().filter(|a| host_of(a).is_some()).take(max).cloned().collect()
+}
+
+/// The host a checkable name (`/dns`, `/dns4`, `/dns6`) starts with, and the family it names
+/// (`Some(true)` for IPv4 alone, `Some(false)` for IPv6 alone).
+fn host_of(addr: &Multiaddr) -> Option<(Cow<'_, str>, Option<bool>)> {
+    match addr.iter().next()? {
+        Protocol::Dns(host) => Some((host, None)),
+        Protocol::Dns4(host) => Some((host, Some(true))),
+        Protocol::Dns6(host) => Some((host, Some(false))),
+        _ => None,
+    }
 }
 
 /// The IP addresses the name `addr` starts with resolves to with the system's resolver, in the
 /// family it names; none if it does not resolve, or is no name. Blocking.
 pub(crate) fn resolve(addr: &Multiaddr) -> Vec<IpAddr> {
     use std::net::ToSocketAddrs;
-    let (host, family) = match addr.iter().next() {
-        Some(Protocol::Dns(host)) => (host, None),
-        Some(Protocol::Dns4(host)) => (host, Some(true)),
-        Some(Protocol::Dns6(host)) => (host, Some(false)),
-        _ => return Vec::new(),
-    };
+    let Some((host, family)) = host_of(addr) else { return Vec::new() };
     let Ok(found) = (host.as_ref(), 0).to_socket_addrs() else { return Vec::new() };
     let mut ips: Vec<IpAddr> =
         found.map(|s| s.ip().to_canonical()).filter(|a| family.is_none_or(|v4| a.is_ipv4() == v4)).collect();

@@ -1757,11 +1757,12 @@ where
                 return Some(self.send(peer, pieces, now));
             }
         }
-        let only = match self.in_endgame() {
+        let endgame = self.in_endgame();
+        let only = match endgame {
             true => None,
             false => Some(self.read_next_missing()).filter(|next| !next.is_empty()),
         };
-        if self.in_endgame() || only.is_some() {
+        if endgame || only.is_some() {
             for &peer in &ranked {
                 if self.peers.get(&peer).is_none_or(|r| r.in_flight != 0) {
                     continue;
