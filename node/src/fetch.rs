@@ -92,6 +92,14 @@ fn failure(f: PeerFault) -> PeerFailure {
 /// The most blobs a node fetches at once; a fetch of one already under way follows it.
 pub(crate) const MAX_FETCHES: usize = 256;
 
+/// A fetch under way, as a later caller of the same blob follows it: its progress, and once it
+/// ended, why it failed if it did.
+#[derive(Clone)]
+pub(crate) struct Followed {
+    progress: watch::Receiver<FetchProgress>,
+    failed: Arc<std::sync::OnceLock<FetchError>>,
+}
+
 pub(crate) async fn fetch(
     node: &NodeHandle,
     hash: Hash,
@@ -99,7 +107,7 @@ pub(crate) async fn fetch(
 ) -> Result<BlobInfo, NodeError> {
     let store = node.store().clone();
     // One fetch per blob: later callers follow the first one's progress.
-    let own_tx = loop {
+    let (own_tx, failed) = loop {
         if let Some(info) = store.info(hash)
             && info.is_complete()
         {
@@ -115,22 +123,23 @@ pub(crate) async fn fetch(
             return Ok(info);
         }
         let (own_tx, own_rx) = watch::channel(FetchProgress::default());
+        let failed = Arc::new(std::sync::OnceLock::new());
         let existing = {
             let mut fetches = node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner());
             match fetches.get(&hash) {
-                Some(rx) => Some(rx.clone()),
+                Some(followed) => Some(followed.clone()),
                 // Each fetch runs lookups and dials: their number is bounded, so that requests
                 // for made-up hashes (the gateway may face the Internet) cannot run without end.
                 None if fetches.len() >= MAX_FETCHES => {
                     return Err(NodeError::Busy("as many fetches as it takes are under way"));
                 }
                 None => {
-                    fetches.insert(hash, own_rx);
+                    fetches.insert(hash, Followed { progress: own_rx, failed: failed.clone() });
                     None
                 }
             }
         };
-        let Some(mut rx) = existing else { break own_tx };
+        let Some(Followed { progress: mut rx, failed: theirs }) = existing else { break (own_tx, failed) };
         let done = loop {
             let p = rx.borrow_and_update().clone();
             if let Some(tx) = &progress {
@@ -149,7 +158,11 @@ pub(crate) async fn fetch(
             // `shoal get`). This caller did not, and carries on, with a fetch of its own or
             // following another's.
             _ if !done => continue,
-            _ => return Err(FetchError::Failed { hash, reason: "a concurrent fetch of it failed".into() }.into()),
+            // Failed: for the reason it failed (a blob nobody provides is not found, whoever asks).
+            _ => {
+                let reason = "a concurrent fetch of it failed".into();
+                return Err(theirs.get().cloned().unwrap_or(FetchError::Failed { hash, reason }).into());
+            }
         }
     };
     let registered = Registered { node, hash };
@@ -159,6 +172,13 @@ pub(crate) async fn fetch(
     let result = run(node, hash, trace, nearby, &own_tx, progress.as_ref()).instrument(span).await;
     let outcome = if result.is_ok() { "ok" } else { "failed" };
     node.inner.metrics.fetches.get_or_create(&crate::metrics::TransferLabels { kind: "blob", outcome }).inc();
+    if let Err(e) = &result {
+        // For the callers that followed this fetch, before they hear it ended.
+        let _ = failed.set(match e {
+            NodeError::Fetch(e) => e.clone(),
+            e => FetchError::Failed { hash, reason: e.to_string() },
+        });
+    }
     drop(registered);
     // The last report: a blob that arrived in one response was never reported in part.
     let finish = |p: &mut FetchProgress| {

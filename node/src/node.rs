@@ -168,7 +168,7 @@ pub(crate) struct Shared {
     pub(crate) uploads: Arc<Uploads>,
     pub(crate) config: NodeConfig,
     /// Fetches in progress, so concurrent requests for one blob share one fetch.
-    pub(crate) fetches: Mutex<HashMap<Hash, watch::Receiver<FetchProgress>>>,
+    pub(crate) fetches: Mutex<HashMap<Hash, crate::fetch::Followed>>,
     /// Where the readers of blobs being fetched are (gateway responses): their next pieces are
     /// fetched first.
     pub(crate) readers: crate::fetch::Readers,

@@ -125,3 +125,27 @@ async fn a_fetch_whose_store_fails_ends_with_the_stores_error() {
         n.shutdown().await.expect("shutdown");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_following_a_fetch_that_found_no_provider_is_told_so_too() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let provider = Node::start(config(tmp.path().join("p"))).await.expect("provider");
+    let p_addr = provider.handle().wait_listening().await.expect("listening")[0].clone();
+    let mut fc = config(tmp.path().join("fetcher"));
+    fc.bootstrap = vec![p_addr];
+    fc.lookup_timeout = Duration::from_secs(2);
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    // Nobody holds it: the first caller's fetch finds no provider, and the second, which
+    // followed it, used to be told only that "a concurrent fetch of it failed".
+    let unknown: shoal_node::protocol::Hash = "0".repeat(64).parse().expect("a hash");
+    let (h1, h2) = (fetcher.handle(), fetcher.handle());
+    let first = tokio::spawn(async move { h1.fetch(unknown, None).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second = h2.fetch(unknown, None).await;
+    let first = tokio::time::timeout(Duration::from_secs(60), first).await.expect("within 60 s").expect("task");
+    for (who, r) in [("first", first), ("second", second)] {
+        let e = r.expect_err("nobody holds it");
+        assert!(e.to_string().contains("no provider"), "the {who} caller was told: {e}");
+    }
+    drop((provider, fetcher));
+}

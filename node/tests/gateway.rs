@@ -112,8 +112,9 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
         assert_eq!(r.status(), 400);
         assert!(r.body_mut().read_to_string().expect("text").contains("64 hex digits"));
         let unknown = "0".repeat(64);
-        let r = a.get(format!("http://{gw_addr}/{unknown}")).call().expect("unknown hash");
-        assert_eq!(r.status(), 404);
+        let mut r = a.get(format!("http://{gw_addr}/{unknown}")).call().expect("unknown hash");
+        let status = r.status();
+        assert_eq!(status, 404, "{}", r.body_mut().read_to_string().unwrap_or_default());
         // `If-None-Match: *` is no 304 for a blob the node does not hold, and one for a blob it does.
         let r = a.get(format!("http://{gw_addr}/{unknown}")).header("If-None-Match", "*").call().expect("any");
         assert_eq!(r.status(), 404);
