@@ -1758,16 +1758,13 @@ where
             }
         }
         let endgame = self.in_endgame();
-        let only = match endgame {
-            true => None,
-            false => Some(self.read_next_missing()).filter(|next| !next.is_empty()),
-        };
-        if endgame || only.is_some() {
+        let waited = self.read_next_missing();
+        if endgame || !waited.is_empty() {
             for &peer in &ranked {
                 if self.peers.get(&peer).is_none_or(|r| r.in_flight != 0) {
                     continue;
                 }
-                if let Some(pieces) = self.pick_duplicates(peer, only.as_deref()) {
+                if let Some(pieces) = self.pick_duplicates(peer, &waited, endgame) {
                     return Some(self.send(peer, pieces, now));
                 }
             }
@@ -1891,25 +1888,29 @@ where
         self.config.endgame_copies > 1 && claim.wanted.is_empty()
     }
 
-    /// Duplicates for an idle `peer`: pieces of the oldest late requests in flight elsewhere that
-    /// it advertises and that have fewer than `endgame_copies` requests; before the end game,
-    /// only pieces a reader waits for now (`only`): a late request holds up what a reader
-    /// streams, and a copy from an idle peer may come first.
-    fn pick_duplicates(&self, peer: P, only: Option<&[PieceIndex]>) -> Option<PieceSet> {
+    /// Duplicates for an idle `peer`: pieces of late requests in flight elsewhere that it
+    /// advertises and that have fewer than `endgame_copies` requests. First the pieces readers
+    /// wait for now (`waited`, sorted): a late request holds up what a reader streams, and a copy
+    /// from an idle peer may come first. Then, in the `endgame` only, those of the oldest late
+    /// requests, up to a request's pieces.
+    fn pick_duplicates(&self, peer: P, waited: &[PieceIndex], endgame: bool) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
         let mut pieces = PieceSet::empty(claim.piece_count());
         let mut count = 0;
-        for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
-            for i in request.pieces.iter() {
-                if count < self.config.pieces_per_request
-                    && only.is_none_or(|o| o.binary_search(&i).is_ok())
-                    && advert.contains(i)
-                    && !claim.verified.contains(i)
-                    && usize::from(claim.copies(i)) < self.config.endgame_copies
-                    && pieces.insert(i)
-                {
-                    count += 1;
+        let passes: &[bool] = if endgame { &[true, false] } else { &[true] };
+        for &readers_only in passes {
+            for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
+                for i in request.pieces.iter() {
+                    if count < self.config.pieces_per_request
+                        && (!readers_only || waited.binary_search(&i).is_ok())
+                        && advert.contains(i)
+                        && !claim.verified.contains(i)
+                        && usize::from(claim.copies(i)) < self.config.endgame_copies
+                        && pieces.insert(i)
+                    {
+                        count += 1;
+                    }
                 }
             }
         }
@@ -3214,6 +3215,33 @@ mod tests {
         d.ok(slow, slow_id, &slow_pieces);
         assert_eq!(d.drain(), vec![]);
         assert_eq!(d.fetch.poll_timeout(), None);
+    }
+
+    #[test]
+    fn in_the_end_game_a_duplicate_takes_the_piece_a_reader_waits_for_first() {
+        let n = 9;
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
+        let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let reqs = requests(&after);
+        assert_eq!(reqs.len(), 2, "{after:?}");
+        // A reader waits for the last piece of the later request. A duplicate holds four pieces
+        // at most, and the earlier request's four would fill it.
+        let waited = reqs[1].2.iter().last().expect("a piece");
+        d.fetch.set_reading(std::iter::once(waited..n));
+        d.fetch.handle_providers([3], d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 3 }]);
+        d.have(3, PieceSet::full(n));
+        // Peer 3 is sent the pieces nobody was asked for, and answers once the requests of peers
+        // 1 and 2, every other missing piece, are both late.
+        let first = requests(&d.drain());
+        assert_eq!(first.len(), 1, "{first:?}");
+        let (peer, id, pieces) = first[0].clone();
+        assert_eq!(peer, 3);
+        assert!(requests(&d.advance(Duration::from_secs(5))).is_empty(), "no peer is idle");
+        let dup = requests(&d.ok(peer, id, &pieces));
+        assert_eq!(dup.len(), 1, "{dup:?}");
+        assert_eq!((dup[0].0, dup[0].2.count()), (3, 4), "{dup:?}");
+        assert!(dup[0].2.contains(waited), "the reader's piece is among them: {dup:?}");
     }
 
     #[test]
