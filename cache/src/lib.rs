@@ -10,4 +10,6 @@ mod hot;
 mod lru;
 pub mod store;
 
-pub use store::{Begun, BlobInfo, Imported, PieceStream, Store, StoreConfig, StoreError, StoreStats, Written};
+pub use store::{
+    Begun, BlobInfo, BlobReader, Imported, PieceStream, Store, StoreConfig, StoreError, StoreStats, Written,
+};

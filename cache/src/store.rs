@@ -16,8 +16,9 @@
 //!   the pieces verified since the last flush; it never leaves an unverified piece marked verified.
 //! - A blob directory appears under `blobs/` by rename, complete (imports) or with a meta that
 //!   describes it (network fetches); it leaves by rename into `tmp/` before it is deleted.
-//! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's full footprint (data +
-//!   outboard) from the moment it is begun; pinned blobs are the user's own and are not counted.
+//! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's full footprint (data,
+//!   outboard, and 16 KiB for its directory, meta and files' last blocks) from the moment it is
+//!   begun; pinned blobs are the user's own and are not counted.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -342,9 +343,16 @@ impl Blob {
     }
 }
 
+/// What a blob takes on disk: its data and outboard, and [`BLOB_OVERHEAD`].
 fn footprint(g: Geometry) -> u64 {
-    g.size() + g.outboard_size()
+    g.size() + g.outboard_size() + BLOB_OVERHEAD
 }
+
+/// What a blob takes on disk besides its bytes, about: its directory, its meta, and the last,
+/// partly used block of each of its two files, at 4 KiB a block. Counting the bytes alone, a cache
+/// bound of 10 GiB held ten billion one-byte blobs, each costing the disk a directory and three
+/// files, and the node an entry in memory.
+const BLOB_OVERHEAD: u64 = 4 * 4096;
 
 /// The format of `meta`. Format 2 counts pieces of [`PIECE_SIZE`]; format 1 counted pieces of
 /// [`V1_PIECE_SIZE`] and is read by mapping each of its pieces onto the ones it covers.
@@ -405,6 +413,71 @@ impl bao_tree_io::ReadAt for PiecesAt<'_> {
         let n = buf.len().min(bytes.len().saturating_sub(start));
         buf[..n].copy_from_slice(&bytes[start..start + n]);
         Ok(n)
+    }
+}
+
+/// A blob read piece by piece (see [`Store::reader`]), each piece checked against the hash as it
+/// is read.
+pub struct BlobReader {
+    store: Store,
+    blob: Arc<Blob>,
+    /// Held open until the reader is dropped, whatever the bound on open blobs does meanwhile.
+    files: Arc<Files>,
+}
+
+impl std::fmt::Debug for BlobReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobReader").field("hash", &self.blob.hash).finish_non_exhaustive()
+    }
+}
+
+impl BlobReader {
+    /// The blob as this reader holds it: its size and the pieces verified.
+    pub fn info(&self) -> BlobInfo {
+        self.blob.info()
+    }
+
+    /// Whether the blob, as this reader holds it, has `piece` verified. A blob evicted and begun
+    /// again is another entry, which a new reader reads.
+    pub fn holds(&self, piece: PieceIndex) -> bool {
+        lock(&self.blob.status).verified.contains(piece)
+    }
+
+    /// The bytes of one verified piece, checked against the hash as they are read. A piece that
+    /// fails is dropped from the store and reported as [`StoreError::Corrupt`]. Marks the blob
+    /// used, as a read of it.
+    pub fn read_piece(&self, piece: PieceIndex) -> Result<Bytes> {
+        let Self { store, blob, files } = self;
+        let hash = blob.hash;
+        let (have, total) = {
+            let st = lock(&blob.status);
+            (st.verified.contains(piece), st.verified.count())
+        };
+        if !have {
+            return Err(StoreError::Incomplete { hash, have: total, total: blob.geometry.piece_count() });
+        }
+        let one = PieceSet::single(blob.geometry.piece_count(), piece);
+        let loaded = store.load_pieces(blob, files, &one)?;
+        let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
+        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
+        match verify::encode_pieces(data, outboard, &one, io::sink()) {
+            Ok(()) => {
+                let bytes = loaded.get(&piece).cloned().unwrap_or_default();
+                // An entry that left the store meanwhile is not brought back into its memory tier.
+                let mut st = lock(&store.inner.state);
+                if st.blobs.get(&hash).is_some_and(|b| Arc::ptr_eq(b, blob)) {
+                    lock(&store.inner.hot).insert(hash, piece, bytes.clone());
+                    st.lru.touch(&hash);
+                }
+                Ok(bytes)
+            }
+            Err(EncodeError::Io(e)) => Err(StoreError::Io { op: "read", path: blob.dir.clone(), source: e }),
+            Err(_) => {
+                warn!(blob = %hash, piece, "stored bytes failed verification; dropping the piece");
+                store.unmark(blob, &one)?;
+                Err(StoreError::Corrupt { hash, piece })
+            }
+        }
     }
 }
 
@@ -597,6 +670,12 @@ impl Store {
         for entry in fs::read_dir(&blobs_dir).map_err(io_err("list", &blobs_dir))? {
             let entry = entry.map_err(io_err("list", &blobs_dir))?;
             let dir = entry.path();
+            // A meta being written when the last process stopped never took its place: it goes.
+            for stale in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if stale.file_name().to_str().is_some_and(|n| n.starts_with("meta.tmp.")) {
+                    let _ = fs::remove_file(stale.path());
+                }
+            }
             match load_blob(&dir) {
                 Ok(Some(Loaded::Blob(blob))) => {
                     let blob = *blob;
@@ -818,11 +897,19 @@ impl Store {
                 }
                 return Ok(Imported { hash, size: geometry.size(), evicted });
             }
-            // A partial copy: the complete one replaces it, pinned if the user pinned that.
+            // A partial copy: the complete one replaces it, pinned if the user pinned that. Decided
+            // before it is admitted: counted as cache, it would evict blobs for room it does not
+            // take, or be refused as too large after the pinned copy went, or be evicted before
+            // it is pinned.
             pinned_before = existing.info().pinned;
+            if pinned_before && !pin {
+                let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: true, bitmap: full.to_bitmap() };
+                write_meta(&dir, &meta, self.inner.config.durable)?;
+            }
             self.take_entry(&mut st, &hash);
             self.trash(&existing.dir)?;
         }
+        let pin = pin || pinned_before;
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
             Vec::new()
@@ -842,10 +929,6 @@ impl Store {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 drop(st);
-                let mut evicted = evicted;
-                if pinned_before && !pin {
-                    evicted.extend(self.pin(hash)?);
-                }
                 Ok(Imported { hash, size: geometry.size(), evicted })
             }
             Err(e) => {
@@ -916,10 +999,14 @@ impl Store {
         let dir = self.tmp_path("partial");
         let created = (|| {
             fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+            // Their lengths made durable before the meta that names them: a power loss between
+            // the two would leave files shorter than the meta says, and the blob set aside.
+            let durable = self.inner.config.durable;
+            let sized = |f: File, len: u64| f.set_len(len).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
             let data = dir.join("data");
-            File::create(&data).and_then(|f| f.set_len(size)).map_err(io_err("create", &data))?;
+            File::create(&data).and_then(|f| sized(f, size)).map_err(io_err("create", &data))?;
             let ob = dir.join("outboard");
-            File::create(&ob).and_then(|f| f.set_len(geometry.outboard_size())).map_err(io_err("create", &ob))?;
+            File::create(&ob).and_then(|f| sized(f, geometry.outboard_size())).map_err(io_err("create", &ob))?;
             let empty = PieceSet::empty(geometry.piece_count());
             write_meta(
                 &dir,
@@ -965,7 +1052,13 @@ impl Store {
         let mut stored = PieceSet::empty(blob.geometry.piece_count());
         let files = self.files(&blob)?;
         let mut outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
+        // A piece held already is not written again: a late duplicate of a request the end game
+        // made would otherwise rewrite bytes a reader, an upload, or (once the blob is complete
+        // and moved out) a user's file has.
         for piece in pieces {
+            if lock(&blob.status).verified.contains(piece.piece()) {
+                continue;
+            }
             // Verified against this hash, so against this blob's size too; a decoder made for
             // another size could not have verified anything, but the store does not rely on it.
             if piece.bytes() != blob.geometry.piece_bytes(piece.piece()) {
@@ -1072,8 +1165,12 @@ impl Store {
             let path = blob.dir.join("meta");
             fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         }
-        if durable {
-            sync_dir(&blob.dir)?;
+        // A blob evicted since the rename took its directory away: nothing left to make durable.
+        if durable && let Err(e) = sync_dir(&blob.dir) {
+            if self.is_current(blob) {
+                return Err(e);
+            }
+            return Ok(());
         }
         let mut st = lock(&blob.status);
         st.committed = st.committed.max(changes);
@@ -1082,6 +1179,16 @@ impl Store {
         // Pieces marked while this commit ran wait for the next one, and count towards it.
         st.unflushed_bytes -= unflushed.min(st.unflushed_bytes);
         Ok(())
+    }
+
+    /// Whether the store holds a piece of `hash` that is in `wanted`, or holds it counted for
+    /// another number of pieces than `wanted` is (its have-map is news to whoever counts
+    /// otherwise); `None` if it holds no entry of `hash`. Copies nothing, as a watch woken at
+    /// every piece stored asks it.
+    pub fn has_news(&self, hash: Hash, wanted: &PieceSet) -> Option<bool> {
+        let blob = self.blob(hash).ok()?;
+        let st = lock(&blob.status);
+        Some(st.verified.piece_count() != wanted.piece_count() || st.verified.intersects(wanted))
     }
 
     /// Whether `blob` is the one the store holds under its hash.
@@ -1179,34 +1286,19 @@ impl Store {
     }
 
     /// The bytes of one verified piece, checked against the hash as they are read. A piece that
-    /// fails is dropped from the store and reported as [`StoreError::Corrupt`].
+    /// fails is dropped from the store and reported as [`StoreError::Corrupt`]. A caller reading
+    /// a blob piece by piece takes a [`Store::reader`] instead, which an eviction cannot cut short.
     pub fn read_piece(&self, hash: Hash, piece: PieceIndex) -> Result<Bytes> {
+        self.reader(hash)?.read_piece(piece)
+    }
+
+    /// A reader of `hash`, piece by piece. It holds the blob's files open, as an upload does
+    /// ([`PieceStream`]): an eviction or a removal while it reads takes the entry out of the
+    /// store and its room out of the count, not the bytes out from under the reader.
+    pub fn reader(&self, hash: Hash) -> Result<BlobReader> {
         let blob = self.blob(hash)?;
-        let (have, total) = {
-            let st = lock(&blob.status);
-            (st.verified.contains(piece), st.verified.count())
-        };
-        if !have {
-            return Err(StoreError::Incomplete { hash, have: total, total: blob.geometry.piece_count() });
-        }
-        let one = PieceSet::single(blob.geometry.piece_count(), piece);
         let files = self.files(&blob)?;
-        let loaded = self.load_pieces(&blob, &files, &one)?;
-        let data = PiecesAt { geometry: blob.geometry, pieces: &loaded };
-        let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
-        match verify::encode_pieces(data, outboard, &one, io::sink()) {
-            Ok(()) => {
-                let bytes = loaded.get(&piece).cloned().unwrap_or_default();
-                lock(&self.inner.hot).insert(hash, piece, bytes.clone());
-                Ok(bytes)
-            }
-            Err(EncodeError::Io(e)) => Err(StoreError::Io { op: "read", path: blob.dir.clone(), source: e }),
-            Err(_) => {
-                warn!(blob = %hash, piece, "stored bytes failed verification; dropping the piece");
-                self.unmark(&blob, &one)?;
-                Err(StoreError::Corrupt { hash, piece })
-            }
-        }
+        Ok(BlobReader { store: self.clone(), blob, files })
     }
 
     /// Reads pieces from the memory tier or the data file.

@@ -496,7 +496,8 @@ fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
         sent.extend_from_slice(&step);
     }
     assert_eq!(sent, Source::new(data.clone()).encode(&wanted));
-    assert_eq!(store.stats().hot_bytes as u64, PIECE_SIZE + (PIECE_SIZE - 100), "pieces 1 and 3, whole");
+    let entries = 2 * 128;
+    assert_eq!(store.stats().hot_bytes as u64, PIECE_SIZE + (PIECE_SIZE - 100) + entries, "pieces 1 and 3, whole");
     // Served again, from the tier, the answer is the same.
     let (served, encoded) = store.encode_pieces(hash, &wanted).expect("encode");
     assert_eq!((served, encoded), (wanted, sent));
@@ -550,6 +551,63 @@ fn a_pinned_partial_copy_stays_pinned_when_the_whole_blob_is_imported() {
         assert!(info.is_complete() && info.pinned, "{info:?}");
     }
     assert!(open(tmp.path()).info(src.hash).expect("held after a restart").pinned);
+}
+
+/// A pinned blob takes no cache room, nor does the whole copy imported over a pinned partial one:
+/// it evicts nothing for it, and is not refused for a cache smaller than it.
+#[test]
+fn a_whole_copy_imported_over_a_pinned_partial_one_needs_no_cache_room() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = Source::new(bytes(12, (3 * PIECE_SIZE) as usize));
+    let store = open(tmp.path());
+    store.begin(src.hash, src.data.len() as u64).expect("begin");
+    store.write_pieces(src.hash, &src.piece(1), &src.encode(&src.piece(1))[..]).expect("write");
+    store.pin(src.hash).expect("pin the partial copy");
+    let cached = import(&store, tmp.path(), &bytes(13, PIECE_SIZE as usize), false);
+    store.set_cache_bytes(2 * PIECE_SIZE).expect("shrink the cache");
+    let input = tmp.path().join("whole");
+    fs::write(&input, &src.data).expect("write");
+    let imported = store.import_file(&input, false).expect("a pinned blob needs no cache room");
+    assert!(imported.evicted.is_empty(), "{imported:?}");
+    assert!(store.info(cached).is_some(), "nothing was evicted for it");
+    let info = store.info(src.hash).expect("held");
+    assert!(info.is_complete() && info.pinned, "{info:?}");
+}
+
+/// A blob read piece by piece is read to its end though the cache evicts it meanwhile: the reader
+/// holds its files, as an upload does.
+#[test]
+fn a_reader_reads_a_blob_to_its_end_though_it_is_evicted_meanwhile() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(tmp.path(), StoreConfig { cache_bytes: 3 * MIB, ..Default::default() }).expect("open");
+    let data = bytes(14, (2 * MIB) as usize);
+    let read = import(&store, tmp.path(), &data, false);
+    let reader = store.reader(read).expect("reader");
+    assert_eq!(reader.read_piece(0).expect("first piece"), &data[..PIECE_SIZE as usize]);
+    let other = Source::new(bytes(15, (2 * MIB) as usize));
+    let begun = store.begin(other.hash, other.data.len() as u64).expect("begin");
+    assert_eq!(begun.evicted, vec![read], "the blob being read made room");
+    assert!(store.read_piece(read, 1).is_err(), "gone from the store");
+    let pieces = (2 * MIB / PIECE_SIZE) as u32;
+    let mut rest = Vec::new();
+    for piece in 1..pieces {
+        rest.extend_from_slice(&reader.read_piece(piece).expect("read on from the files it holds"));
+    }
+    assert_eq!(rest, data[PIECE_SIZE as usize..]);
+}
+
+/// A tiny blob costs the disk a directory and its files whatever its size: the cache bound counts
+/// that, so a bound holds a bounded number of blobs.
+#[test]
+fn the_cache_bound_counts_what_a_tiny_blob_costs_the_disk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(tmp.path(), StoreConfig { cache_bytes: 512 << 10, ..Default::default() }).expect("open");
+    for seed in 0..100u64 {
+        import(&store, tmp.path(), &[seed as u8], false);
+    }
+    let held = store.list().len();
+    assert!((1..=32).contains(&held), "{held} one-byte blobs in a 512 KiB cache");
+    assert!(store.stats().cache_bytes <= 512 << 10);
 }
 
 /// The blobs' files of the store at `root` that this process holds open.

@@ -206,8 +206,9 @@ async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Respon
         READING_WHOLE.acquire().await.map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))?;
     let geometry = Geometry::new(size).map_err(|_| Box::new(error(StatusCode::BAD_GATEWAY, "blob too large")))?;
     let mut out = Vec::with_capacity(size as usize);
+    let mut reader = None;
     for piece in 0..geometry.piece_count() {
-        out.extend_from_slice(&wait_piece(node, hash, piece, &fetching).await?);
+        out.extend_from_slice(&wait_piece(node, hash, piece, &fetching, &mut reader).await?);
     }
     // A size no proof backed may have given way to the true one meanwhile.
     if node.store().info(hash).map(|i| i.size) != Some(size) || out.len() as u64 != size {
@@ -396,7 +397,7 @@ pub(crate) async fn serve(
     let content_type = if size == 0 {
         "application/octet-stream"
     } else {
-        match wait_piece(&node, hash, 0, &fetching).await {
+        match wait_piece(&node, hash, 0, &fetching, &mut None).await {
             Ok(first) => {
                 is_collection = path.is_none() && shoal_protocol::collection::Collection::is_collection(&first);
                 if is_collection && !wants_raw(headers) {
@@ -437,11 +438,12 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
         let _stop_with_answer = stop_with_answer;
+        let mut reader = None;
         for piece in first..=last {
             if let Some(reading) = &reading {
                 reading.wants(piece..last + 1);
             }
-            let item = match wait_piece(&node, hash, piece, &fetching).await {
+            let item = match wait_piece(&node, hash, piece, &fetching, &mut reader).await {
                 // The size the answer announced may have been a peer's claim that did not hold,
                 // and the entry given way to the blob's true size: a piece of that one is cut
                 // from another geometry, and the answer would end early yet look whole.
@@ -470,12 +472,15 @@ pub(crate) async fn serve(
 }
 
 /// Waits until `piece` is verified in the store (the fetch may still be running), then reads it,
-/// re-verified. Fails if the fetch ends without it or the read fails verification.
+/// re-verified. Fails if the fetch ends without it or the read fails verification. An answer
+/// keeps its `reader` from piece to piece: it holds the blob's files, so that an eviction meanwhile
+/// (the cache making room for another blob) does not cut the body short.
 async fn wait_piece(
     node: &NodeHandle,
     hash: Hash,
     piece: u32,
     fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+    reader: &mut Option<shoal_cache::BlobReader>,
 ) -> Result<Bytes, Box<Response>> {
     let store = node.store().clone();
     let stall = node.config().lookup_wait();
@@ -485,8 +490,20 @@ async fn wait_piece(
         match store.info(hash) {
             Some(info) if info.pieces.contains(piece) => {
                 let s = store.clone();
-                return match tokio::task::spawn_blocking(move || s.read_piece(hash, piece)).await {
-                    Ok(Ok(bytes)) => Ok(bytes),
+                let held = reader.take();
+                let read = tokio::task::spawn_blocking(move || {
+                    // A reader of an entry that left the store (and came back) lacks the piece.
+                    let r = match held {
+                        Some(r) if r.holds(piece) => r,
+                        _ => s.reader(hash)?,
+                    };
+                    r.read_piece(piece).map(|bytes| (r, bytes))
+                });
+                return match read.await {
+                    Ok(Ok((r, bytes))) => {
+                        *reader = Some(r);
+                        Ok(bytes)
+                    }
                     _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
                 };
             }

@@ -1095,9 +1095,9 @@ impl Blobs for OwnNode<'_> {
     }
 
     fn open(&mut self, hash: Hash) -> anyhow::Result<Box<dyn Read + '_>> {
-        let store = self.handle.store().clone();
-        let pieces = store.info(hash).ok_or_else(|| anyhow!("{hash} is not in the store"))?.pieces.piece_count();
-        Ok(Box::new(PieceReader { store, hash, next: 0, pieces, current: std::io::Cursor::new(Bytes::new()) }))
+        let reader = self.handle.store().reader(hash).map_err(|_| anyhow!("{hash} is not in the store"))?;
+        let pieces = reader.info().pieces.piece_count();
+        Ok(Box::new(PieceReader { reader, next: 0, pieces, current: std::io::Cursor::new(Bytes::new()) }))
     }
 
     /// Moves the blob's file out of the store into place, once its hash is checked: the store is
@@ -1128,10 +1128,10 @@ impl Blobs for OwnNode<'_> {
     }
 }
 
-/// A blob read from a store piece by piece; each piece is checked as it is read.
+/// A blob read from a store piece by piece; each piece is checked as it is read. It holds the
+/// blob's files: an eviction meanwhile does not cut the copy short.
 struct PieceReader {
-    store: shoal_node::cache::Store,
-    hash: Hash,
+    reader: shoal_node::cache::BlobReader,
     next: u32,
     pieces: u32,
     current: std::io::Cursor<Bytes>,
@@ -1144,7 +1144,7 @@ impl Read for PieceReader {
             if n > 0 || buf.is_empty() || self.next == self.pieces {
                 return Ok(n);
             }
-            let piece = self.store.read_piece(self.hash, self.next).map_err(std::io::Error::other)?;
+            let piece = self.reader.read_piece(self.next).map_err(std::io::Error::other)?;
             self.current = std::io::Cursor::new(piece);
             self.next += 1;
         }

@@ -275,6 +275,11 @@ impl PieceSet {
         Self { len: self.len, words }
     }
 
+    /// Whether the sets share a piece; allocates nothing.
+    pub fn intersects(&self, other: &PieceSet) -> bool {
+        self.words.iter().zip(other.words.iter()).any(|(a, b)| a & b != 0)
+    }
+
     /// The pieces in `self` but not in `other`.
     pub fn difference(&self, other: &PieceSet) -> PieceSet {
         let words =
@@ -366,6 +371,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sets_intersect_as_their_intersection_says() {
+        let of = |len: u32, ix: &[u32]| {
+            let mut s = PieceSet::empty(len);
+            ix.iter().for_each(|&i| {
+                s.insert(i);
+            });
+            s
+        };
+        let a = of(130, &[0, 64, 129]);
+        for (b, meets) in [(of(130, &[1, 65, 128]), false), (of(130, &[129]), true), (of(130, &[]), false)] {
+            assert_eq!(a.intersects(&b), meets, "{a:?} and {b:?}");
+            assert_eq!(a.intersects(&b), !a.intersection(&b).is_empty());
+        }
+        assert!(!of(64, &[3]).intersects(&of(130, &[64])), "pieces past the shorter set are in neither");
     }
 
     #[test]
