@@ -14,7 +14,7 @@
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
-//!   it) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
+//!   it lately) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
 //!   lately gets no other until our patience for it has passed (or while nobody else waits for
 //!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
 //!   becomes the one holder of several pieces whose uplink all of them share. However small the
@@ -45,7 +45,8 @@
 //!   than it would if every fetcher picked its sources apart from who picked it.
 //!
 //! Everything here is bounded: [`MAX_BLOBS`] blobs, [`MAX_CONTACTS`] peers per blob,
-//! [`MAX_WITHHELD`] pieces held back per peer, and [`NEARBY_QUEUE`] names waiting per fetch.
+//! [`MAX_HELD_BACK`] requesters' patience clocks of [`MAX_WITHHELD`] pieces each, and
+//! [`NEARBY_QUEUE`] names waiting per fetch.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -61,7 +62,8 @@ use tokio::sync::mpsc;
 /// Blobs remembered at most; the least recently used is forgotten.
 const MAX_BLOBS: usize = 256;
 
-/// Peers remembered per blob; the one seen longest ago is replaced.
+/// Peers remembered per blob; past it, a new one replaces the requester holding nothing that
+/// asked longest ago, or else the holder seen longest ago.
 const MAX_CONTACTS: usize = 64;
 
 /// Pieces held back from one peer at most; past it, that peer is served what it asks.
@@ -98,6 +100,16 @@ pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
 
+/// Requesters whose patience clocks are kept at most; the one held back longest ago is forgotten.
+const MAX_HELD_BACK: usize = 4096;
+
+/// A peer that asked for a blob and holds none of it counts in the blob's crowd for this long
+/// after it last asked: past the longest wait a refused requester is given (8 × the spread retry,
+/// checked in `transfer`), and as long as our patience, since a fetcher that parks a busy peer
+/// may ask it again only later. A few peers asking more seldom than this do not make a lone
+/// fetcher's publisher treat it as one of a crowd (they did while they stayed fresh, 90 s).
+pub(crate) const ASKING: Duration = Duration::from_secs(30);
+
 /// The pieces [`Crowds::claim`] chose for a request, and of them those it recorded as served
 /// that no earlier request had: all a request may give back.
 #[derive(Debug)]
@@ -123,6 +135,8 @@ pub(crate) struct Crowds {
     patience: Duration,
     /// How long a peer that moved pieces with us is hinted and relied on.
     fresh: Duration,
+    /// How long a peer that only asked counts in a crowd ([`ASKING`], stretched).
+    asking: Duration,
 }
 
 #[derive(Debug)]
@@ -144,26 +158,33 @@ struct Inner {
     /// when last. Apart from the contacts, which a crowd's requesters cycle through faster than
     /// they come back. At most [`MAX_REFUSED`].
     refused: LruCache<(Hash, PeerId), (u32, Instant)>,
+    /// Pieces held back from a requester, per blob, each with when it was first held back: the
+    /// requester's patience clocks. Apart from the contacts, for the same reason as `refused`: a
+    /// requester held back holds nothing from us, so it is the first contact a new asker replaces,
+    /// and 64 other askers would start its patience again. At most [`MAX_HELD_BACK`] requesters,
+    /// [`MAX_WITHHELD`] pieces each.
+    withheld: LruCache<(Hash, PeerId), Vec<(u32, Instant)>>,
 }
 
 #[derive(Debug)]
 struct Contact {
     peer: PeerId,
-    /// The last transfer of this blob with the peer, either way.
+    /// When it last asked for the blob or moved pieces of it with us.
     seen: Instant,
+    /// When pieces of the blob last moved between it and us, either way (a transfer begun or
+    /// ended). Only this makes a holder fresh, hinted and ranked: asking does not.
+    moved: Option<Instant>,
     /// It holds pieces of the blob: it served us some, or we served it some.
     holds: bool,
     /// Pieces we served it, verified on its side before it keeps them.
     served: Option<PieceSet>,
-    /// Pieces held back from it, each with when it was first held back.
-    withheld: Vec<(u32, Instant)>,
     /// Pieces of the answers we are sending it now, as [`Crowds::claim`] counted them.
     sending: u32,
 }
 
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
-    /// Both it and [`FRESH`] are network time, stretched by `time_scale` (see
+    /// It, [`FRESH`] and [`ASKING`] are network time, stretched by `time_scale` (see
     /// [`crate::NodeConfig::time_scale`]).
     pub(crate) fn new(patience: Duration, time_scale: f64) -> Self {
         let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
@@ -171,6 +192,7 @@ impl Crowds {
         Self {
             patience,
             fresh: stretch(FRESH).max(patience.saturating_mul(3)),
+            asking: stretch(ASKING),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 unreachable: HashMap::new(),
@@ -178,6 +200,7 @@ impl Crowds {
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 fetching: HashMap::new(),
                 refused: LruCache::new(NonZeroUsize::new(MAX_REFUSED).unwrap_or(NonZeroUsize::MIN)),
+                withheld: LruCache::new(NonZeroUsize::new(MAX_HELD_BACK).unwrap_or(NonZeroUsize::MIN)),
             }),
         }
     }
@@ -265,7 +288,9 @@ impl Crowds {
     /// `peer` served us pieces of `hash`.
     pub(crate) fn source(&self, hash: Hash, peer: PeerId, now: Instant) {
         let mut inner = self.lock();
-        contact(&mut inner, hash, peer, now).holds = true;
+        let c = contact(&mut inner, hash, peer, now);
+        c.holds = true;
+        c.moved = Some(now);
     }
 
     /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh they are left to it
@@ -331,7 +356,9 @@ impl Crowds {
     /// a peer it can ask over the connection we just used.
     pub(crate) fn delivered(&self, hash: Hash, peer: PeerId, now: Instant) {
         let mut inner = self.lock();
-        contact(&mut inner, hash, peer, now).holds = true;
+        let c = contact(&mut inner, hash, peer, now);
+        c.holds = true;
+        c.moved = Some(now);
         if let Some(fetch) = inner.fetching.get(&hash) {
             // A full channel drops the name: the fetch is behind, and the peer will be named again.
             let _ = fetch.try_send(peer);
@@ -356,18 +383,28 @@ impl Crowds {
         self.lock().addrs.contains_key(peer)
     }
 
-    /// Whether `c` moved the blob with us recently enough to be hinted and relied on.
+    /// Whether `c` moved the blob with us recently enough to be hinted and relied on. Asking
+    /// for it does not count: a peer that once got a piece and then only asks is not named for
+    /// its asking.
     fn is_fresh(&self, c: &Contact, now: Instant) -> bool {
-        now.saturating_duration_since(c.seen) < self.fresh
+        c.moved.is_some_and(|at| now.saturating_duration_since(at) < self.fresh)
+    }
+
+    /// Whether `c` counts in the blob's crowd: a fresh holder, or a peer that asked lately. A
+    /// transfer that failed leaves its peer fresh but holding nothing from us: an asker.
+    fn in_crowd(&self, c: &Contact, now: Instant) -> bool {
+        let holds = c.holds || c.served.as_ref().is_some_and(|s| !s.is_empty());
+        (holds && self.is_fresh(c, now)) || now.saturating_duration_since(c.seen) < self.asking
     }
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
     /// been held back from `peer` for our patience already, or we upload to no other peer
-    /// (`uplink.idle`) and the blob's crowd (the fresh peers that moved it with us or asked for
-    /// it) is smaller than [`SMALL_CROWD`]. In a crowd that large, one piece goes out at a time, and a fresh
-    /// peer we served a piece to gets no other until its patience for them has passed, unless we
-    /// have room (`uplink.room`): an upload slot free and nobody in line for one.
+    /// (`uplink.idle`) and the blob's crowd (the fresh holders, and the peers that asked for it
+    /// within [`ASKING`]) is smaller than [`SMALL_CROWD`]. In a crowd that large, one piece goes
+    /// out at a time, and a fresh peer we served a piece to gets no other until its patience for
+    /// them has passed, unless we have room (`uplink.room`): an upload slot free and nobody in
+    /// line for one.
     pub(crate) fn offer(
         &self,
         hash: Hash,
@@ -434,7 +471,7 @@ impl Crowds {
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
         let asker = contact(inner, hash, peer, now);
         let (served_before, sending) = (asker.served.as_ref().is_some_and(|s| !s.is_empty()), asker.sending);
-        let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.is_fresh(c, now)).count());
+        let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.in_crowd(c, now)).count());
         let mut elsewhere = self.elsewhere(inner, hash, peer, asked, now);
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
         // send it another, so the first copies go to as many peers as there are pieces. It waits
@@ -449,7 +486,10 @@ impl Crowds {
         }
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
-            false => hold_back(contact(inner, hash, peer, now), asked, &elsewhere, self.patience, now),
+            false => {
+                let clocks = inner.withheld.get_or_insert_mut((hash, peer), Vec::new);
+                hold_back(clocks, asked, &elsewhere, (self.patience, self.fresh), now)
+            }
         };
         // However small the crowd, a peer is sent at most its share of the blob at once: its
         // pieces over the crowd's peers. A crowd forms over the round trips in which its
@@ -498,7 +538,7 @@ impl Crowds {
 
     /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online:
     /// first those we served any of `wanted` (the pieces the requester asked for or wants), if
-    /// given, then the most recently seen. A peer we served a piece to may have moved nothing
+    /// given, then those that moved pieces with us most recently. A peer we served a piece to may have moved nothing
     /// with us since, and by recency alone it is lost among the peers served after it.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
@@ -516,7 +556,7 @@ impl Crowds {
                 .zip(c.served.as_ref())
                 .is_some_and(|(w, s)| s.piece_count() == w.piece_count() && !s.intersection(w).is_empty())
         };
-        known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.seen)));
+        known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.moved)));
         known
             .into_iter()
             .take(MAX_HINTS)
@@ -532,7 +572,7 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     let ix = match contacts.iter().position(|c| c.peer == peer) {
         Some(ix) => ix,
         None => {
-            let fresh = Contact { peer, seen: now, holds: false, served: None, withheld: Vec::new(), sending: 0 };
+            let fresh = Contact { peer, seen: now, moved: None, holds: false, served: None, sending: 0 };
             if contacts.len() < MAX_CONTACTS {
                 contacts.push(fresh);
                 contacts.len() - 1
@@ -557,6 +597,7 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
 /// those not recorded before.
 fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) -> PieceSet {
     let c = contact(inner, hash, peer, now);
+    c.moved = Some(now);
     let new = match &mut c.served {
         Some(s) if s.piece_count() == pieces.piece_count() => {
             let new = pieces.difference(s);
@@ -568,20 +609,38 @@ fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet
             pieces.clone()
         }
     };
-    c.withheld.retain(|(i, _)| !pieces.contains(*i));
+    if let Some(clocks) = inner.withheld.peek_mut(&(hash, peer)) {
+        clocks.retain(|(i, _)| !pieces.contains(*i));
+        if clocks.is_empty() {
+            inner.withheld.pop(&(hash, peer));
+        }
+    }
     inner.refused.pop(&(hash, peer));
     new
 }
 
-/// `asked` less the pieces of `elsewhere` still within `patience` for `c`; pieces held back for
-/// the first time start their patience now.
-fn hold_back(c: &mut Contact, asked: &PieceSet, elsewhere: &PieceSet, patience: Duration, now: Instant) -> PieceSet {
+/// `asked` less the pieces of `elsewhere` still within `patience` by the requester's `clocks`;
+/// pieces held back for the first time start their patience now, and so do those whose clock is
+/// older than `restart` (a requester back long after, most likely for a crowd of its own).
+fn hold_back(
+    clocks: &mut Vec<(u32, Instant)>,
+    asked: &PieceSet,
+    elsewhere: &PieceSet,
+    (patience, restart): (Duration, Duration),
+    now: Instant,
+) -> PieceSet {
     let mut offer = asked.clone();
     for i in elsewhere.iter() {
-        let since = match c.withheld.iter().find(|(p, _)| *p == i) {
-            Some((_, t)) => *t,
-            None if c.withheld.len() < MAX_WITHHELD => {
-                c.withheld.push((i, now));
+        let since = match clocks.iter().position(|(p, _)| *p == i) {
+            Some(at) => {
+                let t = &mut clocks[at].1;
+                if now.saturating_duration_since(*t) >= restart {
+                    *t = now;
+                }
+                *t
+            }
+            None if clocks.len() < MAX_WITHHELD => {
+                clocks.push((i, now));
                 now
             }
             None => continue,
@@ -682,7 +741,7 @@ mod tests {
         let hinted = named(Some(&asked));
         assert_eq!(hinted.len(), MAX_HINTS);
         assert_eq!(hinted[0], first);
-        // Asked nothing in particular, the most recently seen come first, and the first is left out.
+        // Asked nothing in particular, the latest transfers come first, and the first is left out.
         assert_eq!(named(None).len(), MAX_HINTS);
         assert!(!named(None).contains(&first));
     }
@@ -888,6 +947,87 @@ mod tests {
         assert_eq!(crowds.spread_refused(hash, a, base, now + Duration::from_secs(40)).0, base);
     }
 
+    /// A requester held back holds nothing from us, so it is the first contact a new asker
+    /// replaces: its patience must not start again when more than a blob's contacts ask meanwhile.
+    #[test]
+    fn a_requesters_patience_runs_out_however_many_others_ask_meanwhile() {
+        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let (holder, waiting) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(holder, vec![addr(1)]);
+        served(&crowds, hash, holder, &set(8, &[0]), t0);
+        let asked = set(8, &[0]);
+        assert!(crowds.offer(hash, waiting, &asked, true, up(false, false), t0).is_empty());
+        // Twice as many peers as a blob's contacts ask for another piece meanwhile.
+        for k in 0..2 * MAX_CONTACTS as u64 {
+            let at = t0 + Duration::from_millis(1 + k);
+            let _ = crowds.offer(hash, PeerId::random(), &set(8, &[7]), true, up(false, false), at);
+        }
+        let patience = t0 + Duration::from_secs(3);
+        assert!(
+            crowds.offer(hash, waiting, &asked, true, up(false, false), patience - Duration::from_millis(1)).is_empty()
+        );
+        assert_eq!(crowds.offer(hash, waiting, &asked, true, up(false, false), patience), asked);
+        // Back long after, for a crowd of the piece's holders again, it waits its patience again.
+        let again = t0 + Duration::from_secs(100);
+        served(&crowds, hash, holder, &asked, again);
+        assert!(crowds.offer(hash, waiting, &asked, true, up(false, false), again).is_empty());
+    }
+
+    /// A few peers asking now and then are not a crowd: a lone fetcher is still sent all it asks.
+    #[test]
+    fn askers_count_in_a_crowd_only_while_they_ask() {
+        let crowds = Crowds::new(PATIENCE, 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let t0 = Instant::now();
+        let asked = set(8, &[0, 1, 2, 3]);
+        crowd_asks(&crowds, hash, 8, t0);
+        let lone = PeerId::random();
+        assert_eq!(crowds.offer(hash, lone, &asked, true, up(false, false), t0).count(), 1, "one of a crowd");
+        let later = t0 + ASKING;
+        assert_eq!(crowds.offer(hash, lone, &asked, true, up(false, false), later), asked, "alone again");
+        // Holders count for as long as they are relied on.
+        for _ in 0..SMALL_CROWD {
+            served(&crowds, hash, PeerId::random(), &set(8, &[7]), later);
+        }
+        let much_later = later + ASKING;
+        assert_eq!(crowds.offer(hash, lone, &asked, true, up(false, false), much_later).count(), 1);
+        assert_eq!(crowds.offer(hash, lone, &asked, true, up(false, false), later + crowds.fresh), asked);
+    }
+
+    /// A holder is named and relied on for what moved between us, not for asking: one that got a
+    /// piece once and then only asks is not named first, and goes stale like any other.
+    #[test]
+    fn a_holder_is_ranked_and_kept_fresh_by_transfers_not_by_asking() {
+        let crowds = Crowds::new(Duration::from_secs(10), 1.0);
+        let hash = Hash::from([7u8; 32]);
+        let (first, second) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(first, vec![addr(1)]);
+        crowds.connected(second, vec![addr(2)]);
+        served(&crowds, hash, first, &set(8, &[0]), t0);
+        served(&crowds, hash, second, &set(8, &[1]), t0 + Duration::from_millis(1));
+        let named = |now: Instant| -> Vec<PeerId> {
+            let hints = crowds.hints(hash, PeerId::random(), None, now);
+            hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
+        };
+        // `first` asks for more, again and again, for longer than a holder stays fresh (three
+        // patiences, 30 s).
+        let fresh = Duration::from_secs(30);
+        let mut now = t0;
+        while now <= t0 + fresh {
+            now += Duration::from_secs(1);
+            let _ = crowds.offer(hash, first, &set(8, &[2]), true, up(false, false), now);
+            if now == t0 + Duration::from_secs(1) {
+                assert_eq!(named(now), [second, first], "the latest transfer first");
+            }
+        }
+        assert!(named(now).is_empty(), "both stale");
+        let asked = set(8, &[0]);
+        assert_eq!(crowds.offer(hash, PeerId::random(), &asked, true, up(false, false), now), asked);
+    }
+
     #[test]
     fn an_idle_publisher_holds_back_only_in_a_large_crowd() {
         let crowds = Crowds::new(Duration::from_secs(10), 1.0);
@@ -996,6 +1136,16 @@ mod tests {
             crowds.spread_refused(nth_hash(i), holder, Duration::from_secs(1), t0);
         }
         assert_eq!(crowds.lock().refused.len(), MAX_REFUSED);
+        // Patience clocks are kept for a bounded number of requesters, the least recent forgotten.
+        let left_to = PeerId::random();
+        crowds.connected(left_to, vec![addr(3)]);
+        for i in 0..MAX_BLOBS {
+            crowds.serving(nth_hash(i), left_to, &set(8, &[0]), t0);
+        }
+        for k in 0..MAX_HELD_BACK + 10 {
+            let _ = crowds.offer(nth_hash(k % MAX_BLOBS), PeerId::random(), &set(8, &[0]), true, up(false, false), t0);
+        }
+        assert_eq!(crowds.lock().withheld.len(), MAX_HELD_BACK);
         for i in 0..MAX_BLOBS + 10 {
             crowds.remember_proof(nth_hash(i), 5, vec![1, 2, 3]);
         }

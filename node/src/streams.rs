@@ -38,7 +38,10 @@ use tokio::sync::{mpsc, oneshot};
 /// while it waits; past this the node is overloaded and new streams are reset.
 pub(crate) const INBOUND_QUEUE: usize = 1024;
 
-/// Open requests waiting for the swarm, per node; past it `open` waits for room.
+/// Open requests waiting for the swarm to take them, per node; past it `open` waits for room. The
+/// swarm takes every one it finds at each poll: what bounds the requests handed to connections,
+/// or waiting for a dial ([`MAX_WAITING_PER_PEER`]), is their callers (this node's own fetches and
+/// lookups), each of which gives up at its timeout.
 const OPEN_QUEUE: usize = 1024;
 
 /// Open requests waiting for a dial to one peer; past it new ones fail at once.

@@ -50,6 +50,9 @@ const BUSY_RETRY: Duration = Duration::from_millis(250);
 /// [`crate::crowd`]): it meanwhile asks them.
 const SPREAD_RETRY: Duration = Duration::from_secs(1);
 
+// A requester refused again and again still counts in its publisher's crowd when it comes back.
+const _: () = assert!(crate::crowd::ASKING.as_secs() >= SPREAD_RETRY.as_secs() << crate::crowd::MAX_SPREAD_DOUBLINGS);
+
 /// Requests that may wait for a piece-upload slot, per slot; past it a requester gets `Busy`.
 const WAITING_PER_SLOT: usize = 2;
 
@@ -125,7 +128,7 @@ pub(crate) struct Uploads {
     /// Set at shutdown: new uploads get `Busy`, running ones finish.
     closing: AtomicBool,
     /// Requests read and being answered: what a shutdown waits for. A stream whose request has
-    /// not arrived holds an upload slot but is not waited for.
+    /// not arrived holds no upload slot (only its share of `reading`) and is not waited for.
     answering: AtomicUsize,
     /// Watches held, per peer (at most [`MAX_WATCHES`] in all).
     watches: Mutex<HashMap<PeerId, usize>>,
@@ -161,7 +164,6 @@ struct DataSlot {
     _slot: Slot<PeerId>,
 }
 
-/// A watch held; released when dropped.
 /// One of a peer's watches held, or of its streams being read; given back when dropped.
 struct PeerCount<'a> {
     counts: &'a Mutex<HashMap<PeerId, usize>>,
@@ -334,7 +336,7 @@ impl Uploads {
 
     /// Whether no upload to a peer other than `peer` runs and nobody waits: the uplink is
     /// `peer`'s alone. Under a cap, piece uploads count; without one, every stream holding an
-    /// upload slot (a request being read or answered; a watch holds none).
+    /// upload slot (a request read and being answered; a watch holds none).
     fn idle(&self, peer: &PeerId) -> bool {
         match &self.data {
             Some(slots) => slots.only(peer),
@@ -481,6 +483,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 // crowd's pieces serve every piece they hold to whoever asks.
                 let spreads = info.as_ref().is_some_and(|i| i.pinned);
                 let Some(held) = held else {
+                    // As large as the peer claimed: not kept while the answer waits to be taken.
+                    drop(pieces);
                     metrics.served("get", "not_found", started.elapsed());
                     return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
                 };
@@ -576,16 +580,16 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 let written =
                     write_pieces(&mut stream, &header, encoding, (uploads.rate.as_ref(), &uploads.timing), metrics)
                         .await;
-                // Cut off before its last byte (or by a piece that failed its check on the way),
-                // the peer does not hold them all: others may be sent them. (Of several pieces it
-                // may keep the first; this gives them back too.)
-                if written.is_err() {
-                    give_back(&claimed, &none);
-                }
                 let (result, bytes) = match written {
                     Ok(bytes) => (within(idle, finish(&mut stream)).await, bytes),
                     Err(e) => (Err(e), 0),
                 };
+                // Cut off before its last byte (or by a piece that failed its check on the way),
+                // or not closed, the peer may not hold them all: others may be sent them. (Of
+                // several pieces it may keep the first; this gives them back too.)
+                if result.is_err() {
+                    give_back(&claimed, &none);
+                }
                 if result.is_ok() {
                     crowds.delivered(hash, peer, Instant::now());
                     if let Some((_, since)) = &data_slot {
@@ -644,7 +648,12 @@ fn display_trace(trace: Option<TraceId>) -> String {
 
 async fn refuse(stream: &mut Stream, e: &WireError, idle: Duration) -> std::io::Result<()> {
     let mut reason = e.to_string();
-    reason.truncate(wire::MAX_REASON_LEN);
+    // At a character's boundary: a cut inside one panics.
+    let mut cut = reason.len().min(wire::MAX_REASON_LEN);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason.truncate(cut);
     send_and_close(stream, &wire::encode_frame(&Response::BadRequest { reason }), idle).await
 }
 
@@ -760,8 +769,13 @@ async fn read_frame(stream: &mut (impl AsyncRead + Unpin), max: usize) -> Result
     let mut prefix = [0u8; 4];
     stream.read_exact(&mut prefix).await.map_err(FrameError::Io)?;
     let len = wire::frame_len(prefix, max).map_err(FrameError::Wire)?;
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await.map_err(FrameError::Io)?;
+    // Grown as the bytes arrive: a peer that sends a length and then nothing holds no more than
+    // it sent.
+    let mut body = Vec::new();
+    (&mut *stream).take(len as u64).read_to_end(&mut body).await.map_err(FrameError::Io)?;
+    if body.len() != len {
+        return Err(FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(body)
 }
 
@@ -885,18 +899,20 @@ async fn serve_watch(
     // Subscribed before the first look, so that a piece stored in between still wakes it.
     let mut arrivals = uploads.arrivals.subscribe();
     // A wanted set counted for another piece count is answered at once: the have-map tells the
-    // requester the size this node holds.
-    let news =
-        |pieces: &PieceSet| pieces.piece_count() != wanted.piece_count() || !pieces.intersection(&wanted).is_empty();
+    // requester the size this node holds. Woken at every piece the node stores, a watch looks
+    // without copying the blob's have-map.
     if let Some(_watch) = uploads.try_watch(peer) {
         let until = tokio::time::Instant::now() + wait.min(uploads.timing.max_watch_wait);
-        while store.info(hash).is_some_and(|i| !news(&i.pieces)) && !uploads.closing.load(Ordering::Relaxed) {
+        while store.has_news(hash, &wanted) == Some(false) && !uploads.closing.load(Ordering::Relaxed) {
             if !matches!(tokio::time::timeout_at(until, arrivals.changed()).await, Ok(Ok(()))) {
                 break;
             }
         }
     }
     let response = have_map(server, hash, peer, Some(&wanted));
+    // A set counted for a size this node does not hold is as large as the peer claimed (2 MiB for
+    // the largest blob): not kept while the answer waits for the peer to take it.
+    drop(wanted);
     answer_have(stream, metrics, "watch", &response, started, uploads.timing.request_timeout).instrument(span).await
 }
 
