@@ -44,10 +44,11 @@ use crate::lru::ByteLru;
 /// How a [`Store`] is sized.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// The most bytes of unpinned (cached) blobs kept on disk, data and outboards together.
-    /// The default is 10 GiB.
+    /// The most bytes of unpinned (cached) blobs kept on disk, data and outboards together, and
+    /// 16 KiB for each blob's directory and meta. The default is 10 GiB.
     pub cache_bytes: u64,
-    /// The most bytes of hot pieces kept in memory. The default is 64 MiB.
+    /// The most bytes of hot pieces kept in memory, counting 128 bytes for each piece's entry
+    /// besides its bytes. The default is 64 MiB.
     pub hot_bytes: usize,
     /// Verified bytes written to a blob before they are made durable and marked in its meta.
     /// Larger batches mean fewer fsyncs and more re-fetching after a crash. The default is 32 MiB.
@@ -879,9 +880,13 @@ impl Store {
     fn install_entry(&self, staged: Staged, pin: bool) -> Result<Imported> {
         let Staged { dir, hash, geometry } = staged;
         let full = PieceSet::full(geometry.piece_count());
+        // A partial copy the user pinned gives its pin to the complete one (see below): known
+        // before the meta is written, which is not done under the store's lock.
+        let pinned_partial = |st: &State| st.blobs.get(&hash).is_some_and(|b| lock(&b.status).pinned);
+        let pin_written = pin || pinned_partial(&lock(&self.inner.state));
         write_meta(
             &dir,
-            &Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() },
+            &Meta { format: META_FORMAT, size: geometry.size(), pinned: pin_written, bitmap: full.to_bitmap() },
             self.inner.config.durable,
         )?;
 
@@ -902,14 +907,13 @@ impl Store {
             // take, or be refused as too large after the pinned copy went, or be evicted before
             // it is pinned.
             pinned_before = existing.info().pinned;
-            if pinned_before && !pin {
-                let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: true, bitmap: full.to_bitmap() };
-                write_meta(&dir, &meta, self.inner.config.durable)?;
-            }
             self.take_entry(&mut st, &hash);
             self.trash(&existing.dir)?;
         }
-        let pin = pin || pinned_before;
+        // Pinned as its meta says; a partial copy pinned since the meta was written is pinned
+        // once this one is in place.
+        let pin_later = pinned_before && !pin_written;
+        let pin = pin_written;
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
             Vec::new()
@@ -929,6 +933,10 @@ impl Store {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 drop(st);
+                let mut evicted = evicted;
+                if pin_later {
+                    evicted.extend(self.pin(hash)?);
+                }
                 Ok(Imported { hash, size: geometry.size(), evicted })
             }
             Err(e) => {
@@ -1045,18 +1053,21 @@ impl Store {
     }
 
     /// Stores pieces a [`verify::PieceDecoder`] verified as they arrived, with their proofs, and
-    /// returns them. Durable and marked in the meta at the next flush, as with
-    /// [`Store::write_pieces`].
+    /// returns them, those held already included (they are not written again). Durable and
+    /// marked in the meta at the next flush, as with [`Store::write_pieces`].
     pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<PieceSet> {
         let blob = self.blob(hash)?;
         let mut stored = PieceSet::empty(blob.geometry.piece_count());
+        let mut held = PieceSet::empty(blob.geometry.piece_count());
         let files = self.files(&blob)?;
         let mut outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         // A piece held already is not written again: a late duplicate of a request the end game
         // made would otherwise rewrite bytes a reader, an upload, or (once the blob is complete
-        // and moved out) a user's file has.
+        // and moved out) a user's file has. It is still the sender's, verified: returned with the
+        // rest, so that the fetch does not take it for a piece the sender left out.
         for piece in pieces {
             if lock(&blob.status).verified.contains(piece.piece()) {
+                held.insert(piece.piece());
                 continue;
             }
             // Verified against this hash, so against this blob's size too; a decoder made for
@@ -1069,6 +1080,7 @@ impl Store {
             stored.insert(piece.piece());
         }
         self.mark_verified(&blob, &files, &stored)?;
+        stored.union_with(&held);
         Ok(stored)
     }
 

@@ -610,6 +610,25 @@ fn the_cache_bound_counts_what_a_tiny_blob_costs_the_disk() {
     assert!(store.stats().cache_bytes <= 512 << 10);
 }
 
+/// A piece that comes twice (a late request answering after its end-game duplicate) is written
+/// once, and counted as the second sender's all the same: the fetch must not take it for a piece
+/// that sender left out.
+#[test]
+fn a_piece_held_already_is_not_written_again_but_counts_as_stored() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let src = Source::new(bytes(16, (2 * PIECE_SIZE) as usize));
+    store.begin(src.hash, src.data.len() as u64).expect("begin");
+    let decoded = || {
+        let mut d = shoal_protocol::verify::PieceDecoder::new(src.hash, src.geometry, &src.piece(0));
+        d.push(&src.encode(&src.piece(0))).expect("verifies");
+        d.take_ready()
+    };
+    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store"), src.piece(0));
+    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store again"), src.piece(0));
+    assert_eq!(store.read_piece(src.hash, 0).expect("read"), &src.data[..PIECE_SIZE as usize]);
+}
+
 /// The blobs' files of the store at `root` that this process holds open.
 fn open_files_under(root: &std::path::Path) -> usize {
     fs::read_dir("/proc/self/fd")

@@ -104,9 +104,9 @@ const MAX_REFUSED: usize = 4096;
 const MAX_HELD_BACK: usize = 4096;
 
 /// A peer that asked for a blob and holds none of it counts in the blob's crowd for this long
-/// after it last asked: past the longest wait a refused requester is given (8 × the spread retry,
-/// checked in `transfer`), and as long as our patience, since a fetcher that parks a busy peer
-/// may ask it again only later. A few peers asking more seldom than this do not make a lone
+/// after it last asked, or our patience if that is longer: past the longest wait a refused
+/// requester is given (8 × the spread retry, checked in `transfer`), and a fetcher that parks a
+/// busy peer may ask it again only later. A few peers asking more seldom than this do not make a lone
 /// fetcher's publisher treat it as one of a crowd (they did while they stayed fresh, 90 s).
 pub(crate) const ASKING: Duration = Duration::from_secs(30);
 
@@ -163,7 +163,16 @@ struct Inner {
     /// requester held back holds nothing from us, so it is the first contact a new asker replaces,
     /// and 64 other askers would start its patience again. At most [`MAX_HELD_BACK`] requesters,
     /// [`MAX_WITHHELD`] pieces each.
-    withheld: LruCache<(Hash, PeerId), Vec<(u32, Instant)>>,
+    withheld: LruCache<(Hash, PeerId), HeldBack>,
+}
+
+/// The pieces held back from one requester of a blob.
+#[derive(Debug)]
+struct HeldBack {
+    /// When it last asked us for the blob.
+    asked: Instant,
+    /// Each piece held back, with when it first was: its patience clock.
+    clocks: Vec<(u32, Instant)>,
 }
 
 #[derive(Debug)]
@@ -192,7 +201,7 @@ impl Crowds {
         Self {
             patience,
             fresh: stretch(FRESH).max(patience.saturating_mul(3)),
-            asking: stretch(ASKING),
+            asking: stretch(ASKING).max(patience),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 unreachable: HashMap::new(),
@@ -468,6 +477,14 @@ impl Crowds {
         now: Instant,
     ) -> PieceSet {
         let Uplink { idle, room } = uplink;
+        // A requester back after longer than a holder stays fresh (for a crowd of its own, most
+        // likely) waits its patience again; one that kept asking goes on with its clocks.
+        if let Some(held) = inner.withheld.peek_mut(&(hash, peer)) {
+            if now.saturating_duration_since(held.asked) >= self.fresh {
+                held.clocks.clear();
+            }
+            held.asked = now;
+        }
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
         let asker = contact(inner, hash, peer, now);
         let (served_before, sending) = (asker.served.as_ref().is_some_and(|s| !s.is_empty()), asker.sending);
@@ -487,8 +504,9 @@ impl Crowds {
         let offer = match elsewhere.is_empty() || (idle && !crowded) {
             true => asked.clone(),
             false => {
-                let clocks = inner.withheld.get_or_insert_mut((hash, peer), Vec::new);
-                hold_back(clocks, asked, &elsewhere, (self.patience, self.fresh), now)
+                let held =
+                    inner.withheld.get_or_insert_mut((hash, peer), || HeldBack { asked: now, clocks: Vec::new() });
+                hold_back(&mut held.clocks, asked, &elsewhere, self.patience, now)
             }
         };
         // However small the crowd, a peer is sent at most its share of the blob at once: its
@@ -609,9 +627,9 @@ fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet
             pieces.clone()
         }
     };
-    if let Some(clocks) = inner.withheld.peek_mut(&(hash, peer)) {
-        clocks.retain(|(i, _)| !pieces.contains(*i));
-        if clocks.is_empty() {
+    if let Some(held) = inner.withheld.peek_mut(&(hash, peer)) {
+        held.clocks.retain(|(i, _)| !pieces.contains(*i));
+        if held.clocks.is_empty() {
             inner.withheld.pop(&(hash, peer));
         }
     }
@@ -620,25 +638,18 @@ fn record_serving(inner: &mut Inner, hash: Hash, peer: PeerId, pieces: &PieceSet
 }
 
 /// `asked` less the pieces of `elsewhere` still within `patience` by the requester's `clocks`;
-/// pieces held back for the first time start their patience now, and so do those whose clock is
-/// older than `restart` (a requester back long after, most likely for a crowd of its own).
+/// pieces held back for the first time start their patience now.
 fn hold_back(
     clocks: &mut Vec<(u32, Instant)>,
     asked: &PieceSet,
     elsewhere: &PieceSet,
-    (patience, restart): (Duration, Duration),
+    patience: Duration,
     now: Instant,
 ) -> PieceSet {
     let mut offer = asked.clone();
     for i in elsewhere.iter() {
-        let since = match clocks.iter().position(|(p, _)| *p == i) {
-            Some(at) => {
-                let t = &mut clocks[at].1;
-                if now.saturating_duration_since(*t) >= restart {
-                    *t = now;
-                }
-                *t
-            }
+        let since = match clocks.iter().find(|(p, _)| *p == i) {
+            Some((_, t)) => *t,
             None if clocks.len() < MAX_WITHHELD => {
                 clocks.push((i, now));
                 now

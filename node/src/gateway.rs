@@ -210,8 +210,9 @@ async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Respon
     for piece in 0..geometry.piece_count() {
         out.extend_from_slice(&wait_piece(node, hash, piece, &fetching, &mut reader).await?);
     }
-    // A size no proof backed may have given way to the true one meanwhile.
-    if node.store().info(hash).map(|i| i.size) != Some(size) || out.len() as u64 != size {
+    // A size no proof backed may have given way to the true one meanwhile: the blob read is the
+    // reader's (the store's entry may have left since).
+    if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.info().size) != Some(size) || out.len() as u64 != size {
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
     Ok(out)
@@ -446,8 +447,9 @@ pub(crate) async fn serve(
             let item = match wait_piece(&node, hash, piece, &fetching, &mut reader).await {
                 // The size the answer announced may have been a peer's claim that did not hold,
                 // and the entry given way to the blob's true size: a piece of that one is cut
-                // from another geometry, and the answer would end early yet look whole.
-                Ok(_) if node.store().info(hash).map(|i| i.size) != Some(size) => {
+                // from another geometry, and the answer would end early yet look whole. The piece
+                // is the reader's entry's (the store's may have left since).
+                Ok(_) if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.info().size) != Some(size) => {
                     Err(std::io::Error::other("the blob's size changed; aborting the body"))
                 }
                 Ok(bytes) => {
@@ -462,7 +464,21 @@ pub(crate) async fn serve(
                 Err(_) => Err(std::io::Error::other("piece could not be verified; aborting the body")),
             };
             let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
+            // A client that stops reading holds the blob's files (and, once it is evicted, its
+            // room on disk) for a while only: then the reader goes, and the next piece opens them
+            // again (from the store, if it still holds the blob).
+            let mut send = std::pin::pin!(tx.send(item));
+            match tokio::time::timeout(HOLD_FOR_A_CLIENT, &mut send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    reader = None;
+                    if send.await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if failed {
                 return;
             }
         }
@@ -470,6 +486,9 @@ pub(crate) async fn serve(
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
     out.body(Body::from_stream(stream)).unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
+
+/// How long an answer keeps the blob's files open while its client takes no bytes.
+const HOLD_FOR_A_CLIENT: Duration = Duration::from_secs(10);
 
 /// Waits until `piece` is verified in the store (the fetch may still be running), then reads it,
 /// re-verified. Fails if the fetch ends without it or the read fails verification. An answer
@@ -487,16 +506,24 @@ async fn wait_piece(
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {
+        // A blob this answer reads already: read on from the files it holds, evicted or not.
+        if let Some(r) = reader.take_if(|r| r.holds(piece)) {
+            let read = tokio::task::spawn_blocking(move || r.read_piece(piece).map(|bytes| (r, bytes)));
+            return match read.await {
+                Ok(Ok((r, bytes))) => {
+                    *reader = Some(r);
+                    Ok(bytes)
+                }
+                _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
+            };
+        }
         match store.info(hash) {
             Some(info) if info.pieces.contains(piece) => {
                 let s = store.clone();
-                let held = reader.take();
+                // A reader held lacks the piece: its entry left the store and came back.
+                *reader = None;
                 let read = tokio::task::spawn_blocking(move || {
-                    // A reader of an entry that left the store (and came back) lacks the piece.
-                    let r = match held {
-                        Some(r) if r.holds(piece) => r,
-                        _ => s.reader(hash)?,
-                    };
+                    let r = s.reader(hash)?;
                     r.read_piece(piece).map(|bytes| (r, bytes))
                 });
                 return match read.await {

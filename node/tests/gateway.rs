@@ -257,6 +257,47 @@ async fn mutating_routes_need_the_token_from_the_data_dir() {
     node.shutdown().await.expect("shutdown");
 }
 
+/// An answer reads on to its end though the cache evicts its blob meanwhile, another blob taking
+/// the room: it holds the blob's files. Before, it looked the blob up for each piece, and the body
+/// was cut short at the first piece after the eviction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_reads_on_to_its_end_though_the_cache_evicts_its_blob() {
+    use std::io::Read;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut c = config(tmp.path().join("n"));
+    // Room for one of the two blobs; more than the socket buffers between the client and the
+    // gateway can take of the first while the client does not read.
+    c.cache_bytes = 48 << 20;
+    c.hot_bytes = 0;
+    let node = Node::start(c).await.expect("node");
+    let data = bytes(32 << 20);
+    let mut other = data.clone();
+    other[0] ^= 1;
+    let (first, second) = (tmp.path().join("first"), tmp.path().join("second"));
+    std::fs::write(&first, &data).expect("write");
+    std::fs::write(&second, &other).expect("write");
+    let store = node.handle().store().clone();
+    let s = store.clone();
+    let hash =
+        tokio::task::spawn_blocking(move || s.import_file(&first, false)).await.expect("import").expect("import").hash;
+    let gw_addr = std::fs::read_to_string(tmp.path().join("n/gateway")).expect("gateway address file");
+    tokio::task::spawn_blocking(move || {
+        let r = agent().get(format!("http://{gw_addr}/{hash}")).call().expect("GET");
+        assert_eq!(r.status(), 200);
+        let mut body = r.into_body().into_reader();
+        let mut got = vec![0u8; 64 << 10];
+        body.read_exact(&mut got).expect("the first bytes");
+        let imported = store.import_file(&second, false).expect("import the second blob");
+        assert_eq!(imported.evicted, vec![hash], "the blob being sent made room");
+        assert!(store.info(hash).is_none());
+        body.read_to_end(&mut got).expect("the rest of the body");
+        assert!(got == data, "the whole blob, {} of {} bytes", got.len(), data.len());
+    })
+    .await
+    .expect("client");
+    node.shutdown().await.expect("shutdown");
+}
+
 /// A blob the gateway node's cache cannot hold is answered 507 with the reason, not 404 as if
 /// nobody had it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
