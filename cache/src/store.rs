@@ -438,6 +438,12 @@ impl BlobReader {
         self.blob.info()
     }
 
+    /// Whether the store still holds this reader's entry. One evicted or removed is read from
+    /// files whose room the store no longer counts.
+    pub fn is_current(&self) -> bool {
+        self.store.is_current(&self.blob)
+    }
+
     /// Whether the blob, as this reader holds it, has `piece` verified. A blob evicted and begun
     /// again is another entry, which a new reader reads.
     pub fn holds(&self, piece: PieceIndex) -> bool {
@@ -910,10 +916,11 @@ impl Store {
             self.take_entry(&mut st, &hash);
             self.trash(&existing.dir)?;
         }
-        // Pinned as its meta says; a partial copy pinned since the meta was written is pinned
-        // once this one is in place.
-        let pin_later = pinned_before && !pin_written;
-        let pin = pin_written;
+        // Pinned if the importer pins it or the user pinned the partial copy it replaces, as
+        // this lock sees it. The meta written above says what was known then; if a pin or an
+        // unpin of the partial copy came in between, the entry placed says what holds now, and
+        // its meta is written again below.
+        let pin = pin || pinned_before;
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
             Vec::new()
@@ -931,11 +938,17 @@ impl Store {
         let evicted = self.remove_evicted(&mut st, evicted);
         match self.place(&dir, hash) {
             Ok(blob) => {
-                st.blobs.insert(hash, Arc::new(blob));
+                let blob = Arc::new(blob);
+                let rewrite = pin != pin_written;
+                if rewrite {
+                    let mut status = lock(&blob.status);
+                    status.pinned = pin;
+                    status.changes += 1;
+                }
+                st.blobs.insert(hash, blob.clone());
                 drop(st);
-                let mut evicted = evicted;
-                if pin_later {
-                    evicted.extend(self.pin(hash)?);
+                if rewrite && let Err(e) = self.commit(&blob) {
+                    warn!(blob = %hash, error = %e, "cannot record the blob's pin on disk; the next flush tries again");
                 }
                 Ok(Imported { hash, size: geometry.size(), evicted })
             }

@@ -410,10 +410,10 @@ impl Crowds {
     /// we served to another fresh peer, not found unreachable since, is held back, unless it has
     /// been held back from `peer` for our patience already, or we upload to no other peer
     /// (`uplink.idle`) and the blob's crowd (the fresh holders, and the peers that asked for it
-    /// within [`ASKING`]) is smaller than [`SMALL_CROWD`]. In a crowd that large, one piece goes
-    /// out at a time, and a fresh peer we served a piece to gets no other until its patience for
-    /// them has passed, unless we have room (`uplink.room`): an upload slot free and nobody in
-    /// line for one.
+    /// within [`ASKING`] or our patience, whichever is longer) is smaller than [`SMALL_CROWD`].
+    /// In a crowd that large, one piece goes out at a time, and a fresh peer we served a piece
+    /// to gets no other until its patience for them has passed, unless we have room
+    /// (`uplink.room`): an upload slot free and nobody in line for one.
     pub(crate) fn offer(
         &self,
         hash: Hash,

@@ -439,7 +439,10 @@ pub(crate) async fn serve(
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::spawn(async move {
         let _stop_with_answer = stop_with_answer;
-        let mut reader = None;
+        let mut reader: Option<shoal_cache::BlobReader> = None;
+        // When the store let go of the blob this answer reads (an eviction): its files, and their
+        // room on disk, are held for a while only.
+        let mut left_at: Option<tokio::time::Instant> = None;
         for piece in first..=last {
             if let Some(reading) = &reading {
                 reading.wants(piece..last + 1);
@@ -463,6 +466,13 @@ pub(crate) async fn serve(
                 }
                 Err(_) => Err(std::io::Error::other("piece could not be verified; aborting the body")),
             };
+            match reader.as_ref().map(|r| r.is_current()) {
+                Some(false) if left_at.get_or_insert_with(tokio::time::Instant::now).elapsed() > HOLD_EVICTED => {
+                    reader = None;
+                }
+                Some(true) => left_at = None,
+                _ => {}
+            }
             let failed = item.is_err();
             // A client that stops reading holds the blob's files (and, once it is evicted, its
             // room on disk) for a while only: then the reader goes, and the next piece opens them
@@ -489,6 +499,11 @@ pub(crate) async fn serve(
 
 /// How long an answer keeps the blob's files open while its client takes no bytes.
 const HOLD_FOR_A_CLIENT: Duration = Duration::from_secs(10);
+
+/// How long an answer reads on from the files of a blob the store let go of (evicted, or
+/// removed): their room on disk, which the store no longer counts, is held as long. A body still
+/// going then is cut short, as when the blob is gone.
+const HOLD_EVICTED: Duration = Duration::from_secs(30);
 
 /// Waits until `piece` is verified in the store (the fetch may still be running), then reads it,
 /// re-verified. Fails if the fetch ends without it or the read fails verification. An answer
