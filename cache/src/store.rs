@@ -440,8 +440,9 @@ impl BlobReader {
 
     /// Whether the store still holds this reader's entry. One evicted or removed is read from
     /// files whose room the store no longer counts.
+    /// Takes no lock the store holds across file-system work: a gateway asks at every piece.
     pub fn is_current(&self) -> bool {
-        self.store.is_current(&self.blob)
+        !self.blob.removed.load(Ordering::Relaxed)
     }
 
     /// Whether the blob, as this reader holds it, has `piece` verified. A blob evicted and begun
@@ -918,8 +919,7 @@ impl Store {
         }
         // Pinned if the importer pins it or the user pinned the partial copy it replaces, as
         // this lock sees it. The meta written above says what was known then; if a pin or an
-        // unpin of the partial copy came in between, the entry placed says what holds now, and
-        // its meta is written again below.
+        // unpin of the partial copy came in between, it is written again below.
         let pin = pin || pinned_before;
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
@@ -936,20 +936,20 @@ impl Store {
         };
         // The blobs evicted for it leave now, whatever happens to it: they are out of the count.
         let evicted = self.remove_evicted(&mut st, evicted);
-        match self.place(&dir, hash) {
+        // Written again before it takes its place, under the lock: a crash right after must not
+        // find the blob unpinned that the user pinned (and drop it at open, were it larger than
+        // the cache).
+        let rewritten = match pin != pin_written {
+            true => {
+                let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() };
+                write_meta(&dir, &meta, self.inner.config.durable)
+            }
+            false => Ok(()),
+        };
+        match rewritten.and_then(|()| self.place(&dir, hash)) {
             Ok(blob) => {
-                let blob = Arc::new(blob);
-                let rewrite = pin != pin_written;
-                if rewrite {
-                    let mut status = lock(&blob.status);
-                    status.pinned = pin;
-                    status.changes += 1;
-                }
-                st.blobs.insert(hash, blob.clone());
+                st.blobs.insert(hash, Arc::new(blob));
                 drop(st);
-                if rewrite && let Err(e) = self.commit(&blob) {
-                    warn!(blob = %hash, error = %e, "cannot record the blob's pin on disk; the next flush tries again");
-                }
                 Ok(Imported { hash, size: geometry.size(), evicted })
             }
             Err(e) => {

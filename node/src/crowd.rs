@@ -135,7 +135,8 @@ pub(crate) struct Crowds {
     patience: Duration,
     /// How long a peer that moved pieces with us is hinted and relied on.
     fresh: Duration,
-    /// How long a peer that only asked counts in a crowd ([`ASKING`], stretched).
+    /// How long a peer that only asked counts in a crowd: [`ASKING`], stretched, or the patience
+    /// if that is longer.
     asking: Duration,
 }
 

@@ -501,14 +501,16 @@ pub(crate) async fn serve(
 const HOLD_FOR_A_CLIENT: Duration = Duration::from_secs(10);
 
 /// How long an answer reads on from the files of a blob the store let go of (evicted, or
-/// removed): their room on disk, which the store no longer counts, is held as long. A body still
-/// going then is cut short, as when the blob is gone.
+/// removed), from when it first finds it gone: their room on disk, which the store no longer
+/// counts, is held as long, and a send its client is slow to take ([`HOLD_FOR_A_CLIENT`]) more.
+/// A body still going then is cut short, as when the blob is gone.
 const HOLD_EVICTED: Duration = Duration::from_secs(30);
 
 /// Waits until `piece` is verified in the store (the fetch may still be running), then reads it,
 /// re-verified. Fails if the fetch ends without it or the read fails verification. An answer
 /// keeps its `reader` from piece to piece: it holds the blob's files, so that an eviction meanwhile
-/// (the cache making room for another blob) does not cut the body short.
+/// (the cache making room for another blob) does not cut the body short at once (see
+/// [`HOLD_EVICTED`]).
 async fn wait_piece(
     node: &NodeHandle,
     hash: Hash,
@@ -521,8 +523,13 @@ async fn wait_piece(
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {
-        // A blob this answer reads already: read on from the files it holds, evicted or not.
-        if let Some(r) = reader.take_if(|r| r.holds(piece)) {
+        // A blob this answer reads already: read on from the files it holds, evicted or not
+        // (the answer lets go of an evicted blob's in time). A reader that lacks the piece is of
+        // an entry that left the store: it is not held while the piece is waited for.
+        if reader.as_ref().is_some_and(|r| !r.holds(piece)) {
+            *reader = None;
+        }
+        if let Some(r) = reader.take() {
             let read = tokio::task::spawn_blocking(move || r.read_piece(piece).map(|bytes| (r, bytes)));
             return match read.await {
                 Ok(Ok((r, bytes))) => {
