@@ -637,7 +637,8 @@ impl Store {
     /// Lets another opener have the store, as a process that exits or dies does: a node that
     /// stopped, or one crashed in an emulator that restarts it in the same process. Clones still
     /// held keep working, and a later [`Store::open`] must be the only writer from then on: a
-    /// closed store writes no meta (what it verifies after is not marked, as a crash leaves it).
+    /// closed store writes no meta (what it verifies after is not marked, as a crash leaves it),
+    /// and moves no blob directory in or out (what it evicts after stays on disk).
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Relaxed);
         lock(&self.inner.lock).take();
@@ -1670,6 +1671,10 @@ impl Store {
     /// reads it back.
     fn place(&self, dir: &Path, hash: Hash) -> Result<Blob> {
         let final_dir = self.blob_dir(hash);
+        // A closed store's `blobs/` is the next opener's.
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(io_err("place", &final_dir)(io::Error::other("the store was closed")));
+        }
         fs::rename(dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
         sync_dir(&self.inner.root.join("blobs"))?;
         match load_blob(&final_dir)? {
@@ -1717,8 +1722,12 @@ impl Store {
     }
 
     /// Moves a directory out of `blobs/` into `tmp/` atomically; where it went, or `None` if it
-    /// was not there.
+    /// was not there, or if the store is closed: its directories are the next opener's then, and
+    /// an eviction in a closed store's tasks still winding down took away the new opener's blob.
     fn move_to_tmp(&self, dir: &Path) -> Result<Option<PathBuf>> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
         let moved = self.tmp_path("trash");
         match fs::rename(dir, &moved) {
             Ok(()) => Ok(Some(moved)),

@@ -629,6 +629,21 @@ fn a_piece_held_already_is_not_written_again_but_counts_as_stored() {
     assert_eq!(store.read_piece(src.hash, 0).expect("read"), &src.data[..PIECE_SIZE as usize]);
 }
 
+/// A store closed (a node stopped or crashed in a process that opens its store again) leaves the
+/// next opener's blobs alone: an eviction in its tasks still winding down took one away.
+#[test]
+fn a_closed_store_evicts_nothing_from_the_next_opener() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let old = open(tmp.path());
+    let data = bytes(17, (3 * PIECE_SIZE) as usize);
+    let hash = import(&old, tmp.path(), &data, false);
+    old.close();
+    let new = open(tmp.path());
+    assert!(old.set_cache_bytes(0).expect("shrink the closed store's cache").contains(&hash));
+    assert_eq!(new.read_piece(hash, 2).expect("still the new opener's"), &data[2 * PIECE_SIZE as usize..]);
+    assert!(new.check(hash).expect("check").is_empty());
+}
+
 /// The blobs' files of the store at `root` that this process holds open.
 fn open_files_under(root: &std::path::Path) -> usize {
     fs::read_dir("/proc/self/fd")
