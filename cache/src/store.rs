@@ -253,7 +253,6 @@ struct Inner {
     config: StoreConfig,
     state: Mutex<State>,
     hot: Mutex<HotPieces>,
-    tmp_counter: AtomicU64,
     evictions: AtomicU64,
     /// Directories moved out of `blobs/` under the state's lock, deleted once it is let go.
     trash: Mutex<Vec<PathBuf>>,
@@ -316,6 +315,10 @@ impl Files {
 
 /// Where [`Blob::id`]s come from.
 static NEXT_BLOB_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Numbers the temporary names of every store in the process: a store closed and opened again in
+/// one process (a node netsim restarts) must not take a name the closed one still uses.
+static NEXT_TMP: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Debug)]
 struct Status {
@@ -667,7 +670,6 @@ impl Store {
             root,
             lock: Mutex::new(held),
             config,
-            tmp_counter: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             trash: Mutex::new(Vec::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -922,6 +924,17 @@ impl Store {
         // this lock sees it. The meta written above says what was known then; if a pin or an
         // unpin of the partial copy came in between, it is written again below.
         let pin = pin || pinned_before;
+        // Written again before it takes its place, under the lock: a crash right after must not
+        // find the blob unpinned that the user pinned (and drop it at open, were it larger than
+        // the cache). Before anything is evicted for it: a failure here loses nothing.
+        if pin != pin_written {
+            let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() };
+            if let Err(e) = write_meta(&dir, &meta, self.inner.config.durable) {
+                drop(st);
+                let _ = self.discard_dir(&dir);
+                return Err(e);
+            }
+        }
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
             Vec::new()
@@ -937,17 +950,7 @@ impl Store {
         };
         // The blobs evicted for it leave now, whatever happens to it: they are out of the count.
         let evicted = self.remove_evicted(&mut st, evicted);
-        // Written again before it takes its place, under the lock: a crash right after must not
-        // find the blob unpinned that the user pinned (and drop it at open, were it larger than
-        // the cache).
-        let rewritten = match pin != pin_written {
-            true => {
-                let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() };
-                write_meta(&dir, &meta, self.inner.config.durable)
-            }
-            false => Ok(()),
-        };
-        match rewritten.and_then(|()| self.place(&dir, hash)) {
+        match self.place(&dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 drop(st);
@@ -1178,7 +1181,7 @@ impl Store {
         }
         let meta = Meta { format: META_FORMAT, size: blob.geometry.size(), pinned, bitmap: snapshot.to_bitmap() };
         let durable = self.inner.config.durable;
-        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
         let tmp = blob.dir.join(format!("meta.tmp.{n}"));
         write_file(&tmp, &meta, durable)?;
         {
@@ -1455,6 +1458,10 @@ impl Store {
         if !st.blobs.get(&hash).is_some_and(|b| Arc::ptr_eq(b, &blob)) {
             return Err(StoreError::NotFound { hash });
         }
+        // A closed store's `blobs/` is the next opener's: the caller copies instead.
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(io_err("move out", &data_path)(io::Error::other("the store was closed")));
+        }
         fs::rename(&data_path, dest).map_err(io_err("rename into place", dest))?;
         self.take_entry(&mut st, &hash);
         drop(st);
@@ -1688,7 +1695,7 @@ impl Store {
     }
 
     fn tmp_path(&self, what: &str) -> PathBuf {
-        let n = self.inner.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
         self.inner.root.join("tmp").join(format!("{what}-{}-{n}", std::process::id()))
     }
 
@@ -1721,11 +1728,12 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a directory out of `blobs/` into `tmp/` atomically; where it went, or `None` if it
-    /// was not there, or if the store is closed: its directories are the next opener's then, and
-    /// an eviction in a closed store's tasks still winding down took away the new opener's blob.
+    /// Moves a directory out of `blobs/` (or one of our own in `tmp/`) into `tmp/` atomically;
+    /// where it went, or `None` if it was not there, or if it is in `blobs/` and the store is
+    /// closed: those are the next opener's then, and an eviction in a closed store's tasks still
+    /// winding down took away the new opener's blob.
     fn move_to_tmp(&self, dir: &Path) -> Result<Option<PathBuf>> {
-        if self.inner.closed.load(Ordering::Relaxed) {
+        if self.inner.closed.load(Ordering::Relaxed) && dir.starts_with(self.inner.root.join("blobs")) {
             return Ok(None);
         }
         let moved = self.tmp_path("trash");

@@ -642,6 +642,14 @@ fn a_closed_store_evicts_nothing_from_the_next_opener() {
     assert!(old.set_cache_bytes(0).expect("shrink the closed store's cache").contains(&hash));
     assert_eq!(new.read_piece(hash, 2).expect("still the new opener's"), &data[2 * PIECE_SIZE as usize..]);
     assert!(new.check(hash).expect("check").is_empty());
+    // What the closed store still tries to add is refused, and leaves no name in `tmp/` that the
+    // next opener, in the same process, would take next.
+    let input = tmp.path().join("late");
+    fs::write(&input, bytes(18, 1000)).expect("write");
+    assert!(old.import_file(&input, false).is_err());
+    for seed in 0..16u64 {
+        import(&new, tmp.path(), &bytes(100 + seed, 1000), false);
+    }
 }
 
 /// The blobs' files of the store at `root` that this process holds open.

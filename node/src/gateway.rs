@@ -524,8 +524,8 @@ async fn wait_piece(
     let mut last_count = 0;
     loop {
         // A blob this answer reads already: read on from the files it holds, evicted or not
-        // (the answer lets go of an evicted blob's in time). A reader that lacks the piece is of
-        // an entry that left the store: it is not held while the piece is waited for.
+        // (the answer lets go of an evicted blob's in time). A reader that lacks the piece (not
+        // verified yet, or its entry left the store) is not held while the piece is waited for.
         if reader.as_ref().is_some_and(|r| !r.holds(piece)) {
             *reader = None;
         }
