@@ -529,8 +529,17 @@ async fn wait_piece(
         if reader.as_ref().is_some_and(|r| !r.holds(piece)) {
             *reader = None;
         }
-        if let Some(r) = reader.take() {
-            let read = tokio::task::spawn_blocking(move || r.read_piece(piece).map(|bytes| (r, bytes)));
+        let held = reader.take();
+        let info = store.info(hash);
+        if held.is_some() || info.as_ref().is_some_and(|i| i.pieces.contains(piece)) {
+            let s = store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                let r = match held {
+                    Some(r) => r,
+                    None => s.reader(hash)?,
+                };
+                r.read_piece(piece).map(|bytes| (r, bytes))
+            });
             return match read.await {
                 Ok(Ok((r, bytes))) => {
                     *reader = Some(r);
@@ -539,28 +548,11 @@ async fn wait_piece(
                 _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
             };
         }
-        match store.info(hash) {
-            Some(info) if info.pieces.contains(piece) => {
-                let s = store.clone();
-                // A reader held lacks the piece: its entry left the store and came back.
-                *reader = None;
-                let read = tokio::task::spawn_blocking(move || {
-                    let r = s.reader(hash)?;
-                    r.read_piece(piece).map(|bytes| (r, bytes))
-                });
-                return match read.await {
-                    Ok(Ok((r, bytes))) => {
-                        *reader = Some(r);
-                        Ok(bytes)
-                    }
-                    _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
-                };
-            }
-            Some(info) if info.pieces.count() != last_count => {
-                last_count = info.pieces.count();
-                last_change = tokio::time::Instant::now();
-            }
-            _ => {}
+        if let Some(info) = info
+            && info.pieces.count() != last_count
+        {
+            last_count = info.pieces.count();
+            last_change = tokio::time::Instant::now();
         }
         let fetch_over = fetching.as_ref().is_none_or(|f| f.is_finished());
         if (fetch_over && store.info(hash).is_none_or(|i| !i.pieces.contains(piece))) || last_change.elapsed() > stall {
