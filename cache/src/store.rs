@@ -643,7 +643,11 @@ impl Store {
     /// closed store writes no meta (what it verifies after is not marked, as a crash leaves it),
     /// and moves no blob directory in or out (what it evicts after stays on disk).
     pub fn close(&self) {
+        // Set under the state's lock, under which every rename into or out of `blobs/` checks
+        // it: none is under way once this returns.
+        let st = lock(&self.inner.state);
         self.inner.closed.store(true, Ordering::Relaxed);
+        drop(st);
         lock(&self.inner.lock).take();
     }
 
@@ -1191,6 +1195,12 @@ impl Store {
                 let _ = fs::remove_file(&tmp);
                 return Ok(());
             }
+            // Checked again under the lock `close` sets it under.
+            if self.inner.closed.load(Ordering::Relaxed) {
+                drop(state);
+                let _ = fs::remove_file(&tmp);
+                return Ok(());
+            }
             let path = blob.dir.join("meta");
             fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         }
@@ -1464,8 +1474,10 @@ impl Store {
         }
         fs::rename(&data_path, dest).map_err(io_err("rename into place", dest))?;
         self.take_entry(&mut st, &hash);
+        let trashed = self.trash(&blob.dir);
         drop(st);
-        if let Err(e) = self.discard_dir(&blob.dir) {
+        self.empty_trash();
+        if let Err(e) = trashed {
             warn!(blob = %hash, error = %e, "cannot remove a blob moved out of the store");
         }
         Ok(blob.geometry.size())
@@ -1562,17 +1574,21 @@ impl Store {
             return Ok(false);
         }
         let blob = self.take_entry(&mut st, &hash).ok_or(StoreError::NotFound { hash })?;
+        // Moved aside under the lock, as the closed check must be; deleted after.
+        let trashed = self.trash(&blob.dir);
         drop(st);
-        self.discard_dir(&blob.dir)?;
-        Ok(true)
+        self.empty_trash();
+        trashed.map(|()| true)
     }
 
     /// Removes `hash` from the store.
     pub fn delete(&self, hash: Hash) -> Result<()> {
         let mut st = lock(&self.inner.state);
         let blob = self.take_entry(&mut st, &hash).ok_or(StoreError::NotFound { hash })?;
+        let trashed = self.trash(&blob.dir);
         drop(st);
-        self.discard_dir(&blob.dir)
+        self.empty_trash();
+        trashed
     }
 
     /// Changes the cache bound; reports what was evicted.
