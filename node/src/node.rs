@@ -566,6 +566,8 @@ impl NodeHandle {
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
+        // Held whole now (imported, or found at start): the watches of it answer at once.
+        self.inner.uploads.arrivals.stored(hash);
         self.provide_known(hash, 0).await;
     }
 

@@ -139,23 +139,39 @@ pub(crate) struct Uploads {
     pub(crate) timing: Timing,
 }
 
-/// Wakes the watches a node holds (`Request::Watch`) when it stores verified pieces: each then
-/// checks whether it holds a piece its requester wants.
-#[derive(Debug, Clone)]
-pub(crate) struct Arrivals(Arc<tokio::sync::watch::Sender<u64>>);
+/// Wakes the watches a node holds (`Request::Watch`) when it stores verified pieces of their
+/// blob: each then checks whether it holds a piece its requester wants. One channel per blob
+/// watched, so a piece of one blob wakes only the watches of that blob; a blob's channel goes
+/// once no watch of it is left.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Arrivals(Arc<Mutex<HashMap<Hash, tokio::sync::watch::Sender<u64>>>>);
 
 impl Arrivals {
-    fn new() -> Self {
-        Self(Arc::new(tokio::sync::watch::Sender::new(0)))
+    /// The node stored verified pieces of `hash`.
+    pub(crate) fn stored(&self, hash: Hash) {
+        let mut blobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = blobs.get(&hash) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+            if tx.receiver_count() == 0 {
+                blobs.remove(&hash);
+            }
+        }
     }
 
-    /// The node stored verified pieces (or is shutting down: the watches answer now).
-    pub(crate) fn stored(&self) {
-        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    /// The node is shutting down: every watch answers now.
+    fn wake_all(&self) {
+        for tx in self.0.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
-    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.0.subscribe()
+    fn subscribe(&self, hash: Hash) -> tokio::sync::watch::Receiver<u64> {
+        let mut blobs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded by the watches held: the channels of blobs no watch waits on any more go.
+        if blobs.len() >= MAX_WATCHES {
+            blobs.retain(|_, tx| tx.receiver_count() > 0);
+        }
+        blobs.entry(hash).or_insert_with(|| tokio::sync::watch::Sender::new(0)).subscribe()
     }
 }
 
@@ -253,7 +269,7 @@ impl Uploads {
             answering: AtomicUsize::new(0),
             watches: Mutex::new(HashMap::new()),
             reading: Mutex::new(HashMap::new()),
-            arrivals: Arrivals::new(),
+            arrivals: Arrivals::default(),
             timing,
         }
     }
@@ -261,7 +277,7 @@ impl Uploads {
     /// Refuses new uploads from now on; running ones go on, and the watches held answer now.
     pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        self.arrivals.stored();
+        self.arrivals.wake_all();
     }
 
     /// Room to hold a watch from `peer`, if the bounds allow one more.
@@ -896,12 +912,13 @@ async fn serve_watch(
 ) -> std::io::Result<()> {
     let Server { store, uploads, metrics, .. } = server;
     let span = info_span!("serve_watch", %peer, blob = %hash.short(), trace = %display_trace(trace));
-    // Subscribed before the first look, so that a piece stored in between still wakes it.
-    let mut arrivals = uploads.arrivals.subscribe();
     // A wanted set counted for another piece count is answered at once: the have-map tells the
-    // requester the size this node holds. Woken at every piece the node stores, a watch looks
-    // without copying the blob's have-map.
+    // requester the size this node holds. Woken at every piece of the blob the node stores, a
+    // watch looks without copying the blob's have-map.
     if let Some(_watch) = uploads.try_watch(peer) {
+        // Subscribed before the first look, so that a piece stored in between still wakes it;
+        // only while the watch is held, which keeps the channels within the bound on watches.
+        let mut arrivals = uploads.arrivals.subscribe(hash);
         let until = tokio::time::Instant::now() + wait.min(uploads.timing.max_watch_wait);
         while store.has_news(hash, &wanted) == Some(false) && !uploads.closing.load(Ordering::Relaxed) {
             if !matches!(tokio::time::timeout_at(until, arrivals.changed()).await, Ok(Ok(()))) {
@@ -1144,7 +1161,7 @@ async fn receive(
             match write.await {
                 Ok(Ok(pieces)) => {
                     stored.union_with(&pieces);
-                    arrivals.stored();
+                    arrivals.stored(hash);
                 }
                 Ok(Err(e)) => {
                     warn!(blob = %hash, error = %e, "storing verified pieces failed");
@@ -1173,6 +1190,31 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_piece_wakes_only_the_watches_of_its_blob_and_channels_go_with_their_watches() {
+        let arrivals = Arrivals::default();
+        let (a, b) = (Hash::from([1; 32]), Hash::from([2; 32]));
+        let mut watch_a = arrivals.subscribe(a);
+        let watch_b = arrivals.subscribe(b);
+        arrivals.stored(a);
+        assert!(watch_a.has_changed().expect("open"), "a piece of its blob wakes a watch");
+        assert!(!watch_b.has_changed().expect("open"), "a piece of another blob does not");
+        watch_a.borrow_and_update();
+        arrivals.wake_all();
+        assert!(watch_a.has_changed().expect("open") && watch_b.has_changed().expect("open"), "a shutdown wakes all");
+
+        // A blob's channel goes once its last watch did: at its next piece, or when the map is full.
+        drop(watch_a);
+        arrivals.stored(a);
+        assert!(!arrivals.0.lock().unwrap().contains_key(&a));
+        drop(watch_b);
+        let held: Vec<_> = (0..MAX_WATCHES as u32).map(|i| arrivals.subscribe(Hash::of(&i.to_le_bytes()))).collect();
+        assert!(arrivals.0.lock().unwrap().len() <= MAX_WATCHES, "the channels are bounded by the watches held");
+        drop(held);
+        let _one = arrivals.subscribe(a);
+        assert_eq!(arrivals.0.lock().unwrap().len(), 1, "channels of blobs no watch waits on go");
+    }
 
     #[test]
     fn a_refused_protocol_is_told_apart_from_a_broken_stream() {

@@ -262,6 +262,28 @@ async fn a_watch_is_answered_when_a_wanted_piece_arrives_and_does_not_hold_up_sh
     let answer = exchange_within(&mut c, wpeer, &again, Duration::from_secs(30)).await.expect("answered");
     assert!(matches!(response(&answer), Response::Have { .. }));
 
+    // A blob it imports answers the watches of it at once, as a fetched piece does.
+    let added: Vec<u8> = (0..PIECE_SIZE as u32 + 7).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    let added_hash = shoal_protocol::Hash::of(&added);
+    let m = Geometry::new(added.len() as u64).expect("size").piece_count();
+    watched.handle().store().begin(added_hash, added.len() as u64).expect("begin");
+    let mut c = control.clone();
+    let on_add = watch(added_hash, PieceSet::full(m));
+    let on_add = tokio::spawn(async move { exchange_within(&mut c, wpeer, &on_add, Duration::from_secs(120)).await });
+    watches_held(&watched.handle(), 1).await;
+    let file = tmp.path().join("added");
+    std::fs::write(&file, &added).expect("write");
+    watched.handle().add_path(&file).await.expect("add");
+    let answer = tokio::time::timeout(Duration::from_secs(30), on_add)
+        .await
+        .expect("answered at the import, not at the end of its wait")
+        .expect("task")
+        .expect("answered");
+    match response(&answer) {
+        Response::Have { pieces, .. } => assert!(pieces.is_complete(), "answered with the whole blob"),
+        other => panic!("a watch is answered with a have-map, not {other:?}"),
+    }
+
     // A watch of a blob nobody sends it does not hold up a shutdown.
     let other = shoal_protocol::Hash::from([9; 32]);
     watched.handle().store().begin(other, 1000).expect("begin");
