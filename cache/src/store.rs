@@ -1091,8 +1091,9 @@ impl Store {
                 held.insert(piece.piece());
                 continue;
             }
-            // Verified against this hash, so against this blob's size too; a decoder made for
-            // another size could not have verified anything, but the store does not rely on it.
+            // Verified against this hash; but a decoder made for another size still verifies the
+            // pieces below the real tree's right edge (the hash chain proves them), so only a
+            // piece that fits this blob's geometry goes in.
             if piece.bytes() != blob.geometry.piece_bytes(piece.piece()) {
                 warn!(blob = %hash, piece = piece.piece(), "a verified piece does not fit the blob; not stored");
                 continue;

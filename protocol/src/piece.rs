@@ -108,6 +108,10 @@ impl Geometry {
     pub fn chunk_ranges(&self, pieces: &PieceSet) -> ChunkRanges {
         let mut out = ChunkRanges::empty();
         for r in pieces.ranges() {
+            // A set counted for a larger blob asks for nothing past this one's end.
+            if r.start >= self.piece_count() {
+                continue;
+            }
             let start = ChunkNum(u64::from(r.start) << PIECE_CHUNK_LOG);
             if r.end >= self.piece_count() {
                 // The last piece: an open range also asks for the last chunk when the blob is

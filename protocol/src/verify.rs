@@ -615,20 +615,20 @@ where
             Ok(())
         };
         let want = decoder.remaining().min(buf.len() as u64) as usize;
-        let pushed = match want {
-            0 => decoder.finish(),
+        let (pushed, ended) = match want {
+            0 => (decoder.finish(), true),
             _ => match encoded.read(&mut buf[..want]) {
-                Ok(0) => decoder.finish(),
-                Ok(n) => decoder.push(&buf[..n]),
+                Ok(n) if n > 0 => (decoder.push(&buf[..n]), false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => decoder.finish(),
-                Err(e) => Err(DecodeError::Store(e)),
+                // The encoding ended, or its stream failed, before its end: the sender's (or the
+                // network's) doing, which `finish` reports as the response ending early.
+                Ok(_) | Err(_) => (decoder.finish(), true),
             },
         };
         let stored = store(decoder.take_ready());
         match (pushed, stored) {
             (_, Err(e)) | (Err(e), _) => return Decoded { verified, error: Some(e) },
-            (Ok(()), Ok(())) if want == 0 => return Decoded { verified, error: None },
+            (Ok(()), Ok(())) if ended => return Decoded { verified, error: None },
             (Ok(()), Ok(())) => {}
         }
     }
@@ -696,6 +696,44 @@ mod tests {
             assert_eq!(hash, Hash::of(&data), "size {size}");
             assert_eq!(ob.len() as u64, Geometry::new(size).expect("small").outboard_size(), "size {size}");
         }
+    }
+
+    #[test]
+    fn a_piece_set_counted_for_a_larger_blob_asks_for_nothing_past_the_end() {
+        let data = bytes(1000);
+        let (hash, _) = outboard_of(&data);
+        let g = Geometry::new(1000).expect("small");
+        // Piece 5 of ten, for a blob of one piece: nothing of this blob.
+        let odd = PieceSet::single(10, 5);
+        assert_eq!(encoded_len(g, &odd), 0);
+        let mut d = PieceDecoder::new(hash, g, &odd);
+        assert_eq!(d.remaining(), 0, "the encoding's length and the decoder's walk agree");
+        let _ = d.push(&data);
+        assert!(d.take_ready().is_empty() && d.verified().is_empty(), "no piece that was not asked for");
+    }
+
+    #[test]
+    fn a_stream_failing_mid_response_is_the_senders_end_not_ours() {
+        struct Failing<'a>(&'a [u8]);
+        impl Read for Failing<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Err(io::ErrorKind::ConnectionReset.into());
+                }
+                let n = buf.len().min(self.0.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let (data, hash, ob, g, wire) = encoded_blob(3 * PIECE_SIZE);
+        let all = PieceSet::full(g.piece_count());
+        let mut target = vec![0u8; data.len()];
+        let rebuilt = post_order_outboard(hash, g, vec![0u8; ob.len()]);
+        let d = decode_pieces(Failing(&wire[..wire.len() / 2]), &all, &mut target[..], rebuilt);
+        let error = d.error.expect("cut short");
+        assert!(error.is_peer_fault(), "{error:?}");
+        assert!(!d.verified.is_empty() && !d.verified.is_complete(), "what arrived whole is kept");
     }
 
     #[test]

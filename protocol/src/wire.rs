@@ -111,8 +111,8 @@ pub enum Response {
         pieces: PieceSet,
         /// Other peers holding pieces of the blob: at most [`MAX_HINTS`].
         peers: Vec<PeerHint>,
-        /// If asked for and the server holds the last piece: the blob's last chunk group with the
-        /// hash pairs from the root down to it (`verify::encode_size_proof`), at most
+        /// If asked for and the server holds the last piece: the blob's last chunk with the
+        /// chaining values beside the path from the root down to it (`verify::encode_size_proof`), at most
         /// [`MAX_SIZE_PROOF_LEN`] bytes. It proves `size`, so the requester need not fetch the last
         /// piece before any other.
         size_proof: Option<Vec<u8>>,

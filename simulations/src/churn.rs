@@ -36,6 +36,7 @@ pub struct ChurnResult {
     /// Share of all nodes (providers excepted) that crashed or left.
     pub churned_share: f64,
     /// Fetchers still there at the end (never churned, restarted, or joined): each must succeed.
+    /// One that crashed or left is not counted, though its fetch had finished first.
     pub eligible: usize,
     /// Of which completed.
     pub succeeded: usize,
@@ -51,7 +52,8 @@ pub struct ChurnResult {
     pub stall_p50_s: f64,
     /// 99th percentile: how long recovering from a lost source took, at worst.
     pub stall_p99_s: f64,
-    /// From a restart to the completed blob, median over restarted nodes.
+    /// From a restart to the completed blob, median over the nodes restarted with their fetch
+    /// unfinished.
     pub restart_to_done_p50_s: f64,
     /// Longest.
     pub restart_to_done_max_s: f64,
@@ -72,11 +74,12 @@ pub struct Fetcher {
     pub fate: String,
     /// Whether it is expected to finish (it is there at the end).
     pub eligible: bool,
-    /// Completed (in any incarnation).
+    /// Completed, and its last fetch did too: a node restarted after its fetch had finished
+    /// fetches again, and fails if that fails.
     pub ok: bool,
-    /// When it completed.
+    /// When it first completed.
     pub done_s: Option<f64>,
-    /// When it restarted, if it did.
+    /// When it restarted, if it did with its fetch cut short by the crash.
     pub restarted_s: Option<f64>,
     /// The longest gap between verified bytes.
     pub stall_s: f64,
@@ -130,13 +133,17 @@ impl Fetches {
             let f = &mut f[slot];
             f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
             match result {
+                // A node restarted after its fetch had finished fetches again (from its own
+                // store, or what the crash lost): its completion is the first one.
                 Ok(Ok(_)) => {
+                    if !f.ok {
+                        f.done_s = Some(t0.elapsed().as_secs_f64() / scale);
+                    }
                     f.ok = true;
-                    f.done_s = Some(t0.elapsed().as_secs_f64() / scale);
                     f.error = None;
                 }
-                Ok(Err(e)) => f.error = Some(e.to_string()),
-                Err(_) => f.error = Some("timed out".into()),
+                Ok(Err(e)) => (f.ok, f.error) = (false, Some(e.to_string())),
+                Err(_) => (f.ok, f.error) = (false, Some("timed out".into())),
             }
         })
     }
@@ -251,7 +258,7 @@ pub(crate) async fn run(
                     }
                     let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
                     f[slot_of(i)].fate = "crashed".into();
-                    f[slot_of(i)].eligible = f[slot_of(i)].ok;
+                    f[slot_of(i)].eligible = false;
                 }
                 Event::Leave(i) => {
                     if let Some(t) = running[slot_of(i)].take() {
@@ -260,7 +267,7 @@ pub(crate) async fn run(
                     cluster.leave(i).await;
                     let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
                     f[slot_of(i)].fate = "left".into();
-                    f[slot_of(i)].eligible = f[slot_of(i)].ok;
+                    f[slot_of(i)].eligible = false;
                 }
                 Event::Restart(i) => {
                     cluster.restart(i, scenario, rng).await?;
@@ -269,7 +276,10 @@ pub(crate) async fn run(
                         let f = &mut f[slot_of(i)];
                         f.fate = "restarted".into();
                         f.eligible = true;
-                        f.restarted_s = Some(t0.elapsed().as_secs_f64() / scale);
+                        // Its recovery is measured only if the crash cut its fetch short.
+                        if !f.ok {
+                            f.restarted_s = Some(t0.elapsed().as_secs_f64() / scale);
+                        }
                     }
                     running[slot_of(i)] = Some(fetches.spawn(&cluster, i));
                 }

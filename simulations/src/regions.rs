@@ -1,6 +1,7 @@
 //! `regions`: one seeder, and fetchers spread over the regions arriving over a window, so that
-//! copies exist in every region by the time most fetchers ask. Measures the share of bytes each
-//! fetcher got from its own region, beside what picking peers at random would give.
+//! copies exist in every region by the time most fetchers ask. Measures the share of the bytes
+//! delivered (the blob's, and the little control traffic beside) that came from the receiver's own
+//! region, beside what picking peers at random would give.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,7 +25,8 @@ pub struct RegionsResult {
     pub succeeded: usize,
     /// Share of the bytes delivered during the run that came from the receiver's own region.
     pub own_region_share: f64,
-    /// The same share if every byte came from a node picked at random: Σ (nodes in r / N)².
+    /// The same share if every node got its bytes from another node picked at random:
+    /// Σ (n_r / N)·(n_r − 1) / (N − 1), over the regions' node counts n_r.
     pub random_pick_share: f64,
     /// Per region.
     pub regions: Vec<RegionFigures>,
@@ -119,7 +121,7 @@ pub(crate) async fn run(
         });
         times.push((name.clone(), t));
     }
-    let random_pick_share = regions.iter().map(|g| (g.nodes as f64 / count as f64).powi(2)).sum();
+    let random_pick_share = random_pick_share(&regions.iter().map(|g| g.nodes).collect::<Vec<_>>());
     Ok(RegionsResult {
         blob_bytes: size,
         fetchers: fetchers.len(),
@@ -129,6 +131,16 @@ pub(crate) async fn run(
         regions,
         times,
     })
+}
+
+/// The share of bytes from a node's own region were each node to get its bytes from another
+/// node picked at random: a node of region r picks one of the n_r − 1 others there among N − 1.
+fn random_pick_share(nodes: &[usize]) -> f64 {
+    let n: usize = nodes.iter().sum();
+    if n < 2 {
+        return f64::NAN;
+    }
+    nodes.iter().map(|&r| r as f64 / n as f64 * r.saturating_sub(1) as f64 / (n - 1) as f64).sum()
 }
 
 /// Writes `completions.csv` and a CDF of completion times per region.
@@ -153,4 +165,18 @@ pub(crate) fn write(out: &Path, r: &RegionsResult) -> anyhow::Result<()> {
         false,
     ))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_random_pick_never_picks_the_node_itself() {
+        // Two nodes in two regions: the other node is always in the other region.
+        assert_eq!(random_pick_share(&[1, 1]), 0.0);
+        // 20 in each of three regions: 19 of the 59 others share a node's region.
+        assert!((random_pick_share(&[20, 20, 20]) - 19.0 / 59.0).abs() < 1e-12);
+        assert_eq!(random_pick_share(&[5]), 1.0);
+    }
 }

@@ -771,7 +771,13 @@ fn write_results(out: &Path, summary: &Summary) -> anyhow::Result<()> {
             let times: Vec<f64> = r.completions.iter().filter(|c| c.ok).map(|c| c.seconds).collect();
             crate::plot::skip_if_empty(crate::plot::cdf(
                 &out.join("completion-cdf"),
-                &format!("Flash crowd: {} fetchers, {:.0} MiB blob", r.fetchers, r.blob_bytes as f64 / 1048576.0),
+                // The curve is over the fetches that finished: the title says how many of all.
+                &format!(
+                    "Flash crowd: {} of {} fetchers done, {:.0} MiB blob",
+                    times.len(),
+                    r.fetchers,
+                    r.blob_bytes as f64 / 1048576.0
+                ),
                 "completion time (s)",
                 &times,
                 &[crate::plot::Marker { x: r.t_min_s, label: format!("T_min = {:.1} s (fluid bound)", r.t_min_s) }],

@@ -159,19 +159,7 @@ pub fn whole_piece_bound(caps: &[Caps], seeder: usize, size: u64) -> Option<f64>
     let n = ups.len() as f64;
     let t_min = fluid_bound(caps, seeder, size);
     let smallest = PIECE_SIZE.min(size - PIECE_SIZE * (pieces - 1)) as f64;
-    // Earliest first-holding times: a heap of senders by when each can next deliver.
-    // Each entry: when a sender can next deliver, and how often after.
-    let mut senders = BinaryHeap::new();
-    let seeder_every = smallest / u_s.min(d_max);
-    senders.push(Reverse((Time(seeder_every), Time(seeder_every))));
-    let mut firsts = Vec::with_capacity(ups.len());
-    for &u in &ups {
-        let Reverse((Time(at), Time(every))) = senders.pop()?;
-        firsts.push((at, u));
-        senders.push(Reverse((Time(at + every), Time(every))));
-        let own = smallest / u.min(d_max);
-        senders.push(Reverse((Time(at + own), Time(own))));
-    }
+    let firsts = first_holdings(u_s, &ups, d_max, smallest)?;
     // The work by T grows with T: bisect for where it reaches N·F.
     let work = |t: f64| u_s * t + firsts.iter().map(|(at, u)| u * (t - at).max(0.0)).sum::<f64>();
     let (mut lo, mut hi) = (0.0, t_min.max(firsts.last().map_or(0.0, |l| l.0)) + n * f / u_s);
@@ -180,6 +168,28 @@ pub fn whole_piece_bound(caps: &[Caps], seeder: usize, size: u64) -> Option<f64>
         if work(mid) >= n * f { hi = mid } else { lo = mid }
     }
     Some(hi.max(t_min))
+}
+
+/// When each fetcher (by uplink, fastest first) holds its first whole piece at the earliest: a
+/// heap of senders by when each can next deliver, each holder sending from the moment it holds
+/// one, the fastest uplinks going to the first holders. A sender that holds a piece from `t0` on,
+/// with uplink `u`, delivers its k-th no sooner than `t0 + max(s / min(u, d_max), k·s / u)`: one
+/// piece takes at least the time of the slower of its uplink and the fastest downlink, and k
+/// pieces take k of its uplink's piece-times (an uplink faster than every downlink serves several
+/// receivers at once). Returns (when, uplink) per fetcher.
+fn first_holdings(u_s: f64, ups: &[f64], d_max: f64, smallest: f64) -> Option<Vec<(f64, f64)>> {
+    let next = |t0: f64, u: f64, k: u32| t0 + (smallest / u.min(d_max)).max(f64::from(k + 1) * smallest / u);
+    // Each entry: when it can next deliver, its `t0`, its uplink, and the deliveries so far.
+    let mut senders = BinaryHeap::new();
+    senders.push(Reverse((Time(next(0.0, u_s, 0)), Time(0.0), Time(u_s), 0u32)));
+    let mut firsts = Vec::with_capacity(ups.len());
+    for &u in ups {
+        let Reverse((Time(at), Time(t0), Time(rate), k)) = senders.pop()?;
+        firsts.push((at, u));
+        senders.push(Reverse((Time(next(t0, rate, k + 1)), Time(t0), Time(rate), k + 1)));
+        senders.push(Reverse((Time(next(at, u, 0)), Time(at), Time(u), 0)));
+    }
+    Some(firsts)
 }
 
 /// A time in seconds, ordered so that heaps of `Reverse` entries give the earliest first.
@@ -364,6 +374,23 @@ mod tests {
     fn the_bound_for_a_lone_fetcher_is_the_seeders_rate() {
         let caps = crowd(1, 4 * MIB, 2 * MIB, 8 * MIB);
         assert!((whole_piece_bound(&caps, 0, 4 * MIB).unwrap() - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_seeder_faster_than_every_downlink_serves_several_at_once() {
+        // A 16 MiB/s seeder and 8 MiB/s downlinks: it sends a piece to two fetchers at once, each
+        // at its downlink, so both hold one after one piece-time at 8 MiB/s. One delivery at a
+        // time put the second a piece-time later, and so bounded the crowd's time above a
+        // schedule that does this.
+        let (s, mib) = (PIECE_SIZE as f64, MIB as f64);
+        let firsts = first_holdings(16.0 * mib, &[2.0 * mib; 3], 8.0 * mib, s).unwrap();
+        let piece_time = s / (8.0 * mib);
+        assert!((firsts[0].0 - piece_time).abs() < 1e-12 && (firsts[1].0 - piece_time).abs() < 1e-12, "{firsts:?}");
+        // The third waits for the seeder's uplink: three pieces at 16 MiB/s.
+        assert!((firsts[2].0 - 3.0 * s / (16.0 * mib)).abs() < 1e-12, "{firsts:?}");
+        // An uplink no faster than the downlinks delivers one piece at a time, as before.
+        let firsts = first_holdings(4.0 * mib, &[2.0 * mib; 2], 8.0 * mib, s).unwrap();
+        assert!((firsts[1].0 - 2.0 * s / (4.0 * mib)).abs() < 1e-12, "{firsts:?}");
     }
 
     #[test]
