@@ -644,7 +644,11 @@ struct Peer {
     bytes_received: u64,
     pieces_verified: u32,
     failures: u32,
+    /// Failed requests for pieces since one last verified pieces.
     consecutive_failures: u32,
+    /// Failed have requests since one was last answered: counted apart, so that a peer answering
+    /// its have requests and watches is still dropped when every request for pieces fails.
+    have_failures: u32,
     /// The back-off of the last counted failure: failures before it ends are the same incident
     /// (a dropped connection fails every request in flight at once) and count once.
     incident_until: Option<Instant>,
@@ -684,6 +688,7 @@ impl Peer {
             pieces_verified: 0,
             failures: 0,
             consecutive_failures: 0,
+            have_failures: 0,
             incident_until: None,
             backoff_until: None,
             in_flight: 0,
@@ -1103,7 +1108,7 @@ where
             (true, Some(sent)) => Some(sent.checked_add(refresh).unwrap_or(now)),
             _ => None,
         };
-        rec.consecutive_failures = 0;
+        rec.have_failures = 0;
         rec.incident_until = None;
         let consistent = Geometry::new(size).is_ok_and(|g| g.piece_count() == pieces.piece_count());
         if !consistent {
@@ -1594,6 +1599,26 @@ where
             claim.remove_advert(pieces);
         }
         self.candidates.push_back(peer);
+        // Within the candidate bound: a full queue forgets the parked peer with nothing we need
+        // parked last, else the one parked for `Busy` longest ago.
+        let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
+        while self.candidates.len() > max {
+            let parked = |busy: bool| {
+                let peers = &self.peers;
+                move |p: &P| peers.get(p).is_some_and(|r| r.parked && r.stepped_aside == busy)
+            };
+            let forget = self
+                .candidates
+                .iter()
+                .rposition(parked(false))
+                .or_else(|| self.candidates.iter().position(parked(true)));
+            match forget.and_then(|at| self.candidates.remove(at)) {
+                Some(gone) => {
+                    self.peers.remove(&gone);
+                }
+                None => break,
+            }
+        }
     }
 
     fn start_ask(&mut self, peer: P, now: Instant) {
@@ -1655,7 +1680,10 @@ where
             // No size yet: a partial holder that cannot prove the one it claims does not help to
             // settle one (in a crowd, where sizes come from proofs, most holders lack the last
             // piece; holding every slot, they would keep the ones who have it from being asked).
-            return rec.advert.as_ref().is_some_and(|a| !a.can_prove());
+            // Once only a proof settles the size, one that answered without a proof does not
+            // either: every have request asks for one until the size is proven, and a holder of
+            // the last piece sends it.
+            return rec.advert.as_ref().is_some_and(|a| !a.can_prove() || self.proof_required);
         };
         let Some(advert) = rec.advert.as_ref().and_then(Advert::counted) else { return false };
         if advert.is_complete() {
@@ -2043,7 +2071,8 @@ where
         let max_failures = self.config.max_peer_failures;
         let max_backoff = self.config.bound(MAX_RETRY_BACKOFF);
         let busy_wait = (self.config.bound(MIN_BUSY_WAIT), self.config.bound(MAX_BUSY_WAIT));
-        let step_aside = self.newcomer_waits() && self.claim.as_ref().is_some_and(|c| c.proven);
+        let newcomer_waits = self.newcomer_waits();
+        let step_aside = newcomer_waits && self.claim.as_ref().is_some_and(|c| c.proven);
         let Some(rec) = self.peers.get_mut(&peer).filter(|r| !r.dropped && !r.parked) else { return };
         let wait = match failure {
             PeerFailure::NotFound | PeerFailure::Denied => {
@@ -2062,19 +2091,32 @@ where
                 self.park(peer, true);
                 return;
             }
+            // Busy before it ever told us what it holds: it proves no size and serves nothing yet,
+            // and a peer answering every have request so would hold its slot for good.
+            PeerFailure::Busy { .. }
+                if matches!(asked, Asked::Have) && rec.advert.is_none() && rec.in_flight == 0 && newcomer_waits =>
+            {
+                self.park(peer, true);
+                return;
+            }
             PeerFailure::Busy { retry_after } => retry_after.clamp(busy_wait.0, busy_wait.1),
             PeerFailure::Timeout | PeerFailure::Io | PeerFailure::Truncated => {
                 if rec.incident_until.is_none_or(|t| now >= t) {
                     rec.failures = rec.failures.saturating_add(1);
-                    rec.consecutive_failures = rec.consecutive_failures.saturating_add(1);
-                    if rec.consecutive_failures >= max_failures {
+                    let run = match asked {
+                        Asked::Have => &mut rec.have_failures,
+                        Asked::Get => &mut rec.consecutive_failures,
+                    };
+                    *run = run.saturating_add(1);
+                    let run = *run;
+                    if run >= max_failures {
                         self.drop_peer(peer, None, now);
                         if let Some(rec) = self.peers.get_mut(&peer) {
                             rec.revive_at = Some(at_least(now, max_backoff));
                         }
                         return;
                     }
-                    let doublings = (rec.consecutive_failures - 1).min(16);
+                    let doublings = (run - 1).min(16);
                     let wait = retry_base.saturating_mul(1 << doublings).min(max_backoff);
                     rec.incident_until = Some(at_least(now, wait));
                 }
@@ -4169,5 +4211,73 @@ mod tests {
                 assert_eq!(run(13 * PIECE_SIZE + 5, &extra, seed), run(13 * PIECE_SIZE + 5, &extra, seed));
             }
         }
+    }
+
+    // ---- from a review of the fetch (2026-12-06) ----
+
+    #[test]
+    fn a_peer_that_only_answers_busy_to_have_requests_gives_its_slot_up() {
+        let config = FetchConfig { max_peers: 1, ..config4() };
+        let mut d = Driver::new(size_of(4), config);
+        assert_eq!(d.discover(&[1, 2]), vec![AskHave { peer: 1 }]);
+        for _ in 0..40 {
+            d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: ms(250) }, d.now);
+            if d.advance(ms(250)).contains(&AskHave { peer: 2 }) {
+                return;
+            }
+        }
+        panic!("peer 2 waited 10 s behind a peer that only ever said Busy");
+    }
+
+    #[test]
+    fn provers_that_never_prove_give_their_slots_to_a_waiting_candidate() {
+        let config = FetchConfig { max_peers: 1, ..config4() };
+        let mut d = Driver::new(size_of(8), config);
+        assert_eq!(d.discover(&[1, 2]), vec![AskHave { peer: 1 }]);
+        // Peer 1 claims a size too large for the cache, holding all of it, and proves nothing.
+        let lie = size_of(8) * 1000;
+        let n = Geometry::new(lie).unwrap().piece_count();
+        d.fetch.handle_have(1, lie, PieceSet::full(n), ms(20), d.now);
+        assert_eq!(d.drain(), vec![Begin { size: lie }]);
+        d.fetch.handle_size_unprovable(lie, d.now);
+        let mut actions = d.drain();
+        for _ in 0..10 {
+            actions.extend(d.advance(Duration::from_secs(1)));
+        }
+        assert!(actions.contains(&AskHave { peer: 2 }), "{actions:?}");
+    }
+
+    #[test]
+    fn a_peer_whose_every_get_fails_is_dropped_though_it_answers_its_watches() {
+        let n = 40;
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
+        let (mut d, mut actions) = proven(size_of(n), config, &[(1, set(n, 1..n)), (2, PieceSet::full(n))]);
+        for _ in 0..6 {
+            if stats(&d.fetch, 1).dropped {
+                return;
+            }
+            let Some((_, id, _)) = requests(&actions).into_iter().find(|r| r.0 == 1) else {
+                actions = d.watches_run_out();
+                continue;
+            };
+            d.fail(1, id, PeerFailure::Truncated);
+            actions = d.watches_run_out();
+        }
+        assert!(stats(&d.fetch, 1).dropped, "kept: {:?}", stats(&d.fetch, 1));
+    }
+
+    #[test]
+    fn parking_keeps_the_candidate_queue_within_its_bound() {
+        let config = FetchConfig { max_peers: 1, ..config4() };
+        let n = 8;
+        let mut d = Driver::new(size_of(n), config);
+        d.drain();
+        for peer in 0..50u32 {
+            d.fetch.handle_nearby([peer], d.now);
+            let refresh = d.fetch.config().have_refresh;
+            let _ = d.advance(refresh);
+            d.have(peer, set(n, [0]));
+        }
+        assert!(d.fetch.candidates.len() <= CANDIDATES_PER_PEER_SLOT, "{}", d.fetch.candidates.len());
     }
 }
