@@ -134,8 +134,10 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// A peer we reach at a public address is not on our LAN, nor on any other it could be
 /// reached from over its private addresses: those it announced too (a node whose router
 /// forwards a public address to it announces its LAN address beside it) are left out, since
-/// on the dialler's own LAN they name another host. The addresses on the IP we reach it at come
-/// first: a routing-table entry keeps only the first few.
+/// on the dialler's own LAN they name another host. Nor are its addresses of that family on
+/// other IPs kept (an IPv6 address's /64 counts as its IP): one IP vouches for itself, not for
+/// other hosts a peer names beside it. The addresses on the IP we reach it at come first: a
+/// routing-table entry keeps only the first few.
 ///
 /// Names are left out: they are kept only once checked ([`names`], [`name_is_theirs`]).
 pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bool) -> Option<Vec<Multiaddr>> {
@@ -144,8 +146,14 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
     if !(dialled || vouched_for(&addrs, from)) {
         return None;
     }
-    if ip(from).is_some_and(is_public) {
+    if let Some(from_ip) = ip(from).filter(|a| is_public(*a)) {
         addrs.retain(|a| !ip(a).is_some_and(is_lan_scoped));
+        // Of the family it is reached over, only addresses on that IP (an IPv6 one's /64): it
+        // vouches for itself, not for other hosts' addresses announced beside it, which the
+        // crowds that look its records up would dial. Those of the other family cannot be
+        // checked from here and are kept.
+        let host = crate::connmgr::source(from_ip);
+        addrs.retain(|a| ip(a).is_none_or(|a| a.is_ipv4() != from_ip.is_ipv4() || crate::connmgr::source(a) == host));
     }
     addrs.sort_by_key(|a| ip(a) != ip(from));
     Some(addrs)
@@ -299,19 +307,47 @@ pub(crate) struct Records {
     inner: MemoryStore,
     local: PeerId,
     announced: Vec<Multiaddr>,
-    /// The keys with a provider other than us, at most `max_remote_keys`: peers' records fill
+    /// The keys with a provider other than us, at most `bounds.remote_keys`: peers' records fill
     /// only part of the store, and never the room our own announcements need.
     remote: HashSet<RecordKey>,
-    max_remote_keys: usize,
-    /// The `inner` store's bound on providers per key.
-    max_providers: usize,
+    /// Peers' records held, per provider (at most `bounds.per_provider` each, and
+    /// `bounds.remote_records` in all): one peer cannot take the share of every other, nor the
+    /// keys' bound alone hold the records at gigabytes (64 providers for each of 100,000 keys).
+    per_provider: HashMap<PeerId, usize>,
+    remote_records: usize,
+    bounds: RecordBounds,
+}
+
+/// What [`Records`] holds of peers' provider records at most.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RecordBounds {
+    /// Keys with a provider other than us.
+    pub(crate) remote_keys: usize,
+    /// Records of any one peer.
+    pub(crate) per_provider: usize,
+    /// Peers' records in all.
+    pub(crate) remote_records: usize,
+    /// Providers per key: the `inner` store's own bound.
+    pub(crate) providers_per_key: usize,
 }
 
 impl Records {
-    /// Over `inner`, a store of at most `max_providers` providers per key, with at most
-    /// `max_remote_keys` keys that peers provide.
-    pub(crate) fn new(local: PeerId, inner: MemoryStore, max_remote_keys: usize, max_providers: usize) -> Self {
-        Self { inner, local, announced: Vec::new(), remote: HashSet::new(), max_remote_keys, max_providers }
+    /// Over `inner`, a store within `bounds`.
+    pub(crate) fn new(local: PeerId, inner: MemoryStore, bounds: RecordBounds) -> Self {
+        Self {
+            inner,
+            local,
+            announced: Vec::new(),
+            remote: HashSet::new(),
+            per_provider: HashMap::new(),
+            remote_records: 0,
+            bounds,
+        }
+    }
+
+    /// Whether `provider` has a record for `key` here.
+    fn holds(&self, key: &RecordKey, provider: &PeerId) -> bool {
+        self.inner.providers(key).iter().any(|r| r.provider == *provider)
     }
 
     /// Notes whether `key` still has a provider other than us.
@@ -330,7 +366,7 @@ impl Records {
         for key in keys {
             for record in self.inner.providers(&key) {
                 if record.provider != self.local && record.expires.is_some_and(|t| t <= now) {
-                    self.inner.remove_provider(&key, &record.provider);
+                    self.remove_provider(&key, &record.provider);
                 }
             }
             self.recount(&key);
@@ -365,15 +401,24 @@ impl RecordStore for Records {
 
     fn add_provider(&mut self, record: ProviderRecord) -> StoreResult<()> {
         let remote = record.provider != self.local;
-        if remote && !self.remote.contains(&record.key) && self.remote.len() >= self.max_remote_keys {
+        if remote && !self.remote.contains(&record.key) && self.remote.len() >= self.bounds.remote_keys {
             return Err(libp2p::kad::store::Error::MaxProvidedKeys);
         }
         let key = record.key.clone();
+        let provider = record.provider;
+        // A peer's record renewed takes no more room; a new one must fit its share and the whole.
+        let new = remote && !self.holds(&key, &provider);
+        if new
+            && (self.remote_records >= self.bounds.remote_records
+                || self.per_provider.get(&provider).is_some_and(|n| *n >= self.bounds.per_provider))
+        {
+            return Err(libp2p::kad::store::Error::MaxRecords);
+        }
         if !remote {
             // A key's list full of peers' records would take ours without a word and keep it
             // out: the peers that asked us for providers would never be told of our copy.
             let held = self.inner.providers(&key);
-            if held.len() >= self.max_providers
+            if held.len() >= self.bounds.providers_per_key
                 && !held.iter().any(|r| r.provider == self.local)
                 && let Some(last) = held.last().map(|r| r.provider)
             {
@@ -381,9 +426,14 @@ impl RecordStore for Records {
             }
         }
         self.inner.add_provider(record)?;
+        // A key's full list takes no new provider, without a word.
+        if new && self.holds(&key, &provider) {
+            *self.per_provider.entry(provider).or_insert(0) += 1;
+            self.remote_records += 1;
+        }
         // Ours leaves a key as it was; a peer's, stored, makes it one of the peers' keys.
         if remote {
-            self.remote.insert(key);
+            self.recount(&key);
         }
         Ok(())
     }
@@ -401,7 +451,12 @@ impl RecordStore for Records {
     }
 
     fn remove_provider(&mut self, k: &RecordKey, p: &PeerId) {
+        let counted = *p != self.local && self.holds(k, p);
         self.inner.remove_provider(k, p);
+        if counted {
+            crate::count_down(&mut self.per_provider, p);
+            self.remote_records = self.remote_records.saturating_sub(1);
+        }
         self.recount(k);
     }
 }
@@ -416,10 +471,35 @@ mod tests {
         s.parse().expect("multiaddr")
     }
 
+    fn bounds(remote_keys: usize, per_provider: usize, remote_records: usize) -> RecordBounds {
+        let providers_per_key = MemoryStoreConfig::default().max_providers_per_key;
+        RecordBounds { remote_keys, per_provider, remote_records, providers_per_key }
+    }
+
+    #[test]
+    fn one_peer_takes_only_its_share_of_the_peers_records_and_all_of_them_a_bound() {
+        let us = PeerId::random();
+        let mut records = Records::new(us, MemoryStore::new(us), bounds(10, 3, 5));
+        let record = |key: u8, provider: PeerId| ProviderRecord::new(RecordKey::new(&[key; 32]), provider, Vec::new());
+        let (x, honest) = (PeerId::random(), PeerId::random());
+        for k in 0..3 {
+            records.add_provider(record(k, x)).expect("within its share");
+        }
+        assert!(records.add_provider(record(3, x)).is_err(), "past one peer's share");
+        records.add_provider(record(1, x)).expect("a record renewed takes no more room");
+        records.add_provider(record(9, honest)).expect("another peer's record still fits");
+        records.add_provider(record(8, PeerId::random())).expect("five in all");
+        assert!(records.add_provider(record(7, PeerId::random())).is_err(), "past the records' bound");
+        // Ours always fit; a record gone makes room again.
+        records.add_provider(record(7, us)).expect("ours");
+        records.remove_provider(&RecordKey::new(&[0; 32]), &x);
+        records.add_provider(record(3, x)).expect("room again, in its share and the whole");
+    }
+
     #[test]
     fn peers_records_take_only_their_share_of_the_store_and_go_once_expired() {
         let (us, them) = (PeerId::random(), PeerId::random());
-        let mut records = Records::new(us, MemoryStore::new(us), 2, MemoryStoreConfig::default().max_providers_per_key);
+        let mut records = Records::new(us, MemoryStore::new(us), bounds(2, 2, 100));
         let record = |key: u8, provider: PeerId, expires: Option<std::time::Instant>| ProviderRecord {
             key: RecordKey::new(&[key; 32]),
             provider,
@@ -586,7 +666,20 @@ mod tests {
         let expected = Some(vec![forwarded.clone(), v6.clone()]);
         assert_eq!(reachable(told.clone(), &from_router, false), expected, "the vouching address first");
         // On its LAN it is reached at its LAN address, and every address is kept.
-        assert_eq!(reachable(told.clone(), &home, false), Some(vec![home.clone(), v6, ula, forwarded]));
+        assert_eq!(reachable(told.clone(), &home, false), Some(vec![home.clone(), v6, ula, forwarded.clone()]));
+        // Reached at a public address, it vouches for no other host of that family.
+        let victim = a("/ip4/203.0.113.50/udp/53/quic-v1");
+        let v6_same_64 = a("/ip6/2001:db8:1:2::99/udp/4737/quic-v1");
+        let told = vec![forwarded.clone(), victim.clone(), v6_same_64.clone()];
+        assert_eq!(reachable(told.clone(), &from_router, false), Some(vec![forwarded.clone(), v6_same_64.clone()]));
+        let from_v6 = a("/ip6/2001:db8:1:2::1/udp/4737/quic-v1");
+        let other_64 = a("/ip6/2001:db8:9:9::1/udp/4737/quic-v1");
+        let told = vec![v6_same_64.clone(), other_64, forwarded.clone()];
+        assert_eq!(
+            reachable(told, &from_v6, true),
+            Some(vec![v6_same_64, forwarded.clone()]),
+            "its /64, and IPv4 unchecked"
+        );
         let shared = a("/ip4/100.64.3.2/udp/4737/quic-v1");
         assert_eq!(reachable(vec![shared, home], &from_router, true), Some(Vec::new()), "CGNAT and LAN alike");
     }
@@ -635,7 +728,7 @@ mod tests {
     fn our_own_provider_records_carry_the_announced_addresses() {
         let me = PeerId::random();
         let other = PeerId::random();
-        let mut store = Records::new(me, MemoryStore::new(me), 16, MemoryStoreConfig::default().max_providers_per_key);
+        let mut store = Records::new(me, MemoryStore::new(me), bounds(16, 16, 1000));
         let key = RecordKey::new(&b"blob");
         store.add_provider(ProviderRecord::new(key.clone(), me, Vec::new())).unwrap();
         let theirs = vec![a("/ip4/192.0.2.9/udp/4737/quic-v1")];

@@ -12,7 +12,7 @@
 //! cannot take the peer spends nothing on it, and the peer learns at once, from a failed dial,
 //! that it must look elsewhere (rather than from a connection that opens and closes).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -62,7 +62,17 @@ pub(crate) struct Gate {
     upgrading: HashMap<ConnectionId, Option<std::net::IpAddr>>,
     /// How many of `upgrading` come from each address; none at zero.
     upgrading_from: HashMap<std::net::IpAddr, usize>,
+    /// Outbound connections through their handshake and not yet established or refused: where
+    /// each was dialled. A later behaviour (the connection limits) may refuse one at our cap.
+    dialled: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    /// Where peers were reached when our own cap refused the connection, the latest last (at most
+    /// [`MAX_REFUSED`]): a redial once room is made goes there again. The address may have come
+    /// from a lookup that ended meanwhile, and no other behaviour would know it.
+    refused: VecDeque<(PeerId, Multiaddr)>,
 }
+
+/// Addresses of peers our own cap refused, kept for a redial.
+const MAX_REFUSED: usize = 64;
 
 /// The error a refused connection carries.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +81,14 @@ pub(crate) struct AtCap(usize);
 
 impl Gate {
     pub(crate) fn new(cap: u32) -> Self {
-        Self { cap: cap as usize, established: 0, upgrading: HashMap::new(), upgrading_from: HashMap::new() }
+        Self {
+            cap: cap as usize,
+            established: 0,
+            upgrading: HashMap::new(),
+            upgrading_from: HashMap::new(),
+            dialled: HashMap::new(),
+            refused: VecDeque::new(),
+        }
     }
 
     /// An inbound connection is no longer being upgraded.
@@ -84,7 +101,7 @@ impl Gate {
 
 /// Where a connection comes from, as its handshakes are counted: an IPv4 address, or an IPv6
 /// address's /64, which one host commonly has whole.
-fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
+pub(crate) fn source(ip: std::net::IpAddr) -> std::net::IpAddr {
     match ip {
         std::net::IpAddr::V6(v6) => std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into(),
         v4 => v4,
@@ -133,20 +150,53 @@ impl NetworkBehaviour for Gate {
         Ok(dummy::ConnectionHandler)
     }
 
-    fn handle_established_outbound_connection(
+    fn handle_pending_outbound_connection(
         &mut self,
         _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
+        peer: Option<PeerId>,
+        _: &[Multiaddr],
+        _: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        let Some(peer) = peer else { return Ok(Vec::new()) };
+        let mut addrs = Vec::new();
+        self.refused.retain(|(p, a)| {
+            if *p == peer {
+                addrs.push(a.clone());
+            }
+            *p != peer
+        });
+        Ok(addrs)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        // Bounded by the dials under way: each ends established or failed.
+        self.dialled.insert(id, (peer, addr.clone()));
         Ok(dummy::ConnectionHandler)
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         match event {
-            FromSwarm::ConnectionEstablished(_) => self.established += 1,
+            FromSwarm::ConnectionEstablished(e) => {
+                self.dialled.remove(&e.connection_id);
+                self.established += 1
+            }
+            FromSwarm::DialFailure(e) => {
+                if let Some(reached) = self.dialled.remove(&e.connection_id)
+                    && matches!(e.error, DialError::Denied { .. })
+                {
+                    if self.refused.len() >= MAX_REFUSED {
+                        self.refused.pop_front();
+                    }
+                    self.refused.push_back(reached);
+                }
+            }
             FromSwarm::ConnectionClosed(_) => self.established = self.established.saturating_sub(1),
             FromSwarm::ListenFailure(e) => self.upgraded(e.connection_id),
             _ => {}
@@ -273,29 +323,36 @@ impl PeerActivity {
     }
 }
 
-/// Which of `connected` (peer, connected since) to close to get back to `target`: none while
-/// within it; otherwise the least recently useful, never one in its grace period or recently
-/// active.
+/// Which of `connected` (peer, connected since, connections to it) to close to get back to
+/// `target` connections: none while within it; otherwise the least recently useful, never one in
+/// its grace period or recently active. Connections are counted, as the cap counts them: a peer
+/// that dialled us as we dialled it holds two.
 pub(crate) fn to_trim(
-    connected: &[(PeerId, Instant)],
+    connected: &[(PeerId, Instant, usize)],
     target: usize,
     activity: &PeerActivity,
     now: Instant,
     grace: Duration,
 ) -> Vec<PeerId> {
-    if connected.len() <= target {
-        return Vec::new();
-    }
-    let excess = connected.len() - target;
-    let mut candidates: Vec<(Option<Instant>, PeerId)> = connected
+    let open: usize = connected.iter().map(|c| c.2).sum();
+    let Some(mut excess) = open.checked_sub(target).filter(|e| *e > 0) else { return Vec::new() };
+    let mut candidates: Vec<(Option<Instant>, PeerId, usize)> = connected
         .iter()
-        .filter(|(peer, since)| now.duration_since(*since) >= grace && !activity.is_busy(peer))
-        .map(|(peer, _)| (activity.last(peer), *peer))
-        .filter(|(last, _)| last.is_none_or(|t| now.duration_since(t) >= activity.recent))
+        .filter(|(peer, since, _)| now.duration_since(*since) >= grace && !activity.is_busy(peer))
+        .map(|(peer, _, n)| (activity.last(peer), *peer, *n))
+        .filter(|(last, ..)| last.is_none_or(|t| now.duration_since(t) >= activity.recent))
         .collect();
     // Never used first (None sorts first), then the longest unused.
     candidates.sort();
-    candidates.into_iter().take(excess).map(|(_, p)| p).collect()
+    let mut out = Vec::new();
+    for (_, peer, n) in candidates {
+        if excess == 0 {
+            break;
+        }
+        out.push(peer);
+        excess = excess.saturating_sub(n.max(1));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -307,8 +364,59 @@ mod tests {
     fn within_the_target_nothing_is_trimmed() {
         let now = Instant::now();
         let old = now - Duration::from_secs(3600);
-        let peers: Vec<(PeerId, Instant)> = (0..4).map(|_| (PeerId::random(), old)).collect();
+        let peers: Vec<(PeerId, Instant, usize)> = (0..4).map(|_| (PeerId::random(), old, 1)).collect();
         assert!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE).is_empty());
+    }
+
+    #[test]
+    fn the_target_counts_connections_and_a_peer_reached_both_ways_holds_two() {
+        let now = Instant::now();
+        let old = now - Duration::from_secs(3600);
+        // Four peers, each dialled by us as it dialled us: eight connections against four.
+        let peers: Vec<(PeerId, Instant, usize)> = (0..4).map(|_| (PeerId::random(), old, 2)).collect();
+        assert_eq!(to_trim(&peers, 4, &PeerActivity::default(), now, GRACE).len(), 2);
+        assert_eq!(to_trim(&peers, 3, &PeerActivity::default(), now, GRACE).len(), 3, "five over: three peers go");
+    }
+
+    #[test]
+    fn a_peer_our_cap_refused_is_dialled_again_where_it_was_reached() {
+        let mut gate = Gate::new(8);
+        let (p, id) = (PeerId::random(), ConnectionId::new_unchecked(1));
+        let addr: Multiaddr = "/ip4/203.0.113.9/udp/4737/quic-v1".parse().expect("multiaddr");
+        assert!(gate.handle_established_outbound_connection(id, p, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok());
+        // The connection limits, after the gate, refuse it at our cap.
+        let denied = DialError::Denied { cause: ConnectionDenied::new(AtCap(8)) };
+        gate.on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
+            peer_id: Some(p),
+            error: &denied,
+            connection_id: id,
+        }));
+        let pending = |gate: &mut Gate, peer| {
+            gate.handle_pending_outbound_connection(ConnectionId::new_unchecked(2), Some(peer), &[], Endpoint::Dialer)
+        };
+        assert_eq!(pending(&mut gate, PeerId::random()).expect("dial"), Vec::<Multiaddr>::new(), "another peer's");
+        assert_eq!(pending(&mut gate, p).expect("dial"), vec![addr.clone()]);
+        assert!(pending(&mut gate, p).expect("dial").is_empty(), "handed out once");
+        // A dial under way is remembered until it ends; the refused are bounded.
+        let other = ConnectionId::new_unchecked(3);
+        assert!(gate.handle_established_outbound_connection(other, p, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok());
+        assert_eq!(gate.dialled.len(), 1);
+        for n in 0..2 * MAX_REFUSED {
+            let id = ConnectionId::new_unchecked(10 + n);
+            let _ = gate.handle_established_outbound_connection(
+                id,
+                PeerId::random(),
+                &addr,
+                Endpoint::Dialer,
+                PortUse::Reuse,
+            );
+            gate.on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
+                peer_id: None,
+                error: &denied,
+                connection_id: id,
+            }));
+        }
+        assert_eq!(gate.refused.len(), MAX_REFUSED);
     }
 
     #[test]
@@ -320,7 +428,7 @@ mod tests {
         activity.touch(busy);
         activity.last.lock().unwrap().insert(busy, now);
         activity.last.lock().unwrap().insert(stale, now - Duration::from_secs(120));
-        let connected = [(never, old), (busy, old), (young, now), (stale, old)];
+        let connected = [(never, old, 1), (busy, old, 1), (young, now, 1), (stale, old, 1)];
         // Two over a target of 2: the never-used peer, then the stale one.
         assert_eq!(to_trim(&connected, 2, &activity, now, GRACE), vec![never, stale]);
         // Three over: still only those two; the busy and the young are kept even past the target.
@@ -339,7 +447,7 @@ mod tests {
         let now = Instant::now() + Duration::from_secs(3600);
         let old = now - Duration::from_secs(600);
         let (asking, idle) = (PeerId::random(), PeerId::random());
-        let connected = [(asking, old), (idle, old)];
+        let connected = [(asking, old, 1), (idle, old, 1)];
         let guard = activity.request(asking);
         assert_eq!(to_trim(&connected, 0, &activity, now, Duration::ZERO), vec![idle]);
         let second = activity.request(asking);

@@ -37,6 +37,15 @@ pub(crate) const MAX_PROVIDED_KEYS: usize = 200_000;
 /// announcements' room, which no peer can fill.
 const MAX_REMOTE_KEYS: usize = MAX_PROVIDED_KEYS / 2;
 
+/// Peers' provider records a node keeps at most, in all and of any one peer (see
+/// [`crate::addrs::Records`]): a peer sending records for 100,000 keys took every key peers may
+/// fill, and with 64 providers a key they could reach gigabytes.
+const MAX_REMOTE_RECORDS: usize = 2 * MAX_REMOTE_KEYS;
+const MAX_RECORDS_PER_PROVIDER: usize = MAX_REMOTE_KEYS / 64;
+
+/// Addresses a peer's provider record keeps at most (those on the IP it reached us from first).
+const MAX_RECORD_ADDRS: usize = 4;
+
 /// The most lookups that wait for one provider's dial.
 const MAX_WAITING_LOOKUPS: usize = 64;
 
@@ -250,7 +259,13 @@ pub(crate) fn build_swarm(
                 ..Default::default()
             },
         );
-        let store = crate::addrs::Records::new(peer_id, store, MAX_REMOTE_KEYS, MAX_PROVIDERS_PER_KEY);
+        let bounds = crate::addrs::RecordBounds {
+            remote_keys: MAX_REMOTE_KEYS,
+            per_provider: MAX_RECORDS_PER_PROVIDER,
+            remote_records: MAX_REMOTE_RECORDS,
+            providers_per_key: MAX_PROVIDERS_PER_KEY,
+        };
+        let store = crate::addrs::Records::new(peer_id, store, bounds);
         let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
         // Every Shoal node serves the DHT (we do not wait for an external address to be
         // confirmed), except one that runs for a single command and would leave dead entries in
@@ -1025,7 +1040,8 @@ impl EventLoop {
             return;
         }
         let announced = std::mem::take(&mut record.addresses);
-        if let Judged::Believed(addrs) = self.reachable_addrs(record.provider, announced) {
+        if let Judged::Believed(mut addrs) = self.reachable_addrs(record.provider, announced) {
+            addrs.truncate(MAX_RECORD_ADDRS);
             record.addresses = addrs;
         }
         if let Err(e) = self.swarm.behaviour_mut().kad.store_mut().add_provider(record) {
@@ -1045,19 +1061,26 @@ impl EventLoop {
     }
 
     fn trim_to(&mut self, target: usize, grace: Duration) {
+        // Connections, as the cap counts them: a peer that dialled us as we dialled it holds two.
+        let mut per_peer: HashMap<PeerId, usize> = HashMap::new();
+        for (peer, ..) in self.connections.values() {
+            *per_peer.entry(*peer).or_insert(0) += 1;
+        }
+        let count = |p: &PeerId| per_peer.get(p).copied().unwrap_or(1);
         // Connections already closing are gone for this count: closing one takes a round trip or
         // more, and picking it again would leave the excess in place.
-        let open = self.connected_since.len().saturating_sub(self.closing.len());
+        let open: usize = self.connected_since.keys().filter(|p| !self.closing.contains(p)).map(count).sum();
         if open <= target {
             return;
         }
-        let connected: Vec<(PeerId, Instant)> = self
+        let connected: Vec<(PeerId, Instant, usize)> = self
             .connected_since
             .iter()
             .filter(|(p, _)| !self.dialling.contains_key(p) && !self.closing.contains(p))
-            .map(|(p, t)| (*p, *t))
+            .map(|(p, t)| (*p, *t, count(p)))
             .collect();
-        let target = target.saturating_sub(open.saturating_sub(connected.len()));
+        let candidates: usize = connected.iter().map(|c| c.2).sum();
+        let target = target.saturating_sub(open.saturating_sub(candidates));
         for peer in crate::connmgr::to_trim(&connected, target, &self.activity, Instant::now(), grace) {
             trace!(%peer, "trimming an idle connection");
             if self.swarm.disconnect_peer_id(peer).is_ok() {
@@ -1165,7 +1188,7 @@ impl EventLoop {
                         // Back under the target, not just one below the cap: Kademlia's own dials
                         // would take a single freed slot before the provider's redial.
                         let below =
-                            self.target_connections.saturating_sub(1).min(self.connected_since.len().saturating_sub(1));
+                            self.target_connections.saturating_sub(1).min(self.connections.len().saturating_sub(1));
                         self.trim_to(below, Duration::ZERO);
                         return;
                     }
