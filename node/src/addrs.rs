@@ -23,7 +23,7 @@
 //!   or kept.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -314,6 +314,10 @@ pub(crate) struct Records {
     /// `bounds.remote_records` in all): one peer cannot take the share of every other, nor the
     /// keys' bound alone hold the records at gigabytes (64 providers for each of 100,000 keys).
     per_provider: HashMap<PeerId, usize>,
+    /// The keys of each provider's records, oldest first: a provider past its share gives up its
+    /// oldest record for a new one, so that a publisher's newest blobs stay findable. May name
+    /// records gone since; compacted as it grows past twice the provider's count.
+    order: HashMap<PeerId, VecDeque<RecordKey>>,
     remote_records: usize,
     bounds: RecordBounds,
 }
@@ -340,6 +344,7 @@ impl Records {
             announced: Vec::new(),
             remote: HashSet::new(),
             per_provider: HashMap::new(),
+            order: HashMap::new(),
             remote_records: 0,
             bounds,
         }
@@ -348,6 +353,26 @@ impl Records {
     /// Whether `provider` has a record for `key` here.
     fn holds(&self, key: &RecordKey, provider: &PeerId) -> bool {
         self.inner.providers(key).iter().any(|r| r.provider == *provider)
+    }
+
+    /// Counts down a peer's record that went.
+    fn forget(&mut self, provider: &PeerId) {
+        crate::count_down(&mut self.per_provider, provider);
+        self.remote_records = self.remote_records.saturating_sub(1);
+        if !self.per_provider.contains_key(provider) {
+            self.order.remove(provider);
+        }
+    }
+
+    /// Removes `provider`'s oldest record still held; whether there was one.
+    fn drop_oldest(&mut self, provider: &PeerId) -> bool {
+        while let Some(key) = self.order.get_mut(provider).and_then(VecDeque::pop_front) {
+            if self.holds(&key, provider) {
+                self.remove_provider(&key, provider);
+                return true;
+            }
+        }
+        false
     }
 
     /// Notes whether `key` still has a provider other than us.
@@ -366,7 +391,9 @@ impl Records {
         for key in keys {
             for record in self.inner.providers(&key) {
                 if record.provider != self.local && record.expires.is_some_and(|t| t <= now) {
-                    self.remove_provider(&key, &record.provider);
+                    // A peer's record, held: counted, so counted down here.
+                    self.inner.remove_provider(&key, &record.provider);
+                    self.forget(&record.provider);
                 }
             }
             self.recount(&key);
@@ -408,10 +435,14 @@ impl RecordStore for Records {
         let provider = record.provider;
         // A peer's record renewed takes no more room; a new one must fit its share and the whole.
         let new = remote && !self.holds(&key, &provider);
+        // Past its share, a provider's oldest record makes room for its newest.
         if new
-            && (self.remote_records >= self.bounds.remote_records
-                || self.per_provider.get(&provider).is_some_and(|n| *n >= self.bounds.per_provider))
+            && self.per_provider.get(&provider).is_some_and(|n| *n >= self.bounds.per_provider)
+            && !self.drop_oldest(&provider)
         {
+            return Err(libp2p::kad::store::Error::MaxRecords);
+        }
+        if new && self.remote_records >= self.bounds.remote_records {
             return Err(libp2p::kad::store::Error::MaxRecords);
         }
         if !remote {
@@ -428,8 +459,16 @@ impl RecordStore for Records {
         self.inner.add_provider(record)?;
         // A key's full list takes no new provider, without a word.
         if new && self.holds(&key, &provider) {
-            *self.per_provider.entry(provider).or_insert(0) += 1;
+            let n = self.per_provider.entry(provider).or_insert(0);
+            *n += 1;
+            let n = *n;
             self.remote_records += 1;
+            let order = self.order.entry(provider).or_default();
+            order.push_back(key.clone());
+            if order.len() > 2 * n {
+                let inner = &self.inner;
+                order.retain(|k| inner.providers(k).iter().any(|r| r.provider == provider));
+            }
         }
         // Ours leaves a key as it was; a peer's, stored, makes it one of the peers' keys.
         if remote {
@@ -454,8 +493,7 @@ impl RecordStore for Records {
         let counted = *p != self.local && self.holds(k, p);
         self.inner.remove_provider(k, p);
         if counted {
-            crate::count_down(&mut self.per_provider, p);
-            self.remote_records = self.remote_records.saturating_sub(1);
+            self.forget(p);
         }
         self.recount(k);
     }
@@ -485,15 +523,19 @@ mod tests {
         for k in 0..3 {
             records.add_provider(record(k, x)).expect("within its share");
         }
-        assert!(records.add_provider(record(3, x)).is_err(), "past one peer's share");
         records.add_provider(record(1, x)).expect("a record renewed takes no more room");
+        // Past its share, its oldest record gives way to its newest: its newest blob stays findable.
+        records.add_provider(record(3, x)).expect("its newest");
+        assert!(records.providers(&RecordKey::new(&[0; 32])).is_empty(), "its oldest went");
+        assert_eq!(records.per_provider[&x], 3);
         records.add_provider(record(9, honest)).expect("another peer's record still fits");
         records.add_provider(record(8, PeerId::random())).expect("five in all");
         assert!(records.add_provider(record(7, PeerId::random())).is_err(), "past the records' bound");
         // Ours always fit; a record gone makes room again.
         records.add_provider(record(7, us)).expect("ours");
-        records.remove_provider(&RecordKey::new(&[0; 32]), &x);
-        records.add_provider(record(3, x)).expect("room again, in its share and the whole");
+        records.remove_provider(&RecordKey::new(&[9; 32]), &honest);
+        records.add_provider(record(6, PeerId::random())).expect("room again in the whole");
+        assert_eq!(records.remote_records, 5);
     }
 
     #[test]

@@ -176,8 +176,9 @@ impl NetworkBehaviour for Gate {
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        // Bounded by the dials under way: each ends established or failed.
-        self.dialled.insert(id, (peer, addr.clone()));
+        // Bounded by the dials under way: each ends established or failed. Without our id, as
+        // the other behaviours hand addresses out, so that a redial makes one attempt, not two.
+        self.dialled.insert(id, (peer, crate::addrs::bare(addr)));
         Ok(dummy::ConnectionHandler)
     }
 
@@ -188,8 +189,14 @@ impl NetworkBehaviour for Gate {
                 self.established += 1
             }
             FromSwarm::DialFailure(e) => {
+                // Only a refusal at our own cap on connections in all (not the bound per peer).
+                let at_our_cap = |cause: &ConnectionDenied| {
+                    cause
+                        .downcast_ref::<libp2p::connection_limits::Exceeded>()
+                        .is_some_and(|x| x.limit() as usize == self.cap && !x.to_string().contains("per peer"))
+                };
                 if let Some(reached) = self.dialled.remove(&e.connection_id)
-                    && matches!(e.error, DialError::Denied { .. })
+                    && matches!(e.error, DialError::Denied { cause } if at_our_cap(cause))
                 {
                     if self.refused.len() >= MAX_REFUSED {
                         self.refused.pop_front();
@@ -378,14 +385,44 @@ mod tests {
         assert_eq!(to_trim(&peers, 3, &PeerActivity::default(), now, GRACE).len(), 3, "five over: three peers go");
     }
 
+    /// The refusal libp2p's connection limits give a dial past `cap` connections in all.
+    fn at_cap(limits: &mut libp2p::connection_limits::Behaviour, cap: usize) -> ConnectionDenied {
+        let address: Multiaddr = "/ip4/198.51.100.1/udp/4737/quic-v1".parse().expect("multiaddr");
+        let endpoint =
+            libp2p::core::ConnectedPoint::Dialer { address, role_override: Endpoint::Dialer, port_use: PortUse::Reuse };
+        for n in 0..cap {
+            limits.on_swarm_event(FromSwarm::ConnectionEstablished(libp2p::swarm::behaviour::ConnectionEstablished {
+                peer_id: PeerId::random(),
+                connection_id: ConnectionId::new_unchecked(1000 + n),
+                endpoint: &endpoint,
+                failed_addresses: &[],
+                other_established: 0,
+            }));
+        }
+        let addr = endpoint.get_remote_address().clone();
+        let id = ConnectionId::new_unchecked(999);
+        match limits.handle_established_outbound_connection(
+            id,
+            PeerId::random(),
+            &addr,
+            Endpoint::Dialer,
+            PortUse::Reuse,
+        ) {
+            Err(denied) => denied,
+            Ok(_) => panic!("past the cap"),
+        }
+    }
+
     #[test]
     fn a_peer_our_cap_refused_is_dialled_again_where_it_was_reached() {
         let mut gate = Gate::new(8);
         let (p, id) = (PeerId::random(), ConnectionId::new_unchecked(1));
         let addr: Multiaddr = "/ip4/203.0.113.9/udp/4737/quic-v1".parse().expect("multiaddr");
         assert!(gate.handle_established_outbound_connection(id, p, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok());
-        // The connection limits, after the gate, refuse it at our cap.
-        let denied = DialError::Denied { cause: ConnectionDenied::new(AtCap(8)) };
+        // The connection limits, after the gate, refuse it at our cap (8 connections in all).
+        let limits = libp2p::connection_limits::ConnectionLimits::default().with_max_established(Some(8));
+        let mut behaviour = libp2p::connection_limits::Behaviour::new(limits);
+        let denied = DialError::Denied { cause: at_cap(&mut behaviour, 8) };
         gate.on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
             peer_id: Some(p),
             error: &denied,
@@ -397,6 +434,40 @@ mod tests {
         assert_eq!(pending(&mut gate, PeerId::random()).expect("dial"), Vec::<Multiaddr>::new(), "another peer's");
         assert_eq!(pending(&mut gate, p).expect("dial"), vec![addr.clone()]);
         assert!(pending(&mut gate, p).expect("dial").is_empty(), "handed out once");
+        // A refusal for another reason (the bound per peer) is no room to make.
+        let per_peer = libp2p::connection_limits::ConnectionLimits::default().with_max_established_per_peer(Some(8));
+        let mut behaviour = libp2p::connection_limits::Behaviour::new(per_peer);
+        let busy_peer = PeerId::random();
+        let endpoint = libp2p::core::ConnectedPoint::Dialer {
+            address: addr.clone(),
+            role_override: Endpoint::Dialer,
+            port_use: PortUse::Reuse,
+        };
+        for n in 0..8 {
+            behaviour.on_swarm_event(FromSwarm::ConnectionEstablished(
+                libp2p::swarm::behaviour::ConnectionEstablished {
+                    peer_id: busy_peer,
+                    connection_id: ConnectionId::new_unchecked(2000 + n),
+                    endpoint: &endpoint,
+                    failed_addresses: &[],
+                    other_established: 0,
+                },
+            ));
+        }
+        let refused = behaviour
+            .handle_established_outbound_connection(id, busy_peer, &addr, Endpoint::Dialer, PortUse::Reuse)
+            .err()
+            .expect("past the bound per peer");
+        assert!(
+            gate.handle_established_outbound_connection(id, busy_peer, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok()
+        );
+        let other_cause = DialError::Denied { cause: refused };
+        gate.on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
+            peer_id: Some(busy_peer),
+            error: &other_cause,
+            connection_id: id,
+        }));
+        assert!(pending(&mut gate, busy_peer).expect("dial").is_empty(), "not refused for our cap");
         // A dial under way is remembered until it ends; the refused are bounded.
         let other = ConnectionId::new_unchecked(3);
         assert!(gate.handle_established_outbound_connection(other, p, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok());

@@ -1108,8 +1108,9 @@ where
             (true, Some(sent)) => Some(sent.checked_add(refresh).unwrap_or(now)),
             _ => None,
         };
+        // The incident's window stays: a failure within it is the same incident, as a have
+        // answer says nothing of the requests for pieces.
         rec.have_failures = 0;
-        rec.incident_until = None;
         let consistent = Geometry::new(size).is_ok_and(|g| g.piece_count() == pieces.piece_count());
         if !consistent {
             self.drop_peer(peer, Some(PeerFailure::Protocol), now);

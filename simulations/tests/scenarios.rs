@@ -78,7 +78,6 @@ async fn under_churn_every_remaining_fetch_completes() {
         if f.eligible {
             assert!(f.ok, "node {} ({}) did not finish: {:?}", f.node, f.fate, f.error);
         }
-        assert!(!f.eligible || (f.fate != "crashed" && f.fate != "left"), "node {} is gone at the end", f.node);
         if let (Some(done), Some(restarted)) = (f.done_s, f.restarted_s) {
             assert!(done >= restarted, "node {}: a recovery ends after its restart", f.node);
         }
