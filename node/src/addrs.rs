@@ -322,6 +322,11 @@ pub(crate) struct Records {
     bounds: RecordBounds,
 }
 
+/// Whether `provider` has a record for `key` in `store`.
+fn holds(store: &MemoryStore, key: &RecordKey, provider: &PeerId) -> bool {
+    store.providers(key).iter().any(|r| r.provider == *provider)
+}
+
 /// What [`Records`] holds of peers' provider records at most.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RecordBounds {
@@ -352,7 +357,7 @@ impl Records {
 
     /// Whether `provider` has a record for `key` here.
     fn holds(&self, key: &RecordKey, provider: &PeerId) -> bool {
-        self.inner.providers(key).iter().any(|r| r.provider == *provider)
+        holds(&self.inner, key, provider)
     }
 
     /// Counts down a peer's record that went.
@@ -466,8 +471,7 @@ impl RecordStore for Records {
             let order = self.order.entry(provider).or_default();
             order.push_back(key.clone());
             if order.len() > 2 * n {
-                let inner = &self.inner;
-                order.retain(|k| inner.providers(k).iter().any(|r| r.provider == provider));
+                order.retain(|k| holds(&self.inner, k, &provider));
             }
         }
         // Ours leaves a key as it was; a peer's, stored, makes it one of the peers' keys.

@@ -385,31 +385,29 @@ mod tests {
         assert_eq!(to_trim(&peers, 3, &PeerActivity::default(), now, GRACE).len(), 3, "five over: three peers go");
     }
 
-    /// The refusal libp2p's connection limits give a dial past `cap` connections in all.
-    fn at_cap(limits: &mut libp2p::connection_limits::Behaviour, cap: usize) -> ConnectionDenied {
+    /// Tells libp2p's connection `limits` of `n` connections established to `peer` (each to a
+    /// peer of its own if `None`).
+    fn establish(limits: &mut libp2p::connection_limits::Behaviour, peer: Option<PeerId>, n: usize) {
         let address: Multiaddr = "/ip4/198.51.100.1/udp/4737/quic-v1".parse().expect("multiaddr");
         let endpoint =
             libp2p::core::ConnectedPoint::Dialer { address, role_override: Endpoint::Dialer, port_use: PortUse::Reuse };
-        for n in 0..cap {
+        for k in 0..n {
             limits.on_swarm_event(FromSwarm::ConnectionEstablished(libp2p::swarm::behaviour::ConnectionEstablished {
-                peer_id: PeerId::random(),
-                connection_id: ConnectionId::new_unchecked(1000 + n),
+                peer_id: peer.unwrap_or_else(PeerId::random),
+                connection_id: ConnectionId::new_unchecked(1000 + k),
                 endpoint: &endpoint,
                 failed_addresses: &[],
                 other_established: 0,
             }));
         }
-        let addr = endpoint.get_remote_address().clone();
+    }
+
+    /// The refusal libp2p's connection `limits` give a new outbound connection to `peer`.
+    fn refusal(limits: &mut libp2p::connection_limits::Behaviour, peer: PeerId, addr: &Multiaddr) -> ConnectionDenied {
         let id = ConnectionId::new_unchecked(999);
-        match limits.handle_established_outbound_connection(
-            id,
-            PeerId::random(),
-            &addr,
-            Endpoint::Dialer,
-            PortUse::Reuse,
-        ) {
+        match limits.handle_established_outbound_connection(id, peer, addr, Endpoint::Dialer, PortUse::Reuse) {
             Err(denied) => denied,
-            Ok(_) => panic!("past the cap"),
+            Ok(_) => panic!("past the limit"),
         }
     }
 
@@ -422,7 +420,8 @@ mod tests {
         // The connection limits, after the gate, refuse it at our cap (8 connections in all).
         let limits = libp2p::connection_limits::ConnectionLimits::default().with_max_established(Some(8));
         let mut behaviour = libp2p::connection_limits::Behaviour::new(limits);
-        let denied = DialError::Denied { cause: at_cap(&mut behaviour, 8) };
+        establish(&mut behaviour, None, 8);
+        let denied = DialError::Denied { cause: refusal(&mut behaviour, PeerId::random(), &addr) };
         gate.on_swarm_event(FromSwarm::DialFailure(libp2p::swarm::behaviour::DialFailure {
             peer_id: Some(p),
             error: &denied,
@@ -438,26 +437,8 @@ mod tests {
         let per_peer = libp2p::connection_limits::ConnectionLimits::default().with_max_established_per_peer(Some(8));
         let mut behaviour = libp2p::connection_limits::Behaviour::new(per_peer);
         let busy_peer = PeerId::random();
-        let endpoint = libp2p::core::ConnectedPoint::Dialer {
-            address: addr.clone(),
-            role_override: Endpoint::Dialer,
-            port_use: PortUse::Reuse,
-        };
-        for n in 0..8 {
-            behaviour.on_swarm_event(FromSwarm::ConnectionEstablished(
-                libp2p::swarm::behaviour::ConnectionEstablished {
-                    peer_id: busy_peer,
-                    connection_id: ConnectionId::new_unchecked(2000 + n),
-                    endpoint: &endpoint,
-                    failed_addresses: &[],
-                    other_established: 0,
-                },
-            ));
-        }
-        let refused = behaviour
-            .handle_established_outbound_connection(id, busy_peer, &addr, Endpoint::Dialer, PortUse::Reuse)
-            .err()
-            .expect("past the bound per peer");
+        establish(&mut behaviour, Some(busy_peer), 8);
+        let refused = refusal(&mut behaviour, busy_peer, &addr);
         assert!(
             gate.handle_established_outbound_connection(id, busy_peer, &addr, Endpoint::Dialer, PortUse::Reuse).is_ok()
         );
