@@ -540,11 +540,18 @@ async fn run(
                         node.inner.metrics.requested("have", "ok", held.rtt);
                         let near = reach(node, peer, &held.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
-                        if let Some(proof) = held.size_proof {
-                            node.inner.crowds.remember_proof(hash, held.size, proof);
-                            machine.handle_size_proof(held.size, now);
+                        let mut pieces = held.pieces;
+                        match held.size_proof {
+                            Some(proof) => {
+                                node.inner.crowds.remember_proof(hash, held.size, proof);
+                                machine.handle_size_proof(held.size, now);
+                            }
+                            // Asked for a proof (the size is not proven, so the request asked) and
+                            // sent none: its last piece is not believed until it proves the size.
+                            None if !machine.is_size_proven() => unproven_last_piece(&mut pieces),
+                            None => {}
                         }
-                        machine.handle_have(peer, held.size, held.pieces, held.rtt, now)
+                        machine.handle_have(peer, held.size, pieces, held.rtt, now)
                     }
                     Event::Watched(peer, Ok(Some(held))) => {
                         node.inner.metrics.requested("watch", "ok", held.rtt);
@@ -783,6 +790,17 @@ async fn reach(
         }
     }
     near
+}
+
+/// Takes the last piece out of a have-map that came without the size proof its request asked
+/// for. A Shoal node holding the last piece proves the size when asked (it can: that piece is the
+/// proof), so a peer naming it without one is believed for the rest but not as a claimant of the
+/// size. Were it believed, a peer that claims a size and answers `Busy` to every request for its
+/// last piece would hold its slot while one that can prove the size waits its turn.
+fn unproven_last_piece(pieces: &mut PieceSet) {
+    if let Some(last) = pieces.piece_count().checked_sub(1) {
+        pieces.remove(last);
+    }
 }
 
 /// How many distinct holders the fetch knows of: named by peers, or by the DHT.

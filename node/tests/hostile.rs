@@ -2,13 +2,17 @@
 //! cut off halfway, a request for pieces that do not exist; the node answers each as the protocol
 //! says, counts it, and goes on serving everyone else. And patiently: a watch held until a piece
 //! it wants arrives, and one that must not hold up a shutdown; streams that never send their
-//! request, which must not keep others from being served.
+//! request, which must not keep others from being served. And as a provider that lies: one
+//! claiming a size it never proves must not keep a fetch from the peer that can.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::swarm::SwarmEvent;
-use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder, kad};
 use shoal_node::{Node, NodeConfig};
 use shoal_protocol::wire::{self, Request, Response};
 use shoal_protocol::{Geometry, Hash, PIECE_SIZE, PieceSet};
@@ -302,5 +306,141 @@ async fn a_watch_is_answered_when_a_wanted_piece_arrives_and_does_not_hold_up_sh
         assert!(matches!(response(&answer), Response::NotFound));
     }
     swarm.abort();
+    provider.shutdown().await.expect("shutdown");
+}
+
+#[derive(NetworkBehaviour)]
+struct LiarBehaviour {
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// What the lying provider was asked.
+#[derive(Default)]
+struct Asked {
+    have: AtomicUsize,
+    get: AtomicUsize,
+}
+
+/// A provider that announces `hash` to the node at `addr` and then lies: it claims to hold all of
+/// a blob of `size` bytes, sends no size proof though asked for one, and answers every piece
+/// request `Busy`.
+async fn liar(addr: Multiaddr, node: PeerId, hash: Hash, size: u64) -> (Arc<Asked>, tokio::task::JoinHandle<()>) {
+    let mut swarm = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|key| {
+            let id = key.public().to_peer_id();
+            let config = kad::Config::new(StreamProtocol::new("/shoal/kad/1"));
+            let kad = kad::Behaviour::with_config(id, kad::store::MemoryStore::new(id), config);
+            LiarBehaviour { kad, stream: libp2p_stream::Behaviour::new() }
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
+    swarm.listen_on("/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")).expect("listen");
+    let mut incoming = swarm.behaviour().stream.new_control().accept(TRANSFER).expect("accept");
+    let asked = Arc::new(Asked::default());
+    let n = Geometry::new(size).expect("size").piece_count();
+    let answers = asked.clone();
+    let serve = tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let mut prefix = [0; 4];
+                let Ok(()) = stream.read_exact(&mut prefix).await else { return };
+                let Ok(len) = wire::frame_len(prefix, wire::MAX_REQUEST_LEN) else { return };
+                let mut body = vec![0; len];
+                let Ok(()) = stream.read_exact(&mut body).await else { return };
+                let have = || Response::Have { size, pieces: PieceSet::full(n), peers: Vec::new(), size_proof: None };
+                let answer = match wire::decode_request(&body) {
+                    Ok(Request::Have { .. } | Request::Watch { .. }) => {
+                        answers.have.fetch_add(1, Ordering::SeqCst);
+                        have()
+                    }
+                    Ok(Request::Get { .. }) => {
+                        answers.get.fetch_add(1, Ordering::SeqCst);
+                        Response::Busy { retry_after_ms: 250, peers: Vec::new() }
+                    }
+                    _ => return,
+                };
+                let _ = stream.write_all(&wire::encode_frame(&answer)).await;
+                let _ = stream.close().await;
+            });
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _serve = AbortOnDrop(serve);
+        let mut announced = false;
+        loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                swarm.add_external_address(address);
+                if !announced {
+                    announced = true;
+                    let dht = &mut swarm.behaviour_mut().kad;
+                    dht.add_address(&node, addr.clone());
+                    dht.start_providing(kad::RecordKey::new(hash.as_bytes())).expect("provide");
+                }
+            }
+        }
+    });
+    (asked, task)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_claims_a_size_it_never_proves_does_not_keep_a_fetch_from_one_that_can() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data: Vec<u8> = (0..2 * PIECE_SIZE as u32 + 5).map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8).collect();
+    let hash = Hash::of(&data);
+
+    // The fetcher has one slot for providers; the liar is the first it hears of.
+    let mut fc = config(tmp.path().join("f"));
+    fc.fetch_peers = 1;
+    let fetcher = Node::start(fc).await.expect("fetcher");
+    let faddr = fetcher.handle().wait_listening().await.expect("listening")[0].clone();
+    let (asked, liar) = liar(faddr.clone(), fetcher.handle().peer_id(), hash, data.len() as u64).await;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while fetcher.handle().providers(hash).await.expect("providers").is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the liar's record reached the fetcher");
+    let handle = fetcher.handle();
+    let fetch = tokio::spawn(async move { handle.fetch(hash, None).await });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while asked.have.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the fetch asked the liar first");
+
+    // An honest provider of the blob joins.
+    let mut pc = config(tmp.path().join("p"));
+    pc.bootstrap = vec![faddr];
+    let provider = Node::start(pc).await.expect("provider");
+    let file = tmp.path().join("blob");
+    std::fs::write(&file, &data).expect("write");
+    provider.handle().add_path(&file).await.expect("add");
+
+    let info = tokio::time::timeout(Duration::from_secs(60), fetch)
+        .await
+        .expect("fetched from the honest provider in time, not held by the liar")
+        .expect("task")
+        .expect("fetch");
+    assert_eq!(info.size, data.len() as u64);
+    assert_eq!(asked.get.load(Ordering::SeqCst), 0, "nothing was asked of a size nobody proved");
+    liar.abort();
+    fetcher.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");
 }
