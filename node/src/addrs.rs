@@ -136,7 +136,8 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// forwards a public address to it announces its LAN address beside it) are left out, since
 /// on the dialler's own LAN they name another host. Nor are its addresses of that family on
 /// other IPs kept (an IPv6 address's /64 counts as its IP): one IP vouches for itself, not for
-/// other hosts a peer names beside it. The addresses on the IP we reach it at come first: a
+/// other hosts a peer names beside it. Those of the other family cannot be checked from here, and
+/// only the first host named of it is kept. The addresses on the IP we reach it at come first: a
 /// routing-table entry keeps only the first few.
 ///
 /// Names are left out: they are kept only once checked ([`names`], [`name_is_theirs`]).
@@ -151,9 +152,16 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
         // Of the family it is reached over, only addresses on that IP (an IPv6 one's /64): it
         // vouches for itself, not for other hosts' addresses announced beside it, which the
         // crowds that look its records up would dial. Those of the other family cannot be
-        // checked from here and are kept.
+        // checked from here: only the first host named of it is kept (a dual-stack node has
+        // one), so that a peer can point the crowds at no more than one host it does not own.
         let host = crate::connmgr::source(from_ip);
-        addrs.retain(|a| ip(a).is_none_or(|a| a.is_ipv4() != from_ip.is_ipv4() || crate::connmgr::source(a) == host));
+        let other = addrs.iter().filter_map(ip).find(|a| a.is_ipv4() != from_ip.is_ipv4()).map(crate::connmgr::source);
+        addrs.retain(|a| {
+            ip(a).is_none_or(|a| {
+                let source = crate::connmgr::source(a);
+                if a.is_ipv4() == from_ip.is_ipv4() { source == host } else { Some(source) == other }
+            })
+        });
     }
     addrs.sort_by_key(|a| ip(a) != ip(from));
     Some(addrs)
@@ -712,7 +720,7 @@ mod tests {
         let expected = Some(vec![forwarded.clone(), v6.clone()]);
         assert_eq!(reachable(told.clone(), &from_router, false), expected, "the vouching address first");
         // On its LAN it is reached at its LAN address, and every address is kept.
-        assert_eq!(reachable(told.clone(), &home, false), Some(vec![home.clone(), v6, ula, forwarded.clone()]));
+        assert_eq!(reachable(told.clone(), &home, false), Some(vec![home.clone(), v6.clone(), ula, forwarded.clone()]));
         // Reached at a public address, it vouches for no other host of that family.
         let victim = a("/ip4/203.0.113.50/udp/53/quic-v1");
         let v6_same_64 = a("/ip6/2001:db8:1:2::99/udp/4737/quic-v1");
@@ -723,8 +731,21 @@ mod tests {
         let told = vec![v6_same_64.clone(), other_64, forwarded.clone()];
         assert_eq!(
             reachable(told, &from_v6, true),
-            Some(vec![v6_same_64, forwarded.clone()]),
+            Some(vec![v6_same_64.clone(), forwarded.clone()]),
             "its /64, and IPv4 unchecked"
+        );
+        // Of the family it cannot be checked in, one host: the first it names.
+        let forwarded_other_port = a("/ip4/198.51.100.7/udp/4738/quic-v1");
+        let told = vec![v6_same_64.clone(), forwarded.clone(), victim.clone(), forwarded_other_port.clone()];
+        assert_eq!(
+            reachable(told, &from_v6, true),
+            Some(vec![v6_same_64.clone(), forwarded.clone(), forwarded_other_port])
+        );
+        let told = vec![forwarded.clone(), v6.clone(), v6_same_64.clone(), a("/ip6/2001:db8::21/udp/4737/quic-v1")];
+        assert_eq!(
+            reachable(told, &from_router, true),
+            Some(vec![forwarded.clone(), v6.clone(), a("/ip6/2001:db8::21/udp/4737/quic-v1")]),
+            "an IPv6 host is its /64"
         );
         let shared = a("/ip4/100.64.3.2/udp/4737/quic-v1");
         assert_eq!(reachable(vec![shared, home], &from_router, true), Some(Vec::new()), "CGNAT and LAN alike");
