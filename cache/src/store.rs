@@ -1124,8 +1124,10 @@ impl Store {
             st.unflushed_bytes >= self.inner.config.flush_bytes || st.verified.is_complete()
         };
         lock(&self.inner.state).lru.touch(&blob.hash);
+        // Not when nothing changed: pieces held already (a late duplicate of a complete blob)
+        // would cost a meta write and its syncs each time.
         if flush {
-            self.commit(blob)?;
+            self.flush_blob(blob)?;
         }
         Ok(())
     }
@@ -1855,7 +1857,12 @@ enum Loaded {
 /// Reads a blob directory; `None` if this version cannot use it (no meta, one it cannot read,
 /// or files that disagree with it).
 fn load_blob(dir: &Path) -> Result<Option<Loaded>> {
-    let Some(hash) = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<Hash>().ok()) else {
+    // Named as the store names it: the parse takes either case, and a second directory of one
+    // hash (a copy named in capitals) would be loaded over the first, which the cache's count
+    // would go on counting, and evicting, under the one hash.
+    let Some(hash) =
+        dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<Hash>().ok().filter(|h| h.to_hex() == n))
+    else {
         return Ok(None);
     };
     let meta_path = dir.join("meta");
@@ -1879,8 +1886,13 @@ fn load_blob(dir: &Path) -> Result<Option<Loaded>> {
     };
     // A blob moved out (`Store::move_out`) takes its data file first: a crash before the rest
     // went leaves a directory with nothing in it worth keeping.
-    if !dir.join("data").exists() {
-        return Ok(Some(Loaded::Leftover));
+    // Only a data file known to be absent: one that cannot be looked at (a disk error, no
+    // permission) is no sign of a move-out, and what it holds is not deleted for it.
+    let data = dir.join("data");
+    match fs::symlink_metadata(&data) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Some(Loaded::Leftover)),
+        Err(e) => return Err(io_err("stat", &data)(e)),
     }
     if len("data")? != meta.size || len("outboard")? != geometry.outboard_size() {
         return Ok(None);

@@ -792,3 +792,51 @@ fn a_named_pipe_is_refused_at_once_not_waited_on() {
     assert!(store.list().is_empty());
     assert!(store.import_file(std::path::Path::new("/dev/null"), true).is_err(), "a device");
 }
+
+/// A complete blob sent a piece it holds (an end-game duplicate answering late) costs no write:
+/// its meta is not written again, nor are its files synced.
+#[test]
+fn a_piece_of_a_complete_blob_sent_again_writes_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let src = Source::new(bytes(19, (PIECE_SIZE + 10) as usize));
+    store.begin(src.hash, src.data.len() as u64).expect("begin");
+    let decoded = || {
+        let all = PieceSet::full(src.geometry.piece_count());
+        let mut d = shoal_protocol::verify::PieceDecoder::new(src.hash, src.geometry, &all);
+        d.push(&src.encode(&all)).expect("verifies");
+        d.take_ready()
+    };
+    store.store_pieces(src.hash, &decoded()).expect("store");
+    assert!(store.info(src.hash).expect("held").pieces.is_complete());
+    let meta = tmp.path().join("blobs").join(src.hash.to_hex()).join("meta");
+    let written = fs::metadata(&meta).expect("meta").ino();
+    store.store_pieces(src.hash, &decoded()).expect("store again");
+    assert_eq!(fs::metadata(&meta).expect("meta").ino(), written, "the meta was written again");
+}
+
+/// A blob directory named in capitals (a copy made by hand) is not a second copy of the blob the
+/// store counts: the store names its directories in lower case, and sets such a one aside.
+#[test]
+fn a_blob_directory_not_named_as_the_store_names_it_is_set_aside() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    let hash = import(&store, tmp.path(), &bytes(20, (2 * PIECE_SIZE) as usize), false);
+    let used = store.stats().cache_bytes;
+    store.close();
+    drop(store);
+    let blobs = tmp.path().join("blobs");
+    let upper = hash.to_hex().to_uppercase();
+    fs::create_dir(blobs.join(&upper)).expect("copy");
+    for f in fs::read_dir(blobs.join(hash.to_hex())).expect("list") {
+        let f = f.expect("entry");
+        fs::copy(f.path(), blobs.join(&upper).join(f.file_name())).expect("copy");
+    }
+    let store = open(tmp.path());
+    assert!(!blobs.join(&upper).exists(), "the copy was left where the store loads blobs");
+    assert!(tmp.path().join("aside").join(&upper).exists(), "the copy was set aside where its owner can look");
+    assert_eq!(store.list().len(), 1);
+    assert_eq!(store.stats().cache_bytes, used);
+    assert!(store.check(hash).expect("check").is_empty());
+}
