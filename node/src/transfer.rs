@@ -6,6 +6,11 @@
 //! [`WAITING_PER_SLOT`] per slot, for at most [`MAX_SLOT_WAIT`]) instead of being sent away: the
 //! uplink then goes from one upload straight to the next instead of idling until some refused
 //! requester comes back, and a crowd stops paying a round trip per refusal.
+//!
+//! A requester that stops taking its answer gives its slot up to a newcomer: when every slot is
+//! taken, a request that finds one whose answer has waited [`PREEMPT_AFTER`] on its requester's
+//! flow control takes that slot (the stalled answer is cut off), so peers that ask and never read
+//! cannot hold every slot between them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -72,6 +77,16 @@ const MAX_WATCHES_PER_PEER: usize = 8;
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
 
+/// How long an answer's write may wait on its requester (its flow-control window full) before a
+/// new request, finding every upload slot taken, takes the slot: the requester has taken nothing
+/// for that long. Peers that ask and never read would otherwise hold every slot, each for the
+/// request timeout, renewed as often as they ask again.
+const PREEMPT_AFTER: Duration = Duration::from_secs(2);
+
+/// How long a request that cut off a stalled answer waits for that answer's slot to be let go
+/// (the answer's task is woken and drops it): local work, not network time.
+const PREEMPT_WAIT: Duration = Duration::from_millis(250);
+
 /// Under an upload cap, the share of it each concurrent piece upload gets at least: so that, like
 /// BitTorrent's few unchoked peers, a capped node finishes pieces one after another (each one a
 /// piece its requester can pass on at once) rather than trickling out many pieces in parallel
@@ -88,6 +103,7 @@ pub(crate) struct Timing {
     spread_retry: Duration,
     max_slot_wait: Duration,
     max_watch_wait: Duration,
+    preempt_after: Duration,
     /// Bytes per second of the node's time.
     min_rate: u64,
     /// [`UPLOAD_SLOT_RATE`] in bytes per second of the node's time: an emulator gives the node
@@ -105,6 +121,7 @@ impl Timing {
             spread_retry: stretch(SPREAD_RETRY),
             max_slot_wait: stretch(MAX_SLOT_WAIT),
             max_watch_wait: stretch(MAX_WATCH_WAIT),
+            preempt_after: stretch(PREEMPT_AFTER),
             min_rate: per_node_second(MIN_RATE),
             upload_slot_rate: per_node_second(UPLOAD_SLOT_RATE),
         }
@@ -123,6 +140,11 @@ pub(crate) struct Uploads {
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     max_per_peer: usize,
+    /// What the answers holding upload slots are doing, by slot: at most one per slot.
+    holders: Mutex<HashMap<u64, Arc<Holder>>>,
+    next_holder: AtomicU64,
+    /// What [`Holder::blocked_since`] counts from.
+    epoch: tokio::time::Instant,
     rate: Option<RateLimit>,
     allow: Option<std::collections::HashSet<PeerId>>,
     /// Set at shutdown: new uploads get `Busy`, running ones finish.
@@ -236,12 +258,78 @@ impl Drop for Counted<'_> {
 struct UploadSlot<'a> {
     uploads: &'a Uploads,
     peer: PeerId,
+    id: u64,
+    holder: Arc<Holder>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Drop for UploadSlot<'_> {
     fn drop(&mut self) {
+        self.uploads.holders.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
         count_down(&self.uploads.per_peer, &self.peer);
+    }
+}
+
+/// What the answer holding an upload slot is doing, for a newcomer to take the slot of one whose
+/// requester stopped reading (see [`Uploads::acquire`]).
+#[derive(Debug, Default)]
+struct Holder {
+    /// Since when its write has waited on the requester: microseconds since [`Uploads::epoch`],
+    /// plus one; 0 while it is not waiting.
+    blocked_since: AtomicU64,
+    /// Told when a newcomer takes the slot: the answer is cut off.
+    preempted: tokio::sync::Notify,
+}
+
+/// A stream written under an upload slot: each write or flush that waits on the requester marks
+/// the slot's [`Holder`] blocked from then, and one that goes through clears it.
+struct Watched<'a, S> {
+    inner: &'a mut S,
+    holder: &'a Holder,
+    epoch: tokio::time::Instant,
+}
+
+impl<S> Watched<'_, S> {
+    fn note<T>(&self, poll: &std::task::Poll<T>) {
+        if poll.is_pending() {
+            let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1;
+            let _ = self.holder.blocked_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        } else {
+            self.holder.blocked_since.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut *this.inner).poll_write(cx, buf);
+        this.note(&poll);
+        poll
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut *this.inner).poll_flush(cx);
+        this.note(&poll);
+        poll
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = std::pin::Pin::new(&mut *this.inner).poll_close(cx);
+        this.note(&poll);
+        poll
     }
 }
 
@@ -263,6 +351,9 @@ impl Uploads {
             upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
             max_per_peer,
+            holders: Mutex::new(HashMap::new()),
+            next_holder: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
             rate: RateLimit::new(upload_rate),
             allow: allow.map(|a| a.into_iter().collect()),
             closing: AtomicBool::new(false),
@@ -294,6 +385,36 @@ impl Uploads {
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
+        self.slot(peer, || self.total.clone().try_acquire_owned().ok())
+    }
+
+    /// An upload slot for `peer` if one is free; if not, the slot of an answer that has waited
+    /// on its requester for [`PREEMPT_AFTER`] or more, the longest-waiting one, which is cut off.
+    /// `None` if the node is closing, `peer` holds its share, or no slot is free or stalled.
+    async fn acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
+        if let Some(slot) = self.try_acquire(peer) {
+            return Some(slot);
+        }
+        if !self.may_take(&peer) || !self.preempt_stalled() {
+            return None;
+        }
+        let permit = tokio::time::timeout(PREEMPT_WAIT, self.total.clone().acquire_owned()).await.ok()?.ok()?;
+        self.slot(peer, || Some(permit))
+    }
+
+    /// Whether `peer` may take one more upload slot: the node is not closing, and `peer` holds
+    /// less than its share.
+    fn may_take(&self, peer: &PeerId) -> bool {
+        !self.closing.load(Ordering::Relaxed)
+            && self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).get(peer).is_none_or(|n| *n < self.max_per_peer)
+    }
+
+    /// An upload slot for `peer` with the permit `permit` gives, if `peer` may take one.
+    fn slot(
+        &self,
+        peer: PeerId,
+        permit: impl FnOnce() -> Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Option<UploadSlot<'_>> {
         if self.closing.load(Ordering::Relaxed) {
             return None;
         }
@@ -302,9 +423,31 @@ impl Uploads {
             return None;
         }
         // Counted only with a permit: a peer refused here leaves no entry behind.
-        let permit = self.total.clone().try_acquire_owned().ok()?;
+        let permit = permit()?;
         *map.entry(peer).or_insert(0) += 1;
-        Some(UploadSlot { uploads: self, peer, _permit: permit })
+        drop(map);
+        let id = self.next_holder.fetch_add(1, Ordering::Relaxed);
+        let holder = Arc::new(Holder::default());
+        self.holders.lock().unwrap_or_else(|e| e.into_inner()).insert(id, holder.clone());
+        Some(UploadSlot { uploads: self, peer, id, holder, _permit: permit })
+    }
+
+    /// Cuts off the answer that has waited longest on its requester, if it has waited
+    /// [`PREEMPT_AFTER`] or more; whether there was one.
+    fn preempt_stalled(&self) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1;
+        let after = u64::try_from(self.timing.preempt_after.as_micros()).unwrap_or(u64::MAX);
+        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        let stalled = holders
+            .values()
+            .map(|h| (h.blocked_since.load(Ordering::Relaxed), h))
+            .filter(|(since, _)| *since != 0 && now.saturating_sub(*since) >= after)
+            .min_by_key(|(since, _)| *since);
+        let Some((_, holder)) = stalled else { return false };
+        // Not chosen twice: its task lets the slot go at its next poll.
+        holder.blocked_since.store(0, Ordering::Relaxed);
+        holder.preempted.notify_one();
+        true
     }
 
     /// A piece-upload slot for a request of `priority` (see [`Slots`]: lower goes first), waiting
@@ -418,7 +561,7 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
 }
 
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
-    let Server { store, uploads, crowds, metrics, activity } = server;
+    let Server { uploads, metrics, .. } = server;
     let started = Instant::now();
     // However the request goes, a peer that stops reading the answer gives its slot up.
     let idle = uploads.timing.request_timeout;
@@ -452,18 +595,45 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             }
         };
     drop(reading);
-    let Some(slot) = uploads.try_acquire(peer) else {
+    let Some(slot) = uploads.acquire(peer).await else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
     };
+    // Cut off if it waits on a requester that takes nothing while others wait for its slot.
+    let holder = slot.holder.clone();
+    let mut stream = Watched { inner: &mut stream, holder: &holder, epoch: uploads.epoch };
+    tokio::select! {
+        biased;
+        answered = answer(peer, &mut stream, server, &body, slot, started) => answered,
+        () = holder.preempted.notified() => {
+            metrics.served("any", "preempted", started.elapsed());
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer took nothing of its answer while others waited for its upload slot",
+            ))
+        }
+    }
+}
+
+/// Answers `peer`'s request `body` under `slot`.
+async fn answer(
+    peer: PeerId,
+    stream: &mut (impl AsyncWrite + Unpin),
+    server: &Server,
+    body: &[u8],
+    slot: UploadSlot<'_>,
+    started: Instant,
+) -> std::io::Result<()> {
+    let Server { store, uploads, crowds, metrics, activity } = server;
+    let idle = uploads.timing.request_timeout;
     let in_flight = activity.request(peer);
     let (answering, _) = Counted::new(&uploads.answering);
-    let request = match wire::decode_request(&body) {
+    let request = match wire::decode_request(body) {
         Ok(r) => r,
         Err(e) => {
             metrics.served("any", "bad_request", started.elapsed());
-            return refuse(&mut stream, &e, idle).await;
+            return refuse(&mut *stream, &e, idle).await;
         }
     };
     match request {
@@ -472,7 +642,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             // not wait for it, and it does not keep its connection from being trimmed.
             drop((in_flight, slot, answering));
             let wait = Duration::from_millis(u64::from(wait_ms));
-            serve_watch(peer, &mut stream, server, (hash, wanted, wait, trace), started).await
+            serve_watch(peer, &mut *stream, server, (hash, wanted, wait, trace), started).await
         }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
@@ -482,7 +652,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
             {
                 *proof = size_proof(store, crowds, hash, *size).await;
             }
-            answer_have(&mut stream, metrics, "have", &response, started, idle).instrument(span).await
+            answer_have(&mut *stream, metrics, "have", &response, started, idle).instrument(span).await
         }
         Request::Get { hash, pieces, trace } => {
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
@@ -502,7 +672,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     // As large as the peer claimed: not kept while the answer waits to be taken.
                     drop(pieces);
                     metrics.served("get", "not_found", started.elapsed());
-                    return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
+                    return send_and_close(&mut *stream, &wire::encode_frame(&Response::NotFound), idle).await;
                 };
                 // Past the bound, or asked only for pieces left to other holders: come back later,
                 // and meanwhile ask the holders named.
@@ -522,7 +692,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         let Some(slot) = uploads.acquire_data(peer, priority).await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
-                                &mut stream,
+                                &mut *stream,
                                 &busy(uploads.busy_retry(), crowds.hints(hash, peer, Some(&pieces), Instant::now())),
                                 idle,
                             )
@@ -548,7 +718,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
                     let peers = if named { crowds.hints(hash, peer, None, now) } else { Vec::new() };
-                    return send_and_close(&mut stream, &busy(retry, peers), idle).await;
+                    return send_and_close(&mut *stream, &busy(retry, peers), idle).await;
                 }
                 let reader = store.clone();
                 let reading = sending.clone();
@@ -570,13 +740,13 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                     Ok(_) | Err(shoal_cache::StoreError::NotFound { .. }) => {
                         give_back(&claimed, &none);
                         metrics.served("get", "not_found", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
+                        return send_and_close(&mut *stream, &wire::encode_frame(&Response::NotFound), idle).await;
                     }
                     Err(e) => {
                         give_back(&claimed, &none);
                         warn!(error = %e, "cannot read pieces to serve");
                         metrics.served("get", "io", started.elapsed());
-                        return send_and_close(&mut stream, &wire::encode_frame(&Response::NotFound), idle).await;
+                        return send_and_close(&mut *stream, &wire::encode_frame(&Response::NotFound), idle).await;
                     }
                 };
                 let served = encoding.pieces().clone();
@@ -594,10 +764,10 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
                 activity.touch(peer);
                 let header = wire::encode_frame(&Response::Data { pieces: served, peers, have });
                 let written =
-                    write_pieces(&mut stream, &header, encoding, (uploads.rate.as_ref(), &uploads.timing), metrics)
+                    write_pieces(&mut *stream, &header, encoding, (uploads.rate.as_ref(), &uploads.timing), metrics)
                         .await;
                 let (result, bytes) = match written {
-                    Ok(bytes) => (within(idle, finish(&mut stream)).await, bytes),
+                    Ok(bytes) => (within(idle, finish(&mut *stream)).await, bytes),
                     Err(e) => (Err(e), 0),
                 };
                 // Cut off before its last byte (or by a piece that failed its check on the way),
@@ -662,7 +832,7 @@ fn display_trace(trace: Option<TraceId>) -> String {
     trace.map(|t| t.to_string()).unwrap_or_default()
 }
 
-async fn refuse(stream: &mut Stream, e: &WireError, idle: Duration) -> std::io::Result<()> {
+async fn refuse(stream: &mut (impl AsyncWrite + Unpin), e: &WireError, idle: Duration) -> std::io::Result<()> {
     let mut reason = e.to_string();
     // At a character's boundary: a cut inside one panics.
     let mut cut = reason.len().min(wire::MAX_REASON_LEN);
@@ -905,7 +1075,7 @@ fn close_behind(mut stream: Stream, timing: Timing) {
 /// proof. Past the bound on watches held, at once.
 async fn serve_watch(
     peer: PeerId,
-    stream: &mut Stream,
+    stream: &mut (impl AsyncWrite + Unpin),
     server: &Server,
     (hash, wanted, wait, trace): (Hash, PieceSet, Duration, Option<TraceId>),
     started: Instant,
@@ -949,7 +1119,7 @@ fn have_map(server: &Server, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>
 
 /// Sends `response` (a have-map or `NotFound`) and counts it as served under `kind`.
 async fn answer_have(
-    stream: &mut Stream,
+    stream: &mut (impl AsyncWrite + Unpin),
     metrics: &crate::metrics::Metrics,
     kind: &'static str,
     response: &Response,
@@ -1302,6 +1472,52 @@ mod tests {
         assert_eq!(write(32).await.map_err(|e| e.kind()), Err(std::io::ErrorKind::TimedOut));
         let allowed = timing.request_timeout + Duration::from_secs(16);
         assert!(started.elapsed() <= allowed + Duration::from_millis(2), "{:?}", started.elapsed());
+    }
+
+    /// Holds an upload slot of `uploads` for `peer` while it writes a 1 MiB answer to a peer that
+    /// takes `per_ms` bytes a millisecond, as `serve_one` does: cut off if a newcomer takes the
+    /// slot.
+    async fn answer_under_a_slot(uploads: &Uploads, peer: PeerId, per_ms: usize) -> std::io::Result<()> {
+        let slot = uploads.acquire(peer).await.expect("a free slot");
+        let holder = slot.holder.clone();
+        let mut reader = Reader::new(per_ms);
+        let mut stream = Watched { inner: &mut reader, holder: &holder, epoch: uploads.epoch };
+        let answer = vec![7u8; 1 << 20];
+        let write = async {
+            let _slot = slot;
+            let mut budget = WriteBudget::new(&uploads.timing, answer.len());
+            for chunk in answer.chunks(CHUNK) {
+                budget.write(&mut stream, chunk).await?;
+            }
+            Ok(())
+        };
+        tokio::select! {
+            biased;
+            written = write => written,
+            () = holder.preempted.notified() => Err(std::io::ErrorKind::Interrupted.into()),
+        }
+    }
+
+    /// Peers that ask and never read cannot hold every upload slot between them: once an answer
+    /// has waited [`PREEMPT_AFTER`] on its requester, a newcomer that finds no slot free takes its
+    /// slot and the answer is cut off. An answer its requester reads keeps its slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_requester_that_takes_nothing_gives_its_slot_to_a_newcomer() {
+        let uploads = Uploads::new(2, 8, None, None, Timing::new(1.0));
+        let never_reads = answer_under_a_slot(&uploads, PeerId::random(), 0);
+        let reads = answer_under_a_slot(&uploads, PeerId::random(), 128);
+        let newcomers = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(uploads.acquire(PeerId::random()).await.is_none(), "no answer has stalled long yet");
+            tokio::time::sleep(PREEMPT_AFTER).await;
+            let taken = uploads.acquire(PeerId::random()).await;
+            assert!(taken.is_some(), "the slot of the answer nobody reads");
+            assert!(uploads.acquire(PeerId::random()).await.is_none(), "the answer being read keeps its slot");
+        };
+        let (never_reads, reads, ()) = tokio::join!(never_reads, reads, newcomers);
+        assert_eq!(never_reads.map_err(|e| e.kind()), Err(std::io::ErrorKind::Interrupted));
+        assert!(reads.is_ok(), "{reads:?}");
+        assert!(uploads.holders.lock().unwrap().is_empty(), "nothing left behind");
     }
 
     /// A peer refused at the node-wide bound leaves nothing behind in the per-peer counts.
