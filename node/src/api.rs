@@ -106,6 +106,14 @@ fn parse_hash(s: &str) -> Result<Hash, ApiError> {
 /// The name of the file in the data directory that holds the API token.
 pub const TOKEN_FILE: &str = "api-token";
 
+/// Connections the API holds open at once (see [`crate::http`]): its clients are the node's own
+/// commands and its owner's tools.
+const MAX_API_CONNECTIONS: usize = 256;
+
+/// Connections the gateway holds open at once, at most [`crate::http::PER_IP`] from one address
+/// (loopback aside), each closed after a minute without moving a byte.
+const MAX_GATEWAY_CONNECTIONS: usize = 1024;
+
 /// Creates the API token in the data directory, readable by the owner only, or reads the one there.
 fn load_or_create_token(dir: &std::path::Path) -> anyhow::Result<String> {
     let path = dir.join(TOKEN_FILE);
@@ -242,11 +250,7 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
         .layer(axum::middleware::from_fn_with_state(bound.ip().is_loopback(), local_only))
         .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP API stopped");
-        }
-    }))
+    Ok(tokio::spawn(crate::http::serve(crate::http::Bounded::new(listener, MAX_API_CONNECTIONS), app)))
 }
 
 async fn add(State(node): State<NodeHandle>, Json(req): Json<AddRequest>) -> Result<Json<Added>, ApiError> {
@@ -388,11 +392,7 @@ pub(crate) async fn spawn_gateway(node: NodeHandle, addr: SocketAddr) -> anyhow:
         .route("/{hash}/{*path}", get(gateway_entry).head(gateway_entry))
         .layer(axum::middleware::map_response(crate::gateway::nosniff))
         .with_state(node);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP gateway stopped");
-        }
-    }))
+    Ok(tokio::spawn(crate::http::serve(crate::http::Bounded::new(listener, MAX_GATEWAY_CONNECTIONS), app)))
 }
 
 async fn providers(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

@@ -20,6 +20,7 @@ mod connmgr;
 mod crowd;
 mod fetch;
 mod gateway;
+mod http;
 mod identity;
 mod limits;
 mod linger;
