@@ -340,7 +340,7 @@ async fn gateway_blob(
     Path(hash): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    crate::gateway::serve(node, method, &hash, None, &headers, false).await
+    crate::gateway::serve(node, method, &hash, None, &headers, (false, true)).await
 }
 
 /// How a blob asked for on the API is fetched: `?fetch=while-read` stops a fetch the answer
@@ -365,7 +365,7 @@ async fn api_blob(
             return (StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    crate::gateway::serve(node, method, &hash, None, &headers, while_read).await
+    crate::gateway::serve(node, method, &hash, None, &headers, (while_read, false)).await
 }
 
 async fn gateway_entry(
@@ -374,7 +374,7 @@ async fn gateway_entry(
     Path((hash, path)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    crate::gateway::serve(node, method, &hash, Some(&path), &headers, false).await
+    crate::gateway::serve(node, method, &hash, Some(&path), &headers, (false, true)).await
 }
 
 /// Binds the read-only public gateway (`GET|HEAD /{hash}`) on `addr`.

@@ -92,18 +92,35 @@ fn failure(f: PeerFault) -> PeerFailure {
 /// The most blobs a node fetches at once; a fetch of one already under way follows it.
 pub(crate) const MAX_FETCHES: usize = 256;
 
+/// Of [`MAX_FETCHES`], the most the public gateway starts: anyone who reaches it may ask for made-up
+/// hashes, and the node's owner keeps the rest.
+pub(crate) const MAX_PUBLIC_FETCHES: usize = 64;
+
 /// A fetch under way, as a later caller of the same blob follows it: its progress, and once it
 /// ended, why it failed if it did.
 #[derive(Clone)]
 pub(crate) struct Followed {
     progress: watch::Receiver<FetchProgress>,
     failed: Arc<std::sync::OnceLock<FetchError>>,
+    /// Started by the public gateway (counted against [`MAX_PUBLIC_FETCHES`]).
+    public: bool,
 }
 
 pub(crate) async fn fetch(
     node: &NodeHandle,
     hash: Hash,
     progress: Option<watch::Sender<FetchProgress>>,
+) -> Result<BlobInfo, NodeError> {
+    fetch_for(node, hash, progress, false).await
+}
+
+/// [`fetch`], for the public gateway if `public`: a fetch it would start past
+/// [`MAX_PUBLIC_FETCHES`] of its own is refused (`Busy`); one under way is followed all the same.
+pub(crate) async fn fetch_for(
+    node: &NodeHandle,
+    hash: Hash,
+    progress: Option<watch::Sender<FetchProgress>>,
+    public: bool,
 ) -> Result<BlobInfo, NodeError> {
     let store = node.store().clone();
     // One fetch per blob: later callers follow the first one's progress.
@@ -133,13 +150,16 @@ pub(crate) async fn fetch(
                 None if fetches.len() >= MAX_FETCHES => {
                     return Err(NodeError::Busy("as many fetches as it takes are under way"));
                 }
+                None if public && fetches.values().filter(|f| f.public).count() >= MAX_PUBLIC_FETCHES => {
+                    return Err(NodeError::Busy("as many fetches as the gateway may start are under way"));
+                }
                 None => {
-                    fetches.insert(hash, Followed { progress: own_rx, failed: failed.clone() });
+                    fetches.insert(hash, Followed { progress: own_rx, failed: failed.clone(), public });
                     None
                 }
             }
         };
-        let Some(Followed { progress: mut rx, failed: theirs }) = existing else { break (own_tx, failed) };
+        let Some(Followed { progress: mut rx, failed: theirs, .. }) = existing else { break (own_tx, failed) };
         let done = loop {
             let p = rx.borrow_and_update().clone();
             if let Some(tx) = &progress {
@@ -819,6 +839,37 @@ fn replace_if_changed(old: &mut FetchProgress, new: &FetchProgress) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The public gateway starts at most its share of the node's fetches; past it, its new ones
+    /// are refused at once while the owner's still start.
+    #[tokio::test]
+    async fn the_gateway_starts_at_most_its_share_of_fetches() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::NodeConfig::new(tmp.path().to_owned());
+        config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+        config.api = None;
+        config.durable = false;
+        config.lookup_timeout = Duration::from_secs(1);
+        let node = crate::Node::start(config).await.expect("node");
+        let handle = node.handle();
+        // The gateway's share, taken by fetches that wait (entries as a fetch under way makes).
+        let mut waiting = Vec::new();
+        for i in 0..MAX_PUBLIC_FETCHES as u32 {
+            let (tx, rx) = watch::channel(FetchProgress::default());
+            let entry = Followed { progress: rx, failed: Arc::default(), public: true };
+            handle.inner.fetches.lock().unwrap().insert(Hash::of(&i.to_le_bytes()), entry);
+            waiting.push(tx);
+        }
+        let made_up = Hash::of(b"nobody has this");
+        let refused = fetch_for(&handle, made_up, None, true).await;
+        assert!(matches!(refused, Err(NodeError::Busy(_))), "{refused:?}");
+        // The owner's fetch starts (and, a node alone, finds nobody to ask).
+        let owners = fetch_for(&handle, made_up, None, false).await;
+        assert!(matches!(owners, Err(NodeError::Fetch(FetchError::NotFound { .. }))), "{owners:?}");
+        handle.inner.fetches.lock().unwrap().clear();
+        drop(waiting);
+        node.shutdown().await.expect("shutdown");
+    }
 
     #[test]
     fn a_holder_named_by_peers_and_by_the_dht_counts_once() {

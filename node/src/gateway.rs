@@ -149,6 +149,7 @@ fn by_extension(path: &str) -> Option<&'static str> {
 fn ensure_fetching(
     node: &NodeHandle,
     hash: Hash,
+    public: bool,
 ) -> Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>> {
     if node.store().info(hash).is_some_and(|i| i.is_complete()) {
         node.inner.metrics.cache_hits.inc();
@@ -156,7 +157,7 @@ fn ensure_fetching(
     } else {
         node.inner.metrics.cache_misses.inc();
         let n = node.clone();
-        Some(tokio::spawn(async move { n.fetch(hash, None).await }))
+        Some(tokio::spawn(async move { crate::fetch::fetch_for(&n, hash, None, public).await }))
     }
 }
 
@@ -193,9 +194,9 @@ static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 
 /// The whole of a small blob (a collection), each piece verified; its size is checked before
 /// any more of it is fetched.
-async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Response>> {
-    let mut fetching = ensure_fetching(node, hash);
-    let size = known_size(node, hash, &mut fetching).await?;
+async fn read_whole(node: &NodeHandle, hash: Hash, public: bool) -> Result<Vec<u8>, Box<Response>> {
+    let mut fetching = ensure_fetching(node, hash, public);
+    let size = known_size(node, hash, &mut fetching, public).await?;
     if size > MAX_LISTED {
         let say = format!(
             "{hash} is a collection of {size} bytes, more than the {MAX_LISTED} a gateway lists; fetch it with shoal get"
@@ -219,11 +220,14 @@ async fn read_whole(node: &NodeHandle, hash: Hash) -> Result<Vec<u8>, Box<Respon
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
-/// deadline.
+/// deadline. Past it, for the `public` gateway, the fetch it started is stopped with the answer
+/// (one that other callers follow goes on for them): it holds one of the few fetches the gateway
+/// may run, and anyone may ask it for hashes nobody has.
 async fn known_size(
     node: &NodeHandle,
     hash: Hash,
     fetching: &mut Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+    public: bool,
 ) -> Result<u64, Box<Response>> {
     let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
     loop {
@@ -238,6 +242,9 @@ async fn known_size(
             }));
         }
         if tokio::time::Instant::now() > deadline {
+            if let Some(f) = fetching.take().filter(|_| public) {
+                f.abort();
+            }
             return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"))));
         }
         tokio::time::sleep(PIECE_POLL).await;
@@ -315,7 +322,7 @@ pub(crate) async fn serve(
     hash_str: &str,
     path: Option<&str>,
     headers: &HeaderMap,
-    while_read: bool,
+    (while_read, public): (bool, bool),
 ) -> Response {
     let hash: Hash = match hash_str.parse() {
         Ok(h) => h,
@@ -325,7 +332,7 @@ pub(crate) async fn serve(
     let hash = match path {
         None => hash,
         Some(p) => {
-            let bytes = match read_whole(&node, hash).await {
+            let bytes = match read_whole(&node, hash, public).await {
                 Ok(b) => b,
                 Err(resp) => return *resp,
             };
@@ -362,9 +369,9 @@ pub(crate) async fn serve(
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, matched)]).into_response();
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
-    let mut fetching = ensure_fetching(&node, hash);
+    let mut fetching = ensure_fetching(&node, hash, public);
     let stop_with_answer = fetching.as_ref().filter(|_| while_read).map(|f| crate::node::Aborted(f.abort_handle()));
-    let size = match known_size(&node, hash, &mut fetching).await {
+    let size = match known_size(&node, hash, &mut fetching, public).await {
         Ok(size) => size,
         Err(resp) => return *resp,
     };
@@ -402,7 +409,7 @@ pub(crate) async fn serve(
             Ok(first) => {
                 is_collection = path.is_none() && shoal_protocol::collection::Collection::is_collection(&first);
                 if is_collection && !wants_raw(headers) {
-                    let bytes = match read_whole(&node, hash).await {
+                    let bytes = match read_whole(&node, hash, public).await {
                         Ok(b) => b,
                         Err(resp) => return *resp,
                     };
