@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 use lru::LruCache;
-use shoal_protocol::wire::{MAX_HINT_ADDR_LEN, MAX_HINT_ADDRS, MAX_HINTS, PeerHint};
+use shoal_protocol::wire::{MAX_HINT_ADDR_LEN, MAX_HINT_ADDRS, MAX_HINTS, MAX_PIECES_PER_GET, PeerHint};
 use shoal_protocol::{Hash, PieceSet};
 use tokio::sync::mpsc;
 
@@ -534,13 +534,25 @@ impl Crowds {
     /// since: those a publisher leaves to their holders.
     fn elsewhere(&self, inner: &Inner, hash: Hash, peer: PeerId, asked: &PieceSet, now: Instant) -> PieceSet {
         let mut elsewhere = PieceSet::empty(asked.piece_count());
+        // Piece by piece when few (a request asks for at most 64): this runs under the lock, for
+        // each of up to 64 contacts, and a set of a large blob's pieces is a bitmap of the whole
+        // blob, which an intersection would copy for each.
+        let few: Vec<_> = asked.iter().take(MAX_PIECES_PER_GET as usize + 1).collect();
+        let few = (few.len() <= MAX_PIECES_PER_GET as usize).then_some(few);
         for c in inner.blobs.peek(&hash).into_iter().flatten() {
             if c.peer != peer
                 && !inner.unreachable.contains_key(&c.peer)
                 && self.is_fresh(c, now)
                 && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
             {
-                elsewhere.union_with(&served.intersection(asked));
+                match &few {
+                    Some(pieces) => {
+                        for &i in pieces.iter().filter(|&&i| served.contains(i)) {
+                            elsewhere.insert(i);
+                        }
+                    }
+                    None => elsewhere.union_with(&served.intersection(asked)),
+                }
             }
         }
         elsewhere
@@ -568,12 +580,10 @@ impl Crowds {
             .filter(|c| c.holds && c.peer != peer && self.is_fresh(c, now))
             .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
-        // A set of many pieces is tested a word at a time, once per contact: this runs under the
-        // lock, and the set is the requester's.
+        // A set of many pieces is tested a word at a time, once per contact and with nothing
+        // copied: this runs under the lock, and the set is the requester's.
         let holds_wanted = |c: &Contact| {
-            wanted
-                .zip(c.served.as_ref())
-                .is_some_and(|(w, s)| s.piece_count() == w.piece_count() && !s.intersection(w).is_empty())
+            wanted.zip(c.served.as_ref()).is_some_and(|(w, s)| s.piece_count() == w.piece_count() && s.intersects(w))
         };
         known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.moved)));
         known

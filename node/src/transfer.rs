@@ -12,7 +12,7 @@
 //! flow control takes that slot (the stalled answer is cut off), so peers that ask and never read
 //! cannot hold every slot between them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,9 +41,11 @@ pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(wire::PROTOCOL);
 /// How long a peer may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams whose request is still being read, in all and per peer. Past either, a new stream is
-/// closed unanswered. They hold no upload slot: a peer that opens streams and sends nothing
-/// ties up only these, never the slots other peers' requests are served from.
+/// Streams whose request is still being read, in all and per peer. Past the bound per peer, a new
+/// stream is closed unanswered; past the bound in all, the peer with the most gives up its oldest
+/// for a newcomer holding fewer (see [`Uploads::try_read`]). They hold no upload slot: a peer
+/// that opens streams and sends nothing ties up only these, never the slots other peers'
+/// requests are served from.
 const MAX_READING: usize = 1024;
 const MAX_READING_PER_PEER: usize = 16;
 
@@ -73,6 +75,9 @@ const MAX_WATCH_WAIT: Duration = Duration::from_secs(10);
 /// have request would be (its requester asks again after its interval, not sooner).
 const MAX_WATCHES: usize = 256;
 const MAX_WATCHES_PER_PEER: usize = 8;
+
+/// Size proofs a node makes at once (each reads and hashes a blob's last piece); more wait.
+const MAKING_PROOFS: usize = 4;
 
 /// The least throughput a transfer may fall to before it is abandoned as stalled (bytes/s).
 const MIN_RATE: u64 = 64 * 1024;
@@ -152,10 +157,12 @@ pub(crate) struct Uploads {
     /// Requests read and being answered: what a shutdown waits for. A stream whose request has
     /// not arrived holds no upload slot (only its share of `reading`) and is not waited for.
     answering: AtomicUsize,
+    /// Size proofs being made (read and hashed from a last piece): at most [`MAKING_PROOFS`].
+    proofs: Semaphore,
     /// Watches held, per peer (at most [`MAX_WATCHES`] in all).
     watches: Mutex<HashMap<PeerId, usize>>,
     /// Streams whose request is being read, per peer (at most [`MAX_READING`] in all).
-    reading: Mutex<HashMap<PeerId, usize>>,
+    reading: Mutex<Unread>,
     /// Counts the pieces this node stored, to wake the watches it holds.
     pub(crate) arrivals: Arrivals,
     pub(crate) timing: Timing,
@@ -202,7 +209,38 @@ struct DataSlot {
     _slot: Slot<PeerId>,
 }
 
-/// One of a peer's watches held, or of its streams being read; given back when dropped.
+/// Streams whose request is being read.
+#[derive(Debug, Default)]
+struct Unread {
+    next: u64,
+    total: usize,
+    /// Each peer's, oldest first: an id, and what tells the stream's task to give it up.
+    peers: HashMap<PeerId, VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+}
+
+/// A stream's place among those being read; given back when dropped, unless another peer's
+/// newer stream took it ([`ReadSlot::given_up`] tells).
+struct ReadSlot<'a> {
+    uploads: &'a Uploads,
+    peer: PeerId,
+    id: u64,
+    given_up: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ReadSlot<'_> {
+    fn drop(&mut self) {
+        let mut unread = self.uploads.reading.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(streams) = unread.peers.get_mut(&self.peer) else { return };
+        let Some(at) = streams.iter().position(|(id, _)| *id == self.id) else { return };
+        streams.remove(at);
+        if streams.is_empty() {
+            unread.peers.remove(&self.peer);
+        }
+        unread.total -= 1;
+    }
+}
+
+/// One of a peer's watches held; given back when dropped.
 struct PeerCount<'a> {
     counts: &'a Mutex<HashMap<PeerId, usize>>,
     peer: PeerId,
@@ -358,8 +396,9 @@ impl Uploads {
             allow: allow.map(|a| a.into_iter().collect()),
             closing: AtomicBool::new(false),
             answering: AtomicUsize::new(0),
+            proofs: Semaphore::new(MAKING_PROOFS),
             watches: Mutex::new(HashMap::new()),
-            reading: Mutex::new(HashMap::new()),
+            reading: Mutex::new(Unread::default()),
             arrivals: Arrivals::default(),
             timing,
         }
@@ -380,8 +419,36 @@ impl Uploads {
     }
 
     /// Room to read one more request from `peer`, if the bounds allow it.
-    fn try_read(&self, peer: PeerId) -> Option<PeerCount<'_>> {
-        PeerCount::try_new(&self.reading, peer, MAX_READING, MAX_READING_PER_PEER)
+    ///
+    /// With every place taken, the peer holding the most gives its oldest up to `peer`, if it
+    /// holds more than `peer` would with it (that stream's task is told, and closes it unread):
+    /// else peers that open streams and send nothing, 16 apiece, could shut every other peer
+    /// out with 64 identities, which cost nothing.
+    fn try_read(&self, peer: PeerId) -> Option<ReadSlot<'_>> {
+        let mut unread = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+        let own = unread.peers.get(&peer).map_or(0, VecDeque::len);
+        if own >= MAX_READING_PER_PEER {
+            return None;
+        }
+        if unread.total >= MAX_READING {
+            let (most, n) = unread.peers.iter().map(|(p, q)| (*p, q.len())).max_by_key(|(_, n)| *n)?;
+            if n <= own + 1 {
+                return None;
+            }
+            let streams = unread.peers.get_mut(&most)?;
+            let (_, given_up) = streams.pop_front()?;
+            if streams.is_empty() {
+                unread.peers.remove(&most);
+            }
+            unread.total -= 1;
+            given_up.notify_one();
+        }
+        let id = unread.next;
+        unread.next += 1;
+        let given_up = Arc::new(tokio::sync::Notify::new());
+        unread.peers.entry(peer).or_default().push_back((id, given_up.clone()));
+        unread.total += 1;
+        Some(ReadSlot { uploads: self, peer, id, given_up })
     }
 
     fn try_acquire(&self, peer: PeerId) -> Option<UploadSlot<'_>> {
@@ -565,41 +632,49 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     let started = Instant::now();
     // However the request goes, a peer that stops reading the answer gives its slot up.
     let idle = uploads.timing.request_timeout;
-    if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
-        metrics.served("any", "denied", started.elapsed());
-        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), idle).await;
-    }
     // The request is read before any upload slot is taken: a peer that opens streams and sends
     // nothing holds only its share of the streams being read, and keeps no connection from
-    // being trimmed.
+    // being trimmed. A refusal written before a slot is taken holds that share too, so that a
+    // peer that asks and never reads holds no more answers than that.
     let Some(reading) = uploads.try_read(peer) else {
         metrics.served("any", "too_many_unread", started.elapsed());
         return Ok(());
     };
-    let body =
-        match tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN)).await {
-            Ok(Ok(body)) => body,
-            // The requester closed the stream before its request was whole: it gave up on it (a
-            // fetch that finished, or a request made redundant), not a malformed request.
-            Ok(Err(FrameError::Io(_))) => {
-                metrics.served("any", "cancelled", started.elapsed());
-                return Ok(());
-            }
-            Ok(Err(FrameError::Wire(e))) => {
-                metrics.served("any", "bad_request", started.elapsed());
-                return refuse(&mut stream, &e, idle).await;
-            }
-            Err(_) => {
-                metrics.served("any", "timeout", started.elapsed());
-                return Ok(());
-            }
-        };
-    drop(reading);
+    if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
+        metrics.served("any", "denied", started.elapsed());
+        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), idle).await;
+    }
+    let read = tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN));
+    let read = tokio::select! {
+        read = read => read,
+        () = reading.given_up.notified() => {
+            metrics.served("any", "too_many_unread", started.elapsed());
+            return Ok(());
+        }
+    };
+    let body = match read {
+        Ok(Ok(body)) => body,
+        // The requester closed the stream before its request was whole: it gave up on it (a
+        // fetch that finished, or a request made redundant), not a malformed request.
+        Ok(Err(FrameError::Io(_))) => {
+            metrics.served("any", "cancelled", started.elapsed());
+            return Ok(());
+        }
+        Ok(Err(FrameError::Wire(e))) => {
+            metrics.served("any", "bad_request", started.elapsed());
+            return refuse(&mut stream, &e, idle).await;
+        }
+        Err(_) => {
+            metrics.served("any", "timeout", started.elapsed());
+            return Ok(());
+        }
+    };
     let Some(slot) = uploads.acquire(peer).await else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
         return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
     };
+    drop(reading);
     // Cut off if it waits on a requester that takes nothing while others wait for its slot.
     let holder = slot.holder.clone();
     let mut stream = Watched { inner: &mut stream, holder: &holder, epoch: uploads.epoch };
@@ -650,7 +725,7 @@ async fn answer(
             if let Response::Have { size, size_proof: proof, .. } = &mut response
                 && prove_size
             {
-                *proof = size_proof(store, crowds, hash, *size).await;
+                *proof = size_proof(server, hash, *size).await;
             }
             answer_have(&mut *stream, metrics, "have", &response, started, idle).instrument(span).await
         }
@@ -810,10 +885,15 @@ impl Drop for Answer<'_> {
 /// A proof of the size of `hash` for a have answer: one we checked or made before (it proves
 /// itself, so one given to us serves as well as our own), else one made from the last piece if
 /// we hold it, kept for the next asker: a crowd asks the same node many times.
-async fn size_proof(store: &Store, crowds: &Crowds, hash: Hash, size: u64) -> Option<Vec<u8>> {
+async fn size_proof(server: &Server, hash: Hash, size: u64) -> Option<Vec<u8>> {
+    let Server { store, crowds, uploads, .. } = server;
     if let Some(proof) = crowds.proof(hash, size) {
         return Some(proof.to_vec());
     }
+    // A proof not made yet reads and hashes a last piece: a few at a time, since a have request
+    // holds no piece-upload slot, and a peer asking about one blob after another (each a small
+    // request) would otherwise have the node read and hash for every one at once.
+    let _making = uploads.proofs.acquire().await.ok()?;
     let reader = store.clone();
     match tokio::task::spawn_blocking(move || reader.size_proof(hash)).await {
         Ok(Ok(Some(proof))) => {
@@ -1546,10 +1626,51 @@ mod tests {
         drop(reading);
         assert!(uploads.try_acquire(other).is_some(), "the one upload slot is free for a request read");
         drop(unread);
-        assert!(uploads.reading.lock().unwrap().is_empty(), "nothing left behind");
+        assert!(uploads.reading.lock().unwrap().peers.is_empty(), "nothing left behind");
         // The bound in all: many peers, one stream each.
         let many: Vec<_> = (0..MAX_READING + 5).filter_map(|_| uploads.try_read(PeerId::random())).collect();
         assert_eq!(many.len(), MAX_READING);
+    }
+
+    /// Peers holding every place among the streams being read, 16 apiece, cannot shut a newcomer
+    /// out: the one holding the most gives its oldest up. Peers as well off as the newcomer
+    /// keep theirs.
+    #[test]
+    fn a_newcomer_takes_the_oldest_unread_stream_of_the_peer_holding_most() {
+        use futures::FutureExt;
+        let uploads = Uploads::new(64, 8, None, None, Timing::new(1.0));
+        let sybils: Vec<PeerId> = (0..MAX_READING / MAX_READING_PER_PEER).map(|_| PeerId::random()).collect();
+        let mut unread: Vec<Vec<ReadSlot<'_>>> = sybils
+            .iter()
+            .map(|&p| (0..MAX_READING_PER_PEER).map(|_| uploads.try_read(p).expect("room")).collect())
+            .collect();
+        assert_eq!(uploads.reading.lock().unwrap().total, MAX_READING);
+        // A sybil with one fewer gains nothing by opening another: it would hold as many.
+        drop(unread[0].pop().expect("one"));
+        unread[0].push(uploads.try_read(sybils[0]).expect("its own place back"));
+        assert!(uploads.try_read(sybils[0]).is_none(), "past its own bound");
+        let newcomer = uploads.try_read(PeerId::random()).expect("a place for a peer holding none");
+        let told: Vec<(usize, usize)> = unread
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(p, streams)| {
+                streams
+                    .iter_mut()
+                    .enumerate()
+                    .filter_map(move |(i, r)| r.given_up.notified().now_or_never().map(|()| (p, i)))
+            })
+            .collect();
+        assert_eq!(told.len(), 1, "one stream given up");
+        assert_eq!(told[0].1, 0, "its peer's oldest");
+        assert_eq!(uploads.reading.lock().unwrap().total, MAX_READING);
+        // The stream given up lets go of nothing more when its task ends.
+        let (p, i) = told[0];
+        drop(unread[p].remove(i));
+        assert_eq!(uploads.reading.lock().unwrap().total, MAX_READING);
+        drop(newcomer);
+        drop(unread);
+        assert_eq!(uploads.reading.lock().unwrap().total, 0);
+        assert!(uploads.reading.lock().unwrap().peers.is_empty());
     }
 
     /// Two piece-upload slots: a 2 MiB/s cap gives one per [`UPLOAD_SLOT_RATE`].
