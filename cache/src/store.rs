@@ -1181,8 +1181,20 @@ impl Store {
             let synced = files.data.sync_data().map_err(io_err("sync", &data_path));
             let synced = synced.and_then(|()| files.outboard.sync_data().map_err(io_err("sync", &blob.dir)));
             if let Err(e) = synced {
-                // Not marked durable: the next commit tries again.
-                lock(&blob.status).dirty.get_or_insert(files);
+                // Not tried again: Linux reports a failed write-back once per descriptor and
+                // may mark the pages clean, so a second sync would succeed over bytes that never
+                // reached the disk, and the meta would then name them. The pieces verified since
+                // the last commit are taken back instead: not served, not named in a have-map
+                // or a meta, and fetched again.
+                let mut st = lock(&blob.status);
+                let lost = snapshot.difference(&st.durable);
+                for piece in lost.iter() {
+                    if st.verified.remove(piece) {
+                        st.unflushed_bytes = st.unflushed_bytes.saturating_sub(blob.geometry.piece_len(piece));
+                    }
+                }
+                // The memory tier may keep their bytes: they were verified, and what serves
+                // a piece asks `verified` first.
                 return Err(e);
             }
         }
@@ -1231,6 +1243,15 @@ impl Store {
         let blob = self.blob(hash).ok()?;
         let st = lock(&blob.status);
         Some(st.verified.piece_count() != wanted.piece_count() || st.verified.intersects(wanted))
+    }
+
+    /// Whether the store holds `piece` of `hash` verified, and how many of its pieces it holds;
+    /// `None` if it holds no entry of `hash`. Copies nothing, as a reader waiting for a piece
+    /// asks it every few milliseconds.
+    pub fn holds(&self, hash: Hash, piece: PieceIndex) -> Option<(bool, u32)> {
+        let blob = self.blob(hash).ok()?;
+        let st = lock(&blob.status);
+        Some((st.verified.contains(piece), st.verified.count()))
     }
 
     /// Whether `blob` is the one the store holds under its hash.

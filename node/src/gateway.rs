@@ -189,12 +189,20 @@ fn fetch_ended(e: tokio::task::JoinError) -> Response {
 /// still served on `Accept: application/octet-stream`, and `shoal get` writes it).
 const MAX_LISTED: u64 = 16 << 20;
 
-/// Collections read whole at once: each takes its size in memory, and more to decode.
+/// Collections read whole at once, and decoded and listed: each takes its size in memory, and
+/// several times that to decode and list.
 static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
-/// The whole of a small blob (a collection), each piece verified; its size is checked before
-/// any more of it is fetched.
-async fn read_whole(node: &NodeHandle, hash: Hash, public: bool) -> Result<Vec<u8>, Box<Response>> {
+/// The whole of a small blob (a collection), each piece verified (its size is checked before any
+/// more of it is fetched), handed to `then` on a blocking thread: a collection of 16 MiB takes
+/// seconds to decode and list, and those seconds and their memory count against
+/// [`READING_WHOLE`] as the read does.
+async fn read_whole<T: Send + 'static>(
+    node: &NodeHandle,
+    hash: Hash,
+    public: bool,
+    then: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+) -> Result<T, Box<Response>> {
     let mut fetching = ensure_fetching(node, hash, public);
     let size = known_size(node, hash, &mut fetching, public).await?;
     if size > MAX_LISTED {
@@ -216,7 +224,10 @@ async fn read_whole(node: &NodeHandle, hash: Hash, public: bool) -> Result<Vec<u
     if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.info().size) != Some(size) || out.len() as u64 != size {
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
-    Ok(out)
+    drop(reader);
+    tokio::task::spawn_blocking(move || then(out))
+        .await
+        .map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
@@ -332,21 +343,19 @@ pub(crate) async fn serve(
     let hash = match path {
         None => hash,
         Some(p) => {
-            let bytes = match read_whole(&node, hash, public).await {
-                Ok(b) => b,
-                Err(resp) => return *resp,
-            };
-            let collection = match shoal_protocol::collection::Collection::decode(&bytes) {
-                Ok(c) => c,
-                Err(e) => return error(StatusCode::NOT_FOUND, format!("{hash} is not a collection: {e}")),
-            };
             let p = p.trim_end_matches('/');
-            match collection.get(p) {
-                Some(entry) => {
+            let wanted = p.to_owned();
+            let found = read_whole(&node, hash, public, move |bytes| {
+                shoal_protocol::collection::Collection::decode(&bytes).map(|c| c.get(&wanted).map(|e| e.hash))
+            });
+            match found.await {
+                Ok(Ok(Some(entry))) => {
                     type_from_entry = by_extension(p);
-                    entry.hash
+                    entry
                 }
-                None => return error(StatusCode::NOT_FOUND, format!("collection {hash} has no entry {p:?}")),
+                Ok(Ok(None)) => return error(StatusCode::NOT_FOUND, format!("collection {hash} has no entry {p:?}")),
+                Ok(Err(e)) => return error(StatusCode::NOT_FOUND, format!("{hash} is not a collection: {e}")),
+                Err(resp) => return *resp,
             }
         }
     };
@@ -409,14 +418,14 @@ pub(crate) async fn serve(
             Ok(first) => {
                 is_collection = path.is_none() && shoal_protocol::collection::Collection::is_collection(&first);
                 if is_collection && !wants_raw(headers) {
-                    let bytes = match read_whole(&node, hash, public).await {
-                        Ok(b) => b,
-                        Err(resp) => return *resp,
-                    };
-                    return match shoal_protocol::collection::Collection::decode(&bytes) {
-                        Ok(c) => listing(hash, &c, headers),
-                        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
-                    };
+                    let headers = headers.clone();
+                    let listed = read_whole(&node, hash, public, move |bytes| {
+                        match shoal_protocol::collection::Collection::decode(&bytes) {
+                            Ok(c) => listing(hash, &c, &headers),
+                            Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
+                        }
+                    });
+                    return listed.await.unwrap_or_else(|resp| *resp);
                 }
                 type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(SNIFF_LEN)]))
             }
@@ -454,7 +463,13 @@ pub(crate) async fn serve(
             if let Some(reading) = &reading {
                 reading.wants(piece..last + 1);
             }
-            let item = match wait_piece(&node, hash, piece, &fetching, &mut reader).await {
+            // A client that went while the piece is awaited ends the answer now, not at the next
+            // send: the fetch serves its readers first, and `while-read` stops it with the answer.
+            let waited = tokio::select! {
+                waited = wait_piece(&node, hash, piece, &fetching, &mut reader) => waited,
+                () = tx.closed() => return,
+            };
+            let item = match waited {
                 // The size the answer announced may have been a peer's claim that did not hold,
                 // and the entry given way to the blob's true size: a piece of that one is cut
                 // from another geometry, and the answer would end early yet look whole. The piece
@@ -537,8 +552,8 @@ async fn wait_piece(
             *reader = None;
         }
         let held = reader.take();
-        let info = store.info(hash);
-        if held.is_some() || info.as_ref().is_some_and(|i| i.pieces.contains(piece)) {
+        let holds = store.holds(hash, piece);
+        if held.is_some() || holds.is_some_and(|(has, _)| has) {
             let s = store.clone();
             let read = tokio::task::spawn_blocking(move || {
                 let r = match held {
@@ -555,14 +570,14 @@ async fn wait_piece(
                 _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
             };
         }
-        if let Some(info) = info
-            && info.pieces.count() != last_count
+        if let Some((_, count)) = holds
+            && count != last_count
         {
-            last_count = info.pieces.count();
+            last_count = count;
             last_change = tokio::time::Instant::now();
         }
         let fetch_over = fetching.as_ref().is_none_or(|f| f.is_finished());
-        if (fetch_over && store.info(hash).is_none_or(|i| !i.pieces.contains(piece))) || last_change.elapsed() > stall {
+        if (fetch_over && store.holds(hash, piece).is_none_or(|(has, _)| !has)) || last_change.elapsed() > stall {
             return Err(Box::new(error(
                 StatusCode::BAD_GATEWAY,
                 format!("the fetch of {hash} stopped before piece {piece}"),
