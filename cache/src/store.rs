@@ -1183,11 +1183,12 @@ impl Store {
             if let Err(e) = synced {
                 // Not tried again: Linux reports a failed write-back once per descriptor and
                 // may mark the pages clean, so a second sync would succeed over bytes that never
-                // reached the disk, and the meta would then name them. The pieces verified since
-                // the last commit are taken back instead: not served, not named in a have-map
+                // reached the disk, and the meta would then name them. The pieces not durable
+                // are taken back instead (those marked since the snapshot too: their writes may
+                // have been in the write-back that failed): not served, not named in a have-map
                 // or a meta, and fetched again.
                 let mut st = lock(&blob.status);
-                let lost = snapshot.difference(&st.durable);
+                let lost = st.verified.difference(&st.durable);
                 for piece in lost.iter() {
                     if st.verified.remove(piece) {
                         st.unflushed_bytes = st.unflushed_bytes.saturating_sub(blob.geometry.piece_len(piece));

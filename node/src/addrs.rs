@@ -155,7 +155,13 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
         // checked from here: only the first host named of it is kept (a dual-stack node has
         // one), so that a peer can point the crowds at no more than one host it does not own.
         let host = crate::connmgr::source(from_ip);
-        let other = addrs.iter().filter_map(ip).find(|a| a.is_ipv4() != from_ip.is_ipv4()).map(crate::connmgr::source);
+        // The first public one: a link-local or private address named first is no host the
+        // crowds could reach, and would crowd out the one they can.
+        let other = addrs
+            .iter()
+            .filter_map(ip)
+            .find(|a| a.is_ipv4() != from_ip.is_ipv4() && is_public(*a))
+            .map(crate::connmgr::source);
         addrs.retain(|a| {
             ip(a).is_none_or(|a| {
                 let source = crate::connmgr::source(a);
@@ -734,7 +740,10 @@ mod tests {
             Some(vec![v6_same_64.clone(), forwarded.clone()]),
             "its /64, and IPv4 unchecked"
         );
-        // Of the family it cannot be checked in, one host: the first it names.
+        // Of the family it cannot be checked in, one host: the first public one it names.
+        let link_local = a("/ip4/169.254.3.4/udp/4737/quic-v1");
+        let told = vec![v6_same_64.clone(), link_local, forwarded.clone()];
+        assert_eq!(reachable(told, &from_v6, true), Some(vec![v6_same_64.clone(), forwarded.clone()]));
         let forwarded_other_port = a("/ip4/198.51.100.7/udp/4738/quic-v1");
         let told = vec![v6_same_64.clone(), forwarded.clone(), victim.clone(), forwarded_other_port.clone()];
         assert_eq!(

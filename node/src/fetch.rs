@@ -114,6 +114,17 @@ pub(crate) async fn fetch(
     fetch_for(node, hash, progress, false).await
 }
 
+/// Whether the fetch of `hash` under way has a caller besides the one that started it. (Each
+/// follower holds a share of the fetch's `failed`, beside the fetch and the node's map.)
+pub(crate) fn is_followed(node: &NodeHandle, hash: Hash) -> bool {
+    node.inner
+        .fetches
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&hash)
+        .is_some_and(|f| Arc::strong_count(&f.failed) > 2)
+}
+
 /// [`fetch`], for the public gateway if `public`: a fetch it would start past
 /// [`MAX_PUBLIC_FETCHES`] of its own is refused (`Busy`); one under way is followed all the same.
 pub(crate) async fn fetch_for(

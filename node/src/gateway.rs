@@ -211,7 +211,7 @@ async fn read_whole<T: Send + 'static>(
         );
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, say)));
     }
-    let _reading =
+    let reading =
         READING_WHOLE.acquire().await.map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))?;
     let geometry = Geometry::new(size).map_err(|_| Box::new(error(StatusCode::BAD_GATEWAY, "blob too large")))?;
     let mut out = Vec::with_capacity(size as usize);
@@ -225,9 +225,14 @@ async fn read_whole<T: Send + 'static>(
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
     drop(reader);
-    tokio::task::spawn_blocking(move || then(out))
-        .await
-        .map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))
+    // The place is the blocking thread's: a client that leaves drops this future, and the
+    // decoding it started goes on.
+    tokio::task::spawn_blocking(move || {
+        let _reading = reading;
+        then(out)
+    })
+    .await
+    .map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
@@ -253,7 +258,7 @@ async fn known_size(
             }));
         }
         if tokio::time::Instant::now() > deadline {
-            if let Some(f) = fetching.take().filter(|_| public) {
+            if let Some(f) = fetching.take().filter(|_| public && !crate::fetch::is_followed(node, hash)) {
                 f.abort();
             }
             return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"))));

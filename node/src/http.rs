@@ -74,9 +74,12 @@ impl Bounded {
                 }
             };
             let ip = addr.ip().to_canonical();
+            // An IPv6 address's /64 counts as one address: a host has a whole /64 to pick from.
+            let source = crate::connmgr::source(ip);
             let from = match ip.is_loopback() && !self.bound_loopback {
                 true => None,
                 false => {
+                    let ip = source;
                     let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
                     let n = open.entry(ip).or_insert(0);
                     if *n >= self.per_ip {
@@ -89,7 +92,7 @@ impl Bounded {
                 }
             };
             let deadline = Box::pin(tokio::time::sleep(self.idle));
-            return (Guarded { stream, idle: self.idle, deadline, _permit: permit, _from: from }, addr);
+            return (Guarded { stream, idle: self.idle, deadline, waiting: false, _permit: permit, _from: from }, addr);
         }
     }
 }
@@ -123,12 +126,14 @@ impl Drop for FromIp {
     }
 }
 
-/// A connection [`Bounded`] accepted: a write that waits past the idle time since the last
-/// progress fails with `TimedOut`, and hyper closes the connection.
+/// A connection [`Bounded`] accepted: a write that has waited the idle time on its client fails
+/// with `TimedOut`, and hyper closes the connection.
 pub(crate) struct Guarded {
     stream: TcpStream,
     idle: Duration,
+    /// When the write waiting now fails; set as it begins to wait.
     deadline: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
     _permit: OwnedSemaphorePermit,
     _from: Option<FromIp>,
 }
@@ -138,10 +143,15 @@ impl Guarded {
     fn progress<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
         match poll {
             Poll::Ready(r) => {
-                self.deadline.as_mut().reset(tokio::time::Instant::now() + self.idle);
+                self.waiting = false;
                 Poll::Ready(r)
             }
             Poll::Pending => {
+                // Counted from when this write began to wait, not from the last one: an answer
+                // may rightly pause between two parts for longer than the bound.
+                if !std::mem::replace(&mut self.waiting, true) {
+                    self.deadline.as_mut().reset(tokio::time::Instant::now() + self.idle);
+                }
                 ready!(self.deadline.as_mut().poll(cx));
                 Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -250,6 +260,7 @@ mod tests {
         let read = tokio::time::timeout(stalled * 4, server.read(&mut buf)).await;
         assert!(read.is_err(), "a read gave up on a quiet client: {read:?}");
         let chunk = vec![0u8; 1 << 20];
+        let waited = tokio::time::Instant::now();
         let written = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 server.write_all(&chunk).await?;
@@ -260,6 +271,7 @@ mod tests {
         .await
         .expect("ended");
         assert_eq!(written.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::TimedOut));
+        assert!(waited.elapsed() >= stalled, "failed {:?} into its wait", waited.elapsed());
         drop(client);
     }
 

@@ -86,7 +86,7 @@ const MIN_RATE: u64 = 64 * 1024;
 /// new request, finding every upload slot taken, takes the slot: the requester has taken nothing
 /// for that long. Peers that ask and never read would otherwise hold every slot, each for the
 /// request timeout, renewed as often as they ask again.
-const PREEMPT_AFTER: Duration = Duration::from_secs(2);
+const PREEMPT_AFTER: Duration = Duration::from_secs(5);
 
 /// How long a request that cut off a stalled answer waits for that answer's slot to be let go
 /// (the answer's task is woken and drops it): local work, not network time.
@@ -627,6 +627,16 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
     }
 }
 
+/// Runs `write`, a refusal written while its stream holds `reading`'s place among the streams
+/// being read, until it ends or another peer's stream takes the place: so no more refusals are
+/// under way than places.
+async fn holding(reading: &ReadSlot<'_>, write: impl Future<Output = std::io::Result<()>>) -> std::io::Result<()> {
+    tokio::select! {
+        written = write => written,
+        () = reading.given_up.notified() => Ok(()),
+    }
+}
+
 async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
     let Server { uploads, metrics, .. } = server;
     let started = Instant::now();
@@ -642,7 +652,8 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     };
     if uploads.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
         metrics.served("any", "denied", started.elapsed());
-        return send_and_close(&mut stream, &wire::encode_frame(&Response::Denied), idle).await;
+        let denied = wire::encode_frame(&Response::Denied);
+        return holding(&reading, send_and_close(&mut stream, &denied, idle)).await;
     }
     let read = tokio::time::timeout(uploads.timing.request_timeout, read_frame(&mut stream, MAX_REQUEST_LEN));
     let read = tokio::select! {
@@ -662,7 +673,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
         }
         Ok(Err(FrameError::Wire(e))) => {
             metrics.served("any", "bad_request", started.elapsed());
-            return refuse(&mut stream, &e, idle).await;
+            return holding(&reading, refuse(&mut stream, &e, idle)).await;
         }
         Err(_) => {
             metrics.served("any", "timeout", started.elapsed());
@@ -672,7 +683,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     let Some(slot) = uploads.acquire(peer).await else {
         metrics.served("any", "busy", started.elapsed());
         let busy = Response::Busy { retry_after_ms: uploads.timing.busy_retry.as_millis() as u32, peers: Vec::new() };
-        return send_and_close(&mut stream, &wire::encode_frame(&busy), idle).await;
+        return holding(&reading, send_and_close(&mut stream, &wire::encode_frame(&busy), idle)).await;
     };
     drop(reading);
     // Cut off if it waits on a requester that takes nothing while others wait for its slot.
@@ -722,10 +733,11 @@ async fn answer(
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
             let mut response = have_map(server, hash, peer, None);
-            if let Response::Have { size, size_proof: proof, .. } = &mut response
+            if let Response::Have { size, pieces, size_proof: proof, .. } = &mut response
                 && prove_size
             {
-                *proof = size_proof(server, hash, *size).await;
+                let holds_last = pieces.piece_count().checked_sub(1).is_some_and(|last| pieces.contains(last));
+                *proof = size_proof(server, hash, *size, holds_last).await;
             }
             answer_have(&mut *stream, metrics, "have", &response, started, idle).instrument(span).await
         }
@@ -885,15 +897,22 @@ impl Drop for Answer<'_> {
 /// A proof of the size of `hash` for a have answer: one we checked or made before (it proves
 /// itself, so one given to us serves as well as our own), else one made from the last piece if
 /// we hold it, kept for the next asker: a crowd asks the same node many times.
-async fn size_proof(server: &Server, hash: Hash, size: u64) -> Option<Vec<u8>> {
+async fn size_proof(server: &Server, hash: Hash, size: u64, holds_last: bool) -> Option<Vec<u8>> {
     let Server { store, crowds, uploads, .. } = server;
     if let Some(proof) = crowds.proof(hash, size) {
         return Some(proof.to_vec());
     }
+    if !holds_last {
+        return None;
+    }
     // A proof not made yet reads and hashes a last piece: a few at a time, since a have request
     // holds no piece-upload slot, and a peer asking about one blob after another (each a small
-    // request) would otherwise have the node read and hash for every one at once.
+    // request) would otherwise have the node read and hash for every one at once. One made
+    // meanwhile (a crowd asks at once) is not made again.
     let _making = uploads.proofs.acquire().await.ok()?;
+    if let Some(proof) = crowds.proof(hash, size) {
+        return Some(proof.to_vec());
+    }
     let reader = store.clone();
     match tokio::task::spawn_blocking(move || reader.size_proof(hash)).await {
         Ok(Ok(Some(proof))) => {
