@@ -137,7 +137,7 @@ pub(crate) fn vouched_for(addrs: &[Multiaddr], from: &Multiaddr) -> bool {
 /// on the dialler's own LAN they name another host. Nor are its addresses of that family on
 /// other IPs kept (an IPv6 address's /64 counts as its IP): one IP vouches for itself, not for
 /// other hosts a peer names beside it. Those of the other family cannot be checked from here, and
-/// only the first host named of it is kept. The addresses on the IP we reach it at come first: a
+/// only the first public host named of it is kept. The addresses on the IP we reach it at come first: a
 /// routing-table entry keeps only the first few.
 ///
 /// Names are left out: they are kept only once checked ([`names`], [`name_is_theirs`]).
@@ -152,7 +152,7 @@ pub(crate) fn reachable(announced: Vec<Multiaddr>, from: &Multiaddr, dialled: bo
         // Of the family it is reached over, only addresses on that IP (an IPv6 one's /64): it
         // vouches for itself, not for other hosts' addresses announced beside it, which the
         // crowds that look its records up would dial. Those of the other family cannot be
-        // checked from here: only the first host named of it is kept (a dual-stack node has
+        // checked from here: only the first public host named of it is kept (a dual-stack node has
         // one), so that a peer can point the crowds at no more than one host it does not own.
         let host = crate::connmgr::source(from_ip);
         // The first public one: a link-local or private address named first is no host the

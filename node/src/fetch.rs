@@ -114,6 +114,11 @@ pub(crate) async fn fetch(
     fetch_for(node, hash, progress, false).await
 }
 
+/// Whether a fetch of `hash` is under way.
+pub(crate) fn is_under_way(node: &NodeHandle, hash: Hash) -> bool {
+    node.inner.fetches.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&hash)
+}
+
 /// Whether the fetch of `hash` under way has a caller besides the one that started it. (Each
 /// follower holds a share of the fetch's `failed`, beside the fetch and the node's map.)
 pub(crate) fn is_followed(node: &NodeHandle, hash: Hash) -> bool {

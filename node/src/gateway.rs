@@ -203,8 +203,9 @@ async fn read_whole<T: Send + 'static>(
     public: bool,
     then: impl FnOnce(Vec<u8>) -> T + Send + 'static,
 ) -> Result<T, Box<Response>> {
+    let leads = !crate::fetch::is_under_way(node, hash);
     let mut fetching = ensure_fetching(node, hash, public);
-    let size = known_size(node, hash, &mut fetching, public).await?;
+    let size = known_size(node, hash, &mut fetching, (public, leads)).await?;
     if size > MAX_LISTED {
         let say = format!(
             "{hash} is a collection of {size} bytes, more than the {MAX_LISTED} a gateway lists; fetch it with shoal get"
@@ -237,13 +238,14 @@ async fn read_whole<T: Send + 'static>(
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
 /// deadline. Past it, for the `public` gateway, the fetch it started is stopped with the answer
-/// (one that other callers follow goes on for them): it holds one of the few fetches the gateway
-/// may run, and anyone may ask it for hashes nobody has.
+/// (one that other callers follow goes on for them; one it only followed, it stops following):
+/// it holds one of the few fetches the gateway may run, and anyone may ask it for hashes nobody
+/// has. `leads`: no fetch of `hash` was under way when this answer's began.
 async fn known_size(
     node: &NodeHandle,
     hash: Hash,
     fetching: &mut Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
-    public: bool,
+    (public, leads): (bool, bool),
 ) -> Result<u64, Box<Response>> {
     let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
     loop {
@@ -258,7 +260,7 @@ async fn known_size(
             }));
         }
         if tokio::time::Instant::now() > deadline {
-            if let Some(f) = fetching.take().filter(|_| public && !crate::fetch::is_followed(node, hash)) {
+            if let Some(f) = fetching.take().filter(|_| public && !(leads && crate::fetch::is_followed(node, hash))) {
                 f.abort();
             }
             return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"))));
@@ -383,9 +385,10 @@ pub(crate) async fn serve(
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, matched)]).into_response();
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
+    let leads = !crate::fetch::is_under_way(&node, hash);
     let mut fetching = ensure_fetching(&node, hash, public);
     let stop_with_answer = fetching.as_ref().filter(|_| while_read).map(|f| crate::node::Aborted(f.abort_handle()));
-    let size = match known_size(&node, hash, &mut fetching, public).await {
+    let size = match known_size(&node, hash, &mut fetching, (public, leads)).await {
         Ok(size) => size,
         Err(resp) => return *resp,
     };

@@ -127,7 +127,9 @@ impl Drop for FromIp {
 }
 
 /// A connection [`Bounded`] accepted: a write that has waited the idle time on its client fails
-/// with `TimedOut`, and hyper closes the connection.
+/// with `TimedOut`, and hyper closes the connection. A write is taken to wait from its first
+/// `Pending` until a write goes through: hyper polls a pending write again until it does, and
+/// never drops one.
 pub(crate) struct Guarded {
     stream: TcpStream,
     idle: Duration,

@@ -733,10 +733,12 @@ async fn answer(
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
             let mut response = have_map(server, hash, peer, None);
-            if let Response::Have { size, pieces, size_proof: proof, .. } = &mut response
+            if let Response::Have { size, size_proof: proof, .. } = &mut response
                 && prove_size
             {
-                let holds_last = pieces.piece_count().checked_sub(1).is_some_and(|last| pieces.contains(last));
+                // From the store: a have-map of many runs names only the first of them.
+                let last = Geometry::new(*size).map(|g| g.last_piece());
+                let holds_last = last.ok().and_then(|last| store.holds(hash, last)).is_some_and(|(held, _)| held);
                 *proof = size_proof(server, hash, *size, holds_last).await;
             }
             answer_have(&mut *stream, metrics, "have", &response, started, idle).instrument(span).await
