@@ -130,8 +130,8 @@ impl Drop for FromIp {
 /// with `TimedOut`, and hyper closes the connection. A write is taken to wait from its first
 /// `Pending` until a write goes through: hyper polls a pending write again until it does, and
 /// never drops one.
-pub(crate) struct Guarded {
-    stream: TcpStream,
+pub(crate) struct Guarded<S = TcpStream> {
+    stream: S,
     idle: Duration,
     /// When the write waiting now fails; set as it begins to wait.
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -140,7 +140,7 @@ pub(crate) struct Guarded {
     _from: Option<FromIp>,
 }
 
-impl Guarded {
+impl<S> Guarded<S> {
     /// What a write that made progress (`Ready`) or waits (`Pending`) means for the deadline.
     fn progress<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
         match poll {
@@ -157,20 +157,20 @@ impl Guarded {
                 ready!(self.deadline.as_mut().poll(cx));
                 Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "the HTTP connection moved no byte for its idle time",
+                    "a write on the HTTP connection waited its bound on a client that took nothing",
                 )))
             }
         }
     }
 }
 
-impl AsyncRead for Guarded {
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Guarded {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let poll = Pin::new(&mut this.stream).poll_write(cx, buf);
@@ -275,6 +275,27 @@ mod tests {
         assert_eq!(written.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::TimedOut));
         assert!(waited.elapsed() >= stalled, "failed {:?} into its wait", waited.elapsed());
         drop(client);
+    }
+
+    /// A write that waits at once, after a pause longer than the bound since the last one went
+    /// through (an answer waiting for a piece), has the whole bound to wait on its client.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_after_a_long_pause_has_the_whole_bound() {
+        let stalled = Duration::from_secs(1);
+        let (mut client, server) = tokio::io::duplex(64);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.expect("permit");
+        let deadline = Box::pin(tokio::time::sleep(stalled));
+        let mut server =
+            Guarded { stream: server, idle: stalled, deadline, waiting: false, _permit: permit, _from: None };
+        // The client's buffer is full after this, and it reads nothing yet.
+        server.write_all(&[1; 64]).await.expect("write");
+        tokio::time::sleep(stalled * 5).await;
+        let started = tokio::time::Instant::now();
+        let written = server.write_all(b"more").await;
+        assert_eq!(written.map_err(|e| e.kind()).err(), Some(std::io::ErrorKind::TimedOut));
+        assert!(started.elapsed() >= stalled, "failed {:?} into its wait", started.elapsed());
+        let mut buf = [0; 64];
+        client.read_exact(&mut buf).await.expect("what went through");
     }
 
     /// Sends `GET path` on a new connection to `addr` and reads until the server closes it.
