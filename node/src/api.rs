@@ -111,7 +111,7 @@ pub const TOKEN_FILE: &str = "api-token";
 const MAX_API_CONNECTIONS: usize = 256;
 
 /// Connections the gateway holds open at once, at most [`crate::http::PER_IP`] from one address
-/// (loopback aside), each closed after a minute without moving a byte.
+/// (loopback aside), within the bounds on request heads and stalled writes of [`crate::http`].
 const MAX_GATEWAY_CONNECTIONS: usize = 1024;
 
 /// Creates the API token in the data directory, readable by the owner only, or reads the one there.

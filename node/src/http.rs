@@ -56,9 +56,7 @@ impl Bounded {
         let total = Arc::new(Semaphore::new(total));
         Self { listener, total, per_ip, open: Arc::default(), idle, bound_loopback: false }
     }
-}
 
-impl Bounded {
     /// The next connection, once the bounds have room for it.
     async fn accept(&mut self) -> (Guarded, SocketAddr) {
         loop {
@@ -74,12 +72,11 @@ impl Bounded {
                 }
             };
             let ip = addr.ip().to_canonical();
-            // An IPv6 address's /64 counts as one address: a host has a whole /64 to pick from.
-            let source = crate::connmgr::source(ip);
             let from = match ip.is_loopback() && !self.bound_loopback {
                 true => None,
                 false => {
-                    let ip = source;
+                    // An IPv6 address's /64 counts as one address: a host has a whole /64.
+                    let ip = crate::connmgr::source(ip);
                     let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
                     let n = open.entry(ip).or_insert(0);
                     if *n >= self.per_ip {
@@ -91,8 +88,7 @@ impl Bounded {
                     Some(FromIp { open: self.open.clone(), ip })
                 }
             };
-            let deadline = Box::pin(tokio::time::sleep(self.idle));
-            return (Guarded { stream, idle: self.idle, deadline, waiting: false, _permit: permit, _from: from }, addr);
+            return (Guarded::new(stream, self.idle, permit, from), addr);
         }
     }
 }
@@ -141,6 +137,11 @@ pub(crate) struct Guarded<S = TcpStream> {
 }
 
 impl<S> Guarded<S> {
+    fn new(stream: S, idle: Duration, permit: OwnedSemaphorePermit, from: Option<FromIp>) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(idle));
+        Self { stream, idle, deadline, waiting: false, _permit: permit, _from: from }
+    }
+
     /// What a write that made progress (`Ready`) or waits (`Pending`) means for the deadline.
     fn progress<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
         match poll {
@@ -284,9 +285,7 @@ mod tests {
         let stalled = Duration::from_secs(1);
         let (mut client, server) = tokio::io::duplex(64);
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.expect("permit");
-        let deadline = Box::pin(tokio::time::sleep(stalled));
-        let mut server =
-            Guarded { stream: server, idle: stalled, deadline, waiting: false, _permit: permit, _from: None };
+        let mut server = Guarded::new(server, stalled, permit, None);
         // The client's buffer is full after this, and it reads nothing yet.
         server.write_all(&[1; 64]).await.expect("write");
         tokio::time::sleep(stalled * 5).await;

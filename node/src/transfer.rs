@@ -327,10 +327,15 @@ struct Watched<'a, S> {
     epoch: tokio::time::Instant,
 }
 
+/// Now, as [`Holder::blocked_since`] counts it from `epoch`: never 0.
+fn stamp(epoch: tokio::time::Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1
+}
+
 impl<S> Watched<'_, S> {
     fn note<T>(&self, poll: &std::task::Poll<T>) {
         if poll.is_pending() {
-            let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1;
+            let now = stamp(self.epoch);
             let _ = self.holder.blocked_since.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         } else {
             self.holder.blocked_since.store(0, Ordering::Relaxed);
@@ -502,7 +507,7 @@ impl Uploads {
     /// Cuts off the answer that has waited longest on its requester, if it has waited
     /// [`PREEMPT_AFTER`] or more; whether there was one.
     fn preempt_stalled(&self) -> bool {
-        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1;
+        let now = stamp(self.epoch);
         let after = u64::try_from(self.timing.preempt_after.as_micros()).unwrap_or(u64::MAX);
         let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
         let stalled = holders
