@@ -149,7 +149,7 @@ pub enum StoreError {
         /// The path given.
         path: PathBuf,
     },
-    /// A file being imported changed size while it was read.
+    /// A file being imported was written while it was read.
     #[error("{path} changed while it was being imported; try again")]
     ChangedDuringImport {
         /// The file.
@@ -178,6 +178,9 @@ pub struct Imported {
     pub size: u64,
     /// Blobs the cache evicted to make room: withdraw their provider records.
     pub evicted: Vec<Hash>,
+    /// Whether this import pinned a blob the store did not hold pinned before: what an import
+    /// of many files that fails half-way unpins again.
+    pub newly_pinned: bool,
 }
 
 /// The result of [`Store::begin`].
@@ -561,10 +564,17 @@ impl PieceStream {
                 if let Some(read) = &self.read {
                     let mut read = read.borrow_mut();
                     let whole = read.iter().take_while(|(p, b)| b.len() as u64 == blob.geometry.piece_len(*p)).count();
+                    // Not for an entry that left the store meanwhile (evicted, deleted): it
+                    // would fill the tier with pieces nobody can ask for. Checked under the lock
+                    // that taking an entry out holds, as `BlobReader::read_piece` checks it.
                     if whole > 0 {
-                        let mut hot = lock(&self.store.inner.hot);
-                        for (piece, bytes) in read.drain(..whole) {
-                            hot.insert(blob.hash, piece, Bytes::from(bytes));
+                        let st = lock(&self.store.inner.state);
+                        let read = read.drain(..whole);
+                        if st.blobs.get(&blob.hash).is_some_and(|b| Arc::ptr_eq(b, blob)) {
+                            let mut hot = lock(&self.store.inner.hot);
+                            for (piece, bytes) in read {
+                                hot.insert(blob.hash, piece, Bytes::from(bytes));
+                            }
                         }
                     }
                 }
@@ -758,15 +768,27 @@ impl Store {
         use std::os::unix::fs::OpenOptionsExt;
         let file =
             OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io_err("open", path))?;
+        self.import_opened(&file, path, pin)
+    }
+
+    /// [`Store::import_file`] for a file the caller opened (named `path` in errors): one that
+    /// checked, say, that it is the file a directory listing named. It must be a regular file.
+    ///
+    /// A file written while it is read fails with [`StoreError::ChangedDuringImport`], whether
+    /// or not its size changed: what would be published is a hash of bytes that were never in
+    /// the file together. The write is seen by its change time, which every write moves.
+    pub fn import_opened(&self, file: &File, path: &Path, pin: bool) -> Result<Imported> {
+        use std::os::unix::fs::MetadataExt;
         let meta = file.metadata().map_err(io_err("stat", path))?;
         if !meta.is_file() {
             return Err(StoreError::NotAFile { path: path.to_owned() });
         }
+        let stamp = |m: &fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
         let size = meta.len();
         let geometry = Geometry::new(size)?;
-        let staged = self.stage(geometry, &file, path)?;
-        let after = file.metadata().map_err(io_err("stat", path))?.len();
-        if after != size {
+        let staged = self.stage(geometry, file, path)?;
+        let after = file.metadata().map_err(io_err("stat", path))?;
+        if stamp(&after) != stamp(&meta) {
             self.discard_dir(&staged.dir)?;
             return Err(StoreError::ChangedDuringImport { path: path.to_owned() });
         }
@@ -907,14 +929,15 @@ impl Store {
         let mut st = lock(&self.inner.state);
         let mut pinned_before = false;
         if let Some(existing) = st.blobs.get(&hash).cloned() {
-            if existing.info().is_complete() {
+            let info = existing.info();
+            if info.is_complete() {
                 drop(st);
                 self.discard_dir(&dir)?;
                 let evicted = if pin { self.pin(hash)? } else { Vec::new() };
                 if !pin {
                     lock(&self.inner.state).lru.touch(&hash);
                 }
-                return Ok(Imported { hash, size: geometry.size(), evicted });
+                return Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !info.pinned });
             }
             // A partial copy: the complete one replaces it, pinned if the user pinned that. Decided
             // before it is admitted: counted as cache, it would evict blobs for room it does not
@@ -958,7 +981,7 @@ impl Store {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 drop(st);
-                Ok(Imported { hash, size: geometry.size(), evicted })
+                Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !pinned_before })
             }
             Err(e) => {
                 // Its room is given back; what reached the disk goes.
@@ -1002,16 +1025,20 @@ impl Store {
     fn begin_entry(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
         let geometry = Geometry::new(size)?;
         let mut st = lock(&self.inner.state);
+        let mut pinned = false;
         if let Some(blob) = st.blobs.get(&hash).cloned() {
             let info = blob.info();
             if blob.geometry.size() == size {
                 st.lru.touch(&hash);
                 return Ok(Begun { have: info.pieces, evicted: Vec::new() });
             }
-            if info.pinned || !info.pieces.is_empty() {
+            // One the user pinned gives way to a proven size only (and the pin goes with it): a
+            // claim no proof backs may not have the pin hold room for it outside the cache.
+            if !info.pieces.is_empty() || (info.pinned && !evict) {
                 return Err(StoreError::SizeMismatch { hash, known: blob.geometry.size(), claimed: size });
             }
             debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
+            pinned = info.pinned;
             self.take_entry(&mut st, &hash);
             self.trash(&blob.dir)?;
         }
@@ -1019,11 +1046,17 @@ impl Store {
         if !evict && !st.lru.fits(bytes) {
             return Err(StoreError::NoRoom { hash, bytes, free: st.lru.capacity().saturating_sub(st.lru.used()) });
         }
-        let evicted = st.lru.admit(hash, footprint(geometry)).map_err(|o| StoreError::TooLarge {
-            hash,
-            bytes: o.bytes,
-            capacity: o.capacity,
-        })?;
+        let evicted = match pinned {
+            true => {
+                st.pinned_bytes += bytes;
+                Vec::new()
+            }
+            false => st.lru.admit(hash, bytes).map_err(|o| StoreError::TooLarge {
+                hash,
+                bytes: o.bytes,
+                capacity: o.capacity,
+            })?,
+        };
         let evicted = self.remove_evicted(&mut st, evicted);
         let dir = self.tmp_path("partial");
         let created = (|| {
@@ -1039,7 +1072,7 @@ impl Store {
             let empty = PieceSet::empty(geometry.piece_count());
             write_meta(
                 &dir,
-                &Meta { format: META_FORMAT, size, pinned: false, bitmap: empty.to_bitmap() },
+                &Meta { format: META_FORMAT, size, pinned, bitmap: empty.to_bitmap() },
                 self.inner.config.durable,
             )?;
             self.place(&dir, hash)
@@ -1050,7 +1083,11 @@ impl Store {
                 Ok(Begun { have: PieceSet::empty(geometry.piece_count()), evicted })
             }
             Err(e) => {
-                st.lru.remove(&hash);
+                if pinned {
+                    st.pinned_bytes -= bytes;
+                } else {
+                    st.lru.remove(&hash);
+                }
                 // Under the lock, with no entry for it: what a failed placing left (the directory,
                 // renamed into place or not) would make every later begin of the blob fail.
                 for leftover in [&dir, &self.blob_dir(hash)] {
@@ -1449,9 +1486,13 @@ impl Store {
     pub fn export(&self, hash: Hash, dest: &Path) -> Result<u64> {
         let blob = self.complete_blob(hash)?;
         let partial = partial_path(dest);
+        // A name of this copy's own, made with `create_new`: never a file that is there already
+        // (a user's, another copy's, a symbolic link planted there), which this would empty and
+        // then remove.
+        let created =
+            OpenOptions::new().write(true).create_new(true).open(&partial).map_err(io_err("create", &partial))?;
         let copied = (|| {
-            let mut out =
-                BufWriter::with_capacity(1 << 20, File::create(&partial).map_err(io_err("create", &partial))?);
+            let mut out = BufWriter::with_capacity(1 << 20, created);
             let got = self.hash_data(&blob, &mut out, &partial)?;
             let out = out.into_inner().map_err(|e| io_err("write", &partial)(e.into_error()))?;
             out.sync_all().map_err(io_err("sync", &partial))?;
@@ -1863,9 +1904,12 @@ fn encode_io(e: EncodeError) -> io::Error {
     }
 }
 
+/// Where [`Store::export`] copies to before the copy is checked: beside `dest` (so that the rename
+/// stays on one file system), under a name of this copy's own.
 fn partial_path(dest: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".shoal-partial");
+    name.push(format!(".shoal-partial-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
     dest.with_file_name(name)
 }
 

@@ -504,6 +504,47 @@ fn pieces_streamed_from_the_file_join_the_memory_tier_once_checked() {
 }
 
 #[test]
+fn an_answer_under_way_for_a_blob_deleted_meanwhile_fills_no_memory() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = StoreConfig { cache_bytes: 256 * MIB, ..Default::default() };
+    let data = bytes(16, (4 * PIECE_SIZE) as usize);
+    let store = Store::open(tmp.path().join("store"), config.clone()).expect("open store");
+    let hash = import(&store, tmp.path(), &data, false);
+    drop(store);
+    let store = Store::open(tmp.path().join("store"), config).expect("open store");
+    let all = PieceSet::full(4);
+    let mut stream = store.stream_pieces(hash, &all, 1000).expect("open stream");
+    let mut sent = stream.next_step(1000).expect("intact").expect("a first step");
+    store.delete(hash).expect("delete");
+    assert_eq!(store.stats().hot_bytes, 0);
+    // The answer goes on, from the files it holds open, and is whole.
+    while let Some(step) = stream.next_step(1000).expect("intact") {
+        sent.extend_from_slice(&step);
+    }
+    assert_eq!(sent, Source::new(data).encode(&all));
+    assert_eq!(store.stats().hot_bytes, 0, "pieces of a blob the store no longer holds came back into memory");
+}
+
+#[test]
+fn a_pinned_entry_of_a_size_never_proven_gives_way_to_the_proven_one_and_keeps_its_pin() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let src = Source::new(bytes(17, (3 * PIECE_SIZE + 7) as usize));
+    // A peer's false claim opened the entry, and the user pinned it while the fetch went on.
+    store.begin_unproven(src.hash, 10 * MIB).expect("begin");
+    store.pin(src.hash).expect("pin");
+    let begun = store.begin(src.hash, src.geometry.size()).expect("the proven size takes its place");
+    assert!(begun.have.is_empty());
+    let info = store.info(src.hash).expect("held");
+    assert_eq!(info.size, src.geometry.size());
+    assert!(info.pinned, "the user's pin was lost");
+    // An entry holding verified pieces of its size keeps them, pinned or not.
+    let n = src.geometry.piece_count();
+    store.write_pieces(src.hash, &PieceSet::single(n, 0), &src.encode(&PieceSet::single(n, 0))[..]).expect("write");
+    assert!(matches!(store.begin(src.hash, 10 * MIB), Err(StoreError::SizeMismatch { .. })));
+}
+
+#[test]
 fn a_whole_answer_leaves_out_a_piece_found_rotten_past_its_first_mib() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));
@@ -839,4 +880,79 @@ fn a_blob_directory_not_named_as_the_store_names_it_is_set_aside() {
     assert_eq!(store.list().len(), 1);
     assert_eq!(store.stats().cache_bytes, used);
     assert!(store.check(hash).expect("check").is_empty());
+}
+
+#[test]
+fn export_leaves_alone_whatever_is_named_like_its_partial_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let data = bytes(7, (PIECE_SIZE + 5) as usize);
+    let hash = import(&store, tmp.path(), &data, true);
+    let out = tmp.path().join("out");
+    // A user's file under the name an earlier version copied to, and a symbolic link there.
+    let theirs = tmp.path().join("out.shoal-partial");
+    fs::write(&theirs, b"the user's own").expect("write");
+    let target = tmp.path().join("target");
+    fs::write(&target, b"linked to").expect("write");
+    let linked_out = tmp.path().join("linked");
+    std::os::unix::fs::symlink(&target, tmp.path().join("linked.shoal-partial")).expect("symlink");
+
+    assert_eq!(store.export(hash, &out).expect("export"), data.len() as u64);
+    assert_eq!(store.export(hash, &linked_out).expect("export"), data.len() as u64);
+    assert_eq!(fs::read(&out).expect("read"), data);
+    assert_eq!(fs::read(&linked_out).expect("read"), data);
+    assert_eq!(fs::read(&theirs).expect("read"), b"the user's own");
+    assert_eq!(fs::read(&target).expect("read"), b"linked to");
+    // And nothing of the copies is left beside them.
+    let mut names: Vec<_> = fs::read_dir(tmp.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["in", "linked", "linked.shoal-partial", "out", "out.shoal-partial", "store", "target"]);
+}
+
+#[test]
+fn a_file_written_in_place_while_it_is_imported_is_refused() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let path = tmp.path().join("in");
+    fs::write(&path, bytes(3, (64 * MIB) as usize)).expect("write");
+    let file = fs::OpenOptions::new().write(true).open(&path).expect("open");
+    let stop = AtomicBool::new(false);
+    let imported = std::thread::scope(|s| {
+        // Rewrites its first byte over and over, the size never changing, until the import ends.
+        let writer = s.spawn(|| {
+            let mut wrote = 0u64;
+            while !stop.load(Ordering::Relaxed) || wrote == 0 {
+                file.write_all_at(&[wrote as u8], 0).expect("rewrite");
+                wrote += 1;
+            }
+        });
+        let imported = store.import_file(&path, true);
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+        imported
+    });
+    assert_eq!(fs::metadata(&path).expect("stat").len(), 64 * MIB);
+    assert!(
+        matches!(imported, Err(StoreError::ChangedDuringImport { .. })),
+        "a file rewritten as it was read was imported: {imported:?}"
+    );
+    assert!(store.list().is_empty(), "nothing is kept of a refused import");
+}
+
+#[test]
+fn an_import_says_whether_it_pinned_what_was_not_pinned() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let path = tmp.path().join("in");
+    fs::write(&path, bytes(9, 1000)).expect("write");
+    assert!(!store.import_file(&path, false).expect("import").newly_pinned, "held in the cache");
+    assert!(store.import_file(&path, true).expect("import").newly_pinned, "a cached copy pinned");
+    assert!(!store.import_file(&path, true).expect("import").newly_pinned, "pinned before");
+    fs::write(&path, bytes(10, 1000)).expect("write");
+    assert!(store.import_file(&path, true).expect("import").newly_pinned, "new and pinned");
 }
