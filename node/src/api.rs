@@ -53,10 +53,15 @@ pub struct Added {
     /// The size in bytes.
     pub size: u64,
     /// A directory's entries its collection does not list (symbolic links, pipes, sockets,
-    /// devices, directories that hold nothing), relative to it, a directory's ending in `/`.
-    /// Absent when none were, as from a node that predates it.
+    /// devices, directories that hold nothing, the node's own data directory), relative to it, a
+    /// directory's ending in `/`: the first 1,000. Absent when none were, as from a node that
+    /// predates it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skipped: Vec<String>,
+    /// How many entries were skipped in all (`skipped` names the first 1,000). Absent from a node
+    /// that predates it, whose `skipped` named them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_count: Option<usize>,
 }
 
 /// One line of `POST /v1/fetch/{hash}`.
@@ -256,7 +261,12 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
 async fn add(State(node): State<NodeHandle>, Json(req): Json<AddRequest>) -> Result<Json<Added>, ApiError> {
     let published = node.publish(&req.path).await?;
     let imported = published.imported;
-    Ok(Json(Added { hash: imported.hash.to_string(), size: imported.size, skipped: published.skipped }))
+    Ok(Json(Added {
+        hash: imported.hash.to_string(),
+        size: imported.size,
+        skipped: published.skipped,
+        skipped_count: (published.skipped_count > 0).then_some(published.skipped_count),
+    }))
 }
 
 async fn pin(State(node): State<NodeHandle>, Path(hash): Path<String>) -> Result<Response, ApiError> {

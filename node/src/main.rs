@@ -435,9 +435,16 @@ fn parse_hash(s: &str) -> anyhow::Result<Hash> {
 }
 
 fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
-    let api = require_api(data_dir)?;
     // The node opens the file itself, by its full path.
     let full = std::fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // The API names files in JSON, which holds text only.
+    if full.to_str().is_none() {
+        bail!(
+            "{} has a name that is not valid UTF-8, which the node's API cannot carry; add a copy under a UTF-8 name (a name plays no part in a hash)",
+            path.display()
+        );
+    }
+    let api = require_api(data_dir)?;
     let token = token(data_dir)?;
     let added: Added = answer(
         agent()
@@ -449,19 +456,21 @@ fn add(data_dir: &Path, path: &Path) -> anyhow::Result<()> {
     // As b3sum prints it: the path as given.
     print_out(|out| writeln!(out, "{}  {}", added.hash, path.display()))?;
     if !added.skipped.is_empty() {
-        eprintln!("{}", skipped_note(&added.skipped));
+        eprintln!("{}", skipped_note(&added.skipped, added.skipped_count.unwrap_or(added.skipped.len())));
     }
     Ok(())
 }
 
-/// What `shoal add DIR` says of the entries its collection left out: the first few by name.
-fn skipped_note(skipped: &[String]) -> String {
+/// What `shoal add DIR` says of the `count` entries its collection left out: the first few by name.
+fn skipped_note(skipped: &[String], count: usize) -> String {
     const SHOWN: usize = 10;
-    let mut names = skipped.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
-    if skipped.len() > SHOWN {
-        names.push_str(&format!(" and {} more", skipped.len() - SHOWN));
+    let count = count.max(skipped.len());
+    let shown = skipped.len().min(SHOWN);
+    let mut names = skipped[..shown].join(", ");
+    if count > shown {
+        names.push_str(&format!(" and {} more", count - shown));
     }
-    match skipped.len() {
+    match count {
         1 => format!("skipped 1 entry that is not a regular file: {names}"),
         n => format!("skipped {n} entries that are not regular files: {names}"),
     }
@@ -980,9 +989,18 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
 /// [`write_blob`] for an output that cannot be replaced once the bytes verified (standard
 /// output, a device, a pipe): it gets the bytes the node verified as they come, and the whole is
 /// checked against `hash` at the end.
+///
+/// A reader that leaves early (`shoal get HASH -o - | head`) ends it quietly, as it ends
+/// [`print_out`]: what it read was verified, and it wanted no more.
 fn write_verified_into(hash: Hash, source: impl Read, mut to: impl Write, output: &Path) -> anyhow::Result<()> {
-    let got = copy_hashing(source, &mut to, output)?;
-    to.flush().with_context(|| format!("cannot write {}", output.display()))?;
+    let written = copy_hashing(source, &mut to, output)
+        .and_then(|got| to.flush().with_context(|| format!("cannot write {}", output.display())).map(|()| got));
+    let got = match written {
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
+            return Ok(());
+        }
+        other => other?,
+    };
     if got != hash {
         bail!("the bytes received hash to {got}, not {hash}");
     }
@@ -1046,7 +1064,10 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
         };
         let mut own = OwnNode { handle: node.handle(), runtime: &runtime, home, api };
         let outcome = get_blob(&mut own, hash, output);
-        runtime.block_on(node.shutdown())?;
+        // What the get did is its outcome: a node that then stops badly changes nothing written.
+        if let Err(e) = runtime.block_on(node.shutdown()) {
+            eprintln!("warning: the node `shoal get` ran did not stop cleanly: {e}");
+        }
         outcome
     })();
     let _ = std::fs::remove_dir_all(&dir);

@@ -43,10 +43,17 @@ pub struct Published {
     /// The file's blob, or the collection's that lists a directory's files.
     pub imported: Imported,
     /// A directory's entries that its collection does not list (symbolic links, pipes, sockets,
-    /// devices, directories that hold nothing), `/`-separated and relative to it, a directory's
-    /// ending in `/`; none for a file.
+    /// devices, directories that hold nothing, the node's own data directory), `/`-separated and
+    /// relative to it, a directory's ending in `/`; none for a file. The first
+    /// [`MAX_SKIPPED_NAMED`] of them.
     pub skipped: Vec<String>,
+    /// How many entries were skipped in all.
+    pub skipped_count: usize,
 }
+
+/// The most skipped entries an add names (a tree of millions of symbolic links would otherwise
+/// make a list as large).
+pub const MAX_SKIPPED_NAMED: usize = 1_000;
 
 /// A node's state, as `shoal status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -470,6 +477,13 @@ impl NodeHandle {
     /// held the import's thread, and the node's exit, for ever. A symbolic link named here is
     /// followed: its user named it.
     pub async fn publish(&self, path: &Path) -> Result<Published, NodeError> {
+        if within(path, &self.inner.config.data_dir) {
+            return Err(NodeError::Invalid(format!(
+                "{} is in the node's own data directory ({}), which holds its private key; shoal does not publish it",
+                path.display(),
+                self.inner.config.data_dir.display()
+            )));
+        }
         match std::fs::metadata(path).map(|m| m.file_type()) {
             Ok(kind) if kind.is_dir() => return self.add_dir(path).await,
             Ok(kind) if !kind.is_file() => {
@@ -489,7 +503,7 @@ impl NodeHandle {
             .map_err(|_| NodeError::Stopped)??;
         self.withdraw(&imported.evicted).await;
         self.provide(imported.hash).await;
-        Ok(Published { imported, skipped: Vec::new() })
+        Ok(Published { imported, skipped: Vec::new(), skipped_count: 0 })
     }
 
     /// Pins a blob held here: it is never evicted.
@@ -532,37 +546,28 @@ impl NodeHandle {
     }
 
     async fn add_dir(&self, dir: &Path) -> Result<Published, NodeError> {
-        use shoal_protocol::collection::{Collection, Entry, MAX_ENTRIES};
         let store = self.inner.store.clone();
         let dir = dir.to_owned();
-        let (imported, files, skipped) = tokio::task::spawn_blocking(move || -> Result<_, NodeError> {
-            let mut files = Vec::new();
-            let mut skipped = Vec::new();
-            collect_files(&dir, &dir, &mut files, &mut skipped)?;
-            if files.len() > MAX_ENTRIES {
-                return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", dir.display())));
-            }
-            let mut entries = Vec::with_capacity(files.len());
-            let mut evicted = Vec::new();
-            for (rel, full) in files {
-                let imp = store.import_file(&full, true)?;
-                evicted.extend(imp.evicted);
-                entries.push(Entry { path: rel, hash: imp.hash, size: imp.size });
-            }
-            let collection = Collection::new(entries).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            let mut imported = store.import_reader(&collection.encode()[..], true)?;
-            imported.evicted.extend(evicted);
-            let files: Vec<Hash> = collection.entries().iter().map(|e| e.hash).collect();
-            Ok((imported, files, skipped))
+        let data_dir = self.inner.config.data_dir.clone();
+        let added = tokio::task::spawn_blocking(move || {
+            let listing = list_dir(&dir, &data_dir).map_err(|e| (e, Vec::new()))?;
+            import_listing(&store, listing)
         })
         .await
-        .map_err(|_| NodeError::Stopped)??;
+        .map_err(|_| NodeError::Stopped)?;
+        let (imported, files, (skipped, skipped_count)) = match added {
+            Ok(added) => added,
+            Err((e, evicted)) => {
+                self.withdraw(&evicted).await;
+                return Err(e);
+            }
+        };
         self.withdraw(&imported.evicted).await;
         for h in files {
             self.provide(h).await;
         }
         self.provide(imported.hash).await;
-        Ok(Published { imported, skipped })
+        Ok(Published { imported, skipped, skipped_count })
     }
 
     pub(crate) async fn provide(&self, hash: Hash) {
@@ -742,17 +747,135 @@ fn has_ipv6() -> bool {
     UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).and_then(|s| s.connect((doc, DEFAULT_QUIC_PORT))).is_ok()
 }
 
-/// Lists the regular files under `dir` as (`/`-separated path relative to `root`, full path),
+/// Whether `path` is `dir` or lies under it, symbolic links resolved. A path that cannot be
+/// resolved (it does not exist) is not: opening it fails on its own.
+fn within(path: &Path, dir: &Path) -> bool {
+    match (std::fs::canonicalize(path), std::fs::canonicalize(dir)) {
+        (Ok(path), Ok(dir)) => path.starts_with(dir),
+        _ => false,
+    }
+}
+
+/// A regular file a directory listing found, as the listing saw it.
+struct Listed {
+    /// `/`-separated, relative to the directory added.
+    rel: String,
+    path: std::path::PathBuf,
+    /// Device and inode: what is opened to be imported must be this file.
+    id: (u64, u64),
+    size: u64,
+}
+
+/// What [`list_dir`] found in a directory being added.
+struct Listing {
+    files: Vec<Listed>,
+    /// The first [`MAX_SKIPPED_NAMED`] entries skipped.
+    skipped: Vec<String>,
+    skipped_count: usize,
+}
+
+impl Listing {
+    fn skip(&mut self, shown: String) {
+        if self.skipped.len() < MAX_SKIPPED_NAMED {
+            self.skipped.push(shown);
+        }
+        self.skipped_count += 1;
+    }
+}
+
+/// Lists the regular files under `dir` for a collection, and checks, before anything is
+/// imported, that a collection can list them: their number, their paths, the size of the
+/// listing. `data_dir` (the node's own, with its private key), if it lies under `dir`, is skipped.
+fn list_dir(dir: &Path, data_dir: &Path) -> Result<Listing, NodeError> {
+    use shoal_protocol::collection::{Collection, Entry};
+    use std::os::unix::fs::MetadataExt;
+    let exclude = std::fs::metadata(data_dir).ok().map(|m| (m.dev(), m.ino()));
+    let mut listing = Listing { files: Vec::new(), skipped: Vec::new(), skipped_count: 0 };
+    collect_files(dir, dir, exclude, &mut listing)?;
+    // The collection it would make, with the sizes listed: one too large to list is refused now,
+    // not after every file was imported.
+    let entries = listing.files.iter().map(|f| Entry { path: f.rel.clone(), hash: Hash::of(b""), size: f.size });
+    Collection::new(entries.collect())
+        .map_err(|e| NodeError::Invalid(format!("{} cannot be listed as a collection: {e}", dir.display())))?;
+    Ok(listing)
+}
+
+/// Imports and pins the files `listing` names, then the collection that lists them. Each file
+/// opened must be the one listed: one replaced meanwhile (by a symbolic link to a file outside
+/// the directory, say) fails the add. A failure unpins what this add pinned, and returns, with
+/// the error, the blobs evicted on the way (their provider records are withdrawn).
+#[allow(clippy::type_complexity)]
+fn import_listing(
+    store: &Store,
+    listing: Listing,
+) -> Result<(Imported, Vec<Hash>, (Vec<String>, usize)), (NodeError, Vec<Hash>)> {
+    use shoal_protocol::collection::{Collection, Entry};
+    let Listing { files, skipped, skipped_count } = listing;
+    let mut entries = Vec::with_capacity(files.len());
+    let mut evicted = Vec::new();
+    let mut pinned_here = Vec::new();
+    let imported = (|| {
+        for file in &files {
+            let imp = import_listed(store, file)?;
+            evicted.extend(imp.evicted);
+            if imp.newly_pinned {
+                pinned_here.push(imp.hash);
+            }
+            entries.push(Entry { path: file.rel.clone(), hash: imp.hash, size: imp.size });
+        }
+        let collection =
+            Collection::new(std::mem::take(&mut entries)).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let imported = store.import_reader(&collection.encode()[..], true)?;
+        Ok::<_, NodeError>((imported, collection))
+    })();
+    match imported {
+        Ok((mut imported, collection)) => {
+            imported.evicted.append(&mut evicted);
+            Ok((imported, collection.entries().iter().map(|e| e.hash).collect(), (skipped, skipped_count)))
+        }
+        Err(e) => {
+            for hash in pinned_here {
+                match store.unpin(hash) {
+                    Ok(gone) => evicted.extend(gone),
+                    Err(e) => tracing::warn!(blob = %hash, error = %e, "cannot unpin a file of an add that failed"),
+                }
+            }
+            Err((e, evicted))
+        }
+    }
+}
+
+/// Imports and pins one listed file, if the file at its path is still the one listed.
+fn import_listed(store: &Store, file: &Listed) -> Result<Imported, NodeError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let changed = || NodeError::Store(StoreError::ChangedDuringImport { path: file.path.clone() });
+    // Not through a symbolic link, and without waiting on a pipe put where the file was.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&file.path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => changed(),
+            _ => NodeError::Store(StoreError::Io { op: "open", path: file.path.clone(), source: e }),
+        })?;
+    let meta = opened
+        .metadata()
+        .map_err(|e| NodeError::Store(StoreError::Io { op: "stat", path: file.path.clone(), source: e }))?;
+    if (meta.dev(), meta.ino()) != file.id {
+        return Err(changed());
+    }
+    Ok(store.import_opened(&opened, &file.path, true)?)
+}
+
+/// Lists the regular files under `dir` into `listing` (`/`-separated paths relative to `root`),
 /// sorted. Symbolic links are skipped, so a collection never reaches outside its directory, and
-/// so are pipes, sockets and devices, which hold no file's bytes, and directories that hold
-/// nothing, which a collection cannot list: each goes to `skipped`, as a path relative to `root`
-/// (a directory's ending in `/`), for the user to be told.
-fn collect_files(
-    root: &Path,
-    dir: &Path,
-    out: &mut Vec<(String, std::path::PathBuf)>,
-    skipped: &mut Vec<String>,
-) -> Result<(), NodeError> {
+/// so are pipes, sockets and devices, which hold no file's bytes, directories that hold
+/// nothing, which a collection cannot list, and the directory `exclude` (device, inode) names:
+/// each goes to `skipped`, as a path relative to `root` (a directory's ending in `/`), for the
+/// user to be told.
+fn collect_files(root: &Path, dir: &Path, exclude: Option<(u64, u64)>, listing: &mut Listing) -> Result<(), NodeError> {
+    use shoal_protocol::collection::MAX_ENTRIES;
+    use std::os::unix::fs::MetadataExt;
     let invalid = |e: std::io::Error| NodeError::Invalid(format!("cannot read {}: {e}", dir.display()));
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
     entries.sort_by_key(|e| e.file_name());
@@ -760,13 +883,17 @@ fn collect_files(
     let shown =
         |path: &Path| path.strip_prefix(root).unwrap_or(path).to_string_lossy().replace(std::path::MAIN_SEPARATOR, "/");
     for e in entries {
-        let kind = e.file_type().map_err(invalid)?;
+        // Of the entry itself, a symbolic link not followed.
+        let meta = e.metadata().map_err(invalid)?;
+        let kind = meta.file_type();
         let path = e.path();
-        if kind.is_dir() {
-            let before = (out.len(), skipped.len());
-            collect_files(root, &path, out, skipped)?;
-            if (out.len(), skipped.len()) == before {
-                skipped.push(format!("{}/", shown(&path)));
+        if kind.is_dir() && Some((meta.dev(), meta.ino())) == exclude {
+            listing.skip(format!("{}/", shown(&path)));
+        } else if kind.is_dir() {
+            let before = (listing.files.len(), listing.skipped_count);
+            collect_files(root, &path, exclude, listing)?;
+            if (listing.files.len(), listing.skipped_count) == before {
+                listing.skip(format!("{}/", shown(&path)));
             }
         } else if kind.is_file() {
             let rel = path.strip_prefix(root).map_err(|_| NodeError::Invalid("path outside the directory".into()))?;
@@ -779,9 +906,12 @@ fn collect_files(
             // Checked before anything is imported: a path the collection refuses would otherwise
             // fail the add after every file was imported and pinned.
             shoal_protocol::collection::check_path(&rel).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            out.push((rel, path));
+            listing.files.push(Listed { rel, path, id: (meta.dev(), meta.ino()), size: meta.len() });
+            if listing.files.len() > MAX_ENTRIES {
+                return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", root.display())));
+            }
         } else {
-            skipped.push(shown(&path));
+            listing.skip(shown(&path));
         }
     }
     Ok(())
@@ -802,4 +932,72 @@ fn special_kind(kind: std::fs::FileType) -> &'static str {
     }
     let _ = kind;
     "a special file"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> Store {
+        Store::open(dir, StoreConfig { cache_bytes: 64 << 20, ..Default::default() }).expect("open store")
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_link_after_the_listing_fails_the_add_and_unpins_what_it_pinned() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = store(&tmp.path().join("store"));
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::write(shared.join("a.txt"), b"first").expect("write");
+        std::fs::write(shared.join("b.txt"), b"pinned before").expect("write");
+        std::fs::write(shared.join("c.txt"), b"third").expect("write");
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, b"the node's private key").expect("write");
+        let before = store.import_file(&shared.join("b.txt"), true).expect("import").hash;
+
+        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
+        assert_eq!(listing.files.len(), 3);
+        // Someone who can write in the directory swaps a file for a link to one outside it.
+        std::fs::remove_file(shared.join("c.txt")).expect("remove");
+        std::os::unix::fs::symlink(&secret, shared.join("c.txt")).expect("symlink");
+        let Err((e, _)) = import_listing(&store, listing) else { panic!("the add went through a link") };
+        assert!(matches!(e, NodeError::Store(StoreError::ChangedDuringImport { .. })), "{e}");
+
+        assert!(store.info(Hash::of(b"the node's private key")).is_none(), "the linked file was imported");
+        let a = store.info(Hash::of(b"first")).expect("a.txt stays, as cache");
+        assert!(!a.pinned, "what the failed add pinned is unpinned");
+        assert!(store.info(before).expect("held").pinned, "what was pinned before stays pinned");
+
+        // A file replaced by another (a new inode under the same name) is refused the same way.
+        std::fs::remove_file(shared.join("c.txt")).expect("remove");
+        std::fs::write(shared.join("c.txt"), b"third").expect("write");
+        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
+        let replacement = shared.join("a.new");
+        std::fs::write(&replacement, b"first, again").expect("write");
+        std::fs::rename(&replacement, shared.join("a.txt")).expect("rename");
+        assert!(import_listing(&store, listing).is_err());
+
+        // Left alone, the listing imports.
+        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
+        let (_, files, (skipped, count)) = import_listing(&store, listing).expect("add");
+        assert_eq!(files.len(), 3);
+        assert!(skipped.is_empty() && count == 0);
+        assert!(store.info(Hash::of(b"first, again")).expect("held").pinned);
+    }
+
+    #[test]
+    fn the_node_data_directory_is_never_listed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let home = tmp.path().join("home");
+        let data = home.join(".local/share/shoal");
+        std::fs::create_dir_all(&data).expect("mkdir");
+        std::fs::write(data.join("identity"), b"private key").expect("write");
+        std::fs::write(home.join("notes.txt"), b"notes").expect("write");
+        let listing = list_dir(&home, &data).expect("list");
+        let listed: Vec<&str> = listing.files.iter().map(|f| f.rel.as_str()).collect();
+        assert_eq!(listed, ["notes.txt"]);
+        assert_eq!(listing.skipped, [".local/share/shoal/"]);
+        assert!(within(&data.join("identity"), &data) && within(&data, &data));
+        assert!(!within(&home.join("notes.txt"), &data));
+    }
 }

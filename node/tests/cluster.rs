@@ -1457,7 +1457,9 @@ fn output_within(cmd: &mut Command, secs: u64) -> (bool, String, String) {
 #[test]
 fn add_refuses_a_pipe_or_a_device_and_says_what_a_directory_left_out() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let mut n1 = NodeProc::start(&tmp.path().join("n1"), None);
+    // In a directory the user may add whole, as a home directory holds the default one.
+    let home = tmp.path().join("home");
+    let mut n1 = NodeProc::start(&home.join("data"), None);
     let add = |path: &Path| {
         let mut cmd = Command::new(SHOAL);
         cmd.args(["add", path.to_str().expect("utf-8")]).env("SHOAL_DATA_DIR", &n1.dir).env_remove("SHOAL_API");
@@ -1499,6 +1501,29 @@ fn add_refuses_a_pipe_or_a_device_and_says_what_a_directory_left_out() {
     std::fs::write(site.join("a.txt"), b"a").expect("write");
     let (ok, _, err) = add(&site);
     assert!(ok && !err.contains("skipped"), "{err}");
+
+    // The node's own data directory, with its private key, is never published: not named, and
+    // not as part of a directory that holds it.
+    let (ok, _, err) = add(&n1.dir.join("identity"));
+    assert!(!ok && err.contains("the node's own data directory"), "{err}");
+    std::fs::write(home.join("notes.txt"), b"notes").expect("write");
+    let (ok, out, err) = add(&home);
+    assert!(ok, "{err}");
+    assert!(err.contains("skipped 1 entry that is not a regular file: data/"), "{err}");
+    let hash = out.split_whitespace().next().expect("hash").to_string();
+    let copy = tmp.path().join("home-copy");
+    n1.cli(&["get", &hash, "-o", copy.to_str().expect("utf-8")]);
+    let names: Vec<_> = std::fs::read_dir(&copy).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
+    assert_eq!(names, ["notes.txt"], "only the user's file was added");
+
+    // A name that is not UTF-8 cannot travel in the API's JSON: said so, not blamed on the node.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = tmp.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt"));
+    std::fs::write(&odd, b"bytes").expect("write");
+    let mut cmd = Command::new(SHOAL);
+    cmd.arg("add").arg(&odd).env("SHOAL_DATA_DIR", &n1.dir).env_remove("SHOAL_API");
+    let (ok, _, err) = output_within(&mut cmd, 20);
+    assert!(!ok && err.contains("not valid UTF-8") && !err.contains("cannot reach"), "{err}");
     assert!(n1.stop().success());
 }
 
@@ -1628,6 +1653,7 @@ fn listings_to_a_reader_that_went_away_end_quietly() {
         &["status"],
         &["status", "--json"],
         &["ls"],
+        &["get", hash.as_str(), "-o", "-"],
     ] {
         // A pipe whose reader is gone, as `shoal peers | head -0` leaves it.
         let (reader, writer) = std::io::pipe().expect("pipe");

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Hash;
+use crate::piece::MAX_BLOB_SIZE;
 
 /// The bytes every collection starts with.
 pub const MAGIC: &[u8; 16] = b"shoal-collection";
@@ -78,6 +79,10 @@ pub fn check_path(path: &str) -> Result<(), CollectionError> {
         // Control characters would reach a terminal as escapes when the path is printed.
         return bad("contains a backslash or a control character");
     }
+    if path.chars().any(is_invisible) {
+        // Shown, they would disguise the name: `a\u{202E}txt.exe` prints as `aexe.txt`.
+        return bad("contains an invisible or bidirectional formatting character");
+    }
     for c in path.split('/') {
         match c {
             "" => return bad("absolute, or has an empty component"),
@@ -88,14 +93,46 @@ pub fn check_path(path: &str) -> Result<(), CollectionError> {
     Ok(())
 }
 
+/// The characters that change how a name shows without showing themselves: Unicode's format
+/// characters that matter for that (zero-width ones, the bidirectional controls, the soft hyphen,
+/// the byte-order mark) and its line and paragraph separators.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}')
+}
+
+/// The bytes postcard takes for `n` as a varint.
+fn varint_len(n: u64) -> usize {
+    (64 - n.max(1).leading_zeros() as usize).div_ceil(7)
+}
+
 impl Collection {
-    /// A collection of `entries` (in any order); checks every path and refuses duplicates.
+    /// A collection of `entries` (in any order); checks every path and size, refuses duplicates,
+    /// and refuses a collection whose encoding would be larger than [`MAX_ENCODED`]: no decoder
+    /// would read it.
     pub fn new(mut entries: Vec<Entry>) -> Result<Self, CollectionError> {
         if entries.len() > MAX_ENTRIES {
             return Err(CollectionError::TooLarge(format!("{} entries, more than {MAX_ENTRIES}", entries.len())));
         }
+        let encoded = MAGIC.len()
+            + 1
+            + varint_len(entries.len() as u64)
+            + entries
+                .iter()
+                .map(|e| varint_len(e.path.len() as u64) + e.path.len() + 32 + varint_len(e.size))
+                .sum::<usize>();
+        if encoded > MAX_ENCODED {
+            return Err(CollectionError::TooLarge(format!("a listing of {encoded} bytes, more than {MAX_ENCODED}")));
+        }
         for e in &entries {
             check_path(&e.path)?;
+            if e.size > MAX_BLOB_SIZE {
+                return Err(CollectionError::TooLarge(format!(
+                    "{:?} of {} bytes, more than a blob holds",
+                    e.path, e.size
+                )));
+            }
         }
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         if let Some(w) = entries.windows(2).find(|w| w[0].path == w[1].path) {
@@ -114,7 +151,7 @@ impl Collection {
         self.entries.binary_search_by(|e| e.path.as_str().cmp(path)).ok().map(|i| &self.entries[i])
     }
 
-    /// The total size of the files.
+    /// The total size of the files (at most 2^20 of 2^41 bytes each: it cannot overflow).
     pub fn total_size(&self) -> u64 {
         self.entries.iter().map(|e| e.size).sum()
     }
@@ -197,8 +234,22 @@ mod tests {
 
     #[test]
     fn paths_cannot_escape() {
-        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a\0b", "a\nb", "\u{1b}[2Jx"]
-        {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "a//b",
+            "./a",
+            "a/.",
+            "a\\b",
+            "a\0b",
+            "a\nb",
+            "\u{1b}[2Jx",
+            "a\u{202e}txt.exe",
+            "in\u{200b}voice.pdf",
+            "\u{feff}a",
+        ] {
             assert!(Collection::new(vec![entry(bad, 1)]).is_err(), "{bad:?} accepted");
         }
         assert!(matches!(Collection::new(vec![entry("a", 1), entry("a", 2)]), Err(CollectionError::Duplicate(_))));
@@ -230,5 +281,35 @@ mod tests {
             bytes.extend_from_slice(&encoded);
         }
         assert!(matches!(Collection::decode(&bytes), Err(CollectionError::TooLarge(_))));
+    }
+
+    #[test]
+    fn the_encoded_length_is_known_before_encoding_and_bounded() {
+        let entries = vec![
+            Entry { path: "a".into(), hash: Hash::from([1; 32]), size: 0 },
+            Entry { path: "é/".repeat(70) + "x", hash: Hash::from([2; 32]), size: 127 },
+            Entry { path: "b".repeat(300), hash: Hash::from([3; 32]), size: 128 },
+            Entry { path: "c".into(), hash: Hash::from([4; 32]), size: MAX_BLOB_SIZE },
+        ];
+        let c = Collection::new(entries.clone()).expect("valid");
+        let expected =
+            MAGIC.len() + 1 + 1 + entries.iter().map(|e| postcard::to_stdvec(e).expect("encode").len()).sum::<usize>();
+        assert_eq!(c.encode().len(), expected);
+        // One more byte than a blob holds in one entry is refused; and entries whose listing
+        // would pass MAX_ENCODED are refused before anything is encoded.
+        let mut over = entries;
+        over[3].size = MAX_BLOB_SIZE + 1;
+        assert!(matches!(Collection::new(over), Err(CollectionError::TooLarge(_))));
+        let path_len = MAX_PATH - 10;
+        let per_entry = 2 + path_len + 32 + 1;
+        let count = MAX_ENCODED / per_entry + 1;
+        let many: Vec<Entry> = (0..count)
+            .map(|i| Entry {
+                path: format!("{i:010}{}", "p".repeat(path_len - 10)),
+                hash: Hash::from([5; 32]),
+                size: 1,
+            })
+            .collect();
+        assert!(matches!(Collection::new(many), Err(CollectionError::TooLarge(_))));
     }
 }
