@@ -456,6 +456,11 @@ impl NodeHandle {
         }
     }
 
+    /// How full the node's serving queues are, each against its bound.
+    pub fn load(&self) -> crate::transfer::Load {
+        self.inner.uploads.load()
+    }
+
     /// Connected peers.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NodeError> {
         let (tx, rx) = oneshot::channel();

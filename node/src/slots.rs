@@ -100,6 +100,14 @@ impl<K: Eq + Hash + Clone> Slots<K> {
         self.lock().waiting.len()
     }
 
+    /// As (now, bound): the slots held, the requests waiting in line, and the most one owner
+    /// holds.
+    pub(crate) fn load(&self) -> [(usize, usize); 3] {
+        let st = self.lock();
+        let most = st.held.values().copied().max().unwrap_or(0);
+        [(self.count - st.free, self.count), (st.waiting.len(), self.line), (most, self.share)]
+    }
+
     /// Slots `owner` holds now.
     #[cfg(test)]
     pub(crate) fn held_by(&self, owner: &K) -> usize {

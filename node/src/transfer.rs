@@ -144,6 +144,8 @@ pub(crate) struct Uploads {
     /// How long a piece upload holds its slot, a moving average in microseconds (0: none yet).
     upload_micros: AtomicU64,
     per_peer: Mutex<HashMap<PeerId, usize>>,
+    /// The most uploads at once: `total`'s permits.
+    max_total: usize,
     max_per_peer: usize,
     /// What the answers holding upload slots are doing, by slot: at most one per slot.
     holders: Mutex<HashMap<u64, Arc<Holder>>>,
@@ -390,6 +392,7 @@ impl Uploads {
         });
         Self {
             total: Arc::new(Semaphore::new(max_total)),
+            max_total,
             data,
             upload_micros: AtomicU64::new(0),
             per_peer: Mutex::new(HashMap::new()),
@@ -606,6 +609,46 @@ impl Uploads {
     pub(crate) fn active(&self) -> usize {
         self.per_peer.lock().unwrap_or_else(|e| e.into_inner()).values().sum()
     }
+
+    /// The serving side's queues now, each with its bound.
+    pub(crate) fn load(&self) -> Load {
+        let (uploads, peer_uploads) = {
+            let per_peer = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            (per_peer.values().sum(), per_peer.values().copied().max().unwrap_or(0))
+        };
+        let watches = self.watching();
+        let reading = self.reading.lock().unwrap_or_else(|e| e.into_inner()).total;
+        let [piece_slots, line, peer_piece_slots] = self.data.as_ref().map_or([(0, 0); 3], |slots| slots.load());
+        Load {
+            uploads: (uploads, self.max_total),
+            peer_uploads: (peer_uploads, self.max_per_peer),
+            piece_slots,
+            line,
+            peer_piece_slots,
+            watches: (watches, MAX_WATCHES),
+            reading: (reading, MAX_READING),
+        }
+    }
+}
+
+/// How full a node's serving queues are: each as (now, bound). Nothing a peer does should take
+/// any past its bound; netsim checks that they never are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    /// Uploads in progress, and the most at once (`max_uploads`).
+    pub uploads: (usize, usize),
+    /// The most uploads one peer has, and the most it may (`max_uploads_per_peer`).
+    pub peer_uploads: (usize, usize),
+    /// Under an upload cap, the piece-upload slots held (the cap sizes them); (0, 0) without.
+    pub piece_slots: (usize, usize),
+    /// Requests waiting in line for a piece-upload slot.
+    pub line: (usize, usize),
+    /// The most piece-upload slots one peer holds (at most half of them).
+    pub peer_piece_slots: (usize, usize),
+    /// Watches held: peers waiting to hear of pieces stored next.
+    pub watches: (usize, usize),
+    /// Streams whose requests are being read.
+    pub reading: (usize, usize),
 }
 
 /// What serving needs: the store, the upload bounds, who holds what, and the metrics.

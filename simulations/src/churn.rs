@@ -42,7 +42,9 @@ pub struct ChurnResult {
     pub succeeded: usize,
     /// `succeeded / eligible`.
     pub success_rate: f64,
-    /// Completion time of eligible fetches, median.
+    /// Completion time of eligible fetches, median, each from its own start (a node that joined
+    /// during the run from its join; one that restarted from the crowd's start, its downtime
+    /// included).
     pub p50_s: f64,
     /// 90th percentile.
     pub p90_s: f64,
@@ -77,6 +79,9 @@ pub struct Fetcher {
     /// Completed, and its last fetch did too: a node restarted after its fetch had finished
     /// fetches again, and fails if that fails.
     pub ok: bool,
+    /// When its fetch started: 0 for the fetchers there from the start, when it joined for a
+    /// node that joined during the run.
+    pub started_s: f64,
     /// When it first completed.
     pub done_s: Option<f64>,
     /// When it restarted, if it did with its fetch cut short by the crash.
@@ -289,6 +294,7 @@ pub(crate) async fn run(
                         node: i,
                         fate: "joined".into(),
                         eligible: true,
+                        started_s: t0.elapsed().as_secs_f64() / scale,
                         ..Default::default()
                     });
                     debug_assert_eq!(slot_of(i), running.len());
@@ -313,7 +319,8 @@ pub(crate) async fn run(
         v.sort_by(f64::total_cmp);
         v
     };
-    let done = sorted(eligible.iter().filter_map(|f| f.done_s).collect());
+    // Each from its own fetch's start: a node that joined late is timed from its join.
+    let done = sorted(eligible.iter().filter_map(|f| Some(f.done_s? - f.started_s)).collect());
     let stalls = sorted(eligible.iter().map(|f| f.stall_s).collect());
     let recover = sorted(fetchers.iter().filter_map(|f| Some(f.done_s? - f.restarted_s?)).collect());
     let count_fate = |fate: &str| fetchers.iter().filter(|f| f.fate == fate).count();
@@ -346,14 +353,15 @@ pub(crate) async fn run(
 
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.
 pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
-    let mut csv = String::from("node,fate,eligible,ok,done_s,restarted_s,stall_s,error\n");
+    let mut csv = String::from("node,fate,eligible,ok,started_s,done_s,restarted_s,stall_s,error\n");
     for f in &r.fetchers {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{:.4},{}\n",
+            "{},{},{},{},{:.4},{},{},{:.4},{}\n",
             f.node,
             f.fate,
             f.eligible,
             f.ok,
+            f.started_s,
             crate::csv_secs(f.done_s),
             crate::csv_secs(f.restarted_s),
             f.stall_s,

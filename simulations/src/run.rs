@@ -82,7 +82,8 @@ pub struct FlashCrowdResult {
     pub fetchers: usize,
     /// Fetches that completed.
     pub succeeded: usize,
-    /// Fetched blobs the fetcher's store holds complete (every piece verified).
+    /// Fetched blobs the fetcher's store holds complete, every byte read back and checked
+    /// against the hash after the crowd.
     pub complete_in_store: usize,
     /// The fluid lower bound on the last completion, max(F/u_s, F/d_min, N·F/(u_s+Σu_i)).
     pub t_min_s: f64,
@@ -123,6 +124,9 @@ pub struct FlashCrowdResult {
     pub origin_piece_copies: f64,
     /// Share of the bytes fetchers received that did not come from the seeder.
     pub peer_share: f64,
+    /// The fullest the nodes' serving queues were (the seeder's and the fetchers'), sampled as
+    /// the piece spread is, against their bounds.
+    pub queues: Box<QueuePeaks>,
     /// Per fetcher.
     #[serde(skip)]
     pub completions: Vec<Completion>,
@@ -241,7 +245,7 @@ pub struct Completion {
     pub region: String,
     /// Whether the fetch returned the blob.
     pub ok: bool,
-    /// Whether its store holds the blob complete afterwards.
+    /// Whether its store holds the blob complete afterwards, every byte checked.
     pub complete: bool,
     /// Emulated seconds until the fetch returned (or gave up).
     pub seconds: f64,
@@ -424,6 +428,70 @@ pub(crate) struct Member {
     config: NodeConfig,
 }
 
+/// Gives the node whose data lives in `data_dir` an identity drawn from `rng`, which the run's
+/// seed seeds: the peer ids, and with them the DHT's layout (which nodes are close to which,
+/// which keep a key's provider records), repeat with the seed. What the nodes draw for themselves
+/// as they run (the order they try peers in, say), and the timing of a real-time run on a shared
+/// machine, do not.
+fn seeded_identity(data_dir: &Path, rng: &mut ChaCha8Rng) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let key = shoal_node::libp2p::identity::Keypair::ed25519_from_bytes(rng.random::<[u8; 32]>())?;
+    std::fs::DirBuilder::new().mode(0o700).recursive(true).create(data_dir)?;
+    let path = data_dir.join("identity");
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    std::io::Write::write_all(&mut file, &key.to_protobuf_encoding()?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The fullest a queue was on any node, and its bound (the least any node had).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Peak {
+    pub peak: usize,
+    pub bound: usize,
+}
+
+impl Default for Peak {
+    fn default() -> Self {
+        Self { peak: 0, bound: usize::MAX }
+    }
+}
+
+impl Peak {
+    fn see(&mut self, (now, bound): (usize, usize)) {
+        self.peak = self.peak.max(now);
+        self.bound = self.bound.min(bound);
+    }
+
+    /// Whether the queue stayed within its bound.
+    pub fn held(&self) -> bool {
+        self.peak <= self.bound
+    }
+}
+
+/// The peaks of a node's serving queues (see [`shoal_node::Load`]).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct QueuePeaks {
+    pub uploads: Peak,
+    pub peer_uploads: Peak,
+    pub piece_slots: Peak,
+    pub line: Peak,
+    pub peer_piece_slots: Peak,
+    pub watches: Peak,
+    pub reading: Peak,
+}
+
+impl QueuePeaks {
+    fn see(&mut self, load: shoal_node::Load) {
+        self.uploads.see(load.uploads);
+        self.peer_uploads.see(load.peer_uploads);
+        self.piece_slots.see(load.piece_slots);
+        self.line.see(load.line);
+        self.peer_piece_slots.see(load.peer_piece_slots);
+        self.watches.see(load.watches);
+        self.reading.see(load.reading);
+    }
+}
+
 impl Cluster {
     /// Starts `count` nodes, staggered, each joining through random earlier ones, and waits (up
     /// to the settle time) until their routing tables fill.
@@ -477,7 +545,9 @@ impl Cluster {
         let spec = &scenario.nodes;
         let region = rng.random_range(0..self.net.regions().len());
         let id = self.net.add_node(region, scenario.caps(i))?;
-        let mut config = NodeConfig::new(self.dir.path().join(i.to_string()));
+        let data_dir = self.dir.path().join(i.to_string());
+        seeded_identity(&data_dir, rng)?;
+        let mut config = NodeConfig::new(data_dir);
         config.listen = vec!["/memory/0".parse()?];
         config.api = None;
         config.durable = false;
@@ -912,6 +982,7 @@ async fn flash_crowd(
         .collect();
     let sampler = async {
         let mut series = Vec::new();
+        let mut queues = QueuePeaks::default();
         let mut spread: Vec<PieceSpread> = (0..geometry.piece_count())
             .map(|piece| PieceSpread {
                 piece,
@@ -934,7 +1005,9 @@ async fn flash_crowd(
             let in_series = tick % per_series == 0 || done == fetchers.len();
             let (mut sent, mut received, mut held, mut trading, mut busy_uplinks) = (0, 0, 0, 0, 0);
             let mut holders = vec![0usize; geometry.piece_count() as usize];
+            queues.see(cluster.handle(seeder).load());
             for (k, &i) in fetchers.iter().enumerate() {
+                queues.see(cluster.handle(i).load());
                 let (s, r) = cluster.net.traffic(cluster.nodes[i].id);
                 sent += s;
                 received += r;
@@ -987,9 +1060,9 @@ async fn flash_crowd(
             }
             tokio::time::sleep(Duration::from_secs_f64(scale * SPREAD_SAMPLE_S)).await;
         }
-        (series, spread)
+        (series, spread, queues)
     };
-    let (outcomes, (series, pieces)) = futures::join!(futures::future::join_all(tasks), sampler);
+    let (outcomes, (series, pieces, queues)) = futures::join!(futures::future::join_all(tasks), sampler);
     let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let fetch_cpu_cores = cpu_at_start.zip(CpuReading::now()).map(|(start, end)| end.cores_since(start));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -1006,7 +1079,10 @@ async fn flash_crowd(
             Ok(Err(e)) => Some(e.to_string()),
             Err(_) => Some(format!("timed out after {timeout_s} emulated s")),
         };
-        let complete = node.store().info(hash).is_some_and(|b| b.is_complete() && b.size == size);
+        // Held whole, and every byte read back and checked against the hash now (a store's
+        // bitmap says what it verified on the way in; this checks what it kept).
+        let complete = node.store().info(hash).is_some_and(|b| b.is_complete() && b.size == size)
+            && node.store().check(hash).is_ok_and(|bad| bad.is_empty());
         completions.push(Completion {
             node: *id,
             region: cluster.region_name(*id),
@@ -1058,6 +1134,7 @@ async fn flash_crowd(
         t_schedule_s: t_schedule,
         origin_egress_copies: seeder_sent as f64 / f,
         origin_piece_copies: seeder_served as f64 / f,
+        queues: Box::new(queues),
         peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
         completions,
         series,
@@ -1191,6 +1268,40 @@ async fn lookup_scaling(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seed_gives_the_nodes_the_same_peer_ids() {
+        let scenario: Scenario = toml::from_str(
+            r#"
+            name = "ids"
+            [network]
+            regions = ["a"]
+            latency_ms = [[1.0]]
+            [nodes]
+            count = 3
+            settle_s = 0.0
+            [experiment]
+            kind = "flash-crowd"
+            blob_mib = 1.0
+            "#,
+        )
+        .expect("scenario");
+        scenario.check().expect("valid");
+        let work = tempfile::tempdir().expect("tempdir");
+        let ids = |seed: u64| {
+            let (scenario, work) = (&scenario, work.path());
+            async move {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                let cluster = Cluster::start(scenario, 3, &mut rng, work, &Progress::default()).await.expect("start");
+                let ids: Vec<_> = (0..3).map(|i| cluster.handle(i).peer_id()).collect();
+                cluster.shutdown(&Progress::default()).await;
+                ids
+            }
+        };
+        let first = ids(7).await;
+        assert_eq!(first, ids(7).await, "the same seed gave other peer ids");
+        assert_ne!(first, ids(8).await);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

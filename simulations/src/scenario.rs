@@ -35,6 +35,17 @@ pub const MAX_TIME_SCALE: f64 = 1000.0;
 /// past what a `Duration` holds it would panic instead of being refused.
 pub const MAX_DURATION_S: f64 = 1e7;
 
+/// The most nodes a scenario may run, those joining during it included: 1,000 take about 3.3 GiB
+/// here, so ten times as many is past any machine this runs on.
+pub const MAX_NODES: usize = 10_000;
+
+/// The largest blob a scenario may give, in MiB: netsim makes each blob in memory before a node
+/// adds it.
+pub const MAX_BLOB_MIB: f64 = 4096.0;
+
+/// The most blobs a catalogue may hold: each is made and added before the run starts.
+pub const MAX_BLOBS: usize = 100_000;
+
 /// The shortest interval between a time series' samples.
 pub const MIN_SAMPLE_S: f64 = 1e-3;
 
@@ -376,12 +387,14 @@ impl Scenario {
             return invalid(format!("experiment.timeout_s must be above 0 and at most {MAX_DURATION_S} s"));
         }
         if let Some(mib) = self.experiment.blob_mib()
-            && !(mib.is_finite() && mib * MIB >= 1.0 && mib * MIB <= shoal_node::protocol::piece::MAX_BLOB_SIZE as f64)
+            && !(mib.is_finite() && mib * MIB >= 1.0 && mib <= MAX_BLOB_MIB)
         {
             return invalid(format!(
-                "experiment.blob_mib must be at least a byte and at most {} MiB, the largest blob Shoal handles",
-                shoal_node::protocol::piece::MAX_BLOB_SIZE >> 20
+                "experiment.blob_mib must be at least a byte and at most {MAX_BLOB_MIB} MiB (netsim makes a blob in memory)"
             ));
+        }
+        if self.nodes.count > MAX_NODES {
+            return invalid(format!("nodes.count must be at most {MAX_NODES}"));
         }
         if !(1..=shoal_node::config::MAX_FETCH_PEERS).contains(&n.fetch_peers) {
             return invalid(format!("nodes.fetch_peers must be between 1 and {}", shoal_node::config::MAX_FETCH_PEERS));
@@ -401,8 +414,8 @@ impl Scenario {
                 }
             }
             Experiment::LookupScaling { counts, lookups } => {
-                if counts.is_empty() || counts.iter().any(|c| *c < 2) || *lookups == 0 {
-                    return invalid("lookup-scaling needs counts of at least 2 nodes and some lookups".into());
+                if counts.is_empty() || counts.iter().any(|c| !(2..=MAX_NODES).contains(c)) || *lookups == 0 {
+                    return invalid(format!("lookup-scaling needs counts of 2 to {MAX_NODES} nodes and some lookups"));
                 }
             }
             Experiment::ZipfCatalogue {
@@ -414,8 +427,10 @@ impl Scenario {
                 requests_per_node_per_min,
                 sample_s,
             } => {
-                if *blobs == 0 || *origins == 0 || *origins >= self.nodes.count {
-                    return invalid("zipf-catalogue needs blobs, and origins fewer than the nodes".into());
+                if !(1..=MAX_BLOBS).contains(blobs) || *origins == 0 || *origins >= self.nodes.count {
+                    return invalid(format!(
+                        "zipf-catalogue needs 1 to {MAX_BLOBS} blobs, and origins fewer than the nodes"
+                    ));
                 }
                 let pos = |v: f64| v.is_finite() && v > 0.0;
                 if !(pos(*blob_mib) && pos(*duration_s) && pos(*requests_per_node_per_min) && pos(*sample_s)) {
@@ -456,6 +471,9 @@ impl Scenario {
                     return invalid(format!(
                         "blob_mib must be positive, join_fraction non-negative, and the window and downtime between 0 and {MAX_DURATION_S} s"
                     ));
+                }
+                if self.nodes.count as f64 * (1.0 + join_fraction) > MAX_NODES as f64 {
+                    return invalid(format!("the nodes and those joining must be at most {MAX_NODES}"));
                 }
             }
             Experiment::Regions { blob_mib, seeder, arrival_window_s, .. } => {
@@ -592,6 +610,39 @@ mod tests {
             *blob_mib = 3e6;
         }
         refused(&t, "a 3 TiB blob");
+        // Nor these, which ran the machine out of memory instead of saying what was wrong.
+        let mut t = s.clone();
+        if let Experiment::FlashCrowd { blob_mib, .. } = &mut t.experiment {
+            *blob_mib = 1e6;
+        }
+        refused(&t, "a 1 TiB blob, made in memory");
+        let mut t = s.clone();
+        t.nodes.count = usize::MAX;
+        refused(&t, "usize::MAX nodes");
+        let mut t = s.clone();
+        t.experiment = Experiment::Churn {
+            blob_mib: 1.0,
+            providers: 1,
+            churn_fraction: 0.3,
+            churn_window_s: 10.0,
+            crash_share: 0.5,
+            restart_share: 0.5,
+            downtime_s: 1.0,
+            join_fraction: 1e12,
+            timeout_s: 60.0,
+        };
+        refused(&t, "join_fraction = 1e12");
+        let mut t = s.clone();
+        t.experiment = Experiment::ZipfCatalogue {
+            blobs: usize::MAX,
+            blob_mib: 1.0,
+            origins: 1,
+            zipf_s: 1.0,
+            duration_s: 10.0,
+            requests_per_node_per_min: 1.0,
+            sample_s: 1.0,
+        };
+        refused(&t, "usize::MAX blobs");
         s.check().expect("still valid");
     }
 

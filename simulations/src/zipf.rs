@@ -167,12 +167,16 @@ pub(crate) async fn run(
         tasks.push(cluster.spawn(i, async move {
             let mut inflight = Vec::new();
             loop {
-                // Poisson arrivals: exponential gaps.
-                let gap = -mean_gap_s * (1.0 - node_rng.random::<f64>()).ln();
-                tokio::time::sleep(Duration::from_secs_f64(gap * scale)).await;
-                if t0.elapsed() >= wall {
+                // Poisson arrivals: exponential gaps. A gap past the window's end ends the
+                // requests at that end (a rare requester would otherwise hold the run, and count
+                // its idle time, for as long as its gap).
+                let gap_s = -mean_gap_s * (1.0 - node_rng.random::<f64>()).ln() * scale;
+                let left_s = wall.saturating_sub(t0.elapsed()).as_secs_f64();
+                if gap_s >= left_s {
+                    tokio::time::sleep(Duration::from_secs_f64(left_s)).await;
                     break;
                 }
+                tokio::time::sleep(Duration::from_secs_f64(gap_s)).await;
                 let rank = draw(&cdf, &mut node_rng);
                 let hash = catalogue[rank];
                 let handle = handle.clone();
