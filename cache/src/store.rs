@@ -1908,8 +1908,11 @@ fn encode_io(e: EncodeError) -> io::Error {
 /// stays on one file system), under a name of this copy's own.
 fn partial_path(dest: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
+    // The time too: a process restarted under the same id (PID 1 in a container) would meet the
+    // names a crash left.
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(format!(".shoal-partial-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    name.push(format!(".shoal-partial-{}-{nanos:08x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
     dest.with_file_name(name)
 }
 

@@ -471,8 +471,8 @@ fn skipped_note(skipped: &[String], count: usize) -> String {
         names.push_str(&format!(" and {} more", count - shown));
     }
     match count {
-        1 => format!("skipped 1 entry that is not a regular file: {names}"),
-        n => format!("skipped {n} entries that are not regular files: {names}"),
+        1 => format!("skipped 1 entry (not a regular file, or one that changed as it was read): {names}"),
+        n => format!("skipped {n} entries (not regular files, or ones that changed as they were read): {names}"),
     }
 }
 
@@ -993,12 +993,12 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
 /// A reader that leaves early (`shoal get HASH -o - | head`) ends it quietly, as it ends
 /// [`print_out`]: what it read was verified, and it wanted no more.
 fn write_verified_into(hash: Hash, source: impl Read, mut to: impl Write, output: &Path) -> anyhow::Result<()> {
-    let written = copy_hashing(source, &mut to, output)
-        .and_then(|got| to.flush().with_context(|| format!("cannot write {}", output.display())).map(|()| got));
+    let written = copy_hashing(source, &mut to, output).and_then(|got| {
+        to.flush().map_err(|e| write_error(e, output))?;
+        Ok(got)
+    });
     let got = match written {
-        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {
-            return Ok(());
-        }
+        Err(e) if e.is::<ReaderGone>() => return Ok(()),
         other => other?,
     };
     if got != hash {
@@ -1017,9 +1017,22 @@ fn copy_hashing(mut source: impl Read, mut to: impl Write, output: &Path) -> any
             return Ok(Hash::from(hasher.finalize()));
         }
         hasher.update(&buf[..n]);
-        to.write_all(&buf[..n]).with_context(|| format!("cannot write {}", output.display()))?;
+        to.write_all(&buf[..n]).map_err(|e| write_error(e, output))?;
     }
 }
+
+/// What a write to `output` that failed says; [`ReaderGone`] if a pipe's reader left.
+fn write_error(e: std::io::Error, output: &Path) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::BrokenPipe => ReaderGone.into(),
+        _ => anyhow::Error::new(e).context(format!("cannot write {}", output.display())),
+    }
+}
+
+/// A write into a pipe whose reader went away (`shoal get HASH -o - | head`).
+#[derive(Debug, thiserror::Error)]
+#[error("the reader of the output went away")]
+struct ReaderGone;
 
 fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> anyhow::Result<()> {
     if bootstrap.is_empty() {

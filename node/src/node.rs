@@ -192,6 +192,8 @@ pub(crate) struct Shared {
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
     /// [`MAX_LOOKUPS`] at once.
     pub(crate) lookups: tokio::sync::Semaphore,
+    /// Pins made by directory adds under way.
+    pub(crate) pins: TentativePins,
 }
 
 /// The most provider lookups a node's users (its API) run at once; its fetches' own are apart.
@@ -321,6 +323,7 @@ impl Node {
                 crowds,
                 router,
                 lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
+                pins: TentativePins::default(),
             }),
         };
         // Announce what we already hold.
@@ -506,6 +509,7 @@ impl NodeHandle {
         let imported = tokio::task::spawn_blocking(move || store.import_file(&path, true))
             .await
             .map_err(|_| NodeError::Stopped)??;
+        self.inner.pins.relied(imported.hash);
         self.withdraw(&imported.evicted).await;
         self.provide(imported.hash).await;
         Ok(Published { imported, skipped: Vec::new(), skipped_count: 0 })
@@ -513,6 +517,7 @@ impl NodeHandle {
 
     /// Pins a blob held here: it is never evicted.
     pub async fn pin(&self, hash: Hash) -> Result<(), NodeError> {
+        self.inner.pins.relied(hash);
         let store = self.inner.store.clone();
         let evicted = tokio::task::spawn_blocking(move || store.pin(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&evicted).await;
@@ -551,12 +556,12 @@ impl NodeHandle {
     }
 
     async fn add_dir(&self, dir: &Path) -> Result<Published, NodeError> {
-        let store = self.inner.store.clone();
         let dir = dir.to_owned();
         let data_dir = self.inner.config.data_dir.clone();
+        let inner = self.inner.clone();
         let added = tokio::task::spawn_blocking(move || {
             let listing = list_dir(&dir, &data_dir).map_err(|e| (e, Vec::new()))?;
-            import_listing(&store, listing)
+            import_listing(&inner.store, &inner.pins, listing)
         })
         .await
         .map_err(|_| NodeError::Stopped)?;
@@ -761,22 +766,22 @@ fn within(path: &Path, dir: &Path) -> bool {
     }
 }
 
-/// A regular file a directory listing found, as the listing saw it.
+/// A regular file a directory listing found.
 struct Listed {
     /// `/`-separated, relative to the directory added.
     rel: String,
-    path: std::path::PathBuf,
-    /// Device and inode: what is opened to be imported must be this file.
-    id: (u64, u64),
-    size: u64,
 }
 
 /// What [`list_dir`] found in a directory being added.
 struct Listing {
+    /// The directory added.
+    root: std::path::PathBuf,
     files: Vec<Listed>,
     /// The first [`MAX_SKIPPED_NAMED`] entries skipped.
     skipped: Vec<String>,
     skipped_count: usize,
+    /// What the collection's encoding would take, as the files were listed.
+    encoded: usize,
 }
 
 impl Listing {
@@ -788,45 +793,88 @@ impl Listing {
     }
 }
 
+/// Pins that directory adds under way made, each with whether anything else (another add, the
+/// user's pin, a file added) has relied on it since: an add that fails unpins only the pins it
+/// made that nothing else relied on. Entries last as long as their add.
+#[derive(Debug, Default)]
+pub(crate) struct TentativePins(Mutex<HashMap<Hash, bool>>);
+
+impl TentativePins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, bool>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An add pinned `hash`, which was not pinned: if another add had, both rely on it.
+    fn made(&self, hash: Hash) {
+        self.lock().entry(hash).and_modify(|relied| *relied = true).or_insert(false);
+    }
+
+    /// Something relies on `hash` staying pinned.
+    pub(crate) fn relied(&self, hash: Hash) {
+        if let Some(relied) = self.lock().get_mut(&hash) {
+            *relied = true;
+        }
+    }
+
+    /// The add that made the pin of `hash` is done with it; whether nothing else relied on it.
+    fn settle(&self, hash: Hash) -> bool {
+        self.lock().remove(&hash) == Some(false)
+    }
+}
+
 /// Lists the regular files under `dir` for a collection, and checks, before anything is
-/// imported, that a collection can list them: their number, their paths, the size of the
-/// listing. `data_dir` (the node's own, with its private key), if it lies under `dir`, is skipped.
+/// imported, that a collection can list them: their number, their paths and sizes, the size of
+/// the listing. `data_dir` (the node's own, with its private key), if it lies under `dir`, is
+/// skipped.
 fn list_dir(dir: &Path, data_dir: &Path) -> Result<Listing, NodeError> {
-    use shoal_protocol::collection::{Collection, Entry};
     use std::os::unix::fs::MetadataExt;
     let exclude = std::fs::metadata(data_dir).ok().map(|m| (m.dev(), m.ino()));
-    let mut listing = Listing { files: Vec::new(), skipped: Vec::new(), skipped_count: 0 };
+    let mut listing =
+        Listing { root: dir.to_owned(), files: Vec::new(), skipped: Vec::new(), skipped_count: 0, encoded: 0 };
     collect_files(dir, dir, exclude, &mut listing)?;
-    // The collection it would make, with the sizes listed: one too large to list is refused now,
-    // not after every file was imported.
-    let entries = listing.files.iter().map(|f| Entry { path: f.rel.clone(), hash: Hash::of(b""), size: f.size });
-    Collection::new(entries.collect())
-        .map_err(|e| NodeError::Invalid(format!("{} cannot be listed as a collection: {e}", dir.display())))?;
     Ok(listing)
 }
 
-/// Imports and pins the files `listing` names, then the collection that lists them. Each file
-/// opened must be the one listed: one replaced meanwhile (by a symbolic link to a file outside
-/// the directory, say) fails the add. A failure unpins what this add pinned, and returns, with
-/// the error, the blobs evicted on the way (their provider records are withdrawn).
+/// Imports and pins the files `listing` names, then the collection that lists them. A listed
+/// file found gone by then, or no longer a regular file inside the directory (swapped for a
+/// symbolic link, say), or written while it was read, is left out and named among the skipped.
+/// A failure unpins what this add pinned (unless something else relied on it meanwhile, see
+/// [`TentativePins`]), and returns, with the error, the blobs evicted on the way.
 #[allow(clippy::type_complexity)]
 fn import_listing(
     store: &Store,
-    listing: Listing,
+    pins: &TentativePins,
+    mut listing: Listing,
 ) -> Result<(Imported, Vec<Hash>, (Vec<String>, usize)), (NodeError, Vec<Hash>)> {
     use shoal_protocol::collection::{Collection, Entry};
-    let Listing { files, skipped, skipped_count } = listing;
+    let files = std::mem::take(&mut listing.files);
     let mut entries = Vec::with_capacity(files.len());
     let mut evicted = Vec::new();
     let mut pinned_here = Vec::new();
     let imported = (|| {
         for file in &files {
-            let imp = import_listed(store, file)?;
+            let imp = match import_listed(store, &listing.root, &file.rel) {
+                Ok(imp) => imp,
+                Err(ListedError::Changed) => {
+                    listing.skip(file.rel.clone());
+                    continue;
+                }
+                Err(ListedError::Failed(e)) => return Err(e),
+            };
             evicted.extend(imp.evicted);
             if imp.newly_pinned {
+                pins.made(imp.hash);
                 pinned_here.push(imp.hash);
+            } else {
+                pins.relied(imp.hash);
             }
             entries.push(Entry { path: file.rel.clone(), hash: imp.hash, size: imp.size });
+        }
+        if entries.is_empty() && !files.is_empty() {
+            return Err(NodeError::Invalid(format!(
+                "{} holds no regular file to add (all were gone or changed by the time they were read)",
+                listing.root.display()
+            )));
         }
         let collection =
             Collection::new(std::mem::take(&mut entries)).map_err(|e| NodeError::Invalid(e.to_string()))?;
@@ -835,11 +883,18 @@ fn import_listing(
     })();
     match imported {
         Ok((mut imported, collection)) => {
+            for hash in pinned_here {
+                pins.settle(hash);
+            }
             imported.evicted.append(&mut evicted);
-            Ok((imported, collection.entries().iter().map(|e| e.hash).collect(), (skipped, skipped_count)))
+            let files = collection.entries().iter().map(|e| e.hash).collect();
+            Ok((imported, files, (listing.skipped, listing.skipped_count)))
         }
         Err(e) => {
             for hash in pinned_here {
+                if !pins.settle(hash) {
+                    continue;
+                }
                 match store.unpin(hash) {
                     Ok(gone) => evicted.extend(gone),
                     Err(e) => tracing::warn!(blob = %hash, error = %e, "cannot unpin a file of an add that failed"),
@@ -850,26 +905,48 @@ fn import_listing(
     }
 }
 
-/// Imports and pins one listed file, if the file at its path is still the one listed.
-fn import_listed(store: &Store, file: &Listed) -> Result<Imported, NodeError> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let changed = || NodeError::Store(StoreError::ChangedDuringImport { path: file.path.clone() });
-    // Not through a symbolic link, and without waiting on a pipe put where the file was.
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&file.path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => changed(),
-            _ => NodeError::Store(StoreError::Io { op: "open", path: file.path.clone(), source: e }),
-        })?;
-    let meta = opened
-        .metadata()
-        .map_err(|e| NodeError::Store(StoreError::Io { op: "stat", path: file.path.clone(), source: e }))?;
-    if (meta.dev(), meta.ino()) != file.id {
-        return Err(changed());
+/// Why a listed file was not imported.
+enum ListedError {
+    /// Gone, no longer a regular file inside the directory, or written while read: left out.
+    Changed,
+    /// Anything else fails the add.
+    Failed(NodeError),
+}
+
+/// Imports and pins the file `rel` under `root`, opened one path component at a time without
+/// following a symbolic link: whatever was swapped in since the listing, what is read lies
+/// inside the directory added. (A file saved meanwhile by renaming a new one over it is read as
+/// it is now.)
+fn import_listed(store: &Store, root: &Path, rel: &str) -> Result<Imported, ListedError> {
+    use rustix::fs::{CWD, Mode, OFlags, openat};
+    use rustix::io::Errno;
+    let path = root.join(rel);
+    let opened = (|| {
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        // The directory the user named: a link there is the user's.
+        let mut dir = openat(CWD, root, dir_flags, Mode::empty())?;
+        let (parents, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        for part in parents.split('/').filter(|p| !p.is_empty()) {
+            dir = openat(&dir, part, dir_flags | OFlags::NOFOLLOW, Mode::empty())?;
+        }
+        // Without waiting on a pipe put where the file was.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        openat(&dir, name, flags, Mode::empty())
+    })();
+    let file = match opened {
+        Ok(fd) => std::fs::File::from(fd),
+        // Gone, or a link (ELOOP) or a file (ENOTDIR) where the listing saw a file or directory.
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Err(ListedError::Changed),
+        Err(e) => {
+            let source = std::io::Error::from(e);
+            return Err(ListedError::Failed(NodeError::Store(StoreError::Io { op: "open", path, source })));
+        }
+    };
+    match store.import_opened(&file, &path, true) {
+        Ok(imp) => Ok(imp),
+        Err(StoreError::NotAFile { .. } | StoreError::ChangedDuringImport { .. }) => Err(ListedError::Changed),
+        Err(e) => Err(ListedError::Failed(e.into())),
     }
-    Ok(store.import_opened(&opened, &file.path, true)?)
 }
 
 /// Lists the regular files under `dir` into `listing` (`/`-separated paths relative to `root`),
@@ -877,9 +954,14 @@ fn import_listed(store: &Store, file: &Listed) -> Result<Imported, NodeError> {
 /// so are pipes, sockets and devices, which hold no file's bytes, directories that hold
 /// nothing, which a collection cannot list, and the directory `exclude` (device, inode) names:
 /// each goes to `skipped`, as a path relative to `root` (a directory's ending in `/`), for the
-/// user to be told.
+/// user to be told. Fails, before anything is imported, on what a collection cannot list: a
+/// path it refuses, a file larger than a blob, more than [`MAX_ENTRIES`] files, or a listing
+/// past [`MAX_ENCODED`] (with what it holds then, about as much memory).
+///
+/// [`MAX_ENTRIES`]: shoal_protocol::collection::MAX_ENTRIES
+/// [`MAX_ENCODED`]: shoal_protocol::collection::MAX_ENCODED
 fn collect_files(root: &Path, dir: &Path, exclude: Option<(u64, u64)>, listing: &mut Listing) -> Result<(), NodeError> {
-    use shoal_protocol::collection::MAX_ENTRIES;
+    use shoal_protocol::collection::{MAX_ENCODED, MAX_ENTRIES, check_path, entry_encoded_len};
     use std::os::unix::fs::MetadataExt;
     let invalid = |e: std::io::Error| NodeError::Invalid(format!("cannot read {}: {e}", dir.display()));
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
@@ -910,10 +992,22 @@ fn collect_files(root: &Path, dir: &Path, exclude: Option<(u64, u64)>, listing: 
                 .join("/");
             // Checked before anything is imported: a path the collection refuses would otherwise
             // fail the add after every file was imported and pinned.
-            shoal_protocol::collection::check_path(&rel).map_err(|e| NodeError::Invalid(e.to_string()))?;
-            listing.files.push(Listed { rel, path, id: (meta.dev(), meta.ino()), size: meta.len() });
+            check_path(&rel).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            if meta.len() > shoal_protocol::piece::MAX_BLOB_SIZE {
+                return Err(NodeError::Invalid(format!("{} is larger than a blob can be (2 TiB)", path.display())));
+            }
+            listing.encoded += entry_encoded_len(&rel, meta.len());
+            listing.files.push(Listed { rel });
             if listing.files.len() > MAX_ENTRIES {
                 return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", root.display())));
+            }
+            // The 27 bytes beside the entries: the magic, the format, the count.
+            if listing.encoded + 27 > MAX_ENCODED {
+                return Err(NodeError::Invalid(format!(
+                    "{} holds too many files, or names too long, for one collection: its listing would pass {} MiB",
+                    root.display(),
+                    MAX_ENCODED >> 20
+                )));
             }
         } else {
             listing.skip(shown(&path));
@@ -948,46 +1042,83 @@ mod tests {
     }
 
     #[test]
-    fn a_file_swapped_for_a_link_after_the_listing_fails_the_add_and_unpins_what_it_pinned() {
+    fn a_file_swapped_for_a_link_after_the_listing_is_left_out_and_never_read() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = store(&tmp.path().join("store"));
+        let pins = TentativePins::default();
         let shared = tmp.path().join("shared");
-        std::fs::create_dir(&shared).expect("mkdir");
+        std::fs::create_dir_all(shared.join("sub")).expect("mkdir");
         std::fs::write(shared.join("a.txt"), b"first").expect("write");
-        std::fs::write(shared.join("b.txt"), b"pinned before").expect("write");
+        std::fs::write(shared.join("sub/b.txt"), b"second").expect("write");
         std::fs::write(shared.join("c.txt"), b"third").expect("write");
-        let secret = tmp.path().join("secret");
-        std::fs::write(&secret, b"the node's private key").expect("write");
-        let before = store.import_file(&shared.join("b.txt"), true).expect("import").hash;
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join("b.txt"), b"the node's private key").expect("write");
+        std::fs::write(outside.join("secret"), b"the node's private key, too").expect("write");
 
         let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
         assert_eq!(listing.files.len(), 3);
-        // Someone who can write in the directory swaps a file for a link to one outside it.
+        // Someone who can write in the directory swaps a file, and a directory, for links to
+        // what lies outside it; and saves a file by renaming a new one over it.
         std::fs::remove_file(shared.join("c.txt")).expect("remove");
-        std::os::unix::fs::symlink(&secret, shared.join("c.txt")).expect("symlink");
-        let Err((e, _)) = import_listing(&store, listing) else { panic!("the add went through a link") };
-        assert!(matches!(e, NodeError::Store(StoreError::ChangedDuringImport { .. })), "{e}");
+        std::os::unix::fs::symlink(outside.join("secret"), shared.join("c.txt")).expect("symlink");
+        std::fs::remove_dir_all(shared.join("sub")).expect("remove");
+        std::os::unix::fs::symlink(&outside, shared.join("sub")).expect("symlink");
+        std::fs::write(shared.join("a.new"), b"first, saved again").expect("write");
+        std::fs::rename(shared.join("a.new"), shared.join("a.txt")).expect("rename");
 
-        assert!(store.info(Hash::of(b"the node's private key")).is_none(), "the linked file was imported");
-        let a = store.info(Hash::of(b"first")).expect("a.txt stays, as cache");
-        assert!(!a.pinned, "what the failed add pinned is unpinned");
+        let (_, files, (skipped, count)) = import_listing(&store, &pins, listing).expect("add");
+        assert_eq!(files, [Hash::of(b"first, saved again")], "the file saved over is read as it is now");
+        assert_eq!((skipped, count), (vec!["c.txt".to_string(), "sub/b.txt".to_string()], 2));
+        for secret in [&b"the node's private key"[..], b"the node's private key, too"] {
+            assert!(store.info(Hash::of(secret)).is_none(), "a file outside the directory was read");
+        }
+        assert!(pins.lock().is_empty(), "an add that ended leaves no tentative pin");
+    }
+
+    #[test]
+    fn a_failed_add_unpins_only_what_it_pinned_and_nothing_relied_on() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = store(&tmp.path().join("store"));
+        let pins = TentativePins::default();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).expect("mkdir");
+        for (name, bytes) in [("a.txt", &b"new"[..]), ("b.txt", b"pinned before"), ("c.txt", b"z")] {
+            std::fs::write(shared.join(name), bytes).expect("write");
+        }
+        let before = store.import_file(&shared.join("b.txt"), true).expect("import").hash;
+        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
+        // The last file grows past the largest blob after the listing: the add fails there.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(shared.join("c.txt"))
+            .and_then(|f| f.set_len(shoal_protocol::piece::MAX_BLOB_SIZE + 1))
+            .expect("a sparse file past the largest blob");
+        let Err(_) = import_listing(&store, &pins, listing) else { panic!("a file past the largest blob was added") };
+        assert!(
+            !store.info(Hash::of(b"new")).expect("a.txt stays, as cache").pinned,
+            "what the add pinned is unpinned"
+        );
         assert!(store.info(before).expect("held").pinned, "what was pinned before stays pinned");
+        assert!(pins.lock().is_empty());
+    }
 
-        // A file replaced by another (a new inode under the same name) is refused the same way.
-        std::fs::remove_file(shared.join("c.txt")).expect("remove");
-        std::fs::write(shared.join("c.txt"), b"third").expect("write");
-        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
-        let replacement = shared.join("a.new");
-        std::fs::write(&replacement, b"first, again").expect("write");
-        std::fs::rename(&replacement, shared.join("a.txt")).expect("rename");
-        assert!(import_listing(&store, listing).is_err());
-
-        // Left alone, the listing imports.
-        let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
-        let (_, files, (skipped, count)) = import_listing(&store, listing).expect("add");
-        assert_eq!(files.len(), 3);
-        assert!(skipped.is_empty() && count == 0);
-        assert!(store.info(Hash::of(b"first, again")).expect("held").pinned);
+    #[test]
+    fn a_pin_an_add_made_is_undone_only_if_nothing_relied_on_it() {
+        let pins = TentativePins::default();
+        let (a, b, c) = (Hash::of(b"a"), Hash::of(b"b"), Hash::of(b"c"));
+        pins.made(a);
+        assert!(pins.settle(a), "nothing else relied on it");
+        pins.made(b);
+        pins.relied(b);
+        assert!(!pins.settle(b), "the user pinned it meanwhile");
+        // Two adds that each found it unpinned: each relies on the other's pin.
+        pins.made(c);
+        pins.made(c);
+        assert!(!pins.settle(c));
+        assert!(!pins.settle(c), "the second add finds it settled");
+        pins.relied(a);
+        assert!(pins.lock().is_empty(), "a pin no add made is not remembered");
     }
 
     #[test]

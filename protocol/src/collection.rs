@@ -93,13 +93,19 @@ pub fn check_path(path: &str) -> Result<(), CollectionError> {
     Ok(())
 }
 
-/// The characters that change how a name shows without showing themselves: Unicode's format
-/// characters that matter for that (zero-width ones, the bidirectional controls, the soft hyphen,
-/// the byte-order mark) and its line and paragraph separators.
+/// The characters that disguise how a name shows without showing themselves: the bidirectional
+/// embeddings, overrides and isolates (`a\u{202E}txt.exe` shows as `aexe.txt`), the zero-width
+/// space and its kin, the byte-order mark, and the line and paragraph separators. Not the joiners
+/// (U+200C, U+200D), which Persian and Indic words and emoji sequences need, nor the left-to-right
+/// and right-to-left marks, which Hebrew and Arabic names hold.
 fn is_invisible(c: char) -> bool {
-    matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}')
+    matches!(c, '\u{200b}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+/// The bytes an entry of `path` and `size` takes in a collection's encoding; with at most 27
+/// bytes beside the entries, what [`MAX_ENCODED`] bounds.
+pub fn entry_encoded_len(path: &str, size: u64) -> usize {
+    varint_len(path.len() as u64) + path.len() + 32 + varint_len(size)
 }
 
 /// The bytes postcard takes for `n` as a varint.
@@ -118,10 +124,7 @@ impl Collection {
         let encoded = MAGIC.len()
             + 1
             + varint_len(entries.len() as u64)
-            + entries
-                .iter()
-                .map(|e| varint_len(e.path.len() as u64) + e.path.len() + 32 + varint_len(e.size))
-                .sum::<usize>();
+            + entries.iter().map(|e| entry_encoded_len(&e.path, e.size)).sum::<usize>();
         if encoded > MAX_ENCODED {
             return Err(CollectionError::TooLarge(format!("a listing of {encoded} bytes, more than {MAX_ENCODED}")));
         }
@@ -249,8 +252,17 @@ mod tests {
             "a\u{202e}txt.exe",
             "in\u{200b}voice.pdf",
             "\u{feff}a",
+            "\u{2067}a",
         ] {
             assert!(Collection::new(vec![entry(bad, 1)]).is_err(), "{bad:?} accepted");
+        }
+        // Names people have: the joiners of Persian and of emoji sequences, a right-to-left mark.
+        for good in [
+            "\u{645}\u{6cc}\u{200c}\u{62e}\u{648}\u{627}\u{647}\u{645}",
+            "\u{1f468}\u{200d}\u{1f467}.png",
+            "\u{5e9}\u{5dc}\u{5d5}\u{5dd}\u{200f}.txt",
+        ] {
+            assert!(Collection::new(vec![entry(good, 1)]).is_ok(), "{good:?} refused");
         }
         assert!(matches!(Collection::new(vec![entry("a", 1), entry("a", 2)]), Err(CollectionError::Duplicate(_))));
         assert_eq!(Collection::decode(b"hello"), Err(CollectionError::NotACollection));

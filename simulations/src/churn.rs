@@ -234,6 +234,7 @@ pub(crate) async fn run(
         |f: &Arc<Mutex<Vec<Fetcher>>>| f.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|f| f.ok).count();
     let mut next_sample = 0.0;
     let mut events = schedule.into_iter().peekable();
+    let mut leaving = Vec::new();
     loop {
         let now_s = t0.elapsed().as_secs_f64() / scale;
         if now_s >= next_sample {
@@ -269,7 +270,10 @@ pub(crate) async fn run(
                     if let Some(t) = running[slot_of(i)].take() {
                         t.abort();
                     }
-                    cluster.leave(i).await;
+                    // Its drain runs beside the events that follow, as a process stopping
+                    // does: awaited here, it held every later event back by up to its drain
+                    // bound (10 emulated seconds).
+                    leaving.extend(cluster.leave(i).map(tokio::spawn));
                     let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
                     f[slot_of(i)].fate = "left".into();
                     f[slot_of(i)].eligible = false;
@@ -305,7 +309,7 @@ pub(crate) async fn run(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for t in running.into_iter().flatten() {
+    for t in running.into_iter().flatten().chain(leaving) {
         let _ = t.await;
     }
     let up = (0..cluster.nodes.len()).filter(|&i| cluster.is_up(i)).count();
