@@ -43,9 +43,9 @@ pub struct Published {
     /// The file's blob, or the collection's that lists a directory's files.
     pub imported: Imported,
     /// A directory's entries that its collection does not list (symbolic links, pipes, sockets,
-    /// devices, directories that hold nothing, the node's own data directory), `/`-separated and
-    /// relative to it, a directory's ending in `/`; none for a file. The first
-    /// [`MAX_SKIPPED_NAMED`] of them.
+    /// devices, directories that hold nothing, the node's own data directory, and files gone,
+    /// swapped or written by the time they were read), `/`-separated and relative to it, a
+    /// directory's ending in `/`; none for a file. The first [`MAX_SKIPPED_NAMED`] of them.
     pub skipped: Vec<String>,
     /// How many entries were skipped in all.
     pub skipped_count: usize,
@@ -850,10 +850,20 @@ fn import_listing(
     let files = std::mem::take(&mut listing.files);
     let mut entries = Vec::with_capacity(files.len());
     let mut evicted = Vec::new();
-    let mut pinned_here = Vec::new();
+    let mut pinned_here = std::collections::HashSet::new();
     let imported = (|| {
+        // Opened once: a directory renamed or replaced meanwhile is not read from.
+        let root = rustix::fs::openat(
+            rustix::fs::CWD,
+            &listing.root,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| {
+            NodeError::Invalid(format!("cannot read {}: {}", listing.root.display(), std::io::Error::from(e)))
+        })?;
         for file in &files {
-            let imp = match import_listed(store, &listing.root, &file.rel) {
+            let imp = match import_listed(store, &root, &listing.root, &file.rel) {
                 Ok(imp) => imp,
                 Err(ListedError::Changed) => {
                     listing.skip(file.rel.clone());
@@ -864,8 +874,10 @@ fn import_listing(
             evicted.extend(imp.evicted);
             if imp.newly_pinned {
                 pins.made(imp.hash);
-                pinned_here.push(imp.hash);
-            } else {
+                pinned_here.insert(imp.hash);
+            } else if !pinned_here.contains(&imp.hash) {
+                // A second copy of bytes this add pinned (empty files, a licence in every
+                // directory) relies on nothing but this add.
                 pins.relied(imp.hash);
             }
             entries.push(Entry { path: file.rel.clone(), hash: imp.hash, size: imp.size });
@@ -888,6 +900,8 @@ fn import_listing(
             }
             imported.evicted.append(&mut evicted);
             let files = collection.entries().iter().map(|e| e.hash).collect();
+            // In path order, those the listing skipped and those left out as they were read.
+            listing.skipped.sort();
             Ok((imported, files, (listing.skipped, listing.skipped_count)))
         }
         Err(e) => {
@@ -917,26 +931,34 @@ enum ListedError {
 /// following a symbolic link: whatever was swapped in since the listing, what is read lies
 /// inside the directory added. (A file saved meanwhile by renaming a new one over it is read as
 /// it is now.)
-fn import_listed(store: &Store, root: &Path, rel: &str) -> Result<Imported, ListedError> {
-    use rustix::fs::{CWD, Mode, OFlags, openat};
+fn import_listed(
+    store: &Store,
+    root: &rustix::fd::OwnedFd,
+    root_path: &Path,
+    rel: &str,
+) -> Result<Imported, ListedError> {
+    use rustix::fs::{Mode, OFlags, openat};
     use rustix::io::Errno;
-    let path = root.join(rel);
+    let path = root_path.join(rel);
     let opened = (|| {
-        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        // The directory the user named: a link there is the user's.
-        let mut dir = openat(CWD, root, dir_flags, Mode::empty())?;
+        let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let (parents, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+        let mut dir = None;
         for part in parents.split('/').filter(|p| !p.is_empty()) {
-            dir = openat(&dir, part, dir_flags | OFlags::NOFOLLOW, Mode::empty())?;
+            dir = Some(openat(dir.as_ref().unwrap_or(root), part, dir_flags, Mode::empty())?);
         }
-        // Without waiting on a pipe put where the file was.
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-        openat(&dir, name, flags, Mode::empty())
+        // Without waiting on a pipe put where the file was, nor taking a terminal for ours.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        openat(dir.as_ref().unwrap_or(root), name, flags, Mode::empty())
     })();
     let file = match opened {
         Ok(fd) => std::fs::File::from(fd),
-        // Gone, or a link (ELOOP) or a file (ENOTDIR) where the listing saw a file or directory.
-        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => return Err(ListedError::Changed),
+        // Gone; a link (ELOOP) or a file (ENOTDIR) where the listing saw a file or directory; a
+        // socket (ENXIO); a file another process holds a lease on (EAGAIN, as the file is
+        // opened without waiting).
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR | Errno::NXIO | Errno::AGAIN) => {
+            return Err(ListedError::Changed);
+        }
         Err(e) => {
             let source = std::io::Error::from(e);
             return Err(ListedError::Failed(NodeError::Store(StoreError::Io { op: "open", path, source })));
@@ -944,7 +966,11 @@ fn import_listed(store: &Store, root: &Path, rel: &str) -> Result<Imported, List
     };
     match store.import_opened(&file, &path, true) {
         Ok(imp) => Ok(imp),
-        Err(StoreError::NotAFile { .. } | StoreError::ChangedDuringImport { .. }) => Err(ListedError::Changed),
+        // What it is now is not what was listed: not a regular file, written as it was read,
+        // grown past the largest blob.
+        Err(StoreError::NotAFile { .. } | StoreError::ChangedDuringImport { .. } | StoreError::BlobTooLarge(_)) => {
+            Err(ListedError::Changed)
+        }
         Err(e) => Err(ListedError::Failed(e.into())),
     }
 }
@@ -1051,13 +1077,14 @@ mod tests {
         std::fs::write(shared.join("a.txt"), b"first").expect("write");
         std::fs::write(shared.join("sub/b.txt"), b"second").expect("write");
         std::fs::write(shared.join("c.txt"), b"third").expect("write");
+        std::fs::write(shared.join("d.txt"), b"fourth").expect("write");
         let outside = tmp.path().join("outside");
         std::fs::create_dir(&outside).expect("mkdir");
         std::fs::write(outside.join("b.txt"), b"the node's private key").expect("write");
         std::fs::write(outside.join("secret"), b"the node's private key, too").expect("write");
 
         let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
-        assert_eq!(listing.files.len(), 3);
+        assert_eq!(listing.files.len(), 4);
         // Someone who can write in the directory swaps a file, and a directory, for links to
         // what lies outside it; and saves a file by renaming a new one over it.
         std::fs::remove_file(shared.join("c.txt")).expect("remove");
@@ -1066,10 +1093,13 @@ mod tests {
         std::os::unix::fs::symlink(&outside, shared.join("sub")).expect("symlink");
         std::fs::write(shared.join("a.new"), b"first, saved again").expect("write");
         std::fs::rename(shared.join("a.new"), shared.join("a.txt")).expect("rename");
+        // And a file swapped for a socket (which opens as ENXIO).
+        std::fs::remove_file(shared.join("d.txt")).expect("remove");
+        let _socket = std::os::unix::net::UnixListener::bind(shared.join("d.txt")).expect("socket");
 
         let (_, files, (skipped, count)) = import_listing(&store, &pins, listing).expect("add");
         assert_eq!(files, [Hash::of(b"first, saved again")], "the file saved over is read as it is now");
-        assert_eq!((skipped, count), (vec!["c.txt".to_string(), "sub/b.txt".to_string()], 2));
+        assert_eq!((skipped, count), (vec!["c.txt".to_string(), "d.txt".to_string(), "sub/b.txt".to_string()], 3));
         for secret in [&b"the node's private key"[..], b"the node's private key, too"] {
             assert!(store.info(Hash::of(secret)).is_none(), "a file outside the directory was read");
         }
@@ -1083,22 +1113,26 @@ mod tests {
         let pins = TentativePins::default();
         let shared = tmp.path().join("shared");
         std::fs::create_dir(&shared).expect("mkdir");
-        for (name, bytes) in [("a.txt", &b"new"[..]), ("b.txt", b"pinned before"), ("c.txt", b"z")] {
+        // Two copies of one file's bytes (the second finds them pinned, by this add), one pinned
+        // before, and a large file last, which the add is still reading when the store closes.
+        for (name, bytes) in [("a-copy.txt", &b"new"[..]), ("a.txt", b"new"), ("b.txt", b"pinned before")] {
             std::fs::write(shared.join(name), bytes).expect("write");
         }
+        std::fs::write(shared.join("c.bin"), vec![7u8; 256 << 20]).expect("write");
         let before = store.import_file(&shared.join("b.txt"), true).expect("import").hash;
         let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
-        // The last file grows past the largest blob after the listing: the add fails there.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(shared.join("c.txt"))
-            .and_then(|f| f.set_len(shoal_protocol::piece::MAX_BLOB_SIZE + 1))
-            .expect("a sparse file past the largest blob");
-        let Err(_) = import_listing(&store, &pins, listing) else { panic!("a file past the largest blob was added") };
-        assert!(
-            !store.info(Hash::of(b"new")).expect("a.txt stays, as cache").pinned,
-            "what the add pinned is unpinned"
-        );
+        let new = Hash::of(b"new");
+        let added = std::thread::scope(|s| {
+            let add = s.spawn(|| import_listing(&store, &pins, listing));
+            // A store that closes (its node stopping) fails every import after.
+            while store.info(before).is_some_and(|_| store.info(new).is_none()) && !add.is_finished() {
+                std::thread::yield_now();
+            }
+            store.close();
+            add.join().expect("add")
+        });
+        let Err(_) = added else { panic!("the add went through a closed store") };
+        assert!(!store.info(new).expect("held, as cache").pinned, "what the add pinned is unpinned");
         assert!(store.info(before).expect("held").pinned, "what was pinned before stays pinned");
         assert!(pins.lock().is_empty());
     }

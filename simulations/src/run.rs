@@ -449,14 +449,15 @@ fn seeded_identity(data_dir: &Path, rng: &mut ChaCha8Rng) -> anyhow::Result<()> 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Peak {
     pub peak: usize,
-    pub bound: usize,
+    /// `None` until a node was sampled.
+    pub bound: Option<usize>,
     pub passed: usize,
 }
 
 impl Peak {
     fn see(&mut self, (now, bound): (usize, usize)) {
-        if now > self.peak || (now == self.peak && bound < self.bound) {
-            (self.peak, self.bound) = (now, bound);
+        if self.bound.is_none() || now > self.peak || (now == self.peak && Some(bound) < self.bound) {
+            (self.peak, self.bound) = (now, Some(bound));
         }
         self.passed += usize::from(now > bound);
     }

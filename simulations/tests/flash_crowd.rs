@@ -120,7 +120,7 @@ async fn a_seeded_flash_crowd_completes_within_the_fluid_bound() {
         ("watches", q.watches),
         ("streams being read", q.reading),
     ] {
-        assert!(p.held(), "{name}: past its node's bound in {} samples (peak {} of {})", p.passed, p.peak, p.bound);
+        assert!(p.held(), "{name}: past its node's bound in {} samples (peak {} of {:?})", p.passed, p.peak, p.bound);
     }
     assert!(q.uploads.peak > 0 && q.piece_slots.peak > 0, "no upload was seen under way: {q:?}");
     // The seeder sent at least one copy; the crowd cannot be served with less. The crowd (19
