@@ -178,8 +178,8 @@ pub struct Imported {
     pub size: u64,
     /// Blobs the cache evicted to make room: withdraw their provider records.
     pub evicted: Vec<Hash>,
-    /// Whether this import pinned a blob the store did not hold pinned before: what an import
-    /// of many files that fails half-way unpins again.
+    /// Whether this import pinned a blob the store did not hold pinned before (decided under
+    /// the store's lock, with the pin).
     pub newly_pinned: bool,
 }
 
@@ -272,6 +272,27 @@ struct State {
     blobs: HashMap<Hash, Arc<Blob>>,
     lru: ByteLru,
     pinned_bytes: u64,
+    /// Pins made by an import of many files still under way, by its token
+    /// ([`Store::import_opened_tentatively`]): undone if it fails, unless another pin (the
+    /// user's, another import's) came since, which takes the mark away. One per blob held.
+    tentative: HashMap<Hash, u64>,
+}
+
+impl State {
+    /// Records who relies on `hash`'s pin once a pin took effect: a pin that `token`'s import
+    /// newly made is marked as that import's; any other (the user's, a plain import's, another
+    /// import's) takes the mark away. The same import again leaves it.
+    fn note_pin(&mut self, hash: Hash, newly: bool, token: Option<u64>) {
+        match token {
+            Some(t) if newly => {
+                self.tentative.insert(hash, t);
+            }
+            Some(t) if self.tentative.get(&hash) == Some(&t) => {}
+            _ => {
+                self.tentative.remove(&hash);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -679,7 +700,12 @@ impl Store {
         fs::create_dir_all(&tmp_dir).map_err(io_err("create", &tmp_dir))?;
 
         let inner = Arc::new(Inner {
-            state: Mutex::new(State { blobs: HashMap::new(), lru: ByteLru::new(config.cache_bytes), pinned_bytes: 0 }),
+            state: Mutex::new(State {
+                blobs: HashMap::new(),
+                lru: ByteLru::new(config.cache_bytes),
+                pinned_bytes: 0,
+                tentative: HashMap::new(),
+            }),
             hot: Mutex::new(HotPieces::new(config.hot_bytes)),
             root,
             lock: Mutex::new(held),
@@ -778,6 +804,33 @@ impl Store {
     /// or not its size changed: what would be published is a hash of bytes that were never in
     /// the file together. The write is seen by its change time, which every write moves.
     pub fn import_opened(&self, file: &File, path: &Path, pin: bool) -> Result<Imported> {
+        self.import_opened_as(file, path, pin, None)
+    }
+
+    /// [`Store::import_opened`], pinned, for an import of many files (a directory) that undoes
+    /// its pins if it fails: a pin this makes is marked `token`'s until
+    /// [`Store::settle_tentative_pin`] or [`Store::undo_tentative_pin`], unless another pin of
+    /// the blob (the user's, another import's) comes first. `token` is the import's own number.
+    pub fn import_opened_tentatively(&self, file: &File, path: &Path, token: u64) -> Result<Imported> {
+        self.import_opened_as(file, path, true, Some(token))
+    }
+
+    /// The import of many files numbered `token` succeeded: its pin of `hash` is no longer
+    /// tentative.
+    pub fn settle_tentative_pin(&self, hash: Hash, token: u64) {
+        let mut st = lock(&self.inner.state);
+        if st.tentative.get(&hash) == Some(&token) {
+            st.tentative.remove(&hash);
+        }
+    }
+
+    /// The import of many files numbered `token` failed: unpins `hash` if its pin is still that
+    /// import's alone, in the same step as the check. Returns what the cache evicted.
+    pub fn undo_tentative_pin(&self, hash: Hash, token: u64) -> Result<Vec<Hash>> {
+        Ok(self.set_pinned_as(hash, false, None, Some(token))?.1)
+    }
+
+    fn import_opened_as(&self, file: &File, path: &Path, pin: bool, token: Option<u64>) -> Result<Imported> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata().map_err(io_err("stat", path))?;
         if !meta.is_file() {
@@ -792,7 +845,7 @@ impl Store {
             self.discard_dir(&staged.dir)?;
             return Err(StoreError::ChangedDuringImport { path: path.to_owned() });
         }
-        self.install(staged, pin)
+        self.install(staged, pin, token)
     }
 
     /// Imports a stream of unknown length. The stream is read once and spooled to the store's
@@ -819,7 +872,7 @@ impl Store {
         };
         let data = File::open(&data_path).map_err(io_err("open", &data_path))?;
         let staged = self.stage_outboard(dir, geometry, BufReader::with_capacity(1 << 20, data))?;
-        self.install(staged, pin)
+        self.install(staged, pin, None)
     }
 
     /// Copies `source` into a new temporary directory while the hash and outboard are computed:
@@ -907,13 +960,13 @@ impl Store {
     }
 
     /// Moves a staged, complete blob into `blobs/`.
-    fn install(&self, staged: Staged, pin: bool) -> Result<Imported> {
-        let installed = self.install_entry(staged, pin);
+    fn install(&self, staged: Staged, pin: bool, token: Option<u64>) -> Result<Imported> {
+        let installed = self.install_entry(staged, pin, token);
         self.empty_trash();
         installed
     }
 
-    fn install_entry(&self, staged: Staged, pin: bool) -> Result<Imported> {
+    fn install_entry(&self, staged: Staged, pin: bool, token: Option<u64>) -> Result<Imported> {
         let Staged { dir, hash, geometry } = staged;
         let full = PieceSet::full(geometry.piece_count());
         // A partial copy the user pinned gives its pin to the complete one (see below): known
@@ -929,15 +982,16 @@ impl Store {
         let mut st = lock(&self.inner.state);
         let mut pinned_before = false;
         if let Some(existing) = st.blobs.get(&hash).cloned() {
-            let info = existing.info();
-            if info.is_complete() {
+            if existing.info().is_complete() {
                 drop(st);
                 self.discard_dir(&dir)?;
-                let evicted = if pin { self.pin(hash)? } else { Vec::new() };
+                // Whether it was pinned, and the mark, decided in one step with the pin.
+                let (was, evicted) =
+                    if pin { self.set_pinned_as(hash, true, token, None)? } else { (false, Vec::new()) };
                 if !pin {
                     lock(&self.inner.state).lru.touch(&hash);
                 }
-                return Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !info.pinned });
+                return Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !was });
             }
             // A partial copy: the complete one replaces it, pinned if the user pinned that. Decided
             // before it is admitted: counted as cache, it would evict blobs for room it does not
@@ -980,6 +1034,9 @@ impl Store {
         match self.place(&dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
+                if pin {
+                    st.note_pin(hash, !pinned_before, token);
+                }
                 drop(st);
                 Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !pinned_before })
             }
@@ -1596,7 +1653,25 @@ impl Store {
     }
 
     fn set_pinned(&self, hash: Hash, pinned: bool) -> Result<Vec<Hash>> {
+        Ok(self.set_pinned_as(hash, pinned, None, None)?.1)
+    }
+
+    /// Pins or unpins `hash`; returns whether it was pinned, and what the cache evicted. A pin
+    /// for `token`'s import is marked tentative if it is new (see [`State::note_pin`]); an unpin
+    /// with `only_if` happens only while the pin is that import's tentative one.
+    fn set_pinned_as(
+        &self,
+        hash: Hash,
+        pinned: bool,
+        token: Option<u64>,
+        only_if: Option<u64>,
+    ) -> Result<(bool, Vec<Hash>)> {
         let mut st = lock(&self.inner.state);
+        if let Some(t) = only_if
+            && st.tentative.get(&hash) != Some(&t)
+        {
+            return Ok((true, Vec::new()));
+        }
         // Looked up under the lock that eviction and removal take: an entry evicted, removed or
         // replaced a moment before would have its bytes counted again (or twice taken off).
         let blob = st.blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })?;
@@ -1605,8 +1680,13 @@ impl Store {
             st.changes += u64::from(st.pinned != pinned);
             std::mem::replace(&mut st.pinned, pinned)
         };
+        if pinned {
+            st.note_pin(hash, !was, token);
+        } else {
+            st.tentative.remove(&hash);
+        }
         if was == pinned {
-            return Ok(Vec::new());
+            return Ok((was, Vec::new()));
         }
         let evicted = if pinned {
             st.lru.remove(&hash);
@@ -1625,7 +1705,7 @@ impl Store {
         if !evicted.contains(&hash) {
             self.commit(&blob)?;
         }
-        Ok(evicted)
+        Ok((was, evicted))
     }
 
     /// Removes `hash` from the store if it holds no verified piece of it and the user did not pin
@@ -1689,6 +1769,7 @@ impl Store {
     /// discard.
     fn take_entry(&self, st: &mut State, hash: &Hash) -> Option<Arc<Blob>> {
         let blob = st.blobs.remove(hash)?;
+        st.tentative.remove(hash);
         if st.lru.remove(hash).is_none() && lock(&blob.status).pinned {
             st.pinned_bytes -= blob.footprint();
         }

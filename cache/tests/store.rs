@@ -956,3 +956,51 @@ fn an_import_says_whether_it_pinned_what_was_not_pinned() {
     fs::write(&path, bytes(10, 1000)).expect("write");
     assert!(store.import_file(&path, true).expect("import").newly_pinned, "new and pinned");
 }
+
+#[test]
+fn a_tentative_pin_is_undone_only_while_no_other_pin_came() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let tentatively = |name: &str, token: u64| {
+        let path = tmp.path().join(name);
+        if !path.exists() {
+            fs::write(&path, name.as_bytes()).expect("write");
+        }
+        let file = fs::File::open(&path).expect("open");
+        store.import_opened_tentatively(&file, &path, token).expect("import").hash
+    };
+    let pinned = |hash: Hash| store.info(hash).expect("held").pinned;
+    // Nothing else pinned it: undone.
+    let a = tentatively("a", 1);
+    store.undo_tentative_pin(a, 1).expect("undo");
+    assert!(!pinned(a));
+    // The user pinned it meanwhile, or a plain import did: kept.
+    let b = tentatively("b", 2);
+    store.pin(b).expect("pin");
+    store.undo_tentative_pin(b, 2).expect("undo");
+    assert!(pinned(b), "the user's pin was undone");
+    let c = tentatively("c", 3);
+    store.import_file(&tmp.path().join("c"), true).expect("import");
+    store.undo_tentative_pin(c, 3).expect("undo");
+    assert!(pinned(c), "a plain import's pin was undone");
+    // A second copy in the same import is its own: undone.
+    let d = tentatively("d", 4);
+    assert_eq!(tentatively("d", 4), d);
+    store.undo_tentative_pin(d, 4).expect("undo");
+    assert!(!pinned(d), "an import's second copy kept its own pin");
+    // Another import relied on it: kept by either's undo.
+    let e = tentatively("e", 5);
+    tentatively("e", 6);
+    store.undo_tentative_pin(e, 5).expect("undo");
+    store.undo_tentative_pin(e, 6).expect("undo");
+    assert!(pinned(e));
+    // Settled, or pinned before: kept.
+    let f = tentatively("f", 7);
+    store.settle_tentative_pin(f, 7);
+    store.undo_tentative_pin(f, 7).expect("undo");
+    assert!(pinned(f));
+    store.import_file(&tmp.path().join("a"), true).expect("import");
+    tentatively("a", 8);
+    store.undo_tentative_pin(a, 8).expect("undo");
+    assert!(pinned(a), "a pin from before the import was undone");
+}

@@ -192,8 +192,6 @@ pub(crate) struct Shared {
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
     /// [`MAX_LOOKUPS`] at once.
     pub(crate) lookups: tokio::sync::Semaphore,
-    /// Pins made by directory adds under way.
-    pub(crate) pins: TentativePins,
 }
 
 /// The most provider lookups a node's users (its API) run at once; its fetches' own are apart.
@@ -323,7 +321,6 @@ impl Node {
                 crowds,
                 router,
                 lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
-                pins: TentativePins::default(),
             }),
         };
         // Announce what we already hold.
@@ -509,7 +506,6 @@ impl NodeHandle {
         let imported = tokio::task::spawn_blocking(move || store.import_file(&path, true))
             .await
             .map_err(|_| NodeError::Stopped)??;
-        self.inner.pins.relied(imported.hash);
         self.withdraw(&imported.evicted).await;
         self.provide(imported.hash).await;
         Ok(Published { imported, skipped: Vec::new(), skipped_count: 0 })
@@ -517,7 +513,6 @@ impl NodeHandle {
 
     /// Pins a blob held here: it is never evicted.
     pub async fn pin(&self, hash: Hash) -> Result<(), NodeError> {
-        self.inner.pins.relied(hash);
         let store = self.inner.store.clone();
         let evicted = tokio::task::spawn_blocking(move || store.pin(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&evicted).await;
@@ -558,10 +553,10 @@ impl NodeHandle {
     async fn add_dir(&self, dir: &Path) -> Result<Published, NodeError> {
         let dir = dir.to_owned();
         let data_dir = self.inner.config.data_dir.clone();
-        let inner = self.inner.clone();
+        let store = self.inner.store.clone();
         let added = tokio::task::spawn_blocking(move || {
             let listing = list_dir(&dir, &data_dir).map_err(|e| (e, Vec::new()))?;
-            import_listing(&inner.store, &inner.pins, listing)
+            import_listing(&store, listing)
         })
         .await
         .map_err(|_| NodeError::Stopped)?;
@@ -793,35 +788,6 @@ impl Listing {
     }
 }
 
-/// Pins that directory adds under way made, each with whether anything else (another add, the
-/// user's pin, a file added) has relied on it since: an add that fails unpins only the pins it
-/// made that nothing else relied on. Entries last as long as their add.
-#[derive(Debug, Default)]
-pub(crate) struct TentativePins(Mutex<HashMap<Hash, bool>>);
-
-impl TentativePins {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Hash, bool>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An add pinned `hash`, which was not pinned: if another add had, both rely on it.
-    fn made(&self, hash: Hash) {
-        self.lock().entry(hash).and_modify(|relied| *relied = true).or_insert(false);
-    }
-
-    /// Something relies on `hash` staying pinned.
-    pub(crate) fn relied(&self, hash: Hash) {
-        if let Some(relied) = self.lock().get_mut(&hash) {
-            *relied = true;
-        }
-    }
-
-    /// The add that made the pin of `hash` is done with it; whether nothing else relied on it.
-    fn settle(&self, hash: Hash) -> bool {
-        self.lock().remove(&hash) == Some(false)
-    }
-}
-
 /// Lists the regular files under `dir` for a collection, and checks, before anything is
 /// imported, that a collection can list them: their number, their paths and sizes, the size of
 /// the listing. `data_dir` (the node's own, with its private key), if it lies under `dir`, is
@@ -838,19 +804,21 @@ fn list_dir(dir: &Path, data_dir: &Path) -> Result<Listing, NodeError> {
 /// Imports and pins the files `listing` names, then the collection that lists them. A listed
 /// file found gone by then, or no longer a regular file inside the directory (swapped for a
 /// symbolic link, say), or written while it was read, is left out and named among the skipped.
-/// A failure unpins what this add pinned (unless something else relied on it meanwhile, see
-/// [`TentativePins`]), and returns, with the error, the blobs evicted on the way.
+/// A failure unpins what this add pinned, unless another pin of it came since (the user's,
+/// another add's: the store keeps the add's pins tentative until it ends, see
+/// [`Store::import_opened_tentatively`]), and returns, with the error, the blobs evicted on the way.
 #[allow(clippy::type_complexity)]
 fn import_listing(
     store: &Store,
-    pins: &TentativePins,
     mut listing: Listing,
 ) -> Result<(Imported, Vec<Hash>, (Vec<String>, usize)), (NodeError, Vec<Hash>)> {
     use shoal_protocol::collection::{Collection, Entry};
+    static NEXT_ADD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let token = NEXT_ADD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let files = std::mem::take(&mut listing.files);
     let mut entries = Vec::with_capacity(files.len());
     let mut evicted = Vec::new();
-    let mut pinned_here = std::collections::HashSet::new();
+    let mut imported_here = std::collections::HashSet::new();
     let imported = (|| {
         // Opened once: a directory renamed or replaced meanwhile is not read from.
         let root = rustix::fs::openat(
@@ -863,7 +831,7 @@ fn import_listing(
             NodeError::Invalid(format!("cannot read {}: {}", listing.root.display(), std::io::Error::from(e)))
         })?;
         for file in &files {
-            let imp = match import_listed(store, &root, &listing.root, &file.rel) {
+            let imp = match import_listed(store, &root, &listing.root, &file.rel, token) {
                 Ok(imp) => imp,
                 Err(ListedError::Changed) => {
                     listing.skip(file.rel.clone());
@@ -872,14 +840,7 @@ fn import_listing(
                 Err(ListedError::Failed(e)) => return Err(e),
             };
             evicted.extend(imp.evicted);
-            if imp.newly_pinned {
-                pins.made(imp.hash);
-                pinned_here.insert(imp.hash);
-            } else if !pinned_here.contains(&imp.hash) {
-                // A second copy of bytes this add pinned (empty files, a licence in every
-                // directory) relies on nothing but this add.
-                pins.relied(imp.hash);
-            }
+            imported_here.insert(imp.hash);
             entries.push(Entry { path: file.rel.clone(), hash: imp.hash, size: imp.size });
         }
         if entries.is_empty() && !files.is_empty() {
@@ -895,8 +856,8 @@ fn import_listing(
     })();
     match imported {
         Ok((mut imported, collection)) => {
-            for hash in pinned_here {
-                pins.settle(hash);
+            for hash in imported_here {
+                store.settle_tentative_pin(hash, token);
             }
             imported.evicted.append(&mut evicted);
             let files = collection.entries().iter().map(|e| e.hash).collect();
@@ -905,11 +866,8 @@ fn import_listing(
             Ok((imported, files, (listing.skipped, listing.skipped_count)))
         }
         Err(e) => {
-            for hash in pinned_here {
-                if !pins.settle(hash) {
-                    continue;
-                }
-                match store.unpin(hash) {
+            for hash in imported_here {
+                match store.undo_tentative_pin(hash, token) {
                     Ok(gone) => evicted.extend(gone),
                     Err(e) => tracing::warn!(blob = %hash, error = %e, "cannot unpin a file of an add that failed"),
                 }
@@ -936,6 +894,7 @@ fn import_listed(
     root: &rustix::fd::OwnedFd,
     root_path: &Path,
     rel: &str,
+    token: u64,
 ) -> Result<Imported, ListedError> {
     use rustix::fs::{Mode, OFlags, openat};
     use rustix::io::Errno;
@@ -964,7 +923,7 @@ fn import_listed(
             return Err(ListedError::Failed(NodeError::Store(StoreError::Io { op: "open", path, source })));
         }
     };
-    match store.import_opened(&file, &path, true) {
+    match store.import_opened_tentatively(&file, &path, token) {
         Ok(imp) => Ok(imp),
         // What it is now is not what was listed: not a regular file, written as it was read,
         // grown past the largest blob.
@@ -1071,7 +1030,6 @@ mod tests {
     fn a_file_swapped_for_a_link_after_the_listing_is_left_out_and_never_read() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = store(&tmp.path().join("store"));
-        let pins = TentativePins::default();
         let shared = tmp.path().join("shared");
         std::fs::create_dir_all(shared.join("sub")).expect("mkdir");
         std::fs::write(shared.join("a.txt"), b"first").expect("write");
@@ -1097,20 +1055,18 @@ mod tests {
         std::fs::remove_file(shared.join("d.txt")).expect("remove");
         let _socket = std::os::unix::net::UnixListener::bind(shared.join("d.txt")).expect("socket");
 
-        let (_, files, (skipped, count)) = import_listing(&store, &pins, listing).expect("add");
+        let (_, files, (skipped, count)) = import_listing(&store, listing).expect("add");
         assert_eq!(files, [Hash::of(b"first, saved again")], "the file saved over is read as it is now");
         assert_eq!((skipped, count), (vec!["c.txt".to_string(), "d.txt".to_string(), "sub/b.txt".to_string()], 3));
         for secret in [&b"the node's private key"[..], b"the node's private key, too"] {
             assert!(store.info(Hash::of(secret)).is_none(), "a file outside the directory was read");
         }
-        assert!(pins.lock().is_empty(), "an add that ended leaves no tentative pin");
     }
 
     #[test]
     fn a_failed_add_unpins_only_what_it_pinned_and_nothing_relied_on() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = store(&tmp.path().join("store"));
-        let pins = TentativePins::default();
         let shared = tmp.path().join("shared");
         std::fs::create_dir(&shared).expect("mkdir");
         // Two copies of one file's bytes (the second finds them pinned, by this add), one pinned
@@ -1123,7 +1079,7 @@ mod tests {
         let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
         let new = Hash::of(b"new");
         let added = std::thread::scope(|s| {
-            let add = s.spawn(|| import_listing(&store, &pins, listing));
+            let add = s.spawn(|| import_listing(&store, listing));
             // A store that closes (its node stopping) fails every import after.
             while store.info(before).is_some_and(|_| store.info(new).is_none()) && !add.is_finished() {
                 std::thread::yield_now();
@@ -1134,25 +1090,6 @@ mod tests {
         let Err(_) = added else { panic!("the add went through a closed store") };
         assert!(!store.info(new).expect("held, as cache").pinned, "what the add pinned is unpinned");
         assert!(store.info(before).expect("held").pinned, "what was pinned before stays pinned");
-        assert!(pins.lock().is_empty());
-    }
-
-    #[test]
-    fn a_pin_an_add_made_is_undone_only_if_nothing_relied_on_it() {
-        let pins = TentativePins::default();
-        let (a, b, c) = (Hash::of(b"a"), Hash::of(b"b"), Hash::of(b"c"));
-        pins.made(a);
-        assert!(pins.settle(a), "nothing else relied on it");
-        pins.made(b);
-        pins.relied(b);
-        assert!(!pins.settle(b), "the user pinned it meanwhile");
-        // Two adds that each found it unpinned: each relies on the other's pin.
-        pins.made(c);
-        pins.made(c);
-        assert!(!pins.settle(c));
-        assert!(!pins.settle(c), "the second add finds it settled");
-        pins.relied(a);
-        assert!(pins.lock().is_empty(), "a pin no add made is not remembered");
     }
 
     #[test]
