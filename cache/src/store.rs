@@ -986,8 +986,20 @@ impl Store {
                 drop(st);
                 self.discard_dir(&dir)?;
                 // Whether it was pinned, and the mark, decided in one step with the pin.
-                let (was, evicted) =
-                    if pin { self.set_pinned_as(hash, true, token, None)? } else { (false, Vec::new()) };
+                let (was, evicted) = match pin {
+                    false => (false, Vec::new()),
+                    true => match self.set_pinned_as(hash, true, token, None) {
+                        Ok(pinned) => pinned,
+                        Err(e) => {
+                            // Pinned in memory, its meta not written: an import that fails
+                            // cannot say it made the pin, so a tentative one is taken back.
+                            if let Some(t) = token {
+                                let _ = self.set_pinned_as(hash, false, None, Some(t));
+                            }
+                            return Err(e);
+                        }
+                    },
+                };
                 if !pin {
                     lock(&self.inner.state).lru.touch(&hash);
                 }
