@@ -1050,6 +1050,7 @@ fn get_with_own_node(hash: Hash, output: &Path, bootstrap: Vec<Multiaddr>) -> an
         _ if to_file => std::env::current_dir().context("cannot read the current directory")?,
         _ => std::env::temp_dir(),
     };
+    remove_stale_scratch(&beside);
     let dir = scratch_dir(&beside)?;
     let mut config = NodeConfig::new(&dir);
     config.listen = NodeConfig::default_listen(0);
@@ -1181,6 +1182,32 @@ impl Read for PieceReader {
             let piece = self.reader.read_piece(self.next).map_err(std::io::Error::other)?;
             self.current = std::io::Cursor::new(piece);
             self.next += 1;
+        }
+    }
+}
+
+/// Removes what a `shoal get` killed outright (SIGKILL, a power loss) left in `parent`: its
+/// hidden directory, which can hold most of a blob. One is taken for a leftover if it is ours
+/// (this user's, a directory, not a link), untouched for 10 minutes, and its store is not open:
+/// a get still running holds its store's lock, and one just started has a fresh directory.
+fn remove_stale_scratch(parent: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    const STALE: std::time::Duration = std::time::Duration::from_secs(600);
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let me = rustix::process::geteuid().as_raw();
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(".shoal-get-") {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        let old = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age >= STALE);
+        if !(meta.is_dir() && meta.uid() == me && old) {
+            continue;
+        }
+        if matches!(shoal_node::cache::Store::in_use(&e.path().join("store")), Ok(false))
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            eprintln!("removed {}, left by a `shoal get` that was killed", e.path().display());
         }
     }
 }

@@ -1145,6 +1145,16 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     assert!(!without.status.success());
     assert!(String::from_utf8_lossy(&without.stderr).contains("--bootstrap"), "the error says what to do");
     assert!(!out.exists());
+    // What a get killed outright left beside the output an hour ago goes; a fresh one (a get
+    // just starting) stays.
+    let stale = tmp.path().join(".shoal-get-1-0000000000000001");
+    let fresh = tmp.path().join(".shoal-get-2-0000000000000002");
+    for dir in [&stale, &fresh] {
+        std::fs::create_dir_all(dir.join("store/blobs")).expect("mkdir");
+        std::fs::write(dir.join("store/blobs/partial"), vec![0u8; 1 << 20]).expect("write");
+    }
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::open(&stale).and_then(|d| d.set_modified(hour_ago)).expect("age the leftover");
     // Its only bootstrap peer is n2, which never held the blob.
     let with = run(Some(&n2.addr));
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
@@ -1155,10 +1165,12 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
         "{}",
         String::from_utf8_lossy(&with.stderr)
     );
-    // Its store, beside the output, is gone with it.
+    assert!(String::from_utf8_lossy(&with.stderr).contains("left by a `shoal get` that was killed"));
+    // Its store, beside the output, is gone with it, and so is the leftover.
     let names: Vec<_> =
         std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
-    assert!(!names.iter().any(|n| n.to_string_lossy().starts_with(".shoal-get")), "{names:?}");
+    let scratches: Vec<_> = names.iter().filter(|n| n.to_string_lossy().starts_with(".shoal-get")).collect();
+    assert_eq!(scratches, [fresh.file_name().expect("name")], "{names:?}");
     // To standard output, streamed through the short-lived node's own API; its store, in the
     // temporary directory, is gone with it.
     let scratch = tmp.path().join("scratch");
