@@ -1187,16 +1187,28 @@ impl Read for PieceReader {
 }
 
 /// Removes what a `shoal get` killed outright (SIGKILL, a power loss) left in `parent`: its
-/// hidden directory, which can hold most of a blob. One is taken for a leftover if it is ours
-/// (this user's, a directory, not a link), untouched for 10 minutes, and its store is not open:
-/// a get still running holds its store's lock, and one just started has a fresh directory.
+/// hidden directory, which can hold most of a blob. One is taken for a leftover if it is named
+/// as ours, is this user's directory (not a link), untouched for 10 minutes, and holds a store
+/// that was opened and is not open now: a get still running holds its store's lock, one just
+/// started has a fresh directory and no store yet. (Where file locks are local to one machine,
+/// an NFS mount with `nolock`, a get running on another machine into the same directory for
+/// over 10 minutes would look stale.)
 fn remove_stale_scratch(parent: &Path) {
     use std::os::unix::fs::MetadataExt;
     const STALE: std::time::Duration = std::time::Duration::from_secs(600);
     let Ok(entries) = std::fs::read_dir(parent) else { return };
     let me = rustix::process::geteuid().as_raw();
+    // Named as `scratch_dir` names them: `.shoal-get-<pid>-<16 hex digits>`.
+    let ours = |name: &str| {
+        name.strip_prefix(".shoal-get-").and_then(|rest| rest.split_once('-')).is_some_and(|(pid, tag)| {
+            !pid.is_empty()
+                && pid.bytes().all(|b| b.is_ascii_digit())
+                && tag.len() == 16
+                && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    };
     for e in entries.flatten() {
-        if !e.file_name().to_string_lossy().starts_with(".shoal-get-") {
+        if !ours(&e.file_name().to_string_lossy()) {
             continue;
         }
         let Ok(meta) = e.metadata() else { continue };
@@ -1204,7 +1216,10 @@ fn remove_stale_scratch(parent: &Path) {
         if !(meta.is_dir() && meta.uid() == me && old) {
             continue;
         }
-        if matches!(shoal_node::cache::Store::in_use(&e.path().join("store")), Ok(false))
+        // One whose store was opened (it has a lock file) and is not open now.
+        let store = e.path().join("store");
+        if store.join("lock").is_file()
+            && matches!(shoal_node::cache::Store::in_use(&store), Ok(false))
             && std::fs::remove_dir_all(e.path()).is_ok()
         {
             eprintln!("removed {}, left by a `shoal get` that was killed", e.path().display());

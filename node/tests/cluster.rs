@@ -1149,12 +1149,17 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     // just starting) stays.
     let stale = tmp.path().join(".shoal-get-1-0000000000000001");
     let fresh = tmp.path().join(".shoal-get-2-0000000000000002");
-    for dir in [&stale, &fresh] {
+    // Nor a user's own directory of a like name, however old.
+    let users = tmp.path().join(".shoal-get-notes");
+    for dir in [&stale, &fresh, &users] {
         std::fs::create_dir_all(dir.join("store/blobs")).expect("mkdir");
+        std::fs::write(dir.join("store/lock"), b"").expect("write");
         std::fs::write(dir.join("store/blobs/partial"), vec![0u8; 1 << 20]).expect("write");
     }
     let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-    std::fs::File::open(&stale).and_then(|d| d.set_modified(hour_ago)).expect("age the leftover");
+    for dir in [&stale, &users] {
+        std::fs::File::open(dir).and_then(|d| d.set_modified(hour_ago)).expect("age the directory");
+    }
     // Its only bootstrap peer is n2, which never held the blob.
     let with = run(Some(&n2.addr));
     assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
@@ -1170,7 +1175,11 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let names: Vec<_> =
         std::fs::read_dir(tmp.path()).expect("list").filter_map(Result::ok).map(|e| e.file_name()).collect();
     let scratches: Vec<_> = names.iter().filter(|n| n.to_string_lossy().starts_with(".shoal-get")).collect();
-    assert_eq!(scratches, [fresh.file_name().expect("name")], "{names:?}");
+    let mut kept = [fresh.file_name().expect("name"), users.file_name().expect("name")];
+    kept.sort();
+    let mut scratches = scratches;
+    scratches.sort();
+    assert_eq!(scratches, kept, "{names:?}");
     // To standard output, streamed through the short-lived node's own API; its store, in the
     // temporary directory, is gone with it.
     let scratch = tmp.path().join("scratch");
