@@ -761,17 +761,12 @@ fn within(path: &Path, dir: &Path) -> bool {
     }
 }
 
-/// A regular file a directory listing found.
-struct Listed {
-    /// `/`-separated, relative to the directory added.
-    rel: String,
-}
-
 /// What [`list_dir`] found in a directory being added.
 struct Listing {
     /// The directory added.
     root: std::path::PathBuf,
-    files: Vec<Listed>,
+    /// The regular files found, `/`-separated and relative to `root`.
+    files: Vec<String>,
     /// The first [`MAX_SKIPPED_NAMED`] entries skipped.
     skipped: Vec<String>,
     skipped_count: usize,
@@ -831,17 +826,17 @@ fn import_listing(
             NodeError::Invalid(format!("cannot read {}: {}", listing.root.display(), std::io::Error::from(e)))
         })?;
         for file in &files {
-            let imp = match import_listed(store, &root, &listing.root, &file.rel, token) {
+            let imp = match import_listed(store, &root, &listing.root, file, token) {
                 Ok(imp) => imp,
                 Err(ListedError::Changed) => {
-                    listing.skip(file.rel.clone());
+                    listing.skip(file.clone());
                     continue;
                 }
                 Err(ListedError::Failed(e)) => return Err(e),
             };
             evicted.extend(imp.evicted);
             imported_here.insert(imp.hash);
-            entries.push(Entry { path: file.rel.clone(), hash: imp.hash, size: imp.size });
+            entries.push(Entry { path: file.clone(), hash: imp.hash, size: imp.size });
         }
         if entries.is_empty() && !files.is_empty() {
             return Err(NodeError::Invalid(format!(
@@ -946,7 +941,7 @@ fn import_listed(
 /// [`MAX_ENTRIES`]: shoal_protocol::collection::MAX_ENTRIES
 /// [`MAX_ENCODED`]: shoal_protocol::collection::MAX_ENCODED
 fn collect_files(root: &Path, dir: &Path, exclude: Option<(u64, u64)>, listing: &mut Listing) -> Result<(), NodeError> {
-    use shoal_protocol::collection::{MAX_ENCODED, MAX_ENTRIES, check_path, entry_encoded_len};
+    use shoal_protocol::collection::{MAX_ENCODED, MAX_ENTRIES, MAX_HEADER, check_path, entry_encoded_len};
     use std::os::unix::fs::MetadataExt;
     let invalid = |e: std::io::Error| NodeError::Invalid(format!("cannot read {}: {e}", dir.display()));
     let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(invalid)?.collect::<Result<_, _>>().map_err(invalid)?;
@@ -982,12 +977,11 @@ fn collect_files(root: &Path, dir: &Path, exclude: Option<(u64, u64)>, listing: 
                 return Err(NodeError::Invalid(format!("{} is larger than a blob can be (2 TiB)", path.display())));
             }
             listing.encoded += entry_encoded_len(&rel, meta.len());
-            listing.files.push(Listed { rel });
+            listing.files.push(rel);
             if listing.files.len() > MAX_ENTRIES {
                 return Err(NodeError::Invalid(format!("{} holds more than {MAX_ENTRIES} files", root.display())));
             }
-            // The 27 bytes beside the entries: the magic, the format, the count.
-            if listing.encoded + 27 > MAX_ENCODED {
+            if listing.encoded + MAX_HEADER > MAX_ENCODED {
                 return Err(NodeError::Invalid(format!(
                     "{} holds too many files, or names too long, for one collection: its listing would pass {} MiB",
                     root.display(),
@@ -1101,8 +1095,7 @@ mod tests {
         std::fs::write(data.join("identity"), b"private key").expect("write");
         std::fs::write(home.join("notes.txt"), b"notes").expect("write");
         let listing = list_dir(&home, &data).expect("list");
-        let listed: Vec<&str> = listing.files.iter().map(|f| f.rel.as_str()).collect();
-        assert_eq!(listed, ["notes.txt"]);
+        assert_eq!(listing.files, ["notes.txt"]);
         assert_eq!(listing.skipped, [".local/share/shoal/"]);
         assert!(within(&data.join("identity"), &data) && within(&data, &data));
         assert!(!within(&home.join("notes.txt"), &data));

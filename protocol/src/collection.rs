@@ -102,8 +102,12 @@ fn is_invisible(c: char) -> bool {
     matches!(c, '\u{200b}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
-/// The bytes an entry of `path` and `size` takes in a collection's encoding; with at most 27
-/// bytes beside the entries, what [`MAX_ENCODED`] bounds.
+/// The most bytes a collection's encoding takes beside its entries: the magic, the format byte,
+/// and the entry count as a varint.
+pub const MAX_HEADER: usize = MAGIC.len() + 1 + 10;
+
+/// The bytes an entry of `path` and `size` takes in a collection's encoding; with at most
+/// [`MAX_HEADER`] bytes beside the entries, what [`MAX_ENCODED`] bounds.
 pub fn entry_encoded_len(path: &str, size: u64) -> usize {
     varint_len(path.len() as u64) + path.len() + 32 + varint_len(size)
 }
