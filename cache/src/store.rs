@@ -983,27 +983,31 @@ impl Store {
         let mut pinned_before = false;
         if let Some(existing) = st.blobs.get(&hash).cloned() {
             if existing.info().is_complete() {
-                drop(st);
-                self.discard_dir(&dir)?;
-                // Whether it was pinned, and the mark, decided in one step with the pin.
+                // Pinned (or touched) under the hold that found it complete: let go in between,
+                // it could be evicted, and the import fail for a blob it had just read whole.
                 let (was, evicted) = match pin {
-                    false => (false, Vec::new()),
-                    true => match self.set_pinned_as(hash, true, token, None) {
-                        Ok(pinned) => pinned,
-                        Err(e) => {
-                            // Pinned in memory, its meta not written: an import that fails
-                            // cannot say it made the pin, so a tentative one is taken back.
-                            if let Some(t) = token {
-                                let _ = self.set_pinned_as(hash, false, None, Some(t));
-                            }
-                            return Err(e);
-                        }
-                    },
+                    true => self.pin_entry(&mut st, hash, &existing, true, token),
+                    false => {
+                        st.lru.touch(&hash);
+                        (false, Vec::new())
+                    }
                 };
-                if !pin {
-                    lock(&self.inner.state).lru.touch(&hash);
+                drop(st);
+                // The copy is not needed: what is left of it in `tmp/` goes at the next open.
+                if let Err(e) = self.discard_dir(&dir) {
+                    warn!(blob = %hash, error = %e, "cannot delete an import's copy of a blob held already");
                 }
-                return Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !was });
+                return match self.finish_pin(hash, &existing, pin && !was, evicted) {
+                    Ok(evicted) => Ok(Imported { hash, size: geometry.size(), evicted, newly_pinned: pin && !was }),
+                    Err(e) => {
+                        // Pinned in memory, its meta not written: an import that fails cannot
+                        // say it made the pin, so a tentative one is taken back.
+                        if let Some(t) = token {
+                            let _ = self.set_pinned_as(hash, false, None, Some(t));
+                        }
+                        Err(e)
+                    }
+                };
             }
             // A partial copy: the complete one replaces it, pinned if the user pinned that. Decided
             // before it is admitted: counted as cache, it would evict blobs for room it does not
@@ -1687,10 +1691,26 @@ impl Store {
         // Looked up under the lock that eviction and removal take: an entry evicted, removed or
         // replaced a moment before would have its bytes counted again (or twice taken off).
         let blob = st.blobs.get(&hash).cloned().ok_or(StoreError::NotFound { hash })?;
+        let (was, evicted) = self.pin_entry(&mut st, hash, &blob, pinned, token);
+        drop(st);
+        Ok((was, self.finish_pin(hash, &blob, was != pinned, evicted)?))
+    }
+
+    /// The part of [`Store::set_pinned_as`] done under the state lock, for an entry the caller
+    /// found there under this same hold: returns whether it was pinned, and what was evicted
+    /// (taken out of the store already; their files go with [`Store::finish_pin`]).
+    fn pin_entry(
+        &self,
+        st: &mut State,
+        hash: Hash,
+        blob: &Blob,
+        pinned: bool,
+        token: Option<u64>,
+    ) -> (bool, Vec<Hash>) {
         let was = {
-            let mut st = lock(&blob.status);
-            st.changes += u64::from(st.pinned != pinned);
-            std::mem::replace(&mut st.pinned, pinned)
+            let mut status = lock(&blob.status);
+            status.changes += u64::from(status.pinned != pinned);
+            std::mem::replace(&mut status.pinned, pinned)
         };
         if pinned {
             st.note_pin(hash, !was, token);
@@ -1698,7 +1718,7 @@ impl Store {
             st.tentative.remove(&hash);
         }
         if was == pinned {
-            return Ok((was, Vec::new()));
+            return (was, Vec::new());
         }
         let evicted = if pinned {
             st.lru.remove(&hash);
@@ -1711,13 +1731,17 @@ impl Store {
                 Err(_) => vec![hash],
             }
         };
-        let evicted = self.remove_evicted(&mut st, evicted);
-        drop(st);
+        (was, self.remove_evicted(st, evicted))
+    }
+
+    /// The rest of a pin or unpin, out of the state lock: deletes what was evicted and writes
+    /// the blob's meta if its pin `changed` and it is still held.
+    fn finish_pin(&self, hash: Hash, blob: &Blob, changed: bool, evicted: Vec<Hash>) -> Result<Vec<Hash>> {
         self.empty_trash();
-        if !evicted.contains(&hash) {
-            self.commit(&blob)?;
+        if changed && !evicted.contains(&hash) {
+            self.commit(blob)?;
         }
-        Ok((was, evicted))
+        Ok(evicted)
     }
 
     /// Removes `hash` from the store if it holds no verified piece of it and the user did not pin
