@@ -961,19 +961,32 @@ fn write_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path, keep: bool) -> a
 
 /// Writes `source` to the regular file `output` only if its BLAKE3 hash is `hash`: into a
 /// temporary file beside it, renamed into place after the check.
+///
+/// A file replaced keeps its permissions, and its owner and group where this process may give
+/// them, as it would had the bytes been written into it: set on the new file before it takes
+/// the old one's place.
 fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
+    let replaced = std::fs::metadata(output).ok().filter(|m| m.is_file());
     let partial = partial_path(output);
     scratch(&partial);
     let result = (|| {
+        // No wider open than the file replaced while the bytes come.
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let mut file = std::io::BufWriter::new(
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(replaced.as_ref().map_or(0o666, |m| m.mode() & 0o777))
                 .open(&partial)
                 .with_context(|| format!("cannot write {}", output.display()))?,
         );
         let got = copy_hashing(&mut source, &mut file, output)?;
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
+        if let Some(old) = &replaced {
+            keep_attributes(&file, old)
+                .with_context(|| format!("cannot give the new {} the old one's mode", output.display()))?;
+        }
+        file.sync_all()?;
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
         }
@@ -984,6 +997,20 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
         let _ = std::fs::remove_file(&partial);
     }
     result
+}
+
+/// Gives `file` the permission bits of `old`, the file it replaces, and its owner and group if
+/// this process may (root may; a user may keep a group of their own). Set-id and sticky bits
+/// are not kept: they were granted to the bytes replaced.
+fn keep_attributes(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let new = file.metadata()?;
+    if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+        // Before the mode: a change of owner clears set-id bits, and is refused to most users.
+        let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
+            .or_else(|_| std::os::unix::fs::fchown(file, None, Some(old.gid())));
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o777))
 }
 
 /// [`write_blob`] for an output that cannot be replaced once the bytes verified (standard
@@ -1149,7 +1176,8 @@ impl Blobs for OwnNode<'_> {
             let parent = std::fs::canonicalize(parent).ok();
             parent.zip(self.home.as_ref()).is_some_and(|(p, home)| p.starts_with(home))
         };
-        if keep || !under_home() {
+        // A file replaced is copied to, not moved to: the copy takes its mode before it appears.
+        if keep || !under_home() || std::fs::symlink_metadata(target).is_ok() {
             return write_into_place(hash, self.open(hash)?, target);
         }
         match self.handle.store().move_out(hash, target) {

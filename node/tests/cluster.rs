@@ -3,7 +3,7 @@
 //! its guard drops; every wait is bounded.
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -1180,6 +1180,12 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let mut scratches = scratches;
     scratches.sort();
     assert_eq!(scratches, kept, "{names:?}");
+    // A file replaced keeps its mode.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let again = run(Some(&n2.addr));
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(b3sum(&out), hash);
+    assert_eq!(std::fs::metadata(&out).expect("stat").permissions().mode() & 0o7777, 0o600);
     // To standard output, streamed through the short-lived node's own API; its store, in the
     // temporary directory, is gone with it.
     let scratch = tmp.path().join("scratch");
@@ -1352,11 +1358,14 @@ fn get_writes_through_a_symlink_and_into_a_pipe_without_replacing_them() {
 
     let target = tmp.path().join("target.bin");
     std::fs::write(&target, b"old").expect("write");
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o751)).expect("chmod");
     let link = tmp.path().join("link.bin");
     std::os::unix::fs::symlink(&target, &link).expect("symlink");
     n1.cli(&["get", &hash, "-o", link.to_str().expect("utf-8")]);
     assert!(std::fs::symlink_metadata(&link).expect("stat").file_type().is_symlink(), "the link is still a link");
     assert_eq!(b3sum(&target), hash, "its target holds the blob");
+    let mode = std::fs::metadata(&target).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o751, "the file replaced keeps its mode");
 
     // A pipe (as /dev/stdout or a device would be) is written into, not replaced by a file.
     let fifo = tmp.path().join("fifo");
@@ -1555,7 +1564,6 @@ fn add_refuses_a_pipe_or_a_device_and_says_what_a_directory_left_out() {
 
 #[test]
 fn a_new_data_directory_is_its_owners_alone_and_an_existing_one_is_left_as_it_is() {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tempdir");
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     let existing = tmp.path().join("existing");
@@ -1583,7 +1591,6 @@ fn a_new_data_directory_is_its_owners_alone_and_an_existing_one_is_left_as_it_is
 
 /// The process's file-mode creation mask, as a directory made here shows it.
 fn umask() -> u32 {
-    use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().expect("tempdir");
     std::fs::create_dir(tmp.path().join("probe")).expect("mkdir");
     !std::fs::metadata(tmp.path().join("probe")).expect("stat").permissions().mode() & 0o777
