@@ -1460,7 +1460,12 @@ async fn receive(
                 r.take(want).await;
             }
             let until = deadline.min(tokio::time::Instant::now() + silence);
-            match tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await {
+            let read = tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await;
+            // A read brings what had come by then: the rest of the allowance is not spent.
+            if let Some(r) = rate {
+                r.give_back(want - read.as_ref().map_or(0, |r| *r.as_ref().unwrap_or(&0)));
+            }
+            match read {
                 Ok(Ok(0)) | Ok(Err(_)) => fault = Some(PeerFault::Truncated),
                 Ok(Ok(n)) => {
                     bytes += n as u64;
