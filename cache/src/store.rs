@@ -465,6 +465,12 @@ impl BlobReader {
         self.blob.info()
     }
 
+    /// The blob's size as this reader holds it; unlike [`BlobReader::info`], copies no bitmap
+    /// (a gateway asks at every piece).
+    pub fn size(&self) -> u64 {
+        self.blob.geometry.size()
+    }
+
     /// Whether the store still holds this reader's entry. One evicted or removed is read from
     /// files whose room the store no longer counts.
     /// Takes no lock the store holds across file-system work: a gateway asks at every piece.

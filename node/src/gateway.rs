@@ -176,11 +176,11 @@ fn fetch_failed(hash: Hash, e: crate::NodeError) -> Response {
     error(status, format!("blob {hash} could not be fetched: {e}"))
 }
 
-/// A fetch task that did not return: cancelled as the node stops, or a bug.
-fn fetch_ended(e: tokio::task::JoinError) -> Response {
+/// A task (the `what`) that did not return: cancelled as the node stops, or a bug.
+fn task_ended(e: tokio::task::JoinError, what: &str) -> Response {
     match e.is_cancelled() {
         true => error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"),
-        false => error(StatusCode::INTERNAL_SERVER_ERROR, "the fetch failed unexpectedly"),
+        false => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the {what} failed unexpectedly")),
     }
 }
 
@@ -193,10 +193,14 @@ const MAX_LISTED: u64 = 16 << 20;
 /// several times that to decode and list.
 static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
-/// The whole of a small blob (a collection), each piece verified (its size is checked before any
-/// more of it is fetched), handed to `then` on a blocking thread: a collection of 16 MiB takes
-/// seconds to decode and list, and those seconds and their memory count against
-/// [`READING_WHOLE`] as the read does.
+/// The whole of a collection, each piece verified (its size is checked before any more of it is
+/// fetched), handed to `then` on a blocking thread: a collection of 16 MiB takes seconds to
+/// decode and list, and those seconds and their memory count against [`READING_WHOLE`] as the
+/// read does. A blob that is no collection (its first piece tells) is not read on: 404.
+///
+/// A place is taken only once every piece is held, and waited for within the lookup deadline: a
+/// peer that sends a collection slowly, or clients that ask for listings faster than they are
+/// made, hold no place that the others wait on without end.
 async fn read_whole<T: Send + 'static>(
     node: &NodeHandle,
     hash: Hash,
@@ -212,9 +216,27 @@ async fn read_whole<T: Send + 'static>(
         );
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, say)));
     }
-    let reading =
-        READING_WHOLE.acquire().await.map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))?;
     let geometry = Geometry::new(size).map_err(|_| Box::new(error(StatusCode::BAD_GATEWAY, "blob too large")))?;
+    let first = match size {
+        0 => Bytes::new(),
+        _ => wait_piece(node, hash, 0, &fetching, &mut None).await?,
+    };
+    if !shoal_protocol::collection::Collection::is_collection(&first) {
+        return Err(Box::new(error(StatusCode::NOT_FOUND, format!("{hash} is not a collection"))));
+    }
+    for piece in 1..geometry.piece_count() {
+        wait_held(node, hash, piece, &fetching).await?;
+    }
+    let reading = match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
+        Ok(Ok(reading)) => reading,
+        Ok(Err(_)) => return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
+        Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many listings are being made; ask again",
+            )));
+        }
+    };
     let mut out = Vec::with_capacity(size as usize);
     let mut reader = None;
     for piece in 0..geometry.piece_count() {
@@ -222,7 +244,7 @@ async fn read_whole<T: Send + 'static>(
     }
     // A size no proof backed may have given way to the true one meanwhile: the blob read is the
     // reader's (the store's entry may have left since).
-    if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.info().size) != Some(size) || out.len() as u64 != size {
+    if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.size()) != Some(size) || out.len() as u64 != size {
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
     drop(reader);
@@ -233,7 +255,7 @@ async fn read_whole<T: Send + 'static>(
         then(out)
     })
     .await
-    .map_err(|_| Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "stopping")))
+    .map_err(|e| Box::new(task_ended(e, "listing")))
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
@@ -248,24 +270,47 @@ async fn known_size(
     (public, leads): (bool, bool),
 ) -> Result<u64, Box<Response>> {
     let deadline = tokio::time::Instant::now() + node.config().lookup_wait();
+    // Armed until the size is known: at the deadline, and as well if the client leaves before
+    // (this future dropped), which would otherwise leave the fetch holding its place for as long
+    // as the fetch itself waits.
+    let mut stop =
+        StopFetch { node, hash, leads, fetch: fetching.as_ref().filter(|_| public).map(|f| f.abort_handle()) };
     loop {
         if let Some(info) = node.store().info(hash) {
+            stop.fetch = None;
             return Ok(info.size);
         }
         if let Some(f) = fetching.take_if(|f| f.is_finished()) {
             return Err(Box::new(match f.await {
                 Ok(Err(e)) => fetch_failed(hash, e),
                 Ok(Ok(_)) => error(StatusCode::NOT_FOUND, format!("blob {hash} was fetched but is gone again")),
-                Err(e) => fetch_ended(e),
+                Err(e) => task_ended(e, "fetch"),
             }));
         }
         if tokio::time::Instant::now() > deadline {
-            if let Some(f) = fetching.take().filter(|_| public && !(leads && crate::fetch::is_followed(node, hash))) {
-                f.abort();
-            }
+            *fetching = None;
             return Err(Box::new(error(StatusCode::NOT_FOUND, format!("no provider of {hash} answered in time"))));
         }
         tokio::time::sleep(PIECE_POLL).await;
+    }
+}
+
+/// Stops the public gateway's fetch of `hash` when dropped, unless it leads a fetch that others
+/// follow (see [`known_size`]).
+struct StopFetch<'a> {
+    node: &'a NodeHandle,
+    hash: Hash,
+    leads: bool,
+    fetch: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for StopFetch<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.fetch.take()
+            && !(self.leads && crate::fetch::is_followed(self.node, self.hash))
+        {
+            f.abort();
+        }
     }
 }
 
@@ -372,10 +417,17 @@ pub(crate) async fn serve(
     // A listing's tag (the listing asked for: a client holding the HTML one is not told its JSON
     // one is unchanged) names a collection, whose listing never changes: no need to read it.
     let listed = (path.is_none() && !wants_raw(headers)).then(|| listing_etag(hash, headers));
+    // The blob's own tag, where a collection would be answered with its listing, stands for the
+    // blob only once its first piece shows it is no collection (below): a shared cache holding
+    // the collection's own bytes would serve them to a browser told they are current.
+    let mut own_tag_asked = false;
     if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
         && let Some(matched) = inm.split(',').map(|t| t.trim()).find_map(|t| {
             let tag = t.trim_start_matches("W/");
-            if tag == etag || (t == "*" && held()) {
+            if tag == etag && listed.is_some() {
+                own_tag_asked = true;
+                None
+            } else if tag == etag || (t == "*" && held()) {
                 Some(etag.clone())
             } else {
                 listed.as_ref().filter(|l| tag == l.as_str()).cloned()
@@ -441,6 +493,9 @@ pub(crate) async fn serve(
         }
     };
     drop(sniffing);
+    if own_tag_asked {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
     let mut out = Response::builder()
         .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
         .header(header::ETAG, etag)
@@ -482,7 +537,7 @@ pub(crate) async fn serve(
                 // and the entry given way to the blob's true size: a piece of that one is cut
                 // from another geometry, and the answer would end early yet look whole. The piece
                 // is the reader's entry's (the store's may have left since).
-                Ok(_) if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.info().size) != Some(size) => {
+                Ok(_) if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.size()) != Some(size) => {
                     Err(std::io::Error::other("the blob's size changed; aborting the body"))
                 }
                 Ok(bytes) => {
@@ -548,35 +603,56 @@ async fn wait_piece(
     fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
     reader: &mut Option<shoal_cache::BlobReader>,
 ) -> Result<Bytes, Box<Response>> {
-    let store = node.store().clone();
+    // A blob this answer reads already: read on from the files it holds, evicted or not (the
+    // answer lets go of an evicted blob's in time). A reader that lacks the piece (not verified
+    // yet, or its entry left the store) is not held while the piece is waited for.
+    let held = reader.take().filter(|r| r.holds(piece));
+    if held.is_none() {
+        wait_held(node, hash, piece, fetching).await?;
+    }
+    let s = node.store().clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let r = match held {
+            Some(r) => r,
+            None => s.reader(hash)?,
+        };
+        r.read_piece(piece).map(|bytes| (r, bytes))
+    });
+    use shoal_cache::StoreError;
+    match read.await {
+        Ok(Ok((r, bytes))) => {
+            *reader = Some(r);
+            Ok(bytes)
+        }
+        // Dropped from the store, and fetched again by the next request for it.
+        Ok(Err(StoreError::Corrupt { .. })) => {
+            Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} of {hash} failed verification"))))
+        }
+        Ok(Err(StoreError::NotFound { .. })) => Err(Box::new(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{hash} left the cache as it was read; ask again"),
+        ))),
+        Ok(Err(e)) => Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {hash}: {e}")))),
+        Err(e) => Err(Box::new(task_ended(e, "read"))),
+    }
+}
+
+/// Waits until the store holds `piece` of `hash` verified (the fetch may still be running).
+/// Fails if the fetch ends without it, or if no piece of the blob arrives for the lookup deadline.
+async fn wait_held(
+    node: &NodeHandle,
+    hash: Hash,
+    piece: u32,
+    fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+) -> Result<(), Box<Response>> {
+    let store = node.store();
     let stall = node.config().lookup_wait();
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {
-        // A blob this answer reads already: read on from the files it holds, evicted or not
-        // (the answer lets go of an evicted blob's in time). A reader that lacks the piece (not
-        // verified yet, or its entry left the store) is not held while the piece is waited for.
-        if reader.as_ref().is_some_and(|r| !r.holds(piece)) {
-            *reader = None;
-        }
-        let held = reader.take();
         let holds = store.holds(hash, piece);
-        if held.is_some() || holds.is_some_and(|(has, _)| has) {
-            let s = store.clone();
-            let read = tokio::task::spawn_blocking(move || {
-                let r = match held {
-                    Some(r) => r,
-                    None => s.reader(hash)?,
-                };
-                r.read_piece(piece).map(|bytes| (r, bytes))
-            });
-            return match read.await {
-                Ok(Ok((r, bytes))) => {
-                    *reader = Some(r);
-                    Ok(bytes)
-                }
-                _ => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} failed verification")))),
-            };
+        if holds.is_some_and(|(has, _)| has) {
+            return Ok(());
         }
         if let Some((_, count)) = holds
             && count != last_count
@@ -622,6 +698,35 @@ mod tests {
         // An empty blob has no byte to give, whichever way the range is put.
         assert_eq!(parse_range(Some(&hv("bytes=0-0")), 0), Err(()));
         assert_eq!(parse_range(Some(&hv("bytes=-1")), 0), Err(()));
+    }
+
+    /// A gateway client that leaves before the blob's size is known stops the fetch its request
+    /// started, as the lookup deadline would: it holds one of the few the gateway may run.
+    #[tokio::test]
+    async fn a_fetch_for_a_client_that_left_before_the_size_was_known_stops() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::NodeConfig::new(tmp.path().to_owned());
+        config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+        config.api = None;
+        config.durable = false;
+        config.lookup_timeout = Duration::from_secs(600);
+        let node = crate::Node::start(config).await.expect("node");
+        let handle = node.handle();
+        let hash = Hash::of(b"nobody has this");
+        for public in [false, true] {
+            // A fetch that finds nothing for as long as it runs.
+            let mut fetching = Some(tokio::spawn(std::future::pending()));
+            let answer = known_size(&handle, hash, &mut fetching, (public, true));
+            assert!(tokio::time::timeout(Duration::from_millis(200), answer).await.is_err(), "the client left");
+            let fetch = fetching.take().expect("still the caller's");
+            let ended = tokio::time::timeout(Duration::from_secs(if public { 10 } else { 1 }), fetch).await;
+            match public {
+                true => assert!(ended.expect("stopped").expect_err("aborted").is_cancelled()),
+                // The owner's own fetches (the API's) go on.
+                false => assert!(ended.is_err(), "{ended:?}"),
+            }
+        }
+        node.shutdown().await.expect("shutdown");
     }
 
     #[test]

@@ -424,6 +424,22 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
             .call()
             .expect("GET");
         assert_eq!(r.status(), 200);
+        // A cache revalidating with the tag of the collection's own bytes as well (it holds both
+        // variants) is not told those bytes are what a browser should get.
+        let both = format!("\"{collection}\", {tag}");
+        let r = a.get(format!("http://{gw_addr}/{collection}")).header("If-None-Match", &both).call().expect("GET");
+        assert_eq!(r.status(), 304);
+        assert_eq!(r.headers()["etag"], tag.as_str());
+        let own = format!("\"{collection}\"");
+        let r = a.get(format!("http://{gw_addr}/{collection}")).header("If-None-Match", &own).call().expect("GET");
+        assert_eq!(r.status(), 200, "the listing, not a 304 for the collection's own bytes");
+        let r = a
+            .get(format!("http://{gw_addr}/{collection}"))
+            .header("If-None-Match", &own)
+            .header("Accept", "application/octet-stream")
+            .call()
+            .expect("GET");
+        assert_eq!(r.status(), 304);
 
         let mut r = a.get(format!("http://{gw_addr}/{collection}/sub%20dir/a.txt")).call().expect("GET entry");
         assert_eq!(r.status(), 200);
@@ -438,6 +454,10 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
         assert_eq!(a.get(format!("http://{gw_addr}/{collection}/nope")).call().expect("GET").status(), 404);
         let file_hash = blake3::hash(b"<!DOCTYPE html><p>hi</p>").to_hex().to_string();
         assert_eq!(a.get(format!("http://{gw_addr}/{file_hash}/x")).call().expect("GET").status(), 404);
+        // A blob that is no collection is revalidated by its own tag.
+        let own = format!("\"{file_hash}\"");
+        let r = a.get(format!("http://{gw_addr}/{file_hash}")).header("If-None-Match", &own).call().expect("GET");
+        assert_eq!(r.status(), 304);
     })
     .await
     .expect("client");
