@@ -49,6 +49,10 @@ const MAX_RECORD_ADDRS: usize = 4;
 /// The most lookups that wait for one provider's dial.
 const MAX_WAITING_LOOKUPS: usize = 64;
 
+/// How long a provider whose dial our own connection cap refused waits for a connection to close
+/// (see `EventLoop::awaiting_room`).
+const ROOM_WAIT: Duration = Duration::from_secs(10);
+
 /// How often peers' expired provider records are removed.
 const EXPIRED_SWEEP: Duration = Duration::from_secs(10 * 60);
 
@@ -451,9 +455,11 @@ pub(crate) struct EventLoop {
     connected_since: HashMap<PeerId, Instant>,
     /// Peers whose connections we are closing; a subset of `connected_since`.
     closing: HashSet<PeerId>,
-    /// Providers whose dial our connection cap refused, waiting for a connection to close, with
-    /// how often that happened.
-    awaiting_room: VecDeque<PeerId>,
+    /// Providers whose dial our connection cap refused, waiting for a connection to close, since
+    /// when, and how often that happened. Given up after [`ROOM_WAIT`]: the lookups waiting for
+    /// one do not end while it is dialled, and their fetches look again only once they end.
+    awaiting_room: VecDeque<(PeerId, Instant)>,
+    room_wait: Duration,
     room_retries: HashMap<PeerId, u8>,
     /// The configured bootstrap peers, dialled again while no peer is connected.
     bootstrap: Vec<(PeerId, Multiaddr)>,
@@ -516,6 +522,7 @@ impl EventLoop {
             connected_since: HashMap::new(),
             closing: HashSet::new(),
             awaiting_room: VecDeque::new(),
+            room_wait: config.stretch(ROOM_WAIT),
             room_retries: HashMap::new(),
             bootstrap: Vec::new(),
             names: HashMap::new(),
@@ -602,6 +609,7 @@ impl EventLoop {
                     }
                 }
                 _ = trim.tick() => {
+                    self.give_up_waiting_for_room();
                     self.trim_connections();
                     self.release_deferred();
                     self.rejoin();
@@ -1090,6 +1098,25 @@ impl EventLoop {
         }
     }
 
+    /// Stops dialling the providers that waited [`ROOM_WAIT`] for a connection to close: the
+    /// lookups that wait for them end, and their fetches may look for holders again.
+    fn give_up_waiting_for_room(&mut self) {
+        while let Some(&(peer, since)) = self.awaiting_room.front() {
+            if since.elapsed() < self.room_wait {
+                break;
+            }
+            self.awaiting_room.pop_front();
+            // Parked again since (a later refusal), it waits on from then.
+            if self.awaiting_room.iter().any(|(p, _)| *p == peer) {
+                continue;
+            }
+            if !self.swarm.is_connected(&peer) && self.dialling.remove(&peer).is_some() {
+                debug!(%peer, "no connection closed to make room for a provider; its lookups go on without it");
+            }
+            self.room_retries.remove(&peer);
+        }
+    }
+
     /// Hands a provider to a lookup once we hold a connection to it.
     fn offer_provider(&mut self, peer: PeerId, found: &mpsc::Sender<PeerId>) {
         if self.swarm.is_connected(&peer) {
@@ -1184,7 +1211,7 @@ impl EventLoop {
                     let retries = self.room_retries.entry(peer).or_insert(0);
                     *retries += 1;
                     if *retries <= 3 {
-                        self.awaiting_room.push_back(peer);
+                        self.awaiting_room.push_back((peer, Instant::now()));
                         // Back under the target, not just one below the cap: Kademlia's own dials
                         // would take a single freed slot before the provider's redial.
                         let below =
@@ -1222,7 +1249,7 @@ impl EventLoop {
                 self.closing.remove(&peer_id);
                 self.crowds.disconnected(&peer_id);
                 self.connected_since.remove(&peer_id);
-                while let Some(peer) = self.awaiting_room.pop_front() {
+                while let Some((peer, _)) = self.awaiting_room.pop_front() {
                     if self.dialling.contains_key(&peer) && !self.swarm.is_connected(&peer) {
                         self.dial_provider(peer);
                         break;
