@@ -319,6 +319,8 @@ struct Holder {
     blocked_since: AtomicU64,
     /// Told when a newcomer takes the slot: the answer is cut off.
     preempted: tokio::sync::Notify,
+    /// It holds a piece-upload slot as well (see [`Uploads::acquire_data`]).
+    holds_data: std::sync::atomic::AtomicBool,
 }
 
 /// A stream written under an upload slot: each write or flush that waits on the requester marks
@@ -470,7 +472,7 @@ impl Uploads {
         if let Some(slot) = self.try_acquire(peer) {
             return Some(slot);
         }
-        if !self.may_take(&peer) || !self.preempt_stalled() {
+        if !self.may_take(&peer) || !self.preempt_stalled(false) {
             return None;
         }
         let permit = tokio::time::timeout(PREEMPT_WAIT, self.total.clone().acquire_owned()).await.ok()?.ok()?;
@@ -508,8 +510,9 @@ impl Uploads {
     }
 
     /// Cuts off the answer that has waited longest on its requester, if it has waited
-    /// [`PREEMPT_AFTER`] or more; whether there was one.
-    fn preempt_stalled(&self) -> bool {
+    /// [`PREEMPT_AFTER`] or more (and, with `holding_data`, holds a piece-upload slot); whether
+    /// there was one.
+    fn preempt_stalled(&self, holding_data: bool) -> bool {
         let now = stamp(self.epoch);
         let after = u64::try_from(self.timing.preempt_after.as_micros()).unwrap_or(u64::MAX);
         let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
@@ -517,6 +520,7 @@ impl Uploads {
             .values()
             .map(|h| (h.blocked_since.load(Ordering::Relaxed), h))
             .filter(|(since, _)| *since != 0 && now.saturating_sub(*since) >= after)
+            .filter(|(_, h)| !holding_data || h.holds_data.load(Ordering::Relaxed))
             .min_by_key(|(since, _)| *since);
         let Some((_, holder)) = stalled else { return false };
         // Not chosen twice: its task lets the slot go at its next poll.
@@ -536,11 +540,18 @@ impl Uploads {
     /// let go, its next request goes at once). A peer reading slowly, or many requests of one
     /// peer, would otherwise hold every slot for as long as their answers take and serve no one
     /// else (a peer may ask for 64 pieces, at 64 KiB/s).
+    ///
+    /// With every slot taken, an answer holding one that has waited [`PREEMPT_AFTER`] on its
+    /// requester is cut off, as [`Uploads::acquire`] cuts one off for its slot: its slot goes to
+    /// the line. The caller marks its [`Holder`] once it holds a slot.
     async fn acquire_data(&self, peer: PeerId, priority: impl FnOnce() -> u32) -> Option<Option<DataSlot>> {
         let Some(slots) = &self.data else { return Some(None) };
         let slot = match slots.try_acquire(&peer) {
             Some(slot) => slot,
-            None => slots.acquire(&peer, priority(), self.timing.max_slot_wait).await?,
+            None => {
+                self.preempt_stalled(true);
+                slots.acquire(&peer, priority(), self.timing.max_slot_wait).await?
+            }
         };
         Some(Some(DataSlot { _slot: slot }))
     }
@@ -826,7 +837,7 @@ async fn answer(
                     true => (offered, none.clone(), None, None),
                     false => {
                         let priority = || crowds.least_served(hash, &offered);
-                        let Some(slot) = uploads.acquire_data(peer, priority).await else {
+                        let Some(data) = uploads.acquire_data(peer, priority).await else {
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut *stream,
@@ -835,12 +846,14 @@ async fn answer(
                             )
                             .await;
                         };
+                        // Cut off if it stalls while others wait for a piece slot.
+                        slot.holder.holds_data.store(true, Ordering::Relaxed);
                         let now = Instant::now();
                         let claim = crowds.claim(hash, peer, &offered, spreads, uploads.uplink(&peer, true), now);
                         // Only pieces `claim` counted are given back.
                         let pieces = claim.pieces.count();
                         let answer = (spreads && pieces > 0).then(|| Answer { crowds, hash, peer, pieces });
-                        (claim.pieces, claim.new, Some((slot, now)), answer)
+                        (claim.pieces, claim.new, Some((data, now)), answer)
                     }
                 };
                 if sending.is_empty() {
@@ -1631,14 +1644,23 @@ mod tests {
     /// Holds an upload slot of `uploads` for `peer` while it writes a 1 MiB answer to a peer that
     /// takes `per_ms` bytes a millisecond, as `serve_one` does: cut off if a newcomer takes the
     /// slot.
-    async fn answer_under_a_slot(uploads: &Uploads, peer: PeerId, per_ms: usize) -> std::io::Result<()> {
+    /// With `pieces`, it holds a piece-upload slot as well, as an answer to `Get` does.
+    async fn answer_under_a_slot(uploads: &Uploads, peer: PeerId, per_ms: usize, pieces: bool) -> std::io::Result<()> {
         let slot = uploads.acquire(peer).await.expect("a free slot");
         let holder = slot.holder.clone();
+        let data = match pieces {
+            true => {
+                let data = uploads.acquire_data(peer, || 0).await.flatten().expect("a free piece slot");
+                holder.holds_data.store(true, Ordering::Relaxed);
+                Some(data)
+            }
+            false => None,
+        };
         let mut reader = Reader::new(per_ms);
         let mut stream = Watched { inner: &mut reader, holder: &holder, epoch: uploads.epoch };
         let answer = vec![7u8; 1 << 20];
         let write = async {
-            let _slot = slot;
+            let _slot = (slot, data);
             let mut budget = WriteBudget::new(&uploads.timing, answer.len());
             for chunk in answer.chunks(CHUNK) {
                 budget.write(&mut stream, chunk).await?;
@@ -1658,8 +1680,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_requester_that_takes_nothing_gives_its_slot_to_a_newcomer() {
         let uploads = Uploads::new(2, 8, None, None, Timing::new(1.0));
-        let never_reads = answer_under_a_slot(&uploads, PeerId::random(), 0);
-        let reads = answer_under_a_slot(&uploads, PeerId::random(), 128);
+        let never_reads = answer_under_a_slot(&uploads, PeerId::random(), 0, false);
+        let reads = answer_under_a_slot(&uploads, PeerId::random(), 128, false);
         let newcomers = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             assert!(uploads.acquire(PeerId::random()).await.is_none(), "no answer has stalled long yet");
@@ -1672,6 +1694,30 @@ mod tests {
         assert_eq!(never_reads.map_err(|e| e.kind()), Err(std::io::ErrorKind::Interrupted));
         assert!(reads.is_ok(), "{reads:?}");
         assert!(uploads.holders.lock().unwrap().is_empty(), "nothing left behind");
+    }
+
+    /// Under an upload cap the piece-upload slots are the few that matter: a requester that
+    /// takes nothing holds one no longer than [`PREEMPT_AFTER`] while others wait in line for
+    /// it; an answer being read keeps its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_requester_that_takes_nothing_gives_its_piece_slot_to_the_line() {
+        let uploads = two_slots();
+        let never_reads = answer_under_a_slot(&uploads, PeerId::random(), 0, true);
+        // 1 MiB at 100 bytes a millisecond: still sending when the last newcomer leaves the line.
+        let reads = answer_under_a_slot(&uploads, PeerId::random(), 100, true);
+        let newcomers = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let early = uploads.acquire_data(PeerId::random(), || 0).await;
+            assert!(early.is_none(), "no answer has stalled long yet");
+            tokio::time::sleep(PREEMPT_AFTER).await;
+            let taken = uploads.acquire_data(PeerId::random(), || 0).await.flatten();
+            assert!(taken.is_some(), "the piece slot of the answer nobody reads");
+            let second = uploads.acquire_data(PeerId::random(), || 0).await;
+            assert!(second.is_none(), "the answer being read keeps its piece slot");
+        };
+        let (never_reads, reads, ()) = tokio::join!(never_reads, reads, newcomers);
+        assert_eq!(never_reads.map_err(|e| e.kind()), Err(std::io::ErrorKind::Interrupted));
+        assert!(reads.is_ok(), "{reads:?}");
     }
 
     /// A peer refused at the node-wide bound leaves nothing behind in the per-peer counts.
