@@ -412,27 +412,10 @@ pub(crate) async fn serve(
         }
     };
     let etag = format!("\"{hash}\"");
-    // `*` matches any representation there is: only a blob held whole is surely there.
-    let held = || node.store().info(hash).is_some_and(|i| i.is_complete());
-    // A listing's tag (the listing asked for: a client holding the HTML one is not told its JSON
-    // one is unchanged) names a collection, whose listing never changes: no need to read it.
+    // The listing asked for: a client holding the HTML one is not told its JSON one is unchanged.
     let listed = (path.is_none() && !wants_raw(headers)).then(|| listing_etag(hash, headers));
-    // The blob's own tag, where a collection would be answered with its listing, stands for the
-    // blob only once its first piece shows it is no collection (below): a shared cache holding
-    // the collection's own bytes would serve them to a browser told they are current.
-    let mut own_tag_asked = false;
     if let Some(inm) = headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
-        && let Some(matched) = inm.split(',').map(|t| t.trim()).find_map(|t| {
-            let tag = t.trim_start_matches("W/");
-            if tag == etag && listed.is_some() {
-                own_tag_asked = true;
-                None
-            } else if tag == etag || (t == "*" && held()) {
-                Some(etag.clone())
-            } else {
-                listed.as_ref().filter(|l| tag == l.as_str()).cloned()
-            }
-        })
+        && let Some(matched) = not_modified(&node, hash, inm, &etag, listed.as_deref()).await
     {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, matched)]).into_response();
     }
@@ -493,9 +476,6 @@ pub(crate) async fn serve(
         }
     };
     drop(sniffing);
-    if own_tag_asked {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
-    }
     let mut out = Response::builder()
         .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
         .header(header::ETAG, etag)
@@ -582,6 +562,42 @@ pub(crate) async fn serve(
     out.body(Body::from_stream(stream)).unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
 
+/// The tag an `If-None-Match` of `inm` matches, if it matches one: the blob's own `etag`, or the
+/// `listed` one of the listing a collection would be answered with. Where the listing would be
+/// the answer (`listed`), the blob's own tag, or `*`, stands for the blob's own bytes only if its
+/// first piece, held, shows it is no collection: a shared cache holding a collection's own bytes
+/// must not be told they are what a browser gets. A blob whose first piece is not held is taken
+/// at its tag, as before, rather than fetched to answer a revalidation.
+async fn not_modified(node: &NodeHandle, hash: Hash, inm: &str, etag: &str, listed: Option<&str>) -> Option<String> {
+    let tags: Vec<&str> = inm.split(',').map(str::trim).collect();
+    let names = |wanted: &str| tags.iter().any(|t| t.trim_start_matches("W/") == wanted);
+    // A listing's tag names a collection, whose listing never changes: no need to read it.
+    if let Some(listed) = listed.filter(|l| names(l)) {
+        return Some(listed.to_owned());
+    }
+    // `*` matches any representation there is: only a blob held whole is surely there.
+    let any = tags.contains(&"*") && node.store().info(hash).is_some_and(|i| i.is_complete());
+    if !names(etag) && !any {
+        return None;
+    }
+    let Some(listed) = listed else { return Some(etag.to_owned()) };
+    match first_piece_is_collection(node, hash).await {
+        Some(true) => any.then(|| listed.to_owned()),
+        Some(false) => Some(etag.to_owned()),
+        None => names(etag).then(|| etag.to_owned()),
+    }
+}
+
+/// Whether the blob's first piece, if the store holds it verified, starts a collection.
+async fn first_piece_is_collection(node: &NodeHandle, hash: Hash) -> Option<bool> {
+    if !node.store().holds(hash, 0)?.0 {
+        return None;
+    }
+    let store = node.store().clone();
+    let first = tokio::task::spawn_blocking(move || store.reader(hash)?.read_piece(0)).await.ok()?.ok()?;
+    Some(shoal_protocol::collection::Collection::is_collection(&first))
+}
+
 /// How long an answer keeps the blob's files open while its client takes no bytes.
 const HOLD_FOR_A_CLIENT: Duration = Duration::from_secs(10);
 
@@ -628,7 +644,7 @@ async fn wait_piece(
         Ok(Err(StoreError::Corrupt { .. })) => {
             Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} of {hash} failed verification"))))
         }
-        Ok(Err(StoreError::NotFound { .. })) => Err(Box::new(error(
+        Ok(Err(StoreError::NotFound { .. } | StoreError::Incomplete { .. })) => Err(Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{hash} left the cache as it was read; ask again"),
         ))),

@@ -981,12 +981,10 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
                 .with_context(|| format!("cannot write {}", output.display()))?,
         );
         let got = copy_hashing(&mut source, &mut file, output)?;
-        let file = file.into_inner().map_err(|e| e.into_error())?;
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         if let Some(old) = &replaced {
-            keep_attributes(&file, old)
-                .with_context(|| format!("cannot give the new {} the old one's mode", output.display()))?;
+            keep_attributes(&partial, old);
         }
-        file.sync_all()?;
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
         }
@@ -999,18 +997,28 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
     result
 }
 
-/// Gives `file` the permission bits of `old`, the file it replaces, and its owner and group if
-/// this process may (root may; a user may keep a group of their own). Set-id and sticky bits
-/// are not kept: they were granted to the bytes replaced.
-fn keep_attributes(file: &std::fs::File, old: &std::fs::Metadata) -> std::io::Result<()> {
+/// Gives the file at `path` the permission bits of `old`, the file it replaces, and its owner
+/// and group if this process may (root may; a user may keep a group of their own). Set-id and
+/// sticky bits are not kept: they were granted to the bytes replaced. A file system that refuses
+/// (some network and FUSE mounts) gets a warning: the bytes are still written.
+fn keep_attributes(path: &Path, old: &std::fs::Metadata) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let new = file.metadata()?;
-    if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
-        // Before the mode: a change of owner clears set-id bits, and is refused to most users.
-        let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
-            .or_else(|_| std::os::unix::fs::fchown(file, None, Some(old.gid())));
+    let kept = std::fs::File::open(path).and_then(|file| {
+        let new = file.metadata()?;
+        if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+            // Before the mode: a change of owner clears set-id bits, and is refused to most users.
+            let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
+                .or_else(|_| std::os::unix::fs::fchown(&file, None, Some(old.gid())));
+        }
+        let mode = old.mode() & 0o777;
+        match new.mode() & 0o7777 == mode {
+            true => Ok(()),
+            false => file.set_permissions(std::fs::Permissions::from_mode(mode)),
+        }
+    });
+    if let Err(e) = kept {
+        eprintln!("warning: {} does not keep the mode of the file it replaces: {e}", path.display());
     }
-    file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o777))
 }
 
 /// [`write_blob`] for an output that cannot be replaced once the bytes verified (standard
@@ -1164,7 +1172,8 @@ impl Blobs for OwnNode<'_> {
 
     /// Moves the blob's file out of the store into place, once its hash is checked: the store is
     /// beside the output (see [`get_with_own_node`]), and a copy would need the blob's size twice
-    /// on disk. A file elsewhere (a symlink's target) is copied, so that it is made where it goes
+    /// on disk. A file it replaces is moved out beside it, given the old one's mode, then renamed
+    /// over it. A file elsewhere (a symlink's target) is copied, so that it is made where it goes
     /// (its group, its directory's default permissions), as is a blob to `keep` and one the file
     /// system will not rename.
     fn write_file(&mut self, hash: Hash, target: &Path, keep: bool) -> anyhow::Result<()> {
@@ -1176,14 +1185,29 @@ impl Blobs for OwnNode<'_> {
             let parent = std::fs::canonicalize(parent).ok();
             parent.zip(self.home.as_ref()).is_some_and(|(p, home)| p.starts_with(home))
         };
-        // A file replaced is copied to, not moved to: the copy takes its mode before it appears.
-        if keep || !under_home() || std::fs::symlink_metadata(target).is_ok() {
+        if keep || !under_home() {
             return write_into_place(hash, self.open(hash)?, target);
         }
-        match self.handle.store().move_out(hash, target) {
+        // A file replaced: moved out beside it first, to take its mode before it takes its place.
+        let replaced = std::fs::metadata(target).ok().filter(|m| m.is_file());
+        let dest = match &replaced {
+            Some(_) => {
+                let partial = partial_path(target);
+                scratch(&partial);
+                partial
+            }
+            None => target.to_owned(),
+        };
+        match self.handle.store().move_out(hash, &dest) {
             Ok(_) => {
                 tracing::debug!(blob = %hash, to = %target.display(), "moved out of the store");
-                Ok(())
+                let Some(old) = replaced else { return Ok(()) };
+                keep_attributes(&dest, &old);
+                let placed = std::fs::rename(&dest, target);
+                if placed.is_err() {
+                    let _ = std::fs::remove_file(&dest);
+                }
+                placed.with_context(|| format!("cannot write {}", target.display()))
             }
             Err(shoal_node::cache::StoreError::Io { .. }) => write_into_place(hash, self.open(hash)?, target),
             Err(e) => Err(e).with_context(|| format!("nothing was written to {}", target.display())),

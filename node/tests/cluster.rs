@@ -1180,12 +1180,14 @@ fn get_without_a_running_node_starts_a_short_lived_one() {
     let mut scratches = scratches;
     scratches.sort();
     assert_eq!(scratches, kept, "{names:?}");
-    // A file replaced keeps its mode.
-    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // A file replaced keeps its mode (one no umask gives a new file), and is still moved, not
+    // copied, into place.
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o751)).expect("chmod");
     let again = run(Some(&n2.addr));
-    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && said.contains("moved out of the store"), "{said}");
     assert_eq!(b3sum(&out), hash);
-    assert_eq!(std::fs::metadata(&out).expect("stat").permissions().mode() & 0o7777, 0o600);
+    assert_eq!(std::fs::metadata(&out).expect("stat").permissions().mode() & 0o7777, 0o751);
     // To standard output, streamed through the short-lived node's own API; its store, in the
     // temporary directory, is gone with it.
     let scratch = tmp.path().join("scratch");

@@ -433,6 +433,10 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
         let own = format!("\"{collection}\"");
         let r = a.get(format!("http://{gw_addr}/{collection}")).header("If-None-Match", &own).call().expect("GET");
         assert_eq!(r.status(), 200, "the listing, not a 304 for the collection's own bytes");
+        // `*` is answered with the tag of what would be sent: the listing.
+        let r = a.get(format!("http://{gw_addr}/{collection}")).header("If-None-Match", "*").call().expect("GET");
+        assert_eq!(r.status(), 304);
+        assert_eq!(r.headers()["etag"], tag.as_str());
         let r = a
             .get(format!("http://{gw_addr}/{collection}"))
             .header("If-None-Match", &own)
@@ -454,10 +458,14 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
         assert_eq!(a.get(format!("http://{gw_addr}/{collection}/nope")).call().expect("GET").status(), 404);
         let file_hash = blake3::hash(b"<!DOCTYPE html><p>hi</p>").to_hex().to_string();
         assert_eq!(a.get(format!("http://{gw_addr}/{file_hash}/x")).call().expect("GET").status(), 404);
-        // A blob that is no collection is revalidated by its own tag.
-        let own = format!("\"{file_hash}\"");
-        let r = a.get(format!("http://{gw_addr}/{file_hash}")).header("If-None-Match", &own).call().expect("GET");
-        assert_eq!(r.status(), 304);
+        // A blob that is no collection is revalidated by its own tag; so is one not held, which
+        // is not fetched to say so.
+        for blob in [file_hash, blake3::hash(b"nobody has this").to_hex().to_string()] {
+            let own = format!("\"{blob}\"");
+            let r = a.get(format!("http://{gw_addr}/{blob}")).header("If-None-Match", &own).call().expect("GET");
+            assert_eq!(r.status(), 304);
+            assert_eq!(r.headers()["etag"], own.as_str());
+        }
     })
     .await
     .expect("client");
