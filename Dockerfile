@@ -1,6 +1,10 @@
 # Shoal node image: build in a full Rust image, run as a non-root user in a slim one.
 #   docker build -t shoal .
-#   docker run -p 4737:4737/udp -p 8080:8080 -v shoal-data:/data shoal node --gateway 0.0.0.0:8080
+#   docker run --network host --stop-timeout 30 -v shoal-data:/data shoal node --gateway 0.0.0.0:8080
+# On the default bridge network the node announces the container's address, which peers cannot
+# dial: publish the port (-p 4737:4737/udp) and pass --external /ip4/PUBLIC-IP/udp/4737/quic-v1.
+# --stop-timeout 30: time to end uploads and flush the store. A host directory mounted at /data
+# must be writable by uid 10001.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .

@@ -133,8 +133,10 @@ fn load_or_create_token(dir: &std::path::Path) -> anyhow::Result<String> {
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    std::io::Write::write_all(&mut opts.open(&tmp)?, token.as_bytes())?;
-    std::fs::rename(&tmp, &path)?;
+    let written = opts.open(&tmp).and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()));
+    anyhow::Context::with_context(written.and_then(|()| std::fs::rename(&tmp, &path)), || {
+        format!("cannot write the API token to {}", path.display())
+    })?;
     Ok(token)
 }
 
@@ -226,8 +228,10 @@ pub(crate) async fn spawn(node: NodeHandle, addr: SocketAddr) -> anyhow::Result<
     let token = std::sync::Arc::new(load_or_create_token(&node.config().data_dir)?);
     let api_file = node.config().data_dir.join("api");
     let tmp = api_file.with_extension("tmp");
-    std::fs::write(&tmp, bound.to_string())?;
-    std::fs::rename(&tmp, &api_file)?;
+    anyhow::Context::with_context(
+        std::fs::write(&tmp, bound.to_string()).and_then(|()| std::fs::rename(&tmp, &api_file)),
+        || format!("cannot write the API's address to {}", api_file.display()),
+    )?;
     tracing::info!(api = %bound, "HTTP API listening");
     let mutating = axum::Router::new()
         .route("/v1/blobs", post(add).get(list_blobs))

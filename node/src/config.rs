@@ -28,6 +28,9 @@ pub const MAX_CONNECTIONS: u32 = 1_000_000;
 /// far enough ahead does not fit in the clock, and the node panicked computing it.
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The least cache a node takes (see [`NodeConfig::check`]).
+pub const MIN_CACHE: u64 = 64 << 10;
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -298,12 +301,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         None => (s, 1u64),
         Some((i, _)) => {
             let unit = s[i..].trim().to_ascii_uppercase();
-            let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
+            // Each unit whole (`K`, `KB`, `KiB`): not `10iB`, nor `10GBBB`.
+            let prefix = unit.strip_suffix("IB").or_else(|| unit.strip_suffix('B')).unwrap_or(&unit);
+            let mult = match (unit.as_str(), prefix) {
+                ("B", _) => 1,
+                (_, "K") => 1 << 10,
+                (_, "M") => 1 << 20,
+                (_, "G") => 1 << 30,
+                (_, "T") => 1 << 40,
                 _ => return Err(format!("unknown unit in {s:?}: use a number of bytes, or K, M, G, T")),
             };
             (&s[..i], mult)
@@ -388,6 +393,21 @@ impl NodeConfig {
             if rate == Some(0) {
                 return Err(format!("{name} must be above 0 bytes per second; leave it out for no cap"));
             }
+        }
+        // A bare number is bytes: `--cache-size 10`, meant as gigabytes, would drop every blob
+        // cached at the next start and make each fetch fail as too large for the cache.
+        if self.cache_bytes < MIN_CACHE {
+            return Err(format!(
+                "cache-size must be at least 64K, not {} bytes; a bare number is bytes: write 10G for 10 GiB",
+                self.cache_bytes
+            ));
+        }
+        // What `config show` writes must read back: TOML integers are signed 64-bit.
+        if self.cache_bytes > i64::MAX as u64 {
+            return Err(format!("cache-size must be at most {} bytes, not {}", i64::MAX, self.cache_bytes));
+        }
+        if self.listen.is_empty() {
+            return Err("listen is empty, so no peer could reach this node; name at least one address".into());
         }
         let counts = [
             ("max-uploads", self.max_uploads as u64, MAX_UPLOADS as u64),
@@ -484,5 +504,11 @@ mod tests {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
         assert!(parse_size("-1").is_err());
+        assert_eq!(parse_size("4 K"), Ok(4 << 10));
+        assert_eq!(parse_size("7b"), Ok(7));
+        assert_eq!(parse_size("3kb"), Ok(3 << 10));
+        for odd in ["10iB", "10GBBB", "10GIBB", "10BB"] {
+            assert!(parse_size(odd).is_err(), "{odd}");
+        }
     }
 }

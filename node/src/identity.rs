@@ -14,6 +14,16 @@ pub(crate) fn load_or_create(path: &Path) -> anyhow::Result<Keypair> {
 }
 
 fn read(path: &Path) -> anyhow::Result<Option<Keypair>> {
+    #[cfg(unix)]
+    if let Ok(meta) = std::fs::metadata(path) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the node's private key is readable by other users, who could act as this node; `chmod 600` it"
+            );
+        }
+    }
     match std::fs::read(path) {
         Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map(Some).map_err(|e| {
             anyhow::anyhow!("{} is not a Shoal identity ({e}); move it away to get a new one", path.display())
@@ -34,9 +44,8 @@ fn create(path: &Path) -> anyhow::Result<Keypair> {
         opts.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+        let written = opts.open(&tmp).and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()));
+        anyhow::Context::with_context(written, || format!("cannot write the node's identity to {}", tmp.display()))?;
     }
     // Into place only if no other first start on this data directory got there first: a link
     // fails where a rename would replace that one's key, leaving it running under an identity no

@@ -711,7 +711,11 @@ fn create_data_dir(dir: &Path) -> std::io::Result<()> {
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 let mode = format!("{mode:o}");
-                tracing::debug!(dir = %dir.display(), mode, "the data directory is open to other users; left as it is");
+                tracing::warn!(
+                    dir = %dir.display(),
+                    mode,
+                    "the data directory is open to other users, who can list the hashes it holds; `chmod 700` it"
+                );
             }
         }
         return Ok(());

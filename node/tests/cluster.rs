@@ -1658,6 +1658,11 @@ fn config_show_refuses_settings_a_node_cannot_run_with() {
         ("cache-size = -1\n", &[], "cache-size: expected a whole number of bytes or a size such as \"10G\""),
         ("cache-size = 1.5\n", &[], "cache-size: expected a whole number of bytes or a size such as \"10G\""),
         ("upload-rate = -1\n", &[], "upload-rate: expected a whole number of bytes"),
+        // A bare number is bytes: meant as gigabytes, it would have dropped the whole cache.
+        ("cache-size = 10\n", &[], "cache-size must be at least 64K, not 10 bytes"),
+        ("", &["--cache-size", "0"], "cache-size must be at least 64K"),
+        ("cache-size = \"10GBBB\"\n", &[], "unknown unit"),
+        ("listen = []\n", &[], "listen is empty"),
     ];
     for (file, args, says) in refused {
         let (ok, _, err) = show(file, args, &[]);
