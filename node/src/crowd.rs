@@ -225,18 +225,26 @@ impl Crowds {
             addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).take(MAX_HINT_ADDRS).collect();
         let mut inner = self.lock();
         inner.unreachable.remove(&peer);
-        if !addrs.is_empty() {
-            inner.addrs.insert(peer, addrs);
-        }
+        // A report with none we would hint (all too long, or none reachable from here) leaves
+        // none of the last one's either: they are what it no longer says.
+        match addrs.is_empty() {
+            true => inner.addrs.remove(&peer),
+            false => inner.addrs.insert(peer, addrs),
+        };
     }
 
     /// `peer`, connected, is also reachable at `addrs` (names it announced, once checked): added
     /// to those it is hinted at, within the bound.
     pub(crate) fn also_at(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let addrs: Vec<Multiaddr> = addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).collect();
+        // No name we would hint: nothing learnt, and a peer found unreachable stays so.
+        if addrs.is_empty() {
+            return;
+        }
         let mut inner = self.lock();
         inner.unreachable.remove(&peer);
         let held = inner.addrs.entry(peer).or_default();
-        for addr in addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN) {
+        for addr in addrs {
             if held.len() < MAX_HINT_ADDRS && !held.contains(&addr) {
                 held.push(addr);
             }

@@ -282,6 +282,10 @@ async fn run(
     let timing = node.inner.uploads.timing;
     let (events, mut rx) = mpsc::channel::<Event>(256);
     let mut requests: HashMap<RequestId, (Aborted, PieceSet)> = HashMap::new();
+    // Have and watch requests under way: aborted with the fetch, as `requests` are, rather than
+    // left to hold their streams (and keep idle connections from being trimmed) until they time
+    // out. Reaped as each is added.
+    let mut asking: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let mut resumed_bytes = 0u64;
     let mut fetched_bytes = 0u64;
     let mut geometry: Option<Geometry> = None;
@@ -346,7 +350,8 @@ async fn run(
                     // than left to run beside the next (a stream may take its open and exchange
                     // timeouts, 20 s, where the machine waits 5).
                     let within = machine.config().have_timeout;
-                    tokio::spawn(
+                    while asking.try_join_next().is_some() {}
+                    asking.spawn(
                         async move {
                             let _in_flight = activity.request(peer);
                             let asked = transfer::ask_have(control, peer, hash, trace, prove_size, timing);
@@ -364,7 +369,8 @@ async fn run(
                     let wait = machine.config().have_refresh;
                     // As a have request, but a watch may also take its wait.
                     let within = machine.config().have_timeout.saturating_add(wait);
-                    tokio::spawn(
+                    while asking.try_join_next().is_some() {}
+                    asking.spawn(
                         async move {
                             let watched = transfer::watch_have(control, peer, (hash, wanted, wait), trace, timing);
                             let Ok(r) = tokio::time::timeout(within, watched).await else { return };
@@ -677,7 +683,7 @@ async fn run(
         let s = store.clone();
         let _ = tokio::task::spawn_blocking(move || s.delete_if_empty(hash)).await;
     }
-    // Dropping `requests` and `lookup` aborts their tasks, here or when a caller that gave up
+    // Dropping `requests`, `asking` and `lookup` aborts their tasks, here or when a caller that gave up
     // drops this future: left running, they fetched for nobody and kept their connections from
     // being trimmed.
     result
