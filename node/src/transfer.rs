@@ -1448,7 +1448,8 @@ pub(crate) async fn get_pieces(
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
-/// `deadline` passes or the peer is silent for `silence` (the request timeout), storing each piece as soon as
+/// `deadline` passes (later by each wait on our own download cap) or the peer is silent for
+/// `silence` (the request timeout), storing each piece as soon as
 /// it verified while the next one arrives (and waking the watches this node holds). Returns the
 /// pieces stored, the bytes read, and why the response fell short, if it did.
 async fn receive(
@@ -1457,7 +1458,7 @@ async fn receive(
     (store, arrivals): (&Store, &Arrivals),
     hash: Hash,
     rate: Option<&RateLimit>,
-    deadline: tokio::time::Instant,
+    mut deadline: tokio::time::Instant,
     silence: Duration,
 ) -> (PieceSet, u64, Option<PeerFault>, Option<shoal_cache::StoreError>) {
     let mut stored = PieceSet::empty(decoder.verified().piece_count());
@@ -1470,7 +1471,10 @@ async fn receive(
         let want = (decoder.remaining() as usize).min(CHUNK);
         if want > 0 && fault.is_none() {
             if let Some(r) = rate {
+                let waiting = tokio::time::Instant::now();
                 r.take(want).await;
+                // Our own download cap's wait is not the peer's: the deadline moves by it.
+                deadline += waiting.elapsed();
             }
             let until = deadline.min(tokio::time::Instant::now() + silence);
             let read = tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await;
