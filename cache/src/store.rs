@@ -1598,12 +1598,22 @@ impl Store {
     /// leaves the store. So `dest` must be on the store's file system: if the rename fails (an
     /// `Io` error), the blob stays, and [`Store::export`] can copy it instead. Returns the size.
     pub fn move_out(&self, hash: Hash, dest: &Path) -> Result<u64> {
+        self.move_out_as(hash, dest, |_| {})
+    }
+
+    /// [`Store::move_out`], with `prepare` given the data file, once checked and before it is
+    /// renamed into place: to set its mode or owner through the descriptor, so that it appears at
+    /// `dest` as it should be, and nothing else named there can be changed instead.
+    pub fn move_out_as(&self, hash: Hash, dest: &Path, prepare: impl FnOnce(&File)) -> Result<u64> {
         let blob = self.complete_blob(hash)?;
         let data_path = blob.dir.join("data");
         if self.hash_data(&blob, io::sink(), dest)? != hash {
             return Err(self.corrupt(hash));
         }
-        self.files(&blob)?.data.sync_all().map_err(io_err("sync", &data_path))?;
+        let files = self.files(&blob)?;
+        files.data.sync_all().map_err(io_err("sync", &data_path))?;
+        prepare(&files.data);
+        drop(files);
         // A commit under way finishes first, and one after finds the blob gone and writes no meta
         // into the directory being discarded.
         let _serial = lock(&blob.commit);

@@ -380,7 +380,9 @@ impl NodeConfig {
         if let Some(v) = f.upnp {
             self.upnp = v;
         }
-        self.check()
+        // Checked whole once the environment and flags are applied too (`check`): a file's
+        // value that they replace is not refused.
+        Ok(())
     }
 
     /// Refuses the settings a node cannot run with, naming the setting: a count of 0, which

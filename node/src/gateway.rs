@@ -566,8 +566,7 @@ pub(crate) async fn serve(
 /// `listed` one of the listing a collection would be answered with. Where the listing would be
 /// the answer (`listed`), the blob's own tag, or `*`, stands for the blob's own bytes only if its
 /// first piece, held, shows it is no collection: a shared cache holding a collection's own bytes
-/// must not be told they are what a browser gets. A blob whose first piece is not held is taken
-/// at its tag, as before, rather than fetched to answer a revalidation.
+/// must not be told they are what a browser gets. Without the first piece, no 304.
 async fn not_modified(node: &NodeHandle, hash: Hash, inm: &str, etag: &str, listed: Option<&str>) -> Option<String> {
     let tags: Vec<&str> = inm.split(',').map(str::trim).collect();
     let names = |wanted: &str| tags.iter().any(|t| t.trim_start_matches("W/") == wanted);
@@ -584,7 +583,9 @@ async fn not_modified(node: &NodeHandle, hash: Hash, inm: &str, etag: &str, list
     match first_piece_is_collection(node, hash).await {
         Some(true) => any.then(|| listed.to_owned()),
         Some(false) => Some(etag.to_owned()),
-        None => names(etag).then(|| etag.to_owned()),
+        // Not known without the first piece (not held, or gone as it was read): answered in
+        // full, which reads it.
+        None => None,
     }
 }
 

@@ -981,10 +981,11 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
                 .with_context(|| format!("cannot write {}", output.display()))?,
         );
         let got = copy_hashing(&mut source, &mut file, output)?;
-        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let file = file.into_inner().map_err(|e| e.into_error())?;
         if let Some(old) = &replaced {
-            keep_attributes(&partial, old);
+            keep_attributes(&file, old, output);
         }
+        file.sync_all()?;
         if got != hash {
             bail!("the bytes received hash to {got}, not {hash}; nothing was written");
         }
@@ -997,27 +998,29 @@ fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow:
     result
 }
 
-/// Gives the file at `path` the permission bits of `old`, the file it replaces, and its owner
-/// and group if this process may (root may; a user may keep a group of their own). Set-id and
-/// sticky bits are not kept: they were granted to the bytes replaced. A file system that refuses
-/// (some network and FUSE mounts) gets a warning: the bytes are still written.
-fn keep_attributes(path: &Path, old: &std::fs::Metadata) {
+/// Gives `file`, which is to replace `output`, the permission bits of `old`, the file it
+/// replaces, and its owner and group if this process may (root may; a user may keep a group of
+/// their own). Set-id and sticky bits are not kept: they were granted to the bytes replaced.
+/// Through the descriptor only: a name can be swapped (for a link to a file of root's, in a
+/// directory another user writes to) between any check and the change. A file system that
+/// refuses (some network and FUSE mounts) gets a warning: the bytes are still written.
+fn keep_attributes(file: &std::fs::File, old: &std::fs::Metadata, output: &Path) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let kept = std::fs::File::open(path).and_then(|file| {
+    let kept = (|| {
         let new = file.metadata()?;
         if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
             // Before the mode: a change of owner clears set-id bits, and is refused to most users.
-            let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()))
-                .or_else(|_| std::os::unix::fs::fchown(&file, None, Some(old.gid())));
+            let _ = std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid()))
+                .or_else(|_| std::os::unix::fs::fchown(file, None, Some(old.gid())));
         }
         let mode = old.mode() & 0o777;
         match new.mode() & 0o7777 == mode {
             true => Ok(()),
             false => file.set_permissions(std::fs::Permissions::from_mode(mode)),
         }
-    });
+    })();
     if let Err(e) = kept {
-        eprintln!("warning: {} does not keep the mode of the file it replaces: {e}", path.display());
+        eprintln!("warning: {} does not keep the mode of the file it replaces: {e}", output.display());
     }
 }
 
@@ -1172,8 +1175,8 @@ impl Blobs for OwnNode<'_> {
 
     /// Moves the blob's file out of the store into place, once its hash is checked: the store is
     /// beside the output (see [`get_with_own_node`]), and a copy would need the blob's size twice
-    /// on disk. A file it replaces is moved out beside it, given the old one's mode, then renamed
-    /// over it. A file elsewhere (a symlink's target) is copied, so that it is made where it goes
+    /// on disk. A file it replaces gives its mode to the store's copy before that is renamed over
+    /// it. A file elsewhere (a symlink's target) is copied, so that it is made where it goes
     /// (its group, its directory's default permissions), as is a blob to `keep` and one the file
     /// system will not rename.
     fn write_file(&mut self, hash: Hash, target: &Path, keep: bool) -> anyhow::Result<()> {
@@ -1188,26 +1191,18 @@ impl Blobs for OwnNode<'_> {
         if keep || !under_home() {
             return write_into_place(hash, self.open(hash)?, target);
         }
-        // A file replaced: moved out beside it first, to take its mode before it takes its place.
+        // A file replaced: the store's copy takes its mode, through its own descriptor, before
+        // it takes the old one's place.
         let replaced = std::fs::metadata(target).ok().filter(|m| m.is_file());
-        let dest = match &replaced {
-            Some(_) => {
-                let partial = partial_path(target);
-                scratch(&partial);
-                partial
+        let moved = self.handle.store().move_out_as(hash, target, |data| {
+            if let Some(old) = &replaced {
+                keep_attributes(data, old, target);
             }
-            None => target.to_owned(),
-        };
-        match self.handle.store().move_out(hash, &dest) {
+        });
+        match moved {
             Ok(_) => {
                 tracing::debug!(blob = %hash, to = %target.display(), "moved out of the store");
-                let Some(old) = replaced else { return Ok(()) };
-                keep_attributes(&dest, &old);
-                let placed = std::fs::rename(&dest, target);
-                if placed.is_err() {
-                    let _ = std::fs::remove_file(&dest);
-                }
-                placed.with_context(|| format!("cannot write {}", target.display()))
+                Ok(())
             }
             Err(shoal_node::cache::StoreError::Io { .. }) => write_into_place(hash, self.open(hash)?, target),
             Err(e) => Err(e).with_context(|| format!("nothing was written to {}", target.display())),

@@ -1448,7 +1448,8 @@ pub(crate) async fn get_pieces(
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
-/// `deadline` passes (later by each wait on our own download cap) or the peer is silent for
+/// `deadline` passes (later by our waits on our own download cap, up to `silence` in all) or the
+/// peer is silent for
 /// `silence` (the request timeout), storing each piece as soon as
 /// it verified while the next one arrives (and waking the watches this node holds). Returns the
 /// pieces stored, the bytes read, and why the response fell short, if it did.
@@ -1465,6 +1466,7 @@ async fn receive(
     let mut chunk = vec![0u8; (decoder.remaining() as usize).min(CHUNK)];
     let mut bytes = 0u64;
     let mut fault = None;
+    let mut extended = Duration::ZERO;
     // One store write at a time, so that at most one piece waits for the disk.
     let mut writing: Option<tokio::task::JoinHandle<Result<PieceSet, shoal_cache::StoreError>>> = None;
     loop {
@@ -1473,8 +1475,12 @@ async fn receive(
             if let Some(r) = rate {
                 let waiting = tokio::time::Instant::now();
                 r.take(want).await;
-                // Our own download cap's wait is not the peer's: the deadline moves by it.
-                deadline += waiting.elapsed();
+                // Our own download cap's wait is not the peer's: the deadline moves by it, up to
+                // one request timeout in all. (A slow peer's bytes gather while we wait, and come
+                // at once after: past that, the least rate holds it to account again.)
+                let waited = waiting.elapsed().min(silence.saturating_sub(extended));
+                extended += waited;
+                deadline += waited;
             }
             let until = deadline.min(tokio::time::Instant::now() + silence);
             let read = tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await;

@@ -1668,6 +1668,11 @@ fn config_show_refuses_settings_a_node_cannot_run_with() {
         let (ok, _, err) = show(file, args, &[]);
         assert!(!ok && err.contains(says), "{file}{args:?}: {err}");
     }
+    // A file's value that a flag replaces is not refused: the whole is checked.
+    let (ok, shown, err) = show("cache-size = 10\nlisten = []\n", &["--cache-size", "10G"], &[]);
+    assert!(!ok && err.contains("listen is empty"), "{err}{shown}");
+    let (ok, shown, err) = show("cache-size = 10\n", &["--cache-size", "10G"], &[]);
+    assert!(ok && shown.contains(&format!("cache-size = {}", 10u64 << 30)), "{err}");
     // The bounds themselves are taken.
     let (ok, shown, err) = show("max-uploads = 65536\nlookup-timeout-secs = 86400\n", &[], &[]);
     assert!(ok && shown.contains("max-uploads = 65536") && shown.contains("lookup-timeout-secs = 86400"), "{err}");
