@@ -867,12 +867,7 @@ mod tests {
     #[tokio::test]
     async fn the_gateway_starts_at_most_its_share_of_fetches() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut config = crate::NodeConfig::new(tmp.path().to_owned());
-        config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
-        config.api = None;
-        config.durable = false;
-        config.lookup_timeout = Duration::from_secs(1);
-        let node = crate::Node::start(config).await.expect("node");
+        let node = crate::lone_node(tmp.path(), Duration::from_secs(1)).await;
         let handle = node.handle();
         // The gateway's share, taken by fetches that wait (entries as a fetch under way makes).
         let mut waiting = Vec::new();

@@ -451,6 +451,13 @@ pub(crate) async fn serve(
     if let Some(reading) = &reading {
         reading.wants(first..last + 1);
     }
+    // A `HEAD` of a blob still arriving answers with a size a cache may keep for good (it is
+    // `immutable`): one the last piece proves, not a peer's claim. (A body is cut short if the
+    // claim fails; a `HEAD` has none.)
+    let proving = (fetching.is_some() && method == Method::HEAD && size > 0).then(|| Reading::new(&node, hash));
+    if let Some(proving) = &proving {
+        proving.wants(geometry.last_piece()..geometry.last_piece() + 1);
+    }
 
     // The content type comes from the collection entry, or from the first piece once verified.
     let mut is_collection = false;
@@ -476,6 +483,15 @@ pub(crate) async fn serve(
         }
     };
     drop(sniffing);
+    if proving.is_some() {
+        if let Err(resp) = wait_held(&node, hash, geometry.last_piece(), &fetching).await {
+            return *resp;
+        }
+        if node.store().info(hash).map(|i| i.size) != Some(size) {
+            return error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was fetched; ask again"));
+        }
+        drop(proving);
+    }
     let mut out = Response::builder()
         .status(if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK })
         .header(header::ETAG, etag)
@@ -722,12 +738,7 @@ mod tests {
     #[tokio::test]
     async fn a_fetch_for_a_client_that_left_before_the_size_was_known_stops() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut config = crate::NodeConfig::new(tmp.path().to_owned());
-        config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
-        config.api = None;
-        config.durable = false;
-        config.lookup_timeout = Duration::from_secs(600);
-        let node = crate::Node::start(config).await.expect("node");
+        let node = crate::lone_node(tmp.path(), Duration::from_secs(600)).await;
         let handle = node.handle();
         let hash = Hash::of(b"nobody has this");
         for public in [false, true] {

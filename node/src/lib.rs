@@ -52,3 +52,15 @@ pub(crate) fn count_down<K: Eq + std::hash::Hash>(counts: &mut std::collections:
         }
     }
 }
+
+/// A node alone on loopback for a unit test, its data in `dir`: no API, no syncs, and a fetch
+/// that finds no provider gives up after `lookup_timeout`.
+#[cfg(test)]
+pub(crate) async fn lone_node(dir: &std::path::Path, lookup_timeout: std::time::Duration) -> Node {
+    let mut config = NodeConfig::new(dir.to_owned());
+    config.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")];
+    config.api = None;
+    config.durable = false;
+    config.lookup_timeout = lookup_timeout;
+    Node::start(config).await.expect("node")
+}

@@ -49,6 +49,9 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
     let file = tmp.path().join("blob");
     std::fs::write(&file, &data).expect("write");
     let hash = provider.handle().add_path(&file).await.expect("add").hash;
+    let other = tmp.path().join("other");
+    std::fs::write(&other, bytes(2 * (256 << 10) + 77)).expect("write");
+    let other = provider.handle().add_path(&other).await.expect("add").hash;
     let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
     let api_addr = std::fs::read_to_string(tmp.path().join("g/api")).expect("api address file");
 
@@ -72,6 +75,10 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
         let r = a.head(&url).call().expect("HEAD");
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-length"], size.to_string().as_str());
+        // Of a blob not held yet, once the last piece proves the size.
+        let r = a.head(format!("http://{gw_addr}/{other}")).call().expect("HEAD");
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-length"], (2 * (256 << 10) + 77).to_string().as_str());
 
         // Range edges.
         for (range, start, end) in [
