@@ -1601,9 +1601,10 @@ impl Store {
         self.move_out_as(hash, dest, |_| {})
     }
 
-    /// [`Store::move_out`], with `prepare` given the data file, once checked and before it is
-    /// renamed into place: to set its mode or owner through the descriptor, so that it appears at
-    /// `dest` as it should be, and nothing else named there can be changed instead.
+    /// [`Store::move_out`], with `prepare` given the data file, once checked and right before it
+    /// is renamed into place: to set its mode or owner through the descriptor, so that it appears
+    /// at `dest` as it should be, and nothing else named there can be changed instead. If the
+    /// rename fails, the file's mode and owner are put back.
     pub fn move_out_as(&self, hash: Hash, dest: &Path, prepare: impl FnOnce(&File)) -> Result<u64> {
         let blob = self.complete_blob(hash)?;
         let data_path = blob.dir.join("data");
@@ -1612,8 +1613,6 @@ impl Store {
         }
         let files = self.files(&blob)?;
         files.data.sync_all().map_err(io_err("sync", &data_path))?;
-        prepare(&files.data);
-        drop(files);
         // A commit under way finishes first, and one after finds the blob gone and writes no meta
         // into the directory being discarded.
         let _serial = lock(&blob.commit);
@@ -1627,7 +1626,19 @@ impl Store {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(io_err("move out", &data_path)(io::Error::other("the store was closed")));
         }
-        fs::rename(&data_path, dest).map_err(io_err("rename into place", dest))?;
+        // Last, under the locks: a move refused above leaves the store's file as it was, and one
+        // the rename refuses (another file system) has it put back, the store's to read again.
+        let before = files.data.metadata().ok();
+        prepare(&files.data);
+        if let Err(e) = fs::rename(&data_path, dest) {
+            if let Some(before) = before {
+                use std::os::unix::fs::MetadataExt;
+                let _ = std::os::unix::fs::fchown(&files.data, Some(before.uid()), Some(before.gid()));
+                let _ = files.data.set_permissions(before.permissions());
+            }
+            return Err(io_err("rename into place", dest)(e));
+        }
+        drop(files);
         self.take_entry(&mut st, &hash);
         let trashed = self.trash(&blob.dir);
         drop(st);

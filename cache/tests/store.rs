@@ -317,6 +317,20 @@ fn a_blob_moved_out_is_the_users_file_and_leaves_the_store() {
     assert!(store.info(hash).expect("still held").is_complete());
     store.export(hash, &again).expect("export");
     assert_eq!(fs::read(&again).expect("read"), data);
+
+    // What the caller changes through the descriptor is the file's as it appears; put back if
+    // the rename is refused, so that the store's copy stays its own to read.
+    use std::os::unix::fs::PermissionsExt;
+    let data_file = tmp.path().join("store").join("blobs").join(hash.to_hex()).join("data");
+    let mode = || fs::metadata(&data_file).expect("stat").permissions().mode() & 0o777;
+    let (kept, chmod) = (mode(), |f: &fs::File| f.set_permissions(fs::Permissions::from_mode(0o000)).expect("chmod"));
+    assert!(matches!(store.move_out_as(hash, &nowhere, chmod), Err(StoreError::Io { .. })));
+    assert_eq!(mode(), kept, "put back");
+    let placed = tmp.path().join("placed");
+    let chmod = |f: &fs::File| f.set_permissions(fs::Permissions::from_mode(0o751)).expect("chmod");
+    store.move_out_as(hash, &placed, chmod).expect("move out");
+    assert_eq!(fs::metadata(&placed).expect("stat").permissions().mode() & 0o777, 0o751);
+    assert_eq!(fs::read(&placed).expect("read"), data);
 }
 
 #[test]

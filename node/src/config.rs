@@ -323,7 +323,9 @@ fn parse_addrs(field: &str, v: &[String]) -> Result<Vec<Multiaddr>, String> {
 }
 
 impl NodeConfig {
-    /// Applies the values a configuration file sets; says which value is wrong, if one is.
+    /// Applies the values a configuration file sets; says which value is wrong, if one is. The
+    /// whole is for [`NodeConfig::check`] once every layer is applied: a file's value that a flag
+    /// replaces is not refused.
     pub fn apply_file(&mut self, f: &FileConfig) -> Result<(), String> {
         if let Some(v) = &f.listen {
             self.listen = parse_addrs("listen", v)?;
@@ -415,6 +417,7 @@ impl NodeConfig {
             ("max-uploads", self.max_uploads as u64, MAX_UPLOADS as u64),
             ("max-uploads-per-peer", self.max_uploads_per_peer as u64, MAX_UPLOADS as u64),
             ("max-connections", u64::from(self.max_connections), u64::from(MAX_CONNECTIONS)),
+            ("fetch-peers", self.fetch_peers as u64, MAX_FETCH_PEERS as u64),
         ];
         for (name, v, most) in counts {
             if v == 0 || v > most {

@@ -225,7 +225,7 @@ async fn read_whole<T: Send + 'static>(
         return Err(Box::new(error(StatusCode::NOT_FOUND, format!("{hash} is not a collection"))));
     }
     for piece in 1..geometry.piece_count() {
-        wait_held(node, hash, piece, &fetching).await?;
+        wait_held(node, hash, piece, &fetching, None).await?;
     }
     let reading = match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
         Ok(Ok(reading)) => reading,
@@ -452,9 +452,9 @@ pub(crate) async fn serve(
         reading.wants(first..last + 1);
     }
     // A `HEAD` of a blob still arriving answers with a size a cache may keep for good (it is
-    // `immutable`): one the last piece proves, not a peer's claim. (A body is cut short if the
-    // claim fails; a `HEAD` has none.)
-    let proving = (fetching.is_some() && method == Method::HEAD && size > 0).then(|| Reading::new(&node, hash));
+    // `immutable`): one the last piece proves, not a peer's claim. So does an answer of no bytes
+    // (a claim of an empty blob proves nothing either). A body is cut short if the claim fails.
+    let proving = (fetching.is_some() && (method == Method::HEAD || len == 0)).then(|| Reading::new(&node, hash));
     if let Some(proving) = &proving {
         proving.wants(geometry.last_piece()..geometry.last_piece() + 1);
     }
@@ -484,11 +484,8 @@ pub(crate) async fn serve(
     };
     drop(sniffing);
     if proving.is_some() {
-        if let Err(resp) = wait_held(&node, hash, geometry.last_piece(), &fetching).await {
+        if let Err(resp) = wait_held(&node, hash, geometry.last_piece(), &fetching, Some(size)).await {
             return *resp;
-        }
-        if node.store().info(hash).map(|i| i.size) != Some(size) {
-            return error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was fetched; ask again"));
         }
         drop(proving);
     }
@@ -641,7 +638,7 @@ async fn wait_piece(
     // yet, or its entry left the store) is not held while the piece is waited for.
     let held = reader.take().filter(|r| r.holds(piece));
     if held.is_none() {
-        wait_held(node, hash, piece, fetching).await?;
+        wait_held(node, hash, piece, fetching, None).await?;
     }
     let s = node.store().clone();
     let read = tokio::task::spawn_blocking(move || {
@@ -671,20 +668,37 @@ async fn wait_piece(
 }
 
 /// Waits until the store holds `piece` of `hash` verified (the fetch may still be running).
-/// Fails if the fetch ends without it, or if no piece of the blob arrives for the lookup deadline.
+/// Fails if the fetch ends without it, or if no piece of the blob arrives for the lookup deadline;
+/// with a `size`, also once the store holds the blob at another size (a claim that failed) or not
+/// at all, and the piece held must be of a blob of that size.
 async fn wait_held(
     node: &NodeHandle,
     hash: Hash,
     piece: u32,
     fetching: &Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>>,
+    size: Option<u64>,
 ) -> Result<(), Box<Response>> {
     let store = node.store();
     let stall = node.config().lookup_wait();
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {
+        if let Some(size) = size {
+            match store.info(hash).map(|i| i.size) {
+                Some(held) if held == size => {}
+                Some(_) => {
+                    let say = format!("{hash}: the size a peer claimed did not hold; ask again");
+                    return Err(Box::new(error(StatusCode::BAD_GATEWAY, say)));
+                }
+                None => {
+                    let say = format!("{hash} left the cache as it was fetched; ask again");
+                    return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, say)));
+                }
+            }
+        }
         let holds = store.holds(hash, piece);
-        if holds.is_some_and(|(has, _)| has) {
+        // Held, and (the entry may have given way meanwhile) still at the size asked for.
+        if holds.is_some_and(|(has, _)| has) && size.is_none_or(|s| store.info(hash).is_some_and(|i| i.size == s)) {
             return Ok(());
         }
         if let Some((_, count)) = holds

@@ -52,6 +52,9 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
     let other = tmp.path().join("other");
     std::fs::write(&other, bytes(2 * (256 << 10) + 77)).expect("write");
     let other = provider.handle().add_path(&other).await.expect("add").hash;
+    let empty = tmp.path().join("empty");
+    std::fs::write(&empty, b"").expect("write");
+    let empty = provider.handle().add_path(&empty).await.expect("add").hash;
     let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
     let api_addr = std::fs::read_to_string(tmp.path().join("g/api")).expect("api address file");
 
@@ -79,6 +82,12 @@ async fn the_gateway_serves_ranges_etags_and_streams_while_fetching() {
         let r = a.head(format!("http://{gw_addr}/{other}")).call().expect("HEAD");
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-length"], (2 * (256 << 10) + 77).to_string().as_str());
+        // An empty blob not held: no byte to send, once its one (empty) piece proves it empty.
+        let r = a.head(format!("http://{gw_addr}/{empty}")).call().expect("HEAD");
+        assert_eq!((r.status().as_u16(), r.headers()["content-length"].to_str().expect("ascii")), (200, "0"));
+        let mut r = a.get(format!("http://{gw_addr}/{empty}")).call().expect("GET");
+        assert_eq!(r.status(), 200);
+        assert!(r.body_mut().read_to_vec().expect("body").is_empty());
 
         // Range edges.
         for (range, start, end) in [
