@@ -1371,6 +1371,11 @@ impl Store {
         Some((st.verified.contains(piece), st.verified.count()))
     }
 
+    /// The size of `hash` as the store holds it, if it holds an entry of it. Copies nothing.
+    pub fn size(&self, hash: Hash) -> Option<u64> {
+        self.blob(hash).ok().map(|b| b.geometry.size())
+    }
+
     /// Whether `blob` is the one the store holds under its hash.
     fn is_current(&self, blob: &Blob) -> bool {
         lock(&self.inner.state).blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob))

@@ -684,7 +684,7 @@ async fn wait_held(
     let mut last_count = 0;
     loop {
         if let Some(size) = size {
-            match store.info(hash).map(|i| i.size) {
+            match store.size(hash) {
                 Some(held) if held == size => {}
                 Some(_) => {
                     let say = format!("{hash}: the size a peer claimed did not hold; ask again");
@@ -698,7 +698,7 @@ async fn wait_held(
         }
         let holds = store.holds(hash, piece);
         // Held, and (the entry may have given way meanwhile) still at the size asked for.
-        if holds.is_some_and(|(has, _)| has) && size.is_none_or(|s| store.info(hash).is_some_and(|i| i.size == s)) {
+        if holds.is_some_and(|(has, _)| has) && size.is_none_or(|s| store.size(hash) == Some(s)) {
             return Ok(());
         }
         if let Some((_, count)) = holds

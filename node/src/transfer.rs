@@ -1449,10 +1449,9 @@ pub(crate) async fn get_pieces(
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
 /// `deadline` passes (later by our waits on our own download cap, up to `silence` in all) or the
-/// peer is silent for
-/// `silence` (the request timeout), storing each piece as soon as
-/// it verified while the next one arrives (and waking the watches this node holds). Returns the
-/// pieces stored, the bytes read, and why the response fell short, if it did.
+/// peer is silent for `silence` (the request timeout), storing each piece as soon as it verified
+/// while the next one arrives (and waking the watches this node holds). Returns the pieces
+/// stored, the bytes read, and why the response fell short, if it did.
 async fn receive(
     stream: &mut (impl AsyncRead + Unpin),
     decoder: &mut verify::PieceDecoder,
@@ -1486,7 +1485,11 @@ async fn receive(
             let read = tokio::time::timeout_at(until, stream.read(&mut chunk[..want])).await;
             // A read brings what had come by then: the rest of the allowance is not spent.
             if let Some(r) = rate {
-                r.give_back(want - read.as_ref().map_or(0, |r| *r.as_ref().unwrap_or(&0)));
+                let moved = match &read {
+                    Ok(Ok(n)) => *n,
+                    _ => 0,
+                };
+                r.give_back(want - moved);
             }
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => fault = Some(PeerFault::Truncated),
