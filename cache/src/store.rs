@@ -1609,7 +1609,8 @@ impl Store {
     /// [`Store::move_out`], with `prepare` given the data file, once checked and right before it
     /// is renamed into place: to set its mode or owner through the descriptor, so that it appears
     /// at `dest` as it should be, and nothing else named there can be changed instead. If the
-    /// rename fails, the file's mode and owner are put back.
+    /// rename fails, the file's mode and owner are put back. It runs under the store's locks: a
+    /// few calls on the descriptor, never a call into the store.
     pub fn move_out_as(&self, hash: Hash, dest: &Path, prepare: impl FnOnce(&File)) -> Result<u64> {
         let blob = self.complete_blob(hash)?;
         let data_path = blob.dir.join("data");

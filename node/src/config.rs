@@ -323,9 +323,10 @@ fn parse_addrs(field: &str, v: &[String]) -> Result<Vec<Multiaddr>, String> {
 }
 
 impl NodeConfig {
-    /// Applies the values a configuration file sets; says which value is wrong, if one is. The
-    /// whole is for [`NodeConfig::check`] once every layer is applied: a file's value that a flag
-    /// replaces is not refused.
+    /// Applies the values a configuration file sets; says which value is wrong, if one is (a value
+    /// of the wrong kind; `fetch-peers`, which only a file sets, out of its range). The rest is for
+    /// [`NodeConfig::check`] once every layer is applied: a file's value that a flag replaces is
+    /// not refused.
     pub fn apply_file(&mut self, f: &FileConfig) -> Result<(), String> {
         if let Some(v) = &f.listen {
             self.listen = parse_addrs("listen", v)?;

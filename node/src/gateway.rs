@@ -690,8 +690,10 @@ async fn wait_held(
                     let say = format!("{hash}: the size a peer claimed did not hold; ask again");
                     return Err(Box::new(error(StatusCode::BAD_GATEWAY, say)));
                 }
+                // A claim that failed leaves no entry (the fetch removes an empty one), as does
+                // an eviction.
                 None => {
-                    let say = format!("{hash} left the cache as it was fetched; ask again");
+                    let say = format!("{hash}: the size claimed did not hold, or the blob left the cache; ask again");
                     return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, say)));
                 }
             }
