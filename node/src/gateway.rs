@@ -683,6 +683,8 @@ async fn wait_held(
     let mut last_change = tokio::time::Instant::now();
     let mut last_count = 0;
     loop {
+        let holds = store.holds(hash, piece);
+        // Checked after `holds`: an entry that gave way meanwhile is of another size, seen here.
         if let Some(size) = size {
             match store.size(hash) {
                 Some(held) if held == size => {}
@@ -698,9 +700,7 @@ async fn wait_held(
                 }
             }
         }
-        let holds = store.holds(hash, piece);
-        // Held, and (the entry may have given way meanwhile) still at the size asked for.
-        if holds.is_some_and(|(has, _)| has) && size.is_none_or(|s| store.size(hash) == Some(s)) {
+        if holds.is_some_and(|(has, _)| has) {
             return Ok(());
         }
         if let Some((_, count)) = holds

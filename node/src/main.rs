@@ -962,9 +962,7 @@ fn write_blob(blobs: &mut dyn Blobs, hash: Hash, output: &Path, keep: bool) -> a
 /// Writes `source` to the regular file `output` only if its BLAKE3 hash is `hash`: into a
 /// temporary file beside it, renamed into place after the check.
 ///
-/// A file replaced keeps its permissions, and its owner and group where this process may give
-/// them, as it would had the bytes been written into it: set on the new file before it takes
-/// the old one's place.
+/// A file replaced keeps its mode ([`keep_attributes`]), set before the new one takes its place.
 fn write_into_place(hash: Hash, mut source: impl Read, output: &Path) -> anyhow::Result<()> {
     let replaced = std::fs::metadata(output).ok().filter(|m| m.is_file());
     let partial = partial_path(output);
