@@ -14,7 +14,7 @@
 //!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
-//!   it lately) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
+//!   it lately, and each host once) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
 //!   lately gets no other until our patience for it has passed (or while nobody else waits for
 //!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
 //!   becomes the one holder of several pieces whose uplink all of them share. However small the
@@ -49,6 +49,7 @@
 //! [`NEARBY_QUEUE`] names waiting per fetch.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -145,6 +146,9 @@ struct Inner {
     /// Listen addresses of connected peers (from identify); a peer leaves at disconnection, so
     /// presence here also means "online".
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// The host each connected peer's connection comes from ([`host_of`]), for peers connected
+    /// over IP from another machine; a peer leaves at disconnection.
+    hosts: HashMap<PeerId, IpAddr>,
     /// Peers a dial to failed since we last held a connection to them, with when: the one sign
     /// that a peer went away. At most [`MAX_UNREACHABLE`].
     unreachable: HashMap<PeerId, Instant>,
@@ -190,6 +194,23 @@ struct Contact {
     served: Option<PieceSet>,
     /// Pieces of the answers we are sending it now, as [`Crowds::claim`] counted them.
     sending: u32,
+    /// The host it was last connected from, if known ([`host_of`]).
+    host: Option<IpAddr>,
+}
+
+/// Who a contact is, as a blob's crowd is counted: the host it connects from when known, so
+/// that peer ids made up on one machine count once, or else the peer itself.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Member {
+    Host(IpAddr),
+    Peer(PeerId),
+}
+
+/// The host a connection from `remote` counts as in a crowd: its IPv4 address or its IPv6 /64
+/// ([`crate::connmgr::source`]). None for a loopback address (nodes on one machine are run
+/// by one owner, as tests and trials on loopback do) and for an address that is not IP.
+pub(crate) fn host_of(remote: &Multiaddr) -> Option<IpAddr> {
+    crate::addrs::ip(remote).filter(|ip| !ip.is_loopback()).map(crate::connmgr::source)
 }
 
 impl Crowds {
@@ -205,6 +226,7 @@ impl Crowds {
             asking: stretch(ASKING).max(patience),
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
+                hosts: HashMap::new(),
                 unreachable: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
@@ -259,7 +281,17 @@ impl Crowds {
     /// Forgetting the peers we closed on, the seeder of a 1,000-node crowd sent 2.6 copies of the
     /// blob; forgetting those that closed on us, 1.7-1.9 copies of its pieces.
     pub(crate) fn disconnected(&self, peer: &PeerId) {
-        self.lock().addrs.remove(peer);
+        let mut inner = self.lock();
+        inner.addrs.remove(peer);
+        inner.hosts.remove(peer);
+    }
+
+    /// A connection to `peer` from `remote` is established: the peer counts as that host in
+    /// crowds from now on ([`host_of`]; nothing changes for a loopback or non-IP address).
+    pub(crate) fn connected_from(&self, peer: PeerId, remote: &Multiaddr) {
+        if let Some(host) = host_of(remote) {
+            self.lock().hosts.insert(peer, host);
+        }
     }
 
     /// A dial to `peer` failed (not for our own connection bound): it may be gone, and is not
@@ -408,6 +440,23 @@ impl Crowds {
         c.moved.is_some_and(|at| now.saturating_duration_since(at) < self.fresh)
     }
 
+    /// How many count in `hash`'s crowd ([`Crowds::in_crowd`]), each host once: peer ids cost
+    /// nothing to make, and fifteen made up on one machine, each asking once per [`ASKING`], would
+    /// otherwise make a lone fetcher's publisher treat it as one of a crowd. A host is an IPv4
+    /// address or an IPv6 /64; peers behind one NAT count once too, and a publisher is then
+    /// slower to treat them as a crowd, which costs egress, not time. Under 64 contacts.
+    fn crowd_size(&self, inner: &Inner, hash: Hash, now: Instant) -> usize {
+        let Some(contacts) = inner.blobs.peek(&hash) else { return 0 };
+        let mut members: Vec<Member> = contacts
+            .iter()
+            .filter(|c| self.in_crowd(c, now))
+            .map(|c| c.host.map_or(Member::Peer(c.peer), Member::Host))
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        members.len()
+    }
+
     /// Whether `c` counts in the blob's crowd: a fresh holder, or a peer that asked lately. A
     /// transfer that failed leaves its peer fresh but holding nothing from us: an asker.
     fn in_crowd(&self, c: &Contact, now: Instant) -> bool {
@@ -497,7 +546,7 @@ impl Crowds {
         // An asker counts in the crowd too: a crowd is as large as the peers that want the blob.
         let asker = contact(inner, hash, peer, now);
         let (served_before, sending) = (asker.served.as_ref().is_some_and(|s| !s.is_empty()), asker.sending);
-        let crowd = inner.blobs.peek(&hash).map_or(0, |cs| cs.iter().filter(|c| self.in_crowd(c, now)).count());
+        let crowd = self.crowd_size(inner, hash, now);
         let mut elsewhere = self.elsewhere(inner, hash, peer, asked, now);
         // In a crowd, one piece at a time: a peer we served a piece to passes that on before we
         // send it another, so the first copies go to as many peers as there are pieces. It waits
@@ -578,10 +627,13 @@ impl Crowds {
     /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online:
     /// first those we served any of `wanted` (the pieces the requester asked for or wants), if
     /// given, then those that moved pieces with us most recently. A peer we served a piece to may have moved nothing
-    /// with us since, and by recency alone it is lost among the peers served after it.
+    /// with us since, and by recency alone it is lost among the peers served after it. A
+    /// requester connected from a public address is named public addresses only
+    /// ([`crate::addrs::in_scope_of`]), and no peer that has none.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
-        let Inner { addrs, blobs, .. } = &mut *inner;
+        let Inner { addrs, hosts, blobs, .. } = &mut *inner;
+        let public_peer = hosts.get(&peer).is_some_and(|h| crate::addrs::is_public(*h));
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
@@ -596,8 +648,12 @@ impl Crowds {
         known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.moved)));
         known
             .into_iter()
+            .filter_map(|(c, a)| {
+                let addrs: Vec<Vec<u8>> =
+                    a.iter().filter(|a| crate::addrs::in_scope(a, public_peer)).map(|a| a.to_vec()).collect();
+                (!addrs.is_empty()).then(|| PeerHint { id: c.peer.to_bytes(), addrs })
+            })
             .take(MAX_HINTS)
-            .map(|(c, a)| PeerHint { id: c.peer.to_bytes(), addrs: a.iter().map(|a| a.to_vec()).collect() })
             .collect()
     }
 }
@@ -605,11 +661,12 @@ impl Crowds {
 /// The record of `peer` for `hash`, made if there is none (replacing a requester that holds
 /// nothing, or else the holder seen longest ago, when the blob has [`MAX_CONTACTS`]).
 fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Contact {
+    let host = inner.hosts.get(&peer).copied();
     let contacts = inner.blobs.get_or_insert_mut(hash, Vec::new);
     let ix = match contacts.iter().position(|c| c.peer == peer) {
         Some(ix) => ix,
         None => {
-            let fresh = Contact { peer, seen: now, moved: None, holds: false, served: None, sending: 0 };
+            let fresh = Contact { peer, seen: now, moved: None, holds: false, served: None, sending: 0, host };
             if contacts.len() < MAX_CONTACTS {
                 contacts.push(fresh);
                 contacts.len() - 1
@@ -627,6 +684,8 @@ fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Co
     };
     let c = &mut contacts[ix];
     c.seen = now;
+    // Kept once the peer disconnected: a holder counts while fresh, connected or not.
+    c.host = host.or(c.host);
     c
 }
 
@@ -1183,5 +1242,72 @@ mod tests {
         let last = nth_hash(MAX_BLOBS + 9);
         assert_eq!(crowds.proof(last, 5).as_deref(), Some(&[1u8, 2, 3][..]));
         assert!(crowds.proof(last, 6).is_none(), "a proof is only for the size it proves");
+    }
+
+    fn at(addr: &str) -> Multiaddr {
+        format!("{addr}/udp/4737/quic-v1").parse().expect("addr")
+    }
+
+    /// Peer ids cost nothing: many asking from one host count once in a crowd, and a lone
+    /// fetcher's publisher still sends it all it asks. From as many hosts, they are a crowd.
+    #[test]
+    fn peers_asking_from_one_host_count_once_in_a_crowd() {
+        let crowds = Crowds::new(PATIENCE, 1.0);
+        let hash = Hash::from([5u8; 32]);
+        let t0 = Instant::now();
+        let asked = set(8, &[0, 1, 2, 3]);
+        // One machine, IPv4, and one IPv6 /64 with an address of its own per id.
+        for i in 0..SMALL_CROWD as u16 {
+            for host in [at("/ip4/203.0.113.7"), at(&format!("/ip6/2001:db8:1:2::{i:x}"))] {
+                let sybil = PeerId::random();
+                crowds.connected_from(sybil, &host);
+                let _ = crowds.offer(hash, sybil, &set(8, &[7]), true, up(false, false), t0);
+            }
+        }
+        let lone = PeerId::random();
+        crowds.connected_from(lone, &at("/ip4/198.51.100.1"));
+        // Three hosts: sent its share (a third of the blob), not one piece at a time.
+        let share = |now| crowds.offer(hash, lone, &asked, true, up(false, false), now).count();
+        assert_eq!(share(t0), 3, "not a crowd");
+        // A holder gone since counts as the host it came from, while it is fresh.
+        let holder = PeerId::random();
+        crowds.connected_from(holder, &at("/ip4/203.0.113.7"));
+        served(&crowds, hash, holder, &set(8, &[6]), t0);
+        crowds.disconnected(&holder);
+        assert_eq!(share(t0), 3, "still not");
+        // As many hosts are a crowd: one piece an answer.
+        for i in 0..SMALL_CROWD as u8 {
+            let asker = PeerId::random();
+            crowds.connected_from(asker, &at(&format!("/ip4/192.0.2.{i}")));
+            let _ = crowds.offer(hash, asker, &set(8, &[7]), true, up(false, false), t0);
+        }
+        assert_eq!(share(t0), 1, "a crowd");
+    }
+
+    /// A requester on the Internet is named the public addresses of holders, not those of our
+    /// LAN; one on the LAN is named both.
+    #[test]
+    fn a_public_requester_is_named_no_lan_address() {
+        let crowds = Crowds::new(PATIENCE, 1.0);
+        let hash = Hash::from([4u8; 32]);
+        let t0 = Instant::now();
+        let (both, lan_only) = (PeerId::random(), PeerId::random());
+        let (lan, public) = (at("/ip4/192.168.1.5"), at("/ip4/203.0.113.9"));
+        crowds.connected(both, vec![lan.clone(), public.clone()]);
+        crowds.connected(lan_only, vec![at("/ip4/192.168.1.6"), at("/ip4/169.254.3.4")]);
+        served(&crowds, hash, both, &set(8, &[0]), t0);
+        served(&crowds, hash, lan_only, &set(8, &[1]), t0);
+        let named = |requester: PeerId| -> Vec<(PeerId, Vec<Multiaddr>)> {
+            let hints = crowds.hints(hash, requester, None, t0);
+            let addrs = |h: &PeerHint| h.addrs.iter().map(|a| Multiaddr::try_from(a.clone()).expect("addr")).collect();
+            hints.iter().map(|h| (PeerId::from_bytes(&h.id).expect("id"), addrs(h))).collect()
+        };
+        let outside = PeerId::random();
+        crowds.connected_from(outside, &at("/ip4/198.51.100.1"));
+        assert_eq!(named(outside), [(both, vec![public.clone()])]);
+        let neighbour = PeerId::random();
+        crowds.connected_from(neighbour, &at("/ip4/192.168.1.7"));
+        assert_eq!(named(neighbour).len(), 2);
+        assert!(named(neighbour).contains(&(both, vec![lan, public])));
     }
 }

@@ -782,6 +782,12 @@ impl EventLoop {
                     return;
                 }
                 let addrs = crate::addrs::dialable(addrs, self.over_loopback(&from));
+                // A peer on the Internet names no host on our LAN to us: such a name is another
+                // host of its own LAN, or a way to have us dial into ours.
+                let addrs = crate::addrs::in_scope_of(
+                    addrs,
+                    self.remote_addrs.get(&from).is_some_and(crate::addrs::is_public_addr),
+                );
                 // Not dialled now: a crowd names hundreds of holders, and connecting to each on
                 // sight churned connections faster than transfers used them. The fetch asks the
                 // peer when it has a slot for it; the stream's dial finds these addresses.
@@ -1193,6 +1199,7 @@ impl EventLoop {
                 // one has none), so that every peer's address reads alike beside its id.
                 let address = crate::addrs::bare(endpoint.get_remote_address());
                 self.connections.insert(connection_id, (peer_id, address.clone(), endpoint.is_dialer()));
+                self.crowds.connected_from(peer_id, &address);
                 self.remote_addrs.insert(peer_id, address);
                 self.connected_since.entry(peer_id).or_insert_with(Instant::now);
                 // A new connection to a peer we were closing: it stays until trimmed on its own.
