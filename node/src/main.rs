@@ -303,6 +303,18 @@ fn run_node(data_dir: PathBuf, args: NodeArgs) -> anyhow::Result<()> {
         }
         if let Ok(api) = std::fs::read_to_string(config.data_dir.join("api")) {
             banner.push_str(&format!("api: http://{api}\n"));
+            // Two names, easy to swap: `SHOAL_API` tells commands where to look, not the node
+            // where to listen.
+            if let Some(look) = api_from_env()
+                && look != api.trim()
+            {
+                tracing::warn!(
+                    SHOAL_API = %look,
+                    api = %api.trim(),
+                    "SHOAL_API is where shoal commands look for a node; this node's API listens where \
+                     --api or SHOAL_API_ADDR says"
+                );
+            }
         }
         // The file a gateway of this run wrote, not one a crash left behind.
         if config.gateway.is_some()
@@ -373,14 +385,20 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// The running node's API address: `SHOAL_API`, else `<data-dir>/api` while a node holds the
 /// store there (a node killed before it could remove the file leaves it behind).
 fn api_addr(data_dir: &Path) -> Option<String> {
-    if let Ok(a) = std::env::var("SHOAL_API") {
-        return Some(a.trim().trim_start_matches("http://").trim_end_matches('/').to_string());
+    if let Some(a) = api_from_env() {
+        return Some(a);
     }
     let addr = std::fs::read_to_string(data_dir.join("api")).ok().map(|s| s.trim().to_string())?;
     match shoal_node::cache::Store::in_use(&data_dir.join("store")) {
         Ok(false) => None,
         Ok(true) | Err(_) => Some(addr),
     }
+}
+
+/// `SHOAL_API`, if set, as `host:port`.
+fn api_from_env() -> Option<String> {
+    let a = std::env::var("SHOAL_API").ok()?;
+    Some(a.trim().trim_start_matches("http://").trim_end_matches('/').to_string())
 }
 
 fn require_api(data_dir: &Path) -> anyhow::Result<String> {
