@@ -227,22 +227,6 @@ pub(crate) fn is_public_addr(addr: &Multiaddr) -> bool {
     ip(addr).is_some_and(is_public)
 }
 
-/// Of `addrs`, those worth naming to, or dialling on the word of, a peer: all of them, unless
-/// it is connected from a public address (`public_peer`), in which case only public addresses
-/// and those that are not IP. A peer on the Internet cannot reach a private, loopback or link-local
-/// address of ours, or of our LAN's peers: on its side such an address names a host of its own
-/// LAN, and naming it there tells the Internet how our LAN is laid out. A name (`/dns4/...`) is
-/// kept: it is resolved where it is dialled.
-pub(crate) fn in_scope_of(mut addrs: Vec<Multiaddr>, public_peer: bool) -> Vec<Multiaddr> {
-    addrs.retain(|a| in_scope(a, public_peer));
-    addrs
-}
-
-/// Whether `addr` is one of those [`in_scope_of`] keeps.
-pub(crate) fn in_scope(addr: &Multiaddr, public_peer: bool) -> bool {
-    !public_peer || ip(addr).is_none_or(is_public)
-}
-
 /// Whether `ip` is reached only within a site: a private, shared (carrier-grade NAT) or
 /// IPv6 unique-local address.
 fn is_lan_scoped(ip: IpAddr) -> bool {
@@ -546,23 +530,6 @@ mod tests {
     fn bounds(remote_keys: usize, per_provider: usize, remote_records: usize) -> RecordBounds {
         let providers_per_key = MemoryStoreConfig::default().max_providers_per_key;
         RecordBounds { remote_keys, per_provider, remote_records, providers_per_key }
-    }
-
-    #[test]
-    fn a_public_peer_is_told_and_believed_public_addresses_only() {
-        let all = [
-            "/ip4/192.168.1.5/udp/4737/quic-v1",
-            "/ip4/100.64.0.9/udp/4737/quic-v1",
-            "/ip4/169.254.3.4/udp/4737/quic-v1",
-            "/ip4/127.0.0.1/udp/4737/quic-v1",
-            "/ip6/fd00::5/udp/4737/quic-v1",
-            "/ip4/203.0.113.9/udp/4737/quic-v1",
-            "/ip6/2001:db8::9/udp/4737/quic-v1",
-            "/dns4/shoal.example/udp/4737/quic-v1",
-        ]
-        .map(a);
-        assert_eq!(in_scope_of(all.to_vec(), false), all, "a peer on the LAN or this machine: all");
-        assert_eq!(in_scope_of(all.to_vec(), true), all[5..], "a peer on the Internet: public ones and names");
     }
 
     #[test]

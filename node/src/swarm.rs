@@ -782,12 +782,6 @@ impl EventLoop {
                     return;
                 }
                 let addrs = crate::addrs::dialable(addrs, self.over_loopback(&from));
-                // A peer on the Internet names no host on our LAN to us: such a name is another
-                // host of its own LAN, or a way to have us dial into ours.
-                let addrs = crate::addrs::in_scope_of(
-                    addrs,
-                    self.remote_addrs.get(&from).is_some_and(crate::addrs::is_public_addr),
-                );
                 // Not dialled now: a crowd names hundreds of holders, and connecting to each on
                 // sight churned connections faster than transfers used them. The fetch asks the
                 // peer when it has a slot for it; the stream's dial finds these addresses.
