@@ -11,5 +11,5 @@ mod lru;
 pub mod store;
 
 pub use store::{
-    Begun, BlobInfo, BlobReader, Imported, PieceStream, Store, StoreConfig, StoreError, StoreStats, Written,
+    Begun, BlobInfo, BlobReader, Imported, PieceStream, Store, StoreConfig, StoreError, StoreStats, Stored, Written,
 };

@@ -65,6 +65,24 @@ impl ByteLru {
         Ok(evicted)
     }
 
+    /// Charges `hash`, if it is in the order, `bytes` if that is more than it is charged now,
+    /// as the most recently used, evicting others for the room. Returns the blobs that had to
+    /// leave, least recent first: `hash` itself if `bytes` is past the capacity (lowered since
+    /// it was admitted).
+    pub(crate) fn grow(&mut self, hash: Hash, bytes: u64) -> Vec<Hash> {
+        match self.order.peek(&hash) {
+            Some(&now) if bytes > now => self.admit(hash, bytes).unwrap_or_else(|_| {
+                self.remove(&hash);
+                vec![hash]
+            }),
+            Some(_) => {
+                self.touch(&hash);
+                Vec::new()
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// Whether `bytes` more fit without evicting anything.
     pub(crate) fn fits(&self, bytes: u64) -> bool {
         self.used.saturating_add(bytes) <= self.capacity
@@ -111,11 +129,23 @@ mod tests {
         assert_eq!(lru.admit(h(4), 101), Err(Oversized { bytes: 101, capacity: 100 }));
         assert_eq!(lru.used(), 80, "a refused admission evicts nothing");
         assert_eq!(lru.set_capacity(50), vec![h(1)]);
+        // Growing makes room among the others, least recent first, and never shrinks.
+        let mut lru = ByteLru::new(100);
+        lru.admit(h(1), 30).expect("fits");
+        lru.admit(h(2), 30).expect("fits");
+        lru.admit(h(3), 10).expect("fits");
+        assert_eq!(lru.grow(h(3), 50), vec![h(1)]);
+        assert_eq!(lru.grow(h(3), 20), vec![]);
+        assert_eq!(lru.used(), 80);
+        assert_eq!(lru.grow(h(9), 50), vec![], "not in the order");
+        assert_eq!(lru.grow(h(3), 101), vec![h(3)], "past the bound: itself");
+        assert_eq!(lru.used(), 30);
     }
 
     #[derive(Debug, Clone)]
     enum Op {
         Admit(u8, u64),
+        Grow(u8, u64),
         Touch(u8),
         Remove(u8),
         Shrink(u64),
@@ -124,6 +154,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0u8..20, 0u64..400).prop_map(|(k, b)| Op::Admit(k, b)),
+            (0u8..20, 0u64..1200).prop_map(|(k, b)| Op::Grow(k, b)),
             (0u8..20).prop_map(Op::Touch),
             (0u8..20).prop_map(Op::Remove),
             (0u64..1000).prop_map(Op::Shrink),
@@ -146,6 +177,22 @@ mod tests {
                                 prop_assert!(model.remove(&e).is_some(), "evicted an unknown blob");
                             }
                             model.insert(h(k), b);
+                        }
+                    }
+                    Op::Grow(k, b) => {
+                        let held = model.get(&h(k)).copied();
+                        let evicted = lru.grow(h(k), b);
+                        for e in &evicted {
+                            prop_assert!(model.remove(e).is_some(), "evicted an unknown blob");
+                        }
+                        match held {
+                            // Never itself for room it has, and never to less than it held.
+                            Some(was) if b <= lru.capacity() => {
+                                prop_assert!(!evicted.contains(&h(k)));
+                                model.insert(h(k), was.max(b));
+                            }
+                            Some(_) => prop_assert_eq!(evicted.last(), Some(&h(k))),
+                            None => prop_assert!(evicted.is_empty(), "a blob not in the order grows nothing"),
                         }
                     }
                     Op::Touch(k) => lru.touch(&h(k)),

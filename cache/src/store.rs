@@ -16,9 +16,10 @@
 //!   the pieces verified since the last flush; it never leaves an unverified piece marked verified.
 //! - A blob directory appears under `blobs/` by rename, complete (imports) or with a meta that
 //!   describes it (network fetches); it leaves by rename into `tmp/` before it is deleted.
-//! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's full footprint (data,
-//!   outboard, and 16 KiB for its directory, meta and files' last blocks) from the moment it is
-//!   begun; pinned blobs are the user's own and are not counted.
+//! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's footprint on disk
+//!   (data, outboard, and 16 KiB for its directory, meta and files' last blocks): a whole blob's
+//!   in full, a partial one's for the pieces verified ([`charge`]; its files are sparse), grown
+//!   as they are; pinned blobs are the user's own and are not counted.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -200,6 +201,17 @@ pub struct Written {
     /// Why the response stopped early: [`DecodeError::is_peer_fault`] tells whether the sender
     /// is to blame.
     pub error: Option<DecodeError>,
+    /// Blobs the cache evicted to make room for the pieces: withdraw their provider records.
+    pub evicted: Vec<Hash>,
+}
+
+/// The result of [`Store::store_pieces`].
+#[derive(Debug)]
+pub struct Stored {
+    /// The pieces stored, and those of them held already.
+    pub pieces: PieceSet,
+    /// Blobs the cache evicted to make room for them: withdraw their provider records.
+    pub evicted: Vec<Hash>,
 }
 
 /// A blob as the store holds it.
@@ -365,6 +377,11 @@ impl Blob {
         footprint(self.geometry)
     }
 
+    /// What it is charged in the cache now ([`charge`]).
+    fn charge(&self) -> u64 {
+        charge(self.geometry, &lock(&self.status).verified)
+    }
+
     fn info(&self) -> BlobInfo {
         let st = lock(&self.status);
         BlobInfo { hash: self.hash, size: self.geometry.size(), pieces: st.verified.clone(), pinned: st.pinned }
@@ -374,6 +391,23 @@ impl Blob {
 /// What a blob takes on disk: its data and outboard, and [`BLOB_OVERHEAD`].
 fn footprint(g: Geometry) -> u64 {
     g.size() + g.outboard_size() + BLOB_OVERHEAD
+}
+
+/// What a blob of `verified` pieces is charged in the cache: its [`footprint`] once whole; while
+/// partial, [`BLOB_OVERHEAD`] and its share of the data and outboard for the pieces verified,
+/// each counted whole (the files are sparse: a piece takes room once written). So a begun blob
+/// evicts others only for bytes that arrived and verified: a size proof costs nothing to make
+/// for a hash nobody holds the bytes of (its sibling hashes may be anything), and charging the
+/// proven size at once let anyone who asks a public gateway for such a hash empty its cache.
+/// On a file system without sparse files a partial blob takes more room than it is charged.
+fn charge(g: Geometry, verified: &PieceSet) -> u64 {
+    if verified.is_complete() {
+        return footprint(g);
+    }
+    let (n, pieces) = (u64::from(verified.count()), u64::from(g.piece_count()).max(1));
+    let outboard =
+        u64::try_from(u128::from(g.outboard_size()) * u128::from(n) / u128::from(pieces)).unwrap_or(u64::MAX);
+    BLOB_OVERHEAD + n.saturating_mul(PIECE_SIZE).min(g.size()) + outboard
 }
 
 /// What a blob takes on disk besides its bytes, about: its directory, its meta, and the last,
@@ -764,7 +798,7 @@ impl Store {
             if lock(&blob.status).pinned {
                 st.pinned_bytes += blob.footprint();
             } else {
-                match st.lru.admit(blob.hash, blob.footprint()) {
+                match st.lru.admit(blob.hash, blob.charge()) {
                     Ok(evicted) => {
                         for hash in evicted {
                             if let Some(old) = st.blobs.remove(&hash) {
@@ -1079,9 +1113,11 @@ impl Store {
         }
     }
 
-    /// Prepares to receive pieces of `hash`, a blob of `size` bytes, from the network. The blob's
-    /// full footprint is reserved in the cache now, so the bound holds whatever arrives. Returns
-    /// the pieces already verified (a resumed fetch) and the blobs evicted to make room. An entry
+    /// Prepares to receive pieces of `hash`, a blob of `size` bytes, from the network. A blob
+    /// whose footprint is larger than the cache is refused; otherwise it is charged only what its
+    /// directory costs, and then each piece as it is stored ([`charge`]), evicting others as it
+    /// grows. Returns the pieces already verified (a resumed fetch) and the blobs evicted to make
+    /// room. An entry
     /// of another size with no piece verified gives way: it proves no size, and is what a fetch
     /// that ended on a claim that did not hold leaves behind.
     pub fn begin(&self, hash: Hash, size: u64) -> Result<Begun> {
@@ -1130,11 +1166,13 @@ impl Store {
                 st.pinned_bytes += bytes;
                 Vec::new()
             }
-            false => st.lru.admit(hash, bytes).map_err(|o| StoreError::TooLarge {
-                hash,
-                bytes: o.bytes,
-                capacity: o.capacity,
-            })?,
+            false if bytes > st.lru.capacity() => {
+                return Err(StoreError::TooLarge { hash, bytes, capacity: st.lru.capacity() });
+            }
+            false => st
+                .lru
+                .admit(hash, charge(geometry, &PieceSet::empty(geometry.piece_count())))
+                .map_err(|o| StoreError::TooLarge { hash, bytes: o.bytes, capacity: o.capacity })?,
         };
         let evicted = self.remove_evicted(&mut st, evicted);
         let dir = self.tmp_path("partial");
@@ -1185,14 +1223,14 @@ impl Store {
         let files = self.files(&blob)?;
         let outboard = verify::post_order_outboard(hash, blob.geometry, FileAt(&files.outboard));
         let decoded = verify::decode_pieces(encoded, pieces, FileAt(&files.data), outboard);
-        self.mark_verified(&blob, &files, &decoded.verified)?;
-        Ok(Written { verified: decoded.verified, error: decoded.error })
+        let evicted = self.mark_verified(&blob, &files, &decoded.verified)?;
+        Ok(Written { verified: decoded.verified, error: decoded.error, evicted })
     }
 
     /// Stores pieces a [`verify::PieceDecoder`] verified as they arrived, with their proofs, and
     /// returns them, those held already included (they are not written again). Durable and
     /// marked in the meta at the next flush, as with [`Store::write_pieces`].
-    pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<PieceSet> {
+    pub fn store_pieces(&self, hash: Hash, pieces: &[verify::VerifiedPiece]) -> Result<Stored> {
         let blob = self.blob(hash)?;
         let mut stored = PieceSet::empty(blob.geometry.piece_count());
         let mut held = PieceSet::empty(blob.geometry.piece_count());
@@ -1217,14 +1255,16 @@ impl Store {
             piece.write_to(FileAt(&files.data), &mut outboard).map_err(io_err("write", &blob.dir))?;
             stored.insert(piece.piece());
         }
-        self.mark_verified(&blob, &files, &stored)?;
+        let evicted = self.mark_verified(&blob, &files, &stored)?;
         stored.union_with(&held);
-        Ok(stored)
+        Ok(Stored { pieces: stored, evicted })
     }
 
-    /// Marks pieces just written and verified, and commits them once enough are unflushed.
-    fn mark_verified(&self, blob: &Blob, files: &Arc<Files>, pieces: &PieceSet) -> Result<()> {
-        let flush = {
+    /// Marks pieces just written and verified, charges the blob for them in the cache (evicting
+    /// others for the room), and commits them once enough are unflushed. Returns the blobs
+    /// evicted.
+    fn mark_verified(&self, blob: &Blob, files: &Arc<Files>, pieces: &PieceSet) -> Result<Vec<Hash>> {
+        let (flush, charged) = {
             let mut st = lock(&blob.status);
             if !pieces.is_empty() {
                 st.changes += 1;
@@ -1237,15 +1277,33 @@ impl Store {
                     st.unflushed_bytes += blob.geometry.piece_len(p);
                 }
             }
-            st.unflushed_bytes >= self.inner.config.flush_bytes || st.verified.is_complete()
+            (
+                st.unflushed_bytes >= self.inner.config.flush_bytes || st.verified.is_complete(),
+                charge(blob.geometry, &st.verified),
+            )
         };
-        lock(&self.inner.state).lru.touch(&blob.hash);
+        let evicted = {
+            let mut st = lock(&self.inner.state);
+            // Not if the entry left meanwhile (under this lock): a new entry of the hash is
+            // charged for its own pieces.
+            let evicted = match blob.removed.load(Ordering::Relaxed) {
+                true => Vec::new(),
+                false => st.lru.grow(blob.hash, charged),
+            };
+            self.remove_evicted(&mut st, evicted)
+        };
+        if !evicted.is_empty() {
+            self.empty_trash();
+            if evicted.contains(&blob.hash) {
+                return Ok(evicted);
+            }
+        }
         // Not when nothing changed: pieces held already (a late duplicate of a complete blob)
         // would cost a meta write and its syncs each time.
         if flush {
             self.flush_blob(blob)?;
         }
-        Ok(())
+        Ok(evicted)
     }
 
     /// Makes every verified piece of `hash` durable and marks it in the blob's meta.
@@ -1759,7 +1817,7 @@ impl Store {
             Vec::new()
         } else {
             st.pinned_bytes -= blob.footprint();
-            match st.lru.admit(hash, blob.footprint()) {
+            match st.lru.admit(hash, blob.charge()) {
                 Ok(evicted) => evicted,
                 Err(_) => vec![hash],
             }

@@ -199,15 +199,16 @@ fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
     for seed in 0..10u64 {
         let src = Source::new(bytes(1000 + seed, MIB as usize));
         let begun = store.begin(src.hash, MIB).expect("begin");
-        for e in &begun.evicted {
+        let all = PieceSet::full(src.geometry.piece_count());
+        let written = store.write_pieces(src.hash, &all, &src.encode(&all)[..]).expect("write");
+        let evicted: Vec<Hash> = begun.evicted.into_iter().chain(written.evicted).collect();
+        for e in &evicted {
             assert!(held.contains(e), "reported an eviction of a blob never cached");
             assert_ne!(*e, mine, "a pinned blob was evicted");
             assert!(store.info(*e).is_none(), "an evicted blob is still held");
         }
-        held.retain(|h| !begun.evicted.contains(h));
+        held.retain(|h| !evicted.contains(h));
         held.push(src.hash);
-        let all = PieceSet::full(src.geometry.piece_count());
-        store.write_pieces(src.hash, &all, &src.encode(&all)[..]).expect("write");
         let stats = store.stats();
         assert!(stats.cache_bytes <= bound, "{stats:?}");
         assert!(store.info(mine).is_some());
@@ -232,6 +233,44 @@ fn the_cache_bound_holds_pinned_blobs_stay_and_evictions_are_reported() {
     listed.sort();
     assert_eq!(on_disk, listed);
     assert_eq!(fs::read_dir(tmp.path().join("tmp")).expect("list").count(), 0, "the trash was emptied");
+}
+
+/// A blob begun from the network is charged for the pieces that arrive, not for its size: a
+/// size proof costs nothing to make for a hash nobody holds, and the size it proves evicted the
+/// cache before a byte came. Blobs leave, least recent first, as its pieces verify.
+#[test]
+fn a_begun_blob_is_charged_for_the_pieces_that_arrive() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let bound = 3 * MIB;
+    let store = Store::open(tmp.path(), StoreConfig { cache_bytes: bound, ..Default::default() }).expect("open");
+    let older = import(&store, tmp.path(), &bytes(21, MIB as usize), false);
+    let newer = import(&store, tmp.path(), &bytes(22, MIB as usize), false);
+    // A size about the whole cache for a hash whose bytes nobody has: nothing leaves.
+    let nobodys = Hash::from([0xab; 32]);
+    let begun = store.begin(nobodys, bound - MIB / 4).expect("begin");
+    assert!(begun.evicted.is_empty(), "{begun:?}");
+    assert!(store.info(older).is_some() && store.info(newer).is_some());
+    assert!(store.delete_if_empty(nobodys).expect("delete"));
+    // A real blob: its first half fits beside the two, the second takes the older one's room.
+    let src = Source::new(bytes(23, MIB as usize));
+    assert!(store.begin(src.hash, MIB).expect("begin").evicted.is_empty());
+    let n = src.geometry.piece_count();
+    let (first, second) = {
+        let mut first = PieceSet::empty(n);
+        for p in 0..n / 2 {
+            first.insert(p);
+        }
+        let second = PieceSet::full(n).difference(&first);
+        (first, second)
+    };
+    let written = store.write_pieces(src.hash, &first, &src.encode(&first)[..]).expect("write");
+    assert!(written.evicted.is_empty(), "{:?}", written.evicted);
+    let written = store.write_pieces(src.hash, &second, &src.encode(&second)[..]).expect("write");
+    assert_eq!(written.evicted, vec![older]);
+    assert!(store.info(newer).is_some() && store.info(src.hash).is_some_and(|i| i.is_complete()));
+    assert!(store.stats().cache_bytes <= bound);
+    // A blob larger than the cache is still refused at once.
+    assert!(matches!(store.begin(Hash::from([0xcd; 32]), 4 * MIB), Err(StoreError::TooLarge { .. })));
 }
 
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
@@ -640,8 +679,10 @@ fn a_reader_reads_a_blob_to_its_end_though_it_is_evicted_meanwhile() {
     let reader = store.reader(read).expect("reader");
     assert_eq!(reader.read_piece(0).expect("first piece"), &data[..PIECE_SIZE as usize]);
     let other = Source::new(bytes(15, (2 * MIB) as usize));
-    let begun = store.begin(other.hash, other.data.len() as u64).expect("begin");
-    assert_eq!(begun.evicted, vec![read], "the blob being read made room");
+    store.begin(other.hash, other.data.len() as u64).expect("begin");
+    let all = PieceSet::full(other.geometry.piece_count());
+    let written = store.write_pieces(other.hash, &all, &other.encode(&all)[..]).expect("write");
+    assert_eq!(written.evicted, vec![read], "the blob being read made room");
     assert!(store.read_piece(read, 1).is_err(), "gone from the store");
     let pieces = (2 * MIB / PIECE_SIZE) as u32;
     let mut rest = Vec::new();
@@ -679,8 +720,8 @@ fn a_piece_held_already_is_not_written_again_but_counts_as_stored() {
         d.push(&src.encode(&src.piece(0))).expect("verifies");
         d.take_ready()
     };
-    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store"), src.piece(0));
-    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store again"), src.piece(0));
+    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store").pieces, src.piece(0));
+    assert_eq!(store.store_pieces(src.hash, &decoded()).expect("store again").pieces, src.piece(0));
     assert_eq!(store.read_piece(src.hash, 0).expect("read"), &src.data[..PIECE_SIZE as usize]);
 }
 

@@ -624,6 +624,7 @@ async fn run(
                         machine.handle_have_failed(peer, failure(f), now)
                     }
                     Event::Got(peer, id, got, elapsed) => {
+                        node.withdraw(&got.evicted).await;
                         fetched_bytes += got.bytes;
                         node.inner.metrics.bytes_fetched.inc_by(got.bytes);
                         let label = if got.store_error.is_some() { "store" } else { "ok" };

@@ -1377,6 +1377,8 @@ pub(crate) struct Got {
     /// Our store failed to take verified pieces (a full disk, the blob evicted meanwhile): no
     /// fault of the peer's, and nothing another peer could help with.
     pub(crate) store_error: Option<shoal_cache::StoreError>,
+    /// Blobs the cache evicted to make room for the pieces stored.
+    pub(crate) evicted: Vec<Hash>,
 }
 
 /// One `Get`: which pieces of which blob, from whom, under which trace.
@@ -1408,6 +1410,7 @@ pub(crate) async fn get_pieces(
         hints: Vec::new(),
         have: None,
         store_error: None,
+        evicted: Vec::new(),
     };
     let mut stream = match open(&control, peer, timing).await {
         Ok(s) => s,
@@ -1419,7 +1422,8 @@ pub(crate) async fn get_pieces(
             Ok(Response::Busy { retry_after_ms, peers }) => {
                 let wait = Duration::from_millis(u64::from(retry_after_ms));
                 let fault = Some(PeerFault::Busy(wait));
-                return Got { verified: none, bytes: 0, fault, hints: peers, have: None, store_error: None };
+                let evicted = Vec::new();
+                return Got { verified: none, bytes: 0, fault, hints: peers, have: None, store_error: None, evicted };
             }
             Ok(_) => return fail(PeerFault::Protocol),
             Err(f) => return fail(f),
@@ -1433,7 +1437,7 @@ pub(crate) async fn get_pieces(
     let deadline = tokio::time::Instant::now()
         + timing.request_timeout
         + Duration::from_secs_f64(decoder.remaining() as f64 / timing.min_rate as f64);
-    let (verified, bytes, fault, store_error) = receive(
+    let Received { stored: verified, bytes, fault, store_error, evicted } = receive(
         &mut stream,
         &mut decoder,
         (&store, &arrivals),
@@ -1444,7 +1448,18 @@ pub(crate) async fn get_pieces(
     )
     .await;
     close_within(&mut stream, timing.request_timeout).await;
-    Got { verified, bytes, fault, hints, have, store_error }
+    Got { verified, bytes, fault, hints, have, store_error, evicted }
+}
+
+/// What [`receive`] took from a response.
+struct Received {
+    stored: PieceSet,
+    bytes: u64,
+    /// Why the response fell short, if it did.
+    fault: Option<PeerFault>,
+    store_error: Option<shoal_cache::StoreError>,
+    /// Blobs the cache evicted to make room for the pieces stored.
+    evicted: Vec<Hash>,
 }
 
 /// Reads a `Data` response's body into `decoder` until it is complete, the stream ends or fails,
@@ -1460,14 +1475,15 @@ async fn receive(
     rate: Option<&RateLimit>,
     mut deadline: tokio::time::Instant,
     silence: Duration,
-) -> (PieceSet, u64, Option<PeerFault>, Option<shoal_cache::StoreError>) {
+) -> Received {
     let mut stored = PieceSet::empty(decoder.verified().piece_count());
+    let mut evicted = Vec::new();
     let mut chunk = vec![0u8; (decoder.remaining() as usize).min(CHUNK)];
     let mut bytes = 0u64;
     let mut fault = None;
     let mut extended = Duration::ZERO;
     // One store write at a time, so that at most one piece waits for the disk.
-    let mut writing: Option<tokio::task::JoinHandle<Result<PieceSet, shoal_cache::StoreError>>> = None;
+    let mut writing: Option<tokio::task::JoinHandle<Result<shoal_cache::Stored, shoal_cache::StoreError>>> = None;
     loop {
         let want = (decoder.remaining() as usize).min(CHUNK);
         if want > 0 && fault.is_none() {
@@ -1509,20 +1525,21 @@ async fn receive(
             && let Some(write) = writing.take()
         {
             match write.await {
-                Ok(Ok(pieces)) => {
-                    stored.union_with(&pieces);
+                Ok(Ok(written)) => {
+                    stored.union_with(&written.pieces);
+                    evicted.extend(written.evicted);
                     arrivals.stored(hash);
                 }
                 Ok(Err(e)) => {
                     warn!(blob = %hash, error = %e, "storing verified pieces failed");
-                    return (stored, bytes, None, Some(e));
+                    return Received { stored, bytes, fault: None, store_error: Some(e), evicted };
                 }
                 // Our own store's task failed (it panicked): no fault of the peer's.
                 Err(e) => {
                     let source = std::io::Error::other(e.to_string());
                     let e =
                         shoal_cache::StoreError::Io { op: "store pieces of", path: hash.to_string().into(), source };
-                    return (stored, bytes, None, Some(e));
+                    return Received { stored, bytes, fault: None, store_error: Some(e), evicted };
                 }
             }
         }
@@ -1534,7 +1551,7 @@ async fn receive(
             writing = Some(tokio::task::spawn_blocking(move || store.store_pieces(hash, &ready)));
         }
     }
-    (stored, bytes, fault, None)
+    Received { stored, bytes, fault, store_error: None, evicted }
 }
 
 #[cfg(test)]
