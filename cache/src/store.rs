@@ -388,14 +388,15 @@ impl Blob {
     }
 }
 
-/// What a blob takes on disk: its data and outboard, and [`BLOB_OVERHEAD`].
+/// What a blob takes on disk: its data and outboard, its meta's bitmap, and [`BLOB_OVERHEAD`].
 fn footprint(g: Geometry) -> u64 {
-    g.size() + g.outboard_size() + BLOB_OVERHEAD
+    g.size() + g.outboard_size() + bitmap_bytes(g) + BLOB_OVERHEAD
 }
 
 /// What a blob of `verified` pieces is charged in the cache: its [`footprint`] once whole; while
-/// partial, [`BLOB_OVERHEAD`] and its share of the data and outboard for the pieces verified,
-/// each counted whole (the files are sparse: a piece takes room once written). So a begun blob
+/// partial, [`BLOB_OVERHEAD`], its meta's bitmap, and for each piece verified its bytes and a
+/// 4 KiB block of outboard per level of the tree (a piece's proof spans every level, and the
+/// files are sparse: a block takes room once written), the outboard at most whole. So a begun blob
 /// evicts others only for bytes that arrived and verified: a size proof costs nothing to make
 /// for a hash nobody holds the bytes of (its sibling hashes may be anything), and charging the
 /// proven size at once let anyone who asks a public gateway for such a hash empty its cache.
@@ -404,10 +405,16 @@ fn charge(g: Geometry, verified: &PieceSet) -> u64 {
     if verified.is_complete() {
         return footprint(g);
     }
-    let (n, pieces) = (u64::from(verified.count()), u64::from(g.piece_count()).max(1));
-    let outboard =
-        u64::try_from(u128::from(g.outboard_size()) * u128::from(n) / u128::from(pieces)).unwrap_or(u64::MAX);
-    BLOB_OVERHEAD + n.saturating_mul(PIECE_SIZE).min(g.size()) + outboard
+    let n = u64::from(verified.count());
+    let levels = u64::from(u64::BITS - (g.outboard_size() / 64).leading_zeros());
+    let outboard = n.saturating_mul(levels * 4096).min(g.outboard_size());
+    let partial = BLOB_OVERHEAD + bitmap_bytes(g) + n.saturating_mul(PIECE_SIZE).min(g.size()) + outboard;
+    partial.min(footprint(g))
+}
+
+/// The bytes of a blob's bitmap of pieces, as its meta holds it.
+fn bitmap_bytes(g: Geometry) -> u64 {
+    u64::from(g.piece_count()).div_ceil(8)
 }
 
 /// What a blob takes on disk besides its bytes, about: its directory, its meta, and the last,
@@ -798,8 +805,11 @@ impl Store {
             if lock(&blob.status).pinned {
                 st.pinned_bytes += blob.footprint();
             } else {
-                match st.lru.admit(blob.hash, blob.charge()) {
-                    Ok(evicted) => {
+                // Judged by its whole footprint, though charged less while partial: it could
+                // never be completed within the bound, and growing, it would evict every other.
+                let fits = blob.footprint() <= st.lru.capacity();
+                match fits.then(|| st.lru.admit(blob.hash, blob.charge()).ok()).flatten() {
+                    Some(evicted) => {
                         for hash in evicted {
                             if let Some(old) = st.blobs.remove(&hash) {
                                 info!(blob = %hash, "evicted at open: the cache bound shrank");
@@ -807,7 +817,7 @@ impl Store {
                             }
                         }
                     }
-                    Err(_) => {
+                    None => {
                         info!(blob = %blob.hash, "dropped at open: larger than the cache bound");
                         store.discard_dir(&blob.dir)?;
                         continue;
@@ -1124,9 +1134,9 @@ impl Store {
         self.begin_with(hash, size, true)
     }
 
-    /// [`Store::begin`] for a size no proof backs yet (a peer's claim): it evicts nothing, and
-    /// fails with [`StoreError::NoRoom`] if the blob does not fit beside what the cache holds, so
-    /// that a peer's false claim cannot empty the cache.
+    /// [`Store::begin`] for a size no proof backs yet (a peer's claim): it evicts nothing as it
+    /// begins, and fails with [`StoreError::NoRoom`] if the blob does not fit beside what the
+    /// cache holds; its pieces, once verified, are charged as any blob's.
     pub fn begin_unproven(&self, hash: Hash, size: u64) -> Result<Begun> {
         self.begin_with(hash, size, false)
     }
@@ -1817,10 +1827,10 @@ impl Store {
             Vec::new()
         } else {
             st.pinned_bytes -= blob.footprint();
-            match st.lru.admit(hash, blob.charge()) {
-                Ok(evicted) => evicted,
-                Err(_) => vec![hash],
-            }
+            // A partial blob that could never be completed within the bound goes, as a whole
+            // one too large does.
+            let fits = blob.footprint() <= st.lru.capacity();
+            fits.then(|| st.lru.admit(hash, blob.charge()).ok()).flatten().unwrap_or_else(|| vec![hash])
         };
         (was, self.remove_evicted(st, evicted))
     }
@@ -1867,7 +1877,16 @@ impl Store {
     /// Changes the cache bound; reports what was evicted.
     pub fn set_cache_bytes(&self, bytes: u64) -> Result<Vec<Hash>> {
         let mut st = lock(&self.inner.state);
-        let evicted = st.lru.set_capacity(bytes);
+        let mut evicted = st.lru.set_capacity(bytes);
+        // Partial blobs that could never be completed within the new bound go too: growing, they
+        // would evict every other blob first.
+        let too_large: Vec<Hash> = st
+            .blobs
+            .values()
+            .filter(|b| b.footprint() > bytes && !lock(&b.status).pinned && !evicted.contains(&b.hash))
+            .map(|b| b.hash)
+            .collect();
+        evicted.extend(too_large);
         let evicted = self.remove_evicted(&mut st, evicted);
         drop(st);
         self.empty_trash();

@@ -273,6 +273,47 @@ fn a_begun_blob_is_charged_for_the_pieces_that_arrive() {
     assert!(matches!(store.begin(Hash::from([0xcd; 32]), 4 * MIB), Err(StoreError::TooLarge { .. })));
 }
 
+/// A partial blob charged for its pieces but larger than the cache bound could never be
+/// completed within it: growing, it would evict every other blob first. It goes when the bound
+/// is lowered under it, at the next open under a lower bound, and when unpinned.
+#[test]
+fn a_partial_blob_larger_than_the_bound_goes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = |cache_bytes| StoreConfig { cache_bytes, ..Default::default() };
+    let src = Source::new(bytes(24, (2 * MIB) as usize));
+    let first = PieceSet::single(src.geometry.piece_count(), 0);
+    let partial = |store: &Store| {
+        store.begin(src.hash, src.data.len() as u64).expect("begin");
+        store.write_pieces(src.hash, &first, &src.encode(&first)[..]).expect("write");
+        store.flush(src.hash).expect("flush");
+    };
+    {
+        let store = Store::open(tmp.path(), config(4 * MIB)).expect("open");
+        let kept = import(&store, tmp.path(), &bytes(25, (MIB / 2) as usize), false);
+        partial(&store);
+        let evicted = store.set_cache_bytes(MIB + MIB / 2).expect("shrink");
+        assert_eq!(evicted, vec![src.hash], "the small whole blob fits and stays");
+        assert!(store.info(src.hash).is_none() && store.info(kept).is_some());
+        let _ = store.set_cache_bytes(4 * MIB).expect("grow back");
+        partial(&store);
+        store.close();
+    }
+    {
+        let store = Store::open(tmp.path(), config(MIB + MIB / 2)).expect("open under a lower bound");
+        assert!(store.info(src.hash).is_none(), "dropped at open");
+        assert!(store.stats().cache_bytes <= MIB + MIB / 2);
+        store.close();
+    }
+    // Pinned, it may be larger than the cache; unpinned, it goes.
+    let store = Store::open(tmp.path(), config(4 * MIB)).expect("open");
+    partial(&store);
+    store.pin(src.hash).expect("pin");
+    store.set_cache_bytes(MIB).expect("shrink");
+    assert!(store.info(src.hash).is_some(), "a pinned blob is the user's");
+    assert!(store.unpin(src.hash).expect("unpin").contains(&src.hash));
+    assert!(store.info(src.hash).is_none());
+}
+
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
 /// claim evicts nothing. An entry it leaves, holding no verified piece, gives way to the true size.
 #[test]

@@ -678,9 +678,8 @@ async fn run(
     }
     if result.is_err() {
         // An entry this fetch verified nothing into goes, while the fetch is still registered
-        // (no other can begin the blob meanwhile): it holds nothing, and the room reserved for
-        // a size only a peer claimed would stay at the fresh end of the cache's order, ahead of
-        // blobs held.
+        // (no other can begin the blob meanwhile): it holds nothing, and it would stay at the
+        // fresh end of the cache's order, ahead of blobs held, until evicted.
         let s = store.clone();
         let _ = tokio::task::spawn_blocking(move || s.delete_if_empty(hash)).await;
     }

@@ -264,8 +264,15 @@ impl Node {
         let (commands, command_rx) = mpsc::channel(1024);
         let activity = Arc::new(crate::connmgr::PeerActivity::new(config.stretch(crate::connmgr::RECENT)));
         let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience, config.time_scale));
-        let mut event_loop =
-            EventLoop::new(swarm, command_rx, &config, metrics.clone(), activity.clone(), crowds.clone());
+        let mut event_loop = EventLoop::new(
+            swarm,
+            command_rx,
+            &config,
+            metrics.clone(),
+            activity.clone(),
+            crowds.clone(),
+            store.clone(),
+        );
         event_loop.expect_listeners(listeners);
         for addr in &config.bootstrap {
             event_loop.add_bootstrap(addr)?;

@@ -56,6 +56,9 @@ const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// How often peers' expired provider records are removed.
 const EXPIRED_SWEEP: Duration = Duration::from_secs(10 * 60);
 
+/// How often the blobs announced are checked against the store ([`EventLoop::withdraw_gone`]).
+const HELD_CHECK: Duration = Duration::from_secs(60);
+
 fn query_kind(r: &QueryResult) -> &'static str {
     match r {
         QueryResult::Bootstrap(_) => "bootstrap",
@@ -404,6 +407,8 @@ struct Lookup {
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
+    /// The node's store: a blob it no longer holds is no longer announced ([`EventLoop::withdraw_gone`]).
+    store: shoal_cache::Store,
     lookups: HashMap<QueryId, Lookup>,
     /// Providers being dialled, and the lookups waiting for them.
     dialling: HashMap<PeerId, Vec<mpsc::Sender<PeerId>>>,
@@ -485,6 +490,7 @@ impl EventLoop {
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         activity: std::sync::Arc<crate::connmgr::PeerActivity>,
         crowds: std::sync::Arc<crate::crowd::Crowds>,
+        store: shoal_cache::Store,
     ) -> Self {
         if !config.external.is_empty() {
             swarm.behaviour_mut().kad.store_mut().set_announced(config.external.clone());
@@ -492,6 +498,7 @@ impl EventLoop {
         Self {
             swarm,
             commands,
+            store,
             lookups: HashMap::new(),
             dialling: HashMap::new(),
             provided: HashSet::new(),
@@ -584,6 +591,28 @@ impl EventLoop {
         self.rejoin_wait = (self.rejoin_wait * 2).min(self.rejoin_max);
     }
 
+    /// Stops announcing `hash`.
+    fn unprovide(&mut self, hash: Hash) {
+        if self.provided.remove(&hash) {
+            self.unannounced.remove(&hash);
+            self.deferred.retain(|(_, h)| *h != hash);
+            self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
+        }
+    }
+
+    /// Stops announcing the blobs the store no longer holds. The node withdraws those it sees
+    /// go (an eviction made room for a fetch's pieces, a removal), but not every one reaches it:
+    /// a request cut off while its pieces were stored drops the evictions they made. Renewed
+    /// every 12 hours, the record of a blob gone sent every peer that looked it up to ask us in
+    /// vain, and to count it against us.
+    fn withdraw_gone(&mut self) {
+        let gone: Vec<Hash> = self.provided.iter().copied().filter(|h| self.store.size(*h).is_none()).collect();
+        for hash in gone {
+            debug!(blob = %hash, "no longer held; withdrawn");
+            self.unprovide(hash);
+        }
+    }
+
     pub(crate) async fn run(mut self, mut shutdown: oneshot::Receiver<()>) {
         let mut reprovide = tokio::time::interval(REPROVIDE_INTERVAL);
         reprovide.tick().await;
@@ -594,6 +623,8 @@ impl EventLoop {
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sweep = tokio::time::interval(EXPIRED_SWEEP);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut held = tokio::time::interval(HELD_CHECK);
+        held.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -603,6 +634,7 @@ impl EventLoop {
                 },
                 Some(checked) = self.names_checked.1.recv() => self.on_names_checked(checked),
                 _ = reprovide.tick() => {
+                    self.withdraw_gone();
                     let all: Vec<Hash> = self.provided.iter().copied().collect();
                     for h in all {
                         self.enqueue_provide(h);
@@ -619,6 +651,7 @@ impl EventLoop {
                         self.announce_again();
                     }
                 }
+                _ = held.tick() => self.withdraw_gone(),
                 _ = sweep.tick() => {
                     self.swarm.behaviour_mut().kad.store_mut().remove_expired(std::time::Instant::now());
                 }
@@ -707,13 +740,7 @@ impl EventLoop {
                     self.provide(hash);
                 }
             }
-            Command::Unprovide(hash) => {
-                if self.provided.remove(&hash) {
-                    self.unannounced.remove(&hash);
-                    self.deferred.retain(|(_, h)| *h != hash);
-                    self.swarm.behaviour_mut().kad.stop_providing(&RecordKey::new(hash.as_bytes()));
-                }
-            }
+            Command::Unprovide(hash) => self.unprovide(hash),
             Command::FindProviders { hash, found, stats } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(hash.as_bytes()));
                 let lookup = Lookup {
