@@ -15,7 +15,7 @@ use shoal_node::protocol::Hash;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::run::{Cluster, Progress, percentile};
+use crate::run::{Cluster, Progress, percentile, wait_announced};
 use crate::scenario::{Experiment, Scenario};
 
 /// A churn run's figures. Times in emulated seconds since the fetches started.
@@ -40,7 +40,7 @@ pub struct ChurnResult {
     pub eligible: usize,
     /// Of which completed.
     pub succeeded: usize,
-    /// `succeeded / eligible`.
+    /// `succeeded / eligible` (none if no fetch was eligible).
     pub success_rate: f64,
     /// Completion time of eligible fetches, median, each from its own start (a node that joined
     /// during the run from its join; one that restarted from the crowd's start, its downtime
@@ -50,7 +50,14 @@ pub struct ChurnResult {
     pub p90_s: f64,
     /// Last.
     pub max_s: f64,
-    /// The longest a fetch went without a new verified byte, median over eligible fetches.
+    /// From a fetch's start to its first verified byte (the lookup and the first answer), median
+    /// over eligible fetches that got one; a restarted node's from its first start.
+    pub first_byte_p50_s: f64,
+    /// 99th percentile.
+    pub first_byte_p99_s: f64,
+    /// The longest a fetch went without a new verified byte once its first one came (what a
+    /// lost source cost it), median over eligible fetches; one that never got a byte counts its
+    /// whole run.
     pub stall_p50_s: f64,
     /// 99th percentile: how long recovering from a lost source took, at worst.
     pub stall_p99_s: f64,
@@ -86,7 +93,9 @@ pub struct Fetcher {
     pub done_s: Option<f64>,
     /// When it restarted, if it did with its fetch cut short by the crash.
     pub restarted_s: Option<f64>,
-    /// The longest gap between verified bytes.
+    /// From its start to its first verified byte, if one came.
+    pub first_byte_s: Option<f64>,
+    /// The longest gap between verified bytes, from the first one on (the whole run if none came).
     pub stall_s: f64,
     /// The last error, if any.
     pub error: Option<String>,
@@ -118,25 +127,34 @@ impl Fetches {
         let (handle, fetchers, slot) = (cluster.handle(i), fetchers.clone(), i - providers);
         cluster.spawn(i, async move {
             let (tx, mut rx) = watch::channel(FetchProgress::default());
+            // Gaps are timed from the first verified byte: before it, the fetch waits on its
+            // lookup and first answer, which `first_byte_s` tells apart.
             let watch_stalls = async move {
-                let mut last = Instant::now();
+                let start = Instant::now();
+                let (mut first, mut last) = (None, start);
                 let mut longest = Duration::ZERO;
                 let mut bytes = 0;
                 while rx.changed().await.is_ok() {
                     let p = rx.borrow_and_update().verified_bytes;
                     if p > bytes {
                         bytes = p;
-                        longest = longest.max(last.elapsed());
+                        match first {
+                            None => first = Some(start.elapsed()),
+                            Some(_) => longest = longest.max(last.elapsed()),
+                        }
                         last = Instant::now();
                     }
                 }
-                longest.max(last.elapsed())
+                (first, longest.max(last.elapsed()))
             };
             let fetch = tokio::time::timeout_at(deadline.into(), handle.fetch(hash, Some(tx)));
-            let (result, stall) = futures::join!(fetch, watch_stalls);
+            let (result, (first, stall)) = futures::join!(fetch, watch_stalls);
             let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
             let f = &mut f[slot];
             f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
+            if f.first_byte_s.is_none() {
+                f.first_byte_s = first.map(|d| d.as_secs_f64() / scale);
+            }
             match result {
                 // A node restarted after its fetch had finished fetches again (from its own
                 // store, or what the crash lost): its completion is the first one.
@@ -191,6 +209,11 @@ pub(crate) async fn run(
     }
     std::fs::remove_file(&path)?;
     let hash = hash.ok_or_else(|| anyhow::anyhow!("no providers"))?;
+    // The providers' records in place before anyone looks, as in the other experiments: what
+    // the fetches then wait on is churn, not the DHT's first publication.
+    for p in 0..providers {
+        wait_announced(&cluster.handle(p), scale).await?;
+    }
 
     // The churn schedule, seeded: who crashes or leaves, when, who restarts, when nodes join.
     let candidates: Vec<usize> = (providers..count).collect();
@@ -326,6 +349,7 @@ pub(crate) async fn run(
     // Each from its own fetch's start: a node that joined late is timed from its join.
     let done = sorted(eligible.iter().filter_map(|f| Some(f.done_s? - f.started_s)).collect());
     let stalls = sorted(eligible.iter().map(|f| f.stall_s).collect());
+    let first_bytes = sorted(eligible.iter().filter_map(|f| f.first_byte_s).collect());
     let recover = sorted(fetchers.iter().filter_map(|f| Some(f.done_s? - f.restarted_s?)).collect());
     let count_fate = |fate: &str| fetchers.iter().filter(|f| f.fate == fate).count();
     let restarted = count_fate("restarted");
@@ -342,10 +366,12 @@ pub(crate) async fn run(
         churned_share: (crashed + left) as f64 / candidates.len().max(1) as f64,
         eligible: eligible.len(),
         succeeded,
-        success_rate: succeeded as f64 / eligible.len().max(1) as f64,
+        success_rate: if eligible.is_empty() { f64::NAN } else { succeeded as f64 / eligible.len() as f64 },
         p50_s: percentile(&done, 0.5),
         p90_s: percentile(&done, 0.9),
         max_s: done.last().copied().unwrap_or(f64::NAN),
+        first_byte_p50_s: percentile(&first_bytes, 0.5),
+        first_byte_p99_s: percentile(&first_bytes, 0.99),
         stall_p50_s: percentile(&stalls, 0.5),
         stall_p99_s: percentile(&stalls, 0.99),
         restart_to_done_p50_s: percentile(&recover, 0.5),
@@ -357,10 +383,10 @@ pub(crate) async fn run(
 
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.
 pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
-    let mut csv = String::from("node,fate,eligible,ok,started_s,done_s,restarted_s,stall_s,error\n");
+    let mut csv = String::from("node,fate,eligible,ok,started_s,done_s,restarted_s,first_byte_s,stall_s,error\n");
     for f in &r.fetchers {
         csv.push_str(&format!(
-            "{},{},{},{},{:.4},{},{},{:.4},{}\n",
+            "{},{},{},{},{:.4},{},{},{},{:.4},{}\n",
             f.node,
             f.fate,
             f.eligible,
@@ -368,6 +394,7 @@ pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
             f.started_s,
             crate::csv_secs(f.done_s),
             crate::csv_secs(f.restarted_s),
+            crate::csv_secs(f.first_byte_s),
             f.stall_s,
             f.error.as_deref().unwrap_or("").replace([',', '\n'], ";")
         ));

@@ -201,7 +201,8 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
         ExperimentResult::Churn(r) => eprintln!(
             "churn: {:.0}% churned ({} crashed, {} of them restarted; {} left; {} joined); \
              {}/{} fetches succeeded ({:.1}%); completion p50 {:.2} p90 {:.2} max {:.2} s; \
-             longest stall p50 {:.2} p99 {:.2} s; restart to done p50 {:.2} max {:.2} s",
+             first byte p50 {:.2} p99 {:.2} s; longest stall after it p50 {:.2} p99 {:.2} s; \
+             restart to done p50 {:.2} max {:.2} s",
             r.churned_share * 100.0,
             r.crashed,
             r.restarted,
@@ -213,6 +214,8 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             r.p50_s,
             r.p90_s,
             r.max_s,
+            r.first_byte_p50_s,
+            r.first_byte_p99_s,
             r.stall_p50_s,
             r.stall_p99_s,
             r.restart_to_done_p50_s,

@@ -140,6 +140,12 @@ impl Bucket {
         *next = end;
         end
     }
+
+    /// Forgets what was booked: the bytes a crashed node had queued went with it.
+    fn clear(&self) {
+        let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+        *next = (*next).min(Instant::now());
+    }
 }
 
 #[derive(Debug)]
@@ -269,11 +275,26 @@ impl Network {
         }
     }
 
-    /// Puts `node` back on the network.
+    /// Puts `node` back on the network, its links' queues empty: what the node before a crash
+    /// had queued on them went with it (each frame is dropped as it arrives, its incarnation
+    /// gone), and kept booked, it held the new process's first frames back.
     pub fn set_up(&self, node: NodeId) {
         if let Some(s) = self.slot(node) {
+            s.uplink.clear();
+            s.downlink.clear();
             s.down.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// When the last byte `node` has booked on its uplink so far reaches the farthest region:
+    /// a node that stops cleanly is taken off the network only then, so that the answers it
+    /// finished sending arrive (taken off at once, they were dropped in flight, and a clean
+    /// leave cost its peers what a crash does).
+    pub fn drained_at(&self, node: NodeId) -> Instant {
+        let Some(s) = self.slot(node) else { return Instant::now() };
+        let queued = (*s.uplink.next_free.lock().unwrap_or_else(|e| e.into_inner())).max(Instant::now());
+        let farthest = (0..self.regions.len()).map(|b| self.latency(s.region, b)).max().unwrap_or_default();
+        queued + farthest
     }
 
     fn is_down(&self, node: NodeId) -> bool {

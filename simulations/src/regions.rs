@@ -23,6 +23,8 @@ pub struct RegionsResult {
     pub fetchers: usize,
     /// Fetches that completed.
     pub succeeded: usize,
+    /// Bytes delivered during the run, between all regions and within each (framing excluded).
+    pub delivered_bytes: u64,
     /// Share of the bytes delivered during the run that came from the receiver's own region.
     pub own_region_share: f64,
     /// The same share if every node got its bytes from another node picked at random:
@@ -126,6 +128,7 @@ pub(crate) async fn run(
         blob_bytes: size,
         fetchers: fetchers.len(),
         succeeded: outcomes.iter().filter(|o| o.1).count(),
+        delivered_bytes: total,
         own_region_share: if total > 0 { own as f64 / total as f64 } else { f64::NAN },
         random_pick_share,
         regions,

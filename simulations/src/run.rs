@@ -614,12 +614,14 @@ impl Cluster {
 
     /// Node `i` leaves: it drains its uploads and stops cleanly. Returns that leaving, to run
     /// (churn spawns it, so that the events after it are not held back); `None` if the node was
-    /// not running. It counts as down at once, as a stopping process takes no new work.
+    /// not running. It counts as down at once, as a stopping process takes no new work; its
+    /// links go once what it sent has arrived ([`Network::drained_at`]).
     pub(crate) fn leave(&mut self, i: usize) -> Option<impl Future<Output = ()> + Send + 'static> {
         let node = self.nodes[i].node.take()?;
         let (net, id) = (self.net.clone(), self.nodes[i].id);
         Some(async move {
             let _ = node.shutdown().await;
+            tokio::time::sleep_until(net.drained_at(id).into()).await;
             net.set_down(id);
         })
     }
@@ -1139,7 +1141,7 @@ async fn flash_crowd(
         origin_egress_copies: seeder_sent as f64 / f,
         origin_piece_copies: seeder_served as f64 / f,
         queues: Box::new(queues),
-        peer_share: if received > 0 { 1.0 - (seeder_sent as f64 / received as f64).min(1.0) } else { 0.0 },
+        peer_share: if received > 0 { 1.0 - seeder_sent as f64 / received as f64 } else { f64::NAN },
         completions,
         series,
         pieces_out_s: pieces.iter().try_fold(0.0, |last, p| p.first_s.map(|t| f64::max(last, t))),

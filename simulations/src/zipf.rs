@@ -270,11 +270,8 @@ pub(crate) async fn run(
         ttfb_miss_p99_s: percentile(&ttfb_miss, 0.99),
         ttfb_p50_s: percentile(&ttfb_all, 0.5),
         ttfb_p99_s: percentile(&ttfb_all, 0.99),
-        origin_offload: if received_total > 0 {
-            1.0 - (origin_total as f64 / received_total as f64).min(1.0)
-        } else {
-            f64::NAN
-        },
+        // Not clamped: origins that sent more than the requesters received would show below 0.
+        origin_offload: if received_total > 0 { 1.0 - origin_total as f64 / received_total as f64 } else { f64::NAN },
         origin_egress_catalogues: origin_total as f64 / (size as f64 * blobs as f64),
         samples,
         series,
@@ -302,11 +299,7 @@ pub(crate) fn write(out: &Path, r: &ZipfResult) -> anyhow::Result<()> {
     let mut offload = Vec::new();
     for b in &r.series {
         let ratio = if b.requests > 0 { b.hits as f64 / b.requests as f64 } else { f64::NAN };
-        let off = if b.received_bytes > 0 {
-            1.0 - (b.origin_bytes as f64 / b.received_bytes as f64).min(1.0)
-        } else {
-            f64::NAN
-        };
+        let off = if b.received_bytes > 0 { 1.0 - b.origin_bytes as f64 / b.received_bytes as f64 } else { f64::NAN };
         csv.push_str(&format!(
             "{:.2},{},{},{:.4},{},{},{:.4}\n",
             b.t_s, b.requests, b.hits, ratio, b.origin_bytes, b.received_bytes, off
