@@ -920,9 +920,16 @@ impl Store {
                 return Err(e);
             }
         };
-        let data = File::open(&data_path).map_err(io_err("open", &data_path))?;
-        let staged = self.stage_outboard(dir, geometry, BufReader::with_capacity(1 << 20, data))?;
-        self.install(staged, pin, None)
+        let staged = File::open(&data_path)
+            .map_err(io_err("open", &data_path))
+            .and_then(|data| self.stage_outboard(dir.clone(), geometry, BufReader::with_capacity(1 << 20, data)));
+        match staged {
+            Ok(staged) => self.install(staged, pin, None),
+            Err(e) => {
+                let _ = self.discard_dir(&dir);
+                Err(e)
+            }
+        }
     }
 
     /// Copies `source` into a new temporary directory while the hash and outboard are computed:
@@ -1011,7 +1018,14 @@ impl Store {
 
     /// Moves a staged, complete blob into `blobs/`.
     fn install(&self, staged: Staged, pin: bool, token: Option<u64>) -> Result<Imported> {
+        let dir = staged.dir.clone();
         let installed = self.install_entry(staged, pin, token);
+        // Whatever failed, the staged copy is not needed (renamed into place, it was trashed
+        // already): left in `tmp/`, each failed attempt kept a copy of the file until the next
+        // open (a full disk failing the meta's write, say).
+        if installed.is_err() {
+            let _ = self.discard_dir(&dir);
+        }
         self.empty_trash();
         installed
     }
@@ -1150,7 +1164,7 @@ impl Store {
     fn begin_entry(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
         let geometry = Geometry::new(size)?;
         let mut st = lock(&self.inner.state);
-        let mut pinned = false;
+        let (mut pinned, mut giving_way) = (false, None);
         if let Some(blob) = st.blobs.get(&hash).cloned() {
             let info = blob.info();
             if blob.geometry.size() == size {
@@ -1162,22 +1176,28 @@ impl Store {
             if !info.pieces.is_empty() || (info.pinned && !evict) {
                 return Err(StoreError::SizeMismatch { hash, known: blob.geometry.size(), claimed: size });
             }
-            debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
             pinned = info.pinned;
+            giving_way = Some(blob);
+        }
+        // Refused before the entry it would replace goes: a refusal changes nothing.
+        let bytes = footprint(geometry);
+        let freed = giving_way.as_ref().filter(|_| !pinned).map_or(0, |b| b.charge());
+        if !evict && !st.lru.fits(bytes.saturating_sub(freed)) {
+            let free = (st.lru.capacity() + freed).saturating_sub(st.lru.used());
+            return Err(StoreError::NoRoom { hash, bytes, free });
+        }
+        if !pinned && bytes > st.lru.capacity() {
+            return Err(StoreError::TooLarge { hash, bytes, capacity: st.lru.capacity() });
+        }
+        if let Some(blob) = giving_way {
+            debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
             self.take_entry(&mut st, &hash);
             self.trash(&blob.dir)?;
-        }
-        let bytes = footprint(geometry);
-        if !evict && !st.lru.fits(bytes) {
-            return Err(StoreError::NoRoom { hash, bytes, free: st.lru.capacity().saturating_sub(st.lru.used()) });
         }
         let evicted = match pinned {
             true => {
                 st.pinned_bytes += bytes;
                 Vec::new()
-            }
-            false if bytes > st.lru.capacity() => {
-                return Err(StoreError::TooLarge { hash, bytes, capacity: st.lru.capacity() });
             }
             false => st
                 .lru
@@ -1335,10 +1355,16 @@ impl Store {
     /// Flushes every blob (at shutdown).
     pub fn flush_all(&self) -> Result<()> {
         let blobs: Vec<_> = lock(&self.inner.state).blobs.values().cloned().collect();
+        // Every blob, whatever one of them does: a failure of one (a disk error in its
+        // directory) left the rest unflushed. The first failure is returned.
+        let mut first = None;
         for blob in blobs {
-            self.flush_blob(&blob)?;
+            if let Err(e) = self.flush_blob(&blob) {
+                warn!(blob = %blob.hash, error = %e, "cannot flush a blob");
+                first.get_or_insert(e);
+            }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     fn commit(&self, blob: &Blob) -> Result<()> {
@@ -1387,7 +1413,12 @@ impl Store {
         let durable = self.inner.config.durable;
         let n = NEXT_TMP.fetch_add(1, Ordering::Relaxed);
         let tmp = blob.dir.join(format!("meta.tmp.{n}"));
-        write_file(&tmp, &meta, durable)?;
+        if let Err(e) = write_file(&tmp, &meta, durable) {
+            // Each attempt takes a new name: what a failed one left would pile up until the
+            // next open.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         {
             let state = lock(&self.inner.state);
             if !state.blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob)) {
@@ -1402,7 +1433,10 @@ impl Store {
                 return Ok(());
             }
             let path = blob.dir.join("meta");
-            fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+            if let Err(e) = fs::rename(&tmp, &path) {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_err("rename", &path)(e));
+            }
         }
         // A blob evicted since the rename took its directory away: nothing left to make durable.
         if durable && let Err(e) = sync_dir(&blob.dir) {

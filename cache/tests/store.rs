@@ -337,6 +337,9 @@ fn an_unproven_size_evicts_nothing_and_an_empty_entry_of_it_gives_way() {
     // A false claim that fits leaves an empty entry of its size behind ...
     let lie = store.begin_unproven(wanted.hash, MIB / 2).expect("room for it");
     assert!(lie.evicted.is_empty() && lie.have.is_empty());
+    // A larger claim refused leaves it as it was: a refusal changes nothing.
+    assert!(matches!(store.begin_unproven(wanted.hash, 4 * MIB), Err(StoreError::NoRoom { .. })));
+    assert_eq!(store.info(wanted.hash).map(|i| i.size), Some(MIB / 2));
     // ... which the true size replaces, and a piece verified under it then holds it.
     store.begin(wanted.hash, MIB).expect("the true size");
     assert_eq!(store.info(wanted.hash).map(|i| i.size), Some(MIB));

@@ -375,12 +375,14 @@ impl Node {
         let _ = self.stop_swarm.send(());
         let _ = self.swarm_task.await;
         let store = self.handle.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.flush_all()).await??;
-        // Gone with the node, so that nothing finds an address nobody listens on.
+        let flushed = tokio::task::spawn_blocking(move || store.flush_all()).await;
+        // Gone with the node, so that nothing finds an address nobody listens on; and the store
+        // closed, whatever the flush said (what it could not flush is what a crash loses).
         for file in ["api", "gateway"] {
             let _ = std::fs::remove_file(self.handle.inner.config.data_dir.join(file));
         }
         self.handle.inner.store.close();
+        flushed??;
         Ok(())
     }
 }
