@@ -46,7 +46,8 @@ use crate::lru::ByteLru;
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     /// The most bytes of unpinned (cached) blobs kept on disk, data and outboards together, and
-    /// 16 KiB for each blob's directory and meta. The default is 10 GiB.
+    /// each blob's bitmap of pieces and 16 KiB for its directory and meta (a partial blob is
+    /// counted for the pieces it holds). The default is 10 GiB.
     pub cache_bytes: u64,
     /// The most bytes of hot pieces kept in memory, counting 128 bytes for each piece's entry
     /// besides its bytes. The default is 64 MiB.
@@ -1911,16 +1912,15 @@ impl Store {
     /// Changes the cache bound; reports what was evicted.
     pub fn set_cache_bytes(&self, bytes: u64) -> Result<Vec<Hash>> {
         let mut st = lock(&self.inner.state);
-        let mut evicted = st.lru.set_capacity(bytes);
-        // Partial blobs that could never be completed within the new bound go too: growing, they
-        // would evict every other blob first.
-        let too_large: Vec<Hash> = st
-            .blobs
-            .values()
-            .filter(|b| b.footprint() > bytes && !lock(&b.status).pinned && !evicted.contains(&b.hash))
-            .map(|b| b.hash)
-            .collect();
-        evicted.extend(too_large);
+        // Partial blobs that could never be completed within the new bound go first: growing,
+        // they would evict every other blob; and counted while the bound shrinks, they would
+        // have whole blobs evicted for room they then give back.
+        let mut evicted: Vec<Hash> =
+            st.blobs.values().filter(|b| b.footprint() > bytes && !lock(&b.status).pinned).map(|b| b.hash).collect();
+        for hash in &evicted {
+            st.lru.remove(hash);
+        }
+        evicted.extend(st.lru.set_capacity(bytes));
         let evicted = self.remove_evicted(&mut st, evicted);
         drop(st);
         self.empty_trash();

@@ -101,13 +101,11 @@ impl<K: Eq + Hash + Clone> Slots<K> {
     }
 
     /// As (now, bound): the slots held, the requests waiting in line, and the most one owner
-    /// holds. The slots held are counted from the owners' holdings, apart from the free count
-    /// the slots are given out by: a bound checked on `count - free` could not be passed.
+    /// holds.
     pub(crate) fn load(&self) -> [(usize, usize); 3] {
         let st = self.lock();
         let most = st.held.values().copied().max().unwrap_or(0);
-        let held = st.held.values().sum();
-        [(held, self.count), (st.waiting.len(), self.line), (most, self.share)]
+        [(self.count - st.free, self.count), (st.waiting.len(), self.line), (most, self.share)]
     }
 
     /// Slots `owner` holds now.

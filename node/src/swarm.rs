@@ -56,8 +56,12 @@ const ROOM_WAIT: Duration = Duration::from_secs(10);
 /// How often peers' expired provider records are removed.
 const EXPIRED_SWEEP: Duration = Duration::from_secs(10 * 60);
 
-/// How often the blobs announced are checked against the store ([`EventLoop::withdraw_gone`]).
+/// How often the blobs announced are checked against the store ([`EventLoop::check_held`]).
 const HELD_CHECK: Duration = Duration::from_secs(60);
+
+/// What a check of the blobs announced found: the count of announcements made when it began,
+/// and the blobs the store no longer holds.
+type Gone = (u64, Vec<Hash>);
 
 fn query_kind(r: &QueryResult) -> &'static str {
     match r {
@@ -407,7 +411,7 @@ struct Lookup {
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    /// The node's store: a blob it no longer holds is no longer announced ([`EventLoop::withdraw_gone`]).
+    /// The node's store: a blob it no longer holds is no longer announced ([`EventLoop::check_held`]).
     store: shoal_cache::Store,
     lookups: HashMap<QueryId, Lookup>,
     /// Providers being dialled, and the lookups waiting for them.
@@ -473,6 +477,14 @@ pub(crate) struct EventLoop {
     /// The checks' results come back here; a check holds one of these permits until its result
     /// is taken, so the channel never holds more than it has room for.
     names_checked: (mpsc::Sender<NamesChecked>, mpsc::Receiver<NamesChecked>),
+    /// The blobs announced that a check found the store no longer holds, with the count of
+    /// announcements made when the check began ([`EventLoop::check_held`]).
+    gone: (mpsc::Sender<Gone>, mpsc::Receiver<Gone>),
+    /// Blobs announced so far (each `Provide` of a blob not announced): a check that began
+    /// before the latest is not acted on, as one of those it found gone may be back.
+    provides: u64,
+    /// A check of the blobs announced runs.
+    checking_held: bool,
     name_checks: std::sync::Arc<tokio::sync::Semaphore>,
     /// The wait before the next such dial ([`REJOIN_MIN`] doubling up to [`REJOIN_MAX`], both
     /// stretched by the time scale), and when it is due.
@@ -534,6 +546,9 @@ impl EventLoop {
             bootstrap: Vec::new(),
             names: HashMap::new(),
             names_checked: mpsc::channel(MAX_NAME_CHECKS),
+            gone: mpsc::channel(1),
+            provides: 0,
+            checking_held: false,
             name_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_NAME_CHECKS)),
             rejoin_wait: config.stretch(REJOIN_MIN),
             rejoin_at: Instant::now() + config.stretch(REJOIN_MIN),
@@ -600,13 +615,32 @@ impl EventLoop {
         }
     }
 
-    /// Stops announcing the blobs the store no longer holds. The node withdraws those it sees
-    /// go (an eviction made room for a fetch's pieces, a removal), but not every one reaches it:
-    /// a request cut off while its pieces were stored drops the evictions they made. Renewed
-    /// every 12 hours, the record of a blob gone sent every peer that looked it up to ask us in
-    /// vain, and to count it against us.
-    fn withdraw_gone(&mut self) {
-        let gone: Vec<Hash> = self.provided.iter().copied().filter(|h| self.store.size(*h).is_none()).collect();
+    /// Looks, on a blocking thread, for the blobs announced that the store no longer holds;
+    /// [`EventLoop::withdraw_gone`] takes the answer. The node withdraws the blobs it sees go (an
+    /// eviction made room for a fetch's pieces, a removal), but not every one reaches it: a
+    /// request cut off while its pieces were stored drops the evictions they made. Renewed every
+    /// 12 hours, the record of a blob gone sent every peer that looked it up to ask us in vain,
+    /// and to count it against us. Off the event loop: the store's lock is held across syncs.
+    fn check_held(&mut self) {
+        if self.checking_held || self.provided.is_empty() {
+            return;
+        }
+        self.checking_held = true;
+        let (store, announced, since, tx) =
+            (self.store.clone(), self.provided.iter().copied().collect::<Vec<_>>(), self.provides, self.gone.0.clone());
+        tokio::task::spawn_blocking(move || {
+            let gone = announced.into_iter().filter(|h| store.size(*h).is_none()).collect();
+            let _ = tx.blocking_send((since, gone));
+        });
+    }
+
+    /// Stops announcing the blobs a check found gone, unless a blob was announced since it
+    /// began (it may be one of them, fetched again).
+    fn withdraw_gone(&mut self, since: u64, gone: Vec<Hash>) {
+        self.checking_held = false;
+        if since != self.provides {
+            return;
+        }
         for hash in gone {
             debug!(blob = %hash, "no longer held; withdrawn");
             self.unprovide(hash);
@@ -634,7 +668,6 @@ impl EventLoop {
                 },
                 Some(checked) = self.names_checked.1.recv() => self.on_names_checked(checked),
                 _ = reprovide.tick() => {
-                    self.withdraw_gone();
                     let all: Vec<Hash> = self.provided.iter().copied().collect();
                     for h in all {
                         self.enqueue_provide(h);
@@ -651,7 +684,8 @@ impl EventLoop {
                         self.announce_again();
                     }
                 }
-                _ = held.tick() => self.withdraw_gone(),
+                _ = held.tick() => self.check_held(),
+                Some((since, gone)) = self.gone.1.recv() => self.withdraw_gone(since, gone),
                 _ = sweep.tick() => {
                     self.swarm.behaviour_mut().kad.store_mut().remove_expired(std::time::Instant::now());
                 }
@@ -737,6 +771,7 @@ impl EventLoop {
                     self.crowded.put(hash, Instant::now());
                 }
                 if self.provided.insert(hash) {
+                    self.provides += 1;
                     self.provide(hash);
                 }
             }

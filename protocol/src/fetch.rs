@@ -65,7 +65,8 @@
 //! peer is still backing off from the last one count once: a dropped connection fails every request
 //! in flight at the same moment, and that is one incident, not four. Pieces of a failed request go
 //! back to the pool at once. A dropped peer is not asked again by this fetch; a penalty
-//! ([`Action::Penalise`]) also lowers its standing with the node.
+//! ([`Action::Penalise`]) is also counted by the node (its status lists them), which other
+//! fetches do not consult.
 //!
 //! `Truncated` is treated as a broken connection, not as misbehaviour: decoding stops at the last
 //! whole chunk group, so no unverified byte is kept, and a stream cut short is what honest peers
@@ -449,7 +450,7 @@ pub enum Action<P> {
         id: RequestId,
     },
     /// `peer` misbehaved (sent bytes that failed verification, lied about the blob's size, sent a
-    /// malformed have-map): lower its standing with the node. At most once per peer and fetch.
+    /// malformed have-map): the node counts it against the peer. At most once per peer and fetch.
     Penalise {
         /// The peer.
         peer: P,

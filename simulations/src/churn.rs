@@ -51,7 +51,8 @@ pub struct ChurnResult {
     /// Last.
     pub max_s: f64,
     /// From a fetch's start to its first verified byte (the lookup and the first answer), median
-    /// over eligible fetches that got one; a restarted node's from its first start.
+    /// over eligible fetches that got one; a restarted node's that got none before its crash
+    /// from the crowd's start, its downtime included.
     pub first_byte_p50_s: f64,
     /// 99th percentile.
     pub first_byte_p99_s: f64,
@@ -93,7 +94,7 @@ pub struct Fetcher {
     pub done_s: Option<f64>,
     /// When it restarted, if it did with its fetch cut short by the crash.
     pub restarted_s: Option<f64>,
-    /// From its start to its first verified byte, if one came.
+    /// From its start to its first verified byte, if one came (see `first_byte_p50_s`).
     pub first_byte_s: Option<f64>,
     /// The longest gap between verified bytes, from the first one on (the whole run if none came).
     pub stall_s: f64,
@@ -127,34 +128,39 @@ impl Fetches {
         let (handle, fetchers, slot) = (cluster.handle(i), fetchers.clone(), i - providers);
         cluster.spawn(i, async move {
             let (tx, mut rx) = watch::channel(FetchProgress::default());
-            // Gaps are timed from the first verified byte: before it, the fetch waits on its
-            // lookup and first answer, which `first_byte_s` tells apart.
+            // Gaps are timed from the fetcher's first verified byte: before it, the fetch waits
+            // on its lookup and first answer, which `first_byte_s` tells apart. It is recorded as
+            // it comes, so that a fetch a crash cuts short keeps it; a restarted node's gaps are
+            // timed from its restart, its recovery included.
+            let record = fetchers.clone();
             let watch_stalls = async move {
+                let fetcher =
+                    |f: &mut dyn FnMut(&mut Fetcher)| f(&mut record.lock().unwrap_or_else(|e| e.into_inner())[slot]);
                 let start = Instant::now();
-                let (mut first, mut last) = (None, start);
-                let mut longest = Duration::ZERO;
-                let mut bytes = 0;
+                let mut timing = false;
+                fetcher(&mut |f| timing = f.first_byte_s.is_some());
+                let (mut last, mut longest, mut bytes) = (start, Duration::ZERO, 0);
                 while rx.changed().await.is_ok() {
                     let p = rx.borrow_and_update().verified_bytes;
                     if p > bytes {
                         bytes = p;
-                        match first {
-                            None => first = Some(start.elapsed()),
-                            Some(_) => longest = longest.max(last.elapsed()),
+                        if timing {
+                            longest = longest.max(last.elapsed());
+                        } else {
+                            timing = true;
+                            let at = t0.elapsed().as_secs_f64() / scale;
+                            fetcher(&mut |f| f.first_byte_s = Some(at - f.started_s));
                         }
                         last = Instant::now();
                     }
                 }
-                (first, longest.max(last.elapsed()))
+                longest.max(last.elapsed())
             };
             let fetch = tokio::time::timeout_at(deadline.into(), handle.fetch(hash, Some(tx)));
-            let (result, (first, stall)) = futures::join!(fetch, watch_stalls);
+            let (result, stall) = futures::join!(fetch, watch_stalls);
             let mut f = fetchers.lock().unwrap_or_else(|e| e.into_inner());
             let f = &mut f[slot];
             f.stall_s = f.stall_s.max(stall.as_secs_f64() / scale);
-            if f.first_byte_s.is_none() {
-                f.first_byte_s = first.map(|d| d.as_secs_f64() / scale);
-            }
             match result {
                 // A node restarted after its fetch had finished fetches again (from its own
                 // store, or what the crash lost): its completion is the first one.

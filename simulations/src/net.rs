@@ -162,6 +162,9 @@ struct NodeSlot {
     /// How many times it went down: a link made before is reset even once the node is back up
     /// (its frames were the crashed process's).
     incarnation: AtomicU64,
+    /// When it last went down, in nanoseconds from the network's epoch: the frames it sent that
+    /// reach their receiver by then are delivered.
+    went_down: AtomicU64,
 }
 
 /// The emulated network every simulated node's transport belongs to.
@@ -242,6 +245,7 @@ impl Network {
             received: AtomicU64::new(0),
             down: AtomicBool::new(false),
             incarnation: AtomicU64::new(0),
+            went_down: AtomicU64::new(0),
         }));
         Ok(id)
     }
@@ -270,6 +274,7 @@ impl Network {
     /// and nobody can dial it until [`Network::set_up`].
     pub fn set_down(&self, node: NodeId) {
         if let Some(s) = self.slot(node) {
+            s.went_down.store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
             s.incarnation.fetch_add(1, Ordering::Relaxed);
             s.down.store(true, Ordering::Relaxed);
         }
@@ -569,15 +574,21 @@ impl Link {
         })
     }
 
-    fn check_partition(&self) -> io::Result<()> {
+    /// Whether the link still carries a frame: to write one (`arrives` none), or to deliver one
+    /// due at `arrives`. A frame the peer sent that reaches us by the time it went down is
+    /// delivered, however late our reader gets to it (a busy downlink, a late task): what was
+    /// on the wire arrives, as on a real one. So a node that leaves cleanly, going down once
+    /// its uplink's frames have arrived ([`Network::drained_at`]), delivers all it sent.
+    fn check_partition(&self, arrives: Option<Instant>) -> io::Result<()> {
         if self.net.is_partitioned(self.regions.0, self.regions.1) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "partitioned"));
         }
-        let now = (self.me.incarnation.load(Ordering::Relaxed), self.peer_slot.incarnation.load(Ordering::Relaxed));
-        if self.me.down.load(Ordering::Relaxed)
-            || self.peer_slot.down.load(Ordering::Relaxed)
-            || now != self.incarnations
-        {
+        let me_gone =
+            self.me.down.load(Ordering::Relaxed) || self.me.incarnation.load(Ordering::Relaxed) != self.incarnations.0;
+        let peer_gone = self.peer_slot.down.load(Ordering::Relaxed)
+            || self.peer_slot.incarnation.load(Ordering::Relaxed) != self.incarnations.1;
+        let went_down = self.net.epoch + Duration::from_nanos(self.peer_slot.went_down.load(Ordering::Relaxed));
+        if me_gone || (peer_gone && arrives.is_none_or(|at| at > went_down)) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
         }
         Ok(())
@@ -600,7 +611,7 @@ fn gate(sleep: &mut Pin<Box<tokio::time::Sleep>>, until: Instant) {
 impl AsyncWrite for Link {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        this.check_partition()?;
+        this.check_partition(None)?;
         ready!(this.poll_pending(cx))?;
         let mut now = Instant::now();
         let mut ready_at = now;
@@ -697,7 +708,7 @@ impl AsyncRead for Link {
                     if Instant::now() < arrives {
                         ready!(this.read_gate.as_mut().poll(cx));
                     }
-                    this.check_partition()?;
+                    this.check_partition(Some(arrives))?;
                     // From its arrival on, however late this task runs.
                     let done = this.me.downlink.reserve(this.payload.len(), arrives);
                     gate(&mut this.read_gate, done);

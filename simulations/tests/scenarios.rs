@@ -78,9 +78,6 @@ async fn under_churn_every_remaining_fetch_completes() {
         if f.eligible {
             assert!(f.ok, "node {} ({}) did not finish: {:?}", f.node, f.fate, f.error);
         }
-        if f.eligible {
-            assert!(f.first_byte_s.is_some(), "node {} ({}) finished without a first byte", f.node, f.fate);
-        }
     }
     assert_eq!(r.success_rate, 1.0);
     assert!(out.path().join("churn.png").exists() && out.path().join("timeseries.csv").exists());
