@@ -17,9 +17,9 @@
 //! - A blob directory appears under `blobs/` by rename, complete (imports) or with a meta that
 //!   describes it (network fetches); it leaves by rename into `tmp/` before it is deleted.
 //! - Unpinned blobs are bounded by the LRU's capacity, counting each blob's footprint on disk
-//!   (data, outboard, and 16 KiB for its directory, meta and files' last blocks): a whole blob's
-//!   in full, a partial one's for the pieces verified ([`charge`]; its files are sparse), grown
-//!   as they are; pinned blobs are the user's own and are not counted.
+//!   (data, outboard, its meta's bitmap, and 16 KiB for its directory, meta and files' last
+//!   blocks): a whole blob's in full, a partial one's for the pieces verified ([`charge`]; its
+//!   files are sparse), grown as they are; pinned blobs are the user's own and are not counted.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -1142,9 +1142,8 @@ impl Store {
     /// whose footprint is larger than the cache is refused; otherwise it is charged only what its
     /// directory costs, and then each piece as it is stored ([`charge`]), evicting others as it
     /// grows. Returns the pieces already verified (a resumed fetch) and the blobs evicted to make
-    /// room. An entry
-    /// of another size with no piece verified gives way: it proves no size, and is what a fetch
-    /// that ended on a claim that did not hold leaves behind.
+    /// room. An entry of another size with no piece verified gives way: it proves no size, and is
+    /// what a fetch that ended on a claim that did not hold leaves behind.
     pub fn begin(&self, hash: Hash, size: u64) -> Result<Begun> {
         self.begin_with(hash, size, true)
     }

@@ -59,9 +59,8 @@ const EXPIRED_SWEEP: Duration = Duration::from_secs(10 * 60);
 /// How often the blobs announced are checked against the store ([`EventLoop::check_held`]).
 const HELD_CHECK: Duration = Duration::from_secs(60);
 
-/// What a check of the blobs announced found: the count of announcements made when it began,
-/// and the blobs the store no longer holds.
-type Gone = (u64, Vec<Hash>);
+/// What a check of the blobs announced found: the blobs the store no longer holds.
+type Gone = Vec<Hash>;
 
 fn query_kind(r: &QueryResult) -> &'static str {
     match r {
@@ -477,14 +476,13 @@ pub(crate) struct EventLoop {
     /// The checks' results come back here; a check holds one of these permits until its result
     /// is taken, so the channel never holds more than it has room for.
     names_checked: (mpsc::Sender<NamesChecked>, mpsc::Receiver<NamesChecked>),
-    /// The blobs announced that a check found the store no longer holds, with the count of
-    /// announcements made when the check began ([`EventLoop::check_held`]).
+    /// The blobs announced that a check found the store no longer holds
+    /// ([`EventLoop::check_held`]).
     gone: (mpsc::Sender<Gone>, mpsc::Receiver<Gone>),
-    /// Blobs announced so far (each `Provide` of a blob not announced): a check that began
-    /// before the latest is not acted on, as one of those it found gone may be back.
-    provides: u64,
-    /// A check of the blobs announced runs.
-    checking_held: bool,
+    /// While a check runs, the blobs announced since it began (`Command::Provide`, of a blob
+    /// announced already or not): one the check found gone may be back. `None` while no check
+    /// runs.
+    provided_while_checking: Option<HashSet<Hash>>,
     name_checks: std::sync::Arc<tokio::sync::Semaphore>,
     /// The wait before the next such dial ([`REJOIN_MIN`] doubling up to [`REJOIN_MAX`], both
     /// stretched by the time scale), and when it is due.
@@ -547,8 +545,7 @@ impl EventLoop {
             names: HashMap::new(),
             names_checked: mpsc::channel(MAX_NAME_CHECKS),
             gone: mpsc::channel(1),
-            provides: 0,
-            checking_held: false,
+            provided_while_checking: None,
             name_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_NAME_CHECKS)),
             rejoin_wait: config.stretch(REJOIN_MIN),
             rejoin_at: Instant::now() + config.stretch(REJOIN_MIN),
@@ -622,26 +619,23 @@ impl EventLoop {
     /// 12 hours, the record of a blob gone sent every peer that looked it up to ask us in vain,
     /// and to count it against us. Off the event loop: the store's lock is held across syncs.
     fn check_held(&mut self) {
-        if self.checking_held || self.provided.is_empty() {
+        if self.provided_while_checking.is_some() || self.provided.is_empty() {
             return;
         }
-        self.checking_held = true;
-        let (store, announced, since, tx) =
-            (self.store.clone(), self.provided.iter().copied().collect::<Vec<_>>(), self.provides, self.gone.0.clone());
+        self.provided_while_checking = Some(HashSet::new());
+        let (store, announced, tx) =
+            (self.store.clone(), self.provided.iter().copied().collect::<Vec<_>>(), self.gone.0.clone());
         tokio::task::spawn_blocking(move || {
             let gone = announced.into_iter().filter(|h| store.size(*h).is_none()).collect();
-            let _ = tx.blocking_send((since, gone));
+            let _ = tx.blocking_send(gone);
         });
     }
 
-    /// Stops announcing the blobs a check found gone, unless a blob was announced since it
-    /// began (it may be one of them, fetched again).
-    fn withdraw_gone(&mut self, since: u64, gone: Vec<Hash>) {
-        self.checking_held = false;
-        if since != self.provides {
-            return;
-        }
-        for hash in gone {
+    /// Stops announcing the blobs a check found gone, but those announced since it began: one
+    /// may be back (fetched again, its announcement made while the old one stood).
+    fn withdraw_gone(&mut self, gone: Vec<Hash>) {
+        let since = self.provided_while_checking.take().unwrap_or_default();
+        for hash in gone.into_iter().filter(|h| !since.contains(h)) {
             debug!(blob = %hash, "no longer held; withdrawn");
             self.unprovide(hash);
         }
@@ -685,7 +679,7 @@ impl EventLoop {
                     }
                 }
                 _ = held.tick() => self.check_held(),
-                Some((since, gone)) = self.gone.1.recv() => self.withdraw_gone(since, gone),
+                Some(gone) = self.gone.1.recv() => self.withdraw_gone(gone),
                 _ = sweep.tick() => {
                     self.swarm.behaviour_mut().kad.store_mut().remove_expired(std::time::Instant::now());
                 }
@@ -770,8 +764,10 @@ impl EventLoop {
                 if holders >= CROWDED {
                     self.crowded.put(hash, Instant::now());
                 }
+                if let Some(since) = self.provided_while_checking.as_mut() {
+                    since.insert(hash);
+                }
                 if self.provided.insert(hash) {
-                    self.provides += 1;
                     self.provide(hash);
                 }
             }

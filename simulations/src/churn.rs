@@ -96,7 +96,8 @@ pub struct Fetcher {
     pub restarted_s: Option<f64>,
     /// From its start to its first verified byte, if one came (see `first_byte_p50_s`).
     pub first_byte_s: Option<f64>,
-    /// The longest gap between verified bytes, from the first one on (the whole run if none came).
+    /// The longest gap between verified bytes, from the first one on (the whole run if none
+    /// came); after a restart, from the restart if a byte came before the crash.
     pub stall_s: f64,
     /// The last error, if any.
     pub error: Option<String>,
@@ -130,8 +131,8 @@ impl Fetches {
             let (tx, mut rx) = watch::channel(FetchProgress::default());
             // Gaps are timed from the fetcher's first verified byte: before it, the fetch waits
             // on its lookup and first answer, which `first_byte_s` tells apart. It is recorded as
-            // it comes, so that a fetch a crash cuts short keeps it; a restarted node's gaps are
-            // timed from its restart, its recovery included.
+            // it comes, so that a fetch a crash cuts short keeps it; a restarted node that had
+            // one times its gaps from its restart, its recovery included.
             let record = fetchers.clone();
             let watch_stalls = async move {
                 let fetcher =

@@ -587,8 +587,12 @@ impl Link {
             self.me.down.load(Ordering::Relaxed) || self.me.incarnation.load(Ordering::Relaxed) != self.incarnations.0;
         let peer_gone = self.peer_slot.down.load(Ordering::Relaxed)
             || self.peer_slot.incarnation.load(Ordering::Relaxed) != self.incarnations.1;
+        // Only the down time that ended the link's own incarnation of the peer says what was on
+        // the wire then: after a restart and a second crash, it is the second one's.
+        let went_down_once =
+            self.peer_slot.incarnation.load(Ordering::Relaxed) == self.incarnations.1.saturating_add(1);
         let went_down = self.net.epoch + Duration::from_nanos(self.peer_slot.went_down.load(Ordering::Relaxed));
-        if me_gone || (peer_gone && arrives.is_none_or(|at| at > went_down)) {
+        if me_gone || (peer_gone && !(went_down_once && arrives.is_some_and(|at| at <= went_down))) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
         }
         Ok(())
