@@ -2017,14 +2017,25 @@ impl Store {
     }
 
     /// Renames a blob directory made under `tmp/` into its place under `blobs/`, durably, and
-    /// reads it back.
+    /// reads it back. Called under the store's lock, with no entry for `hash`.
     fn place(&self, dir: &Path, hash: Hash) -> Result<Blob> {
         let final_dir = self.blob_dir(hash);
         // A closed store's `blobs/` is the next opener's.
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(io_err("place", &final_dir)(io::Error::other("the store was closed")));
         }
-        fs::rename(dir, &final_dir).map_err(io_err("rename into place", &final_dir))?;
+        let placed = match fs::rename(dir, &final_dir) {
+            // A directory no entry names (callers hold the store's lock, with no entry for the
+            // hash): what a removal that failed half-way left. Kept, it failed every later
+            // begin or import of the blob until the next open cleared it.
+            Err(e) if matches!(e.kind(), io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists) => {
+                warn!(blob = %hash, "a directory no entry names was in the blob's place; removed");
+                self.trash(&final_dir)?;
+                fs::rename(dir, &final_dir)
+            }
+            placed => placed,
+        };
+        placed.map_err(io_err("rename into place", &final_dir))?;
         sync_dir(&self.inner.root.join("blobs"))?;
         match load_blob(&final_dir)? {
             Some(Loaded::Blob(blob)) => Ok(*blob),

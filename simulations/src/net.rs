@@ -162,9 +162,10 @@ struct NodeSlot {
     /// How many times it went down: a link made before is reset even once the node is back up
     /// (its frames were the crashed process's).
     incarnation: AtomicU64,
-    /// When it last went down, in nanoseconds from the network's epoch: the frames it sent that
-    /// reach their receiver by then are delivered.
-    went_down: AtomicU64,
+    /// When each of its incarnations ended (it went down), in nanoseconds from the network's
+    /// epoch, in order: the frames an incarnation sent that reach their receiver by then are
+    /// delivered. One entry per crash or leave.
+    went_down: Mutex<Vec<u64>>,
 }
 
 /// The emulated network every simulated node's transport belongs to.
@@ -245,7 +246,7 @@ impl Network {
             received: AtomicU64::new(0),
             down: AtomicBool::new(false),
             incarnation: AtomicU64::new(0),
-            went_down: AtomicU64::new(0),
+            went_down: Mutex::new(Vec::new()),
         }));
         Ok(id)
     }
@@ -274,7 +275,7 @@ impl Network {
     /// and nobody can dial it until [`Network::set_up`].
     pub fn set_down(&self, node: NodeId) {
         if let Some(s) = self.slot(node) {
-            s.went_down.store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            s.went_down.lock().unwrap_or_else(|e| e.into_inner()).push(self.epoch.elapsed().as_nanos() as u64);
             s.incarnation.fetch_add(1, Ordering::Relaxed);
             s.down.store(true, Ordering::Relaxed);
         }
@@ -587,12 +588,15 @@ impl Link {
             self.me.down.load(Ordering::Relaxed) || self.me.incarnation.load(Ordering::Relaxed) != self.incarnations.0;
         let peer_gone = self.peer_slot.down.load(Ordering::Relaxed)
             || self.peer_slot.incarnation.load(Ordering::Relaxed) != self.incarnations.1;
-        // Only the down time that ended the link's own incarnation of the peer says what was on
-        // the wire then: after a restart and a second crash, it is the second one's.
-        let went_down_once =
-            self.peer_slot.incarnation.load(Ordering::Relaxed) == self.incarnations.1.saturating_add(1);
-        let went_down = self.net.epoch + Duration::from_nanos(self.peer_slot.went_down.load(Ordering::Relaxed));
-        if me_gone || (peer_gone && !(went_down_once && arrives.is_some_and(|at| at <= went_down))) {
+        // By when the link's own incarnation of the peer went down, not any later one's.
+        let on_the_wire = |at: Instant| {
+            let ends = self.peer_slot.went_down.lock().unwrap_or_else(|e| e.into_inner());
+            usize::try_from(self.incarnations.1)
+                .ok()
+                .and_then(|i| ends.get(i))
+                .is_some_and(|&end| at <= self.net.epoch + Duration::from_nanos(end))
+        };
+        if me_gone || (peer_gone && !arrives.is_some_and(on_the_wire)) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
         }
         Ok(())
