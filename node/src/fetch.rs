@@ -296,7 +296,7 @@ async fn run(
     // Room for every peer ever hinted (each is sent once): none named is lost to a full queue
     // while the fetch is busy elsewhere (tokio allocates a channel's room as it fills).
     let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(MAX_HINTED);
-    let mut hinted: HashSet<PeerId> = HashSet::new();
+    let mut hinted = Hinted::default();
     // Providers the DHT named, for how many holders the fetch knows of when it announces itself.
     let mut provided: HashSet<PeerId> = HashSet::new();
     // The store's own error, if it could not open the blob for a size a peer claimed.
@@ -405,7 +405,7 @@ async fn run(
                                 resumed_bytes = begun.have.iter().map(|p| g.piece_len(p)).sum();
                                 info!(pieces = begun.have.count(), "resuming: these pieces are already verified");
                                 if !announced {
-                                    node.provide_known(hash, holders_known(&hinted, &provided)).await;
+                                    node.provide_known(hash, holders_known(&hinted.names, &provided)).await;
                                     announced = true;
                                 }
                             }
@@ -485,7 +485,7 @@ async fn run(
                     let s = store.clone();
                     tokio::task::spawn_blocking(move || s.flush(hash)).await.map_err(|_| NodeError::Stopped)??;
                     if !announced {
-                        node.provide_known(hash, holders_known(&hinted, &provided)).await;
+                        node.provide_known(hash, holders_known(&hinted.names, &provided)).await;
                     }
                     info!(elapsed_ms = started.elapsed().as_millis() as u64, "fetch complete");
                     match store.info(hash) {
@@ -552,7 +552,7 @@ async fn run(
         };
         if snapshot.verified_bytes > 0 && !announced {
             // We hold verified pieces: serve them on at once.
-            node.provide_known(hash, holders_known(&hinted, &provided)).await;
+            node.provide_known(hash, holders_known(&hinted.names, &provided)).await;
             announced = true;
         }
         shared.send_if_modified(|old| replace_if_changed(old, &snapshot));
@@ -803,6 +803,41 @@ impl Drop for FlushOnDrop {
 /// providers).
 const MAX_HINTED: usize = 1024;
 
+/// The most peers one source may name to a fetch that it would have to dial. A name costs its
+/// sender nothing, and each one the fetch cannot reach holds one of its peer slots for its
+/// dials' timeouts: without a bound per source, one peer answering with made-up holders filled
+/// the fetch's names and its candidates, and the DHT's names waited behind them. Names of peers
+/// we are connected to cost no dial and are not counted.
+const MAX_DIALLED_PER_SOURCE: u32 = 64;
+
+/// The holders other peers named to a fetch.
+#[derive(Debug, Default)]
+struct Hinted {
+    /// Every peer named and taken, at most [`MAX_HINTED`].
+    names: HashSet<PeerId>,
+    /// How many peers each source named that the fetch took and would have to dial, at most
+    /// [`MAX_DIALLED_PER_SOURCE`] each; as many sources as peers answered the fetch.
+    dialled_by: HashMap<PeerId, u32>,
+}
+
+impl Hinted {
+    /// Whether to take `peer`, named by `from`, as a candidate (`connected`: it needs no dial).
+    /// A peer past its source's bound is not remembered, so another source may name it.
+    fn take(&mut self, from: PeerId, peer: PeerId, connected: bool) -> bool {
+        if self.names.len() >= MAX_HINTED || self.names.contains(&peer) {
+            return false;
+        }
+        if !connected {
+            let named = self.dialled_by.entry(from).or_default();
+            if *named >= MAX_DIALLED_PER_SOURCE {
+                return false;
+            }
+            *named += 1;
+        }
+        self.names.insert(peer)
+    }
+}
+
 /// Gives the swarm the holders a peer named that this fetch has not heard of, with their
 /// addresses; each comes back on `found` as a candidate once its addresses are recorded, so that
 /// the dial its first stream makes finds them. Returns those we are connected to already, which
@@ -812,16 +847,17 @@ async fn reach(
     node: &NodeHandle,
     from: PeerId,
     hints: &[PeerHint],
-    hinted: &mut HashSet<PeerId>,
+    hinted: &mut Hinted,
     found: &mpsc::Sender<PeerId>,
 ) -> Vec<PeerId> {
     let mut near = Vec::new();
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
-        if peer == node.inner.peer_id || hinted.len() >= MAX_HINTED || !hinted.insert(peer) {
+        let connected = node.inner.crowds.is_connected(&peer);
+        if peer == node.inner.peer_id || !hinted.take(from, peer, connected) {
             continue;
         }
-        if node.inner.crowds.is_connected(&peer) {
+        if connected {
             near.push(peer);
             continue;
         }
@@ -896,5 +932,21 @@ mod tests {
         assert_eq!(holders_known(&hinted, &provided), 3);
         assert_eq!(holders_known(&HashSet::new(), &provided), 2);
         assert_eq!(holders_known(&hinted, &HashSet::new()), 2);
+    }
+
+    /// One source's names the fetch would have to dial are taken up to a bound; past it, others'
+    /// names still are, and so are the source's names of peers we are connected to.
+    #[test]
+    fn one_source_names_a_bounded_share_of_the_peers_to_dial() {
+        let mut hinted = Hinted::default();
+        let (liar, honest) = (PeerId::random(), PeerId::random());
+        let junk: Vec<PeerId> = (0..MAX_DIALLED_PER_SOURCE + 10).map(|_| PeerId::random()).collect();
+        let taken = junk.iter().filter(|&&p| hinted.take(liar, p, false)).count();
+        assert_eq!(taken, MAX_DIALLED_PER_SOURCE as usize);
+        assert!(hinted.take(liar, PeerId::random(), true), "a connected peer needs no dial");
+        let refused = junk[junk.len() - 1];
+        assert!(hinted.take(honest, refused, false), "not remembered: another source may name it");
+        assert!(!hinted.take(honest, refused, false), "once");
+        assert!(hinted.take(honest, PeerId::random(), false));
     }
 }
