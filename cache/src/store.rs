@@ -2025,12 +2025,26 @@ impl Store {
             return Err(io_err("place", &final_dir)(io::Error::other("the store was closed")));
         }
         let placed = match fs::rename(dir, &final_dir) {
-            // A directory no entry names (callers hold the store's lock, with no entry for the
-            // hash): what a removal that failed half-way left. Kept, it failed every later
-            // begin or import of the blob until the next open cleared it.
-            Err(e) if matches!(e.kind(), io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists) => {
-                warn!(blob = %hash, "a directory no entry names was in the blob's place; removed");
-                self.trash(&final_dir)?;
+            // Something no entry names (callers hold the store's lock, with no entry for the
+            // hash): most often what a removal that failed half-way left. Kept, it failed every
+            // later begin or import of the blob until the next open. As `open` does, a blob
+            // directory of ours goes, and anything else is set aside for the user to look at.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::DirectoryNotEmpty | io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                match load_blob(&final_dir) {
+                    Ok(Some(_)) => {
+                        warn!(blob = %hash, "a blob directory no entry names was in the blob's place; removed");
+                        self.trash(&final_dir)?;
+                    }
+                    _ => {
+                        let aside = self.set_aside(&final_dir)?;
+                        warn!(blob = %hash, to = %aside.display(), "what was in the blob's place was set aside");
+                    }
+                }
                 fs::rename(dir, &final_dir)
             }
             placed => placed,

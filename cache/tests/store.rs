@@ -316,26 +316,27 @@ fn a_partial_blob_larger_than_the_bound_goes() {
     assert!(store.info(src.hash).is_none());
 }
 
-/// A directory in a blob's place that no entry names (what a removal that failed half-way
-/// leaves) gives way to the blob fetched or imported next, rather than failing it until the
-/// next open.
+/// Something in a blob's place that no entry names (what a removal that failed half-way
+/// leaves, or a file someone put there) gives way to the blob fetched or imported next, rather
+/// than failing it until the next open; what the store cannot read as its own is set aside, as
+/// `open` does, not deleted.
 #[test]
 fn a_stray_directory_in_a_blobs_place_gives_way() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(tmp.path());
     let (fetched, added) = (Source::new(bytes(26, MIB as usize)), bytes(27, 1000));
     let added_hash = Hash::of(&added);
-    for hash in [fetched.hash, added_hash] {
-        let stray = tmp.path().join("blobs").join(hash.to_hex());
-        fs::create_dir_all(&stray).expect("mkdir");
-        fs::write(stray.join("meta"), b"left behind").expect("write");
-    }
+    let stray = tmp.path().join("blobs").join(fetched.hash.to_hex());
+    fs::create_dir_all(&stray).expect("mkdir");
+    fs::write(stray.join("meta"), b"not the store's").expect("write");
+    fs::write(tmp.path().join("blobs").join(added_hash.to_hex()), b"a file").expect("write");
     store.begin(fetched.hash, MIB).expect("begin over the stray directory");
     let all = PieceSet::full(fetched.geometry.piece_count());
     store.write_pieces(fetched.hash, &all, &fetched.encode(&all)[..]).expect("write");
     assert!(store.check(fetched.hash).expect("check").is_empty(), "every piece verifies");
     assert_eq!(import(&store, tmp.path(), &added, false), added_hash);
     assert_eq!(store.read_piece(added_hash, 0).expect("read"), &added[..]);
+    assert_eq!(fs::read_dir(tmp.path().join("aside")).expect("aside").count(), 2, "both kept for the user");
 }
 
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false

@@ -198,10 +198,11 @@ struct Contact {
     host: Option<IpAddr>,
 }
 
-/// Who a contact is, as a blob's crowd is counted: the host it connects from when known, so
-/// that peer ids made up on one machine count once, or else the peer itself.
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-enum Member {
+/// Who a peer is, as a blob's crowd is counted (and a fetch bounds what one source names): the
+/// host it connects from when known, so that peer ids made up on one machine count once, or else
+/// the peer itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Member {
     Host(IpAddr),
     Peer(PeerId),
 }
@@ -289,6 +290,11 @@ impl Crowds {
         let mut inner = self.lock();
         inner.addrs.remove(peer);
         inner.hosts.remove(peer);
+    }
+
+    /// Who `peer` is counted as ([`Member`]): the host it is connected from, if known.
+    pub(crate) fn member(&self, peer: PeerId) -> Member {
+        self.lock().hosts.get(&peer).copied().map_or(Member::Peer(peer), Member::Host)
     }
 
     /// A connection to `peer` from `remote` is established: the peer counts as that host in

@@ -15,6 +15,7 @@ use shoal_protocol::{Geometry, Hash, PieceIndex, PieceSet};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::crowd::Member;
 use crate::node::{Aborted, NodeError, NodeHandle};
 use crate::swarm::Command;
 use crate::transfer::{self, Got, PeerFault};
@@ -807,7 +808,8 @@ const MAX_HINTED: usize = 1024;
 /// sender nothing, and each one the fetch cannot reach holds one of its peer slots for its
 /// dials' timeouts: without a bound per source, one peer answering with made-up holders filled
 /// the fetch's names and its candidates, and the DHT's names waited behind them. Names of peers
-/// we are connected to cost no dial and are not counted.
+/// we are connected to cost no dial and are not counted. A source is a host where known
+/// ([`crate::crowd::Member`]): peer ids cost nothing to make.
 const MAX_DIALLED_PER_SOURCE: u32 = 64;
 
 /// The holders other peers named to a fetch.
@@ -816,14 +818,14 @@ struct Hinted {
     /// Every peer named and taken, at most [`MAX_HINTED`].
     names: HashSet<PeerId>,
     /// How many peers each source named that the fetch took and would have to dial, at most
-    /// [`MAX_DIALLED_PER_SOURCE`] each; as many sources as peers answered the fetch.
-    dialled_by: HashMap<PeerId, u32>,
+    /// [`MAX_DIALLED_PER_SOURCE`] each; at most as many sources as names.
+    dialled_by: HashMap<Member, u32>,
 }
 
 impl Hinted {
     /// Whether to take `peer`, named by `from`, as a candidate (`connected`: it needs no dial).
     /// A peer past its source's bound is not remembered, so another source may name it.
-    fn take(&mut self, from: PeerId, peer: PeerId, connected: bool) -> bool {
+    fn take(&mut self, from: Member, peer: PeerId, connected: bool) -> bool {
         if self.names.len() >= MAX_HINTED || self.names.contains(&peer) {
             return false;
         }
@@ -854,7 +856,7 @@ async fn reach(
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
         let connected = node.inner.crowds.is_connected(&peer);
-        if peer == node.inner.peer_id || !hinted.take(from, peer, connected) {
+        if peer == node.inner.peer_id || !hinted.take(node.inner.crowds.member(from), peer, connected) {
             continue;
         }
         if connected {
@@ -939,7 +941,7 @@ mod tests {
     #[test]
     fn one_source_names_a_bounded_share_of_the_peers_to_dial() {
         let mut hinted = Hinted::default();
-        let (liar, honest) = (PeerId::random(), PeerId::random());
+        let (liar, honest) = (Member::Peer(PeerId::random()), Member::Peer(PeerId::random()));
         let junk: Vec<PeerId> = (0..MAX_DIALLED_PER_SOURCE + 10).map(|_| PeerId::random()).collect();
         let taken = junk.iter().filter(|&&p| hinted.take(liar, p, false)).count();
         assert_eq!(taken, MAX_DIALLED_PER_SOURCE as usize);
