@@ -1128,10 +1128,10 @@ impl Store {
                 } else {
                     st.lru.remove(&hash);
                 }
-                // Under the lock: no other import of it may place its directory meanwhile.
-                for leftover in [&dir, &self.blob_dir(hash)] {
-                    let _ = self.trash(leftover);
-                }
+                // Under the lock: no other import of it may place its directory meanwhile. What
+                // `place` renamed into place it took away itself; what was there before it is not
+                // ours to delete.
+                let _ = self.trash(&dir);
                 drop(st);
                 Err(e)
             }
@@ -1235,11 +1235,9 @@ impl Store {
                 } else {
                     st.lru.remove(&hash);
                 }
-                // Under the lock, with no entry for it: what a failed placing left (the directory,
-                // renamed into place or not) would make every later begin of the blob fail.
-                for leftover in [&dir, &self.blob_dir(hash)] {
-                    let _ = self.trash(leftover);
-                }
+                // Under the lock, with no entry for it. What `place` renamed into place it took
+                // away itself; what was there before it is not ours to delete.
+                let _ = self.trash(&dir);
                 Err(e)
             }
         }
@@ -2050,10 +2048,15 @@ impl Store {
             placed => placed,
         };
         placed.map_err(io_err("rename into place", &final_dir))?;
-        sync_dir(&self.inner.root.join("blobs"))?;
-        match load_blob(&final_dir)? {
-            Some(Loaded::Blob(blob)) => Ok(*blob),
-            _ => Err(StoreError::NotFound { hash }),
+        // In place, it is ours: one that cannot be read back goes, or it would fail every later
+        // begin or import of the blob.
+        let loaded = sync_dir(&self.inner.root.join("blobs")).and_then(|()| load_blob(&final_dir));
+        match loaded {
+            Ok(Some(Loaded::Blob(blob))) => Ok(*blob),
+            failed => {
+                let _ = self.trash(&final_dir);
+                Err(failed.err().unwrap_or(StoreError::NotFound { hash }))
+            }
         }
     }
 

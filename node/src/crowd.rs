@@ -98,6 +98,10 @@ const MAX_UNREACHABLE: usize = 4096;
 /// doubles: 1, 2, 4 and then 8 times the node's spread retry.
 pub(crate) const MAX_SPREAD_DOUBLINGS: u32 = 3;
 
+/// Peers whose last host is remembered past their disconnection; the one connected longest ago
+/// is forgotten.
+const MAX_HOSTS_SEEN: usize = 4096;
+
 /// Requesters whose refusals are counted at most; the one refused longest ago is forgotten.
 const MAX_REFUSED: usize = 4096;
 
@@ -149,6 +153,9 @@ struct Inner {
     /// The host each connected peer's connection comes from ([`host_of`]), for peers connected
     /// over IP from another machine; a peer leaves at disconnection.
     hosts: HashMap<PeerId, IpAddr>,
+    /// The host each peer last connected from, kept past its disconnection: a peer that answers
+    /// and closes at once is still its host ([`Crowds::member`]). At most [`MAX_HOSTS_SEEN`].
+    seen_from: LruCache<PeerId, IpAddr>,
     /// Peers a dial to failed since we last held a connection to them, with when: the one sign
     /// that a peer went away. At most [`MAX_UNREACHABLE`].
     unreachable: HashMap<PeerId, Instant>,
@@ -233,6 +240,7 @@ impl Crowds {
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 hosts: HashMap::new(),
+                seen_from: LruCache::new(NonZeroUsize::new(MAX_HOSTS_SEEN).unwrap_or(NonZeroUsize::MIN)),
                 unreachable: HashMap::new(),
                 blobs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
                 proofs: LruCache::new(NonZeroUsize::new(MAX_BLOBS).unwrap_or(NonZeroUsize::MIN)),
@@ -292,16 +300,21 @@ impl Crowds {
         inner.hosts.remove(peer);
     }
 
-    /// Who `peer` is counted as ([`Member`]): the host it is connected from, if known.
+    /// Who `peer` is counted as ([`Member`]): the host it is connected from, or last connected
+    /// from, if known.
     pub(crate) fn member(&self, peer: PeerId) -> Member {
-        self.lock().hosts.get(&peer).copied().map_or(Member::Peer(peer), Member::Host)
+        let mut inner = self.lock();
+        let host = inner.hosts.get(&peer).copied().or_else(|| inner.seen_from.get(&peer).copied());
+        host.map_or(Member::Peer(peer), Member::Host)
     }
 
     /// A connection to `peer` from `remote` is established: the peer counts as that host in
     /// crowds from now on ([`host_of`]; nothing changes for a loopback or non-IP address).
     pub(crate) fn connected_from(&self, peer: PeerId, remote: &Multiaddr) {
         if let Some(host) = host_of(remote) {
-            self.lock().hosts.insert(peer, host);
+            let mut inner = self.lock();
+            inner.hosts.insert(peer, host);
+            inner.seen_from.put(peer, host);
         }
     }
 
@@ -1289,5 +1302,15 @@ mod tests {
             let _ = crowds.offer(hash, asker, &set(8, &[7]), true, up(false, false), t0);
         }
         assert_eq!(share(t0), 1, "a crowd");
+        // Who a peer is, as a fetch bounds what one source names: its host, also once it left.
+        let (first, second) = (PeerId::random(), PeerId::random());
+        for p in [first, second] {
+            crowds.connected_from(p, &at("/ip4/198.51.100.9"));
+        }
+        crowds.disconnected(&first);
+        assert_eq!(crowds.member(first), crowds.member(second));
+        assert_eq!(crowds.member(first), Member::Host("198.51.100.9".parse().expect("ip")));
+        let unknown = PeerId::random();
+        assert_eq!(crowds.member(unknown), Member::Peer(unknown));
     }
 }

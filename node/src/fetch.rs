@@ -853,10 +853,11 @@ async fn reach(
     found: &mpsc::Sender<PeerId>,
 ) -> Vec<PeerId> {
     let mut near = Vec::new();
+    let source = node.inner.crowds.member(from);
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
         let connected = node.inner.crowds.is_connected(&peer);
-        if peer == node.inner.peer_id || !hinted.take(node.inner.crowds.member(from), peer, connected) {
+        if peer == node.inner.peer_id || !hinted.take(source, peer, connected) {
             continue;
         }
         if connected {
