@@ -2055,7 +2055,8 @@ impl Store {
             Ok(Some(Loaded::Blob(blob))) => Ok(*blob),
             failed => {
                 let _ = self.trash(&final_dir);
-                Err(failed.err().unwrap_or(StoreError::NotFound { hash }))
+                let unreadable = || io_err("read back", &final_dir)(io::Error::from(io::ErrorKind::InvalidData));
+                Err(failed.err().unwrap_or_else(unreadable))
             }
         }
     }

@@ -339,6 +339,16 @@ fn a_stray_directory_in_a_blobs_place_gives_way() {
     let aside = tmp.path().join("aside");
     assert_eq!(fs::read(aside.join(fetched.hash.to_hex()).join("meta")).expect("kept"), b"not the store's");
     assert_eq!(fs::read(aside.join(added_hash.to_hex())).expect("kept"), b"a file");
+
+    // Where nothing can be set aside, the blob fails, and what was in its place stays.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(tmp.path());
+    fs::write(tmp.path().join("aside"), b"in the way").expect("write");
+    let stray = tmp.path().join("blobs").join(fetched.hash.to_hex());
+    fs::create_dir_all(&stray).expect("mkdir");
+    fs::write(stray.join("meta"), b"not the store's").expect("write");
+    assert!(store.begin(fetched.hash, MIB).is_err());
+    assert_eq!(fs::read(stray.join("meta")).expect("still there"), b"not the store's");
 }
 
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false

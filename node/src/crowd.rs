@@ -303,8 +303,8 @@ impl Crowds {
     /// Who `peer` is counted as ([`Member`]): the host it is connected from, or last connected
     /// from, if known.
     pub(crate) fn member(&self, peer: PeerId) -> Member {
-        let mut inner = self.lock();
-        let host = inner.hosts.get(&peer).copied().or_else(|| inner.seen_from.get(&peer).copied());
+        let inner = self.lock();
+        let host = inner.hosts.get(&peer).copied().or_else(|| inner.seen_from.peek(&peer).copied());
         host.map_or(Member::Peer(peer), Member::Host)
     }
 
