@@ -67,12 +67,35 @@ pub struct ChurnResult {
     pub restart_to_done_p50_s: f64,
     /// Longest.
     pub restart_to_done_max_s: f64,
+    /// The partition between two regions, if the scenario made one.
+    pub partition: Option<PartitionFigures>,
     /// Per fetcher.
     #[serde(skip)]
     pub fetchers: Vec<Fetcher>,
     /// Once per second: (t, nodes up, fetches completed).
     #[serde(skip)]
     pub series: Vec<(f64, usize, usize)>,
+}
+
+/// What a partition between two regions did to the fetches.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionFigures {
+    /// The two regions.
+    pub between: [String; 2],
+    /// When traffic between them was cut.
+    pub at_s: f64,
+    /// When it was repaired.
+    pub repaired_s: f64,
+    /// Bytes delivered between the two regions while it was cut: none, if the cut held.
+    pub bytes_across_while_cut: u64,
+    /// Eligible fetches that completed while it was cut.
+    pub completed_while_cut: usize,
+    /// Eligible fetches that completed after the repair.
+    pub completed_after: usize,
+    /// From the repair to their completion, median over those.
+    pub after_repair_p50_s: f64,
+    /// Longest: how long recovering from the partition took.
+    pub after_repair_max_s: f64,
 }
 
 /// One fetching node's story.
@@ -109,6 +132,10 @@ enum Event {
     Leave(usize),
     Restart(usize),
     Join,
+    /// Traffic between the scenario's two regions is cut.
+    Cut(usize, usize),
+    /// ... and repaired.
+    Repair(usize, usize),
 }
 
 /// The fetches of a churn run: what each is after and where it records how it went.
@@ -195,6 +222,7 @@ pub(crate) async fn run(
         downtime_s,
         join_fraction,
         timeout_s,
+        partition,
     } = scenario.experiment.clone()
     else {
         anyhow::bail!("not a churn experiment");
@@ -243,6 +271,18 @@ pub(crate) async fn run(
     for _ in 0..joins {
         schedule.push((rng.random_range(0.0..churn_window_s.max(f64::MIN_POSITIVE)), Event::Join));
     }
+    let region = |name: &str| cluster.net.regions().iter().position(|r| r == name);
+    let cut = match &partition {
+        Some(p) => match (region(&p.between[0]), region(&p.between[1])) {
+            (Some(a), Some(b)) => Some((a, b, p.at_s, p.at_s + p.for_s)),
+            _ => anyhow::bail!("partition.between names a region the network does not have"),
+        },
+        None => None,
+    };
+    if let Some((a, b, at, until)) = cut {
+        schedule.push((at, Event::Cut(a, b)));
+        schedule.push((until, Event::Repair(a, b)));
+    }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
 
     let fetchers: Arc<Mutex<Vec<Fetcher>>> = Arc::new(Mutex::new(
@@ -264,6 +304,8 @@ pub(crate) async fn run(
         |f: &Arc<Mutex<Vec<Fetcher>>>| f.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|f| f.ok).count();
     let mut next_sample = 0.0;
     let mut events = schedule.into_iter().peekable();
+    // Bytes delivered between the partition's regions: when cut, then how many while cut.
+    let mut across = 0;
     let mut leaving = Vec::new();
     loop {
         let now_s = t0.elapsed().as_secs_f64() / scale;
@@ -321,6 +363,14 @@ pub(crate) async fn run(
                         }
                     }
                     running[slot_of(i)] = Some(fetches.spawn(&cluster, i));
+                }
+                Event::Cut(a, b) => {
+                    cluster.net.partition(a, b);
+                    across = across_now(&cluster, a, b);
+                }
+                Event::Repair(a, b) => {
+                    across = across_now(&cluster, a, b) - across;
+                    cluster.net.repair(a, b);
                 }
                 Event::Join => {
                     let i = cluster.join(scenario, rng).await?;
@@ -383,9 +433,32 @@ pub(crate) async fn run(
         stall_p99_s: percentile(&stalls, 0.99),
         restart_to_done_p50_s: percentile(&recover, 0.5),
         restart_to_done_max_s: recover.last().copied().unwrap_or(f64::NAN),
+        partition: partition.zip(cut).map(|(p, (_, _, at, until))| {
+            let done: Vec<f64> = eligible.iter().filter_map(|f| f.done_s).collect();
+            let after = sorted(done.iter().filter(|&&d| d > until).map(|d| d - until).collect());
+            PartitionFigures {
+                between: p.between,
+                at_s: at,
+                repaired_s: until,
+                bytes_across_while_cut: across,
+                completed_while_cut: done.iter().filter(|&&d| (at..=until).contains(&d)).count(),
+                completed_after: after.len(),
+                after_repair_p50_s: percentile(&after, 0.5),
+                after_repair_max_s: after.last().copied().unwrap_or(f64::NAN),
+            }
+        }),
         fetchers,
         series,
     })
+}
+
+/// Bytes delivered so far between regions `a` and `b`, both ways.
+fn across_now(cluster: &Cluster, a: usize, b: usize) -> u64 {
+    let net = &cluster.net;
+    match a == b {
+        true => net.region_traffic(a, a),
+        false => net.region_traffic(a, b) + net.region_traffic(b, a),
+    }
 }
 
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.

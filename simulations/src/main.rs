@@ -198,29 +198,45 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             r.origin_offload * 100.0,
             r.origin_egress_catalogues
         ),
-        ExperimentResult::Churn(r) => eprintln!(
-            "churn: {:.0}% churned ({} crashed, {} of them restarted; {} left; {} joined); \
+        ExperimentResult::Churn(r) => {
+            eprintln!(
+                "churn: {:.0}% churned ({} crashed, {} of them restarted; {} left; {} joined); \
              {}/{} fetches succeeded ({:.1}%); completion p50 {:.2} p90 {:.2} max {:.2} s; \
              first byte p50 {:.2} p99 {:.2} s; longest stall after it p50 {:.2} p99 {:.2} s; \
              restart to done p50 {:.2} max {:.2} s",
-            r.churned_share * 100.0,
-            r.crashed,
-            r.restarted,
-            r.left,
-            r.joined,
-            r.succeeded,
-            r.eligible,
-            r.success_rate * 100.0,
-            r.p50_s,
-            r.p90_s,
-            r.max_s,
-            r.first_byte_p50_s,
-            r.first_byte_p99_s,
-            r.stall_p50_s,
-            r.stall_p99_s,
-            r.restart_to_done_p50_s,
-            r.restart_to_done_max_s
-        ),
+                r.churned_share * 100.0,
+                r.crashed,
+                r.restarted,
+                r.left,
+                r.joined,
+                r.succeeded,
+                r.eligible,
+                r.success_rate * 100.0,
+                r.p50_s,
+                r.p90_s,
+                r.max_s,
+                r.first_byte_p50_s,
+                r.first_byte_p99_s,
+                r.stall_p50_s,
+                r.stall_p99_s,
+                r.restart_to_done_p50_s,
+                r.restart_to_done_max_s
+            );
+            if let Some(p) = &r.partition {
+                eprintln!(
+                    "partition {} | {}: cut {:.1}-{:.1} s, {} bytes across while cut; {} fetches completed while cut, {} after the repair (repair to done p50 {:.2} max {:.2} s)",
+                    p.between[0],
+                    p.between[1],
+                    p.at_s,
+                    p.repaired_s,
+                    p.bytes_across_while_cut,
+                    p.completed_while_cut,
+                    p.completed_after,
+                    p.after_repair_p50_s,
+                    p.after_repair_max_s
+                );
+            }
+        }
         ExperimentResult::Regions(r) => {
             eprintln!(
                 "regions: {}/{} fetched; {:.1}% of bytes from the receiver's own region (random picks: {:.1}%)",

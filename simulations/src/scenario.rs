@@ -185,6 +185,20 @@ impl Default for NodesSpec {
     }
 }
 
+/// A partition between two regions (a region and itself cuts it from itself): every connection
+/// between them is reset at its next frame, and dials between them fail, from `at_s` after the
+/// fetches start until `for_s` later, when it is repaired.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// The two regions, by name.
+    pub between: [String; 2],
+    /// When it is cut, in emulated seconds from the start of the fetches.
+    pub at_s: f64,
+    /// How long it lasts, in emulated seconds.
+    pub for_s: f64,
+}
+
 /// The experiment to run once the nodes are up. Durations are emulated seconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
@@ -257,6 +271,9 @@ pub enum Experiment {
         /// How long all fetches may take, in emulated seconds.
         #[serde(default = "default_timeout")]
         timeout_s: f64,
+        /// Traffic between two regions cut during the fetches, and repaired; none by default.
+        #[serde(default)]
+        partition: Option<Partition>,
     },
     /// One seeder, fetchers in every region arriving over a window.
     Regions {
@@ -456,8 +473,19 @@ impl Scenario {
                 restart_share,
                 downtime_s,
                 join_fraction,
+                partition,
                 ..
             } => {
+                if let Some(Partition { between, at_s, for_s }) = partition {
+                    if let Some(unknown) = between.iter().find(|r| !self.network.regions.contains(r)) {
+                        return invalid(format!("partition.between names {unknown:?}, not a region of the network"));
+                    }
+                    if !(duration(*at_s) && duration(*for_s) && *for_s > 0.0) {
+                        return invalid(format!(
+                            "partition.at_s must be between 0 and {MAX_DURATION_S} s, for_s above 0 and at most that"
+                        ));
+                    }
+                }
                 if *providers == 0 || *providers >= self.nodes.count {
                     return invalid("churn needs at least one provider and fewer providers than nodes".into());
                 }
@@ -630,8 +658,14 @@ mod tests {
             downtime_s: 1.0,
             join_fraction: 1e12,
             timeout_s: 60.0,
+            partition: None,
         };
         refused(&t, "join_fraction = 1e12");
+        if let Experiment::Churn { join_fraction, partition, .. } = &mut t.experiment {
+            *join_fraction = 0.1;
+            *partition = Some(Partition { between: ["eu".into(), "mars".into()], at_s: 1.0, for_s: 1.0 });
+        }
+        refused(&t, "a partition with a region that is not the network's");
         let mut t = s.clone();
         t.experiment = Experiment::ZipfCatalogue {
             blobs: usize::MAX,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use shoal_simulations::run::{ExperimentResult, RunOptions, Summary, run};
-use shoal_simulations::scenario::{Experiment, NetworkSpec, NodesSpec, Scenario};
+use shoal_simulations::scenario::{Experiment, NetworkSpec, NodesSpec, Partition, Scenario};
 
 fn network() -> NetworkSpec {
     NetworkSpec {
@@ -43,8 +43,9 @@ async fn run_bounded(s: Scenario, out: Option<std::path::PathBuf>) -> Summary {
         .expect("the run works")
 }
 
-/// A third of the fetchers crash or leave mid-fetch; some restart, some join. Every node still
-/// there at the end holds the blob: the providers never left.
+/// A third of the fetchers crash or leave mid-fetch; some restart, some join; the two regions are
+/// cut apart for a while. Every node still there at the end holds the blob: the providers never
+/// left, and the partition was repaired. While cut, no byte crossed it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_churn_every_remaining_fetch_completes() {
     let s = Scenario {
@@ -62,6 +63,7 @@ async fn under_churn_every_remaining_fetch_completes() {
             downtime_s: 1.0,
             join_fraction: 0.1,
             timeout_s: 90.0,
+            partition: Some(Partition { between: ["eu".into(), "us".into()], at_s: 0.5, for_s: 1.5 }),
         },
     };
     let out = tempfile::tempdir().expect("tempdir");
@@ -80,6 +82,9 @@ async fn under_churn_every_remaining_fetch_completes() {
         }
     }
     assert_eq!(r.success_rate, 1.0);
+    let p = r.partition.as_ref().expect("the partition's figures");
+    assert_eq!(p.bytes_across_while_cut, 0, "bytes crossed the cut");
+    assert_eq!((p.at_s, p.repaired_s), (0.5, 2.0));
     assert!(out.path().join("churn.png").exists() && out.path().join("timeseries.csv").exists());
 }
 
