@@ -304,8 +304,10 @@ pub(crate) async fn run(
         |f: &Arc<Mutex<Vec<Fetcher>>>| f.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|f| f.ok).count();
     let mut next_sample = 0.0;
     let mut events = schedule.into_iter().peekable();
-    // Bytes delivered between the partition's regions: when cut, then how many while cut.
+    // Bytes delivered between the partition's regions: when cut, then how many while cut; and
+    // when the cut and the repair ran (an event runs late behind a node's start).
     let mut across = 0;
+    let (mut cut_at, mut repaired_at) = (None, None);
     let mut leaving = Vec::new();
     loop {
         let now_s = t0.elapsed().as_secs_f64() / scale;
@@ -367,10 +369,12 @@ pub(crate) async fn run(
                 Event::Cut(a, b) => {
                     cluster.net.partition(a, b);
                     across = across_now(&cluster, a, b);
+                    cut_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
                 Event::Repair(a, b) => {
                     across = across_now(&cluster, a, b) - across;
                     cluster.net.repair(a, b);
+                    repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
                 Event::Join => {
                     let i = cluster.join(scenario, rng).await?;
@@ -388,6 +392,12 @@ pub(crate) async fn run(
             continue;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A deadline that came first leaves nothing cut through the shutdown, nor a figure wrong.
+    if let (Some((a, b, ..)), Some(_), None) = (cut, cut_at, repaired_at) {
+        across = across_now(&cluster, a, b) - across;
+        cluster.net.repair(a, b);
+        repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
     }
     for t in running.into_iter().flatten().chain(leaving) {
         let _ = t.await;
@@ -433,7 +443,7 @@ pub(crate) async fn run(
         stall_p99_s: percentile(&stalls, 0.99),
         restart_to_done_p50_s: percentile(&recover, 0.5),
         restart_to_done_max_s: recover.last().copied().unwrap_or(f64::NAN),
-        partition: partition.zip(cut).map(|(p, (_, _, at, until))| {
+        partition: partition.zip(cut_at.zip(repaired_at)).map(|(p, (at, until))| {
             let done: Vec<f64> = eligible.iter().filter_map(|f| f.done_s).collect();
             let after = sorted(done.iter().filter(|&&d| d > until).map(|d| d - until).collect());
             PartitionFigures {

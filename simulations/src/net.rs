@@ -717,6 +717,11 @@ impl AsyncRead for Link {
                         ready!(this.read_gate.as_mut().poll(cx));
                     }
                     this.check_partition(Some(arrives))?;
+                    // Counted between regions as it gets past the check: counted once through the
+                    // downlink, a frame let through just before a cut was counted during it.
+                    let r = this.net.regions.len();
+                    this.net.region_bytes[this.regions.1 * r + this.regions.0]
+                        .fetch_add(this.payload.len() as u64, Ordering::Relaxed);
                     // From its arrival on, however late this task runs.
                     let done = this.me.downlink.reserve(this.payload.len(), arrives);
                     gate(&mut this.read_gate, done);
@@ -727,9 +732,6 @@ impl AsyncRead for Link {
                         ready!(this.read_gate.as_mut().poll(cx));
                     }
                     this.me.received.fetch_add(this.payload.len() as u64, Ordering::Relaxed);
-                    let r = this.net.regions.len();
-                    this.net.region_bytes[this.regions.1 * r + this.regions.0]
-                        .fetch_add(this.payload.len() as u64, Ordering::Relaxed);
                     this.state = ReadState::Deliver { pos: 0 };
                 }
                 ReadState::Deliver { pos } => {

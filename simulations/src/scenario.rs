@@ -474,9 +474,12 @@ impl Scenario {
                 downtime_s,
                 join_fraction,
                 partition,
-                ..
+                timeout_s,
             } => {
                 if let Some(Partition { between, at_s, for_s }) = partition {
+                    if at_s + for_s > *timeout_s {
+                        return invalid("partition.at_s + for_s must be within timeout_s".into());
+                    }
                     if let Some(unknown) = between.iter().find(|r| !self.network.regions.contains(r)) {
                         return invalid(format!("partition.between names {unknown:?}, not a region of the network"));
                     }
@@ -666,6 +669,15 @@ mod tests {
             *partition = Some(Partition { between: ["eu".into(), "mars".into()], at_s: 1.0, for_s: 1.0 });
         }
         refused(&t, "a partition with a region that is not the network's");
+        let partition = |at_s, for_s| Some(Partition { between: ["a".into(), "a".into()], at_s, for_s });
+        if let Experiment::Churn { partition: p, .. } = &mut t.experiment {
+            *p = partition(50.0, 20.0);
+        }
+        refused(&t, "a partition repaired after the run's timeout");
+        if let Experiment::Churn { partition: p, .. } = &mut t.experiment {
+            *p = partition(1.0, 1.0);
+        }
+        t.check().expect("a partition within the run");
         let mut t = s.clone();
         t.experiment = Experiment::ZipfCatalogue {
             blobs: usize::MAX,
