@@ -413,6 +413,13 @@ fn charge(g: Geometry, verified: &PieceSet) -> u64 {
     partial.min(footprint(g))
 }
 
+/// Admits an unpinned `blob` to the cache at its [`charge`]: the blobs evicted for it, or `None`
+/// if it is too large. Judged by its whole footprint, though charged less while partial: such a
+/// blob could never be completed within the bound, and growing, it would evict every other.
+fn admit_unpinned(lru: &mut ByteLru, blob: &Blob) -> Option<Vec<Hash>> {
+    (blob.footprint() <= lru.capacity()).then(|| lru.admit(blob.hash, blob.charge()).ok()).flatten()
+}
+
 /// The bytes of a blob's bitmap of pieces, as its meta holds it.
 fn bitmap_bytes(g: Geometry) -> u64 {
     u64::from(g.piece_count()).div_ceil(8)
@@ -806,10 +813,7 @@ impl Store {
             if lock(&blob.status).pinned {
                 st.pinned_bytes += blob.footprint();
             } else {
-                // Judged by its whole footprint, though charged less while partial: it could
-                // never be completed within the bound, and growing, it would evict every other.
-                let fits = blob.footprint() <= st.lru.capacity();
-                match fits.then(|| st.lru.admit(blob.hash, blob.charge()).ok()).flatten() {
+                match admit_unpinned(&mut st.lru, &blob) {
                     Some(evicted) => {
                         for hash in evicted {
                             if let Some(old) = st.blobs.remove(&hash) {
@@ -1091,11 +1095,8 @@ impl Store {
         // the cache). Before anything is evicted for it: a failure here loses nothing.
         if pin != pin_written {
             let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned: pin, bitmap: full.to_bitmap() };
-            if let Err(e) = write_meta(&dir, &meta, self.inner.config.durable) {
-                drop(st);
-                let _ = self.discard_dir(&dir);
-                return Err(e);
-            }
+            // On any failure from here, `install` discards the staged copy.
+            write_meta(&dir, &meta, self.inner.config.durable)?;
         }
         let evicted = if pin {
             st.pinned_bytes += footprint(geometry);
@@ -1103,11 +1104,7 @@ impl Store {
         } else {
             match st.lru.admit(hash, footprint(geometry)) {
                 Ok(evicted) => evicted,
-                Err(o) => {
-                    drop(st);
-                    self.discard_dir(&dir)?;
-                    return Err(StoreError::TooLarge { hash, bytes: o.bytes, capacity: o.capacity });
-                }
+                Err(o) => return Err(StoreError::TooLarge { hash, bytes: o.bytes, capacity: o.capacity }),
             }
         };
         // The blobs evicted for it leave now, whatever happens to it: they are out of the count.
@@ -1128,11 +1125,8 @@ impl Store {
                 } else {
                     st.lru.remove(&hash);
                 }
-                // Under the lock: no other import of it may place its directory meanwhile. What
-                // `place` renamed into place it took away itself; what was there before it is not
-                // ours to delete.
-                let _ = self.trash(&dir);
-                drop(st);
+                // What `place` renamed into place it took away itself, and `install` discards
+                // the staged copy; what was there before is not ours to delete.
                 Err(e)
             }
         }
@@ -1859,10 +1853,7 @@ impl Store {
             Vec::new()
         } else {
             st.pinned_bytes -= blob.footprint();
-            // A partial blob that could never be completed within the bound goes, as a whole
-            // one too large does.
-            let fits = blob.footprint() <= st.lru.capacity();
-            fits.then(|| st.lru.admit(hash, blob.charge()).ok()).flatten().unwrap_or_else(|| vec![hash])
+            admit_unpinned(&mut st.lru, blob).unwrap_or_else(|| vec![hash])
         };
         (was, self.remove_evicted(st, evicted))
     }

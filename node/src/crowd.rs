@@ -178,6 +178,13 @@ struct Inner {
     withheld: LruCache<(Hash, PeerId), HeldBack>,
 }
 
+impl Inner {
+    /// The host `peer` is connected from, or last connected from, if known.
+    fn host(&self, peer: &PeerId) -> Option<IpAddr> {
+        self.hosts.get(peer).or_else(|| self.seen_from.peek(peer)).copied()
+    }
+}
+
 /// The pieces held back from one requester of a blob.
 #[derive(Debug)]
 struct HeldBack {
@@ -304,8 +311,7 @@ impl Crowds {
     /// from, if known.
     pub(crate) fn member(&self, peer: PeerId) -> Member {
         let inner = self.lock();
-        let host = inner.hosts.get(&peer).copied().or_else(|| inner.seen_from.peek(&peer).copied());
-        host.map_or(Member::Peer(peer), Member::Host)
+        inner.host(&peer).map_or(Member::Peer(peer), Member::Host)
     }
 
     /// A connection to `peer` from `remote` is established: the peer counts as that host in
@@ -477,7 +483,7 @@ impl Crowds {
             .iter()
             .filter(|c| self.in_crowd(c, now))
             // The host it is connected from now, if known; else the last one it was.
-            .map(|c| inner.hosts.get(&c.peer).copied().or(c.host).map_or(Member::Peer(c.peer), Member::Host))
+            .map(|c| inner.host(&c.peer).or(c.host).map_or(Member::Peer(c.peer), Member::Host))
             .collect();
         members.sort_unstable();
         members.dedup();
@@ -681,7 +687,7 @@ impl Crowds {
 /// The record of `peer` for `hash`, made if there is none (replacing a requester that holds
 /// nothing, or else the holder seen longest ago, when the blob has [`MAX_CONTACTS`]).
 fn contact(inner: &mut Inner, hash: Hash, peer: PeerId, now: Instant) -> &mut Contact {
-    let host = inner.hosts.get(&peer).copied();
+    let host = inner.host(&peer);
     let contacts = inner.blobs.get_or_insert_mut(hash, Vec::new);
     let ix = match contacts.iter().position(|c| c.peer == peer) {
         Some(ix) => ix,

@@ -162,12 +162,9 @@ impl Fetches {
             // one times its gaps from its restart, its recovery included.
             let record = fetchers.clone();
             let watch_stalls = async move {
-                let fetcher =
-                    |f: &mut dyn FnMut(&mut Fetcher)| f(&mut record.lock().unwrap_or_else(|e| e.into_inner())[slot]);
-                let start = Instant::now();
-                let mut timing = false;
-                fetcher(&mut |f| timing = f.first_byte_s.is_some());
-                let (mut last, mut longest, mut bytes) = (start, Duration::ZERO, 0);
+                let fetchers = || record.lock().unwrap_or_else(|e| e.into_inner());
+                let mut timing = fetchers()[slot].first_byte_s.is_some();
+                let (mut last, mut longest, mut bytes) = (Instant::now(), Duration::ZERO, 0);
                 while rx.changed().await.is_ok() {
                     let p = rx.borrow_and_update().verified_bytes;
                     if p > bytes {
@@ -177,7 +174,8 @@ impl Fetches {
                         } else {
                             timing = true;
                             let at = t0.elapsed().as_secs_f64() / scale;
-                            fetcher(&mut |f| f.first_byte_s = Some(at - f.started_s));
+                            let f = &mut fetchers()[slot];
+                            f.first_byte_s = Some(at - f.started_s);
                         }
                         last = Instant::now();
                     }
