@@ -53,7 +53,10 @@
 //! | `Timeout`, `Io`, `Truncated` | asked again after a back-off | no requests until after a back-off               |
 //! | `Corrupt`, `Protocol`        | dropped and penalised        | dropped and penalised                            |
 //!
-//! ¹ A peer whose have-map ends up empty is dropped.
+//! ¹ A peer whose have-map ends up empty is dropped, and so is one that sends none of the pieces
+//! asked of it [`FetchConfig::max_peer_failures`] answers in a row (`NotFound`, or `Data` with
+//! fewer pieces), however often it advertises them again: a stale have-map is put right by one
+//! such answer.
 //! ² Once the size is proven, a peer with nothing else asked of it, while every slot is taken and
 //! a candidate that never held one (or one named nearby) waits, gives its slot to the candidate
 //! instead and is parked at the back of the queue. In a crowd, the holders every fetch was told
@@ -650,6 +653,10 @@ struct Peer {
     /// Failed have requests since one was last answered: counted apart, so that a peer answering
     /// its have requests and watches is still dropped when every request for pieces fails.
     have_failures: u32,
+    /// Answers in a row to requests for pieces that sent none of those asked, neither `Busy` nor
+    /// a broken transfer: pieces advertised and then not held. A stale have-map is put right by
+    /// one such answer; a peer that keeps advertising what it does not send is dropped.
+    unserved: u32,
     /// The back-off of the last counted failure: failures before it ends are the same incident
     /// (a dropped connection fails every request in flight at once) and count once.
     incident_until: Option<Instant>,
@@ -690,6 +697,7 @@ impl Peer {
             failures: 0,
             consecutive_failures: 0,
             have_failures: 0,
+            unserved: 0,
             incident_until: None,
             backoff_until: None,
             in_flight: 0,
@@ -1278,6 +1286,17 @@ where
             // Progress, or a holder of what we asked for telling us to wait our turn.
             self.last_sign = now;
         }
+        let unserved = match self.peers.get_mut(&peer) {
+            Some(rec) if !got.is_empty() => {
+                rec.unserved = 0;
+                0
+            }
+            Some(rec) if !not_served.is_empty() && matches!(failure, None | Some(PeerFailure::NotFound)) => {
+                rec.unserved = rec.unserved.saturating_add(1);
+                rec.unserved
+            }
+            _ => 0,
+        };
         match failure {
             None => {
                 if let Some(rec) = self.peers.get_mut(&peer) {
@@ -1304,6 +1323,10 @@ where
                 }
             }
             Some(other) => self.peer_failed(peer, other, Asked::Get, now),
+        }
+        if unserved >= self.config.max_peer_failures {
+            // Each answer cost a round trip and a slot; its have-maps are not believed again.
+            self.drop_peer(peer, None, now);
         }
         self.after_verification();
     }
@@ -3440,6 +3463,46 @@ mod tests {
         let s = stats(&d.fetch, 1);
         assert!(s.dropped && !s.penalised, "{s:?}");
         assert_eq!(requests(&after)[0].0, 2);
+    }
+
+    #[test]
+    fn a_peer_that_keeps_advertising_pieces_it_does_not_send_is_dropped() {
+        let n = 12;
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
+        // `NotFound` to every request, or answers with none of the pieces asked; each time asked,
+        // it advertises every piece again. Peer 2, an honest holder, never answers here.
+        for failure in [Some(PeerFailure::NotFound), None] {
+            let peers = [(1, PieceSet::full(n)), (2, PieceSet::full(n))];
+            let (mut d, mut actions) = proven(size_of(n), config.clone(), &peers);
+            let (mut empty, mut served) = (0, false);
+            while !stats(&d.fetch, 1).dropped {
+                assert!(empty < 10, "{failure:?}: still asked after {empty} answers with nothing");
+                if let Some((_, id, pieces)) = requests(&actions).into_iter().find(|r| r.0 == 1) {
+                    if empty == 2 && !served {
+                        // One piece sent: the peer was stale, not lying, and starts afresh.
+                        let one = set(n, pieces.iter().take(1));
+                        d.fetch.handle_response(1, id, &one, PIECE_SIZE, ms(50), None, d.now);
+                        (empty, served) = (0, true);
+                    } else {
+                        d.fetch.handle_response(1, id, &PieceSet::empty(n), 0, ms(50), failure, d.now);
+                        empty += 1;
+                    }
+                    actions = d.drain();
+                } else if actions.contains(&AskHave { peer: 1 }) {
+                    d.have(1, PieceSet::full(n));
+                    actions = d.drain();
+                } else if d.watches.iter().any(|(p, _)| *p == 1) {
+                    d.watches.retain(|(p, _)| *p != 1);
+                    d.fetch.handle_watched(1, d.size, PieceSet::full(n), d.now);
+                    actions = d.drain();
+                } else {
+                    actions = d.advance(config.retry_base);
+                }
+            }
+            assert!(served, "{failure:?}: dropped before it served a piece");
+            assert_eq!(empty, config.max_peer_failures, "{failure:?}: answers with nothing in a row");
+            assert!(!stats(&d.fetch, 1).penalised, "{failure:?}: a stale peer is no liar");
+        }
     }
 
     #[test]
