@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::crowd::Member;
 use crate::node::{Aborted, NodeError, NodeHandle};
+use crate::standing::Offence;
 use crate::swarm::Command;
 use crate::transfer::{self, Got, PeerFault};
 
@@ -479,8 +480,14 @@ async fn run(
                     requests.remove(&id);
                 }
                 Action::Penalise { peer, failure } => {
+                    // Bytes that failed verification are a lie no fetch should pay for again;
+                    // a protocol error may be a version we do not speak, and is counted only.
+                    let offence = match failure {
+                        PeerFailure::Corrupt => Offence::Lied,
+                        _ => Offence::Stale,
+                    };
                     warn!(%peer, ?failure, "peer misbehaved; dropped for this blob and penalised");
-                    node.penalise(peer);
+                    node.penalise(peer, offence);
                 }
                 Action::Complete => {
                     let s = store.clone();
@@ -570,7 +577,8 @@ async fn run(
                 let Some(event) = event else { break Err(NodeError::Stopped) };
                 let now = Instant::now();
                 match event {
-                    Event::Providers(peers) => {
+                    Event::Providers(mut peers) => {
+                        peers.retain(|p| !node.avoids(p));
                         for &p in &peers {
                             if provided.len() < MAX_HINTED {
                                 provided.insert(p);
@@ -645,7 +653,7 @@ async fn run(
                         });
                         if (got.fault.is_none() && lost) || got.fault == Some(PeerFault::NotFound) {
                             debug!(%peer, "peer served fewer pieces than it advertised");
-                            node.penalise(peer);
+                            node.penalise(peer, Offence::Stale);
                         }
                         if !got.verified.is_empty() {
                             node.inner.crowds.source(hash, peer, now);
@@ -665,7 +673,7 @@ async fn run(
                 }
             }
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
-            Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
+            Some(peer) = nearby.recv() => machine.handle_nearby([peer].into_iter().filter(|p| !node.avoids(p)), Instant::now()),
             // A reader moved: its next pieces are requested first from the next round on.
             () = &mut reader_moved => {}
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),
@@ -857,7 +865,7 @@ async fn reach(
     for hint in hints {
         let Ok(peer) = PeerId::from_bytes(&hint.id) else { continue };
         let connected = node.inner.crowds.is_connected(&peer);
-        if peer == node.inner.peer_id || !hinted.take(source, peer, connected) {
+        if peer == node.inner.peer_id || node.avoids(&peer) || !hinted.take(source, peer, connected) {
             continue;
         }
         if connected {

@@ -9,6 +9,7 @@
 //! - `transfer`: `/shoal/transfer/2`, serving and requesting pieces.
 //! - `fetch`: drives `shoal_protocol::fetch` with real peers.
 //! - `crowd`: who else holds a blob (peer exchange) and spreading a crowd's load.
+//! - `standing`: what the node holds against peers that failed it; liars are avoided.
 //! - [`api`]: the local HTTP API the `shoal` command talks to.
 //! - `gateway`: blobs over HTTP (`Range`, `ETag`, streaming while fetching).
 //! - [`node`]: [`Node`] and its cloneable [`NodeHandle`].
@@ -29,6 +30,7 @@ pub mod node;
 mod pcp;
 mod portmap;
 mod slots;
+mod standing;
 mod streams;
 mod swarm;
 mod transfer;

@@ -1406,6 +1406,14 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         for p in g("penalties").as_array().cloned().unwrap_or_default() {
             writeln!(out, "penalised: {} ({} times)", p[0].as_str().unwrap_or_default(), p[1])?;
         }
+        for p in g("avoided").as_array().cloned().unwrap_or_default() {
+            let peer = p[0].as_str().unwrap_or_default();
+            writeln!(
+                out,
+                "avoided:   {peer} for {} s more (sent bytes that failed verification {} times)",
+                p[2], p[1]
+            )?;
+        }
         Ok(())
     })
 }

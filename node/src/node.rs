@@ -86,6 +86,9 @@ pub struct Status {
     pub evictions: u64,
     /// Peers that misbehaved or failed us, with how often (worst first, at most 32).
     pub penalties: Vec<(String, u32)>,
+    /// Peers no fetch asks now, for having sent bytes that failed verification: each with how
+    /// often it did, and for how many more seconds it is avoided (longest first, at most 32).
+    pub avoided: Vec<(String, u32, u64)>,
     /// What the LAN's router does for us.
     pub router: RouterMapping,
     /// Connections peers opened to us since the start: none on a node nobody can reach.
@@ -179,8 +182,8 @@ pub(crate) struct Shared {
     /// Where the readers of blobs being fetched are (gateway responses): their next pieces are
     /// fetched first.
     pub(crate) readers: crate::fetch::Readers,
-    /// Misbehaviour seen per peer; higher is worse. Bounded by the peers we talk to.
-    pub(crate) penalties: Mutex<HashMap<PeerId, u32>>,
+    /// What the node holds against its peers: offences counted, liars avoided.
+    pub(crate) standing: crate::standing::Standing,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) download_rate: Option<Arc<crate::limits::RateLimit>>,
     /// When each peer last moved content with us, so the connection trimming spares it.
@@ -321,7 +324,7 @@ impl Node {
                 config: config.clone(),
                 fetches: Mutex::new(HashMap::new()),
                 readers: crate::fetch::Readers::default(),
-                penalties: Mutex::new(HashMap::new()),
+                standing: crate::standing::Standing::default(),
                 metrics,
                 download_rate,
                 activity,
@@ -648,13 +651,14 @@ impl NodeHandle {
         fetch::fetch(self, hash, progress).await
     }
 
-    /// Records that `peer` misbehaved.
-    pub(crate) fn penalise(&self, peer: PeerId) {
-        let mut p = self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner());
-        if p.len() >= 65_536 && !p.contains_key(&peer) {
-            return;
-        }
-        *p.entry(peer).or_insert(0) += 1;
+    /// Records that `peer` misbehaved (see [`crate::standing`]).
+    pub(crate) fn penalise(&self, peer: PeerId, offence: crate::standing::Offence) {
+        self.inner.standing.penalise(peer, offence, std::time::Instant::now());
+    }
+
+    /// Whether fetches keep away from `peer`, for having sent bytes that failed verification.
+    pub(crate) fn avoids(&self, peer: &PeerId) -> bool {
+        self.inner.standing.avoids(peer, std::time::Instant::now())
     }
 
     /// The node's metrics in the Prometheus text format (what `GET /metrics` serves).
@@ -664,7 +668,7 @@ impl NodeHandle {
 
     /// How often `peer` misbehaved.
     pub fn penalty(&self, peer: &PeerId) -> u32 {
-        self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied().unwrap_or(0)
+        self.inner.standing.offences(peer)
     }
 
     /// The node's view of the DHT: its routing table and announcements.
@@ -681,6 +685,7 @@ impl NodeHandle {
         let peers = self.peers().await?.len();
         let dht = self.dht_info().await?;
         let StoreStats { blobs, cache_bytes, cache_capacity, pinned_bytes, evictions, .. } = self.inner.store.stats();
+        let (penalties, avoided) = self.inner.standing.report(std::time::Instant::now());
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),
             listen_addrs: addrs.iter().map(|a| a.to_string()).collect(),
@@ -694,13 +699,8 @@ impl NodeHandle {
             uploads: self.inner.uploads.active(),
             watches: self.inner.uploads.watching(),
             evictions,
-            penalties: {
-                let p = self.inner.penalties.lock().unwrap_or_else(|e| e.into_inner());
-                let mut v: Vec<(String, u32)> = p.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-                v.sort_by_key(|e| std::cmp::Reverse(e.1));
-                v.truncate(32);
-                v
-            },
+            penalties: penalties.into_iter().map(|(p, n)| (p.to_string(), n)).collect(),
+            avoided: avoided.into_iter().map(|a| (a.peer.to_string(), a.lies, a.left.as_secs().max(1))).collect(),
             router: self.inner.router.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             inbound_connections: self.inner.metrics.connections("in", "opened"),
         })

@@ -3,17 +3,18 @@
 //! says, counts it, and goes on serving everyone else. And patiently: a watch held until a piece
 //! it wants arrives, and one that must not hold up a shutdown; streams that never send their
 //! request, which must not keep others from being served. And as a provider that lies: one
-//! claiming a size it never proves must not keep a fetch from the peer that can.
+//! claiming a size it never proves must not keep a fetch from the peer that can, and one sending
+//! bytes that are not the blob's is avoided by the fetches that follow.
 
-use std::time::Duration;
-
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, SwarmBuilder, kad};
 use shoal_node::{Node, NodeConfig};
+use shoal_protocol::verify;
 use shoal_protocol::wire::{self, Request, Response};
 use shoal_protocol::{Geometry, Hash, PIECE_SIZE, PieceSet};
 
@@ -315,17 +316,38 @@ struct LiarBehaviour {
     stream: libp2p_stream::Behaviour,
 }
 
-/// What the lying provider was asked.
+/// What a lying provider was asked, request by request: the blob and whether it was for pieces.
 #[derive(Default)]
-struct Asked {
-    have: AtomicUsize,
-    get: AtomicUsize,
+struct Asked(std::sync::Mutex<Vec<(Hash, bool)>>);
+
+impl Asked {
+    fn record(&self, hash: Hash, get: bool) {
+        self.0.lock().expect("lock").push((hash, get));
+    }
+
+    /// How many have or watch requests (`get` false), or piece requests (true), named `hash`.
+    fn count(&self, hash: Hash, get: bool) -> usize {
+        self.0.lock().expect("lock").iter().filter(|a| **a == (hash, get)).count()
+    }
 }
 
-/// A provider that announces `hash` to the node at `addr` and then lies: it claims to hold all of
-/// a blob of `size` bytes, sends no size proof though asked for one, and answers every piece
-/// request `Busy`.
-async fn liar(addr: Multiaddr, node: PeerId, hash: Hash, size: u64) -> (Arc<Asked>, tokio::task::JoinHandle<()>) {
+/// How a lying provider lies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lie {
+    /// It sends no size proof though asked for one, and answers every piece request `Busy`.
+    NeverProves,
+    /// It proves the size, then sends bytes for every piece asked that are not the blob's.
+    Garbage,
+}
+
+/// A provider that announces `blobs` to the node at `addr`, claims to hold every piece of each,
+/// and then lies as `lie` says.
+async fn liar(
+    addr: Multiaddr,
+    node: PeerId,
+    lie: Lie,
+    blobs: &[&[u8]],
+) -> (Arc<Asked>, PeerId, tokio::task::JoinHandle<()>) {
     let mut swarm = SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_quic()
@@ -338,34 +360,66 @@ async fn liar(addr: Multiaddr, node: PeerId, hash: Hash, size: u64) -> (Arc<Aske
         .expect("behaviour")
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
+    let id = *swarm.local_peer_id();
     swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Client));
     swarm.listen_on("/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("multiaddr")).expect("listen");
     let mut incoming = swarm.behaviour().stream.new_control().accept(TRANSFER).expect("accept");
     let asked = Arc::new(Asked::default());
-    let n = Geometry::new(size).expect("size").piece_count();
+    // Each blob's size and the proof of it.
+    let blobs: Arc<HashMap<Hash, (u64, Vec<u8>)>> = Arc::new(
+        blobs
+            .iter()
+            .map(|data| {
+                let (hash, size) = (Hash::of(data), data.len() as u64);
+                let geometry = Geometry::new(size).expect("size");
+                let mut ob = Vec::new();
+                verify::outboard(*data, size, &mut ob).expect("outboard");
+                let mut proof = Vec::new();
+                verify::encode_size_proof(*data, verify::post_order_outboard(hash, geometry, &ob[..]), &mut proof)
+                    .expect("proof");
+                (hash, (size, proof))
+            })
+            .collect(),
+    );
+    let hashes: Vec<Hash> = blobs.keys().copied().collect();
     let answers = asked.clone();
     let serve = tokio::spawn(async move {
         while let Some((_, mut stream)) = incoming.next().await {
-            let answers = answers.clone();
+            let (answers, blobs) = (answers.clone(), blobs.clone());
             tokio::spawn(async move {
                 let mut prefix = [0; 4];
                 let Ok(()) = stream.read_exact(&mut prefix).await else { return };
                 let Ok(len) = wire::frame_len(prefix, wire::MAX_REQUEST_LEN) else { return };
                 let mut body = vec![0; len];
                 let Ok(()) = stream.read_exact(&mut body).await else { return };
-                let have = || Response::Have { size, pieces: PieceSet::full(n), peers: Vec::new(), size_proof: None };
-                let answer = match wire::decode_request(&body) {
-                    Ok(Request::Have { .. } | Request::Watch { .. }) => {
-                        answers.have.fetch_add(1, Ordering::SeqCst);
-                        have()
-                    }
-                    Ok(Request::Get { .. }) => {
-                        answers.get.fetch_add(1, Ordering::SeqCst);
-                        Response::Busy { retry_after_ms: 250, peers: Vec::new() }
-                    }
+                let request = wire::decode_request(&body);
+                let (hash, prove, get) = match &request {
+                    Ok(Request::Have { hash, prove_size, .. }) => (*hash, *prove_size, None),
+                    Ok(Request::Watch { hash, .. }) => (*hash, false, None),
+                    Ok(Request::Get { hash, pieces, .. }) => (*hash, false, Some(pieces.clone())),
                     _ => return,
                 };
-                let _ = stream.write_all(&wire::encode_frame(&answer)).await;
+                let Some((size, proof)) = blobs.get(&hash) else { return };
+                answers.record(hash, get.is_some());
+                let geometry = Geometry::new(*size).expect("size");
+                let answer = match (get, lie) {
+                    (None, _) => wire::encode_frame(&Response::Have {
+                        size: *size,
+                        pieces: PieceSet::full(geometry.piece_count()),
+                        peers: Vec::new(),
+                        size_proof: (prove && lie == Lie::Garbage).then(|| proof.clone()),
+                    }),
+                    (Some(_), Lie::NeverProves) => {
+                        wire::encode_frame(&Response::Busy { retry_after_ms: 250, peers: Vec::new() })
+                    }
+                    (Some(pieces), Lie::Garbage) => {
+                        let len = verify::encoded_len(geometry, &pieces) as usize;
+                        let mut frame = wire::encode_frame(&Response::Data { pieces, peers: Vec::new(), have: None });
+                        frame.resize(frame.len() + len, 0xa5);
+                        frame
+                    }
+                };
+                let _ = stream.write_all(&answer).await;
                 let _ = stream.close().await;
             });
         }
@@ -380,12 +434,14 @@ async fn liar(addr: Multiaddr, node: PeerId, hash: Hash, size: u64) -> (Arc<Aske
                     announced = true;
                     let dht = &mut swarm.behaviour_mut().kad;
                     dht.add_address(&node, addr.clone());
-                    dht.start_providing(kad::RecordKey::new(hash.as_bytes())).expect("provide");
+                    for hash in &hashes {
+                        dht.start_providing(kad::RecordKey::new(hash.as_bytes())).expect("provide");
+                    }
                 }
             }
         }
     });
-    (asked, task)
+    (asked, id, task)
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -407,7 +463,7 @@ async fn a_provider_that_claims_a_size_it_never_proves_does_not_keep_a_fetch_fro
     fc.fetch_peers = 1;
     let fetcher = Node::start(fc).await.expect("fetcher");
     let faddr = fetcher.handle().wait_listening().await.expect("listening")[0].clone();
-    let (asked, liar) = liar(faddr.clone(), fetcher.handle().peer_id(), hash, data.len() as u64).await;
+    let (asked, _, liar) = liar(faddr.clone(), fetcher.handle().peer_id(), Lie::NeverProves, &[&data]).await;
     tokio::time::timeout(Duration::from_secs(30), async {
         while fetcher.handle().providers(hash).await.expect("providers").is_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -418,7 +474,7 @@ async fn a_provider_that_claims_a_size_it_never_proves_does_not_keep_a_fetch_fro
     let handle = fetcher.handle();
     let fetch = tokio::spawn(async move { handle.fetch(hash, None).await });
     tokio::time::timeout(Duration::from_secs(30), async {
-        while asked.have.load(Ordering::SeqCst) == 0 {
+        while asked.count(hash, false) == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
@@ -439,7 +495,78 @@ async fn a_provider_that_claims_a_size_it_never_proves_does_not_keep_a_fetch_fro
         .expect("task")
         .expect("fetch");
     assert_eq!(info.size, data.len() as u64);
-    assert_eq!(asked.get.load(Ordering::SeqCst), 0, "nothing was asked of a size nobody proved");
+    assert_eq!(asked.count(hash, true), 0, "nothing was asked of a size nobody proved");
+    liar.abort();
+    fetcher.shutdown().await.expect("shutdown");
+    provider.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_sends_bytes_that_fail_verification_is_avoided_by_later_fetches() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let blob = |seed: u32| -> Vec<u8> {
+        (0..8 * PIECE_SIZE as u32 + 17).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 7) as u8).collect()
+    };
+    let (first, second) = (blob(1), blob(2));
+    let (a, b) = (Hash::of(&first), Hash::of(&second));
+
+    let fetcher = Node::start(config(tmp.path().join("f"))).await.expect("fetcher");
+    let handle = fetcher.handle();
+    let faddr = handle.wait_listening().await.expect("listening")[0].clone();
+    let (asked, liar_id, liar) = liar(faddr.clone(), handle.peer_id(), Lie::Garbage, &[&first, &second]).await;
+    let named = |hash: Hash| {
+        let handle = handle.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while !handle.providers(hash).await.expect("providers").contains(&liar_id) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await
+            .expect("the liar's record reached the fetcher");
+        }
+    };
+    named(a).await;
+
+    // The liar is the only provider the first fetch hears of: it proves the size, and the pieces
+    // it sends fail verification.
+    let fetch = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.fetch(a, None).await }
+    });
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while handle.status().await.expect("status").avoided.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the liar was found out");
+    assert!(asked.count(a, true) > 0, "found out by the pieces it sent");
+
+    // An honest provider of both blobs joins: the first fetch finishes from it.
+    let mut pc = config(tmp.path().join("p"));
+    pc.bootstrap = vec![faddr];
+    let provider = Node::start(pc).await.expect("provider");
+    for (name, data) in [("a", &first), ("b", &second)] {
+        let file = tmp.path().join(name);
+        std::fs::write(&file, data).expect("write");
+        provider.handle().add_path(&file).await.expect("add");
+    }
+    let info =
+        tokio::time::timeout(Duration::from_secs(60), fetch).await.expect("in time").expect("task").expect("fetch");
+    assert_eq!((info.hash, info.size), (a, first.len() as u64));
+
+    // The DHT names the liar as a provider of the second blob too; the fetch asks it nothing.
+    named(b).await;
+    let info =
+        tokio::time::timeout(Duration::from_secs(60), handle.fetch(b, None)).await.expect("in time").expect("fetch");
+    assert_eq!((info.hash, info.size), (b, second.len() as u64));
+    assert_eq!((asked.count(b, false), asked.count(b, true)), (0, 0), "the liar was asked about the second blob");
+
+    let status = handle.status().await.expect("status");
+    let avoided: Vec<&(String, u32, u64)> =
+        status.avoided.iter().filter(|(p, _, _)| *p == liar_id.to_string()).collect();
+    assert!(matches!(avoided[..], [(_, 1.., 1..)]), "{:?}", status.avoided);
     liar.abort();
     fetcher.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");

@@ -68,8 +68,8 @@
 //! peer is still backing off from the last one count once: a dropped connection fails every request
 //! in flight at the same moment, and that is one incident, not four. Pieces of a failed request go
 //! back to the pool at once. A dropped peer is not asked again by this fetch; a penalty
-//! ([`Action::Penalise`]) is also counted by the node (its status lists them), which other
-//! fetches do not consult.
+//! ([`Action::Penalise`]) is also the node's to act on (a Shoal node keeps its fetches away from
+//! a peer penalised for `Corrupt` for a while).
 //!
 //! `Truncated` is treated as a broken connection, not as misbehaviour: decoding stops at the last
 //! whole chunk group, so no unverified byte is kept, and a stream cut short is what honest peers

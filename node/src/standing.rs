@@ -1,0 +1,176 @@
+//! What a node holds against its peers, across fetches.
+//!
+//! A fetch drops a peer that fails it (`shoal_protocol::fetch`), for that fetch only. Two kinds of
+//! failure are remembered here:
+//! - a peer that advertised pieces and then did not have them (a stale have-map, or a store that
+//!   found rot in them on the way out) is counted, and `shoal status` lists the count. An honest
+//!   node does this: its cache evicts, its disk rots. Nothing else follows from it;
+//! - a peer that sent bytes that failed BLAKE3 verification, or a size proof that did not check,
+//!   lied: a Shoal node verifies every piece it serves as it reads it, so only a peer that is
+//!   not one, or is broken, sends such bytes. It is *avoided*: no fetch asks it for anything for
+//!   [`AVOID_FIRST`], doubling with each lie to [`AVOID_MAX`]. Every fetch would otherwise spend a
+//!   piece's bytes on it before dropping it again.
+//!
+//! A peer is known by its id, which costs nothing to make: a liar with a new id starts afresh, and
+//! costs each fetch the one piece a fetch spends to find it out. The records are bounded
+//! ([`MAX_RECORDS`]); past the bound the peer least recently penalised is forgotten.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use lru::LruCache;
+
+/// How long a peer is avoided after its first lie.
+pub(crate) const AVOID_FIRST: Duration = Duration::from_secs(10 * 60);
+
+/// The longest a peer is avoided, however often it lied.
+pub(crate) const AVOID_MAX: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Peers remembered at most.
+pub(crate) const MAX_RECORDS: usize = 65_536;
+
+/// How many peers `shoal status` lists of each kind.
+const LISTED: usize = 32;
+
+/// What a peer did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Offence {
+    /// It advertised pieces it did not send and no longer holds.
+    Stale,
+    /// It sent bytes that failed verification.
+    Lied,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Record {
+    /// Every offence.
+    offences: u32,
+    lies: u32,
+    avoid_until: Option<Instant>,
+}
+
+/// A peer avoided now, as `shoal status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Avoided {
+    pub peer: PeerId,
+    pub lies: u32,
+    pub left: Duration,
+}
+
+/// The node's records of its peers' offences.
+pub(crate) struct Standing {
+    records: Mutex<LruCache<PeerId, Record>>,
+}
+
+impl Default for Standing {
+    fn default() -> Self {
+        Self::with_capacity(MAX_RECORDS)
+    }
+}
+
+impl Standing {
+    fn with_capacity(records: usize) -> Self {
+        let cap = std::num::NonZeroUsize::new(records.max(1)).expect("at least one");
+        Self { records: Mutex::new(LruCache::new(cap)) }
+    }
+
+    fn records(&self) -> std::sync::MutexGuard<'_, LruCache<PeerId, Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that `peer` committed `offence` at `now`.
+    pub(crate) fn penalise(&self, peer: PeerId, offence: Offence, now: Instant) {
+        let mut records = self.records();
+        let record = records.get_or_insert_mut(peer, Record::default);
+        record.offences = record.offences.saturating_add(1);
+        if offence == Offence::Lied {
+            record.lies = record.lies.saturating_add(1);
+            let until = now + AVOID_FIRST.saturating_mul(1 << (record.lies - 1).min(16)).min(AVOID_MAX);
+            record.avoid_until = Some(record.avoid_until.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Whether fetches keep away from `peer` at `now`.
+    pub(crate) fn avoids(&self, peer: &PeerId, now: Instant) -> bool {
+        self.records().peek(peer).and_then(|r| r.avoid_until).is_some_and(|t| now < t)
+    }
+
+    /// How many offences `peer` committed.
+    pub(crate) fn offences(&self, peer: &PeerId) -> u32 {
+        self.records().peek(peer).map_or(0, |r| r.offences)
+    }
+
+    /// The peers with the most offences, most first, and the peers avoided at `now`, longest
+    /// first: at most 32 of each.
+    pub(crate) fn report(&self, now: Instant) -> (Vec<(PeerId, u32)>, Vec<Avoided>) {
+        let records = self.records();
+        let mut counted: Vec<(PeerId, u32)> = records.iter().map(|(p, r)| (*p, r.offences)).collect();
+        counted.sort_by_key(|e| std::cmp::Reverse(e.1));
+        counted.truncate(LISTED);
+        let mut avoided: Vec<Avoided> = records
+            .iter()
+            .filter_map(|(p, r)| {
+                let left = r.avoid_until?.checked_duration_since(now).filter(|d| !d.is_zero())?;
+                Some(Avoided { peer: *p, lies: r.lies, left })
+            })
+            .collect();
+        avoided.sort_by_key(|a| std::cmp::Reverse(a.left));
+        avoided.truncate(LISTED);
+        (counted, avoided)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_liar_is_avoided_for_longer_each_time_and_a_stale_peer_is_only_counted() {
+        let standing = Standing::default();
+        let (stale, liar) = (PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            standing.penalise(stale, Offence::Stale, t0);
+        }
+        assert!(!standing.avoids(&stale, t0));
+        assert_eq!(standing.offences(&stale), 5);
+
+        standing.penalise(liar, Offence::Lied, t0);
+        assert!(standing.avoids(&liar, t0));
+        assert!(standing.avoids(&liar, t0 + AVOID_FIRST - Duration::from_secs(1)));
+        assert!(!standing.avoids(&liar, t0 + AVOID_FIRST));
+        // Again, after its first term: twice as long from then.
+        let t1 = t0 + AVOID_FIRST;
+        standing.penalise(liar, Offence::Lied, t1);
+        assert!(standing.avoids(&liar, t1 + 2 * AVOID_FIRST - Duration::from_secs(1)));
+        assert!(!standing.avoids(&liar, t1 + 2 * AVOID_FIRST));
+        // A lie found by several fetches at once does not shorten what it already earned.
+        for _ in 0..30 {
+            standing.penalise(liar, Offence::Lied, t1);
+        }
+        assert!(standing.avoids(&liar, t1 + AVOID_MAX - Duration::from_secs(1)));
+        assert!(!standing.avoids(&liar, t1 + AVOID_MAX));
+
+        let (counted, avoided) = standing.report(t1);
+        assert_eq!(counted, vec![(liar, 32), (stale, 5)]);
+        assert_eq!(avoided, vec![Avoided { peer: liar, lies: 32, left: AVOID_MAX }]);
+        assert!(standing.report(t1 + AVOID_MAX).1.is_empty(), "a term served is not listed");
+    }
+
+    #[test]
+    fn the_records_are_bounded_and_the_least_recently_penalised_goes() {
+        let standing = Standing::with_capacity(3);
+        let now = Instant::now();
+        let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        for p in &peers[..3] {
+            standing.penalise(*p, Offence::Lied, now);
+        }
+        // Penalised again, the first is the most recent; the second goes for the fourth.
+        standing.penalise(peers[0], Offence::Stale, now);
+        standing.penalise(peers[3], Offence::Stale, now);
+        assert!(standing.avoids(&peers[0], now) && standing.avoids(&peers[2], now));
+        assert!(!standing.avoids(&peers[1], now));
+        assert_eq!(standing.report(now).0.len(), 3);
+    }
+}
