@@ -318,6 +318,22 @@ async fn run(
         reader_moved.as_mut().enable();
         machine.set_reading(node.inner.readers.of(&hash));
         while let Some(action) = machine.poll_action(now) {
+            // A peer this fetch heard of before another found it lying is asked nothing either:
+            // refused here as a peer refusing us is, it is dropped without a penalty.
+            match &action {
+                Action::AskHave { peer } | Action::WatchHave { peer, .. } if node.avoids(peer) => {
+                    debug!(%peer, "not asked: it lied to this node before");
+                    machine.handle_have_failed(*peer, PeerFailure::Denied, now);
+                    continue;
+                }
+                Action::Request { peer, id, .. } if node.avoids(peer) => {
+                    debug!(%peer, "not asked: it lied to this node before");
+                    let none = PieceSet::empty(0);
+                    machine.handle_response(*peer, *id, &none, 0, Duration::ZERO, Some(PeerFailure::Denied), now);
+                    continue;
+                }
+                _ => {}
+            }
             match action {
                 Action::FindProviders => {
                     // A lookup still running is aborted.
@@ -484,7 +500,7 @@ async fn run(
                     // a protocol error may be a version we do not speak, and is counted only.
                     let offence = match failure {
                         PeerFailure::Corrupt => Offence::Lied,
-                        _ => Offence::Stale,
+                        _ => Offence::Failed,
                     };
                     warn!(%peer, ?failure, "peer misbehaved; dropped for this blob and penalised");
                     node.penalise(peer, offence);
@@ -653,7 +669,7 @@ async fn run(
                         });
                         if (got.fault.is_none() && lost) || got.fault == Some(PeerFault::NotFound) {
                             debug!(%peer, "peer served fewer pieces than it advertised");
-                            node.penalise(peer, Offence::Stale);
+                            node.penalise(peer, Offence::Failed);
                         }
                         if !got.verified.is_empty() {
                             node.inner.crowds.source(hash, peer, now);
@@ -673,7 +689,7 @@ async fn run(
                 }
             }
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
-            Some(peer) = nearby.recv() => machine.handle_nearby([peer].into_iter().filter(|p| !node.avoids(p)), Instant::now()),
+            Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
             // A reader moved: its next pieces are requested first from the next round on.
             () = &mut reader_moved => {}
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),

@@ -1410,7 +1410,7 @@ fn status(data_dir: &Path, json: bool) -> anyhow::Result<()> {
             let peer = p[0].as_str().unwrap_or_default();
             writeln!(
                 out,
-                "avoided:   {peer} for {} s more (sent bytes that failed verification {} times)",
+                "avoided:   {peer} for {} s more (lied {} times: bytes or proofs that failed verification)",
                 p[2], p[1]
             )?;
         }

@@ -3,13 +3,16 @@
 //! A fetch drops a peer that fails it (`shoal_protocol::fetch`), for that fetch only. Two kinds of
 //! failure are remembered here:
 //! - a peer that advertised pieces and then did not have them (a stale have-map, or a store that
-//!   found rot in them on the way out) is counted, and `shoal status` lists the count. An honest
-//!   node does this: its cache evicts, its disk rots. Nothing else follows from it;
-//! - a peer that sent bytes that failed BLAKE3 verification, or a size proof that did not check,
-//!   lied: a Shoal node verifies every piece it serves as it reads it, so only a peer that is
-//!   not one, or is broken, sends such bytes. It is *avoided*: no fetch asks it for anything for
-//!   [`AVOID_FIRST`], doubling with each lie to [`AVOID_MAX`]. Every fetch would otherwise spend a
-//!   piece's bytes on it before dropping it again.
+//!   found rot in them on the way out), or broke the protocol (perhaps a version we do not speak),
+//!   is counted, and `shoal status` lists the count. An honest node does the first: its cache
+//!   evicts, its disk rots. Nothing else follows from it;
+//! - a peer that sent bytes that failed BLAKE3 verification, a size proof that did not check, or
+//!   a size contradicting a proven one, lied: a Shoal node verifies every piece it serves as it
+//!   reads it, so only a peer that is not one, or is broken, does so. It is *avoided*: no fetch
+//!   asks it for anything for [`AVOID_FIRST`], doubling with each lie found after its term ended,
+//!   to [`AVOID_MAX`]. Every fetch would otherwise spend a piece's bytes on it before dropping it
+//!   again. Lies found during a term (by fetches that asked it before it began) do not lengthen
+//!   it: several fetches finding one lie at once are one incident.
 //!
 //! A peer is known by its id, which costs nothing to make: a liar with a new id starts afresh, and
 //! costs each fetch the one piece a fetch spends to find it out. The records are bounded
@@ -36,9 +39,9 @@ const LISTED: usize = 32;
 /// What a peer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Offence {
-    /// It advertised pieces it did not send and no longer holds.
-    Stale,
-    /// It sent bytes that failed verification.
+    /// It advertised pieces it did not send and no longer holds, or broke the protocol.
+    Failed,
+    /// It sent bytes or a proof that failed verification.
     Lied,
 }
 
@@ -71,7 +74,7 @@ impl Default for Standing {
 
 impl Standing {
     fn with_capacity(records: usize) -> Self {
-        let cap = std::num::NonZeroUsize::new(records.max(1)).expect("at least one");
+        let cap = std::num::NonZeroUsize::new(records).unwrap_or(std::num::NonZeroUsize::MIN);
         Self { records: Mutex::new(LruCache::new(cap)) }
     }
 
@@ -84,16 +87,21 @@ impl Standing {
         let mut records = self.records();
         let record = records.get_or_insert_mut(peer, Record::default);
         record.offences = record.offences.saturating_add(1);
-        if offence == Offence::Lied {
+        if offence == Offence::Lied && record.avoid_until.is_none_or(|t| now >= t) {
             record.lies = record.lies.saturating_add(1);
-            let until = now + AVOID_FIRST.saturating_mul(1 << (record.lies - 1).min(16)).min(AVOID_MAX);
-            record.avoid_until = Some(record.avoid_until.map_or(until, |t| t.max(until)));
+            record.avoid_until = Some(now + AVOID_FIRST.saturating_mul(1 << (record.lies - 1).min(16)).min(AVOID_MAX));
         }
     }
 
-    /// Whether fetches keep away from `peer` at `now`.
+    /// Whether fetches keep away from `peer` at `now`. A peer avoided is kept among the records
+    /// as recently used: the peers merely counted must not push it out.
     pub(crate) fn avoids(&self, peer: &PeerId, now: Instant) -> bool {
-        self.records().peek(peer).and_then(|r| r.avoid_until).is_some_and(|t| now < t)
+        let mut records = self.records();
+        let avoided = records.peek(peer).and_then(|r| r.avoid_until).is_some_and(|t| now < t);
+        if avoided {
+            records.promote(peer);
+        }
+        avoided
     }
 
     /// How many offences `peer` committed.
@@ -131,7 +139,7 @@ mod tests {
         let (stale, liar) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
         for _ in 0..5 {
-            standing.penalise(stale, Offence::Stale, t0);
+            standing.penalise(stale, Offence::Failed, t0);
         }
         assert!(!standing.avoids(&stale, t0));
         assert_eq!(standing.offences(&stale), 5);
@@ -140,22 +148,26 @@ mod tests {
         assert!(standing.avoids(&liar, t0));
         assert!(standing.avoids(&liar, t0 + AVOID_FIRST - Duration::from_secs(1)));
         assert!(!standing.avoids(&liar, t0 + AVOID_FIRST));
-        // Again, after its first term: twice as long from then.
+        // Again, after its first term: twice as long from then. Found by several fetches at
+        // once, it is one lie.
         let t1 = t0 + AVOID_FIRST;
-        standing.penalise(liar, Offence::Lied, t1);
-        assert!(standing.avoids(&liar, t1 + 2 * AVOID_FIRST - Duration::from_secs(1)));
-        assert!(!standing.avoids(&liar, t1 + 2 * AVOID_FIRST));
-        // A lie found by several fetches at once does not shorten what it already earned.
-        for _ in 0..30 {
+        for _ in 0..5 {
             standing.penalise(liar, Offence::Lied, t1);
         }
-        assert!(standing.avoids(&liar, t1 + AVOID_MAX - Duration::from_secs(1)));
-        assert!(!standing.avoids(&liar, t1 + AVOID_MAX));
-
+        assert!(standing.avoids(&liar, t1 + 2 * AVOID_FIRST - Duration::from_secs(1)));
+        assert!(!standing.avoids(&liar, t1 + 2 * AVOID_FIRST));
         let (counted, avoided) = standing.report(t1);
-        assert_eq!(counted, vec![(liar, 32), (stale, 5)]);
-        assert_eq!(avoided, vec![Avoided { peer: liar, lies: 32, left: AVOID_MAX }]);
-        assert!(standing.report(t1 + AVOID_MAX).1.is_empty(), "a term served is not listed");
+        assert_eq!(counted, vec![(liar, 6), (stale, 5)]);
+        assert_eq!(avoided, vec![Avoided { peer: liar, lies: 2, left: 2 * AVOID_FIRST }]);
+        // Each term after a lie found once the last ended, to the longest.
+        let mut t = t1;
+        for _ in 0..20 {
+            t += AVOID_MAX;
+            standing.penalise(liar, Offence::Lied, t);
+        }
+        assert!(standing.avoids(&liar, t + AVOID_MAX - Duration::from_secs(1)));
+        assert!(!standing.avoids(&liar, t + AVOID_MAX));
+        assert!(standing.report(t + AVOID_MAX).1.is_empty(), "a term served is not listed");
     }
 
     #[test]
@@ -166,9 +178,10 @@ mod tests {
         for p in &peers[..3] {
             standing.penalise(*p, Offence::Lied, now);
         }
-        // Penalised again, the first is the most recent; the second goes for the fourth.
-        standing.penalise(peers[0], Offence::Stale, now);
-        standing.penalise(peers[3], Offence::Stale, now);
+        // The first was asked after: an avoided peer asked after stays. The second goes for the
+        // fourth.
+        assert!(standing.avoids(&peers[0], now));
+        standing.penalise(peers[3], Offence::Failed, now);
         assert!(standing.avoids(&peers[0], now) && standing.avoids(&peers[2], now));
         assert!(!standing.avoids(&peers[1], now));
         assert_eq!(standing.report(now).0.len(), 3);

@@ -1108,6 +1108,8 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     let text = n4.cli(&["status"]);
     assert!(text.contains(&format!("penalised: {}", n3.peer_id)), "{text}");
     assert!(!penalised.contains(&n1.peer_id) && !penalised.contains(&n2.peer_id), "{status}");
+    // Rot is no lie: a Shoal node checks what it serves, and its peers keep asking it.
+    assert_eq!(status["avoided"], serde_json::json!([]), "{status}");
     drop(n5);
 }
 

@@ -556,8 +556,11 @@ async fn a_provider_that_sends_bytes_that_fail_verification_is_avoided_by_later_
         tokio::time::timeout(Duration::from_secs(60), fetch).await.expect("in time").expect("task").expect("fetch");
     assert_eq!((info.hash, info.size), (a, first.len() as u64));
 
-    // The DHT names the liar as a provider of the second blob too; the fetch asks it nothing.
+    // The DHT names the liar as a provider of the second blob too, and the fetcher holds a
+    // connection to it; the fetch asks it nothing.
     named(b).await;
+    let peers = handle.peers().await.expect("peers");
+    assert!(peers.iter().any(|p| p.peer_id == liar_id.to_string()), "the liar is connected");
     let info =
         tokio::time::timeout(Duration::from_secs(60), handle.fetch(b, None)).await.expect("in time").expect("fetch");
     assert_eq!((info.hash, info.size), (b, second.len() as u64));

@@ -165,8 +165,8 @@ pub struct FetchConfig {
     /// How long a have request may run before it is counted as the peer's failure.
     /// The default is 5 s.
     pub have_timeout: Duration,
-    /// Consecutive failures (timeouts, I/O errors, truncated responses) after which a peer is
-    /// dropped for this fetch. The default is 3.
+    /// Consecutive failures (timeouts, I/O errors, truncated responses), or answers sending none
+    /// of the pieces asked, after which a peer is dropped for this fetch. The default is 3.
     pub max_peer_failures: u32,
     /// The back-off after a peer's first failure; it doubles with each consecutive failure, up to
     /// [`MAX_RETRY_BACKOFF`]. The default is 200 ms.
@@ -655,8 +655,11 @@ struct Peer {
     have_failures: u32,
     /// Answers in a row to requests for pieces that sent none of those asked, neither `Busy` nor
     /// a broken transfer: pieces advertised and then not held. A stale have-map is put right by
-    /// one such answer; a peer that keeps advertising what it does not send is dropped.
+    /// one such answer; a peer that keeps advertising what it does not send is dropped. Answers
+    /// to requests sent before the last one counted are that one's incident, and count with it.
     unserved: u32,
+    /// The first request id sent after the last answer counted in `unserved`.
+    unserved_from: u64,
     /// The back-off of the last counted failure: failures before it ends are the same incident
     /// (a dropped connection fails every request in flight at once) and count once.
     incident_until: Option<Instant>,
@@ -698,6 +701,7 @@ impl Peer {
             consecutive_failures: 0,
             have_failures: 0,
             unserved: 0,
+            unserved_from: 0,
             incident_until: None,
             backoff_until: None,
             in_flight: 0,
@@ -1286,16 +1290,22 @@ where
             // Progress, or a holder of what we asked for telling us to wait our turn.
             self.last_sign = now;
         }
+        let next_id = self.next_request_id;
         let unserved = match self.peers.get_mut(&peer) {
             Some(rec) if !got.is_empty() => {
                 rec.unserved = 0;
-                0
+                false
             }
-            Some(rec) if !not_served.is_empty() && matches!(failure, None | Some(PeerFailure::NotFound)) => {
+            Some(rec)
+                if !not_served.is_empty()
+                    && matches!(failure, None | Some(PeerFailure::NotFound))
+                    && id.0 >= rec.unserved_from =>
+            {
                 rec.unserved = rec.unserved.saturating_add(1);
-                rec.unserved
+                rec.unserved_from = next_id;
+                rec.unserved >= self.config.max_peer_failures
             }
-            _ => 0,
+            _ => false,
         };
         match failure {
             None => {
@@ -1324,7 +1334,7 @@ where
             }
             Some(other) => self.peer_failed(peer, other, Asked::Get, now),
         }
-        if unserved >= self.config.max_peer_failures {
+        if unserved {
             // Each answer cost a round trip and a slot; its have-maps are not believed again.
             self.drop_peer(peer, None, now);
         }
@@ -3467,41 +3477,52 @@ mod tests {
 
     #[test]
     fn a_peer_that_keeps_advertising_pieces_it_does_not_send_is_dropped() {
-        let n = 12;
-        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
-        // `NotFound` to every request, or answers with none of the pieces asked; each time asked,
-        // it advertises every piece again. Peer 2, an honest holder, never answers here.
-        for failure in [Some(PeerFailure::NotFound), None] {
-            let peers = [(1, PieceSet::full(n)), (2, PieceSet::full(n))];
-            let (mut d, mut actions) = proven(size_of(n), config.clone(), &peers);
-            let (mut empty, mut served) = (0, false);
-            while !stats(&d.fetch, 1).dropped {
-                assert!(empty < 10, "{failure:?}: still asked after {empty} answers with nothing");
-                if let Some((_, id, pieces)) = requests(&actions).into_iter().find(|r| r.0 == 1) {
-                    if empty == 2 && !served {
-                        // One piece sent: the peer was stale, not lying, and starts afresh.
-                        let one = set(n, pieces.iter().take(1));
-                        d.fetch.handle_response(1, id, &one, PIECE_SIZE, ms(50), None, d.now);
-                        (empty, served) = (0, true);
-                    } else {
-                        d.fetch.handle_response(1, id, &PieceSet::empty(n), 0, ms(50), failure, d.now);
-                        empty += 1;
+        let n = 40;
+        for per_peer in [1, 4] {
+            let config = FetchConfig { max_requests_per_peer: per_peer, ..config4() };
+            // `NotFound` to every request, or answers with none of the pieces asked; each time
+            // asked, it advertises every piece again. Peer 2, an honest holder, never answers here.
+            for failure in [Some(PeerFailure::NotFound), None] {
+                let case = format!("{failure:?}, {per_peer} requests at a time");
+                let peers = [(1, PieceSet::full(n)), (2, PieceSet::full(n))];
+                let (mut d, mut actions) = proven(size_of(n), config.clone(), &peers);
+                // Answers with nothing in a row: the requests in flight together, sent from one
+                // have-map, are one.
+                let (mut empty, mut served) = (0, false);
+                for step in 0.. {
+                    assert!(step < 200, "{case}: still asked after {empty} answers with nothing");
+                    if stats(&d.fetch, 1).dropped {
+                        break;
                     }
-                    actions = d.drain();
-                } else if actions.contains(&AskHave { peer: 1 }) {
-                    d.have(1, PieceSet::full(n));
-                    actions = d.drain();
-                } else if d.watches.iter().any(|(p, _)| *p == 1) {
-                    d.watches.retain(|(p, _)| *p != 1);
-                    d.fetch.handle_watched(1, d.size, PieceSet::full(n), d.now);
-                    actions = d.drain();
-                } else {
-                    actions = d.advance(config.retry_base);
+                    let batch: Vec<_> = requests(&actions).into_iter().filter(|r| r.0 == 1).collect();
+                    if !batch.is_empty() {
+                        // Once, a piece each: the peer was stale, not lying, and starts afresh.
+                        let serve = empty == 2 && !served;
+                        actions = Vec::new();
+                        for (_, id, pieces) in batch {
+                            let (verified, bytes, failure) = match serve {
+                                true => (set(n, pieces.iter().take(1)), PIECE_SIZE, None),
+                                false => (PieceSet::empty(n), 0, failure),
+                            };
+                            d.fetch.handle_response(1, id, &verified, bytes, ms(50), failure, d.now);
+                            actions.extend(d.drain());
+                        }
+                        (empty, served) = if serve { (0, true) } else { (empty + 1, served) };
+                    } else if actions.contains(&AskHave { peer: 1 }) {
+                        d.have(1, PieceSet::full(n));
+                        actions = d.drain();
+                    } else if d.watches.iter().any(|(p, _)| *p == 1) {
+                        d.watches.retain(|(p, _)| *p != 1);
+                        d.fetch.handle_watched(1, d.size, PieceSet::full(n), d.now);
+                        actions = d.drain();
+                    } else {
+                        actions = d.advance(config.retry_base);
+                    }
                 }
+                assert!(served, "{case}: dropped before it served a piece");
+                assert_eq!(empty, config.max_peer_failures, "{case}: answers with nothing in a row");
+                assert!(!stats(&d.fetch, 1).penalised, "{case}: a stale peer is no liar");
             }
-            assert!(served, "{failure:?}: dropped before it served a piece");
-            assert_eq!(empty, config.max_peer_failures, "{failure:?}: answers with nothing in a row");
-            assert!(!stats(&d.fetch, 1).penalised, "{failure:?}: a stale peer is no liar");
         }
     }
 
