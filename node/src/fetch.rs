@@ -318,21 +318,13 @@ async fn run(
         reader_moved.as_mut().enable();
         machine.set_reading(node.inner.readers.of(&hash));
         while let Some(action) = machine.poll_action(now) {
-            // A peer this fetch heard of before another found it lying is asked nothing either:
-            // refused here as a peer refusing us is, it is dropped without a penalty.
-            match &action {
-                Action::AskHave { peer } | Action::WatchHave { peer, .. } if node.avoids(peer) => {
-                    debug!(%peer, "not asked: it lied to this node before");
-                    machine.handle_have_failed(*peer, PeerFailure::Denied, now);
-                    continue;
-                }
-                Action::Request { peer, id, .. } if node.avoids(peer) => {
-                    debug!(%peer, "not asked: it lied to this node before");
-                    let none = PieceSet::empty(0);
-                    machine.handle_response(*peer, *id, &none, 0, Duration::ZERO, Some(PeerFailure::Denied), now);
-                    continue;
-                }
-                _ => {}
+            // A peer this fetch heard of before another found it lying is asked nothing either.
+            if let Action::AskHave { peer } | Action::WatchHave { peer, .. } | Action::Request { peer, .. } = &action
+                && node.avoids(peer)
+            {
+                debug!(%peer, "not asked: it lied to this node before");
+                machine.handle_refused(*peer, now);
+                continue;
             }
             match action {
                 Action::FindProviders => {
@@ -689,7 +681,7 @@ async fn run(
                 }
             }
             Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
-            Some(peer) = nearby.recv() => machine.handle_nearby([peer], Instant::now()),
+            Some(peer) = nearby.recv() => machine.handle_nearby([peer].into_iter().filter(|p| !node.avoids(p)), Instant::now()),
             // A reader moved: its next pieces are requested first from the next round on.
             () = &mut reader_moved => {}
             _ = tokio::time::sleep_until(wake) => machine.handle_timeout(Instant::now()),

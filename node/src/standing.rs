@@ -16,7 +16,8 @@
 //!
 //! A peer is known by its id, which costs nothing to make: a liar with a new id starts afresh, and
 //! costs each fetch the one piece a fetch spends to find it out. The records are bounded
-//! ([`MAX_RECORDS`]); past the bound the peer least recently penalised is forgotten.
+//! ([`MAX_RECORDS`]); past the bound the peer least recently penalised, or refused while avoided,
+//! is forgotten.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -171,7 +172,7 @@ mod tests {
     }
 
     #[test]
-    fn the_records_are_bounded_and_the_least_recently_penalised_goes() {
+    fn the_records_are_bounded_and_an_avoided_peer_outlasts_those_merely_counted() {
         let standing = Standing::with_capacity(3);
         let now = Instant::now();
         let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();

@@ -53,10 +53,10 @@
 //! | `Timeout`, `Io`, `Truncated` | asked again after a back-off | no requests until after a back-off               |
 //! | `Corrupt`, `Protocol`        | dropped and penalised        | dropped and penalised                            |
 //!
-//! ¹ A peer whose have-map ends up empty is dropped, and so is one that sends none of the pieces
-//! asked of it [`FetchConfig::max_peer_failures`] answers in a row (`NotFound`, or `Data` with
-//! fewer pieces), however often it advertises them again: a stale have-map is put right by one
-//! such answer.
+//! ¹ A peer whose have-map ends up empty is dropped, and so is one whose last
+//! [`FetchConfig::max_peer_failures`] have-maps each named pieces it then did not send
+//! (`NotFound`, or `Data` with none of those asked): a stale have-map is put right by one such
+//! answer, and one map counts once however many requests were made from it.
 //! ² Once the size is proven, a peer with nothing else asked of it, while every slot is taken and
 //! a candidate that never held one (or one named nearby) waits, gives its slot to the candidate
 //! instead and is parked at the back of the queue. In a crowd, the holders every fetch was told
@@ -653,12 +653,13 @@ struct Peer {
     /// Failed have requests since one was last answered: counted apart, so that a peer answering
     /// its have requests and watches is still dropped when every request for pieces fails.
     have_failures: u32,
-    /// Answers in a row to requests for pieces that sent none of those asked, neither `Busy` nor
-    /// a broken transfer: pieces advertised and then not held. A stale have-map is put right by
-    /// one such answer; a peer that keeps advertising what it does not send is dropped. Answers
-    /// to requests sent before the last one counted are that one's incident, and count with it.
+    /// Have-maps in a row whose pieces, asked for, were not sent: answers to requests for pieces
+    /// that sent none of those asked, neither `Busy` nor a broken transfer. A stale have-map is
+    /// put right by one such answer; a peer that keeps advertising what it does not send is
+    /// dropped. One map counts once, however many requests were made from it.
     unserved: u32,
-    /// The first request id sent after the last answer counted in `unserved`.
+    /// Requests from this id on count in `unserved`: the first sent after the last map came,
+    /// `u64::MAX` from a counted answer until the next map.
     unserved_from: u64,
     /// The back-off of the last counted failure: failures before it ends are the same incident
     /// (a dropped connection fails every request in flight at once) and count once.
@@ -1070,6 +1071,14 @@ where
         self.search_backoff = self.search_backoff.saturating_mul(2).min(self.config.providers_backoff_max);
     }
 
+    /// The node will not ask `peer` anything (it found the peer lying to another fetch): it is
+    /// dropped for this fetch, its requests cancelled, without a penalty of this fetch's own.
+    pub fn handle_refused(&mut self, peer: P, now: Instant) {
+        if !self.finished {
+            self.drop_peer(peer, None, now);
+        }
+    }
+
     /// The answer to [`Action::AskHave`]: the pieces `peer` holds and the size it claims, with the
     /// round trip the node measured. Answers from peers never asked, or dropped, are ignored.
     pub fn handle_have(&mut self, peer: P, size: u64, pieces: PieceSet, rtt: Duration, now: Instant) {
@@ -1105,6 +1114,7 @@ where
         rec.have_timeout_at = None;
         rec.have_retry_at = None;
         rec.last_have_at = Some(now);
+        rec.unserved_from = rec.unserved_from.min(self.next_request_id);
         if let Some(rtt) = rtt {
             rec.rtt = Some(rtt);
         }
@@ -1180,6 +1190,7 @@ where
         let counted = advert.counted().is_some();
         let old = std::mem::replace(advert, Advert::new(advert.size, pieces, advert.seq, counted));
         rec.last_have_at = Some(now);
+        rec.unserved_from = rec.unserved_from.min(self.next_request_id);
         if let (Some(claim), Some(old), Some(new)) = (self.claim.as_mut(), old.counted(), advert.counted()) {
             claim.remove_advert(old);
             claim.add_advert(new);
@@ -1290,7 +1301,6 @@ where
             // Progress, or a holder of what we asked for telling us to wait our turn.
             self.last_sign = now;
         }
-        let next_id = self.next_request_id;
         let unserved = match self.peers.get_mut(&peer) {
             Some(rec) if !got.is_empty() => {
                 rec.unserved = 0;
@@ -1302,7 +1312,7 @@ where
                     && id.0 >= rec.unserved_from =>
             {
                 rec.unserved = rec.unserved.saturating_add(1);
-                rec.unserved_from = next_id;
+                rec.unserved_from = u64::MAX;
                 rec.unserved >= self.config.max_peer_failures
             }
             _ => false,
@@ -3480,50 +3490,80 @@ mod tests {
         let n = 40;
         for per_peer in [1, 4] {
             let config = FetchConfig { max_requests_per_peer: per_peer, ..config4() };
-            // `NotFound` to every request, or answers with none of the pieces asked; each time
-            // asked, it advertises every piece again. Peer 2, an honest holder, never answers here.
+            // `NotFound` to every request, or answers with none of the pieces asked and a fresh
+            // have-map naming every piece again; asked what it holds, it names every piece
+            // again. Peer 2, an honest holder, never answers here.
             for failure in [Some(PeerFailure::NotFound), None] {
                 let case = format!("{failure:?}, {per_peer} requests at a time");
                 let peers = [(1, PieceSet::full(n)), (2, PieceSet::full(n))];
                 let (mut d, mut actions) = proven(size_of(n), config.clone(), &peers);
-                // Answers with nothing in a row: the requests in flight together, sent from one
-                // have-map, are one.
-                let (mut empty, mut served) = (0, false);
+                // Have-maps whose pieces were then not sent, in a row; whether the map in use came
+                // since the last answer.
+                let (mut empty, mut served, mut fresh) = (0, false, true);
                 for step in 0.. {
-                    assert!(step < 200, "{case}: still asked after {empty} answers with nothing");
+                    assert!(step < 200, "{case}: still asked after {empty} maps answered with nothing");
                     if stats(&d.fetch, 1).dropped {
                         break;
+                    }
+                    let mut next = Vec::new();
+                    if actions.contains(&AskHave { peer: 1 }) {
+                        d.have(1, PieceSet::full(n));
+                        fresh = true;
+                        next.extend(d.drain());
                     }
                     let batch: Vec<_> = requests(&actions).into_iter().filter(|r| r.0 == 1).collect();
                     if !batch.is_empty() {
                         // Once, a piece each: the peer was stale, not lying, and starts afresh.
                         let serve = empty == 2 && !served;
-                        actions = Vec::new();
                         for (_, id, pieces) in batch {
                             let (verified, bytes, failure) = match serve {
                                 true => (set(n, pieces.iter().take(1)), PIECE_SIZE, None),
                                 false => (PieceSet::empty(n), 0, failure),
                             };
                             d.fetch.handle_response(1, id, &verified, bytes, ms(50), failure, d.now);
-                            actions.extend(d.drain());
+                            if failure.is_none() {
+                                d.fetch.handle_advert(1, PieceSet::full(n), d.now);
+                            }
+                            next.extend(d.drain());
                         }
-                        (empty, served) = if serve { (0, true) } else { (empty + 1, served) };
-                    } else if actions.contains(&AskHave { peer: 1 }) {
-                        d.have(1, PieceSet::full(n));
-                        actions = d.drain();
-                    } else if d.watches.iter().any(|(p, _)| *p == 1) {
-                        d.watches.retain(|(p, _)| *p != 1);
-                        d.fetch.handle_watched(1, d.size, PieceSet::full(n), d.now);
-                        actions = d.drain();
-                    } else {
-                        actions = d.advance(config.retry_base);
+                        match serve {
+                            true => (empty, served) = (0, true),
+                            false => empty += u32::from(fresh),
+                        }
+                        fresh = serve || failure.is_none();
+                    } else if next.is_empty() {
+                        if d.watches.iter().any(|(p, _)| *p == 1) {
+                            d.watches.retain(|(p, _)| *p != 1);
+                            d.fetch.handle_watched(1, d.size, PieceSet::full(n), d.now);
+                            fresh = true;
+                            next = d.drain();
+                        } else {
+                            next = d.advance(config.retry_base);
+                        }
                     }
+                    actions = next;
                 }
                 assert!(served, "{case}: dropped before it served a piece");
-                assert_eq!(empty, config.max_peer_failures, "{case}: answers with nothing in a row");
+                assert_eq!(empty, config.max_peer_failures, "{case}: maps answered with nothing in a row");
                 assert!(!stats(&d.fetch, 1).penalised, "{case}: a stale peer is no liar");
             }
         }
+    }
+
+    #[test]
+    fn a_peer_the_node_refuses_to_ask_is_dropped_and_its_requests_cancelled() {
+        let n = 12;
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let ids: Vec<RequestId> = requests(&after).into_iter().filter(|r| r.0 == 1).map(|r| r.1).collect();
+        assert!(!ids.is_empty(), "{after:?}");
+        d.fetch.handle_refused(1, d.now);
+        let actions = d.drain();
+        for id in ids {
+            assert!(actions.contains(&Cancel { peer: 1, id }), "{actions:?}");
+        }
+        let s = stats(&d.fetch, 1);
+        assert!(s.dropped && !s.penalised, "{s:?}");
+        assert!(requests(&actions).iter().all(|r| r.0 == 2), "{actions:?}");
     }
 
     #[test]
