@@ -16,8 +16,8 @@
 //!
 //! A peer is known by its id, which costs nothing to make: a liar with a new id starts afresh, and
 //! costs each fetch the one piece a fetch spends to find it out. The records are bounded
-//! ([`MAX_RECORDS`]); past the bound the peer least recently penalised, or refused while avoided,
-//! is forgotten.
+//! ([`MAX_RECORDS`]); past the bound the peer least recently penalised, or looked up while
+//! avoided, is forgotten.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

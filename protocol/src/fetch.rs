@@ -56,7 +56,8 @@
 //! ¹ A peer whose have-map ends up empty is dropped, and so is one whose last
 //! [`FetchConfig::max_peer_failures`] have-maps each named pieces it then did not send
 //! (`NotFound`, or `Data` with none of those asked): a stale have-map is put right by one such
-//! answer, and one map counts once however many requests were made from it.
+//! answer, and one map counts once however many requests were made from it. After such an
+//! answer the peer is asked for no piece until its next map.
 //! ² Once the size is proven, a peer with nothing else asked of it, while every slot is taken and
 //! a candidate that never held one (or one named nearby) waits, gives its slot to the candidate
 //! instead and is parked at the back of the queue. In a crowd, the holders every fetch was told
@@ -165,8 +166,9 @@ pub struct FetchConfig {
     /// How long a have request may run before it is counted as the peer's failure.
     /// The default is 5 s.
     pub have_timeout: Duration,
-    /// Consecutive failures (timeouts, I/O errors, truncated responses), or answers sending none
-    /// of the pieces asked, after which a peer is dropped for this fetch. The default is 3.
+    /// Consecutive failures (timeouts, I/O errors, truncated responses), or have-maps in a row
+    /// whose pieces, asked for, were not sent (one count per map), after which a peer is dropped
+    /// for this fetch. The default is 3.
     pub max_peer_failures: u32,
     /// The back-off after a peer's first failure; it doubles with each consecutive failure, up to
     /// [`MAX_RETRY_BACKOFF`]. The default is 200 ms.
@@ -658,8 +660,9 @@ struct Peer {
     /// put right by one such answer; a peer that keeps advertising what it does not send is
     /// dropped. One map counts once, however many requests were made from it.
     unserved: u32,
-    /// Requests from this id on count in `unserved`: the first sent after the last map came,
-    /// `u64::MAX` from a counted answer until the next map.
+    /// Requests from this id on count in `unserved`: the first sent after the last map came;
+    /// `u64::MAX` from a counted answer until the next map, and no request goes to the peer
+    /// meanwhile (a peer that never sends another map is asked for nothing more).
     unserved_from: u64,
     /// The back-off of the last counted failure: failures before it ends are the same incident
     /// (a dropped connection fails every request in flight at once) and count once.
@@ -1174,7 +1177,8 @@ where
 
     /// A fresh have-map `peer` sent along with an answer to a request: it replaces the peer's
     /// advert as a have answer would, without counting as one. Ignored unless the peer is live,
-    /// already advertised, and the map counts the pieces of the size it claimed.
+    /// already advertised, and the map counts the pieces of the size it claimed. Call it after
+    /// [`Fetch::handle_response`] for the answer it came with: the map is newer than that answer.
     pub fn handle_advert(&mut self, peer: P, pieces: PieceSet, now: Instant) {
         if self.finished {
             return;
@@ -1878,6 +1882,8 @@ where
                     && r.claims(claim.size())
                     && r.in_flight < self.window(r)
                     && r.backoff_until.is_none_or(|t| t <= now)
+                    // Not from a map whose pieces it did not send: the next one first.
+                    && r.unserved_from != u64::MAX
             })
             .map(|(p, r)| (r.expected_secs(request_bytes), r.salt, *p))
             .collect();
@@ -3505,6 +3511,8 @@ mod tests {
                     if stats(&d.fetch, 1).dropped {
                         break;
                     }
+                    // No request to peer 1 goes out beside an `AskHave` to it (after a counted
+                    // answer it waits for a map), so a have answered here precedes the batch.
                     let mut next = Vec::new();
                     if actions.contains(&AskHave { peer: 1 }) {
                         d.have(1, PieceSet::full(n));
@@ -3522,7 +3530,8 @@ mod tests {
                             };
                             d.fetch.handle_response(1, id, &verified, bytes, ms(50), failure, d.now);
                             if failure.is_none() {
-                                d.fetch.handle_advert(1, PieceSet::full(n), d.now);
+                                // As the node does: less the pieces just not sent.
+                                d.fetch.handle_advert(1, PieceSet::full(n).difference(&pieces), d.now);
                             }
                             next.extend(d.drain());
                         }
@@ -3548,6 +3557,29 @@ mod tests {
                 assert!(!stats(&d.fetch, 1).penalised, "{case}: a stale peer is no liar");
             }
         }
+    }
+
+    #[test]
+    fn a_peer_whose_map_proved_stale_is_asked_for_no_piece_until_its_next_map() {
+        let n = 40;
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let (_, id, _) = requests(&after).into_iter().find(|r| r.0 == 1).expect("a request to peer 1");
+        let mut actions = d.fail(1, id, PeerFailure::NotFound);
+        // Asked for its map, it answers `Busy` each time: it is asked for no piece meanwhile.
+        for _ in 0..20 {
+            if actions.contains(&AskHave { peer: 1 }) {
+                d.fetch.handle_have_failed(1, PeerFailure::Busy { retry_after: ms(250) }, d.now);
+            }
+            assert!(requests(&actions).iter().all(|r| r.0 != 1), "{actions:?}");
+            actions.extend(d.drain());
+            assert!(requests(&actions).iter().all(|r| r.0 != 1), "{actions:?}");
+            actions = d.advance(ms(250));
+        }
+        // Its next map brings it back.
+        d.have(1, PieceSet::full(n));
+        let mut actions = d.drain();
+        actions.extend(d.advance(ms(250)));
+        assert!(requests(&actions).iter().any(|r| r.0 == 1), "{actions:?}");
     }
 
     #[test]
