@@ -86,7 +86,7 @@ pub struct Status {
     pub evictions: u64,
     /// Peers that misbehaved or failed us, with how often (worst first, at most 32).
     pub penalties: Vec<(String, u32)>,
-    /// Peers no fetch asks now, for having sent bytes that failed verification: each with how
+    /// Peers no fetch asks now, for having sent bytes or proofs that failed verification: each with how
     /// often it did, and for how many more seconds it is avoided (longest first, at most 32).
     pub avoided: Vec<(String, u32, u64)>,
     /// What the LAN's router does for us.

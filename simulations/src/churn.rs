@@ -77,16 +77,16 @@ pub struct ChurnResult {
     pub series: Vec<(f64, usize, usize)>,
 }
 
-/// What a partition between two regions did to the fetches.
+/// What a partition between two regions (or a region and all the others) did to the fetches.
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionFigures {
-    /// The two regions.
+    /// The two regions, as the scenario named them (`*`: every other region).
     pub between: [String; 2],
     /// When traffic between them was cut.
     pub at_s: f64,
     /// When it was repaired.
     pub repaired_s: f64,
-    /// Bytes delivered between the two regions while it was cut: none, if the cut held.
+    /// Bytes delivered across the cut while it held: none, if the cut held.
     pub bytes_across_while_cut: u64,
     /// Eligible fetches that completed while it was cut.
     pub completed_while_cut: usize,
@@ -132,10 +132,10 @@ enum Event {
     Leave(usize),
     Restart(usize),
     Join,
-    /// Traffic between the scenario's two regions is cut.
-    Cut(usize, usize),
+    /// Traffic between the partition's pairs of regions is cut.
+    Cut,
     /// ... and repaired.
-    Repair(usize, usize),
+    Repair,
 }
 
 /// The fetches of a churn run: what each is after and where it records how it went.
@@ -269,17 +269,14 @@ pub(crate) async fn run(
     for _ in 0..joins {
         schedule.push((rng.random_range(0.0..churn_window_s.max(f64::MIN_POSITIVE)), Event::Join));
     }
-    let region = |name: &str| cluster.net.regions().iter().position(|r| r == name);
-    let cut = match &partition {
-        Some(p) => match (region(&p.between[0]), region(&p.between[1])) {
-            (Some(a), Some(b)) => Some((a, b, p.at_s, p.at_s + p.for_s)),
-            _ => anyhow::bail!("partition.between names a region the network does not have"),
-        },
-        None => None,
+    // The pairs of regions a partition cuts apart.
+    let cut: Vec<(usize, usize)> = match &partition {
+        Some(p) => p.pairs(cluster.net.regions())?,
+        None => Vec::new(),
     };
-    if let Some((a, b, at, until)) = cut {
-        schedule.push((at, Event::Cut(a, b)));
-        schedule.push((until, Event::Repair(a, b)));
+    if let Some(p) = &partition {
+        schedule.push((p.at_s, Event::Cut));
+        schedule.push((p.at_s + p.for_s, Event::Repair));
     }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
 
@@ -364,14 +361,18 @@ pub(crate) async fn run(
                     }
                     running[slot_of(i)] = Some(fetches.spawn(&cluster, i));
                 }
-                Event::Cut(a, b) => {
-                    cluster.net.partition(a, b);
-                    across = across_now(&cluster, a, b);
+                Event::Cut => {
+                    for &(a, b) in &cut {
+                        cluster.net.partition(a, b);
+                    }
+                    across = across_now(&cluster, &cut);
                     cut_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
-                Event::Repair(a, b) => {
-                    across = across_now(&cluster, a, b) - across;
-                    cluster.net.repair(a, b);
+                Event::Repair => {
+                    across = across_now(&cluster, &cut) - across;
+                    for &(a, b) in &cut {
+                        cluster.net.repair(a, b);
+                    }
                     repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
                 Event::Join => {
@@ -392,9 +393,11 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A deadline that came first leaves nothing cut through the shutdown, nor a figure wrong.
-    if let (Some((a, b, ..)), Some(_), None) = (cut, cut_at, repaired_at) {
-        across = across_now(&cluster, a, b) - across;
-        cluster.net.repair(a, b);
+    if let (Some(_), None) = (cut_at, repaired_at) {
+        across = across_now(&cluster, &cut) - across;
+        for &(a, b) in &cut {
+            cluster.net.repair(a, b);
+        }
         repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
     }
     for t in running.into_iter().flatten().chain(leaving) {
@@ -461,12 +464,14 @@ pub(crate) async fn run(
 }
 
 /// Bytes delivered so far between regions `a` and `b`, both ways.
-fn across_now(cluster: &Cluster, a: usize, b: usize) -> u64 {
+/// Bytes delivered so far, both ways, between the regions of each pair in `pairs`.
+fn across_now(cluster: &Cluster, pairs: &[(usize, usize)]) -> u64 {
     let net = &cluster.net;
-    match a == b {
+    let pair = |&(a, b): &(usize, usize)| match a == b {
         true => net.region_traffic(a, a),
         false => net.region_traffic(a, b) + net.region_traffic(b, a),
-    }
+    };
+    pairs.iter().map(pair).sum()
 }
 
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.

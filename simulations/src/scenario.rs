@@ -185,18 +185,35 @@ impl Default for NodesSpec {
     }
 }
 
-/// A partition between two regions (a region and itself cuts it from itself): every connection
-/// between them is reset at its next frame, and dials between them fail, from `at_s` after the
-/// fetches start until `for_s` later, when it is repaired.
+/// A partition between two regions (a region and itself cuts it from itself; a region and `*`
+/// from every other region): every connection between them is reset at its next frame, and dials
+/// between them fail, from `at_s` after the fetches start until `for_s` later, when it is
+/// repaired.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Partition {
-    /// The two regions, by name.
+    /// The two regions, by name; the second may be `*`, every region but the first.
     pub between: [String; 2],
     /// When it is cut, in emulated seconds from the start of the fetches.
     pub at_s: f64,
     /// How long it lasts, in emulated seconds.
     pub for_s: f64,
+}
+
+impl Partition {
+    /// The pairs of regions (indices into `regions`) it cuts apart.
+    pub fn pairs(&self, regions: &[String]) -> Result<Vec<(usize, usize)>, ScenarioError> {
+        let index = |name: &String| {
+            regions.iter().position(|r| r == name).ok_or_else(|| {
+                ScenarioError::Invalid(format!("partition.between names {name:?}, not a region of the network"))
+            })
+        };
+        let a = index(&self.between[0])?;
+        match self.between[1].as_str() {
+            "*" => Ok((0..regions.len()).filter(|&b| b != a).map(|b| (a, b)).collect()),
+            _ => Ok(vec![(a, index(&self.between[1])?)]),
+        }
+    }
 }
 
 /// The experiment to run once the nodes are up. Durations are emulated seconds.
@@ -476,13 +493,11 @@ impl Scenario {
                 partition,
                 timeout_s,
             } => {
-                if let Some(Partition { between, at_s, for_s }) = partition {
+                if let Some(p @ Partition { at_s, for_s, .. }) = partition {
                     if at_s + for_s > *timeout_s {
                         return invalid("partition.at_s + for_s must be within timeout_s".into());
                     }
-                    if let Some(unknown) = between.iter().find(|r| !self.network.regions.contains(r)) {
-                        return invalid(format!("partition.between names {unknown:?}, not a region of the network"));
-                    }
+                    p.pairs(&self.network.regions)?;
                     if !(duration(*at_s) && duration(*for_s) && *for_s > 0.0) {
                         return invalid(format!(
                             "partition.at_s must be between 0 and {MAX_DURATION_S} s, for_s above 0 and at most that"
@@ -678,6 +693,11 @@ mod tests {
             *p = partition(1.0, 1.0);
         }
         t.check().expect("a partition within the run");
+        let regions: Vec<String> = ["eu", "us", "ap"].map(String::from).into();
+        let cut = |b: &str| Partition { between: ["us".into(), b.into()], at_s: 1.0, for_s: 1.0 }.pairs(&regions);
+        assert_eq!(cut("*").expect("a region from the others"), vec![(1, 0), (1, 2)]);
+        assert_eq!(cut("ap").expect("two regions"), vec![(1, 2)]);
+        assert!(cut("mars").is_err());
         let mut t = s.clone();
         t.experiment = Experiment::ZipfCatalogue {
             blobs: usize::MAX,
