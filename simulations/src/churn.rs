@@ -82,6 +82,8 @@ pub struct ChurnResult {
 pub struct PartitionFigures {
     /// The two regions, as the scenario named them (`*`: every other region).
     pub between: [String; 2],
+    /// The providers' regions: which side of the cut held the blob.
+    pub provider_regions: Vec<String>,
     /// When traffic between them was cut.
     pub at_s: f64,
     /// When it was repaired.
@@ -103,6 +105,8 @@ pub struct PartitionFigures {
 pub struct Fetcher {
     /// Index in the cluster.
     pub node: usize,
+    /// Its region's name.
+    pub region: String,
     /// What happened to it: "stayed", "crashed", "restarted", "left" or "joined".
     pub fate: String,
     /// Whether it is expected to finish (it is there at the end).
@@ -283,7 +287,13 @@ pub(crate) async fn run(
     let fetchers: Arc<Mutex<Vec<Fetcher>>> = Arc::new(Mutex::new(
         candidates
             .iter()
-            .map(|&i| Fetcher { node: i, fate: "stayed".into(), eligible: true, ..Default::default() })
+            .map(|&i| Fetcher {
+                node: i,
+                region: cluster.region_name(cluster.nodes[i].id),
+                fate: "stayed".into(),
+                eligible: true,
+                ..Default::default()
+            })
             .collect(),
     ));
     let slot_of = |node: usize| node - providers;
@@ -379,6 +389,7 @@ pub(crate) async fn run(
                     let i = cluster.join(scenario, rng).await?;
                     fetchers.lock().unwrap_or_else(|e| e.into_inner()).push(Fetcher {
                         node: i,
+                        region: cluster.region_name(cluster.nodes[i].id),
                         fate: "joined".into(),
                         eligible: true,
                         started_s: t0.elapsed().as_secs_f64() / scale,
@@ -405,6 +416,7 @@ pub(crate) async fn run(
     }
     let up = (0..cluster.nodes.len()).filter(|&i| cluster.is_up(i)).count();
     series.push((t0.elapsed().as_secs_f64() / scale, up, completed(&fetchers)));
+    let provider_regions: Vec<String> = (0..providers).map(|p| cluster.region_name(cluster.nodes[p].id)).collect();
     cluster.shutdown(progress).await;
 
     let fetchers = std::mem::take(&mut *fetchers.lock().unwrap_or_else(|e| e.into_inner()));
@@ -449,6 +461,7 @@ pub(crate) async fn run(
             let after = sorted(done.iter().filter(|&&d| d > until).map(|d| d - until).collect());
             PartitionFigures {
                 between: p.between,
+                provider_regions,
                 at_s: at,
                 repaired_s: until,
                 bytes_across_while_cut: across,
@@ -463,7 +476,6 @@ pub(crate) async fn run(
     })
 }
 
-/// Bytes delivered so far between regions `a` and `b`, both ways.
 /// Bytes delivered so far, both ways, between the regions of each pair in `pairs`.
 fn across_now(cluster: &Cluster, pairs: &[(usize, usize)]) -> u64 {
     let net = &cluster.net;
@@ -476,11 +488,13 @@ fn across_now(cluster: &Cluster, pairs: &[(usize, usize)]) -> u64 {
 
 /// Writes `fetchers.csv`, `timeseries.csv` and the completion chart.
 pub(crate) fn write(out: &Path, r: &ChurnResult) -> anyhow::Result<()> {
-    let mut csv = String::from("node,fate,eligible,ok,started_s,done_s,restarted_s,first_byte_s,stall_s,error\n");
+    let mut csv =
+        String::from("node,region,fate,eligible,ok,started_s,done_s,restarted_s,first_byte_s,stall_s,error\n");
     for f in &r.fetchers {
         csv.push_str(&format!(
-            "{},{},{},{},{:.4},{},{},{},{:.4},{}\n",
+            "{},{},{},{},{},{:.4},{},{},{},{:.4},{}\n",
             f.node,
+            f.region,
             f.fate,
             f.eligible,
             f.ok,

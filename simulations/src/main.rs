@@ -224,9 +224,10 @@ async fn command(cli: Cli) -> anyhow::Result<()> {
             );
             if let Some(p) = &r.partition {
                 eprintln!(
-                    "partition {} | {}: cut {:.1}-{:.1} s, {} bytes across while cut; {} fetches completed while cut, {} after the repair (repair to done p50 {:.2} max {:.2} s)",
+                    "partition {} | {} (providers in {}): cut {:.1}-{:.1} s, {} bytes across while cut; {} fetches completed while cut, {} after the repair (repair to done p50 {:.2} max {:.2} s)",
                     p.between[0],
                     p.between[1],
+                    p.provider_regions.join(", "),
                     p.at_s,
                     p.repaired_s,
                     p.bytes_across_while_cut,

@@ -208,11 +208,18 @@ impl Partition {
                 ScenarioError::Invalid(format!("partition.between names {name:?}, not a region of the network"))
             })
         };
-        let a = index(&self.between[0])?;
-        match self.between[1].as_str() {
-            "*" => Ok((0..regions.len()).filter(|&b| b != a).map(|b| (a, b)).collect()),
-            _ => Ok(vec![(a, index(&self.between[1])?)]),
+        if self.between[0] == "*" {
+            return Err(ScenarioError::Invalid("partition.between may name `*` second only".into()));
         }
+        let a = index(&self.between[0])?;
+        let pairs: Vec<(usize, usize)> = match self.between[1].as_str() {
+            "*" => (0..regions.len()).filter(|&b| b != a).map(|b| (a, b)).collect(),
+            _ => vec![(a, index(&self.between[1])?)],
+        };
+        if pairs.is_empty() {
+            return Err(ScenarioError::Invalid("partition.between cuts nothing: the network has one region".into()));
+        }
+        Ok(pairs)
     }
 }
 
@@ -288,7 +295,8 @@ pub enum Experiment {
         /// How long all fetches may take, in emulated seconds.
         #[serde(default = "default_timeout")]
         timeout_s: f64,
-        /// Traffic between two regions cut during the fetches, and repaired; none by default.
+        /// Traffic between two regions (or one region and every other) cut during the fetches,
+        /// and repaired; none by default.
         #[serde(default)]
         partition: Option<Partition>,
     },
@@ -371,6 +379,11 @@ impl Scenario {
         let r = self.network.regions.len();
         if r == 0 {
             return invalid("network.regions is empty".into());
+        }
+        for (i, name) in self.network.regions.iter().enumerate() {
+            if name == "*" || self.network.regions[..i].contains(name) {
+                return invalid(format!("network.regions names {name:?} twice, or names a region `*`"));
+            }
         }
         if self.network.latency_ms.len() != r || self.network.latency_ms.iter().any(|row| row.len() != r) {
             return invalid(format!("network.latency_ms must be {r} × {r}"));
@@ -698,6 +711,13 @@ mod tests {
         assert_eq!(cut("*").expect("a region from the others"), vec![(1, 0), (1, 2)]);
         assert_eq!(cut("ap").expect("two regions"), vec![(1, 2)]);
         assert!(cut("mars").is_err());
+        let first = Partition { between: ["*".into(), "us".into()], at_s: 1.0, for_s: 1.0 };
+        assert!(first.pairs(&regions).is_err(), "`*` first");
+        let alone = Partition { between: ["eu".into(), "*".into()], at_s: 1.0, for_s: 1.0 };
+        assert!(alone.pairs(&regions[..1]).is_err(), "a cut of nothing");
+        let mut twice = t.clone();
+        twice.network.regions = vec!["a".into(), "a".into()];
+        refused(&twice, "a region named twice");
         let mut t = s.clone();
         t.experiment = Experiment::ZipfCatalogue {
             blobs: usize::MAX,

@@ -63,7 +63,7 @@ async fn under_churn_every_remaining_fetch_completes() {
             downtime_s: 1.0,
             join_fraction: 0.1,
             timeout_s: 90.0,
-            partition: Some(Partition { between: ["eu".into(), "us".into()], at_s: 0.5, for_s: 1.5 }),
+            partition: Some(Partition { between: ["eu".into(), "*".into()], at_s: 0.5, for_s: 1.5 }),
         },
     };
     let out = tempfile::tempdir().expect("tempdir");
