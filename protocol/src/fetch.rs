@@ -1307,7 +1307,9 @@ where
         }
         let unserved = match self.peers.get_mut(&peer) {
             Some(rec) if !got.is_empty() => {
+                // It sends what it named: asked again at once, whatever its maps said before.
                 rec.unserved = 0;
+                rec.unserved_from = rec.unserved_from.min(self.next_request_id);
                 false
             }
             Some(rec)
@@ -3579,6 +3581,14 @@ mod tests {
         d.have(1, PieceSet::full(n));
         let mut actions = d.drain();
         actions.extend(d.advance(ms(250)));
+        assert!(requests(&actions).iter().any(|r| r.0 == 1), "{actions:?}");
+
+        // So does a piece sent for a request made before: it sends what it named.
+        let (mut d, after) = proven(size_of(n), config4(), &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        let reqs: Vec<_> = requests(&after).into_iter().filter(|r| r.0 == 1).collect();
+        assert!(reqs.len() >= 2, "{after:?}");
+        d.fail(1, reqs[0].1, PeerFailure::NotFound);
+        let actions = d.ok(1, reqs[1].1, &reqs[1].2);
         assert!(requests(&actions).iter().any(|r| r.0 == 1), "{actions:?}");
     }
 
