@@ -379,10 +379,7 @@ pub(crate) async fn run(
                     cut_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
                 Event::Repair => {
-                    across = across_now(&cluster, &cut) - across;
-                    for &(a, b) in &cut {
-                        cluster.net.repair(a, b);
-                    }
+                    across = repair(&cluster, &cut, across);
                     repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
                 }
                 Event::Join => {
@@ -405,10 +402,7 @@ pub(crate) async fn run(
     }
     // A deadline that came first leaves nothing cut through the shutdown, nor a figure wrong.
     if let (Some(_), None) = (cut_at, repaired_at) {
-        across = across_now(&cluster, &cut) - across;
-        for &(a, b) in &cut {
-            cluster.net.repair(a, b);
-        }
+        across = repair(&cluster, &cut, across);
         repaired_at = Some(t0.elapsed().as_secs_f64() / scale);
     }
     for t in running.into_iter().flatten().chain(leaving) {
@@ -474,6 +468,16 @@ pub(crate) async fn run(
         fetchers,
         series,
     })
+}
+
+/// Repairs every pair of regions in `pairs`; returns the bytes delivered across them since the
+/// cut, when [`across_now`] counted `at_cut`.
+fn repair(cluster: &Cluster, pairs: &[(usize, usize)], at_cut: u64) -> u64 {
+    let across = across_now(cluster, pairs) - at_cut;
+    for &(a, b) in pairs {
+        cluster.net.repair(a, b);
+    }
+    across
 }
 
 /// Bytes delivered so far, both ways, between the regions of each pair in `pairs`.
