@@ -8,10 +8,11 @@
 //!   hold pieces of the blob (peers we served, peers that served us) with their listen addresses,
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
 //!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
-//!   full line, and a watch's answer, name first the peers we served the pieces asked for.
+//!   full line, and a watch's answer, name first the peers we served the pieces asked for. A
+//!   peer the node avoids for a lie ([`crate::standing`]) is named to nobody.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
-//!   hints while connected, unless a dial to that peer has failed since. This is how a seeder
+//!   hints while connected, unless a dial to that peer has failed since or it was found lying. This is how a seeder
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
 //!   it lately, and each host once) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
@@ -51,7 +52,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -59,6 +60,8 @@ use lru::LruCache;
 use shoal_protocol::wire::{MAX_HINT_ADDR_LEN, MAX_HINT_ADDRS, MAX_HINTS, MAX_PIECES_PER_GET, PeerHint};
 use shoal_protocol::{Hash, PieceSet};
 use tokio::sync::mpsc;
+
+use crate::standing::Standing;
 
 /// Blobs remembered at most; the least recently used is forgotten.
 const MAX_BLOBS: usize = 256;
@@ -143,6 +146,9 @@ pub(crate) struct Crowds {
     /// How long a peer that only asked counts in a crowd: [`ASKING`], stretched, or the patience
     /// if that is longer.
     asking: Duration,
+    /// The node's standing of its peers: a peer avoided for a lie is neither named to others nor
+    /// relied on to pass pieces on. Its lock is taken under ours, never the other way round.
+    standing: Arc<Standing>,
 }
 
 #[derive(Debug)]
@@ -236,14 +242,15 @@ pub(crate) fn host_of(remote: &Multiaddr) -> Option<IpAddr> {
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
     /// It, [`FRESH`] and [`ASKING`] are network time, stretched by `time_scale` (see
-    /// [`crate::NodeConfig::time_scale`]).
-    pub(crate) fn new(patience: Duration, time_scale: f64) -> Self {
+    /// [`crate::NodeConfig::time_scale`]). Peers `standing` avoids are left out of its hints.
+    pub(crate) fn new(patience: Duration, time_scale: f64, standing: Arc<Standing>) -> Self {
         let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
         let patience = stretch(patience);
         Self {
             patience,
             fresh: stretch(FRESH).max(patience.saturating_mul(3)),
             asking: stretch(ASKING).max(patience),
+            standing,
             inner: Mutex::new(Inner {
                 addrs: HashMap::new(),
                 hosts: HashMap::new(),
@@ -621,7 +628,7 @@ impl Crowds {
     }
 
     /// Of `asked`, the pieces we served to a fresh peer other than `peer`, not found unreachable
-    /// since: those a publisher leaves to their holders.
+    /// or lying since: those a publisher leaves to their holders.
     fn elsewhere(&self, inner: &Inner, hash: Hash, peer: PeerId, asked: &PieceSet, now: Instant) -> PieceSet {
         let mut elsewhere = PieceSet::empty(asked.piece_count());
         // Piece by piece when few (a request asks for at most 64): this runs under the lock, for
@@ -634,6 +641,7 @@ impl Crowds {
                 && !inner.unreachable.contains_key(&c.peer)
                 && self.is_fresh(c, now)
                 && let Some(served) = c.served.as_ref().filter(|s| s.piece_count() == asked.piece_count())
+                && !self.standing.avoids(&c.peer, now)
             {
                 match &few {
                     Some(pieces) => {
@@ -660,7 +668,8 @@ impl Crowds {
     /// Up to [`MAX_HINTS`] peers other than `peer` that hold pieces of `hash` and are online:
     /// first those we served any of `wanted` (the pieces the requester asked for or wants), if
     /// given, then those that moved pieces with us most recently. A peer we served a piece to may have moved nothing
-    /// with us since, and by recency alone it is lost among the peers served after it.
+    /// with us since, and by recency alone it is lost among the peers served after it. Not a peer
+    /// we avoid: we found it lying, and each peer we named it to would pay a piece to find out.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
         let Inner { addrs, blobs, .. } = &mut *inner;
@@ -678,6 +687,7 @@ impl Crowds {
         known.sort_by_cached_key(|(c, _)| (!holds_wanted(c), std::cmp::Reverse(c.moved)));
         known
             .into_iter()
+            .filter(|(c, _)| !self.standing.avoids(&c.peer, now))
             .take(MAX_HINTS)
             .map(|(c, a)| PeerHint { id: c.peer.to_bytes(), addrs: a.iter().map(|a| a.to_vec()).collect() })
             .collect()
@@ -783,6 +793,11 @@ mod tests {
         s
     }
 
+    /// Crowds of a node that avoids nobody yet.
+    fn with_patience(patience: Duration) -> Crowds {
+        Crowds::new(patience, 1.0, Arc::default())
+    }
+
     /// We sent `pieces` of `hash` to `peer` at `at`, and it got them.
     fn served(crowds: &Crowds, hash: Hash, peer: PeerId, pieces: &PieceSet, at: Instant) {
         crowds.serving(hash, peer, pieces, at);
@@ -809,7 +824,7 @@ mod tests {
 
     #[test]
     fn a_running_fetch_hears_of_the_peers_we_serve_its_blob() {
-        let crowds = Crowds::new(PATIENCE, 1.0);
+        let crowds = with_patience(PATIENCE);
         let (fetched, other) = (nth_hash(1), nth_hash(2));
         let (a, b) = (PeerId::random(), PeerId::random());
         let now = Instant::now();
@@ -831,7 +846,7 @@ mod tests {
 
     #[test]
     fn holders_first_names_a_peer_served_a_wanted_piece_before_more_recent_ones() {
-        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let crowds = with_patience(Duration::from_secs(30));
         let hash = Hash::from([9u8; 32]);
         let t0 = Instant::now();
         // The first peer served gets piece 0; more peers than an answer names are served after it.
@@ -863,7 +878,7 @@ mod tests {
 
     #[test]
     fn a_peer_held_back_for_its_turn_is_told_a_first_copy_waits_for_it() {
-        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let crowds = with_patience(Duration::from_secs(30));
         let hash = Hash::from([5u8; 32]);
         let t0 = Instant::now();
         crowd_asks(&crowds, hash, 16, t0);
@@ -885,7 +900,7 @@ mod tests {
 
     #[test]
     fn a_publisher_leaves_a_piece_it_served_to_an_online_peer_to_that_peer() {
-        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let crowds = with_patience(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -909,9 +924,38 @@ mod tests {
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0 + Duration::from_secs(3)), asked);
     }
 
+    /// A peer found lying is named to nobody, and a publisher leaves no piece to it: each peer
+    /// sent to it would pay a piece to find it out, and come back for the piece.
+    #[test]
+    fn a_peer_avoided_for_a_lie_is_neither_named_nor_left_pieces() {
+        let standing = Arc::new(Standing::default());
+        let crowds = Crowds::new(Duration::from_secs(3), 1.0, standing.clone());
+        let hash = Hash::from([7u8; 32]);
+        let (liar, honest, asker) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let t0 = Instant::now();
+        crowds.connected(liar, vec![addr(1)]);
+        crowds.connected(honest, vec![addr(2)]);
+        served(&crowds, hash, liar, &set(8, &[1]), t0);
+        served(&crowds, hash, honest, &set(8, &[2]), t0);
+        let named = |now| -> Vec<PeerId> {
+            let hints = crowds.hints(hash, asker, None, now);
+            hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
+        };
+        assert_eq!(named(t0).len(), 2);
+        assert!(!crowds.asked_first_copy(hash, asker, &set(8, &[1]), t0), "left to the liar while not found out");
+
+        standing.penalise(liar, crate::standing::Offence::Lied, t0);
+        assert_eq!(named(t0), vec![honest]);
+        assert!(crowds.asked_first_copy(hash, asker, &set(8, &[1]), t0));
+        assert_eq!(crowds.offer(hash, asker, &set(8, &[1, 2]), true, up(false, false), t0), set(8, &[1]));
+        // A peer merely counted (a stale map) is named as before.
+        standing.penalise(honest, crate::standing::Offence::Failed, t0);
+        assert_eq!(named(t0), vec![honest]);
+    }
+
     #[test]
     fn a_publisher_in_a_crowd_sends_one_piece_at_a_time_to_as_many_peers_as_it_can() {
-        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let crowds = with_patience(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -939,7 +983,7 @@ mod tests {
     /// goes to one of them. Given back when it was not sent after all, it goes to the other.
     #[test]
     fn a_piece_claimed_for_one_requester_is_not_sent_to_another_meanwhile() {
-        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let crowds = with_patience(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -973,7 +1017,7 @@ mod tests {
     fn a_publisher_with_room_serves_a_peer_it_served_lately_a_piece_nobody_has() {
         // More pieces than peers that reach us: were `a` to wait our patience between pieces, the
         // blob would leave at one piece per peer per patience.
-        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let crowds = with_patience(Duration::from_secs(30));
         let hash = Hash::from([7u8; 32]);
         let a = PeerId::random();
         let t0 = Instant::now();
@@ -1000,7 +1044,7 @@ mod tests {
     /// past its share of a crowd that has formed meanwhile, and is refused until the first ended.
     #[test]
     fn a_publisher_sends_a_peer_at_most_its_share_of_the_blob_at_once() {
-        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let crowds = with_patience(Duration::from_secs(30));
         let hash = Hash::from([7u8; 32]);
         let t0 = Instant::now();
         let range = |r: std::ops::Range<u32>| set(32, &r.collect::<Vec<_>>());
@@ -1030,7 +1074,7 @@ mod tests {
 
     #[test]
     fn a_requester_refused_again_and_again_is_asked_to_wait_longer() {
-        let crowds = Crowds::new(Duration::from_secs(30), 1.0);
+        let crowds = with_patience(Duration::from_secs(30));
         let (hash, other) = (nth_hash(1), nth_hash(2));
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -1066,7 +1110,7 @@ mod tests {
     /// replaces: its patience must not start again when more than a blob's contacts ask meanwhile.
     #[test]
     fn a_requesters_patience_runs_out_however_many_others_ask_meanwhile() {
-        let crowds = Crowds::new(Duration::from_secs(3), 1.0);
+        let crowds = with_patience(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
         let (holder, waiting) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -1093,7 +1137,7 @@ mod tests {
     /// A few peers asking now and then are not a crowd: a lone fetcher is still sent all it asks.
     #[test]
     fn askers_count_in_a_crowd_only_while_they_ask() {
-        let crowds = Crowds::new(PATIENCE, 1.0);
+        let crowds = with_patience(PATIENCE);
         let hash = Hash::from([7u8; 32]);
         let t0 = Instant::now();
         let asked = set(8, &[0, 1, 2, 3]);
@@ -1115,7 +1159,7 @@ mod tests {
     /// piece once and then only asks is not named first, and goes stale like any other.
     #[test]
     fn a_holder_is_ranked_and_kept_fresh_by_transfers_not_by_asking() {
-        let crowds = Crowds::new(Duration::from_secs(10), 1.0);
+        let crowds = with_patience(Duration::from_secs(10));
         let hash = Hash::from([7u8; 32]);
         let (first, second) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -1145,7 +1189,7 @@ mod tests {
 
     #[test]
     fn an_idle_publisher_holds_back_only_in_a_large_crowd() {
-        let crowds = Crowds::new(Duration::from_secs(10), 1.0);
+        let crowds = with_patience(Duration::from_secs(10));
         let hash = Hash::from([7u8; 32]);
         let t0 = Instant::now();
         let asker = PeerId::random();
@@ -1169,7 +1213,7 @@ mod tests {
     #[test]
     fn a_holder_is_relied_on_while_fresh_unless_found_unreachable() {
         // Fresh for three patiences: a minute.
-        let crowds = Crowds::new(Duration::from_secs(20), 1.0);
+        let crowds = with_patience(Duration::from_secs(20));
         let hash = Hash::from([7u8; 32]);
         let (a, b) = (PeerId::random(), PeerId::random());
         let t0 = Instant::now();
@@ -1210,7 +1254,7 @@ mod tests {
 
     #[test]
     fn everything_is_bounded() {
-        let crowds = Crowds::new(PATIENCE, 1.0);
+        let crowds = with_patience(PATIENCE);
         let t0 = Instant::now();
         let hash = Hash::from([1u8; 32]);
         for _ in 0..MAX_CONTACTS * 2 {
@@ -1278,7 +1322,7 @@ mod tests {
     /// fetcher's publisher still sends it all it asks. From as many hosts, they are a crowd.
     #[test]
     fn peers_asking_from_one_host_count_once_in_a_crowd() {
-        let crowds = Crowds::new(PATIENCE, 1.0);
+        let crowds = with_patience(PATIENCE);
         let hash = Hash::from([5u8; 32]);
         let t0 = Instant::now();
         let asked = set(8, &[0, 1, 2, 3]);

@@ -183,7 +183,7 @@ pub(crate) struct Shared {
     /// fetched first.
     pub(crate) readers: crate::fetch::Readers,
     /// What the node holds against its peers: offences counted, liars avoided.
-    pub(crate) standing: crate::standing::Standing,
+    pub(crate) standing: Arc<crate::standing::Standing>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) download_rate: Option<Arc<crate::limits::RateLimit>>,
     /// When each peer last moved content with us, so the connection trimming spares it.
@@ -266,7 +266,8 @@ impl Node {
         }
         let (commands, command_rx) = mpsc::channel(1024);
         let activity = Arc::new(crate::connmgr::PeerActivity::new(config.stretch(crate::connmgr::RECENT)));
-        let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience, config.time_scale));
+        let standing = Arc::new(crate::standing::Standing::default());
+        let crowds = Arc::new(crate::crowd::Crowds::new(config.spread_patience, config.time_scale, standing.clone()));
         let mut event_loop = EventLoop::new(
             swarm,
             command_rx,
@@ -324,7 +325,7 @@ impl Node {
                 config: config.clone(),
                 fetches: Mutex::new(HashMap::new()),
                 readers: crate::fetch::Readers::default(),
-                standing: crate::standing::Standing::default(),
+                standing,
                 metrics,
                 download_rate,
                 activity,

@@ -10,7 +10,7 @@
 //!   a size contradicting a proven one, lied: a Shoal node verifies every piece it serves as it
 //!   reads it, so only a peer that is not one, or is broken, does so. It is *avoided*: no fetch
 //!   asks it for anything for [`AVOID_FIRST`], doubling with each lie found after its term ended,
-//!   to [`AVOID_MAX`]. Every fetch would otherwise spend a piece's bytes on it before dropping it
+//!   to [`AVOID_MAX`], and the node names it to no peer (`crate::crowd`). Every fetch would otherwise spend a piece's bytes on it before dropping it
 //!   again. Lies found during a term (by fetches that asked it before it began) do not lengthen
 //!   it: several fetches finding one lie at once are one incident.
 //!
@@ -63,6 +63,7 @@ pub(crate) struct Avoided {
 }
 
 /// The node's records of its peers' offences.
+#[derive(Debug)]
 pub(crate) struct Standing {
     records: Mutex<LruCache<PeerId, Record>>,
 }
