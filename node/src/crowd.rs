@@ -9,10 +9,11 @@
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
 //!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
 //!   full line, and a watch's answer, name first the peers we served the pieces asked for. A
-//!   peer the node avoids for a lie ([`crate::standing`]) is named to nobody.
+//!   peer the node avoids for a lie ([`crate::standing`]) is in no hint.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
-//!   hints while connected, unless a dial to that peer has failed since or it was found lying. This is how a seeder
+//!   hints while connected, unless a dial to that peer has failed since, or the node avoids it
+//!   for a lie. This is how a seeder
 //!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
 //!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
 //!   it lately, and each host once) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
@@ -146,7 +147,7 @@ pub(crate) struct Crowds {
     /// How long a peer that only asked counts in a crowd: [`ASKING`], stretched, or the patience
     /// if that is longer.
     asking: Duration,
-    /// The node's standing of its peers: a peer avoided for a lie is neither named to others nor
+    /// The node's standing of its peers: a peer avoided for a lie is neither hinted to others nor
     /// relied on to pass pieces on. Its lock is taken under ours, never the other way round.
     standing: Arc<Standing>,
 }
@@ -242,7 +243,7 @@ pub(crate) fn host_of(remote: &Multiaddr) -> Option<IpAddr> {
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
     /// It, [`FRESH`] and [`ASKING`] are network time, stretched by `time_scale` (see
-    /// [`crate::NodeConfig::time_scale`]). Peers `standing` avoids are left out of its hints.
+    /// [`crate::NodeConfig::time_scale`]). Peers `standing` avoids are neither hinted nor relied on.
     pub(crate) fn new(patience: Duration, time_scale: f64, standing: Arc<Standing>) -> Self {
         let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
         let patience = stretch(patience);
@@ -380,8 +381,8 @@ impl Crowds {
         c.moved = Some(now);
     }
 
-    /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh they are left to it
-    /// (see [`Crowds::offer`]). It is named to others only once the pieces are sent
+    /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh (and not avoided)
+    /// they are left to it (see [`Crowds::offer`]). It is named to others only once the pieces are sent
     /// ([`Crowds::delivered`]). Returns those of `pieces` not recorded as served to it before.
     pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) -> PieceSet {
         record_serving(&mut self.lock(), hash, peer, pieces, now)
@@ -391,7 +392,8 @@ impl Crowds {
     /// request's place in a full upload line (see [`crate::slots`]; lower goes first). A piece
     /// few peers got from us is one we are among the first to hold, most likely the one that came
     /// in last; the crowd finishes only once its first holders pass it on. At most
-    /// [`MAX_CONTACTS`] peers times the request's pieces are looked at.
+    /// [`MAX_CONTACTS`] peers times the request's pieces are looked at. Every peer we served
+    /// counts, those we no longer rely on (unreachable, avoided) too.
     pub(crate) fn least_served(&self, hash: Hash, pieces: &PieceSet) -> u32 {
         let inner = self.lock();
         let Some(contacts) = inner.blobs.peek(&hash) else { return 0 };
@@ -505,7 +507,7 @@ impl Crowds {
     }
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
-    /// we served to another fresh peer, not found unreachable since, is held back, unless it has
+    /// we served to another fresh peer, not found unreachable since nor avoided, is held back, unless it has
     /// been held back from `peer` for our patience already, or we upload to no other peer
     /// (`uplink.idle`) and the blob's crowd (the fresh holders, and the peers that asked for it
     /// within [`ASKING`] or our patience, whichever is longer) is smaller than [`SMALL_CROWD`].
@@ -951,6 +953,23 @@ mod tests {
         // A peer merely counted (a stale map) is named as before.
         standing.penalise(honest, crate::standing::Offence::Failed, t0);
         assert_eq!(named(t0), vec![honest]);
+
+        // The liar, served last, takes no place among the hints that others would fill.
+        let t1 = t0 + Duration::from_millis(1);
+        let others: Vec<PeerId> = (0..MAX_HINTS).map(|_| PeerId::random()).collect();
+        for (i, &p) in others.iter().enumerate() {
+            crowds.connected(p, vec![addr(10 + i as u16)]);
+            served(&crowds, hash, p, &set(8, &[3]), t0);
+        }
+        served(&crowds, hash, liar, &set(8, &[1]), t1);
+        let hinted = named(t1);
+        assert_eq!(hinted.len(), MAX_HINTS);
+        assert!(!hinted.contains(&liar));
+        // Once its term has passed, it is named and relied on again.
+        let later = t0 + crate::standing::AVOID_FIRST;
+        served(&crowds, hash, liar, &set(8, &[1]), later);
+        assert_eq!(named(later)[0], liar);
+        assert!(!crowds.asked_first_copy(hash, asker, &set(8, &[1]), later));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //!   a size contradicting a proven one, lied: a Shoal node verifies every piece it serves as it
 //!   reads it, so only a peer that is not one, or is broken, does so. It is *avoided*: no fetch
 //!   asks it for anything for [`AVOID_FIRST`], doubling with each lie found after its term ended,
-//!   to [`AVOID_MAX`], and the node names it to no peer (`crate::crowd`). Every fetch would otherwise spend a piece's bytes on it before dropping it
+//!   to [`AVOID_MAX`], and the node names it in no peer-exchange hint (`crate::crowd`). Every fetch would otherwise spend a piece's bytes on it before dropping it
 //!   again. Lies found during a term (by fetches that asked it before it began) do not lengthen
 //!   it: several fetches finding one lie at once are one incident.
 //!
@@ -20,6 +20,7 @@
 //! avoided, is forgotten.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -66,6 +67,11 @@ pub(crate) struct Avoided {
 #[derive(Debug)]
 pub(crate) struct Standing {
     records: Mutex<LruCache<PeerId, Record>>,
+    /// When the last term of avoidance ends, in nanoseconds from `epoch`: until one begins (most
+    /// nodes, all their lives) and after the last ends, [`Standing::avoids`] answers without the
+    /// lock. The crowds ask it for each of a blob's holders under their own lock.
+    until: AtomicU64,
+    epoch: Instant,
 }
 
 impl Default for Standing {
@@ -77,7 +83,12 @@ impl Default for Standing {
 impl Standing {
     fn with_capacity(records: usize) -> Self {
         let cap = std::num::NonZeroUsize::new(records).unwrap_or(std::num::NonZeroUsize::MIN);
-        Self { records: Mutex::new(LruCache::new(cap)) }
+        Self { records: Mutex::new(LruCache::new(cap)), until: AtomicU64::new(0), epoch: Instant::now() }
+    }
+
+    /// `at` in nanoseconds from the epoch (0 before it).
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn records(&self) -> std::sync::MutexGuard<'_, LruCache<PeerId, Record>> {
@@ -91,13 +102,19 @@ impl Standing {
         record.offences = record.offences.saturating_add(1);
         if offence == Offence::Lied && record.avoid_until.is_none_or(|t| now >= t) {
             record.lies = record.lies.saturating_add(1);
-            record.avoid_until = Some(now + AVOID_FIRST.saturating_mul(1 << (record.lies - 1).min(16)).min(AVOID_MAX));
+            let until = now + AVOID_FIRST.saturating_mul(1 << (record.lies - 1).min(16)).min(AVOID_MAX);
+            record.avoid_until = Some(until);
+            self.until.fetch_max(self.nanos(until), Ordering::Release);
         }
     }
 
-    /// Whether fetches keep away from `peer` at `now`. A peer avoided is kept among the records
+    /// Whether the node keeps away from `peer` at `now`: its fetches ask it nothing, its crowds
+    /// name it to nobody and leave it no piece. A peer avoided is kept among the records
     /// as recently used: the peers merely counted must not push it out.
     pub(crate) fn avoids(&self, peer: &PeerId, now: Instant) -> bool {
+        if self.nanos(now) >= self.until.load(Ordering::Acquire) {
+            return false;
+        }
         let mut records = self.records();
         let avoided = records.peek(peer).and_then(|r| r.avoid_until).is_some_and(|t| now < t);
         if avoided {
