@@ -652,23 +652,19 @@ async fn run(
                             break Err(FetchError::Failed { hash, reason }.into());
                         }
                         let unserved = requests.remove(&id).map(|(_, asked)| asked.difference(&got.verified));
-                        // Pieces it advertised but neither sent nor holds any more: a stale
-                        // have-map, or a store that found rot in them. Not malice, but it cost us
-                        // a round trip. Pieces it still holds it left to the holders it named.
-                        let lost = unserved.as_ref().is_some_and(|u| match &got.have {
-                            Some(have) if have.piece_count() == u.piece_count() => !u.difference(have).is_empty(),
-                            _ => !u.is_empty(),
-                        });
-                        if (got.fault.is_none() && lost) || got.fault == Some(PeerFault::NotFound) {
-                            debug!(%peer, "peer served fewer pieces than it advertised");
-                            node.penalise(peer, Offence::Failed);
-                        }
                         if !got.verified.is_empty() {
                             node.inner.crowds.source(hash, peer, now);
                         }
                         let near = reach(node, peer, &got.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
-                        machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, got.fault.map(failure), now);
+                        let fault = got.fault.map(failure);
+                        if machine.handle_response(peer, id, &got.verified, got.bytes, elapsed, fault, now) {
+                            // It advertised pieces and sent none of them: a stale have-map, or a
+                            // store that found rot in them. Not malice, but it cost us a round
+                            // trip. Counted once per map, however many requests were made from it.
+                            debug!(%peer, "peer sent none of the pieces it advertised");
+                            node.penalise(peer, Offence::Failed);
+                        }
                         if let Some(have) = got.have {
                             // Not the pieces it just left to others: they are asked elsewhere.
                             let have = match &unserved {

@@ -1268,6 +1268,10 @@ where
     /// fewer than asked, when the server holds fewer), the bytes received, how long it took, and
     /// why it ended early if it did. Answers to unknown, cancelled or timed-out requests are
     /// ignored.
+    ///
+    /// Returns whether the answer proved `peer`'s have-map stale: it sent none of the pieces
+    /// asked (answering `NotFound`, or with none of them), counted once per map as
+    /// [`FetchConfig::max_peer_failures`] counts them. The node may count it against the peer.
     #[allow(clippy::too_many_arguments, reason = "the node reports one request's whole outcome in one call")]
     pub fn handle_response(
         &mut self,
@@ -1278,15 +1282,15 @@ where
         elapsed: Duration,
         failure: Option<PeerFailure>,
         now: Instant,
-    ) {
+    ) -> bool {
         if self.finished || self.requests.get(&id).is_none_or(|r| r.peer != peer) {
-            return;
+            return false;
         }
-        let Some(request) = self.take_request(id) else { return };
+        let Some(request) = self.take_request(id) else { return false };
         if let Some(rec) = self.peers.get_mut(&peer) {
             rec.record_transfer(bytes, elapsed);
         }
-        let Some(claim) = self.claim.as_ref() else { return };
+        let Some(claim) = self.claim.as_ref() else { return false };
         // Only pieces asked for count: the accounting of copies stays exact.
         let got = if verified.piece_count() == claim.piece_count() {
             verified.intersection(&request.pieces)
@@ -1305,12 +1309,12 @@ where
             // Progress, or a holder of what we asked for telling us to wait our turn.
             self.last_sign = now;
         }
-        let unserved = match self.peers.get_mut(&peer) {
+        let (stale, unserved) = match self.peers.get_mut(&peer) {
             Some(rec) if !got.is_empty() => {
                 // It sends what it named: asked again at once, whatever its maps said before.
                 rec.unserved = 0;
                 rec.unserved_from = rec.unserved_from.min(self.next_request_id);
-                false
+                (false, false)
             }
             Some(rec)
                 if !not_served.is_empty()
@@ -1319,9 +1323,9 @@ where
             {
                 rec.unserved = rec.unserved.saturating_add(1);
                 rec.unserved_from = u64::MAX;
-                rec.unserved >= self.config.max_peer_failures
+                (true, rec.unserved >= self.config.max_peer_failures)
             }
-            _ => false,
+            _ => (false, false),
         };
         match failure {
             None => {
@@ -1355,6 +1359,7 @@ where
             self.drop_peer(peer, None, now);
         }
         self.after_verification();
+        stale
     }
 
     /// The next thing the node should do, or `None` when there is nothing to do until an input
@@ -3508,6 +3513,8 @@ mod tests {
                 // Have-maps whose pieces were then not sent, in a row; whether the map in use came
                 // since the last answer.
                 let (mut empty, mut served, mut fresh) = (0, false, true);
+                // Maps answered with nothing, all told, and the answers the fetch said proved one.
+                let (mut unserved_maps, mut said_stale) = (0, 0);
                 for step in 0.. {
                     assert!(step < 200, "{case}: still asked after {empty} maps answered with nothing");
                     if stats(&d.fetch, 1).dropped {
@@ -3530,7 +3537,8 @@ mod tests {
                                 true => (set(n, pieces.iter().take(1)), PIECE_SIZE, None),
                                 false => (PieceSet::empty(n), 0, failure),
                             };
-                            d.fetch.handle_response(1, id, &verified, bytes, ms(50), failure, d.now);
+                            let stale = d.fetch.handle_response(1, id, &verified, bytes, ms(50), failure, d.now);
+                            said_stale += u32::from(stale);
                             if failure.is_none() {
                                 // As the node does: less the pieces just not sent.
                                 d.fetch.handle_advert(1, PieceSet::full(n).difference(&pieces), d.now);
@@ -3539,7 +3547,10 @@ mod tests {
                         }
                         match serve {
                             true => (empty, served) = (0, true),
-                            false => empty += u32::from(fresh),
+                            false => {
+                                empty += u32::from(fresh);
+                                unserved_maps += u32::from(fresh);
+                            }
                         }
                         fresh = serve || failure.is_none();
                     } else if next.is_empty() {
@@ -3557,6 +3568,8 @@ mod tests {
                 assert!(served, "{case}: dropped before it served a piece");
                 assert_eq!(empty, config.max_peer_failures, "{case}: maps answered with nothing in a row");
                 assert!(!stats(&d.fetch, 1).penalised, "{case}: a stale peer is no liar");
+                // The node counts what the fetch says: once per map, not per answer.
+                assert_eq!(said_stale, unserved_maps, "{case}: answers said to prove a map stale");
             }
         }
     }
