@@ -328,6 +328,7 @@ async fn run(
             }
             match action {
                 Action::FindProviders => {
+                    debug!("looking up providers");
                     // A lookup still running is aborted.
                     drop(lookup.take());
                     let (tx, mut found) = mpsc::channel(64);
@@ -586,6 +587,7 @@ async fn run(
                 let now = Instant::now();
                 match event {
                     Event::Providers(mut peers) => {
+                        debug!(?peers, "the DHT named providers");
                         peers.retain(|p| !node.avoids(p));
                         for &p in &peers {
                             if provided.len() < MAX_HINTED {
@@ -594,7 +596,10 @@ async fn run(
                         }
                         machine.handle_providers(peers, now)
                     }
-                    Event::ProvidersDone => machine.handle_providers_done(now),
+                    Event::ProvidersDone => {
+                        debug!("provider lookup ended");
+                        machine.handle_providers_done(now)
+                    }
                     Event::Have(peer, Ok(held)) => {
                         node.inner.metrics.requested("have", "ok", held.rtt);
                         let near = reach(node, peer, &held.hints, &mut hinted, &hinted_tx).await;
