@@ -2,10 +2,12 @@
 //!
 //! A fetch drops a peer that fails it (`shoal_protocol::fetch`), for that fetch only. Two kinds of
 //! failure are remembered here:
-//! - a peer that advertised pieces and then did not have them (a stale have-map, or a store that
-//!   found rot in them on the way out), or broke the protocol (perhaps a version we do not speak),
-//!   is counted, and `shoal status` lists the count. An honest node does the first: its cache
-//!   evicts, its disk rots. Nothing else follows from it;
+//! - a peer that advertised pieces and then sent none of those asked (a stale have-map, or a
+//!   store that found rot in all of them on the way out; once per map, as the fetch counts
+//!   them), or broke the protocol (perhaps a version we do not speak), is counted, and
+//!   `shoal status` lists the count. An honest node does the first: its cache evicts, its disk
+//!   rots. Nothing else follows from it. An answer that sends some of the pieces and a map
+//!   without the rest is not counted: it puts its map right at no cost beyond the round trip;
 //! - a peer that sent bytes that failed BLAKE3 verification, a size proof that did not check, or
 //!   a size contradicting a proven one, lied: a Shoal node verifies every piece it serves as it
 //!   reads it, so only a peer that is not one, or is broken, does so. It is *avoided*: no fetch
@@ -41,7 +43,7 @@ const LISTED: usize = 32;
 /// What a peer did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Offence {
-    /// It advertised pieces it did not send and no longer holds, or broke the protocol.
+    /// Its have-map proved stale (it sent none of the pieces asked), or it broke the protocol.
     Failed,
     /// It sent bytes or a proof that failed verification.
     Lied,

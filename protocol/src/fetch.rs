@@ -1270,8 +1270,10 @@ where
     /// ignored.
     ///
     /// Returns whether the answer proved `peer`'s have-map stale: it sent none of the pieces
-    /// asked (answering `NotFound`, or with none of them), counted once per map as
-    /// [`FetchConfig::max_peer_failures`] counts them. The node may count it against the peer.
+    /// asked, answering `NotFound` or `Data` with none of them (not `Busy`, a broken transfer or
+    /// `Corrupt`). Only the first such answer per map is, as [`FetchConfig::max_peer_failures`]
+    /// counts them: later ones, and answers to requests sent before the peer's last map, are
+    /// not. The node may count it against the peer.
     #[allow(clippy::too_many_arguments, reason = "the node reports one request's whole outcome in one call")]
     pub fn handle_response(
         &mut self,
