@@ -681,7 +681,7 @@ async fn run(
                     }
                 }
             }
-            Some(peer) = hinted_rx.recv() => machine.handle_providers([peer], Instant::now()),
+            Some(peer) = hinted_rx.recv() => machine.handle_hinted([peer], Instant::now()),
             Some(peer) = nearby.recv() => machine.handle_nearby([peer].into_iter().filter(|p| !node.avoids(p)), Instant::now()),
             // A reader moved: its next pieces are requested first from the next round on.
             () = &mut reader_moved => {}

@@ -89,7 +89,7 @@
 //! that only ever says `Busy`, or names pieces and then has none, would otherwise keep it (and its
 //! slot among the node's fetches) for good.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -119,8 +119,8 @@ pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(100);
 pub const STALLS_WITHOUT_A_PIECE: u32 = 4;
 
 /// Provider candidates remembered per [`FetchConfig::max_peers`], parked peers included: what the
-/// DHT returns beyond this is ignored until the queue drains (a parked peer is forgotten to make
-/// room for a new name).
+/// DHT returns beyond this is ignored until the queue drains (a name only peers gave, else a
+/// parked peer, is forgotten to make room for a new name; see [`Fetch::handle_providers`]).
 pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
 
 /// Dropped peers remembered per [`FetchConfig::max_peers`], so that the DHT returning them again
@@ -923,8 +923,11 @@ pub struct Fetch<P> {
     /// Every peer asked, live or dropped; live ones are at most `max_peers`.
     peers: BTreeMap<P, Peer>,
     live_peers: usize,
-    /// Providers named by the DHT, not asked yet.
+    /// Providers named by the DHT or by other peers, not asked yet (parked peers behind them).
     candidates: VecDeque<P>,
+    /// The candidates only other peers named ([`Fetch::handle_hinted`]), never asked: they wait
+    /// behind the DHT's names, and give their place up to one. At most the candidate bound.
+    hinted: BTreeSet<P>,
     /// Providers the node reaches without dialling, most recently named first: asked before any
     /// candidate (see [`Fetch::handle_nearby`]). At most `max_peers`.
     nearby: VecDeque<P>,
@@ -969,6 +972,7 @@ where
             peers: BTreeMap::new(),
             live_peers: 0,
             candidates: VecDeque::new(),
+            hinted: BTreeSet::new(),
             nearby: VecDeque::new(),
             dropped: VecDeque::new(),
             requests: BTreeMap::new(),
@@ -998,10 +1002,24 @@ where
     /// or beyond the candidate bound are ignored, except a peer dropped as unreachable at least
     /// [`MAX_RETRY_BACKOFF`] ago, which is asked afresh: a sole provider that restarted is back
     /// in the DHT, and three failed dials while it was down must not end the fetch. New names
-    /// wait ahead of parked peers (see [`Fetch::next_have_ask`]), and a full queue forgets a
-    /// parked peer that had nothing the fetch needed to make room for one (never one parked for
-    /// answering `Busy`, which holds what we lack).
+    /// wait ahead of the names only peers gave ([`Fetch::handle_hinted`]) and of parked peers
+    /// (see [`Fetch::next_have_ask`]). A full queue forgets, to make room for one, the name a
+    /// peer gave that waits last, else a parked peer that had nothing the fetch needed (never one
+    /// parked for answering `Busy`, which holds what we lack).
     pub fn handle_providers(&mut self, peers: impl IntoIterator<Item = P>, now: Instant) {
+        self.add_candidates(peers, false, now);
+    }
+
+    /// Provider candidates other peers named (peer exchange): as [`Fetch::handle_providers`],
+    /// but they wait behind the DHT's names, a full queue forgets none of its own for them, and
+    /// the DHT naming one of them moves it up among the DHT's names. A name costs its sender
+    /// nothing: made-up holders named by a few peers must not keep the DHT's names waiting, or
+    /// out of the queue.
+    pub fn handle_hinted(&mut self, peers: impl IntoIterator<Item = P>, now: Instant) {
+        self.add_candidates(peers, true, now);
+    }
+
+    fn add_candidates(&mut self, peers: impl IntoIterator<Item = P>, hinted: bool, now: Instant) {
         if self.finished {
             return;
         }
@@ -1011,26 +1029,45 @@ where
                 self.peers.remove(&peer);
                 self.dropped.retain(|p| *p != peer);
             }
-            if self.peers.contains_key(&peer) || self.candidates.contains(&peer) || self.nearby.contains(&peer) {
+            // Named by a peer before, and by the DHT now: it waits where the DHT's names do.
+            let promoted = !hinted && self.hinted.remove(&peer);
+            if promoted && let Some(at) = self.candidates.iter().position(|p| *p == peer) {
+                self.candidates.remove(at);
+            }
+            if !promoted
+                && (self.peers.contains_key(&peer) || self.candidates.contains(&peer) || self.nearby.contains(&peer))
+            {
                 continue;
             }
             if self.candidates.len() >= max {
-                // The queue is new names, then parked peers: forget the peer with nothing we need
-                // parked last, if any.
-                let forget = self
-                    .candidates
-                    .iter()
-                    .rposition(|p| self.peers.get(p).is_some_and(|r| r.parked && !r.stepped_aside));
+                // The queue is the DHT's names, then the peers', then parked peers: a name from
+                // the DHT takes the place of the peers' name that waits last; else the peer with
+                // nothing we need parked last goes, if any.
+                let forget = (!hinted)
+                    .then(|| self.candidates.iter().rposition(|p| self.hinted.contains(p)))
+                    .flatten()
+                    .or_else(|| {
+                        self.candidates
+                            .iter()
+                            .rposition(|p| self.peers.get(p).is_some_and(|r| r.parked && !r.stepped_aside))
+                    });
                 match forget.and_then(|at| self.candidates.remove(at)) {
                     Some(last) => {
                         self.peers.remove(&last);
+                        self.hinted.remove(&last);
                     }
                     None => break,
                 }
             }
-            let at = self.candidates.iter().position(|p| self.is_parked(p)).unwrap_or(self.candidates.len());
+            let behind = |p: &P| self.is_parked(p) || (!hinted && self.hinted.contains(p));
+            let at = self.candidates.iter().position(behind).unwrap_or(self.candidates.len());
             self.candidates.insert(at, peer);
-            self.providers_found += 1;
+            if hinted {
+                self.hinted.insert(peer);
+            }
+            if !promoted {
+                self.providers_found += 1;
+            }
         }
     }
 
@@ -1621,6 +1658,7 @@ where
                 }
                 None => self.candidates.pop_front()?,
             };
+            self.hinted.remove(&peer);
             match self.peers.get_mut(&peer) {
                 // A parked peer's turn came round again.
                 Some(rec) if rec.parked => {
@@ -4041,6 +4079,37 @@ mod tests {
         }
         assert_eq!(asked, (0..8).collect::<Vec<_>>(), "4 x max_peers candidates remembered");
         assert_eq!(actions, vec![FindProviders], "then the DHT is asked again");
+    }
+
+    /// Peers other peers named wait behind the DHT's names, and a full queue of them gives a
+    /// place up to each name the DHT finds: made-up holders from a few peers keep no provider the
+    /// DHT names waiting. A name from both moves up with the DHT's.
+    #[test]
+    fn names_from_peers_wait_behind_the_dhts_and_give_their_places_up() {
+        let config = FetchConfig { max_peers: 2, ..config4() };
+        let max = 2 * CANDIDATES_PER_PEER_SLOT as u32;
+        let mut d = Driver::new(size_of(4), config);
+        assert_eq!(d.drain_all(), vec![FindProviders]);
+        // Peers name 100..: the queue fills with their names, and more are ignored.
+        d.fetch.handle_hinted(100..200, d.now);
+        // The DHT names 1 and 2, then 150 (named by a peer too, and queued); a name from a peer
+        // finding the queue full takes nobody's place.
+        d.fetch.handle_providers([1, 2], d.now);
+        d.fetch.handle_hinted([300], d.now);
+        d.fetch.handle_providers([103], d.now);
+        d.fetch.handle_providers_done(d.now);
+        let mut asked = Vec::new();
+        let mut actions = d.drain_all();
+        while let Some(AskHave { peer }) = actions.first().cloned() {
+            asked.push(peer);
+            actions.remove(0);
+            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
+            actions.extend(d.drain_all());
+        }
+        let mut expected = vec![1, 2, 103, 100, 101, 102];
+        expected.extend(104..100 + max - 2);
+        assert_eq!(asked, expected, "the DHT's names first; the peers' last names forgotten for them");
+        assert_eq!(d.fetch.providers_found, max as usize + 2, "a name from both is found once");
     }
 
     #[test]
