@@ -293,10 +293,11 @@ async fn run(
     let mut geometry: Option<Geometry> = None;
     let mut announced = false;
     let mut lookup: Option<Aborted> = None;
-    // Holders other peers named (peer exchange): candidates like the providers a lookup finds,
-    // once the swarm has recorded the addresses they were named with.
-    // Room for every peer ever hinted (each is sent once): none named is lost to a full queue
-    // while the fetch is busy elsewhere (tokio allocates a channel's room as it fills).
+    // Holders other peers named (peer exchange): candidates behind the providers a lookup finds
+    // (`Fetch::handle_hinted`), once the swarm has recorded the addresses they were named with.
+    // Room for every peer ever hinted (each is sent once): none named is lost to a full channel
+    // while the fetch is busy elsewhere (tokio allocates a channel's room as it fills). One the
+    // machine's candidate queue forgets is not sent again.
     let (hinted_tx, mut hinted_rx) = mpsc::channel::<PeerId>(MAX_HINTED);
     let mut hinted = Hinted::default();
     // Providers the DHT named, for how many holders the fetch knows of when it announces itself.

@@ -118,9 +118,10 @@ pub const MIN_BUSY_WAIT: Duration = Duration::from_millis(100);
 /// would keep it forever.
 pub const STALLS_WITHOUT_A_PIECE: u32 = 4;
 
-/// Provider candidates remembered per [`FetchConfig::max_peers`], parked peers included: what the
-/// DHT returns beyond this is ignored until the queue drains (a name only peers gave, else a
-/// parked peer, is forgotten to make room for a new name; see [`Fetch::handle_providers`]).
+/// Provider candidates remembered per [`FetchConfig::max_peers`], parked peers included. Names
+/// beyond it are ignored until the queue drains, except that a name from the DHT takes the place
+/// of a name only peers gave, and any new name that of a peer parked with nothing the fetch
+/// needed (see [`Fetch::handle_providers`] and [`Fetch::handle_hinted`]).
 pub const CANDIDATES_PER_PEER_SLOT: usize = 4;
 
 /// Dropped peers remembered per [`FetchConfig::max_peers`], so that the DHT returning them again
@@ -1583,15 +1584,16 @@ where
         self.next_request(now)
     }
 
-    /// Whether to look up providers again (once the back-off allows): no new name waiting to be
-    /// asked (parked peers do not count), and a free slot or one held by a peer with nothing the
-    /// fetch needs (see [`Fetch::next_have_ask`]). In a flash crowd new providers appear while the
-    /// fetch runs; the doubling back-off keeps the lookups rare.
+    /// Whether to look up providers again (once the back-off allows): no name from the DHT
+    /// waiting to be asked (parked peers and names only peers gave do not count: made-up holders
+    /// must not hold the lookups back), and a free slot or one held by a peer with nothing the
+    /// fetch needs (see [`Fetch::next_have_ask`]). In a flash crowd new providers appear while
+    /// the fetch runs; the doubling back-off keeps the lookups rare.
     fn search_wanted(&self) -> bool {
         !self.finished
             && !self.searching
             && self.nearby.is_empty()
-            && self.candidates.front().is_none_or(|p| self.is_parked(p))
+            && self.candidates.front().is_none_or(|p| self.is_parked(p) || self.hinted.contains(p))
             && (self.live_peers < self.config.max_peers || self.peers.values().any(|r| self.stale(r)))
     }
 
@@ -1696,7 +1698,9 @@ where
         }
         self.candidates.push_back(peer);
         // Within the candidate bound: a full queue forgets the parked peer with nothing we need
-        // parked last, else the one parked for `Busy` longest ago.
+        // parked last, else the name only peers gave that waits last (a peer that answered is
+        // worth more than a name that costs nothing to make), else the one parked for `Busy`
+        // longest ago.
         let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
         while self.candidates.len() > max {
             let parked = |busy: bool| {
@@ -1707,10 +1711,12 @@ where
                 .candidates
                 .iter()
                 .rposition(parked(false))
+                .or_else(|| self.candidates.iter().rposition(|p| self.hinted.contains(p)))
                 .or_else(|| self.candidates.iter().position(parked(true)));
             match forget.and_then(|at| self.candidates.remove(at)) {
                 Some(gone) => {
                     self.peers.remove(&gone);
+                    self.hinted.remove(&gone);
                 }
                 None => break,
             }
@@ -4092,7 +4098,7 @@ mod tests {
         assert_eq!(d.drain_all(), vec![FindProviders]);
         // Peers name 100..: the queue fills with their names, and more are ignored.
         d.fetch.handle_hinted(100..200, d.now);
-        // The DHT names 1 and 2, then 150 (named by a peer too, and queued); a name from a peer
+        // The DHT names 1 and 2, then 103 (named by a peer too, and queued); a name from a peer
         // finding the queue full takes nobody's place.
         d.fetch.handle_providers([1, 2], d.now);
         d.fetch.handle_hinted([300], d.now);
@@ -4110,6 +4116,41 @@ mod tests {
         expected.extend(104..100 + max - 2);
         assert_eq!(asked, expected, "the DHT's names first; the peers' last names forgotten for them");
         assert_eq!(d.fetch.providers_found, max as usize + 2, "a name from both is found once");
+    }
+
+    /// Names only peers gave hold no lookup back: a fetch whose queue they fill still asks the
+    /// DHT once its back-off allows.
+    #[test]
+    fn names_from_peers_hold_no_lookup_back() {
+        let config = FetchConfig { max_peers: 2, ..config4() };
+        let mut d = Driver::new(size_of(4), config.clone());
+        assert_eq!(d.drain_all(), vec![FindProviders]);
+        d.fetch.handle_hinted(100..104, d.now);
+        d.fetch.handle_providers_done(d.now);
+        assert_eq!(d.drain_all(), vec![AskHave { peer: 100 }, AskHave { peer: 101 }]);
+        assert_eq!(d.advance(config.providers_backoff), vec![]);
+        let lookups = d.lookups;
+        d.fetch.handle_have_failed(100, PeerFailure::NotFound, d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 102 }], "103 waits");
+        assert_eq!(d.lookups, lookups + 1, "the DHT was asked before 102 took the free slot");
+    }
+
+    /// A holder parked for `Busy` keeps its place in a queue that names from peers fill: one of
+    /// them goes instead.
+    #[test]
+    fn a_busy_holder_keeps_its_place_in_a_queue_names_from_peers_fill() {
+        let (mut d, reqs) = two_busy_slots_and_a_holder_waiting(1, true);
+        let (busy, id, _) = reqs[0].clone();
+        let max = 2 * CANDIDATES_PER_PEER_SLOT;
+        d.fetch.handle_hinted(10..40, d.now);
+        assert_eq!(d.fetch.candidates.len(), max, "3, then names from peers");
+        // A peer named nearby takes the busy peer's slot; the queue was full already.
+        d.fetch.handle_nearby([5], d.now);
+        assert_eq!(d.fail(busy, id, PeerFailure::Busy { retry_after: ms(500) }), vec![AskHave { peer: 5 }]);
+        assert_eq!(d.fetch.candidates.len(), max);
+        assert_eq!(d.fetch.candidates.back(), Some(&busy), "{:?}", d.fetch.candidates);
+        assert!(!d.fetch.candidates.contains(&(10 + max as u32 - 2)), "the name from peers that waited last went");
+        assert!(d.fetch.hinted.iter().all(|p| d.fetch.candidates.contains(p)));
     }
 
     #[test]
