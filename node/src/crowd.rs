@@ -9,7 +9,8 @@
 //!   so fetchers meet each other within a round trip of their first request instead of waiting
 //!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
 //!   full line, and a watch's answer, name first the peers we served the pieces asked for. A
-//!   peer the node avoids for a lie ([`crate::standing`]) is in no hint.
+//!   peer the node avoids for a lie ([`crate::standing`]) is in no hint, and a requester from a
+//!   public address is named no address on our LAN.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since, or the node avoids it
@@ -674,6 +675,11 @@ impl Crowds {
     /// we avoid: we found it lying, and each peer we named it to would pay a piece to find out.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
+        // A requester that reaches us from a public address cannot dial a holder's addresses on
+        // our LAN (private, shared or unique-local; link-local and loopback ones are never
+        // kept): they are left out of its hints, with the layout of our LAN they would show, and
+        // a holder with no other is not named to it.
+        let public = inner.host(&peer).is_some_and(crate::addrs::is_public);
         let Inner { addrs, blobs, .. } = &mut *inner;
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
@@ -690,8 +696,12 @@ impl Crowds {
         known
             .into_iter()
             .filter(|(c, _)| !self.standing.avoids(&c.peer, now))
+            .filter_map(|(c, a)| {
+                let reachable = |a: &&Multiaddr| !public || crate::addrs::ip(a).is_none_or(crate::addrs::is_public);
+                let addrs: Vec<Vec<u8>> = a.iter().filter(reachable).map(|a| a.to_vec()).collect();
+                (!addrs.is_empty()).then(|| PeerHint { id: c.peer.to_bytes(), addrs })
+            })
             .take(MAX_HINTS)
-            .map(|(c, a)| PeerHint { id: c.peer.to_bytes(), addrs: a.iter().map(|a| a.to_vec()).collect() })
             .collect()
     }
 }
@@ -970,6 +980,38 @@ mod tests {
         served(&crowds, hash, liar, &set(8, &[1]), later);
         assert_eq!(named(later)[0], liar);
         assert!(!crowds.asked_first_copy(hash, asker, &set(8, &[1]), later));
+    }
+
+    /// A requester from the internet is named a holder's public addresses only: it could dial
+    /// none on our LAN. One on the LAN (or on this machine) is named them all.
+    #[test]
+    fn a_requester_from_the_internet_is_named_no_lan_address() {
+        let crowds = with_patience(Duration::from_secs(3));
+        let hash = Hash::from([7u8; 32]);
+        let (both, lan_only) = (PeerId::random(), PeerId::random());
+        let at = |a: &str| -> Multiaddr { format!("/ip4/{a}/udp/4001/quic-v1").parse().expect("addr") };
+        let t0 = Instant::now();
+        crowds.connected(both, vec![at("192.168.1.5"), at("203.0.113.5")]);
+        crowds.connected(lan_only, vec![at("10.0.0.7")]);
+        served(&crowds, hash, both, &set(8, &[1]), t0);
+        served(&crowds, hash, lan_only, &set(8, &[2]), t0);
+        let named = |asker: PeerId| -> Vec<(PeerId, Vec<Multiaddr>)> {
+            let hints = crowds.hints(hash, asker, None, t0);
+            let addrs = |h: &PeerHint| h.addrs.iter().map(|a| Multiaddr::try_from(a.clone()).expect("addr")).collect();
+            hints.iter().map(|h| (PeerId::from_bytes(&h.id).expect("id"), addrs(h))).collect()
+        };
+        let (remote, neighbour, local) = (PeerId::random(), PeerId::random(), PeerId::random());
+        crowds.connected_from(remote, &at("198.51.100.9"));
+        crowds.connected_from(neighbour, &at("192.168.1.9"));
+        crowds.connected_from(local, &at("127.0.0.1"));
+        assert_eq!(named(remote), vec![(both, vec![at("203.0.113.5")])]);
+        for asker in [neighbour, local, PeerId::random()] {
+            let mut got = named(asker);
+            got.sort();
+            let mut all = vec![(both, vec![at("192.168.1.5"), at("203.0.113.5")]), (lan_only, vec![at("10.0.0.7")])];
+            all.sort();
+            assert_eq!(got, all);
+        }
     }
 
     #[test]
