@@ -10,7 +10,8 @@
 //!   for their announcements to reach the DHT and for their next lookup. A `Busy` answer from a
 //!   full line, and a watch's answer, name first the peers we served the pieces asked for. A
 //!   peer the node avoids for a lie ([`crate::standing`]) is in no hint, and a requester from a
-//!   public address is named no address on our LAN.
+//!   public address is named only public addresses (and names checked against one), and no
+//!   holder that has none.
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since, or the node avoids it
@@ -64,6 +65,11 @@ use shoal_protocol::{Hash, PieceSet};
 use tokio::sync::mpsc;
 
 use crate::standing::Standing;
+
+/// Addresses kept per connected peer: twice what a hint carries, so that a holder on our LAN
+/// whose first addresses are private still has its public ones to name to a requester from the
+/// internet ([`Crowds::hints`]).
+const MAX_ADDRS_KEPT: usize = 2 * MAX_HINT_ADDRS;
 
 /// Blobs remembered at most; the least recently used is forgotten.
 const MAX_BLOBS: usize = 256;
@@ -274,7 +280,7 @@ impl Crowds {
     /// `peer` is connected and listens on `addrs` (as identify reported them).
     pub(crate) fn connected(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let addrs: Vec<Multiaddr> =
-            addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).take(MAX_HINT_ADDRS).collect();
+            addrs.into_iter().filter(|a| a.as_ref().len() <= MAX_HINT_ADDR_LEN).take(MAX_ADDRS_KEPT).collect();
         let mut inner = self.lock();
         inner.unreachable.remove(&peer);
         // A report with none we would hint (all too long, or none reachable from here) leaves
@@ -297,7 +303,7 @@ impl Crowds {
         inner.unreachable.remove(&peer);
         let held = inner.addrs.entry(peer).or_default();
         for addr in addrs {
-            if held.len() < MAX_HINT_ADDRS && !held.contains(&addr) {
+            if held.len() < MAX_ADDRS_KEPT && !held.contains(&addr) {
                 held.push(addr);
             }
         }
@@ -675,12 +681,14 @@ impl Crowds {
     /// we avoid: we found it lying, and each peer we named it to would pay a piece to find out.
     pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
         let mut inner = self.lock();
-        // A requester that reaches us from a public address cannot dial a holder's addresses on
-        // our LAN (private, shared or unique-local; link-local and loopback ones are never
-        // kept): they are left out of its hints, with the layout of our LAN they would show, and
-        // a holder with no other is not named to it.
+        // A requester that reaches us from a public address cannot dial a holder's addresses
+        // that are not public (on our LAN: private, shared or unique-local; link-local;
+        // loopback, for a holder on this machine), nor its names unless it reaches us from a
+        // public address itself (a name is kept only once it resolves to the address the holder
+        // is connected from): they are left out of its hints, with the layout of our LAN they
+        // would show, and a holder with none left is not named to it.
         let public = inner.host(&peer).is_some_and(crate::addrs::is_public);
-        let Inner { addrs, blobs, .. } = &mut *inner;
+        let Inner { addrs, blobs, hosts, seen_from, .. } = &mut *inner;
         let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
@@ -697,8 +705,19 @@ impl Crowds {
             .into_iter()
             .filter(|(c, _)| !self.standing.avoids(&c.peer, now))
             .filter_map(|(c, a)| {
-                let reachable = |a: &&Multiaddr| !public || crate::addrs::ip(a).is_none_or(crate::addrs::is_public);
-                let addrs: Vec<Vec<u8>> = a.iter().filter(reachable).map(|a| a.to_vec()).collect();
+                let names_public = || {
+                    hosts
+                        .get(&c.peer)
+                        .or_else(|| seen_from.peek(&c.peer))
+                        .or(c.host.as_ref())
+                        .is_some_and(|h| crate::addrs::is_public(*h))
+                };
+                let reachable = |a: &&Multiaddr| match crate::addrs::ip(a) {
+                    _ if !public => true,
+                    Some(ip) => crate::addrs::is_public(ip),
+                    None => !crate::addrs::is_name(a) || names_public(),
+                };
+                let addrs: Vec<Vec<u8>> = a.iter().filter(reachable).take(MAX_HINT_ADDRS).map(|a| a.to_vec()).collect();
                 (!addrs.is_empty()).then(|| PeerHint { id: c.peer.to_bytes(), addrs })
             })
             .take(MAX_HINTS)
@@ -982,35 +1001,56 @@ mod tests {
         assert!(!crowds.asked_first_copy(hash, asker, &set(8, &[1]), later));
     }
 
-    /// A requester from the internet is named a holder's public addresses only: it could dial
-    /// none on our LAN. One on the LAN (or on this machine) is named them all.
+    /// A requester from the internet is named a holder's public addresses only, and the names
+    /// of holders that reach us from public addresses: it could dial none on our LAN. One on the
+    /// LAN (or whose host we do not know) is named the first addresses of each, as before.
     #[test]
     fn a_requester_from_the_internet_is_named_no_lan_address() {
         let crowds = with_patience(Duration::from_secs(3));
         let hash = Hash::from([7u8; 32]);
-        let (both, lan_only) = (PeerId::random(), PeerId::random());
         let at = |a: &str| -> Multiaddr { format!("/ip4/{a}/udp/4001/quic-v1").parse().expect("addr") };
+        let name = |n: &str| -> Multiaddr { format!("/dns4/{n}/udp/4001/quic-v1").parse().expect("addr") };
         let t0 = Instant::now();
-        crowds.connected(both, vec![at("192.168.1.5"), at("203.0.113.5")]);
+        // A LAN host whose public address comes fifth; one with a LAN address only; one known by
+        // a name that resolved to its LAN address; one by a name that resolved to a public one.
+        let (both, lan_only, lan_name, public_name) =
+            (PeerId::random(), PeerId::random(), PeerId::random(), PeerId::random());
+        let lan = ["192.168.1.5", "172.17.0.1", "172.18.0.1", "10.1.0.1"].map(at);
+        crowds.connected(both, [&lan[..], &[at("203.0.113.5")]].concat());
         crowds.connected(lan_only, vec![at("10.0.0.7")]);
-        served(&crowds, hash, both, &set(8, &[1]), t0);
-        served(&crowds, hash, lan_only, &set(8, &[2]), t0);
+        crowds.connected_from(lan_name, &at("192.168.1.20"));
+        crowds.connected(lan_name, vec![name("nas.lan")]);
+        crowds.connected_from(public_name, &at("203.0.113.7"));
+        crowds.connected(public_name, vec![name("node.example")]);
+        for (i, p) in [both, lan_only, lan_name, public_name].into_iter().enumerate() {
+            served(&crowds, hash, p, &set(8, &[i as u32]), t0);
+        }
         let named = |asker: PeerId| -> Vec<(PeerId, Vec<Multiaddr>)> {
             let hints = crowds.hints(hash, asker, None, t0);
             let addrs = |h: &PeerHint| h.addrs.iter().map(|a| Multiaddr::try_from(a.clone()).expect("addr")).collect();
-            hints.iter().map(|h| (PeerId::from_bytes(&h.id).expect("id"), addrs(h))).collect()
+            let mut named: Vec<_> = hints.iter().map(|h| (PeerId::from_bytes(&h.id).expect("id"), addrs(h))).collect();
+            named.sort();
+            named
         };
-        let (remote, neighbour, local) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let sorted = |mut v: Vec<(PeerId, Vec<Multiaddr>)>| {
+            v.sort();
+            v
+        };
+        let (remote, neighbour) = (PeerId::random(), PeerId::random());
         crowds.connected_from(remote, &at("198.51.100.9"));
         crowds.connected_from(neighbour, &at("192.168.1.9"));
-        crowds.connected_from(local, &at("127.0.0.1"));
-        assert_eq!(named(remote), vec![(both, vec![at("203.0.113.5")])]);
-        for asker in [neighbour, local, PeerId::random()] {
-            let mut got = named(asker);
-            got.sort();
-            let mut all = vec![(both, vec![at("192.168.1.5"), at("203.0.113.5")]), (lan_only, vec![at("10.0.0.7")])];
-            all.sort();
-            assert_eq!(got, all);
+        assert_eq!(
+            named(remote),
+            sorted(vec![(both, vec![at("203.0.113.5")]), (public_name, vec![name("node.example")])])
+        );
+        let all = sorted(vec![
+            (both, lan.to_vec()),
+            (lan_only, vec![at("10.0.0.7")]),
+            (lan_name, vec![name("nas.lan")]),
+            (public_name, vec![name("node.example")]),
+        ]);
+        for asker in [neighbour, PeerId::random()] {
+            assert_eq!(named(asker), all);
         }
     }
 
@@ -1324,7 +1364,7 @@ mod tests {
             served(&crowds, hash, p, &set(4096, &[0]), t0);
         }
         assert_eq!(crowds.lock().blobs.get(&hash).map(Vec::len), Some(MAX_CONTACTS));
-        assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_HINT_ADDRS));
+        assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_ADDRS_KEPT));
         assert_eq!(crowds.hints(hash, PeerId::random(), None, t0).len(), MAX_HINTS);
         // A peer held back from more pieces than the bound is served the rest.
         let holder = PeerId::random();
