@@ -15,11 +15,10 @@
 //! - **Spreading.** A publisher (a node that pinned the blob) serves first the pieces no peer
 //!   has from it: a piece it recently sent to a peer is left to that peer, who is named in the
 //!   hints while connected, unless a dial to that peer has failed since, or the node avoids it
-//!   for a lie. This is how a seeder
-//!   sends each piece about once and lets the crowd do the rest (BitTorrent's "super-seeding").
-//!   Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or more (counting those that asked for
-//!   it lately, and each host once) it reveals one piece at a time: an answer carries one piece, and a peer it sent a piece to
-//!   lately gets no other until our patience for it has passed (or while nobody else waits for
+//!   for a lie. This is how a seeder sends each piece about once and lets the crowd do the rest
+//!   (BitTorrent's "super-seeding"). Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or
+//!   more (counting those that asked for it lately, and each host once) it reveals one piece at a
+//!   time: an answer carries one piece, and a peer it sent a piece to lately gets no other until our patience for it has passed (or while nobody else waits for
 //!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
 //!   becomes the one holder of several pieces whose uplink all of them share. However small the
 //!   crowd, a peer is sent at most its share of the blob at once (the blob's pieces over the
@@ -688,12 +687,13 @@ impl Crowds {
         // is connected from): they are left out of its hints, with the layout of our LAN they
         // would show, and a holder with none left is not named to it.
         let public = inner.host(&peer).is_some_and(crate::addrs::is_public);
-        let Inner { addrs, blobs, hosts, seen_from, .. } = &mut *inner;
-        let Some(contacts) = blobs.get(&hash) else { return Vec::new() };
+        inner.blobs.promote(&hash);
+        let inner = &*inner;
+        let Some(contacts) = inner.blobs.peek(&hash) else { return Vec::new() };
         let mut known: Vec<(&Contact, &Vec<Multiaddr>)> = contacts
             .iter()
             .filter(|c| c.holds && c.peer != peer && self.is_fresh(c, now))
-            .filter_map(|c| addrs.get(&c.peer).map(|a| (c, a)))
+            .filter_map(|c| inner.addrs.get(&c.peer).map(|a| (c, a)))
             .collect();
         // A set of many pieces is tested a word at a time, once per contact and with nothing
         // copied: this runs under the lock, and the set is the requester's.
@@ -705,17 +705,11 @@ impl Crowds {
             .into_iter()
             .filter(|(c, _)| !self.standing.avoids(&c.peer, now))
             .filter_map(|(c, a)| {
-                let names_public = || {
-                    hosts
-                        .get(&c.peer)
-                        .or_else(|| seen_from.peek(&c.peer))
-                        .or(c.host.as_ref())
-                        .is_some_and(|h| crate::addrs::is_public(*h))
-                };
+                let holder_public = || inner.host(&c.peer).or(c.host).is_some_and(crate::addrs::is_public);
                 let reachable = |a: &&Multiaddr| match crate::addrs::ip(a) {
                     _ if !public => true,
                     Some(ip) => crate::addrs::is_public(ip),
-                    None => !crate::addrs::is_name(a) || names_public(),
+                    None => !crate::addrs::is_name(a) || holder_public(),
                 };
                 let addrs: Vec<Vec<u8>> = a.iter().filter(reachable).take(MAX_HINT_ADDRS).map(|a| a.to_vec()).collect();
                 (!addrs.is_empty()).then(|| PeerHint { id: c.peer.to_bytes(), addrs })

@@ -12,9 +12,10 @@
 //!   a size contradicting a proven one, lied: a Shoal node verifies every piece it serves as it
 //!   reads it, so only a peer that is not one, or is broken, does so. It is *avoided*: no fetch
 //!   asks it for anything for [`AVOID_FIRST`], doubling with each lie found after its term ended,
-//!   to [`AVOID_MAX`], and the node names it in no peer-exchange hint (`crate::crowd`). Every fetch would otherwise spend a piece's bytes on it before dropping it
-//!   again. Lies found during a term (by fetches that asked it before it began) do not lengthen
-//!   it: several fetches finding one lie at once are one incident.
+//!   to [`AVOID_MAX`], and the node names it in no peer-exchange hint (`crate::crowd`). Every
+//!   fetch would otherwise spend a piece's bytes on it before dropping it again. Lies found
+//!   during a term (by fetches that asked it before it began) do not lengthen it: several
+//!   fetches finding one lie at once are one incident.
 //!
 //! A peer is known by its id, which costs nothing to make: a liar with a new id starts afresh, and
 //! costs each fetch the one piece a fetch spends to find it out. The records are bounded

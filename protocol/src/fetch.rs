@@ -471,6 +471,17 @@ pub enum Action<P> {
     Failed(FetchError),
 }
 
+/// The candidates a full queue may forget, in the order a caller gives.
+#[derive(Debug, Clone, Copy)]
+enum Forgettable {
+    /// A peer parked with nothing the fetch needed.
+    ParkedIdle,
+    /// A name only peers gave, never asked ([`Fetch::handle_hinted`]).
+    Hinted,
+    /// A peer parked for answering `Busy`: it holds what the fetch lacks.
+    ParkedBusy,
+}
+
 /// How far a fetch has come, for progress bars and status pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -1040,25 +1051,15 @@ where
             {
                 continue;
             }
-            if self.candidates.len() >= max {
-                // The queue is the DHT's names, then the peers', then parked peers: a name from
-                // the DHT takes the place of the peers' name that waits last; else the peer with
-                // nothing we need parked last goes, if any.
-                let forget = (!hinted)
-                    .then(|| self.candidates.iter().rposition(|p| self.hinted.contains(p)))
-                    .flatten()
-                    .or_else(|| {
-                        self.candidates
-                            .iter()
-                            .rposition(|p| self.peers.get(p).is_some_and(|r| r.parked && !r.stepped_aside))
-                    });
-                match forget.and_then(|at| self.candidates.remove(at)) {
-                    Some(last) => {
-                        self.peers.remove(&last);
-                        self.hinted.remove(&last);
-                    }
-                    None => break,
-                }
+            // The queue is the DHT's names, then the peers', then parked peers: a name from the
+            // DHT takes the place of the peers' name that waits last; else the peer with nothing
+            // we need parked last goes, if any.
+            let forget: &[Forgettable] = match hinted {
+                true => &[Forgettable::ParkedIdle],
+                false => &[Forgettable::Hinted, Forgettable::ParkedIdle],
+            };
+            if self.candidates.len() >= max && !self.forget_candidate(forget) {
+                break;
             }
             let behind = |p: &P| self.is_parked(p) || (!hinted && self.hinted.contains(p));
             let at = self.candidates.iter().position(behind).unwrap_or(self.candidates.len());
@@ -1702,24 +1703,29 @@ where
         // worth more than a name that costs nothing to make), else the one parked for `Busy`
         // longest ago.
         let max = self.config.max_peers.saturating_mul(CANDIDATES_PER_PEER_SLOT);
-        while self.candidates.len() > max {
-            let parked = |busy: bool| {
-                let peers = &self.peers;
-                move |p: &P| peers.get(p).is_some_and(|r| r.parked && r.stepped_aside == busy)
-            };
-            let forget = self
-                .candidates
-                .iter()
-                .rposition(parked(false))
-                .or_else(|| self.candidates.iter().rposition(|p| self.hinted.contains(p)))
-                .or_else(|| self.candidates.iter().position(parked(true)));
-            match forget.and_then(|at| self.candidates.remove(at)) {
-                Some(gone) => {
-                    self.peers.remove(&gone);
-                    self.hinted.remove(&gone);
-                }
-                None => break,
+        let order = [Forgettable::ParkedIdle, Forgettable::Hinted, Forgettable::ParkedBusy];
+        while self.candidates.len() > max && self.forget_candidate(&order) {}
+    }
+
+    /// Forgets one candidate of the first kind in `order` the queue holds (the one queued last,
+    /// or for [`Forgettable::ParkedBusy`] the one parked longest ago); false if none.
+    fn forget_candidate(&mut self, order: &[Forgettable]) -> bool {
+        let parked = |busy: bool| {
+            let peers = &self.peers;
+            move |p: &P| peers.get(p).is_some_and(|r| r.parked && r.stepped_aside == busy)
+        };
+        let at = order.iter().find_map(|kind| match kind {
+            Forgettable::ParkedIdle => self.candidates.iter().rposition(parked(false)),
+            Forgettable::Hinted => self.candidates.iter().rposition(|p| self.hinted.contains(p)),
+            Forgettable::ParkedBusy => self.candidates.iter().position(parked(true)),
+        });
+        match at.and_then(|at| self.candidates.remove(at)) {
+            Some(gone) => {
+                self.peers.remove(&gone);
+                self.hinted.remove(&gone);
+                true
             }
+            None => false,
         }
     }
 
@@ -2499,6 +2505,19 @@ mod tests {
             self.now += by;
             self.fetch.handle_timeout(self.now);
             self.drain()
+        }
+
+        /// Answers each have request that leads `actions`, and those that follow, `NotFound`:
+        /// the peers asked, in turn, and the actions left once no have request leads.
+        fn ask_each_in_turn(&mut self, mut actions: Vec<Action<u32>>) -> (Vec<u32>, Vec<Action<u32>>) {
+            let mut asked = Vec::new();
+            while let Some(AskHave { peer }) = actions.first().cloned() {
+                asked.push(peer);
+                actions.remove(0);
+                self.fetch.handle_have_failed(peer, PeerFailure::NotFound, self.now);
+                actions.extend(self.drain_all());
+            }
+            (asked, actions)
         }
 
         /// Answers the first lookup with `peers`; returns the actions that follow.
@@ -4058,14 +4077,8 @@ mod tests {
         let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(4), config);
         d.fetch.handle_nearby(0..100, d.now);
-        let mut asked = Vec::new();
-        let mut actions = d.drain_all();
-        while let Some(AskHave { peer }) = actions.first().cloned() {
-            asked.push(peer);
-            actions.remove(0);
-            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
-            actions.extend(d.drain_all());
-        }
+        let actions = d.drain_all();
+        let (asked, actions) = d.ask_each_in_turn(actions);
         assert_eq!(asked, vec![99, 98], "max_peers remembered, the most recently named first");
         assert_eq!(actions, vec![FindProviders], "then the DHT is asked");
     }
@@ -4075,14 +4088,8 @@ mod tests {
         let config = FetchConfig { max_peers: 2, ..config4() };
         let mut d = Driver::new(size_of(4), config);
         let named: Vec<u32> = (0..100).chain(0..100).collect();
-        let mut asked = Vec::new();
-        let mut actions = d.discover(&named);
-        while let Some(AskHave { peer }) = actions.first().cloned() {
-            asked.push(peer);
-            actions.remove(0);
-            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
-            actions.extend(d.drain_all());
-        }
+        let actions = d.discover(&named);
+        let (asked, actions) = d.ask_each_in_turn(actions);
         assert_eq!(asked, (0..8).collect::<Vec<_>>(), "4 x max_peers candidates remembered");
         assert_eq!(actions, vec![FindProviders], "then the DHT is asked again");
     }
@@ -4104,14 +4111,8 @@ mod tests {
         d.fetch.handle_hinted([300], d.now);
         d.fetch.handle_providers([103], d.now);
         d.fetch.handle_providers_done(d.now);
-        let mut asked = Vec::new();
-        let mut actions = d.drain_all();
-        while let Some(AskHave { peer }) = actions.first().cloned() {
-            asked.push(peer);
-            actions.remove(0);
-            d.fetch.handle_have_failed(peer, PeerFailure::NotFound, d.now);
-            actions.extend(d.drain_all());
-        }
+        let actions = d.drain_all();
+        let (asked, _) = d.ask_each_in_turn(actions);
         let mut expected = vec![1, 2, 103, 100, 101, 102];
         expected.extend(104..100 + max - 2);
         assert_eq!(asked, expected, "the DHT's names first; the peers' last names forgotten for them");
