@@ -18,8 +18,9 @@
 //!   for a lie. This is how a seeder sends each piece about once and lets the crowd do the rest
 //!   (BitTorrent's "super-seeding"). Like super-seeding, in a crowd of [`SMALL_CROWD`] peers or
 //!   more (counting those that asked for it lately, and each host once) it reveals one piece at a
-//!   time: an answer carries one piece, and a peer it sent a piece to lately gets no other until our patience for it has passed (or while nobody else waits for
-//!   our uplink), so the first copies go to as many peers as the blob has pieces, and no peer
+//!   time: an answer carries one piece, and a peer it sent a piece to lately gets no other until
+//!   our patience for it has passed (or while nobody else waits for our uplink), so the first
+//!   copies go to as many peers as the blob has pieces, and no peer
 //!   becomes the one holder of several pieces whose uplink all of them share. However small the
 //!   crowd, a peer is sent at most its share of the blob at once (the blob's pieces over the
 //!   crowd's members, each host once, counting the pieces of the answers under way to it): a crowd forms over the
@@ -249,7 +250,8 @@ pub(crate) fn host_of(remote: &Multiaddr) -> Option<IpAddr> {
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
     /// It, [`FRESH`] and [`ASKING`] are network time, stretched by `time_scale` (see
-    /// [`crate::NodeConfig::time_scale`]). Peers `standing` avoids are neither hinted nor relied on.
+    /// [`crate::NodeConfig::time_scale`]). Peers `standing` avoids are neither hinted nor relied
+    /// on.
     pub(crate) fn new(patience: Duration, time_scale: f64, standing: Arc<Standing>) -> Self {
         let stretch = |d| shoal_protocol::fetch::stretch(d, time_scale);
         let patience = stretch(patience);
@@ -388,8 +390,8 @@ impl Crowds {
     }
 
     /// We are sending `pieces` of `hash` to `peer`: while that peer is fresh (and not avoided)
-    /// they are left to it (see [`Crowds::offer`]). It is named to others only once the pieces are sent
-    /// ([`Crowds::delivered`]). Returns those of `pieces` not recorded as served to it before.
+    /// they are left to it (see [`Crowds::offer`]). It is named to others only once the pieces
+    /// are sent ([`Crowds::delivered`]). Returns those of `pieces` not recorded as served to it before.
     pub(crate) fn serving(&self, hash: Hash, peer: PeerId, pieces: &PieceSet, now: Instant) -> PieceSet {
         record_serving(&mut self.lock(), hash, peer, pieces, now)
     }
@@ -513,8 +515,8 @@ impl Crowds {
     }
 
     /// Of `asked`, the pieces to serve `peer` now. If we `spread` (we published the blob), a piece
-    /// we served to another fresh peer, not found unreachable since nor avoided, is held back, unless it has
-    /// been held back from `peer` for our patience already, or we upload to no other peer
+    /// we served to another fresh peer, not found unreachable since nor avoided, is held back,
+    /// unless it has been held back from `peer` for our patience already, or we upload to no other peer
     /// (`uplink.idle`) and the blob's crowd (the fresh holders, and the peers that asked for it
     /// within [`ASKING`] or our patience, whichever is longer) is smaller than [`SMALL_CROWD`].
     /// In a crowd that large, one piece goes out at a time, and a fresh peer we served a piece

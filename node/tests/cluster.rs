@@ -1073,8 +1073,9 @@ fn a_provider_with_a_corrupted_store_cannot_spoil_the_fetch_and_is_penalised() {
     // Rot one byte in every piece of two copies while their nodes are down: n3's near the start
     // of each piece (found as an answer opens, and left out of it: every piece asked goes
     // missing, so n3 answers `NotFound` and its map proved stale is counted against it; were
-    // some pieces sound, it would send those and no penalty would follow), n5's deep in each, past an answer's first 64 KiB step (found
-    // while the answer is on its way, which cuts it off, as a peer that restarts would).
+    // some pieces sound, it would send those and no penalty would follow), n5's deep in each,
+    // past an answer's first 64 KiB step (found while the answer is on its way, which cuts it
+    // off, as a peer that restarts would).
     let (n3_peer, n5_peer) = (n3.peer_id.clone(), n5.peer_id.clone());
     drop((n3, n5));
     for (dir, offset) in [(&n3dir, 1000), (&n5dir, 100_000)] {

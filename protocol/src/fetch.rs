@@ -687,7 +687,7 @@ struct Peer {
     /// its turn comes.
     parked: bool,
     /// It was parked for answering `Busy`: a holder of pieces the fetch lacks, which a full
-    /// candidate queue keeps rather than forget.
+    /// candidate queue keeps as long as anything else can go.
     stepped_aside: bool,
     penalised: bool,
     dropped: bool,
