@@ -88,12 +88,13 @@ impl Control {
 }
 
 /// Streams peers opened to us, in the order they were negotiated.
-pub(crate) type Incoming = mpsc::Receiver<(PeerId, Stream)>;
+/// Inbound streams, each with its peer and the address the peer's connection comes from.
+pub(crate) type Incoming = mpsc::Receiver<(PeerId, Multiaddr, Stream)>;
 
 /// The behaviour; see the module documentation.
 pub(crate) struct Behaviour {
     protocol: StreamProtocol,
-    inbound: mpsc::Sender<(PeerId, Stream)>,
+    inbound: mpsc::Sender<(PeerId, Multiaddr, Stream)>,
     dropped: Counter,
     requests: mpsc::Receiver<(PeerId, Reply)>,
     connections: HashMap<PeerId, HashSet<ConnectionId>>,
@@ -131,9 +132,10 @@ impl Behaviour {
         }
     }
 
-    fn handler(&self, peer: PeerId) -> Handler {
+    fn handler(&self, peer: PeerId, remote: &Multiaddr) -> Handler {
         Handler {
             peer,
+            remote: remote.clone(),
             protocol: self.protocol.clone(),
             inbound: self.inbound.clone(),
             dropped: self.dropped.clone(),
@@ -199,20 +201,20 @@ impl NetworkBehaviour for Behaviour {
         _: ConnectionId,
         peer: PeerId,
         _: &Multiaddr,
-        _: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, remote))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
         _: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
+        remote: &Multiaddr,
         _: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(self.handler(peer))
+        Ok(self.handler(peer, remote))
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
@@ -282,8 +284,10 @@ impl NetworkBehaviour for Behaviour {
 /// One connection's side of the behaviour.
 pub(crate) struct Handler {
     peer: PeerId,
+    /// The address the connection's other end is at (the one dialled, or the one it came from).
+    remote: Multiaddr,
     protocol: StreamProtocol,
-    inbound: mpsc::Sender<(PeerId, Stream)>,
+    inbound: mpsc::Sender<(PeerId, Multiaddr, Stream)>,
     dropped: Counter,
     /// Open requests not yet handed to the connection.
     to_open: VecDeque<Reply>,
@@ -324,7 +328,7 @@ impl ConnectionHandler for Handler {
         match event {
             ConnectionEvent::FullyNegotiatedInbound(FullyNegotiatedInbound { protocol: stream, .. }) => {
                 // Full (or the node is stopping): the stream is dropped, which resets it.
-                let queued = self.inbound.try_send((self.peer, stream));
+                let queued = self.inbound.try_send((self.peer, self.remote.clone(), stream));
                 self.dropped.inc_by(u64::from(queued.is_err()));
             }
             ConnectionEvent::FullyNegotiatedOutbound(FullyNegotiatedOutbound { protocol: stream, info: reply }) => {
@@ -423,9 +427,11 @@ mod tests {
         let streams = tokio::time::timeout(LIMIT, opened).await.expect("streams open in time");
         let mut seen = Vec::new();
         for _ in 0..streams.len() {
-            let (peer, mut stream) =
+            let (peer, remote, mut stream) =
                 tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
             assert_ne!(peer, server_id);
+            // Where the connection comes from: the client, over the in-memory transport.
+            assert!(matches!(remote.iter().next(), Some(libp2p::multiaddr::Protocol::Memory(_))), "{remote}");
             let mut byte = [0u8];
             stream.read_exact(&mut byte).await.expect("its byte");
             seen.push(byte[0]);
@@ -450,7 +456,8 @@ mod tests {
             .expect("dialled at the named address");
         stream.write_all(b"x").await.expect("write");
         stream.flush().await.expect("flush");
-        let (_, mut accepted) = tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
+        let (_, _, mut accepted) =
+            tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
         let mut byte = [0u8];
         accepted.read_exact(&mut byte).await.expect("its byte");
         assert_eq!(&byte, b"x");

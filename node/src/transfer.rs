@@ -676,7 +676,11 @@ pub(crate) struct Server {
 /// slow peer never holds up the accept loop (streams past the accept queue are reset; see
 /// [`crate::streams`]).
 pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
-    while let Some((peer, stream)) = incoming.recv().await {
+    while let Some((peer, remote, stream)) = incoming.recv().await {
+        // Where the request comes from decides which addresses its answer may name (see
+        // `Crowds::hints`): recorded before it is read, not when the swarm gets to the
+        // connection's news, which may come after the first request.
+        server.crowds.connected_from(peer, &remote);
         let server = server.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(peer, stream, &server).await {
