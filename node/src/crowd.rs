@@ -340,6 +340,21 @@ impl Crowds {
         }
     }
 
+    /// A request from `peer` came on a connection from `remote`: the host it is connected from
+    /// now, recorded before the request is read (the swarm's news of the connection may come
+    /// after it). Kept among the hosts of connected peers only if the peer is one (a stream
+    /// may come in as its connection closes, and the entry would outlive it); among the hosts
+    /// peers were seen from, which are bounded, in any case.
+    pub(crate) fn requested_from(&self, peer: PeerId, remote: &Multiaddr) {
+        if let Some(host) = host_of(remote) {
+            let mut inner = self.lock();
+            if let Some(known) = inner.hosts.get_mut(&peer) {
+                *known = host;
+            }
+            inner.seen_from.put(peer, host);
+        }
+    }
+
     /// A dial to `peer` failed (not for our own connection bound): it may be gone, and is not
     /// relied on until it connects again.
     pub(crate) fn unreachable(&self, peer: PeerId, now: Instant) {
@@ -1032,13 +1047,20 @@ mod tests {
             v.sort();
             v
         };
-        let (remote, neighbour) = (PeerId::random(), PeerId::random());
-        crowds.connected_from(remote, &at("198.51.100.9"));
+        // One whose request came before the swarm's news of its connection; one connected over
+        // the LAN before, asking now over a connection from the internet; a neighbour.
+        let (remote, moved, neighbour) = (PeerId::random(), PeerId::random(), PeerId::random());
+        crowds.requested_from(remote, &at("198.51.100.9"));
+        crowds.connected_from(moved, &at("192.168.1.8"));
+        crowds.requested_from(moved, &at("198.51.100.8"));
         crowds.connected_from(neighbour, &at("192.168.1.9"));
-        assert_eq!(
-            named(remote),
-            sorted(vec![(both, vec![at("203.0.113.5")]), (public_name, vec![name("node.example")])])
-        );
+        for asker in [remote, moved] {
+            assert_eq!(
+                named(asker),
+                sorted(vec![(both, vec![at("203.0.113.5")]), (public_name, vec![name("node.example")])])
+            );
+        }
+        assert!(!crowds.lock().hosts.contains_key(&remote), "a request records no connection");
         let all = sorted(vec![
             (both, lan.to_vec()),
             (lan_only, vec![at("10.0.0.7")]),

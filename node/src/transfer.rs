@@ -680,7 +680,7 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
         // Where the request comes from decides which addresses its answer may name (see
         // `Crowds::hints`): recorded before it is read, not when the swarm gets to the
         // connection's news, which may come after the first request.
-        server.crowds.connected_from(peer, &remote);
+        server.crowds.requested_from(peer, &remote);
         let server = server.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_one(peer, stream, &server).await {
