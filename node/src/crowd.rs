@@ -695,7 +695,16 @@ impl Crowds {
     /// given, then those that moved pieces with us most recently. A peer we served a piece to may have moved nothing
     /// with us since, and by recency alone it is lost among the peers served after it. Not a peer
     /// we avoid: we found it lying, and each peer we named it to would pay a piece to find out.
-    pub(crate) fn hints(&self, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>, now: Instant) -> Vec<PeerHint> {
+    /// `from_public` says whether the request came from a public address, if its connection
+    /// tells (see below); if not, the host recorded for `peer` does.
+    pub(crate) fn hints(
+        &self,
+        hash: Hash,
+        peer: PeerId,
+        from_public: Option<bool>,
+        wanted: Option<&PieceSet>,
+        now: Instant,
+    ) -> Vec<PeerHint> {
         let mut inner = self.lock();
         // A requester that reaches us from a public address cannot dial a holder's addresses
         // that are not public (on our LAN: private, shared or unique-local; link-local;
@@ -703,7 +712,8 @@ impl Crowds {
         // public address itself (a name is kept only once it resolves to the address the holder
         // is connected from): they are left out of its hints, with the layout of our LAN they
         // would show, and a holder with none left is not named to it.
-        let public = inner.host(&peer).is_some_and(crate::addrs::is_public);
+        // Whether it does is its request's connection's to say; else the host recorded for it.
+        let public = from_public.unwrap_or_else(|| inner.host(&peer).is_some_and(crate::addrs::is_public));
         inner.blobs.promote(&hash);
         let inner = &*inner;
         let Some(contacts) = inner.blobs.peek(&hash) else { return Vec::new() };
@@ -904,7 +914,7 @@ mod tests {
         let now = t0 + Duration::from_secs(1);
         let asker = PeerId::random();
         let named = |wanted: Option<&PieceSet>| -> Vec<PeerId> {
-            let hints = crowds.hints(hash, asker, wanted, now);
+            let hints = crowds.hints(hash, asker, None, wanted, now);
             hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
         };
         // Asked for piece 0, which it leaves to the first peer, it names that peer first.
@@ -953,13 +963,13 @@ mod tests {
         assert_eq!(crowds.offer(hash, b, &asked, false, up(false, false), t0), asked);
         // A publisher leaves piece 1 to `a`, who is named in the hints.
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(8, &[2]));
-        let hints = crowds.hints(hash, b, None, t0);
+        let hints = crowds.hints(hash, b, None, None, t0);
         assert_eq!(hints.len(), 1);
         assert_eq!(PeerId::from_bytes(&hints[0].id).expect("id"), a);
         assert_eq!(Multiaddr::try_from(hints[0].addrs[0].clone()).expect("addr"), addr(1));
         // A peer is never sent to itself, nor hinted to itself.
         assert_eq!(crowds.offer(hash, a, &asked, true, up(false, false), t0), asked);
-        assert!(crowds.hints(hash, a, None, t0).is_empty());
+        assert!(crowds.hints(hash, a, None, None, t0).is_empty());
         // Until its patience runs out; then `b` gets the piece from us after all.
         let almost = t0 + Duration::from_secs(3) - Duration::from_millis(1);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), almost), set(8, &[2]));
@@ -980,7 +990,7 @@ mod tests {
         served(&crowds, hash, liar, &set(8, &[1]), t0);
         served(&crowds, hash, honest, &set(8, &[2]), t0);
         let named = |now| -> Vec<PeerId> {
-            let hints = crowds.hints(hash, asker, None, now);
+            let hints = crowds.hints(hash, asker, None, None, now);
             hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
         };
         assert_eq!(named(t0).len(), 2);
@@ -1036,8 +1046,8 @@ mod tests {
         for (i, p) in [both, lan_only, lan_name, public_name].into_iter().enumerate() {
             served(&crowds, hash, p, &set(8, &[i as u32]), t0);
         }
-        let named = |asker: PeerId| -> Vec<(PeerId, Vec<Multiaddr>)> {
-            let hints = crowds.hints(hash, asker, None, t0);
+        let named = |asker: PeerId, from_public: Option<bool>| -> Vec<(PeerId, Vec<Multiaddr>)> {
+            let hints = crowds.hints(hash, asker, from_public, None, t0);
             let addrs = |h: &PeerHint| h.addrs.iter().map(|a| Multiaddr::try_from(a.clone()).expect("addr")).collect();
             let mut named: Vec<_> = hints.iter().map(|h| (PeerId::from_bytes(&h.id).expect("id"), addrs(h))).collect();
             named.sort();
@@ -1047,28 +1057,32 @@ mod tests {
             v.sort();
             v
         };
-        // One whose request came before the swarm's news of its connection; one connected over
-        // the LAN before, asking now over a connection from the internet; a neighbour.
-        let (remote, moved, neighbour) = (PeerId::random(), PeerId::random(), PeerId::random());
-        crowds.requested_from(remote, &at("198.51.100.9"));
-        crowds.connected_from(moved, &at("192.168.1.8"));
-        crowds.requested_from(moved, &at("198.51.100.8"));
-        crowds.connected_from(neighbour, &at("192.168.1.9"));
-        for asker in [remote, moved] {
-            assert_eq!(
-                named(asker),
-                sorted(vec![(both, vec![at("203.0.113.5")]), (public_name, vec![name("node.example")])])
-            );
-        }
-        assert!(!crowds.lock().hosts.contains_key(&remote), "a request records no connection");
+        let public_only = sorted(vec![(both, vec![at("203.0.113.5")]), (public_name, vec![name("node.example")])]);
         let all = sorted(vec![
             (both, lan.to_vec()),
             (lan_only, vec![at("10.0.0.7")]),
             (lan_name, vec![name("nas.lan")]),
             (public_name, vec![name("node.example")]),
         ]);
+        // A request's connection says where it came from, whatever host was recorded for its
+        // peer before (another connection's).
+        let (remote, neighbour) = (PeerId::random(), PeerId::random());
+        crowds.connected_from(remote, &at("198.51.100.9"));
+        crowds.connected_from(neighbour, &at("192.168.1.9"));
+        assert_eq!(named(neighbour, Some(true)), public_only);
+        assert_eq!(named(remote, Some(false)), all);
+        // Where it does not (a peer dialled by name), the host recorded for the peer does: as a
+        // request arrives, or as the swarm hears of its connection.
+        let (early, moved) = (PeerId::random(), PeerId::random());
+        crowds.requested_from(early, &at("198.51.100.7"));
+        crowds.connected_from(moved, &at("192.168.1.8"));
+        crowds.requested_from(moved, &at("198.51.100.8"));
+        for asker in [remote, early, moved] {
+            assert_eq!(named(asker, None), public_only);
+        }
+        assert!(!crowds.lock().hosts.contains_key(&early), "a request records no connection");
         for asker in [neighbour, PeerId::random()] {
-            assert_eq!(named(asker), all);
+            assert_eq!(named(asker, None), all);
         }
     }
 
@@ -1287,7 +1301,7 @@ mod tests {
         served(&crowds, hash, first, &set(8, &[0]), t0);
         served(&crowds, hash, second, &set(8, &[1]), t0 + Duration::from_millis(1));
         let named = |now: Instant| -> Vec<PeerId> {
-            let hints = crowds.hints(hash, PeerId::random(), None, now);
+            let hints = crowds.hints(hash, PeerId::random(), None, None, now);
             hints.iter().map(|h| PeerId::from_bytes(&h.id).expect("id")).collect()
         };
         // `first` asks for more, again and again, for longer than a holder stays fresh (three
@@ -1344,7 +1358,7 @@ mod tests {
         crowds.disconnected(&a);
         assert_eq!(crowds.offer(hash, b, &asked, true, up(false, false), t0), set(64, &[1]));
         // Not named to others, though: we hold no connection, so no fresh addresses, to it.
-        assert!(crowds.hints(hash, b, None, t0).is_empty());
+        assert!(crowds.hints(hash, b, None, None, t0).is_empty());
         // A minute (three patiences) later it is stale like any holder.
         let minute = Duration::from_secs(60);
         let c = PeerId::random();
@@ -1383,7 +1397,7 @@ mod tests {
         }
         assert_eq!(crowds.lock().blobs.get(&hash).map(Vec::len), Some(MAX_CONTACTS));
         assert!(crowds.lock().addrs.values().all(|a| a.len() <= MAX_ADDRS_KEPT));
-        assert_eq!(crowds.hints(hash, PeerId::random(), None, t0).len(), MAX_HINTS);
+        assert_eq!(crowds.hints(hash, PeerId::random(), None, None, t0).len(), MAX_HINTS);
         // A peer held back from more pieces than the bound is served the rest.
         let holder = PeerId::random();
         crowds.connected(holder, vec![addr(2)]);

@@ -87,8 +87,8 @@ impl Control {
     }
 }
 
-/// Streams peers opened to us, in the order they were negotiated.
-/// Inbound streams, each with its peer and the address the peer's connection comes from.
+/// Streams peers opened to us, in the order they were negotiated, each with its peer and the
+/// address of the connection it came on (the peer's, or the one we dialled it at).
 pub(crate) type Incoming = mpsc::Receiver<(PeerId, Multiaddr, Stream)>;
 
 /// The behaviour; see the module documentation.
@@ -448,7 +448,7 @@ mod tests {
         let addr = listening(server).await;
         let (mut client, control, _, _) = node(PROTOCOL);
         // Not connected, and no other behaviour knows the server: only the named address.
-        client.add_peer_address(server_id, addr);
+        client.add_peer_address(server_id, addr.clone());
         tokio::spawn(async move { while client.next().await.is_some() {} });
         let mut stream = tokio::time::timeout(LIMIT, control.open(server_id))
             .await
@@ -456,8 +456,9 @@ mod tests {
             .expect("dialled at the named address");
         stream.write_all(b"x").await.expect("write");
         stream.flush().await.expect("flush");
-        let (_, _, mut accepted) =
+        let (_, remote, mut accepted) =
             tokio::time::timeout(LIMIT, incoming.recv()).await.expect("in time").expect("a stream");
+        assert_ne!(remote, addr, "the client's address, not ours");
         let mut byte = [0u8];
         accepted.read_exact(&mut byte).await.expect("its byte");
         assert_eq!(&byte, b"x");

@@ -678,12 +678,18 @@ pub(crate) struct Server {
 pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
     while let Some((peer, remote, stream)) = incoming.recv().await {
         // Where the request comes from decides which addresses its answer may name (see
-        // `Crowds::hints`): recorded before it is read, not when the swarm gets to the
-        // connection's news, which may come after the first request.
-        server.crowds.requested_from(peer, &remote);
+        // `Crowds::hints`): the address of the connection it came on, not the host the swarm
+        // last recorded for the peer (its news of a new connection may come after the first
+        // request, and another connection's request may come between). Not known for a peer
+        // we dialled by name: the host recorded for it then.
+        let from_public = crate::crowd::host_of(&remote)
+            .map(crate::addrs::is_public)
+            .or_else(|| (!crate::addrs::is_name(&remote)).then_some(false));
         let server = server.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(peer, stream, &server).await {
+            // Counted as that host in crowds (see `Crowds::requested_from`).
+            server.crowds.requested_from(peer, &remote);
+            if let Err(e) = serve_one(peer, from_public, stream, &server).await {
                 debug!(%peer, error = %e, "transfer request ended with an error");
             }
         });
@@ -700,7 +706,14 @@ async fn holding(reading: &ReadSlot<'_>, write: impl Future<Output = std::io::Re
     }
 }
 
-async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io::Result<()> {
+/// Serves `peer`'s request on `stream`; `from_public` says whether it came from a public address,
+/// if its connection tells (see [`Crowds::hints`](crate::crowd::Crowds::hints)).
+async fn serve_one(
+    peer: PeerId,
+    from_public: Option<bool>,
+    mut stream: Stream,
+    server: &Server,
+) -> std::io::Result<()> {
     let Server { uploads, metrics, .. } = server;
     let started = Instant::now();
     // However the request goes, a peer that stops reading the answer gives its slot up.
@@ -754,7 +767,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
     let mut stream = Watched { inner: &mut stream, holder: &holder, epoch: uploads.epoch };
     tokio::select! {
         biased;
-        answered = answer(peer, &mut stream, server, &body, slot, started) => answered,
+        answered = answer(peer, from_public, &mut stream, server, &body, slot, started) => answered,
         () = holder.preempted.notified() => {
             metrics.served("any", "preempted", started.elapsed());
             Err(std::io::Error::new(
@@ -768,6 +781,7 @@ async fn serve_one(peer: PeerId, mut stream: Stream, server: &Server) -> std::io
 /// Answers `peer`'s request `body` under `slot`.
 async fn answer(
     peer: PeerId,
+    from_public: Option<bool>,
     stream: &mut (impl AsyncWrite + Unpin),
     server: &Server,
     body: &[u8],
@@ -791,11 +805,11 @@ async fn answer(
             // not wait for it, and it does not keep its connection from being trimmed.
             drop((in_flight, slot, answering));
             let wait = Duration::from_millis(u64::from(wait_ms));
-            serve_watch(peer, &mut *stream, server, (hash, wanted, wait, trace), started).await
+            serve_watch((peer, from_public), &mut *stream, server, (hash, wanted, wait, trace), started).await
         }
         Request::Have { hash, trace, prove_size } => {
             let span = info_span!("serve_have", %peer, blob = %hash.short(), trace = %display_trace(trace));
-            let mut response = have_map(server, hash, peer, None);
+            let mut response = have_map(server, hash, peer, from_public, None);
             if let Response::Have { size, size_proof: proof, .. } = &mut response
                 && prove_size
             {
@@ -845,7 +859,10 @@ async fn answer(
                             metrics.served("get", "busy", started.elapsed());
                             return send_and_close(
                                 &mut *stream,
-                                &busy(uploads.busy_retry(), crowds.hints(hash, peer, Some(&pieces), Instant::now())),
+                                &busy(
+                                    uploads.busy_retry(),
+                                    crowds.hints(hash, peer, from_public, Some(&pieces), Instant::now()),
+                                ),
                                 idle,
                             )
                             .await;
@@ -871,7 +888,7 @@ async fn answer(
                         true => (uploads.busy_retry(), false),
                         false => crowds.spread_refused(hash, peer, uploads.timing.spread_retry, now),
                     };
-                    let peers = if named { crowds.hints(hash, peer, None, now) } else { Vec::new() };
+                    let peers = if named { crowds.hints(hash, peer, from_public, None, now) } else { Vec::new() };
                     return send_and_close(&mut *stream, &busy(retry, peers), idle).await;
                 }
                 let reader = store.clone();
@@ -907,7 +924,7 @@ async fn answer(
                 // The encoding dropped any piece that failed its check.
                 give_back(&claimed, &served);
                 let now = Instant::now();
-                let peers = crowds.hints(hash, peer, None, now);
+                let peers = crowds.hints(hash, peer, from_public, None, now);
                 // What we hold now, after the encoding dropped any piece that failed its check.
                 let have = store.info(hash).map(|i| i.pieces.first_runs(MAX_RUNS));
                 // Recorded as it starts (by a publisher as it chose them): a concurrent request for
@@ -1240,7 +1257,7 @@ fn close_behind(mut stream: Stream, timing: Timing) {
 /// [`MAX_WATCH_WAIT`]) or the node shuts down, with the have-map, as `Have` would without a size
 /// proof. Past the bound on watches held, at once.
 async fn serve_watch(
-    peer: PeerId,
+    (peer, from_public): (PeerId, Option<bool>),
     stream: &mut (impl AsyncWrite + Unpin),
     server: &Server,
     (hash, wanted, wait, trace): (Hash, PieceSet, Duration, Option<TraceId>),
@@ -1262,7 +1279,7 @@ async fn serve_watch(
             }
         }
     }
-    let response = have_map(server, hash, peer, Some(&wanted));
+    let response = have_map(server, hash, peer, from_public, Some(&wanted));
     // A set counted for a size this node does not hold is as large as the peer claimed (2 MiB for
     // the largest blob): not kept while the answer waits for the peer to take it.
     drop(wanted);
@@ -1271,12 +1288,18 @@ async fn serve_watch(
 
 /// What this node holds of `hash`, as `Have` answers it to `peer` (without a size proof), or
 /// `NotFound` if it holds none of it. The hints name first the holders of `wanted`, if given.
-fn have_map(server: &Server, hash: Hash, peer: PeerId, wanted: Option<&PieceSet>) -> Response {
+fn have_map(
+    server: &Server,
+    hash: Hash,
+    peer: PeerId,
+    from_public: Option<bool>,
+    wanted: Option<&PieceSet>,
+) -> Response {
     match server.store.info(hash) {
         Some(info) if !info.pieces.is_empty() => Response::Have {
             size: info.size,
             pieces: info.pieces.first_runs(MAX_RUNS),
-            peers: server.crowds.hints(hash, peer, wanted, Instant::now()),
+            peers: server.crowds.hints(hash, peer, from_public, wanted, Instant::now()),
             size_proof: None,
         },
         _ => Response::NotFound,
