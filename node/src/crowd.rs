@@ -247,6 +247,14 @@ pub(crate) fn host_of(remote: &Multiaddr) -> Option<IpAddr> {
     }
 }
 
+/// Whether a request that came on a connection from `remote` came from a public address (see
+/// [`Crowds::hints`]): an IP address is, if [`crate::addrs::is_public`] says so (loopback,
+/// link-local and the LAN's are not), and the in-memory transport's is not. A name (a peer we
+/// dialled by it) does not tell.
+pub(crate) fn from_public(remote: &Multiaddr) -> Option<bool> {
+    crate::addrs::ip(remote).map(crate::addrs::is_public).or_else(|| (!crate::addrs::is_name(remote)).then_some(false))
+}
+
 impl Crowds {
     /// No crowds yet; a publisher holds a piece back from one requester for at most `patience`.
     /// It, [`FRESH`] and [`ASKING`] are network time, stretched by `time_scale` (see
@@ -695,8 +703,10 @@ impl Crowds {
     /// given, then those that moved pieces with us most recently. A peer we served a piece to may have moved nothing
     /// with us since, and by recency alone it is lost among the peers served after it. Not a peer
     /// we avoid: we found it lying, and each peer we named it to would pay a piece to find out.
-    /// `from_public` says whether the request came from a public address, if its connection
-    /// tells (see below); if not, the host recorded for `peer` does.
+    /// A requester from a public address (as `from_public` says, from the connection its request
+    /// came on; if it does not tell, as the host recorded for `peer` does) is named only public
+    /// addresses, names only of holders that reach us from a public address, and no holder left
+    /// with none.
     pub(crate) fn hints(
         &self,
         hash: Hash,
@@ -1020,6 +1030,28 @@ mod tests {
         served(&crowds, hash, liar, &set(8, &[1]), later);
         assert_eq!(named(later)[0], liar);
         assert!(!crowds.asked_first_copy(hash, asker, &set(8, &[1]), later));
+    }
+
+    /// Where a request comes from, read off its connection's address.
+    #[test]
+    fn a_requests_connection_tells_whether_it_came_from_a_public_address() {
+        let cases = [
+            ("/ip4/198.51.100.9/udp/4001/quic-v1", Some(true)),
+            ("/ip6/2001:db8:1::5/udp/4001/quic-v1", Some(true)),
+            ("/ip4/192.168.1.5/udp/4001/quic-v1", Some(false)),
+            ("/ip4/100.64.0.9/udp/4001/quic-v1", Some(false)),
+            ("/ip6/::ffff:192.168.1.5/udp/4001/quic-v1", Some(false)),
+            ("/ip6/::ffff:198.51.100.9/udp/4001/quic-v1", Some(true)),
+            ("/ip4/127.0.0.1/udp/4001/quic-v1", Some(false)),
+            ("/ip6/::1/udp/4001/quic-v1", Some(false)),
+            ("/ip6/fe80::1/udp/4001/quic-v1", Some(false)),
+            ("/ip6/fd00::1/udp/4001/quic-v1", Some(false)),
+            ("/memory/42", Some(false)),
+            ("/dns4/node.example/udp/4001/quic-v1", None),
+        ];
+        for (addr, public) in cases {
+            assert_eq!(from_public(&addr.parse().expect("addr")), public, "{addr}");
+        }
     }
 
     /// A requester from the internet is named a holder's public addresses only, and the names

@@ -682,9 +682,7 @@ pub(crate) async fn serve(mut incoming: Incoming, server: Server) {
         // last recorded for the peer (its news of a new connection may come after the first
         // request, and another connection's request may come between). Not known for a peer
         // we dialled by name: the host recorded for it then.
-        let from_public = crate::crowd::host_of(&remote)
-            .map(crate::addrs::is_public)
-            .or_else(|| (!crate::addrs::is_name(&remote)).then_some(false));
+        let from_public = crate::crowd::from_public(&remote);
         let server = server.clone();
         tokio::spawn(async move {
             // Counted as that host in crowds (see `Crowds::requested_from`).
