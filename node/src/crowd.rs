@@ -348,11 +348,11 @@ impl Crowds {
         }
     }
 
-    /// A request from `peer` came on a connection from `remote`: the host it is connected from
-    /// now, recorded before the request is read (the swarm's news of the connection may come
-    /// after it). Kept among the hosts of connected peers only if the peer is one (a stream
-    /// may come in as its connection closes, and the entry would outlive it); among the hosts
-    /// peers were seen from, which are bounded, in any case.
+    /// A request from `peer` came on a connection from `remote`: the host it counts as in crowds
+    /// from now on (its answer's hints read the connection itself, [`from_public`]). Kept among
+    /// the hosts of connected peers only if the peer is one (a stream may come in as its
+    /// connection closes, and the entry would outlive it); among the hosts peers were seen
+    /// from, which are bounded, in any case.
     pub(crate) fn requested_from(&self, peer: PeerId, remote: &Multiaddr) {
         if let Some(host) = host_of(remote) {
             let mut inner = self.lock();
