@@ -1157,13 +1157,36 @@ impl Store {
 
     fn begin_entry(&self, hash: Hash, size: u64, evict: bool) -> Result<Begun> {
         let geometry = Geometry::new(size)?;
-        let mut st = lock(&self.inner.state);
+        // A blob held at this size, or a begin refused, needs no files: looked at first.
+        let pinned = match self.plan_begin(&mut lock(&self.inner.state), hash, geometry, evict)? {
+            BeginPlan::Held(have) => return Ok(Begun { have, evicted: Vec::new() }),
+            BeginPlan::New { pinned, .. } => pinned,
+        };
+        // The files are made, sized and synced in `tmp/` without the store's lock: five syncs,
+        // which every reader and writer of the store waited on while a fetch began. The look
+        // under the lock is taken again before the copy takes its place, and decides.
+        let dir = self.tmp_path("partial");
+        let begun = self.stage_partial(&dir, geometry, pinned).and_then(|()| {
+            let mut st = lock(&self.inner.state);
+            self.place_partial(&mut st, &dir, hash, geometry, evict, pinned)
+        });
+        // Placed, it is not there any more; otherwise (an entry came in between, or a failure)
+        // it is not needed.
+        let _ = self.discard_dir(&dir);
+        begun
+    }
+
+    /// What a begin of `hash` at `geometry`'s size finds under the store's lock: the blob held
+    /// at this size, or a new entry to make (taking the place of an empty entry of another size),
+    /// or a refusal.
+    fn plan_begin(&self, st: &mut State, hash: Hash, geometry: Geometry, evict: bool) -> Result<BeginPlan> {
+        let size = geometry.size();
         let (mut pinned, mut giving_way) = (false, None);
         if let Some(blob) = st.blobs.get(&hash).cloned() {
             let info = blob.info();
             if blob.geometry.size() == size {
                 st.lru.touch(&hash);
-                return Ok(Begun { have: info.pieces, evicted: Vec::new() });
+                return Ok(BeginPlan::Held(info.pieces));
             }
             // One the user pinned gives way to a proven size only (and the pin goes with it): a
             // claim no proof backs may not have the pin hold room for it outside the cache.
@@ -1183,11 +1206,58 @@ impl Store {
         if !pinned && bytes > st.lru.capacity() {
             return Err(StoreError::TooLarge { hash, bytes, capacity: st.lru.capacity() });
         }
+        Ok(BeginPlan::New { giving_way, pinned })
+    }
+
+    /// Makes an empty blob's files in `dir` (under `tmp/`), their lengths and meta durable.
+    fn stage_partial(&self, dir: &Path, geometry: Geometry, pinned: bool) -> Result<()> {
+        fs::create_dir(dir).map_err(io_err("create", dir))?;
+        // Their lengths made durable before the meta that names them: a power loss between
+        // the two would leave files shorter than the meta says, and the blob set aside.
+        let durable = self.inner.config.durable;
+        let sized = |f: File, len: u64| f.set_len(len).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
+        let data = dir.join("data");
+        File::create(&data).and_then(|f| sized(f, geometry.size())).map_err(io_err("create", &data))?;
+        let ob = dir.join("outboard");
+        File::create(&ob).and_then(|f| sized(f, geometry.outboard_size())).map_err(io_err("create", &ob))?;
+        let empty = PieceSet::empty(geometry.piece_count());
+        write_meta(
+            dir,
+            &Meta { format: META_FORMAT, size: geometry.size(), pinned, bitmap: empty.to_bitmap() },
+            durable,
+        )
+    }
+
+    /// Places the empty blob staged in `dir` as `hash`'s entry, under the store's lock, as
+    /// [`Store::plan_begin`] finds things now: what came in between the two looks (the blob
+    /// begun or imported by another, an entry gone, a pin made or undone, the room taken) is
+    /// answered as if the begin had come after it.
+    fn place_partial(
+        &self,
+        st: &mut State,
+        dir: &Path,
+        hash: Hash,
+        geometry: Geometry,
+        evict: bool,
+        pinned_staged: bool,
+    ) -> Result<Begun> {
+        let (giving_way, pinned) = match self.plan_begin(st, hash, geometry, evict)? {
+            BeginPlan::Held(have) => return Ok(Begun { have, evicted: Vec::new() }),
+            BeginPlan::New { giving_way, pinned } => (giving_way, pinned),
+        };
+        if pinned != pinned_staged {
+            // Rare (a pin of the entry it replaces came or went in between): written again
+            // under the lock, before anything changes.
+            let empty = PieceSet::empty(geometry.piece_count());
+            let meta = Meta { format: META_FORMAT, size: geometry.size(), pinned, bitmap: empty.to_bitmap() };
+            write_meta(dir, &meta, self.inner.config.durable)?;
+        }
         if let Some(blob) = giving_way {
-            debug!(blob = %hash, stale = blob.geometry.size(), size, "an empty entry of another size gives way");
-            self.take_entry(&mut st, &hash);
+            debug!(blob = %hash, stale = blob.geometry.size(), size = geometry.size(), "an empty entry of another size gives way");
+            self.take_entry(st, &hash);
             self.trash(&blob.dir)?;
         }
+        let bytes = footprint(geometry);
         let evicted = match pinned {
             true => {
                 st.pinned_bytes += bytes;
@@ -1198,27 +1268,8 @@ impl Store {
                 .admit(hash, charge(geometry, &PieceSet::empty(geometry.piece_count())))
                 .map_err(|o| StoreError::TooLarge { hash, bytes: o.bytes, capacity: o.capacity })?,
         };
-        let evicted = self.remove_evicted(&mut st, evicted);
-        let dir = self.tmp_path("partial");
-        let created = (|| {
-            fs::create_dir(&dir).map_err(io_err("create", &dir))?;
-            // Their lengths made durable before the meta that names them: a power loss between
-            // the two would leave files shorter than the meta says, and the blob set aside.
-            let durable = self.inner.config.durable;
-            let sized = |f: File, len: u64| f.set_len(len).and_then(|()| if durable { f.sync_all() } else { Ok(()) });
-            let data = dir.join("data");
-            File::create(&data).and_then(|f| sized(f, size)).map_err(io_err("create", &data))?;
-            let ob = dir.join("outboard");
-            File::create(&ob).and_then(|f| sized(f, geometry.outboard_size())).map_err(io_err("create", &ob))?;
-            let empty = PieceSet::empty(geometry.piece_count());
-            write_meta(
-                &dir,
-                &Meta { format: META_FORMAT, size, pinned, bitmap: empty.to_bitmap() },
-                self.inner.config.durable,
-            )?;
-            self.place(&dir, hash)
-        })();
-        match created {
+        let evicted = self.remove_evicted(st, evicted);
+        match self.place(dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
                 Ok(Begun { have: PieceSet::empty(geometry.piece_count()), evicted })
@@ -1229,9 +1280,8 @@ impl Store {
                 } else {
                     st.lru.remove(&hash);
                 }
-                // Under the lock, with no entry for it. What `place` renamed into place it took
-                // away itself; what was there before it is not ours to delete.
-                let _ = self.trash(&dir);
+                // What `place` renamed into place it took away itself, and the caller discards
+                // the staged copy; what was there before it is not ours to delete.
                 Err(e)
             }
         }
@@ -2131,6 +2181,14 @@ struct Staged {
     dir: PathBuf,
     hash: Hash,
     geometry: Geometry,
+}
+
+/// What a begin finds under the store's lock ([`Store::plan_begin`]).
+enum BeginPlan {
+    /// The blob held at this size, with these pieces verified.
+    Held(PieceSet),
+    /// A new entry to make, pinned if the entry it replaces (`giving_way`) was.
+    New { giving_way: Option<Arc<Blob>>, pinned: bool },
 }
 
 /// Reads the chunks the import's copier hands over, in order, and hands each buffer back.

@@ -354,6 +354,56 @@ fn a_stray_directory_in_a_blobs_place_gives_way() {
 /// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
 /// claim evicts nothing. An entry it leaves, holding no verified piece, gives way to the true size.
 #[test]
+fn fetches_beginning_one_blob_at_once_share_one_entry_and_lose_no_piece() {
+    // Every round, eight fetches begin one blob at once (each makes its files outside the
+    // store's lock), two of them at a size no proof backs, and each then stores its share of
+    // the pieces. Whoever comes first makes the entry; the rest find it, and every piece
+    // stored lands in it.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    let store = open(&root);
+    const FETCHES: u32 = 8;
+    for round in 0..8u64 {
+        let src = Source::new(bytes(round, 3 * MIB as usize + 5));
+        let (size, n) = (src.data.len() as u64, src.geometry.piece_count());
+        let start = std::sync::Barrier::new(FETCHES as usize);
+        std::thread::scope(|s| {
+            for i in 0..FETCHES {
+                let (store, start, src) = (&store, &start, &src);
+                s.spawn(move || {
+                    start.wait();
+                    let begun = match i < 2 {
+                        true => store.begin_unproven(src.hash, size),
+                        false => store.begin(src.hash, size),
+                    };
+                    let begun = begun.expect("begin");
+                    assert!(begun.evicted.is_empty(), "round {round}: {begun:?}");
+                    for p in (i..n).step_by(FETCHES as usize) {
+                        let w = store.write_pieces(src.hash, &src.piece(p), &src.encode(&src.piece(p))[..]);
+                        assert_eq!(w.expect("write").verified, src.piece(p), "round {round}, piece {p}");
+                    }
+                });
+            }
+        });
+        // One entry, the whole blob, served as the provider would.
+        let info = store.info(src.hash).expect("held");
+        assert!(info.is_complete() && info.size == size, "round {round}: {:?} of {n}", info.pieces.count());
+        let all = PieceSet::full(n);
+        assert_eq!(store.encode_pieces(src.hash, &all).expect("encode").1, src.encode(&all), "round {round}");
+    }
+    // One directory per blob; no staged copy left in `tmp/`.
+    assert_eq!(fs::read_dir(root.join("blobs")).expect("blobs").count(), 8);
+    let left: Vec<_> = fs::read_dir(root.join("tmp")).expect("tmp").map(|e| e.expect("entry").file_name()).collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The cache counts each blob once, and a restart finds them all whole.
+    let stats = store.stats();
+    drop(store);
+    let store = open(&root);
+    assert_eq!(store.list().iter().filter(|i| i.is_complete()).count(), 8);
+    assert_eq!(store.stats().cache_bytes, stats.cache_bytes);
+}
+
+#[test]
 fn an_unproven_size_evicts_nothing_and_an_empty_entry_of_it_gives_way() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let bound = 3 * MIB;
