@@ -351,8 +351,6 @@ fn a_stray_directory_in_a_blobs_place_gives_way() {
     assert_eq!(fs::read(stray.join("meta")).expect("still there"), b"not the store's");
 }
 
-/// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
-/// claim evicts nothing. An entry it leaves, holding no verified piece, gives way to the true size.
 #[test]
 fn fetches_beginning_one_blob_at_once_share_one_entry_and_lose_no_piece() {
     // Every round, eight fetches begin one blob at once (each makes its files outside the
@@ -403,6 +401,8 @@ fn fetches_beginning_one_blob_at_once_share_one_entry_and_lose_no_piece() {
     assert_eq!(store.stats().cache_bytes, stats.cache_bytes);
 }
 
+/// A size a peer claims but nobody proved opens a blob only in room the cache has free: a false
+/// claim evicts nothing. An entry it leaves, holding no verified piece, gives way to the true size.
 #[test]
 fn an_unproven_size_evicts_nothing_and_an_empty_entry_of_it_gives_way() {
     let tmp = tempfile::tempdir().expect("tempdir");
