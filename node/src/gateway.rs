@@ -5,12 +5,14 @@
 //! A body is never presented as complete when a piece fails verification: the stream ends with an
 //! error, which aborts the HTTP connection before `Content-Length` bytes were sent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use shoal_protocol::collection::{Collection, CollectionError};
 use shoal_protocol::{Geometry, Hash};
 use tokio::sync::mpsc;
 
@@ -193,6 +195,103 @@ const MAX_LISTED: u64 = 16 << 20;
 /// several times that to decode and list.
 static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
 
+/// A place to read a collection whole, decode or list it ([`READING_WHOLE`]), waited for within
+/// the lookup deadline.
+async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit<'static>, Box<Response>> {
+    match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
+        Ok(Ok(reading)) => Ok(reading),
+        Ok(Err(_)) => Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
+        Err(_) => Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "too many listings are being made; ask again"))),
+    }
+}
+
+/// What the collections kept decoded ([`Collections`]) may take in memory: about two of the
+/// largest the gateway reads ([`MAX_LISTED`] of encoding), or many small ones.
+const COLLECTIONS_KEPT: usize = 64 << 20;
+
+/// Collections the gateway decoded lately, kept decoded (a content id names the same entries
+/// for good): a site published as a collection is browsed a path at a time, and every path was
+/// looked up by reading the collection whole and decoding it again, half a second for 100,000
+/// entries and four at a time. Least recently used first to go, bounded by what their entries
+/// take in memory.
+pub(crate) struct Collections {
+    /// The collections kept, each with what it takes, and what they take in all.
+    kept: std::sync::Mutex<(lru::LruCache<Hash, Kept>, usize)>,
+    bound: usize,
+}
+
+/// A collection kept decoded, and what it takes in memory ([`decoded_cost`]).
+type Kept = (Arc<Collection>, usize);
+
+impl Default for Collections {
+    fn default() -> Self {
+        Self::new(COLLECTIONS_KEPT)
+    }
+}
+
+impl Collections {
+    fn new(bound: usize) -> Self {
+        Self { kept: std::sync::Mutex::new((lru::LruCache::unbounded(), 0)), bound }
+    }
+
+    fn get(&self, hash: Hash) -> Option<Arc<Collection>> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner()).0.get(&hash).map(|(c, _)| c.clone())
+    }
+
+    /// Keeps `c`, which takes `cost` bytes ([`decoded_cost`]), letting the least recently used
+    /// go until the kept are within the bound. One larger than the bound is not kept.
+    fn keep(&self, hash: Hash, c: Arc<Collection>, cost: usize) {
+        if cost > self.bound {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let (lru, bytes) = &mut *kept;
+        if let Some((_, (_, was))) = lru.push(hash, (c, cost)) {
+            *bytes -= was;
+        }
+        *bytes += cost;
+        while *bytes > self.bound {
+            match lru.pop_lru() {
+                Some((_, (_, freed))) => *bytes -= freed,
+                None => break,
+            }
+        }
+    }
+}
+
+/// What a decoded collection takes in memory: its entries and their paths.
+fn decoded_cost(c: &Collection) -> usize {
+    let entries = c.entries();
+    std::mem::size_of::<Collection>()
+        + std::mem::size_of_val(entries)
+        + entries.iter().map(|e| e.path.len()).sum::<usize>()
+}
+
+/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]), or read whole
+/// ([`read_whole`]) and decoded, then kept. `Ok(Err)` for a blob that starts as a collection and
+/// does not decode as one.
+async fn decoded(
+    node: &NodeHandle,
+    hash: Hash,
+    public: bool,
+) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
+    let kept = &node.inner.collections;
+    if let Some(c) = kept.get(hash) {
+        return Ok(Ok(c));
+    }
+    let decoded = read_whole(node, hash, public, |bytes| {
+        Collection::decode(&bytes).map(|c| {
+            let cost = decoded_cost(&c);
+            (Arc::new(c), cost)
+        })
+    })
+    .await?;
+    Ok(decoded.map(|(c, cost)| {
+        kept.keep(hash, c.clone(), cost);
+        c
+    }))
+}
+
 /// The whole of a collection, each piece verified (its size is checked before any more of it is
 /// fetched), handed to `then` on a blocking thread: a collection of 16 MiB takes seconds to
 /// decode and list, and those seconds and their memory count against [`READING_WHOLE`] as the
@@ -221,22 +320,13 @@ async fn read_whole<T: Send + 'static>(
         0 => Bytes::new(),
         _ => wait_piece(node, hash, 0, &fetching, &mut None).await?,
     };
-    if !shoal_protocol::collection::Collection::is_collection(&first) {
+    if !Collection::is_collection(&first) {
         return Err(Box::new(error(StatusCode::NOT_FOUND, format!("{hash} is not a collection"))));
     }
     for piece in 1..geometry.piece_count() {
         wait_held(node, hash, piece, &fetching, None).await?;
     }
-    let reading = match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
-        Ok(Ok(reading)) => reading,
-        Ok(Err(_)) => return Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
-        Err(_) => {
-            return Err(Box::new(error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many listings are being made; ask again",
-            )));
-        }
-    };
+    let reading = reading_place(node).await?;
     let mut out = Vec::with_capacity(size as usize);
     let mut reader = None;
     for piece in 0..geometry.piece_count() {
@@ -324,7 +414,7 @@ fn listing_etag(hash: Hash, headers: &HeaderMap) -> String {
     if wants_json(headers) { format!("\"{hash}.json\"") } else { format!("\"{hash}.html\"") }
 }
 
-fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &HeaderMap) -> Response {
+fn listing(hash: Hash, c: &Collection, headers: &HeaderMap) -> Response {
     let etag = listing_etag(hash, headers);
     if wants_json(headers) {
         let entries: Vec<_> = c
@@ -349,6 +439,25 @@ fn listing(hash: Hash, c: &shoal_protocol::collection::Collection, headers: &Hea
     html.push_str("</ul></body></html>\n");
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()), (header::ETAG, etag)], LISTING, html)
         .into_response()
+}
+
+/// The listing of `c` on a blocking thread, in a place of [`READING_WHOLE`]: that of a large
+/// collection takes a while and many times the collection's memory.
+async fn list(
+    node: &NodeHandle,
+    hash: Hash,
+    c: Arc<Collection>,
+    headers: HeaderMap,
+) -> Result<Response, Box<Response>> {
+    let reading = reading_place(node).await?;
+    // The place is the blocking thread's: a client that leaves drops this future, and the
+    // listing it started goes on.
+    tokio::task::spawn_blocking(move || {
+        let _reading = reading;
+        listing(hash, &c, &headers)
+    })
+    .await
+    .map_err(|e| Box::new(task_ended(e, "listing")))
 }
 
 /// Headers of a collection's listing, and of its own bytes: the same URL answers either by
@@ -396,16 +505,14 @@ pub(crate) async fn serve(
         None => hash,
         Some(p) => {
             let p = p.trim_end_matches('/');
-            let wanted = p.to_owned();
-            let found = read_whole(&node, hash, public, move |bytes| {
-                shoal_protocol::collection::Collection::decode(&bytes).map(|c| c.get(&wanted).map(|e| e.hash))
-            });
-            match found.await {
-                Ok(Ok(Some(entry))) => {
-                    type_from_entry = by_extension(p);
-                    entry
-                }
-                Ok(Ok(None)) => return error(StatusCode::NOT_FOUND, format!("collection {hash} has no entry {p:?}")),
+            match decoded(&node, hash, public).await {
+                Ok(Ok(c)) => match c.get(p) {
+                    Some(entry) => {
+                        type_from_entry = by_extension(p);
+                        entry.hash
+                    }
+                    None => return error(StatusCode::NOT_FOUND, format!("collection {hash} has no entry {p:?}")),
+                },
                 Ok(Err(e)) => return error(StatusCode::NOT_FOUND, format!("{hash} is not a collection: {e}")),
                 Err(resp) => return *resp,
             }
@@ -466,16 +573,13 @@ pub(crate) async fn serve(
     } else {
         match wait_piece(&node, hash, 0, &fetching, &mut None).await {
             Ok(first) => {
-                is_collection = path.is_none() && shoal_protocol::collection::Collection::is_collection(&first);
+                is_collection = path.is_none() && Collection::is_collection(&first);
                 if is_collection && !wants_raw(headers) {
-                    let headers = headers.clone();
-                    let listed = read_whole(&node, hash, public, move |bytes| {
-                        match shoal_protocol::collection::Collection::decode(&bytes) {
-                            Ok(c) => listing(hash, &c, &headers),
-                            Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
-                        }
-                    });
-                    return listed.await.unwrap_or_else(|resp| *resp);
+                    return match decoded(&node, hash, public).await {
+                        Ok(Ok(c)) => list(&node, hash, c, headers.clone()).await.unwrap_or_else(|resp| *resp),
+                        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
+                        Err(resp) => *resp,
+                    };
                 }
                 type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(SNIFF_LEN)]))
             }
@@ -609,7 +713,7 @@ async fn first_piece_is_collection(node: &NodeHandle, hash: Hash) -> Option<bool
     }
     let store = node.store().clone();
     let first = tokio::task::spawn_blocking(move || store.reader(hash)?.read_piece(0)).await.ok()?.ok()?;
-    Some(shoal_protocol::collection::Collection::is_collection(&first))
+    Some(Collection::is_collection(&first))
 }
 
 /// How long an answer keeps the blob's files open while its client takes no bytes.
@@ -726,6 +830,42 @@ mod tests {
 
     fn hv(s: &str) -> HeaderValue {
         HeaderValue::from_str(s).expect("header")
+    }
+
+    #[test]
+    fn collections_kept_decoded_stay_within_their_bound_the_least_used_going_first() {
+        let collection = |n: usize| {
+            let entries = (0..n)
+                .map(|i| shoal_protocol::collection::Entry {
+                    path: format!("file-{i:04}"),
+                    hash: Hash::of(&i.to_le_bytes()),
+                    size: i as u64,
+                })
+                .collect();
+            let c = Collection::new(entries).expect("collection");
+            let cost = decoded_cost(&c);
+            (Hash::of(&c.encode()), Arc::new(c), cost)
+        };
+        let (a, b, c, big) = (collection(100), collection(200), collection(300), collection(2_000));
+        // Room for a and b, or for a and c, not for all three.
+        let kept = Collections::new(a.2 + c.2);
+        assert!(a.2 + b.2 <= kept.bound && a.2 + b.2 + c.2 > kept.bound);
+        kept.keep(a.0, a.1.clone(), a.2);
+        kept.keep(b.0, b.1.clone(), b.2);
+        assert_eq!(kept.get(a.0).as_deref(), Some(&*a.1), "a, used last, stays");
+        kept.keep(c.0, c.1.clone(), c.2);
+        assert!(kept.get(b.0).is_none(), "b, the least recently used, went");
+        assert!(kept.get(a.0).is_some() && kept.get(c.0).is_some());
+        assert!(kept.kept.lock().expect("lock").1 <= kept.bound);
+        // Kept again, a collection counts once.
+        kept.keep(a.0, a.1.clone(), a.2);
+        assert_eq!(kept.kept.lock().expect("lock").1, a.2 + c.2);
+        // One larger than the bound is not kept, and takes nothing from the rest.
+        assert!(big.2 > kept.bound);
+        kept.keep(big.0, big.1, big.2);
+        assert!(kept.get(big.0).is_none() && kept.get(a.0).is_some() && kept.get(c.0).is_some());
+        // What a collection is counted covers its entries and their paths.
+        assert!(a.2 >= 100 * (std::mem::size_of::<shoal_protocol::collection::Entry>() + "file-0000".len()));
     }
 
     #[test]

@@ -190,6 +190,8 @@ pub(crate) struct Shared {
     pub(crate) activity: Arc<crate::connmgr::PeerActivity>,
     /// Who else holds the blobs we move (peer exchange, spreading a crowd's load).
     pub(crate) crowds: Arc<crate::crowd::Crowds>,
+    /// Collections the gateway decoded lately, kept decoded.
+    pub(crate) collections: crate::gateway::Collections,
     /// What the LAN's router does for us, as the port-mapping task last found.
     pub(crate) router: Arc<Mutex<RouterMapping>>,
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
@@ -330,6 +332,7 @@ impl Node {
                 download_rate,
                 activity,
                 crowds,
+                collections: Default::default(),
                 router,
                 lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
             }),

@@ -495,3 +495,36 @@ async fn a_directory_is_served_as_a_listing_and_by_path() {
     gw.shutdown().await.expect("shutdown");
     provider.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (provider, gw) = provider_and_gateway(tmp.path()).await;
+    let site = tmp.path().join("site");
+    std::fs::create_dir_all(&site).expect("mkdir");
+    std::fs::write(site.join("index.html"), b"<!DOCTYPE html><p>home</p>").expect("write");
+    std::fs::write(site.join("about.html"), b"<!DOCTYPE html><p>about</p>").expect("write");
+    let collection = provider.handle().add_path(&site).await.expect("add dir").hash;
+    let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
+    let get = |path: &'static str| {
+        let url = format!("http://{gw_addr}/{collection}/{path}");
+        tokio::task::spawn_blocking(move || {
+            let mut r = agent().get(url).call().expect("GET");
+            (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
+        })
+    };
+    // The first path reads the collection (fetched from the provider) and decodes it.
+    assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
+    assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
+    // With the collection gone from the gateway's store and its only provider gone, its paths
+    // are still looked up: in what was decoded, not in the collection read again.
+    provider.shutdown().await.expect("shutdown");
+    gw.handle().store().delete(collection).expect("delete the collection");
+    assert!(gw.handle().store().info(collection).is_none());
+    assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
+    assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
+    assert_eq!(get("nope.html").await.expect("client").0, 404);
+    // Nothing fetched the collection again.
+    assert!(gw.handle().store().info(collection).is_none());
+    gw.shutdown().await.expect("shutdown");
+}
