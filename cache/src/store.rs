@@ -1525,6 +1525,12 @@ impl Store {
         lock(&self.inner.state).blobs.get(&blob.hash).is_some_and(|b| std::ptr::eq(b.as_ref(), blob))
     }
 
+    /// Marks `hash` used, as a read of it does: the cache lets the least recently used go
+    /// first. For a blob whose bytes the caller keeps in another form (a collection decoded).
+    pub fn touch(&self, hash: Hash) {
+        lock(&self.inner.state).lru.touch(&hash);
+    }
+
     /// The verified pieces of `hash` and its size, if the store holds any of it.
     pub fn info(&self, hash: Hash) -> Option<BlobInfo> {
         lock(&self.inner.state).blobs.get(&hash).map(|b| b.info())

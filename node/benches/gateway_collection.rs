@@ -50,7 +50,7 @@ async fn get(addr: &str, target: &str) -> std::io::Result<(u16, usize)> {
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").ok_or(std::io::ErrorKind::InvalidData)?;
-    let status = std::str::from_utf8(&buf[9..12]).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = buf.get(9..12).and_then(|s| std::str::from_utf8(s).ok()).and_then(|s| s.parse().ok()).unwrap_or(0);
     Ok((status, buf.len() - head_end - 4))
 }
 
@@ -110,7 +110,7 @@ fn main() {
         }
         let mut all = Vec::new();
         for t in tasks {
-            all.extend(t.await.unwrap_or_default());
+            all.extend(t.await.expect("client task"));
         }
         all
     });

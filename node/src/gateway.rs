@@ -205,15 +205,16 @@ async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit
     }
 }
 
-/// What the collections kept decoded ([`Collections`]) may take in memory: about two of the
-/// largest the gateway reads ([`MAX_LISTED`] of encoding), or many small ones.
+/// What the collections kept decoded ([`Collections`]) may take in memory, as
+/// [`decoded_cost`] estimates it: about two of the largest the gateway reads ([`MAX_LISTED`] of
+/// encoding), or many small ones.
 const COLLECTIONS_KEPT: usize = 64 << 20;
 
 /// Collections the gateway decoded lately, kept decoded (a content id names the same entries
 /// for good): a site published as a collection is browsed a path at a time, and every path was
 /// looked up by reading the collection whole and decoding it again, half a second for 100,000
 /// entries and four at a time. Least recently used first to go, bounded by what their entries
-/// take in memory.
+/// take in memory. A collection the user removes (`shoal rm`) is forgotten with it.
 pub(crate) struct Collections {
     /// The collections kept, each with what it takes, and what they take in all.
     kept: std::sync::Mutex<(lru::LruCache<Hash, Kept>, usize)>,
@@ -234,62 +235,89 @@ impl Collections {
         Self { kept: std::sync::Mutex::new((lru::LruCache::unbounded(), 0)), bound }
     }
 
-    fn get(&self, hash: Hash) -> Option<Arc<Collection>> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner()).0.get(&hash).map(|(c, _)| c.clone())
+    fn lock(&self) -> std::sync::MutexGuard<'_, (lru::LruCache<Hash, Kept>, usize)> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `c`, which takes `cost` bytes ([`decoded_cost`]), letting the least recently used
-    /// go until the kept are within the bound. One larger than the bound is not kept.
-    fn keep(&self, hash: Hash, c: Arc<Collection>, cost: usize) {
+    fn get(&self, hash: Hash) -> Option<Arc<Collection>> {
+        self.lock().0.get(&hash).map(|(c, _)| c.clone())
+    }
+
+    /// Keeps `c`, letting the least recently used go until the kept are within the bound. One
+    /// larger than the bound is not kept. Called on a blocking thread: what goes is freed there,
+    /// after the lock is let go (a large collection is many small allocations).
+    fn keep(&self, hash: Hash, c: Arc<Collection>) {
+        let cost = decoded_cost(&c);
         if cost > self.bound {
             return;
         }
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut gone = Vec::new();
+        let mut kept = self.lock();
         let (lru, bytes) = &mut *kept;
-        if let Some((_, (_, was))) = lru.push(hash, (c, cost)) {
-            *bytes -= was;
+        if let Some((_, was)) = lru.push(hash, (c, cost)) {
+            *bytes -= was.1;
+            gone.push(was);
         }
         *bytes += cost;
         while *bytes > self.bound {
             match lru.pop_lru() {
-                Some((_, (_, freed))) => *bytes -= freed,
+                Some((_, was)) => {
+                    *bytes -= was.1;
+                    gone.push(was);
+                }
                 None => break,
             }
         }
+        drop(kept);
+        drop(gone);
+    }
+
+    /// Forgets `hash` (the user removed it).
+    pub(crate) fn forget(&self, hash: Hash) {
+        let mut kept = self.lock();
+        let gone = kept.0.pop(&hash);
+        if let Some((_, cost)) = &gone {
+            kept.1 -= cost;
+        }
+        drop(kept);
+        drop(gone);
     }
 }
 
-/// What a decoded collection takes in memory: its entries and their paths.
+/// What a decoded collection takes in memory, estimated: its entries (decoded into a vector of
+/// their exact number), each path an allocation of its own, rounded up as an allocator does and
+/// with its header, and what keeping it costs (the `Arc`, the LRU's node and slot).
 fn decoded_cost(c: &Collection) -> usize {
-    let entries = c.entries();
-    std::mem::size_of::<Collection>()
-        + std::mem::size_of_val(entries)
-        + entries.iter().map(|e| e.path.len()).sum::<usize>()
+    const KEEPING: usize = 512;
+    const ALLOCATION: usize = 16;
+    let entry = |e: &shoal_protocol::collection::Entry| {
+        std::mem::size_of_val(e) + e.path.len().next_multiple_of(ALLOCATION) + ALLOCATION
+    };
+    KEEPING + c.entries().iter().map(entry).sum::<usize>()
 }
 
 /// The collection `hash`, decoded: kept from an earlier request ([`Collections`]), or read whole
 /// ([`read_whole`]) and decoded, then kept. `Ok(Err)` for a blob that starts as a collection and
-/// does not decode as one.
+/// does not decode as one. A collection found kept is marked used in the store, as a read of it
+/// would: a site browsed through the gateway keeps its collection cached.
 async fn decoded(
     node: &NodeHandle,
     hash: Hash,
     public: bool,
 ) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
-    let kept = &node.inner.collections;
-    if let Some(c) = kept.get(hash) {
+    if let Some(c) = node.inner.collections.get(hash) {
+        node.inner.store.touch(hash);
         return Ok(Ok(c));
     }
-    let decoded = read_whole(node, hash, public, |bytes| {
-        Collection::decode(&bytes).map(|c| {
-            let cost = decoded_cost(&c);
-            (Arc::new(c), cost)
-        })
-    })
-    .await?;
-    Ok(decoded.map(|(c, cost)| {
-        kept.keep(hash, c.clone(), cost);
-        c
-    }))
+    let handle = node.clone();
+    read_whole(node, hash, public, move |bytes| decode_and_keep(&handle, hash, &bytes)).await
+}
+
+/// Decodes the collection `bytes` (those of `hash`, verified) and keeps it; on a blocking thread.
+fn decode_and_keep(node: &NodeHandle, hash: Hash, bytes: &[u8]) -> Result<Arc<Collection>, CollectionError> {
+    let c = Arc::new(Collection::decode(bytes)?);
+    node.inner.collections.keep(hash, c.clone());
+    Ok(c)
 }
 
 /// The whole of a collection, each piece verified (its size is checked before any more of it is
@@ -441,20 +469,25 @@ fn listing(hash: Hash, c: &Collection, headers: &HeaderMap) -> Response {
         .into_response()
 }
 
-/// The listing of `c` on a blocking thread, in a place of [`READING_WHOLE`]: that of a large
-/// collection takes a while and many times the collection's memory.
-async fn list(
-    node: &NodeHandle,
-    hash: Hash,
-    c: Arc<Collection>,
-    headers: HeaderMap,
-) -> Result<Response, Box<Response>> {
+/// The listing of the collection `hash`, built on a blocking thread in a place of
+/// [`READING_WHOLE`] (that of a large collection takes a while, and many times the collection's
+/// memory): in the place it was read and decoded in, if it was not kept decoded.
+async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -> Result<Response, Box<Response>> {
+    let listed = move |c: Result<Arc<Collection>, CollectionError>| match c {
+        Ok(c) => listing(hash, &c, &headers),
+        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
+    };
+    let Some(c) = node.inner.collections.get(hash) else {
+        let handle = node.clone();
+        return read_whole(node, hash, public, move |bytes| listed(decode_and_keep(&handle, hash, &bytes))).await;
+    };
+    node.inner.store.touch(hash);
     let reading = reading_place(node).await?;
     // The place is the blocking thread's: a client that leaves drops this future, and the
     // listing it started goes on.
     tokio::task::spawn_blocking(move || {
         let _reading = reading;
-        listing(hash, &c, &headers)
+        listed(Ok(c))
     })
     .await
     .map_err(|e| Box::new(task_ended(e, "listing")))
@@ -575,11 +608,7 @@ pub(crate) async fn serve(
             Ok(first) => {
                 is_collection = path.is_none() && Collection::is_collection(&first);
                 if is_collection && !wants_raw(headers) {
-                    return match decoded(&node, hash, public).await {
-                        Ok(Ok(c)) => list(&node, hash, c, headers.clone()).await.unwrap_or_else(|resp| *resp),
-                        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
-                        Err(resp) => *resp,
-                    };
+                    return list(&node, hash, public, headers.clone()).await.unwrap_or_else(|resp| *resp);
                 }
                 type_from_entry.unwrap_or_else(|| sniff(&first[..first.len().min(SNIFF_LEN)]))
             }
@@ -850,22 +879,24 @@ mod tests {
         // Room for a and b, or for a and c, not for all three.
         let kept = Collections::new(a.2 + c.2);
         assert!(a.2 + b.2 <= kept.bound && a.2 + b.2 + c.2 > kept.bound);
-        kept.keep(a.0, a.1.clone(), a.2);
-        kept.keep(b.0, b.1.clone(), b.2);
+        kept.keep(a.0, a.1.clone());
+        kept.keep(b.0, b.1.clone());
         assert_eq!(kept.get(a.0).as_deref(), Some(&*a.1), "a, used last, stays");
-        kept.keep(c.0, c.1.clone(), c.2);
+        kept.keep(c.0, c.1.clone());
         assert!(kept.get(b.0).is_none(), "b, the least recently used, went");
         assert!(kept.get(a.0).is_some() && kept.get(c.0).is_some());
         assert!(kept.kept.lock().expect("lock").1 <= kept.bound);
         // Kept again, a collection counts once.
-        kept.keep(a.0, a.1.clone(), a.2);
+        kept.keep(a.0, a.1.clone());
         assert_eq!(kept.kept.lock().expect("lock").1, a.2 + c.2);
         // One larger than the bound is not kept, and takes nothing from the rest.
         assert!(big.2 > kept.bound);
-        kept.keep(big.0, big.1, big.2);
+        kept.keep(big.0, big.1);
         assert!(kept.get(big.0).is_none() && kept.get(a.0).is_some() && kept.get(c.0).is_some());
-        // What a collection is counted covers its entries and their paths.
-        assert!(a.2 >= 100 * (std::mem::size_of::<shoal_protocol::collection::Entry>() + "file-0000".len()));
+        // One the user removed is forgotten, and its room given back.
+        kept.forget(a.0);
+        assert!(kept.get(a.0).is_none() && kept.get(c.0).is_some());
+        assert_eq!(kept.kept.lock().expect("lock").1, c.2);
     }
 
     #[test]

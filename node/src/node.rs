@@ -561,6 +561,9 @@ impl NodeHandle {
     /// Removes a blob from the store and stops announcing it.
     pub async fn delete(&self, hash: Hash) -> Result<(), NodeError> {
         let store = self.inner.store.clone();
+        // Its paths, if it is a collection the gateway keeps decoded, are not answered either
+        // (whether or not the store still held it).
+        self.inner.collections.forget(hash);
         tokio::task::spawn_blocking(move || store.delete(hash)).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&[hash]).await;
         Ok(())

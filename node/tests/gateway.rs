@@ -516,8 +516,9 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
     // The first path reads the collection (fetched from the provider) and decodes it.
     assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
     assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
-    // With the collection gone from the gateway's store and its only provider gone, its paths
-    // are still looked up: in what was decoded, not in the collection read again.
+    // With the collection gone from the gateway's store (as an eviction takes it) and its only
+    // provider gone, its paths are still looked up: in what was decoded, not in the collection
+    // read again.
     provider.shutdown().await.expect("shutdown");
     gw.handle().store().delete(collection).expect("delete the collection");
     assert!(gw.handle().store().info(collection).is_none());
@@ -526,5 +527,10 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
     assert_eq!(get("nope.html").await.expect("client").0, 404);
     // Nothing fetched the collection again.
     assert!(gw.handle().store().info(collection).is_none());
+    // Removed by the user (`shoal rm`), it is forgotten: its paths are not answered any more
+    // (the node looks for the collection again, and nobody has it), though the store held no
+    // copy of it to remove.
+    assert!(gw.handle().delete(collection).await.is_err(), "the store held none of it");
+    assert_eq!(get("index.html").await.expect("client").0, 404);
     gw.shutdown().await.expect("shutdown");
 }

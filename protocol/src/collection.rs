@@ -193,11 +193,13 @@ impl Collection {
         }
         // Each entry takes at least 34 bytes (path length, hash, size), so the count a peer claims
         // cannot make us allocate more than the bytes it sent justify.
-        let (entries, rest): (Vec<Entry>, _) =
+        let (mut entries, rest): (Vec<Entry>, _) =
             postcard::take_from_bytes(body).map_err(|e| CollectionError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
             return Err(CollectionError::Malformed(format!("{} trailing bytes", rest.len())));
         }
+        // Grown by doubling as it was decoded: a collection kept decoded takes what it holds.
+        entries.shrink_to_fit();
         let c = Self::new(entries)?;
         Ok(c)
     }
