@@ -206,8 +206,8 @@ async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit
 }
 
 /// What the collections kept decoded ([`Collections`]) may take in memory, as
-/// [`decoded_cost`] estimates it: about two of the largest the gateway reads ([`MAX_LISTED`] of
-/// encoding), or many small ones.
+/// [`decoded_cost`] estimates it: one or two of the largest the gateway reads ([`MAX_LISTED`]
+/// of encoding), or many small ones.
 const COLLECTIONS_KEPT: usize = 64 << 20;
 
 /// Collections the gateway decoded lately, kept decoded (a content id names the same entries

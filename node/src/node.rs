@@ -560,11 +560,15 @@ impl NodeHandle {
 
     /// Removes a blob from the store and stops announcing it.
     pub async fn delete(&self, hash: Hash) -> Result<(), NodeError> {
-        let store = self.inner.store.clone();
+        let inner = self.inner.clone();
         // Its paths, if it is a collection the gateway keeps decoded, are not answered either
-        // (whether or not the store still held it).
-        self.inner.collections.forget(hash);
-        tokio::task::spawn_blocking(move || store.delete(hash)).await.map_err(|_| NodeError::Stopped)??;
+        // (whether or not the store still held it); forgotten on the blocking thread, where a
+        // large one's many allocations are freed.
+        let deleted = move || {
+            inner.collections.forget(hash);
+            inner.store.delete(hash)
+        };
+        tokio::task::spawn_blocking(deleted).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&[hash]).await;
         Ok(())
     }
