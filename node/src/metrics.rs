@@ -82,6 +82,7 @@ pub(crate) struct Metrics {
     pub(crate) bytes_fetched: Counter,
     pub(crate) cache_hits: Counter,
     pub(crate) cache_misses: Counter,
+    pub(crate) collections_decoded: Counter,
     pub(crate) cache_bytes: Gauge,
     pub(crate) cache_capacity: Gauge,
     pub(crate) pinned_bytes: Gauge,
@@ -115,6 +116,7 @@ impl Metrics {
             bytes_fetched: Counter::default(),
             cache_hits: Counter::default(),
             cache_misses: Counter::default(),
+            collections_decoded: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_capacity: Gauge::default(),
             pinned_bytes: Gauge::default(),
@@ -152,6 +154,11 @@ impl Metrics {
         registry.register("fetched_bytes", "Bytes received from peers (pieces with proofs)", m.bytes_fetched.clone());
         registry.register("cache_hits", "HTTP reads of blobs held whole", m.cache_hits.clone());
         registry.register("cache_misses", "HTTP reads of blobs that had to be fetched", m.cache_misses.clone());
+        registry.register(
+            "gateway_collections_decoded",
+            "Collections the gateway read whole and decoded (not found kept decoded)",
+            m.collections_decoded.clone(),
+        );
         registry.register("cache_bytes", "Bytes of cached (unpinned) blobs", m.cache_bytes.clone());
         registry.register("cache_capacity_bytes", "The cache bound", m.cache_capacity.clone());
         registry.register("pinned_bytes", "Bytes of pinned blobs", m.pinned_bytes.clone());

@@ -513,9 +513,20 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
             (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
         })
     };
-    // The first path reads the collection (fetched from the provider) and decodes it.
-    assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
-    assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
+    // Eight first requests arriving together: one reads the collection (fetched from the
+    // provider) and decodes it, and the others wait for it to be kept rather than each decode it.
+    let first: Vec<_> = (0..8).map(|i| get(if i % 2 == 0 { "index.html" } else { "about.html" })).collect();
+    for (i, answer) in first.into_iter().enumerate() {
+        let page = if i % 2 == 0 { "<!DOCTYPE html><p>home</p>" } else { "<!DOCTYPE html><p>about</p>" };
+        assert_eq!(answer.await.expect("client"), (200, page.into()));
+    }
+    let gw_api = std::fs::read_to_string(tmp.path().join("g/api")).expect("api address file");
+    let metrics = move || {
+        let api = gw_api.clone();
+        tokio::task::spawn_blocking(move || scrape(&agent(), &api))
+    };
+    let decoded = "shoal_gateway_collections_decoded_total";
+    assert_eq!(metrics().await.expect("metrics")[decoded], 1.0, "decoded once");
     // With the collection gone from the gateway's store (as an eviction takes it) and its only
     // provider gone, its paths are still looked up: in what was decoded, not in the collection
     // read again.
@@ -525,8 +536,9 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
     assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
     assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
     assert_eq!(get("nope.html").await.expect("client").0, 404);
-    // Nothing fetched the collection again.
+    // Nothing fetched the collection again, nor decoded it.
     assert!(gw.handle().store().info(collection).is_none());
+    assert_eq!(metrics().await.expect("metrics")[decoded], 1.0);
     // Removed by the user (`shoal rm`), it is forgotten: its paths are not answered any more
     // (the node looks for the collection again, and nobody has it), though the store held no
     // copy of it to remove.
