@@ -5,7 +5,6 @@
 //! A body is never presented as complete when a piece fails verification: the stream ends with an
 //! error, which aborts the HTTP connection before `Content-Length` bytes were sent.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,10 +219,6 @@ pub(crate) struct Collections {
     /// The collections kept, each with what it takes, and what they take in all.
     kept: std::sync::Mutex<(lru::LruCache<Hash, Kept>, usize)>,
     bound: usize,
-    /// The collections being read and decoded, each with the turn its first request holds
-    /// meanwhile: requests arriving together for one collection wait for it to be kept rather
-    /// than each decoding it. One entry per collection some request is reading, at most.
-    decoding: std::sync::Mutex<HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// A collection kept decoded, and what it takes in memory ([`decoded_cost`]).
@@ -237,7 +232,7 @@ impl Default for Collections {
 
 impl Collections {
     fn new(bound: usize) -> Self {
-        Self { kept: std::sync::Mutex::new((lru::LruCache::unbounded(), 0)), bound, decoding: Default::default() }
+        Self { kept: std::sync::Mutex::new((lru::LruCache::unbounded(), 0)), bound }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (lru::LruCache<Hash, Kept>, usize)> {
@@ -301,81 +296,34 @@ fn decoded_cost(c: &Collection) -> usize {
     KEEPING + c.entries().iter().map(entry).sum::<usize>()
 }
 
-/// The collection `hash` if it is kept decoded: marked used in the store, as a read of it would
-/// (a site browsed through the gateway keeps its collection cached), and counted a cache hit.
+/// The collection `hash` if it is kept decoded, marked used in the store as a read of it would
+/// be: a site browsed through the gateway keeps its collection cached.
 fn kept(node: &NodeHandle, hash: Hash) -> Option<Arc<Collection>> {
     let c = node.inner.collections.get(hash)?;
     node.inner.store.touch(hash);
-    node.inner.metrics.cache_hits.inc();
     Some(c)
 }
 
-/// The first request for a collection not kept, while it reads and decodes it: the others wait
-/// on its turn (see [`Collections::decoding`]). Let go when that request ends, done or not.
-struct Turn<'a> {
-    collections: &'a Collections,
-    hash: Hash,
-    _held: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        let mut decoding = self.collections.decoding.lock().unwrap_or_else(|e| e.into_inner());
-        decoding.remove(&self.hash);
-    }
-}
-
-/// Waits, if another request is reading and decoding the collection `hash`, for it to be done;
-/// the collection if that request kept it. Otherwise, or if that request failed or left, the
-/// turn to read it: held by the first request only, so that after a failure the rest read it
-/// at once, as before, rather than one after the other.
-async fn wait_for_decoding(node: &NodeHandle, hash: Hash) -> Result<Option<Turn<'_>>, Arc<Collection>> {
-    let collections = &node.inner.collections;
-    let (turn, first) = {
-        let mut decoding = collections.decoding.lock().unwrap_or_else(|e| e.into_inner());
-        match decoding.get(&hash) {
-            Some(turn) => (turn.clone(), false),
-            None => {
-                let turn = Arc::new(tokio::sync::Mutex::new(()));
-                decoding.insert(hash, turn.clone());
-                (turn, true)
-            }
-        }
-    };
-    let held = turn.lock_owned().await;
-    if first {
-        return Ok(Some(Turn { collections, hash, _held: held }));
-    }
-    drop(held);
-    match kept(node, hash) {
-        Some(c) => Err(c),
-        None => Ok(None),
-    }
-}
-
-/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]), or read whole
-/// ([`read_whole`]) and decoded, then kept. `Ok(Err)` for a blob that starts as a collection and
-/// does not decode as one.
+/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]; counted as a
+/// cache hit, as reading it held would be), or read whole ([`read_whole`]) and decoded, then
+/// kept. `Ok(Err)` for a blob that starts as a collection and does not decode as one.
 async fn decoded(
     node: &NodeHandle,
     hash: Hash,
     public: bool,
 ) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
     if let Some(c) = kept(node, hash) {
+        node.inner.metrics.cache_hits.inc();
         return Ok(Ok(c));
     }
-    let _turn = match wait_for_decoding(node, hash).await {
-        Ok(turn) => turn,
-        Err(c) => return Ok(Ok(c)),
-    };
     let handle = node.clone();
     read_whole(node, hash, public, move |bytes| decode_and_keep(&handle, hash, &bytes)).await
 }
 
 /// Decodes the collection `bytes` (those of `hash`, verified) and keeps it; on a blocking thread.
 fn decode_and_keep(node: &NodeHandle, hash: Hash, bytes: &[u8]) -> Result<Arc<Collection>, CollectionError> {
-    node.inner.metrics.collections_decoded.inc();
     let c = Arc::new(Collection::decode(bytes)?);
+    node.inner.metrics.collections_decoded.inc();
     node.inner.collections.keep(hash, c.clone());
     Ok(c)
 }
@@ -537,16 +485,10 @@ async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -
         Ok(c) => listing(hash, &c, &headers),
         Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
     };
-    let c = match kept(node, hash) {
-        Some(c) => c,
-        None => match wait_for_decoding(node, hash).await {
-            Err(c) => c,
-            Ok(_turn) => {
-                let handle = node.clone();
-                let read = move |bytes: Vec<u8>| listed(decode_and_keep(&handle, hash, &bytes));
-                return read_whole(node, hash, public, read).await;
-            }
-        },
+    // Counted as a cache hit or a miss already, as the blob `serve` looked at.
+    let Some(c) = kept(node, hash) else {
+        let handle = node.clone();
+        return read_whole(node, hash, public, move |bytes| listed(decode_and_keep(&handle, hash, &bytes))).await;
     };
     let reading = reading_place(node).await?;
     // The place is the blocking thread's: a client that leaves drops this future, and the

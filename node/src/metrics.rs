@@ -156,7 +156,7 @@ impl Metrics {
         registry.register("cache_misses", "HTTP reads of blobs that had to be fetched", m.cache_misses.clone());
         registry.register(
             "gateway_collections_decoded",
-            "Collections the gateway read whole and decoded (not found kept decoded)",
+            "Collections the gateway read whole and decoded, not finding them kept decoded",
             m.collections_decoded.clone(),
         );
         registry.register("cache_bytes", "Bytes of cached (unpinned) blobs", m.cache_bytes.clone());
