@@ -205,6 +205,20 @@ async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit
     }
 }
 
+/// Runs `work` on a blocking thread that holds `reading`, a place of [`READING_WHOLE`]: a
+/// client that leaves drops the future awaiting it, and the work it started goes on in its place.
+async fn in_place<T: Send + 'static>(
+    reading: tokio::sync::SemaphorePermit<'static>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Box<Response>> {
+    tokio::task::spawn_blocking(move || {
+        let _reading = reading;
+        work()
+    })
+    .await
+    .map_err(|e| Box::new(task_ended(e, "listing")))
+}
+
 /// What the collections kept decoded ([`Collections`]) may take in memory, as
 /// [`decoded_cost`] estimates it: one or two of the largest the gateway reads ([`MAX_LISTED`]
 /// of encoding), or many small ones.
@@ -374,14 +388,7 @@ async fn read_whole<T: Send + 'static>(
         return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
     }
     drop(reader);
-    // The place is the blocking thread's: a client that leaves drops this future, and the
-    // decoding it started goes on.
-    tokio::task::spawn_blocking(move || {
-        let _reading = reading;
-        then(out)
-    })
-    .await
-    .map_err(|e| Box::new(task_ended(e, "listing")))
+    in_place(reading, move || then(out)).await
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
@@ -490,15 +497,7 @@ async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -
         let handle = node.clone();
         return read_whole(node, hash, public, move |bytes| listed(decode_and_keep(&handle, hash, &bytes))).await;
     };
-    let reading = reading_place(node).await?;
-    // The place is the blocking thread's: a client that leaves drops this future, and the
-    // listing it started goes on.
-    tokio::task::spawn_blocking(move || {
-        let _reading = reading;
-        listed(Ok(c))
-    })
-    .await
-    .map_err(|e| Box::new(task_ended(e, "listing")))
+    in_place(reading_place(node).await?, move || listed(Ok(c))).await
 }
 
 /// Headers of a collection's listing, and of its own bytes: the same URL answers either by
