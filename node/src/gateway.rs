@@ -147,17 +147,23 @@ fn by_extension(path: &str) -> Option<&'static str> {
     })
 }
 
-/// Starts fetching `hash` unless it is held whole; counts the cache hit or miss.
+/// Starts fetching `hash` unless it is held whole; counts the cache hit or miss if told to.
 fn ensure_fetching(
     node: &NodeHandle,
     hash: Hash,
     public: bool,
+    count: bool,
 ) -> Option<tokio::task::JoinHandle<Result<shoal_cache::BlobInfo, crate::NodeError>>> {
+    let metrics = &node.inner.metrics;
     if node.store().info(hash).is_some_and(|i| i.is_complete()) {
-        node.inner.metrics.cache_hits.inc();
+        if count {
+            metrics.cache_hits.inc();
+        }
         None
     } else {
-        node.inner.metrics.cache_misses.inc();
+        if count {
+            metrics.cache_misses.inc();
+        }
         let n = node.clone();
         Some(tokio::spawn(async move { crate::fetch::fetch_for(&n, hash, None, public).await }))
     }
@@ -229,14 +235,33 @@ const COLLECTIONS_KEPT: usize = 64 << 20;
 /// looked up by reading the collection whole and decoding it again, half a second for 100,000
 /// entries and four at a time. Least recently used first to go, bounded by what their entries
 /// take in memory. A collection the user removes (`shoal rm`) is forgotten with it.
+///
+/// Also the collections being read and decoded ([`Decoding`]): a request for one of them waits
+/// for that decode rather than making its own (a site's first visitors arrive together).
 pub(crate) struct Collections {
-    /// The collections kept, each with what it takes, and what they take in all.
-    kept: std::sync::Mutex<(lru::LruCache<Hash, Kept>, usize)>,
+    held: std::sync::Mutex<Held>,
     bound: usize,
 }
 
-/// A collection kept decoded, and what it takes in memory ([`decoded_cost`]).
-type Kept = (Arc<Collection>, usize);
+struct Held {
+    /// The collections kept, each with what it takes ([`decoded_cost`]).
+    kept: lru::LruCache<Hash, (Arc<Collection>, usize)>,
+    /// What the kept take in all.
+    bytes: usize,
+    /// The decodes under way, each in a place of [`READING_WHOLE`]: as many as those at most.
+    decoding: std::collections::HashMap<Hash, tokio::sync::watch::Receiver<Option<Decoded>>>,
+}
+
+/// What reading and decoding a collection came to, shared by the requests that waited for it:
+/// the collection (or why its bytes are none), or why they could not be read, as the status and
+/// reason to answer with.
+type Decoded = Result<Result<Arc<Collection>, CollectionError>, (StatusCode, String)>;
+
+/// A collection that [`Collections`] holds: kept, or being decoded.
+enum Found {
+    Kept(Arc<Collection>),
+    Decoding(tokio::sync::watch::Receiver<Option<Decoded>>),
+}
 
 impl Default for Collections {
     fn default() -> Self {
@@ -246,54 +271,87 @@ impl Default for Collections {
 
 impl Collections {
     fn new(bound: usize) -> Self {
-        Self { kept: std::sync::Mutex::new((lru::LruCache::unbounded(), 0)), bound }
+        let held = Held { kept: lru::LruCache::unbounded(), bytes: 0, decoding: Default::default() };
+        Self { held: std::sync::Mutex::new(held), bound }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (lru::LruCache<Hash, Kept>, usize)> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, hash: Hash) -> Option<Arc<Collection>> {
-        self.lock().0.get(&hash).map(|(c, _)| c.clone())
+    fn find(&self, hash: Hash) -> Option<Found> {
+        Self::found(&mut self.lock(), hash)
     }
 
-    /// Keeps `c`, letting the least recently used go until the kept are within the bound. One
-    /// larger than the bound is not kept. Called on a blocking thread: what goes is freed there,
-    /// after the lock is let go (a large collection is many small allocations).
-    fn keep(&self, hash: Hash, c: Arc<Collection>) {
-        let cost = decoded_cost(&c);
-        if cost > self.bound {
+    fn found(held: &mut Held, hash: Hash) -> Option<Found> {
+        if let Some((c, _)) = held.kept.get(&hash) {
+            return Some(Found::Kept(c.clone()));
+        }
+        held.decoding.get(&hash).map(|decoding| Found::Decoding(decoding.clone()))
+    }
+
+    /// Marks `hash` as being decoded, unless it is kept or being decoded already (said as
+    /// `Err`): the decode is to answer what it came to on the channel given.
+    fn begin(&self, hash: Hash) -> Result<tokio::sync::watch::Sender<Option<Decoded>>, Found> {
+        let mut held = self.lock();
+        match Self::found(&mut held, hash) {
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                held.decoding.insert(hash, rx);
+                Ok(tx)
+            }
+            Some(found) => Err(found),
+        }
+    }
+
+    /// Ends the decode of `hash` that `begun` answers for, keeping what it decoded (`c`), unless
+    /// the user removed the collection meanwhile ([`Collections::forget`]).
+    fn finish(&self, hash: Hash, begun: &tokio::sync::watch::Sender<Option<Decoded>>, c: Option<Arc<Collection>>) {
+        let mut held = self.lock();
+        if !held.decoding.get(&hash).is_some_and(|rx| rx.same_channel(&begun.subscribe())) {
             return;
         }
+        held.decoding.remove(&hash);
+        let gone = c.map(|c| self.keep(&mut held, hash, c)).unwrap_or_default();
+        drop(held);
+        drop(gone);
+    }
+
+    /// Keeps `c`, letting the least recently used go until the kept are within the bound; what
+    /// went is returned, to be freed once the lock is let go (a large collection is many small
+    /// allocations). One larger than the bound is not kept.
+    fn keep(&self, held: &mut Held, hash: Hash, c: Arc<Collection>) -> Vec<(Arc<Collection>, usize)> {
+        let cost = decoded_cost(&c);
         let mut gone = Vec::new();
-        let mut kept = self.lock();
-        let (lru, bytes) = &mut *kept;
-        if let Some((_, was)) = lru.push(hash, (c, cost)) {
-            *bytes -= was.1;
+        if cost > self.bound {
+            return gone;
+        }
+        if let Some((_, was)) = held.kept.push(hash, (c, cost)) {
+            held.bytes -= was.1;
             gone.push(was);
         }
-        *bytes += cost;
-        while *bytes > self.bound {
-            match lru.pop_lru() {
+        held.bytes += cost;
+        while held.bytes > self.bound {
+            match held.kept.pop_lru() {
                 Some((_, was)) => {
-                    *bytes -= was.1;
+                    held.bytes -= was.1;
                     gone.push(was);
                 }
                 None => break,
             }
         }
-        drop(kept);
-        drop(gone);
+        gone
     }
 
-    /// Forgets `hash` (the user removed it).
+    /// Forgets `hash` (the user removed it), and what a decode of it under way would keep.
     pub(crate) fn forget(&self, hash: Hash) {
-        let mut kept = self.lock();
-        let gone = kept.0.pop(&hash);
+        let mut held = self.lock();
+        held.decoding.remove(&hash);
+        let gone = held.kept.pop(&hash);
         if let Some((_, cost)) = &gone {
-            kept.1 -= cost;
+            held.bytes -= cost;
         }
-        drop(kept);
+        drop(held);
         drop(gone);
     }
 }
@@ -310,54 +368,131 @@ fn decoded_cost(c: &Collection) -> usize {
     KEEPING + c.entries().iter().map(entry).sum::<usize>()
 }
 
-/// The collection `hash` if it is kept decoded, marked used in the store as a read of it would
-/// be: a site browsed through the gateway keeps its collection cached.
-fn kept(node: &NodeHandle, hash: Hash) -> Option<Arc<Collection>> {
-    let c = node.inner.collections.get(hash)?;
-    node.inner.store.touch(hash);
-    Some(c)
-}
-
-/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]; counted as a
-/// cache hit, as reading it held would be), or read whole ([`read_whole`]) and decoded, then
-/// kept. `Ok(Err)` for a blob that starts as a collection and does not decode as one.
+/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]; marked used in
+/// the store, as a read of it would be: a site browsed through the gateway keeps its collection
+/// cached), decoded by a request before this one, or read whole ([`held_whole`]) and decoded
+/// ([`decode`]). `Ok(Err)` for a blob that starts as a collection and does not decode as one.
+/// Counted as a cache hit or miss, unless the caller `counted` this request already.
 async fn decoded(
     node: &NodeHandle,
     hash: Hash,
     public: bool,
+    counted: bool,
 ) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
-    if let Some(c) = kept(node, hash) {
-        node.inner.metrics.cache_hits.inc();
-        return Ok(Ok(c));
+    let hit = || {
+        if !counted {
+            node.inner.metrics.cache_hits.inc();
+        }
+    };
+    match node.inner.collections.find(hash) {
+        Some(Found::Kept(c)) => {
+            node.inner.store.touch(hash);
+            hit();
+            return Ok(Ok(c));
+        }
+        Some(Found::Decoding(decoding)) => {
+            hit();
+            return decoded_by(decoding).await;
+        }
+        None => {}
     }
-    let handle = node.clone();
-    read_whole(node, hash, public, move |bytes| decode_and_keep(&handle, hash, &bytes)).await
+    let size = held_whole(node, hash, public, counted).await?;
+    let reading = reading_place(node).await?;
+    // Looked at again, as a decode may have begun or ended while this waited.
+    let begun = match node.inner.collections.begin(hash) {
+        Ok(begun) => begun,
+        Err(Found::Kept(c)) => return Ok(Ok(c)),
+        Err(Found::Decoding(decoding)) => {
+            drop(reading);
+            return decoded_by(decoding).await;
+        }
+    };
+    let answer = begun.subscribe();
+    let decoding = Decoding { node: node.clone(), hash, begun, outcome: None };
+    // Not awaited here: the decode ends and answers the requests waiting for it though this
+    // request's client leaves.
+    drop(tokio::task::spawn_blocking(move || {
+        let _reading = reading;
+        let mut decoding = decoding;
+        decoding.outcome = Some(decode(&decoding.node, hash, size));
+    }));
+    decoded_by(answer).await
 }
 
-/// Decodes the collection `bytes` (those of `hash`, verified) and keeps it; on a blocking thread.
-fn decode_and_keep(node: &NodeHandle, hash: Hash, bytes: &[u8]) -> Result<Arc<Collection>, CollectionError> {
-    let c = Arc::new(Collection::decode(bytes)?);
-    node.inner.metrics.collections_decoded.inc();
-    node.inner.collections.keep(hash, c.clone());
+/// What the decode `decoding` answers ([`Decoding`]).
+async fn decoded_by(
+    mut decoding: tokio::sync::watch::Receiver<Option<Decoded>>,
+) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
+    let outcome = match decoding.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
+    };
+    match outcome {
+        Some(Ok(decoded)) => Ok(decoded),
+        Some(Err((status, say))) => Err(Box::new(error(status, say))),
+        None => {
+            Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, "the collection's decode ended without an answer")))
+        }
+    }
+}
+
+/// A decode under way, on a blocking thread in a place of [`READING_WHOLE`]. However it ends
+/// (with its `outcome`, or without one: cancelled as the node stops, or a bug), the requests
+/// waiting for it are answered, and it is no longer under way.
+struct Decoding {
+    node: NodeHandle,
+    hash: Hash,
+    begun: tokio::sync::watch::Sender<Option<Decoded>>,
+    outcome: Option<Decoded>,
+}
+
+impl Drop for Decoding {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| match std::thread::panicking() {
+            true => Err((StatusCode::INTERNAL_SERVER_ERROR, "the collection's decode failed unexpectedly".into())),
+            false => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
+        });
+        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).cloned();
+        self.node.inner.collections.finish(self.hash, &self.begun, c);
+        self.begun.send_replace(Some(outcome));
+    }
+}
+
+/// Reads the collection `hash`, held whole at `size`, each piece verified, and decodes it; on a
+/// blocking thread.
+fn decode(node: &NodeHandle, hash: Hash, size: u64) -> Decoded {
+    let store = node.store();
+    let reader = store.reader(hash).map_err(|e| read_failed(hash, 0, e))?;
+    // A size no proof backed may have given way to the true one since its pieces were waited for.
+    if reader.size() != size {
+        return Err((StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read")));
+    }
+    let geometry = Geometry::new(size).map_err(|_| (StatusCode::BAD_GATEWAY, "blob too large".to_owned()))?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    for piece in 0..geometry.piece_count() {
+        bytes.extend_from_slice(&reader.read_piece(piece).map_err(|e| read_failed(hash, piece, e))?);
+    }
+    drop(reader);
+    let c = Collection::decode(&bytes).map(Arc::new);
+    if c.is_ok() {
+        node.inner.metrics.collections_decoded.inc();
+    }
     Ok(c)
 }
 
-/// The whole of a collection, each piece verified (its size is checked before any more of it is
-/// fetched), handed to `then` on a blocking thread: a collection of 16 MiB takes seconds to
-/// decode and list, and those seconds and their memory count against [`READING_WHOLE`] as the
-/// read does. A blob that is no collection (its first piece tells) is not read on: 404.
+/// Follows the fetch of a collection until every piece of it is verified in the store (its size
+/// is checked before any more of it is fetched), and answers its size. A blob that is no
+/// collection (its first piece tells) is not waited for on: 404. Counted as a cache hit or miss
+/// unless the caller `counted` this request already.
 ///
-/// A place is taken only once every piece is held, and waited for within the lookup deadline: a
-/// peer that sends a collection slowly, or clients that ask for listings faster than they are
-/// made, hold no place that the others wait on without end.
-async fn read_whole<T: Send + 'static>(
-    node: &NodeHandle,
-    hash: Hash,
-    public: bool,
-    then: impl FnOnce(Vec<u8>) -> T + Send + 'static,
-) -> Result<T, Box<Response>> {
+/// Reading it and decoding it ([`decode`]) takes seconds and several times its size in memory
+/// for a collection of 16 MiB: they take a place of [`READING_WHOLE`]. A place is taken only
+/// once every piece is held, and waited for within the lookup deadline: a peer that sends a
+/// collection slowly, or clients that ask for listings faster than they are made, hold no place
+/// that the others wait on without end.
+async fn held_whole(node: &NodeHandle, hash: Hash, public: bool, counted: bool) -> Result<u64, Box<Response>> {
     let leads = !crate::fetch::is_under_way(node, hash);
-    let mut fetching = ensure_fetching(node, hash, public);
+    let mut fetching = ensure_fetching(node, hash, public, !counted);
     let size = known_size(node, hash, &mut fetching, (public, leads)).await?;
     if size > MAX_LISTED {
         let say = format!(
@@ -376,19 +511,7 @@ async fn read_whole<T: Send + 'static>(
     for piece in 1..geometry.piece_count() {
         wait_held(node, hash, piece, &fetching, None).await?;
     }
-    let reading = reading_place(node).await?;
-    let mut out = Vec::with_capacity(size as usize);
-    let mut reader = None;
-    for piece in 0..geometry.piece_count() {
-        out.extend_from_slice(&wait_piece(node, hash, piece, &fetching, &mut reader).await?);
-    }
-    // A size no proof backed may have given way to the true one meanwhile: the blob read is the
-    // reader's (the store's entry may have left since).
-    if reader.as_ref().map(|r: &shoal_cache::BlobReader| r.size()) != Some(size) || out.len() as u64 != size {
-        return Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: its size changed as it was read"))));
-    }
-    drop(reader);
-    in_place(reading, move || then(out)).await
+    Ok(size)
 }
 
 /// The size of `hash` once the store knows one (a fetch under way found it), within the lookup
@@ -486,18 +609,12 @@ fn listing(hash: Hash, c: &Collection, headers: &HeaderMap) -> Response {
 
 /// The listing of the collection `hash`, built on a blocking thread in a place of
 /// [`READING_WHOLE`] (that of a large collection takes a while, and many times the collection's
-/// memory): in the place it was read and decoded in, if it was not kept decoded.
+/// memory). Counted as a cache hit or a miss already, as the blob `serve` looked at.
 async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -> Result<Response, Box<Response>> {
-    let listed = move |c: Result<Arc<Collection>, CollectionError>| match c {
-        Ok(c) => listing(hash, &c, &headers),
-        Err(e) => error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")),
-    };
-    // Counted as a cache hit or a miss already, as the blob `serve` looked at.
-    let Some(c) = kept(node, hash) else {
-        let handle = node.clone();
-        return read_whole(node, hash, public, move |bytes| listed(decode_and_keep(&handle, hash, &bytes))).await;
-    };
-    in_place(reading_place(node).await?, move || listed(Ok(c))).await
+    match decoded(node, hash, public, true).await? {
+        Ok(c) => in_place(reading_place(node).await?, move || listing(hash, &c, &headers)).await,
+        Err(e) => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")))),
+    }
 }
 
 /// Headers of a collection's listing, and of its own bytes: the same URL answers either by
@@ -545,7 +662,7 @@ pub(crate) async fn serve(
         None => hash,
         Some(p) => {
             let p = p.trim_end_matches('/');
-            match decoded(&node, hash, public).await {
+            match decoded(&node, hash, public, false).await {
                 Ok(Ok(c)) => match c.get(p) {
                     Some(entry) => {
                         type_from_entry = by_extension(p);
@@ -568,7 +685,7 @@ pub(crate) async fn serve(
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let leads = !crate::fetch::is_under_way(&node, hash);
-    let mut fetching = ensure_fetching(&node, hash, public);
+    let mut fetching = ensure_fetching(&node, hash, public, true);
     let stop_with_answer = fetching.as_ref().filter(|_| while_read).map(|f| crate::node::Aborted(f.abort_handle()));
     let size = match known_size(&node, hash, &mut fetching, (public, leads)).await {
         Ok(size) => size,
@@ -788,22 +905,29 @@ async fn wait_piece(
         };
         r.read_piece(piece).map(|bytes| (r, bytes))
     });
-    use shoal_cache::StoreError;
     match read.await {
         Ok(Ok((r, bytes))) => {
             *reader = Some(r);
             Ok(bytes)
         }
-        // Dropped from the store, and fetched again by the next request for it.
-        Ok(Err(StoreError::Corrupt { .. })) => {
-            Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("piece {piece} of {hash} failed verification"))))
+        Ok(Err(e)) => {
+            let (status, say) = read_failed(hash, piece, e);
+            Err(Box::new(error(status, say)))
         }
-        Ok(Err(StoreError::NotFound { .. } | StoreError::Incomplete { .. })) => Err(Box::new(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{hash} left the cache as it was read; ask again"),
-        ))),
-        Ok(Err(e)) => Err(Box::new(error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {hash}: {e}")))),
         Err(e) => Err(Box::new(task_ended(e, "read"))),
+    }
+}
+
+/// What a client is told of a read of `piece` of `hash`, held, that failed.
+fn read_failed(hash: Hash, piece: u32, e: shoal_cache::StoreError) -> (StatusCode, String) {
+    use shoal_cache::StoreError;
+    match e {
+        // Dropped from the store, and fetched again by the next request for it.
+        StoreError::Corrupt { .. } => (StatusCode::BAD_GATEWAY, format!("piece {piece} of {hash} failed verification")),
+        StoreError::NotFound { .. } | StoreError::Incomplete { .. } => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{hash} left the cache as it was read; ask again"))
+        }
+        e => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read {hash}: {e}")),
     }
 }
 
@@ -885,25 +1009,48 @@ mod tests {
         let (a, b, c, big) = (collection(100), collection(200), collection(300), collection(2_000));
         // Room for a and b, or for a and c, not for all three.
         let kept = Collections::new(a.2 + c.2);
+        let bytes = || kept.lock().bytes;
+        let get = |hash| match kept.find(hash) {
+            Some(Found::Kept(c)) => Some(c),
+            _ => None,
+        };
+        // Kept as a request keeps it: its decode begun, and ended with it.
+        let keep = |hash, c: &Arc<Collection>| {
+            let begun = kept.begin(hash).map_err(|_| "kept or being decoded").expect("begin");
+            kept.finish(hash, &begun, Some(c.clone()));
+        };
         assert!(a.2 + b.2 <= kept.bound && a.2 + b.2 + c.2 > kept.bound);
-        kept.keep(a.0, a.1.clone());
-        kept.keep(b.0, b.1.clone());
-        assert_eq!(kept.get(a.0).as_deref(), Some(&*a.1), "a, used last, stays");
-        kept.keep(c.0, c.1.clone());
-        assert!(kept.get(b.0).is_none(), "b, the least recently used, went");
-        assert!(kept.get(a.0).is_some() && kept.get(c.0).is_some());
-        assert!(kept.kept.lock().expect("lock").1 <= kept.bound);
-        // Kept again, a collection counts once.
-        kept.keep(a.0, a.1.clone());
-        assert_eq!(kept.kept.lock().expect("lock").1, a.2 + c.2);
+        keep(a.0, &a.1);
+        keep(b.0, &b.1);
+        assert_eq!(get(a.0).as_deref(), Some(&*a.1), "a, used last, stays");
+        keep(c.0, &c.1);
+        assert!(get(b.0).is_none(), "b, the least recently used, went");
+        assert!(get(a.0).is_some() && get(c.0).is_some());
+        assert!(bytes() <= kept.bound);
+        // Kept, a collection is not decoded again.
+        assert!(matches!(kept.begin(a.0), Err(Found::Kept(_))));
         // One larger than the bound is not kept, and takes nothing from the rest.
         assert!(big.2 > kept.bound);
-        kept.keep(big.0, big.1);
-        assert!(kept.get(big.0).is_none() && kept.get(a.0).is_some() && kept.get(c.0).is_some());
+        keep(big.0, &big.1);
+        assert!(get(big.0).is_none() && get(a.0).is_some() && get(c.0).is_some());
+        assert_eq!(bytes(), a.2 + c.2);
         // One the user removed is forgotten, and its room given back.
         kept.forget(a.0);
-        assert!(kept.get(a.0).is_none() && kept.get(c.0).is_some());
-        assert_eq!(kept.kept.lock().expect("lock").1, c.2);
+        assert!(get(a.0).is_none() && get(c.0).is_some());
+        assert_eq!(bytes(), c.2);
+        // A collection being decoded is decoded once: a second request waits for the first.
+        let begun = kept.begin(b.0).map_err(|_| "kept or being decoded").expect("begin");
+        assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))));
+        assert!(matches!(kept.begin(b.0), Err(Found::Decoding(_))));
+        // Removed by the user while it is decoded, it is not kept when the decode ends; a decode
+        // begun after it is.
+        kept.forget(b.0);
+        let again = kept.begin(b.0).map_err(|_| "kept or being decoded").expect("begin");
+        kept.finish(b.0, &begun, Some(b.1.clone()));
+        assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))), "the later decode is still under way");
+        kept.finish(b.0, &again, Some(b.1.clone()));
+        assert!(get(b.0).is_some());
+        assert!(kept.lock().decoding.is_empty());
     }
 
     #[test]

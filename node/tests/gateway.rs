@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use shoal_node::protocol::collection::{Collection, Entry};
 use shoal_node::{Node, NodeConfig};
 
 fn config(dir: std::path::PathBuf) -> NodeConfig {
@@ -502,9 +503,21 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
     let (provider, gw) = provider_and_gateway(tmp.path()).await;
     let site = tmp.path().join("site");
     std::fs::create_dir_all(&site).expect("mkdir");
-    std::fs::write(site.join("index.html"), b"<!DOCTYPE html><p>home</p>").expect("write");
-    std::fs::write(site.join("about.html"), b"<!DOCTYPE html><p>about</p>").expect("write");
-    let collection = provider.handle().add_path(&site).await.expect("add dir").hash;
+    let mut entries = Vec::new();
+    for (path, bytes) in
+        [("index.html", &b"<!DOCTYPE html><p>home</p>"[..]), ("about.html", b"<!DOCTYPE html><p>about</p>")]
+    {
+        std::fs::write(site.join(path), bytes).expect("write");
+        let hash = provider.handle().add_path(&site.join(path)).await.expect("add file").hash;
+        entries.push(Entry { path: path.into(), hash, size: bytes.len() as u64 });
+    }
+    // A site of 20,000 pages (the rest naming the home page's bytes), which takes a while to
+    // decode: requests arriving together meet its decode under way.
+    let home = entries[0].clone();
+    entries.extend((0..20_000).map(|i| Entry { path: format!("pages/{i}.html"), ..home.clone() }));
+    let encoded = tmp.path().join("collection");
+    std::fs::write(&encoded, Collection::new(entries).expect("collection").encode()).expect("write");
+    let collection = provider.handle().add_path(&encoded).await.expect("add collection").hash;
     let gw_addr = std::fs::read_to_string(tmp.path().join("g/gateway")).expect("gateway address file");
     let get = |path: &'static str| {
         let url = format!("http://{gw_addr}/{collection}/{path}");
@@ -513,10 +526,13 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
             (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
         })
     };
-    // The first path reads the collection (fetched from the provider) and decodes it; the next
-    // finds it decoded.
-    assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
-    assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
+    // Eight first requests arriving together: one reads the collection (fetched from the
+    // provider) and decodes it, and the others wait for that decode rather than each make one.
+    let first: Vec<_> = (0..8).map(|i| get(if i % 2 == 0 { "index.html" } else { "about.html" })).collect();
+    for (i, answer) in first.into_iter().enumerate() {
+        let page = if i % 2 == 0 { "<!DOCTYPE html><p>home</p>" } else { "<!DOCTYPE html><p>about</p>" };
+        assert_eq!(answer.await.expect("client"), (200, page.into()));
+    }
     let gw_api = std::fs::read_to_string(tmp.path().join("g/api")).expect("api address file");
     let metrics = move || {
         let api = gw_api.clone();
