@@ -203,7 +203,7 @@ static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 
 /// A place to read a collection whole, decode or list it ([`READING_WHOLE`]), waited for within
 /// the lookup deadline.
-async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit<'static>, Box<Response>> {
+async fn reading_place(node: &NodeHandle) -> Result<Permit, Box<Response>> {
     match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
         Ok(Ok(reading)) => Ok(reading),
         Ok(Err(_)) => Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
@@ -214,7 +214,7 @@ async fn reading_place(node: &NodeHandle) -> Result<tokio::sync::SemaphorePermit
 /// Runs `work` on a blocking thread that holds `reading`, a place of [`READING_WHOLE`]: a
 /// client that leaves drops the future awaiting it, and the work it started goes on in its place.
 async fn in_place<T: Send + 'static>(
-    reading: tokio::sync::SemaphorePermit<'static>,
+    reading: Permit,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Box<Response>> {
     tokio::task::spawn_blocking(move || {
@@ -236,7 +236,7 @@ const COLLECTIONS_KEPT: usize = 64 << 20;
 /// entries and four at a time. Least recently used first to go, bounded by what their entries
 /// take in memory. A collection the user removes (`shoal rm`) is forgotten with it.
 ///
-/// Also the collections being read and decoded ([`Decoding`]): a request for one of them waits
+/// Also the decodes under way ([`UnderWay`]): a request for a collection being decoded waits
 /// for that decode rather than making its own (a site's first visitors arrive together).
 pub(crate) struct Collections {
     held: std::sync::Mutex<Held>,
@@ -248,8 +248,11 @@ struct Held {
     kept: lru::LruCache<Hash, (Arc<Collection>, usize)>,
     /// What the kept take in all.
     bytes: usize,
-    /// The decodes under way, each in a place of [`READING_WHOLE`]: as many as those at most.
-    decoding: std::collections::HashMap<Hash, tokio::sync::watch::Receiver<Option<Decoded>>>,
+    /// The decodes under way, each by its number and with the channel it answers on. Each is in
+    /// a place of [`READING_WHOLE`]: there are as many as those at most.
+    under_way: std::collections::HashMap<Hash, (u64, Answer)>,
+    /// The number of the next decode begun.
+    next: u64,
 }
 
 /// What reading and decoding a collection came to, shared by the requests that waited for it:
@@ -257,10 +260,13 @@ struct Held {
 /// reason to answer with.
 type Decoded = Result<Result<Arc<Collection>, CollectionError>, (StatusCode, String)>;
 
+/// Where the requests waiting for a decode ([`UnderWay`]) are told what it came to.
+type Answer = tokio::sync::watch::Receiver<Option<Decoded>>;
+
 /// A collection that [`Collections`] holds: kept, or being decoded.
 enum Found {
     Kept(Arc<Collection>),
-    Decoding(tokio::sync::watch::Receiver<Option<Decoded>>),
+    Decoding(Answer),
 }
 
 impl Default for Collections {
@@ -271,7 +277,7 @@ impl Default for Collections {
 
 impl Collections {
     fn new(bound: usize) -> Self {
-        let held = Held { kept: lru::LruCache::unbounded(), bytes: 0, decoding: Default::default() };
+        let held = Held { kept: lru::LruCache::unbounded(), bytes: 0, under_way: Default::default(), next: 0 };
         Self { held: std::sync::Mutex::new(held), bound }
     }
 
@@ -287,46 +293,46 @@ impl Collections {
         if let Some((c, _)) = held.kept.get(&hash) {
             return Some(Found::Kept(c.clone()));
         }
-        held.decoding.get(&hash).map(|decoding| Found::Decoding(decoding.clone()))
+        held.under_way.get(&hash).map(|(_, answer)| Found::Decoding(answer.clone()))
     }
 
-    /// Marks `hash` as being decoded, unless it is kept or being decoded already (said as
-    /// `Err`): the decode is to answer what it came to on the channel given.
-    fn begin(&self, hash: Hash) -> Result<tokio::sync::watch::Sender<Option<Decoded>>, Found> {
+    /// Begins a decode of `hash`, unless it is kept or being decoded already (said as `Err`).
+    fn begin(self: &Arc<Self>, hash: Hash) -> Result<UnderWay, Found> {
         let mut held = self.lock();
-        match Self::found(&mut held, hash) {
-            None => {
-                let (tx, rx) = tokio::sync::watch::channel(None);
-                held.decoding.insert(hash, rx);
-                Ok(tx)
-            }
-            Some(found) => Err(found),
+        if let Some(found) = Self::found(&mut held, hash) {
+            return Err(found);
         }
+        let (tell, answer) = tokio::sync::watch::channel(None);
+        let number = held.next;
+        held.next += 1;
+        held.under_way.insert(hash, (number, answer));
+        Ok(UnderWay { collections: self.clone(), hash, number, tell, outcome: None })
     }
 
-    /// Ends the decode of `hash` that `begun` answers for, keeping what it decoded (`c`), unless
-    /// the user removed the collection meanwhile ([`Collections::forget`]).
-    fn finish(&self, hash: Hash, begun: &tokio::sync::watch::Sender<Option<Decoded>>, c: Option<Arc<Collection>>) {
+    /// Ends the decode `number` of `hash`, keeping what it decoded (`c`, with what it takes),
+    /// unless the user removed the collection meanwhile ([`Collections::forget`]).
+    fn finish(&self, hash: Hash, number: u64, c: Option<(Arc<Collection>, usize)>) {
         let mut held = self.lock();
-        if !held.decoding.get(&hash).is_some_and(|rx| rx.same_channel(&begun.subscribe())) {
+        if held.under_way.get(&hash).is_none_or(|(n, _)| *n != number) {
             return;
         }
-        held.decoding.remove(&hash);
-        let gone = c.map(|c| self.keep(&mut held, hash, c)).unwrap_or_default();
+        held.under_way.remove(&hash);
+        let gone = c.map(|(c, cost)| self.keep(&mut held, hash, c, cost)).unwrap_or_default();
         drop(held);
         drop(gone);
     }
 
-    /// Keeps `c`, letting the least recently used go until the kept are within the bound; what
-    /// went is returned, to be freed once the lock is let go (a large collection is many small
-    /// allocations). One larger than the bound is not kept.
-    fn keep(&self, held: &mut Held, hash: Hash, c: Arc<Collection>) -> Vec<(Arc<Collection>, usize)> {
-        let cost = decoded_cost(&c);
+    /// Keeps `c`, which takes `cost`, letting the least recently used go until the kept are
+    /// within the bound; what went is returned, to be freed once the lock is let go (a large
+    /// collection is many small allocations). One larger than the bound is not kept.
+    fn keep(&self, held: &mut Held, hash: Hash, c: Arc<Collection>, cost: usize) -> Vec<(Arc<Collection>, usize)> {
         let mut gone = Vec::new();
         if cost > self.bound {
             return gone;
         }
-        if let Some((_, was)) = held.kept.push(hash, (c, cost)) {
+        // One decode of a hash is under way at a time, so none is kept already; were it, it
+        // would go, counted.
+        if let Some(was) = held.kept.put(hash, (c, cost)) {
             held.bytes -= was.1;
             gone.push(was);
         }
@@ -346,13 +352,48 @@ impl Collections {
     /// Forgets `hash` (the user removed it), and what a decode of it under way would keep.
     pub(crate) fn forget(&self, hash: Hash) {
         let mut held = self.lock();
-        held.decoding.remove(&hash);
+        held.under_way.remove(&hash);
         let gone = held.kept.pop(&hash);
         if let Some((_, cost)) = &gone {
             held.bytes -= cost;
         }
         drop(held);
         drop(gone);
+    }
+}
+
+/// A decode under way ([`Collections::begin`]), on a blocking thread in a place of
+/// [`READING_WHOLE`]. However it ends (with its `outcome`, or without one: cancelled as the node
+/// stops, or a panic), it is no longer under way, what it decoded is kept, and the requests
+/// waiting for it are answered.
+struct UnderWay {
+    collections: Arc<Collections>,
+    hash: Hash,
+    number: u64,
+    tell: tokio::sync::watch::Sender<Option<Decoded>>,
+    outcome: Option<Decoded>,
+}
+
+impl UnderWay {
+    /// Where what the decode came to is told.
+    fn answer(&self) -> Answer {
+        self.tell.subscribe()
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        let outcome = self.outcome.take().unwrap_or_else(|| match std::thread::panicking() {
+            true => {
+                tracing::error!(collection = %self.hash, "the decode of a collection panicked");
+                Err((StatusCode::INTERNAL_SERVER_ERROR, "the collection's decode failed unexpectedly".into()))
+            }
+            false => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
+        });
+        // What it takes is estimated here, on the decode's thread, not under the lock.
+        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).map(|c| (c.clone(), decoded_cost(c)));
+        self.collections.finish(self.hash, self.number, c);
+        self.tell.send_replace(Some(outcome));
     }
 }
 
@@ -368,62 +409,76 @@ fn decoded_cost(c: &Collection) -> usize {
     KEEPING + c.entries().iter().map(entry).sum::<usize>()
 }
 
-/// The collection `hash`, decoded: kept from an earlier request ([`Collections`]; marked used in
-/// the store, as a read of it would be: a site browsed through the gateway keeps its collection
-/// cached), decoded by a request before this one, or read whole ([`held_whole`]) and decoded
-/// ([`decode`]). `Ok(Err)` for a blob that starts as a collection and does not decode as one.
-/// Counted as a cache hit or miss, unless the caller `counted` this request already.
+/// The collection `hash`, decoded (`Err` inside for a blob that starts as a collection and does
+/// not decode as one): kept from an earlier request ([`Collections`]), being decoded by another
+/// request, or read whole ([`held_whole`]) and decoded ([`read_and_decode`]) by this one, which
+/// is then handed the place it decoded in too, for what it does with the collection (a listing,
+/// built where the collection was read). A request is counted as a cache hit or miss if `count`.
 async fn decoded(
     node: &NodeHandle,
     hash: Hash,
     public: bool,
-    counted: bool,
-) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
-    let hit = || {
-        if !counted {
+    count: bool,
+) -> Result<(Result<Arc<Collection>, CollectionError>, Option<Permit>), Box<Response>> {
+    let collections = &node.inner.collections;
+    if let Some(found) = collections.find(hash) {
+        if count {
             node.inner.metrics.cache_hits.inc();
         }
-    };
-    match node.inner.collections.find(hash) {
-        Some(Found::Kept(c)) => {
-            node.inner.store.touch(hash);
-            hit();
-            return Ok(Ok(c));
-        }
-        Some(Found::Decoding(decoding)) => {
-            hit();
-            return decoded_by(decoding).await;
-        }
-        None => {}
+        return Ok((found_collection(node, hash, found).await?, None));
     }
-    let size = held_whole(node, hash, public, counted).await?;
+    let size = held_whole(node, hash, public, count).await?;
+    // Looked at again once the collection is held, and once a place is had: a decode may have
+    // begun or ended meanwhile, and a request that would wait for it takes no place.
+    if let Some(found) = collections.find(hash) {
+        return Ok((found_collection(node, hash, found).await?, None));
+    }
     let reading = reading_place(node).await?;
-    // Looked at again, as a decode may have begun or ended while this waited.
-    let begun = match node.inner.collections.begin(hash) {
-        Ok(begun) => begun,
-        Err(Found::Kept(c)) => return Ok(Ok(c)),
-        Err(Found::Decoding(decoding)) => {
+    let under_way = match collections.begin(hash) {
+        Ok(under_way) => under_way,
+        Err(found) => {
             drop(reading);
-            return decoded_by(decoding).await;
+            return Ok((found_collection(node, hash, found).await?, None));
         }
     };
-    let answer = begun.subscribe();
-    let decoding = Decoding { node: node.clone(), hash, begun, outcome: None };
-    // Not awaited here: the decode ends and answers the requests waiting for it though this
+    let answer = under_way.answer();
+    let (give_back, place) = tokio::sync::oneshot::channel();
+    let handle = node.clone();
+    // Not awaited: the decode ends, and answers the requests waiting for it, though this
     // request's client leaves.
     drop(tokio::task::spawn_blocking(move || {
-        let _reading = reading;
-        let mut decoding = decoding;
-        decoding.outcome = Some(decode(&decoding.node, hash, size));
+        let mut under_way = under_way;
+        under_way.outcome = Some(read_and_decode(&handle, hash, size));
+        drop(under_way);
+        // Given back to the semaphore if this request is gone.
+        let _ = give_back.send(reading);
     }));
-    decoded_by(answer).await
+    let place = place.await.ok();
+    Ok((answered(answer).await?, place))
 }
 
-/// What the decode `decoding` answers ([`Decoding`]).
-async fn decoded_by(
-    mut decoding: tokio::sync::watch::Receiver<Option<Decoded>>,
+/// A place of [`READING_WHOLE`].
+type Permit = tokio::sync::SemaphorePermit<'static>;
+
+/// The collection found in [`Collections`]: a kept one is marked used in the store, as a read of
+/// it would be (a site browsed through the gateway keeps its collection cached).
+async fn found_collection(
+    node: &NodeHandle,
+    hash: Hash,
+    found: Found,
 ) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
-    let outcome = match decoding.wait_for(Option::is_some).await {
+    match found {
+        Found::Kept(c) => {
+            node.inner.store.touch(hash);
+            Ok(Ok(c))
+        }
+        Found::Decoding(answer) => answered(answer).await,
+    }
+}
+
+/// What the decode that tells `answer` came to ([`UnderWay`]).
+async fn answered(mut answer: Answer) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
+    let outcome = match answer.wait_for(Option::is_some).await {
         Ok(outcome) => outcome.clone(),
         Err(_) => None,
     };
@@ -436,31 +491,9 @@ async fn decoded_by(
     }
 }
 
-/// A decode under way, on a blocking thread in a place of [`READING_WHOLE`]. However it ends
-/// (with its `outcome`, or without one: cancelled as the node stops, or a bug), the requests
-/// waiting for it are answered, and it is no longer under way.
-struct Decoding {
-    node: NodeHandle,
-    hash: Hash,
-    begun: tokio::sync::watch::Sender<Option<Decoded>>,
-    outcome: Option<Decoded>,
-}
-
-impl Drop for Decoding {
-    fn drop(&mut self) {
-        let outcome = self.outcome.take().unwrap_or_else(|| match std::thread::panicking() {
-            true => Err((StatusCode::INTERNAL_SERVER_ERROR, "the collection's decode failed unexpectedly".into())),
-            false => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
-        });
-        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).cloned();
-        self.node.inner.collections.finish(self.hash, &self.begun, c);
-        self.begun.send_replace(Some(outcome));
-    }
-}
-
 /// Reads the collection `hash`, held whole at `size`, each piece verified, and decodes it; on a
 /// blocking thread.
-fn decode(node: &NodeHandle, hash: Hash, size: u64) -> Decoded {
+fn read_and_decode(node: &NodeHandle, hash: Hash, size: u64) -> Decoded {
     let store = node.store();
     let reader = store.reader(hash).map_err(|e| read_failed(hash, 0, e))?;
     // A size no proof backed may have given way to the true one since its pieces were waited for.
@@ -483,16 +516,16 @@ fn decode(node: &NodeHandle, hash: Hash, size: u64) -> Decoded {
 /// Follows the fetch of a collection until every piece of it is verified in the store (its size
 /// is checked before any more of it is fetched), and answers its size. A blob that is no
 /// collection (its first piece tells) is not waited for on: 404. Counted as a cache hit or miss
-/// unless the caller `counted` this request already.
+/// if `count`.
 ///
-/// Reading it and decoding it ([`decode`]) takes seconds and several times its size in memory
+/// Reading it and decoding it ([`read_and_decode`]) takes seconds and several times its size in memory
 /// for a collection of 16 MiB: they take a place of [`READING_WHOLE`]. A place is taken only
 /// once every piece is held, and waited for within the lookup deadline: a peer that sends a
 /// collection slowly, or clients that ask for listings faster than they are made, hold no place
 /// that the others wait on without end.
-async fn held_whole(node: &NodeHandle, hash: Hash, public: bool, counted: bool) -> Result<u64, Box<Response>> {
+async fn held_whole(node: &NodeHandle, hash: Hash, public: bool, count: bool) -> Result<u64, Box<Response>> {
     let leads = !crate::fetch::is_under_way(node, hash);
-    let mut fetching = ensure_fetching(node, hash, public, !counted);
+    let mut fetching = ensure_fetching(node, hash, public, count);
     let size = known_size(node, hash, &mut fetching, (public, leads)).await?;
     if size > MAX_LISTED {
         let say = format!(
@@ -609,11 +642,18 @@ fn listing(hash: Hash, c: &Collection, headers: &HeaderMap) -> Response {
 
 /// The listing of the collection `hash`, built on a blocking thread in a place of
 /// [`READING_WHOLE`] (that of a large collection takes a while, and many times the collection's
-/// memory). Counted as a cache hit or a miss already, as the blob `serve` looked at.
+/// memory): the place it was decoded in, if this request decoded it. Counted as a cache hit or a
+/// miss already, as the blob `serve` looked at.
 async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -> Result<Response, Box<Response>> {
-    match decoded(node, hash, public, true).await? {
-        Ok(c) => in_place(reading_place(node).await?, move || listing(hash, &c, &headers)).await,
-        Err(e) => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")))),
+    match decoded(node, hash, public, false).await? {
+        (Ok(c), place) => {
+            let place = match place {
+                Some(place) => place,
+                None => reading_place(node).await?,
+            };
+            in_place(place, move || listing(hash, &c, &headers)).await
+        }
+        (Err(e), _) => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")))),
     }
 }
 
@@ -662,7 +702,7 @@ pub(crate) async fn serve(
         None => hash,
         Some(p) => {
             let p = p.trim_end_matches('/');
-            match decoded(&node, hash, public, false).await {
+            match decoded(&node, hash, public, true).await.map(|(c, _place)| c) {
                 Ok(Ok(c)) => match c.get(p) {
                     Some(entry) => {
                         type_from_entry = by_extension(p);
@@ -1008,17 +1048,15 @@ mod tests {
         };
         let (a, b, c, big) = (collection(100), collection(200), collection(300), collection(2_000));
         // Room for a and b, or for a and c, not for all three.
-        let kept = Collections::new(a.2 + c.2);
+        let kept = Arc::new(Collections::new(a.2 + c.2));
         let bytes = || kept.lock().bytes;
         let get = |hash| match kept.find(hash) {
             Some(Found::Kept(c)) => Some(c),
             _ => None,
         };
-        // Kept as a request keeps it: its decode begun, and ended with it.
-        let keep = |hash, c: &Arc<Collection>| {
-            let begun = kept.begin(hash).map_err(|_| "kept or being decoded").expect("begin");
-            kept.finish(hash, &begun, Some(c.clone()));
-        };
+        let begin = |hash| kept.begin(hash).map_err(|_| "kept or being decoded").expect("begin");
+        // Kept as a request keeps it: a decode begun, and ended with it.
+        let keep = |hash, c: &Arc<Collection>| begin(hash).outcome = Some(Ok(Ok(c.clone())));
         assert!(a.2 + b.2 <= kept.bound && a.2 + b.2 + c.2 > kept.bound);
         keep(a.0, &a.1);
         keep(b.0, &b.1);
@@ -1038,19 +1076,78 @@ mod tests {
         kept.forget(a.0);
         assert!(get(a.0).is_none() && get(c.0).is_some());
         assert_eq!(bytes(), c.2);
-        // A collection being decoded is decoded once: a second request waits for the first.
-        let begun = kept.begin(b.0).map_err(|_| "kept or being decoded").expect("begin");
-        assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))));
-        assert!(matches!(kept.begin(b.0), Err(Found::Decoding(_))));
         // Removed by the user while it is decoded, it is not kept when the decode ends; a decode
         // begun after it is.
+        let first = begin(b.0);
         kept.forget(b.0);
-        let again = kept.begin(b.0).map_err(|_| "kept or being decoded").expect("begin");
-        kept.finish(b.0, &begun, Some(b.1.clone()));
+        let mut again = begin(b.0);
+        let mut first = first;
+        first.outcome = Some(Ok(Ok(b.1.clone())));
+        drop(first);
         assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))), "the later decode is still under way");
-        kept.finish(b.0, &again, Some(b.1.clone()));
+        again.outcome = Some(Ok(Ok(b.1.clone())));
+        drop(again);
         assert!(get(b.0).is_some());
-        assert!(kept.lock().decoding.is_empty());
+        assert!(kept.lock().under_way.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_decode_under_way_answers_every_request_waiting_for_it_however_it_ends() {
+        let c = Arc::new(Collection::new(Vec::new()).expect("collection"));
+        let hash = Hash::of(&c.encode());
+        let collections = Arc::new(Collections::new(COLLECTIONS_KEPT));
+        let waiting = |collections: &Collections| match collections.find(hash) {
+            Some(Found::Decoding(answer)) => tokio::spawn(answered(answer)),
+            _ => panic!("no decode under way"),
+        };
+        let status = |answer: Result<_, Box<Response>>| answer.err().map(|r| r.status());
+
+        // Decoded: the requests waiting, before and after the first of them, are told, and the
+        // collection is kept.
+        let mut under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
+        assert!(matches!(collections.begin(hash), Err(Found::Decoding(_))), "one decode at a time");
+        let (early, late) = (waiting(&collections), waiting(&collections));
+        under_way.outcome = Some(Ok(Ok(c.clone())));
+        drop(under_way);
+        for w in [early, late] {
+            assert_eq!(w.await.expect("waiter").expect("answered").expect("decoded"), c);
+        }
+        assert!(matches!(collections.find(hash), Some(Found::Kept(_))));
+        collections.forget(hash);
+
+        // Not a collection after all, or not read: told as such, and nothing kept.
+        for outcome in [Ok(Err(CollectionError::NotACollection)), Err((StatusCode::SERVICE_UNAVAILABLE, "left".into()))]
+        {
+            let mut under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
+            let w = waiting(&collections);
+            under_way.outcome = Some(outcome.clone());
+            drop(under_way);
+            match (w.await.expect("waiter"), outcome) {
+                (Ok(told), Ok(decoded)) => assert_eq!(told, decoded),
+                (Err(told), Err((status, _))) => assert_eq!(told.status(), status),
+                _ => panic!("told otherwise than what the decode came to"),
+            }
+            assert!(collections.find(hash).is_none());
+        }
+
+        // Dropped without an outcome (its task cancelled as the node stops): 503.
+        let under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
+        let w = waiting(&collections);
+        drop(under_way);
+        assert_eq!(status(w.await.expect("waiter").map(|_| ())), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(collections.find(hash).is_none());
+
+        // A decode that panics: 500, and no longer under way.
+        let under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
+        let w = waiting(&collections);
+        let panicked = std::thread::spawn(move || {
+            let _under_way = under_way;
+            panic!("a decode that panics (expected by the test)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert_eq!(status(w.await.expect("waiter").map(|_| ())), Some(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(collections.find(hash).is_none() && collections.lock().under_way.is_empty());
     }
 
     #[test]

@@ -191,7 +191,7 @@ pub(crate) struct Shared {
     /// Who else holds the blobs we move (peer exchange, spreading a crowd's load).
     pub(crate) crowds: Arc<crate::crowd::Crowds>,
     /// Collections the gateway decoded lately, kept decoded.
-    pub(crate) collections: crate::gateway::Collections,
+    pub(crate) collections: Arc<crate::gateway::Collections>,
     /// What the LAN's router does for us, as the port-mapping task last found.
     pub(crate) router: Arc<Mutex<RouterMapping>>,
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
@@ -564,9 +564,12 @@ impl NodeHandle {
         // Its paths, if it is a collection the gateway keeps decoded, are not answered either
         // (whether or not the store still held it); forgotten on the blocking thread, where a
         // large one's many allocations are freed.
+        // Forgotten after the store let go of it: a decode begun before is not kept, and one
+        // begun after finds nothing to read.
         let deleted = move || {
+            let deleted = inner.store.delete(hash);
             inner.collections.forget(hash);
-            inner.store.delete(hash)
+            deleted
         };
         tokio::task::spawn_blocking(deleted).await.map_err(|_| NodeError::Stopped)??;
         self.withdraw(&[hash]).await;
