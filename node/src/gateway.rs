@@ -204,10 +204,15 @@ static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 /// A place to read a collection whole, decode or list it ([`READING_WHOLE`]), waited for within
 /// the lookup deadline.
 async fn reading_place(node: &NodeHandle) -> Result<Permit, Box<Response>> {
+    wait_place(node).await.map_err(|(status, say)| Box::new(error(status, say)))
+}
+
+/// [`reading_place`], its refusal said as the status and reason to answer with.
+async fn wait_place(node: &NodeHandle) -> Result<Permit, (StatusCode, String)> {
     match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
         Ok(Ok(reading)) => Ok(reading),
-        Ok(Err(_)) => Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "the node is stopping"))),
-        Err(_) => Err(Box::new(error(StatusCode::SERVICE_UNAVAILABLE, "too many listings are being made; ask again"))),
+        Ok(Err(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "too many listings are being made; ask again".into())),
     }
 }
 
@@ -248,8 +253,9 @@ struct Held {
     kept: lru::LruCache<Hash, (Arc<Collection>, usize)>,
     /// What the kept take in all.
     bytes: usize,
-    /// The decodes under way, each by its number and with the channel it answers on. Each is in
-    /// a place of [`READING_WHOLE`]: there are as many as those at most.
+    /// The decodes under way, each by its number and with the channel it answers on: one per
+    /// collection held whole and asked for, each in a place of [`READING_WHOLE`] or waiting for
+    /// one within the lookup deadline.
     under_way: std::collections::HashMap<Hash, (u64, Answer)>,
     /// The number of the next decode begun.
     next: u64,
@@ -306,7 +312,7 @@ impl Collections {
         let number = held.next;
         held.next += 1;
         held.under_way.insert(hash, (number, answer));
-        Ok(UnderWay { collections: self.clone(), hash, number, tell, outcome: None })
+        Ok(UnderWay { collections: self.clone(), hash, number, tell, outcome: None, cost: 0 })
     }
 
     /// Ends the decode `number` of `hash`, keeping what it decoded (`c`, with what it takes),
@@ -372,12 +378,22 @@ struct UnderWay {
     number: u64,
     tell: tokio::sync::watch::Sender<Option<Decoded>>,
     outcome: Option<Decoded>,
+    /// What the collection decoded takes in memory ([`decoded_cost`]).
+    cost: usize,
 }
 
 impl UnderWay {
     /// Where what the decode came to is told.
     fn answer(&self) -> Answer {
         self.tell.subscribe()
+    }
+
+    /// What the decode came to, told (and the collection kept) once this is dropped. What the
+    /// collection takes is estimated here, on the decode's thread: not under the lock, and not
+    /// in `drop`, which is to answer however the decode ends.
+    fn end(&mut self, outcome: Decoded) {
+        self.cost = outcome.as_ref().ok().and_then(|c| c.as_deref().ok()).map_or(0, decoded_cost);
+        self.outcome = Some(outcome);
     }
 }
 
@@ -390,8 +406,7 @@ impl Drop for UnderWay {
             }
             false => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
         });
-        // What it takes is estimated here, on the decode's thread, not under the lock.
-        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).map(|c| (c.clone(), decoded_cost(c)));
+        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).map(|c| (c.clone(), self.cost));
         self.collections.finish(self.hash, self.number, c);
         self.tell.send_replace(Some(outcome));
     }
@@ -428,30 +443,29 @@ async fn decoded(
         return Ok((found_collection(node, hash, found).await?, None));
     }
     let size = held_whole(node, hash, public, count).await?;
-    // Looked at again once the collection is held, and once a place is had: a decode may have
-    // begun or ended meanwhile, and a request that would wait for it takes no place.
-    if let Some(found) = collections.find(hash) {
-        return Ok((found_collection(node, hash, found).await?, None));
-    }
-    let reading = reading_place(node).await?;
-    let under_way = match collections.begin(hash) {
+    // Looked at again once the collection is held (a decode may have begun or ended meanwhile),
+    // and marked under way before a place is waited for: the requests after this one wait for
+    // the decode, not for places.
+    let mut under_way = match collections.begin(hash) {
         Ok(under_way) => under_way,
-        Err(found) => {
-            drop(reading);
-            return Ok((found_collection(node, hash, found).await?, None));
-        }
+        Err(found) => return Ok((found_collection(node, hash, found).await?, None)),
     };
     let answer = under_way.answer();
     let (give_back, place) = tokio::sync::oneshot::channel();
     let handle = node.clone();
-    // Not awaited: the decode ends, and answers the requests waiting for it, though this
-    // request's client leaves.
-    drop(tokio::task::spawn_blocking(move || {
-        let mut under_way = under_way;
-        under_way.outcome = Some(read_and_decode(&handle, hash, size));
-        drop(under_way);
-        // Given back to the semaphore if this request is gone.
-        let _ = give_back.send(reading);
+    // Not awaited: the decode, its wait for a place included, ends and answers the requests
+    // waiting for it though this request's client leaves.
+    drop(tokio::spawn(async move {
+        let reading = match wait_place(&handle).await {
+            Ok(reading) => reading,
+            Err(refused) => return under_way.end(Err(refused)),
+        };
+        drop(tokio::task::spawn_blocking(move || {
+            under_way.end(read_and_decode(&handle, hash, size));
+            drop(under_way);
+            // Given back to the semaphore if this request is gone.
+            let _ = give_back.send(reading);
+        }));
     }));
     let place = place.await.ok();
     Ok((answered(answer).await?, place))
@@ -722,6 +736,12 @@ pub(crate) async fn serve(
         && let Some(matched) = not_modified(&node, hash, inm, &etag, listed.as_deref()).await
     {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, matched)]).into_response();
+    }
+    // A collection kept decoded is listed from what was kept: its bytes may have left the cache,
+    // and its providers the swarm, while its paths still answer.
+    if listed.is_some() && matches!(node.inner.collections.find(hash), Some(Found::Kept(_))) {
+        node.inner.metrics.cache_hits.inc();
+        return list(&node, hash, public, headers.clone()).await.unwrap_or_else(|resp| *resp);
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let leads = !crate::fetch::is_under_way(&node, hash);
@@ -1056,7 +1076,7 @@ mod tests {
         };
         let begin = |hash| kept.begin(hash).map_err(|_| "kept or being decoded").expect("begin");
         // Kept as a request keeps it: a decode begun, and ended with it.
-        let keep = |hash, c: &Arc<Collection>| begin(hash).outcome = Some(Ok(Ok(c.clone())));
+        let keep = |hash, c: &Arc<Collection>| begin(hash).end(Ok(Ok(c.clone())));
         assert!(a.2 + b.2 <= kept.bound && a.2 + b.2 + c.2 > kept.bound);
         keep(a.0, &a.1);
         keep(b.0, &b.1);
@@ -1082,13 +1102,25 @@ mod tests {
         kept.forget(b.0);
         let mut again = begin(b.0);
         let mut first = first;
-        first.outcome = Some(Ok(Ok(b.1.clone())));
+        first.end(Ok(Ok(b.1.clone())));
         drop(first);
         assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))), "the later decode is still under way");
-        again.outcome = Some(Ok(Ok(b.1.clone())));
+        again.end(Ok(Ok(b.1.clone())));
         drop(again);
         assert!(get(b.0).is_some());
         assert!(kept.lock().under_way.is_empty());
+    }
+
+    /// A request waiting for the decode of `hash` under way, parked on it.
+    async fn waiting(
+        collections: &Collections,
+        hash: Hash,
+    ) -> tokio::task::JoinHandle<Result<Result<Arc<Collection>, CollectionError>, Box<Response>>> {
+        let Some(Found::Decoding(answer)) = collections.find(hash) else { panic!("no decode under way") };
+        let waiting = tokio::spawn(answered(answer));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "answered before the decode ended");
+        waiting
     }
 
     #[tokio::test]
@@ -1096,31 +1128,27 @@ mod tests {
         let c = Arc::new(Collection::new(Vec::new()).expect("collection"));
         let hash = Hash::of(&c.encode());
         let collections = Arc::new(Collections::new(COLLECTIONS_KEPT));
-        let waiting = |collections: &Collections| match collections.find(hash) {
-            Some(Found::Decoding(answer)) => tokio::spawn(answered(answer)),
-            _ => panic!("no decode under way"),
-        };
         let status = |answer: Result<_, Box<Response>>| answer.err().map(|r| r.status());
 
-        // Decoded: the requests waiting, before and after the first of them, are told, and the
-        // collection is kept.
+        // Decoded: the requests waiting are told, and the collection is kept.
         let mut under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
         assert!(matches!(collections.begin(hash), Err(Found::Decoding(_))), "one decode at a time");
-        let (early, late) = (waiting(&collections), waiting(&collections));
-        under_way.outcome = Some(Ok(Ok(c.clone())));
+        let (first, second) = (waiting(&collections, hash).await, waiting(&collections, hash).await);
+        under_way.end(Ok(Ok(c.clone())));
         drop(under_way);
-        for w in [early, late] {
+        for w in [first, second] {
             assert_eq!(w.await.expect("waiter").expect("answered").expect("decoded"), c);
         }
         assert!(matches!(collections.find(hash), Some(Found::Kept(_))));
         collections.forget(hash);
 
-        // Not a collection after all, or not read: told as such, and nothing kept.
+        // Not a collection after all, or not read (no place in time, or gone from the cache):
+        // told as such, and nothing kept.
         for outcome in [Ok(Err(CollectionError::NotACollection)), Err((StatusCode::SERVICE_UNAVAILABLE, "left".into()))]
         {
             let mut under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
-            let w = waiting(&collections);
-            under_way.outcome = Some(outcome.clone());
+            let w = waiting(&collections, hash).await;
+            under_way.end(outcome.clone());
             drop(under_way);
             match (w.await.expect("waiter"), outcome) {
                 (Ok(told), Ok(decoded)) => assert_eq!(told, decoded),
@@ -1130,16 +1158,21 @@ mod tests {
             assert!(collections.find(hash).is_none());
         }
 
-        // Dropped without an outcome (its task cancelled as the node stops): 503.
+        // Its task dropped before it ended (as the node stops): 503.
         let under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
-        let w = waiting(&collections);
-        drop(under_way);
+        let w = waiting(&collections, hash).await;
+        let task = tokio::spawn(async move {
+            let _under_way = under_way;
+            std::future::pending::<()>().await
+        });
+        tokio::task::yield_now().await;
+        task.abort();
         assert_eq!(status(w.await.expect("waiter").map(|_| ())), Some(StatusCode::SERVICE_UNAVAILABLE));
         assert!(collections.find(hash).is_none());
 
         // A decode that panics: 500, and no longer under way.
         let under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
-        let w = waiting(&collections);
+        let w = waiting(&collections, hash).await;
         let panicked = std::thread::spawn(move || {
             let _under_way = under_way;
             panic!("a decode that panics (expected by the test)");

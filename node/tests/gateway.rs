@@ -549,6 +549,15 @@ async fn a_collection_once_decoded_answers_its_paths_without_being_read_again() 
     assert_eq!(get("index.html").await.expect("client"), (200, "<!DOCTYPE html><p>home</p>".into()));
     assert_eq!(get("about.html").await.expect("client"), (200, "<!DOCTYPE html><p>about</p>".into()));
     assert_eq!(get("nope.html").await.expect("client").0, 404);
+    // Its listing, too, is made from what was kept.
+    let url = format!("http://{gw_addr}/{collection}");
+    let listing = tokio::task::spawn_blocking(move || {
+        let mut r = agent().get(url).header("Accept", "application/json").call().expect("GET");
+        (r.status().as_u16(), r.body_mut().read_to_string().expect("body"))
+    });
+    let (status, listing) = listing.await.expect("client");
+    assert_eq!(status, 200);
+    assert!(listing.contains("\"about.html\"") && listing.contains("\"pages/19999.html\""), "{listing:.200}");
     // Nothing fetched the collection again, nor decoded it.
     assert!(gw.handle().store().info(collection).is_none());
     assert_eq!(metrics().await.expect("metrics")[decoded], 1.0);
