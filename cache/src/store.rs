@@ -1166,14 +1166,15 @@ impl Store {
         // which every reader and writer of the store waited on while a fetch began. The look
         // under the lock is taken again before the copy takes its place, and decides.
         let dir = self.tmp_path("partial");
-        let begun = self.stage_partial(&dir, geometry, pinned).and_then(|()| {
+        let placed = self.stage_partial(&dir, geometry, pinned).and_then(|()| {
             let mut st = lock(&self.inner.state);
             self.place_partial(&mut st, &dir, hash, geometry, evict, pinned)
         });
-        // Placed, it is not there any more; otherwise (an entry came in between, or a failure)
-        // it is not needed.
-        let _ = self.discard_dir(&dir);
-        begun
+        // Not placed (an entry came in between, or a failure), it is not needed.
+        if !matches!(placed, Ok(Placed::Staged(_))) {
+            let _ = self.discard_dir(&dir);
+        }
+        placed.map(Placed::begun)
     }
 
     /// What a begin of `hash` at `geometry`'s size finds under the store's lock: the blob held
@@ -1240,9 +1241,9 @@ impl Store {
         geometry: Geometry,
         evict: bool,
         pinned_staged: bool,
-    ) -> Result<Begun> {
+    ) -> Result<Placed> {
         let (giving_way, pinned) = match self.plan_begin(st, hash, geometry, evict)? {
-            BeginPlan::Held(have) => return Ok(Begun { have, evicted: Vec::new() }),
+            BeginPlan::Held(have) => return Ok(Placed::Held(Begun { have, evicted: Vec::new() })),
             BeginPlan::New { giving_way, pinned } => (giving_way, pinned),
         };
         if pinned != pinned_staged {
@@ -1272,7 +1273,7 @@ impl Store {
         match self.place(dir, hash) {
             Ok(blob) => {
                 st.blobs.insert(hash, Arc::new(blob));
-                Ok(Begun { have: PieceSet::empty(geometry.piece_count()), evicted })
+                Ok(Placed::Staged(Begun { have: PieceSet::empty(geometry.piece_count()), evicted }))
             }
             Err(e) => {
                 if pinned {
@@ -2187,6 +2188,21 @@ struct Staged {
     dir: PathBuf,
     hash: Hash,
     geometry: Geometry,
+}
+
+/// What placing a staged partial blob came to ([`Store::place_partial`]): its directory moved
+/// into `blobs/`, or the blob held already (another begin or an import came first).
+enum Placed {
+    Staged(Begun),
+    Held(Begun),
+}
+
+impl Placed {
+    fn begun(self) -> Begun {
+        match self {
+            Placed::Staged(begun) | Placed::Held(begun) => begun,
+        }
+    }
 }
 
 /// What a begin finds under the store's lock ([`Store::plan_begin`]).
