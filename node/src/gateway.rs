@@ -212,7 +212,7 @@ async fn wait_place(node: &NodeHandle) -> Result<Permit, (StatusCode, String)> {
     match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
         Ok(Ok(reading)) => Ok(reading),
         Ok(Err(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
-        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "too many listings are being made; ask again".into())),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "too many collections are being read; ask again".into())),
     }
 }
 
@@ -315,6 +315,22 @@ impl Collections {
         Ok(UnderWay { collections: self.clone(), hash, number, tell, outcome: None, cost: 0 })
     }
 
+    /// Ends the decode `number` of `hash` if nobody is left to answer, and says so: a request
+    /// takes its answer's channel under this lock ([`Collections::found`]), so none comes to
+    /// wait for it after.
+    fn abandon(&self, hash: Hash, number: u64, tell: &tokio::sync::watch::Sender<Option<Decoded>>) -> bool {
+        let mut held = self.lock();
+        let marked = held.under_way.get(&hash).is_some_and(|(n, _)| *n == number);
+        // The mark holds a receiver of its own.
+        if tell.receiver_count() > usize::from(marked) {
+            return false;
+        }
+        if marked {
+            held.under_way.remove(&hash);
+        }
+        true
+    }
+
     /// Ends the decode `number` of `hash`, keeping what it decoded (`c`, with what it takes),
     /// unless the user removed the collection meanwhile ([`Collections::forget`]).
     fn finish(&self, hash: Hash, number: u64, c: Option<(Arc<Collection>, usize)>) {
@@ -368,10 +384,11 @@ impl Collections {
     }
 }
 
-/// A decode under way ([`Collections::begin`]), on a blocking thread in a place of
-/// [`READING_WHOLE`]. However it ends (with its `outcome`, or without one: cancelled as the node
-/// stops, or a panic), it is no longer under way, what it decoded is kept, and the requests
-/// waiting for it are answered.
+/// A decode under way ([`Collections::begin`]): waiting for a place of [`READING_WHOLE`], then
+/// reading and decoding on a blocking thread in it. However it ends (with its `outcome`, or
+/// without one: its task dropped as the runtime stops, a panic, or nobody left to answer), it
+/// is no longer under way, what it decoded is kept, and the requests waiting for it are
+/// answered.
 struct UnderWay {
     collections: Arc<Collections>,
     hash: Hash,
@@ -386,6 +403,17 @@ impl UnderWay {
     /// Where what the decode came to is told.
     fn answer(&self) -> Answer {
         self.tell.subscribe()
+    }
+
+    /// Ends once nobody is left to answer, and the decode is no longer under way: the request
+    /// that began it went (with its client) and none waits for it. Looked at every 100 ms.
+    async fn unwanted(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if self.collections.abandon(self.hash, self.number, &self.tell) {
+                return;
+            }
+        }
     }
 
     /// What the decode came to, told (and the collection kept) once this is dropped. What the
@@ -456,9 +484,14 @@ async fn decoded(
     // Not awaited: the decode, its wait for a place included, ends and answers the requests
     // waiting for it though this request's client leaves.
     drop(tokio::spawn(async move {
-        let reading = match wait_place(&handle).await {
-            Ok(reading) => reading,
-            Err(refused) => return under_way.end(Err(refused)),
+        let reading = tokio::select! {
+            placed = wait_place(&handle) => match placed {
+                Ok(reading) => reading,
+                Err(refused) => return under_way.end(Err(refused)),
+            },
+            // Nobody to answer (this request's client left, and no request waits): a place is
+            // not waited for, and the next request for the collection begins again.
+            () = under_way.unwanted() => return,
         };
         drop(tokio::task::spawn_blocking(move || {
             under_way.end(read_and_decode(&handle, hash, size));
@@ -660,15 +693,24 @@ fn listing(hash: Hash, c: &Collection, headers: &HeaderMap) -> Response {
 /// miss already, as the blob `serve` looked at.
 async fn list(node: &NodeHandle, hash: Hash, public: bool, headers: HeaderMap) -> Result<Response, Box<Response>> {
     match decoded(node, hash, public, false).await? {
-        (Ok(c), place) => {
-            let place = match place {
-                Some(place) => place,
-                None => reading_place(node).await?,
-            };
-            in_place(place, move || listing(hash, &c, &headers)).await
-        }
+        (Ok(c), place) => list_in(node, hash, c, headers, place).await,
         (Err(e), _) => Err(Box::new(error(StatusCode::BAD_GATEWAY, format!("{hash}: {e}")))),
     }
+}
+
+/// The listing of `c`, the collection `hash`, built in `place`, or in a place waited for.
+async fn list_in(
+    node: &NodeHandle,
+    hash: Hash,
+    c: Arc<Collection>,
+    headers: HeaderMap,
+    place: Option<Permit>,
+) -> Result<Response, Box<Response>> {
+    let place = match place {
+        Some(place) => place,
+        None => reading_place(node).await?,
+    };
+    in_place(place, move || listing(hash, &c, &headers)).await
 }
 
 /// Headers of a collection's listing, and of its own bytes: the same URL answers either by
@@ -739,9 +781,12 @@ pub(crate) async fn serve(
     }
     // A collection kept decoded is listed from what was kept: its bytes may have left the cache,
     // and its providers the swarm, while its paths still answer.
-    if listed.is_some() && matches!(node.inner.collections.find(hash), Some(Found::Kept(_))) {
+    if listed.is_some()
+        && let Some(Found::Kept(c)) = node.inner.collections.find(hash)
+    {
         node.inner.metrics.cache_hits.inc();
-        return list(&node, hash, public, headers.clone()).await.unwrap_or_else(|resp| *resp);
+        node.inner.store.touch(hash);
+        return list_in(&node, hash, c, headers.clone(), None).await.unwrap_or_else(|resp| *resp);
     }
     // Held (even partly)? Otherwise start fetching and wait for the size, within the lookup deadline.
     let leads = !crate::fetch::is_under_way(&node, hash);
@@ -1181,6 +1226,74 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(status(w.await.expect("waiter").map(|_| ())), Some(StatusCode::INTERNAL_SERVER_ERROR));
         assert!(collections.find(hash).is_none() && collections.lock().under_way.is_empty());
+    }
+
+    /// Waits (within 10 s) until `hash` is being decoded, or no longer is.
+    async fn until_decoding(collections: &Collections, hash: Hash, decoding: bool) {
+        let looked = async {
+            while matches!(collections.find(hash), Some(Found::Decoding(_))) != decoding {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), looked).await.expect("the decode began, or ended");
+    }
+
+    #[tokio::test]
+    async fn a_decode_waits_for_a_place_while_someone_wants_it_and_hands_its_place_to_its_request() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // Lookups (and waits for a place) that do not end within the test.
+        let node = crate::lone_node(&tmp.path().join("node"), Duration::from_secs(600)).await;
+        let handle = node.handle();
+        let entry = shoal_protocol::collection::Entry { path: "a.txt".into(), hash: Hash::of(b"a"), size: 1 };
+        let c = Collection::new(vec![entry]).expect("collection");
+        std::fs::write(tmp.path().join("collection"), c.encode()).expect("write");
+        let hash = handle.add_path(&tmp.path().join("collection")).await.expect("add").hash;
+        let collections = &handle.inner.collections;
+        let decode = |handle: &NodeHandle| {
+            let handle = handle.clone();
+            tokio::spawn(
+                async move { decoded(&handle, hash, false, true).await.map(|(c, place)| (c, place.is_some())) },
+            )
+        };
+
+        // Every place taken (as by other collections being read): the decode waits for one.
+        let taken: Vec<_> = (0..4).map(|_| READING_WHOLE.try_acquire().expect("a place")).collect();
+        let first = decode(&handle);
+        until_decoding(collections, hash, true).await;
+        let second = decode(&handle);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The request that began it leaves; the one waiting still wants it.
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(matches!(collections.find(hash), Some(Found::Decoding(_))), "a request still waits for it");
+        drop(taken);
+        let (got, place) = second.await.expect("request").expect("answered");
+        assert_eq!(got.expect("decoded").as_ref(), &c);
+        assert!(!place, "a request that waited is handed no place");
+        assert!(matches!(collections.find(hash), Some(Found::Kept(_))));
+
+        // Nobody left to answer: the decode is no longer under way, though no place came.
+        collections.forget(hash);
+        // (The decode gives its place back just after it answered.)
+        let places_back = async {
+            while READING_WHOLE.available_permits() < 4 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), places_back).await.expect("places given back");
+        let taken: Vec<_> = (0..4).map(|_| READING_WHOLE.try_acquire().expect("a place")).collect();
+        let alone = decode(&handle);
+        until_decoding(collections, hash, true).await;
+        alone.abort();
+        until_decoding(collections, hash, false).await;
+        assert!(collections.find(hash).is_none() && collections.lock().under_way.is_empty());
+        drop(taken);
+
+        // The request that decodes is handed the place it decoded in (for its listing).
+        let (got, place) = decode(&handle).await.expect("request").expect("answered");
+        assert!(got.is_ok() && place, "the place it decoded in");
+        assert_eq!(READING_WHOLE.available_permits(), 4, "given back with the request");
+        node.shutdown().await.expect("shutdown");
     }
 
     #[test]
