@@ -204,15 +204,16 @@ static READING_WHOLE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new
 /// A place to read a collection whole, decode or list it ([`READING_WHOLE`]), waited for within
 /// the lookup deadline.
 async fn reading_place(node: &NodeHandle) -> Result<Permit, Box<Response>> {
-    wait_place(node).await.map_err(|(status, say)| Box::new(error(status, say)))
+    wait_place(node, "listings are being made").await.map_err(|(status, say)| Box::new(error(status, say)))
 }
 
-/// [`reading_place`], its refusal said as the status and reason to answer with.
-async fn wait_place(node: &NodeHandle) -> Result<Permit, (StatusCode, String)> {
+/// [`reading_place`], its refusal said as the status and reason to answer with: past the
+/// deadline, that too many of `what` are under way.
+async fn wait_place(node: &NodeHandle, what: &str) -> Result<Permit, (StatusCode, String)> {
     match tokio::time::timeout(node.config().lookup_wait(), READING_WHOLE.acquire()).await {
         Ok(Ok(reading)) => Ok(reading),
         Ok(Err(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
-        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "too many collections are being read; ask again".into())),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, format!("too many {what}; ask again"))),
     }
 }
 
@@ -249,8 +250,9 @@ pub(crate) struct Collections {
 }
 
 struct Held {
-    /// The collections kept, each with what it takes ([`decoded_cost`]).
-    kept: lru::LruCache<Hash, (Arc<Collection>, usize)>,
+    /// The collections kept, each with what it takes ([`decoded_cost`]), and the blobs found
+    /// not to decode as one (verified bytes decode the same way every time).
+    kept: lru::LruCache<Hash, (Entries, usize)>,
     /// What the kept take in all.
     bytes: usize,
     /// The decodes under way, each by its number and with the channel it answers on: one per
@@ -261,17 +263,20 @@ struct Held {
     next: u64,
 }
 
+/// What a collection's bytes decode to: its entries, or why they are none.
+type Entries = Result<Arc<Collection>, CollectionError>;
+
 /// What reading and decoding a collection came to, shared by the requests that waited for it:
-/// the collection (or why its bytes are none), or why they could not be read, as the status and
-/// reason to answer with.
-type Decoded = Result<Result<Arc<Collection>, CollectionError>, (StatusCode, String)>;
+/// what its bytes decode to, or why they could not be read, as the status and reason to answer
+/// with.
+type Decoded = Result<Entries, (StatusCode, String)>;
 
 /// Where the requests waiting for a decode ([`UnderWay`]) are told what it came to.
 type Answer = tokio::sync::watch::Receiver<Option<Decoded>>;
 
-/// A collection that [`Collections`] holds: kept, or being decoded.
+/// A collection that [`Collections`] holds: kept (or found to be none), or being decoded.
 enum Found {
-    Kept(Arc<Collection>),
+    Kept(Entries),
     Decoding(Answer),
 }
 
@@ -333,7 +338,7 @@ impl Collections {
 
     /// Ends the decode `number` of `hash`, keeping what it decoded (`c`, with what it takes),
     /// unless the user removed the collection meanwhile ([`Collections::forget`]).
-    fn finish(&self, hash: Hash, number: u64, c: Option<(Arc<Collection>, usize)>) {
+    fn finish(&self, hash: Hash, number: u64, c: Option<(Entries, usize)>) {
         let mut held = self.lock();
         if held.under_way.get(&hash).is_none_or(|(n, _)| *n != number) {
             return;
@@ -347,7 +352,7 @@ impl Collections {
     /// Keeps `c`, which takes `cost`, letting the least recently used go until the kept are
     /// within the bound; what went is returned, to be freed once the lock is let go (a large
     /// collection is many small allocations). One larger than the bound is not kept.
-    fn keep(&self, held: &mut Held, hash: Hash, c: Arc<Collection>, cost: usize) -> Vec<(Arc<Collection>, usize)> {
+    fn keep(&self, held: &mut Held, hash: Hash, c: Entries, cost: usize) -> Vec<(Entries, usize)> {
         let mut gone = Vec::new();
         if cost > self.bound {
             return gone;
@@ -405,12 +410,19 @@ impl UnderWay {
         self.tell.subscribe()
     }
 
-    /// Ends once nobody is left to answer, and the decode is no longer under way: the request
-    /// that began it went (with its client) and none waits for it. Looked at every 100 ms.
+    /// Ends once nobody has been left to answer for a second, and the decode is no longer under
+    /// way: the request that began it went (with its client) and none waits for it. A client
+    /// that timed out and asks again at once finds the decode still waiting for its place.
+    /// Looked at every 100 ms.
     async fn unwanted(&self) {
+        const LOOKS: u32 = 10;
+        let mut unwanted_for = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if self.collections.abandon(self.hash, self.number, &self.tell) {
+            // At most the mark's own receiver: nobody waits, as far as can be told without the
+            // lock, under which `abandon` decides.
+            unwanted_for = if self.tell.receiver_count() <= 1 { unwanted_for + 1 } else { 0 };
+            if unwanted_for >= LOOKS && self.collections.abandon(self.hash, self.number, &self.tell) {
                 return;
             }
         }
@@ -420,7 +432,11 @@ impl UnderWay {
     /// collection takes is estimated here, on the decode's thread: not under the lock, and not
     /// in `drop`, which is to answer however the decode ends.
     fn end(&mut self, outcome: Decoded) {
-        self.cost = outcome.as_ref().ok().and_then(|c| c.as_deref().ok()).map_or(0, decoded_cost);
+        self.cost = match &outcome {
+            Ok(Ok(c)) => decoded_cost(c),
+            Ok(Err(e)) => KEEPING + e.to_string().len(),
+            Err(_) => 0,
+        };
         self.outcome = Some(outcome);
     }
 }
@@ -434,17 +450,19 @@ impl Drop for UnderWay {
             }
             false => Err((StatusCode::SERVICE_UNAVAILABLE, "the node is stopping".into())),
         });
-        let c = outcome.as_ref().ok().and_then(|c| c.as_ref().ok()).map(|c| (c.clone(), self.cost));
+        let c = outcome.as_ref().ok().map(|c| (c.clone(), self.cost));
         self.collections.finish(self.hash, self.number, c);
         self.tell.send_replace(Some(outcome));
     }
 }
 
+/// What keeping a collection costs besides its entries (the `Arc`, the LRU's node and slot).
+const KEEPING: usize = 512;
+
 /// What a decoded collection takes in memory, estimated: its entries (decoded into a vector of
 /// their exact number), each path an allocation of its own, rounded up as an allocator does and
-/// with its header, and what keeping it costs (the `Arc`, the LRU's node and slot).
+/// with its header, and what keeping it costs ([`KEEPING`]).
 fn decoded_cost(c: &Collection) -> usize {
-    const KEEPING: usize = 512;
     const ALLOCATION: usize = 16;
     let entry = |e: &shoal_protocol::collection::Entry| {
         std::mem::size_of_val(e) + e.path.len().next_multiple_of(ALLOCATION) + ALLOCATION
@@ -462,7 +480,7 @@ async fn decoded(
     hash: Hash,
     public: bool,
     count: bool,
-) -> Result<(Result<Arc<Collection>, CollectionError>, Option<Permit>), Box<Response>> {
+) -> Result<(Entries, Option<Permit>), Box<Response>> {
     let collections = &node.inner.collections;
     if let Some(found) = collections.find(hash) {
         if count {
@@ -485,7 +503,7 @@ async fn decoded(
     // waiting for it though this request's client leaves.
     drop(tokio::spawn(async move {
         let reading = tokio::select! {
-            placed = wait_place(&handle) => match placed {
+            placed = wait_place(&handle, "collections are being read") => match placed {
                 Ok(reading) => reading,
                 Err(refused) => return under_way.end(Err(refused)),
             },
@@ -509,22 +527,18 @@ type Permit = tokio::sync::SemaphorePermit<'static>;
 
 /// The collection found in [`Collections`]: a kept one is marked used in the store, as a read of
 /// it would be (a site browsed through the gateway keeps its collection cached).
-async fn found_collection(
-    node: &NodeHandle,
-    hash: Hash,
-    found: Found,
-) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
+async fn found_collection(node: &NodeHandle, hash: Hash, found: Found) -> Result<Entries, Box<Response>> {
     match found {
         Found::Kept(c) => {
             node.inner.store.touch(hash);
-            Ok(Ok(c))
+            Ok(c)
         }
         Found::Decoding(answer) => answered(answer).await,
     }
 }
 
 /// What the decode that tells `answer` came to ([`UnderWay`]).
-async fn answered(mut answer: Answer) -> Result<Result<Arc<Collection>, CollectionError>, Box<Response>> {
+async fn answered(mut answer: Answer) -> Result<Entries, Box<Response>> {
     let outcome = match answer.wait_for(Option::is_some).await {
         Ok(outcome) => outcome.clone(),
         Err(_) => None,
@@ -782,7 +796,7 @@ pub(crate) async fn serve(
     // A collection kept decoded is listed from what was kept: its bytes may have left the cache,
     // and its providers the swarm, while its paths still answer.
     if listed.is_some()
-        && let Some(Found::Kept(c)) = node.inner.collections.find(hash)
+        && let Some(Found::Kept(Ok(c))) = node.inner.collections.find(hash)
     {
         node.inner.metrics.cache_hits.inc();
         node.inner.store.touch(hash);
@@ -1116,7 +1130,7 @@ mod tests {
         let kept = Arc::new(Collections::new(a.2 + c.2));
         let bytes = || kept.lock().bytes;
         let get = |hash| match kept.find(hash) {
-            Some(Found::Kept(c)) => Some(c),
+            Some(Found::Kept(Ok(c))) => Some(c),
             _ => None,
         };
         let begin = |hash| kept.begin(hash).map_err(|_| "kept or being decoded").expect("begin");
@@ -1157,10 +1171,7 @@ mod tests {
     }
 
     /// A request waiting for the decode of `hash` under way, parked on it.
-    async fn waiting(
-        collections: &Collections,
-        hash: Hash,
-    ) -> tokio::task::JoinHandle<Result<Result<Arc<Collection>, CollectionError>, Box<Response>>> {
+    async fn waiting(collections: &Collections, hash: Hash) -> tokio::task::JoinHandle<Result<Entries, Box<Response>>> {
         let Some(Found::Decoding(answer)) = collections.find(hash) else { panic!("no decode under way") };
         let waiting = tokio::spawn(answered(answer));
         tokio::task::yield_now().await;
@@ -1187,8 +1198,8 @@ mod tests {
         assert!(matches!(collections.find(hash), Some(Found::Kept(_))));
         collections.forget(hash);
 
-        // Not a collection after all, or not read (no place in time, or gone from the cache):
-        // told as such, and nothing kept.
+        // Not a collection after all: told so, and kept so (its bytes decode the same way every
+        // time); or not read (no place in time, or gone from the cache): told why, nothing kept.
         for outcome in [Ok(Err(CollectionError::NotACollection)), Err((StatusCode::SERVICE_UNAVAILABLE, "left".into()))]
         {
             let mut under_way = collections.begin(hash).map_err(|_| "found").expect("begin");
@@ -1196,7 +1207,13 @@ mod tests {
             under_way.end(outcome.clone());
             drop(under_way);
             match (w.await.expect("waiter"), outcome) {
-                (Ok(told), Ok(decoded)) => assert_eq!(told, decoded),
+                (Ok(told), Ok(decoded)) => {
+                    assert_eq!(told, decoded);
+                    let Some(Found::Kept(kept)) = collections.find(hash) else { panic!("not kept") };
+                    assert_eq!(kept, decoded);
+                    assert!(matches!(collections.begin(hash), Err(Found::Kept(Err(_)))), "not read again");
+                    collections.forget(hash);
+                }
                 (Err(told), Err((status, _))) => assert_eq!(told.status(), status),
                 _ => panic!("told otherwise than what the decode came to"),
             }
@@ -1238,6 +1255,8 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), looked).await.expect("the decode began, or ended");
     }
 
+    /// Takes and counts the places of [`READING_WHOLE`], a static: no other test in this binary
+    /// may read a collection through the gateway.
     #[tokio::test]
     async fn a_decode_waits_for_a_place_while_someone_wants_it_and_hands_its_place_to_its_request() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -1264,7 +1283,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The request that began it leaves; the one waiting still wants it.
         first.abort();
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert!(matches!(collections.find(hash), Some(Found::Decoding(_))), "a request still waits for it");
         drop(taken);
         let (got, place) = second.await.expect("request").expect("answered");
