@@ -1,5 +1,8 @@
 //! The memory tier: recently served pieces, bounded in bytes.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
 use bytes::Bytes;
 use lru::LruCache;
 use shoal_protocol::{Hash, PieceIndex};
@@ -7,13 +10,17 @@ use shoal_protocol::{Hash, PieceIndex};
 #[derive(Debug)]
 pub(crate) struct HotPieces {
     pieces: LruCache<(Hash, PieceIndex), Bytes>,
+    /// The pieces of each blob in the tier: a blob that leaves the store (evicted, deleted, a
+    /// piece gone bad) leaves the tier without a look at every piece in it, under the store's
+    /// lock, once per blob.
+    by_blob: HashMap<Hash, Vec<PieceIndex>>,
     used: usize,
     capacity: usize,
 }
 
 impl HotPieces {
     pub(crate) fn new(capacity: usize) -> Self {
-        Self { pieces: LruCache::unbounded(), used: 0, capacity }
+        Self { pieces: LruCache::unbounded(), by_blob: HashMap::new(), used: 0, capacity }
     }
 
     pub(crate) fn get(&mut self, hash: Hash, piece: PieceIndex) -> Option<Bytes> {
@@ -24,20 +31,34 @@ impl HotPieces {
         if cost(&bytes) > self.capacity {
             return;
         }
-        if let Some(old) = self.pieces.put((hash, piece), bytes.clone()) {
-            self.used -= cost(&old);
+        match self.pieces.put((hash, piece), bytes.clone()) {
+            Some(old) => self.used -= cost(&old),
+            None => self.by_blob.entry(hash).or_default().push(piece),
         }
         self.used += cost(&bytes);
         while self.used > self.capacity {
-            let Some((_, old)) = self.pieces.pop_lru() else { break };
+            let Some((key, old)) = self.pieces.pop_lru() else { break };
             self.used -= cost(&old);
+            self.unindex(key);
+        }
+    }
+
+    /// Takes a piece that left the tier out of its blob's list.
+    fn unindex(&mut self, (hash, piece): (Hash, PieceIndex)) {
+        if let Entry::Occupied(mut listed) = self.by_blob.entry(hash) {
+            let pieces = listed.get_mut();
+            if let Some(at) = pieces.iter().position(|p| *p == piece) {
+                pieces.swap_remove(at);
+            }
+            if pieces.is_empty() {
+                listed.remove();
+            }
         }
     }
 
     pub(crate) fn forget_blob(&mut self, hash: Hash) {
-        let keys: Vec<_> = self.pieces.iter().filter(|((h, _), _)| *h == hash).map(|(k, _)| *k).collect();
-        for k in keys {
-            if let Some(old) = self.pieces.pop(&k) {
+        for piece in self.by_blob.remove(&hash).unwrap_or_default() {
+            if let Some(old) = self.pieces.pop(&(hash, piece)) {
                 self.used -= cost(&old);
             }
         }
@@ -53,14 +74,15 @@ impl HotPieces {
 }
 
 /// What an entry of `bytes` counts against the tier's bound: its bytes and what the entry itself
-/// takes (its key, the list's links, the buffer's header). Counting the bytes alone, a tier of
+/// takes (its key, the list's links, the buffer's header, its place in its blob's list and, for
+/// a blob's only piece, that list). Counting the bytes alone, a tier of
 /// 64 MiB could hold 64 million one-byte pieces (a small blob's only piece), gigabytes of entries.
 fn cost(bytes: &Bytes) -> usize {
     bytes.len() + ENTRY_COST
 }
 
 /// The memory an entry takes besides its bytes, rounded up.
-const ENTRY_COST: usize = 128;
+const ENTRY_COST: usize = 192;
 
 #[cfg(test)]
 mod tests {
@@ -78,6 +100,36 @@ mod tests {
         hot.insert(h, 2, Bytes::from(vec![0; 11]));
         assert!(hot.get(h, 2).is_none(), "a piece larger than the tier is not kept");
         hot.forget_blob(h);
+        assert_eq!(hot.used(), 0);
+        assert!(hot.by_blob.is_empty());
+    }
+
+    #[test]
+    fn a_blob_forgotten_leaves_with_its_pieces_only_and_the_lists_follow_the_tier() {
+        let mut hot = HotPieces::new(64 * (ENTRY_COST + 4));
+        let blobs: Vec<Hash> = (0..8u8).map(|i| Hash::of(&[i])).collect();
+        // More pieces than the tier holds, the blobs' pieces interleaved: the oldest go.
+        for piece in 0..20 {
+            for h in &blobs {
+                hot.insert(*h, piece, Bytes::from_static(b"1234"));
+            }
+        }
+        let listed = |hot: &HotPieces| hot.by_blob.values().map(Vec::len).sum::<usize>();
+        assert_eq!(hot.pieces.len(), 64);
+        assert_eq!(listed(&hot), 64, "every piece in the tier is listed, and only those");
+        hot.forget_blob(blobs[3]);
+        assert_eq!(hot.pieces.len(), 56);
+        assert!((0..20).all(|p| hot.get(blobs[3], p).is_none()));
+        assert!(hot.get(blobs[2], 19).is_some() && hot.get(blobs[4], 19).is_some(), "the others stay");
+        assert_eq!(listed(&hot), 56);
+        assert_eq!(hot.used(), 56 * (ENTRY_COST + 4));
+        // A piece put again is listed once.
+        hot.insert(blobs[0], 19, Bytes::from_static(b"5678"));
+        assert_eq!(listed(&hot), 56);
+        for h in &blobs {
+            hot.forget_blob(*h);
+        }
+        assert!(hot.pieces.is_empty() && hot.by_blob.is_empty());
         assert_eq!(hot.used(), 0);
     }
 
