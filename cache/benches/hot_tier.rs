@@ -1,9 +1,10 @@
 //! Blobs leaving the store while the memory tier holds many small blobs' pieces: 20,000 blobs
 //! of 1 KiB, each served once (so its only piece is in the tier, as a node serving a catalogue
 //! of small files has them). Then every blob is deleted one at a time (`shoal rm`; the time of
-//! each, median and p99), and, in a second store set up the same way, the cache's bound is cut
-//! so that every blob is evicted at once, as admitting a large blob evicts many small ones
-//! (one call, under the store's lock throughout).
+//! each, median and p99; the tier empties as they go, so the median delete finds about half
+//! of the pieces still there), and, in a second store set up the same way, the cache's bound is
+//! cut so that every blob is evicted at once, as admitting a large blob evicts many small ones
+//! (one call: the evictions under the store's lock, then the files deleted after it).
 //!
 //! The stores are on a tmpfs (`/dev/shm`, where there is one): what is measured is the store's
 //! own work for a blob leaving, not the file system's, which on a disk takes longer and varies
@@ -21,6 +22,7 @@ fn main() {
         return; // `cargo bench -- --list` style probes
     }
     let blobs = std::env::var("SHOAL_BENCH_BLOBS").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000usize);
+    assert!(blobs > 0, "SHOAL_BENCH_BLOBS must be at least 1");
     let shm = std::path::Path::new("/dev/shm");
     let dir = tempfile::tempdir_in(if shm.is_dir() { shm } else { std::path::Path::new(env!("CARGO_TARGET_TMPDIR")) })
         .expect("tempdir");
@@ -50,7 +52,13 @@ fn main() {
 
 /// A store holding `blobs` blobs of 1 KiB, each served once: its piece in the memory tier.
 fn served(root: &std::path::Path, blobs: usize) -> (Store, Vec<Hash>) {
-    let config = StoreConfig { cache_bytes: 1 << 30, durable: false, ..Default::default() };
+    // Room for every blob (each counts 16 KiB besides its bytes) and every piece in the tier.
+    let config = StoreConfig {
+        cache_bytes: (blobs as u64) << 16,
+        hot_bytes: blobs * 2048,
+        durable: false,
+        ..Default::default()
+    };
     let store = Store::open(root, config).expect("open store");
     let hashes: Vec<Hash> = (0..blobs)
         .map(|i| {

@@ -1,7 +1,6 @@
 //! The memory tier: recently served pieces, bounded in bytes.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -10,17 +9,19 @@ use shoal_protocol::{Hash, PieceIndex};
 #[derive(Debug)]
 pub(crate) struct HotPieces {
     pieces: LruCache<(Hash, PieceIndex), Bytes>,
-    /// The pieces of each blob in the tier: a blob that leaves the store (evicted, deleted, a
-    /// piece gone bad) leaves the tier without a look at every piece in it, under the store's
-    /// lock, once per blob.
-    by_blob: HashMap<Hash, Vec<PieceIndex>>,
+    /// The pieces in the tier, in order of blob (by its hash's bytes) and piece: a blob that
+    /// leaves the store (evicted, deleted, a piece gone bad) leaves the tier without a look at
+    /// every piece in it, under the store's lock, once per blob.
+    by_blob: BTreeSet<([u8; 32], PieceIndex)>,
     used: usize,
     capacity: usize,
 }
 
 impl HotPieces {
     pub(crate) fn new(capacity: usize) -> Self {
-        Self { pieces: LruCache::unbounded(), by_blob: HashMap::new(), used: 0, capacity }
+        // Unbounded: `put` then hands back only the value a key had (the tier's own bound
+        // decides what goes, below).
+        Self { pieces: LruCache::unbounded(), by_blob: BTreeSet::new(), used: 0, capacity }
     }
 
     pub(crate) fn get(&mut self, hash: Hash, piece: PieceIndex) -> Option<Bytes> {
@@ -33,31 +34,23 @@ impl HotPieces {
         }
         match self.pieces.put((hash, piece), bytes.clone()) {
             Some(old) => self.used -= cost(&old),
-            None => self.by_blob.entry(hash).or_default().push(piece),
+            None => {
+                self.by_blob.insert((*hash.as_bytes(), piece));
+            }
         }
         self.used += cost(&bytes);
         while self.used > self.capacity {
-            let Some((key, old)) = self.pieces.pop_lru() else { break };
+            let Some(((hash, piece), old)) = self.pieces.pop_lru() else { break };
             self.used -= cost(&old);
-            self.unindex(key);
-        }
-    }
-
-    /// Takes a piece that left the tier out of its blob's list.
-    fn unindex(&mut self, (hash, piece): (Hash, PieceIndex)) {
-        if let Entry::Occupied(mut listed) = self.by_blob.entry(hash) {
-            let pieces = listed.get_mut();
-            if let Some(at) = pieces.iter().position(|p| *p == piece) {
-                pieces.swap_remove(at);
-            }
-            if pieces.is_empty() {
-                listed.remove();
-            }
+            self.by_blob.remove(&(*hash.as_bytes(), piece));
         }
     }
 
     pub(crate) fn forget_blob(&mut self, hash: Hash) {
-        for piece in self.by_blob.remove(&hash).unwrap_or_default() {
+        let key = *hash.as_bytes();
+        let pieces: Vec<PieceIndex> = self.by_blob.range((key, 0)..=(key, PieceIndex::MAX)).map(|(_, p)| *p).collect();
+        for piece in pieces {
+            self.by_blob.remove(&(key, piece));
             if let Some(old) = self.pieces.pop(&(hash, piece)) {
                 self.used -= cost(&old);
             }
@@ -74,15 +67,17 @@ impl HotPieces {
 }
 
 /// What an entry of `bytes` counts against the tier's bound: its bytes and what the entry itself
-/// takes (its key, the list's links, the buffer's header, its place in its blob's list and, for
-/// a blob's only piece, that list). Counting the bytes alone, a tier of
+/// takes, estimated: the LRU's node (its key, the buffer's handle, the list's links: 96 bytes as
+/// allocated) and its slot in the LRU's map (about 30 at its load), the buffer's shared header
+/// and what allocating the bytes adds (about 60), and its place in `by_blob` (a 36-byte key in a
+/// B-tree node, about 60 with the node's share). Counting the bytes alone, a tier of
 /// 64 MiB could hold 64 million one-byte pieces (a small blob's only piece), gigabytes of entries.
 fn cost(bytes: &Bytes) -> usize {
     bytes.len() + ENTRY_COST
 }
 
 /// The memory an entry takes besides its bytes, rounded up.
-const ENTRY_COST: usize = 192;
+const ENTRY_COST: usize = 256;
 
 #[cfg(test)]
 mod tests {
@@ -106,6 +101,14 @@ mod tests {
 
     #[test]
     fn a_blob_forgotten_leaves_with_its_pieces_only_and_the_lists_follow_the_tier() {
+        // What the blobs' lists name is exactly what the tier holds, and what it counts is what
+        // its pieces cost.
+        let in_step = |hot: &HotPieces| {
+            let held: BTreeSet<([u8; 32], PieceIndex)> =
+                hot.pieces.iter().map(|((h, p), _)| (*h.as_bytes(), *p)).collect();
+            assert_eq!(held, hot.by_blob, "the lists name the pieces in the tier, and only those");
+            assert_eq!(hot.used(), hot.pieces.iter().map(|(_, b)| cost(b)).sum::<usize>());
+        };
         let mut hot = HotPieces::new(64 * (ENTRY_COST + 4));
         let blobs: Vec<Hash> = (0..8u8).map(|i| Hash::of(&[i])).collect();
         // More pieces than the tier holds, the blobs' pieces interleaved: the oldest go.
@@ -114,18 +117,32 @@ mod tests {
                 hot.insert(*h, piece, Bytes::from_static(b"1234"));
             }
         }
-        let listed = |hot: &HotPieces| hot.by_blob.values().map(Vec::len).sum::<usize>();
         assert_eq!(hot.pieces.len(), 64);
-        assert_eq!(listed(&hot), 64, "every piece in the tier is listed, and only those");
+        in_step(&hot);
         hot.forget_blob(blobs[3]);
         assert_eq!(hot.pieces.len(), 56);
         assert!((0..20).all(|p| hot.get(blobs[3], p).is_none()));
         assert!(hot.get(blobs[2], 19).is_some() && hot.get(blobs[4], 19).is_some(), "the others stay");
-        assert_eq!(listed(&hot), 56);
-        assert_eq!(hot.used(), 56 * (ENTRY_COST + 4));
+        in_step(&hot);
         // A piece put again is listed once.
         hot.insert(blobs[0], 19, Bytes::from_static(b"5678"));
-        assert_eq!(listed(&hot), 56);
+        assert_eq!(hot.by_blob.len(), 56);
+        in_step(&hot);
+        // Pieces of every size put, read, and blobs forgotten, in a mixed order.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (h, piece) = (blobs[(x % 8) as usize], ((x >> 8) % 24) as PieceIndex);
+            match (x >> 16) % 10 {
+                0 => hot.forget_blob(h),
+                1..=3 => drop(hot.get(h, piece)),
+                _ => hot.insert(h, piece, Bytes::from(vec![0; ((x >> 24) % 40) as usize])),
+            }
+            in_step(&hot);
+            assert!(hot.used() <= hot.capacity());
+        }
         for h in &blobs {
             hot.forget_blob(*h);
         }

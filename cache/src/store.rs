@@ -49,7 +49,7 @@ pub struct StoreConfig {
     /// each blob's bitmap of pieces and 16 KiB for its directory and meta (a partial blob is
     /// counted for the pieces it holds). The default is 10 GiB.
     pub cache_bytes: u64,
-    /// The most bytes of hot pieces kept in memory, counting 128 bytes for each piece's entry
+    /// The most bytes of hot pieces kept in memory, counting 256 bytes for each piece's entry
     /// besides its bytes. The default is 64 MiB.
     pub hot_bytes: usize,
     /// Verified bytes written to a blob before they are made durable and marked in its meta.
