@@ -197,6 +197,50 @@ pub(crate) struct Shared {
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
     /// [`MAX_LOOKUPS`] at once.
     pub(crate) lookups: tokio::sync::Semaphore,
+    /// Adds of directories under way.
+    pub(crate) adds: Adds,
+}
+
+/// The adds of directories under way, and whether the node is stopping. A stopping node fails
+/// them at their next file, and waits (as it waits for its uploads) for them to undo their pins
+/// while its store is open to write that down: undone in a closed store, the pins came back at
+/// the next start, so an add its user was told failed left its files pinned.
+#[derive(Default)]
+pub(crate) struct Adds {
+    running: std::sync::atomic::AtomicUsize,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Adds {
+    /// An add begins, unless the node is stopping; it runs until the guard returned is dropped.
+    fn begin(&self) -> Result<AddRunning<'_>, NodeError> {
+        use std::sync::atomic::Ordering;
+        self.running.fetch_add(1, Ordering::SeqCst);
+        let running = AddRunning(self);
+        match self.stopping.load(Ordering::SeqCst) {
+            true => Err(NodeError::Stopped),
+            false => Ok(running),
+        }
+    }
+
+    /// Whether the adds under way are to stop.
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many adds are under way.
+    fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// An add under way ([`Adds::begin`]).
+struct AddRunning<'a>(&'a Adds);
+
+impl Drop for AddRunning<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The most provider lookups a node's users (its API) run at once; its fetches' own are apart.
@@ -335,6 +379,7 @@ impl Node {
                 collections: Default::default(),
                 router,
                 lookups: tokio::sync::Semaphore::new(MAX_LOOKUPS),
+                adds: Adds::default(),
             }),
         };
         // Announce what we already hold.
@@ -368,9 +413,11 @@ impl Node {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let uploads = self.handle.inner.uploads.clone();
         uploads.close();
+        let adds = &self.handle.inner.adds;
+        adds.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline =
             tokio::time::Instant::now() + self.handle.inner.config.stretch(std::time::Duration::from_secs(10));
-        while uploads.answering() > 0 && tokio::time::Instant::now() < deadline {
+        while (uploads.answering() > 0 || adds.running() > 0) && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         drop((self.api_task, self.gateway_task));
@@ -579,10 +626,12 @@ impl NodeHandle {
     async fn add_dir(&self, dir: &Path) -> Result<Published, NodeError> {
         let dir = dir.to_owned();
         let data_dir = self.inner.config.data_dir.clone();
-        let store = self.inner.store.clone();
+        let handle = self.clone();
         let added = tokio::task::spawn_blocking(move || {
+            let adds = &handle.inner.adds;
+            let _running = adds.begin().map_err(|e| (e, Vec::new()))?;
             let listing = list_dir(&dir, &data_dir).map_err(|e| (e, Vec::new()))?;
-            import_listing(&store, listing)
+            import_listing(&handle.inner.store, listing, || adds.stopping())
         })
         .await
         .map_err(|_| NodeError::Stopped)?;
@@ -829,10 +878,12 @@ fn list_dir(dir: &Path, data_dir: &Path) -> Result<Listing, NodeError> {
 /// A failure unpins what this add pinned, unless another pin of it came since (the user's,
 /// another add's: the store keeps the add's pins tentative until it ends, see
 /// [`Store::import_opened_tentatively`]), and returns, with the error, the blobs evicted on the way.
+/// Once `stopping` (the node is), the add fails before its next file, or before its collection.
 #[allow(clippy::type_complexity)]
 fn import_listing(
     store: &Store,
     mut listing: Listing,
+    stopping: impl Fn() -> bool,
 ) -> Result<(Imported, Vec<Hash>, (Vec<String>, usize)), (NodeError, Vec<Hash>)> {
     use shoal_protocol::collection::{Collection, Entry};
     static NEXT_ADD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -853,6 +904,9 @@ fn import_listing(
             NodeError::Invalid(format!("cannot read {}: {}", listing.root.display(), std::io::Error::from(e)))
         })?;
         for file in &files {
+            if stopping() {
+                return Err(NodeError::Stopped);
+            }
             let imp = match import_listed(store, &root, &listing.root, file, token) {
                 Ok(imp) => imp,
                 Err(ListedError::Changed) => {
@@ -873,6 +927,9 @@ fn import_listing(
         }
         let collection =
             Collection::new(std::mem::take(&mut entries)).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        if stopping() {
+            return Err(NodeError::Stopped);
+        }
         let imported = store.import_reader(&collection.encode()[..], true)?;
         Ok::<_, NodeError>((imported, collection))
     })();
@@ -1076,7 +1133,7 @@ mod tests {
         std::fs::remove_file(shared.join("d.txt")).expect("remove");
         let _socket = std::os::unix::net::UnixListener::bind(shared.join("d.txt")).expect("socket");
 
-        let (_, files, (skipped, count)) = import_listing(&store, listing).expect("add");
+        let (_, files, (skipped, count)) = import_listing(&store, listing, || false).expect("add");
         assert_eq!(files, [Hash::of(b"first, saved again")], "the file saved over is read as it is now");
         assert_eq!((skipped, count), (vec!["c.txt".to_string(), "d.txt".to_string(), "sub/b.txt".to_string()], 3));
         for secret in [&b"the node's private key"[..], b"the node's private key, too"] {
@@ -1100,7 +1157,7 @@ mod tests {
         let listing = list_dir(&shared, &tmp.path().join("data")).expect("list");
         let new = Hash::of(b"new");
         let added = std::thread::scope(|s| {
-            let add = s.spawn(|| import_listing(&store, listing));
+            let add = s.spawn(|| import_listing(&store, listing, || false));
             // A store that closes (its node stopping) fails every import after.
             while store.info(before).is_some_and(|_| store.info(new).is_none()) && !add.is_finished() {
                 std::thread::yield_now();
@@ -1111,6 +1168,37 @@ mod tests {
         let Err(_) = added else { panic!("the add went through a closed store") };
         assert!(!store.info(new).expect("held, as cache").pinned, "what the add pinned is unpinned");
         assert!(store.info(before).expect("held").pinned, "what was pinned before stays pinned");
+    }
+
+    #[tokio::test]
+    async fn an_add_under_way_as_its_node_stops_fails_and_leaves_nothing_it_pinned_pinned() {
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let data = tmp.path().join("node");
+        let node = crate::lone_node(&data, Duration::from_secs(10)).await;
+        let site = tmp.path().join("site");
+        std::fs::create_dir(&site).expect("mkdir");
+        std::fs::write(site.join("a.txt"), b"first").expect("write");
+        // A large file last, which the add is still reading when the node stops.
+        std::fs::write(site.join("z.bin"), vec![7u8; 64 << 20]).expect("write");
+        let first = Hash::of(b"first");
+        let handle = node.handle();
+        let add = tokio::spawn(async move { handle.add_path(&site).await });
+        let store = node.handle().store().clone();
+        let began = async {
+            while store.info(first).is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), began).await.expect("the add imported its first file");
+        assert!(store.info(first).expect("held").pinned && !add.is_finished(), "the add is under way");
+        drop(store);
+        node.shutdown().await.expect("shutdown");
+        let added = add.await.expect("add");
+        assert!(matches!(added, Err(NodeError::Stopped)), "{added:?}");
+        // Opened again, as the node's next start opens it: the pins the add made are undone.
+        let store = Store::open(data.join("store"), StoreConfig::default()).expect("open again");
+        assert!(store.info(first).is_none_or(|i| !i.pinned), "{:?}", store.info(first));
     }
 
     #[test]
