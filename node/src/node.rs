@@ -197,14 +197,14 @@ pub(crate) struct Shared {
     /// Provider lookups asked for through [`NodeHandle::lookup`] (the API's), at most
     /// [`MAX_LOOKUPS`] at once.
     pub(crate) lookups: tokio::sync::Semaphore,
-    /// Adds of directories under way.
+    /// Adds under way.
     pub(crate) adds: Adds,
 }
 
-/// The adds of directories under way, and whether the node is stopping. A stopping node fails
-/// them at their next file, and waits (as it waits for its uploads) for them to undo their pins
-/// while its store is open to write that down: undone in a closed store, the pins came back at
-/// the next start, so an add its user was told failed left its files pinned.
+/// The adds under way, and whether the node is stopping. A stopping node fails them at their
+/// next file, and waits (as it waits for its uploads) for them to undo their pins while its
+/// store is open to write that down: undone in a closed store, the pins came back at the next
+/// start, so an add its user was told failed left its files pinned.
 #[derive(Default)]
 pub(crate) struct Adds {
     running: std::sync::atomic::AtomicUsize,
@@ -406,7 +406,8 @@ impl Node {
     }
 
     /// Stops the node: new requests are refused and those being answered get up to 10 s
-    /// (stretched by the time scale) to finish, then the API and the swarm stop and the store is
+    /// (stretched by the time scale) to finish, as do adds under way, told to fail at their next
+    /// file and undo their pins ([`Adds`]); then the API and the swarm stop and the store is
     /// flushed. A stream whose request has not arrived is not waited for: at the end of a
     /// 300-node netsim crowd, such streams (a few per node) held stopping nodes for up to 4.5
     /// emulated seconds each, waiting for requests that never came.
@@ -447,6 +448,9 @@ impl Node {
     /// crashes in one process; fetches running on this node fail.
     pub fn crash(self) {
         self.handle.inner.uploads.close();
+        // An add under way stops at its next file (what it pinned stays pinned, as a crash
+        // leaves it), rather than read on into a closed store.
+        self.handle.inner.adds.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         drop((self.api_task, self.gateway_task));
         if let Some((_, task)) = self.forwarding {
             task.abort();
@@ -564,11 +568,15 @@ impl NodeHandle {
             // One that cannot be read is the import's to report, as it reports the open.
             _ => {}
         }
-        let store = self.inner.store.clone();
+        let handle = self.clone();
         let path = path.to_owned();
-        let imported = tokio::task::spawn_blocking(move || store.import_file(&path, true))
-            .await
-            .map_err(|_| NodeError::Stopped)??;
+        // Counted as an add under way, so that a stopping node refuses it, or waits for it.
+        let imported = tokio::task::spawn_blocking(move || {
+            let _running = handle.inner.adds.begin()?;
+            handle.inner.store.import_file(&path, true).map_err(NodeError::from)
+        })
+        .await
+        .map_err(|_| NodeError::Stopped)??;
         self.withdraw(&imported.evicted).await;
         self.provide(imported.hash).await;
         Ok(Published { imported, skipped: Vec::new(), skipped_count: 0 })
@@ -1180,7 +1188,7 @@ mod tests {
         std::fs::create_dir(&site).expect("mkdir");
         std::fs::write(site.join("a.txt"), b"first").expect("write");
         // A large file last, which the add is still reading when the node stops.
-        std::fs::write(site.join("z.bin"), vec![7u8; 64 << 20]).expect("write");
+        std::fs::write(site.join("z.bin"), vec![7u8; 256 << 20]).expect("write");
         let first = Hash::of(b"first");
         let handle = node.handle();
         let add = tokio::spawn(async move { handle.add_path(&site).await });
@@ -1199,6 +1207,7 @@ mod tests {
         // Opened again, as the node's next start opens it: the pins the add made are undone.
         let store = Store::open(data.join("store"), StoreConfig::default()).expect("open again");
         assert!(store.info(first).is_none_or(|i| !i.pinned), "{:?}", store.info(first));
+        assert!(store.list().iter().all(|b| !b.pinned), "{:?}", store.list());
     }
 
     #[test]
