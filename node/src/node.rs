@@ -223,6 +223,11 @@ impl Adds {
         }
     }
 
+    /// Tells the adds under way to stop, and refuses those after.
+    fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Whether the adds under way are to stop.
     fn stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::SeqCst)
@@ -415,7 +420,7 @@ impl Node {
         let uploads = self.handle.inner.uploads.clone();
         uploads.close();
         let adds = &self.handle.inner.adds;
-        adds.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        adds.stop();
         let deadline =
             tokio::time::Instant::now() + self.handle.inner.config.stretch(std::time::Duration::from_secs(10));
         while (uploads.answering() > 0 || adds.running() > 0) && tokio::time::Instant::now() < deadline {
@@ -450,7 +455,7 @@ impl Node {
         self.handle.inner.uploads.close();
         // An add under way stops at its next file (what it pinned stays pinned, as a crash
         // leaves it), rather than read on into a closed store.
-        self.handle.inner.adds.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.inner.adds.stop();
         drop((self.api_task, self.gateway_task));
         if let Some((_, task)) = self.forwarding {
             task.abort();
@@ -618,9 +623,8 @@ impl NodeHandle {
         let inner = self.inner.clone();
         // Its paths, if it is a collection the gateway keeps decoded, are not answered either
         // (whether or not the store still held it); forgotten on the blocking thread, where a
-        // large one's many allocations are freed.
-        // Forgotten after the store let go of it: a decode begun before is not kept, and one
-        // begun after finds nothing to read.
+        // large one's many allocations are freed, and after the store let go of it: a decode
+        // begun before is not kept, and one begun after finds nothing to read.
         let deleted = move || {
             let deleted = inner.store.delete(hash);
             inner.collections.forget(hash);
