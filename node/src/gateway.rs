@@ -1157,10 +1157,9 @@ mod tests {
         assert_eq!(bytes(), c.2);
         // Removed by the user while it is decoded, it is not kept when the decode ends; a decode
         // begun after it is.
-        let first = begin(b.0);
+        let mut first = begin(b.0);
         kept.forget(b.0);
         let mut again = begin(b.0);
-        let mut first = first;
         first.end(Ok(Ok(b.1.clone())));
         drop(first);
         assert!(matches!(kept.find(b.0), Some(Found::Decoding(_))), "the later decode is still under way");
