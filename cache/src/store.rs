@@ -157,6 +157,13 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// An import was told to stop before it was read whole (its node is stopping): nothing of it
+    /// was kept.
+    #[error("the import of {path} was stopped before it was read whole")]
+    ImportStopped {
+        /// The file.
+        path: PathBuf,
+    },
     /// Another process has the store open (another node on the same data directory).
     #[error("the store at {path} is in use by another process: is a node already running on this data directory?")]
     InUse {
@@ -843,13 +850,20 @@ impl Store {
     /// Imports the file at `path` in one pass: its bytes are copied into the store while the
     /// hash and outboard are computed, never held in memory. `pin` keeps it from eviction.
     pub fn import_file(&self, path: &Path, pin: bool) -> Result<Imported> {
+        self.import_file_unless(path, pin, &|| false)
+    }
+
+    /// [`Store::import_file`], stopped with [`StoreError::ImportStopped`] once `stop` says so:
+    /// it is asked before each MiB is read, so that a node stopping need not wait for a large
+    /// file to be read whole, nor leave its import running after it.
+    pub fn import_file_unless(&self, path: &Path, pin: bool, stop: &(dyn Fn() -> bool + Sync)) -> Result<Imported> {
         // Opened without waiting, and checked once open: a named pipe (put where a file was, say)
         // would wait for a writer, and a device may never end, holding this thread for good. A
         // regular file reads as it would.
         use std::os::unix::fs::OpenOptionsExt;
         let file =
             OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(io_err("open", path))?;
-        self.import_opened(&file, path, pin)
+        self.import_opened_as(&file, path, pin, None, stop)
     }
 
     /// [`Store::import_file`] for a file the caller opened (named `path` in errors): one that
@@ -859,15 +873,22 @@ impl Store {
     /// or not its size changed: what would be published is a hash of bytes that were never in
     /// the file together. The write is seen by its change time, which every write moves.
     pub fn import_opened(&self, file: &File, path: &Path, pin: bool) -> Result<Imported> {
-        self.import_opened_as(file, path, pin, None)
+        self.import_opened_as(file, path, pin, None, &|| false)
     }
 
     /// [`Store::import_opened`], pinned, for an import of many files (a directory) that undoes
     /// its pins if it fails: a pin this makes is marked `token`'s until
     /// [`Store::settle_tentative_pin`] or [`Store::undo_tentative_pin`], unless another pin of
     /// the blob (the user's, another import's) comes first. `token` is the import's own number.
-    pub fn import_opened_tentatively(&self, file: &File, path: &Path, token: u64) -> Result<Imported> {
-        self.import_opened_as(file, path, true, Some(token))
+    /// Stopped as [`Store::import_file_unless`] is.
+    pub fn import_opened_tentatively(
+        &self,
+        file: &File,
+        path: &Path,
+        token: u64,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Imported> {
+        self.import_opened_as(file, path, true, Some(token), stop)
     }
 
     /// The import of many files numbered `token` succeeded: its pin of `hash` is no longer
@@ -885,7 +906,14 @@ impl Store {
         Ok(self.set_pinned_as(hash, false, None, Some(token))?.1)
     }
 
-    fn import_opened_as(&self, file: &File, path: &Path, pin: bool, token: Option<u64>) -> Result<Imported> {
+    fn import_opened_as(
+        &self,
+        file: &File,
+        path: &Path,
+        pin: bool,
+        token: Option<u64>,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Imported> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata().map_err(io_err("stat", path))?;
         if !meta.is_file() {
@@ -894,7 +922,7 @@ impl Store {
         let stamp = |m: &fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
         let size = meta.len();
         let geometry = Geometry::new(size)?;
-        let staged = self.stage(geometry, file, path)?;
+        let staged = self.stage(geometry, file, path, stop)?;
         let after = file.metadata().map_err(io_err("stat", path))?;
         if stamp(&after) != stamp(&meta) {
             self.discard_dir(&staged.dir)?;
@@ -939,8 +967,15 @@ impl Store {
 
     /// Copies `source` into a new temporary directory while the hash and outboard are computed:
     /// one thread reads and writes the bytes, the calling thread hashes them, so the copy costs
-    /// little beyond the hashing. Memory is bounded by a few 1 MiB buffers in flight.
-    fn stage(&self, geometry: Geometry, mut source: impl Read + Send, origin: &Path) -> Result<Staged> {
+    /// little beyond the hashing. Memory is bounded by a few 1 MiB buffers in flight. Once `stop`
+    /// says so, before a buffer is read, the copy ends and nothing is kept.
+    fn stage(
+        &self,
+        geometry: Geometry,
+        mut source: impl Read + Send,
+        origin: &Path,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Staged> {
         const BUF: usize = 1 << 20;
         const IN_FLIGHT: usize = 4;
         let dir = self.tmp_path("import");
@@ -952,7 +987,7 @@ impl Store {
             // Buffers come back from the hasher, so the copier never faults in fresh pages.
             let (recycle, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
             let staged = std::thread::scope(|scope| {
-                let copier = scope.spawn(move || -> io::Result<u64> {
+                let copier = scope.spawn(move || -> io::Result<Option<u64>> {
                     let mut total = 0u64;
                     let mut allocated = 0;
                     loop {
@@ -965,19 +1000,23 @@ impl Store {
                             Err(_) => match recycled.recv() {
                                 Ok(buf) => buf,
                                 // The hasher stopped (it read all `size` bytes, or failed).
-                                Err(_) => return Ok(total),
+                                Err(_) => return Ok(Some(total)),
                             },
                         };
+                        // Stopped: the hasher, its channel closed, fails short of the size.
+                        if stop() {
+                            return Ok(None);
+                        }
                         buf.resize(BUF, 0);
                         let n = read_full(&mut source, &mut buf)?;
                         if n == 0 {
-                            return Ok(total);
+                            return Ok(Some(total));
                         }
                         buf.truncate(n);
                         data.write_all(&buf)?;
                         total += n as u64;
                         if to_hash.send(buf).is_err() {
-                            return Ok(total);
+                            return Ok(Some(total));
                         }
                     }
                 });
@@ -988,6 +1027,9 @@ impl Store {
             });
             let (staged, copied) = staged;
             let copied = copied.map_err(io_err("copy into", &data_path))?;
+            let Some(copied) = copied else {
+                return Err(StoreError::ImportStopped { path: origin.to_owned() });
+            };
             let staged = staged.map_err(|e| match e {
                 StoreError::Io { source, .. } if source.kind() == io::ErrorKind::UnexpectedEof => {
                     StoreError::ChangedDuringImport { path: origin.to_owned() }

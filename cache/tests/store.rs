@@ -1131,6 +1131,26 @@ fn a_file_written_in_place_while_it_is_imported_is_refused() {
 }
 
 #[test]
+fn an_import_told_to_stop_stops_reading_and_keeps_nothing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("store"));
+    let path = tmp.path().join("in");
+    let data = bytes(5, (16 * MIB) as usize);
+    fs::write(&path, &data).expect("write");
+    // Asked before each MiB is read: told to stop before the third.
+    let asked = AtomicUsize::new(0);
+    let imported = store.import_file_unless(&path, true, &|| asked.fetch_add(1, Ordering::SeqCst) >= 2);
+    assert!(matches!(imported, Err(StoreError::ImportStopped { .. })), "{imported:?}");
+    assert_eq!(asked.load(Ordering::SeqCst), 3, "the copy read on after it was told to stop");
+    assert!(store.list().is_empty() && store.info(Hash::of(&data)).is_none(), "{:?}", store.list());
+    let staged: Vec<_> = fs::read_dir(tmp.path().join("store/tmp")).expect("tmp").collect();
+    assert!(staged.is_empty(), "the stopped import's copy was left in tmp/: {staged:?}");
+    // Not told to stop, the same file imports.
+    assert_eq!(store.import_file_unless(&path, true, &|| false).expect("import").hash, Hash::of(&data));
+}
+
+#[test]
 fn an_import_says_whether_it_pinned_what_was_not_pinned() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open(&tmp.path().join("store"));
@@ -1153,7 +1173,7 @@ fn a_tentative_pin_is_undone_only_while_no_other_pin_came() {
             fs::write(&path, name.as_bytes()).expect("write");
         }
         let file = fs::File::open(&path).expect("open");
-        store.import_opened_tentatively(&file, &path, token).expect("import").hash
+        store.import_opened_tentatively(&file, &path, token, &|| false).expect("import").hash
     };
     let pinned = |hash: Hash| store.info(hash).expect("held").pinned;
     // Nothing else pinned it: undone.

@@ -201,8 +201,8 @@ pub(crate) struct Shared {
     pub(crate) adds: Adds,
 }
 
-/// The adds under way, and whether the node is stopping. A stopping node fails them at their
-/// next file, and waits (as it waits for its uploads) for them to undo their pins while its
+/// The adds under way, and whether the node is stopping. A stopping node fails them within the
+/// MiB they are reading ([`Store::import_file_unless`]), and waits (as it waits for its uploads) for them to undo their pins while its
 /// store is open to write that down: undone in a closed store, the pins came back at the next
 /// start, so an add its user was told failed left its files pinned.
 #[derive(Default)]
@@ -411,8 +411,8 @@ impl Node {
     }
 
     /// Stops the node: new requests are refused and those being answered get up to 10 s
-    /// (stretched by the time scale) to finish, as do adds under way, told to fail at their next
-    /// file and undo their pins ([`Adds`]); then the API and the swarm stop and the store is
+    /// (stretched by the time scale) to finish, as do adds under way, told to fail within the MiB
+    /// they are reading and undo their pins ([`Adds`]); then the API and the swarm stop and the store is
     /// flushed. A stream whose request has not arrived is not waited for: at the end of a
     /// 300-node netsim crowd, such streams (a few per node) held stopping nodes for up to 4.5
     /// emulated seconds each, waiting for requests that never came.
@@ -453,8 +453,8 @@ impl Node {
     /// crashes in one process; fetches running on this node fail.
     pub fn crash(self) {
         self.handle.inner.uploads.close();
-        // An add under way stops at its next file (what it pinned stays pinned, as a crash
-        // leaves it), rather than read on into a closed store.
+        // An add under way stops within the MiB it is reading (what it pinned stays pinned, as
+        // a crash leaves it), rather than read on into a closed store.
         self.handle.inner.adds.stop();
         drop((self.api_task, self.gateway_task));
         if let Some((_, task)) = self.forwarding {
@@ -577,8 +577,9 @@ impl NodeHandle {
         let path = path.to_owned();
         // Counted as an add under way, so that a stopping node refuses it, or waits for it.
         let imported = tokio::task::spawn_blocking(move || {
-            let _running = handle.inner.adds.begin()?;
-            handle.inner.store.import_file(&path, true).map_err(NodeError::from)
+            let adds = &handle.inner.adds;
+            let _running = adds.begin()?;
+            handle.inner.store.import_file_unless(&path, true, &|| adds.stopping()).map_err(import_error)
         })
         .await
         .map_err(|_| NodeError::Stopped)??;
@@ -890,12 +891,13 @@ fn list_dir(dir: &Path, data_dir: &Path) -> Result<Listing, NodeError> {
 /// A failure unpins what this add pinned, unless another pin of it came since (the user's,
 /// another add's: the store keeps the add's pins tentative until it ends, see
 /// [`Store::import_opened_tentatively`]), and returns, with the error, the blobs evicted on the way.
-/// Once `stopping` (the node is), the add fails before its next file, or before its collection.
+/// Once `stopping` (the node is), the add fails within the MiB it is reading, or before its
+/// collection.
 #[allow(clippy::type_complexity)]
 fn import_listing(
     store: &Store,
     mut listing: Listing,
-    stopping: impl Fn() -> bool,
+    stopping: impl Fn() -> bool + Sync,
 ) -> Result<(Imported, Vec<Hash>, (Vec<String>, usize)), (NodeError, Vec<Hash>)> {
     use shoal_protocol::collection::{Collection, Entry};
     static NEXT_ADD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -916,10 +918,7 @@ fn import_listing(
             NodeError::Invalid(format!("cannot read {}: {}", listing.root.display(), std::io::Error::from(e)))
         })?;
         for file in &files {
-            if stopping() {
-                return Err(NodeError::Stopped);
-            }
-            let imp = match import_listed(store, &root, &listing.root, file, token) {
+            let imp = match import_listed(store, &root, &listing.root, file, token, &stopping) {
                 Ok(imp) => imp,
                 Err(ListedError::Changed) => {
                     listing.skip(file.clone());
@@ -986,6 +985,7 @@ fn import_listed(
     root_path: &Path,
     rel: &str,
     token: u64,
+    stop: &(dyn Fn() -> bool + Sync),
 ) -> Result<Imported, ListedError> {
     use rustix::fs::{Mode, OFlags, openat};
     use rustix::io::Errno;
@@ -1014,14 +1014,22 @@ fn import_listed(
             return Err(ListedError::Failed(NodeError::Store(StoreError::Io { op: "open", path, source })));
         }
     };
-    match store.import_opened_tentatively(&file, &path, token) {
+    match store.import_opened_tentatively(&file, &path, token, stop) {
         Ok(imp) => Ok(imp),
         // What it is now is not what was listed: not a regular file, written as it was read,
         // grown past the largest blob.
         Err(StoreError::NotAFile { .. } | StoreError::ChangedDuringImport { .. } | StoreError::BlobTooLarge(_)) => {
             Err(ListedError::Changed)
         }
-        Err(e) => Err(ListedError::Failed(e.into())),
+        Err(e) => Err(ListedError::Failed(import_error(e))),
+    }
+}
+
+/// What an add's failed import tells its user: one the stopping node stopped, that it stopped.
+fn import_error(e: StoreError) -> NodeError {
+    match e {
+        StoreError::ImportStopped { .. } => NodeError::Stopped,
+        e => NodeError::Store(e),
     }
 }
 
@@ -1197,21 +1205,33 @@ mod tests {
         let handle = node.handle();
         let add = tokio::spawn(async move { handle.add_path(&site).await });
         let store = node.handle().store().clone();
+        // The large file's copy in the store's tmp/, begun and less than half made.
+        let staged = data.join("store/tmp");
+        let reading = || {
+            let copies = std::fs::read_dir(&staged).into_iter().flatten().flatten();
+            copies.filter_map(|c| c.path().join("data").metadata().ok()).any(|m| m.len() > 0 && m.len() < 128 << 20)
+        };
         let began = async {
-            while store.info(first).is_none() {
+            while !(store.info(first).is_some() && reading()) {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(30), began).await.expect("the add imported its first file");
+        tokio::time::timeout(Duration::from_secs(30), began).await.expect("the add is reading its large file");
         assert!(store.info(first).expect("held").pinned && !add.is_finished(), "the add is under way");
         drop(store);
         node.shutdown().await.expect("shutdown");
         let added = add.await.expect("add");
         assert!(matches!(added, Err(NodeError::Stopped)), "{added:?}");
-        // Opened again, as the node's next start opens it: the pins the add made are undone.
+        // Opened again, as the node's next start opens it: the pins the add made are undone, and
+        // the large file was not read on to the end once the node stopped.
         let store = Store::open(data.join("store"), StoreConfig::default()).expect("open again");
         assert!(store.info(first).is_none_or(|i| !i.pinned), "{:?}", store.info(first));
         assert!(store.list().iter().all(|b| !b.pinned), "{:?}", store.list());
+        assert!(
+            store.list().iter().all(|b| b.size < 256 << 20),
+            "the large file was imported whole: {:?}",
+            store.list()
+        );
     }
 
     #[test]
