@@ -26,7 +26,7 @@ use shoal_protocol::verify;
 use shoal_protocol::wire::{
     self, MAX_REQUEST_LEN, MAX_RESPONSE_LEN, MAX_RUNS, PeerHint, Request, Response, TraceId, WireError,
 };
-use shoal_protocol::{Geometry, Hash, PieceSet};
+use shoal_protocol::{Geometry, Hash, PieceRuns, PieceSet};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -822,19 +822,14 @@ async fn answer(
             let span = info_span!("serve_get", %peer, blob = %hash.short(), pieces = pieces.count(), trace = %display_trace(trace));
             async {
                 let info = store.info(hash);
-                // A set counted for another size than the blob held is not kept while this waits
-                // in line: a peer's claim of the largest blob is 2 MiB of bitmap.
-                let pieces = match &info {
-                    Some(i) if i.pieces.piece_count() != pieces.piece_count() => i.pieces.intersection(&pieces),
-                    _ => pieces,
-                };
-                let held = info.as_ref().map(|info| info.pieces.intersection(&pieces)).filter(|h| !h.is_empty());
+                // A set counted for the blob held, whatever count the peer claims (the largest
+                // blob's is 2 MiB of bitmap, which a request of 40 bytes could claim).
+                let asked = info.as_ref().map(|i| pieces.to_set(i.pieces.piece_count()));
+                let held = info.as_ref().zip(asked.as_ref()).map(|(i, asked)| i.pieces.intersection(asked));
                 // Only a publisher (a node that pinned the blob) spreads: the peers trading a
                 // crowd's pieces serve every piece they hold to whoever asks.
                 let spreads = info.as_ref().is_some_and(|i| i.pinned);
-                let Some(held) = held else {
-                    // As large as the peer claimed: not kept while the answer waits to be taken.
-                    drop(pieces);
+                let (Some(held), Some(pieces)) = (held.filter(|h| !h.is_empty()), asked) else {
                     metrics.served("get", "not_found", started.elapsed());
                     return send_and_close(&mut *stream, &wire::encode_frame(&Response::NotFound), idle).await;
                 };
@@ -1258,29 +1253,32 @@ async fn serve_watch(
     (peer, from_public): (PeerId, Option<bool>),
     stream: &mut (impl AsyncWrite + Unpin),
     server: &Server,
-    (hash, wanted, wait, trace): (Hash, PieceSet, Duration, Option<TraceId>),
+    (hash, wanted, wait, trace): (Hash, PieceRuns, Duration, Option<TraceId>),
     started: Instant,
 ) -> std::io::Result<()> {
     let Server { store, uploads, metrics, .. } = server;
     let span = info_span!("serve_watch", %peer, blob = %hash.short(), trace = %display_trace(trace));
-    // A wanted set counted for another piece count is answered at once: the have-map tells the
-    // requester the size this node holds. Woken at every piece of the blob the node stores, a
-    // watch looks without copying the blob's have-map.
-    if let Some(_watch) = uploads.try_watch(peer) {
+    // A set only for a blob held and counted as the peer counts it (the largest blob's is 2 MiB
+    // of bitmap, which a request of 40 bytes could claim). Otherwise the watch is answered at
+    // once: the have-map tells the requester the size this node holds, or that it holds none.
+    let count = store.size(hash).and_then(|size| Geometry::new(size).ok()).map(|g| g.piece_count());
+    let wanted = count.filter(|&n| n == wanted.piece_count()).map(|n| wanted.to_set(n));
+    // Woken at every piece of the blob the node stores, a watch looks without copying the
+    // blob's have-map.
+    if let Some(wanted) = &wanted
+        && let Some(_watch) = uploads.try_watch(peer)
+    {
         // Subscribed before the first look, so that a piece stored in between still wakes it;
         // only while the watch is held, which keeps the channels within the bound on watches.
         let mut arrivals = uploads.arrivals.subscribe(hash);
         let until = tokio::time::Instant::now() + wait.min(uploads.timing.max_watch_wait);
-        while store.has_news(hash, &wanted) == Some(false) && !uploads.closing.load(Ordering::Relaxed) {
+        while store.has_news(hash, wanted) == Some(false) && !uploads.closing.load(Ordering::Relaxed) {
             if !matches!(tokio::time::timeout_at(until, arrivals.changed()).await, Ok(Ok(()))) {
                 break;
             }
         }
     }
-    let response = have_map(server, hash, peer, from_public, Some(&wanted));
-    // A set counted for a size this node does not hold is as large as the peer claimed (2 MiB for
-    // the largest blob): not kept while the answer waits for the peer to take it.
-    drop(wanted);
+    let response = have_map(server, hash, peer, from_public, wanted.as_ref());
     answer_have(stream, metrics, "watch", &response, started, uploads.timing.request_timeout).instrument(span).await
 }
 
@@ -1373,7 +1371,7 @@ pub(crate) async fn watch_have(
     let mut stream = open(&control, peer, timing).await?;
     let started = Instant::now();
     let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
-    let request = Request::Watch { hash, wanted, wait_ms, trace: Some(trace) };
+    let request = Request::Watch { hash, wanted: (&wanted).into(), wait_ms, trace: Some(trace) };
     let response = exchange_within(&mut stream, &request, timing.request_timeout.saturating_add(wait)).await?;
     let rtt = started.elapsed();
     close_behind(stream, timing);
@@ -1442,7 +1440,8 @@ pub(crate) async fn get_pieces(
         Err(f) => return fail(f),
     };
     let (sent, hints, have) =
-        match exchange(&mut stream, &Request::Get { hash, pieces: pieces.clone(), trace: Some(trace) }, timing).await {
+        match exchange(&mut stream, &Request::Get { hash, pieces: (&pieces).into(), trace: Some(trace) }, timing).await
+        {
             Ok(Response::Data { pieces: sent, peers, have }) => (sent, peers, have),
             Ok(Response::Busy { retry_after_ms, peers }) => {
                 let wait = Duration::from_millis(u64::from(retry_after_ms));

@@ -133,7 +133,7 @@ async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
     let bigger = Geometry::new(64 << 20).expect("size").piece_count();
     let mut beyond = PieceSet::empty(bigger);
     beyond.insert_range(10..20);
-    let get = wire::encode_frame(&Request::Get { hash, pieces: beyond, trace: None });
+    let get = wire::encode_frame(&Request::Get { hash, pieces: (&beyond).into(), trace: None });
     assert!(matches!(response(&exchange(&mut control, peer, &get).await), Response::NotFound));
 
     let metrics = provider.handle().metrics_text();
@@ -240,7 +240,9 @@ async fn a_watch_is_answered_when_a_wanted_piece_arrives_and_does_not_hold_up_sh
     // It has begun the blob and holds none of it.
     watched.handle().store().begin(hash, data.len() as u64).expect("begin");
     let (control, swarm) = raw_peer(waddr).await;
-    let watch = |hash, wanted| wire::encode_frame(&Request::Watch { hash, wanted, wait_ms: u32::MAX, trace: None });
+    let watch = |hash, wanted: PieceSet| {
+        wire::encode_frame(&Request::Watch { hash, wanted: (&wanted).into(), wait_ms: u32::MAX, trace: None })
+    };
 
     let mut c = control.clone();
     let first = watch(hash, PieceSet::full(n));
@@ -396,7 +398,7 @@ async fn liar(
                 let (hash, prove, get) = match &request {
                     Ok(Request::Have { hash, prove_size, .. }) => (*hash, *prove_size, None),
                     Ok(Request::Watch { hash, .. }) => (*hash, false, None),
-                    Ok(Request::Get { hash, pieces, .. }) => (*hash, false, Some(pieces.clone())),
+                    Ok(Request::Get { hash, pieces, .. }) => (*hash, false, Some(pieces.to_set(pieces.piece_count()))),
                     _ => return,
                 };
                 let Some((size, proof)) = blobs.get(&hash) else { return };

@@ -19,4 +19,4 @@ pub mod verify;
 pub mod wire;
 
 pub use id::{Hash, ParseHashError};
-pub use piece::{Geometry, PIECE_SIZE, PieceIndex, PieceSet};
+pub use piece::{Geometry, PIECE_SIZE, PieceIndex, PieceRuns, PieceSet};

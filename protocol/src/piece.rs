@@ -8,7 +8,7 @@
 use std::ops::Range;
 
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// log2 of the number of 1 KiB BLAKE3 chunks in a chunk group: 2^4 KiB = 16 KiB.
 pub const CHUNK_GROUP_LOG: u8 = 4;
@@ -320,14 +320,49 @@ impl PieceSet {
     }
 }
 
-/// A [`PieceSet`] as it travels: the piece count and the runs of consecutive indices.
+/// A [`PieceSet`] as it travels: the piece count and the runs of consecutive indices, each
+/// `(start, length)`, ascending, disjoint and within the count (checked as they are decoded).
 ///
 /// Runs keep a complete blob's have-map at one entry whatever its size; the number of runs on the
-/// wire is bounded by [`crate::wire::MAX_RUNS`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct PieceRuns {
+/// wire is bounded by [`crate::wire::MAX_RUNS`]. A request's piece sets stay runs until the
+/// server knows the piece count of the blob it holds ([`PieceRuns::to_set`]): a set is a bit per
+/// piece of the count its sender claims, and a request of 40 bytes claiming the largest blob
+/// would make a server build 2 MiB of bitmap for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PieceRuns {
     pub(crate) piece_count: u32,
     pub(crate) runs: Vec<(u32, u32)>,
+}
+
+impl PieceRuns {
+    /// The number of pieces the sender counts in the blob.
+    pub fn piece_count(&self) -> u32 {
+        self.piece_count
+    }
+
+    /// The number of pieces in the runs.
+    pub fn count(&self) -> u64 {
+        self.runs.iter().map(|&(_, len)| u64::from(len)).sum()
+    }
+
+    /// The pieces as a set of a blob of `piece_count` pieces (the blob held, which the sender
+    /// may count otherwise): those of the runs below it.
+    pub fn to_set(&self, piece_count: u32) -> PieceSet {
+        let mut set = PieceSet::empty(piece_count);
+        for &(start, len) in &self.runs {
+            set.insert_range(start..start.saturating_add(len));
+        }
+        set
+    }
+}
+
+impl From<&PieceSet> for PieceRuns {
+    /// The set's runs, its first [`crate::wire::MAX_RUNS`] if it has more (see
+    /// [`PieceSet::first_runs`]).
+    fn from(set: &PieceSet) -> Self {
+        let runs = set.ranges().take(crate::wire::MAX_RUNS).map(|r| (r.start, r.end - r.start)).collect();
+        PieceRuns { piece_count: set.piece_count(), runs }
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //! ([`crate::verify::encoded_len`]). A frame is a 4-byte little-endian length and a postcard body.
 //!
 //! Every decoder is bounded: a frame longer than its limit is refused before it is read, a piece
-//! set may not claim more pieces than the largest blob has, nor more runs than [`MAX_RUNS`].
+//! set may not claim more pieces than the largest blob has, nor more runs than [`MAX_RUNS`], and a
+//! request's piece sets are runs ([`PieceRuns`]), made a bitmap only for the blob the server holds.
 //! Enum variants are never renumbered; new ones go at the end, and a node that meets a variant it
 //! does not know answers [`Response::BadRequest`] naming it.
 
@@ -66,7 +67,7 @@ pub enum Request {
         /// The blob.
         hash: Hash,
         /// The pieces wanted; at most [`MAX_PIECES_PER_GET`].
-        pieces: PieceSet,
+        pieces: PieceRuns,
         /// The requester's trace, recorded in the server's spans.
         trace: Option<TraceId>,
     },
@@ -78,7 +79,7 @@ pub enum Request {
         /// The blob.
         hash: Hash,
         /// The pieces the requester lacks and does not know the server to hold.
-        wanted: PieceSet,
+        wanted: PieceRuns,
         /// The longest the requester waits for an answer, in milliseconds.
         wait_ms: u32,
         /// The requester's trace, recorded in the server's spans.
@@ -221,7 +222,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, WireError> {
     }
     let req: Request = decode(body, REQUEST_VARIANTS)?;
     if let Request::Get { pieces, .. } = &req
-        && pieces.count() > MAX_PIECES_PER_GET
+        && pieces.count() > u64::from(MAX_PIECES_PER_GET)
     {
         return Err(WireError::Malformed(format!(
             "get asks for {} pieces, more than {MAX_PIECES_PER_GET}",
@@ -323,33 +324,42 @@ impl PieceSet {
 
 impl Serialize for PieceSet {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let runs = self.ranges().take(MAX_RUNS).map(|r| (r.start, r.end - r.start)).collect();
-        PieceRuns { piece_count: self.piece_count(), runs }.serialize(s)
+        PieceRuns::from(self).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for PieceSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let runs = PieceRuns::deserialize(d)?;
+        Ok(runs.to_set(runs.piece_count()))
+    }
+}
+
+impl<'de> Deserialize<'de> for PieceRuns {
     /// Runs are `(start, length)`, ascending, non-empty, non-adjacent and within the piece count.
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error;
-        let PieceRuns { piece_count, runs } = PieceRuns::deserialize(d)?;
+        #[derive(Deserialize)]
+        struct Sent {
+            piece_count: u32,
+            runs: Vec<(u32, u32)>,
+        }
+        let Sent { piece_count, runs } = Sent::deserialize(d)?;
         if piece_count == 0 || piece_count > MAX_PIECE_COUNT {
             return Err(D::Error::custom(format!("piece count {piece_count} out of range")));
         }
         if runs.len() > MAX_RUNS {
             return Err(D::Error::custom(format!("{} runs, more than {MAX_RUNS}", runs.len())));
         }
-        let mut set = PieceSet::empty(piece_count);
         let mut next_free = 0u64;
-        for (start, len) in runs {
+        for &(start, len) in &runs {
             let end = u64::from(start) + u64::from(len);
             if len == 0 || u64::from(start) < next_free || end > u64::from(piece_count) {
                 return Err(D::Error::custom("piece runs must be ascending, disjoint and in range"));
             }
-            set.insert_range(start..end as u32);
             next_free = end + 1;
         }
-        Ok(set)
+        Ok(PieceRuns { piece_count, runs })
     }
 }
 
@@ -386,7 +396,8 @@ mod tests {
         let mut pieces = PieceSet::empty(300);
         pieces.insert_range(0..2);
         pieces.insert(299);
-        let frame = encode_frame(&Request::Get { hash: hash(), pieces, trace: Some(TraceId([0x11; 16])) });
+        let frame =
+            encode_frame(&Request::Get { hash: hash(), pieces: (&pieces).into(), trace: Some(TraceId([0x11; 16])) });
         let want = [
             "3a000000",                         // frame length 58
             "01",                               // Request::Get
@@ -406,7 +417,8 @@ mod tests {
     fn golden_watch_request() {
         let mut wanted = PieceSet::empty(16);
         wanted.insert_range(3..5);
-        let frame = encode_frame(&Request::Watch { hash: hash(), wanted, wait_ms: 1000, trace: None });
+        let frame =
+            encode_frame(&Request::Watch { hash: hash(), wanted: (&wanted).into(), wait_ms: 1000, trace: None });
         let want = [
             "28000000", // frame length 40
             "02",       // Request::Watch
@@ -513,7 +525,8 @@ mod tests {
             frame_len((1u32 << 31).to_le_bytes(), MAX_REQUEST_LEN).unwrap_err(),
             WireError::TooLong { len: 1 << 31, max: MAX_REQUEST_LEN }
         );
-        let too_many = Request::Get { hash: hash(), pieces: PieceSet::full(MAX_PIECES_PER_GET + 1), trace: None };
+        let too_many =
+            Request::Get { hash: hash(), pieces: (&PieceSet::full(MAX_PIECES_PER_GET + 1)).into(), trace: None };
         let body = &encode_frame(&too_many)[4..];
         assert!(matches!(decode_request(body), Err(WireError::Malformed(_))));
         // A have-map whose piece count disagrees with the size is refused.
@@ -576,11 +589,11 @@ mod tests {
                 }),
                 (any::<[u8; 32]>(), piece_set(), trace()).prop_map(|(h, pieces, trace)| Request::Get {
                     hash: h.into(),
-                    pieces,
+                    pieces: (&pieces).into(),
                     trace
                 }),
                 (any::<[u8; 32]>(), piece_set(), any::<u32>(), trace()).prop_map(|(h, wanted, wait_ms, trace)| {
-                    Request::Watch { hash: h.into(), wanted, wait_ms, trace }
+                    Request::Watch { hash: h.into(), wanted: (&wanted).into(), wait_ms, trace }
                 }),
             ]
         }
