@@ -1146,6 +1146,11 @@ fn an_import_told_to_stop_stops_reading_and_keeps_nothing() {
     assert!(store.list().is_empty() && store.info(Hash::of(&data)).is_none(), "{:?}", store.list());
     let staged: Vec<_> = fs::read_dir(tmp.path().join("store/tmp")).expect("tmp").collect();
     assert!(staged.is_empty(), "the stopped import's copy was left in tmp/: {staged:?}");
+    // An empty file is asked too, before its first read.
+    let empty = tmp.path().join("empty");
+    fs::write(&empty, b"").expect("write");
+    let imported = store.import_file_unless(&empty, true, &|| true);
+    assert!(matches!(imported, Err(StoreError::ImportStopped { .. })), "{imported:?}");
     // Not told to stop, the same file imports.
     assert_eq!(store.import_file_unless(&path, true, &|| false).expect("import").hash, Hash::of(&data));
 }

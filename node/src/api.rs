@@ -97,7 +97,7 @@ impl From<NodeError> for ApiError {
             }
             NodeError::Fetch(_) => StatusCode::BAD_GATEWAY,
             NodeError::Invalid(_) => StatusCode::BAD_REQUEST,
-            NodeError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Busy(_) | NodeError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
