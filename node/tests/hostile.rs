@@ -135,6 +135,17 @@ async fn a_peer_speaking_garbage_is_refused_and_the_node_serves_on() {
     beyond.insert_range(10..20);
     let get = wire::encode_frame(&Request::Get { hash, pieces: (&beyond).into(), trace: None });
     assert!(matches!(response(&exchange(&mut control, peer, &get).await), Response::NotFound));
+    // Counted for another size, the pieces named that are held are served, counted as held.
+    let mut overlapping = PieceSet::empty(bigger);
+    overlapping.insert(1);
+    overlapping.insert_range(10..20);
+    let get = wire::encode_frame(&Request::Get { hash, pieces: (&overlapping).into(), trace: None });
+    let answer = exchange(&mut control, peer, &get).await;
+    let len = wire::frame_len(answer[..4].try_into().expect("prefix"), wire::MAX_RESPONSE_LEN).expect("frame");
+    match wire::decode_response(&answer[4..4 + len]).expect("a valid response") {
+        Response::Data { pieces, .. } => assert_eq!(pieces, PieceSet::single(4, 1)),
+        other => panic!("{other:?}"),
+    }
 
     let metrics = provider.handle().metrics_text();
     assert_eq!(served(&metrics, "bad_request"), 2.0, "{metrics}");

@@ -5,7 +5,8 @@
 //! # Layout
 //! - [`collection`]: a directory as a blob of `(path, hash, size)` entries.
 //! - [`id`]: [`Hash`], the BLAKE3 content id, printed as `b3sum` prints it.
-//! - [`piece`]: piece geometry ([`Geometry`], [`PIECE_SIZE`]) and [`PieceSet`].
+//! - [`piece`]: piece geometry ([`Geometry`], [`PIECE_SIZE`]), [`PieceSet`] and its wire form,
+//!   [`PieceRuns`].
 //! - [`verify`]: outboards and verified piece encoding and decoding, on `bao-tree`.
 //! - [`wire`]: the `/shoal/transfer/2` messages, framing and bounds.
 //! - [`fetch`]: the decisions of a multi-source fetch ([`fetch::Fetch`]): which piece from which

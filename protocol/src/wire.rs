@@ -27,7 +27,7 @@ pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 /// The longest response header frame body a requester reads (the have-map dominates).
 pub const MAX_RESPONSE_LEN: usize = 256 * 1024;
 
-/// The most runs of consecutive pieces a [`PieceSet`] may carry on the wire. A fragmented holder
+/// The most runs of consecutive pieces a [`PieceSet`] (or [`PieceRuns`]) may carry on the wire. A fragmented holder
 /// advertises its first `MAX_RUNS` runs ([`PieceSet::first_runs`]).
 pub const MAX_RUNS: usize = 4096;
 
