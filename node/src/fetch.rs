@@ -458,6 +458,7 @@ async fn run(
                         warn!("fetch logic asked for pieces before the size was known");
                         continue;
                     };
+                    debug!(%peer, pieces = pieces.count(), "requesting pieces");
                     node.inner.activity.touch(peer);
                     let control = node.inner.control.clone();
                     let store = store.clone();
@@ -647,6 +648,8 @@ async fn run(
                         machine.handle_have_failed(peer, failure(f), now)
                     }
                     Event::Got(peer, id, got, elapsed) => {
+                        let (verified, fault) = (got.verified.count(), got.fault.map(PeerFault::label));
+                        debug!(%peer, verified, fault, elapsed_ms = elapsed.as_millis() as u64, "request ended");
                         node.withdraw(&got.evicted).await;
                         fetched_bytes += got.bytes;
                         node.inner.metrics.bytes_fetched.inc_by(got.bytes);
