@@ -617,12 +617,14 @@ async fn run(
                             None if !machine.is_size_proven() => unproven_last_piece(&mut pieces),
                             None => {}
                         }
+                        debug!(%peer, size = held.size, pieces = pieces.count(), "have-map");
                         machine.handle_have(peer, held.size, pieces, held.rtt, now)
                     }
                     Event::Watched(peer, Ok(Some(held))) => {
                         node.inner.metrics.requested("watch", "ok", held.rtt);
                         let near = reach(node, peer, &held.hints, &mut hinted, &hinted_tx).await;
                         machine.handle_nearby(near, now);
+                        debug!(%peer, size = held.size, pieces = held.pieces.count(), "watch answered");
                         machine.handle_watched(peer, held.size, held.pieces, now)
                     }
                     Event::Watched(peer, Ok(None)) => {

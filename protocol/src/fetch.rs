@@ -31,7 +31,9 @@
 //! cancelled. A request is late once it has taken twice its size at its peer's measured
 //! throughput (for a peer not yet measured, the mean of those measured; at once if none is): in a
 //! crowd, where every fetch reaches its end-game together, duplicating requests that are on
-//! schedule spent a twelfth of the crowd's uploads on copies nobody kept.
+//! schedule spent a twelfth of the crowd's uploads on copies nobody kept. A piece whose every
+//! request is late (its peers went silent, as a crashed process does) is copied once more, up to
+//! twice [`FetchConfig::endgame_copies`] in all.
 //!
 //! A live peer with nothing asked of it is watched ([`Action::WatchHave`]): it answers with its
 //! have-map as soon as it holds a piece the fetch lacks and it did not advertise, or after
@@ -2027,7 +2029,10 @@ where
     }
 
     /// Duplicates for an idle `peer`: pieces of late requests in flight elsewhere that it
-    /// advertises and that have fewer than `endgame_copies` requests. First the pieces readers
+    /// advertises and that have fewer than `endgame_copies` requests, or whose every request is
+    /// late, up to twice that many (copies that went to peers gone silent, a crashed process's,
+    /// held the piece until their timeout: one more copy goes once each before it is late).
+    /// First the pieces readers
     /// wait for now (`waited`, sorted): a late request holds up what a reader streams, and a copy
     /// from an idle peer may come first. Then, in the `endgame` only, those of the oldest late
     /// requests, up to a request's pieces.
@@ -2044,7 +2049,8 @@ where
                         && (!readers_only || waited.binary_search(&i).is_ok())
                         && advert.contains(i)
                         && !claim.verified.contains(i)
-                        && usize::from(claim.copies(i)) < self.config.endgame_copies
+                        && (usize::from(claim.copies(i)) < self.config.endgame_copies
+                            || (usize::from(claim.copies(i)) < 2 * self.config.endgame_copies && !self.on_schedule(i)))
                         && pieces.insert(i)
                     {
                         count += 1;
@@ -2053,6 +2059,11 @@ where
             }
         }
         (count > 0).then_some(pieces)
+    }
+
+    /// Whether a request for piece `i` in flight is not late yet.
+    fn on_schedule(&self, i: PieceIndex) -> bool {
+        self.requests.values().any(|r| r.due.is_some() && r.pieces.contains(i))
     }
 
     fn send(&mut self, peer: P, pieces: PieceSet, now: Instant) -> Action<P> {
@@ -3407,6 +3418,42 @@ mod tests {
         assert_eq!(dup.len(), 1, "{dup:?}");
         assert_eq!((dup[0].0, dup[0].2.count()), (3, 4), "{dup:?}");
         assert!(dup[0].2.contains(waited), "the reader's piece is among them: {dup:?}");
+    }
+
+    #[test]
+    fn end_game_copies_a_piece_again_once_every_request_for_it_is_late() {
+        // Peer 2 goes silent (its process crashed) with the last pieces in flight, and so does
+        // peer 1 once it has taken them over: a third copy goes to peer 3, idle.
+        let n = 17;
+        let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
+        let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
+        // Both answer a first request, so both are measured; then every missing piece is in
+        // flight, four to each.
+        let mut reqs = Vec::new();
+        for (peer, id, pieces) in requests(&after) {
+            reqs.extend(requests(&d.ok(peer, id, &pieces)));
+        }
+        assert_eq!(reqs.len(), 2, "{reqs:?}");
+        let (a, a_id, a_pieces) = reqs[0].clone();
+        let (b, b_id, b_pieces) = reqs[1].clone();
+        assert_eq!(d.ok(a, a_id, &a_pieces), vec![], "b's request is on schedule");
+        let late = d.fetch.poll_timeout().expect("a timer for b's request");
+        let dup = requests(&d.advance(late - d.now));
+        assert_eq!(dup.len(), 1, "{dup:?}");
+        let (_, dup_id, _) = dup[0].clone();
+        assert_eq!((dup[0].0, &dup[0].2), (a, &b_pieces));
+        d.fetch.handle_providers([3], d.now);
+        assert_eq!(d.drain(), vec![AskHave { peer: 3 }]);
+        d.have(3, PieceSet::full(n));
+        assert_eq!(d.drain(), vec![], "a's copy is on schedule: two requests for a piece are enough");
+        let late = d.fetch.poll_timeout().expect("a timer for a's copy");
+        let third = requests(&d.advance(late - d.now));
+        assert_eq!(third.len(), 1, "{third:?}");
+        assert_eq!((third[0].0, &third[0].2), (3, &b_pieces));
+        assert_eq!(d.drain(), vec![], "one copy on schedule at a time");
+        let done = d.ok(3, third[0].1, &b_pieces);
+        assert!(done.contains(&Cancel { peer: a, id: dup_id }) && done.contains(&Cancel { peer: b, id: b_id }));
+        assert_eq!(done.last(), Some(&Complete), "{done:?}");
     }
 
     #[test]
