@@ -32,8 +32,8 @@
 //! throughput (for a peer not yet measured, the mean of those measured; at once if none is): in a
 //! crowd, where every fetch reaches its end-game together, duplicating requests that are on
 //! schedule spent a twelfth of the crowd's uploads on copies nobody kept. A piece whose every
-//! request is late (its peers went silent, as a crashed process does) is copied once more, up to
-//! twice [`FetchConfig::endgame_copies`] in all.
+//! request fell late (its peers went silent, as a crashed process does) is copied once more, up to
+//! twice [`FetchConfig::endgame_copies`] in all; so is a piece a reader waits for.
 //!
 //! A live peer with nothing asked of it is watched ([`Action::WatchHave`]): it answers with its
 //! have-map as soon as it holds a piece the fetch lacks and it did not advertise, or after
@@ -176,8 +176,9 @@ pub struct FetchConfig {
     /// The back-off after a peer's first failure; it doubles with each consecutive failure, up to
     /// [`MAX_RETRY_BACKOFF`]. The default is 200 ms.
     pub retry_base: Duration,
-    /// In end-game, the most concurrent requests for one piece, the first included; 1 turns
-    /// end-game off. The default is 2.
+    /// In end-game, the most concurrent requests for one piece, the first included, while one
+    /// of them is on schedule; a piece whose every request is late may take one more at a time,
+    /// up to twice this many. 1 turns end-game off. The default is 2.
     pub endgame_copies: usize,
     /// The most peers asked for have-maps (and served from) at once. The default is 32.
     pub max_peers: usize,
@@ -900,6 +901,9 @@ struct InFlight<P> {
     /// Until then the request is on schedule (see [`LATE_FACTOR`]) and end-game leaves it alone;
     /// `None` once it is late, or if no peer was measured when it was sent.
     due: Option<Instant>,
+    /// Whether it was sent with a `due`: one that never had one is late from the start, but
+    /// does not let a piece take a copy past `endgame_copies` (see [`Fetch::pick_duplicates`]).
+    scheduled: bool,
 }
 
 /// Where an answer came from, for the failures that are handled differently.
@@ -2029,19 +2033,30 @@ where
     }
 
     /// Duplicates for an idle `peer`: pieces of late requests in flight elsewhere that it
-    /// advertises and that have fewer than `endgame_copies` requests, or whose every request is
-    /// late, up to twice that many (copies that went to peers gone silent, a crashed process's,
-    /// held the piece until their timeout: one more copy goes once each before it is late).
-    /// First the pieces readers
+    /// advertises and that have fewer than `endgame_copies` requests, or, up to twice that many,
+    /// whose every request fell late (copies that went to peers gone silent, a crashed
+    /// process's, held the piece until their timeout): one more at a time. First the pieces readers
     /// wait for now (`waited`, sorted): a late request holds up what a reader streams, and a copy
     /// from an idle peer may come first. Then, in the `endgame` only, those of the oldest late
     /// requests, up to a request's pieces.
     fn pick_duplicates(&self, peer: P, waited: &[PieceIndex], endgame: bool) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;
+        if !self.requests.values().any(|r| r.peer != peer && r.due.is_none()) {
+            return None;
+        }
         let mut pieces = PieceSet::empty(claim.piece_count());
         let mut count = 0;
         let passes: &[bool] = if endgame { &[true, false] } else { &[true] };
+        // The pieces with a request on schedule (or never scheduled), made once.
+        let mut scheduled = PieceSet::empty(claim.piece_count());
+        for request in self.requests.values().filter(|r| r.due.is_some() || !r.scheduled) {
+            scheduled.union_with(&request.pieces);
+        }
+        let most = |i: PieceIndex| match scheduled.contains(i) {
+            true => self.config.endgame_copies,
+            false => (2 * self.config.endgame_copies).min(usize::from(u8::MAX)),
+        };
         for &readers_only in passes {
             for request in self.requests.values().filter(|r| r.peer != peer && r.due.is_none()) {
                 for i in request.pieces.iter() {
@@ -2049,8 +2064,7 @@ where
                         && (!readers_only || waited.binary_search(&i).is_ok())
                         && advert.contains(i)
                         && !claim.verified.contains(i)
-                        && (usize::from(claim.copies(i)) < self.config.endgame_copies
-                            || (usize::from(claim.copies(i)) < 2 * self.config.endgame_copies && !self.on_schedule(i)))
+                        && usize::from(claim.copies(i)) < most(i)
                         && pieces.insert(i)
                     {
                         count += 1;
@@ -2059,11 +2073,6 @@ where
             }
         }
         (count > 0).then_some(pieces)
-    }
-
-    /// Whether a request for piece `i` in flight is not late yet.
-    fn on_schedule(&self, i: PieceIndex) -> bool {
-        self.requests.values().any(|r| r.due.is_some() && r.pieces.contains(i))
     }
 
     fn send(&mut self, peer: P, pieces: PieceSet, now: Instant) -> Action<P> {
@@ -2085,7 +2094,7 @@ where
             .filter(|t| *t > 0.0)
             .and_then(|t| Duration::try_from_secs_f64(LATE_FACTOR * bytes / t).ok())
             .and_then(|d| now.checked_add(d));
-        self.requests.insert(id, InFlight { peer, pieces: pieces.clone(), timeout_at, due });
+        self.requests.insert(id, InFlight { peer, pieces: pieces.clone(), timeout_at, due, scheduled: due.is_some() });
         Action::Request { peer, id, pieces }
     }
 
@@ -3423,7 +3432,8 @@ mod tests {
     #[test]
     fn end_game_copies_a_piece_again_once_every_request_for_it_is_late() {
         // Peer 2 goes silent (its process crashed) with the last pieces in flight, and so does
-        // peer 1 once it has taken them over: a third copy goes to peer 3, idle.
+        // each peer that takes them over: one more copy goes to an idle peer each time every
+        // copy is late, up to twice `endgame_copies` (2) in all.
         let n = 17;
         let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
         let (mut d, after) = proven(size_of(n), config, &[(1, PieceSet::full(n)), (2, PieceSet::full(n))]);
@@ -3437,22 +3447,36 @@ mod tests {
         let (a, a_id, a_pieces) = reqs[0].clone();
         let (b, b_id, b_pieces) = reqs[1].clone();
         assert_eq!(d.ok(a, a_id, &a_pieces), vec![], "b's request is on schedule");
+        let mut copies = vec![(b, b_id)];
         let late = d.fetch.poll_timeout().expect("a timer for b's request");
         let dup = requests(&d.advance(late - d.now));
         assert_eq!(dup.len(), 1, "{dup:?}");
-        let (_, dup_id, _) = dup[0].clone();
         assert_eq!((dup[0].0, &dup[0].2), (a, &b_pieces));
-        d.fetch.handle_providers([3], d.now);
-        assert_eq!(d.drain(), vec![AskHave { peer: 3 }]);
-        d.have(3, PieceSet::full(n));
+        copies.push((a, dup[0].1));
+        for idle in [3, 4, 5] {
+            d.fetch.handle_providers([idle], d.now);
+            assert_eq!(d.drain(), vec![AskHave { peer: idle }]);
+            d.have(idle, PieceSet::full(n));
+        }
         assert_eq!(d.drain(), vec![], "a's copy is on schedule: two requests for a piece are enough");
-        let late = d.fetch.poll_timeout().expect("a timer for a's copy");
-        let third = requests(&d.advance(late - d.now));
-        assert_eq!(third.len(), 1, "{third:?}");
-        assert_eq!((third[0].0, &third[0].2), (3, &b_pieces));
-        assert_eq!(d.drain(), vec![], "one copy on schedule at a time");
-        let done = d.ok(3, third[0].1, &b_pieces);
-        assert!(done.contains(&Cancel { peer: a, id: dup_id }) && done.contains(&Cancel { peer: b, id: b_id }));
+        for _ in 0..2 {
+            let late = d.fetch.poll_timeout().expect("a timer for the newest copy");
+            let next = requests(&d.advance(late - d.now));
+            assert_eq!(next.len(), 1, "{next:?}");
+            let (peer, id, pieces) = next[0].clone();
+            assert!((3..=5).contains(&peer) && copies.iter().all(|(p, _)| *p != peer), "{next:?}");
+            assert_eq!(pieces, b_pieces);
+            copies.push((peer, id));
+            assert_eq!(d.drain(), vec![], "one copy on schedule at a time");
+        }
+        // Four copies, all late: the third idle peer stays idle.
+        let late = d.fetch.poll_timeout().expect("a timer for the last copy");
+        assert!(requests(&d.advance(late - d.now)).is_empty(), "twice endgame_copies in all");
+        let (winner, id) = copies.pop().expect("a copy");
+        let done = d.ok(winner, id, &b_pieces);
+        for (peer, id) in copies {
+            assert!(done.contains(&Cancel { peer, id }), "{done:?}");
+        }
         assert_eq!(done.last(), Some(&Complete), "{done:?}");
     }
 
