@@ -222,10 +222,9 @@ impl NetworkBehaviour for Gate {
 /// Whether a failed dial reached the peer, which then closed the connection before the handshake
 /// was through: what a [`Gate`] at its cap does. Such a peer is there, and full for now; a dial
 /// that found nobody (no listener, a timeout, an unreachable host) says the peer may be gone.
-/// Over netsim's emulated network a peer that stopped in the middle of the handshake is taken
-/// for one that answered (its links reset, which the handshake reports like a refusal); over QUIC
-/// the dial most likely ends in libp2p-quic's handshake timeout, which is not (netsim's crashed
-/// peers go silent, and their handshakes end in that timeout).
+/// Over netsim's emulated network a peer taken down in the middle of the handshake is taken for
+/// one that answered (its links reset, which the handshake reports like a refusal); over QUIC
+/// the dial most likely ends in libp2p-quic's handshake timeout, which is not.
 /// An address the transport would not dial (one of our own, see `crate::addrs::NotOurs`) is
 /// no attempt: a peer on a Docker host announces the address every such host has.
 pub(crate) fn turned_away(error: &DialError) -> bool {

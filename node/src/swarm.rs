@@ -331,7 +331,7 @@ pub(crate) fn build_swarm(
                 use libp2p::Transport as _;
                 let mut c = libp2p::quic::Config::new(key);
                 c.max_idle_timeout = QUIC_IDLE_TIMEOUT.as_millis() as u32;
-                c.keep_alive_interval = QUIC_KEEP_ALIVE;
+                c.keep_alive_interval = Duration::from_secs(10);
                 let quic = || {
                     crate::addrs::NotOurs::new(libp2p::quic::tokio::Transport::new(c.clone())).map(
                         |(peer, connection), _| (peer, StreamMuxerBox::new(crate::linger::Lingering::new(connection))),
@@ -362,9 +362,6 @@ const KAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// node takes to notice that a peer's process died (its keep-alives go unanswered), unless its
 /// own requests' timeouts notice first. Netsim's crashed nodes go as silent for as long.
 pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often a QUIC connection with nothing else to send tells its peer it is alive.
-pub const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
 
 /// How often a connection is pinged, and how long a ping may take (libp2p's default timeout).
 const PING_INTERVAL: Duration = Duration::from_secs(15);

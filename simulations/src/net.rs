@@ -21,13 +21,11 @@
 //! round trip for each to be agreed, so a new connection is ready in one round trip, as a QUIC
 //! one is; with a round trip per agreement it took three.
 //!
-//! Nodes can go down, and come back up with [`Network::set_up`]. Dials to a node that is down
-//! fail at once (over QUIC they would wait for the handshake timeout). Its links are reset at
-//! once if it stopped cleanly ([`Network::set_down`]), as a closed QUIC connection says so; if it
-//! crashed ([`Network::crash`]) they go silent until the node is back (whose QUIC endpoint would
-//! answer the old connection with a stateless reset) or until they were silent for QUIC's idle
-//! timeout ([`shoal_node::QUIC_IDLE_TIMEOUT`]), as a peer hears nothing from a dead process.
-//! A connection's handshake is given QUIC's handshake timeout ([`HANDSHAKE_TIMEOUT`]).
+//! Nodes can go down: their links are reset and dials to them fail, at once for a node that
+//! stopped cleanly ([`Network::set_down`], as a QUIC connection closed says so), and for one that
+//! crashed ([`Network::crash`]) only once its links were silent for QUIC's idle timeout
+//! ([`shoal_node::QUIC_IDLE_TIMEOUT`]), as a peer hears nothing from a dead process until then;
+//! they come back up with [`Network::set_up`].
 //!
 //! The dialer sends its [`NodeId`] as the first bytes of a connection (a preamble no real network
 //! has) so the listener knows the link's latency and regions.
@@ -60,11 +58,6 @@ use shoal_node::libp2p::{Multiaddr, PeerId, Transport, plaintext, yamux};
 
 /// The largest frame a link sends at once: the unit of pacing.
 pub const MAX_FRAME: usize = 16 * 1024;
-
-/// How long a connection's handshake may take: libp2p-quic's default, which the node keeps. A
-/// peer that crashes during a handshake leaves it silent; without a bound it waited for the
-/// idle timeout.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Frames up to this size (control messages) keep their read buffer between frames.
 const SMALL_FRAME: usize = 1024;
@@ -167,9 +160,9 @@ struct NodeSlot {
     sent: AtomicU64,
     /// Bytes delivered to this node.
     received: AtomicU64,
-    /// Whether the node is down (crashed, or left): its links are reset, or silent.
+    /// Whether the node is down (crashed, or left): its links are reset.
     down: AtomicBool,
-    /// How many times it went down: a link made before carries nothing once the node is back up
+    /// How many times it went down: a link made before is reset even once the node is back up
     /// (its frames were the crashed process's).
     incarnation: AtomicU64,
     /// When each of its incarnations ended (it went down), in order: the frames an incarnation
@@ -192,10 +185,6 @@ pub struct Network {
     time_scale: f64,
     /// How long a crashed node's links stay silent before they are reset (wall time).
     crash_silence: Duration,
-    /// How often a silent link is looked at again (QUIC's keep-alive interval, wall time).
-    keep_alive: Duration,
-    /// How long a connection's handshake may take (wall time).
-    handshake_timeout: Duration,
     regions: Vec<String>,
     /// One-way wall-clock latency in nanoseconds, `regions × regions`, row-major.
     latency_ns: Vec<AtomicU64>,
@@ -232,14 +221,10 @@ impl Network {
             .flatten()
             .map(|d| AtomicU64::new((d.as_nanos() as f64 * config.time_scale) as u64))
             .collect();
-        let stretched =
-            |d: Duration| Duration::try_from_secs_f64(d.as_secs_f64() * config.time_scale).unwrap_or(Duration::MAX);
         Ok(Arc::new(Self {
             epoch: Instant::now(),
             time_scale: config.time_scale,
-            crash_silence: stretched(shoal_node::QUIC_IDLE_TIMEOUT),
-            keep_alive: stretched(shoal_node::QUIC_KEEP_ALIVE),
-            handshake_timeout: stretched(HANDSHAKE_TIMEOUT),
+            crash_silence: shoal_node::QUIC_IDLE_TIMEOUT.mul_f64(config.time_scale),
             regions: config.regions,
             latency_ns,
             partitioned: (0..r * r).map(|_| AtomicBool::new(false)).collect(),
@@ -403,7 +388,6 @@ impl Network {
             .upgrade(Version::V1Lazy)
             .authenticate(plaintext::Config::new(key))
             .multiplex(yamux::Config::default())
-            .timeout(self.handshake_timeout)
             .boxed()
     }
 }
@@ -634,9 +618,8 @@ impl Link {
     /// due at `arrives`. A frame the peer sent that reaches us by the time it went down is
     /// delivered, however late our reader gets to it (a busy downlink, a late task): what was
     /// on the wire arrives, as on a real one. So a node that leaves cleanly, going down once
-    /// its uplink's frames have arrived ([`Network::drained_at`]), delivers all it sent; one that
-    /// crashed, the frames that had left its uplink. A link to a peer that crashed is
-    /// [`Carries::Silent`] while the peer is down, up to the idle timeout after the crash.
+    /// its uplink's frames have arrived ([`Network::drained_at`]), delivers all it sent. A link
+    /// to a peer that crashed is [`Carries::Silent`] until the idle timeout after the crash.
     fn carries(&self, arrives: Option<Instant>) -> io::Result<Carries> {
         if self.net.is_partitioned(self.regions.0, self.regions.1) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "partitioned"));
@@ -657,37 +640,23 @@ impl Link {
         };
         let Some(Down { at, crashed }) = down else { return reset() };
         let at = self.net.epoch + Duration::from_nanos(at);
-        // On the wire by then: delivered by a clean stop once it arrived, by a crash if it had
-        // left the uplink.
-        let on_the_wire = match crashed {
-            true => at + self.net.latency(self.regions.1, self.regions.0),
-            false => at,
-        };
-        if arrives.is_some_and(|arrives| arrives <= on_the_wire) {
+        if arrives.is_some_and(|arrives| arrives <= at) {
             return Ok(Carries::Yes);
         }
-        let until = at.checked_add(self.net.crash_silence).unwrap_or(at);
-        let still_down = self.peer_slot.down.load(Ordering::Relaxed);
-        match crashed && still_down && Instant::now() < until {
+        let until = at + self.net.crash_silence;
+        match crashed && Instant::now() < until {
             true => Ok(Carries::Silent(until)),
             false => reset(),
         }
     }
 
-    /// The stream ended: if the peer crashed, it ends only once the link is reset (the reader
-    /// waits in [`ReadState::Silent`]). Whether it went silent. (A reader that comes to the end
-    /// after the link was reset reads it as the end, as before a link could be silent.)
+    /// The stream ended: if the peer crashed, it ends only once the link was silent for the idle
+    /// timeout (the reader waits in [`ReadState::Silent`]). Whether it went silent.
     fn go_silent(&mut self) -> bool {
         let Ok(Carries::Silent(until)) = self.carries(None) else { return false };
-        self.gate_silence(until);
+        gate(&mut self.read_gate, until);
         self.state = ReadState::Silent;
         true
-    }
-
-    /// Wakes a silent reader at the next keep-alive, or at `until` (the idle timeout).
-    fn gate_silence(&mut self, until: Instant) {
-        let look = Instant::now().checked_add(self.net.keep_alive).unwrap_or(until);
-        gate(&mut self.read_gate, until.min(look));
     }
 
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -823,7 +792,7 @@ impl AsyncRead for Link {
                         ready!(this.read_gate.as_mut().poll(cx));
                     }
                     if let Carries::Silent(_) = this.carries(Some(arrives))? {
-                        // Still in the crashed process's uplink at the crash: lost with it.
+                        // Sent before the crash, due after it: lost with the process.
                         this.state = ReadState::Header { filled: 0 };
                         continue;
                     }
@@ -846,12 +815,10 @@ impl AsyncRead for Link {
                 }
                 ReadState::Silent => {
                     ready!(this.read_gate.as_mut().poll(cx));
-                    // Looked at again as a keep-alive would find it: reset once the peer is back
-                    // (its stateless reset) or the idle timeout passed.
-                    match this.carries(None)? {
-                        Carries::Silent(until) => this.gate_silence(until),
-                        Carries::Yes => return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into())),
-                    }
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "silent for the idle timeout",
+                    )));
                 }
                 ReadState::Deliver { pos } => {
                     let n = buf.len().min(this.payload.len() - pos);
@@ -1028,53 +995,32 @@ mod tests {
         (out.expect("dialled"), inc)
     }
 
-    /// A peer that crashed is heard from no more: what it had sent arrives, then its link is
-    /// silent until the idle timeout, or until the peer is back (another process, which resets
-    /// the old connection). One that stopped cleanly is gone at once.
+    /// A peer that crashed is heard from no more, and its link is reset only once it was silent
+    /// for QUIC's idle timeout; one that stopped cleanly is gone at once.
     #[tokio::test]
-    async fn a_crashed_peer_goes_silent_until_it_is_back_or_the_idle_timeout_a_stopped_one_is_gone_at_once() {
-        // At this scale the link's latency is 100 ms of wall time, the idle timeout 300 ms.
-        let net = net(10_000, 0.01);
+    async fn a_crashed_peer_goes_silent_for_the_idle_timeout_and_a_stopped_one_is_gone_at_once() {
+        // The idle timeout is 300 ms of wall time at this scale.
+        let net = net(5, 0.01);
         let silence = shoal_node::QUIC_IDLE_TIMEOUT.mul_f64(0.01);
-        async fn bounded<T>(what: impl Future<Output = T>) -> T {
-            tokio::time::timeout(Duration::from_secs(60), what).await.expect("bounded")
-        }
-        let reset = |r: &io::Result<usize>| matches!(r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset);
-        let (mut out, mut inc, _, b) = linked(&net, LinkCaps::default()).await;
-        // Sent by b just before it crashed: on the wire, it arrives.
-        inc.write_all(b"sent").await.expect("write");
-        inc.flush().await.expect("flush");
-        let crashed = Instant::now();
+        let (mut out, inc, _, b) = linked(&net, LinkCaps::default()).await;
         net.crash(b);
         // Its end went with its process.
         drop(inc);
+        let crashed = Instant::now();
         out.write_all(b"lost").await.expect("written into the silence");
         out.flush().await.expect("flushed");
-        let mut got = [0u8; 4];
-        bounded(out.read_exact(&mut got)).await.expect("what was on the wire");
-        assert_eq!(&got, b"sent");
-        let read = bounded(out.read(&mut got)).await;
-        assert!(reset(&read), "{read:?}");
+        let mut byte = [0u8; 1];
+        let read = out.read(&mut byte).await;
+        assert!(matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset), "{read:?}");
         assert!(crashed.elapsed() >= silence, "reset after {:?}, before the idle timeout", crashed.elapsed());
         assert!(out.write_all(b"x").await.is_err(), "a link reset stays reset");
 
-        // Back up within the idle timeout, the node resets the crashed process's links.
-        let (mut out, inc, _, b) = linked(&net, LinkCaps::default()).await;
-        net.crash(b);
-        drop(inc);
-        out.write_all(b"lost").await.expect("silent while it is down");
-        net.set_up(b);
-        assert!(out.write_all(b"x").await.is_err(), "a link to the crashed process, once the node is back");
-        let read = bounded(out.read(&mut got)).await;
-        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
-
-        // Stopped cleanly, it is gone at once.
         let (mut out, inc, _, b) = linked(&net, LinkCaps::default()).await;
         net.set_down(b);
         drop(inc);
         assert!(out.write_all(b"x").await.is_err(), "a link to a node that stopped is reset at once");
-        let read = bounded(out.read(&mut got)).await;
-        assert!(matches!(read, Ok(0)), "{read:?}");
+        let read = out.read(&mut byte).await;
+        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
     }
 
     /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.
