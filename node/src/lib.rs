@@ -41,7 +41,7 @@ pub use libp2p;
 pub use node::{HeldBlob, Node, NodeError, NodeHandle, Status};
 pub use shoal_cache as cache;
 pub use shoal_protocol as protocol;
-pub use swarm::{DhtInfo, DhtSnapshot, LookupStats, PeerInfo, QUIC_IDLE_TIMEOUT, TransportFactory};
+pub use swarm::{DhtInfo, DhtSnapshot, LookupStats, PeerInfo, TransportFactory};
 pub use transfer::Load;
 
 /// Takes one from `key`'s count in `counts`, removing the key at zero: a map of counts holds only

@@ -330,7 +330,7 @@ pub(crate) fn build_swarm(
             .with_other_transport(|key| {
                 use libp2p::Transport as _;
                 let mut c = libp2p::quic::Config::new(key);
-                c.max_idle_timeout = QUIC_IDLE_TIMEOUT.as_millis() as u32;
+                c.max_idle_timeout = 30_000;
                 c.keep_alive_interval = Duration::from_secs(10);
                 let quic = || {
                     crate::addrs::NotOurs::new(libp2p::quic::tokio::Transport::new(c.clone())).map(
@@ -357,11 +357,6 @@ pub(crate) fn build_swarm(
 /// How long a Kademlia request may take (libp2p's default), stretched by the time scale like every
 /// timer of the node's (see [`NodeConfig::time_scale`]).
 const KAD_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a QUIC connection may hear nothing from its peer before it is closed: how long a
-/// node takes to notice that a peer's process died (its keep-alives go unanswered), unless its
-/// own requests' timeouts notice first. Netsim's crashed nodes go as silent for as long.
-pub const QUIC_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often a connection is pinged, and how long a ping may take (libp2p's default timeout).
 const PING_INTERVAL: Duration = Duration::from_secs(15);

@@ -21,11 +21,8 @@
 //! round trip for each to be agreed, so a new connection is ready in one round trip, as a QUIC
 //! one is; with a round trip per agreement it took three.
 //!
-//! Nodes can go down: their links are reset and dials to them fail, at once for a node that
-//! stopped cleanly ([`Network::set_down`], as a QUIC connection closed says so), and for one that
-//! crashed ([`Network::crash`]) only once its links were silent for QUIC's idle timeout
-//! ([`shoal_node::QUIC_IDLE_TIMEOUT`]), as a peer hears nothing from a dead process until then;
-//! they come back up with [`Network::set_up`].
+//! Nodes can go down ([`Network::set_down`]): their links are reset and dials to them fail, as
+//! when a process crashes; they come back up with [`Network::set_up`].
 //!
 //! The dialer sends its [`NodeId`] as the first bytes of a connection (a preamble no real network
 //! has) so the listener knows the link's latency and regions.
@@ -165,26 +162,16 @@ struct NodeSlot {
     /// How many times it went down: a link made before is reset even once the node is back up
     /// (its frames were the crashed process's).
     incarnation: AtomicU64,
-    /// When each of its incarnations ended (it went down), in order: the frames an incarnation
-    /// sent that reach their receiver by then are delivered. One entry per crash or leave.
-    went_down: Mutex<Vec<Down>>,
-}
-
-/// How an incarnation of a node ended.
-#[derive(Debug, Clone, Copy)]
-struct Down {
-    /// When, in nanoseconds from the network's epoch.
-    at: u64,
-    /// Whether it crashed: its links go silent until the idle timeout, not reset at once.
-    crashed: bool,
+    /// When each of its incarnations ended (it went down), in nanoseconds from the network's
+    /// epoch, in order: the frames an incarnation sent that reach their receiver by then are
+    /// delivered. One entry per crash or leave.
+    went_down: Mutex<Vec<u64>>,
 }
 
 /// The emulated network every simulated node's transport belongs to.
 pub struct Network {
     epoch: Instant,
     time_scale: f64,
-    /// How long a crashed node's links stay silent before they are reset (wall time).
-    crash_silence: Duration,
     regions: Vec<String>,
     /// One-way wall-clock latency in nanoseconds, `regions × regions`, row-major.
     latency_ns: Vec<AtomicU64>,
@@ -224,7 +211,6 @@ impl Network {
         Ok(Arc::new(Self {
             epoch: Instant::now(),
             time_scale: config.time_scale,
-            crash_silence: shoal_node::QUIC_IDLE_TIMEOUT.mul_f64(config.time_scale),
             regions: config.regions,
             latency_ns,
             partitioned: (0..r * r).map(|_| AtomicBool::new(false)).collect(),
@@ -285,26 +271,11 @@ impl Network {
         if from < r && to < r { self.region_bytes[from * r + to].load(Ordering::Relaxed) } else { 0 }
     }
 
-    /// Takes `node` off the network once it stopped cleanly: its links are reset at their next
-    /// frame, as its closed QUIC connections tell its peers, and nobody can dial it until
-    /// [`Network::set_up`].
+    /// Takes `node` off the network, as a crash would: its links are reset at their next frame
+    /// and nobody can dial it until [`Network::set_up`].
     pub fn set_down(&self, node: NodeId) {
-        self.went_down(node, false);
-    }
-
-    /// Takes `node` off the network as a crash does: nobody can dial it until
-    /// [`Network::set_up`], and its links go silent (what is written to them is lost, nothing
-    /// comes from them) until they were silent for QUIC's idle timeout, stretched by the time
-    /// scale, and are reset then: a peer hears nothing from a dead process, and learns it is gone
-    /// from its own timeouts first, as over QUIC.
-    pub fn crash(&self, node: NodeId) {
-        self.went_down(node, true);
-    }
-
-    fn went_down(&self, node: NodeId, crashed: bool) {
         if let Some(s) = self.slot(node) {
-            let at = self.epoch.elapsed().as_nanos() as u64;
-            s.went_down.lock().unwrap_or_else(|e| e.into_inner()).push(Down { at, crashed });
+            s.went_down.lock().unwrap_or_else(|e| e.into_inner()).push(self.epoch.elapsed().as_nanos() as u64);
             s.incarnation.fetch_add(1, Ordering::Relaxed);
             s.down.store(true, Ordering::Relaxed);
         }
@@ -542,19 +513,9 @@ enum ReadState {
     Downlink {
         done: Instant,
     },
-    /// The peer crashed: nothing more comes until the link is reset, when `read_gate` fires.
-    Silent,
     Deliver {
         pos: usize,
     },
-}
-
-/// Whether a link carries frames ([`Link::carries`]); a reset one is an error.
-enum Carries {
-    Yes,
-    /// The peer crashed: what is written is lost and nothing arrives, until the instant given,
-    /// when the link is reset.
-    Silent(Instant),
 }
 
 /// One connection's byte stream between two nodes on the emulated network.
@@ -618,45 +579,27 @@ impl Link {
     /// due at `arrives`. A frame the peer sent that reaches us by the time it went down is
     /// delivered, however late our reader gets to it (a busy downlink, a late task): what was
     /// on the wire arrives, as on a real one. So a node that leaves cleanly, going down once
-    /// its uplink's frames have arrived ([`Network::drained_at`]), delivers all it sent. A link
-    /// to a peer that crashed is [`Carries::Silent`] until the idle timeout after the crash.
-    fn carries(&self, arrives: Option<Instant>) -> io::Result<Carries> {
+    /// its uplink's frames have arrived ([`Network::drained_at`]), delivers all it sent.
+    fn check_partition(&self, arrives: Option<Instant>) -> io::Result<()> {
         if self.net.is_partitioned(self.regions.0, self.regions.1) {
             return Err(io::Error::new(io::ErrorKind::ConnectionReset, "partitioned"));
         }
-        let reset = || Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
-        if self.me.down.load(Ordering::Relaxed) || self.me.incarnation.load(Ordering::Relaxed) != self.incarnations.0 {
-            return reset();
-        }
-        if !self.peer_slot.down.load(Ordering::Relaxed)
-            && self.peer_slot.incarnation.load(Ordering::Relaxed) == self.incarnations.1
-        {
-            return Ok(Carries::Yes);
-        }
-        // How the link's own incarnation of the peer went down, not any later one's.
-        let down = {
+        let me_gone =
+            self.me.down.load(Ordering::Relaxed) || self.me.incarnation.load(Ordering::Relaxed) != self.incarnations.0;
+        let peer_gone = self.peer_slot.down.load(Ordering::Relaxed)
+            || self.peer_slot.incarnation.load(Ordering::Relaxed) != self.incarnations.1;
+        // By when the link's own incarnation of the peer went down, not any later one's.
+        let on_the_wire = |at: Instant| {
             let ends = self.peer_slot.went_down.lock().unwrap_or_else(|e| e.into_inner());
-            usize::try_from(self.incarnations.1).ok().and_then(|i| ends.get(i).copied())
+            usize::try_from(self.incarnations.1)
+                .ok()
+                .and_then(|i| ends.get(i))
+                .is_some_and(|&end| at <= self.net.epoch + Duration::from_nanos(end))
         };
-        let Some(Down { at, crashed }) = down else { return reset() };
-        let at = self.net.epoch + Duration::from_nanos(at);
-        if arrives.is_some_and(|arrives| arrives <= at) {
-            return Ok(Carries::Yes);
+        if me_gone || (peer_gone && !arrives.is_some_and(on_the_wire)) {
+            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "node down"));
         }
-        let until = at + self.net.crash_silence;
-        match crashed && Instant::now() < until {
-            true => Ok(Carries::Silent(until)),
-            false => reset(),
-        }
-    }
-
-    /// The stream ended: if the peer crashed, it ends only once the link was silent for the idle
-    /// timeout (the reader waits in [`ReadState::Silent`]). Whether it went silent.
-    fn go_silent(&mut self) -> bool {
-        let Ok(Carries::Silent(until)) = self.carries(None) else { return false };
-        gate(&mut self.read_gate, until);
-        self.state = ReadState::Silent;
-        true
+        Ok(())
     }
 
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -676,11 +619,7 @@ fn gate(sleep: &mut Pin<Box<tokio::time::Sleep>>, until: Instant) {
 impl AsyncWrite for Link {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if let Carries::Silent(_) = this.carries(None)? {
-            // Lost, as what is sent to a dead process is.
-            this.pending = None;
-            return Poll::Ready(Ok(buf.len().min(MAX_FRAME)));
-        }
+        this.check_partition(None)?;
         ready!(this.poll_pending(cx))?;
         let mut now = Instant::now();
         let mut ready_at = now;
@@ -723,19 +662,11 @@ impl AsyncWrite for Link {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Ok(Carries::Silent(_)) = self.carries(None) {
-            self.pending = None;
-            return Poll::Ready(Ok(()));
-        }
         ready!(self.poll_pending(cx))?;
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Ok(Carries::Silent(_)) = self.carries(None) {
-            self.pending = None;
-            return Poll::Ready(Ok(()));
-        }
         ready!(self.poll_pending(cx))?;
         Pin::new(&mut self.io).poll_close(cx)
     }
@@ -748,9 +679,6 @@ impl AsyncRead for Link {
             match this.state {
                 ReadState::Header { filled } => {
                     let n = ready!(Pin::new(&mut this.io).poll_read(cx, &mut this.header[filled..]))?;
-                    if n == 0 && this.go_silent() {
-                        continue;
-                    }
                     if n == 0 {
                         if filled == 0 {
                             return Poll::Ready(Ok(0));
@@ -772,9 +700,6 @@ impl AsyncRead for Link {
                 ReadState::Payload { filled } => {
                     if filled < this.payload.len() {
                         let n = ready!(Pin::new(&mut this.io).poll_read(cx, &mut this.payload[filled..]))?;
-                        if n == 0 && this.go_silent() {
-                            continue;
-                        }
                         if n == 0 {
                             return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                         }
@@ -791,11 +716,7 @@ impl AsyncRead for Link {
                     if Instant::now() < arrives {
                         ready!(this.read_gate.as_mut().poll(cx));
                     }
-                    if let Carries::Silent(_) = this.carries(Some(arrives))? {
-                        // Sent before the crash, due after it: lost with the process.
-                        this.state = ReadState::Header { filled: 0 };
-                        continue;
-                    }
+                    this.check_partition(Some(arrives))?;
                     // Counted between regions as it gets past the check: counted once through the
                     // downlink, a frame let through just before a cut was counted during it.
                     let r = this.net.regions.len();
@@ -812,13 +733,6 @@ impl AsyncRead for Link {
                     }
                     this.me.received.fetch_add(this.payload.len() as u64, Ordering::Relaxed);
                     this.state = ReadState::Deliver { pos: 0 };
-                }
-                ReadState::Silent => {
-                    ready!(this.read_gate.as_mut().poll(cx));
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::ConnectionReset,
-                        "silent for the idle timeout",
-                    )));
                 }
                 ReadState::Deliver { pos } => {
                     let n = buf.len().min(this.payload.len() - pos);
@@ -993,34 +907,6 @@ mod tests {
         };
         let (out, inc) = futures::join!(dial, accept);
         (out.expect("dialled"), inc)
-    }
-
-    /// A peer that crashed is heard from no more, and its link is reset only once it was silent
-    /// for QUIC's idle timeout; one that stopped cleanly is gone at once.
-    #[tokio::test]
-    async fn a_crashed_peer_goes_silent_for_the_idle_timeout_and_a_stopped_one_is_gone_at_once() {
-        // The idle timeout is 300 ms of wall time at this scale.
-        let net = net(5, 0.01);
-        let silence = shoal_node::QUIC_IDLE_TIMEOUT.mul_f64(0.01);
-        let (mut out, inc, _, b) = linked(&net, LinkCaps::default()).await;
-        net.crash(b);
-        // Its end went with its process.
-        drop(inc);
-        let crashed = Instant::now();
-        out.write_all(b"lost").await.expect("written into the silence");
-        out.flush().await.expect("flushed");
-        let mut byte = [0u8; 1];
-        let read = out.read(&mut byte).await;
-        assert!(matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset), "{read:?}");
-        assert!(crashed.elapsed() >= silence, "reset after {:?}, before the idle timeout", crashed.elapsed());
-        assert!(out.write_all(b"x").await.is_err(), "a link reset stays reset");
-
-        let (mut out, inc, _, b) = linked(&net, LinkCaps::default()).await;
-        net.set_down(b);
-        drop(inc);
-        assert!(out.write_all(b"x").await.is_err(), "a link to a node that stopped is reset at once");
-        let read = out.read(&mut byte).await;
-        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
     }
 
     /// A raw link (no handshake, no yamux): bytes arrive intact, after the latency, at the cap.

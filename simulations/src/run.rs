@@ -604,11 +604,10 @@ impl Cluster {
         self.nodes[i].node.is_some()
     }
 
-    /// Crashes node `i`: its links go silent, then reset (see [`Network::crash`]); nothing is
-    /// drained or flushed.
+    /// Crashes node `i`: its links reset at once, nothing is drained or flushed.
     pub(crate) fn crash(&mut self, i: usize) {
         if let Some(node) = self.nodes[i].node.take() {
-            self.net.crash(self.nodes[i].id);
+            self.net.set_down(self.nodes[i].id);
             node.crash();
         }
     }
