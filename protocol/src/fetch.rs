@@ -33,7 +33,9 @@
 //! crowd, where every fetch reaches its end-game together, duplicating requests that are on
 //! schedule spent a twelfth of the crowd's uploads on copies nobody kept. A piece whose every
 //! request fell late (its peers went silent, as a crashed process does) is copied once more, up to
-//! twice [`FetchConfig::endgame_copies`] in all; so is a piece a reader waits for.
+//! twice [`FetchConfig::endgame_copies`] in all; so is a piece a reader waits for. A request sent
+//! before any peer was measured never falls late in that sense: it holds its pieces at
+//! `endgame_copies`.
 //!
 //! A live peer with nothing asked of it is watched ([`Action::WatchHave`]): it answers with its
 //! have-map as soon as it holds a piece the fetch lacks and it did not advertise, or after
@@ -177,8 +179,9 @@ pub struct FetchConfig {
     /// [`MAX_RETRY_BACKOFF`]. The default is 200 ms.
     pub retry_base: Duration,
     /// In end-game, the most concurrent requests for one piece, the first included, while one
-    /// of them is on schedule; a piece whose every request is late may take one more at a time,
-    /// up to twice this many. 1 turns end-game off. The default is 2.
+    /// of them is on schedule (or was sent before any peer was measured); a piece whose every
+    /// request fell late may take one more at a time, up to twice this many. 1 turns end-game
+    /// off. The default is 2.
     pub endgame_copies: usize,
     /// The most peers asked for have-maps (and served from) at once. The default is 32.
     pub max_peers: usize,
