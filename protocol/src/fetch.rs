@@ -3484,6 +3484,31 @@ mod tests {
     }
 
     #[test]
+    fn end_game_requests_sent_before_any_peer_was_measured_keep_to_endgame_copies() {
+        // The size came proven with a have-map, so every piece goes out before any peer was
+        // measured: late from the start, such requests are copied once, never more.
+        let n = 8;
+        let size = size_of(n);
+        let mut d = Driver::new(size, FetchConfig { max_requests_per_peer: 1, ..config4() });
+        d.discover(&[1, 2, 3, 4, 5]);
+        d.fetch.handle_size_proof(size, d.now);
+        for peer in 1..=5 {
+            d.have(peer, d.full());
+        }
+        assert_eq!(d.drain(), vec![Begin { size }]);
+        let mut reqs = requests(&d.local(&PieceSet::empty(n)));
+        reqs.extend(requests(&d.advance(Duration::from_secs(5))));
+        let mut copies = vec![0; n as usize];
+        for (_, _, pieces) in &reqs {
+            for i in pieces.iter() {
+                copies[i as usize] += 1;
+            }
+        }
+        assert!(copies.iter().all(|&c| (1..=2).contains(&c)), "{copies:?}: {reqs:?}");
+        assert!(copies.contains(&2), "the end game copied: {reqs:?}");
+    }
+
+    #[test]
     fn end_game_leaves_a_request_on_schedule_alone() {
         let n = 17;
         let config = FetchConfig { max_requests_per_peer: 1, ..config4() };
