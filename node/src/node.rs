@@ -414,9 +414,9 @@ impl Node {
     /// Stops the node: new requests are refused and those being answered get up to 10 s
     /// (stretched by the time scale) to finish, as do adds under way, told to fail before their
     /// next file or within the MiB they are reading and undo their pins ([`Adds`]); then the API
-    /// and the swarm stop and the store is flushed. A stream whose request has not arrived is not waited for: at the end of a
-    /// 300-node netsim crowd, such streams (a few per node) held stopping nodes for up to 4.5
-    /// emulated seconds each, waiting for requests that never came.
+    /// and the swarm stop and the store is flushed. A stream whose request has not arrived is
+    /// not waited for: at the end of a 300-node netsim crowd, such streams (a few per node) held
+    /// stopping nodes for up to 4.5 emulated seconds each, waiting for requests that never came.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let uploads = self.handle.inner.uploads.clone();
         uploads.close();

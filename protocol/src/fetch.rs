@@ -2038,10 +2038,10 @@ where
     /// Duplicates for an idle `peer`: pieces of late requests in flight elsewhere that it
     /// advertises and that have fewer than `endgame_copies` requests, or, up to twice that many,
     /// whose every request fell late (copies that went to peers gone silent, a crashed
-    /// process's, held the piece until their timeout): one more at a time. First the pieces readers
-    /// wait for now (`waited`, sorted): a late request holds up what a reader streams, and a copy
-    /// from an idle peer may come first. Then, in the `endgame` only, those of the oldest late
-    /// requests, up to a request's pieces.
+    /// process's, held the piece until their timeout): one more at a time. First the pieces
+    /// readers wait for now (`waited`, sorted): a late request holds up what a reader streams,
+    /// and a copy from an idle peer may come first. Then, in the `endgame` only, those of the
+    /// oldest late requests, up to a request's pieces.
     fn pick_duplicates(&self, peer: P, waited: &[PieceIndex], endgame: bool) -> Option<PieceSet> {
         let claim = self.claim.as_ref()?;
         let advert = self.peers.get(&peer)?.advert.as_ref().and_then(Advert::counted)?;

@@ -27,8 +27,8 @@ pub const MAX_REQUEST_LEN: usize = 64 * 1024;
 /// The longest response header frame body a requester reads (the have-map dominates).
 pub const MAX_RESPONSE_LEN: usize = 256 * 1024;
 
-/// The most runs of consecutive pieces a [`PieceSet`] (or [`PieceRuns`]) may carry on the wire. A fragmented holder
-/// advertises its first `MAX_RUNS` runs ([`PieceSet::first_runs`]).
+/// The most runs of consecutive pieces a [`PieceSet`] (or [`PieceRuns`]) may carry on the wire. A
+/// fragmented holder advertises its first `MAX_RUNS` runs ([`PieceSet::first_runs`]).
 pub const MAX_RUNS: usize = 4096;
 
 /// The most pieces one `Get` may ask for (8 MiB at 128 KiB pieces).
